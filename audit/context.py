@@ -1,0 +1,117 @@
+"""The request context every audit record and log line carries: a request id and the true client IP.
+
+The client IP is the socket peer unless that peer is a trusted proxy (``PORTCULLIS_TRUSTED_PROXIES``);
+then ``X-Forwarded-For`` is walked from the right, skipping trusted proxies, so a client cannot choose its
+own address by sending the header itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+from functools import lru_cache
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+
+request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
+client_ip_var: ContextVar[str | None] = ContextVar("client_ip", default=None)
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@lru_cache(maxsize=8)
+def trusted_networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    """Parse the trusted proxy CIDRs once."""
+    return tuple(ipaddress.ip_network(cidr, strict=False) for cidr in cidrs)
+
+
+def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    value = value.strip()
+    if value.startswith("[") and "]" in value:
+        value = value[1 : value.index("]")]
+    try:
+        return ipaddress.ip_address(value)
+    except ValueError:
+        return None
+
+
+def client_ip_resolve(peer: str | None, forwarded_for: str | None, trusted: Iterable[Network]) -> str | None:
+    """Return the client IP: the peer, or the first untrusted hop of X-Forwarded-For seen from the right."""
+    nets = tuple(trusted)
+    current = _parse_ip(peer or "")
+    if current is None:
+        return None
+    if not forwarded_for or not any(current in net for net in nets):
+        return str(current)
+    for hop in reversed(forwarded_for.split(",")):
+        address = _parse_ip(hop)
+        if address is None:
+            return str(current)  # a malformed hop ends the walk at the last address we could trust
+        current = address
+        if not any(current in net for net in nets):
+            return str(current)
+    return str(current)
+
+
+def request_id_from(header: str | None) -> str:
+    """Keep a well-formed client request id, else make a new one."""
+    if header and _REQUEST_ID_RE.match(header):
+        return header
+    return uuid.uuid4().hex
+
+
+def _request_client_ip(request: HttpRequest) -> str | None:
+    nets = trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES))
+    return client_ip_resolve(request.META.get("REMOTE_ADDR"), request.META.get("HTTP_X_FORWARDED_FOR"), nets)
+
+
+def axes_client_ip(request: HttpRequest) -> str | None:
+    """django-axes hook: lock out by the same true client IP the audit log records."""
+    return getattr(request, "client_ip", None) or _request_client_ip(request)
+
+
+class RequestContextMiddleware:
+    """Attach ``request.request_id`` and ``request.client_ip``; echo ``X-Request-ID``."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], Any]) -> None:
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def _enter(self, request: HttpRequest) -> None:
+        request.request_id = request_id_from(request.META.get("HTTP_X_REQUEST_ID"))  # type: ignore[attr-defined]
+        request.client_ip = _request_client_ip(request)  # type: ignore[attr-defined]
+        request_id_var.set(request.request_id)  # type: ignore[attr-defined]
+        client_ip_var.set(request.client_ip)  # type: ignore[attr-defined]
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self._acall(request)
+        self._enter(request)
+        response: HttpResponse = self.get_response(request)
+        response["X-Request-ID"] = request.request_id  # type: ignore[attr-defined]
+        return response
+
+    async def _acall(self, request: HttpRequest) -> HttpResponse:
+        self._enter(request)
+        response: HttpResponse = await self.get_response(request)
+        response["X-Request-ID"] = request.request_id  # type: ignore[attr-defined]
+        return response
+
+
+class RequestContextLogFilter(logging.Filter):
+    """Add ``request_id`` to every log record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True

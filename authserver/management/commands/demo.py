@@ -1,0 +1,67 @@
+"""``demo``: set up the embedded demo (an admin and two clients) and print how to try it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+
+from authserver.models import Client
+from authserver.services import client_register
+
+
+class Command(BaseCommand):
+    help = "Create the demo admin and clients (once) and print the URLs, login and a curl for a token."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        path = Path(settings.VAR_DIR) / "demo-credentials.json"
+        creds: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        user_model = get_user_model()
+        if not user_model.objects.filter(username="admin").exists():
+            creds["admin_password"] = secrets.token_urlsafe(12)
+            user_model.objects.create_superuser("admin", "admin@example.com", creds["admin_password"])
+        if not Client.objects.filter(client_id=creds.get("service_client_id", "-")).exists():
+            service = client_register(
+                name="Demo service", grant_types=["client-credentials"], can_introspect=True, actor="cli:demo"
+            )
+            creds["service_client_id"] = service.client.client_id
+            creds["service_client_secret"] = service.client_secret or ""
+        if not Client.objects.filter(client_id=creds.get("cli_client_id", "-")).exists():
+            cli = client_register(
+                name="Demo CLI",
+                grant_types=["device-code", "authorization-code"],
+                public=True,
+                redirect_uris=["http://127.0.0.1:8765/callback"],
+                scopes=["models.read", "completions", "embeddings", "offline_access", "openid", "profile"],
+                actor="cli:demo",
+            )
+            creds["cli_client_id"] = cli.client.client_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(creds, indent=2))
+        os.chmod(path, 0o600)
+        self._print(creds)
+
+    def _print(self, creds: dict[str, str]) -> None:
+        base = settings.PORTCULLIS_ISSUER
+        lines = [
+            "",
+            "Portcullis is starting (embedded default: SQLite, no Redis, one process).",
+            f"  Admin:        {base}/admin/   user: admin   password: {creds.get('admin_password', '(unchanged)')}",
+            f"  Discovery:    {base}/.well-known/oauth-authorization-server",
+            f"  Demo service client: {creds['service_client_id']}",
+            f"  Demo CLI client (public, device flow): {creds['cli_client_id']}",
+            "",
+            "Get an access token (client credentials):",
+            f"  curl -s -u '{creds['service_client_id']}:{creds['service_client_secret']}' \\",
+            f"       -d grant_type=client_credentials -d 'scope=models.read completions' {base}/oauth/token/",
+            "",
+            f"(credentials are kept in {Path(settings.VAR_DIR) / 'demo-credentials.json'}; demo use only)",
+            "",
+        ]
+        self.stdout.write("\n".join(lines))

@@ -1,0 +1,31 @@
+"""``rotatekeys``: start (or advance) a staged signing-key rotation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandParser
+
+from authserver.services import signing_key_rotate
+
+
+class Command(BaseCommand):
+    help = (
+        "Publish a new signing key now; it starts signing once it has been published for "
+        "PORTCULLIS_KEY_PUBLISH_AHEAD seconds (beat, or running this again, activates it). "
+        "--activate-now switches at once (for a compromised key)."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--activate-now", action="store_true")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        result = signing_key_rotate(force=True, activate_now=options["activate_now"], actor="cli:rotatekeys")
+        if result.created:
+            self.stdout.write(f"published new key {result.created}")
+        if result.activated:
+            self.stdout.write(f"activated key {result.activated}")
+        for kid in result.removed:
+            self.stdout.write(f"removed retired key {kid}")
+        if not (result.created or result.activated or result.removed):
+            self.stdout.write("a pending key is already published; it activates when due")

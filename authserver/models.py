@@ -1,0 +1,187 @@
+"""Authorization-server data: the swapped DOT models, signing keys, code tombstones and consents.
+
+Every DOT model is swapped here, in the first migration, so later issues can extend them without the
+migration knot DOT documents for late swaps.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import models
+from jwcrypto import jwk
+from oauth2_provider import models as dot
+
+GRANT_DEVICE_CODE = "urn:ietf:params:oauth:grant-type:device_code"
+GRANT_TYPE_CHOICES = [
+    (dot.AbstractApplication.GRANT_AUTHORIZATION_CODE, "Authorization code (with PKCE)"),
+    (dot.AbstractApplication.GRANT_CLIENT_CREDENTIALS, "Client credentials"),
+    (GRANT_DEVICE_CODE, "Device authorization"),
+]
+ALLOWED_GRANT_TYPES = {value for value, _ in GRANT_TYPE_CHOICES}
+
+
+def _is_loopback_http(uri: str) -> bool:
+    parts = urlsplit(uri)
+    if parts.scheme != "http" or not parts.hostname:
+        return False
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
+
+
+class Client(dot.AbstractApplication):
+    """An OAuth client (DOT's Application) with the fields Portcullis needs."""
+
+    description = models.TextField(blank=True)
+    logo_url = models.URLField(blank=True)
+    disabled = models.BooleanField(default=False)
+    grant_types = models.JSONField(default=list, blank=True, help_text="Grant types this client may use")
+    allowed_scopes = models.TextField(blank=True, help_text="Space-separated scopes this client may request")
+    can_introspect = models.BooleanField(default=False)
+    is_admin_client = models.BooleanField(default=False)
+
+    class Meta(dot.AbstractApplication.Meta):
+        swappable = "OAUTH2_PROVIDER_APPLICATION_MODEL"
+
+    def allows_grant_type(self, *grant_types: str) -> bool:
+        """Return whether any of these grant types is one this client may use."""
+        allowed = set(self.grant_types or [self.authorization_grant_type])
+        return bool(allowed.intersection(grant_types))
+
+    def is_usable(self, request: Any) -> bool:
+        """A disabled client can do nothing (DOT calls this on every flow)."""
+        return not self.disabled
+
+    def scope_list(self) -> list[str]:
+        """Return the scopes this client may request."""
+        return self.allowed_scopes.split()
+
+    def get_allowed_schemes(self) -> list[str]:
+        # http is let through to DOT's validator only so that clean() can accept loopback redirect
+        # URIs for native apps (RFC 8252 §7.3); clean() refuses every other http URI.
+        return ["https", "http"]
+
+    def clean(self) -> None:
+        errors: dict[str, list[str]] = {}
+        for uri in self.redirect_uris.split():
+            if uri.startswith("http:") and not _is_loopback_http(uri):
+                errors.setdefault("redirect_uris", []).append(
+                    f"{uri}: redirect URIs must use https (http only for a loopback IP, RFC 8252)"
+                )
+        bad = set(self.grant_types) - ALLOWED_GRANT_TYPES
+        if bad:
+            errors["grant_types"] = [f"unsupported grant types: {', '.join(sorted(bad))}"]
+        try:
+            super().clean()
+        except ValidationError as exc:
+            for field, messages in exc.message_dict.items():
+                errors.setdefault(field, []).extend(messages)
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def jwk_key(self) -> jwk.JWK:
+        """Sign ID tokens with the active rotating key (replaces DOT's static OIDC_RSA_PRIVATE_KEY)."""
+        from authserver.selectors import signing_key_active
+
+        return signing_key_active().private_jwk()
+
+
+class AccessToken(dot.AbstractAccessToken):
+    """A record of an issued JWT access token; the token itself is stored only as a checksum."""
+
+    jti = models.UUIDField(unique=True, null=True, editable=False)
+
+    class Meta(dot.AbstractAccessToken.Meta):
+        swappable = "OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL"
+
+
+class RefreshToken(dot.AbstractRefreshToken):
+    class Meta(dot.AbstractRefreshToken.Meta):
+        swappable = "OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL"
+
+
+class IDToken(dot.AbstractIDToken):
+    class Meta(dot.AbstractIDToken.Meta):
+        swappable = "OAUTH2_PROVIDER_ID_TOKEN_MODEL"
+
+
+class Grant(dot.AbstractGrant):
+    class Meta(dot.AbstractGrant.Meta):
+        swappable = "OAUTH2_PROVIDER_GRANT_MODEL"
+
+
+class RedeemedCode(models.Model):
+    """A tombstone for a redeemed authorization code (RFC 6749 §4.1.2: a replay revokes what it issued).
+
+    DOT deletes a grant when it is redeemed; this row keeps the code's hash and what it issued so that a
+    replayed code can be recognised and its tokens revoked.
+    """
+
+    code_hash = models.CharField(max_length=64, unique=True)
+    client = models.ForeignKey(settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, on_delete=models.CASCADE)
+    access_token_jti = models.UUIDField(null=True)
+    token_family = models.UUIDField(null=True)
+    redeemed_at = models.DateTimeField(auto_now_add=True)
+    expires = models.DateTimeField(help_text="When the tombstone may be cleaned up")
+
+
+class Consent(models.Model):
+    """A user's remembered consent for a client and a set of scopes."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="consents")
+    client = models.ForeignKey(
+        settings.OAUTH2_PROVIDER_APPLICATION_MODEL, on_delete=models.CASCADE, related_name="consents"
+    )
+    scope = models.TextField()
+    granted_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["user", "client"], name="one_consent_per_user_client")]
+
+    def covers(self, scopes: list[str]) -> bool:
+        """Return whether this consent already includes every one of these scopes."""
+        return set(scopes) <= set(self.scope.split())
+
+
+class SigningKey(models.Model):
+    """A JWS signing key; the private part is encrypted at rest with the key-encryption key."""
+
+    class State(models.TextChoices):
+        PENDING = "pending"
+        ACTIVE = "active"
+        RETIRED = "retired"
+        REMOVED = "removed"
+
+    kid = models.CharField(max_length=64, unique=True)
+    algorithm = models.CharField(max_length=10, default="RS256")
+    public_jwk = models.JSONField()
+    private_key_encrypted = models.BinaryField()
+    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING, db_index=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    publish_at = models.DateTimeField(help_text="Published in the JWKS from this time")
+    activate_after = models.DateTimeField(help_text="May start signing from this time")
+    activated_at = models.DateTimeField(null=True, blank=True)
+    retired_at = models.DateTimeField(null=True, blank=True)
+    remove_after = models.DateTimeField(null=True, blank=True, help_text="Unpublish after this time")
+    removed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.kid} ({self.state})"
+
+    def private_jwk(self) -> jwk.JWK:
+        """Return the decrypted private key as a JWK (decrypted once per process)."""
+        from authserver.selectors import private_jwk_for
+
+        return private_jwk_for(self.kid, bytes(self.private_key_encrypted))

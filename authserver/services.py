@@ -1,0 +1,233 @@
+"""Writes for the authorization server: clients, signing keys, consents and revocation."""
+
+from __future__ import annotations
+
+import calendar
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from oauth2_provider.generators import generate_client_id
+
+from audit.services import audit_record
+from authserver.crypto import private_key_encrypt, rsa_key_generate
+from authserver.models import AccessToken, Client, Consent, RefreshToken, SigningKey
+from authserver.revocation import revocation_publish
+from authserver.selectors import active_key_cache_clear
+
+CLIENT_SECRET_LENGTH = 128
+GRANT_ALIASES = {
+    "authorization-code": Client.GRANT_AUTHORIZATION_CODE,
+    "client-credentials": Client.GRANT_CLIENT_CREDENTIALS,
+    "device-code": "urn:ietf:params:oauth:grant-type:device_code",
+}
+
+
+@dataclass(frozen=True)
+class RegisteredClient:
+    client: Client
+    client_secret: str | None  # shown once, never stored in clear
+
+
+def client_register(
+    *,
+    name: str,
+    grant_types: list[str],
+    public: bool = False,
+    redirect_uris: list[str] | None = None,
+    scopes: list[str] | None = None,
+    owner: Any = None,
+    description: str = "",
+    logo_url: str = "",
+    can_introspect: bool = False,
+    actor: str = "system",
+) -> RegisteredClient:
+    """Create a client; return it with its secret in clear (the only time it exists in clear)."""
+    grants = [GRANT_ALIASES.get(g, g) for g in grant_types]
+    secret = None if public else secrets.token_urlsafe(96)[:CLIENT_SECRET_LENGTH]
+    client = Client(
+        name=name,
+        client_id=generate_client_id(),
+        client_type=Client.CLIENT_PUBLIC if public else Client.CLIENT_CONFIDENTIAL,
+        authorization_grant_type=grants[0] if grants else "",
+        grant_types=grants,
+        redirect_uris=" ".join(redirect_uris or []),
+        allowed_scopes=" ".join(scopes or ["models.read", "completions", "embeddings"]),
+        user=owner,
+        description=description,
+        logo_url=logo_url,
+        can_introspect=can_introspect,
+        algorithm=Client.RS256_ALGORITHM,
+        client_secret=secret or "",
+    )
+    client.full_clean(exclude=["client_secret"])
+    client.save()
+    audit_record(
+        kind="client.created",
+        actor=actor,
+        client_id=client.client_id,
+        data={"name": name, "grant_types": grants, "public": public, "scope": client.allowed_scopes},
+    )
+    return RegisteredClient(client=client, client_secret=secret)
+
+
+def _jti_exp(tokens: list[AccessToken]) -> list[tuple[str, int]]:
+    return [(str(t.jti), calendar.timegm(t.expires.utctimetuple())) for t in tokens if t.jti]
+
+
+def tokens_revoke_for_client(*, client: Client, actor: str, reason: str) -> int:
+    """Revoke every access and refresh token of a client; push the revocation. Return how many."""
+    with transaction.atomic():
+        access = list(AccessToken.objects.filter(application=client))
+        RefreshToken.objects.filter(application=client, revoked__isnull=True).update(revoked=timezone.now())
+        AccessToken.objects.filter(application=client).delete()
+    audit_record(
+        kind="token.revoked",
+        actor=actor,
+        client_id=client.client_id,
+        data={"reason": reason, "tokens_revoked": len(access)},
+    )
+    return len(access)
+
+
+def client_disable(*, client: Client, actor: str) -> None:
+    """Disable a client: it can do nothing more, and every token it holds stops working at once."""
+    client.disabled = True
+    client.save(update_fields=["disabled", "updated"])
+    transaction.on_commit(lambda: revocation_publish(clients=[client.client_id]))
+    tokens_revoke_for_client(client=client, actor=actor, reason="client disabled")
+    audit_record(kind="client.disabled", actor=actor, client_id=client.client_id)
+
+
+def client_enable(*, client: Client, actor: str) -> None:
+    """Re-enable a disabled client."""
+    client.disabled = False
+    client.save(update_fields=["disabled", "updated"])
+    transaction.on_commit(lambda: revocation_publish(restored_clients=[client.client_id]))
+    audit_record(kind="client.enabled", actor=actor, client_id=client.client_id)
+
+
+def access_tokens_deleted(tokens: list[AccessToken]) -> None:
+    """Push the revocation of deleted access tokens once the deletion commits."""
+    pairs = _jti_exp(tokens)
+    if pairs:
+        transaction.on_commit(lambda: revocation_publish(jtis=pairs))
+
+
+def consent_grant(*, user: Any, client: Client, scopes: list[str]) -> Consent:
+    """Remember that the user allowed these scopes for this client (merged with earlier consent)."""
+    consent, created = Consent.objects.get_or_create(user=user, client=client, defaults={"scope": ""})
+    merged = sorted(set(consent.scope.split()) | set(scopes))
+    consent.scope = " ".join(merged)
+    consent.save()
+    audit_record(
+        kind="consent.granted",
+        actor=f"user:{user.get_username()}",
+        client_id=client.client_id,
+        data={"scope": " ".join(scopes)},
+    )
+    return consent
+
+
+def consent_withdraw(*, user: Any, client: Client) -> int:
+    """Withdraw a user's consent for a client and revoke the tokens it holds for them."""
+    with transaction.atomic():
+        Consent.objects.filter(user=user, client=client).delete()
+        RefreshToken.objects.filter(user=user, application=client, revoked__isnull=True).update(
+            revoked=timezone.now()
+        )
+        count, _ = AccessToken.objects.filter(user=user, application=client).delete()
+    audit_record(kind="consent.withdrawn", actor=f"user:{user.get_username()}", client_id=client.client_id)
+    return count
+
+
+# --- signing keys -----------------------------------------------------------------------------------
+
+
+def _key_create(*, now: datetime, publish_ahead_s: int, actor: str) -> SigningKey:
+    pem, public, kid = rsa_key_generate()
+    key = SigningKey.objects.create(
+        kid=kid,
+        algorithm="RS256",
+        public_jwk=public,
+        private_key_encrypted=private_key_encrypt(pem),
+        state=SigningKey.State.PENDING,
+        publish_at=now,
+        activate_after=now + timedelta(seconds=publish_ahead_s),
+    )
+    audit_record(kind="key.created", actor=actor, data={"kid": kid, "activate_after": key.activate_after.isoformat()})
+    return key
+
+
+def _retire_after_s() -> int:
+    conf = settings.AUTHSERVER
+    # A retired key stays published until every token it signed has expired, plus clock leeway.
+    return int(conf["ACCESS_TOKEN_LIFETIME_S"]) + 120
+
+
+def _key_activate(*, key: SigningKey, now: datetime, actor: str) -> None:
+    for old in SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).exclude(pk=key.pk):
+        old.state = SigningKey.State.RETIRED
+        old.retired_at = now
+        old.remove_after = now + timedelta(seconds=_retire_after_s())
+        old.save()
+        audit_record(kind="key.retired", actor=actor, data={"kid": old.kid, "remove_after": old.remove_after.isoformat()})
+    key.state = SigningKey.State.ACTIVE
+    key.activated_at = now
+    key.save()
+    audit_record(kind="key.activated", actor=actor, data={"kid": key.kid})
+    transaction.on_commit(active_key_cache_clear)
+
+
+def signing_key_bootstrap() -> SigningKey:
+    """Create and activate the first key of a fresh install (nobody caches a JWKS yet)."""
+    with transaction.atomic():
+        existing = SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).first()
+        if existing:
+            return existing
+        now = timezone.now()
+        key = _key_create(now=now, publish_ahead_s=0, actor="system")
+        _key_activate(key=key, now=now, actor="system")
+        return key
+
+
+@dataclass(frozen=True)
+class RotationResult:
+    created: str | None = None
+    activated: str | None = None
+    removed: tuple[str, ...] = ()
+
+
+def signing_key_rotate(
+    *, now: datetime | None = None, force: bool = False, activate_now: bool = False, actor: str = "system"
+) -> RotationResult:
+    """Advance the staged rotation: publish a new key, activate it once published long enough, retire
+    the old one and unpublish retired keys once every token they signed has expired."""
+    now = now or timezone.now()
+    conf = settings.AUTHSERVER
+    created = activated = None
+    with transaction.atomic():
+        active = SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).first()
+        pending = SigningKey.objects.filter(state=SigningKey.State.PENDING).order_by("created_at").first()
+        due = active is None or (active.activated_at or now) + timedelta(
+            seconds=int(conf["KEY_ROTATION_INTERVAL_S"])
+        ) <= now
+        if pending is None and (force or due):
+            ahead = 0 if (activate_now or active is None) else int(conf["KEY_PUBLISH_AHEAD_S"])
+            pending = _key_create(now=now, publish_ahead_s=ahead, actor=actor)
+            created = pending.kid
+        if pending is not None and (activate_now or pending.activate_after <= now):
+            _key_activate(key=pending, now=now, actor=actor)
+            activated = pending.kid
+        removed = []
+        for old in SigningKey.objects.filter(state=SigningKey.State.RETIRED, remove_after__lte=now):
+            old.state = SigningKey.State.REMOVED
+            old.removed_at = now
+            old.save()
+            removed.append(old.kid)
+            audit_record(kind="key.removed", actor=actor, data={"kid": old.kid})
+    return RotationResult(created=created, activated=activated, removed=tuple(removed))

@@ -1,0 +1,14 @@
+"""Celery tasks of the authorization server."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from authserver.services import signing_key_rotate
+
+
+@shared_task(name="authserver.tasks.signing_keys_rotate_task", autoretry_for=(ConnectionError,), max_retries=3)
+def signing_keys_rotate_task() -> dict[str, object]:
+    """Advance the staged signing-key rotation (idempotent; beat runs it every few minutes)."""
+    result = signing_key_rotate()
+    return {"created": result.created, "activated": result.activated, "removed": list(result.removed)}

@@ -1,0 +1,137 @@
+"""DOT's OAuth2Validator with Portcullis's hooks: scopes per client, refresh only with offline_access,
+JWT ids on token rows, code-replay tombstones and refresh-reuse events."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import timedelta
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+from oauth2_provider.oauth2_validators import OAuth2Validator
+
+from audit.services import audit_record
+from authserver.models import AccessToken, RedeemedCode, RefreshToken
+from authserver.tokens import jwt_unverified_claims
+
+logger = logging.getLogger(__name__)
+
+OFFLINE_ACCESS = "offline_access"
+TOMBSTONE_LIFETIME = timedelta(days=1)  # replays after a day are refused as unknown codes anyway
+
+
+def _code_hash(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def _actor(request: Any) -> str:
+    user = getattr(request, "user", None)
+    if user is not None and getattr(user, "pk", None):
+        return f"user:{user.get_username()}"
+    client = getattr(request, "client", None)
+    return f"client:{client.client_id}" if client is not None else "anonymous"
+
+
+class PortcullisValidator(OAuth2Validator):
+    def validate_scopes(self, client_id: str, scopes: list[str], client: Any, request: Any, *a: Any, **k: Any) -> bool:
+        if not super().validate_scopes(client_id, scopes, client, request, *a, **k):
+            return False
+        allowed = set(client.scope_list())
+        return set(scopes) <= allowed
+
+    def get_default_scopes(self, client_id: str, request: Any, *args: Any, **kwargs: Any) -> list[str]:
+        defaults = super().get_default_scopes(client_id, request, *args, **kwargs)
+        allowed = set(request.client.scope_list())
+        return [scope for scope in defaults if scope in allowed]
+
+    def save_bearer_token(self, token: dict[str, Any], request: Any, *args: Any, **kwargs: Any) -> Any:
+        # A refresh token is issued only when the client asked for offline_access (OIDC Core §11).
+        if OFFLINE_ACCESS not in (request.scopes or []):
+            token.pop("refresh_token", None)
+        result = super().save_bearer_token(token, request, *args, **kwargs)
+        kind = "token.refreshed" if request.grant_type == "refresh_token" else "token.issued"
+        audit_record(
+            kind=kind,
+            actor=_actor(request),
+            client_id=request.client.client_id,
+            data={
+                "grant_type": request.grant_type,
+                "scope": token.get("scope", ""),
+                "jti": getattr(request, "access_token_jti", ""),
+                "refresh": "refresh_token" in token,
+            },
+        )
+        return result
+
+    def _set_token_value(self, token_instance: Any, raw_token: str) -> None:
+        super()._set_token_value(token_instance, raw_token)
+        if isinstance(token_instance, AccessToken):
+            # The row keeps only a checksum of the JWT; its jti is what revocation pushes to gateways.
+            token_instance.jti = jwt_unverified_claims(raw_token).get("jti")
+
+    def _create_access_token(self, expires: Any, request: Any, token: Any, source_refresh_token: Any = None) -> Any:
+        access_token = super()._create_access_token(expires, request, token, source_refresh_token)
+        request.issued_access_token = access_token
+        return access_token
+
+    def _create_refresh_token(self, request: Any, code: Any, access_token: Any, previous: Any) -> Any:
+        refresh_token = super()._create_refresh_token(request, code, access_token, previous)
+        request.issued_token_family = refresh_token.token_family
+        return refresh_token
+
+    def invalidate_authorization_code(self, client_id: str, code: str, request: Any, *args: Any, **kwargs: Any) -> None:
+        super().invalidate_authorization_code(client_id, code, request, *args, **kwargs)
+        issued = getattr(request, "issued_access_token", None)
+        RedeemedCode.objects.create(
+            code_hash=_code_hash(code),
+            client=request.client,
+            user=request.user,
+            access_token_jti=getattr(issued, "jti", None),
+            token_family=getattr(request, "issued_token_family", None),
+            expires=timezone.now() + TOMBSTONE_LIFETIME,
+        )
+
+    def validate_code(self, client_id: str, code: str, client: Any, request: Any, *args: Any, **kwargs: Any) -> bool:
+        if super().validate_code(client_id, code, client, request, *args, **kwargs):
+            return True
+        tombstone = RedeemedCode.objects.filter(code_hash=_code_hash(code), client=client).first()
+        if tombstone is not None:
+            self._code_replayed(tombstone)
+        return False
+
+    def _code_replayed(self, tombstone: RedeemedCode) -> None:
+        """RFC 6749 §4.1.2: a code used twice revokes every token issued from it."""
+        family = RefreshToken.objects.filter(token_family=tombstone.token_family) if tombstone.token_family else None
+        with transaction.atomic():
+            issued = AccessToken.objects.filter(jti=tombstone.access_token_jti)
+            if family is not None:
+                issued = issued | AccessToken.objects.filter(pk__in=family.values("access_token_id"))
+            revoked, _ = issued.delete()
+            if family is not None:
+                family.filter(revoked__isnull=True).update(revoked=timezone.now())
+        audit_record(
+            kind="code.replayed",
+            outcome="denied",
+            actor=f"client:{tombstone.client.client_id}",
+            client_id=tombstone.client.client_id,
+            data={"tokens_revoked": revoked, "token_family": str(tombstone.token_family or "")},
+        )
+
+    def validate_refresh_token(self, refresh_token: str, client: Any, request: Any, *args: Any, **kwargs: Any) -> bool:
+        checksum = hashlib.sha256(refresh_token.encode()).hexdigest()
+        previous = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=False).first()
+        live = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=True).exists()
+        valid = super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)
+        if not valid and previous is not None and not live and previous.token_family:
+            # RFC 9700 §4.14.2: a rotated refresh token presented again means it leaked; DOT has revoked
+            # the family (REFRESH_TOKEN_REUSE_PROTECTION), and this records it as a security event.
+            audit_record(
+                kind="token.refresh_reuse",
+                outcome="denied",
+                actor=f"client:{previous.application.client_id}",
+                client_id=previous.application.client_id,
+                data={"token_family": str(previous.token_family)},
+            )
+        return valid

@@ -1,0 +1,256 @@
+"""Thin adapters over DOT's views: audit every outcome, remember consent, publish our key set and metadata."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import views as auth_views
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.decorators import method_decorator
+from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET
+from oauth2_provider import views as dot_views
+from oauthlib.common import Request as OauthlibRequest
+from oauth2_provider.views.metadata import OAuthServerMetadataView
+
+from audit.services import actor_for_user, audit_record
+from authserver.models import Client, Consent
+from authserver.registry import consent_details_for
+from authserver.selectors import jwks_get
+from authserver.services import consent_grant
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+def oauth_error(error: str, description: str, status: int = 400) -> JsonResponse:
+    """Return an RFC 6749 §5.2 error body with ``Cache-Control: no-store``."""
+    response = JsonResponse({"error": error, "error_description": description}, status=status)
+    response["Cache-Control"] = "no-store"
+    response["Pragma"] = "no-cache"
+    return response
+
+
+def _error_code(response: HttpResponse) -> str:
+    try:
+        return str(json.loads(response.content).get("error", "unknown"))
+    except (ValueError, AttributeError):
+        return "unknown"
+
+
+def _client_id_of(request: HttpRequest) -> str:
+    return str(request.POST.get("client_id") or getattr(getattr(request, "client", None), "client_id", ""))[:100]
+
+
+class TokenView(dot_views.TokenView):
+    """RFC 6749 §3.2 token endpoint; every refusal is audited with its RFC error code."""
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        grant_type = request.POST.get("grant_type", "")
+        if grant_type == DEVICE_GRANT and not request.POST.get("device_code"):
+            response: HttpResponse = oauth_error("invalid_request", "device_code is required")
+        else:
+            response = super().post(request, *args, **kwargs)
+        if response.status_code == 404:  # DOT answers an unknown device code with a non-RFC 404
+            response = oauth_error("invalid_grant", "The device code is unknown or expired")
+        response["Cache-Control"] = "no-store"
+        if response.status_code >= 400:
+            error = _error_code(response)
+            if error not in {"authorization_pending", "slow_down"}:  # RFC 8628 §3.5: polling, not failure
+                audit_record(
+                    kind="token.denied",
+                    outcome="denied",
+                    client_id=_client_id_of(request),
+                    data={"grant_type": grant_type[:60], "error_code": error},
+                )
+        return response
+
+
+class RevokeTokenView(dot_views.RevokeTokenView):
+    """RFC 7009 revocation; revoking a refresh token revokes its whole family's access tokens."""
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response: HttpResponse = super().post(request, *args, **kwargs)
+        response["Cache-Control"] = "no-store"
+        ok = response.status_code == 200
+        audit_record(
+            kind="token.revoked" if ok else "token.revoke_denied",
+            outcome="success" if ok else "denied",
+            client_id=_client_id_of(request),
+            data={"token_type_hint": request.POST.get("token_type_hint", "")[:20], "via": "rfc7009"},
+        )
+        return response
+
+
+@method_decorator(csrf_exempt, name="dispatch")
+class IntrospectView(dot_views.IntrospectTokenView):
+    """RFC 7662 introspection: POST only, and only for clients an admin allowed to introspect."""
+
+    http_method_names = ["post", "options"]
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method != "POST":
+            response = oauth_error("invalid_request", "Introspection takes POST only", status=405)
+            response["Allow"] = "POST"
+            return response
+        client = self._authenticated_client(request)
+        if client is None:
+            response = oauth_error("invalid_client", "Client authentication failed", status=401)
+            response["WWW-Authenticate"] = 'Basic realm="portcullis"'
+            audit_record(kind="introspect.denied", outcome="denied", data={"error_code": "invalid_client"})
+            return response
+        if not client.can_introspect:
+            audit_record(
+                kind="introspect.denied",
+                outcome="denied",
+                client_id=client.client_id,
+                data={"error_code": "unauthorized_client"},
+            )
+            return oauth_error("unauthorized_client", "This client may not introspect tokens", status=403)
+        response: HttpResponse = self.get_token_response(request.POST.get("token"))
+        response["Cache-Control"] = "no-store"
+        return response
+
+    def _authenticated_client(self, request: HttpRequest) -> Client | None:
+        """Authenticate the calling client (RFC 7662 §2.1) and return it, or None."""
+        core = self.get_oauthlib_core()
+        uri, http_method, body, headers = core._extract_params(request)
+        oauthlib_request = OauthlibRequest(uri, http_method, body, headers)
+        if not core.server.request_validator.authenticate_client(oauthlib_request):
+            return None
+        client = getattr(oauthlib_request, "client", None)
+        return client if isinstance(client, Client) else None
+
+
+class AuthorizationView(dot_views.AuthorizationView):
+    """Authorization endpoint with a consent screen whose answer is remembered per user and client."""
+
+    template_name = "authserver/consent.html"
+
+    def render_to_response(self, context: dict[str, Any], **kwargs: Any) -> HttpResponse:
+        client: Client = context["application"]
+        scopes: list[str] = context["scopes"]
+        prompt = set(self.request.GET.get("prompt", "").split())
+        consent = Consent.objects.filter(user=self.request.user, client=client).first()
+        if consent is not None and consent.covers(scopes) and "consent" not in prompt:
+            scopes_str = " ".join(scopes)
+            credentials = {k: context[k] for k in self._credential_keys if context.get(k) is not None}
+            uri, _headers, _body, _status = self.create_authorization_response(
+                request=self.request, scopes=scopes_str, credentials=credentials, allow=True
+            )
+            return self.redirect(uri, client)
+        context["scope_items"] = list(zip(scopes, context["scopes_descriptions"], strict=True))
+        context["extra_details"] = consent_details_for(client)
+        return super().render_to_response(context, **kwargs)
+
+    _credential_keys = ("client_id", "redirect_uri", "response_type", "state", "code_challenge",
+                        "code_challenge_method", "nonce")
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        client = Client.objects.get(client_id=form.cleaned_data["client_id"])
+        scopes = form.cleaned_data.get("scope", "").split()
+        if form.cleaned_data.get("allow"):
+            consent_grant(user=self.request.user, client=client, scopes=scopes)
+        else:
+            audit_record(
+                kind="consent.denied",
+                outcome="denied",
+                actor=actor_for_user(self.request.user),
+                client_id=client.client_id,
+                data={"scope": " ".join(scopes)},
+            )
+        return super().form_valid(form)
+
+    def error_response(self, error: Any, application: Any, **kwargs: Any) -> HttpResponse:
+        oauthlib_error = getattr(error, "oauthlib_error", None)
+        audit_record(
+            kind="authorize.denied",
+            outcome="denied",
+            actor=actor_for_user(self.request.user),
+            client_id=str(getattr(application, "client_id", "") or self.request.GET.get("client_id", ""))[:100],
+            data={"error_code": str(getattr(oauthlib_error, "error", "invalid_request"))},
+        )
+        return super().error_response(error, application, **kwargs)
+
+
+@never_cache
+@require_GET
+def jwks(request: HttpRequest) -> JsonResponse:
+    """Publish the signing keys (RFC 7517): pending ones before they sign, retired ones until unused."""
+    response = JsonResponse(jwks_get())
+    response["Access-Control-Allow-Origin"] = "*"
+    response["Cache-Control"] = "public, max-age=60"
+    return response
+
+
+class ServerMetadataView(OAuthServerMetadataView):
+    """RFC 8414 metadata, with our JWKS, device, userinfo and protected-resource links."""
+
+    def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+        response = super().get(request, *args, **kwargs)
+        data = json.loads(response.content)
+        data.update(metadata_extras())
+        return JsonResponse(data, headers={"Access-Control-Allow-Origin": "*"})
+
+
+class OIDCDiscoveryView(dot_views.ConnectDiscoveryInfoView):
+    """OpenID Connect discovery, with the same extras as the RFC 8414 document."""
+
+    def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> JsonResponse:
+        response = super().get(request, *args, **kwargs)
+        data = json.loads(response.content)
+        data.update(metadata_extras())
+        data["id_token_signing_alg_values_supported"] = ["RS256"]
+        return JsonResponse(data, headers={"Access-Control-Allow-Origin": "*"})
+
+
+def metadata_extras() -> dict[str, Any]:
+    """Return the endpoints DOT's metadata does not know about."""
+    base = settings.PORTCULLIS_ISSUER
+    return {
+        "issuer": base,
+        "jwks_uri": f"{base}/.well-known/jwks.json",
+        "device_authorization_endpoint": f"{base}/oauth/device-authorization/",
+        "userinfo_endpoint": f"{base}/oauth/userinfo/",
+        "code_challenge_methods_supported": ["S256"],
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
+        "protected_resources": [settings.PORTCULLIS_AUDIENCE],
+    }
+
+
+@require_GET
+def protected_resource_metadata(request: HttpRequest) -> JsonResponse:
+    """RFC 9728 metadata describing the gateway as a protected resource."""
+    return JsonResponse(
+        {
+            "resource": settings.PORTCULLIS_AUDIENCE,
+            "authorization_servers": [settings.PORTCULLIS_ISSUER],
+            "jwks_uri": f"{settings.PORTCULLIS_ISSUER}/.well-known/jwks.json",
+            "scopes_supported": ["models.read", "completions", "embeddings"],
+            "bearer_methods_supported": ["header"],
+            "resource_signing_alg_values_supported": ["RS256"],
+            "resource_name": "Portcullis OpenAI-compatible gateway",
+        },
+        headers={"Access-Control-Allow-Origin": "*"},
+    )
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "registration/login.html"
+    redirect_authenticated_user = True
+
+
+def device_entry(request: HttpRequest) -> HttpResponse:
+    """The short verification URI (RFC 8628 §3.3) forwards to the device page, keeping ``user_code``."""
+    from django.shortcuts import redirect
+    from django.urls import reverse
+
+    target = reverse("oauth2_provider:device")
+    query = request.GET.urlencode()
+    return redirect(f"{target}?{query}" if query else target)

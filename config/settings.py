@@ -1,0 +1,276 @@
+"""Django settings for Portcullis: the only module that reads the environment.
+
+With no ``DATABASE_URL`` and no ``REDIS_URL`` the project runs on the embedded default (SQLite, in-memory
+channel layer, in-process revocation store, Celery tasks run in-process). ``DJANGO_DEBUG=true`` marks a
+development run, the only kind that may use generated secrets and an ``http`` issuer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from config.env import env_bool, env_int, env_list, env_secret, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("PORTCULLIS_VAR_DIR", str(BASE_DIR / "var")))
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+_DEV_SECRET = "portcullis-development-only-secret-key-not-for-production"  # noqa: S105
+
+SECRET_KEY = env_secret("DJANGO_SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is false")
+    SECRET_KEY = _DEV_SECRET
+elif SECRET_KEY == _DEV_SECRET and not DEBUG:
+    raise ImproperlyConfigured("DJANGO_SECRET_KEY is the development default; set a real secret")
+
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"] if DEBUG else [])
+if not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("DJANGO_ALLOWED_HOSTS must list this server's host names")
+
+PORTCULLIS_ISSUER = env_str("PORTCULLIS_ISSUER", "http://127.0.0.1:8000" if DEBUG else "").rstrip("/")
+if not PORTCULLIS_ISSUER:
+    raise ImproperlyConfigured("PORTCULLIS_ISSUER must be set to the public base URL (https://...)")
+if not PORTCULLIS_ISSUER.startswith("https://") and not DEBUG:
+    raise ImproperlyConfigured("PORTCULLIS_ISSUER must be https unless DJANGO_DEBUG is true (development)")
+# RFC 9068 §3: the access token's aud names the resource server, here the gateway's /v1.
+PORTCULLIS_AUDIENCE = env_str("PORTCULLIS_AUDIENCE", f"{PORTCULLIS_ISSUER}/v1")
+
+_kek = env_secret("PORTCULLIS_KEY_ENCRYPTION_KEY")
+if not _kek:
+    if not DEBUG:
+        raise ImproperlyConfigured("PORTCULLIS_KEY_ENCRYPTION_KEY must be set when DJANGO_DEBUG is false")
+    _kek = "dev:" + SECRET_KEY
+# Fernet wants 32 url-safe base64 bytes; any secret string is stretched to that with SHA-256.
+PORTCULLIS_KEY_ENCRYPTION_KEY = base64.urlsafe_b64encode(hashlib.sha256(_kek.encode()).digest()).decode()
+
+PORTCULLIS_TRUSTED_PROXIES = env_list("PORTCULLIS_TRUSTED_PROXIES")
+REDIS_URL = env_str("REDIS_URL")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "oauth2_provider",
+    "axes",
+    "audit",
+    "authserver",
+    # "fakevllm",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "audit.context.RequestContextMiddleware",
+    "authserver.middleware.SecurityHeadersMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+_default_db = f"sqlite:///{VAR_DIR / 'portcullis.sqlite3'}"
+DATABASES = {"default": dj_database_url.parse(env_str("DATABASE_URL", _default_db), conn_max_age=60)}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CHANNEL_LAYERS = {
+        "default": {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+PASSWORD_HASHERS = [
+    "django.contrib.auth.hashers.PBKDF2PasswordHasher",
+    "authserver.hashers.ClientSecretHasher",
+]
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/accounts/connected-apps/"
+
+# django-axes: lock an account+IP after repeated failures (brute-force lockout).
+AXES_FAILURE_LIMIT = env_int("PORTCULLIS_LOGIN_FAILURE_LIMIT", 5, minimum=1)
+AXES_COOLOFF_TIME = 0.25  # hours: a locked account unlocks after 15 minutes, or when an admin unlocks it
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_CLIENT_IP_CALLABLE = "audit.context.axes_client_ip"
+AXES_VERBOSE = False
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+WHITENOISE_USE_FINDERS = True
+
+# HTML pages: clickjacking and leak protection (SECURITY.md error contract).
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "no-referrer"
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+_https = PORTCULLIS_ISSUER.startswith("https://")
+SESSION_COOKIE_SECURE = _https
+CSRF_COOKIE_SECURE = _https
+SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", _https)
+SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000 if _https else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _https
+SECURE_HSTS_PRELOAD = env_bool("DJANGO_HSTS_PRELOAD", _https)
+if PORTCULLIS_TRUSTED_PROXIES:
+    # Only a trusted TLS-terminating proxy may tell us the original scheme.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+CSRF_TRUSTED_ORIGINS = [PORTCULLIS_ISSUER]
+
+ACCESS_TOKEN_LIFETIME_S = env_int("PORTCULLIS_ACCESS_TOKEN_LIFETIME", 300, minimum=30)
+REFRESH_TOKEN_LIFETIME_S = env_int("PORTCULLIS_REFRESH_TOKEN_LIFETIME", 30 * 86400, minimum=60)
+
+SCOPES = {
+    "models.read": "See which models you can use",
+    "completions": "Generate text and chat completions",
+    "embeddings": "Create embeddings",
+    "offline_access": "Stay connected when you are away (a refresh token)",
+    "openid": "Sign you in with your Portcullis account",
+    "profile": "See your user name and profile details",
+}
+
+OAUTH2_PROVIDER_APPLICATION_MODEL = "authserver.Client"
+OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL = "authserver.AccessToken"
+OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL = "authserver.RefreshToken"
+OAUTH2_PROVIDER_ID_TOKEN_MODEL = "authserver.IDToken"
+OAUTH2_PROVIDER_GRANT_MODEL = "authserver.Grant"
+
+OAUTH2_PROVIDER = {
+    "OAUTH2_VALIDATOR_CLASS": "authserver.validators.PortcullisValidator",
+    "SCOPES": SCOPES,
+    "DEFAULT_SCOPES": ["models.read"],
+    "ACCESS_TOKEN_EXPIRE_SECONDS": ACCESS_TOKEN_LIFETIME_S,
+    "ID_TOKEN_EXPIRE_SECONDS": ACCESS_TOKEN_LIFETIME_S,
+    "AUTHORIZATION_CODE_EXPIRE_SECONDS": 60,  # RFC 9700 §4.2.1 / RFC 6749 §4.1.2: short-lived codes
+    "REFRESH_TOKEN_EXPIRE_SECONDS": REFRESH_TOKEN_LIFETIME_S,
+    "REFRESH_TOKEN_GRACE_PERIOD_SECONDS": 0,  # RFC 9700 §4.14.2: no replay window
+    "REFRESH_TOKEN_REUSE_PROTECTION": True,
+    "ROTATE_REFRESH_TOKEN": True,
+    "ACCESS_TOKEN_GENERATOR": "authserver.tokens.access_token_generate",
+    "REFRESH_TOKEN_GENERATOR": "oauthlib.oauth2.rfc6749.tokens.random_token_generator",
+    "CLIENT_SECRET_HASHER": "portcullis_sha256",
+    "PKCE_REQUIRED": True,
+    # RFC 9700 §2.1: https only. Native apps' loopback http redirect URIs (RFC 8252 §7.3) are allowed by
+    # Client.get_allowed_schemes/clean, which refuse any other http URI.
+    "ALLOWED_REDIRECT_URI_SCHEMES": ["https"],
+    "ALLOW_URI_WILDCARDS": False,
+    "ALLOW_LOCALHOST_LOOPBACK": False,  # RFC 8252 §8.3: loopback IP literals, not "localhost"
+    "REQUEST_APPROVAL_PROMPT": "force",  # consent is remembered by authserver.Consent instead
+    "OIDC_ENABLED": True,
+    "OIDC_ISS_ENDPOINT": PORTCULLIS_ISSUER,
+    "OIDC_RSA_PRIVATE_KEY": "managed-by-authserver-signing-keys",  # see Client.jwk_key
+    "OIDC_RESPONSE_TYPES_SUPPORTED": ["code"],
+    "OAUTH2_RESPONSE_TYPES_SUPPORTED": ["code"],
+    "OAUTH2_GRANT_TYPES_SUPPORTED": [
+        "authorization_code",
+        "client_credentials",
+        "refresh_token",
+        "urn:ietf:params:oauth:grant-type:device_code",
+    ],
+    "OAUTH_DEVICE_VERIFICATION_URI": f"{PORTCULLIS_ISSUER}/device/",
+    "OAUTH_DEVICE_VERIFICATION_URI_COMPLETE": f"{PORTCULLIS_ISSUER}/device/?user_code={{user_code}}",
+    "DEVICE_FLOW_INTERVAL": 5,
+    "COMPLIANT_BCP_RFC9700_IMPLICIT_GRANT": True,
+    "COMPLIANT_BCP_RFC9700_PASSWORD_GRANT": True,
+    "COMPLIANT_BCP_RFC9700_PKCE_METHOD": True,
+    "COMPLIANT_BCP_RFC9700_ACCESS_TOKEN_TRANSPORT": True,
+    "COMPLIANT_BCP_RFC9700_AUTHZ_RESPONSE_ISS": True,
+    "COMPLIANT_BCP_RFC9700_TOKEN_STORAGE": True,
+    "COMPLIANT_BCP_RFC9700_REFRESH_TOKEN": True,
+    "COMPLIANT_BCP_RFC9700_REDIRECT_URI_SCHEME": True,
+    "COMPLIANT_BCP_RFC9700_REDIRECT_URI_MATCHING": True,
+    "COMPLIANT_BCP_RFC9700_PKCE_REQUIRED": True,
+}
+
+# Signing keys: how often beat rotates, and how long a new key is published before it signs.
+AUTHSERVER = {
+    "KEY_ROTATION_INTERVAL_S": env_int("PORTCULLIS_KEY_ROTATION_INTERVAL", 7 * 86400, minimum=60),
+    "KEY_PUBLISH_AHEAD_S": env_int("PORTCULLIS_KEY_PUBLISH_AHEAD", 600, minimum=0),
+    "ACCESS_TOKEN_LIFETIME_S": ACCESS_TOKEN_LIFETIME_S,
+}
+
+CELERY_BROKER_URL = REDIS_URL or "memory://"
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ALWAYS_EAGER = not REDIS_URL  # embedded default: tasks run in-process
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BEAT_SCHEDULE = {
+    "signing-keys-rotate": {
+        "task": "authserver.tasks.signing_keys_rotate_task",
+        "schedule": 300.0,  # checks every 5 minutes; rotates only when a key is due
+    },
+}
+
+LOG_LEVEL = env_str("PORTCULLIS_LOG_LEVEL", "INFO").upper()
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"request_context": {"()": "audit.context.RequestContextLogFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["request_context"]},
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # DOT logs redirect URIs and client ids at debug; keep it at warning so nothing sensitive leaks.
+        "oauth2_provider": {"level": "WARNING"},
+        "oauthlib": {"level": "WARNING"},
+        "axes": {"level": "WARNING"},
+    },
+}

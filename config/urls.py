@@ -1,0 +1,33 @@
+"""URL routing for everything Django serves (the gateway's /v1 is routed in config/asgi.py)."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.http import HttpRequest, JsonResponse
+from django.urls import include, path, re_path
+
+from authserver import views as authserver_views
+
+
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness: the process answers."""
+    return JsonResponse({"status": "ok"})
+
+
+urlpatterns = [
+    path("healthz", healthz, name="healthz"),
+    path("oauth/", include("authserver.urls")),
+    path("device/", authserver_views.device_entry, name="device-entry"),
+    path(".well-known/jwks.json", authserver_views.jwks, name="jwks"),
+    path(
+        ".well-known/oauth-authorization-server",
+        authserver_views.ServerMetadataView.as_view(),
+        name="oauth-authorization-server",
+    ),
+    re_path(r"^\.well-known/openid-configuration/?$", authserver_views.OIDCDiscoveryView.as_view()),
+    path(".well-known/oauth-protected-resource", authserver_views.protected_resource_metadata),
+    path("accounts/login/", authserver_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+]
