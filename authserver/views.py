@@ -130,6 +130,8 @@ class AuthorizationView(dot_views.AuthorizationView):
     template_name = "authserver/consent.html"
 
     def render_to_response(self, context: dict[str, Any], **kwargs: Any) -> HttpResponse:
+        if "application" not in context:  # DOT renders a fatal error (no trustworthy redirect URI) here
+            return super().render_to_response(context, **kwargs)
         client: Client = context["application"]
         scopes: list[str] = context["scopes"]
         prompt = set(self.request.GET.get("prompt", "").split())

@@ -151,6 +151,7 @@ STORAGES = {
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 WHITENOISE_USE_FINDERS = True
+WHITENOISE_AUTOREFRESH = DEBUG  # development serves straight from the apps; production runs collectstatic
 
 # HTML pages: clickjacking and leak protection (SECURITY.md error contract).
 X_FRAME_OPTIONS = "DENY"
@@ -191,6 +192,8 @@ OAUTH2_PROVIDER_GRANT_MODEL = "authserver.Grant"
 
 OAUTH2_PROVIDER = {
     "OAUTH2_VALIDATOR_CLASS": "authserver.validators.PortcullisValidator",
+    "OAUTH2_SERVER_CLASS": "authserver.server.PortcullisServer",
+    "OIDC_SERVER_CLASS": "authserver.server.PortcullisServer",
     "SCOPES": SCOPES,
     "DEFAULT_SCOPES": ["models.read"],
     "ACCESS_TOKEN_EXPIRE_SECONDS": ACCESS_TOKEN_LIFETIME_S,

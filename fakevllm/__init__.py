@@ -1,0 +1,1 @@
+"""Fake vLLM OpenAI-compatible server for development, demos, tests and benchmarks."""

@@ -1,0 +1,286 @@
+"""Authorization code + PKCE, consent, code replay, refresh rotation and reuse, revocation, introspection."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from audit.models import AuditEvent
+from authserver.models import AccessToken, Consent, Grant, RefreshToken
+from authserver.revocation import local_revocations
+from tests.conftest import REDIRECT_URI, pkce_pair
+
+pytestmark = pytest.mark.django_db
+
+SCOPES = "models.read completions offline_access"
+
+
+def _claims(token: str) -> dict:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+@pytest.fixture
+def web_app(make_client):
+    return make_client(grants=("authorization-code",), scopes="models.read completions offline_access openid profile")
+
+
+@pytest.fixture
+def signed_in(client, alice):
+    client.force_login(alice)
+    return alice
+
+
+def _tokens(oauth, reg, scope=SCOPES):
+    verifier, challenge = pkce_pair()
+    code = oauth.code_from(oauth.authorize(reg.client, challenge=challenge, scope=scope))
+    response = oauth.code_exchange(reg, code, verifier)
+    assert response.status_code == 200, response.content
+    return code, verifier, response.json()
+
+
+def test_code_flow_issues_tokens_with_iss_in_the_redirect_and_records_consent(oauth, web_app, signed_in):
+    verifier, challenge = pkce_pair()
+    redirect = oauth.authorize(web_app.client, challenge=challenge, scope=SCOPES)
+    assert redirect.status_code == 302
+    location = redirect["Location"]
+    assert location.startswith(REDIRECT_URI + "?")
+    assert "iss=http" in location  # RFC 9207
+    assert "state=xyz" in location
+    tokens = oauth.code_exchange(web_app, oauth.code_from(redirect), verifier).json()
+    assert set(tokens) >= {"access_token", "refresh_token", "expires_in", "scope"}
+    claims = _claims(tokens["access_token"])
+    assert claims["sub"] == str(signed_in.pk)
+    assert Consent.objects.get(user=signed_in, client=web_app.client).covers(SCOPES.split())
+    assert AuditEvent.objects.filter(kind="consent.granted", actor="user:alice").exists()
+
+
+def test_remembered_consent_skips_the_screen_but_new_scopes_ask_again(oauth, web_app, signed_in):
+    _tokens(oauth, web_app, scope="models.read")
+    _v, challenge = pkce_pair()
+    params = {"response_type": "code", "client_id": web_app.client.client_id, "redirect_uri": REDIRECT_URI,
+              "scope": "models.read", "state": "s", "code_challenge": challenge, "code_challenge_method": "S256"}
+    assert oauth.http.get("/oauth/authorize/", params).status_code == 302
+    params["scope"] = "models.read completions"
+    page = oauth.http.get("/oauth/authorize/", params)
+    assert page.status_code == 200
+    assert b"Generate text and chat completions" in page.content
+
+
+def test_consent_page_shows_client_name_owner_and_plain_scopes_with_security_headers(oauth, web_app, signed_in):
+    _v, challenge = pkce_pair()
+    params = {"response_type": "code", "client_id": web_app.client.client_id, "redirect_uri": REDIRECT_URI,
+              "scope": SCOPES, "state": "s", "code_challenge": challenge, "code_challenge_method": "S256"}
+    page = oauth.http.get("/oauth/authorize/", params)
+    html = page.content.decode()
+    assert "Test app" in html
+    assert "Stay connected when you are away" in html
+    assert 'name="csrfmiddlewaretoken"' in html
+    assert page["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in page["Content-Security-Policy"]
+    assert page["Referrer-Policy"] == "no-referrer"
+    assert page["X-Content-Type-Options"] == "nosniff"
+
+
+def test_denied_consent_redirects_with_access_denied_and_is_audited(oauth, web_app, signed_in):
+    _v, challenge = pkce_pair()
+    response = oauth.authorize(web_app.client, challenge=challenge, allow=False)
+    assert response.status_code == 302
+    assert "error=access_denied" in response["Location"]
+    assert AuditEvent.objects.filter(kind="consent.denied", client_id=web_app.client.client_id).exists()
+
+
+def test_redirect_uri_mismatch_is_refused_without_redirecting(oauth, web_app, signed_in):
+    _v, challenge = pkce_pair()
+    response = oauth.authorize(web_app.client, challenge=challenge, redirect_uri="https://evil.example.com/cb")
+    assert response.status_code == 400
+    assert "evil.example.com" not in response.get("Location", "")
+    assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_request"
+
+
+def test_missing_pkce_is_refused(oauth, web_app, signed_in):
+    params = {"response_type": "code", "client_id": web_app.client.client_id, "redirect_uri": REDIRECT_URI,
+              "scope": "models.read", "state": "s"}
+    response = oauth.http.get("/oauth/authorize/", params)
+    assert response.status_code == 302
+    assert "error=invalid_request" in response["Location"]
+    assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_request"
+
+
+def test_plain_pkce_is_refused(oauth, web_app, signed_in):
+    verifier, _c = pkce_pair()
+    response = oauth.authorize(web_app.client, challenge=verifier, method="plain")
+    assert response.status_code in (302, 400)
+    if response.status_code == 302:
+        assert "error=" in response["Location"]
+    assert Grant.objects.count() == 0
+    assert AuditEvent.objects.filter(kind="authorize.denied").exists()
+
+
+def test_wrong_code_verifier_is_invalid_grant(oauth, web_app, signed_in):
+    _v, challenge = pkce_pair()
+    code = oauth.code_from(oauth.authorize(web_app.client, challenge=challenge))
+    other_verifier, _ = pkce_pair()
+    response = oauth.code_exchange(web_app, code, other_verifier)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_grant"
+
+
+def test_code_redeemed_by_another_client_is_refused(oauth, web_app, make_client, signed_in):
+    other = make_client(grants=("authorization-code",))
+    verifier, challenge = pkce_pair()
+    code = oauth.code_from(oauth.authorize(web_app.client, challenge=challenge))
+    response = oauth.code_exchange(other, code, verifier)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+    assert oauth.code_exchange(web_app, code, verifier).status_code == 200
+
+
+def test_expired_code_is_invalid_grant(oauth, web_app, signed_in):
+    verifier, challenge = pkce_pair()
+    code = oauth.code_from(oauth.authorize(web_app.client, challenge=challenge))
+    Grant.objects.update(expires=timezone.now() - timedelta(seconds=1))
+    response = oauth.code_exchange(web_app, code, verifier)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+
+
+def test_replayed_code_revokes_every_token_issued_from_it(oauth, web_app, signed_in, django_capture_on_commit_callbacks):
+    code, verifier, tokens = _tokens(oauth, web_app)
+    refreshed = oauth.token(
+        {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+        (web_app.client.client_id, web_app.client_secret),
+    ).json()
+    assert AccessToken.objects.count() == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        replay = oauth.code_exchange(web_app, code, verifier)
+    assert replay.status_code == 400
+    assert replay.json()["error"] == "invalid_grant"
+    assert AccessToken.objects.count() == 0
+    assert not RefreshToken.objects.filter(revoked__isnull=True).exists()
+    jti = _claims(refreshed["access_token"])["jti"]
+    assert local_revocations.is_revoked(jti, "-")
+    event = AuditEvent.objects.get(kind="code.replayed")
+    assert event.outcome == "denied"
+    assert event.data["tokens_revoked"] == 1
+    again = oauth.token(
+        {"grant_type": "refresh_token", "refresh_token": refreshed["refresh_token"]},
+        (web_app.client.client_id, web_app.client_secret),
+    )
+    assert again.status_code == 400
+
+
+def test_refresh_rotates_and_reuse_revokes_the_family(oauth, web_app, signed_in, django_capture_on_commit_callbacks):
+    _c, _v, tokens = _tokens(oauth, web_app)
+    auth = (web_app.client.client_id, web_app.client_secret)
+    first = oauth.token({"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}, auth)
+    assert first.status_code == 200
+    rotated = first.json()
+    assert rotated["refresh_token"] != tokens["refresh_token"]
+    assert AuditEvent.objects.filter(kind="token.refreshed").count() == 1
+    with django_capture_on_commit_callbacks(execute=True):
+        reuse = oauth.token({"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}, auth)
+    assert reuse.status_code == 400
+    assert reuse.json()["error"] == "invalid_grant"
+    assert AuditEvent.objects.filter(kind="token.refresh_reuse", outcome="denied").count() == 1
+    assert local_revocations.is_revoked(_claims(rotated["access_token"])["jti"], "-")
+    after = oauth.token({"grant_type": "refresh_token", "refresh_token": rotated["refresh_token"]}, auth)
+    assert after.status_code == 400
+    assert AccessToken.objects.count() == 0
+
+
+def test_refresh_cannot_widen_scope(oauth, web_app, signed_in):
+    _c, _v, tokens = _tokens(oauth, web_app, scope="models.read offline_access")
+    response = oauth.token(
+        {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "scope": "models.read completions"},
+        (web_app.client.client_id, web_app.client_secret),
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_scope"
+
+
+def test_refresh_token_expires(oauth, web_app, signed_in, settings):
+    _c, _v, tokens = _tokens(oauth, web_app)
+    AccessToken.objects.update(expires=timezone.now() - timedelta(days=31))
+    response = oauth.token(
+        {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+        (web_app.client.client_id, web_app.client_secret),
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+
+
+def test_no_refresh_token_without_offline_access(oauth, web_app, signed_in):
+    _c, _v, tokens = _tokens(oauth, web_app, scope="models.read")
+    assert "refresh_token" not in tokens
+    assert RefreshToken.objects.count() == 0
+
+
+def test_public_client_needs_no_secret_but_pkce(oauth, make_client, signed_in):
+    native = make_client(grants=("authorization-code",), public=True, redirect_uris=("http://127.0.0.1:8765/cb",))
+    verifier, challenge = pkce_pair()
+    redirect = oauth.authorize(native.client, challenge=challenge, redirect_uri="http://127.0.0.1:8765/cb")
+    response = oauth.code_exchange(native, oauth.code_from(redirect), verifier, redirect_uri="http://127.0.0.1:8765/cb")
+    assert response.status_code == 200, response.content
+
+
+def test_revoking_a_refresh_token_revokes_its_access_token_and_pushes_it(oauth, web_app, signed_in, django_capture_on_commit_callbacks):
+    _c, _v, tokens = _tokens(oauth, web_app)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = oauth.http.post(
+            "/oauth/revoke/",
+            {"token": tokens["refresh_token"], "token_type_hint": "refresh_token"},
+            HTTP_AUTHORIZATION=_basic(web_app),
+        )
+    assert response.status_code == 200
+    assert AccessToken.objects.count() == 0
+    assert local_revocations.is_revoked(_claims(tokens["access_token"])["jti"], "-")
+    event = AuditEvent.objects.get(kind="token.revoked")
+    assert event.client_id == "" or event.client_id == web_app.client.client_id
+
+
+def test_revoking_an_access_token_pushes_its_jti(oauth, make_client, django_capture_on_commit_callbacks):
+    reg = make_client()
+    token = oauth.client_credentials(reg).json()["access_token"]
+    with django_capture_on_commit_callbacks(execute=True):
+        response = oauth.http.post("/oauth/revoke/", {"token": token}, HTTP_AUTHORIZATION=_basic(reg))
+    assert response.status_code == 200
+    assert local_revocations.is_revoked(_claims(token)["jti"], "-")
+
+
+def _basic(reg):
+    return "Basic " + base64.b64encode(f"{reg.client.client_id}:{reg.client_secret}".encode()).decode()
+
+
+def test_introspection_is_post_only_and_only_for_allowed_clients(oauth, make_client):
+    reg = make_client()
+    introspector = make_client(can_introspect=True)
+    token = oauth.client_credentials(reg).json()["access_token"]
+    denied = oauth.http.post("/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=_basic(reg))
+    assert denied.status_code == 403
+    assert denied.json()["error"] == "unauthorized_client"
+    assert AuditEvent.objects.filter(kind="introspect.denied").exists()
+    get = oauth.http.get("/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=_basic(introspector))
+    assert get.status_code == 405
+    ok = oauth.http.post("/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=_basic(introspector))
+    assert ok.status_code == 200
+    body = ok.json()
+    assert body["active"] is True
+    assert body["client_id"] == reg.client.client_id
+    assert body["scope"] == "models.read completions"
+    anonymous = oauth.http.post("/oauth/introspect/", {"token": token})
+    assert anonymous.status_code == 401
+
+
+def test_introspection_of_a_revoked_token_is_inactive(oauth, make_client):
+    reg = make_client()
+    introspector = make_client(can_introspect=True)
+    token = oauth.client_credentials(reg).json()["access_token"]
+    oauth.http.post("/oauth/revoke/", {"token": token}, HTTP_AUTHORIZATION=_basic(reg))
+    body = oauth.http.post("/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=_basic(introspector)).json()
+    assert body == {"active": False}

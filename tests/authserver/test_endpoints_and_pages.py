@@ -1,0 +1,148 @@
+"""Discovery metadata, the device flow, login with lockout, client registration rules and the CLI."""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+from urllib.parse import urlencode
+
+import pytest
+from django.core.exceptions import ValidationError
+from django.core.management import CommandError, call_command
+
+from audit.models import AuditEvent
+from authserver.models import Client
+
+pytestmark = pytest.mark.django_db
+
+
+def test_rfc8414_metadata_lists_every_endpoint_and_only_supported_methods(client, settings):
+    meta = client.get("/.well-known/oauth-authorization-server").json()
+    base = settings.PORTCULLIS_ISSUER
+    assert meta["issuer"] == base
+    assert meta["authorization_endpoint"] == f"{base}/oauth/authorize/"
+    assert meta["token_endpoint"] == f"{base}/oauth/token/"
+    assert meta["revocation_endpoint"] == f"{base}/oauth/revoke/"
+    assert meta["introspection_endpoint"] == f"{base}/oauth/introspect/"
+    assert meta["device_authorization_endpoint"] == f"{base}/oauth/device-authorization/"
+    assert meta["jwks_uri"] == f"{base}/.well-known/jwks.json"
+    assert meta["code_challenge_methods_supported"] == ["S256"]
+    assert meta["response_types_supported"] == ["code"]
+    assert "password" not in meta["grant_types_supported"]
+    assert "implicit" not in meta["grant_types_supported"]
+    assert meta["authorization_response_iss_parameter_supported"] is True
+    assert {"models.read", "completions", "embeddings", "offline_access", "openid", "profile"} <= set(
+        meta["scopes_supported"]
+    )
+
+
+def test_openid_configuration_and_protected_resource_metadata(client, settings):
+    oidc = client.get("/.well-known/openid-configuration").json()
+    assert oidc["issuer"] == settings.PORTCULLIS_ISSUER
+    assert oidc["userinfo_endpoint"].endswith("/oauth/userinfo/")
+    assert oidc["id_token_signing_alg_values_supported"] == ["RS256"]
+    resource = client.get("/.well-known/oauth-protected-resource").json()
+    assert resource["resource"] == settings.PORTCULLIS_AUDIENCE
+    assert resource["authorization_servers"] == [settings.PORTCULLIS_ISSUER]
+    assert resource["bearer_methods_supported"] == ["header"]
+
+
+def test_device_flow_from_code_to_token(client, make_client, alice):
+    device = make_client(grants=("device-code",), public=True, scopes="models.read completions")
+    started = client.post(
+        "/oauth/device-authorization/",
+        urlencode({"client_id": device.client.client_id, "scope": "models.read"}),
+        content_type="application/x-www-form-urlencoded",
+    )
+    assert started.status_code == 200, started.content
+    grant = started.json()
+    assert grant["verification_uri"].endswith("/device/")
+    poll = {"grant_type": "urn:ietf:params:oauth:grant-type:device_code", "device_code": grant["device_code"],
+            "client_id": device.client.client_id}
+    pending = client.post("/oauth/token/", poll)
+    assert pending.status_code == 400
+    assert pending.json()["error"] == "authorization_pending"
+    client.force_login(alice)
+    entered = client.post("/oauth/device/", {"user_code": grant["user_code"]})
+    assert entered.status_code == 302
+    confirm = client.get(entered["Location"])
+    assert b"Allow" in confirm.content
+    assert client.post(entered["Location"], {"action": "accept"}).status_code == 302
+    token = client.post("/oauth/token/", poll)
+    assert token.status_code == 200, token.content
+    assert token.json()["scope"] == "models.read"
+    assert AuditEvent.objects.filter(kind="token.issued", data__grant_type=poll["grant_type"]).exists()
+
+
+def test_unknown_device_code_is_invalid_grant(client, make_client):
+    device = make_client(grants=("device-code",), public=True)
+    response = client.post("/oauth/token/", {"grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+                                             "device_code": "nope", "client_id": device.client.client_id})
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+
+
+def test_login_success_and_failure_are_audited_without_the_password(client, alice):
+    bad = client.post("/accounts/login/", {"username": "alice", "password": "wrong-password-123"})
+    assert bad.status_code == 200
+    assert b"did not match" in bad.content
+    good = client.post("/accounts/login/", {"username": "alice", "password": "correct horse battery"})
+    assert good.status_code == 302
+    events = AuditEvent.objects.filter(kind__startswith="login.")
+    assert set(events.values_list("kind", flat=True)) == {"login.failed", "login.succeeded"}
+    assert all("wrong-password-123" not in json.dumps(e.data) for e in events)
+
+
+def test_repeated_login_failures_lock_the_account_out(client, alice, settings):
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        client.post("/accounts/login/", {"username": "alice", "password": "nope"}, REMOTE_ADDR="10.9.9.9")
+    locked = client.post(
+        "/accounts/login/", {"username": "alice", "password": "correct horse battery"}, REMOTE_ADDR="10.9.9.9"
+    )
+    assert locked.status_code == 429
+    assert b"locked" in locked.content
+    assert AuditEvent.objects.filter(kind="login.locked_out", ip="10.9.9.9").exists()
+
+
+def test_login_page_has_csrf_and_security_headers(client):
+    page = client.get("/accounts/login/")
+    assert b"csrfmiddlewaretoken" in page.content
+    assert page["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in page["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "ok"),
+    [
+        ("https://app.example.com/cb", True),
+        ("http://127.0.0.1:8765/cb", True),
+        ("http://[::1]/cb", True),
+        ("http://app.example.com/cb", False),
+        ("http://localhost:8765/cb", False),
+        ("https://*.example.com/cb", False),
+    ],
+)
+def test_redirect_uris_are_https_or_loopback_only(make_client, uri, ok):
+    if ok:
+        assert make_client(grants=("authorization-code",), redirect_uris=(uri,)).client.pk
+    else:
+        with pytest.raises(ValidationError):
+            make_client(grants=("authorization-code",), redirect_uris=(uri,))
+
+
+def test_createclient_json_prints_only_the_id_and_the_secret(db):
+    out = StringIO()
+    call_command("createclient", "--name", "svc", "--grant", "client-credentials", "--json", stdout=out)
+    data = json.loads(out.getvalue())
+    assert set(data) == {"client_id", "client_secret"}
+    assert len(data["client_secret"]) == 128
+    stored = Client.objects.get(client_id=data["client_id"])
+    assert stored.client_secret != data["client_secret"]
+    assert AuditEvent.objects.filter(kind="client.created", client_id=data["client_id"]).exists()
+    assert data["client_secret"] not in json.dumps(list(AuditEvent.objects.values("data")))
+
+
+def test_createclient_public_with_bad_redirect_is_a_clear_error(db):
+    with pytest.raises(CommandError, match="https"):
+        call_command("createclient", "--name", "x", "--grant", "authorization-code", "--public",
+                     "--redirect-uri", "http://example.com/cb")

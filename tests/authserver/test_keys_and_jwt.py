@@ -1,0 +1,123 @@
+"""RFC 9068 access tokens, the published key set, and staged key rotation."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.utils import timezone
+from jwcrypto import jwk, jws, jwt
+
+from audit.models import AuditEvent
+from authserver.crypto import private_key_decrypt
+from authserver.models import SigningKey
+from authserver.selectors import active_key_cache_clear
+from authserver.services import signing_key_rotate
+
+pytestmark = pytest.mark.django_db
+
+
+def _verify(token: str, jwks: dict) -> tuple[dict, dict]:
+    keyset = jwk.JWKSet.from_json(json.dumps(jwks))
+    parsed = jwt.JWT(jwt=token, key=keyset, algs=["RS256"], expected_type="JWS")
+    header = json.loads(parsed.header)
+    return header, json.loads(parsed.claims)
+
+
+def test_access_token_is_an_rfc9068_jwt_verifiable_with_the_published_jwks(oauth, make_client, client, settings):
+    reg = make_client()
+    before = int(timezone.now().timestamp())
+    token = oauth.client_credentials(reg).json()["access_token"]
+    header, claims = _verify(token, client.get("/.well-known/jwks.json").json())
+    key = SigningKey.objects.get(state="active")
+    assert header == {"alg": "RS256", "typ": "at+jwt", "kid": key.kid}
+    assert claims["iss"] == settings.PORTCULLIS_ISSUER
+    assert claims["aud"] == settings.PORTCULLIS_AUDIENCE
+    assert claims["sub"] == reg.client.client_id
+    assert claims["client_id"] == reg.client.client_id
+    assert claims["scope"] == "models.read completions"
+    assert claims["exp"] - claims["iat"] == 300
+    assert before - 1 <= claims["iat"] <= before + 5
+    assert len(claims["jti"]) == 36
+
+
+def test_private_keys_are_encrypted_at_rest_and_jwks_holds_no_private_part(oauth, make_client, client):
+    make_client()
+    oauth.client_credentials(make_client())
+    key = SigningKey.objects.get()
+    assert b"PRIVATE KEY" not in bytes(key.private_key_encrypted)
+    assert b"PRIVATE KEY" in private_key_decrypt(bytes(key.private_key_encrypted))
+    published = client.get("/.well-known/jwks.json").json()["keys"]
+    assert published and all(set(k) & {"d", "p", "q", "dp", "dq", "qi"} == set() for k in published)
+
+
+def test_staged_rotation_publishes_before_signing_and_old_tokens_still_verify(oauth, make_client, client):
+    reg = make_client()
+    old_token = oauth.client_credentials(reg).json()["access_token"]
+    old_kid = SigningKey.objects.get(state="active").kid
+    out = StringIO()
+    call_command("rotatekeys", stdout=out)
+    assert "published new key" in out.getvalue()
+    pending = SigningKey.objects.get(state="pending")
+    assert pending.kid in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
+    active_key_cache_clear()
+    still_old = oauth.client_credentials(reg).json()["access_token"]
+    assert _verify(still_old, client.get("/.well-known/jwks.json").json())[0]["kid"] == old_kid
+    result = signing_key_rotate(now=pending.activate_after + timedelta(seconds=1))
+    assert result.activated == pending.kid
+    active_key_cache_clear()
+    jwks = client.get("/.well-known/jwks.json").json()
+    new_token = oauth.client_credentials(reg).json()["access_token"]
+    assert _verify(new_token, jwks)[0]["kid"] == pending.kid
+    assert _verify(old_token, jwks)[0]["kid"] == old_kid
+    kinds = set(AuditEvent.objects.values_list("kind", flat=True))
+    assert {"key.created", "key.activated", "key.retired"} <= kinds
+
+
+def test_retired_key_is_unpublished_only_after_its_tokens_expired(make_client, oauth, client):
+    oauth.client_credentials(make_client())
+    old = SigningKey.objects.get(state="active")
+    signing_key_rotate(force=True, activate_now=True)
+    old.refresh_from_db()
+    assert old.state == "retired"
+    assert old.remove_after >= timezone.now() + timedelta(seconds=300)
+    signing_key_rotate(now=old.remove_after - timedelta(seconds=1))
+    assert old.kid in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
+    result = signing_key_rotate(now=old.remove_after + timedelta(seconds=1))
+    assert result.removed == (old.kid,)
+    assert old.kid not in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
+
+
+def test_beat_rotation_waits_for_the_interval(make_client, oauth, settings):
+    oauth.client_credentials(make_client())
+    active = SigningKey.objects.get(state="active")
+    assert signing_key_rotate(now=timezone.now()).created is None
+    interval = settings.AUTHSERVER["KEY_ROTATION_INTERVAL_S"]
+    result = signing_key_rotate(now=active.activated_at + timedelta(seconds=interval + 1))
+    assert result.created is not None
+
+
+def test_a_token_signed_by_an_unpublished_key_does_not_verify(oauth, make_client, client):
+    token = oauth.client_credentials(make_client()).json()["access_token"]
+    stranger = jwk.JWK.generate(kty="RSA", size=2048)
+    forged = jws.JWS(token.split(".")[1].encode())
+    forged.add_signature(stranger, alg="RS256", protected=json.dumps({"alg": "RS256", "kid": "x", "typ": "at+jwt"}))
+    with pytest.raises(Exception, match="(?i)key|signature"):
+        _verify(forged.serialize(compact=True), client.get("/.well-known/jwks.json").json())
+
+
+def test_id_token_is_signed_with_the_rotating_key(oauth, make_client, client, alice):
+    from tests.conftest import pkce_pair
+
+    client.force_login(alice)
+    app = make_client(grants=("authorization-code",), scopes="openid profile models.read")
+    verifier, challenge = pkce_pair()
+    code = oauth.code_from(oauth.authorize(app.client, challenge=challenge, scope="openid models.read"))
+    body = oauth.code_exchange(app, code, verifier).json()
+    header, claims = _verify(body["id_token"], client.get("/.well-known/jwks.json").json())
+    assert header["kid"] == SigningKey.objects.get(state="active").kid
+    assert claims["aud"] == app.client.client_id
+    assert claims["sub"] == str(alice.pk)

@@ -1,0 +1,111 @@
+"""Client credentials, the token endpoint's error contract, and client-secret handling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.contrib.auth.hashers import identify_hasher
+
+from audit.models import AuditEvent
+from authserver.models import AccessToken, Client
+from authserver.services import client_disable
+
+pytestmark = pytest.mark.django_db
+
+
+def test_client_credentials_returns_a_jwt_with_no_store_and_no_refresh_token(oauth, make_client):
+    reg = make_client()
+    response = oauth.client_credentials(reg)
+    assert response.status_code == 200
+    assert response["Cache-Control"] == "no-store"
+    body = response.json()
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] == 300
+    assert body["scope"] == "models.read completions"
+    assert "refresh_token" not in body
+    assert body["access_token"].count(".") == 2
+    event = AuditEvent.objects.get(kind="token.issued")
+    assert event.client_id == reg.client.client_id
+    assert event.data["grant_type"] == "client_credentials"
+
+
+def test_tokens_and_secrets_are_stored_hashed(oauth, make_client):
+    reg = make_client()
+    token = oauth.client_credentials(reg).json()["access_token"]
+    row = AccessToken.objects.get()
+    assert row.token == ""
+    assert row.token_checksum and token not in row.token_checksum
+    stored = Client.objects.get(pk=reg.client.pk).client_secret
+    assert reg.client_secret not in stored
+    assert identify_hasher(stored).algorithm == "portcullis_sha256"
+
+
+def test_wrong_secret_is_invalid_client_401_and_audited(oauth, make_client):
+    reg = make_client()
+    response = oauth.token({"grant_type": "client_credentials"}, (reg.client.client_id, "wrong"))
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_client"
+    assert response["Cache-Control"] == "no-store"
+    event = AuditEvent.objects.get(kind="token.denied")
+    assert event.data["error_code"] == "invalid_client"
+    assert "wrong" not in json.dumps(event.data)
+
+
+def test_scope_outside_the_clients_allowed_scopes_is_invalid_scope(oauth, make_client):
+    reg = make_client(scopes="models.read")
+    response = oauth.client_credentials(reg, scope="models.read completions")
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_scope"
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_scope"
+
+
+def test_unknown_scope_is_invalid_scope(oauth, make_client):
+    reg = make_client()
+    response = oauth.client_credentials(reg, scope="admin.everything")
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_scope"
+
+
+def test_grant_type_the_client_may_not_use_is_unauthorized_client(oauth, make_client):
+    reg = make_client(grants=("authorization-code",))
+    response = oauth.client_credentials(reg)
+    assert response.status_code == 400
+    assert response.json()["error"] == "unauthorized_client"
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "unauthorized_client"
+
+
+@pytest.mark.parametrize("grant_type", ["password", "implicit", "urn:example:custom"])
+def test_password_implicit_and_unknown_grants_are_refused(oauth, make_client, grant_type):
+    reg = make_client()
+    response = oauth.token(
+        {"grant_type": grant_type, "username": "alice", "password": "x"}, (reg.client.client_id, reg.client_secret)
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "unsupported_grant_type"
+
+
+def test_disabled_client_cannot_get_tokens_and_its_tokens_are_revoked(oauth, make_client):
+    reg = make_client()
+    assert oauth.client_credentials(reg).status_code == 200
+    client_disable(client=reg.client, actor="user:admin")
+    assert AccessToken.objects.count() == 0
+    response = oauth.client_credentials(reg)
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_client"
+    assert AuditEvent.objects.filter(kind="client.disabled", actor="user:admin").exists()
+
+
+def test_device_grant_without_device_code_is_invalid_request_not_a_crash(oauth, make_client):
+    reg = make_client(grants=("device-code",), public=True)
+    response = oauth.token(
+        {"grant_type": "urn:ietf:params:oauth:grant-type:device_code", "client_id": reg.client.client_id}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+
+
+def test_malformed_basic_auth_is_invalid_client(client, db):
+    response = client.post("/oauth/token/", {"grant_type": "client_credentials"}, HTTP_AUTHORIZATION="Basic %%%")
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_client"

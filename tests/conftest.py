@@ -1,0 +1,129 @@
+"""Shared fixtures: users, clients, an OAuth helper for the Django test client, and Redis."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import redis
+from django.conf import settings
+from django.test import Client as HttpClient
+
+from authserver.models import Client
+from authserver.revocation import local_revocations
+from authserver.selectors import active_key_cache_clear, private_jwk_for
+from authserver.services import RegisteredClient, client_register
+
+REDIRECT_URI = "https://app.example.com/callback"
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_state() -> None:
+    active_key_cache_clear()
+    private_jwk_for.cache_clear()
+    local_revocations.__init__()  # type: ignore[misc]
+
+
+@pytest.fixture
+def redis_client() -> redis.Redis:
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    client.flushdb()
+    return client
+
+
+@pytest.fixture
+def make_client(db: None) -> Callable[..., RegisteredClient]:
+    def make(
+        *,
+        grants: tuple[str, ...] = ("client-credentials",),
+        public: bool = False,
+        scopes: str = "models.read completions embeddings",
+        redirect_uris: tuple[str, ...] = (),
+        name: str = "Test app",
+        **extra: Any,
+    ) -> RegisteredClient:
+        if "authorization-code" in grants and not redirect_uris:
+            redirect_uris = (REDIRECT_URI,)
+        return client_register(
+            name=name,
+            grant_types=list(grants),
+            public=public,
+            scopes=scopes.split(),
+            redirect_uris=list(redirect_uris),
+            **extra,
+        )
+
+    return make
+
+
+@pytest.fixture
+def alice(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user("alice", "alice@example.com", "correct horse battery")
+
+
+def basic_auth(client_id: str, secret: str | None) -> str:
+    return "Basic " + base64.b64encode(f"{client_id}:{secret or ''}".encode()).decode()
+
+
+def pkce_pair() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    return verifier, challenge
+
+
+@dataclass
+class OAuthDriver:
+    """Drives the authorization server's endpoints through Django's test client."""
+
+    http: HttpClient
+
+    def token(self, data: dict[str, str], auth: tuple[str, str | None] | None = None) -> Any:
+        headers = {"HTTP_AUTHORIZATION": basic_auth(*auth)} if auth else {}
+        return self.http.post("/oauth/token/", data, **headers)
+
+    def client_credentials(self, reg: RegisteredClient, scope: str = "models.read completions") -> Any:
+        return self.token({"grant_type": "client_credentials", "scope": scope}, (reg.client.client_id, reg.client_secret))
+
+    def authorize(
+        self, client: Client, *, challenge: str, scope: str = "models.read", method: str = "S256", allow: bool = True,
+        redirect_uri: str = REDIRECT_URI, state: str = "xyz",
+    ) -> Any:
+        params = {
+            "response_type": "code",
+            "client_id": client.client_id,
+            "redirect_uri": redirect_uri,
+            "scope": scope,
+            "state": state,
+            "code_challenge": challenge,
+            "code_challenge_method": method,
+        }
+        page = self.http.get("/oauth/authorize/", params)
+        if page.status_code != 200:
+            return page
+        form = dict(params)
+        if allow:
+            form["allow"] = "Allow"
+        return self.http.post("/oauth/authorize/", form)
+
+    def code_from(self, response: Any) -> str:
+        assert response.status_code == 302, response.content
+        query = parse_qs(urlsplit(response["Location"]).query)
+        return query["code"][0]
+
+    def code_exchange(self, reg: RegisteredClient, code: str, verifier: str, redirect_uri: str = REDIRECT_URI) -> Any:
+        data = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": verifier}
+        if reg.client_secret is None:
+            data["client_id"] = reg.client.client_id
+            return self.token(data)
+        return self.token(data, (reg.client.client_id, reg.client_secret))
+
+
+@pytest.fixture
+def oauth(client: HttpClient) -> OAuthDriver:
+    return OAuthDriver(http=client)
