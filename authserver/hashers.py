@@ -18,7 +18,8 @@ class ClientSecretHasher(BasePasswordHasher):
     algorithm = "portcullis_sha256"
 
     def encode(self, password: str, salt: str) -> str:
-        self._check_encode_args(password, salt)
+        if not salt or "$" in salt:
+            raise ValueError("a salt without '$' is required")
         digest = hashlib.sha256(f"{salt}${password}".encode()).hexdigest()
         return f"{self.algorithm}${salt}${digest}"
 
@@ -32,7 +33,7 @@ class ClientSecretHasher(BasePasswordHasher):
         decoded = self.decode(encoded)
         return constant_time_compare(encoded, self.encode(password, decoded["salt"]))
 
-    def safe_summary(self, encoded: str) -> dict[str, str]:
+    def safe_summary(self, encoded: str) -> dict[str | Any, Any]:
         decoded = self.decode(encoded)
         return {"algorithm": decoded["algorithm"], "salt": mask_hash(decoded["salt"]), "hash": "********"}
 

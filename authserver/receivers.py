@@ -33,5 +33,9 @@ def login_failed(sender: Any, credentials: dict[str, Any], request: Any = None, 
 
 
 @receiver(user_locked_out)
-def login_locked_out(sender: Any, request: Any, username: str | None = None, ip_address: str | None = None, **kwargs: Any) -> None:
-    audit_record(kind="login.locked_out", outcome="denied", actor=f"user:{(username or '')[:150]}", ip=ip_address)
+def login_locked_out(
+    sender: Any, request: Any, username: str | None = None, ip_address: str | None = None, **kwargs: Any
+) -> None:
+    audit_record(
+        kind="login.locked_out", outcome="denied", actor=f"user:{(username or '')[:150]}", ip=ip_address
+    )

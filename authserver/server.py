@@ -18,5 +18,7 @@ RETIRED_GRANT_TYPES = {"password"}
 class PortcullisServer(Server):
     def __init__(self, request_validator: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(request_validator, *args, **kwargs)
-        self._grant_types = {k: v for k, v in self._grant_types.items() if k not in RETIRED_GRANT_TYPES}
-        self._response_types = {k: v for k, v in self._response_types.items() if k in SUPPORTED_RESPONSE_TYPES}
+        grants: dict[str, Any] = vars(self)["_grant_types"]
+        responses: dict[str, Any] = vars(self)["_response_types"]
+        self._grant_types = {k: v for k, v in grants.items() if k not in RETIRED_GRANT_TYPES}
+        self._response_types = {k: v for k, v in responses.items() if k in SUPPORTED_RESPONSE_TYPES}

@@ -159,7 +159,9 @@ def _key_create(*, now: datetime, publish_ahead_s: int, actor: str) -> SigningKe
         publish_at=now,
         activate_after=now + timedelta(seconds=publish_ahead_s),
     )
-    audit_record(kind="key.created", actor=actor, data={"kid": kid, "activate_after": key.activate_after.isoformat()})
+    audit_record(
+        kind="key.created", actor=actor, data={"kid": kid, "activate_after": key.activate_after.isoformat()}
+    )
     return key
 
 
@@ -170,12 +172,18 @@ def _retire_after_s() -> int:
 
 
 def _key_activate(*, key: SigningKey, now: datetime, actor: str) -> None:
-    for old in SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).exclude(pk=key.pk):
+    for old in (
+        SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).exclude(pk=key.pk)
+    ):
         old.state = SigningKey.State.RETIRED
         old.retired_at = now
         old.remove_after = now + timedelta(seconds=_retire_after_s())
         old.save()
-        audit_record(kind="key.retired", actor=actor, data={"kid": old.kid, "remove_after": old.remove_after.isoformat()})
+        audit_record(
+            kind="key.retired",
+            actor=actor,
+            data={"kid": old.kid, "remove_after": old.remove_after.isoformat()},
+        )
     key.state = SigningKey.State.ACTIVE
     key.activated_at = now
     key.save()
@@ -213,9 +221,10 @@ def signing_key_rotate(
     with transaction.atomic():
         active = SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).first()
         pending = SigningKey.objects.filter(state=SigningKey.State.PENDING).order_by("created_at").first()
-        due = active is None or (active.activated_at or now) + timedelta(
-            seconds=int(conf["KEY_ROTATION_INTERVAL_S"])
-        ) <= now
+        due = (
+            active is None
+            or (active.activated_at or now) + timedelta(seconds=int(conf["KEY_ROTATION_INTERVAL_S"])) <= now
+        )
         if pending is None and (force or due):
             ahead = 0 if (activate_now or active is None) else int(conf["KEY_PUBLISH_AHEAD_S"])
             pending = _key_create(now=now, publish_ahead_s=ahead, actor=actor)

@@ -7,7 +7,9 @@ from celery import shared_task
 from authserver.services import signing_key_rotate
 
 
-@shared_task(name="authserver.tasks.signing_keys_rotate_task", autoretry_for=(ConnectionError,), max_retries=3)
+@shared_task(
+    name="authserver.tasks.signing_keys_rotate_task", autoretry_for=(ConnectionError,), max_retries=3
+)
 def signing_keys_rotate_task() -> dict[str, object]:
     """Advance the staged signing-key rotation (idempotent; beat runs it every few minutes)."""
     result = signing_key_rotate()

@@ -16,6 +16,7 @@ from typing import Any
 
 from django.conf import settings
 from jwcrypto import jwt
+from oauth2_provider.settings import oauth2_settings
 
 from authserver.selectors import signing_key_active
 
@@ -41,10 +42,12 @@ def access_token_generate(request: Any, refresh_token: bool = False) -> str:
     """Mint a signed access token for an oauthlib request (DOT's ACCESS_TOKEN_GENERATOR hook)."""
     key = signing_key_active()
     jti = str(uuid.uuid4())
-    lifetime_s = int(settings.OAUTH2_PROVIDER["ACCESS_TOKEN_EXPIRE_SECONDS"])
+    lifetime_s = int(oauth2_settings.ACCESS_TOKEN_EXPIRE_SECONDS)
     claims = access_token_claims(request, now=int(time.time()), lifetime_s=lifetime_s, jti=jti)
     header = {"alg": key.algorithm, "typ": "at+jwt", "kid": key.kid}
-    token = jwt.JWT(header=json.dumps(header, separators=(",", ":")), claims=json.dumps(claims, separators=(",", ":")))
+    token = jwt.JWT(
+        header=json.dumps(header, separators=(",", ":")), claims=json.dumps(claims, separators=(",", ":"))
+    )
     token.make_signed_token(key.private_jwk())
     request.access_token_jti = jti
     return str(token.serialize())

@@ -35,7 +35,9 @@ def _actor(request: Any) -> str:
 
 
 class PortcullisValidator(OAuth2Validator):
-    def validate_scopes(self, client_id: str, scopes: list[str], client: Any, request: Any, *a: Any, **k: Any) -> bool:
+    def validate_scopes(
+        self, client_id: str, scopes: list[str], client: Any, request: Any, *a: Any, **k: Any
+    ) -> bool:
         if not super().validate_scopes(client_id, scopes, client, request, *a, **k):
             return False
         allowed = set(client.scope_list())
@@ -71,7 +73,9 @@ class PortcullisValidator(OAuth2Validator):
             # The row keeps only a checksum of the JWT; its jti is what revocation pushes to gateways.
             token_instance.jti = jwt_unverified_claims(raw_token).get("jti")
 
-    def _create_access_token(self, expires: Any, request: Any, token: Any, source_refresh_token: Any = None) -> Any:
+    def _create_access_token(
+        self, expires: Any, request: Any, token: Any, source_refresh_token: Any = None
+    ) -> Any:
         access_token = super()._create_access_token(expires, request, token, source_refresh_token)
         request.issued_access_token = access_token
         return access_token
@@ -81,7 +85,9 @@ class PortcullisValidator(OAuth2Validator):
         request.issued_token_family = refresh_token.token_family
         return refresh_token
 
-    def invalidate_authorization_code(self, client_id: str, code: str, request: Any, *args: Any, **kwargs: Any) -> None:
+    def invalidate_authorization_code(
+        self, client_id: str, code: str, request: Any, *args: Any, **kwargs: Any
+    ) -> None:
         super().invalidate_authorization_code(client_id, code, request, *args, **kwargs)
         issued = getattr(request, "issued_access_token", None)
         RedeemedCode.objects.create(
@@ -93,7 +99,9 @@ class PortcullisValidator(OAuth2Validator):
             expires=timezone.now() + TOMBSTONE_LIFETIME,
         )
 
-    def validate_code(self, client_id: str, code: str, client: Any, request: Any, *args: Any, **kwargs: Any) -> bool:
+    def validate_code(
+        self, client_id: str, code: str, client: Any, request: Any, *args: Any, **kwargs: Any
+    ) -> bool:
         if super().validate_code(client_id, code, client, request, *args, **kwargs):
             return True
         tombstone = RedeemedCode.objects.filter(code_hash=_code_hash(code), client=client).first()
@@ -103,7 +111,11 @@ class PortcullisValidator(OAuth2Validator):
 
     def _code_replayed(self, tombstone: RedeemedCode) -> None:
         """RFC 6749 §4.1.2: a code used twice revokes every token issued from it."""
-        family = RefreshToken.objects.filter(token_family=tombstone.token_family) if tombstone.token_family else None
+        family = (
+            RefreshToken.objects.filter(token_family=tombstone.token_family)
+            if tombstone.token_family
+            else None
+        )
         with transaction.atomic():
             issued = AccessToken.objects.filter(jti=tombstone.access_token_jti)
             if family is not None:
@@ -119,7 +131,9 @@ class PortcullisValidator(OAuth2Validator):
             data={"tokens_revoked": revoked, "token_family": str(tombstone.token_family or "")},
         )
 
-    def validate_refresh_token(self, refresh_token: str, client: Any, request: Any, *args: Any, **kwargs: Any) -> bool:
+    def validate_refresh_token(
+        self, refresh_token: str, client: Any, request: Any, *args: Any, **kwargs: Any
+    ) -> bool:
         checksum = hashlib.sha256(refresh_token.encode()).hexdigest()
         previous = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=False).first()
         live = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=True).exists()

@@ -13,8 +13,8 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 from oauth2_provider import views as dot_views
-from oauthlib.common import Request as OauthlibRequest
 from oauth2_provider.views.metadata import OAuthServerMetadataView
+from oauthlib.common import Request as OauthlibRequest
 
 from audit.services import actor_for_user, audit_record
 from authserver.models import Client, Consent
@@ -41,7 +41,9 @@ def _error_code(response: HttpResponse) -> str:
 
 
 def _client_id_of(request: HttpRequest) -> str:
-    return str(request.POST.get("client_id") or getattr(getattr(request, "client", None), "client_id", ""))[:100]
+    return str(request.POST.get("client_id") or getattr(getattr(request, "client", None), "client_id", ""))[
+        :100
+    ]
 
 
 class TokenView(dot_views.TokenView):
@@ -109,9 +111,9 @@ class IntrospectView(dot_views.IntrospectTokenView):
                 data={"error_code": "unauthorized_client"},
             )
             return oauth_error("unauthorized_client", "This client may not introspect tokens", status=403)
-        response: HttpResponse = self.get_token_response(request.POST.get("token"))
-        response["Cache-Control"] = "no-store"
-        return response
+        answer: HttpResponse = self.get_token_response(request.POST.get("token"))
+        answer["Cache-Control"] = "no-store"
+        return answer
 
     def _authenticated_client(self, request: HttpRequest) -> Client | None:
         """Authenticate the calling client (RFC 7662 §2.1) and return it, or None."""
@@ -147,8 +149,15 @@ class AuthorizationView(dot_views.AuthorizationView):
         context["extra_details"] = consent_details_for(client)
         return super().render_to_response(context, **kwargs)
 
-    _credential_keys = ("client_id", "redirect_uri", "response_type", "state", "code_challenge",
-                        "code_challenge_method", "nonce")
+    _credential_keys = (
+        "client_id",
+        "redirect_uri",
+        "response_type",
+        "state",
+        "code_challenge",
+        "code_challenge_method",
+        "nonce",
+    )
 
     def form_valid(self, form: Any) -> HttpResponse:
         client = Client.objects.get(client_id=form.cleaned_data["client_id"])
@@ -171,7 +180,9 @@ class AuthorizationView(dot_views.AuthorizationView):
             kind="authorize.denied",
             outcome="denied",
             actor=actor_for_user(self.request.user),
-            client_id=str(getattr(application, "client_id", "") or self.request.GET.get("client_id", ""))[:100],
+            client_id=str(getattr(application, "client_id", "") or self.request.GET.get("client_id", ""))[
+                :100
+            ],
             data={"error_code": str(getattr(oauthlib_error, "error", "invalid_request"))},
         )
         return super().error_response(error, application, **kwargs)

@@ -37,7 +37,8 @@ class EmbeddedBeat:
             for name, entry in settings.CELERY_BEAT_SCHEDULE.items():
                 if now < next_run[name]:
                     continue
-                next_run[name] = now + float(entry["schedule"])
+                interval: float = entry["schedule"]
+                next_run[name] = now + interval
                 try:
                     current_app.tasks[entry["task"]].apply()
                 except Exception:  # a failing task must not stop the others; it is logged with its name

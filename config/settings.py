@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -185,9 +186,9 @@ SCOPES = {
 }
 
 OAUTH2_PROVIDER_APPLICATION_MODEL = "authserver.Client"
-OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL = "authserver.AccessToken"
-OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL = "authserver.RefreshToken"
-OAUTH2_PROVIDER_ID_TOKEN_MODEL = "authserver.IDToken"
+OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL = "authserver.AccessToken"  # noqa: S105 (a model name)
+OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL = "authserver.RefreshToken"  # noqa: S105
+OAUTH2_PROVIDER_ID_TOKEN_MODEL = "authserver.IDToken"  # noqa: S105
 OAUTH2_PROVIDER_GRANT_MODEL = "authserver.Grant"
 
 OAUTH2_PROVIDER = {
@@ -251,7 +252,7 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL  # embedded default: tasks run in-process
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_IGNORE_RESULT = True
-CELERY_BEAT_SCHEDULE = {
+CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "signing-keys-rotate": {
         "task": "authserver.tasks.signing_keys_rotate_task",
         "schedule": 300.0,  # checks every 5 minutes; rotates only when a key is due

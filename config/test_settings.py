@@ -11,7 +11,9 @@ _worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or "0"
 os.environ.setdefault("DJANGO_DEBUG", "true")
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-for-the-suite-only-0123456789abcdef")
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/portcullis")
-os.environ.setdefault("REDIS_URL", f"redis://127.0.0.1:6379/{1 + int(_worker) % 15}")
+os.environ.setdefault(
+    "REDIS_URL", f"{os.environ.get('REDIS_URL_BASE', 'redis://127.0.0.1:6379')}/{1 + int(_worker) % 15}"
+)
 os.environ.setdefault("PORTCULLIS_VAR_DIR", f"/tmp/portcullis-test-{os.getuid()}-{_worker}")  # noqa: S108
 os.environ.setdefault("PORTCULLIS_EMBEDDED_BEAT", "0")
 

@@ -84,15 +84,24 @@ class OAuthDriver:
     http: HttpClient
 
     def token(self, data: dict[str, str], auth: tuple[str, str | None] | None = None) -> Any:
-        headers = {"HTTP_AUTHORIZATION": basic_auth(*auth)} if auth else {}
+        headers: dict[str, Any] = {"HTTP_AUTHORIZATION": basic_auth(*auth)} if auth else {}
         return self.http.post("/oauth/token/", data, **headers)
 
     def client_credentials(self, reg: RegisteredClient, scope: str = "models.read completions") -> Any:
-        return self.token({"grant_type": "client_credentials", "scope": scope}, (reg.client.client_id, reg.client_secret))
+        return self.token(
+            {"grant_type": "client_credentials", "scope": scope}, (reg.client.client_id, reg.client_secret)
+        )
 
     def authorize(
-        self, client: Client, *, challenge: str, scope: str = "models.read", method: str = "S256", allow: bool = True,
-        redirect_uri: str = REDIRECT_URI, state: str = "xyz",
+        self,
+        client: Client,
+        *,
+        challenge: str,
+        scope: str = "models.read",
+        method: str = "S256",
+        allow: bool = True,
+        redirect_uri: str = REDIRECT_URI,
+        state: str = "xyz",
     ) -> Any:
         params = {
             "response_type": "code",
@@ -116,8 +125,15 @@ class OAuthDriver:
         query = parse_qs(urlsplit(response["Location"]).query)
         return query["code"][0]
 
-    def code_exchange(self, reg: RegisteredClient, code: str, verifier: str, redirect_uri: str = REDIRECT_URI) -> Any:
-        data = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri, "code_verifier": verifier}
+    def code_exchange(
+        self, reg: RegisteredClient, code: str, verifier: str, redirect_uri: str = REDIRECT_URI
+    ) -> Any:
+        data = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "code_verifier": verifier,
+        }
         if reg.client_secret is None:
             data["client_id"] = reg.client.client_id
             return self.token(data)

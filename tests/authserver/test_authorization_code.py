@@ -26,7 +26,9 @@ def _claims(token: str) -> dict:
 
 @pytest.fixture
 def web_app(make_client):
-    return make_client(grants=("authorization-code",), scopes="models.read completions offline_access openid profile")
+    return make_client(
+        grants=("authorization-code",), scopes="models.read completions offline_access openid profile"
+    )
 
 
 @pytest.fixture
@@ -62,8 +64,15 @@ def test_code_flow_issues_tokens_with_iss_in_the_redirect_and_records_consent(oa
 def test_remembered_consent_skips_the_screen_but_new_scopes_ask_again(oauth, web_app, signed_in):
     _tokens(oauth, web_app, scope="models.read")
     _v, challenge = pkce_pair()
-    params = {"response_type": "code", "client_id": web_app.client.client_id, "redirect_uri": REDIRECT_URI,
-              "scope": "models.read", "state": "s", "code_challenge": challenge, "code_challenge_method": "S256"}
+    params = {
+        "response_type": "code",
+        "client_id": web_app.client.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "models.read",
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
     assert oauth.http.get("/oauth/authorize/", params).status_code == 302
     params["scope"] = "models.read completions"
     page = oauth.http.get("/oauth/authorize/", params)
@@ -71,10 +80,19 @@ def test_remembered_consent_skips_the_screen_but_new_scopes_ask_again(oauth, web
     assert b"Generate text and chat completions" in page.content
 
 
-def test_consent_page_shows_client_name_owner_and_plain_scopes_with_security_headers(oauth, web_app, signed_in):
+def test_consent_page_shows_client_name_owner_and_plain_scopes_with_security_headers(
+    oauth, web_app, signed_in
+):
     _v, challenge = pkce_pair()
-    params = {"response_type": "code", "client_id": web_app.client.client_id, "redirect_uri": REDIRECT_URI,
-              "scope": SCOPES, "state": "s", "code_challenge": challenge, "code_challenge_method": "S256"}
+    params = {
+        "response_type": "code",
+        "client_id": web_app.client.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": SCOPES,
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
     page = oauth.http.get("/oauth/authorize/", params)
     html = page.content.decode()
     assert "Test app" in html
@@ -96,15 +114,22 @@ def test_denied_consent_redirects_with_access_denied_and_is_audited(oauth, web_a
 
 def test_redirect_uri_mismatch_is_refused_without_redirecting(oauth, web_app, signed_in):
     _v, challenge = pkce_pair()
-    response = oauth.authorize(web_app.client, challenge=challenge, redirect_uri="https://evil.example.com/cb")
+    response = oauth.authorize(
+        web_app.client, challenge=challenge, redirect_uri="https://evil.example.com/cb"
+    )
     assert response.status_code == 400
     assert "evil.example.com" not in response.get("Location", "")
     assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_request"
 
 
 def test_missing_pkce_is_refused(oauth, web_app, signed_in):
-    params = {"response_type": "code", "client_id": web_app.client.client_id, "redirect_uri": REDIRECT_URI,
-              "scope": "models.read", "state": "s"}
+    params = {
+        "response_type": "code",
+        "client_id": web_app.client.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "models.read",
+        "state": "s",
+    }
     response = oauth.http.get("/oauth/authorize/", params)
     assert response.status_code == 302
     assert "error=invalid_request" in response["Location"]
@@ -150,7 +175,9 @@ def test_expired_code_is_invalid_grant(oauth, web_app, signed_in):
     assert response.json()["error"] == "invalid_grant"
 
 
-def test_replayed_code_revokes_every_token_issued_from_it(oauth, web_app, signed_in, django_capture_on_commit_callbacks):
+def test_replayed_code_revokes_every_token_issued_from_it(
+    oauth, web_app, signed_in, django_capture_on_commit_callbacks
+):
     code, verifier, tokens = _tokens(oauth, web_app)
     refreshed = oauth.token(
         {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
@@ -175,7 +202,9 @@ def test_replayed_code_revokes_every_token_issued_from_it(oauth, web_app, signed
     assert again.status_code == 400
 
 
-def test_refresh_rotates_and_reuse_revokes_the_family(oauth, web_app, signed_in, django_capture_on_commit_callbacks):
+def test_refresh_rotates_and_reuse_revokes_the_family(
+    oauth, web_app, signed_in, django_capture_on_commit_callbacks
+):
     _c, _v, tokens = _tokens(oauth, web_app)
     auth = (web_app.client.client_id, web_app.client_secret)
     first = oauth.token({"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}, auth)
@@ -197,7 +226,11 @@ def test_refresh_rotates_and_reuse_revokes_the_family(oauth, web_app, signed_in,
 def test_refresh_cannot_widen_scope(oauth, web_app, signed_in):
     _c, _v, tokens = _tokens(oauth, web_app, scope="models.read offline_access")
     response = oauth.token(
-        {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"], "scope": "models.read completions"},
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": tokens["refresh_token"],
+            "scope": "models.read completions",
+        },
         (web_app.client.client_id, web_app.client_secret),
     )
     assert response.status_code == 400
@@ -222,14 +255,20 @@ def test_no_refresh_token_without_offline_access(oauth, web_app, signed_in):
 
 
 def test_public_client_needs_no_secret_but_pkce(oauth, make_client, signed_in):
-    native = make_client(grants=("authorization-code",), public=True, redirect_uris=("http://127.0.0.1:8765/cb",))
+    native = make_client(
+        grants=("authorization-code",), public=True, redirect_uris=("http://127.0.0.1:8765/cb",)
+    )
     verifier, challenge = pkce_pair()
     redirect = oauth.authorize(native.client, challenge=challenge, redirect_uri="http://127.0.0.1:8765/cb")
-    response = oauth.code_exchange(native, oauth.code_from(redirect), verifier, redirect_uri="http://127.0.0.1:8765/cb")
+    response = oauth.code_exchange(
+        native, oauth.code_from(redirect), verifier, redirect_uri="http://127.0.0.1:8765/cb"
+    )
     assert response.status_code == 200, response.content
 
 
-def test_revoking_a_refresh_token_revokes_its_access_token_and_pushes_it(oauth, web_app, signed_in, django_capture_on_commit_callbacks):
+def test_revoking_a_refresh_token_revokes_its_access_token_and_pushes_it(
+    oauth, web_app, signed_in, django_capture_on_commit_callbacks
+):
     _c, _v, tokens = _tokens(oauth, web_app)
     with django_capture_on_commit_callbacks(execute=True):
         response = oauth.http.post(
@@ -282,5 +321,7 @@ def test_introspection_of_a_revoked_token_is_inactive(oauth, make_client):
     introspector = make_client(can_introspect=True)
     token = oauth.client_credentials(reg).json()["access_token"]
     oauth.http.post("/oauth/revoke/", {"token": token}, HTTP_AUTHORIZATION=_basic(reg))
-    body = oauth.http.post("/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=_basic(introspector)).json()
+    body = oauth.http.post(
+        "/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=_basic(introspector)
+    ).json()
     assert body == {"active": False}

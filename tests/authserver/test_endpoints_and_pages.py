@@ -57,8 +57,11 @@ def test_device_flow_from_code_to_token(client, make_client, alice):
     assert started.status_code == 200, started.content
     grant = started.json()
     assert grant["verification_uri"].endswith("/device/")
-    poll = {"grant_type": "urn:ietf:params:oauth:grant-type:device_code", "device_code": grant["device_code"],
-            "client_id": device.client.client_id}
+    poll = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+        "device_code": grant["device_code"],
+        "client_id": device.client.client_id,
+    }
     pending = client.post("/oauth/token/", poll)
     assert pending.status_code == 400
     assert pending.json()["error"] == "authorization_pending"
@@ -76,8 +79,14 @@ def test_device_flow_from_code_to_token(client, make_client, alice):
 
 def test_unknown_device_code_is_invalid_grant(client, make_client):
     device = make_client(grants=("device-code",), public=True)
-    response = client.post("/oauth/token/", {"grant_type": "urn:ietf:params:oauth:grant-type:device_code",
-                                             "device_code": "nope", "client_id": device.client.client_id})
+    response = client.post(
+        "/oauth/token/",
+        {
+            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+            "device_code": "nope",
+            "client_id": device.client.client_id,
+        },
+    )
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_grant"
 
@@ -144,5 +153,13 @@ def test_createclient_json_prints_only_the_id_and_the_secret(db):
 
 def test_createclient_public_with_bad_redirect_is_a_clear_error(db):
     with pytest.raises(CommandError, match="https"):
-        call_command("createclient", "--name", "x", "--grant", "authorization-code", "--public",
-                     "--redirect-uri", "http://example.com/cb")
+        call_command(
+            "createclient",
+            "--name",
+            "x",
+            "--grant",
+            "authorization-code",
+            "--public",
+            "--redirect-uri",
+            "http://example.com/cb",
+        )

@@ -27,7 +27,9 @@ def _verify(token: str, jwks: dict) -> tuple[dict, dict]:
     return header, json.loads(parsed.claims)
 
 
-def test_access_token_is_an_rfc9068_jwt_verifiable_with_the_published_jwks(oauth, make_client, client, settings):
+def test_access_token_is_an_rfc9068_jwt_verifiable_with_the_published_jwks(
+    oauth, make_client, client, settings
+):
     reg = make_client()
     before = int(timezone.now().timestamp())
     token = oauth.client_credentials(reg).json()["access_token"]
@@ -51,7 +53,8 @@ def test_private_keys_are_encrypted_at_rest_and_jwks_holds_no_private_part(oauth
     assert b"PRIVATE KEY" not in bytes(key.private_key_encrypted)
     assert b"PRIVATE KEY" in private_key_decrypt(bytes(key.private_key_encrypted))
     published = client.get("/.well-known/jwks.json").json()["keys"]
-    assert published and all(set(k) & {"d", "p", "q", "dp", "dq", "qi"} == set() for k in published)
+    assert published
+    assert all(set(k) & {"d", "p", "q", "dp", "dq", "qi"} == set() for k in published)
 
 
 def test_staged_rotation_publishes_before_signing_and_old_tokens_still_verify(oauth, make_client, client):
@@ -83,6 +86,7 @@ def test_retired_key_is_unpublished_only_after_its_tokens_expired(make_client, o
     signing_key_rotate(force=True, activate_now=True)
     old.refresh_from_db()
     assert old.state == "retired"
+    assert old.remove_after is not None
     assert old.remove_after >= timezone.now() + timedelta(seconds=300)
     signing_key_rotate(now=old.remove_after - timedelta(seconds=1))
     assert old.kid in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
@@ -94,6 +98,7 @@ def test_retired_key_is_unpublished_only_after_its_tokens_expired(make_client, o
 def test_beat_rotation_waits_for_the_interval(make_client, oauth, settings):
     oauth.client_credentials(make_client())
     active = SigningKey.objects.get(state="active")
+    assert active.activated_at is not None
     assert signing_key_rotate(now=timezone.now()).created is None
     interval = settings.AUTHSERVER["KEY_ROTATION_INTERVAL_S"]
     result = signing_key_rotate(now=active.activated_at + timedelta(seconds=interval + 1))
@@ -104,7 +109,9 @@ def test_a_token_signed_by_an_unpublished_key_does_not_verify(oauth, make_client
     token = oauth.client_credentials(make_client()).json()["access_token"]
     stranger = jwk.JWK.generate(kty="RSA", size=2048)
     forged = jws.JWS(token.split(".")[1].encode())
-    forged.add_signature(stranger, alg="RS256", protected=json.dumps({"alg": "RS256", "kid": "x", "typ": "at+jwt"}))
+    forged.add_signature(
+        stranger, alg="RS256", protected=json.dumps({"alg": "RS256", "kid": "x", "typ": "at+jwt"})
+    )
     with pytest.raises(Exception, match="(?i)key|signature"):
         _verify(forged.serialize(compact=True), client.get("/.well-known/jwks.json").json())
 

@@ -35,7 +35,8 @@ def test_tokens_and_secrets_are_stored_hashed(oauth, make_client):
     token = oauth.client_credentials(reg).json()["access_token"]
     row = AccessToken.objects.get()
     assert row.token == ""
-    assert row.token_checksum and token not in row.token_checksum
+    assert row.token_checksum
+    assert token not in row.token_checksum
     stored = Client.objects.get(pk=reg.client.pk).client_secret
     assert reg.client_secret not in stored
     assert identify_hasher(stored).algorithm == "portcullis_sha256"
@@ -79,7 +80,8 @@ def test_grant_type_the_client_may_not_use_is_unauthorized_client(oauth, make_cl
 def test_password_implicit_and_unknown_grants_are_refused(oauth, make_client, grant_type):
     reg = make_client()
     response = oauth.token(
-        {"grant_type": grant_type, "username": "alice", "password": "x"}, (reg.client.client_id, reg.client_secret)
+        {"grant_type": grant_type, "username": "alice", "password": "x"},
+        (reg.client.client_id, reg.client_secret),
     )
     assert response.status_code == 400
     assert response.json()["error"] == "unsupported_grant_type"
@@ -106,6 +108,8 @@ def test_device_grant_without_device_code_is_invalid_request_not_a_crash(oauth, 
 
 
 def test_malformed_basic_auth_is_invalid_client(client, db):
-    response = client.post("/oauth/token/", {"grant_type": "client_credentials"}, HTTP_AUTHORIZATION="Basic %%%")
+    response = client.post(
+        "/oauth/token/", {"grant_type": "client_credentials"}, HTTP_AUTHORIZATION="Basic %%%"
+    )
     assert response.status_code == 401
     assert response.json()["error"] == "invalid_client"

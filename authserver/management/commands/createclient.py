@@ -35,7 +35,9 @@ class Command(BaseCommand):
                 actor="cli:createclient",
             )
         except ValidationError as exc:
-            raise CommandError("; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())) from None
+            raise CommandError(
+                "; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())
+            ) from None
         client_id, secret = registered.client.client_id, registered.client_secret
         if options["json"]:
             self.stdout.write(json.dumps({"client_id": client_id, "client_secret": secret}))

@@ -52,7 +52,8 @@ class Command(BaseCommand):
         lines = [
             "",
             "Portcullis is starting (embedded default: SQLite, no Redis, one process).",
-            f"  Admin:        {base}/admin/   user: admin   password: {creds.get('admin_password', '(unchanged)')}",
+            f"  Admin:        {base}/admin/",
+            f"  Admin login:  admin / {creds.get('admin_password', '(set before; see the file below)')}",
             f"  Discovery:    {base}/.well-known/oauth-authorization-server",
             f"  Demo service client: {creds['service_client_id']}",
             f"  Demo CLI client (public, device flow): {creds['cli_client_id']}",

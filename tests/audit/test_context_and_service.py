@@ -1,0 +1,74 @@
+"""The request context (true client IP, request id) and the audit service's refusal to store credentials."""
+
+from __future__ import annotations
+
+import pytest
+
+from audit.context import client_ip_resolve, request_id_from, trusted_networks
+from audit.models import AuditEvent
+from audit.services import audit_record
+
+PROXIES = trusted_networks(("10.0.0.0/8", "192.168.1.1/32"))
+
+
+@pytest.mark.parametrize(
+    ("peer", "xff", "expected"),
+    [
+        ("203.0.113.9", None, "203.0.113.9"),
+        ("203.0.113.9", "1.2.3.4", "203.0.113.9"),  # untrusted peer: XFF is ignored
+        ("10.0.0.5", "198.51.100.7", "198.51.100.7"),  # trusted proxy: take the hop before it
+        ("10.0.0.5", "6.6.6.6, 198.51.100.7", "198.51.100.7"),  # a spoofed leftmost hop is not believed
+        ("10.0.0.5", "198.51.100.7, 10.0.0.9", "198.51.100.7"),  # walk across trusted proxies
+        ("10.0.0.5", "10.0.0.7, 10.0.0.9", "10.0.0.7"),  # all trusted: the last one seen
+        ("10.0.0.5", "garbage, 198.51.100.7", "198.51.100.7"),
+        ("10.0.0.5", "198.51.100.7, garbage", "10.0.0.5"),  # malformed nearest hop: stop at the proxy
+        ("10.0.0.5", "[2001:db8::1]", "2001:db8::1"),
+        ("not-an-ip", "1.2.3.4", None),
+    ],
+)
+def test_client_ip_walks_forwarded_for_from_the_right_across_trusted_proxies(peer, xff, expected):
+    assert client_ip_resolve(peer, xff, PROXIES) == expected
+
+
+def test_request_id_is_kept_when_well_formed_and_replaced_otherwise():
+    assert request_id_from("abc-123_DEF.456") == "abc-123_DEF.456"
+    for bad in (None, "", "short", "x" * 65, "has space in it", "new\nline-injection"):
+        generated = request_id_from(bad)
+        assert generated != bad
+        assert len(generated) == 32
+
+
+@pytest.mark.django_db
+def test_audit_record_drops_fields_that_could_hold_credentials(caplog):
+    event = audit_record(
+        kind="test.event",
+        data={
+            "access_token": "eyJ.secret",
+            "client_secret": "s3cr3t",
+            "code": "abc",
+            "password": "pw",
+            "code_verifier": "v",
+            "prompt": "hello",
+            "scope": "models.read",
+            "error_code": "invalid_grant",
+        },
+    )
+    event.refresh_from_db()
+    assert event.data == {"scope": "models.read", "error_code": "invalid_grant"}
+    assert all(secret not in caplog.text for secret in ("eyJ.secret", "s3cr3t", "hello"))
+
+
+@pytest.mark.django_db
+def test_request_id_and_true_ip_reach_the_audit_record_and_the_response(client, settings):
+    settings.PORTCULLIS_TRUSTED_PROXIES = ["127.0.0.1/32"]
+    response = client.post(
+        "/oauth/token/",
+        {"grant_type": "client_credentials", "client_id": "nobody"},
+        HTTP_X_REQUEST_ID="req-1234567890",
+        HTTP_X_FORWARDED_FOR="6.6.6.6, 198.51.100.7",
+        REMOTE_ADDR="127.0.0.1",
+    )
+    assert response["X-Request-ID"] == "req-1234567890"
+    event = AuditEvent.objects.get(kind="token.denied")
+    assert event.request_id == "req-1234567890"
+    assert event.ip == "198.51.100.7"
