@@ -24,7 +24,7 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -491,6 +491,18 @@ def _input_tokens(item: str | list[int]) -> int:
     return len(item) if isinstance(item, list) else max(1, len(item.split()))
 
 
+def _embedding_input_tokens(item: str | list[int]) -> int:
+    """Estimate the tokens of one embedding input, rejecting inputs longer than the context like vLLM."""
+    count = _input_tokens(item)
+    if count > MAX_MODEL_LEN:
+        raise _bad_request(
+            f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
+            f"{count} tokens in the input for embedding generation. Please reduce the length of the input.",
+            "input_tokens",
+        )
+    return count
+
+
 def _check_context(prompt_tokens: int, max_tokens: int | None) -> None:
     """Reject prompts and max_tokens that overflow the context, with vLLM's messages."""
     if prompt_tokens >= MAX_MODEL_LEN:
@@ -563,7 +575,9 @@ def _model_labels(model: str, finished_reason: str | None = None) -> str:
     return f'{{finished_reason="{finished_reason}",model_name="{_label(model)}"}}'
 
 
-def _metric(out: list[str], name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+def _metric(
+    out: list[str], name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]]
+) -> None:
     """Append one Prometheus metric family in text exposition format."""
     out.append(f"# HELP {name} {help_text}")
     out.append(f"# TYPE {name} {kind}")
@@ -840,15 +854,7 @@ class FakeVLLM:
         encoding_format = req.get("encoding_format") or "float"
         if encoding_format not in ("float", "base64"):
             raise _validation_error("encoding_format: Input should be 'float' or 'base64'", "encoding_format")
-        counts = [_input_tokens(item) for item in inputs]
-        for count in counts:
-            if count > MAX_MODEL_LEN:
-                raise _bad_request(
-                    f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
-                    f"{count} tokens in the input for embedding generation. "
-                    "Please reduce the length of the input.",
-                    "input_tokens",
-                )
+        counts = [_embedding_input_tokens(item) for item in inputs]
         dim = self.config.embedding_dim
         data = [
             {
@@ -935,7 +941,7 @@ class FakeVLLM:
 
     def render_metrics(self) -> str:
         """Return the Prometheus text exposition of the counters."""
-        s, out = self.stats, []
+        s, out = self.stats, list[str]()
         models = self.config.models
         by_model = [(_model_labels(m), s.model_running.get(m, 0)) for m in models]
         _metric(
