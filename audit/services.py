@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
+from datetime import datetime
 from typing import Any
 
 from django.utils import timezone
@@ -41,11 +43,18 @@ def audit_record(
     ip: str | None = None,
     request_id: str | None = None,
     data: dict[str, Any] | None = None,
+    occurred_at: datetime | None = None,
+    event_id: uuid.UUID | str | None = None,
 ) -> AuditEvent:
-    """Record one audit event."""
+    """Record one audit event (an ``event_id`` makes a retried record idempotent)."""
     rid = request_id or request_id_var.get()
+    if event_id is not None:
+        existing = AuditEvent.objects.filter(event_id=event_id).first()
+        if existing is not None:
+            return existing
     return AuditEvent.objects.create(
-        occurred_at=timezone.now(),
+        event_id=event_id,
+        occurred_at=occurred_at or timezone.now(),
         kind=kind,
         outcome=outcome,
         actor=actor[:200],

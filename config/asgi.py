@@ -1,6 +1,8 @@
-"""The one ASGI application: Channels' ProtocolTypeRouter in front of Django.
+"""The one ASGI application: Channels' ProtocolTypeRouter in front of the gateway and Django.
 
-``lifespan`` starts and stops per-process resources (the embedded beat when there is no broker).
+``/v1/...`` goes straight to the gateway's consumers (no Django middleware on the hot path); everything
+else goes to Django. ``lifespan`` starts and stops per-process resources: the gateway runtime (HTTP
+client, Redis pool, key set, policies) and, with no broker, the embedded beat.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ from channels.routing import ProtocolTypeRouter  # noqa: E402  (after Django is 
 from django.conf import settings  # noqa: E402
 
 from config.embedded import EmbeddedBeat  # noqa: E402
+from gateway.routing import gateway_application, is_gateway_path  # noqa: E402
+from gateway.runtime import runtime_get, runtime_stop  # noqa: E402
+
+
+async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """Route /v1 to the gateway and the rest to Django."""
+    if is_gateway_path(scope["path"]):
+        await gateway_application(scope, receive, send)
+    else:
+        await django_asgi_app(scope, receive, send)
 
 
 async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -25,6 +37,11 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":
+            try:
+                await runtime_get()
+            except Exception as exc:  # a bad configuration must stop the process at start
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
             if not settings.REDIS_URL and os.environ.get("PORTCULLIS_EMBEDDED_BEAT", "1") == "1":
                 beat = EmbeddedBeat()
                 beat.start()
@@ -32,8 +49,9 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
         elif message["type"] == "lifespan.shutdown":
             if beat is not None:
                 beat.stop()
+            await runtime_stop()
             await send({"type": "lifespan.shutdown.complete"})
             return
 
 
-application = ProtocolTypeRouter({"http": django_asgi_app, "lifespan": lifespan})
+application = ProtocolTypeRouter({"http": http, "lifespan": lifespan})

@@ -66,7 +66,8 @@ INSTALLED_APPS = [
     "axes",
     "audit",
     "authserver",
-    # "fakevllm",
+    "gateway",
+    "fakevllm",
 ]
 
 MIDDLEWARE = [
@@ -247,12 +248,36 @@ AUTHSERVER = {
     "ACCESS_TOKEN_LIFETIME_S": ACCESS_TOKEN_LIFETIME_S,
 }
 
+GATEWAY = {
+    "UPSTREAMS": env_list("VLLM_UPSTREAMS", ["http://127.0.0.1:8001"] if DEBUG else []),
+    "UPSTREAM_API_KEY": env_secret("VLLM_API_KEY"),
+    "JWKS_URL": env_str("PORTCULLIS_JWKS_URL"),  # empty: read keys from this deployment's database
+    "JWKS_REFRESH_S": 30.0,  # an unknown kid refetches the key set at most this often
+    "JWKS_MAX_AGE_S": 60.0,  # the key set is refreshed in the background this often
+    "LEEWAY_S": 30,  # clock skew tolerated on exp/nbf/iat (RFC 8725 §3.10 asks for a small one)
+    "MAX_TOKEN_BYTES": 8192,
+    "MAX_BODY_BYTES": env_int("PORTCULLIS_MAX_BODY_BYTES", 1_048_576, minimum=1024),
+    "CONNECT_TIMEOUT_S": 2.0,  # SECURITY.md: a refused or dead upstream answers fast
+    "READ_TIMEOUT_S": float(env_int("PORTCULLIS_UPSTREAM_READ_TIMEOUT", 600, minimum=1)),
+    "HEALTH_INTERVAL_S": 5.0,
+    "MAX_CONNECTIONS": env_int("PORTCULLIS_UPSTREAM_MAX_CONNECTIONS", 1024, minimum=1),
+    "REVOCATION_STALE_S": 60.0,  # with Redis down, a token cleared this recently is still served
+    "VERIFY_CACHE_SIZE": 100_000,
+    "DENY_IPS": env_list("PORTCULLIS_DENY_IPS"),  # CIDRs refused before anything else
+    "FALLBACK_CEILING_RPM": 600,  # Redis down, no rpm configured: per-process requests/minute per client
+}
+
 CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL  # embedded default: tasks run in-process
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
+    "audit-stream-ingest": {
+        "task": "audit.tasks.audit_stream_ingest_task",
+        "schedule": 1.0,
+        "options": {"expires": 5},
+    },
     "signing-keys-rotate": {
         "task": "authserver.tasks.signing_keys_rotate_task",
         "schedule": 300.0,  # checks every 5 minutes; rotates only when a key is due

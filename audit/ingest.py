@@ -1,0 +1,111 @@
+"""Ingest what the gateway handed off: usage records and audit events, in batches, exactly once.
+
+Entries come from the Redis stream (a consumer group, so a restarted worker resumes where it stopped and
+another worker claims what a dead one left) or from the embedded in-process queue. Usage rows are unique
+by request id and events by event id, so an entry delivered twice is stored once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from datetime import UTC, datetime
+from typing import Any
+
+from django.db import transaction
+
+from audit.models import UsageRecord
+from audit.services import audit_record
+from audit.sink import STREAM
+
+logger = logging.getLogger(__name__)
+
+GROUP = "ingest"
+CLAIM_IDLE_MS = 30_000  # entries a dead consumer held this long are claimed by a live one
+
+_USAGE_FIELDS = {f.name for f in UsageRecord._meta.get_fields()} - {"id"}
+
+
+def _when(value: Any) -> datetime:
+    return datetime.fromtimestamp(float(value), tz=UTC)
+
+
+def _usage_row(record: dict[str, Any]) -> UsageRecord:
+    fields = {k: v for k, v in record.items() if k in _USAGE_FIELDS}
+    fields["occurred_at"] = _when(record["occurred_at"])
+    return UsageRecord(**fields)
+
+
+def _text(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def entries_store(entries: list[dict[Any, Any]]) -> tuple[int, int]:
+    """Store a batch of stream entries; return (usage records, events) in the batch."""
+    usage: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for raw_entry in entries:
+        entry = {_text(k): v for k, v in raw_entry.items()}  # Redis gives bytes, the local queue str
+        kind, raw = _text(entry.get("t")), entry.get("v") or b""
+        try:
+            value = json.loads(raw)
+        except (TypeError, ValueError):
+            logger.error("dropping a malformed audit stream entry")
+            continue
+        (usage if kind == "usage" else events).append(value)
+    with transaction.atomic():
+        if usage:
+            UsageRecord.objects.bulk_create([_usage_row(r) for r in usage], ignore_conflicts=True)
+        for event in events:
+            audit_record(
+                kind=event["kind"],
+                outcome=event.get("outcome", "denied"),
+                actor=event.get("actor", ""),
+                client_id=event.get("client_id", ""),
+                ip=event.get("ip"),
+                request_id=event.get("request_id", ""),
+                data=event.get("data") or {},
+                occurred_at=_when(event["occurred_at"]),
+                event_id=event["event_id"],
+            )
+    return len(usage), len(events)
+
+
+def _consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def stream_ingest(redis: Any, *, count: int = 500, block_ms: int = 200, rounds: int = 10) -> int:
+    """Read, store and acknowledge up to ``rounds`` batches from the stream; return entries stored."""
+    try:
+        redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+    except Exception as exc:  # BUSYGROUP: the group exists already
+        if "BUSYGROUP" not in str(exc):
+            raise
+    consumer = _consumer_name()
+    stored = 0
+    _next, claimed, _deleted = redis.xautoclaim(STREAM, GROUP, consumer, CLAIM_IDLE_MS, "0-0", count=count)
+    stored += _store_and_ack(redis, claimed)
+    own = redis.xreadgroup(GROUP, consumer, {STREAM: "0"}, count=count)  # ours from before a restart
+    stored += _store_and_ack(redis, own[0][1] if own else [])
+    for _ in range(rounds):
+        fresh = redis.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=count, block=block_ms)
+        batch = fresh[0][1] if fresh else []
+        if not batch:
+            break
+        stored += _store_and_ack(redis, batch)
+    return stored
+
+
+def _store_and_ack(redis: Any, messages: list[tuple[Any, dict[Any, Any]]]) -> int:
+    if not messages:
+        return 0
+    entries_store([fields for _id, fields in messages])
+    ids = [message_id for message_id, _fields in messages]
+    pipe = redis.pipeline(transaction=False)
+    pipe.xack(STREAM, GROUP, *ids)
+    pipe.xdel(STREAM, *ids)
+    pipe.execute()
+    return len(messages)

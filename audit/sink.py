@@ -1,0 +1,167 @@
+"""Hand-off of usage records and audit events from the gateway's hot path, which never writes to SQL.
+
+With Redis, records are appended to one stream (``portcullis:audit``) in batches — one pipeline every few
+milliseconds, not one round trip per record — and a Celery worker inserts them (``audit.ingest``). In the
+embedded default they go to an in-process queue that a background thread writes to the database. Each
+record carries an id (the request id for usage, a UUID for events), so a replayed batch is not doubled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+STREAM = "portcullis:audit"
+STREAM_MAXLEN = 1_000_000  # a bound so a dead ingest worker cannot exhaust Redis memory
+FLUSH_INTERVAL_S = 0.02
+MAX_BATCH = 500
+
+
+def usage_entry(record: dict[str, Any]) -> dict[str, str]:
+    """Return the stream fields for a usage record."""
+    return {"t": "usage", "v": json.dumps(record, separators=(",", ":"))}
+
+
+def event_entry(event: dict[str, Any]) -> dict[str, str]:
+    """Return the stream fields for an audit event (an event id is added so a replay is idempotent)."""
+    event = dict(event)
+    event.setdefault("event_id", str(uuid.uuid4()))
+    event.setdefault("occurred_at", time.time())
+    return {"t": "event", "v": json.dumps(event, separators=(",", ":"))}
+
+
+class AuditSink(Protocol):
+    def usage(self, record: dict[str, Any]) -> None: ...
+    def event(self, event: dict[str, Any]) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+class RedisStreamSink:
+    """Buffer entries and append them to the Redis stream in one pipeline per flush."""
+
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
+        self._pending: list[dict[str, str]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.failures = 0
+
+    def usage(self, record: dict[str, Any]) -> None:
+        self._pending.append(usage_entry(record))
+        self._wake.set()
+
+    def event(self, event: dict[str, Any]) -> None:
+        self._pending.append(event_entry(event))
+        self._wake.set()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-sink")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for _ in range(50):  # shutdown: try hard to hand off what is left
+            if not self._pending or not await self.flush():
+                break
+
+    async def flush(self) -> bool:
+        """Append up to one batch to the stream; keep it for the next try if Redis fails."""
+        batch = self._pending[:MAX_BATCH]
+        if not batch:
+            return True
+        pipe = self._redis.pipeline(transaction=False)
+        for fields in batch:
+            pipe.xadd(STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)
+        try:
+            await pipe.execute()
+        except Exception:  # Redis down: records stay buffered in memory and are retried
+            self.failures += 1
+            logger.warning("audit hand-off to Redis failed; %d records buffered", len(self._pending))
+            return False
+        del self._pending[: len(batch)]
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(FLUSH_INTERVAL_S)  # gather a batch
+            while self._pending:
+                if not await self.flush():
+                    await asyncio.sleep(1.0)
+
+
+class LocalSink:
+    """Embedded default: a queue drained into the database by one background thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[dict[str, str] | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    def usage(self, record: dict[str, Any]) -> None:
+        self._queue.put(usage_entry(record))
+
+    def event(self, event: dict[str, Any]) -> None:
+        self._queue.put(event_entry(event))
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    async def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="audit-local-sink", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._queue.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def drain(self) -> int:
+        """Write everything queued now (used by the thread, and by tests)."""
+        from audit.ingest import entries_store
+
+        batch: list[dict[str, str]] = []
+        while not self._queue.empty() and len(batch) < MAX_BATCH:
+            item = self._queue.get_nowait()
+            if item is not None:
+                batch.append(item)
+        if batch:
+            try:
+                entries_store(batch)
+            except Exception:
+                for item in batch:  # nothing is lost: the batch goes back for the next try
+                    self._queue.put(item)
+                raise
+        return len(batch)
+
+    def _run(self) -> None:
+        from django.db import close_old_connections
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                self.drain()
+                return
+            self._queue.put(item)  # put back and drain in a batch
+            time.sleep(FLUSH_INTERVAL_S)
+            try:
+                self.drain()
+            except Exception:
+                logger.exception("writing audit records to the database failed; they will be retried")
+                time.sleep(1.0)
+            finally:
+                close_old_connections()

@@ -1,0 +1,79 @@
+#!/bin/sh
+# Portcullis container entrypoint: one image for every role, chosen by the first argument.
+#
+#   web       migrate, collectstatic, then serve config.asgi:application with uvicorn on port 8000
+#   gateway   the same uvicorn, without migrations (gateway-only replicas behind a load balancer)
+#   worker    the Celery worker
+#   beat      the Celery beat scheduler: exactly one per deployment
+#   fakevllm  the vLLM stand-in on port 8001, for machines without a GPU
+#   migrate   apply migrations and exit (a one-shot job or init container)
+#   *         anything else is run as a command, e.g. `python manage.py createsuperuser`
+#
+# Arguments after a role are passed on: `web --ssl-keyfile ... --ssl-certfile ...` reach uvicorn.
+# The application reads its secrets itself, from NAME or NAME_FILE (Docker secrets). This script prints no
+# secret and never traces itself (no `set -x`): every value it handles stays out of the logs.
+set -eu
+
+# libpq reads PGPASSWORD; Docker secrets are files, so PGPASSWORD_FILE fills it and DATABASE_URL needs no
+# password. An explicit PGPASSWORD wins.
+if [ -n "${PGPASSWORD_FILE:-}" ] && [ -z "${PGPASSWORD:-}" ]; then
+    if ! PGPASSWORD=$(cat -- "$PGPASSWORD_FILE"); then
+        echo "entrypoint: PGPASSWORD_FILE names a file that cannot be read: $PGPASSWORD_FILE" >&2
+        exit 78  # EX_CONFIG
+    fi
+    export PGPASSWORD
+fi
+
+serve() {
+    exec uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools \
+        --workers "${WEB_CONCURRENCY:-4}" --proxy-headers \
+        --forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-127.0.0.1}" "$@"
+}
+
+if [ "$#" -eq 0 ]; then
+    echo "usage: entrypoint.sh web|gateway|worker|beat|fakevllm|migrate|COMMAND [ARGS...]" >&2
+    exit 64  # EX_USAGE
+fi
+
+role=$1
+case "$role" in
+    web)
+        shift
+        python manage.py migrate --noinput
+        python manage.py collectstatic --noinput
+        serve "$@"
+        ;;
+    gateway)
+        shift
+        serve "$@"
+        ;;
+    worker)
+        shift
+        exec celery -A config worker -l info --concurrency "${CELERY_CONCURRENCY:-2}" "$@"
+        ;;
+    beat)
+        shift
+        exec celery -A config beat -l info --schedule /tmp/celerybeat-schedule "$@"
+        ;;
+    fakevllm)
+        shift
+        # `python -m fakevllm` needs no Django settings, so the stand-in gets none of the application's
+        # secrets; like vLLM it requires the upstream API key when one is configured.
+        set -- --host 0.0.0.0 --port 8001 --models "${FAKEVLLM_MODELS:-demo-model}" "$@"
+        if [ -n "${VLLM_API_KEY_FILE:-}" ]; then
+            if ! api_key=$(cat -- "$VLLM_API_KEY_FILE") || [ -z "$api_key" ]; then
+                echo "entrypoint: VLLM_API_KEY_FILE is unreadable or empty: $VLLM_API_KEY_FILE" >&2
+                exit 78
+            fi
+            set -- "$@" --api-key "$api_key"
+        fi
+        exec python -m fakevllm "$@"
+        ;;
+    migrate)
+        shift
+        exec python manage.py migrate --noinput "$@"
+        ;;
+    *)
+        exec "$@"
+        ;;
+esac

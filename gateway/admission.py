@@ -1,0 +1,89 @@
+"""Admission: the hot path's one Redis round trip, and the settlement after the call.
+
+The Lua reservation also checks the revocation keys, so revocation and every limit cost one EVALSHA.
+When Redis is unreachable the gateway keeps serving within a conservative per-process limit (counted and
+audited once per outage), and it serves only tokens whose revocation state Redis cleared in the last
+``REVOCATION_STALE_S`` seconds: the rest get a 503 (fail closed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import redis
+
+from authserver.revocation import local_revocations
+from gateway import errors
+from gateway.auth import Principal
+from gateway.ratelimit import FALLBACK_DIVISOR, Admission, Buckets, RevokedError, ratelimit_headers
+from gateway.selectors import Policy
+from gateway.validation import Validated
+
+if TYPE_CHECKING:
+    from gateway.runtime import Runtime
+
+LIMIT_MESSAGES = {
+    "requests": "Too many requests per minute for this client.",
+    "tokens": "Too many tokens per minute for this client.",
+    "user_requests": "Too many requests per minute for this user.",
+    "user_tokens": "Too many tokens per minute for this user.",
+    "concurrency": "Too many requests in flight for this client.",
+    "daily_tokens": "The daily token quota of this client is used up.",
+}
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+@dataclass
+class Ticket:
+    buckets: Buckets
+    admission: Admission
+    headers: dict[str, str]
+    shared: bool  # reserved in Redis (settle there) or in process
+
+
+def cost_estimate(request: Validated, body_len: int) -> int:
+    """Tokens to reserve: a generous prompt estimate (about 4 bytes a token) plus the generation bound."""
+    return body_len // 4 + 1 + request.max_tokens * request.n
+
+
+async def admit(
+    rt: Runtime, principal: Principal, policy: Policy, request_id: str, request: Validated, body_len: int
+) -> Ticket:
+    """Check revocation and reserve every limit for one request, or raise the matching error."""
+    cost = cost_estimate(request, body_len)
+    buckets = Buckets.of(principal, policy)
+    shared = rt.limiter_redis is not None
+    if rt.limiter_redis is not None:
+        try:
+            admission = await rt.limiter_redis.admit(principal, buckets, request_id, cost)
+        except RevokedError:
+            raise errors.AuthenticationError("The access token has been revoked.") from None
+        except REDIS_DOWN:
+            rt.redis_unavailable()
+            if not rt.recently_cleared(principal.jti):
+                raise errors.RevocationUnavailable() from None
+            buckets = Buckets.of(
+                principal, policy, divisor=FALLBACK_DIVISOR, ceiling_rpm=rt.fallback_ceiling_rpm
+            )
+            admission = rt.limiter_local.admit(principal, buckets, request_id, cost)
+            admission.fallback, shared = True, False
+        else:
+            rt.redis_available(principal.jti)
+    else:
+        if local_revocations.is_revoked(principal.jti, principal.client_id):
+            raise errors.AuthenticationError("The access token has been revoked.")
+        admission = rt.limiter_local.admit(principal, buckets, request_id, cost)
+    headers = ratelimit_headers(buckets, admission)
+    if not admission.allowed:
+        exc = errors.RateLimited(LIMIT_MESSAGES.get(admission.limit, "Rate limit exceeded."))
+        exc.code = admission.limit  # type: ignore[misc]
+        exc.headers.update(headers)
+        raise exc
+    return Ticket(buckets=buckets, admission=admission, headers=headers, shared=shared)
+
+
+def settle(rt: Runtime, principal: Principal, ticket: Ticket, request_id: str, used: int) -> None:
+    """Release the slot and refund (or charge) the difference between reserved and used tokens."""
+    limiter = rt.limiter_redis if ticket.shared and rt.limiter_redis is not None else rt.limiter_local
+    limiter.settle(principal, ticket.buckets, request_id, ticket.admission.reserved_tokens, used)

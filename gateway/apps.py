@@ -1,0 +1,17 @@
+"""App config for the gateway."""
+
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class GatewayConfig(AppConfig):
+    name = "gateway"
+    verbose_name = "Gateway"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from authserver.registry import consent_detail_provider_register
+        from gateway.selectors import consent_details
+
+        consent_detail_provider_register(consent_details)

@@ -1,0 +1,68 @@
+"""The gateway's knobs: one namespaced ``GATEWAY`` dict, read through a typed accessor.
+
+The accessor caches the parsed settings and resets on ``setting_changed``, so tests can override them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    issuer: str
+    audience: str
+    upstreams: tuple[str, ...]
+    upstream_api_key: str
+    jwks_url: str  # empty: read the key set from this deployment's database (off the hot path)
+    jwks_refresh_s: float  # an unknown kid refetches at most this often
+    jwks_max_age_s: float  # the key set is refreshed in the background this often
+    leeway_s: int
+    max_token_bytes: int
+    max_body_bytes: int
+    connect_timeout_s: float
+    read_timeout_s: float
+    health_interval_s: float
+    max_connections: int
+    revocation_stale_s: float
+    verify_cache_size: int
+    deny_ips: tuple[str, ...]
+    fallback_ceiling_rpm: int
+
+
+@cache
+def gateway_settings() -> GatewaySettings:
+    """Return the gateway's settings (cached until a setting changes)."""
+    raw: dict[str, Any] = settings.GATEWAY
+    return GatewaySettings(
+        issuer=settings.PORTCULLIS_ISSUER,
+        audience=settings.PORTCULLIS_AUDIENCE,
+        upstreams=tuple(raw["UPSTREAMS"]),
+        upstream_api_key=raw["UPSTREAM_API_KEY"],
+        jwks_url=raw["JWKS_URL"],
+        jwks_refresh_s=float(raw["JWKS_REFRESH_S"]),
+        jwks_max_age_s=float(raw["JWKS_MAX_AGE_S"]),
+        leeway_s=int(raw["LEEWAY_S"]),
+        max_token_bytes=int(raw["MAX_TOKEN_BYTES"]),
+        max_body_bytes=int(raw["MAX_BODY_BYTES"]),
+        connect_timeout_s=float(raw["CONNECT_TIMEOUT_S"]),
+        read_timeout_s=float(raw["READ_TIMEOUT_S"]),
+        health_interval_s=float(raw["HEALTH_INTERVAL_S"]),
+        max_connections=int(raw["MAX_CONNECTIONS"]),
+        revocation_stale_s=float(raw["REVOCATION_STALE_S"]),
+        verify_cache_size=int(raw["VERIFY_CACHE_SIZE"]),
+        deny_ips=tuple(raw["DENY_IPS"]),
+        fallback_ceiling_rpm=int(raw["FALLBACK_CEILING_RPM"]),
+    )
+
+
+@receiver(setting_changed)
+def _reset(setting: str, **kwargs: Any) -> None:
+    if setting in {"GATEWAY", "PORTCULLIS_ISSUER", "PORTCULLIS_AUDIENCE"}:
+        gateway_settings.cache_clear()

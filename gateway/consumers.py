@@ -1,0 +1,337 @@
+"""The /v1 endpoints as Channels consumers, async end to end, with no Django middleware on the path.
+
+``GatewayConsumer`` replaces ``AsyncHttpConsumer.__call__``: it reads the body itself (refusing an
+oversized one while reading), skips the channel layer and the per-message ``close_old_connections``
+thread hop (nothing here touches the database), and keeps the ASGI ``receive`` so a running stream can
+notice the client leaving (channels#1249: ``handle()`` is otherwise never told). Every failure is a
+``GatewayError`` rendered in one place as an OpenAI-shaped error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any, ClassVar
+
+from channels.generic.http import AsyncHttpConsumer
+
+from audit.context import client_ip_resolve, request_id_from, trusted_networks
+from gateway import errors
+from gateway.admission import admit, settle
+from gateway.auth import Principal
+from gateway.runtime import Runtime, runtime_get
+from gateway.streaming import StreamRelay
+from gateway.validation import Validated, request_validate
+
+logger = logging.getLogger(__name__)
+
+SCOPE_FOR = {
+    "chat": "completions",
+    "completions": "completions",
+    "embeddings": "embeddings",
+    "models": "models.read",
+}
+UPSTREAM_PATH = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+FORWARDED_HEADERS = frozenset({b"accept", b"user-agent", b"accept-language"})
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request was being read."""
+
+
+class GatewayConsumer(AsyncHttpConsumer):
+    kind: ClassVar[str] = ""
+    methods: ClassVar[frozenset[str]] = frozenset({"POST"})
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scope, self._receive, self.base_send = scope, receive, send
+        self.started = time.perf_counter()
+        self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        self.request_id = request_id_from(self.headers.get(b"x-request-id", b"").decode("latin-1"))
+        self.principal: Principal | None = None
+        self.record: dict[str, Any] = {"endpoint": self.kind, "model": "", "stream": False, "upstream": ""}
+        self.response_started = False
+        status = 500
+        try:
+            self.rt = await runtime_get()
+            self.client_ip = self._client_ip()
+            status = await self._dispatch()
+        except errors.GatewayError as exc:
+            status = exc.status
+            await self._deny(exc)
+        except ClientDisconnected:
+            status = 499  # the client left before sending its whole request
+        except Exception:  # a bug, never attacker input; the client still gets a well-formed error
+            logger.exception("gateway request %s failed", self.request_id)
+            await self._deny(errors.GatewayError())
+        finally:
+            self._usage(status)
+
+    async def _dispatch(self) -> int:
+        if self.scope["method"] not in self.methods:
+            raise errors.MethodNotAllowed()
+        self.rt.check_ip_denylist(self.client_ip)
+        return await self.handle(await self._read_body())
+
+    def _client_ip(self) -> str | None:
+        peer = self.scope.get("client") or (None, None)
+        forwarded = self.headers.get(b"x-forwarded-for")
+        return client_ip_resolve(
+            peer[0],
+            forwarded.decode("latin-1") if forwarded else None,
+            trusted_networks(self.rt.trusted_proxies),
+        )
+
+    async def _read_body(self) -> bytes:
+        limit = self.rt.conf.max_body_bytes
+        declared = self.headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            raise errors.BodyTooLarge(param="body")
+        chunks, size, more = [], 0, True
+        while more:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise errors.BodyTooLarge(param="body")  # refused while reading, not after
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+    # --- authentication and policy ------------------------------------------------------------------
+
+    async def authenticate(self, scope_needed: str) -> Principal:
+        """Verify the bearer token and its scope; return the principal."""
+        if b"access_token=" in self.scope.get("query_string", b""):
+            raise errors.InvalidRequest(
+                "Access tokens are not accepted in the query string.", param="access_token"
+            )
+        raw = self.headers.get(b"authorization")
+        if raw is None:
+            raise errors.MissingCredentials()
+        scheme, _, token = raw.decode("latin-1").strip().partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise errors.AuthenticationError("The Authorization header must be 'Bearer <token>'.")
+        principal = await self.rt.verifier.verify(token.strip())
+        self.principal = principal
+        if self.rt.watcher.is_revoked(principal):
+            raise errors.AuthenticationError("The access token has been revoked.")
+        if scope_needed not in principal.scopes:
+            exc = errors.PermissionDenied(f"This endpoint needs the '{scope_needed}' scope.")
+            exc.headers["www-authenticate"] = (
+                f'Bearer realm="portcullis", error="insufficient_scope", scope="{scope_needed}"'
+            )
+            raise exc
+        self.rt.check_ip_allowlist(principal, self.client_ip)
+        return principal
+
+    # --- responses ------------------------------------------------------------------------------------
+
+    def _base_headers(self, content_type: bytes) -> list[tuple[bytes, bytes]]:
+        return [(b"content-type", content_type), (b"x-request-id", self.request_id.encode())]
+
+    async def send_json(self, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
+        headers = self._base_headers(b"application/json")
+        headers.append((b"content-length", str(len(body)).encode()))
+        headers.extend((k.encode(), v.encode()) for k, v in (extra or {}).items())
+        self.response_started = True
+        await self.send_response(status, body, headers=headers)
+
+    async def _deny(self, exc: errors.GatewayError) -> None:
+        if exc.status in (401, 403):
+            self.rt_event_denied(exc)
+        if self.response_started:
+            return
+        body = json.dumps(
+            {"error": {"message": exc.detail, "type": exc.type, "param": exc.param, "code": exc.code}}
+        ).encode()
+        extra = dict(exc.headers)
+        if exc.status == 401 and "www-authenticate" not in extra:
+            extra["www-authenticate"] = self._challenge(exc)
+        if exc.status == 403 and "www-authenticate" not in extra:
+            extra["www-authenticate"] = (
+                f'Bearer realm="portcullis", error="insufficient_scope", error_description="{exc.code}"'
+            )
+        await self.send_json(exc.status, body, extra)
+
+    def _challenge(self, exc: errors.GatewayError) -> str:
+        base = 'Bearer realm="portcullis"'
+        metadata = getattr(getattr(self, "rt", None), "resource_metadata_url", "")
+        if metadata:
+            base += f', resource_metadata="{metadata}"'
+        if isinstance(exc, errors.MissingCredentials):
+            return base  # RFC 6750 §3.1: no error code when no credentials were sent
+        return base + ', error="invalid_token"'
+
+    def rt_event_denied(self, exc: errors.GatewayError) -> None:
+        if not hasattr(self, "rt"):
+            return
+        self.rt.sink.event(
+            {
+                "kind": "gateway.denied",
+                "outcome": "denied",
+                "actor": f"client:{self.principal.client_id}" if self.principal else "anonymous",
+                "client_id": self.principal.client_id if self.principal else "",
+                "ip": self.client_ip,
+                "request_id": self.request_id,
+                "data": {"reason": exc.code, "status": exc.status, "endpoint": self.kind},
+            }
+        )
+
+    def _usage(self, status: int) -> None:
+        rt: Runtime | None = getattr(self, "rt", None)
+        if rt is None:
+            return
+        record = self.record
+        record.update(
+            request_id=self.request_id,
+            occurred_at=time.time(),
+            client_id=self.principal.client_id if self.principal else "",
+            user=(self.principal.user or "") if self.principal else "",
+            status=status,
+            client_ip=getattr(self, "client_ip", None),
+        )
+        record.setdefault(
+            "gateway_ms", round((time.perf_counter() - self.started) * 1000 - record.get("upstream_ms", 0), 3)
+        )
+        record.setdefault("outcome", "completed" if status < 400 else f"denied:{status}")
+        rt.sink.usage(record)
+
+
+class ModelsConsumer(GatewayConsumer):
+    """GET /v1/models: only the models this client may use that an upstream serves."""
+
+    kind = "models"
+    methods = frozenset({"GET"})
+
+    async def handle(self, body: bytes) -> int:
+        principal = await self.authenticate(SCOPE_FOR["models"])
+        policy = self.rt.policies.get(principal.client_id)
+        cards = self.rt.upstreams.model_cards()
+        data = [
+            {
+                "id": model_id,
+                "object": "model",
+                "created": card.get("created", 0),
+                "owned_by": "portcullis",
+                "max_model_len": card.get("max_model_len"),
+            }
+            for model_id, card in sorted(cards.items())
+            if model_id in policy.models
+        ]
+        await self.send_json(200, json.dumps({"object": "list", "data": data}).encode())
+        return 200
+
+
+class InferenceConsumer(GatewayConsumer):
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+
+    async def handle(self, body: bytes) -> int:
+        content_type = self.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        principal = await self.authenticate(SCOPE_FOR[self.kind])
+        if content_type != b"application/json":
+            raise errors.UnsupportedMediaType(param="content-type")
+        policy = self.rt.policies.get(principal.client_id)
+        request = request_validate(self.kind, body, max_tokens_cap=policy.max_tokens)
+        self.record.update(model=request.model, stream=request.stream)
+        if request.model not in policy.models:
+            raise errors.ModelNotAllowed(param="model")
+        if not self.rt.upstreams.serves(request.model):
+            raise errors.ModelNotFound(f"The model '{request.model}' is not served here.", param="model")
+        outbound = json.dumps(request.payload, separators=(",", ":")).encode()
+        ticket = await admit(self.rt, principal, policy, self.request_id, request, len(outbound))
+        used = 0
+        try:
+            if request.stream:
+                status, used = await self._relay_stream(request, outbound, ticket.headers)
+            else:
+                status, used = await self._relay_json(request, outbound, ticket.headers)
+        finally:
+            settle(self.rt, principal, ticket, self.request_id, used)
+        return status
+
+    def _forward_headers(self) -> dict[str, str]:
+        headers = {k.decode(): v.decode("latin-1") for k, v in self.headers.items() if k in FORWARDED_HEADERS}
+        headers["x-request-id"] = self.request_id
+        return headers
+
+    async def _relay_json(
+        self, request: Validated, outbound: bytes, extra: dict[str, str]
+    ) -> tuple[int, int]:
+        started = time.perf_counter()
+        async with self.rt.upstreams.request(
+            request.model, UPSTREAM_PATH[self.kind], outbound, self._forward_headers()
+        ) as (
+            upstream,
+            response,
+        ):
+            data = await self.rt.read_upstream(response)
+        self.record.update(
+            upstream=upstream.base, upstream_ms=round((time.perf_counter() - started) * 1000, 3)
+        )
+        if response.status_code != 200:
+            raise self.rt.upstream_error(response.status_code, data)
+        usage = self.rt.usage_of(data)
+        self.record.update(prompt_tokens=usage[0], completion_tokens=usage[1])
+        await self.send_json(200, data, extra)
+        return 200, usage[0] + usage[1]
+
+    async def _relay_stream(
+        self, request: Validated, outbound: bytes, extra: dict[str, str]
+    ) -> tuple[int, int]:
+        assert self.principal is not None  # noqa: S101  (authenticate ran)
+        started = time.perf_counter()
+        async with self.rt.upstreams.request(
+            request.model, UPSTREAM_PATH[self.kind], outbound, self._forward_headers()
+        ) as (
+            upstream,
+            response,
+        ):
+            self.record["upstream"] = upstream.base
+            if response.status_code != 200:
+                data = await self.rt.read_upstream(response)
+                raise self.rt.upstream_error(response.status_code, data)
+            headers = self._base_headers(b"text/event-stream")
+            headers += [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
+            headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+            self.response_started = True
+            await self.send_headers(status=200, headers=headers)
+            relay = StreamRelay(self, response, wants_usage=request.wants_usage)
+            with self.rt.watcher.watch(self.principal) as revoked:
+                outcome = await relay.run(self._receive, revoked)
+        self.record.update(
+            upstream_ms=round((time.perf_counter() - started) * 1000, 3),
+            prompt_tokens=relay.prompt_tokens,
+            completion_tokens=relay.completion_tokens,
+            outcome=outcome,
+        )
+        return 200, relay.prompt_tokens + relay.completion_tokens
+
+
+class ChatConsumer(InferenceConsumer):
+    kind = "chat"
+
+
+class CompletionsConsumer(InferenceConsumer):
+    kind = "completions"
+
+
+class EmbeddingsConsumer(InferenceConsumer):
+    kind = "embeddings"
+
+
+class NotFoundConsumer(GatewayConsumer):
+    """Every other path under /v1: a 404 from the gateway, never forwarded."""
+
+    kind = "unknown"
+    methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+    async def handle(self, body: bytes) -> int:
+        raise errors.NotFound()

@@ -1,0 +1,366 @@
+"""Rate limits that stay exact under concurrency: one atomic reservation before the call, a settlement after.
+
+Requests and LLM tokens per minute use GCRA (a "theoretical arrival time" per bucket, weighted by cost):
+a limit of L per minute admits exactly L at once and then refills smoothly. A concurrency slot is a member
+of a sorted set with an expiry score, so a crashed process cannot leak slots for ever. A daily token quota
+is a counter per UTC day. With Redis, one Lua script checks the revocation keys and every bucket and
+commits all or nothing in one round trip; settlements are batched. Without Redis (the embedded default, or
+Redis down) the same arithmetic runs in process; when Redis is down the limits are divided by
+``FALLBACK_DIVISOR`` so that several replicas falling back together stay under the shared limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.auth import Principal
+from gateway.selectors import Policy
+
+logger = logging.getLogger(__name__)
+
+WINDOW_MS = 60_000
+DAY_TTL_S = 2 * 86_400
+SLOT_TTL_MS = 15 * 60_000  # a slot held longer than any request may run is reclaimed
+FALLBACK_DIVISOR = 4  # Redis down: each process allows a quarter of each limit
+
+ADMIT_LUA = """
+if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return {-1} end
+local now = tonumber(ARGV[1])
+local conc = tonumber(ARGV[3])
+if conc > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+  if redis.call('ZCARD', KEYS[3]) >= conc then return {0, 'concurrency', 1000} end
+end
+local quota = tonumber(ARGV[5])
+local spent = 0
+if quota > 0 then
+  spent = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if spent + tonumber(ARGV[6]) > quota then return {0, 'daily_tokens', tonumber(ARGV[8])} end
+end
+local names = {'requests', 'tokens', 'user_requests', 'user_tokens'}
+local tats = {}
+local out = {1}
+for i = 1, 4 do
+  local limit = tonumber(ARGV[8 + 2 * i - 1])
+  if limit > 0 then
+    local cost = tonumber(ARGV[8 + 2 * i])
+    local step = 60000 / limit
+    local tat = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
+    if tat < now then tat = now end
+    local new_tat = tat + cost * step
+    local excess = new_tat - now - 60000
+    if excess > 0 then return {0, names[i], math.ceil(excess)} end
+    tats[i] = new_tat
+  end
+end
+if conc > 0 then
+  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[2])
+  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]))
+end
+if quota > 0 then
+  redis.call('INCRBY', KEYS[4], tonumber(ARGV[6]))
+  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7]))
+end
+for i = 1, 4 do
+  if tats[i] then
+    redis.call('SET', KEYS[4 + i], tats[i], 'PX', math.ceil(tats[i] - now) + 1000)
+    table.insert(out, math.floor((60000 - (tats[i] - now)) / (60000 / tonumber(ARGV[8 + 2 * i - 1]))))
+    table.insert(out, math.ceil(tats[i] - now))
+  else
+    table.insert(out, -1)
+    table.insert(out, 0)
+  end
+end
+return out
+"""
+
+SETTLE_LUA = """
+local now = tonumber(ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[2])
+local delta = tonumber(ARGV[3])
+if delta ~= 0 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], delta) end
+  for i = 1, 2 do
+    local limit = tonumber(ARGV[3 + i])
+    if limit > 0 then
+      local tat = tonumber(redis.call('GET', KEYS[2 + i]) or '0')
+      if tat > 0 then
+        tat = tat + delta * 60000 / limit
+        if tat > now then
+          redis.call('SET', KEYS[2 + i], tat, 'PX', math.ceil(tat - now) + 1000)
+        else
+          redis.call('DEL', KEYS[2 + i])
+        end
+      end
+    end
+  end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """The limits that apply to one request, and the Redis keys they live under."""
+
+    client_id: str
+    user: str | None
+    rpm: int
+    tpm: int
+    user_rpm: int
+    user_tpm: int
+    concurrency: int
+    daily_tokens: int
+    day: str
+
+    @classmethod
+    def of(
+        cls,
+        principal: Principal,
+        policy: Policy,
+        *,
+        divisor: int = 1,
+        ceiling_rpm: int = 0,
+        now: float | None = None,
+    ) -> Buckets:
+        def scaled(value: int | None) -> int:
+            return max(1, value // divisor) if value else 0
+
+        user = principal.user
+        day = time.strftime("%Y%m%d", time.gmtime(now if now is not None else time.time()))
+        return cls(
+            client_id=principal.client_id,
+            user=user,
+            rpm=scaled(policy.rpm) or ceiling_rpm,
+            tpm=scaled(policy.tpm),
+            user_rpm=scaled(policy.user_rpm) if user else 0,
+            user_tpm=scaled(policy.user_tpm) if user else 0,
+            concurrency=scaled(policy.concurrency),
+            daily_tokens=scaled(policy.daily_tokens),
+            day=day,
+        )
+
+    def keys(self, jti: str) -> list[str]:
+        base = f"portcullis:rl:{self.client_id}"
+        user = f"{base}:u:{self.user or '-'}"
+        return [
+            f"portcullis:revoked:jti:{jti}",
+            f"portcullis:revoked:client:{self.client_id}",
+            f"{base}:conc",
+            f"{base}:day:{self.day}",
+            f"{base}:rpm",
+            f"{base}:tpm",
+            f"{user}:rpm",
+            f"{user}:tpm",
+        ]
+
+
+@dataclass
+class Admission:
+    """The outcome of a reservation: admitted or not, and the numbers for the response headers."""
+
+    allowed: bool
+    limit: str = ""  # which limit refused: requests, tokens, concurrency, daily_tokens, ...
+    retry_after_ms: int = 0
+    remaining_requests: int = -1
+    reset_requests_ms: int = 0
+    remaining_tokens: int = -1
+    reset_tokens_ms: int = 0
+    reserved_tokens: int = 0
+    fallback: bool = False
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _fmt_reset(ms: int) -> str:
+    return f"{ms}ms" if ms < 1000 else f"{ms / 1000:.3g}s"
+
+
+def ratelimit_headers(buckets: Buckets, admission: Admission) -> dict[str, str]:
+    """OpenAI-style ``x-ratelimit-*`` headers for the limits that apply."""
+    headers: dict[str, str] = {}
+    if buckets.rpm:
+        headers["x-ratelimit-limit-requests"] = str(buckets.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, admission.remaining_requests))
+        headers["x-ratelimit-reset-requests"] = _fmt_reset(admission.reset_requests_ms)
+    if buckets.tpm:
+        headers["x-ratelimit-limit-tokens"] = str(buckets.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, admission.remaining_tokens))
+        headers["x-ratelimit-reset-tokens"] = _fmt_reset(admission.reset_tokens_ms)
+    if not admission.allowed:
+        headers["retry-after"] = str(max(1, math.ceil(admission.retry_after_ms / 1000)))
+    return headers
+
+
+def _admit_args(buckets: Buckets, request_id: str, cost: int, now_ms: int) -> list[Any]:
+    seconds_to_midnight = 86_400 - (now_ms // 1000) % 86_400
+    return [
+        now_ms,
+        request_id,
+        buckets.concurrency,
+        SLOT_TTL_MS,
+        buckets.daily_tokens,
+        cost,
+        DAY_TTL_S,
+        seconds_to_midnight * 1000,
+        buckets.rpm,
+        1,
+        buckets.tpm,
+        cost,
+        buckets.user_rpm,
+        1,
+        buckets.user_tpm,
+        cost,
+    ]
+
+
+class RevokedError(Exception):
+    """The shared store says the token or its client is revoked."""
+
+
+class RedisLimiter:
+    """The shared limiter: one EVALSHA per request to reserve, batched EVALSHAs to settle."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self._admit = redis.register_script(ADMIT_LUA)
+        self._settle = redis.register_script(SETTLE_LUA)
+        self._pending: list[tuple[list[str], list[Any]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def admit(self, principal: Principal, buckets: Buckets, request_id: str, cost: int) -> Admission:
+        """Check revocation and reserve every limit atomically (raises RevokedError, or ConnectionError)."""
+        now_ms = int(time.time() * 1000)
+        result = await self._admit(
+            keys=buckets.keys(principal.jti), args=_admit_args(buckets, request_id, cost, now_ms)
+        )
+        if result[0] == -1:
+            raise RevokedError()
+        if result[0] == 0:
+            limit = result[1].decode() if isinstance(result[1], bytes) else str(result[1])
+            return Admission(allowed=False, limit=limit, retry_after_ms=int(result[2]))
+        return Admission(
+            allowed=True,
+            remaining_requests=int(result[1]),
+            reset_requests_ms=int(result[2]),
+            remaining_tokens=int(result[3]),
+            reset_tokens_ms=int(result[4]),
+            reserved_tokens=cost,
+        )
+
+    def settle(
+        self, principal: Principal, buckets: Buckets, request_id: str, reserved: int, used: int
+    ) -> None:
+        """Queue the settlement: release the slot, refund or charge the difference (sent in a batch)."""
+        keys = buckets.keys(principal.jti)
+        args = [int(time.time() * 1000), request_id, used - reserved, buckets.tpm, buckets.user_tpm]
+        self._pending.append(([keys[2], keys[3], keys[5], keys[7]], args))
+        self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="ratelimit-settle")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        await self.flush()
+
+    async def flush(self) -> bool:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return True
+        pipe = self.redis.pipeline(transaction=False)
+        for keys, args in batch:
+            await self._settle(keys=keys, args=args, client=pipe)
+        try:
+            await pipe.execute()
+        except Exception:  # Redis down: keep the settlements for the next try (slots expire regardless)
+            self._pending[:0] = batch
+            logger.warning("settling %d reservations failed; will retry", len(batch))
+            return False
+        return True
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0.002)
+            if not await self.flush():
+                await asyncio.sleep(1.0)
+
+
+class LocalLimiter:
+    """The same arithmetic in process: the embedded default, and the fallback while Redis is down."""
+
+    def __init__(self) -> None:
+        self._tat: dict[str, float] = {}
+        self._slots: dict[str, dict[str, float]] = {}
+        self._daily: dict[str, int] = {}
+
+    def admit(
+        self, principal: Principal, buckets: Buckets, request_id: str, cost: int, *, now: float | None = None
+    ) -> Admission:
+        now_ms = (now if now is not None else time.time()) * 1000
+        keys = buckets.keys(principal.jti)
+        slots = self._slots.setdefault(keys[2], {})
+        for member in [m for m, expiry in slots.items() if expiry <= now_ms]:
+            del slots[member]
+        if buckets.concurrency and len(slots) >= buckets.concurrency:
+            return Admission(allowed=False, limit="concurrency", retry_after_ms=1000)
+        if buckets.daily_tokens and self._daily.get(keys[3], 0) + cost > buckets.daily_tokens:
+            return Admission(
+                allowed=False, limit="daily_tokens", retry_after_ms=int(86_400_000 - now_ms % 86_400_000)
+            )
+        plan = [
+            ("requests", keys[4], buckets.rpm, 1),
+            ("tokens", keys[5], buckets.tpm, cost),
+            ("user_requests", keys[6], buckets.user_rpm, 1),
+            ("user_tokens", keys[7], buckets.user_tpm, cost),
+        ]
+        new_tats: dict[str, float] = {}
+        for name, key, limit, units in plan:
+            if limit:
+                new_tat = max(self._tat.get(key, 0.0), now_ms) + units * WINDOW_MS / limit
+                if new_tat - now_ms > WINDOW_MS:
+                    return Admission(
+                        allowed=False, limit=name, retry_after_ms=math.ceil(new_tat - now_ms - WINDOW_MS)
+                    )
+                new_tats[key] = new_tat
+        self._tat.update(new_tats)
+        if buckets.concurrency:
+            slots[request_id] = now_ms + SLOT_TTL_MS
+        if buckets.daily_tokens:
+            self._daily[keys[3]] = self._daily.get(keys[3], 0) + cost
+        return self._admitted(buckets, keys, new_tats, now_ms, cost)
+
+    @staticmethod
+    def _admitted(
+        buckets: Buckets, keys: list[str], tats: dict[str, float], now_ms: float, cost: int
+    ) -> Admission:
+        admission = Admission(allowed=True, reserved_tokens=cost)
+        if keys[4] in tats:
+            used = tats[keys[4]] - now_ms
+            admission.remaining_requests = int((WINDOW_MS - used) // (WINDOW_MS / buckets.rpm))
+            admission.reset_requests_ms = math.ceil(used)
+        if keys[5] in tats:
+            used = tats[keys[5]] - now_ms
+            admission.remaining_tokens = int((WINDOW_MS - used) // (WINDOW_MS / buckets.tpm))
+            admission.reset_tokens_ms = math.ceil(used)
+        return admission
+
+    def settle(
+        self, principal: Principal, buckets: Buckets, request_id: str, reserved: int, used: int
+    ) -> None:
+        keys = buckets.keys(principal.jti)
+        self._slots.get(keys[2], {}).pop(request_id, None)
+        delta = used - reserved
+        if delta and keys[3] in self._daily:
+            self._daily[keys[3]] += delta
+        for key, limit in ((keys[5], buckets.tpm), (keys[7], buckets.user_tpm)):
+            if delta and limit and key in self._tat:
+                self._tat[key] += delta * WINDOW_MS / limit

@@ -1,0 +1,278 @@
+"""Per-process resources of the gateway, created once and shared by every request.
+
+One HTTP client (httpx over aiohttp's connection pool) and one Redis pool per process, the key set, the
+policy snapshot, the upstream pool, the revocation watcher and the audit sink, plus the background tasks
+that keep them fresh. Started by the ASGI lifespan (or by the first request when a server has none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from httpx_aiohttp import AiohttpTransport
+
+from audit.context import trusted_networks
+from audit.sink import AuditSink, LocalSink, RedisStreamSink
+from authserver.revocation import CHANNEL as REVOCATION_CHANNEL
+from authserver.revocation import local_revocations
+from authserver.selectors import jwks_get
+from gateway import errors
+from gateway.auth import KeySet, Principal, TokenVerifier
+from gateway.conf import GatewaySettings, gateway_settings
+from gateway.policy import FULL_RELOAD_S, PolicyCache
+from gateway.ratelimit import LocalLimiter, RedisLimiter
+from gateway.revocation import RevocationWatcher
+from gateway.services import POLICY_CHANNEL, policy_listener_add, policy_listener_remove
+from gateway.upstream import UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+UPSTREAM_KEEPALIVE_S = 4.0  # below uvicorn's (and so vLLM's) 5 s keep-alive, so we never reuse a closed one
+
+
+class Runtime:
+    def __init__(self, conf: GatewaySettings) -> None:
+        self.conf = conf
+        self.http = httpx.AsyncClient(
+            transport=AiohttpTransport(
+                limits=httpx.Limits(
+                    max_connections=conf.max_connections,
+                    max_keepalive_connections=conf.max_connections,
+                    keepalive_expiry=UPSTREAM_KEEPALIVE_S,
+                )
+            ),
+            timeout=httpx.Timeout(
+                connect=conf.connect_timeout_s, read=conf.read_timeout_s, write=30.0, pool=5.0
+            ),
+        )
+        self.redis: aioredis.Redis | None = (
+            aioredis.Redis.from_url(
+                settings.REDIS_URL, max_connections=256, socket_connect_timeout=1.0, socket_timeout=2.0
+            )
+            if settings.REDIS_URL
+            else None
+        )
+        self.keys = KeySet(self._fetch_jwks, refetch_interval_s=conf.jwks_refresh_s)
+        self.verifier = TokenVerifier(conf, self.keys)
+        self.policies = PolicyCache()
+        self.upstreams = UpstreamPool(conf.upstreams, self.http, conf.upstream_api_key)
+        self.watcher = RevocationWatcher()
+        self.sink: AuditSink = RedisStreamSink(self.redis) if self.redis is not None else LocalSink()
+        self.limiter_redis = RedisLimiter(self.redis) if self.redis is not None else None
+        self.limiter_local = LocalLimiter()
+        self.trusted_proxies = tuple(settings.PORTCULLIS_TRUSTED_PROXIES)
+        self.deny_networks = trusted_networks(tuple(conf.deny_ips))
+        self.resource_metadata_url = f"{conf.issuer}/.well-known/oauth-protected-resource"
+        self.fallback_ceiling_rpm = conf.fallback_ceiling_rpm
+        self.redis_down_since: float | None = None
+        self.redis_fallbacks = 0
+        self._cleared: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _fetch_jwks(self) -> dict[str, Any]:
+        if self.conf.jwks_url:
+            response = await self.http.get(self.conf.jwks_url, timeout=5.0)
+            response.raise_for_status()
+            document: dict[str, Any] = response.json()
+            return document
+        return await sync_to_async(jwks_get, thread_sensitive=False)()
+
+    async def start(self) -> None:
+        """Load what the hot path needs, then keep it fresh in the background."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.gather(self.keys.refresh(), self.policies.reload(), self.upstreams.check_all())
+        await self.sink.start()
+        if self.limiter_redis is not None:
+            await self.limiter_redis.start()
+        local_revocations.listeners.append(self._local_revocation)
+        policy_listener_add(self._local_policy)
+        self._every(self.conf.jwks_max_age_s, self.keys.refresh)
+        self._every(FULL_RELOAD_S, self.policies.reload)
+        self._every(self.conf.health_interval_s, self.upstreams.check_all)
+        if self.redis is not None:
+            self._tasks.append(asyncio.create_task(self._subscribe(), name="gateway-pubsub"))
+
+    async def stop(self) -> None:
+        """Cancel the background tasks, hand off buffered records, close the pools."""
+        if self._local_revocation in local_revocations.listeners:
+            local_revocations.listeners.remove(self._local_revocation)
+        policy_listener_remove(self._local_policy)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.limiter_redis is not None:
+            await self.limiter_redis.stop()
+        await self.sink.stop()
+        await self.http.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    def _every(self, interval_s: float, job: Callable[[], Awaitable[Any]]) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    await job()
+                except Exception:  # a failing refresh keeps the previous state; logged with its name
+                    logger.exception("background refresh %s failed", getattr(job, "__qualname__", job))
+
+        self._tasks.append(asyncio.create_task(loop()))
+
+    # --- per-request helpers -------------------------------------------------------------------
+
+    def check_ip_denylist(self, ip: str | None) -> None:
+        """Refuse globally denied addresses before anything costly."""
+        if ip is not None and self.deny_networks:
+            address = ipaddress.ip_address(ip)
+            if any(address in network for network in self.deny_networks):
+                raise errors.IpNotAllowed()
+
+    def check_ip_allowlist(self, principal: Principal, ip: str | None) -> None:
+        """Refuse a client's call from outside its allowlist."""
+        if not self.policies.get(principal.client_id).ip_allowed(ip):
+            raise errors.IpNotAllowed()
+
+    async def read_upstream(self, response: httpx.Response) -> bytes:
+        """Read a whole upstream answer, mapping transport failures to gateway errors."""
+        try:
+            return await response.aread()
+        except httpx.TimeoutException:
+            raise errors.UpstreamTimeout() from None
+        except httpx.HTTPError:
+            raise errors.UpstreamFailed() from None
+
+    @staticmethod
+    def upstream_error(status: int, data: bytes) -> errors.GatewayError:
+        """Map an upstream error to ours: a 4xx keeps vLLM's message (it is about the request), a 5xx not."""
+        if 400 <= status < 500:
+            try:
+                message = json.loads(data)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = None
+            exc = errors.InvalidRequest(message if isinstance(message, str) and len(message) < 2000 else None)
+            exc.code = "upstream_rejected"  # type: ignore[misc]
+            return exc
+        return errors.UpstreamFailed()
+
+    @staticmethod
+    def usage_of(data: bytes) -> tuple[int, int]:
+        """Return (prompt, completion) tokens from an OpenAI-shaped answer."""
+        try:
+            usage = json.loads(data).get("usage") or {}
+            return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        except (ValueError, AttributeError, TypeError):
+            return 0, 0
+
+    def redis_available(self, jti: str) -> None:
+        """Redis answered for this token: remember when it was cleared; end a fallback period."""
+        now = time.monotonic()
+        self._cleared[jti] = now
+        if len(self._cleared) > 100_000:
+            horizon = now - self.conf.revocation_stale_s
+            self._cleared = {j: t for j, t in self._cleared.items() if t > horizon}
+        if self.redis_down_since is not None:
+            logger.warning("Redis is back after %.1f s; shared limits resume", now - self.redis_down_since)
+            self.sink.event(
+                {
+                    "kind": "gateway.redis_recovered",
+                    "outcome": "success",
+                    "actor": "system",
+                    "data": {"down_s": round(now - self.redis_down_since, 1)},
+                }
+            )
+            self.redis_down_since = None
+
+    def redis_unavailable(self) -> None:
+        """Count a fallback; log and audit the start of an outage once."""
+        self.redis_fallbacks += 1
+        if self.redis_down_since is None:
+            self.redis_down_since = time.monotonic()
+            logger.error("Redis is unreachable: per-process fallback limits in force")
+            self.sink.event(
+                {
+                    "kind": "gateway.redis_unavailable",
+                    "outcome": "failure",
+                    "actor": "system",
+                    "data": {"posture": "per-process fallback limits; revocation fails closed"},
+                }
+            )
+
+    def recently_cleared(self, jti: str) -> bool:
+        """Whether Redis cleared this token recently enough to keep serving it while Redis is down."""
+        cleared = self._cleared.get(jti)
+        return cleared is not None and time.monotonic() - cleared < self.conf.revocation_stale_s
+
+    # --- pushes ----------------------------------------------------------------------------------
+
+    def _local_revocation(self, message: dict[str, Any]) -> None:
+        # Called from whichever thread revoked (a Django view runs in a worker thread).
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.watcher.apply, message)
+
+    def _local_policy(self, client_key: str) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.policies.reload()))
+
+    async def _subscribe(self) -> None:
+        assert self.redis is not None  # noqa: S101  (only started with Redis)
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(REVOCATION_CHANNEL, POLICY_CHANNEL)
+                async for message in pubsub.listen():
+                    self._on_message(message)
+            except asyncio.CancelledError:
+                await pubsub.aclose()
+                raise
+            except Exception:  # Redis went away: resubscribe; the hot path's own check still denies
+                logger.warning("revocation/policy subscription lost; reconnecting")
+                await pubsub.aclose()
+                await asyncio.sleep(1.0)
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        channel = message.get("channel")
+        channel = channel.decode() if isinstance(channel, bytes) else channel
+        try:
+            data = json.loads(message["data"])
+        except (TypeError, ValueError, KeyError):
+            return
+        if channel == REVOCATION_CHANNEL:
+            self.watcher.apply(data)
+        elif channel == POLICY_CHANNEL:
+            asyncio.ensure_future(self.policies.reload())
+
+
+_runtime: Runtime | None = None
+_lock: asyncio.Lock | None = None
+
+
+async def runtime_get() -> Runtime:
+    """Return this process's runtime, starting it on first use."""
+    global _runtime, _lock
+    if _runtime is None:
+        _lock = _lock or asyncio.Lock()
+        async with _lock:
+            if _runtime is None:
+                runtime = Runtime(gateway_settings())
+                await runtime.start()
+                _runtime = runtime
+    return _runtime
+
+
+async def runtime_stop() -> None:
+    """Stop this process's runtime (ASGI lifespan shutdown)."""
+    global _runtime
+    if _runtime is not None:
+        runtime, _runtime = _runtime, None
+        await runtime.stop()

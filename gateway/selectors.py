@@ -1,0 +1,84 @@
+"""Reads for the gateway: the policy snapshot each process keeps, and what the consent screen shows."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.models import ClientPolicy
+
+DEFAULT = "*"  # the snapshot key of the default policy
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A client's policy as the hot path reads it (immutable; replaced whole on a push)."""
+
+    models: frozenset[str]
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    daily_tokens: int | None = None
+    max_tokens: int | None = None
+    user_rpm: int | None = None
+    user_tpm: int | None = None
+    allow_ips: tuple[str, ...] = ()
+    allow_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def ip_allowed(self, ip: str | None) -> bool:
+        """Return whether a client IP may call under this policy (no allowlist: any address)."""
+        if not self.allow_networks:
+            return True
+        if ip is None:
+            return False
+        address = ipaddress.ip_address(ip)
+        return any(address in network for network in self.allow_networks)
+
+
+NO_ACCESS = Policy(models=frozenset())
+
+
+def policy_from_row(row: ClientPolicy) -> Policy:
+    """Return the hot-path view of one policy row."""
+    return Policy(
+        models=frozenset(row.allowed_models),
+        rpm=row.rpm,
+        tpm=row.tpm,
+        concurrency=row.concurrency,
+        daily_tokens=row.daily_tokens,
+        max_tokens=row.max_tokens,
+        user_rpm=row.user_rpm,
+        user_tpm=row.user_tpm,
+        allow_ips=tuple(row.allow_ips),
+        allow_networks=tuple(ipaddress.ip_network(cidr, strict=False) for cidr in row.allow_ips),
+    )
+
+
+def policies_snapshot() -> dict[str, Policy]:
+    """Return every policy keyed by client id, the default under ``DEFAULT``."""
+    snapshot: dict[str, Policy] = {}
+    for row in ClientPolicy.objects.select_related("client"):
+        key = row.client.client_id if row.client is not None else DEFAULT
+        snapshot[key] = policy_from_row(row)
+    return snapshot
+
+
+def policy_for_client(client_id: str) -> Policy | None:
+    """Return one client's own policy row (None when it uses the default)."""
+    row = ClientPolicy.objects.filter(client__client_id=client_id).first()
+    return policy_from_row(row) if row is not None else None
+
+
+def consent_details(client: Any) -> list[tuple[str, str]]:
+    """Lines for the consent screen: which models the app reaches and the limits that apply."""
+    own = policy_for_client(client.client_id)
+    default = ClientPolicy.objects.filter(client__isnull=True).first()
+    policy = own or (policy_from_row(default) if default is not None else NO_ACCESS)
+    models = ", ".join(sorted(policy.models)) or "none"
+    limits = [
+        f"{policy.rpm} requests/minute" if policy.rpm else "",
+        f"{policy.tpm} tokens/minute" if policy.tpm else "",
+        f"{policy.daily_tokens} tokens/day" if policy.daily_tokens else "",
+    ]
+    return [("Models it can use", models), ("Limits", ", ".join(x for x in limits if x) or "none set")]

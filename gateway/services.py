@@ -1,0 +1,102 @@
+"""Writes for the gateway: set a client's policy and push it to every gateway process."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+
+from audit.services import audit_record
+from authserver.models import Client
+from gateway.models import ClientPolicy
+
+logger = logging.getLogger(__name__)
+
+POLICY_CHANNEL = "portcullis:policy"
+POLICY_FIELDS = (
+    "allowed_models",
+    "rpm",
+    "tpm",
+    "concurrency",
+    "daily_tokens",
+    "max_tokens",
+    "user_rpm",
+    "user_tpm",
+    "allow_ips",
+)
+_local_listeners: list[Any] = []
+
+
+def policy_listener_add(listener: Any) -> None:
+    """Register an in-process listener for policy changes (the embedded default's push)."""
+    _local_listeners.append(listener)
+
+
+def policy_listener_remove(listener: Any) -> None:
+    """Forget an in-process listener."""
+    if listener in _local_listeners:
+        _local_listeners.remove(listener)
+
+
+def _validate(fields: dict[str, Any]) -> None:
+    errors: dict[str, list[str]] = {}
+    for cidr in fields.get("allow_ips") or []:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            errors.setdefault("allow_ips", []).append(f"{cidr!r} is not an IP network (CIDR)")
+    models = fields.get("allowed_models") or []
+    if not all(isinstance(m, str) and 0 < len(m) <= 200 for m in models):
+        errors["allowed_models"] = ["model ids are non-empty strings of at most 200 characters"]
+    for name in POLICY_FIELDS[1:-1]:
+        value = fields.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            errors[name] = ["must be a whole number, 0 or more, or empty for no limit"]
+    if errors:
+        raise ValidationError(errors)
+
+
+def policy_set(*, client: Client | None, actor: str, **fields: Any) -> ClientPolicy:
+    """Create or change a client's policy (``client=None``: the default policy) and push it."""
+    unknown = set(fields) - set(POLICY_FIELDS)
+    if unknown:
+        raise ValidationError({"policy": [f"unknown fields: {', '.join(sorted(unknown))}"]})
+    _validate(fields)
+    with transaction.atomic():
+        row = ClientPolicy.objects.select_for_update().filter(client=client).first() or ClientPolicy(
+            client=client
+        )
+        before = {name: getattr(row, name) for name in POLICY_FIELDS} if row.pk else {}
+        for name, value in fields.items():
+            setattr(row, name, value)
+        row.save()
+        after = {name: getattr(row, name) for name in POLICY_FIELDS}
+        client_id = client.client_id if client is not None else ""
+        audit_record(
+            kind="policy.changed",
+            actor=actor,
+            client_id=client_id,
+            data={"changed": {k: v for k, v in after.items() if before.get(k) != v}},
+        )
+        transaction.on_commit(lambda: policy_publish(client_id or "*"))
+    return row
+
+
+def policy_publish(client_key: str) -> None:
+    """Tell every gateway process that a policy changed (they reload it off the hot path)."""
+    for listener in list(_local_listeners):
+        listener(client_key)
+    if not settings.REDIS_URL:
+        return
+    try:
+        redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2).publish(
+            POLICY_CHANNEL, json.dumps({"client": client_key})
+        )
+    except redis.RedisError:
+        logger.exception("policy push failed; gateways pick the change up on their next full reload")

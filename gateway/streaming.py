@@ -1,0 +1,128 @@
+"""Relay a vLLM server-sent-event stream to the client as it arrives, and account for it.
+
+Each complete SSE event (``data: ...\\n\\n``) is passed on as soon as it is whole; nothing waits for
+more. The relay reads the final ``usage`` event (the gateway always asks vLLM for it) and drops it again
+when the client did not ask. Three things can end a stream, whichever comes first: the upstream finishes,
+the client goes away (the upstream request is then closed at once, so vLLM aborts the generation), or the
+token is revoked (the client gets one error event). An upstream failure mid-stream ends the stream with
+one error event and no ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Protocol
+
+import httpx
+
+DONE = b"data: [DONE]"
+ERROR_EVENT = b'data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
+
+
+class BodySender(Protocol):
+    async def send_body(self, body: bytes, *, more_body: bool = False) -> None: ...
+
+
+class StreamRelay:
+    def __init__(self, sink: BodySender, response: httpx.Response, *, wants_usage: bool) -> None:
+        self.sink = sink
+        self.response = response
+        self.wants_usage = wants_usage
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.content_events = 0
+        self.usage_seen = False
+        self.done_seen = False
+        self.upstream_error = False
+        self._buffer = b""
+
+    async def run(self, receive: Any, revoked: asyncio.Event) -> str:
+        """Relay until the stream ends; return how: completed, client_gone, revoked or upstream_error."""
+        pump = asyncio.create_task(self._pump())
+        gone = asyncio.create_task(self._client_gone(receive))
+        cut = asyncio.create_task(revoked.wait())
+        done, pending = await asyncio.wait({pump, gone, cut}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if not self.usage_seen:
+            self.completion_tokens = (
+                self.content_events
+            )  # cut short: charge what was sent (≈1 token an event)
+        if pump in done and pump.exception() is None:
+            outcome = "upstream_error" if self.upstream_error else "completed"
+            await self.sink.send_body(b"", more_body=False)
+            return outcome
+        if cut in done:
+            await self._end_with_error(
+                "The access token was revoked.", "authentication_error", "token_revoked"
+            )
+            return "revoked"
+        if gone in done:
+            return "client_gone"
+        await self._end_with_error("The upstream failed during the stream.", "api_error", "upstream_error")
+        return "upstream_error"
+
+    async def _end_with_error(self, message: str, kind: str, code: str) -> None:
+        try:
+            await self.sink.send_body(
+                ERROR_EVENT % (message.encode(), kind.encode(), code.encode()), more_body=False
+            )
+        except OSError:
+            pass  # the client left at the same moment
+
+    async def _client_gone(self, receive: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def _pump(self) -> None:
+        async for chunk in self.response.aiter_raw():
+            out = self._events(chunk)
+            if out:
+                await self.sink.send_body(out, more_body=True)
+        if self._buffer.strip():
+            await self.sink.send_body(self._filter(self._buffer), more_body=True)
+
+    def _events(self, chunk: bytes) -> bytes:
+        self._buffer += chunk
+        out = []
+        while True:
+            end = self._buffer.find(b"\n\n")
+            if end < 0:
+                break
+            event, self._buffer = self._buffer[: end + 2], self._buffer[end + 2 :]
+            out.append(self._filter(event))
+        return b"".join(out)
+
+    def _filter(self, event: bytes) -> bytes:
+        if event.startswith(DONE):
+            self.done_seen = True
+            return b"" if self.upstream_error else event  # after an error event, no [DONE]
+        if event.startswith(b'data: {"error"'):
+            self.upstream_error = True
+            return event
+        if b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event:
+            if (
+                self._read_usage(event)
+                and not self.wants_usage
+                and b'"choices":[]' in event.replace(b" ", b"")
+            ):
+                return b""  # the usage-only event the client did not ask for
+        if b'"content"' in event or b'"text"' in event:
+            self.content_events += 1
+        return event
+
+    def _read_usage(self, event: bytes) -> bool:
+        try:
+            usage = json.loads(event[5:]).get("usage")
+        except (ValueError, AttributeError):
+            return False
+        if not isinstance(usage, dict):
+            return False
+        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        self.completion_tokens = int(usage.get("completion_tokens") or 0)
+        self.usage_seen = True
+        return True

@@ -1,0 +1,139 @@
+"""Upstream vLLM servers: which models each serves, whether it is healthy, and how to pick one.
+
+Each process learns the models from every upstream's ``/v1/models``, checks ``/health`` periodically,
+sends a request to the healthy upstream of the model with the fewest requests in flight, and tries the
+next one when a connection fails before the first byte. All failures map to a few gateway errors here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from gateway.errors import UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+
+logger = logging.getLogger(__name__)
+
+# A refused connection means the upstream is down. A connection that dropped before the answer (often a
+# keep-alive connection the upstream had just closed) is retried once on the same upstream first.
+REFUSED = (httpx.ConnectError,)
+DROPPED = (httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.PoolTimeout)
+
+
+@dataclass
+class Upstream:
+    base: str
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)  # model id -> its model card
+    healthy: bool = False
+    inflight: int = 0
+    checked_at: float = 0.0
+
+    def __str__(self) -> str:
+        return self.base
+
+
+class UpstreamPool:
+    def __init__(self, bases: tuple[str, ...], client: httpx.AsyncClient, api_key: str) -> None:
+        self.upstreams = [Upstream(base=b.rstrip("/")) for b in bases]
+        self.client = client
+        self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+    # --- discovery and health --------------------------------------------------------------------
+
+    async def check(self, upstream: Upstream) -> None:
+        """Refresh one upstream's health and model list."""
+        try:
+            health = await self.client.get(f"{upstream.base}/health", headers=self.headers, timeout=5.0)
+            models = await self.client.get(f"{upstream.base}/v1/models", headers=self.headers, timeout=5.0)
+            healthy = health.status_code == 200 and models.status_code == 200
+            if healthy:
+                cards = models.json().get("data", [])
+                upstream.models = {
+                    c["id"]: c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)
+                }
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            healthy = False
+        if healthy != upstream.healthy:
+            logger.warning("upstream %s is now %s", upstream, "healthy" if healthy else "unhealthy")
+        upstream.healthy = healthy
+        upstream.checked_at = time.monotonic()
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(u) for u in self.upstreams))
+
+    def model_cards(self) -> dict[str, dict[str, Any]]:
+        """Return every model any healthy upstream serves, with its card."""
+        cards: dict[str, dict[str, Any]] = {}
+        for upstream in self.upstreams:
+            if upstream.healthy:
+                for model_id, card in upstream.models.items():
+                    cards.setdefault(model_id, card)
+        return cards
+
+    def serves(self, model: str) -> bool:
+        """Return whether any upstream (healthy or not) is known to serve the model."""
+        return any(model in u.models for u in self.upstreams)
+
+    def candidates(self, model: str) -> list[Upstream]:
+        """Healthy upstreams of the model, fewest in flight first."""
+        found = [u for u in self.upstreams if u.healthy and model in u.models]
+        found.sort(key=lambda u: u.inflight)
+        return found
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def request(
+        self, model: str, path: str, body: bytes, headers: dict[str, str]
+    ) -> AsyncIterator[tuple[Upstream, httpx.Response]]:
+        """Open a streamed POST to the best upstream of the model; retry the next one on connect failure."""
+        candidates = self.candidates(model)
+        if not candidates:
+            raise UpstreamUnavailable()
+        merged = {**headers, **self.headers, "content-type": "application/json"}
+        for upstream in candidates:
+            response = await self._open(upstream, path, body, merged)
+            if response is None:
+                continue
+            try:
+                yield upstream, response
+            finally:
+                upstream.inflight -= 1
+                await response.aclose()
+            return
+        raise UpstreamUnavailable()
+
+    async def _open(
+        self, upstream: Upstream, path: str, body: bytes, headers: dict[str, str]
+    ) -> httpx.Response | None:
+        """Send to one upstream; None means try the next. In-flight is counted while a response is open."""
+        for attempt in (1, 2):
+            request = self.client.build_request("POST", upstream.base + path, content=body, headers=headers)
+            upstream.inflight += 1
+            try:
+                return await self.client.send(request, stream=True)
+            except REFUSED:
+                upstream.inflight -= 1
+                break
+            except DROPPED:
+                upstream.inflight -= 1
+                if attempt == 2:
+                    break
+            except httpx.TimeoutException:
+                upstream.inflight -= 1
+                raise UpstreamTimeout() from None
+            except httpx.HTTPError:
+                upstream.inflight -= 1
+                raise UpstreamFailed() from None
+        upstream.healthy = False
+        logger.warning(
+            "upstream %s failed to connect; marked unhealthy until its next health check", upstream
+        )
+        return None

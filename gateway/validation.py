@@ -1,0 +1,337 @@
+"""Strict request validation: bodies are parsed and checked against an allowlist before anything is sent.
+
+Only OpenAI's fields and the vLLM extras we chose are accepted, recursively, with caps; an unknown field is
+an error naming it, never silently dropped. Fields that pick a chat template, prompt embeddings, remote
+media or guided-decoding grammars are refused (they have crashed or compromised vLLM), as are duplicate
+keys, NaN, deep nesting and anything but a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.errors import InvalidRequest
+
+MAX_DEPTH = 32
+MAX_MESSAGES = 1024
+MAX_CONTENT_CHARS = 1_000_000
+MAX_N = 8
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 8
+MAX_TOOLS = 64
+MAX_INPUTS = 2048
+DEFAULT_MAX_TOKENS_CAP = 32_768  # when neither the request nor the policy bounds a generation
+
+Check = Callable[[Any, str], None]
+
+
+def _fail(path: str, message: str) -> None:
+    raise InvalidRequest(f"{message} ({path})", param=path)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidRequest(f"Duplicate key {key!r} in the JSON body.", param=key)
+        result[key] = value
+    return result
+
+
+def _no_constants(name: str) -> None:
+    raise InvalidRequest(f"{name} is not valid JSON.")
+
+
+def _depth_ok(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def body_parse(body: bytes) -> dict[str, Any]:
+    """Parse a JSON object body: no duplicate keys, no NaN/Infinity, bounded nesting."""
+    try:
+        value = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except InvalidRequest:
+        raise
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("The body is not valid JSON.") from None
+    except RecursionError:
+        raise InvalidRequest(f"The JSON body is nested deeper than {MAX_DEPTH} levels.") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("The body must be a JSON object.")
+    if not _depth_ok(value):
+        raise InvalidRequest(f"The JSON body is nested deeper than {MAX_DEPTH} levels.")
+    return value
+
+
+# --- small checkers -------------------------------------------------------------------------------------
+
+
+def string(max_len: int = 256, choices: frozenset[str] | None = None) -> Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, str):
+            _fail(path, "must be a string")
+        if len(value) > max_len:
+            _fail(path, f"must be at most {max_len} characters")
+        if choices is not None and value not in choices:
+            _fail(path, f"must be one of {', '.join(sorted(choices))}")
+
+    return check
+
+
+def integer(low: int, high: int) -> Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            _fail(path, "must be an integer")
+        if not low <= value <= high:
+            _fail(path, f"must be between {low} and {high}")
+
+    return check
+
+
+def number(low: float, high: float) -> Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            _fail(path, "must be a number")
+        if not low <= value <= high:
+            _fail(path, f"must be between {low} and {high}")
+
+    return check
+
+
+def boolean(value: Any, path: str) -> None:
+    if not isinstance(value, bool):
+        _fail(path, "must be true or false")
+
+
+def nullable(inner: Check) -> Check:
+    def check(value: Any, path: str) -> None:
+        if value is not None:
+            inner(value, path)
+
+    return check
+
+
+def any_json(value: Any, path: str) -> None:
+    """Accept any JSON value (depth and size are bounded for the whole body)."""
+
+
+def list_of(item: Check, max_items: int, min_items: int = 0) -> Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, list):
+            _fail(path, "must be a list")
+        if not min_items <= len(value) <= max_items:
+            _fail(path, f"must have between {min_items} and {max_items} items")
+        for index, element in enumerate(value):
+            item(element, f"{path}[{index}]")
+
+    return check
+
+
+def one_of(*checks: Check, message: str) -> Check:
+    def check(value: Any, path: str) -> None:
+        for candidate in checks:
+            try:
+                candidate(value, path)
+            except InvalidRequest:
+                continue
+            return
+        _fail(path, message)
+
+    return check
+
+
+def obj(fields: dict[str, Check], required: frozenset[str] = frozenset()) -> Check:
+    def check(value: Any, path: str) -> None:
+        if not isinstance(value, dict):
+            _fail(path, "must be an object")
+        fields_check(value, fields, required, path)
+
+    return check
+
+
+def fields_check(
+    value: dict[str, Any], fields: dict[str, Check], required: frozenset[str], path: str = ""
+) -> None:
+    """Check an object's keys against an allowlist and each value against its checker."""
+    for key, element in value.items():
+        where = f"{path}.{key}" if path else key
+        checker = fields.get(key)
+        if checker is None:
+            _fail(where, "is not a supported field")
+        checker(element, where)  # type: ignore[misc]
+    for key in required - value.keys():
+        _fail(f"{path}.{key}" if path else key, "is required")
+
+
+def logit_bias(value: Any, path: str) -> None:
+    if not isinstance(value, dict) or len(value) > 300:
+        _fail(path, "must be an object of at most 300 token ids")
+    for key, bias in value.items():
+        if not key.isdigit():
+            _fail(f"{path}.{key}", "keys must be token ids")
+        number(-100, 100)(bias, f"{path}.{key}")
+
+
+# --- the endpoints ----------------------------------------------------------------------------------
+
+STOP = one_of(string(1024), list_of(string(1024), MAX_STOP), message="must be a string or a list of strings")
+TEXT_PART = obj(
+    {"type": string(16, frozenset({"text"})), "text": string(MAX_CONTENT_CHARS)}, frozenset({"type", "text"})
+)
+CONTENT = one_of(
+    string(MAX_CONTENT_CHARS),
+    list_of(TEXT_PART, 256),
+    message="must be text or a list of text parts (remote media is not allowed)",
+)
+TOOL_CALL = obj(
+    {
+        "id": string(256),
+        "type": string(16, frozenset({"function"})),
+        "function": obj(
+            {"name": string(256), "arguments": string(MAX_CONTENT_CHARS)}, frozenset({"name", "arguments"})
+        ),
+    },
+    frozenset({"type", "function"}),
+)
+MESSAGE = obj(
+    {
+        "role": string(16, frozenset({"system", "developer", "user", "assistant", "tool"})),
+        "content": nullable(CONTENT),
+        "name": string(256),
+        "tool_calls": list_of(TOOL_CALL, 128),
+        "tool_call_id": string(256),
+    },
+    frozenset({"role"}),
+)
+TOOL = obj(
+    {
+        "type": string(16, frozenset({"function"})),
+        "function": obj(
+            {"name": string(256), "description": string(4096), "parameters": any_json, "strict": boolean},
+            frozenset({"name"}),
+        ),
+    },
+    frozenset({"type", "function"}),
+)
+SAMPLING: dict[str, Check] = {
+    "model": string(256),
+    "stream": boolean,
+    "stream_options": obj({"include_usage": boolean}),
+    "n": integer(1, MAX_N),
+    "stop": STOP,
+    "temperature": number(0, 2),
+    "top_p": number(0, 1),
+    "frequency_penalty": number(-2, 2),
+    "presence_penalty": number(-2, 2),
+    "seed": integer(-(2**63), 2**63 - 1),
+    "user": string(256),
+    "logit_bias": logit_bias,
+    # vLLM sampling extras we allow: they only shape sampling, bounded like the rest.
+    "top_k": integer(-1, 1000),
+    "min_p": number(0, 1),
+    "repetition_penalty": number(0.01, 2),
+    "stop_token_ids": list_of(integer(0, 2**31), 64),
+    "skip_special_tokens": boolean,
+    "include_stop_str_in_output": boolean,
+}
+CHAT_FIELDS: dict[str, Check] = {
+    **SAMPLING,
+    "messages": list_of(MESSAGE, MAX_MESSAGES, min_items=1),
+    "max_tokens": integer(1, 10**7),
+    "max_completion_tokens": integer(1, 10**7),
+    "min_tokens": integer(0, 10**7),
+    "logprobs": boolean,
+    "top_logprobs": integer(0, MAX_TOP_LOGPROBS),
+    "response_format": obj({"type": string(16, frozenset({"text", "json_object"}))}, frozenset({"type"})),
+    "tools": list_of(TOOL, MAX_TOOLS),
+    "tool_choice": one_of(
+        string(16, frozenset({"none", "auto", "required"})),
+        obj(
+            {
+                "type": string(16, frozenset({"function"})),
+                "function": obj({"name": string(256)}, frozenset({"name"})),
+            }
+        ),
+        message="must be none, auto, required or a function",
+    ),
+    "parallel_tool_calls": boolean,
+}
+COMPLETION_FIELDS: dict[str, Check] = {
+    **SAMPLING,
+    "prompt": one_of(
+        string(MAX_CONTENT_CHARS),
+        list_of(string(MAX_CONTENT_CHARS), 64, min_items=1),
+        list_of(integer(0, 2**31), 1_000_000, min_items=1),
+        message="must be text, a list of texts or a list of token ids",
+    ),
+    "max_tokens": integer(1, 10**7),
+    "min_tokens": integer(0, 10**7),
+    "echo": boolean,
+    "logprobs": integer(0, 5),
+}
+EMBEDDING_FIELDS: dict[str, Check] = {
+    "model": string(256),
+    "input": one_of(
+        string(MAX_CONTENT_CHARS),
+        list_of(string(MAX_CONTENT_CHARS), MAX_INPUTS, min_items=1),
+        list_of(integer(0, 2**31), 1_000_000, min_items=1),
+        list_of(list_of(integer(0, 2**31), 100_000, min_items=1), MAX_INPUTS, min_items=1),
+        message="must be text, a list of texts or token ids",
+    ),
+    "encoding_format": string(16, frozenset({"float", "base64"})),
+    "dimensions": integer(1, 65_536),
+    "user": string(256),
+}
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A checked request: the body to send upstream and what the limits need to know."""
+
+    payload: dict[str, Any]
+    model: str
+    stream: bool
+    wants_usage: bool
+    max_tokens: int
+    n: int
+
+
+def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> Validated:
+    """Validate a body for an endpoint kind (``chat``, ``completions``, ``embeddings``)."""
+    payload = body_parse(body)
+    fields, required = {
+        "chat": (CHAT_FIELDS, frozenset({"model", "messages"})),
+        "completions": (COMPLETION_FIELDS, frozenset({"model", "prompt"})),
+        "embeddings": (EMBEDDING_FIELDS, frozenset({"model", "input"})),
+    }[kind]
+    fields_check(payload, fields, required)
+    stream = payload.get("stream") is True
+    if "stream_options" in payload and not stream:
+        _fail("stream_options", "is only allowed with stream: true")
+    if kind == "embeddings":
+        return Validated(payload, payload["model"], False, False, 0, 1)
+    cap = max_tokens_cap or DEFAULT_MAX_TOKENS_CAP
+    key = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+    requested = payload.get(key)
+    if requested is not None and requested > cap:
+        _fail(key, f"must be at most {cap} for this client")
+    if requested is None:
+        payload["max_tokens"] = cap  # bound the generation so limits can reserve for it
+    wants_usage = bool(payload.get("stream_options", {}).get("include_usage"))
+    if stream:
+        # Always ask vLLM for the final usage chunk, so a stream is charged what it really used.
+        payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
+    return Validated(payload, payload["model"], stream, wants_usage, requested or cap, payload.get("n", 1))
