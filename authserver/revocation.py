@@ -21,6 +21,7 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 CHANNEL = "portcullis:revocations"
+KEYS_CHANNEL = "portcullis:keys"  # a key was published or activated: gateways refresh their key set
 Listener = Callable[[dict[str, object]], None]
 
 
@@ -66,6 +67,19 @@ class LocalRevocations:
 
 
 local_revocations = LocalRevocations()
+key_listeners: list[Callable[[], None]] = []
+
+
+def keys_changed_publish() -> None:
+    """Tell every gateway process that the published key set changed (they refetch it at once)."""
+    for listener in list(key_listeners):
+        listener()
+    if not settings.REDIS_URL:
+        return
+    try:
+        _redis(settings.REDIS_URL).publish(KEYS_CHANNEL, json.dumps({"at": time.time()}))
+    except redis.RedisError:
+        logger.exception("key-set push failed; gateways refetch on an unknown kid or on their timer")
 
 
 def revocation_publish(

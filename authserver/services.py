@@ -16,7 +16,7 @@ from oauth2_provider.generators import generate_client_id
 from audit.services import audit_record
 from authserver.crypto import private_key_encrypt, rsa_key_generate
 from authserver.models import AccessToken, Client, Consent, RefreshToken, SigningKey
-from authserver.revocation import revocation_publish
+from authserver.revocation import keys_changed_publish, revocation_publish
 from authserver.selectors import active_key_cache_clear
 
 CLIENT_SECRET_LENGTH = 128
@@ -162,6 +162,7 @@ def _key_create(*, now: datetime, publish_ahead_s: int, actor: str) -> SigningKe
     audit_record(
         kind="key.created", actor=actor, data={"kid": kid, "activate_after": key.activate_after.isoformat()}
     )
+    transaction.on_commit(keys_changed_publish)
     return key
 
 

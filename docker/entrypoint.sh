@@ -58,7 +58,9 @@ case "$role" in
     fakevllm)
         shift
         # `python -m fakevllm` needs no Django settings, so the stand-in gets none of the application's
-        # secrets; like vLLM it requires the upstream API key when one is configured.
+        # secrets; like vLLM it requires the upstream API key when one is configured. uvicorn.run() would
+        # take WEB_CONCURRENCY (meant for web) as a worker count, which needs an import string: drop it.
+        unset WEB_CONCURRENCY
         set -- --host 0.0.0.0 --port 8001 --models "${FAKEVLLM_MODELS:-demo-model}" "$@"
         if [ -n "${VLLM_API_KEY_FILE:-}" ]; then
             if ! api_key=$(cat -- "$VLLM_API_KEY_FILE") || [ -z "$api_key" ]; then

@@ -1093,6 +1093,7 @@ def serve(config: FakeConfig, host: str, port: int) -> None:
         ws="none",
         log_level="warning",
         access_log=False,
+        workers=1,  # an app object cannot be forked; also ignores a WEB_CONCURRENCY in the environment
     )
 
 

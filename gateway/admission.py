@@ -42,16 +42,24 @@ class Ticket:
     shared: bool  # reserved in Redis (settle there) or in process
 
 
-def cost_estimate(request: Validated, body_len: int) -> int:
+UNKNOWN_CONTEXT = 4096  # the generation bound assumed when neither request, policy nor upstream says
+
+
+def cost_estimate(request: Validated, body_len: int, context_len: int | None) -> int:
     """Tokens to reserve: a generous prompt estimate (about 4 bytes a token) plus the generation bound."""
-    return body_len // 4 + 1 + request.max_tokens * request.n
+    prompt = body_len // 4 + 1
+    if request.max_tokens is not None:
+        bound = request.max_tokens
+    else:
+        bound = max(0, (context_len or UNKNOWN_CONTEXT) - prompt)  # vLLM's default: the rest of the context
+    return prompt + bound * request.n
 
 
 async def admit(
     rt: Runtime, principal: Principal, policy: Policy, request_id: str, request: Validated, body_len: int
 ) -> Ticket:
     """Check revocation and reserve every limit for one request, or raise the matching error."""
-    cost = cost_estimate(request, body_len)
+    cost = cost_estimate(request, body_len, rt.upstreams.context_length(request.model))
     buckets = Buckets.of(principal, policy)
     shared = rt.limiter_redis is not None
     if rt.limiter_redis is not None:

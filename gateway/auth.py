@@ -91,7 +91,9 @@ class KeySet:
     async def get(self, kid: str) -> PyJWK | None:
         """Return the key for a kid, refetching at most once per interval when it is unknown."""
         key = self._keys.get(kid)
-        if key is None and time.monotonic() - self._last_attempt >= self._refetch_interval_s:
+        if key is None and (
+            not self._keys or time.monotonic() - self._last_attempt >= self._refetch_interval_s
+        ):
             await self.refresh()
             key = self._keys.get(kid)
         return key

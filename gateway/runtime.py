@@ -24,7 +24,7 @@ from httpx_aiohttp import AiohttpTransport
 from audit.context import trusted_networks
 from audit.sink import AuditSink, LocalSink, RedisStreamSink
 from authserver.revocation import CHANNEL as REVOCATION_CHANNEL
-from authserver.revocation import local_revocations
+from authserver.revocation import KEYS_CHANNEL, key_listeners, local_revocations
 from authserver.selectors import jwks_get
 from gateway import errors
 from gateway.auth import KeySet, Principal, TokenVerifier
@@ -96,6 +96,7 @@ class Runtime:
         if self.limiter_redis is not None:
             await self.limiter_redis.start()
         local_revocations.listeners.append(self._local_revocation)
+        key_listeners.append(self._local_keys)
         policy_listener_add(self._local_policy)
         self._every(self.conf.jwks_max_age_s, self.keys.refresh)
         self._every(FULL_RELOAD_S, self.policies.reload)
@@ -108,6 +109,8 @@ class Runtime:
         if self._local_revocation in local_revocations.listeners:
             local_revocations.listeners.remove(self._local_revocation)
         policy_listener_remove(self._local_policy)
+        if self._local_keys in key_listeners:
+            key_listeners.remove(self._local_keys)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -220,6 +223,10 @@ class Runtime:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.watcher.apply, message)
 
+    def _local_keys(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.keys.refresh()))
+
     def _local_policy(self, client_key: str) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self.policies.reload()))
@@ -229,7 +236,7 @@ class Runtime:
         while True:
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(REVOCATION_CHANNEL, POLICY_CHANNEL)
+                await pubsub.subscribe(REVOCATION_CHANNEL, POLICY_CHANNEL, KEYS_CHANNEL)
                 async for message in pubsub.listen():
                     self._on_message(message)
             except asyncio.CancelledError:
@@ -251,6 +258,8 @@ class Runtime:
             self.watcher.apply(data)
         elif channel == POLICY_CHANNEL:
             asyncio.ensure_future(self.policies.reload())
+        elif channel == KEYS_CHANNEL:
+            asyncio.ensure_future(self.keys.refresh())
 
 
 _runtime: Runtime | None = None

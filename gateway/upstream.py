@@ -77,6 +77,14 @@ class UpstreamPool:
                     cards.setdefault(model_id, card)
         return cards
 
+    def context_length(self, model: str) -> int | None:
+        """Return the model's context length as its upstream reports it (max_model_len), if known."""
+        for upstream in self.upstreams:
+            card = upstream.models.get(model)
+            if card is not None and isinstance(card.get("max_model_len"), int):
+                return int(card["max_model_len"])
+        return None
+
     def serves(self, model: str) -> bool:
         """Return whether any upstream (healthy or not) is known to serve the model."""
         return any(model in u.models for u in self.upstreams)

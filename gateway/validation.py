@@ -24,7 +24,6 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP = 8
 MAX_TOOLS = 64
 MAX_INPUTS = 2048
-DEFAULT_MAX_TOKENS_CAP = 32_768  # when neither the request nor the policy bounds a generation
 
 Check = Callable[[Any, str], None]
 
@@ -305,7 +304,7 @@ class Validated:
     model: str
     stream: bool
     wants_usage: bool
-    max_tokens: int
+    max_tokens: int | None  # None: bounded only by the model's context (vLLM's default)
     n: int
 
 
@@ -323,15 +322,15 @@ def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> V
         _fail("stream_options", "is only allowed with stream: true")
     if kind == "embeddings":
         return Validated(payload, payload["model"], False, False, 0, 1)
-    cap = max_tokens_cap or DEFAULT_MAX_TOKENS_CAP
     key = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
     requested = payload.get(key)
-    if requested is not None and requested > cap:
-        _fail(key, f"must be at most {cap} for this client")
-    if requested is None:
-        payload["max_tokens"] = cap  # bound the generation so limits can reserve for it
+    if max_tokens_cap is not None:
+        if requested is not None and requested > max_tokens_cap:
+            _fail(key, f"must be at most {max_tokens_cap} for this client")
+        if requested is None:
+            requested = payload["max_tokens"] = max_tokens_cap  # the client's cap bounds every generation
     wants_usage = bool(payload.get("stream_options", {}).get("include_usage"))
     if stream:
         # Always ask vLLM for the final usage chunk, so a stream is charged what it really used.
         payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
-    return Validated(payload, payload["model"], stream, wants_usage, requested or cap, payload.get("n", 1))
+    return Validated(payload, payload["model"], stream, wants_usage, requested, payload.get("n", 1))

@@ -110,6 +110,73 @@ def stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+@dataclass
+class FakeVllm:
+    base: str
+    process: subprocess.Popen[bytes]
+
+    def state(self) -> dict[str, Any]:
+        return dict(httpx.get(f"{self.base}/_fake/state", timeout=5).json())
+
+    def configure(self, **fields: Any) -> None:
+        httpx.post(f"{self.base}/_fake/config", json=fields, timeout=5).raise_for_status()
+
+    def reset(self) -> None:
+        httpx.post(f"{self.base}/_fake/reset", timeout=5).raise_for_status()
+        self.configure(
+            tokens=16, chunk_delay_s=0.0, first_chunk_delay_s=0.0, fail_after_chunks=None, refuse=False
+        )
+
+    def served(self) -> int:
+        return int(self.state()["requests_total"])
+
+
+def start_fakevllm(tmp: Path, models: str = "m1,m2,embed-1", *extra: str) -> FakeVllm:
+    port = free_port()
+    log = tmp / f"fakevllm-{port}.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "fakevllm", "--port", str(port), "--models", models, *extra],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{base}/health")
+    except RuntimeError:
+        stop(process)
+        raise RuntimeError(log.read_text()) from None
+    return FakeVllm(base=base, process=process)
+
+
+def start_worker(tmp: Path) -> subprocess.Popen[bytes]:
+    """A real Celery worker with an embedded beat (-B): it ingests what the gateway hands off."""
+    log = tmp / "celery.log"
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "config",
+                "worker",
+                "-B",
+                "--pool",
+                "solo",
+                "-l",
+                "warning",
+                "--schedule",
+                str(tmp / "beat-schedule"),
+            ],
+            cwd=ROOT,
+            env=stack_env(),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+
+
 @pytest.fixture(scope="module")
 def server(
     django_db_setup: None, django_db_blocker: object, tmp_path_factory: pytest.TempPathFactory

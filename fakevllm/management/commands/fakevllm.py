@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import uvicorn
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from fakevllm import server
@@ -33,13 +32,4 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         host, port = options["host"], options["port"]
         self.stdout.write(f"fakevllm: serving {', '.join(config.models)} on http://{host}:{port}")
-        uvicorn.run(
-            server.create_app(config),
-            host=host,
-            port=port,
-            loop="uvloop",
-            http="httptools",
-            ws="none",
-            log_level="warning",
-            access_log=False,
-        )
+        server.serve(config, host, port)

@@ -1,0 +1,718 @@
+"""Tests of the container deployment in docker/: compose file, Dockerfile, entrypoint and health check.
+
+No Docker engine runs where the suite runs, so these tests read the files as data, and run the entrypoint
+(with stand-ins for python, uvicorn and celery) and the health check (against a local HTTP server) outside
+any container. Where the Compose plugin, hadolint or shellcheck are installed they validate the files as
+well; where they are not, every structural assertion still runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "docker"
+COMPOSE_PATH = DOCKER / "compose.yaml"
+DOCKERFILE_PATH = DOCKER / "Dockerfile"
+ENTRYPOINT = DOCKER / "entrypoint.sh"
+HEALTHCHECK = DOCKER / "healthcheck.py"
+
+DEPLOY_ENV = {"PORTCULLIS_ISSUER": "https://auth.example.com", "DJANGO_ALLOWED_HOSTS": "auth.example.com"}
+SERVICES = {"postgres", "redis", "migrate", "web", "gateway", "worker", "beat", "vllm", "fakevllm", "proxy"}
+APP_SERVICES = ("migrate", "web", "gateway", "worker", "beat")
+ROLES = ("web", "gateway", "worker", "beat", "fakevllm", "migrate")
+# Variables that hold a secret themselves: only their *_FILE form may appear in the deployment files.
+SECRET_VARIABLES = {"DJANGO_SECRET_KEY", "PORTCULLIS_KEY_ENCRYPTION_KEY", "VLLM_API_KEY", "PGPASSWORD"}
+SECRET_VARIABLES |= {"POSTGRES_PASSWORD", "HF_TOKEN"}
+WRITABLE_TMPFS = {"/tmp", "/var/lib/portcullis"}  # noqa: S108 (paths inside the container)
+APP_SECRET_FILES = {"DJANGO_SECRET_KEY_FILE", "PORTCULLIS_KEY_ENCRYPTION_KEY_FILE", "VLLM_API_KEY_FILE"}
+BUILD_TOOLS = {"build-essential", "gcc", "g++", "cc", "clang", "make", "cmake", "libc6-dev", "python3-dev"}
+BUILD_TOOLS |= {"libpq-dev", "pkg-config", "rustc", "cargo", "git"}
+UVICORN = (
+    "uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools"
+    " --workers 4 --proxy-headers --forwarded-allow-ips 127.0.0.1"
+)
+ROLE_COMMANDS = {
+    "web": ["python manage.py migrate --noinput", "python manage.py collectstatic --noinput", UVICORN],
+    "gateway": [UVICORN],
+    "worker": ["celery -A config worker -l info --concurrency 2"],
+    "beat": ["celery -A config beat -l info --schedule /tmp/celerybeat-schedule"],
+    "fakevllm": ["python -m fakevllm --host 0.0.0.0 --port 8001 --models demo-model"],
+    "migrate": ["python manage.py migrate --noinput"],
+}
+
+# ---- reading the compose file the way Compose does ------------------------------------------------------
+
+_VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^${}]*))?\}")
+
+
+def interpolate(text: str, env: Mapping[str, str]) -> str:
+    """Resolve ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?error} (innermost first); $$ is a $."""
+    text = text.replace("$$", "\0")
+    while match := _VARIABLE.search(text):
+        name, op, arg = match["name"], match["op"], match["arg"] or ""
+        value = env.get(name)
+        if op in (":?", "?") and (value is None or (op == ":?" and not value)):
+            raise LookupError(f"{name}: {arg}")
+        if (op == ":-" and not value) or (op == "-" and value is None):
+            value = arg
+        text = text[: match.start()] + (value or "") + text[match.end() :]
+    return text.replace("\0", "$")
+
+
+def resolved(node: Any, env: Mapping[str, str]) -> Any:
+    """Interpolate every string of a parsed YAML tree."""
+    if isinstance(node, str):
+        return interpolate(node, env)
+    if isinstance(node, list):
+        return [resolved(item, env) for item in node]
+    if isinstance(node, dict):
+        return {key: resolved(value, env) for key, value in node.items()}
+    return node
+
+
+@cache
+def compose() -> dict[str, Any]:
+    return resolved(yaml.safe_load(COMPOSE_PATH.read_text(encoding="utf-8")), DEPLOY_ENV)
+
+
+def service(name: str) -> dict[str, Any]:
+    return compose()["services"][name]
+
+
+def command_text(svc: Mapping[str, Any]) -> str:
+    return " ".join([*svc.get("entrypoint", []), *svc.get("command", [])])
+
+
+def string_values(node: Any) -> Iterator[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, list):
+        for item in node:
+            yield from string_values(item)
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from string_values(value)
+
+
+def looks_like_a_generated_secret(value: str) -> bool:
+    """A long run of URL-safe characters mixing cases and digits, like secrets.token_urlsafe() output."""
+    for run in re.findall(r"[A-Za-z0-9_\-+/=]{32,}", value):
+        if re.search(r"[a-z]", run) and re.search(r"[A-Z]", run) and re.search(r"[0-9]", run):
+            return True
+    return False
+
+
+def documented_names(path: Path) -> set[str]:
+    return set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]*)=", path.read_text(encoding="utf-8"), re.MULTILINE))
+
+
+def tool(name: str) -> str | None:
+    """Find a command on PATH or next to this interpreter (a tool installed into the project's venv)."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.exists() else shutil.which(name)
+
+
+# ---- compose: services and roles ----------------------------------------------------------------------
+
+
+def test_compose_defines_every_service_of_the_deployment() -> None:
+    assert set(compose()["services"]) == SERVICES
+    assert compose()["name"] == "portcullis"
+    assert {"secrets", "volumes", "networks"} <= set(compose())
+
+
+def test_each_portcullis_service_runs_its_role_from_the_one_image() -> None:
+    built = {name: service(name) for name in (*APP_SERVICES, "fakevllm")}
+    for name, svc in built.items():
+        assert svc["command"][0] == name, name
+        assert svc["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}, name
+    assert len({svc["image"] for svc in built.values()}) == 1
+    assert service("web")["image"] == "portcullis:local"
+
+
+def test_compose_refuses_to_run_without_an_issuer_or_allowed_hosts() -> None:
+    raw = yaml.safe_load(COMPOSE_PATH.read_text(encoding="utf-8"))
+    for missing in DEPLOY_ENV:
+        env = {name: value for name, value in DEPLOY_ENV.items() if name != missing}
+        with pytest.raises(LookupError, match=missing):
+            resolved(raw, env)
+
+
+def test_images_pulled_from_a_registry_are_pinned_to_a_version() -> None:
+    pulled = {name: svc["image"] for name, svc in compose()["services"].items() if "build" not in svc}
+    assert set(pulled) == {"postgres", "redis", "vllm", "proxy"}
+    for name, image in pulled.items():
+        repository, _, tag = image.rpartition(":")
+        assert repository, f"{name}: {image} has no tag"
+        assert "/" not in tag, f"{name}: {image} has no tag"
+        assert re.fullmatch(r"v?\d+(\.\d+)*(-[a-z0-9.]+)?", tag), f"{name}: {image} is not pinned"
+    assert pulled["postgres"].startswith("postgres:16")
+    assert pulled["redis"].startswith("redis:7")
+    assert pulled["vllm"].startswith("vllm/vllm-openai:v")
+
+
+def test_beat_runs_exactly_one_replica() -> None:
+    beat = service("beat")
+    assert beat["deploy"]["replicas"] == 1
+    assert "scale" not in beat
+    runs_beat = [
+        name for name, svc in compose()["services"].items() if svc.get("command", [None])[0] == "beat"
+    ]
+    assert runs_beat == ["beat"]
+
+
+def test_web_waits_for_healthy_databases_and_finished_migrations() -> None:
+    for name in ("web", "gateway", "worker", "beat"):
+        assert service(name)["depends_on"] == {
+            "postgres": {"condition": "service_healthy"},
+            "redis": {"condition": "service_healthy"},
+            "migrate": {"condition": "service_completed_successfully"},
+        }, name
+    assert set(service("migrate")["depends_on"]) == {"postgres", "redis"}
+    assert service("migrate")["restart"] == "no"
+
+
+def test_web_publishes_port_8000_on_loopback_and_checks_healthz() -> None:
+    web = service("web")
+    assert web["ports"] == ["127.0.0.1:8000:8000"]
+    test = web["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "python", "/app/docker/healthcheck.py"]
+    assert urlsplit(test[3]).path == "/healthz"
+    assert "ports" not in service("gateway")
+    assert "/healthz" in " ".join(service("gateway")["healthcheck"]["test"])
+
+
+def test_databases_sit_on_an_internal_network_and_publish_no_port() -> None:
+    assert compose()["networks"]["backend"]["internal"] is True
+    for name in ("postgres", "redis"):
+        assert "ports" not in service(name), name
+        assert service(name)["networks"] == ["backend"], name
+    assert "pg_isready" in service("postgres")["healthcheck"]["test"]
+    assert service("redis")["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "pgdata:/var/lib/postgresql/data" in service("postgres")["volumes"]
+
+
+def test_redis_persistence_is_an_explicit_choice() -> None:
+    redis = service("redis")
+    args = redis["command"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "redis_data:/data" in redis["volumes"]
+
+
+def test_vllm_is_reachable_only_from_web_and_requires_an_api_key_from_its_secret() -> None:
+    vllm = service("vllm")
+    assert "ports" not in vllm
+    assert "expose" not in vllm
+    assert vllm["profiles"] == ["gpu"]
+    assert vllm["networks"] == ["inference"]
+    assert {name for name, svc in compose()["services"].items() if "inference" in svc["networks"]} == {
+        "web",
+        "gateway",
+        "vllm",
+        "fakevllm",
+    }
+    script = command_text(vllm)
+    assert re.search(r'--api-key "\$api_key"', script)
+    assert "$(cat /run/secrets/vllm_api_key)" in script
+    assert '[ -n "$api_key" ] ||' in script  # an empty key stops vLLM instead of serving without one
+    assert "vllm_api_key" in vllm["secrets"]
+    (device,) = vllm["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia"
+    assert "gpu" in device["capabilities"]
+
+
+def test_fakevllm_stands_in_under_the_fake_profile_without_the_app_secrets() -> None:
+    fake = service("fakevllm")
+    assert fake["profiles"] == ["fake"]
+    assert "ports" not in fake
+    assert fake["networks"] == ["inference"]
+    assert fake["secrets"] == ["vllm_api_key"]
+    assert fake["environment"]["VLLM_API_KEY_FILE"] == "/run/secrets/vllm_api_key"
+    assert "env_file" not in fake
+    assert "DJANGO_SECRET_KEY_FILE" not in fake["environment"]
+    assert service("web")["environment"]["VLLM_UPSTREAMS"] == "http://fakevllm:8001"
+    gpu = interpolate("${VLLM_UPSTREAMS:-http://fakevllm:8001}", {"VLLM_UPSTREAMS": "http://vllm:8000"})
+    assert gpu == "http://vllm:8000"
+
+
+def test_app_containers_are_read_only_and_unprivileged() -> None:
+    for name in (*APP_SERVICES, "fakevllm"):
+        svc = service(name)
+        assert svc["read_only"] is True, name
+        assert svc["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in svc["security_opt"], name
+        assert WRITABLE_TMPFS <= set(svc["tmpfs"]), name
+
+
+# ---- compose: secrets -------------------------------------------------------------------------------
+
+
+def test_every_secret_is_read_from_a_mounted_secret_file() -> None:
+    declared = compose()["secrets"]
+    for name, spec in declared.items():
+        assert spec == {"file": f"./secrets/{name}.txt"}, name
+    for name, svc in compose()["services"].items():
+        for variable, value in svc.get("environment", {}).items():
+            assert variable not in SECRET_VARIABLES, f"{name} sets {variable} directly"
+            if variable.endswith("_FILE"):
+                secret = value.removeprefix("/run/secrets/")
+                assert value == f"/run/secrets/{secret}", f"{name}: {variable}"
+                assert secret in declared, f"{name}: {variable}"
+                assert secret in svc["secrets"], f"{name} reads {secret} without mounting it"
+    for name in APP_SERVICES:
+        env = service(name)["environment"]
+        assert env["DJANGO_DEBUG"] == "false"
+        assert APP_SECRET_FILES <= set(env)
+        assert env["PGPASSWORD_FILE"] == "/run/secrets/postgres_password"
+        assert service(name)["env_file"] == [{"path": ".env", "required": False}]
+
+
+def test_no_secret_value_is_written_in_the_deployment_files() -> None:
+    web = service("web")["environment"]
+    for variable in ("DATABASE_URL", "REDIS_URL"):
+        assert urlsplit(web[variable]).password is None, variable
+    for value in string_values(compose()):
+        assert not looks_like_a_generated_secret(value), value
+    example = (DOCKER / "env.example").read_text(encoding="utf-8")
+    for variable, value in re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", example, re.MULTILINE):
+        assert variable not in SECRET_VARIABLES, f"env.example assigns {variable}"
+        assert not looks_like_a_generated_secret(value), variable
+    # On a machine where the secret files were generated, none of their values may have leaked anywhere.
+    published = [COMPOSE_PATH, DOCKER / "env.example", DOCKERFILE_PATH, DOCKER / "README.md"]
+    texts = [path.read_text(encoding="utf-8") for path in published]
+    for secret_file in (DOCKER / "secrets").glob("*.txt"):
+        value = secret_file.read_text(encoding="utf-8").strip()
+        assert not value or all(value not in text for text in texts), secret_file.name
+
+
+def test_secret_files_are_documented_and_kept_out_of_the_image() -> None:
+    guide = (DOCKER / "secrets" / "README.md").read_text(encoding="utf-8")
+    for name in compose()["secrets"]:
+        assert f"> docker/secrets/{name}.txt" in guide, name
+    assert "docker/secrets/*.txt" in guide
+    assert "Never commit" in guide
+    ignored = (DOCKER / "Dockerfile.dockerignore").read_text(encoding="utf-8").split("\n")
+    patterns = {line.strip() for line in ignored if line.strip() and not line.startswith("#")}
+    for needed in (".venv", "var", ".git", "**/__pycache__", "bench/results", "artifacts"):
+        assert needed in patterns, needed
+    assert {"docker/secrets", "docker/.env", ".env"} <= patterns
+
+
+def test_env_example_documents_every_variable_the_compose_file_reads() -> None:
+    raw = COMPOSE_PATH.read_text(encoding="utf-8")
+    interpolated = set(re.findall(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)", raw))
+    documented = documented_names(DOCKER / "env.example")
+    assert interpolated - documented == set()
+    assert set(service("web")["environment"]) - documented == set()
+    assert {"WEB_CONCURRENCY", "CELERY_CONCURRENCY", "FORWARDED_ALLOW_IPS", "FAKEVLLM_MODELS"} <= documented
+
+
+def test_compose_file_validates_with_docker_compose_where_the_plugin_is_installed(tmp_path: Path) -> None:
+    assert yaml.safe_load(COMPOSE_PATH.read_text(encoding="utf-8"))["services"]  # parses, always
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
+        return  # only the docker CLI client, or none: the structural tests above are the check here
+    # A hermetic copy: dummy secret files, and no developer's docker/.env.
+    (tmp_path / "docker" / "secrets").mkdir(parents=True)
+    for name in ("compose.yaml", "Caddyfile"):
+        shutil.copy(DOCKER / name, tmp_path / "docker" / name)
+    for name in compose()["secrets"]:
+        (tmp_path / "docker" / "secrets" / f"{name}.txt").write_text("dummy\n", encoding="utf-8")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COMPOSE_")}
+    profiles = [arg for profile in ("fake", "gpu", "tls", "gateway") for arg in ("--profile", profile)]
+    result = subprocess.run(
+        [docker, "compose", "-f", str(tmp_path / "docker" / "compose.yaml"), *profiles, "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        env={**env, **DEPLOY_ENV},
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# ---- Dockerfile -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str
+    instructions: list[tuple[str, str]] = field(default_factory=list)
+
+    def args(self, instruction: str) -> list[str]:
+        return [args for name, args in self.instructions if name == instruction]
+
+
+@cache
+def stages() -> list[Stage]:
+    """Split the Dockerfile into stages of (INSTRUCTION, arguments), continuations joined."""
+    logical: list[str] = []
+    pending = ""
+    for raw_line in DOCKERFILE_PATH.read_text(encoding="utf-8").splitlines():
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue  # Docker drops comment lines, inside continuations too
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    result: list[Stage] = []
+    for line in logical:
+        instruction, _, args = line.partition(" ")
+        if instruction.upper() == "FROM":
+            base, _, name = args.partition(" AS ")
+            result.append(Stage(base=base.strip(), name=name.strip()))
+        else:
+            result[-1].instructions.append((instruction.upper(), args.strip()))
+    return result
+
+
+def test_dockerfile_builds_wheels_in_a_builder_and_installs_only_wheels_in_a_slim_final_stage() -> None:
+    builder, final = stages()[0], stages()[-1]
+    assert len(stages()) >= 2
+    assert all(stage.base == "python:3.11-slim" for stage in stages())
+    assert any("pip wheel" in run for run in builder.args("RUN"))
+    installs = [run for run in final.args("RUN") if "pip install" in run]
+    assert installs
+    assert all("--no-index" in run and "/wheels" in run for run in installs)
+    for run in final.args("RUN"):
+        if re.search(r"\b(apt-get|apt|apk)\s+(install|add)\b", run):
+            assert BUILD_TOOLS.isdisjoint(run.split()), run
+    assert final.args("WORKDIR") == ["/app"]
+
+
+def test_final_stage_runs_as_unprivileged_user_10001() -> None:
+    final = stages()[-1]
+    users = final.args("USER")
+    assert users
+    assert users[-1] == "10001:10001"
+    assert any("--uid 10001" in run for run in final.args("RUN"))
+    last_user = max(i for i, (name, _) in enumerate(final.instructions) if name == "USER")
+    assert all(name != "RUN" for name, _ in final.instructions[last_user:])
+
+
+def test_image_checks_its_health_with_python_and_starts_through_the_role_entrypoint() -> None:
+    final = stages()[-1]
+    (healthcheck,) = final.args("HEALTHCHECK")
+    assert '"python", "/app/docker/healthcheck.py", "http://127.0.0.1:8000/healthz"' in healthcheck
+    assert not re.search(r"\b(curl|wget)\b", " ".join(args for _, args in final.instructions))
+    assert final.args("ENTRYPOINT") == ['["/app/docker/entrypoint.sh"]']
+    assert final.args("CMD") == ['["web"]']
+
+
+def test_dockerfile_passes_hadolint_where_it_is_installed() -> None:
+    assert [stage.name for stage in stages()] == ["builder", "runtime"]
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        return  # not installed here: the structural tests above still hold the Dockerfile to account
+    result = subprocess.run([hadolint, "--no-color", str(DOCKERFILE_PATH)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- entrypoint -------------------------------------------------------------------------------------
+
+
+@dataclass
+class EntrypointRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    commands: list[str]
+    web_concurrency_seen: list[str]
+
+
+def lines_of(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def run_entrypoint(tmp_path: Path) -> Callable[..., EntrypointRun]:
+    """Run docker/entrypoint.sh with stand-ins for python, uvicorn and celery that log their arguments."""
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    log = tmp_path / "commands.log"
+    for name in ("python", "uvicorn", "celery"):
+        stub = stubs / name
+        stub.write_text(
+            "#!/bin/sh\n"
+            '{ printf %s "${0##*/}"; for arg in "$@"; do printf " %s" "$arg"; done; echo; } >> "$STUB_LOG"\n'
+            'echo "${WEB_CONCURRENCY-unset}" >> "$STUB_LOG.env"\n'
+            'case " $* " in *" $STUB_FAIL_ON "*) exit 3 ;; esac\n',
+            encoding="utf-8",
+        )
+        stub.chmod(0o755)
+
+    def run(*args: str, env: Mapping[str, str] | None = None) -> EntrypointRun:
+        base = {"PATH": f"{stubs}{os.pathsep}/usr/bin{os.pathsep}/bin", "HOME": str(tmp_path)}
+        base |= {"STUB_LOG": str(log), "STUB_FAIL_ON": "never-matches"}
+        result = subprocess.run(
+            ["sh", str(ENTRYPOINT), *args],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={**base, **(env or {})},
+            timeout=30,
+        )
+        commands, seen = lines_of(log), lines_of(Path(f"{log}.env"))
+        log.unlink(missing_ok=True)
+        Path(f"{log}.env").unlink(missing_ok=True)
+        return EntrypointRun(result.returncode, result.stdout, result.stderr, commands, seen)
+
+    return run
+
+
+def test_entrypoint_is_valid_posix_shell_that_never_traces_itself() -> None:
+    for shell in ("sh", "bash"):
+        result = subprocess.run([shell, "-n", str(ENTRYPOINT)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{shell}: {result.stderr}"
+    text = ENTRYPOINT.read_text(encoding="utf-8")
+    assert text.startswith("#!/bin/sh\n")
+    assert re.search(r"^set -eu$", text, re.MULTILINE)
+    assert not re.search(r"^\s*set\s+-[a-z]*x|xtrace", text, re.MULTILINE)
+    assert os.access(ENTRYPOINT, os.X_OK)
+    shellcheck = tool("shellcheck")
+    if shellcheck is not None:
+        result = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+
+
+def test_entrypoint_has_a_case_branch_for_every_documented_role() -> None:
+    branches = set(re.findall(r"^\s{4}([a-z]+)\)$", ENTRYPOINT.read_text(encoding="utf-8"), re.MULTILINE))
+    assert branches == set(ROLES)
+    guide = (DOCKER / "README.md").read_text(encoding="utf-8")
+    for role in ROLES:
+        assert f"| `{role}` |" in guide, role
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_each_role_runs_its_documented_command(
+    run_entrypoint: Callable[..., EntrypointRun], role: str
+) -> None:
+    result = run_entrypoint(role)
+    assert result.returncode == 0, result.stderr
+    assert result.commands == ROLE_COMMANDS[role]
+
+
+def test_web_does_not_serve_when_migrations_fail(run_entrypoint: Callable[..., EntrypointRun]) -> None:
+    result = run_entrypoint("web", env={"STUB_FAIL_ON": "migrate"})
+    assert result.returncode == 3
+    assert result.commands == ["python manage.py migrate --noinput"]
+
+
+def test_arguments_and_settings_reach_the_server(run_entrypoint: Callable[..., EntrypointRun]) -> None:
+    env = {"WEB_CONCURRENCY": "7", "FORWARDED_ALLOW_IPS": "10.0.0.0/8", "CELERY_CONCURRENCY": "5"}
+    web = run_entrypoint("gateway", "--ssl-keyfile", "/run/secrets/tls_key", env=env)
+    assert web.commands == [
+        UVICORN.replace("--workers 4", "--workers 7").replace("127.0.0.1", "10.0.0.0/8")
+        + " --ssl-keyfile /run/secrets/tls_key"
+    ]
+    assert run_entrypoint("worker", env=env).commands == ["celery -A config worker -l info --concurrency 5"]
+
+
+def test_any_other_command_runs_as_given(run_entrypoint: Callable[..., EntrypointRun]) -> None:
+    result = run_entrypoint("sh", "-c", 'echo "ran: $0 $1"', "one", "two")
+    assert result.returncode == 0
+    assert result.stdout == "ran: one two\n"
+    assert run_entrypoint().returncode == 64  # no role at all is a usage error
+
+
+def test_database_password_file_fills_pgpassword_without_printing_it(
+    run_entrypoint: Callable[..., EntrypointRun], tmp_path: Path
+) -> None:
+    secret = "s3cret-Value-0123456789-ABCDEFGHIJKLMNOP"
+    (tmp_path / "pg").write_text(secret + "\n", encoding="utf-8")
+    out = tmp_path / "seen"
+    result = run_entrypoint(
+        "sh", "-c", 'printf %s "$PGPASSWORD" > "$0"', str(out), env={"PGPASSWORD_FILE": str(tmp_path / "pg")}
+    )
+    assert result.returncode == 0
+    assert out.read_text(encoding="utf-8") == secret
+    assert secret not in result.stdout + result.stderr
+    missing = run_entrypoint("web", env={"PGPASSWORD_FILE": str(tmp_path / "absent")})
+    assert missing.returncode == 78
+    assert "PGPASSWORD_FILE" in missing.stderr
+    assert missing.commands == []
+
+
+def test_fakevllm_requires_the_upstream_key_from_its_file(
+    run_entrypoint: Callable[..., EntrypointRun], tmp_path: Path
+) -> None:
+    (tmp_path / "key").write_text("upstream-key\n", encoding="utf-8")
+    env = {"VLLM_API_KEY_FILE": str(tmp_path / "key"), "FAKEVLLM_MODELS": "a,b", "WEB_CONCURRENCY": "4"}
+    result = run_entrypoint("fakevllm", env=env)
+    assert result.commands == [
+        "python -m fakevllm --host 0.0.0.0 --port 8001 --models a,b --api-key upstream-key"
+    ]
+    assert result.web_concurrency_seen == ["unset"]  # uvicorn.run() would read it as a worker count
+    (tmp_path / "key").write_text("", encoding="utf-8")
+    empty = run_entrypoint("fakevllm", env=env)
+    assert empty.returncode == 78
+    assert empty.commands == []
+
+
+# ---- health check -----------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeServer:
+    url: str
+    requests: list[dict[str, str]]
+    status: list[int]
+
+
+@contextmanager
+def serve(tls: ssl.SSLContext | None = None) -> Iterator[FakeServer]:
+    """Serve GET on 127.0.0.1 in a thread, recording each request; answer with status[0]."""
+    seen: list[dict[str, str]] = []
+    status = [200]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
+            self.send_response(status[0])
+            self.send_header("Location", "https://auth.example.com/healthz")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    scheme = "https" if tls else "http"
+    try:
+        yield FakeServer(f"{scheme}://127.0.0.1:{server.server_address[1]}/healthz", seen, status)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def http_server() -> Iterator[FakeServer]:
+    with serve() as server:
+        yield server
+
+
+def self_signed_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+def probe(url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {key: value for key, value in os.environ.items() if not key.startswith(("DJANGO_", "UVICORN_"))}
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK), url],
+        capture_output=True,
+        text=True,
+        env={**base, **env},
+        timeout=30,
+    )
+
+
+def test_healthcheck_passes_on_200_naming_an_allowed_host_over_tls(http_server: FakeServer) -> None:
+    result = probe(http_server.url, DJANGO_ALLOWED_HOSTS=".example.com,other.example.org")
+    assert result.returncode == 0, result.stderr
+    (request,) = http_server.requests
+    assert request["path"] == "/healthz"
+    assert request["host"] == "example.com"
+    assert request["x-forwarded-proto"] == "https"
+
+
+def test_healthcheck_fails_on_a_redirect_without_following_it(http_server: FakeServer) -> None:
+    http_server.status[0] = 301
+    result = probe(http_server.url, DJANGO_ALLOWED_HOSTS="auth.example.com")
+    assert result.returncode == 1
+    assert "HTTP 301" in result.stderr
+    assert len(http_server.requests) == 1
+
+
+def test_healthcheck_fails_when_nothing_listens() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = probe(f"http://127.0.0.1:{port}/healthz")
+    assert result.returncode == 1
+    assert "did not answer" in result.stderr
+
+
+def test_healthcheck_trusts_exactly_the_certificate_uvicorn_serves(tmp_path: Path) -> None:
+    served_cert, served_key = self_signed_certificate(tmp_path, "auth.example.com")
+    other_cert, _ = self_signed_certificate(tmp_path, "other.example.com")
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(served_cert, served_key)
+    with serve(tls) as fake:
+        assert probe(fake.url, UVICORN_SSL_CERTFILE=str(served_cert)).returncode == 0
+        refused = probe(fake.url, UVICORN_SSL_CERTFILE=str(other_cert))
+        assert refused.returncode == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in refused.stderr
+        assert len(fake.requests) == 1
+
+
+# ---- documentation ----------------------------------------------------------------------------------
+
+
+def test_deploy_guide_covers_first_run_upgrades_backups_scaling_tls_and_kubernetes() -> None:
+    guide = (DOCKER / "README.md").read_text(encoding="utf-8")
+    for heading in ("## First run", "## Upgrades", "## Backups", "## Scaling", "## TLS", "## Kubernetes"):
+        assert heading in guide, heading
+    for phrase in (
+        "docker compose run --rm web python manage.py createsuperuser",
+        "pg_dump",
+        "--scale web=",
+        "PORTCULLIS_TRUSTED_PROXIES",
+        "--ssl-keyfile",
+        "replicas: 1",
+        "Recreate",
+        "GET /healthz",
+        "*_FILE",
+    ):
+        assert phrase in guide, phrase

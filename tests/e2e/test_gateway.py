@@ -1,0 +1,503 @@
+"""End to end against the real stack: uvicorn (authorization server + gateway), fakevllm, PostgreSQL,
+Redis and a Celery worker, driven over HTTP with the official openai SDK and raw clients."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from django.core.management import call_command
+
+from audit.models import AuditEvent, UsageRecord
+from authserver.models import SigningKey
+from authserver.services import client_register
+from gateway.services import policy_set
+from tests.e2e.conftest import FakeVllm, Server, start_fakevllm, start_server, start_worker, stop
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
+
+
+@dataclass
+class Stack:
+    server: Server
+    fake: FakeVllm
+    client_id: str
+    secret: str
+    narrow_id: str
+    narrow_secret: str
+
+    def token(self, scope: str = "models.read completions embeddings", *, narrow: bool = False) -> str:
+        auth = (self.narrow_id, self.narrow_secret) if narrow else (self.client_id, self.secret)
+        response = httpx.post(
+            f"{self.server.base}/oauth/token/",
+            data={"grant_type": "client_credentials", "scope": scope},
+            auth=auth,
+            timeout=10,
+        )
+        response.raise_for_status()
+        return str(response.json()["access_token"])
+
+    def sdk(self, token: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.server.base}/v1", api_key=token or self.token(), max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("gateway")
+    fake = start_fakevllm(tmp)
+    with django_db_blocker.unblock():
+        full = client_register(name="SDK app", grant_types=["client-credentials"])
+        narrow = client_register(
+            name="Narrow app", grant_types=["client-credentials"], scopes=["models.read"]
+        )
+        policy_set(client=full.client, actor="test", allowed_models=["m1", "embed-1", "ghost-model"])
+        policy_set(client=narrow.client, actor="test", allowed_models=["m1"])
+    server = start_server(tmp, VLLM_UPSTREAMS=fake.base)
+    worker = start_worker(tmp)
+    try:
+        yield Stack(
+            server,
+            fake,
+            full.client.client_id,
+            str(full.client_secret),
+            narrow.client.client_id,
+            str(narrow.client_secret),
+        )
+    finally:
+        stop(worker)
+        stop(server.process)
+        stop(fake.process)
+        with django_db_blocker.unblock():
+            call_command("flush", interactive=False, verbosity=0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fake(stack: Stack) -> None:
+    stack.fake.reset()
+
+
+def test_openai_sdk_chat_completion_text_completion_embedding_and_models(stack):
+    client = stack.sdk()
+    chat = client.chat.completions.create(
+        model="m1", messages=[{"role": "user", "content": "hello there"}], max_tokens=4
+    )
+    assert chat.choices[0].message.content
+    assert chat.usage is not None
+    assert chat.usage.completion_tokens == 4
+    text = client.completions.create(model="m1", prompt="once upon a time", max_tokens=3)
+    assert text.choices[0].text
+    embedding = client.embeddings.create(model="embed-1", input=["a", "b"])
+    assert len(embedding.data) == 2
+    assert len(embedding.data[0].embedding) == 8
+    models = sorted(m.id for m in client.models.list())
+    assert models == [
+        "embed-1",
+        "m1",
+    ]  # m2 exists upstream but is not this client's; ghost-model is not served
+
+
+def test_openai_sdk_streams_a_chat_completion_chunk_by_chunk(stack):
+    client = stack.sdk()
+    stream = client.chat.completions.create(
+        model="m1",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.split() == ["tok0", "tok1", "tok2", "tok3", "tok4"]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+def test_a_stream_without_include_usage_gets_no_usage_chunk_but_is_still_charged(stack, django_db_blocker):
+    token = stack.token()
+    with httpx.stream(
+        "POST",
+        f"{stack.server.base}/v1/chat/completions",
+        headers={"authorization": f"Bearer {token}"},
+        json={"model": "m1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True},
+        timeout=10,
+    ) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["x-accel-buffering"] == "no"
+        request_id = response.headers["x-request-id"]
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert not any('"choices":[]' in e.replace(" ", "") for e in events)
+    sent = stack.fake.state()["last_bodies"][-1]
+    assert sent["stream_options"] == {"include_usage": True}
+    row = _usage_row(django_db_blocker, request_id)
+    assert row.completion_tokens == 3
+    assert row.stream is True
+
+
+def _usage_row(django_db_blocker: Any, request_id: str, timeout: float = 15.0) -> UsageRecord:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with django_db_blocker.unblock():
+            row = UsageRecord.objects.filter(request_id=request_id).first()
+        if row is not None:
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"no usage record for {request_id} after {timeout} s")
+
+
+def test_chunk_timing_is_preserved(stack):
+    stack.fake.configure(chunk_delay_s=0.05)
+    client = stack.sdk()
+    arrivals = []
+    for chunk in client.chat.completions.create(
+        model="m1", messages=[{"role": "user", "content": "x"}], max_tokens=8, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic())
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert len(arrivals) == 8
+    assert min(gaps) > 0.03  # spread out as produced, not delivered in one burst at the end
+    assert arrivals[-1] - arrivals[0] > 0.3
+
+
+def test_client_disconnect_mid_stream_aborts_the_upstream_request_within_a_second(stack):
+    stack.fake.configure(chunk_delay_s=0.05, tokens=200)
+    token = stack.token()
+    with httpx.stream(
+        "POST",
+        f"{stack.server.base}/v1/chat/completions",
+        headers={"authorization": f"Bearer {token}"},
+        json={
+            "model": "m1",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 200,
+            "stream": True,
+        },
+        timeout=10,
+    ) as response:
+        lines = response.iter_lines()
+        next(lines)
+        next(lines)
+    left = time.monotonic()
+    while time.monotonic() - left < 1.0:
+        state = stack.fake.state()
+        if state["aborted"] == 1:
+            break
+        time.sleep(0.02)
+    assert state["aborted"] == 1
+    assert state["running"] == 0
+
+
+def test_a_token_revoked_while_streaming_ends_the_stream_within_a_second(stack):
+    stack.fake.configure(chunk_delay_s=0.05, tokens=400)
+    token = stack.token()
+    events: list[str] = []
+    finished = threading.Event()
+
+    def consume() -> None:
+        with httpx.stream(
+            "POST",
+            f"{stack.server.base}/v1/chat/completions",
+            headers={"authorization": f"Bearer {token}"},
+            json={
+                "model": "m1",
+                "messages": [{"role": "user", "content": "x"}],
+                "max_tokens": 400,
+                "stream": True,
+            },
+            timeout=30,
+        ) as response:
+            for line in response.iter_lines():
+                if line:
+                    events.append(line)
+        finished.set()
+
+    thread = threading.Thread(target=consume)
+    thread.start()
+    while len(events) < 3:
+        time.sleep(0.01)
+    revoked = httpx.post(
+        f"{stack.server.base}/oauth/revoke/",
+        data={"token": token},
+        auth=(stack.client_id, stack.secret),
+        timeout=10,
+    )
+    assert revoked.status_code == 200
+    cut_at = time.monotonic()
+    assert finished.wait(5)
+    assert time.monotonic() - cut_at < 1.0
+    thread.join()
+    assert "token_revoked" in events[-1]
+    assert "data: [DONE]" not in events
+    after = httpx.get(
+        f"{stack.server.base}/v1/models", headers={"authorization": f"Bearer {token}"}, timeout=10
+    )
+    assert after.status_code == 401
+
+
+def _forge(claims: dict[str, Any], header: dict[str, Any] | None = None, *, django_db_blocker: Any) -> str:
+    """Sign claims with the real active key (or, for HS*, with a shared secret), with any header."""
+    import jwt
+
+    from authserver.crypto import private_key_decrypt
+
+    with django_db_blocker.unblock():
+        key = SigningKey.objects.get(state="active")
+        pem = private_key_decrypt(bytes(key.private_key_encrypted))
+    head = {"typ": "at+jwt", "kid": key.kid, **(header or {})}
+    alg = head.pop("alg", "RS256")
+    secret: Any = pem if alg.startswith("RS") else "a-shared-secret-an-attacker-knows"
+    return jwt.encode(claims, secret, algorithm=alg, headers=head)
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def _claims(stack: Stack, **overrides: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims = {
+        "iss": stack.server.base,
+        "sub": stack.client_id,
+        "aud": f"{stack.server.base}/v1",
+        "client_id": stack.client_id,
+        "scope": "models.read completions",
+        "jti": f"forged-{now}-{id(overrides)}",
+        "iat": now,
+        "exp": now + 120,
+    }
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def _rejections(stack: Stack, django_db_blocker: Any) -> list[tuple[str, dict[str, Any], int, str]]:
+    good = stack.token()
+    forge = lambda **kw: _forge(_claims(stack, **kw), django_db_blocker=django_db_blocker)  # noqa: E731
+    header_forge = lambda h: _forge(_claims(stack), h, django_db_blocker=django_db_blocker)  # noqa: E731
+    none_alg = f"{_b64({'alg': 'none', 'typ': 'at+jwt'})}.{_b64(_claims(stack))}."
+    auth = lambda t: {"authorization": f"Bearer {t}"}  # noqa: E731
+    return [
+        ("no credentials", {"json": CHAT}, 401, "missing_token"),
+        (
+            "basic auth",
+            {"json": CHAT, "headers": {"authorization": "Basic Zm9vOmJhcg=="}},
+            401,
+            "invalid_token",
+        ),
+        ("garbage token", {"json": CHAT, "headers": auth("not.a.jwt")}, 401, "invalid_token"),
+        ("alg none", {"json": CHAT, "headers": auth(none_alg)}, 401, "invalid_token"),
+        ("HS256", {"json": CHAT, "headers": auth(header_forge({"alg": "HS256"}))}, 401, "invalid_token"),
+        (
+            "jku header",
+            {"json": CHAT, "headers": auth(header_forge({"jku": "https://evil.example/jwks"}))},
+            401,
+            "invalid_token",
+        ),
+        (
+            "crit header",
+            {"json": CHAT, "headers": auth(header_forge({"crit": ["exp"]}))},
+            401,
+            "invalid_token",
+        ),
+        ("wrong typ", {"json": CHAT, "headers": auth(header_forge({"typ": "JWT"}))}, 401, "invalid_token"),
+        ("unknown kid", {"json": CHAT, "headers": auth(header_forge({"kid": "nope"}))}, 401, "invalid_token"),
+        (
+            "expired",
+            {"json": CHAT, "headers": auth(forge(exp=int(time.time()) - 600, iat=int(time.time()) - 900))},
+            401,
+            "invalid_token",
+        ),
+        (
+            "wrong audience",
+            {"json": CHAT, "headers": auth(forge(aud="https://other.example/v1"))},
+            401,
+            "invalid_token",
+        ),
+        (
+            "wrong issuer",
+            {"json": CHAT, "headers": auth(forge(iss="https://evil.example"))},
+            401,
+            "invalid_token",
+        ),
+        ("no jti", {"json": CHAT, "headers": auth(forge(jti=None))}, 401, "invalid_token"),
+        ("oversized token", {"json": CHAT, "headers": auth("a" * 9000)}, 401, "invalid_token"),
+        ("token in query", {"json": CHAT, "params": {"access_token": good}}, 400, "invalid_request"),
+        (
+            "missing scope",
+            {"json": CHAT, "headers": auth(stack.token("models.read"))},
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "model not allowed",
+            {"json": {**CHAT, "model": "m2"}, "headers": auth(good)},
+            403,
+            "model_not_allowed",
+        ),
+        (
+            "model not served",
+            {"json": {**CHAT, "model": "ghost-model"}, "headers": auth(good)},
+            404,
+            "model_not_found",
+        ),
+        (
+            "not json",
+            {"content": b"hello", "headers": {**auth(good), "content-type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "bad json",
+            {"content": b"{", "headers": {**auth(good), "content-type": "application/json"}},
+            400,
+            "invalid_request",
+        ),
+        (
+            "unknown field",
+            {"json": {**CHAT, "chat_template": "{{x}}"}, "headers": auth(good)},
+            400,
+            "invalid_request",
+        ),
+        (
+            "too large",
+            {
+                "content": b"{" + b" " * 1_100_000 + b"}",
+                "headers": {**auth(good), "content-type": "application/json"},
+            },
+            413,
+            "request_too_large",
+        ),
+    ]
+
+
+def test_every_rejection_is_openai_shaped_and_never_reaches_the_upstream(stack, django_db_blocker):
+    cases = _rejections(stack, django_db_blocker)
+    before = stack.fake.served()
+    for name, kwargs, status, code in cases:
+        response = httpx.post(f"{stack.server.base}/v1/chat/completions", timeout=10, **kwargs)
+        assert response.status_code == status, (name, response.text)
+        error = response.json()["error"]
+        assert error["code"] == code, name
+        assert set(error) == {"message", "type", "param", "code"}, name
+        if status in (401, 403):
+            assert response.headers["www-authenticate"].startswith("Bearer"), name
+    assert stack.fake.served() == before
+    expected = {"missing_token", "invalid_token", "insufficient_scope", "model_not_allowed"}
+    deadline, reasons = time.monotonic() + 15, set()
+    while not expected <= reasons and time.monotonic() < deadline:
+        time.sleep(0.2)
+        with django_db_blocker.unblock():
+            reasons = set(AuditEvent.objects.filter(kind="gateway.denied").values_list("data__reason", flat=True))
+    assert expected <= reasons
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/v1/tokenize", 404),
+        ("POST", "/v1/invocations", 404),
+        ("POST", "/v1/chat/completions/../../invocations", 404),
+        ("GET", "/v1/chat/completions", 405),
+        ("DELETE", "/v1/models", 405),
+        ("POST", "/invocations", 404),
+        ("POST", "/pause", 404),
+        ("POST", "/update_weights", 404),
+    ],
+)
+def test_unlisted_paths_and_methods_are_answered_by_the_gateway_and_never_forwarded(
+    stack, method, path, status
+):
+    before = stack.fake.served()
+    response = httpx.request(
+        method,
+        f"{stack.server.base}{path}",
+        json=CHAT,
+        headers={"authorization": f"Bearer {stack.token()}"},
+        timeout=10,
+    )
+    assert response.status_code == status
+    assert stack.fake.served() == before
+
+
+def test_the_upstream_sees_the_vllm_key_never_the_clients_token(tmp_path, stack):
+    keyed = start_fakevllm(tmp_path, "m1", "--api-key", "upstream-secret")
+    server = start_server(tmp_path, VLLM_UPSTREAMS=keyed.base, VLLM_API_KEY="upstream-secret")
+    try:
+        token = httpx.post(
+            f"{server.base}/oauth/token/",
+            data={"grant_type": "client_credentials", "scope": "completions"},
+            auth=(stack.client_id, stack.secret),
+            timeout=10,
+        ).json()
+        response = httpx.post(
+            f"{server.base}/v1/chat/completions",
+            json=CHAT,
+            headers={
+                "authorization": f"Bearer {token['access_token']}",
+                "x-request-id": "client-request-0001",
+                "cookie": "session=1",
+                "x-forwarded-host": "evil",
+            },
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        assert response.headers["x-request-id"] == "client-request-0001"
+        seen = keyed.state()["last_headers"][-1]
+        assert seen["authorization"] == "Bearer upstream-secret"
+        assert seen["x-request-id"] == "client-request-0001"
+        assert "cookie" not in seen
+        assert "x-forwarded-host" not in seen
+        assert token["access_token"] not in json.dumps(seen)
+    finally:
+        stop(server.process)
+        stop(keyed.process)
+
+
+def test_two_upstreams_one_killed_requests_keep_succeeding(tmp_path, stack):
+    first = start_fakevllm(tmp_path, "m1")
+    second = start_fakevllm(tmp_path, "m1")
+    server = start_server(tmp_path, VLLM_UPSTREAMS=f"{first.base},{second.base}")
+    try:
+        token = httpx.post(
+            f"{server.base}/oauth/token/",
+            data={"grant_type": "client_credentials", "scope": "completions"},
+            auth=(stack.client_id, stack.secret),
+            timeout=10,
+        ).json()
+        headers = {"authorization": f"Bearer {token['access_token']}"}
+        for _ in range(6):
+            assert (
+                httpx.post(
+                    f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10
+                ).status_code
+                == 200
+            )
+        assert first.served() > 0
+        assert second.served() > 0
+        stop(first.process)
+        statuses = [
+            httpx.post(
+                f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10
+            ).status_code
+            for _ in range(10)
+        ]
+        assert statuses == [200] * 10
+    finally:
+        stop(server.process)
+        stop(second.process)
+        if first.process.poll() is None:
+            stop(first.process)
