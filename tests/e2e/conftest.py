@@ -128,7 +128,9 @@ class FakeVllm:
         )
 
     def served(self) -> int:
-        return int(self.state()["requests_total"])
+        """Requests that reached the upstream other than the gateway's own health and model discovery."""
+        by_path = self.state()["requests_by_path"]
+        return sum(count for path, count in by_path.items() if path not in {"/health", "/v1/models"})
 
 
 def start_fakevllm(tmp: Path, models: str = "m1,m2,embed-1", *extra: str) -> FakeVllm:
