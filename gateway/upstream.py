@@ -44,6 +44,7 @@ class UpstreamPool:
         self.upstreams = [Upstream(base=b.rstrip("/")) for b in bases]
         self.client = client
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self._turn = 0
 
     # --- discovery and health --------------------------------------------------------------------
 
@@ -90,10 +91,16 @@ class UpstreamPool:
         return any(model in u.models for u in self.upstreams)
 
     def candidates(self, model: str) -> list[Upstream]:
-        """Healthy upstreams of the model, fewest in flight first."""
-        found = [u for u in self.upstreams if u.healthy and model in u.models]
-        found.sort(key=lambda u: u.inflight)
-        return found
+        """Healthy upstreams of the model, fewest in flight first; ties taken in turn (round robin)."""
+        self._turn += 1
+        count = len(self.upstreams)
+        found = [
+            (u.inflight, (i + self._turn) % count, u)
+            for i, u in enumerate(self.upstreams)
+            if u.healthy and model in u.models
+        ]
+        found.sort(key=lambda item: (item[0], item[1]))
+        return [u for _inflight, _turn, u in found]
 
     # --- requests ----------------------------------------------------------------------------------
 

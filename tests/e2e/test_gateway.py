@@ -401,7 +401,8 @@ def test_every_rejection_is_openai_shaped_and_never_reaches_the_upstream(stack, 
     while not expected <= reasons and time.monotonic() < deadline:
         time.sleep(0.2)
         with django_db_blocker.unblock():
-            reasons = set(AuditEvent.objects.filter(kind="gateway.denied").values_list("data__reason", flat=True))
+            denied = AuditEvent.objects.filter(kind="gateway.denied")
+            reasons = set(denied.values_list("data__reason", flat=True))
     assert expected <= reasons
 
 
