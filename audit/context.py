@@ -109,6 +109,16 @@ class RequestContextMiddleware:
         return response
 
 
+class AccessLogRedactFilter(logging.Filter):
+    """Drop query strings from uvicorn's access log: they can carry codes, user codes or a stray token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
+            record.args = (*args[:2], args[2].split("?", 1)[0] + "?[redacted]", *args[3:])
+        return True
+
+
 class RequestContextLogFilter(logging.Filter):
     """Add ``request_id`` to every log record."""
 

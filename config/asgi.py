@@ -22,10 +22,21 @@ from config.embedded import EmbeddedBeat  # noqa: E402
 from gateway.routing import gateway_application, is_gateway_path  # noqa: E402
 from gateway.runtime import runtime_get, runtime_stop  # noqa: E402
 
+HEALTHZ_BODY = b'{"status":"ok"}'
+
+
+async def healthz(send: Any) -> None:
+    """Liveness, answered before Django: no host check, no HTTPS redirect, so any probe can use it."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(HEALTHZ_BODY)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": HEALTHZ_BODY})
+
 
 async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Route /v1 to the gateway and the rest to Django."""
-    if is_gateway_path(scope["path"]):
+    """Route /healthz and /v1 to their handlers and the rest to Django."""
+    if scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
+        await healthz(send)
+    elif is_gateway_path(scope["path"]):
         await gateway_application(scope, receive, send)
     else:
         await django_asgi_app(scope, receive, send)

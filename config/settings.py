@@ -288,7 +288,10 @@ LOG_LEVEL = env_str("PORTCULLIS_LOG_LEVEL", "INFO").upper()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_context": {"()": "audit.context.RequestContextLogFilter"}},
+    "filters": {
+        "request_context": {"()": "audit.context.RequestContextLogFilter"},
+        "redact_query": {"()": "audit.context.AccessLogRedactFilter"},
+    },
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
     },
@@ -301,5 +304,6 @@ LOGGING = {
         "oauth2_provider": {"level": "WARNING"},
         "oauthlib": {"level": "WARNING"},
         "axes": {"level": "WARNING"},
+        "uvicorn.access": {"handlers": ["console"], "filters": ["redact_query"], "propagate": False},
     },
 }

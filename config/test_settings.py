@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 
+# xdist names the worker only after settings load; tests/conftest.py gives each worker its own Redis db.
 _worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or "0"
 os.environ.setdefault("DJANGO_DEBUG", "true")
 os.environ.setdefault("DJANGO_SECRET_KEY", "test-secret-key-for-the-suite-only-0123456789abcdef")

@@ -145,7 +145,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         await self.send_response(status, body, headers=headers)
 
     async def _deny(self, exc: errors.GatewayError) -> None:
-        if exc.status in (401, 403):
+        if 400 <= exc.status < 500:
             self.rt_event_denied(exc)
         if self.response_started:
             return

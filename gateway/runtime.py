@@ -40,6 +40,17 @@ logger = logging.getLogger(__name__)
 UPSTREAM_KEEPALIVE_S = 4.0  # below uvicorn's (and so vLLM's) 5 s keep-alive, so we never reuse a closed one
 
 
+REDIS_POOL_SIZE = 128  # requests beyond this wait for a connection rather than fail
+
+
+def redis_pool_open(url: str) -> aioredis.Redis:
+    """One Redis client per process over a pool that makes callers wait (not fail) when all are busy."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=REDIS_POOL_SIZE, timeout=2.0, socket_connect_timeout=1.0, socket_timeout=2.0
+    )
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
+
+
 class Runtime:
     def __init__(self, conf: GatewaySettings) -> None:
         self.conf = conf
@@ -55,13 +66,7 @@ class Runtime:
                 connect=conf.connect_timeout_s, read=conf.read_timeout_s, write=30.0, pool=5.0
             ),
         )
-        self.redis: aioredis.Redis | None = (
-            aioredis.Redis.from_url(
-                settings.REDIS_URL, max_connections=256, socket_connect_timeout=1.0, socket_timeout=2.0
-            )
-            if settings.REDIS_URL
-            else None
-        )
+        self.redis = redis_pool_open(settings.REDIS_URL) if settings.REDIS_URL else None
         self.keys = KeySet(self._fetch_jwks, refetch_interval_s=conf.jwks_refresh_s)
         self.verifier = TokenVerifier(conf, self.keys)
         self.policies = PolicyCache()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,14 @@ from authserver.selectors import active_key_cache_clear, private_jwk_for
 from authserver.services import RegisteredClient, client_register
 
 REDIRECT_URI = "https://app.example.com/callback"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _redis_per_worker(worker_id: str) -> None:
+    """Give each xdist worker its own Redis database (settings load before xdist names the worker)."""
+    base = os.environ.get("REDIS_URL_BASE", "redis://127.0.0.1:6379")
+    number = 0 if worker_id == "master" else int(worker_id.removeprefix("gw"))
+    settings.REDIS_URL = f"{base}/{1 + number % 15}"
 
 
 @pytest.fixture(autouse=True)

@@ -72,3 +72,22 @@ def test_request_id_and_true_ip_reach_the_audit_record_and_the_response(client, 
     event = AuditEvent.objects.get(kind="token.denied")
     assert event.request_id == "req-1234567890"
     assert event.ip == "198.51.100.7"
+
+
+def test_access_log_lines_lose_their_query_string():
+    import logging
+
+    from audit.context import AccessLogRedactFilter
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/v1/models?access_token=eyJsecret", "1.1", 400),
+        None,
+    )
+    assert AccessLogRedactFilter().filter(record)
+    assert "eyJsecret" not in record.getMessage()
+    assert "/v1/models?[redacted]" in record.getMessage()

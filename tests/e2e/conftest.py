@@ -92,7 +92,7 @@ def _spawn(port: int, base: str, sink: Any, env: dict[str, str]) -> subprocess.P
             "uvloop",
             "--http",
             "httptools",
-            "--no-access-log",
+            "--no-proxy-headers",
         ],
         cwd=ROOT,
         env=stack_env(PORTCULLIS_ISSUER=base, **env),

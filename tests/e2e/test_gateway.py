@@ -8,7 +8,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -33,6 +33,7 @@ class Stack:
     secret: str
     narrow_id: str
     narrow_secret: str
+    issued: list[str] = field(default_factory=list)
 
     def token(self, scope: str = "models.read completions embeddings", *, narrow: bool = False) -> str:
         auth = (self.narrow_id, self.narrow_secret) if narrow else (self.client_id, self.secret)
@@ -43,7 +44,8 @@ class Stack:
             timeout=10,
         )
         response.raise_for_status()
-        return str(response.json()["access_token"])
+        self.issued.append(response.json()["access_token"])
+        return self.issued[-1]
 
     def sdk(self, token: str | None = None) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.server.base}/v1", api_key=token or self.token(), max_retries=0)
@@ -397,7 +399,7 @@ def test_every_rejection_is_openai_shaped_and_never_reaches_the_upstream(stack, 
             assert response.headers["www-authenticate"].startswith("Bearer"), name
     assert stack.fake.served() == before
     expected = {"missing_token", "invalid_token", "insufficient_scope", "model_not_allowed"}
-    deadline, reasons = time.monotonic() + 15, set()
+    deadline, reasons = time.monotonic() + 15, set[str]()
     while not expected <= reasons and time.monotonic() < deadline:
         time.sleep(0.2)
         with django_db_blocker.unblock():
@@ -502,3 +504,18 @@ def test_two_upstreams_one_killed_requests_keep_succeeding(tmp_path, stack):
         stop(second.process)
         if first.process.poll() is None:
             stop(first.process)
+
+
+def test_no_token_or_secret_reaches_the_server_log(stack):
+    token = stack.token()
+    httpx.get(f"{stack.server.base}/v1/models", params={"access_token": token}, timeout=10)
+    httpx.post(
+        f"{stack.server.base}/v1/chat/completions",
+        json={**CHAT, "messages": [{"role": "user", "content": "a very secret prompt"}]},
+        headers={"authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    log = stack.server.log.read_text()
+    assert "/v1/models?[redacted]" in log  # the access log is on, and redacted
+    for secret in [*stack.issued, stack.secret, stack.narrow_secret, "a very secret prompt"]:
+        assert secret not in log

@@ -1,0 +1,309 @@
+"""End to end: limits that stay exact under concurrency and streaming, the Redis-down posture, and
+client IPs that a client cannot choose."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from django.core.management import call_command
+
+from audit.ingest import stream_ingest
+from audit.models import AuditEvent, UsageRecord
+from authserver.services import RegisteredClient, client_register
+from gateway.services import policy_set
+from tests.e2e.conftest import FakeVllm, Server, free_port, start_fakevllm, start_server, start_worker, stop
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
+
+CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+
+
+def token_for(server: Server, reg: RegisteredClient, scope: str = "completions") -> str:
+    response = httpx.post(
+        f"{server.base}/oauth/token/",
+        data={"grant_type": "client_credentials", "scope": scope},
+        auth=(reg.client.client_id, str(reg.client_secret)),
+        timeout=10,
+    )
+    response.raise_for_status()
+    return str(response.json()["access_token"])
+
+
+POLICIES: dict[str, dict[str, Any]] = {
+    "rpm": {"rpm": 50},
+    "tpm": {"tpm": 1000, "max_tokens": 40},
+    "slot": {"concurrency": 1},
+    "ip": {"allow_ips": ["10.1.2.3/32"]},
+    "fallback": {"rpm": 40},
+}
+
+
+@pytest.fixture(scope="module")
+def stack(
+    django_db_setup: None, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Server, FakeVllm, dict[str, RegisteredClient]]]:
+    tmp = tmp_path_factory.mktemp("policy")
+    clients: dict[str, RegisteredClient] = {}
+    with django_db_blocker.unblock():  # committed before any test transaction, so the servers see them
+        for name, policy in POLICIES.items():
+            clients[name] = client_register(name=f"{name} client", grant_types=["client-credentials"])
+            policy_set(client=clients[name].client, actor="test", allowed_models=["m1"], **policy)
+    fake = start_fakevllm(tmp, "m1")
+    server = start_server(tmp, VLLM_UPSTREAMS=fake.base)
+    worker = start_worker(tmp)
+    try:
+        yield server, fake, clients
+    finally:
+        stop(worker)
+        stop(server.process)
+        stop(fake.process)
+        with django_db_blocker.unblock():
+            call_command("flush", interactive=False, verbosity=0)
+
+
+def wait_policy(server: Server, token: str) -> None:
+    """Policies are pushed; wait until this server has the new one (well under a second)."""
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        models = httpx.get(
+            f"{server.base}/v1/models", headers={"authorization": f"Bearer {token}"}, timeout=5
+        )
+        if models.status_code == 200 and models.json()["data"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the policy did not reach the gateway within 3 s")
+
+
+async def burst(server: Server, token: str, count: int, body: dict[str, Any]) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(base_url=server.base, limits=limits, timeout=30) as client:
+        return await asyncio.gather(
+            *(
+                client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {token}"})
+                for _ in range(count)
+            )
+        )
+
+
+def test_two_hundred_concurrent_requests_against_fifty_per_minute_exactly_fifty_succeed(
+    stack, django_db_blocker
+):
+    server, fake, clients = stack
+    fake.reset()
+    reg = clients["rpm"]
+    token = token_for(server, reg, "completions models.read")
+    wait_policy(server, token)
+    before = fake.served()
+    responses = asyncio.run(burst(server, token, 200, CHAT))
+    statuses = [r.status_code for r in responses]
+    assert statuses.count(200) == 50  # (the /v1/models probe is answered locally and is not metered)
+    assert statuses.count(429) == 150
+    assert fake.served() - before == 50
+    refused = next(r for r in responses if r.status_code == 429)
+    assert int(refused.headers["retry-after"]) >= 1
+    assert refused.headers["x-ratelimit-limit-requests"] == "50"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused.json()["error"]["code"] == "requests"
+    ok = next(r for r in responses if r.status_code == 200)
+    assert ok.headers["x-ratelimit-limit-requests"] == "50"
+    assert "x-ratelimit-remaining-requests" in ok.headers
+
+
+def test_concurrent_streams_never_overspend_tokens_and_settle_to_the_upstream_usage(stack, django_db_blocker):
+    server, fake, clients = stack
+    fake.reset()
+    fake.configure(tokens=40)
+    reg = clients["tpm"]
+    token = token_for(server, reg, "completions models.read")
+    wait_policy(server, token)
+    body = {
+        "model": "m1",
+        "messages": [{"role": "user", "content": "count"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    responses = asyncio.run(burst(server, token, 30, body))
+    ok = [r for r in responses if r.status_code == 200]
+    assert 0 < len(ok) < 30
+    used = 0
+    for response in ok:
+        usage_line = [
+            line for line in response.text.splitlines() if '"usage": {' in line or '"usage":{' in line
+        ][-1]
+        used += int(usage_line.split('"total_tokens":')[1].split(",")[0].strip().rstrip("}"))
+    reservation = 40 + len(json_bytes(body)) // 4 + 60  # one request's reservation, with the prompt estimate
+    assert used <= 1000 + reservation
+    with django_db_blocker.unblock():
+        deadline = time.monotonic() + 15
+        rows: list[UsageRecord] = []
+        while time.monotonic() < deadline and len(rows) < len(ok):
+            rows = list(UsageRecord.objects.filter(client_id=reg.client.client_id, status=200, stream=True))
+            time.sleep(0.2)
+    assert sum(r.prompt_tokens + r.completion_tokens for r in rows) == used
+
+
+def json_bytes(body: dict[str, Any]) -> bytes:
+    import json
+
+    return json.dumps(body).encode()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_is_charged_for_what_was_sent(
+    stack, django_db_blocker
+):
+    server, fake, clients = stack
+    fake.reset()
+    fake.configure(tokens=500, chunk_delay_s=0.02)
+    reg = clients["slot"]
+    token = token_for(server, reg, "completions models.read")
+    wait_policy(server, token)
+    headers = {"authorization": f"Bearer {token}"}
+    body = {**CHAT, "max_tokens": 500, "stream": True}
+    with httpx.stream(
+        "POST", f"{server.base}/v1/chat/completions", json=body, headers=headers, timeout=10
+    ) as first:
+        lines = first.iter_lines()
+        received = [next(lines) for _ in range(12)]
+        request_id = first.headers["x-request-id"]
+        busy = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+        assert busy.status_code == 429
+        assert busy.json()["error"]["code"] == "concurrency"
+    sent_events = len([line for line in received if line.startswith("data: ")])
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        again = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+        if again.status_code == 200:
+            break
+        time.sleep(0.05)
+    assert again.status_code == 200  # the slot came back when the client left
+    with django_db_blocker.unblock():
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not UsageRecord.objects.filter(request_id=request_id).exists():
+            time.sleep(0.2)
+        row = UsageRecord.objects.get(request_id=request_id)
+    assert row.outcome == "client_gone"
+    assert (
+        sent_events - 1 <= row.completion_tokens < 500
+    )  # charged for the tokens streamed, not the reservation
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_forwarded_for_is_believed_only_from_a_trusted_proxy(tmp_path, stack, django_db_blocker, trusted):
+    _server, fake, clients = stack
+    reg = clients["ip"]
+    env = {"VLLM_UPSTREAMS": fake.base}
+    if trusted:
+        env["PORTCULLIS_TRUSTED_PROXIES"] = "127.0.0.1/32"
+    server = start_server(tmp_path, **env)
+    try:
+        headers = {"authorization": f"Bearer {token_for(server, reg)}"}
+        direct = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+        assert direct.status_code == 403
+        assert direct.json()["error"]["code"] == "ip_not_allowed"
+        spoofed = httpx.post(
+            f"{server.base}/v1/chat/completions",
+            json=CHAT,
+            timeout=10,
+            headers={**headers, "x-forwarded-for": "10.1.2.3"},
+        )
+        assert spoofed.status_code == (200 if trusted else 403)
+        leftmost = httpx.post(
+            f"{server.base}/v1/chat/completions",
+            json=CHAT,
+            timeout=10,
+            headers={**headers, "x-forwarded-for": "10.1.2.3, 203.0.113.7"},
+        )
+        assert leftmost.status_code == 403  # the leftmost hop is the client's own claim
+    finally:
+        stop(server.process)
+
+
+def start_redis(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    process = subprocess.Popen(
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}", timeout=0.2):
+                break
+        except httpx.HTTPError as exc:
+            if "Connection refused" not in str(exc):
+                break
+        time.sleep(0.05)
+    return process
+
+
+def test_with_redis_down_requests_are_served_within_the_fallback_and_never_500(
+    tmp_path, stack, django_db_blocker
+):
+    _server, fake, clients = stack
+    port = free_port()
+    redis_process = start_redis(tmp_path, port)
+    reg = clients["fallback"]
+    server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    try:
+        token = token_for(server, reg)
+        headers = {"authorization": f"Bearer {token}"}
+        assert (
+            httpx.post(
+                f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10
+            ).status_code
+            == 200
+        )
+        stop(redis_process)
+        statuses = [
+            httpx.post(
+                f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10
+            ).status_code
+            for _ in range(20)
+        ]
+        assert 500 not in statuses
+        assert statuses.count(200) == 10  # a quarter of 40 per minute, per process
+        assert set(statuses) == {200, 429}
+        redis_process = start_redis(tmp_path, port)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            back = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+            if back.status_code == 200 and back.headers.get("x-ratelimit-limit-requests") == "40":
+                break
+            time.sleep(0.1)
+        assert back.headers["x-ratelimit-limit-requests"] == "40"  # shared limits resumed
+        # The events were buffered during the outage and handed off to this server's own Redis once it was
+        # back; ingest them from there (the suite's worker reads the suite's Redis).
+        kinds: set[str] = set()
+        deadline = time.monotonic() + 10
+        while (
+            not {"gateway.redis_unavailable", "gateway.redis_recovered"} <= kinds
+            and time.monotonic() < deadline
+        ):
+            stream_ingest(redis.Redis(port=port))
+            kinds = set(AuditEvent.objects.values_list("kind", flat=True))
+            time.sleep(0.1)
+        assert {"gateway.redis_unavailable", "gateway.redis_recovered"} <= kinds
+    finally:
+        stop(server.process)
+        stop(redis_process)

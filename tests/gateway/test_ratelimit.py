@@ -1,0 +1,150 @@
+"""Limits stay exact under concurrency: the in-process limiter, and the shared Redis script."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from gateway.auth import Principal
+from gateway.ratelimit import Buckets, LocalLimiter, RedisLimiter, RevokedError, ratelimit_headers
+from gateway.runtime import redis_pool_open
+from gateway.selectors import Policy
+
+ALICE = Principal(jti="j-alice", client_id="c1", subject="alice", scopes=frozenset(), exp=0)
+SERVICE = Principal(jti="j-svc", client_id="c1", subject="c1", scopes=frozenset(), exp=0)
+
+
+def buckets(principal: Principal = SERVICE, **limits: Any) -> Buckets:
+    return Buckets.of(principal, Policy(models=frozenset(), **limits), now=1_800_000_000)
+
+
+def test_requests_per_minute_admit_exactly_the_limit_then_refill_smoothly():
+    limiter, b = LocalLimiter(), buckets(rpm=50)
+    now = 1_800_000_000.0
+    admitted = [limiter.admit(SERVICE, b, f"r{i}", 1, now=now).allowed for i in range(200)]
+    assert admitted.count(True) == 50
+    refused = limiter.admit(SERVICE, b, "late", 1, now=now)
+    assert refused.limit == "requests"
+    assert 1000 <= refused.retry_after_ms <= 1200  # one request's worth: 60 s / 50
+    assert limiter.admit(SERVICE, b, "later", 1, now=now + 1.2).allowed
+
+
+def test_tokens_are_reserved_then_refunded_at_settlement():
+    limiter, b = LocalLimiter(), buckets(tpm=1000)
+    now = 1_800_000_000.0
+    first = limiter.admit(SERVICE, b, "a", 600, now=now)
+    assert first.allowed
+    assert first.remaining_tokens == 400
+    assert limiter.admit(SERVICE, b, "b", 600, now=now).limit == "tokens"
+    limiter.settle(SERVICE, b, "a", reserved=600, used=100)
+    assert limiter.admit(SERVICE, b, "c", 600, now=now).allowed
+
+
+def test_concurrency_slots_are_held_until_settled():
+    limiter, b = LocalLimiter(), buckets(concurrency=2)
+    now = 1_800_000_000.0
+    assert limiter.admit(SERVICE, b, "a", 1, now=now).allowed
+    assert limiter.admit(SERVICE, b, "b", 1, now=now).allowed
+    assert limiter.admit(SERVICE, b, "c", 1, now=now).limit == "concurrency"
+    limiter.settle(SERVICE, b, "a", reserved=1, used=1)
+    assert limiter.admit(SERVICE, b, "d", 1, now=now).allowed
+
+
+def test_the_daily_quota_counts_what_was_used():
+    limiter, b = LocalLimiter(), buckets(daily_tokens=1000)
+    now = 1_800_000_000.0
+    assert limiter.admit(SERVICE, b, "a", 900, now=now).allowed
+    limiter.settle(SERVICE, b, "a", reserved=900, used=950)
+    refused = limiter.admit(SERVICE, b, "b", 100, now=now)
+    assert refused.limit == "daily_tokens"
+    assert refused.retry_after_ms > 0
+
+
+def test_user_limits_apply_only_to_user_tokens():
+    limiter = LocalLimiter()
+    now = 1_800_000_000.0
+    assert buckets(SERVICE, user_rpm=1).user_rpm == 0
+    user = buckets(ALICE, user_rpm=1)
+    assert limiter.admit(ALICE, user, "a", 1, now=now).allowed
+    assert limiter.admit(ALICE, user, "b", 1, now=now).limit == "user_requests"
+
+
+def test_headers_follow_openai_names():
+    b = buckets(rpm=60, tpm=1000)
+    admission = LocalLimiter().admit(SERVICE, b, "a", 10, now=1_800_000_000.0)
+    headers = ratelimit_headers(b, admission)
+    assert headers["x-ratelimit-limit-requests"] == "60"
+    assert headers["x-ratelimit-remaining-requests"] == "59"
+    assert headers["x-ratelimit-remaining-tokens"] == "990"
+    assert headers["x-ratelimit-reset-requests"] == "1s"
+    assert "retry-after" not in headers
+
+
+@pytest.fixture
+def shared(redis_client: Any) -> Any:
+    async def make() -> RedisLimiter:
+        return RedisLimiter(redis_pool_open(settings.REDIS_URL))
+
+    return make
+
+
+def test_two_hundred_concurrent_reservations_against_fifty_per_minute_admit_exactly_fifty(shared):
+    async def run() -> list[bool]:
+        limiter = await shared()
+        b = buckets(rpm=50)
+        results = await asyncio.gather(*(limiter.admit(SERVICE, b, f"r{i}", 1) for i in range(200)))
+        await limiter.redis.aclose()
+        return [r.allowed for r in results]
+
+    assert asyncio.run(run()).count(True) == 50
+
+
+def test_concurrent_token_reservations_never_exceed_the_limit_and_settle_to_usage(shared, redis_client):
+    async def run() -> tuple[int, int]:
+        limiter = await shared()
+        b = buckets(tpm=10_000)
+        results = await asyncio.gather(*(limiter.admit(SERVICE, b, f"r{i}", 700) for i in range(40)))
+        admitted = [i for i, r in enumerate(results) if r.allowed]
+        for i in admitted:
+            limiter.settle(SERVICE, b, f"r{i}", reserved=700, used=100)
+        await limiter.flush()
+        after = await limiter.admit(SERVICE, b, "after", 700)
+        await limiter.redis.aclose()
+        return len(admitted), after.remaining_tokens
+
+    admitted, remaining = asyncio.run(run())
+    assert admitted == 14  # 14 × 700 = 9,800 ≤ 10,000 < 15 × 700
+    settled = 10_000 - 14 * 100 - 700  # what is left once the reservations settled to what was used
+    assert settled <= remaining <= settled + 50  # plus what refilled in the milliseconds the test took
+
+
+def test_the_script_refuses_a_revoked_token_in_the_same_round_trip(shared, redis_client):
+    redis_client.set("portcullis:revoked:jti:j-svc", 1)
+
+    async def run() -> None:
+        limiter = await shared()
+        try:
+            await limiter.admit(SERVICE, buckets(rpm=5), "r", 1)
+        finally:
+            await limiter.redis.aclose()
+
+    with pytest.raises(RevokedError):
+        asyncio.run(run())
+
+
+def test_concurrency_slots_in_redis_are_released_by_settlement(shared, redis_client):
+    async def run() -> list[str]:
+        limiter = await shared()
+        b = buckets(concurrency=1)
+        outcomes = [(await limiter.admit(SERVICE, b, "a", 1)).limit or "ok"]
+        outcomes.append((await limiter.admit(SERVICE, b, "b", 1)).limit or "ok")
+        limiter.settle(SERVICE, b, "a", reserved=1, used=1)
+        await limiter.flush()
+        outcomes.append((await limiter.admit(SERVICE, b, "c", 1)).limit or "ok")
+        await limiter.redis.aclose()
+        return outcomes
+
+    assert asyncio.run(run()) == ["ok", "concurrency", "ok"]

@@ -1,0 +1,193 @@
+"""Request validation: a table of every rule (status, param), and random bodies that never crash it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.validation import MAX_DEPTH, request_validate
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def chat(**fields: Any) -> bytes:
+    return json.dumps({"model": "m1", "messages": MSG, **fields}).encode()
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+CASES = [
+    ("not an object", "chat", b"[1, 2]", None),
+    ("invalid json", "chat", b"{", None),
+    ("NaN", "chat", b'{"model": "m1", "messages": [], "temperature": NaN}', None),
+    ("duplicate key", "chat", b'{"model": "m1", "model": "m2", "messages": []}', "model"),
+    ("too deep", "chat", chat(user=nested(MAX_DEPTH + 5)), None),
+    ("missing model", "chat", json.dumps({"messages": MSG}).encode(), "model"),
+    ("missing messages", "chat", json.dumps({"model": "m1"}).encode(), "messages"),
+    ("empty messages", "chat", chat(messages=[]), "messages"),
+    ("unknown field", "chat", chat(foo=1), "foo"),
+    ("chat template", "chat", chat(chat_template="{{ x }}"), "chat_template"),
+    ("chat template kwargs", "chat", chat(chat_template_kwargs={"a": 1}), "chat_template_kwargs"),
+    (
+        "prompt embeds",
+        "completions",
+        json.dumps({"model": "m1", "prompt_embeds": "AAAA"}).encode(),
+        "prompt_embeds",
+    ),
+    ("guided json", "chat", chat(guided_json={"type": "object"}), "guided_json"),
+    (
+        "json schema format",
+        "chat",
+        chat(response_format={"type": "json_schema", "json_schema": {}}),
+        "response_format.type",
+    ),
+    (
+        "remote image",
+        "chat",
+        chat(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/"}}]}]
+        ),
+        "messages[0].content",
+    ),
+    ("bad role", "chat", chat(messages=[{"role": "root", "content": "x"}]), "messages[0].role"),
+    (
+        "unknown message field",
+        "chat",
+        chat(messages=[{"role": "user", "content": "x", "x": 1}]),
+        "messages[0].x",
+    ),
+    ("n too large", "chat", chat(n=100), "n"),
+    ("n not int", "chat", chat(n="2"), "n"),
+    ("top_logprobs too large", "chat", chat(logprobs=True, top_logprobs=50), "top_logprobs"),
+    ("too many stops", "chat", chat(stop=["a"] * 20), "stop"),
+    ("temperature range", "chat", chat(temperature=5), "temperature"),
+    ("bool as number", "chat", chat(temperature=True), "temperature"),
+    ("max_tokens over cap", "chat", chat(max_tokens=5000), "max_tokens"),
+    ("max_completion_tokens over cap", "chat", chat(max_completion_tokens=5000), "max_completion_tokens"),
+    ("stream_options without stream", "chat", chat(stream_options={"include_usage": True}), "stream_options"),
+    (
+        "unknown stream option",
+        "chat",
+        chat(stream=True, stream_options={"continuous_usage_stats": True}),
+        "stream_options.continuous_usage_stats",
+    ),
+    ("logit bias key", "chat", chat(logit_bias={"abc": 1}), "logit_bias.abc"),
+    ("too many messages", "chat", chat(messages=MSG * 2000), "messages"),
+    (
+        "completion logprobs",
+        "completions",
+        json.dumps({"model": "m1", "prompt": "x", "logprobs": 10}).encode(),
+        "logprobs",
+    ),
+    ("suffix", "completions", json.dumps({"model": "m1", "prompt": "x", "suffix": "y"}).encode(), "suffix"),
+    (
+        "embedding format",
+        "embeddings",
+        json.dumps({"model": "e", "input": "x", "encoding_format": "hex"}).encode(),
+        "encoding_format",
+    ),
+    ("embedding input", "embeddings", json.dumps({"model": "e", "input": {"a": 1}}).encode(), "input"),
+]
+
+
+@pytest.mark.parametrize(("name", "kind", "body", "param"), CASES, ids=[c[0] for c in CASES])
+def test_every_rule_refuses_with_400_and_names_the_param(name, kind, body, param):
+    with pytest.raises(InvalidRequest) as caught:
+        request_validate(kind, body, max_tokens_cap=1000)
+    assert caught.value.status == 400
+    assert caught.value.param == param
+
+
+def test_a_valid_chat_request_passes_and_the_cap_bounds_an_unbounded_generation():
+    checked = request_validate(
+        "chat",
+        chat(
+            temperature=0.2,
+            stop=["\n"],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        ),
+        max_tokens_cap=256,
+    )
+    assert checked.model == "m1"
+    assert checked.max_tokens == 256
+    assert checked.payload["max_tokens"] == 256
+
+
+def test_without_a_cap_max_tokens_is_left_to_vllm():
+    checked = request_validate("chat", chat(), max_tokens_cap=None)
+    assert checked.max_tokens is None
+    assert "max_tokens" not in checked.payload
+
+
+def test_a_stream_always_asks_the_upstream_for_usage_but_remembers_what_the_client_asked():
+    checked = request_validate("chat", chat(stream=True), max_tokens_cap=None)
+    assert checked.payload["stream_options"] == {"include_usage": True}
+    assert checked.wants_usage is False
+    asked = request_validate(
+        "chat", chat(stream=True, stream_options={"include_usage": True}), max_tokens_cap=None
+    )
+    assert asked.wants_usage is True
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
+    ),
+    max_leaves=40,
+)
+KEYS = st.sampled_from(
+    [
+        "model",
+        "messages",
+        "prompt",
+        "input",
+        "n",
+        "stream",
+        "stop",
+        "max_tokens",
+        "tools",
+        "stream_options",
+        "logit_bias",
+        "temperature",
+        "response_format",
+        "x",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kind=st.sampled_from(["chat", "completions", "embeddings"]),
+    body=st.dictionaries(KEYS, JSON, max_size=8) | JSON,
+)
+def test_random_json_bodies_never_raise_anything_but_an_invalid_request(kind, body):
+    try:
+        request_validate(kind, json.dumps(body).encode(), max_tokens_cap=100)
+    except GatewayError as exc:
+        status = exc.status
+    else:
+        status = 200
+    assert status in (200, 400)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=200))
+def test_random_bytes_never_raise_anything_but_an_invalid_request(raw):
+    try:
+        request_validate("chat", raw, max_tokens_cap=None)
+    except GatewayError as exc:
+        status = exc.status
+    else:
+        status = 200
+    assert status in (200, 400)
