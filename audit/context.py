@@ -89,6 +89,11 @@ class RequestContextMiddleware:
             markcoroutinefunction(self)
 
     def _enter(self, request: HttpRequest) -> None:
+        nets = trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES))
+        peer = _parse_ip(request.META.get("REMOTE_ADDR", ""))
+        if peer is None or not any(peer in net for net in nets):
+            # Only a trusted proxy may say the original scheme was https (SECURE_PROXY_SSL_HEADER).
+            request.META.pop("HTTP_X_FORWARDED_PROTO", None)
         request.request_id = request_id_from(request.META.get("HTTP_X_REQUEST_ID"))  # type: ignore[attr-defined]
         request.client_ip = _request_client_ip(request)  # type: ignore[attr-defined]
         request_id_var.set(request.request_id)  # type: ignore[attr-defined]

@@ -67,13 +67,16 @@ INSTALLED_APPS = [
     "audit",
     "authserver",
     "gateway",
+    "console",
+    "rest_framework",
+    "drf_spectacular",
     "fakevllm",
 ]
 
 MIDDLEWARE = [
+    "audit.context.RequestContextMiddleware",  # first: true client IP, request id, untrusted X-Forwarded-Proto dropped
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "audit.context.RequestContextMiddleware",
     "authserver.middleware.SecurityHeadersMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",

@@ -30,4 +30,5 @@ urlpatterns = [
     path("accounts/login/", authserver_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("", include("console.urls")),
 ]

@@ -24,10 +24,24 @@ if [ -n "${PGPASSWORD_FILE:-}" ] && [ -z "${PGPASSWORD:-}" ]; then
     export PGPASSWORD
 fi
 
+# uvicorn runs with --no-proxy-headers, always: its own proxy-header handling would put a hop of
+# X-Forwarded-For, which a client can forge, in scope["client"]. Portcullis needs the true socket peer there:
+# it walks X-Forwarded-For from the right across PORTCULLIS_TRUSTED_PROXIES itself. An argument that would
+# turn uvicorn's handling back on (the last of two flags wins) is refused before anything runs.
+refuse_proxy_header_args() {
+    for arg in "$@"; do
+        case "$arg" in
+            --proxy-headers | --forwarded-allow-ips | --forwarded-allow-ips=*)
+                echo "entrypoint: $arg is not allowed: set PORTCULLIS_TRUSTED_PROXIES instead" >&2
+                exit 64  # EX_USAGE
+                ;;
+        esac
+    done
+}
+
 serve() {
     exec uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools \
-        --workers "${WEB_CONCURRENCY:-4}" --proxy-headers \
-        --forwarded-allow-ips "${FORWARDED_ALLOW_IPS:-127.0.0.1}" "$@"
+        --workers "${WEB_CONCURRENCY:-4}" --no-proxy-headers "$@"
 }
 
 if [ "$#" -eq 0 ]; then
@@ -39,12 +53,14 @@ role=$1
 case "$role" in
     web)
         shift
+        refuse_proxy_header_args "$@"
         python manage.py migrate --noinput
         python manage.py collectstatic --noinput
         serve "$@"
         ;;
     gateway)
         shift
+        refuse_proxy_header_args "$@"
         serve "$@"
         ;;
     worker)

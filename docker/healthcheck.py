@@ -3,11 +3,11 @@
 python:3.11-slim has no curl, so the Dockerfile's HEALTHCHECK and the compose file run this instead:
     python /app/docker/healthcheck.py [URL]        (default http://127.0.0.1:8000/healthz)
 
-Django answers only the host names in DJANGO_ALLOWED_HOSTS and, with an https issuer, redirects plain HTTP to
-https. So the request names the first allowed host and says it arrived over TLS (``X-Forwarded-Proto:
-https``): uvicorn believes that header from 127.0.0.1 (``--forwarded-allow-ips``), and Django believes it
-whenever PORTCULLIS_TRUSTED_PROXIES is set. A redirect is never followed: it means the check is wrong, and
-the check must fail rather than go elsewhere.
+The application answers ``GET /healthz`` itself, before Django: no host check and no HTTPS redirect. So the
+probe is a plain GET with no Host from DJANGO_ALLOWED_HOSTS and no X-Forwarded-Proto (uvicorn runs with
+``--no-proxy-headers`` and would ignore it anyway). Anything but 200 fails the check, and a redirect is never
+followed: it means the check is wrong, and the check must fail rather than go elsewhere. The timeout is
+shorter than the HEALTHCHECK's, so a hung server is reported as such.
 
 When uvicorn serves TLS itself (UVICORN_SSL_CERTFILE is set), requests to port 8000 use https and trust
 exactly the certificate uvicorn was given, whatever name it carries: the probe only ever talks to itself.
@@ -24,14 +24,6 @@ from urllib.parse import urlsplit
 DEFAULT_URL = "http://127.0.0.1:8000/healthz"
 APP_PORT = 8000
 TIMEOUT_S = 4.0  # under the HEALTHCHECK --timeout of 5 s, so a hung server is reported as such
-
-
-def probe_host() -> str:
-    """Return a Host header Django accepts: the first DJANGO_ALLOWED_HOSTS entry, made concrete."""
-    hosts = [host.strip() for host in os.environ.get("DJANGO_ALLOWED_HOSTS", "").split(",") if host.strip()]
-    if not hosts or hosts[0] == "*":
-        return "localhost"
-    return hosts[0].lstrip(".")  # ".example.com" allows example.com and its subdomains
 
 
 def connection_for(url: str) -> tuple[http.client.HTTPConnection, str]:
@@ -57,7 +49,7 @@ def main(argv: list[str]) -> int:
     try:
         connection, path = connection_for(url)
         try:
-            connection.request("GET", path, headers={"Host": probe_host(), "X-Forwarded-Proto": "https"})
+            connection.request("GET", path)
             status = connection.getresponse().status
         finally:
             connection.close()

@@ -91,3 +91,23 @@ def test_access_log_lines_lose_their_query_string():
     assert AccessLogRedactFilter().filter(record)
     assert "eyJsecret" not in record.getMessage()
     assert "/v1/models?[redacted]" in record.getMessage()
+
+
+@pytest.mark.django_db
+def test_forwarded_proto_is_believed_only_from_a_trusted_proxy(rf, settings):
+    from django.http import HttpResponse
+
+    from audit.context import RequestContextMiddleware
+
+    settings.PORTCULLIS_TRUSTED_PROXIES = ["10.0.0.0/8"]
+    seen = {}
+
+    def view(request):
+        seen["proto"] = request.META.get("HTTP_X_FORWARDED_PROTO")
+        return HttpResponse()
+
+    middleware = RequestContextMiddleware(view)
+    middleware(rf.get("/", HTTP_X_FORWARDED_PROTO="https", REMOTE_ADDR="203.0.113.5"))
+    assert seen["proto"] is None
+    middleware(rf.get("/", HTTP_X_FORWARDED_PROTO="https", REMOTE_ADDR="10.1.1.1"))
+    assert seen["proto"] == "https"

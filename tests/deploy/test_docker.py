@@ -53,7 +53,7 @@ BUILD_TOOLS = {"build-essential", "gcc", "g++", "cc", "clang", "make", "cmake", 
 BUILD_TOOLS |= {"libpq-dev", "pkg-config", "rustc", "cargo", "git"}
 UVICORN = (
     "uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools"
-    " --workers 4 --proxy-headers --forwarded-allow-ips 127.0.0.1"
+    " --workers 4 --no-proxy-headers"
 )
 ROLE_COMMANDS = {
     "web": ["python manage.py migrate --noinput", "python manage.py collectstatic --noinput", UVICORN],
@@ -329,7 +329,12 @@ def test_env_example_documents_every_variable_the_compose_file_reads() -> None:
     documented = documented_names(DOCKER / "env.example")
     assert interpolated - documented == set()
     assert set(service("web")["environment"]) - documented == set()
-    assert {"WEB_CONCURRENCY", "CELERY_CONCURRENCY", "FORWARDED_ALLOW_IPS", "FAKEVLLM_MODELS"} <= documented
+    assert {
+        "WEB_CONCURRENCY",
+        "CELERY_CONCURRENCY",
+        "FAKEVLLM_MODELS",
+        "PORTCULLIS_TRUSTED_PROXIES",
+    } <= documented
 
 
 def test_compose_file_validates_with_docker_compose_where_the_plugin_is_installed(tmp_path: Path) -> None:
@@ -525,13 +530,73 @@ def test_web_does_not_serve_when_migrations_fail(run_entrypoint: Callable[..., E
 
 
 def test_arguments_and_settings_reach_the_server(run_entrypoint: Callable[..., EntrypointRun]) -> None:
-    env = {"WEB_CONCURRENCY": "7", "FORWARDED_ALLOW_IPS": "10.0.0.0/8", "CELERY_CONCURRENCY": "5"}
+    # FORWARDED_ALLOW_IPS is no knob any more: set or not, nothing of it reaches the command line.
+    env = {"WEB_CONCURRENCY": "7", "FORWARDED_ALLOW_IPS": "*", "CELERY_CONCURRENCY": "5"}
     web = run_entrypoint("gateway", "--ssl-keyfile", "/run/secrets/tls_key", env=env)
     assert web.commands == [
-        UVICORN.replace("--workers 4", "--workers 7").replace("127.0.0.1", "10.0.0.0/8")
-        + " --ssl-keyfile /run/secrets/tls_key"
+        UVICORN.replace("--workers 4", "--workers 7") + " --ssl-keyfile /run/secrets/tls_key"
     ]
     assert run_entrypoint("worker", env=env).commands == ["celery -A config worker -l info --concurrency 5"]
+
+
+def uvicorn_invocations(script: str) -> list[str]:
+    """The logical lines of a shell script (comments dropped, continuations joined) that run uvicorn."""
+    logical: list[str] = []
+    pending = ""
+    for raw_line in script.splitlines():
+        line = raw_line.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        logical.append(pending + line)
+        pending = ""
+    return [line for line in logical if re.search(r"(^|[\s;&|(])(exec\s+)?(\S*/)?uvicorn\s", line)]
+
+
+def test_uvicorn_never_takes_the_client_address_from_proxy_headers(
+    run_entrypoint: Callable[..., EntrypointRun],
+) -> None:
+    # uvicorn's own handling would put a forgeable X-Forwarded-For hop in scope["client"]; Portcullis needs
+    # the socket peer there and resolves the client itself across PORTCULLIS_TRUSTED_PROXIES.
+    invocations = uvicorn_invocations(ENTRYPOINT.read_text(encoding="utf-8"))
+    assert invocations, "the entrypoint runs no uvicorn?"
+    for line in invocations:
+        flags = line.split()
+        assert "--no-proxy-headers" in flags, line
+        assert "--proxy-headers" not in flags, line
+        assert not any(flag.startswith("--forwarded-allow-ips") for flag in flags), line
+    # And as run: every uvicorn command any role starts, whatever FORWARDED_ALLOW_IPS says.
+    serving = set()
+    for role in ROLES:
+        result = run_entrypoint(role, env={"FORWARDED_ALLOW_IPS": "*"})
+        for command in result.commands:
+            words = command.split()
+            if "uvicorn" in words[:3]:
+                serving.add(role)
+                assert "--no-proxy-headers" in words, command
+                assert "--proxy-headers" not in words, command
+                assert not any(word.startswith("--forwarded-allow-ips") for word in words), command
+    assert serving == {"web", "gateway"}
+    # Nothing under docker/ offers FORWARDED_ALLOW_IPS (or uvicorn's UVICORN_PROXY_HEADERS) as a setting.
+    local = {DOCKER / ".env"} | set((DOCKER / "secrets").glob("*.txt"))  # a developer's own, never shipped
+    for path in sorted(DOCKER.rglob("*")):
+        if path.is_file() and path not in local:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            assert "FORWARDED_ALLOW_IPS" not in text, path.relative_to(ROOT)
+            assert "UVICORN_PROXY_HEADERS" not in text, path.relative_to(ROOT)
+
+
+@pytest.mark.parametrize("role", ["web", "gateway"])
+@pytest.mark.parametrize("arg", ["--proxy-headers", "--forwarded-allow-ips", "--forwarded-allow-ips=*"])
+def test_entrypoint_refuses_to_turn_uvicorn_proxy_headers_back_on(
+    run_entrypoint: Callable[..., EntrypointRun], role: str, arg: str
+) -> None:
+    result = run_entrypoint(role, "--ssl-keyfile", "/run/secrets/tls_key", arg, "10.0.0.0/8")
+    assert result.returncode == 64
+    assert "PORTCULLIS_TRUSTED_PROXIES" in result.stderr
+    assert result.commands == []  # refused before migrations or the server run
 
 
 def test_any_other_command_runs_as_given(run_entrypoint: Callable[..., EntrypointRun]) -> None:
@@ -658,20 +723,36 @@ def probe(url: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_healthcheck_passes_on_200_naming_an_allowed_host_over_tls(http_server: FakeServer) -> None:
+def test_healthcheck_passes_on_200_with_a_plain_get(http_server: FakeServer) -> None:
+    # /healthz is answered before Django: no allowed Host and no X-Forwarded-Proto, whatever the settings.
     result = probe(http_server.url, DJANGO_ALLOWED_HOSTS=".example.com,other.example.org")
     assert result.returncode == 0, result.stderr
     (request,) = http_server.requests
     assert request["path"] == "/healthz"
-    assert request["host"] == "example.com"
-    assert request["x-forwarded-proto"] == "https"
+    assert request["host"] == urlsplit(http_server.url).netloc
+    assert not {name for name in request if name.startswith("x-forwarded")}
 
 
-def test_healthcheck_fails_on_a_redirect_without_following_it(http_server: FakeServer) -> None:
-    http_server.status[0] = 301
-    result = probe(http_server.url, DJANGO_ALLOWED_HOSTS="auth.example.com")
+def test_healthcheck_probes_the_local_app_port_by_default_within_the_healthcheck_timeout() -> None:
+    source = HEALTHCHECK.read_text(encoding="utf-8")
+    assert 'DEFAULT_URL = "http://127.0.0.1:8000/healthz"' in source
+    (timeout,) = re.findall(r"^TIMEOUT_S = (\d+(?:\.\d+)?)\b", source, re.MULTILINE)
+    (healthcheck,) = stages()[-1].args("HEALTHCHECK")
+    image_limit = re.search(r"--timeout=(\d+)s", healthcheck)
+    assert image_limit
+    limits = [int(image_limit[1])]
+    limits += [int(service(name)["healthcheck"]["timeout"].removesuffix("s")) for name in ("web", "gateway")]
+    assert 0 < float(timeout) < min(limits)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308, 204, 503])
+def test_healthcheck_fails_on_anything_but_200_and_follows_no_redirect(
+    http_server: FakeServer, status: int
+) -> None:
+    http_server.status[0] = status
+    result = probe(http_server.url)
     assert result.returncode == 1
-    assert "HTTP 301" in result.stderr
+    assert f"HTTP {status}" in result.stderr
     assert len(http_server.requests) == 1
 
 
@@ -714,5 +795,6 @@ def test_deploy_guide_covers_first_run_upgrades_backups_scaling_tls_and_kubernet
         "Recreate",
         "GET /healthz",
         "*_FILE",
+        "--no-proxy-headers",
     ):
         assert phrase in guide, phrase

@@ -1,0 +1,98 @@
+"""Scenario 7: the gateway's token verification measured in process, cold (a new token each time) and cached.
+
+The verifier is the gateway's own ``TokenVerifier`` over a ``KeySet`` loaded with a locally generated RSA
+key's public JWK; tokens are RFC 9068 access tokens signed with PyJWT, as the authorization server signs
+them. Signing happens before the clock starts; only ``verify`` is timed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+
+from gateway.auth import KeySet, TokenVerifier
+from gateway.conf import GatewaySettings
+
+ISSUER = "http://127.0.0.1:8000"
+AUDIENCE = ISSUER + "/v1"
+KID = "bench-1"
+RSA_BITS = 2048  # what the authorization server's rotating keys use
+
+
+def _signing_key() -> tuple[bytes, dict[str, Any]]:
+    private = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    public = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
+    public.update({"kid": KID, "alg": "RS256", "use": "sig"})
+    return pem, public
+
+
+def _settings(cache_size: int) -> GatewaySettings:
+    return GatewaySettings(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        upstreams=(),
+        upstream_api_key="",
+        jwks_url="",
+        jwks_refresh_s=30.0,
+        jwks_max_age_s=60.0,
+        leeway_s=30,
+        max_token_bytes=8192,
+        max_body_bytes=1 << 20,
+        connect_timeout_s=5.0,
+        read_timeout_s=600.0,
+        health_interval_s=5.0,
+        max_connections=1024,
+        revocation_stale_s=60.0,
+        verify_cache_size=cache_size,
+        deny_ips=(),
+        fallback_ceiling_rpm=600,
+    )
+
+
+def _tokens(pem: bytes, count: int) -> list[str]:
+    now = int(time.time())
+    claims = {"iss": ISSUER, "sub": "bench", "aud": AUDIENCE, "client_id": "bench", "scope": "completions"}
+    headers = {"typ": "at+jwt", "kid": KID}
+    return [
+        jwt.encode({**claims, "jti": uuid.uuid4().hex, "iat": now, "exp": now + 300}, pem, "RS256", headers)
+        for _ in range(count)
+    ]
+
+
+async def _no_fetch() -> dict[str, Any]:
+    raise RuntimeError("the key set is loaded up front; the benchmark never fetches")
+
+
+async def jwt_verify_bench(*, cold: int, cached: int) -> dict[str, float]:
+    """Return microseconds per verification: cold (every token new) and cached (one token again)."""
+    pem, public = _signing_key()
+    tokens = _tokens(pem, cold + 1)
+    keys = KeySet(_no_fetch, refetch_interval_s=30.0)
+    keys.load({"keys": [public]})
+    verifier = TokenVerifier(_settings(cache_size=cold + 16), keys)
+    started = time.perf_counter()
+    for token in tokens[:cold]:
+        await verifier.verify(token)
+    cold_s = time.perf_counter() - started
+    repeated = tokens[cold]
+    await verifier.verify(repeated)  # the first call fills the cache
+    started = time.perf_counter()
+    for _ in range(cached):
+        await verifier.verify(repeated)
+    cached_s = time.perf_counter() - started
+    return {
+        "cold_us": round(cold_s / cold * 1e6, 2),
+        "cached_us": round(cached_s / cached * 1e6, 3),
+        "cold_n": cold,
+        "cached_n": cached,
+    }

@@ -1,0 +1,72 @@
+"""Read what the harness needs about processes from /proc: CPU time, resident memory, descendants."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        text = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()  # the name may hold spaces and parentheses
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """Return user plus system CPU seconds a process has used, or None if it is gone."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime and stime: fields 14 and 15 of stat
+
+
+def status_kib(pid: int, name: str) -> int | None:
+    """Return a kB field of /proc/<pid>/status (VmRSS, VmHWM), or None."""
+    try:
+        lines = (PROC / str(pid) / "status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    return None
+
+
+def alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] not in ("Z", "X")
+
+
+def descendants(pid: int) -> list[int]:
+    """Return every descendant of a process (children first), as far as /proc shows them now."""
+    found: list[int] = []
+    todo = [pid]
+    for _ in range(10_000):  # bounded walk
+        if not todo:
+            break
+        current = todo.pop()
+        for task in (PROC / str(current) / "task").glob("*/children"):
+            try:
+                children = [int(c) for c in task.read_text().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            todo.extend(children)
+    return found
+
+
+def cpu_model() -> str:
+    """Return the CPU model name from /proc/cpuinfo."""
+    try:
+        for line in (PROC / "cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

@@ -1,0 +1,240 @@
+"""Turn measurements into medians, check them against the targets of issue 7, and print the table.
+
+Each figure is the median over runs, except counts of dropped or failed requests (summed over runs, so one
+drop anywhere shows) and the gateway's peak resident memory (the largest of the runs). A target is marked
+PASS or MISS from those figures; "report" rows have no target.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bench import proc
+from bench.scenarios import SCENARIOS
+from bench.stats import median_of
+
+SUMMED = frozenset({"dropped", "failed", "started", "succeeded"})
+MAXED = frozenset({"rss_peak_mib", "in_flight_peak"})
+CPU_NAMES = ("gateway", "fast", "paced", "worker", "loadgen")
+
+Rule = Callable[[float | None, float | None, dict[str, Any]], bool | None]
+
+
+def _added_at_most(limit: float) -> Rule:
+    return lambda d, g, _: None if d is None or g is None else g - d <= limit
+
+
+def _at_least(limit: float) -> Rule:
+    return lambda _d, g, _: None if g is None else g >= limit
+
+
+def _at_most(limit: float) -> Rule:
+    return lambda _d, g, _: None if g is None else g <= limit
+
+
+def _within_of_direct(limit: float) -> Rule:
+    return lambda d, g, _: None if d is None or g is None else abs(g - d) <= limit
+
+
+def _all_held(_d: float | None, g: float | None, gateway: dict[str, Any]) -> bool | None:
+    return None if g is None else g >= gateway.get("clients", 0)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One row of the table: a metric of a scenario and its target."""
+
+    scenario: str
+    label: str
+    key: str
+    target: str
+    rule: Rule | None = None
+    added: bool = False
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("chat_1", "latency p50 (ms)", "p50_ms", "<= +1.0 ms added", _added_at_most(1.0), added=True),
+    Check("chat_1", "latency p99 (ms)", "p99_ms", "<= +2.0 ms added", _added_at_most(2.0), added=True),
+    Check("chat_32", "requests/s", "rps", ">= 3,000/s", _at_least(3000)),
+    Check("chat_32", "latency p99 (ms)", "p99_ms", "<= 25 ms", _at_most(25.0)),
+    Check("stream_16", "streams/s", "rps", ">= 1,500/s", _at_least(1500)),
+    Check("stream_16", "stream latency p99 (ms)", "p99_ms", "report"),
+    Check("paced_32", "TTFT p50 (ms)", "ttft_p50_ms", "report", added=True),
+    Check("paced_32", "TTFT p99 (ms)", "ttft_p99_ms", "<= +2.0 ms added", _added_at_most(2.0), added=True),
+    Check(
+        "paced_32", "chunk gap p50 (ms)", "gap_p50_ms", "direct +/- 1 ms", _within_of_direct(1.0), added=True
+    ),
+    Check("paced_32", "chunk gap p99 (ms)", "gap_p99_ms", "report", added=True),
+    Check("paced_1000", "streams dropped (all runs)", "dropped", "0", _at_most(0)),
+    Check("paced_1000", "streams completed (all runs)", "succeeded", "report"),
+    Check("paced_1000", "streams in flight, peak", "in_flight_peak", "all clients held", _all_held),
+    Check("paced_1000", "gateway RSS peak (MiB)", "rss_peak_mib", "report"),
+    Check("paced_1000", "streams/s", "rps", "report"),
+    Check("paced_1000", "TTFT p99 (ms)", "ttft_p99_ms", "report"),
+    Check("paced_1000", "chunk gap p50 (ms)", "gap_p50_ms", "report"),
+    Check("paced_1000", "chunk gap p99 (ms)", "gap_p99_ms", "report"),
+    Check("token", "tokens/s", "rps", ">= 500/s", _at_least(500)),
+    Check("token", "latency p99 (ms)", "p99_ms", "report"),
+    Check("jwt", "verify, cold (us)", "cold_us", "report"),
+    Check("jwt", "verify, cached (us)", "cached_us", "report"),
+)
+
+
+def machine_info(pinned: bool) -> dict[str, Any]:
+    """Describe the machine the numbers come from."""
+    cores = os.cpu_count() or 1
+    note = (
+        "gateway pinned to core 1; fakes, worker and load generator to core 0; PostgreSQL and Redis unpinned"
+        if pinned
+        else "unpinned: fewer than 2 cores (or --no-pin); every process shares the machine"
+    )
+    return {
+        "nproc": cores,
+        "cpu_model": proc.cpu_model(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "pinned": pinned,
+        "note": note,
+    }
+
+
+def aggregate(measurements: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Return {scenario: {target: {metric: median (or sum, or max)}}} over the runs."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for m in measurements:
+        grouped.setdefault((m["scenario"], m["target"]), []).append(m)
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for (scenario, target), runs in grouped.items():
+        keys = {
+            k for m in runs for k, v in m.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        figures: dict[str, Any] = {"runs": len(runs)}
+        for key in sorted(keys):
+            values = [m.get(key) for m in runs]
+            present = [v for v in values if v is not None]
+            if key in SUMMED:
+                figures[key] = sum(present)
+            elif key in MAXED:
+                figures[key] = max(present) if present else None
+            else:
+                figures[key] = median_of(values)
+        cpu_names = {name for m in runs for name in m.get("cpu_pct", {})}
+        figures["cpu_pct"] = {
+            n: median_of([m.get("cpu_pct", {}).get(n) for m in runs]) for n in sorted(cpu_names)
+        }
+        summary.setdefault(scenario, {})[target] = figures
+    return summary
+
+
+def rows(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Return the table rows: direct and gateway figures, ratio, added, target and verdict."""
+    table = []
+    for check in CHECKS:
+        if check.scenario not in summary:
+            continue
+        direct = summary[check.scenario].get("direct", {})
+        gateway = summary[check.scenario].get("gateway", {})
+        d, g = direct.get(check.key), gateway.get(check.key)
+        verdict = check.rule(d, g, gateway) if check.rule is not None else None
+        table.append(
+            {
+                "scenario": check.scenario,
+                "metric": check.label,
+                "direct": d,
+                "gateway": g,
+                "ratio": round(g / d, 2) if d and g is not None else None,
+                "added": round(g - d, 3) if check.added and d is not None and g is not None else None,
+                "target": check.target,
+                "verdict": "report" if check.rule is None else ("PASS" if verdict else "MISS"),
+            }
+        )
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) < 10 else f"{value:.1f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _print_grid(header: list[str], lines: list[list[str]]) -> None:
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines, strict=True)]
+    for line in [header, ["-" * w for w in widths], *lines]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """Print the machine, the table of medians against the targets, CPU use, metering and failures."""
+    machine = result["machine"]
+    print(
+        f"\nmachine: {machine['nproc']} cores, {machine['cpu_model']}, Linux {machine['kernel']}, "
+        f"Python {machine['python']}; {machine['note']}"
+    )
+    plan = result["plan"]
+    print(
+        f"plan: {plan['runs']} run(s), {plan['warmup_s']} s warm-up + {plan['duration_s']} s window each"
+        + (" (--quick smoke: the verdicts mean nothing)" if plan["quick"] else "")
+    )
+    titles = {s.key: f"{s.number} {s.title}" for s in SCENARIOS}
+    header = ["scenario", "metric", "direct", "gateway", "gw/direct", "added", "target", "result"]
+    lines, last = [], ""
+    for row in result["rows"]:
+        title = titles[row["scenario"]] if row["scenario"] != last else ""
+        last = row["scenario"]
+        lines.append(
+            [
+                title,
+                row["metric"],
+                _fmt(row["direct"]),
+                _fmt(row["gateway"]),
+                _fmt(row["ratio"]),
+                _fmt(row["added"]),
+                row["target"],
+                row["verdict"],
+            ]
+        )
+    print()
+    _print_grid(header, lines)
+    _print_cpu(result["summary"], titles)
+    _print_footer(result)
+
+
+def _print_cpu(summary: dict[str, dict[str, dict[str, Any]]], titles: dict[str, str]) -> None:
+    print("\nCPU during the window, % of one core (medians):")
+    lines = []
+    for scenario, targets in summary.items():
+        for target, figures in targets.items():
+            cpu = figures.get("cpu_pct") or {}
+            if cpu:
+                lines.append([titles[scenario], target, *(_fmt(cpu.get(name)) for name in CPU_NAMES)])
+    _print_grid(["scenario", "target", *CPU_NAMES], lines)
+
+
+def _print_footer(result: dict[str, Any]) -> None:
+    metering = result.get("metering") or {}
+    if metering:
+        print(
+            f"\nmetering: {metering.get('requests_sent_to_gateway', 0):,} gateway requests sent; "
+            f"{metering.get('appended', 0):,} entries appended to the audit stream; backlog at the end "
+            f"{metering.get('backlog_at_end', 0):,}, after waiting {metering.get('drain_wait_s', 0)} s "
+            f"{metering.get('backlog_after_drain', 0):,}; {metering.get('usage_rows', 0):,} usage rows stored"
+        )
+    failures = result.get("failures") or {}
+    print(
+        "failures: " + (", ".join(f"{k}: {v}" for k, v in sorted(failures.items())) if failures else "none")
+    )
+    if result.get("profile"):
+        print(
+            f"\nprofile of the gateway under chat_32 ({result['profile']['samples']:,} samples), by own time:"
+        )
+        for entry in result["profile"]["top"]:
+            print(f"  {entry['share_pct']:5.1f}%  {entry['frame']}")
+    print(f"\nJSON: {result.get('json_path', '-')}")

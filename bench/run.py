@@ -1,0 +1,252 @@
+"""Run the benchmark: ``python -m bench.run [--quick] [--runs N] [--duration S] [--scenarios a,b]``.
+
+Starts the stack (``bench.stack``), measures every selected scenario directly and through the gateway,
+run after run with the order of the two alternating, prints the table of medians against the targets and
+writes everything to ``bench/results/<UTC timestamp>.json`` (git-ignored). Exits 0 when the benchmark ran
+(missed targets are reported, not failed), 1 when requests were dropped or a process outlived it, and 2
+when the stack could not be started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvloop
+
+from bench.profile import py_spy_path, py_spy_start, summarize
+from bench.report import aggregate, machine_info, print_report, rows
+from bench.scenarios import SCENARIOS, Plan, Scenario, measure, scenarios_select
+from bench.stack import ROOT, Stack, StackError, StackOptions
+
+logger = logging.getLogger("bench")
+
+RESULTS_DIR = ROOT / "bench" / "results"
+Run = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few-second smoke of every code path (CI)")
+    parser.add_argument("--runs", type=int, default=None, help="runs per scenario and target (default 3)")
+    parser.add_argument(
+        "--duration", type=float, default=None, help="measuring window in seconds (default 5)"
+    )
+    parser.add_argument("--warmup", type=float, default=None, help="discarded warm-up in seconds (default 1)")
+    names = ",".join(s.key for s in SCENARIOS)
+    parser.add_argument("--scenarios", default=None, help=f"comma-separated keys or numbers of: {names}")
+    parser.add_argument("--json-out", type=Path, default=None, help="where to write the JSON results")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="also profile the gateway under chat_32 with py-spy and write its collapsed stacks here",
+    )
+    parser.add_argument("--no-worker", action="store_true", help="do not run the Celery ingest worker")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    parser.add_argument(
+        "--db-name", default="portcullis_bench", help="PostgreSQL database to create and drop"
+    )
+    parser.add_argument("--redis-db", type=int, default=14, help="Redis database number to flush and use")
+    args = parser.parse_args(argv)
+    if args.runs is not None and not 1 <= args.runs <= 50:
+        parser.error("--runs must be between 1 and 50")
+    for name in ("duration", "warmup"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 120:
+            parser.error(f"--{name} must be between 0 and 120 seconds")
+    return args
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    """Return the plan: --quick shrinks windows, runs and clients; explicit options still win."""
+    if args.quick:
+        runs, warmup, duration = 1, 0.1, 0.3
+    else:
+        runs, warmup, duration = 3, 1.0, 5.0
+    return Plan(
+        runs=args.runs or runs,
+        warmup_s=warmup if args.warmup is None else args.warmup,
+        duration_s=duration if args.duration is None else args.duration,
+        quick=args.quick,
+        drain_timeout_s=5.0 if args.quick else 20.0,
+    )
+
+
+def measure_all(run: Run, stack: Stack, plan: Plan, scenarios: list[Scenario]) -> list[dict[str, Any]]:
+    """Measure every scenario in every run, alternating which target goes first."""
+    measurements = []
+    for index in range(plan.runs):
+        for scenario in scenarios:
+            targets = ["direct", "gateway"] if scenario.direct else ["gateway"]
+            if index % 2:
+                targets.reverse()
+            for target in targets:
+                m = measure(run, stack, plan, scenario, target)
+                m["run"] = index + 1
+                measurements.append(m)
+                logger.info("run %d/%d %-10s %-7s %s", index + 1, plan.runs, scenario.key, target, _brief(m))
+    return measurements
+
+
+def _brief(m: dict[str, Any]) -> str:
+    if "cold_us" in m:
+        return f"cold {m['cold_us']} us, cached {m['cached_us']} us"
+    text = f"{m['rps']}/s p50 {m['p50_ms']} ms p99 {m['p99_ms']} ms"
+    if m.get("ttft_p99_ms") is not None:
+        text += f" ttft p99 {m['ttft_p99_ms']} ms gap p50/p99 {m['gap_p50_ms']}/{m['gap_p99_ms']} ms"
+    return text + f" dropped {m['dropped']} cpu {m.get('cpu_pct')}"
+
+
+def profile_gateway(run: Run, stack: Stack, plan: Plan, out: Path) -> dict[str, Any]:
+    """Measure chat_32 through the gateway once more with py-spy attached; summarise the profile."""
+    executable = py_spy_path()
+    if executable is None:
+        raise StackError("--profile needs py-spy: .venv/bin/pip install py-spy")
+    scenario = next(s for s in SCENARIOS if s.key == "chat_32")
+    duration = max(2, round(plan.warmup_s + plan.duration_s))
+    spy = py_spy_start(executable, stack.service("gateway").process.pid, duration, out)
+    stack.pids.add(spy.pid)
+    try:
+        measured = measure(run, stack, plan, scenario, "gateway")
+    finally:
+        try:
+            _out, err = spy.communicate(timeout=duration + 30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            _out, err = spy.communicate()
+    if spy.returncode != 0 or not out.exists():
+        raise StackError(f"py-spy failed: {err.decode(errors='replace')[-1000:]}")
+    summary = summarize(out.read_text())
+    summary.update(path=str(out), measurement=measured, note="profiled run; not part of the medians")
+    return summary
+
+
+def metering(stack: Stack, measurements: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
+    """Report whether ingest keeps up: what was sent, appended, left over and stored."""
+    sent = sum(m.get("started", 0) for m in measurements if m["target"] == "gateway" and "rps" in m)
+    sent -= sum(m.get("started", 0) for m in measurements if m["scenario"] == "token")
+    at_end = stack.audit_stream()
+    waited = stack.wait_audit_drained(plan.drain_timeout_s)
+    after = stack.audit_stream()
+    return {
+        "worker": stack.options.worker,
+        "requests_sent_to_gateway": sent,
+        "appended": after["appended"],
+        "backlog_at_end": at_end["backlog"],
+        "drain_wait_s": waited,
+        "backlog_after_drain": after["backlog"],
+        "usage_rows": stack.usage_rows() if stack.options.worker else None,
+    }
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the stack's context manager, which stops everything
+
+
+def _stack_options(args: argparse.Namespace, log_dir: Path, pinned: bool) -> StackOptions:
+    return StackOptions(
+        log_dir=log_dir,
+        db_name=args.db_name,
+        redis_db=args.redis_db,
+        worker=not args.no_worker,
+        gateway_core=1 if pinned else None,
+        other_core=0 if pinned else None,
+    )
+
+
+def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
+    """Start the stack, measure, profile if asked, stop everything; return the result document."""
+    plan = plan_from(args)
+    scenarios = scenarios_select(args.scenarios)
+    pinned = (os.cpu_count() or 1) >= 2 and not args.no_pin
+    if pinned:
+        os.sched_setaffinity(0, {0})  # the load generator shares core 0 with the fakes
+    result: dict[str, Any] = {
+        "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:],
+        "machine": machine_info(pinned),
+        "plan": {
+            "runs": plan.runs,
+            "warmup_s": plan.warmup_s,
+            "duration_s": plan.duration_s,
+            "quick": plan.quick,
+        },
+        "scenarios": [s.key for s in scenarios],
+    }
+    logger.info("machine: %s", result["machine"])
+    stack = Stack(_stack_options(args, log_dir, pinned))
+    try:
+        with stack:
+            stack.start()
+            logger.info("stack up: %s", {s.name: s.process.pid for s in stack.services})
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                result["measurements"] = measure_all(runner.run, stack, plan, scenarios)
+                if args.profile is not None:
+                    result["profile"] = profile_gateway(runner.run, stack, plan, args.profile)
+            result["metering"] = metering(stack, result["measurements"], plan)
+    finally:
+        result["pids"] = sorted(stack.pids)
+        result["leftover_pids"] = stack.leftover_pids()
+    return result
+
+
+def finish(result: dict[str, Any], json_out: Path | None) -> int:
+    """Aggregate, write the JSON, print the report; return the exit status."""
+    measurements = result["measurements"]
+    result["summary"] = aggregate(measurements)
+    result["rows"] = rows(result["summary"])
+    failures: dict[str, int] = {}
+    for m in measurements:
+        for reason, count in (m.get("failures") or {}).items():
+            key = f"{m['scenario']}/{m['target']}/{reason}"
+            failures[key] = failures.get(key, 0) + count
+    result["failures"] = failures
+    result["dropped"] = sum(m.get("dropped", 0) for m in measurements)
+    path = json_out or RESULTS_DIR / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result["json_path"] = str(path)
+    path.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    print_report(result)
+    if result["leftover_pids"]:
+        logger.error("processes outlived the benchmark: %s", result["leftover_pids"])
+        return 1
+    return 1 if result["dropped"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    log_dir = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
+    try:
+        result = execute(args, log_dir)
+    except (StackError, ValueError) as exc:
+        logger.error("bench: %s (logs kept in %s)", exc, log_dir)
+        return 2
+    status = finish(result, args.json_out)
+    if status == 0:
+        shutil.rmtree(log_dir, ignore_errors=True)
+    else:
+        logger.error("logs kept in %s", log_dir)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

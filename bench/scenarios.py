@@ -1,0 +1,163 @@
+"""The seven scenarios of issue 7 and how one measurement of each is taken.
+
+A load scenario runs the closed loop against the fake vLLM directly ("direct") and through the gateway
+("gateway") with the same request bytes (plus the bearer token); while its window runs, an observer reads
+the CPU time of every process and, when asked, polls the gateway's resident memory. The token endpoint
+and the in-process JWT micro-benchmark have no direct counterpart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from bench import proc
+from bench.jwtbench import jwt_verify_bench
+from bench.loadgen import LoadSpec, Target, Window, build_request, run_closed_loop, tally_summary
+from bench.stack import Stack
+
+RSS_POLL_S = 0.05
+TOKEN_BODY = b"grant_type=client_credentials&scope=completions"
+CHAT_PATH = "/v1/chat/completions"
+Runner = Callable[[Coroutine[Any, Any, Any]], Any]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario: what is sent, by how many clients, and against which targets."""
+
+    key: str
+    number: int
+    title: str
+    kind: str  # "load", "token" or "jwt"
+    model: str = ""
+    stream: bool = False
+    clients: int = 1
+    quick_clients: int = 1
+    direct: bool = True
+    watch_rss: bool = False
+
+
+SCENARIOS: tuple[Scenario, ...] = (
+    Scenario("chat_1", 1, "non-streaming chat, 1 client", "load", "m1", False, 1, 1),
+    Scenario("chat_32", 2, "non-streaming chat, 32 clients", "load", "m1", False, 32, 4),
+    Scenario("stream_16", 3, "16-chunk streams, 16 clients, no delay", "load", "m1", True, 16, 4),
+    Scenario("paced_32", 4, "32 streams paced at 10 ms/chunk", "load", "m2", True, 32, 4),
+    Scenario(
+        "paced_1000", 5, "1,000 concurrent paced streams", "load", "m2", True, 1000, 20, False, watch_rss=True
+    ),
+    Scenario(
+        "token", 6, "token endpoint, client credentials", "token", clients=16, quick_clients=2, direct=False
+    ),
+    Scenario("jwt", 7, "JWT verification in process", "jwt", direct=False),
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often to measure."""
+
+    runs: int
+    warmup_s: float
+    duration_s: float
+    quick: bool
+    tokens: int = 16
+    jwt_cold: int = 2000
+    jwt_cached: int = 200_000
+    drain_timeout_s: float = 20.0
+
+
+def scenarios_select(names: str | None) -> list[Scenario]:
+    """Return the scenarios named (by key or number, comma-separated), or all of them."""
+    if not names:
+        return list(SCENARIOS)
+    wanted = {n.strip() for n in names.split(",") if n.strip()}
+    chosen = [s for s in SCENARIOS if s.key in wanted or str(s.number) in wanted]
+    unknown = wanted - {s.key for s in chosen} - {str(s.number) for s in chosen}
+    if unknown:
+        raise ValueError(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    return chosen
+
+
+def _chat_body(model: str, *, stream: bool, tokens: int) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": tokens,
+    }
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _load_spec(scenario: Scenario, target: str, stack: Stack, plan: Plan) -> LoadSpec:
+    clients = scenario.quick_clients if plan.quick else scenario.clients
+    headers = {"Content-Type": "application/json"}
+    if scenario.kind == "token":
+        assert stack.credentials is not None  # noqa: S101  (the stack is started)
+        where = Target("127.0.0.1", stack.ports["gateway"])
+        headers = {
+            "Authorization": stack.credentials.basic(),
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        request = build_request(where, "POST", "/oauth/token/", headers, TOKEN_BODY)
+    else:
+        upstream = "fast" if scenario.model == "m1" else "paced"
+        where = Target("127.0.0.1", stack.ports["gateway" if target == "gateway" else upstream])
+        if target == "gateway":
+            headers["Authorization"] = "Bearer " + stack.access_token()  # fresh: tokens live 300 s
+        body = _chat_body(scenario.model, stream=scenario.stream, tokens=plan.tokens)
+        request = build_request(where, "POST", CHAT_PATH, headers, body)
+    return LoadSpec(
+        target=where,
+        request=request,
+        clients=clients,
+        warmup_s=plan.warmup_s,
+        duration_s=plan.duration_s,
+        stream=scenario.stream,
+        expected_tokens=plan.tokens if scenario.stream else None,
+        drain_timeout_s=plan.drain_timeout_s,
+    )
+
+
+def _observer(pids: dict[str, int], rss_pid: int | None) -> Callable[[Window], Awaitable[dict[str, Any]]]:
+    async def observe(window: Window) -> dict[str, Any]:
+        await asyncio.sleep(max(0.0, window.measure_from - time.perf_counter()))
+        before = {name: proc.cpu_seconds(pid) for name, pid in pids.items()}
+        own_before, started = time.process_time(), time.perf_counter()
+        peak = 0
+        while (remaining := window.end - time.perf_counter()) > 0:
+            if rss_pid is not None:
+                peak = max(peak, proc.status_kib(rss_pid, "VmRSS") or 0)
+            await asyncio.sleep(min(RSS_POLL_S, remaining))
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        cpu: dict[str, float | None] = {}
+        for name, pid in pids.items():
+            now, then = proc.cpu_seconds(pid), before[name]
+            cpu[name] = None if now is None or then is None else round((now - then) / elapsed * 100, 1)
+        cpu["loadgen"] = round((time.process_time() - own_before) / elapsed * 100, 1)
+        return {"cpu_pct": cpu, "rss_peak_mib": round(peak / 1024, 1) if peak else None}
+
+    return observe
+
+
+def measure(run: Runner, stack: Stack, plan: Plan, scenario: Scenario, target: str) -> dict[str, Any]:
+    """Take one measurement of a scenario against a target and return its numbers."""
+    drain_wait_s = stack.wait_audit_drained(plan.drain_timeout_s)
+    if scenario.kind == "jwt":
+        cold, cached = (50, 5000) if plan.quick else (plan.jwt_cold, plan.jwt_cached)
+        result: dict[str, Any] = run(jwt_verify_bench(cold=cold, cached=cached))
+    else:
+        spec = _load_spec(scenario, target, stack, plan)
+        pids = {service.name: service.process.pid for service in stack.services}
+        rss_pid = pids["gateway"] if scenario.watch_rss and target == "gateway" else None
+        tally, observed = run(run_closed_loop(spec, _observer(pids, rss_pid)))
+        result = {"clients": spec.clients, **tally_summary(tally), **observed}
+    result["audit_drain_wait_s"] = drain_wait_s
+    if target == "gateway" and scenario.kind == "load":
+        result["audit_backlog_after"] = stack.audit_stream()["backlog"]
+    return {"scenario": scenario.key, "target": target, **result}

@@ -1,0 +1,408 @@
+"""The stack under test, started and stopped by the harness: everything on 127.0.0.1, on free ports.
+
+Two fake vLLM servers (``m1`` answers at once, ``m2`` paces its stream at 10 ms a chunk), one gateway
+process (uvicorn, uvloop, httptools) serving both through ``VLLM_UPSTREAMS``, and optionally a Celery
+worker with an embedded beat that ingests the usage records the gateway hands to the Redis stream. The
+gateway gets its own core; the fakes, the worker and the load generator share the other (``taskset``).
+The harness owns a PostgreSQL database and a Redis database, created empty and dropped or flushed again.
+Every process is started in its own session, so stopping it (by its process group id) also stops what
+it spawned.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import redis
+from psycopg import sql
+
+from bench import proc
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+STARTUP_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+MANAGE_TIMEOUT_S = 180.0
+AUDIT_STREAM = "portcullis:audit"  # audit.sink.STREAM; read here without importing Django
+CLIENT_SCOPE = "models.read completions embeddings"
+# Generous but real limits, so the Lua reservation (GCRA, tokens, concurrency) runs on every request;
+# the token limit is the largest the policy's integer column holds.
+POLICY_LIMITS = ("--rpm", "100000000", "--tpm", "2000000000", "--concurrency", "100000")
+SCRUBBED_ENV_PREFIXES = ("DJANGO_", "PORTCULLIS_", "VLLM_", "CELERY_", "PYTEST_")
+SCRUBBED_ENV = frozenset({"DATABASE_URL", "REDIS_URL", "REDIS_URL_BASE"})
+
+
+class StackError(Exception):
+    """The stack could not be started as asked (the message says why)."""
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """How to build the stack."""
+
+    log_dir: Path
+    pg_url: str = "postgres://postgres:postgres@127.0.0.1:5432"
+    db_name: str = "portcullis_bench"
+    redis_url: str = "redis://127.0.0.1:6379"
+    redis_db: int = 14
+    tokens: int = 16
+    paced_chunk_ms: float = 10.0
+    worker: bool = True
+    gateway_core: int | None = 1  # None: unpinned
+    other_core: int | None = 0
+
+
+@dataclass
+class Service:
+    """One process the harness started."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    port: int | None = None
+
+    @property
+    def base(self) -> str:
+        """The service's base URL."""
+        return f"http://127.0.0.1:{self.port}"
+
+
+def free_port(taken: set[int]) -> int:
+    """Return a loopback port the kernel just handed out, distinct from those already chosen."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            taken.add(port)
+            return port
+    raise StackError("could not find a free port")
+
+
+def port_check_free(port: int) -> None:
+    """Refuse to go on if something listens on (or holds) the port."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackError(f"port {port} on 127.0.0.1 is taken; refusing to run") from None
+
+
+@dataclass
+class Credentials:
+    """The benchmark client."""
+
+    client_id: str
+    client_secret: str
+
+    def basic(self) -> str:
+        """Return the HTTP Basic credentials (RFC 6749 §2.3.1)."""
+        raw = f"{self.client_id}:{self.client_secret}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+
+@dataclass
+class Stack:
+    """Start, query and stop the processes, the database and the Redis database of one benchmark."""
+
+    options: StackOptions
+    services: list[Service] = field(default_factory=list)
+    pids: set[int] = field(default_factory=set)
+    ports: dict[str, int] = field(default_factory=dict)
+    credentials: Credentials | None = None
+    _secret_key: str = field(default_factory=lambda: secrets.token_urlsafe(48))
+    _database_created: bool = False
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- start -------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create the database, start the fakes, set up the client and its policy, start the gateway."""
+        taken: set[int] = set()
+        self.ports = {name: free_port(taken) for name in ("fast", "paced", "gateway")}
+        self._database_create()
+        self._redis().flushdb()
+        self._fakevllm("fast", "m1", [])
+        self._fakevllm("paced", "m2", ["--chunk-delay-ms", str(self.options.paced_chunk_ms)])
+        self._manage("migrate", "--noinput")
+        created = json.loads(
+            self._manage(
+                "createclient",
+                "--name",
+                "bench",
+                "--grant",
+                "client-credentials",
+                "--json",
+                "--scope",
+                CLIENT_SCOPE,
+            )
+        )
+        self.credentials = Credentials(created["client_id"], created["client_secret"])
+        self._manage("setpolicy", self.credentials.client_id, "--models", "m1,m2", *POLICY_LIMITS)
+        self._gateway()
+        if self.options.worker:
+            self._worker()
+
+    def service(self, name: str) -> Service:
+        """Return a started service by name."""
+        for service in self.services:
+            if service.name == name:
+                return service
+        raise KeyError(name)
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(SCRUBBED_ENV_PREFIXES) and k not in SCRUBBED_ENV
+        }
+        env.update(
+            DJANGO_DEBUG="true",
+            DJANGO_SETTINGS_MODULE="config.settings",
+            DJANGO_SECRET_KEY=self._secret_key,
+            DATABASE_URL=f"{self.options.pg_url}/{self.options.db_name}",
+            REDIS_URL=self._redis_url(),
+            PORTCULLIS_ISSUER=f"http://127.0.0.1:{self.ports['gateway']}",
+            PORTCULLIS_EMBEDDED_BEAT="0",
+            PORTCULLIS_VAR_DIR=str(self.options.log_dir / "var"),
+            VLLM_UPSTREAMS=f"http://127.0.0.1:{self.ports['fast']},http://127.0.0.1:{self.ports['paced']}",
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def _redis_url(self) -> str:
+        return f"{self.options.redis_url}/{self.options.redis_db}"
+
+    def _redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self._redis_url(), socket_timeout=5)
+
+    def _spawn(self, name: str, argv: list[str], core: int | None, port: int | None = None) -> Service:
+        if port is not None:
+            port_check_free(port)
+        prefix = ["taskset", "-c", str(core)] if core is not None else []
+        log = self.options.log_dir / f"{name}.log"
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                prefix + argv,
+                cwd=ROOT,
+                env=self._env(),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopping it stops its children too
+            )
+        service = Service(name, process, log, port)
+        self.services.append(service)
+        self.pids.add(process.pid)
+        return service
+
+    def _wait_ready(self, service: Service, path: str) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if service.process.poll() is not None:
+                raise StackError(f"{service.name} exited at start:\n{_tail(service.log)}")
+            try:
+                if httpx.get(service.base + path, timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise StackError(f"{service.name} did not answer {path} within {STARTUP_TIMEOUT_S} s")
+
+    def _fakevllm(self, name: str, model: str, extra: list[str]) -> None:
+        port = self.ports[name]
+        argv = [PYTHON, "-m", "fakevllm", "--port", str(port), "--models", model]
+        argv += ["--tokens", str(self.options.tokens), *extra]
+        self._wait_ready(self._spawn(name, argv, self.options.other_core, port), "/health")
+
+    def _gateway(self) -> None:
+        port = self.ports["gateway"]
+        argv = [
+            PYTHON,
+            "-m",
+            "uvicorn",
+            "config.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        argv += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--no-proxy-headers"]
+        argv += ["--log-level", "warning"]
+        self._wait_ready(self._spawn("gateway", argv, self.options.gateway_core, port), "/healthz")
+
+    def _worker(self) -> None:
+        schedule = self.options.log_dir / "beat-schedule"
+        argv = [PYTHON, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "-B", "-l", "warning"]
+        argv += ["--schedule", str(schedule)]
+        service = self._spawn("worker", argv, self.options.other_core)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self._ingest_group_exists():  # the first beat-driven ingest creates the consumer group
+            if service.process.poll() is not None:
+                raise StackError(f"the Celery worker exited at start:\n{_tail(service.log)}")
+            if time.monotonic() > deadline:
+                raise StackError(f"the Celery worker ran no ingest within {STARTUP_TIMEOUT_S} s")
+            time.sleep(0.2)
+
+    def _ingest_group_exists(self) -> bool:
+        client = self._redis()
+        try:
+            return bool(client.xinfo_groups(AUDIT_STREAM))
+        except redis.ResponseError:  # no stream yet
+            return False
+        finally:
+            client.close()
+
+    def _manage(self, *args: str) -> str:
+        try:
+            done = subprocess.run(
+                [PYTHON, "manage.py", *args],
+                cwd=ROOT,
+                env=self._env(),
+                capture_output=True,
+                timeout=MANAGE_TIMEOUT_S,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise StackError(f"manage.py {args[0]} took longer than {MANAGE_TIMEOUT_S} s") from None
+        if done.returncode != 0:
+            raise StackError(f"manage.py {args[0]} failed:\n{done.stderr.decode(errors='replace')[-2000:]}")
+        return done.stdout.decode()
+
+    # --- database ----------------------------------------------------------------------------------
+
+    def _admin(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(f"{self.options.pg_url}/postgres", autocommit=True, connect_timeout=5)
+
+    def _database_create(self) -> None:
+        name = sql.Identifier(self.options.db_name)
+        with self._admin() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
+        self._database_created = True
+
+    def _database_drop(self) -> None:
+        if not self._database_created:
+            return
+        with self._admin() as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                    sql.Identifier(self.options.db_name)
+                )
+            )
+        self._database_created = False
+
+    def usage_rows(self) -> int:
+        """Return how many usage records the worker has stored."""
+        url = f"{self.options.pg_url}/{self.options.db_name}"
+        with psycopg.connect(url, connect_timeout=5) as conn:
+            row = conn.execute("SELECT count(*) FROM audit_usagerecord").fetchone()
+        return int(row[0]) if row else 0
+
+    # --- queries -----------------------------------------------------------------------------------
+
+    def access_token(self) -> str:
+        """Get a fresh access token with the client credentials grant (they live 300 s)."""
+        assert self.credentials is not None  # noqa: S101  (start() set it)
+        response = httpx.post(
+            self.service("gateway").base + "/oauth/token/",
+            auth=(self.credentials.client_id, self.credentials.client_secret),
+            data={"grant_type": "client_credentials", "scope": CLIENT_SCOPE},
+            timeout=10.0,
+        )
+        if response.status_code != 200:
+            raise StackError(f"the token endpoint answered {response.status_code}: {response.text[:500]}")
+        return str(response.json()["access_token"])
+
+    def audit_stream(self) -> dict[str, int]:
+        """Return the audit stream's backlog (XLEN) and how many entries were ever appended."""
+        client = self._redis()
+        try:
+            info: dict[str, Any] = client.xinfo_stream(AUDIT_STREAM)
+        except redis.ResponseError:  # no stream yet
+            return {"backlog": 0, "appended": 0}
+        finally:
+            client.close()
+        return {"backlog": int(info.get("length", 0)), "appended": int(info.get("entries-added", 0))}
+
+    def wait_audit_drained(self, timeout_s: float) -> float:
+        """Wait (at most timeout_s) until the worker has ingested the audit stream; return seconds waited."""
+        started = time.monotonic()
+        while self.options.worker and time.monotonic() - started < timeout_s:
+            if self.audit_stream()["backlog"] == 0:
+                break
+            time.sleep(0.2)
+        return round(time.monotonic() - started, 2)
+
+    # --- stop --------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop every process (newest first), then drop the database and flush the Redis database."""
+        for service in reversed(self.services):
+            children = proc.descendants(service.process.pid)
+            self.pids.update(children)
+            _terminate(service.process, children)
+        self.services.clear()
+        try:
+            self._database_drop()
+            self._redis().flushdb()
+        except (psycopg.Error, redis.RedisError) as exc:
+            logger.warning("cleanup of the benchmark database failed: %s", exc)
+
+    def leftover_pids(self) -> list[int]:
+        """Return the started processes (and their descendants) that are still alive."""
+        return sorted(pid for pid in self.pids if proc.alive(pid))
+
+
+def _terminate(process: subprocess.Popen[bytes], children: list[int]) -> None:
+    """Stop a process we started and its group: SIGTERM, SIGKILL after a grace period, then stragglers."""
+    if process.poll() is None:
+        _signal(lambda: os.killpg(process.pid, signal.SIGTERM))  # its own session: the group is its pid
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            _signal(lambda: os.killpg(process.pid, signal.SIGKILL))
+            process.wait(timeout=STOP_TIMEOUT_S)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while any(proc.alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in children:  # descendants seen before the stop that outlived their parent
+        if proc.alive(pid):
+            _signal(functools.partial(os.kill, pid, signal.SIGKILL))
+
+
+def _signal(send: Callable[[], None]) -> None:
+    try:
+        send()
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, size: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return ""

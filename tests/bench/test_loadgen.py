@@ -1,0 +1,99 @@
+"""The load generator frames HTTP/1.1 answers correctly and times streams; the report judges targets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from bench.loadgen import ProtocolError, Target, build_request, read_answer
+from bench.profile import summarize
+from bench.report import aggregate, rows
+from bench.stats import percentile
+
+CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"tok%d "}}]}\n\n'
+
+
+def answer_of(raw: bytes, *, stream: bool = False):
+    async def read():
+        reader = asyncio.StreamReader()
+        reader.feed_data(raw)
+        reader.feed_eof()
+        return await read_answer(reader, stream=stream)
+
+    return asyncio.run(read())
+
+
+def chunked(*parts: bytes) -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts)
+    return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+
+
+def test_a_request_is_one_keep_alive_http11_message_with_its_length():
+    raw = build_request(Target("127.0.0.1", 9), "POST", "/v1/x", {"A": "b"}, b"{}")
+    assert raw == b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:9\r\nA: b\r\nContent-Length: 2\r\n\r\n{}"
+
+
+def test_a_content_length_answer_is_read_whole():
+    answer = answer_of(b"HTTP/1.1 201 Created\r\ncontent-length: 5\r\n\r\nhello")
+    assert (answer.status, answer.body_bytes, answer.keep_alive) == (201, 5, True)
+
+
+def test_a_chunked_stream_counts_its_tokens_and_sees_done():
+    answer = answer_of(chunked(CHUNK % 0, CHUNK % 1 + CHUNK % 2, b"data: [DONE]\n\n"), stream=True)
+    assert answer.status == 200
+    assert len(answer.token_times) == 3
+    assert answer.done
+    assert answer.first_chunk_at is not None
+
+
+def test_a_stream_cut_before_its_terminating_chunk_is_an_error():
+    raw = chunked(CHUNK % 0)[: -len(b"0\r\n\r\n")]
+    with pytest.raises(asyncio.IncompleteReadError):
+        answer_of(raw, stream=True)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"SMTP 200 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"],
+    ids=["not http", "no framing"],
+)
+def test_answers_the_harness_cannot_frame_are_refused(raw):
+    with pytest.raises(ProtocolError):
+        answer_of(raw)
+
+
+def test_percentiles_are_by_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (50.0, 99.0, 100.0)
+    assert percentile([], 50) is None
+
+
+def test_medians_across_runs_judge_added_latency_and_drops_are_summed():
+    measurements = [
+        {"scenario": "chat_1", "target": "direct", "p50_ms": 0.2, "p99_ms": 0.5},
+        {"scenario": "chat_1", "target": "gateway", "p50_ms": 0.9, "p99_ms": 3.0},
+        {"scenario": "chat_1", "target": "gateway", "p50_ms": 1.5, "p99_ms": 3.0},
+        {"scenario": "chat_1", "target": "gateway", "p50_ms": 1.1, "p99_ms": 3.0},
+        {"scenario": "paced_1000", "target": "gateway", "dropped": 0, "clients": 5, "in_flight_peak": 5},
+        {"scenario": "paced_1000", "target": "gateway", "dropped": 2, "clients": 5, "in_flight_peak": 4},
+    ]
+    table = {(r["scenario"], r["metric"]): r for r in rows(aggregate(measurements))}
+    p50 = table[("chat_1", "latency p50 (ms)")]
+    assert (p50["gateway"], p50["added"], p50["verdict"]) == (1.1, 0.9, "PASS")
+    assert table[("chat_1", "latency p99 (ms)")]["verdict"] == "MISS"
+    assert table[("paced_1000", "streams dropped (all runs)")]["gateway"] == 2
+    assert table[("paced_1000", "streams dropped (all runs)")]["verdict"] == "MISS"
+    assert table[("paced_1000", "streams in flight, peak")]["verdict"] == "PASS"
+
+
+def test_a_profile_is_ranked_by_own_time():
+    collapsed = "\n".join(
+        [
+            "run (asyncio/base_events.py:1);handle (/x/gateway/consumers.py:10);loads (json/__init__.py:2) 3",
+            "run (asyncio/base_events.py:1);handle (/x/gateway/consumers.py:10) 1",
+        ]
+    )
+    summary = summarize(collapsed)
+    assert summary["samples"] == 4
+    assert summary["top"][0] == {"frame": "loads (json/__init__.py)", "samples": 3, "share_pct": 75.0}

@@ -1,0 +1,100 @@
+"""The benchmark harness cannot rot: its --quick smoke runs every scenario and leaves nothing behind.
+
+Only that it ran and produced sane numbers is asserted, never a timing target (timings on shared
+machines are noise). The harness manages its own PostgreSQL database and Redis database.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.proc import alive
+from bench.scenarios import SCENARIOS
+
+pytestmark = [pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 120
+
+
+def run_quick_bench(out: Path) -> tuple[int, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bench.run", "--quick", "--json-out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        output, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # SIGTERM: the harness stops everything it started before it exits
+        output, _ = process.communicate(timeout=60)
+        pytest.fail(f"the quick benchmark took longer than {TIMEOUT_S} s:\n{output.decode(errors='replace')}")
+    return process.returncode, output.decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench") / "quick.json"
+    status, output = run_quick_bench(out)
+    assert status == 0, output
+    return json.loads(out.read_text()), output
+
+
+def test_every_scenario_ran_against_every_target_with_positive_numbers(quick):
+    result, output = quick
+    summary = result["summary"]
+    assert set(summary) == {s.key for s in SCENARIOS}, output
+    for scenario in SCENARIOS:
+        expected = {"direct", "gateway"} if scenario.direct else {"gateway"}
+        assert set(summary[scenario.key]) == expected, scenario.key
+        for target, figures in summary[scenario.key].items():
+            keys = (
+                ["cold_us", "cached_us"]
+                if scenario.kind == "jwt"
+                else ["rps", "p50_ms", "p99_ms", "succeeded"]
+            )
+            if scenario.stream:
+                keys += ["ttft_p50_ms", "ttft_p99_ms"]
+            for key in keys:
+                assert figures[key] > 0, (scenario.key, target, key, figures)
+
+
+def test_paced_streams_keep_their_spacing_fields_and_the_gateway_memory_is_read(quick):
+    summary = quick[0]["summary"]
+    for target in ("direct", "gateway"):
+        assert summary["paced_32"][target]["gap_p50_ms"] > 0
+    held = summary["paced_1000"]["gateway"]
+    assert held["rss_peak_mib"] > 0
+    assert held["in_flight_peak"] == held["clients"]
+
+
+def test_nothing_was_dropped_and_every_request_was_metered(quick):
+    result = quick[0]
+    assert result["dropped"] == 0
+    assert result["failures"] == {}
+    metering = result["metering"]
+    assert metering["requests_sent_to_gateway"] > 0
+    assert metering["appended"] >= metering["requests_sent_to_gateway"]
+    assert metering["usage_rows"] > 0
+
+
+def test_the_table_was_printed_with_a_verdict_for_every_target(quick):
+    result, output = quick
+    assert "gw/direct" in output
+    verdicts = {row["verdict"] for row in result["rows"]}
+    assert verdicts <= {"PASS", "MISS", "report"}
+    assert sum(row["verdict"] != "report" for row in result["rows"]) >= 8
+
+
+def test_no_process_the_harness_started_is_left_running(quick):
+    result = quick[0]
+    assert len(result["pids"]) >= 4  # two fakes, the gateway, the worker
+    assert result["leftover_pids"] == []
+    assert [pid for pid in result["pids"] if alive(pid)] == []
