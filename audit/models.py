@@ -26,6 +26,10 @@ class AuditEvent(models.Model):
     event_id = models.UUIDField(
         null=True, blank=True, unique=True, help_text="Set by producers that may retry"
     )
+    # The hash chain (audit.chain): each record commits to the one before it.
+    seq = models.BigIntegerField(unique=True, null=True, editable=False)
+    prev_hash = models.CharField(max_length=64, blank=True, editable=False)
+    hash = models.CharField(max_length=64, blank=True, editable=False)
 
     class Meta:
         ordering = ["-occurred_at", "-id"]
@@ -59,3 +63,49 @@ class UsageRecord(models.Model):
     class Meta:
         ordering = ["-occurred_at"]
         indexes = [models.Index(fields=["client_id", "occurred_at"])]
+
+
+class ChainHead(models.Model):
+    """The single row holding the chain's head; writers lock it, so concurrent writers cannot fork the chain."""
+
+    seq = models.BigIntegerField(default=0)
+    hash = models.CharField(max_length=64, default="0" * 64)
+
+
+class AuditCheckpoint(models.Model):
+    """A signed statement of the chain head at one moment (JWS over seq and hash, by the active key)."""
+
+    seq = models.BigIntegerField()
+    head_hash = models.CharField(max_length=64)
+    kid = models.CharField(max_length=64)
+    signature = models.TextField(help_text="Compact JWS whose payload is {seq, hash, at}")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-seq"]
+
+
+class AuditReport(models.Model):
+    """A stored audit report over a period, in one format."""
+
+    class Kind(models.TextChoices):
+        DAILY = "daily"
+        WEEKLY = "weekly"
+        CUSTOM = "custom"
+
+    kind = models.CharField(max_length=10, choices=Kind.choices)
+    format = models.CharField(max_length=4, choices=[("html", "HTML"), ("csv", "CSV"), ("json", "JSON")])
+    since = models.DateTimeField()
+    until = models.DateTimeField()
+    chain_head = models.CharField(max_length=64, blank=True)
+    chain_seq = models.BigIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.CharField(max_length=200, blank=True)
+    content = models.TextField()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def filename(self) -> str:
+        """Return a download file name."""
+        return f"portcullis-audit-{self.kind}-{self.since:%Y%m%d}-{self.until:%Y%m%d}.{self.format}"
