@@ -66,7 +66,7 @@ class UsageRecord(models.Model):
 
 
 class ChainHead(models.Model):
-    """The single row holding the chain's head; writers lock it, so concurrent writers cannot fork the chain."""
+    """The one row holding the chain head; writers lock it, so concurrent writers cannot fork the chain."""
 
     seq = models.BigIntegerField(default=0)
     hash = models.CharField(max_length=64, default="0" * 64)

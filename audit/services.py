@@ -14,6 +14,7 @@ from typing import Any
 
 from django.utils import timezone
 
+from audit.chain import event_append, normalise_ip
 from audit.context import client_ip_var, request_id_var
 from audit.models import AuditEvent
 
@@ -52,17 +53,18 @@ def audit_record(
         existing = AuditEvent.objects.filter(event_id=event_id).first()
         if existing is not None:
             return existing
-    return AuditEvent.objects.create(
+    event = AuditEvent(
         event_id=event_id,
         occurred_at=occurred_at or timezone.now(),
         kind=kind,
         outcome=outcome,
         actor=actor[:200],
         client_id=client_id[:100],
-        ip=ip if ip is not None else client_ip_var.get(),
+        ip=normalise_ip(ip if ip is not None else client_ip_var.get()),
         request_id="" if rid == "-" else rid,
         data=_scrub(data or {}),
     )
+    return event_append(event)
 
 
 def actor_for_user(user: Any) -> str:

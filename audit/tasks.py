@@ -23,3 +23,12 @@ def audit_stream_ingest_task() -> int:
     if not settings.REDIS_URL:
         return 0
     return stream_ingest(_redis(settings.REDIS_URL))
+
+
+@shared_task(name="audit.tasks.audit_checkpoint_task", ignore_result=True)
+def audit_checkpoint_task() -> int | None:
+    """Sign the current chain head (beat runs this every ten minutes)."""
+    from audit.chain import checkpoint_sign
+
+    checkpoint = checkpoint_sign()
+    return checkpoint.seq if checkpoint is not None else None

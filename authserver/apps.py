@@ -11,4 +11,8 @@ class AuthserverConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from audit.chain import checkpoint_keys_register
         from authserver import receivers  # noqa: F401  (connects signal receivers)
+        from authserver.checkpoints import checkpoint_signature, checkpoint_verify
+
+        checkpoint_keys_register(signer=checkpoint_signature, verifier=checkpoint_verify)

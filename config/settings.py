@@ -276,6 +276,7 @@ CELERY_TASK_ALWAYS_EAGER = not REDIS_URL  # embedded default: tasks run in-proce
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
+    "audit-checkpoint": {"task": "audit.tasks.audit_checkpoint_task", "schedule": 600.0},
     "audit-stream-ingest": {
         "task": "audit.tasks.audit_stream_ingest_task",
         "schedule": 1.0,

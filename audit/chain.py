@@ -1,0 +1,187 @@
+"""The tamper-evident chain over audit events, and its signed checkpoints.
+
+Every event commits to the one before it: ``hash = SHA-256(previous hash + canonical event)``, with a
+gap-free sequence number. Writers lock the single ``ChainHead`` row (and, for SQLite, a process lock), so
+concurrent writers cannot fork the chain. On PostgreSQL a trigger refuses UPDATE and DELETE on the audit
+tables. A beat job signs the head with the active signing key; ``verifyaudit`` recomputes the chain,
+checks every checkpoint signature, and names the first record that does not match.
+
+The audit app imports no other app: the signer and the public keys are registered by the authorization
+server (``checkpoint_keys_register``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+
+from audit.models import AuditCheckpoint, AuditEvent, ChainHead
+
+GENESIS = "0" * 64
+_process_lock = threading.Lock()  # SQLite has no row locks; the embedded default is one process
+
+Signer = Callable[[bytes], tuple[str, str]]  # payload -> (kid, compact JWS)
+Verifier = Callable[[str], bytes | None]  # compact JWS -> payload if the signature verifies, else None
+_keys: dict[str, Any] = {}
+
+
+def checkpoint_keys_register(*, signer: Signer, verifier: Verifier) -> None:
+    """Let the key owner (the authorization server) sign and verify checkpoints."""
+    _keys["signer"], _keys["verifier"] = signer, verifier
+
+
+def canonical(event: AuditEvent) -> bytes:
+    """The exact bytes an event's hash covers."""
+    return json.dumps(
+        {
+            "seq": event.seq,
+            "occurred_at": event.occurred_at.isoformat(),
+            "kind": event.kind,
+            "outcome": event.outcome,
+            "actor": event.actor,
+            "client_id": event.client_id,
+            "ip": event.ip,
+            "request_id": event.request_id,
+            "data": event.data,
+            "event_id": str(event.event_id) if event.event_id else None,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        default=str,
+    ).encode()
+
+
+def link_hash(prev_hash: str, event: AuditEvent) -> str:
+    """Return the chain hash of an event that follows ``prev_hash``."""
+    return hashlib.sha256(prev_hash.encode() + canonical(event)).hexdigest()
+
+
+def normalise_ip(ip: str | None) -> str | None:
+    """Store IPs the way the database returns them, so the hash survives a round trip."""
+    return str(ipaddress.ip_address(ip)) if ip else None
+
+
+def event_append(event: AuditEvent) -> AuditEvent:
+    """Give an unsaved event its place in the chain and save it (the only way events are written)."""
+    with _process_lock, transaction.atomic():
+        head = ChainHead.objects.select_for_update().order_by("pk").first()
+        if head is None:
+            head = ChainHead.objects.create()
+            head = ChainHead.objects.select_for_update().get(pk=head.pk)
+        event.seq = head.seq + 1
+        event.prev_hash = head.hash
+        event.hash = link_hash(head.hash, event)
+        event.save(force_insert=True)
+        head.seq, head.hash = event.seq, event.hash
+        head.save(update_fields=["seq", "hash"])
+    return event
+
+
+def chain_head() -> tuple[int, str]:
+    """Return the current (seq, hash) of the chain."""
+    head = ChainHead.objects.order_by("pk").first()
+    return (head.seq, head.hash) if head is not None else (0, GENESIS)
+
+
+def checkpoint_sign(*, now: float | None = None) -> AuditCheckpoint | None:
+    """Sign the current chain head with the active key (beat runs this); None when nothing to sign."""
+    signer: Signer | None = _keys.get("signer")
+    seq, head_hash = chain_head()
+    if signer is None or seq == 0:
+        return None
+    payload = json.dumps({"seq": seq, "hash": head_hash, "at": int(now or time.time())}).encode()
+    kid, signature = signer(payload)
+    return AuditCheckpoint.objects.create(seq=seq, head_hash=head_hash, kid=kid, signature=signature)
+
+
+@dataclass
+class ChainReport:
+    ok: bool
+    checked: int
+    checkpoints: int
+    first_bad_seq: int | None = None
+    first_bad_id: int | None = None
+    reason: str = ""
+
+
+def _events(batch: int = 2000) -> Iterator[AuditEvent]:
+    last = 0
+    while True:
+        rows = list(AuditEvent.objects.filter(seq__gt=last).order_by("seq")[:batch])
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].seq or last
+
+
+def chain_verify() -> ChainReport:
+    """Recompute the chain and check every checkpoint; report the first record that does not match."""
+    prev, expected, checked, hashes = GENESIS, 1, 0, {}
+    for event in _events():
+        if event.seq != expected:
+            return ChainReport(
+                False, checked, 0, expected, event.pk, f"record {expected} is missing (found {event.seq})"
+            )
+        if event.prev_hash != prev or event.hash != link_hash(prev, event):
+            return ChainReport(
+                False, checked, 0, event.seq, event.pk, f"record {event.seq} does not match its hash"
+            )
+        hashes[event.seq] = event.hash
+        prev, expected, checked = event.hash, expected + 1, checked + 1
+    outside = AuditEvent.objects.filter(seq__isnull=True).order_by("pk").first()
+    if outside is not None:
+        return ChainReport(
+            False, checked, 0, None, outside.pk, f"record id {outside.pk} is outside the chain"
+        )
+    seq, head_hash = chain_head()
+    if seq != checked or head_hash != prev:
+        return ChainReport(
+            False, checked, 0, checked + 1, None, f"the chain head says {seq} records, found {checked}"
+        )
+    return _checkpoints_verify(hashes, checked)
+
+
+def _checkpoints_verify(hashes: dict[int, str], checked: int) -> ChainReport:
+    verifier: Verifier | None = _keys.get("verifier")
+    count = 0
+    for checkpoint in AuditCheckpoint.objects.order_by("seq"):
+        payload = verifier(checkpoint.signature) if verifier is not None else None
+        if payload is None:
+            return ChainReport(
+                False,
+                checked,
+                count,
+                checkpoint.seq,
+                None,
+                f"checkpoint at record {checkpoint.seq} has no valid signature",
+            )
+        signed = json.loads(payload)
+        if (signed.get("seq"), signed.get("hash")) != (checkpoint.seq, checkpoint.head_hash):
+            return ChainReport(
+                False,
+                checked,
+                count,
+                checkpoint.seq,
+                None,
+                f"checkpoint at record {checkpoint.seq} does not match what was signed",
+            )
+        if hashes.get(checkpoint.seq) != checkpoint.head_hash:
+            return ChainReport(
+                False,
+                checked,
+                count,
+                checkpoint.seq,
+                None,
+                f"record {checkpoint.seq} differs from the signed checkpoint",
+            )
+        count += 1
+    return ChainReport(True, checked, count)

@@ -1,0 +1,134 @@
+"""The tamper-evident chain: concurrent writers, a tampered row, a deleted row, a broken checkpoint."""
+
+from __future__ import annotations
+
+import threading
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import DatabaseError, connection, transaction
+
+from audit.chain import chain_head, chain_verify, checkpoint_sign
+from audit.models import AuditCheckpoint, AuditEvent
+from audit.services import audit_record
+
+
+def _events(count: int) -> None:
+    for i in range(count):
+        audit_record(kind="test.event", actor="user:alice", data={"i": i, "note": "x"}, ip="2001:DB8::1")
+
+
+def _behind_the_apps_back(sql: str, params: list[Any]) -> None:
+    """What an attacker with database access does: switch the append-only trigger off and write."""
+    with connection.cursor() as cursor:
+        cursor.execute("SET session_replication_role = replica")
+        cursor.execute(sql, params)
+        cursor.execute("SET session_replication_role = DEFAULT")
+
+
+@pytest.mark.django_db
+def test_an_untouched_chain_verifies_with_its_signed_checkpoints():
+    _events(5)
+    assert checkpoint_sign() is not None
+    _events(3)
+    assert checkpoint_sign() is not None
+    report = chain_verify()
+    assert report.ok, report.reason
+    assert report.checked == AuditEvent.objects.count() == 10  # 8 + the first key's creation and activation
+    assert report.checkpoints == 2
+    out = StringIO()
+    call_command("verifyaudit", stdout=out)
+    assert "10 records, 2 signed checkpoints" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_the_database_refuses_updates_and_deletes_of_audit_rows():
+    _events(1)
+    event = AuditEvent.objects.get()
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        AuditEvent.objects.filter(pk=event.pk).update(actor="user:mallory")
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        AuditEvent.objects.filter(pk=event.pk).delete()
+
+
+@pytest.mark.django_db
+def test_a_row_edited_behind_the_apps_back_is_named():
+    _events(6)
+    target = AuditEvent.objects.get(seq=4)
+    _behind_the_apps_back("UPDATE audit_auditevent SET actor = %s WHERE id = %s", ["user:mallory", target.pk])
+    report = chain_verify()
+    assert not report.ok
+    assert report.first_bad_seq == 4
+    assert report.first_bad_id == target.pk
+    with pytest.raises(CommandError, match="record 4 does not match"):
+        call_command("verifyaudit")
+
+
+@pytest.mark.django_db
+def test_a_deleted_row_is_found():
+    _events(6)
+    _behind_the_apps_back("DELETE FROM audit_auditevent WHERE seq = %s", [3])
+    report = chain_verify()
+    assert not report.ok
+    assert report.first_bad_seq == 3
+    assert "missing" in report.reason
+
+
+@pytest.mark.django_db
+def test_a_rewritten_tail_is_caught_by_the_signed_checkpoint():
+    _events(4)
+    checkpoint_sign()
+    # An attacker who rewrites a record and recomputes every later hash still cannot forge the checkpoint.
+    from audit.chain import link_hash
+
+    rows = list(AuditEvent.objects.order_by("seq"))
+    rows[1].actor = "user:mallory"
+    prev = rows[0].hash
+    for row in rows[1:]:
+        row.prev_hash, row.hash = prev, link_hash(prev, row)
+        _behind_the_apps_back(
+            "UPDATE audit_auditevent SET actor=%s, prev_hash=%s, hash=%s WHERE id=%s",
+            [row.actor, row.prev_hash, row.hash, row.pk],
+        )
+        prev = row.hash
+    _behind_the_apps_back("UPDATE audit_chainhead SET hash = %s", [prev])
+    report = chain_verify()
+    assert not report.ok
+    assert "checkpoint" in report.reason
+
+
+@pytest.mark.django_db
+def test_a_forged_checkpoint_signature_is_refused():
+    _events(2)
+    checkpoint = checkpoint_sign()
+    assert checkpoint is not None
+    head, payload, _signature = checkpoint.signature.split(".")
+    _behind_the_apps_back(
+        "UPDATE audit_auditcheckpoint SET signature = %s WHERE id = %s",
+        [f"{head}.{payload}.AAAA", checkpoint.pk],
+    )
+    report = chain_verify()
+    assert not report.ok
+    assert "no valid signature" in report.reason
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_writers_do_not_fork_the_chain():
+    def write() -> None:
+        try:
+            _events(25)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    report = chain_verify()
+    assert report.ok, report.reason
+    assert report.checked == 100
+    assert chain_head()[0] == 100
+    assert AuditCheckpoint.objects.count() == 0
