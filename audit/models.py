@@ -56,6 +56,9 @@ class UsageRecord(models.Model):
     upstream_ms = models.FloatField(default=0)
     upstream = models.CharField(max_length=200, blank=True)
     client_ip = models.GenericIPAddressField(null=True, blank=True)
+    token_id = models.CharField(
+        max_length=64, blank=True, help_text="The access token's jti (an id, not a secret)"
+    )
     outcome = models.CharField(
         max_length=40, blank=True, help_text="completed, denied:<reason>, cut:<reason>"
     )

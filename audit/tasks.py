@@ -32,3 +32,11 @@ def audit_checkpoint_task() -> int | None:
 
     checkpoint = checkpoint_sign()
     return checkpoint.seq if checkpoint is not None else None
+
+
+@shared_task(name="audit.tasks.audit_anomalies_detect_task", ignore_result=True)
+def audit_anomalies_detect_task() -> int:
+    """Look for anomalies in the last minute (beat runs this every minute)."""
+    from audit.anomaly import anomalies_detect
+
+    return len(anomalies_detect())

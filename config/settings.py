@@ -53,6 +53,8 @@ PORTCULLIS_KEY_ENCRYPTION_KEY = base64.urlsafe_b64encode(hashlib.sha256(_kek.enc
 
 PORTCULLIS_TRUSTED_PROXIES = env_list("PORTCULLIS_TRUSTED_PROXIES")
 REDIS_URL = env_str("REDIS_URL")
+PORTCULLIS_METRICS_ALLOW = env_list("PORTCULLIS_METRICS_ALLOW", ["127.0.0.1/32", "::1/128"])
+PORTCULLIS_METRICS_TOKEN = env_secret("PORTCULLIS_METRICS_TOKEN")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -74,7 +76,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    "audit.context.RequestContextMiddleware",  # first: true client IP, request id, untrusted X-Forwarded-Proto dropped
+    "audit.context.RequestContextMiddleware",  # first: true client IP, request id, drops untrusted X-F-Proto
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "authserver.middleware.SecurityHeadersMiddleware",
@@ -277,6 +279,11 @@ CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "audit-checkpoint": {"task": "audit.tasks.audit_checkpoint_task", "schedule": 600.0},
+    "audit-anomalies": {
+        "task": "audit.tasks.audit_anomalies_detect_task",
+        "schedule": 60.0,
+        "options": {"expires": 50},
+    },
     "audit-stream-ingest": {
         "task": "audit.tasks.audit_stream_ingest_task",
         "schedule": 1.0,

@@ -7,6 +7,7 @@ from django.contrib.auth import views as auth_views
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path, re_path
 
+from audit.metrics import metrics_view
 from authserver import views as authserver_views
 
 
@@ -17,6 +18,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),
     path("oauth/", include("authserver.urls")),
     path("device/", authserver_views.device_entry, name="device-entry"),
     path(".well-known/jwks.json", authserver_views.jwks, name="jwks"),

@@ -15,3 +15,8 @@ class GatewayConfig(AppConfig):
         from gateway.selectors import consent_details
 
         consent_detail_provider_register(consent_details)
+
+        from audit.anomaly import anomaly_handler_register
+        from gateway.services import anomaly_quarantine
+
+        anomaly_handler_register(anomaly_quarantine)

@@ -20,6 +20,7 @@ from audit.context import client_ip_resolve, request_id_from, trusted_networks
 from gateway import errors
 from gateway.admission import admit, settle
 from gateway.auth import Principal
+from gateway.metrics import ACTIVE_STREAMS, METERING_BACKLOG, request_observe
 from gateway.runtime import Runtime, runtime_get
 from gateway.streaming import StreamRelay
 from gateway.validation import Validated, request_validate
@@ -63,6 +64,8 @@ class GatewayConsumer(AsyncHttpConsumer):
             status = await self._dispatch()
         except errors.GatewayError as exc:
             status = exc.status
+            if isinstance(exc, errors.RateLimited):
+                self.record["limit"] = exc.code
             await self._deny(exc)
         except ClientDisconnected:
             status = 499  # the client left before sending its whole request
@@ -194,6 +197,7 @@ class GatewayConsumer(AsyncHttpConsumer):
             request_id=self.request_id,
             occurred_at=time.time(),
             client_id=self.principal.client_id if self.principal else "",
+            token_id=self.principal.jti if self.principal else "",
             user=(self.principal.user or "") if self.principal else "",
             status=status,
             client_ip=getattr(self, "client_ip", None),
@@ -203,6 +207,8 @@ class GatewayConsumer(AsyncHttpConsumer):
         )
         record.setdefault("outcome", "completed" if status < 400 else f"denied:{status}")
         rt.sink.usage(record)
+        request_observe(record, rt.upstreams.known_models())
+        METERING_BACKLOG.set(rt.sink.backlog)
 
 
 class ModelsConsumer(GatewayConsumer):
@@ -304,8 +310,12 @@ class InferenceConsumer(GatewayConsumer):
             self.response_started = True
             await self.send_headers(status=200, headers=headers)
             relay = StreamRelay(self, response, wants_usage=request.wants_usage)
-            with self.rt.watcher.watch(self.principal) as revoked:
-                outcome = await relay.run(self._receive, revoked)
+            ACTIVE_STREAMS.inc()
+            try:
+                with self.rt.watcher.watch(self.principal) as revoked:
+                    outcome = await relay.run(self._receive, revoked)
+            finally:
+                ACTIVE_STREAMS.dec()
         self.record.update(
             upstream_ms=round((time.perf_counter() - started) * 1000, 3),
             prompt_tokens=relay.prompt_tokens,

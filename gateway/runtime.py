@@ -29,6 +29,7 @@ from authserver.selectors import jwks_get
 from gateway import errors
 from gateway.auth import KeySet, Principal, TokenVerifier
 from gateway.conf import GatewaySettings, gateway_settings
+from gateway.metrics import REDIS_FALLBACKS
 from gateway.policy import FULL_RELOAD_S, PolicyCache
 from gateway.ratelimit import LocalLimiter, RedisLimiter
 from gateway.revocation import RevocationWatcher
@@ -204,6 +205,7 @@ class Runtime:
     def redis_unavailable(self) -> None:
         """Count a fallback; log and audit the start of an outage once."""
         self.redis_fallbacks += 1
+        REDIS_FALLBACKS.inc()
         if self.redis_down_since is None:
             self.redis_down_since = time.monotonic()
             logger.error("Redis is unreachable: per-process fallback limits in force")

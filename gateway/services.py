@@ -29,7 +29,9 @@ POLICY_FIELDS = (
     "user_rpm",
     "user_tpm",
     "allow_ips",
+    "quarantine_on_anomaly",
 )
+LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "daily_tokens", "max_tokens", "user_rpm", "user_tpm")
 _local_listeners: list[Any] = []
 
 
@@ -54,7 +56,9 @@ def _validate(fields: dict[str, Any]) -> None:
     models = fields.get("allowed_models") or []
     if not all(isinstance(m, str) and 0 < len(m) <= 200 for m in models):
         errors["allowed_models"] = ["model ids are non-empty strings of at most 200 characters"]
-    for name in POLICY_FIELDS[1:-1]:
+    if not isinstance(fields.get("quarantine_on_anomaly", False), bool):
+        errors["quarantine_on_anomaly"] = ["must be true or false"]
+    for name in LIMIT_FIELDS:
         value = fields.get(name)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
             errors[name] = ["must be a whole number, 0 or more, or empty for no limit"]
@@ -100,3 +104,15 @@ def policy_publish(client_key: str) -> None:
         )
     except redis.RedisError:
         logger.exception("policy push failed; gateways pick the change up on their next full reload")
+
+
+def anomaly_quarantine(finding: Any) -> None:
+    """Disable a client whose policy asks for it when an anomaly is found (its tokens revoked and pushed)."""
+    from authserver.services import client_disable
+
+    if not finding.client_id:
+        return
+    row = ClientPolicy.objects.filter(client__client_id=finding.client_id).select_related("client").first()
+    if row is None or not row.quarantine_on_anomaly or row.client is None or row.client.disabled:
+        return
+    client_disable(client=row.client, actor=f"system:anomaly:{finding.rule}")

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from gateway.errors import UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from gateway.metrics import UPSTREAM_HEALTHY
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class UpstreamPool:
         self.client = client
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._turn = 0
+        self._known: frozenset[str] = frozenset()
+        self._known_from: tuple[int, ...] | None = None
 
     # --- discovery and health --------------------------------------------------------------------
 
@@ -61,6 +64,7 @@ class UpstreamPool:
                 }
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             healthy = False
+        UPSTREAM_HEALTHY.labels(upstream.base).set(1 if healthy else 0)
         if healthy != upstream.healthy:
             logger.warning("upstream %s is now %s", upstream, "healthy" if healthy else "unhealthy")
         upstream.healthy = healthy
@@ -85,6 +89,16 @@ class UpstreamPool:
             if card is not None and isinstance(card.get("max_model_len"), int):
                 return int(card["max_model_len"])
         return None
+
+    def known_models(self) -> frozenset[str]:
+        """Every model an upstream is known to serve (the allowlist for metric labels)."""
+        if self._known_from != self._snapshot():
+            self._known = frozenset(m for u in self.upstreams for m in u.models)
+            self._known_from = self._snapshot()
+        return self._known
+
+    def _snapshot(self) -> tuple[int, ...]:
+        return tuple(id(u.models) for u in self.upstreams)
 
     def serves(self, model: str) -> bool:
         """Return whether any upstream (healthy or not) is known to serve the model."""

@@ -519,3 +519,65 @@ def test_no_token_or_secret_reaches_the_server_log(stack):
     assert "/v1/models?[redacted]" in log  # the access log is on, and redacted
     for secret in [*stack.issued, stack.secret, stack.narrow_secret, "a very secret prompt"]:
         assert secret not in log
+
+
+def _series(text: str) -> dict[str, float]:
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
+
+
+def test_metrics_move_with_traffic_and_random_models_or_paths_do_not_grow_the_series(stack):
+    token = stack.token()
+    headers = {"authorization": f"Bearer {token}"}
+
+    async def random_traffic(count: int) -> None:
+        import random
+        import string
+
+        async with httpx.AsyncClient(base_url=stack.server.base, timeout=30) as client:
+            for i in range(count):
+                junk = "".join(random.choices(string.ascii_letters, k=12))
+                if i % 2:
+                    await client.post("/v1/chat/completions", headers=headers, json={**CHAT, "model": junk})
+                else:
+                    await client.post(f"/v1/{junk}", headers=headers, json=CHAT)
+
+    import asyncio
+
+    asyncio.run(random_traffic(20))  # every label value random input can produce now exists
+    httpx.post(f"{stack.server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+    before = _series(httpx.get(f"{stack.server.base}/metrics", timeout=10).text)
+    ok_key = 'portcullis_gateway_requests_total{model="m1",route="chat",status_class="2xx"}'
+    assert before[ok_key] >= 1
+    httpx.post(f"{stack.server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+    asyncio.run(random_traffic(1000))
+    after = _series(httpx.get(f"{stack.server.base}/metrics", timeout=10).text)
+    assert after[ok_key] == before[ok_key] + 1
+    assert (
+        after['portcullis_gateway_requests_total{model="other",route="chat",status_class="4xx"}']
+        > before['portcullis_gateway_requests_total{model="other",route="chat",status_class="4xx"}']
+    )
+    assert set(after) == set(before)  # no new series from 1,000 random model names and paths
+    assert "portcullis_signing_key_age_seconds" in after
+
+
+def test_metrics_are_refused_to_other_addresses_without_the_token(tmp_path, stack):
+    server = start_server(
+        tmp_path,
+        VLLM_UPSTREAMS=stack.fake.base,
+        PORTCULLIS_METRICS_ALLOW="10.0.0.0/8",
+        PORTCULLIS_METRICS_TOKEN="scrape-secret-token",
+    )
+    try:
+        assert httpx.get(f"{server.base}/metrics", timeout=10).status_code == 403
+        scraped = httpx.get(
+            f"{server.base}/metrics", headers={"authorization": "Bearer scrape-secret-token"}, timeout=10
+        )
+        assert scraped.status_code == 200
+        assert "portcullis_gateway_active_streams" in scraped.text
+    finally:
+        stop(server.process)

@@ -1,0 +1,70 @@
+"""The /metrics endpoint: Prometheus text for the process (or every worker, in multiprocess mode), plus
+gauges computed at scrape time from the database by providers other apps register (key age, anomalies).
+
+Reachable only from ``PORTCULLIS_METRICS_ALLOW`` addresses (the true client IP) or with
+``Authorization: Bearer $PORTCULLIS_METRICS_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.utils.crypto import constant_time_compare
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Gauge,
+    generate_latest,
+    multiprocess,
+)
+
+from audit.context import trusted_networks
+from audit.models import AuditEvent
+
+ScrapeGauge = tuple[str, str, Callable[[], float]]  # name, help, value
+_scrape_gauges: list[ScrapeGauge] = [
+    (
+        "portcullis_anomalies_total",
+        "Anomaly findings recorded in the audit log",
+        lambda: float(AuditEvent.objects.filter(kind="anomaly.detected").count()),
+    ),
+]
+
+
+def scrape_gauge_register(name: str, help_text: str, value: Callable[[], float]) -> None:
+    """Add a gauge computed at each scrape (other apps register theirs at start)."""
+    if all(existing[0] != name for existing in _scrape_gauges):
+        _scrape_gauges.append((name, help_text, value))
+
+
+def _allowed(request: HttpRequest) -> bool:
+    token = settings.PORTCULLIS_METRICS_TOKEN
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if token and header.lower().startswith("bearer ") and constant_time_compare(header[7:].strip(), token):
+        return True
+    ip = getattr(request, "client_ip", None)
+    if ip is None:
+        return False
+    address = ipaddress.ip_address(ip)
+    return any(address in net for net in trusted_networks(tuple(settings.PORTCULLIS_METRICS_ALLOW)))
+
+
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    """Serve the metrics in Prometheus text format."""
+    if not _allowed(request):
+        return HttpResponse("forbidden\n", status=403, content_type="text/plain")
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        process = CollectorRegistry()
+        multiprocess.MultiProcessCollector(process)
+    else:
+        process = REGISTRY
+    scrape = CollectorRegistry()
+    for name, help_text, value in _scrape_gauges:
+        Gauge(name, help_text, registry=scrape).set(value())
+    body = generate_latest(process) + generate_latest(scrape)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

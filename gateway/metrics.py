@@ -1,0 +1,85 @@
+"""Prometheus metrics of the gateway, recorded once per request from its usage record.
+
+Label values come only from allowlists: routes are the fixed endpoint kinds, models are those an upstream
+serves (anything else is ``other``), statuses are classes (``2xx`` …), limits are the known limit names.
+So random model names or paths cannot grow the number of series.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+ROUTES = frozenset({"chat", "completions", "embeddings", "models", "unknown"})
+LIMITS = frozenset({"requests", "tokens", "user_requests", "user_tokens", "concurrency", "daily_tokens"})
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
+
+REQUESTS = Counter("portcullis_gateway_requests", "Gateway requests", ["route", "model", "status_class"])
+OVERHEAD = Histogram(
+    "portcullis_gateway_overhead_seconds",
+    "Time spent in the gateway itself",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+UPSTREAM = Histogram(
+    "portcullis_gateway_upstream_seconds",
+    "Time spent waiting on the upstream",
+    ["route", "model"],
+    buckets=LATENCY_BUCKETS,
+)
+TOKENS = Counter("portcullis_gateway_tokens", "LLM tokens through the gateway", ["direction", "model"])
+REJECTIONS = Counter("portcullis_gateway_ratelimit_rejections", "Requests refused by a limit", ["limit"])
+ACTIVE_STREAMS = Gauge(
+    "portcullis_gateway_active_streams", "Streams being relayed now", multiprocess_mode="livesum"
+)
+UPSTREAM_HEALTHY = Gauge(
+    "portcullis_gateway_upstream_healthy",
+    "1 if the upstream passed its last health check",
+    ["upstream"],
+    multiprocess_mode="liveall",
+)
+REDIS_FALLBACKS = Counter("portcullis_gateway_redis_fallbacks", "Requests served on the Redis-down fallback")
+METERING_BACKLOG = Gauge(
+    "portcullis_gateway_metering_backlog", "Usage records waiting for hand-off", multiprocess_mode="livesum"
+)
+
+
+def status_class(status: int) -> str:
+    """Return ``2xx``, ``4xx`` … for a status code."""
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"
+
+
+def request_observe(record: dict[str, Any], known_models: set[str] | frozenset[str]) -> None:
+    """Record one finished request."""
+    route = record["endpoint"] if record["endpoint"] in ROUTES else "unknown"
+    model = record["model"] if record["model"] in known_models else ("" if not record["model"] else "other")
+    REQUESTS.labels(route, model, status_class(record["status"])).inc()
+    OVERHEAD.labels(route).observe(max(0.0, record.get("gateway_ms", 0.0)) / 1000)
+    if record.get("upstream_ms"):
+        UPSTREAM.labels(route, model).observe(record["upstream_ms"] / 1000)
+    if record.get("prompt_tokens"):
+        TOKENS.labels("in", model).inc(record["prompt_tokens"])
+    if record.get("completion_tokens"):
+        TOKENS.labels("out", model).inc(record["completion_tokens"])
+    limit = record.get("limit")
+    if limit:
+        REJECTIONS.labels(limit if limit in LIMITS else "other").inc()
