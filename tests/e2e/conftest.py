@@ -95,7 +95,7 @@ def _spawn(port: int, base: str, sink: Any, env: dict[str, str]) -> subprocess.P
             "--no-proxy-headers",
         ],
         cwd=ROOT,
-        env=stack_env(PORTCULLIS_ISSUER=base, **env),
+        env=stack_env(**{"PORTCULLIS_ISSUER": base, **env}),
         stdout=sink,
         stderr=subprocess.STDOUT,
     )
