@@ -1,0 +1,73 @@
+"""Production settings refuse to start on an insecure or missing value, naming the variable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.conftest import ROOT
+
+PRODUCTION = {
+    "DJANGO_DEBUG": "false",
+    "DJANGO_SECRET_KEY": "a-real-production-secret-that-is-long-enough-0123456789",
+    "DJANGO_ALLOWED_HOSTS": "auth.example.com",
+    "PORTCULLIS_ISSUER": "https://auth.example.com",
+    "PORTCULLIS_KEY_ENCRYPTION_KEY": "a-real-key-encryption-key",
+    "DATABASE_URL": "sqlite:///:memory:",
+}
+
+
+def settings_load(**overrides: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PORTCULLIS_", "REDIS_URL"))}
+    env.update(PRODUCTION)
+    for name, value in overrides.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    env["DJANGO_SETTINGS_MODULE"] = "config.settings"
+    code = (
+        "import django; django.setup(); from django.conf import settings; print(settings.SECURE_HSTS_SECONDS)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_production_settings_load_with_https_hardening():
+    result = settings_load()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "31536000"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"DJANGO_SECRET_KEY": None}, "DJANGO_SECRET_KEY"),
+        (
+            {"DJANGO_SECRET_KEY": "portcullis-development-only-secret-key-not-for-production"},
+            "DJANGO_SECRET_KEY",
+        ),
+        ({"DJANGO_ALLOWED_HOSTS": None}, "DJANGO_ALLOWED_HOSTS"),
+        ({"PORTCULLIS_KEY_ENCRYPTION_KEY": None}, "PORTCULLIS_KEY_ENCRYPTION_KEY"),
+        ({"PORTCULLIS_ISSUER": "http://auth.example.com"}, "PORTCULLIS_ISSUER"),
+        ({"PORTCULLIS_ISSUER": None}, "PORTCULLIS_ISSUER"),
+        ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG"),
+        ({"PORTCULLIS_LOGIN_FAILURE_LIMIT": "five"}, "PORTCULLIS_LOGIN_FAILURE_LIMIT"),
+    ],
+)
+def test_an_insecure_or_missing_setting_stops_the_process_naming_it(overrides, named):
+    result = settings_load(**overrides)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert named in result.stderr
+
+
+def test_secrets_can_come_from_files(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("a-secret-read-from-a-docker-secret-file-0123456789\n")
+    result = settings_load(DJANGO_SECRET_KEY=None, DJANGO_SECRET_KEY_FILE=str(secret))
+    assert result.returncode == 0, result.stderr
