@@ -42,7 +42,10 @@ class AuditEvent(models.Model):
 class UsageRecord(models.Model):
     """One gateway request: who, which model, how many tokens, how it ended and how long it took."""
 
-    request_id = models.CharField(max_length=64, unique=True)  # unique: a replayed hand-off is not doubled
+    # The gateway's own id for the record: unique, so a replayed hand-off is not doubled. The request id may
+    # come from the client (X-Request-ID), so it is not unique: a client reusing one is still counted.
+    record_id = models.UUIDField(unique=True, null=True)
+    request_id = models.CharField(max_length=64, db_index=True)
     occurred_at = models.DateTimeField(db_index=True)
     client_id = models.CharField(max_length=100, db_index=True)
     user = models.CharField(max_length=150, blank=True)

@@ -40,3 +40,36 @@ def audit_anomalies_detect_task() -> int:
     from audit.anomaly import anomalies_detect
 
     return len(anomalies_detect())
+
+
+from django.db import DatabaseError  # noqa: E402  (appended with the report tasks below)
+
+
+@shared_task(
+    name="audit.tasks.audit_report_daily_task",
+    ignore_result=True,
+    autoretry_for=(DatabaseError,),
+    retry_backoff=60,
+    max_retries=5,
+)
+def audit_report_daily_task(now: str | None = None) -> list[int]:
+    """Store yesterday's report (00:00-24:00 UTC) as html, csv and json, once (beat runs this daily)."""
+    from audit.reports import daily_period, report_clock, scheduled_reports_store
+
+    since, until = daily_period(report_clock(now))
+    return [report.pk for report in scheduled_reports_store(kind="daily", since=since, until=until)]
+
+
+@shared_task(
+    name="audit.tasks.audit_report_weekly_task",
+    ignore_result=True,
+    autoretry_for=(DatabaseError,),
+    retry_backoff=60,
+    max_retries=5,
+)
+def audit_report_weekly_task(now: str | None = None) -> list[int]:
+    """Store last week's report (Monday to Monday, UTC) as html, csv and json, once (beat: Mondays)."""
+    from audit.reports import report_clock, scheduled_reports_store, weekly_period
+
+    since, until = weekly_period(report_clock(now))
+    return [report.pk for report in scheduled_reports_store(kind="weekly", since=since, until=until)]

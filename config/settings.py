@@ -277,8 +277,12 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ALWAYS_EAGER = not REDIS_URL  # embedded default: tasks run in-process
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TASK_IGNORE_RESULT = True
+CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "audit-checkpoint": {"task": "audit.tasks.audit_checkpoint_task", "schedule": 600.0},
+    # Hourly, idempotent per period: each stores yesterday's (last week's) report once, and catches up.
+    "audit-report-daily": {"task": "audit.tasks.audit_report_daily_task", "schedule": 3600.0},
+    "audit-report-weekly": {"task": "audit.tasks.audit_report_weekly_task", "schedule": 3600.0},
     "audit-anomalies": {
         "task": "audit.tasks.audit_anomalies_detect_task",
         "schedule": 60.0,

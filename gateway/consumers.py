@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from typing import Any, ClassVar
 
 from channels.generic.http import AsyncHttpConsumer
@@ -148,6 +149,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         await self.send_response(status, body, headers=headers)
 
     async def _deny(self, exc: errors.GatewayError) -> None:
+        self.record.setdefault("outcome", f"denied:{exc.code}")
         if 400 <= exc.status < 500:
             self.rt_event_denied(exc)
         if self.response_started:
@@ -194,6 +196,7 @@ class GatewayConsumer(AsyncHttpConsumer):
             return
         record = self.record
         record.update(
+            record_id=uuid.uuid4().hex,
             request_id=self.request_id,
             occurred_at=time.time(),
             client_id=self.principal.client_id if self.principal else "",

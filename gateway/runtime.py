@@ -41,13 +41,13 @@ logger = logging.getLogger(__name__)
 UPSTREAM_KEEPALIVE_S = 4.0  # below uvicorn's (and so vLLM's) 5 s keep-alive, so we never reuse a closed one
 
 
-REDIS_POOL_SIZE = 128  # requests beyond this wait for a connection rather than fail
+REDIS_POOL_SIZE = 128  # requests beyond this wait (up to 10 s) for a connection: a busy pool is not an outage
 
 
 def redis_pool_open(url: str) -> aioredis.Redis:
     """One Redis client per process over a pool that makes callers wait (not fail) when all are busy."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=REDIS_POOL_SIZE, timeout=2.0, socket_connect_timeout=1.0, socket_timeout=2.0
+        url, max_connections=REDIS_POOL_SIZE, timeout=10.0, socket_connect_timeout=1.0, socket_timeout=2.0
     )
     return aioredis.Redis.from_pool(pool)  # the client owns the pool: closing it closes the connections
 

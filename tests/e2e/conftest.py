@@ -188,3 +188,15 @@ def server(
     stop(srv.process)
     text = srv.log.read_text()
     assert "Traceback" not in text, text
+
+
+def client_token(server: Server, reg: Any, scope: str = "completions models.read") -> str:
+    """Get an access token for a registered client with client credentials, over HTTP."""
+    response = httpx.post(
+        f"{server.base}/oauth/token/",
+        data={"grant_type": "client_credentials", "scope": scope},
+        auth=(reg.client.client_id, str(reg.client_secret)),
+        timeout=10,
+    )
+    response.raise_for_status()
+    return str(response.json()["access_token"])

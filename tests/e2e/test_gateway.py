@@ -581,3 +581,20 @@ def test_metrics_are_refused_to_other_addresses_without_the_token(tmp_path, stac
         assert "portcullis_gateway_active_streams" in scraped.text
     finally:
         stop(server.process)
+
+
+def test_a_client_reusing_a_request_id_is_still_metered_for_every_request(stack, django_db_blocker):
+    headers = {"authorization": f"Bearer {stack.token()}", "x-request-id": "reused-request-id-42"}
+    for _ in range(3):
+        assert (
+            httpx.post(
+                f"{stack.server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10
+            ).status_code
+            == 200
+        )
+    deadline, rows = time.monotonic() + 15, 0
+    while rows < 3 and time.monotonic() < deadline:
+        with django_db_blocker.unblock():
+            rows = UsageRecord.objects.filter(request_id="reused-request-id-42").count()
+        time.sleep(0.2)
+    assert rows == 3

@@ -20,22 +20,20 @@ from audit.ingest import stream_ingest
 from audit.models import AuditEvent, UsageRecord
 from authserver.services import RegisteredClient, client_register
 from gateway.services import policy_set
-from tests.e2e.conftest import FakeVllm, Server, free_port, start_fakevllm, start_server, start_worker, stop
+from tests.e2e.conftest import (
+    FakeVllm,
+    Server,
+    client_token,
+    free_port,
+    start_fakevllm,
+    start_server,
+    start_worker,
+    stop,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
-
-
-def token_for(server: Server, reg: RegisteredClient, scope: str = "completions") -> str:
-    response = httpx.post(
-        f"{server.base}/oauth/token/",
-        data={"grant_type": "client_credentials", "scope": scope},
-        auth=(reg.client.client_id, str(reg.client_secret)),
-        timeout=10,
-    )
-    response.raise_for_status()
-    return str(response.json()["access_token"])
 
 
 POLICIES: dict[str, dict[str, Any]] = {
@@ -100,7 +98,7 @@ def test_two_hundred_concurrent_requests_against_fifty_per_minute_exactly_fifty_
     server, fake, clients = stack
     fake.reset()
     reg = clients["rpm"]
-    token = token_for(server, reg, "completions models.read")
+    token = client_token(server, reg, "completions models.read")
     wait_policy(server, token)
     before = fake.served()
     responses = asyncio.run(burst(server, token, 200, CHAT))
@@ -123,7 +121,7 @@ def test_concurrent_streams_never_overspend_tokens_and_settle_to_the_upstream_us
     fake.reset()
     fake.configure(tokens=40)
     reg = clients["tpm"]
-    token = token_for(server, reg, "completions models.read")
+    token = client_token(server, reg, "completions models.read")
     wait_policy(server, token)
     body = {
         "model": "m1",
@@ -164,7 +162,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_is_charged_for_
     fake.reset()
     fake.configure(tokens=500, chunk_delay_s=0.02)
     reg = clients["slot"]
-    token = token_for(server, reg, "completions models.read")
+    token = client_token(server, reg, "completions models.read")
     wait_policy(server, token)
     headers = {"authorization": f"Bearer {token}"}
     body = {**CHAT, "max_tokens": 500, "stream": True}
@@ -205,7 +203,7 @@ def test_forwarded_for_is_believed_only_from_a_trusted_proxy(tmp_path, stack, dj
         env["PORTCULLIS_TRUSTED_PROXIES"] = "127.0.0.1/32"
     server = start_server(tmp_path, **env)
     try:
-        headers = {"authorization": f"Bearer {token_for(server, reg)}"}
+        headers = {"authorization": f"Bearer {client_token(server, reg)}"}
         direct = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
         assert direct.status_code == 403
         assert direct.json()["error"]["code"] == "ip_not_allowed"
@@ -266,7 +264,7 @@ def test_with_redis_down_requests_are_served_within_the_fallback_and_never_500(
     reg = clients["fallback"]
     server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, REDIS_URL=f"redis://127.0.0.1:{port}/0")
     try:
-        token = token_for(server, reg)
+        token = client_token(server, reg)
         headers = {"authorization": f"Bearer {token}"}
         assert (
             httpx.post(

@@ -28,6 +28,7 @@ from tests.e2e.conftest import (
     ROOT,
     FakeVllm,
     Server,
+    client_token,
     stack_env,
     start_fakevllm,
     start_server,
@@ -78,17 +79,6 @@ def manage(*args: str) -> None:
     )
 
 
-def token(server: Server, reg: RegisteredClient, scope: str = "completions models.read") -> str:
-    response = httpx.post(
-        f"{server.base}/oauth/token/",
-        data={"grant_type": "client_credentials", "scope": scope},
-        auth=(reg.client.client_id, str(reg.client_secret)),
-        timeout=10,
-    )
-    response.raise_for_status()
-    return str(response.json()["access_token"])
-
-
 def chat(server: Server, bearer: str) -> int:
     response = httpx.post(
         f"{server.base}/v1/chat/completions",
@@ -104,7 +94,7 @@ def test_a_revoked_token_is_refused_by_both_replicas_within_the_bound(replicas):
     reg = clients["open"]
     samples, first_poll_refused = [], 0
     for _ in range(100):
-        bearer = token(first, reg)
+        bearer = client_token(first, reg)
         assert chat(first, bearer) == 200
         assert chat(second, bearer) == 200  # both replicas have verified and cached it
         httpx.post(
@@ -145,7 +135,7 @@ def test_a_revoked_token_is_refused_by_both_replicas_within_the_bound(replicas):
 
 def test_a_rate_limit_is_shared_by_both_replicas(replicas):
     first, second, _fake, clients = replicas
-    bearer = token(first, clients["limited"], "completions")
+    bearer = client_token(first, clients["limited"], "completions")
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -168,7 +158,7 @@ def test_a_rate_limit_is_shared_by_both_replicas(replicas):
 def test_a_policy_change_reaches_both_replicas(replicas, django_db_blocker):
     first, second, _fake, clients = replicas
     reg = clients["policy"]
-    bearer = token(first, reg)
+    bearer = client_token(first, reg)
     manage("setpolicy", reg.client.client_id, "--models", "m1,m2")  # as an operator would, in its own process
     changed = time.perf_counter()
     seen: dict[str, float] = {}
@@ -191,7 +181,7 @@ def test_a_key_rotation_is_picked_up_by_both_without_a_failed_request(replicas, 
         if round_ == 3:
             manage("rotatekeys", "--activate-now")
         issuer, other = (first, second) if round_ % 2 else (second, first)
-        bearer = token(issuer, reg)
+        bearer = client_token(issuer, reg)
         statuses += [chat(first, bearer), chat(second, bearer)]
     assert statuses == [200] * 12
 
@@ -199,7 +189,7 @@ def test_a_key_rotation_is_picked_up_by_both_without_a_failed_request(replicas, 
 def test_stopping_a_replica_loses_no_usage_record(replicas, django_db_blocker):
     first, second, _fake, clients = replicas
     reg = clients["metered"]
-    bearer = token(second, reg, "completions")
+    bearer = client_token(second, reg, "completions")
     statuses = [chat(second, bearer) for _ in range(40)]
     assert statuses == [200] * 40
     stop(second.process)  # SIGTERM: the replica hands off what it buffered before it exits
