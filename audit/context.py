@@ -124,6 +124,27 @@ class AccessLogRedactFilter(logging.Filter):
         return True
 
 
+def json_log_formatter() -> logging.Formatter:
+    """One JSON object per log line (structlog), carrying the request id."""
+    import structlog
+
+    def request_id(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+        record = event.get("_record")
+        event["request_id"] = getattr(record, "request_id", request_id_var.get())
+        return event
+
+    return structlog.stdlib.ProcessorFormatter(
+        processor=structlog.processors.JSONRenderer(),
+        foreign_pre_chain=[
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            request_id,
+            structlog.processors.format_exc_info,
+        ],
+    )
+
+
 class RequestContextLogFilter(logging.Filter):
     """Add ``request_id`` to every log record."""
 

@@ -111,3 +111,23 @@ def test_forwarded_proto_is_believed_only_from_a_trusted_proxy(rf, settings):
     assert seen["proto"] is None
     middleware(rf.get("/", HTTP_X_FORWARDED_PROTO="https", REMOTE_ADDR="10.1.1.1"))
     assert seen["proto"] == "https"
+
+
+def test_json_logs_carry_the_request_id_one_object_per_line():
+    import json
+    import logging
+
+    from audit.context import RequestContextLogFilter, json_log_formatter, request_id_var
+
+    token = request_id_var.set("req-json-logs-1")
+    try:
+        record = logging.LogRecord("gateway", logging.WARNING, __file__, 1, "upstream %s is down", ("u1",), None)
+        RequestContextLogFilter().filter(record)
+        line = json_log_formatter().format(record)
+    finally:
+        request_id_var.reset(token)
+    parsed = json.loads(line)
+    assert parsed["event"] == "upstream u1 is down"
+    assert parsed["request_id"] == "req-json-logs-1"
+    assert parsed["level"] == "warning"
+    assert parsed["logger"] == "gateway"

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,7 +20,7 @@ from django.core.management import call_command
 
 from audit.models import AuditEvent, UsageRecord
 from authserver.models import SigningKey
-from authserver.services import client_register
+from authserver.services import RegisteredClient, client_register
 from gateway.services import policy_set
 from tests.e2e.conftest import FakeVllm, Server, start_fakevllm, start_server, start_worker, stop
 
@@ -33,6 +35,9 @@ class Stack:
     secret: str
     narrow_id: str
     narrow_secret: str
+    metered: RegisteredClient
+    worker: subprocess.Popen[bytes]
+    tmp: Path
     issued: list[str] = field(default_factory=list)
 
     def token(self, scope: str = "models.read completions embeddings", *, narrow: bool = False) -> str:
@@ -64,19 +69,24 @@ def stack(
         )
         policy_set(client=full.client, actor="test", allowed_models=["m1", "embed-1", "ghost-model"])
         policy_set(client=narrow.client, actor="test", allowed_models=["m1"])
+        metered = client_register(name="Metered app", grant_types=["client-credentials"])
+        policy_set(client=metered.client, actor="test", allowed_models=["m1"])
     server = start_server(tmp, VLLM_UPSTREAMS=fake.base)
-    worker = start_worker(tmp)
+    stack = Stack(
+        server,
+        fake,
+        full.client.client_id,
+        str(full.client_secret),
+        narrow.client.client_id,
+        str(narrow.client_secret),
+        metered,
+        start_worker(tmp),
+        tmp,
+    )
     try:
-        yield Stack(
-            server,
-            fake,
-            full.client.client_id,
-            str(full.client_secret),
-            narrow.client.client_id,
-            str(narrow.client_secret),
-        )
+        yield stack
     finally:
-        stop(worker)
+        stop(stack.worker)
         stop(server.process)
         stop(fake.process)
         with django_db_blocker.unblock():
@@ -598,3 +608,44 @@ def test_a_client_reusing_a_request_id_is_still_metered_for_every_request(stack,
             rows = UsageRecord.objects.filter(request_id="reused-request-id-42").count()
         time.sleep(0.2)
     assert rows == 3
+
+
+def test_two_thousand_requests_with_the_worker_restarted_midway_give_exactly_two_thousand_usage_rows(
+    stack, django_db_blocker
+):
+    from tests.e2e.conftest import client_token
+
+    bearer = client_token(stack.server, stack.metered, "completions")
+
+    async def send(count: int) -> list[int]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=stack.server.base, limits=limits, timeout=30) as client:
+            semaphore = asyncio.Semaphore(32)
+
+            async def one() -> int:
+                async with semaphore:
+                    response = await client.post(
+                        "/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {bearer}"}
+                    )
+                    return response.status_code
+
+            return list(await asyncio.gather(*(one() for _ in range(count))))
+
+    import asyncio
+
+    statuses = asyncio.run(send(1000))
+    stop(stack.worker)  # the ingest worker goes away mid-run...
+    statuses += asyncio.run(send(1000))  # ...while the gateway keeps handing records off to Redis
+    stack.worker = start_worker(stack.tmp)
+    assert statuses == [200] * 2000
+    deadline, rows = time.monotonic() + 60, 0
+    while time.monotonic() < deadline:
+        with django_db_blocker.unblock():
+            rows = UsageRecord.objects.filter(client_id=stack.metered.client.client_id).count()
+        if rows >= 2000:
+            break
+        time.sleep(0.5)
+    time.sleep(2)  # let any duplicate delivery show itself
+    with django_db_blocker.unblock():
+        rows = UsageRecord.objects.filter(client_id=stack.metered.client.client_id).count()
+    assert rows == 2000
