@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
@@ -128,7 +128,7 @@ def json_log_formatter() -> logging.Formatter:
     """One JSON object per log line (structlog), carrying the request id."""
     import structlog
 
-    def request_id(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    def request_id(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         record = event.get("_record")
         event["request_id"] = getattr(record, "request_id", request_id_var.get())
         return event
