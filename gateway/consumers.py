@@ -151,7 +151,7 @@ class GatewayConsumer(AsyncHttpConsumer):
     async def _deny(self, exc: errors.GatewayError) -> None:
         self.record.setdefault("outcome", f"denied:{exc.code}")
         if 400 <= exc.status < 500:
-            self.rt_event_denied(exc)
+            self._audit_denial(exc)
         if self.response_started:
             return
         body = json.dumps(
@@ -175,7 +175,7 @@ class GatewayConsumer(AsyncHttpConsumer):
             return base  # RFC 6750 §3.1: no error code when no credentials were sent
         return base + ', error="invalid_token"'
 
-    def rt_event_denied(self, exc: errors.GatewayError) -> None:
+    def _audit_denial(self, exc: errors.GatewayError) -> None:
         if not hasattr(self, "rt"):
             return
         self.rt.sink.event(
