@@ -108,11 +108,18 @@ TEMPLATES = [
 ]
 
 _default_db = f"sqlite:///{VAR_DIR / 'portcullis.sqlite3'}"
-DATABASES = {"default": dj_database_url.parse(env_str("DATABASE_URL", _default_db), conn_max_age=60)}
+# Under ASGI every request runs its sync code in a thread of its own, so persistent per-thread connections
+# (CONN_MAX_AGE > 0) would leak; PostgreSQL connections come from a per-process psycopg pool instead.
+DATABASES = {"default": dj_database_url.parse(env_str("DATABASE_URL", _default_db), conn_max_age=0)}
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+elif DATABASES["default"]["ENGINE"].endswith("postgresql"):
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+        "min_size": 1,
+        "max_size": env_int("PORTCULLIS_DB_POOL_SIZE", 16, minimum=1),
+        "timeout": 10,
+    }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 if REDIS_URL:
@@ -323,6 +330,8 @@ LOGGING = {
         "oauth2_provider": {"level": "WARNING"},
         "oauthlib": {"level": "WARNING"},
         "axes": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},  # one INFO line per upstream request would cost the hot path
+        "httpcore": {"level": "WARNING"},
         "uvicorn.access": {"handlers": ["console"], "filters": ["redact_query"], "propagate": False},
     },
 }
