@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis import exceptions as redis_exceptions
+
 from gateway.auth import Principal
 from gateway.selectors import Policy
 
@@ -228,7 +230,7 @@ class RedisLimiter:
     def __init__(self, redis: Any) -> None:
         self.redis = redis
         self._admit = redis.register_script(ADMIT_LUA)
-        self._settle = redis.register_script(SETTLE_LUA)
+        self._settle_sha: str | None = None
         self._pending: list[tuple[list[str], list[Any]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -271,14 +273,21 @@ class RedisLimiter:
         await self.flush()
 
     async def flush(self) -> bool:
+        """Send the queued settlements in one pipeline of EVALSHAs (no per-flush script check)."""
         batch, self._pending = self._pending, []
         if not batch:
             return True
-        pipe = self.redis.pipeline(transaction=False)
-        for keys, args in batch:
-            await self._settle(keys=keys, args=args, client=pipe)
         try:
+            if self._settle_sha is None:
+                self._settle_sha = await self.redis.script_load(SETTLE_LUA)
+            pipe = self.redis.pipeline(transaction=False)
+            for keys, args in batch:
+                pipe.evalsha(self._settle_sha, len(keys), *keys, *args)
             await pipe.execute()
+        except redis_exceptions.NoScriptError:  # Redis restarted and lost its scripts: load again, retry
+            self._settle_sha = None
+            self._pending[:0] = batch
+            return False
         except Exception:  # Redis down: keep the settlements for the next try (slots expire regardless)
             self._pending[:0] = batch
             logger.warning("settling %d reservations failed; will retry", len(batch))
@@ -289,7 +298,7 @@ class RedisLimiter:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.005)  # gather settlements: one round trip settles a batch
             if not await self.flush():
                 await asyncio.sleep(1.0)
 
