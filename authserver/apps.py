@@ -16,3 +16,10 @@ class AuthserverConfig(AppConfig):
         from authserver.checkpoints import checkpoint_signature, checkpoint_verify
 
         checkpoint_keys_register(signer=checkpoint_signature, verifier=checkpoint_verify)
+
+        from audit.metrics import scrape_gauge_register
+        from authserver.selectors import active_key_age_s
+
+        scrape_gauge_register(
+            "portcullis_signing_key_age_seconds", "Age of the active signing key", active_key_age_s
+        )

@@ -65,3 +65,106 @@ def signing_keys_published(*, now: datetime | None = None) -> list[SigningKey]:
 def jwks_get(*, now: datetime | None = None) -> dict[str, Any]:
     """Return the public JWK Set (RFC 7517 §5)."""
     return {"keys": [key.public_jwk for key in signing_keys_published(now=now)]}
+
+
+# --- administration reads (the console and the admin API) -------------------------------------------
+
+from dataclasses import dataclass  # noqa: E402  (appended section)
+
+from django.contrib.auth import get_user_model  # noqa: E402
+from django.db.models import Count, QuerySet  # noqa: E402
+
+from authserver.models import AccessToken, Client, Consent  # noqa: E402
+
+
+def clients_search(*, query: str = "", now: datetime | None = None) -> QuerySet[Client]:
+    """Return clients whose name, client id or description contains the query, newest first."""
+    clients = Client.objects.order_by("-created")
+    if query:
+        clients = clients.filter(
+            Q(name__icontains=query) | Q(client_id__icontains=query) | Q(description__icontains=query)
+        )
+    live = Q(accesstoken__expires__gt=now or timezone.now())
+    return clients.annotate(live_tokens=Count("accesstoken", filter=live, distinct=True))
+
+
+def access_tokens_active(
+    *, client: Client | None = None, user: Any = None, now: datetime | None = None
+) -> QuerySet[AccessToken]:
+    """Return the unexpired access tokens, optionally of one client and/or one user, newest first."""
+    tokens = AccessToken.objects.select_related("application", "user").filter(
+        expires__gt=now or timezone.now()
+    )
+    if client is not None:
+        tokens = tokens.filter(application=client)
+    if user is not None:
+        tokens = tokens.filter(user=user)
+    return tokens.order_by("-created")
+
+
+def users_search(*, query: str = "", now: datetime | None = None) -> QuerySet[Any]:
+    """Return users whose user name or e-mail contains the query, with their consent and token counts."""
+    users = get_user_model().objects.order_by("username")
+    if query:
+        users = users.filter(Q(username__icontains=query) | Q(email__icontains=query))
+    return users.annotate(
+        consent_count=Count("consents", distinct=True),
+        token_count=Count(
+            "authserver_accesstoken",
+            filter=Q(authserver_accesstoken__expires__gt=now or timezone.now()),
+            distinct=True,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ConnectedApp:
+    """An app that holds access to a user's account: by a remembered consent, live tokens, or both."""
+
+    client: Client
+    scopes: list[tuple[str, str]]  # (scope, plain-words description)
+    since: datetime
+    live_tokens: int
+
+
+def connected_apps_for_user(*, user: Any, now: datetime | None = None) -> list[ConnectedApp]:
+    """Return the apps that hold access to this user's account, with their scopes in plain words."""
+    from django.conf import settings
+
+    now = now or timezone.now()
+    described = dict(settings.SCOPES)
+    apps: dict[int, dict[str, Any]] = {}
+    for consent in Consent.objects.filter(user=user).select_related("client"):
+        apps[consent.client.pk] = {
+            "client": consent.client,
+            "scopes": set(consent.scope.split()),
+            "since": consent.granted_at,
+            "live": 0,
+        }
+    for token in AccessToken.objects.filter(user=user, expires__gt=now).select_related("application"):
+        if token.application is None:
+            continue
+        entry = apps.setdefault(
+            token.application.pk,
+            {"client": token.application, "scopes": set(), "since": token.created, "live": 0},
+        )
+        entry["scopes"] |= set(token.scope.split())
+        entry["since"] = min(entry["since"], token.created)
+        entry["live"] += 1
+    return [
+        ConnectedApp(
+            client=entry["client"],
+            scopes=[(scope, described.get(scope, scope)) for scope in sorted(entry["scopes"])],
+            since=entry["since"],
+            live_tokens=entry["live"],
+        )
+        for entry in sorted(apps.values(), key=lambda e: e["client"].name.lower())
+    ]
+
+
+def active_key_age_s() -> float:
+    """Seconds since the active signing key started signing (0 when there is none yet)."""
+    key = SigningKey.objects.filter(state=SigningKey.State.ACTIVE).order_by("-activated_at").first()
+    if key is None or key.activated_at is None:
+        return 0.0
+    return (timezone.now() - key.activated_at).total_seconds()

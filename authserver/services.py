@@ -241,3 +241,159 @@ def signing_key_rotate(
             removed.append(old.kid)
             audit_record(kind="key.removed", actor=actor, data={"kid": old.kid})
     return RotationResult(created=created, activated=activated, removed=tuple(removed))
+
+
+# --- administration (the console and the admin API call these) --------------------------------------
+
+from axes.utils import reset as axes_reset  # noqa: E402  (appended section)
+from django.core.exceptions import ValidationError  # noqa: E402
+
+ADMIN_SCOPES = frozenset({"admin.read", "admin.write"})
+
+
+def _scopes_check(scopes: list[str], *, is_admin_client: bool) -> None:
+    """Refuse unknown scopes, and admin scopes for a client not marked administrative."""
+    known = set(settings.SCOPES) | ADMIN_SCOPES
+    unknown = sorted(set(scopes) - known)
+    if unknown:
+        raise ValidationError({"scopes": [f"unknown scopes: {', '.join(unknown)}"]})
+    if not is_admin_client and ADMIN_SCOPES.intersection(scopes):
+        raise ValidationError({"scopes": ["admin scopes are only for clients marked administrative"]})
+
+
+def client_create(
+    *,
+    name: str,
+    grant_types: list[str],
+    public: bool = False,
+    redirect_uris: list[str] | None = None,
+    scopes: list[str] | None = None,
+    description: str = "",
+    logo_url: str = "",
+    can_introspect: bool = False,
+    is_admin_client: bool = False,
+    actor: str,
+) -> RegisteredClient:
+    """Register a client for an admin: check its scopes, then create it (secret returned once)."""
+    if not grant_types:
+        raise ValidationError({"grant_types": ["choose at least one grant type"]})
+    _scopes_check(scopes or [], is_admin_client=is_admin_client)
+    with transaction.atomic():
+        registered = client_register(
+            name=name,
+            grant_types=grant_types,
+            public=public,
+            redirect_uris=redirect_uris,
+            scopes=scopes or None,
+            description=description,
+            logo_url=logo_url,
+            can_introspect=can_introspect,
+            actor=actor,
+        )
+        if is_admin_client:
+            registered.client.is_admin_client = True
+            registered.client.save(update_fields=["is_admin_client", "updated"])
+            audit_record(
+                kind="client.changed",
+                actor=actor,
+                client_id=registered.client.client_id,
+                data={"changed": ["is_admin_client"]},
+            )
+    return registered
+
+
+CLIENT_EDITABLE = (
+    "name",
+    "description",
+    "logo_url",
+    "redirect_uris",
+    "allowed_scopes",
+    "grant_types",
+    "can_introspect",
+    "is_admin_client",
+)
+
+
+def client_update(*, client: Client, actor: str, **fields: Any) -> Client:
+    """Change a client's editable fields (validated like a new client) and audit what changed."""
+    unknown = set(fields) - set(CLIENT_EDITABLE)
+    if unknown:
+        raise ValidationError({"client": [f"unknown fields: {', '.join(sorted(unknown))}"]})
+    if "grant_types" in fields:
+        fields["grant_types"] = [GRANT_ALIASES.get(g, g) for g in fields["grant_types"]]
+        if not fields["grant_types"]:
+            raise ValidationError({"grant_types": ["choose at least one grant type"]})
+    changed = [name for name, value in fields.items() if getattr(client, name) != value]
+    for name in changed:
+        setattr(client, name, fields[name])
+    if "grant_types" in changed:
+        client.authorization_grant_type = client.grant_types[0]
+    _scopes_check(client.scope_list(), is_admin_client=client.is_admin_client)
+    client.full_clean(exclude=["client_secret"])
+    if changed:
+        client.save()
+        audit_record(
+            kind="client.changed", actor=actor, client_id=client.client_id, data={"changed": changed}
+        )
+    return client
+
+
+def client_secret_rotate(*, client: Client, actor: str) -> str:
+    """Give a confidential client a new secret; return it in clear (the only time it exists in clear).
+
+    The old secret stops working at once; tokens already issued stay valid until they expire or are
+    revoked (revoke them separately if the old secret leaked).
+    """
+    if client.client_type != Client.CLIENT_CONFIDENTIAL:
+        raise ValidationError({"client": ["a public client has no secret"]})
+    secret = secrets.token_urlsafe(96)[:CLIENT_SECRET_LENGTH]
+    client.client_secret = secret  # DOT hashes it on save (CLIENT_SECRET_HASHER)
+    client.save()
+    audit_record(kind="client.secret_rotated", actor=actor, client_id=client.client_id)
+    return secret
+
+
+def access_token_revoke(*, token: AccessToken, actor: str) -> None:
+    """Revoke one access token (and the refresh token issued with it); the deletion pushes it."""
+    client_id = token.application.client_id if token.application else ""
+    jti = str(token.jti or "")
+    with transaction.atomic():
+        RefreshToken.objects.filter(access_token=token, revoked__isnull=True).update(revoked=timezone.now())
+        token.delete()
+    audit_record(
+        kind="token.revoked",
+        actor=actor,
+        client_id=client_id,
+        data={"reason": "revoked by an admin", "jti": jti},
+    )
+
+
+def tokens_revoke_for_user(*, user: Any, actor: str, reason: str) -> int:
+    """Revoke every access and refresh token a user holds, across clients; return how many."""
+    with transaction.atomic():
+        RefreshToken.objects.filter(user=user, revoked__isnull=True).update(revoked=timezone.now())
+        count, _ = AccessToken.objects.filter(user=user).delete()
+    audit_record(
+        kind="token.revoked",
+        actor=actor,
+        data={"reason": reason, "user": user.get_username(), "tokens_revoked": count},
+    )
+    return count
+
+
+def user_lock(*, user: Any, actor: str) -> None:
+    """Lock a user out: no sign-in, and every token they hold is revoked at once."""
+    if actor == f"user:{user.get_username()}":
+        raise ValidationError({"user": ["you cannot lock yourself out"]})
+    user.is_active = False
+    user.save(update_fields=["is_active"])
+    audit_record(kind="user.locked", actor=actor, data={"user": user.get_username()})
+    tokens_revoke_for_user(user=user, actor=actor, reason="user locked")
+
+
+def user_unlock(*, user: Any, actor: str) -> None:
+    """Unlock a user: allow sign-in again and clear their failed-login lockouts (django-axes)."""
+    user.is_active = True
+    user.save(update_fields=["is_active"])
+    axes_reset(username=user.get_username())
+    audit_record(kind="user.unlocked", actor=actor, data={"user": user.get_username()})

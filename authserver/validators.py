@@ -14,6 +14,7 @@ from oauth2_provider.oauth2_validators import OAuth2Validator
 
 from audit.services import audit_record
 from authserver.models import AccessToken, RedeemedCode, RefreshToken
+from authserver.services import ADMIN_SCOPES
 from authserver.tokens import jwt_unverified_claims
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,8 @@ class PortcullisValidator(OAuth2Validator):
     ) -> bool:
         if not super().validate_scopes(client_id, scopes, client, request, *a, **k):
             return False
+        if ADMIN_SCOPES.intersection(scopes) and not client.is_admin_client:
+            return False  # admin scopes only for clients an admin marked administrative
         allowed = set(client.scope_list())
         return set(scopes) <= allowed
 

@@ -269,10 +269,11 @@ async def run_closed_loop(spec: LoadSpec, observe: Observer | None = None) -> tu
     observation = asyncio.ensure_future(observe(window)) if observe is not None else None
     clients = [asyncio.ensure_future(_client(spec, conn, tally)) for conn in conns if conn is not None]
     budget = spec.warmup_s + spec.duration_s + spec.request_timeout_s + spec.drain_timeout_s
-    _done, pending = await asyncio.wait(clients, timeout=budget)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    if clients:
+        _done, pending = await asyncio.wait(clients, timeout=budget)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
     result = await observation if observation is not None else None
     return tally, result
 

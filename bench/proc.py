@@ -70,3 +70,26 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+TCP_TIME_WAIT = "06"  # the st column of /proc/net/tcp
+
+
+def time_wait_by_port(ports: dict[str, int]) -> dict[str, int]:
+    """Count loopback TCP sockets in TIME_WAIT with either end on each named port (IPv4 only)."""
+    wanted = {f"{port:04X}": name for name, port in ports.items()}
+    counts = dict.fromkeys(ports, 0)
+    try:
+        lines = (PROC / "net" / "tcp").read_text().splitlines()[1:]
+    except OSError:
+        return counts
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 4 or fields[3] != TCP_TIME_WAIT:
+            continue
+        for end in (fields[1], fields[2]):
+            name = wanted.get(end.rsplit(":", 1)[-1])
+            if name is not None:
+                counts[name] += 1
+                break
+    return counts

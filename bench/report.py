@@ -20,6 +20,7 @@ from bench.stats import median_of
 SUMMED = frozenset({"dropped", "failed", "started", "succeeded"})
 MAXED = frozenset({"rss_peak_mib", "in_flight_peak"})
 CPU_NAMES = ("gateway", "fast", "paced", "worker", "loadgen")
+NESTED = ("cpu_pct", "tcp_closed_per_request")
 
 Rule = Callable[[float | None, float | None, dict[str, Any]], bool | None]
 
@@ -84,20 +85,23 @@ CHECKS: tuple[Check, ...] = (
 )
 
 
-def machine_info(pinned: bool) -> dict[str, Any]:
-    """Describe the machine the numbers come from."""
-    cores = os.cpu_count() or 1
+def machine_info(cores: list[int]) -> dict[str, Any]:
+    """Describe the machine the numbers come from, and the cores used (empty: unpinned)."""
     note = (
-        "gateway pinned to core 1; fakes, worker and load generator to core 0; PostgreSQL and Redis unpinned"
-        if pinned
-        else "unpinned: fewer than 2 cores (or --no-pin); every process shares the machine"
+        f"gateway pinned to core {cores[1]}; fakes, worker and load generator to core {cores[0]}; "
+        "PostgreSQL and Redis unpinned"
+        if cores
+        else "UNPINNED (fewer than 2 cores, or --no-pin): every process shares the machine"
     )
     return {
-        "nproc": cores,
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "cores": cores,
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "cpu_model": proc.cpu_model(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "pinned": pinned,
+        "pinned": bool(cores),
         "note": note,
     }
 
@@ -122,10 +126,11 @@ def aggregate(measurements: list[dict[str, Any]]) -> dict[str, dict[str, dict[st
                 figures[key] = max(present) if present else None
             else:
                 figures[key] = median_of(values)
-        cpu_names = {name for m in runs for name in m.get("cpu_pct", {})}
-        figures["cpu_pct"] = {
-            n: median_of([m.get("cpu_pct", {}).get(n) for m in runs]) for n in sorted(cpu_names)
-        }
+        for nested in NESTED:
+            names = {name for m in runs for name in m.get(nested) or {}}
+            figures[nested] = {
+                n: median_of([(m.get(nested) or {}).get(n) for m in runs]) for n in sorted(names)
+            }
         summary.setdefault(scenario, {})[target] = figures
     return summary
 
@@ -178,6 +183,8 @@ def print_report(result: dict[str, Any]) -> None:
         f"\nmachine: {machine['nproc']} cores, {machine['cpu_model']}, Linux {machine['kernel']}, "
         f"Python {machine['python']}; {machine['note']}"
     )
+    load = result["machine"].get("load_average_at_start")
+    print(f"load average (1, 5, 15 min) at start {load}, at end {result.get('load_average_at_end')}")
     plan = result["plan"]
     print(
         f"plan: {plan['runs']} run(s), {plan['warmup_s']} s warm-up + {plan['duration_s']} s window each"
@@ -208,14 +215,21 @@ def print_report(result: dict[str, Any]) -> None:
 
 
 def _print_cpu(summary: dict[str, dict[str, dict[str, Any]]], titles: dict[str, str]) -> None:
-    print("\nCPU during the window, % of one core (medians):")
+    print(
+        "\nCPU during the window in % of one core, and TCP connections closed per request on each fake's"
+        "\nport (about 1: a new upstream connection for every request); medians:"
+    )
     lines = []
     for scenario, targets in summary.items():
         for target, figures in targets.items():
             cpu = figures.get("cpu_pct") or {}
+            closed = figures.get("tcp_closed_per_request") or {}
             if cpu:
-                lines.append([titles[scenario], target, *(_fmt(cpu.get(name)) for name in CPU_NAMES)])
-    _print_grid(["scenario", "target", *CPU_NAMES], lines)
+                lines.append(
+                    [titles[scenario], target, *(_fmt(cpu.get(name)) for name in CPU_NAMES)]
+                    + [_fmt(closed.get("fast")), _fmt(closed.get("paced"))]
+                )
+    _print_grid(["scenario", "target", *CPU_NAMES, "conns/req m1", "conns/req m2"], lines)
 
 
 def _print_footer(result: dict[str, Any]) -> None:
@@ -225,16 +239,30 @@ def _print_footer(result: dict[str, Any]) -> None:
             f"\nmetering: {metering.get('requests_sent_to_gateway', 0):,} gateway requests sent; "
             f"{metering.get('appended', 0):,} entries appended to the audit stream; backlog at the end "
             f"{metering.get('backlog_at_end', 0):,}, after waiting {metering.get('drain_wait_s', 0)} s "
-            f"{metering.get('backlog_after_drain', 0):,}; {metering.get('usage_rows', 0):,} usage rows stored"
+            f"{metering.get('backlog_after_drain', 0):,}; "
+            f"{_fmt(metering.get('usage_rows'))} usage rows stored"
         )
     failures = result.get("failures") or {}
     print(
         "failures: " + (", ".join(f"{k}: {v}" for k, v in sorted(failures.items())) if failures else "none")
     )
     if result.get("profile"):
-        print(
-            f"\nprofile of the gateway under chat_32 ({result['profile']['samples']:,} samples), by own time:"
-        )
-        for entry in result["profile"]["top"]:
-            print(f"  {entry['share_pct']:5.1f}%  {entry['frame']}")
+        _print_profile(result["profile"])
     print(f"\nJSON: {result.get('json_path', '-')}")
+
+
+def _print_profile(profile: dict[str, Any]) -> None:
+    measured = profile.get("measurement", {})
+    print(
+        f"\nprofile of the gateway's event loop under chat_32 ({profile['samples']:,} samples, "
+        f"{measured.get('rps')}/s while profiled; {profile.get('other_thread_samples', 0):,} samples of "
+        "other threads left out):"
+    )
+    for title, key in (
+        ("own time by function", "top"),
+        ("own time by package", "by_package"),
+        ("project functions, inclusive", "project_inclusive"),
+    ):
+        print(f"  {title}:")
+        for entry in profile[key]:
+            print(f"    {entry['share_pct']:5.1f}%  {entry['frame']}")

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -35,6 +36,7 @@ from bench.stack import ROOT, Stack, StackError, StackOptions
 logger = logging.getLogger("bench")
 
 RESULTS_DIR = ROOT / "bench" / "results"
+PROFILE_MIN_WINDOW_S = 10.0  # enough samples at py-spy's rate to rank the hot spots
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
 
@@ -63,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--redis-db", type=int, default=14, help="Redis database number to flush and use")
     args = parser.parse_args(argv)
+    try:
+        args.selected = scenarios_select(args.scenarios)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.runs is not None and not 1 <= args.runs <= 50:
         parser.error("--runs must be between 1 and 50")
     for name in ("duration", "warmup"):
@@ -118,6 +124,7 @@ def profile_gateway(run: Run, stack: Stack, plan: Plan, out: Path) -> dict[str, 
     if executable is None:
         raise StackError("--profile needs py-spy: .venv/bin/pip install py-spy")
     scenario = next(s for s in SCENARIOS if s.key == "chat_32")
+    plan = replace(plan, duration_s=max(plan.duration_s, PROFILE_MIN_WINDOW_S))
     duration = max(2, round(plan.warmup_s + plan.duration_s))
     spy = py_spy_start(executable, stack.service("gateway").process.pid, duration, out)
     stack.pids.add(spy.pid)
@@ -137,9 +144,12 @@ def profile_gateway(run: Run, stack: Stack, plan: Plan, out: Path) -> dict[str, 
 
 
 def metering(stack: Stack, measurements: list[dict[str, Any]], plan: Plan) -> dict[str, Any]:
-    """Report whether ingest keeps up: what was sent, appended, left over and stored."""
-    sent = sum(m.get("started", 0) for m in measurements if m["target"] == "gateway" and "rps" in m)
-    sent -= sum(m.get("started", 0) for m in measurements if m["scenario"] == "token")
+    """Report whether ingest keeps up: what was sent to /v1, appended, left over and stored."""
+    sent = sum(
+        m.get("started", 0)
+        for m in measurements
+        if m["target"] == "gateway" and m["scenario"] not in ("token", "jwt")
+    )
     at_end = stack.audit_stream()
     waited = stack.wait_audit_drained(plan.drain_timeout_s)
     after = stack.audit_stream()
@@ -158,28 +168,35 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)  # unwinds through the stack's context manager, which stops everything
 
 
-def _stack_options(args: argparse.Namespace, log_dir: Path, pinned: bool) -> StackOptions:
+def _stack_options(args: argparse.Namespace, log_dir: Path, cores: list[int]) -> StackOptions:
     return StackOptions(
         log_dir=log_dir,
         db_name=args.db_name,
         redis_db=args.redis_db,
         worker=not args.no_worker,
-        gateway_core=1 if pinned else None,
-        other_core=0 if pinned else None,
+        gateway_core=cores[1] if cores else None,
+        other_core=cores[0] if cores else None,
     )
+
+
+def _cores(args: argparse.Namespace) -> list[int]:
+    """The two cores to pin to (the harness's first two allowed ones), or none when unpinned."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return [] if args.no_pin or len(allowed) < 2 else allowed[:2]
 
 
 def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     """Start the stack, measure, profile if asked, stop everything; return the result document."""
     plan = plan_from(args)
-    scenarios = scenarios_select(args.scenarios)
-    pinned = (os.cpu_count() or 1) >= 2 and not args.no_pin
-    if pinned:
-        os.sched_setaffinity(0, {0})  # the load generator shares core 0 with the fakes
+    scenarios = args.selected
+    cores = _cores(args)
+    machine = machine_info(cores)  # before the harness pins itself
+    if cores:
+        os.sched_setaffinity(0, {cores[0]})  # the load generator shares its core with the fakes
     result: dict[str, Any] = {
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:],
-        "machine": machine_info(pinned),
+        "machine": machine,
         "plan": {
             "runs": plan.runs,
             "warmup_s": plan.warmup_s,
@@ -189,7 +206,7 @@ def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         "scenarios": [s.key for s in scenarios],
     }
     logger.info("machine: %s", result["machine"])
-    stack = Stack(_stack_options(args, log_dir, pinned))
+    stack = Stack(_stack_options(args, log_dir, cores))
     try:
         with stack:
             stack.start()
@@ -198,8 +215,10 @@ def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
                 result["measurements"] = measure_all(runner.run, stack, plan, scenarios)
                 if args.profile is not None:
                     result["profile"] = profile_gateway(runner.run, stack, plan, args.profile)
-            result["metering"] = metering(stack, result["measurements"], plan)
+            profiled = [result["profile"]["measurement"]] if "profile" in result else []
+            result["metering"] = metering(stack, result["measurements"] + profiled, plan)
     finally:
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         result["pids"] = sorted(stack.pids)
         result["leftover_pids"] = stack.leftover_pids()
     return result
@@ -237,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
     try:
         result = execute(args, log_dir)
-    except (StackError, ValueError) as exc:
+    except StackError as exc:
         logger.error("bench: %s (logs kept in %s)", exc, log_dir)
         return 2
     status = finish(result, args.json_out)

@@ -124,25 +124,36 @@ def _load_spec(scenario: Scenario, target: str, stack: Stack, plan: Plan) -> Loa
     )
 
 
-def _observer(pids: dict[str, int], rss_pid: int | None) -> Callable[[Window], Awaitable[dict[str, Any]]]:
+def _observer(
+    pids: dict[str, int], ports: dict[str, int], rss_pid: int | None
+) -> Callable[[Window], Awaitable[dict[str, Any]]]:
     async def observe(window: Window) -> dict[str, Any]:
+        time_wait_before = proc.time_wait_by_port(ports)  # during the warm-up: it is not cheap
         await asyncio.sleep(max(0.0, window.measure_from - time.perf_counter()))
         before = {name: proc.cpu_seconds(pid) for name, pid in pids.items()}
         own_before, started = time.process_time(), time.perf_counter()
-        peak = 0
-        while (remaining := window.end - time.perf_counter()) > 0:
-            if rss_pid is not None:
-                peak = max(peak, proc.status_kib(rss_pid, "VmRSS") or 0)
-            await asyncio.sleep(min(RSS_POLL_S, remaining))
+        peak = await _rss_peak(rss_pid, window.end)
         elapsed = max(time.perf_counter() - started, 1e-9)
         cpu: dict[str, float | None] = {}
         for name, pid in pids.items():
             now, then = proc.cpu_seconds(pid), before[name]
             cpu[name] = None if now is None or then is None else round((now - then) / elapsed * 100, 1)
         cpu["loadgen"] = round((time.process_time() - own_before) / elapsed * 100, 1)
-        return {"cpu_pct": cpu, "rss_peak_mib": round(peak / 1024, 1) if peak else None}
+        time_wait_after = proc.time_wait_by_port(ports)
+        closed = {name: time_wait_after[name] - time_wait_before[name] for name in ports}
+        return {"cpu_pct": cpu, "rss_peak_mib": round(peak / 1024, 1) if peak else None, "tcp_closed": closed}
 
     return observe
+
+
+async def _rss_peak(pid: int | None, until: float) -> int:
+    """Poll a process's resident memory until the given time; return the peak in KiB (0 if not asked)."""
+    peak = 0
+    while (remaining := until - time.perf_counter()) > 0:
+        if pid is not None:
+            peak = max(peak, proc.status_kib(pid, "VmRSS") or 0)
+        await asyncio.sleep(min(RSS_POLL_S, remaining))
+    return peak
 
 
 def measure(run: Runner, stack: Stack, plan: Plan, scenario: Scenario, target: str) -> dict[str, Any]:
@@ -155,8 +166,13 @@ def measure(run: Runner, stack: Stack, plan: Plan, scenario: Scenario, target: s
         spec = _load_spec(scenario, target, stack, plan)
         pids = {service.name: service.process.pid for service in stack.services}
         rss_pid = pids["gateway"] if scenario.watch_rss and target == "gateway" else None
-        tally, observed = run(run_closed_loop(spec, _observer(pids, rss_pid)))
+        tally, observed = run(run_closed_loop(spec, _observer(pids, stack.ports, rss_pid)))
         result = {"clients": spec.clients, **tally_summary(tally), **observed}
+        started = max(result["started"], 1)
+        # TIME_WAIT sockets that appeared per request, by port: ~1 means a new connection per request
+        result["tcp_closed_per_request"] = {
+            k: round(max(v, 0) / started, 3) for k, v in observed["tcp_closed"].items()
+        }
     result["audit_drain_wait_s"] = drain_wait_s
     if target == "gateway" and scenario.kind == "load":
         result["audit_backlog_after"] = stack.audit_stream()["backlog"]

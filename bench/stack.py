@@ -43,6 +43,7 @@ STOP_TIMEOUT_S = 10.0
 MANAGE_TIMEOUT_S = 180.0
 AUDIT_STREAM = "portcullis:audit"  # audit.sink.STREAM; read here without importing Django
 CLIENT_SCOPE = "models.read completions embeddings"
+TOKEN_ATTEMPTS, TOKEN_RETRY_S = 30, 0.5
 # Generous but real limits, so the Lua reservation (GCRA, tokens, concurrency) runs on every request;
 # the token limit is the largest the policy's integer column holds.
 POLICY_LIMITS = ("--rpm", "100000000", "--tpm", "2000000000", "--concurrency", "100000")
@@ -325,17 +326,29 @@ class Stack:
     # --- queries -----------------------------------------------------------------------------------
 
     def access_token(self) -> str:
-        """Get a fresh access token with the client credentials grant (they live 300 s)."""
+        """Get a fresh access token with the client credentials grant (they live 300 s).
+
+        Retried for a while: right after the token scenario the authorization server may still be short
+        of database connections.
+        """
         assert self.credentials is not None  # noqa: S101  (start() set it)
-        response = httpx.post(
-            self.service("gateway").base + "/oauth/token/",
-            auth=(self.credentials.client_id, self.credentials.client_secret),
-            data={"grant_type": "client_credentials", "scope": CLIENT_SCOPE},
-            timeout=10.0,
-        )
-        if response.status_code != 200:
-            raise StackError(f"the token endpoint answered {response.status_code}: {response.text[:500]}")
-        return str(response.json()["access_token"])
+        problem = ""
+        for _ in range(TOKEN_ATTEMPTS):
+            try:
+                response = httpx.post(
+                    self.service("gateway").base + "/oauth/token/",
+                    auth=(self.credentials.client_id, self.credentials.client_secret),
+                    data={"grant_type": "client_credentials", "scope": CLIENT_SCOPE},
+                    timeout=10.0,
+                )
+            except httpx.HTTPError as exc:
+                problem = repr(exc)
+            else:
+                if response.status_code == 200:
+                    return str(response.json()["access_token"])
+                problem = f"{response.status_code}: {response.text[:300]}"
+            time.sleep(TOKEN_RETRY_S)
+        raise StackError(f"no access token after {TOKEN_ATTEMPTS} attempts; last answer {problem}")
 
     def audit_stream(self) -> dict[str, int]:
         """Return the audit stream's backlog (XLEN) and how many entries were ever appended."""

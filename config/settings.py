@@ -170,7 +170,9 @@ WHITENOISE_AUTOREFRESH = DEBUG  # development serves straight from the apps; pro
 # HTML pages: clickjacking and leak protection (SECURITY.md error contract).
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
-SECURE_REFERRER_POLICY = "no-referrer"
+# same-origin, not no-referrer: with no-referrer, browsers send "Origin: null" on form POSTs and Django's
+# CSRF check (rightly) refuses them. same-origin still sends nothing to any other site.
+SECURE_REFERRER_POLICY = "same-origin"
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
@@ -196,6 +198,8 @@ SCOPES = {
     "offline_access": "Stay connected when you are away (a refresh token)",
     "openid": "Sign you in with your Portcullis account",
     "profile": "See your user name and profile details",
+    "admin.read": "Read the admin API: clients, tokens, users, audit and keys",
+    "admin.write": "Change clients, policies, tokens, users and keys through the admin API",
 }
 
 OAUTH2_PROVIDER_APPLICATION_MODEL = "authserver.Client"
@@ -260,6 +264,8 @@ AUTHSERVER = {
     "ACCESS_TOKEN_LIFETIME_S": ACCESS_TOKEN_LIFETIME_S,
 }
 
+REST_FRAMEWORK = {"DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema"}
+
 GATEWAY = {
     "UPSTREAMS": env_list("VLLM_UPSTREAMS", ["http://127.0.0.1:8001"] if DEBUG else []),
     "UPSTREAM_API_KEY": env_secret("VLLM_API_KEY"),
@@ -322,7 +328,11 @@ LOGGING = {
         "json": {"()": "audit.context.json_log_formatter"},
     },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["request_context"]},
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_context"],
+        },
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {

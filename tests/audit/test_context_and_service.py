@@ -121,7 +121,9 @@ def test_json_logs_carry_the_request_id_one_object_per_line():
 
     token = request_id_var.set("req-json-logs-1")
     try:
-        record = logging.LogRecord("gateway", logging.WARNING, __file__, 1, "upstream %s is down", ("u1",), None)
+        record = logging.LogRecord(
+            "gateway", logging.WARNING, __file__, 1, "upstream %s is down", ("u1",), None
+        )
         RequestContextLogFilter().filter(record)
         line = json_log_formatter().format(record)
     finally:

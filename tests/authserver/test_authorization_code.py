@@ -100,7 +100,7 @@ def test_consent_page_shows_client_name_owner_and_plain_scopes_with_security_hea
     assert 'name="csrfmiddlewaretoken"' in html
     assert page["X-Frame-Options"] == "DENY"
     assert "frame-ancestors 'none'" in page["Content-Security-Policy"]
-    assert page["Referrer-Policy"] == "no-referrer"
+    assert page["Referrer-Policy"] == "same-origin"  # see config/settings.py for why not no-referrer
     assert page["X-Content-Type-Options"] == "nosniff"
 
 

@@ -7,6 +7,7 @@ machines are noise). The harness manages its own PostgreSQL database and Redis d
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,17 @@ TIMEOUT_S = 120
 
 def run_quick_bench(out: Path) -> tuple[int, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.run", "--quick", "--json-out", str(out)],
+        # a database of its own, so a developer's benchmark on the same machine is not dropped under it
+        [
+            sys.executable,
+            "-m",
+            "bench.run",
+            "--quick",
+            "--json-out",
+            str(out),
+            "--db-name",
+            f"bench_smoke_{os.getpid()}",
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

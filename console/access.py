@@ -1,0 +1,74 @@
+"""Who may use the console: the one place that answers it, for pages, the live feed and the API.
+
+- **Read** (every console page, the live feed, GET on the admin API): an active staff user (``is_staff``).
+- **Write** (every change: create, edit, rotate, disable, revoke, lock, policy): an active superuser.
+  A staff user who is not a superuser can look at everything and change nothing.
+- Anyone signed in may use their own Connected apps page.
+
+Anonymous visitors are sent to the login page; signed-in users without the permission get a 403 and
+never any data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+
+from audit.services import actor_for_user
+
+View = Callable[..., HttpResponseBase]
+
+
+def can_read(user: Any) -> bool:
+    """Return whether this user may see the console."""
+    return bool(user is not None and user.is_authenticated and user.is_active and user.is_staff)
+
+
+def can_write(user: Any) -> bool:
+    """Return whether this user may change anything through the console or the API."""
+    return can_read(user) and bool(user.is_superuser)
+
+
+def console_view(*, write: bool = False) -> Callable[[View], View]:
+    """Guard a console view: login for anonymous users, 403 without the read (or write) permission.
+
+    The decorated view carries ``console_access`` ("read" or "write") so tests can check every URL.
+    """
+
+    def decorate(view: View) -> View:
+        @wraps(view)
+        def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+            if not request.user.is_authenticated:
+                return redirect_to_login(request.get_full_path())
+            if not (can_write(request.user) if write else can_read(request.user)):
+                raise PermissionDenied("You do not have permission to use this page.")
+            return view(request, *args, **kwargs)
+
+        guarded.console_access = "write" if write else "read"  # type: ignore[attr-defined]
+        return guarded
+
+    return decorate
+
+
+def signed_in_view(view: View) -> View:
+    """Guard a page for any signed-in user (their own Connected apps)."""
+
+    @wraps(view)
+    def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if not request.user.is_authenticated:
+            return redirect_to_login(request.get_full_path())
+        return view(request, *args, **kwargs)
+
+    guarded.console_access = "user"  # type: ignore[attr-defined]
+    return guarded
+
+
+def actor(request: HttpRequest) -> str:
+    """Return the audit actor for the user behind a request (``user:<username>``)."""
+    return actor_for_user(request.user)

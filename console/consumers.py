@@ -1,0 +1,85 @@
+"""The dashboard's live feed: a WebSocket that pushes traffic figures every 2 s to staff users.
+
+Figures come from usage records in the database (``audit.selectors.usage_live_figures``), read off the
+gateway's hot path; upstream health is probed from here every few seconds with short timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import httpx
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from audit.selectors import usage_live_figures
+from console.access import can_read
+
+logger = logging.getLogger(__name__)
+
+HEALTH_TIMEOUT_S = 1.0  # a dead upstream must not hold up the feed
+HEALTH_EVERY_S = 10.0
+
+
+async def upstreams_health(upstreams: list[str]) -> list[dict[str, Any]]:
+    """Probe each upstream's ``/health`` once, concurrently; report which answered 200."""
+
+    async def probe(client: httpx.AsyncClient, base: str) -> dict[str, Any]:
+        try:
+            response = await client.get(f"{base.rstrip('/')}/health")
+        except httpx.HTTPError:
+            return {"url": base, "healthy": False}
+        return {"url": base, "healthy": response.status_code == 200}
+
+    async with httpx.AsyncClient(timeout=HEALTH_TIMEOUT_S) as client:
+        return list(await asyncio.gather(*(probe(client, base) for base in upstreams)))
+
+
+class LiveConsumer(AsyncWebsocketConsumer):
+    """Push ``{requests_per_s, tokens_per_s, errors, denials, active_streams}`` every ``interval_s``."""
+
+    interval_s = 2.0
+    window_s = 10.0
+
+    async def connect(self) -> None:
+        if not can_read(self.scope.get("user")):
+            await self.close(code=4403)
+            return
+        await self.accept()
+        self.pusher = asyncio.create_task(self.push_forever())
+
+    async def disconnect(self, code: int) -> None:
+        pusher = getattr(self, "pusher", None)
+        if pusher is not None:
+            pusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pusher
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """The feed is one-way; anything the browser sends is ignored."""
+
+    async def push_forever(self) -> None:
+        try:
+            await self._push_loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a broken feed must say so in the log and close, not hang silently
+            logger.exception("console live feed failed")
+            await self.close(code=1011)
+
+    async def _push_loop(self) -> None:
+        health_at = 0.0
+        upstreams: list[str] = list(settings.GATEWAY["UPSTREAMS"])  # type: ignore[call-overload]
+        while True:
+            figures = await database_sync_to_async(usage_live_figures)(window_s=self.window_s)
+            if upstreams and time.monotonic() - health_at >= HEALTH_EVERY_S:
+                figures["upstreams"] = await upstreams_health(upstreams)
+                health_at = time.monotonic()
+            await self.send(text_data=json.dumps(figures))
+            await asyncio.sleep(self.interval_s)

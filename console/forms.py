@@ -1,0 +1,148 @@
+"""Console forms: they parse and present input; the services decide what is valid and do the work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from audit.models import AuditEvent
+from authserver.services import ADMIN_SCOPES, GRANT_ALIASES
+
+GRANT_CHOICES = [
+    ("authorization-code", "Authorization code + PKCE (web and native apps)"),
+    ("client-credentials", "Client credentials (services)"),
+    ("device-code", "Device authorization (CLIs, headless boxes)"),
+]
+GRANT_ALIAS_OF = {value: alias for alias, value in GRANT_ALIASES.items()}
+
+
+def scope_choices() -> list[tuple[str, str]]:
+    """Return every scope a client may be given, with its plain-words description."""
+    described = dict(settings.SCOPES)
+    described.setdefault("admin.read", "Read the admin API (administrative clients only)")
+    described.setdefault("admin.write", "Change things through the admin API (administrative clients only)")
+    return [(scope, f"{scope}: {text}") for scope, text in described.items()]
+
+
+def split_lines(text: str) -> list[str]:
+    """Split a textarea or comma list into its non-empty entries."""
+    return [part for part in text.replace(",", " ").split() if part]
+
+
+def errors_to_form(form: forms.Form, exc: ValidationError) -> None:
+    """Show a service's validation errors on the form fields they name (else on the form)."""
+    aliases = {"allowed_scopes": "scopes", "client_secret": None}
+    for field, messages in exc.message_dict.items():
+        name = aliases.get(field, field)
+        for message in messages:
+            form.add_error(name if name in form.fields else None, message)
+
+
+class ClientForm(forms.Form):
+    """Create or edit a client."""
+
+    name = forms.CharField(max_length=255)
+    description = forms.CharField(required=False, widget=forms.Textarea(attrs={"rows": 2}))
+    logo_url = forms.URLField(required=False, label="Logo URL", assume_scheme="https")
+    public = forms.BooleanField(
+        required=False, label="Public client (no secret: native and single-page apps)"
+    )
+    grant_types = forms.MultipleChoiceField(choices=GRANT_CHOICES, widget=forms.CheckboxSelectMultiple)
+    redirect_uris = forms.CharField(
+        required=False,
+        label="Redirect URIs",
+        help_text="One per line; https, or http only for a loopback IP (RFC 8252).",
+        widget=forms.Textarea(attrs={"rows": 3}),
+    )
+    scopes = forms.MultipleChoiceField(choices=scope_choices, widget=forms.CheckboxSelectMultiple)
+    can_introspect = forms.BooleanField(required=False, label="May introspect tokens (RFC 7662)")
+    is_admin_client = forms.BooleanField(
+        required=False, label="Administrative client (may be given admin.read / admin.write)"
+    )
+
+    def __init__(self, *args: Any, editing: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if editing:
+            del self.fields["public"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if ADMIN_SCOPES.intersection(data.get("scopes") or []) and not data.get("is_admin_client"):
+            self.add_error("scopes", "Admin scopes are only for clients marked administrative.")
+        return data
+
+    def service_fields(self) -> dict[str, Any]:
+        """Return the cleaned data named as the client services expect it."""
+        data = self.cleaned_data
+        return {
+            "name": data["name"],
+            "description": data["description"],
+            "logo_url": data["logo_url"],
+            "grant_types": list(data["grant_types"]),
+            "redirect_uris": split_lines(data["redirect_uris"]),
+            "scopes": list(data["scopes"]),
+            "can_introspect": data["can_introspect"],
+            "is_admin_client": data["is_admin_client"],
+        }
+
+
+class PolicyForm(forms.Form):
+    """A client's gateway policy; empty numbers mean no limit."""
+
+    allowed_models = forms.CharField(
+        required=False,
+        label="Models",
+        help_text="Model ids, separated by spaces or commas. Empty: no model at all.",
+    )
+    rpm = forms.IntegerField(required=False, min_value=0, label="Requests per minute")
+    tpm = forms.IntegerField(required=False, min_value=0, label="LLM tokens per minute")
+    concurrency = forms.IntegerField(required=False, min_value=0, label="Concurrent requests")
+    daily_tokens = forms.IntegerField(required=False, min_value=0, label="Tokens per UTC day")
+    max_tokens = forms.IntegerField(required=False, min_value=0, label="Largest max_tokens per request")
+    user_rpm = forms.IntegerField(required=False, min_value=0, label="Requests per minute per user")
+    user_tpm = forms.IntegerField(required=False, min_value=0, label="Tokens per minute per user")
+    allow_ips = forms.CharField(
+        required=False,
+        label="IP allowlist",
+        help_text="CIDRs, one per line. Empty: any address.",
+        widget=forms.Textarea(attrs={"rows": 3}),
+    )
+    quarantine_on_anomaly = forms.BooleanField(
+        required=False, label="Disable the client (revoking its tokens) when an anomaly is found"
+    )
+
+    def policy_fields(self) -> dict[str, Any]:
+        """Return the cleaned data as ``gateway.services.policy_set`` takes it."""
+        data = dict(self.cleaned_data)
+        data["allowed_models"] = split_lines(data["allowed_models"])
+        data["allow_ips"] = split_lines(data["allow_ips"])
+        return data
+
+
+class AuditFilterForm(forms.Form):
+    """Filters for the audit list and its CSV export."""
+
+    since = forms.DateTimeField(
+        required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M")
+    )
+    until = forms.DateTimeField(
+        required=False, widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M")
+    )
+    actor = forms.CharField(required=False, max_length=200)
+    client_id = forms.CharField(required=False, max_length=100, label="Client id")
+    kind = forms.CharField(
+        required=False,
+        max_length=64,
+        help_text="A kind or its prefix, e.g. token.",
+        widget=forms.TextInput(attrs={"list": "kinds"}),
+    )
+    outcome = forms.ChoiceField(required=False, choices=[("", "any"), *AuditEvent.Outcome.choices])
+
+    def filters(self) -> dict[str, Any]:
+        """Return the valid filters (all empty when the form is invalid)."""
+        if not self.is_valid():
+            return {}
+        return {name: value for name, value in self.cleaned_data.items() if value not in (None, "")}

@@ -1,0 +1,1 @@
+"""Console pages: thin adapters that parse input, call one service or selector, and render."""

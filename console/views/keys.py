@@ -1,0 +1,40 @@
+"""Signing-key pages: every key with its state and dates; rotate now, after confirmation."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_http_methods
+
+from authserver.models import SigningKey
+from authserver.services import signing_key_rotate
+from console.access import actor, console_view
+
+
+@console_view()
+@require_http_methods(["GET"])
+def key_list(request: HttpRequest) -> HttpResponse:
+    """List signing keys, newest first, with their lifecycle dates."""
+    keys = SigningKey.objects.defer("private_key_encrypted").order_by("-created_at")
+    return render(request, "console/keys/list.html", {"keys": keys, "conf": settings.AUTHSERVER})
+
+
+@console_view(write=True)
+@require_http_methods(["GET", "POST"])
+def key_rotate(request: HttpRequest) -> HttpResponse:
+    """Ask, then rotate: publish a new key (and, for a compromised key, make it sign at once)."""
+    if request.method == "POST":
+        activate_now = request.POST.get("activate_now") == "on"
+        result = signing_key_rotate(force=True, activate_now=activate_now, actor=actor(request))
+        if result.activated:
+            messages.success(request, f"Key {result.activated} now signs new tokens.")
+        elif result.created:
+            messages.success(request, f"Key {result.created} is published and will sign once due.")
+        else:
+            messages.info(request, "A new key is already waiting to be activated; nothing was created.")
+        return redirect("console:keys")
+    pending = SigningKey.objects.filter(state=SigningKey.State.PENDING).first()
+    context = {"pending": pending, "publish_ahead_s": settings.AUTHSERVER["KEY_PUBLISH_AHEAD_S"]}
+    return render(request, "console/keys/rotate.html", context)

@@ -1,0 +1,331 @@
+"""The admin REST API: admin-scoped access tokens or a staff session with CSRF, the same services as the
+console, audited with the caller as actor, and every doubtful token refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from django.test import Client as HttpClient
+from jwcrypto import jwk, jwt
+
+from audit.models import AuditEvent
+from authserver.models import AccessToken, Client, SigningKey
+from authserver.selectors import signing_key_active
+from authserver.services import RegisteredClient, client_create
+from gateway.models import ClientPolicy
+from tests.conftest import OAuthDriver
+
+pytestmark = pytest.mark.django_db
+
+ADMIN_SCOPES = {"admin.read": "Read the admin API", "admin.write": "Change things through the admin API"}
+
+
+@pytest.fixture
+def admin_scopes_enabled(settings: Any) -> None:
+    """The authorization server issues admin scopes (the SCOPES lines this issue asks config to add)."""
+    scopes = {**settings.SCOPES, **ADMIN_SCOPES}
+    settings.SCOPES = scopes
+    settings.OAUTH2_PROVIDER = {**settings.OAUTH2_PROVIDER, "SCOPES": scopes}
+
+
+@pytest.fixture
+def admin_app(admin_scopes_enabled: None) -> RegisteredClient:
+    return client_create(
+        name="Terraform",
+        grant_types=["client-credentials"],
+        scopes=["admin.read", "admin.write"],
+        is_admin_client=True,
+        actor="user:root",
+    )
+
+
+@pytest.fixture
+def bearer(admin_app: RegisteredClient) -> Callable[[str], HttpClient]:
+    """Return an API client holding a fresh admin token with these scopes."""
+
+    def make(scope: str = "admin.read admin.write") -> HttpClient:
+        response = OAuthDriver(http=HttpClient()).client_credentials(admin_app, scope)
+        assert response.status_code == 200, response.content
+        return HttpClient(HTTP_AUTHORIZATION=f"Bearer {response.json()['access_token']}")
+
+    return make
+
+
+def test_a_read_token_lists_clients_but_cannot_change_anything(bearer, world):
+    api = bearer("admin.read")
+    response = api.get("/api/admin/clients/")
+    assert response.status_code == 200
+    names = {c["name"] for c in response.json()["results"]}
+    assert {"Acme reports", "Terraform"} <= names
+    assert all("client_secret" not in c for c in response.json()["results"])
+    denied = api.post(f"/api/admin/clients/{world.app.client.client_id}/disable/")
+    assert denied.status_code == 403
+    world.app.client.refresh_from_db()
+    assert not world.app.client.disabled
+
+
+def test_a_write_token_creates_a_client_and_gets_its_secret_once_audited_as_the_client(bearer, admin_app):
+    api = bearer()
+    response = api.post(
+        "/api/admin/clients/",
+        {
+            "name": "CI runner",
+            "grant_types": ["client-credentials"],
+            "scopes": ["models.read", "completions"],
+        },
+        content_type="application/json",
+    )
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert len(body["client_secret"]) == 128
+    assert body["grant_types"] == ["client-credentials"]
+    event = AuditEvent.objects.filter(kind="client.created", client_id=body["client_id"]).get()
+    assert event.actor == f"client:{admin_app.client.client_id}"
+    shown = api.get(f"/api/admin/clients/{body['client_id']}/").json()
+    assert "client_secret" not in shown
+
+
+def test_the_api_refuses_invalid_client_data_with_the_service_messages(bearer):
+    response = bearer().post(
+        "/api/admin/clients/",
+        {"name": "Sneaky", "grant_types": ["client-credentials"], "scopes": ["admin.write"]},
+        content_type="application/json",
+    )
+    assert response.status_code == 400
+    assert "admin scopes are only for clients marked administrative" in json.dumps(response.json())
+    assert not Client.objects.filter(name="Sneaky").exists()
+
+
+def test_patch_disable_enable_rotate_and_revoke_through_the_api(bearer, world, admin_app):
+    api = bearer()
+    cid = world.app.client.client_id
+    actor = f"client:{admin_app.client.client_id}"
+    patched = api.patch(f"/api/admin/clients/{cid}/", {"name": "Renamed"}, content_type="application/json")
+    assert patched.json()["name"] == "Renamed"
+    assert AuditEvent.objects.filter(kind="client.changed", client_id=cid).get().actor == actor
+    assert (
+        api.patch(f"/api/admin/clients/{cid}/", {"public": True}, content_type="application/json").status_code
+        == 400
+    )
+    rotated = api.post(f"/api/admin/clients/{cid}/rotate-secret/")
+    assert rotated["Cache-Control"] == "no-store"
+    assert len(rotated.json()["client_secret"]) == 128
+    revoked = api.post(f"/api/admin/clients/{cid}/revoke-tokens/")
+    assert revoked.json() == {"tokens_revoked": 1}
+    assert api.post(f"/api/admin/clients/{cid}/disable/").json()["disabled"] is True
+    assert api.post(f"/api/admin/clients/{cid}/enable/").json()["disabled"] is False
+    kinds = set(AuditEvent.objects.filter(client_id=cid, actor=actor).values_list("kind", flat=True))
+    assert {
+        "client.changed",
+        "client.secret_rotated",
+        "token.revoked",
+        "client.disabled",
+        "client.enabled",
+    } <= kinds
+
+
+def test_policies_are_read_and_set_through_the_api_with_validation(bearer, world):
+    api = bearer()
+    url = f"/api/admin/clients/{world.app.client.client_id}/policy/"
+    assert api.get(url).status_code == 404
+    bad = api.put(url, {"allowed_models": ["m1"], "allow_ips": ["nope"]}, content_type="application/json")
+    assert bad.status_code == 400
+    assert "is not an IP network" in json.dumps(bad.json())
+    negative = api.put(url, {"rpm": -5}, content_type="application/json")
+    assert negative.status_code == 400
+    good = api.put(url, {"allowed_models": ["m1"], "rpm": 30}, content_type="application/json")
+    assert good.status_code == 200, good.content
+    assert good.json()["rpm"] == 30
+    assert ClientPolicy.objects.get(client=world.app.client).allowed_models == ["m1"]
+    default = api.put(
+        "/api/admin/policies/default/", {"allowed_models": ["m2"]}, content_type="application/json"
+    )
+    assert default.json()["client_id"] is None
+    listed = api.get("/api/admin/policies/").json()["results"]
+    assert {p["client_id"] for p in listed} == {None, world.app.client.client_id}
+
+
+def test_tokens_are_listed_filtered_and_revoked_one_at_a_time(bearer, world):
+    api = bearer()
+    listed = api.get(f"/api/admin/tokens/?client_id={world.app.client.client_id}").json()["results"]
+    assert [t["jti"] for t in listed] == [str(world.token.jti)]
+    assert api.get("/api/admin/tokens/?client_id=unknown").json()["results"] == []
+    assert api.delete(f"/api/admin/tokens/{world.token.pk}/").status_code == 204
+    assert not AccessToken.objects.filter(pk=world.token.pk).exists()
+    assert api.delete(f"/api/admin/tokens/{world.token.pk}/").status_code == 404
+
+
+def test_users_are_locked_and_unlocked_through_the_api(bearer, world):
+    api = bearer()
+    assert [u["username"] for u in api.get("/api/admin/users/?q=mall").json()["results"]] == ["mallory"]
+    locked = api.post(f"/api/admin/users/{world.user.pk}/lock/")
+    assert locked.json()["is_active"] is False
+    unlocked = api.post(f"/api/admin/users/{world.user.pk}/unlock/")
+    assert unlocked.json()["is_active"] is True
+    assert AuditEvent.objects.filter(kind__in=["user.locked", "user.unlocked"]).count() == 2
+
+
+def test_audit_events_are_filtered_and_bad_filters_are_a_400(bearer, world):
+    api = bearer("admin.read")
+    events = api.get("/api/admin/audit-events/?kind=consent.").json()["results"]
+    assert [e["kind"] for e in events] == ["consent.granted"]
+    assert api.get("/api/admin/audit-events/?outcome=maybe").status_code == 400
+    assert api.get("/api/admin/audit-events/?since=yesterday").status_code == 400
+    paged = api.get("/api/admin/audit-events/?limit=1").json()
+    assert len(paged["results"]) == 1
+    assert paged["count"] >= 3
+
+
+def test_reports_are_listed_and_downloaded(bearer, world):
+    api = bearer("admin.read")
+    listed = api.get("/api/admin/reports/").json()["results"]
+    assert listed[0]["filename"] == world.report.filename()
+    response = api.get(f"/api/admin/reports/{world.report.pk}/download/")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/csv"
+    assert response.content == world.report.content.encode()
+
+
+def test_keys_are_listed_without_private_parts_and_rotated(bearer, world):
+    api = bearer()
+    keys = api.get("/api/admin/keys/").json()["results"]
+    assert keys[0]["state"] == "active"
+    assert "private_key_encrypted" not in keys[0]
+    result = api.post(
+        "/api/admin/keys/rotate/", {"activate_now": True}, content_type="application/json"
+    ).json()
+    assert result["activated"] == result["created"]
+    assert SigningKey.objects.get(kid=result["activated"]).state == SigningKey.State.ACTIVE
+
+
+def test_a_token_of_a_client_that_is_not_administrative_is_refused(admin_scopes_enabled, world):
+    token = OAuthDriver(http=HttpClient()).client_credentials(world.app, "models.read").json()["access_token"]
+    response = HttpClient(HTTP_AUTHORIZATION=f"Bearer {token}").get("/api/admin/clients/")
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Bearer")
+
+
+def test_a_revoked_admin_token_is_refused_at_once(bearer):
+    api = bearer()
+    assert api.get("/api/admin/keys/").status_code == 200
+    AccessToken.objects.all().delete()
+    assert api.get("/api/admin/keys/").status_code == 401
+
+
+def test_a_disabled_admin_client_loses_the_api(bearer, admin_app):
+    api = bearer()
+    Client.objects.filter(pk=admin_app.client.pk).update(disabled=True)
+    assert api.get("/api/admin/keys/").status_code == 401
+
+
+def test_a_user_delegated_admin_token_needs_the_users_own_console_rights(
+    bearer, admin_app, member, admin_user
+):
+    api = bearer()
+    AccessToken.objects.filter(application=admin_app.client).update(user=member)
+    assert api.get("/api/admin/keys/").status_code == 403
+    AccessToken.objects.filter(application=admin_app.client).update(user=admin_user)
+    assert api.get("/api/admin/keys/").status_code == 200
+
+
+def _forge(header: dict[str, Any], claims: dict[str, Any], key: jwk.JWK | None) -> str:
+    if key is None:  # alg none: an unsigned token
+        encode = lambda part: base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()  # noqa: E731
+        return f"{encode(header)}.{encode(claims)}."
+    token = jwt.JWT(header=header, claims=claims)
+    token.make_signed_token(key)
+    return str(token.serialize())
+
+
+@pytest.mark.parametrize(
+    "defect",
+    [
+        "alg_none",
+        "hs256_with_public_key",
+        "wrong_typ",
+        "wrong_audience",
+        "wrong_issuer",
+        "expired",
+        "jku",
+        "unknown_jti",
+    ],
+)
+def test_forged_or_doubtful_tokens_are_refused(bearer, admin_app, settings, defect):
+    bearer()  # a real token exists, so only the defect decides
+    row = AccessToken.objects.get(application=admin_app.client)
+    key = signing_key_active()
+    now = int(time.time())
+    header = {"alg": "RS256", "typ": "at+jwt", "kid": key.kid}
+    claims = {
+        "iss": settings.PORTCULLIS_ISSUER,
+        "aud": settings.PORTCULLIS_AUDIENCE,
+        "sub": admin_app.client.client_id,
+        "client_id": admin_app.client.client_id,
+        "scope": "admin.read admin.write",
+        "jti": str(row.jti),
+        "iat": now,
+        "exp": now + 300,
+    }
+    signer: jwk.JWK | None = key.private_jwk()
+    if defect == "alg_none":
+        header["alg"], signer = "none", None
+    elif defect == "hs256_with_public_key":
+        header["alg"] = "HS256"
+        signer = jwk.JWK(kty="oct", k=base64.urlsafe_b64encode(json.dumps(key.public_jwk).encode()).decode())
+    elif defect == "wrong_typ":
+        header["typ"] = "JWT"
+    elif defect == "wrong_audience":
+        claims["aud"] = "https://elsewhere.example/v1"
+    elif defect == "wrong_issuer":
+        claims["iss"] = "https://elsewhere.example"
+    elif defect == "expired":
+        claims["iat"], claims["exp"] = now - 600, now - 300
+    elif defect == "jku":
+        header["jku"] = "https://evil.example/jwks.json"
+    elif defect == "unknown_jti":
+        claims["jti"] = str(uuid.uuid4())
+    forged = _forge(header, claims, signer)
+    response = HttpClient(HTTP_AUTHORIZATION=f"Bearer {forged}").get("/api/admin/clients/")
+    assert response.status_code == 401, defect
+    honest = _forge(
+        {"alg": "RS256", "typ": "at+jwt", "kid": key.kid}, {**claims, "jti": str(row.jti)}, key.private_jwk()
+    )
+    if defect not in ("wrong_audience", "wrong_issuer", "expired"):
+        assert HttpClient(HTTP_AUTHORIZATION=f"Bearer {honest}").get("/api/admin/clients/").status_code == 200
+
+
+def test_a_staff_session_reads_the_api_and_needs_csrf_and_superuser_to_change(world, staff_user, admin_user):
+    reader = HttpClient(enforce_csrf_checks=True)
+    reader.force_login(staff_user)
+    assert reader.get("/api/admin/clients/").status_code == 200
+    assert reader.post("/api/admin/keys/rotate/", {}, content_type="application/json").status_code == 403
+    admin = HttpClient(enforce_csrf_checks=True)
+    admin.force_login(admin_user)
+    no_csrf = admin.post("/api/admin/keys/rotate/", {}, content_type="application/json")
+    assert no_csrf.status_code == 403
+    assert "CSRF" in no_csrf.json()["detail"]
+    admin.get("/console/keys/rotate/")  # any page with a form sets the CSRF cookie
+    csrf = admin.cookies["csrftoken"].value
+    ok = admin.post("/api/admin/keys/rotate/", {}, content_type="application/json", HTTP_X_CSRFTOKEN=csrf)
+    assert ok.status_code == 200
+    assert AuditEvent.objects.filter(kind="key.created").latest("id").actor == "user:root"
+
+
+def test_the_openapi_schema_is_published_for_admins(as_admin):
+    response = as_admin.get("/api/admin/schema/")
+    assert response.status_code == 200
+    schema = response.json()
+    assert schema["openapi"].startswith("3.")
+    paths = set(schema["paths"])
+    assert {
+        "/api/admin/clients/",
+        "/api/admin/clients/{client_id}/rotate-secret/",
+        "/api/admin/keys/rotate/",
+    } <= paths
+    assert HttpClient().get("/api/admin/schema/").status_code == 401

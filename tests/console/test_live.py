@@ -1,0 +1,128 @@
+"""The dashboard's live feed over a WebSocket: staff only, figures computed from recent usage records."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from asgiref.testing import ApplicationCommunicator
+from channels.db import database_sync_to_async
+from django.contrib.auth.models import AnonymousUser
+from django.db import connections
+from django.utils import timezone
+
+from audit.models import UsageRecord
+from audit.selectors import usage_live_figures
+from console.consumers import LiveConsumer
+from console.routing import websocket_urlpatterns
+
+
+def usage(
+    request_id: str, *, seconds_ago: float, status: int = 200, stream: bool = False, tokens: int = 10
+) -> None:
+    UsageRecord.objects.create(
+        request_id=request_id,
+        occurred_at=timezone.now() - timedelta(seconds=seconds_ago),
+        client_id="c1",
+        endpoint="chat",
+        status=status,
+        stream=stream,
+        prompt_tokens=tokens,
+        completion_tokens=tokens,
+    )
+
+
+class Socket:
+    """A WebSocket client for one consumer (channels.testing needs daphne, which is not installed)."""
+
+    def __init__(self, user: Any) -> None:
+        scope = {
+            "type": "websocket",
+            "path": "/ws/console/live/",
+            "headers": [],
+            "subprotocols": [],
+            "user": user,
+        }
+        self.communicator = ApplicationCommunicator(LiveConsumer.as_asgi(), scope)
+
+    async def connect(self) -> tuple[bool, int | None]:
+        await self.communicator.send_input({"type": "websocket.connect"})
+        answer = await self.communicator.receive_output(timeout=5)
+        return answer["type"] == "websocket.accept", answer.get("code")
+
+    async def receive_json(self) -> dict[str, Any]:
+        message = await self.communicator.receive_output(timeout=5)
+        assert message["type"] == "websocket.send", message
+        return dict(json.loads(message["text"]))
+
+    async def disconnect(self) -> None:
+        await self.communicator.send_input({"type": "websocket.disconnect", "code": 1000})
+        await self.communicator.wait(timeout=5)
+        # The consumer's database thread keeps its connection; close it so the test database can go.
+        await database_sync_to_async(connections.close_all)()
+
+
+async def first_messages(user: Any, count: int) -> tuple[bool, Any, list[dict[str, Any]]]:
+    socket = Socket(user)
+    connected, code = await socket.connect()
+    messages = []
+    if connected:
+        for _ in range(count):
+            messages.append(await socket.receive_json())
+    await socket.disconnect()
+    return connected, code, messages
+
+
+def test_the_live_route_is_at_ws_console_live():
+    assert [str(p.pattern) for p in websocket_urlpatterns] == ["ws/console/live/"]
+
+
+@pytest.mark.django_db
+def test_live_figures_count_only_the_window_and_split_errors_denials_and_streams():
+    usage("r1", seconds_ago=1, tokens=5)
+    usage("r2", seconds_ago=2, status=429)
+    usage("r3", seconds_ago=3, status=502)
+    usage("r4", seconds_ago=4, stream=True)
+    usage("old", seconds_ago=60)
+    figures = usage_live_figures(window_s=10)
+    assert figures["requests_per_s"] == 0.4
+    assert figures["tokens_per_s"] == (10 + 20 * 3) / 10
+    assert (figures["errors"], figures["denials"], figures["active_streams"]) == (1, 1, 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_staff_receive_figures_every_interval_and_they_move_when_traffic_flows(staff_user, monkeypatch):
+    monkeypatch.setattr(LiveConsumer, "interval_s", 0.05)
+
+    async def scenario() -> list[dict[str, Any]]:
+        socket = Socket(staff_user)
+        connected, _ = await socket.connect()
+        assert connected
+        before = await socket.receive_json()
+        await database_sync_to_async(usage)("live-1", seconds_ago=0)
+        after = before
+        for _ in range(40):
+            after = await socket.receive_json()
+            if after["requests_per_s"] > before["requests_per_s"]:
+                break
+        await socket.disconnect()
+        return [before, after]
+
+    before, after = asyncio.run(scenario())
+    assert set(before) >= {"requests_per_s", "tokens_per_s", "errors", "denials", "active_streams"}
+    assert before["requests_per_s"] == 0
+    assert after["requests_per_s"] > 0
+    assert after["tokens_per_s"] > 0
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("who", ["anonymous", "member"])
+def test_anyone_but_staff_is_refused_the_live_feed(who, member):
+    user = AnonymousUser() if who == "anonymous" else member
+    connected, code, messages = asyncio.run(first_messages(user, 1))
+    assert not connected
+    assert code == 4403
+    assert messages == []

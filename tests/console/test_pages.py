@@ -1,0 +1,405 @@
+"""Console pages end to end through Django's test client: every change is made by the service and audited
+with the admin as actor; validation errors come back on the form; secrets are shown exactly once."""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth.hashers import check_password
+from django.utils import timezone
+
+from audit.models import AuditEvent, UsageRecord
+from authserver.models import AccessToken, Client, Consent, SigningKey
+from authserver.services import client_register
+from gateway.models import ClientPolicy
+from tests.conftest import OAuthDriver
+from tests.console.conftest import issue_token
+
+pytestmark = pytest.mark.django_db
+
+ADMIN = "user:root"
+
+
+def last_event(kind: str) -> AuditEvent:
+    return AuditEvent.objects.filter(kind=kind).latest("id")
+
+
+def test_creating_a_client_shows_its_secret_once_and_the_secret_works(as_admin):
+    response = as_admin.post(
+        "/console/clients/new/",
+        {
+            "name": "Billing bot",
+            "grant_types": ["client-credentials"],
+            "scopes": ["models.read", "completions"],
+            "description": "Nightly billing",
+        },
+    )
+    assert response.status_code == 200
+    assert response["Cache-Control"] == "no-store"
+    secret = response.context["secret"]
+    assert len(secret) == 128
+    assert secret.encode() in response.content
+    client = Client.objects.get(name="Billing bot")
+    assert check_password(secret, client.client_secret)  # stored hashed, never in clear
+    assert secret not in client.client_secret
+    event = last_event("client.created")
+    assert event.actor == ADMIN
+    assert event.client_id == client.client_id
+    assert secret not in str(event.data)
+    detail = as_admin.get(f"/console/clients/{client.client_id}/")
+    assert secret.encode() not in detail.content  # never shown again
+    token = OAuthDriver(http=as_admin).token(
+        {"grant_type": "client_credentials", "scope": "completions"}, (client.client_id, secret)
+    )
+    assert token.status_code == 200
+
+
+def test_a_client_form_with_errors_is_shown_again_with_messages_and_nothing_is_created(as_admin):
+    before = AuditEvent.objects.count()
+    response = as_admin.post(
+        "/console/clients/new/",
+        {
+            "name": "Bad redirects",
+            "grant_types": ["authorization-code"],
+            "scopes": ["models.read", "admin.read"],
+            "redirect_uris": "http://evil.example.com/cb",
+        },
+    )
+    assert response.status_code == 200
+    form = response.context["form"]
+    assert "Admin scopes are only for clients marked administrative." in form.errors["scopes"]
+    assert not Client.objects.filter(name="Bad redirects").exists()
+    response = as_admin.post(
+        "/console/clients/new/",
+        {
+            "name": "Bad redirects",
+            "grant_types": ["authorization-code"],
+            "scopes": ["models.read"],
+            "redirect_uris": "http://evil.example.com/cb",
+        },
+    )
+    assert "must use https" in " ".join(response.context["form"].errors["redirect_uris"])
+    assert b"Please correct the errors below." in response.content
+    assert AuditEvent.objects.count() == before
+
+
+def test_editing_a_client_changes_it_and_audits_which_fields_changed(as_admin, world):
+    client = world.app.client
+    response = as_admin.post(
+        f"/console/clients/{client.client_id}/edit/",
+        {
+            "name": "Acme reports v2",
+            "grant_types": ["client-credentials"],
+            "scopes": ["models.read", "embeddings"],
+            "is_admin_client": "on",
+        },
+    )
+    assert response.status_code == 302
+    client.refresh_from_db()
+    assert client.name == "Acme reports v2"
+    assert client.scope_list() == ["models.read", "embeddings"]
+    assert client.grant_types == [Client.GRANT_CLIENT_CREDENTIALS]
+    assert client.is_admin_client
+    event = last_event("client.changed")
+    assert event.actor == ADMIN
+    assert set(event.data["changed"]) >= {"name", "allowed_scopes", "grant_types", "is_admin_client"}
+
+
+def test_rotating_a_secret_asks_first_then_shows_the_new_secret_once_and_the_old_one_stops_working(
+    as_admin, world
+):
+    client = world.app.client
+    confirm = as_admin.get(f"/console/clients/{client.client_id}/rotate-secret/")
+    assert b"Rotate the secret" in confirm.content
+    client.refresh_from_db()
+    assert check_password(world.app.client_secret, client.client_secret)  # asking changed nothing
+    response = as_admin.post(f"/console/clients/{client.client_id}/rotate-secret/")
+    new_secret = response.context["secret"]
+    assert new_secret != world.app.client_secret
+    client.refresh_from_db()
+    assert check_password(new_secret, client.client_secret)
+    assert not check_password(world.app.client_secret, client.client_secret)
+    assert last_event("client.secret_rotated").actor == ADMIN
+    old = OAuthDriver(http=as_admin).token(
+        {"grant_type": "client_credentials"}, (client.client_id, world.app.client_secret)
+    )
+    assert old.status_code == 401
+
+
+def test_disabling_a_client_asks_first_then_revokes_every_token(as_admin, world):
+    client = world.app.client
+    confirm = as_admin.get(f"/console/clients/{client.client_id}/disable/")
+    assert b"Disable the client" in confirm.content
+    assert AccessToken.objects.filter(application=client).exists()
+    response = as_admin.post(f"/console/clients/{client.client_id}/disable/")
+    assert response.status_code == 302
+    client.refresh_from_db()
+    assert client.disabled
+    assert not AccessToken.objects.filter(application=client).exists()
+    assert last_event("client.disabled").actor == ADMIN
+    assert last_event("token.revoked").data["tokens_revoked"] == 1
+    as_admin.post(f"/console/clients/{client.client_id}/enable/")
+    client.refresh_from_db()
+    assert not client.disabled
+    assert last_event("client.enabled").actor == ADMIN
+
+
+def test_the_policy_form_saves_a_valid_policy_and_explains_an_invalid_one(as_admin, world):
+    client = world.app.client
+    url = f"/console/clients/{client.client_id}/policy/"
+    bad = as_admin.post(url, {"allowed_models": "m1", "rpm": "-1", "allow_ips": "10.0.0.0/8\nnot-a-network"})
+    assert bad.status_code == 200
+    errors = bad.context["form"].errors
+    assert "rpm" in errors
+    assert not ClientPolicy.objects.filter(client=client).exists()
+    bad = as_admin.post(url, {"allowed_models": "m1", "allow_ips": "10.0.0.0/8\nnot-a-network"})
+    assert "'not-a-network' is not an IP network (CIDR)" in bad.context["form"].errors["allow_ips"]
+    good = as_admin.post(
+        url, {"allowed_models": "m1, m2", "rpm": "60", "max_tokens": "512", "allow_ips": "10.0.0.0/8"}
+    )
+    assert good.status_code == 302
+    policy = ClientPolicy.objects.get(client=client)
+    assert policy.allowed_models == ["m1", "m2"]
+    assert (policy.rpm, policy.tpm, policy.max_tokens) == (60, None, 512)
+    assert policy.allow_ips == ["10.0.0.0/8"]
+    assert last_event("policy.changed").actor == ADMIN
+    page = as_admin.get(url)
+    assert page.context["form"].initial["allowed_models"] == "m1 m2"
+
+
+def test_the_default_policy_has_its_own_page(as_admin):
+    response = as_admin.post("/console/policy/default/", {"allowed_models": "m1", "tpm": "1000"})
+    assert response.status_code == 302
+    assert ClientPolicy.objects.get(client=None).tpm == 1000
+
+
+def test_the_client_page_charts_its_usage_per_hour_and_per_minute(as_admin, world):
+    client = world.app.client
+    now = timezone.now()
+    for index in range(3):
+        UsageRecord.objects.create(
+            request_id=f"chart-{index}",
+            occurred_at=now - timedelta(minutes=index),
+            client_id=client.client_id,
+            endpoint="chat",
+            status=200 if index else 429,
+            prompt_tokens=10,
+        )
+    hourly = as_admin.get(f"/console/clients/{client.client_id}/")
+    assert hourly.context["total_requests"] == 4  # three here and one in the world
+    assert hourly.context["total_errors"] == 1
+    assert len(hourly.context["bars"]) in (24, 25)
+    assert b"<rect" in hourly.content
+    minutes = as_admin.get(f"/console/clients/{client.client_id}/?unit=minute")
+    assert minutes.context["total_tokens"] == 42
+    assert max(bar["height"] for bar in minutes.context["bars"]) == 100
+
+
+def test_the_client_list_searches_by_name(as_admin, world):
+    client_register(name="Zebra importer", grant_types=["client-credentials"])
+    response = as_admin.get("/console/clients/?q=zebra")
+    names = [c.name for c in response.context["page"]]
+    assert names == ["Zebra importer"]
+    empty = as_admin.get("/console/clients/?q=nothing-like-this")
+    assert b"No client matches" in empty.content
+
+
+def test_the_tokens_page_lists_live_tokens_by_client_and_revokes_one(as_admin, world):
+    other = issue_token(world.app)
+    listing = as_admin.get(f"/console/tokens/?client={world.app.client.client_id}")
+    assert {t.pk for t in listing.context["page"]} == {world.token.pk, other.pk}
+    assert str(world.token.jti).encode() in listing.content
+    nobody = as_admin.get("/console/tokens/?user=nobody-by-this-name")
+    assert list(nobody.context["page"]) == []
+    response = as_admin.post(f"/console/tokens/{world.token.pk}/revoke/", {"next": "/console/tokens/"})
+    assert response.status_code == 302
+    assert response["Location"] == "/console/tokens/"
+    assert not AccessToken.objects.filter(pk=world.token.pk).exists()
+    assert AccessToken.objects.filter(pk=other.pk).exists()
+    event = last_event("token.revoked")
+    assert event.actor == ADMIN
+    assert event.data["jti"] == str(world.token.jti)
+
+
+def test_revoke_never_redirects_to_another_site(as_admin, world):
+    response = as_admin.post(f"/console/tokens/{world.token.pk}/revoke/", {"next": "https://evil.example/"})
+    assert response["Location"] == "/console/tokens/"
+
+
+def test_revoking_all_tokens_of_a_client_keeps_it_enabled(as_admin, world):
+    issue_token(world.app)
+    response = as_admin.post(f"/console/clients/{world.app.client.client_id}/revoke-tokens/")
+    assert response.status_code == 302
+    assert not AccessToken.objects.filter(application=world.app.client).exists()
+    world.app.client.refresh_from_db()
+    assert not world.app.client.disabled
+    assert last_event("token.revoked").data["tokens_revoked"] == 2
+
+
+def test_locking_a_user_blocks_sign_in_and_revokes_their_tokens_and_unlocking_restores_it(
+    as_admin, world, client
+):
+    user = world.user
+    AccessToken.objects.filter(pk=world.token.pk).update(user=user)
+    response = as_admin.post(f"/console/users/{user.pk}/lock/")
+    assert response.status_code == 302
+    user.refresh_from_db()
+    assert not user.is_active
+    assert not AccessToken.objects.filter(user=user).exists()
+    assert last_event("user.locked").actor == ADMIN
+    assert last_event("user.locked").data == {"user": "mallory"}
+    credentials = {"username": "mallory", "password": "a long and good password"}
+    assert client.post("/accounts/login/", credentials).status_code == 200  # the form again: refused
+    as_admin.post(f"/console/users/{user.pk}/unlock/")
+    user.refresh_from_db()
+    assert user.is_active
+    assert last_event("user.unlocked").actor == ADMIN
+    assert client.post("/accounts/login/", credentials).status_code == 302
+
+
+def test_an_admin_cannot_lock_themselves_out(as_admin, admin_user):
+    response = as_admin.post(f"/console/users/{admin_user.pk}/lock/", follow=True)
+    admin_user.refresh_from_db()
+    assert admin_user.is_active
+    assert b"you cannot lock yourself out" in response.content
+    assert not AuditEvent.objects.filter(kind="user.locked").exists()
+
+
+def test_the_user_page_shows_their_connected_apps_and_tokens(as_admin, world):
+    response = as_admin.get(f"/console/users/{world.user.pk}/")
+    assert [app.client.name for app in response.context["apps"]] == ["Acme reports"]
+    listing = as_admin.get("/console/users/?q=mall")
+    rows = list(listing.context["page"])
+    assert [u.username for u in rows] == ["mallory"]
+    assert rows[0].consent_count == 1
+
+
+def test_the_audit_list_filters_by_kind_actor_client_outcome_and_time(as_admin, world):
+    response = as_admin.get("/console/audit/?kind=token.&outcome=success")
+    kinds = {e.kind for e in response.context["page"]}
+    assert kinds == {"token.issued"}
+    response = as_admin.get(f"/console/audit/?client_id={world.app.client.client_id}&kind=consent")
+    assert [e.kind for e in response.context["page"]] == ["consent.granted"]
+    response = as_admin.get("/console/audit/?actor=mallory")
+    assert {e.actor for e in response.context["page"]} == {"user:mallory"}
+    later = (timezone.now() + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M")
+    response = as_admin.get(f"/console/audit/?since={later}")
+    assert list(response.context["page"]) == []
+    assert b"No events match these filters." in response.content
+
+
+def test_the_csv_export_has_every_filtered_event_and_defuses_formulas(as_admin, world):
+    from audit.services import audit_record
+
+    audit_record(kind="test.formula", actor="=HYPERLINK(1)")
+    response = as_admin.get("/console/audit/export.csv?kind=test.")
+    assert response["Content-Type"].startswith("text/csv")
+    rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert rows[0][:3] == ["occurred_at", "kind", "outcome"]
+    assert len(rows) == 2
+    assert rows[1][3] == "'=HYPERLINK(1)"
+
+
+def test_chain_verification_runs_on_request_and_reports_its_result(as_admin, world):
+    page = as_admin.get("/console/audit/verify/")
+    assert page.context["result"] is None
+    response = as_admin.post("/console/audit/verify/")
+    result = response.context["result"]
+    try:
+        from audit.chain import chain_verify
+    except ImportError:
+        assert result == {"available": False}
+    else:
+        expected = chain_verify()
+        assert result["ok"] is expected.ok
+        assert result["checked"] == expected.checked
+        assert b'id="verify-result"' in response.content
+
+
+def test_a_stored_report_downloads_as_an_attachment(as_admin, world):
+    listing = as_admin.get("/console/reports/")
+    assert world.report.filename().encode() in listing.content
+    response = as_admin.get(f"/console/reports/{world.report.pk}/download/")
+    assert response["Content-Disposition"] == f'attachment; filename="{world.report.filename()}"'
+    assert response["Content-Type"] == "text/csv"
+    assert response.content == world.report.content.encode()
+
+
+def test_rotating_keys_asks_first_and_activate_now_makes_a_new_key_sign(as_admin, world):
+    first = SigningKey.objects.get(state=SigningKey.State.ACTIVE)
+    confirm = as_admin.get("/console/keys/rotate/")
+    assert b"Rotate now" in confirm.content
+    assert SigningKey.objects.count() == 1
+    as_admin.post("/console/keys/rotate/")
+    pending = SigningKey.objects.get(state=SigningKey.State.PENDING)
+    assert last_event("key.created").actor == ADMIN
+    as_admin.post("/console/keys/rotate/", {"activate_now": "on"})
+    pending.refresh_from_db()
+    first.refresh_from_db()
+    assert pending.state == SigningKey.State.ACTIVE
+    assert first.state == SigningKey.State.RETIRED
+    assert last_event("key.activated").actor == ADMIN
+    listing = as_admin.get("/console/keys/")
+    assert pending.kid.encode() in listing.content
+
+
+def test_the_dashboard_shows_live_figures_security_events_and_the_active_key(as_admin, world):
+    from audit.services import audit_record
+
+    audit_record(kind="token.refresh_reuse", outcome="denied", actor="client:x")
+    audit_record(kind="anomaly.token_burst", actor="system", data={"client": "x"})
+    response = as_admin.get("/console/")
+    assert response.context["live"]["requests_per_s"] == 0.1  # the world's one record in a 10 s window
+    kinds = [e.kind for e in response.context["security_events"]]
+    assert "token.refresh_reuse" in kinds
+    assert [e.kind for e in response.context["anomalies"]] == ["anomaly.token_burst"]
+    assert response.context["active_key"].state == SigningKey.State.ACTIVE
+    assert b"console/live.js" in response.content
+    assert b"<script>" not in response.content  # CSP: no inline script
+
+
+def test_connected_apps_lists_apps_in_plain_words_and_withdraws_one(signed_in, world):
+    http = signed_in(world.user)
+    AccessToken.objects.filter(pk=world.token.pk).update(user=world.user)
+    page = http.get("/accounts/connected-apps/")
+    assert b"Acme reports" in page.content
+    assert b"See which models you can use" in page.content
+    apps = page.context["apps"]
+    assert apps[0].live_tokens == 1
+    response = http.post(f"/accounts/connected-apps/{world.app.client.client_id}/withdraw/")
+    assert response.status_code == 302
+    assert not Consent.objects.filter(user=world.user).exists()
+    assert not AccessToken.objects.filter(user=world.user).exists()
+    event = last_event("consent.withdrawn")
+    assert event.actor == "user:mallory"
+    assert b"No app has access to your account." in http.get("/accounts/connected-apps/").content
+
+
+def test_a_user_cannot_withdraw_an_app_they_never_connected(signed_in, world, staff_user):
+    response = signed_in(staff_user).post(f"/accounts/connected-apps/{world.app.client.client_id}/withdraw/")
+    assert response.status_code == 404
+    assert Consent.objects.filter(user=world.user).exists()
+
+
+def test_console_pages_carry_the_csp_and_no_inline_styles(as_admin, world):
+    for url in ("/console/", "/console/clients/", f"/console/clients/{world.app.client.client_id}/"):
+        response = as_admin.get(url)
+        assert "script-src 'self'" in response["Content-Security-Policy"]
+        assert b"style=" not in response.content
+        assert b"<style" not in response.content
+
+
+def test_read_only_staff_see_the_pages_without_the_buttons_they_may_not_use(staff_user, signed_in, world):
+    http = signed_in(staff_user)
+    detail = http.get(f"/console/clients/{world.app.client.client_id}/")
+    assert detail.status_code == 200
+    assert b"Rotate secret" not in detail.content
+    assert b"Danger zone" not in detail.content
+    tokens = http.get("/console/tokens/")
+    assert str(world.token.jti).encode() in tokens.content
+    assert b"Revoke token" not in tokens.content
+    plain_user = signed_in(world.user)  # no console at all
+    assert plain_user.get("/console/tokens/").status_code == 403

@@ -1,0 +1,182 @@
+"""The administration services the console and the admin API share (appended to authserver.services) and
+the read selectors behind the pages: every write is audited with its actor and holds no secret."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from axes.models import AccessAttempt
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+
+from audit.models import AuditEvent, UsageRecord
+from audit.selectors import audit_events_filter, security_events_latest, usage_series
+from authserver.models import AccessToken, Client, RefreshToken
+from authserver.selectors import access_tokens_active, clients_search, connected_apps_for_user
+from authserver.services import (
+    access_token_revoke,
+    client_create,
+    client_secret_rotate,
+    client_update,
+    tokens_revoke_for_user,
+    user_lock,
+    user_unlock,
+)
+from tests.console.conftest import issue_token
+
+pytestmark = pytest.mark.django_db
+
+ADMIN = "user:root"
+
+
+def events(kind: str) -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(kind=kind).order_by("id"))
+
+
+def test_client_create_marks_an_administrative_client_and_audits_it():
+    registered = client_create(
+        name="Ops",
+        grant_types=["client-credentials"],
+        scopes=["admin.read"],
+        is_admin_client=True,
+        actor=ADMIN,
+    )
+    assert registered.client.is_admin_client
+    assert registered.client.scope_list() == ["admin.read"]
+    assert [e.actor for e in events("client.created")] == [ADMIN]
+    assert events("client.changed")[0].data == {"changed": ["is_admin_client"]}
+    assert str(registered.client_secret) not in str([e.data for e in AuditEvent.objects.all()])
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"scopes": ["admin.write"]}, "scopes", "admin scopes are only for clients marked administrative"),
+        ({"scopes": ["root.everything"]}, "scopes", "unknown scopes: root.everything"),
+        ({"grant_types": []}, "grant_types", "choose at least one grant type"),
+    ],
+)
+def test_client_create_refuses_what_a_client_may_not_be_and_creates_nothing(fields, field, message):
+    arguments = {"name": "Bad", "grant_types": ["client-credentials"], "scopes": ["models.read"], **fields}
+    with pytest.raises(ValidationError) as caught:
+        client_create(actor=ADMIN, **arguments)
+    assert message in caught.value.message_dict[field]
+    assert not Client.objects.exists()
+    assert not AuditEvent.objects.exists()
+
+
+def test_client_update_changes_only_what_differs_and_validates_like_a_new_client(world):
+    client = world.app.client
+    client_update(client=client, actor=ADMIN, name="Acme reports", description="Nightly")
+    assert events("client.changed")[0].data == {"changed": ["description"]}
+    with pytest.raises(ValidationError) as caught:
+        client_update(client=client, actor=ADMIN, redirect_uris="http://example.com/cb")
+    assert "redirect_uris" in caught.value.message_dict
+    with pytest.raises(ValidationError):
+        client_update(client=client, actor=ADMIN, client_secret="x")
+    client.refresh_from_db()
+    assert client.redirect_uris == "https://acme.example.com/cb"
+    assert len(events("client.changed")) == 1
+
+
+def test_an_admin_client_cannot_keep_admin_scopes_once_it_is_no_longer_administrative(world):
+    client = world.app.client
+    client_update(client=client, actor=ADMIN, is_admin_client=True, allowed_scopes="models.read admin.read")
+    with pytest.raises(ValidationError):
+        client_update(client=client, actor=ADMIN, is_admin_client=False)
+    client.refresh_from_db()
+    assert client.is_admin_client
+
+
+def test_a_public_client_has_no_secret_to_rotate():
+    public = client_create(
+        name="Native", grant_types=["authorization-code"], public=True, redirect_uris=["http://127.0.0.1/cb"],
+        scopes=["models.read"], actor=ADMIN,
+    )  # fmt: skip
+    with pytest.raises(ValidationError):
+        client_secret_rotate(client=public.client, actor=ADMIN)
+    assert not events("client.secret_rotated")
+
+
+def test_revoking_one_token_also_revokes_the_refresh_token_issued_with_it(world, member):
+    refresh = RefreshToken.objects.create(
+        user=member, application=world.app.client, token="r1", access_token=world.token
+    )
+    other = issue_token(world.app)
+    access_token_revoke(token=world.token, actor=ADMIN)
+    refresh.refresh_from_db()
+    assert refresh.revoked is not None
+    assert list(access_tokens_active(client=world.app.client)) == [other]
+    event = events("token.revoked")[-1]
+    assert (event.actor, event.client_id, event.data["jti"]) == (
+        ADMIN,
+        world.app.client.client_id,
+        str(world.token.jti),
+    )
+
+
+def test_revoking_a_users_tokens_touches_no_one_else(world, member, staff_user):
+    AccessToken.objects.filter(pk=world.token.pk).update(user=member)
+    mine = issue_token(world.app)
+    AccessToken.objects.filter(pk=mine.pk).update(user=staff_user)
+    assert tokens_revoke_for_user(user=member, actor=ADMIN, reason="test") == 1
+    assert list(AccessToken.objects.all()) == [mine]
+
+
+def test_locking_and_unlocking_a_user_is_audited_and_unlocking_clears_failed_sign_ins(member):
+    AccessAttempt.objects.create(username="mallory", ip_address="10.0.0.1", failures_since_start=9)
+    user_lock(user=member, actor=ADMIN)
+    member.refresh_from_db()
+    assert not member.is_active
+    user_unlock(user=member, actor=ADMIN)
+    member.refresh_from_db()
+    assert member.is_active
+    assert not AccessAttempt.objects.filter(username="mallory").exists()
+    assert [
+        (e.kind, e.actor) for e in AuditEvent.objects.filter(kind__startswith="user.").order_by("id")
+    ] == [
+        ("user.locked", ADMIN),
+        ("user.unlocked", ADMIN),
+    ]
+
+
+def test_connected_apps_join_consents_and_live_tokens_and_describe_scopes_in_plain_words(world, member):
+    AccessToken.objects.filter(pk=world.token.pk).update(user=member)
+    (app,) = connected_apps_for_user(user=member)
+    assert app.client == world.app.client
+    assert ("models.read", "See which models you can use") in app.scopes
+    assert ("completions", "Generate text and chat completions") in app.scopes  # from the token
+    assert app.live_tokens == 1
+    AccessToken.objects.update(expires=timezone.now() - timedelta(seconds=1))
+    assert connected_apps_for_user(user=member)[0].live_tokens == 0
+
+
+def test_client_search_counts_only_live_tokens(world):
+    assert clients_search(query="acme").get().live_tokens == 1
+    AccessToken.objects.update(expires=timezone.now() - timedelta(seconds=1))
+    assert clients_search(query="ACME").get().live_tokens == 0
+    assert not clients_search(query="zzz").exists()
+
+
+def test_usage_series_fills_empty_periods_and_counts_refusals(world):
+    now = timezone.now().replace(second=30, microsecond=0)
+    UsageRecord.objects.create(
+        request_id="s1", occurred_at=now - timedelta(minutes=2), client_id="c9", endpoint="chat", status=403
+    )
+    series = usage_series(client_id="c9", since=now - timedelta(minutes=5), until=now, unit="minute")
+    assert len(series) == 6
+    assert [b.requests for b in series] == [0, 0, 0, 1, 0, 0]
+    assert series[3].errors == 1
+
+
+def test_audit_filters_combine_and_security_events_include_denials_and_anomalies(world):
+    from audit.services import audit_record
+
+    audit_record(kind="gateway.denied", outcome="denied", actor="client:x", client_id="x")
+    audit_record(kind="anomaly.detected", actor="system")
+    kinds = [e.kind for e in security_events_latest(limit=10)]
+    assert kinds[:2] == ["anomaly.detected", "gateway.denied"]
+    assert "token.issued" not in kinds
+    assert [e.kind for e in audit_events_filter(client_id="x", outcome="denied")] == ["gateway.denied"]
+    assert not audit_events_filter(since=timezone.now() + timedelta(minutes=1)).exists()
