@@ -113,8 +113,8 @@ class ChainReport:
     reason: str = ""
 
 
-def _events(batch: int = 2000) -> Iterator[AuditEvent]:
-    last = 0
+def _events(after: int = 0, batch: int = 2000) -> Iterator[AuditEvent]:
+    last = after
     while True:
         rows = list(AuditEvent.objects.filter(seq__gt=last).order_by("seq")[:batch])
         if not rows:
@@ -125,8 +125,10 @@ def _events(batch: int = 2000) -> Iterator[AuditEvent]:
 
 def chain_verify() -> ChainReport:
     """Recompute the chain and check every checkpoint; report the first record that does not match."""
-    prev, expected, checked, hashes = GENESIS, 1, 0, {}
-    for event in _events():
+    head = ChainHead.objects.order_by("pk").first()
+    base_seq, base_hash = (head.base_seq, head.base_hash) if head is not None else (0, GENESIS)
+    prev, expected, checked, hashes = base_hash, base_seq + 1, 0, {}
+    for event in _events(after=base_seq):
         if event.seq != expected:
             return ChainReport(
                 False, checked, 0, expected, event.pk, f"record {expected} is missing (found {event.seq})"
@@ -143,17 +145,22 @@ def chain_verify() -> ChainReport:
             False, checked, 0, None, outside.pk, f"record id {outside.pk} is outside the chain"
         )
     seq, head_hash = chain_head()
-    if seq != checked or head_hash != prev:
+    if seq != base_seq + checked or head_hash != prev:
         return ChainReport(
-            False, checked, 0, checked + 1, None, f"the chain head says {seq} records, found {checked}"
+            False,
+            checked,
+            0,
+            base_seq + checked + 1,
+            None,
+            f"the chain head says {seq} records, found {checked}",
         )
-    return _checkpoints_verify(hashes, checked)
+    return _checkpoints_verify(hashes, checked, base_seq)
 
 
-def _checkpoints_verify(hashes: dict[int, str], checked: int) -> ChainReport:
+def _checkpoints_verify(hashes: dict[int, str], checked: int, base_seq: int) -> ChainReport:
     verifier: Verifier | None = _keys.get("verifier")
     count = 0
-    for checkpoint in AuditCheckpoint.objects.order_by("seq"):
+    for checkpoint in AuditCheckpoint.objects.filter(seq__gt=base_seq).order_by("seq"):
         payload = verifier(checkpoint.signature) if verifier is not None else None
         if payload is None:
             return ChainReport(
@@ -185,3 +192,15 @@ def _checkpoints_verify(hashes: dict[int, str], checked: int) -> ChainReport:
             )
         count += 1
     return ChainReport(True, checked, count)
+
+
+def chain_prune(*, before_seq: int) -> tuple[int, str]:
+    """Move the chain's base past the records an archive-and-prune run removes (the caller deletes)."""
+    with _process_lock, transaction.atomic():
+        head = ChainHead.objects.select_for_update().order_by("pk").first()
+        last = AuditEvent.objects.filter(seq__lt=before_seq).order_by("-seq").first()
+        if head is None or last is None or last.seq is None:
+            return (head.base_seq, head.base_hash) if head is not None else (0, GENESIS)
+        head.base_seq, head.base_hash = last.seq, last.hash
+        head.save(update_fields=["base_seq", "base_hash"])
+        return head.base_seq, head.base_hash

@@ -76,6 +76,9 @@ class ChainHead(models.Model):
 
     seq = models.BigIntegerField(default=0)
     hash = models.CharField(max_length=64, default="0" * 64)
+    # Where verification starts: genesis, or the last record an archive-and-prune run removed.
+    base_seq = models.BigIntegerField(default=0)
+    base_hash = models.CharField(max_length=64, default="0" * 64)
 
 
 class AuditCheckpoint(models.Model):

@@ -132,3 +132,37 @@ def test_concurrent_writers_do_not_fork_the_chain():
     assert report.checked == 100
     assert chain_head()[0] == 100
     assert AuditCheckpoint.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_archive_and_prune_is_the_one_audited_way_rows_leave_and_the_rest_still_verifies(tmp_path):
+    import json as jsonlib
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    old = timezone.now() - timedelta(days=400)
+    for i in range(5):
+        audit_record(kind="test.old", data={"i": i}, occurred_at=old)
+    checkpoint_sign()
+    _events(3)
+    archive = tmp_path / "audit-2025.jsonl"
+    out = StringIO()
+    call_command(
+        "pruneaudit",
+        "--before",
+        (timezone.now() - timedelta(days=365)).date().isoformat(),
+        "--archive",
+        str(archive),
+        stdout=out,
+    )
+    assert "pruned 5 events" in out.getvalue()
+    lines = [jsonlib.loads(line) for line in archive.read_text().splitlines()]
+    assert [line["fields"]["kind"] for line in lines] == ["test.old"] * 5
+    assert not AuditEvent.objects.filter(kind="test.old").exists()
+    pruned = AuditEvent.objects.get(kind="audit.pruned")
+    assert pruned.data["events"] == 5
+    report = chain_verify()
+    assert report.ok, report.reason
+    with pytest.raises(CommandError, match="exists"):
+        call_command("pruneaudit", "--before", "2020-01-01", "--archive", str(archive))
