@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also profile the gateway under chat_32 with py-spy and write its collapsed stacks here",
     )
     parser.add_argument("--no-worker", action="store_true", help="do not run the Celery ingest worker")
+    parser.add_argument("--no-limits", action="store_true", help="give the client a policy with no limits")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument(
         "--db-name", default="portcullis_bench", help="PostgreSQL database to create and drop"
@@ -174,6 +175,7 @@ def _stack_options(args: argparse.Namespace, log_dir: Path, cores: list[int]) ->
         db_name=args.db_name,
         redis_db=args.redis_db,
         worker=not args.no_worker,
+        limits=not args.no_limits,
         gateway_core=cores[1] if cores else None,
         other_core=cores[0] if cores else None,
     )

@@ -67,6 +67,7 @@ class StackOptions:
     tokens: int = 16
     paced_chunk_ms: float = 10.0
     worker: bool = True
+    limits: bool = True  # False: the client's policy sets no limit (the script then only checks revocation)
     gateway_core: int | None = 1  # None: unpinned
     other_core: int | None = 0
 
@@ -163,7 +164,8 @@ class Stack:
             )
         )
         self.credentials = Credentials(created["client_id"], created["client_secret"])
-        self._manage("setpolicy", self.credentials.client_id, "--models", "m1,m2", *POLICY_LIMITS)
+        limits = POLICY_LIMITS if self.options.limits else ()
+        self._manage("setpolicy", self.credentials.client_id, "--models", "m1,m2", *limits)
         self._gateway()
         if self.options.worker:
             self._worker()
