@@ -397,6 +397,7 @@ class KeyViewSet(AdminAPIMixin, viewsets.GenericViewSet):
         )
 
 
+@extend_schema(exclude=True)  # not an operation: every unknown path answers this
 class NotFoundView(AdminAPIMixin, APIView):
     """Any other path under /api/admin/: a JSON 404 (after authentication, so it reveals nothing)."""
 
