@@ -19,19 +19,8 @@ from gateway.models import ClientPolicy
 logger = logging.getLogger(__name__)
 
 POLICY_CHANNEL = "portcullis:policy"
-POLICY_FIELDS = (
-    "allowed_models",
-    "rpm",
-    "tpm",
-    "concurrency",
-    "daily_tokens",
-    "max_tokens",
-    "user_rpm",
-    "user_tpm",
-    "allow_ips",
-    "quarantine_on_anomaly",
-)
 LIMIT_FIELDS = ("rpm", "tpm", "concurrency", "daily_tokens", "max_tokens", "user_rpm", "user_tpm")
+POLICY_FIELDS = ("allowed_models", *LIMIT_FIELDS, "allow_ips", "quarantine_on_anomaly")
 _local_listeners: list[Any] = []
 
 

@@ -17,6 +17,7 @@ from console.api.fields import (
 )
 from console.forms import GRANT_ALIAS_OF, GRANT_CHOICES, scope_choices
 from gateway.models import ClientPolicy
+from gateway.services import POLICY_FIELDS
 
 GRANT_ALIASES = [alias for alias, _ in GRANT_CHOICES]
 
@@ -128,20 +129,7 @@ class PolicySerializer(serializers.ModelSerializer):
 
     class Meta:
         model = ClientPolicy
-        fields = [
-            "client_id",
-            "allowed_models",
-            "rpm",
-            "tpm",
-            "concurrency",
-            "daily_tokens",
-            "max_tokens",
-            "user_rpm",
-            "user_tpm",
-            "allow_ips",
-            "quarantine_on_anomaly",
-            "updated_at",
-        ]
+        fields = ["client_id", *POLICY_FIELDS, "updated_at"]
         read_only_fields = ["client_id", "updated_at"]
 
     def get_client_id(self, policy: ClientPolicy) -> str | None:
