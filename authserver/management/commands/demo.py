@@ -52,7 +52,7 @@ class Command(BaseCommand):
         lines = [
             "",
             "Portcullis is starting (embedded default: SQLite, no Redis, one process).",
-            f"  Admin:        {base}/admin/",
+            f"  Console:      {base}/console/",
             f"  Admin login:  admin / {creds.get('admin_password', '(set before; see the file below)')}",
             f"  Discovery:    {base}/.well-known/oauth-authorization-server",
             f"  Demo service client: {creds['service_client_id']}",
