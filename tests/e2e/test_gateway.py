@@ -136,13 +136,7 @@ def test_openai_sdk_streams_a_chat_completion_chunk_by_chunk(stack):
 
 def test_a_stream_without_include_usage_gets_no_usage_chunk_but_is_still_charged(stack, django_db_blocker):
     token = stack.token()
-    with httpx.stream(
-        "POST",
-        f"{stack.server.base}/v1/chat/completions",
-        headers={"authorization": f"Bearer {token}"},
-        json={"model": "m1", "messages": [{"role": "user", "content": "x"}], "max_tokens": 3, "stream": True},
-        timeout=10,
-    ) as response:
+    with chat_stream(stack, token, max_tokens=3) as response:
         assert response.headers["content-type"] == "text/event-stream"
         assert response.headers["cache-control"] == "no-store"
         assert response.headers["x-accel-buffering"] == "no"
@@ -155,6 +149,23 @@ def test_a_stream_without_include_usage_gets_no_usage_chunk_but_is_still_charged
     row = _usage_row(django_db_blocker, request_id)
     assert row.completion_tokens == 3
     assert row.stream is True
+
+
+def chat_stream(stack: Stack, token: str, *, max_tokens: int, timeout: float = 10) -> Any:
+    """Open a streamed chat completion through the gateway (use as a context manager)."""
+    body = {
+        "model": "m1",
+        "messages": [{"role": "user", "content": "x"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    return httpx.stream(
+        "POST",
+        f"{stack.server.base}/v1/chat/completions",
+        json=body,
+        timeout=timeout,
+        headers={"authorization": f"Bearer {token}"},
+    )
 
 
 def _usage_row(django_db_blocker: Any, request_id: str, timeout: float = 15.0) -> UsageRecord:
@@ -186,18 +197,7 @@ def test_chunk_timing_is_preserved(stack):
 def test_client_disconnect_mid_stream_aborts_the_upstream_request_within_a_second(stack):
     stack.fake.configure(chunk_delay_s=0.05, tokens=200)
     token = stack.token()
-    with httpx.stream(
-        "POST",
-        f"{stack.server.base}/v1/chat/completions",
-        headers={"authorization": f"Bearer {token}"},
-        json={
-            "model": "m1",
-            "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 200,
-            "stream": True,
-        },
-        timeout=10,
-    ) as response:
+    with chat_stream(stack, token, max_tokens=200, timeout=10) as response:
         lines = response.iter_lines()
         next(lines)
         next(lines)
@@ -218,18 +218,7 @@ def test_a_token_revoked_while_streaming_ends_the_stream_within_a_second(stack):
     finished = threading.Event()
 
     def consume() -> None:
-        with httpx.stream(
-            "POST",
-            f"{stack.server.base}/v1/chat/completions",
-            headers={"authorization": f"Bearer {token}"},
-            json={
-                "model": "m1",
-                "messages": [{"role": "user", "content": "x"}],
-                "max_tokens": 400,
-                "stream": True,
-            },
-            timeout=30,
-        ) as response:
+        with chat_stream(stack, token, max_tokens=400, timeout=30) as response:
             for line in response.iter_lines():
                 if line:
                     events.append(line)
