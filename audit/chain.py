@@ -157,39 +157,28 @@ def chain_verify() -> ChainReport:
     return _checkpoints_verify(hashes, checked, base_seq)
 
 
+def _checkpoint_problem(
+    checkpoint: AuditCheckpoint, verifier: Verifier | None, hashes: dict[int, str]
+) -> str:
+    """Return why a checkpoint fails, or an empty string when it holds."""
+    payload = verifier(checkpoint.signature) if verifier is not None else None
+    if payload is None:
+        return f"checkpoint at record {checkpoint.seq} has no valid signature"
+    signed = json.loads(payload)
+    if (signed.get("seq"), signed.get("hash")) != (checkpoint.seq, checkpoint.head_hash):
+        return f"checkpoint at record {checkpoint.seq} does not match what was signed"
+    if hashes.get(checkpoint.seq) != checkpoint.head_hash:
+        return f"record {checkpoint.seq} differs from the signed checkpoint"
+    return ""
+
+
 def _checkpoints_verify(hashes: dict[int, str], checked: int, base_seq: int) -> ChainReport:
     verifier: Verifier | None = _keys.get("verifier")
     count = 0
     for checkpoint in AuditCheckpoint.objects.filter(seq__gt=base_seq).order_by("seq"):
-        payload = verifier(checkpoint.signature) if verifier is not None else None
-        if payload is None:
-            return ChainReport(
-                False,
-                checked,
-                count,
-                checkpoint.seq,
-                None,
-                f"checkpoint at record {checkpoint.seq} has no valid signature",
-            )
-        signed = json.loads(payload)
-        if (signed.get("seq"), signed.get("hash")) != (checkpoint.seq, checkpoint.head_hash):
-            return ChainReport(
-                False,
-                checked,
-                count,
-                checkpoint.seq,
-                None,
-                f"checkpoint at record {checkpoint.seq} does not match what was signed",
-            )
-        if hashes.get(checkpoint.seq) != checkpoint.head_hash:
-            return ChainReport(
-                False,
-                checked,
-                count,
-                checkpoint.seq,
-                None,
-                f"record {checkpoint.seq} differs from the signed checkpoint",
-            )
+        problem = _checkpoint_problem(checkpoint, verifier, hashes)
+        if problem:
+            return ChainReport(False, checked, count, checkpoint.seq, None, problem)
         count += 1
     return ChainReport(True, checked, count)
 
