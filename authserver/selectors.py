@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from django.db.models import Q
+from django.contrib.auth import get_user_model
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 from jwcrypto import jwk
 
-from authserver.models import SigningKey
+from authserver.models import AccessToken, Client, Consent, SigningKey
 
 _ACTIVE_CACHE_S = 5.0  # a rotation reaches every process within this, and the new key is already published
 _active_lock = threading.Lock()
@@ -68,13 +70,6 @@ def jwks_get(*, now: datetime | None = None) -> dict[str, Any]:
 
 
 # --- administration reads (the console and the admin API) -------------------------------------------
-
-from dataclasses import dataclass  # noqa: E402  (appended section)
-
-from django.contrib.auth import get_user_model  # noqa: E402
-from django.db.models import Count, QuerySet  # noqa: E402
-
-from authserver.models import AccessToken, Client, Consent  # noqa: E402
 
 
 def clients_search(*, query: str = "", now: datetime | None = None) -> QuerySet[Client]:

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from axes.utils import reset as axes_reset
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 from oauth2_provider.generators import generate_client_id
@@ -245,8 +247,6 @@ def signing_key_rotate(
 
 # --- administration (the console and the admin API call these) --------------------------------------
 
-from axes.utils import reset as axes_reset  # noqa: E402  (appended section)
-from django.core.exceptions import ValidationError  # noqa: E402
 
 ADMIN_SCOPES = frozenset({"admin.read", "admin.write"})
 
