@@ -22,7 +22,15 @@ from audit.models import AuditEvent, UsageRecord
 from authserver.models import SigningKey
 from authserver.services import RegisteredClient, client_register
 from gateway.services import policy_set
-from tests.e2e.conftest import FakeVllm, Server, start_fakevllm, start_server, start_worker, stop
+from tests.e2e.conftest import (
+    FakeVllm,
+    Server,
+    client_token,
+    start_fakevllm,
+    start_server,
+    start_worker,
+    stop,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 
@@ -31,25 +39,23 @@ pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 class Stack:
     server: Server
     fake: FakeVllm
-    client_id: str
-    secret: str
-    narrow_id: str
-    narrow_secret: str
+    full: RegisteredClient
+    narrow: RegisteredClient
     metered: RegisteredClient
     worker: subprocess.Popen[bytes]
     tmp: Path
     issued: list[str] = field(default_factory=list)
 
-    def token(self, scope: str = "models.read completions embeddings", *, narrow: bool = False) -> str:
-        auth = (self.narrow_id, self.narrow_secret) if narrow else (self.client_id, self.secret)
-        response = httpx.post(
-            f"{self.server.base}/oauth/token/",
-            data={"grant_type": "client_credentials", "scope": scope},
-            auth=auth,
-            timeout=10,
-        )
-        response.raise_for_status()
-        self.issued.append(response.json()["access_token"])
+    @property
+    def client_id(self) -> str:
+        return str(self.full.client.client_id)
+
+    @property
+    def secret(self) -> str:
+        return str(self.full.client_secret)
+
+    def token(self, scope: str = "models.read completions embeddings") -> str:
+        self.issued.append(client_token(self.server, self.full, scope))
         return self.issued[-1]
 
     def sdk(self, token: str | None = None) -> openai.OpenAI:
@@ -72,17 +78,7 @@ def stack(
         metered = client_register(name="Metered app", grant_types=["client-credentials"])
         policy_set(client=metered.client, actor="test", allowed_models=["m1"])
     server = start_server(tmp, VLLM_UPSTREAMS=fake.base)
-    stack = Stack(
-        server,
-        fake,
-        full.client.client_id,
-        str(full.client_secret),
-        narrow.client.client_id,
-        str(narrow.client_secret),
-        metered,
-        start_worker(tmp),
-        tmp,
-    )
+    stack = Stack(server, fake, full, narrow, metered, start_worker(tmp), tmp)
     try:
         yield stack
     finally:
@@ -439,17 +435,12 @@ def test_the_upstream_sees_the_vllm_key_never_the_clients_token(tmp_path, stack)
     keyed = start_fakevllm(tmp_path, "m1", "--api-key", "upstream-secret")
     server = start_server(tmp_path, VLLM_UPSTREAMS=keyed.base, VLLM_API_KEY="upstream-secret")
     try:
-        token = httpx.post(
-            f"{server.base}/oauth/token/",
-            data={"grant_type": "client_credentials", "scope": "completions"},
-            auth=(stack.client_id, stack.secret),
-            timeout=10,
-        ).json()
+        token = client_token(server, stack.full, "completions")
         response = httpx.post(
             f"{server.base}/v1/chat/completions",
             json=CHAT,
             headers={
-                "authorization": f"Bearer {token['access_token']}",
+                "authorization": f"Bearer {token}",
                 "x-request-id": "client-request-0001",
                 "cookie": "session=1",
                 "x-forwarded-host": "evil",
@@ -463,7 +454,7 @@ def test_the_upstream_sees_the_vllm_key_never_the_clients_token(tmp_path, stack)
         assert seen["x-request-id"] == "client-request-0001"
         assert "cookie" not in seen
         assert "x-forwarded-host" not in seen
-        assert token["access_token"] not in json.dumps(seen)
+        assert token not in json.dumps(seen)
     finally:
         stop(server.process)
         stop(keyed.process)
@@ -474,13 +465,8 @@ def test_two_upstreams_one_killed_requests_keep_succeeding(tmp_path, stack):
     second = start_fakevllm(tmp_path, "m1")
     server = start_server(tmp_path, VLLM_UPSTREAMS=f"{first.base},{second.base}")
     try:
-        token = httpx.post(
-            f"{server.base}/oauth/token/",
-            data={"grant_type": "client_credentials", "scope": "completions"},
-            auth=(stack.client_id, stack.secret),
-            timeout=10,
-        ).json()
-        headers = {"authorization": f"Bearer {token['access_token']}"}
+        token = client_token(server, stack.full, "completions")
+        headers = {"authorization": f"Bearer {token}"}
         for _ in range(6):
             assert (
                 httpx.post(
@@ -516,7 +502,7 @@ def test_no_token_or_secret_reaches_the_server_log(stack):
     )
     log = stack.server.log.read_text()
     assert "/v1/models?[redacted]" in log  # the access log is on, and redacted
-    for secret in [*stack.issued, stack.secret, stack.narrow_secret, "a very secret prompt"]:
+    for secret in [*stack.issued, stack.secret, str(stack.narrow.client_secret), "a very secret prompt"]:
         assert secret not in log
 
 
@@ -602,8 +588,6 @@ def test_a_client_reusing_a_request_id_is_still_metered_for_every_request(stack,
 def test_two_thousand_requests_with_the_worker_restarted_midway_give_exactly_two_thousand_usage_rows(
     stack, django_db_blocker
 ):
-    from tests.e2e.conftest import client_token
-
     bearer = client_token(stack.server, stack.metered, "completions")
 
     async def send(count: int) -> list[int]:
