@@ -44,20 +44,28 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
         return None
 
 
+def ip_in_networks(
+    ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address | None, nets: Iterable[Network]
+) -> bool:
+    """Return whether an address (or its text) lies in any of the networks; None or garbage is in none."""
+    address = _parse_ip(ip) if isinstance(ip, str) else ip
+    return address is not None and any(address in net for net in nets)
+
+
 def client_ip_resolve(peer: str | None, forwarded_for: str | None, trusted: Iterable[Network]) -> str | None:
     """Return the client IP: the peer, or the first untrusted hop of X-Forwarded-For seen from the right."""
     nets = tuple(trusted)
     current = _parse_ip(peer or "")
     if current is None:
         return None
-    if not forwarded_for or not any(current in net for net in nets):
+    if not forwarded_for or not ip_in_networks(current, nets):
         return str(current)
     for hop in reversed(forwarded_for.split(",")):
         address = _parse_ip(hop)
         if address is None:
             return str(current)  # a malformed hop ends the walk at the last address we could trust
         current = address
-        if not any(current in net for net in nets):
+        if not ip_in_networks(current, nets):
             return str(current)
     return str(current)
 
@@ -90,8 +98,7 @@ class RequestContextMiddleware:
 
     def _enter(self, request: HttpRequest) -> None:
         nets = trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES))
-        peer = _parse_ip(request.META.get("REMOTE_ADDR", ""))
-        if peer is None or not any(peer in net for net in nets):
+        if not ip_in_networks(request.META.get("REMOTE_ADDR", ""), nets):
             # Only a trusted proxy may say the original scheme was https (SECURE_PROXY_SSL_HEADER).
             request.META.pop("HTTP_X_FORWARDED_PROTO", None)
         request.request_id = request_id_from(request.META.get("HTTP_X_REQUEST_ID"))  # type: ignore[attr-defined]

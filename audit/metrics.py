@@ -7,7 +7,6 @@ Reachable only from ``PORTCULLIS_METRICS_ALLOW`` addresses (the true client IP) 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Callable
 
@@ -23,7 +22,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from audit.context import trusted_networks
+from audit.context import ip_in_networks, trusted_networks
 from audit.models import AuditEvent
 
 ScrapeGauge = tuple[str, str, Callable[[], float]]  # name, help, value
@@ -47,11 +46,8 @@ def _allowed(request: HttpRequest) -> bool:
     header = request.META.get("HTTP_AUTHORIZATION", "")
     if token and header.lower().startswith("bearer ") and constant_time_compare(header[7:].strip(), token):
         return True
-    ip = getattr(request, "client_ip", None)
-    if ip is None:
-        return False
-    address = ipaddress.ip_address(ip)
-    return any(address in net for net in trusted_networks(tuple(settings.PORTCULLIS_METRICS_ALLOW)))
+    allowed = trusted_networks(tuple(settings.PORTCULLIS_METRICS_ALLOW))
+    return ip_in_networks(getattr(request, "client_ip", None), allowed)
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:

@@ -8,7 +8,6 @@ that keep them fresh. Started by the ASGI lifespan (or by the first request when
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
@@ -21,7 +20,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from httpx_aiohttp import AiohttpTransport
 
-from audit.context import trusted_networks
+from audit.context import ip_in_networks, trusted_networks
 from audit.sink import AuditSink, LocalSink, RedisStreamSink
 from authserver.revocation import CHANNEL as REVOCATION_CHANNEL
 from authserver.revocation import KEYS_CHANNEL, key_listeners, local_revocations
@@ -142,10 +141,8 @@ class Runtime:
 
     def check_ip_denylist(self, ip: str | None) -> None:
         """Refuse globally denied addresses before anything costly."""
-        if ip is not None and self.deny_networks:
-            address = ipaddress.ip_address(ip)
-            if any(address in network for network in self.deny_networks):
-                raise errors.IpNotAllowed()
+        if ip_in_networks(ip, self.deny_networks):
+            raise errors.IpNotAllowed()
 
     def check_ip_allowlist(self, principal: Principal, ip: str | None) -> None:
         """Refuse a client's call from outside its allowlist."""

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
+from audit.context import ip_in_networks
 from gateway.models import ClientPolicy
 
 DEFAULT = "*"  # the snapshot key of the default policy
@@ -28,12 +29,7 @@ class Policy:
 
     def ip_allowed(self, ip: str | None) -> bool:
         """Return whether a client IP may call under this policy (no allowlist: any address)."""
-        if not self.allow_networks:
-            return True
-        if ip is None:
-            return False
-        address = ipaddress.ip_address(ip)
-        return any(address in network for network in self.allow_networks)
+        return not self.allow_networks or ip_in_networks(ip, self.allow_networks)
 
 
 NO_ACCESS = Policy(models=frozenset())
