@@ -47,37 +47,85 @@ class AuditSink(Protocol):
     async def stop(self) -> None: ...
 
 
-class RedisStreamSink:
-    """Buffer entries and append them to the Redis stream in one pipeline per flush."""
+class BatchHost(Protocol):
+    """Something that sends a rider's commands with its own Redis batches (``gateway.redisbatch``)."""
 
-    def __init__(self, redis: Any) -> None:
+    def rider_add(self, rider: Any) -> None: ...
+    def nudge(self, within_s: float) -> None: ...
+
+
+def xadd_command(fields: dict[str, str]) -> tuple[Any, ...]:
+    return ("XADD", STREAM, "MAXLEN", "~", STREAM_MAXLEN, "*", "t", fields["t"], "v", fields["v"])
+
+
+class RedisStreamSink:
+    """Buffer entries and append them to the Redis stream in batches.
+
+    On its own it flushes one pipeline every ``FLUSH_INTERVAL_S``. Given a ``host`` (the gateway's
+    Redis batcher) it rides along instead: its appends go out with the next batch of the hot path's
+    commands, or within ``FLUSH_INTERVAL_S`` when there is none, so they cost no round trip of their own.
+    """
+
+    def __init__(self, redis: Any, host: BatchHost | None = None) -> None:
         self._redis = redis
+        self._host = host
         self._pending: list[dict[str, str]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.failures = 0
+        if host is not None:
+            host.rider_add(self)
 
     def usage(self, record: dict[str, Any]) -> None:
         self._pending.append(usage_entry(record))
-        self._wake.set()
+        self._signal()
 
     def event(self, event: dict[str, Any]) -> None:
         self._pending.append(event_entry(event))
-        self._wake.set()
+        self._signal()
+
+    def _signal(self) -> None:
+        if self._host is not None:
+            self._host.nudge(FLUSH_INTERVAL_S)
+        else:
+            self._wake.set()
+
+    # --- the host's rider interface ----------------------------------------------------------------
+
+    def take(self) -> list[tuple[Any, ...]]:
+        batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+        if self._pending and self._host is not None:
+            self._host.nudge(0)  # more than one batch's worth: the next goes at once
+        return [xadd_command(fields) for fields in batch]
+
+    def done(
+        self, sent: list[tuple[Any, ...]], replies: list[Any] | None, error: BaseException | None
+    ) -> None:
+        failed = (
+            sent
+            if replies is None
+            else [c for c, r in zip(sent, replies, strict=True) if isinstance(r, Exception)]
+        )
+        if failed:  # Redis down or refusing: the records stay buffered in memory and are retried
+            self.failures += 1
+            self._pending[:0] = [{"t": c[7], "v": c[9]} for c in failed]
+            logger.warning("audit hand-off to Redis failed; %d records buffered", len(self._pending))
 
     @property
     def backlog(self) -> int:
         return len(self._pending)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="audit-sink")
+        if self._host is None:
+            self._task = asyncio.create_task(self._run(), name="audit-sink")
 
     async def stop(self) -> None:
+        """Stop flushing on its own; a host hands off what is left when it stops."""
         if self._task is not None:
             self._task.cancel()
-        for _ in range(50):  # shutdown: try hard to hand off what is left
-            if not self._pending or not await self.flush():
-                break
+            for _ in range(50):  # shutdown: try hard to hand off what is left
+                if not self._pending or not await self.flush():
+                    break
 
     async def flush(self) -> bool:
         """Append up to one batch to the stream; keep it for the next try if Redis fails."""

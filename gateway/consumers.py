@@ -24,6 +24,7 @@ from gateway.auth import Principal
 from gateway.metrics import ACTIVE_STREAMS, METERING_BACKLOG, request_observe
 from gateway.runtime import Runtime, runtime_get
 from gateway.streaming import StreamRelay
+from gateway.upstream import upstream_read
 from gateway.validation import Validated, request_validate
 
 logger = logging.getLogger(__name__)
@@ -281,12 +282,12 @@ class InferenceConsumer(GatewayConsumer):
             upstream,
             response,
         ):
-            data = await self.rt.read_upstream(response)
+            data = await upstream_read(response)
         self.record.update(
             upstream=upstream.base, upstream_ms=round((time.perf_counter() - started) * 1000, 3)
         )
-        if response.status_code != 200:
-            raise self.rt.upstream_error(response.status_code, data)
+        if response.status != 200:
+            raise self.rt.upstream_error(response.status, data)
         usage = self.rt.usage_of(data)
         self.record.update(prompt_tokens=usage[0], completion_tokens=usage[1])
         await self.send_json(200, data, extra)
@@ -304,9 +305,9 @@ class InferenceConsumer(GatewayConsumer):
             response,
         ):
             self.record["upstream"] = upstream.base
-            if response.status_code != 200:
-                data = await self.rt.read_upstream(response)
-                raise self.rt.upstream_error(response.status_code, data)
+            if response.status != 200:
+                data = await upstream_read(response)
+                raise self.rt.upstream_error(response.status, data)
             headers = self._base_headers(b"text/event-stream")
             headers += [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
             headers += [(k.encode(), v.encode()) for k, v in extra.items()]

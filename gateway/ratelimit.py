@@ -4,14 +4,15 @@ Requests and LLM tokens per minute use GCRA (a "theoretical arrival time" per bu
 a limit of L per minute admits exactly L at once and then refills smoothly. A concurrency slot is a member
 of a sorted set with an expiry score, so a crashed process cannot leak slots for ever. A daily token quota
 is a counter per UTC day. With Redis, one Lua script checks the revocation keys and every bucket and
-commits all or nothing in one round trip; settlements are batched. Without Redis (the embedded default, or
-Redis down) the same arithmetic runs in process; when Redis is down the limits are divided by
-``FALLBACK_DIVISOR`` so that several replicas falling back together stay under the shared limit.
+commits all or nothing in one round trip; settlements ride along with later round trips. Without Redis
+(the embedded default, or Redis down) the same arithmetic runs in process; when Redis is down the limits
+are divided by ``FALLBACK_DIVISOR`` so that several replicas falling back together stay under the shared
+limit.
 """
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import logging
 import math
 import time
@@ -21,6 +22,7 @@ from typing import Any
 from redis import exceptions as redis_exceptions
 
 from gateway.auth import Principal
+from gateway.redisbatch import Command, RedisBatcher
 from gateway.selectors import Policy
 
 logger = logging.getLogger(__name__)
@@ -104,6 +106,11 @@ if delta ~= 0 then
 end
 return 1
 """
+
+
+ADMIT_SHA = hashlib.sha1(ADMIT_LUA.encode(), usedforsecurity=False).hexdigest()  # as Redis names it
+SETTLE_SHA = hashlib.sha1(SETTLE_LUA.encode(), usedforsecurity=False).hexdigest()
+SETTLE_LINGER_S = 0.005  # with no traffic to ride along with, settlements go within 5 ms
 
 
 @dataclass(frozen=True)
@@ -225,22 +232,28 @@ class RevokedError(Exception):
 
 
 class RedisLimiter:
-    """The shared limiter: one EVALSHA per request to reserve, batched EVALSHAs to settle."""
+    """The shared limiter: one EVALSHA per request to reserve; settlements ride along with later batches.
 
-    def __init__(self, redis: Any) -> None:
-        self.redis = redis
-        self._admit = redis.register_script(ADMIT_LUA)
-        self._settle_sha: str | None = None
-        self._pending: list[tuple[list[str], list[Any]]] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+    Both go through the process's ``RedisBatcher``, so concurrent requests share round trips. The scripts
+    are called by their SHA-1; a Redis that lost them (restarted) gets them again in the same pipeline.
+    """
+
+    def __init__(self, batcher: RedisBatcher) -> None:
+        self.batcher = batcher
+        self._pending: list[Command] = []
+        self._load_settle = True  # load the script with the first settlements (and after a Redis restart)
+        batcher.rider_add(self)
 
     async def admit(self, principal: Principal, buckets: Buckets, request_id: str, cost: int) -> Admission:
         """Check revocation and reserve every limit atomically (raises RevokedError, or ConnectionError)."""
         now_ms = int(time.time() * 1000)
-        result = await self._admit(
-            keys=buckets.keys(principal.jti), args=_admit_args(buckets, request_id, cost, now_ms)
-        )
+        command = ("EVALSHA", ADMIT_SHA, 8, *buckets.keys(principal.jti))
+        command += tuple(_admit_args(buckets, request_id, cost, now_ms))
+        try:
+            result = await self.batcher.call(*command)
+        except redis_exceptions.NoScriptError:
+            await self.batcher.call("SCRIPT", "LOAD", ADMIT_LUA)
+            result = await self.batcher.call(*command)
         if result[0] == -1:
             raise RevokedError()
         if result[0] == 0:
@@ -258,49 +271,44 @@ class RedisLimiter:
     def settle(
         self, principal: Principal, buckets: Buckets, request_id: str, reserved: int, used: int
     ) -> None:
-        """Queue the settlement: release the slot, refund or charge the difference (sent in a batch)."""
+        """Queue the settlement: release the slot, refund or charge the difference (sent with a batch)."""
         keys = buckets.keys(principal.jti)
-        args = [int(time.time() * 1000), request_id, used - reserved, buckets.tpm, buckets.user_tpm]
-        self._pending.append(([keys[2], keys[3], keys[5], keys[7]], args))
-        self._wake.set()
-
-    async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="ratelimit-settle")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        await self.flush()
+        now_ms = int(time.time() * 1000)
+        self._pending.append(
+            ("EVALSHA", SETTLE_SHA, 4, keys[2], keys[3], keys[5], keys[7])
+            + (now_ms, request_id, used - reserved, buckets.tpm, buckets.user_tpm)
+        )
+        self.batcher.nudge(SETTLE_LINGER_S)
 
     async def flush(self) -> bool:
-        """Send the queued settlements in one pipeline of EVALSHAs (no per-flush script check)."""
-        batch, self._pending = self._pending, []
-        if not batch:
-            return True
-        try:
-            if self._settle_sha is None:
-                self._settle_sha = await self.redis.script_load(SETTLE_LUA)
-            pipe = self.redis.pipeline(transaction=False)
-            for keys, args in batch:
-                pipe.evalsha(self._settle_sha, len(keys), *keys, *args)
-            await pipe.execute()
-        except redis_exceptions.NoScriptError:  # Redis restarted and lost its scripts: load again, retry
-            self._settle_sha = None
-            self._pending[:0] = batch
-            return False
-        except Exception:  # Redis down: keep the settlements for the next try (slots expire regardless)
-            self._pending[:0] = batch
-            logger.warning("settling %d reservations failed; will retry", len(batch))
-            return False
-        return True
+        """Send the queued settlements now (tests, shutdown)."""
+        return await self.batcher.flush()
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await asyncio.sleep(0.005)  # gather settlements: one round trip settles a batch
-            if not await self.flush():
-                await asyncio.sleep(1.0)
+    # --- the batcher's rider interface ---------------------------------------------------------------
+
+    def take(self) -> list[Command]:
+        batch, self._pending = self._pending, []
+        if batch and self._load_settle:
+            self._load_settle = False
+            batch.insert(0, ("SCRIPT", "LOAD", SETTLE_LUA))
+        return batch
+
+    def done(self, sent: list[Command], replies: list[Any] | None, error: BaseException | None) -> None:
+        settlements = [c for c in sent if c[0] == "EVALSHA"]
+        if replies is None:  # Redis down: keep them for the next batch (slots expire regardless)
+            self._pending[:0] = settlements
+            logger.warning("settling %d reservations failed (%s); will retry", len(settlements), error)
+            return
+        failed = [c for c, r in zip(sent, replies, strict=True) if c[0] == "EVALSHA" and _is_error(r)]
+        if any(isinstance(r, redis_exceptions.NoScriptError) for r in replies):
+            self._load_settle = True  # Redis restarted and lost its scripts: load again, then retry
+        if failed:
+            self._pending[:0] = failed
+            self.batcher.nudge(SETTLE_LINGER_S)
+
+
+def _is_error(reply: Any) -> bool:
+    return isinstance(reply, redis_exceptions.ResponseError)
 
 
 class LocalLimiter:

@@ -1,8 +1,9 @@
 """Per-process resources of the gateway, created once and shared by every request.
 
-One HTTP client (httpx over aiohttp's connection pool) and one Redis pool per process, the key set, the
-policy snapshot, the upstream pool, the revocation watcher and the audit sink, plus the background tasks
-that keep them fresh. Started by the ASGI lifespan (or by the first request when a server has none).
+One HTTP client (an aiohttp session, see ``gateway.upstream``) and one Redis pool per process (the hot
+path's commands share round trips through ``gateway.redisbatch``), the key set, the policy snapshot, the
+upstream pool, the revocation watcher and the audit sink, plus the background tasks that keep them fresh.
+Started by the ASGI lifespan (or by the first request when a server has none).
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import httpx
+import aiohttp
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from httpx_aiohttp import AiohttpTransport
 
 from audit.context import ip_in_networks, trusted_networks
 from audit.sink import AuditSink, LocalSink, RedisStreamSink
@@ -31,14 +31,12 @@ from gateway.conf import GatewaySettings, gateway_settings
 from gateway.metrics import REDIS_FALLBACKS
 from gateway.policy import FULL_RELOAD_S, PolicyCache
 from gateway.ratelimit import LocalLimiter, RedisLimiter
+from gateway.redisbatch import RedisBatcher
 from gateway.revocation import RevocationWatcher
 from gateway.services import POLICY_CHANNEL, policy_listener_add, policy_listener_remove
-from gateway.upstream import UpstreamPool
+from gateway.upstream import UpstreamPool, upstream_session
 
 logger = logging.getLogger(__name__)
-
-UPSTREAM_KEEPALIVE_S = 4.0  # below uvicorn's (and so vLLM's) 5 s keep-alive, so we never reuse a closed one
-
 
 REDIS_POOL_SIZE = 128  # requests beyond this wait (up to 10 s) for a connection: a busy pool is not an outage
 
@@ -54,26 +52,18 @@ def redis_pool_open(url: str) -> aioredis.Redis:
 class Runtime:
     def __init__(self, conf: GatewaySettings) -> None:
         self.conf = conf
-        self.http = httpx.AsyncClient(
-            transport=AiohttpTransport(
-                limits=httpx.Limits(
-                    max_connections=conf.max_connections,
-                    max_keepalive_connections=conf.max_connections,
-                    keepalive_expiry=UPSTREAM_KEEPALIVE_S,
-                )
-            ),
-            timeout=httpx.Timeout(
-                connect=conf.connect_timeout_s, read=conf.read_timeout_s, write=30.0, pool=5.0
-            ),
-        )
+        self.http = upstream_session(conf.max_connections, conf.connect_timeout_s, conf.read_timeout_s)
         self.redis = redis_pool_open(settings.REDIS_URL) if settings.REDIS_URL else None
         self.keys = KeySet(self._fetch_jwks, refetch_interval_s=conf.jwks_refresh_s)
         self.verifier = TokenVerifier(conf, self.keys)
         self.policies = PolicyCache()
         self.upstreams = UpstreamPool(conf.upstreams, self.http, conf.upstream_api_key)
         self.watcher = RevocationWatcher()
-        self.sink: AuditSink = RedisStreamSink(self.redis) if self.redis is not None else LocalSink()
-        self.limiter_redis = RedisLimiter(self.redis) if self.redis is not None else None
+        self.batcher = RedisBatcher(self.redis) if self.redis is not None else None
+        self.sink: AuditSink = (
+            RedisStreamSink(self.redis, self.batcher) if self.redis is not None else LocalSink()
+        )
+        self.limiter_redis = RedisLimiter(self.batcher) if self.batcher is not None else None
         self.limiter_local = LocalLimiter()
         self.trusted_proxies = tuple(settings.PORTCULLIS_TRUSTED_PROXIES)
         self.deny_networks = trusted_networks(tuple(conf.deny_ips))
@@ -87,9 +77,10 @@ class Runtime:
 
     async def _fetch_jwks(self) -> dict[str, Any]:
         if self.conf.jwks_url:
-            response = await self.http.get(self.conf.jwks_url, timeout=5.0)
-            response.raise_for_status()
-            document: dict[str, Any] = response.json()
+            async with self.http.get(
+                self.conf.jwks_url, timeout=aiohttp.ClientTimeout(total=5.0), raise_for_status=True
+            ) as response:
+                document: dict[str, Any] = json.loads(await response.read())
             return document
         return await sync_to_async(jwks_get, thread_sensitive=False)()
 
@@ -98,8 +89,8 @@ class Runtime:
         self._loop = asyncio.get_running_loop()
         await asyncio.gather(self.keys.refresh(), self.policies.reload(), self.upstreams.check_all())
         await self.sink.start()
-        if self.limiter_redis is not None:
-            await self.limiter_redis.start()
+        if self.batcher is not None:
+            self.batcher.start()
         local_revocations.listeners.append(self._local_revocation)
         key_listeners.append(self._local_keys)
         policy_listener_add(self._local_policy)
@@ -119,10 +110,10 @@ class Runtime:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.limiter_redis is not None:
-            await self.limiter_redis.stop()
         await self.sink.stop()
-        await self.http.aclose()
+        if self.batcher is not None:
+            await self.batcher.stop()
+        await self.http.close()
         if self.redis is not None:
             await self.redis.aclose()
 
@@ -148,15 +139,6 @@ class Runtime:
         """Refuse a client's call from outside its allowlist."""
         if not self.policies.get(principal.client_id).ip_allowed(ip):
             raise errors.IpNotAllowed()
-
-    async def read_upstream(self, response: httpx.Response) -> bytes:
-        """Read a whole upstream answer, mapping transport failures to gateway errors."""
-        try:
-            return await response.aread()
-        except httpx.TimeoutException:
-            raise errors.UpstreamTimeout() from None
-        except httpx.HTTPError:
-            raise errors.UpstreamFailed() from None
 
     @staticmethod
     def upstream_error(status: int, data: bytes) -> errors.GatewayError:

@@ -14,7 +14,7 @@ import asyncio
 import json
 from typing import Any, Protocol
 
-import httpx
+import aiohttp
 
 DONE = b"data: [DONE]"
 ERROR_EVENT = b'data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
@@ -25,7 +25,7 @@ class BodySender(Protocol):
 
 
 class StreamRelay:
-    def __init__(self, sink: BodySender, response: httpx.Response, *, wants_usage: bool) -> None:
+    def __init__(self, sink: BodySender, response: aiohttp.ClientResponse, *, wants_usage: bool) -> None:
         self.sink = sink
         self.response = response
         self.wants_usage = wants_usage
@@ -79,7 +79,7 @@ class StreamRelay:
                 return
 
     async def _pump(self) -> None:
-        async for chunk in self.response.aiter_raw():
+        async for chunk in self.response.content.iter_any():
             out = self._events(chunk)
             if out:
                 await self.sink.send_body(out, more_body=True)

@@ -10,6 +10,7 @@ from django.conf import settings
 
 from gateway.auth import Principal
 from gateway.ratelimit import Buckets, LocalLimiter, RedisLimiter, RevokedError, ratelimit_headers
+from gateway.redisbatch import RedisBatcher
 from gateway.runtime import redis_pool_open
 from gateway.selectors import Policy
 
@@ -86,9 +87,14 @@ def test_headers_follow_openai_names():
 @pytest.fixture
 def shared(redis_client: Any) -> Any:
     async def make() -> RedisLimiter:
-        return RedisLimiter(redis_pool_open(settings.REDIS_URL))
+        return RedisLimiter(RedisBatcher(redis_pool_open(settings.REDIS_URL)))
 
     return make
+
+
+async def close(limiter: RedisLimiter) -> None:
+    await limiter.batcher.stop()
+    await limiter.batcher.redis.aclose()
 
 
 def test_two_hundred_concurrent_reservations_against_fifty_per_minute_admit_exactly_fifty(shared):
@@ -96,7 +102,7 @@ def test_two_hundred_concurrent_reservations_against_fifty_per_minute_admit_exac
         limiter = await shared()
         b = buckets(rpm=50)
         results = await asyncio.gather(*(limiter.admit(SERVICE, b, f"r{i}", 1) for i in range(200)))
-        await limiter.redis.aclose()
+        await close(limiter)
         return [r.allowed for r in results]
 
     assert asyncio.run(run()).count(True) == 50
@@ -112,7 +118,7 @@ def test_concurrent_token_reservations_never_exceed_the_limit_and_settle_to_usag
             limiter.settle(SERVICE, b, f"r{i}", reserved=700, used=100)
         await limiter.flush()
         after = await limiter.admit(SERVICE, b, "after", 700)
-        await limiter.redis.aclose()
+        await close(limiter)
         return len(admitted), after.remaining_tokens
 
     admitted, remaining = asyncio.run(run())
@@ -129,7 +135,7 @@ def test_the_script_refuses_a_revoked_token_in_the_same_round_trip(shared, redis
         try:
             await limiter.admit(SERVICE, buckets(rpm=5), "r", 1)
         finally:
-            await limiter.redis.aclose()
+            await close(limiter)
 
     with pytest.raises(RevokedError):
         asyncio.run(run())
@@ -144,7 +150,25 @@ def test_concurrency_slots_in_redis_are_released_by_settlement(shared, redis_cli
         limiter.settle(SERVICE, b, "a", reserved=1, used=1)
         await limiter.flush()
         outcomes.append((await limiter.admit(SERVICE, b, "c", 1)).limit or "ok")
-        await limiter.redis.aclose()
+        await close(limiter)
         return outcomes
 
     assert asyncio.run(run()) == ["ok", "concurrency", "ok"]
+
+
+def test_a_redis_that_lost_its_scripts_gets_them_again_for_reservations_and_settlements(shared, redis_client):
+    async def run() -> list[str]:
+        limiter = await shared()
+        b = buckets(concurrency=1)
+        outcomes = [(await limiter.admit(SERVICE, b, "a", 1)).limit or "ok"]
+        redis_client.script_flush()  # as after a Redis restart
+        limiter.settle(SERVICE, b, "a", reserved=1, used=1)
+        await limiter.flush()  # refused with NOSCRIPT: kept, and the script is loaded with the retry
+        await limiter.flush()
+        outcomes.append((await limiter.admit(SERVICE, b, "b", 1)).limit or "ok")
+        redis_client.script_flush()
+        outcomes.append((await limiter.admit(SERVICE, b, "c", 1)).limit or "ok")
+        await close(limiter)
+        return outcomes
+
+    assert asyncio.run(run()) == ["ok", "ok", "concurrency"]

@@ -1,0 +1,153 @@
+"""The Redis batcher: concurrent callers share round trips, yet each gets its own reply or error."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+
+from gateway.redisbatch import Command, RedisBatcher
+from gateway.runtime import redis_pool_open
+
+
+class Recorder:
+    """A rider that sends what it is given and remembers what came back."""
+
+    def __init__(self) -> None:
+        self.pending: list[Command] = []
+        self.outcomes: list[tuple[list[Any] | None, BaseException | None]] = []
+
+    def take(self) -> list[Command]:
+        batch, self.pending = self.pending, []
+        return batch
+
+    def done(self, sent: list[Command], replies: list[Any] | None, error: BaseException | None) -> None:
+        self.outcomes.append((replies, error))
+        if replies is None:
+            self.pending[:0] = sent
+
+
+async def closed(batcher: RedisBatcher) -> None:
+    await batcher.stop()
+    await batcher.redis.aclose()
+
+
+def test_concurrent_calls_each_get_their_own_reply_in_order(redis_client):
+    async def run() -> tuple[list[Any], list[int]]:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        replies = await asyncio.gather(*(batcher.call("INCR", "counter") for _ in range(200)))
+        sizes = []
+        original = batcher._batch
+
+        async def counting() -> bool:
+            sizes.append(len(batcher._calls))
+            return await original()
+
+        batcher._batch = counting  # type: ignore[method-assign]
+        await asyncio.gather(*(batcher.call("PING") for _ in range(50)))
+        await closed(batcher)
+        return replies, sizes
+
+    replies, sizes = asyncio.run(run())
+    assert replies == list(range(1, 201))  # every caller got the reply to its own command, in call order
+    assert redis_client.get("counter") == b"200"
+    assert max(sizes) > 1  # calls made in one turn of the event loop travelled together
+
+
+def test_one_failing_command_does_not_fail_its_batch(redis_client):
+    redis_client.set("text", "not a number")
+
+    async def run() -> tuple[list[Any], Any]:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        results = await asyncio.gather(
+            batcher.call("INCR", "a"),
+            batcher.call("INCR", "text"),
+            batcher.call("INCR", "b"),
+            return_exceptions=True,
+        )
+        await closed(batcher)
+        return results, redis_client.get("b")
+
+    results, b = asyncio.run(run())
+    assert results[0] == 1
+    assert results[2] == 1
+    assert isinstance(results[1], redis.ResponseError)
+    assert b == b"1"
+
+
+def test_riders_travel_with_calls_and_get_their_replies(redis_client):
+    async def run() -> Recorder:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        rider = Recorder()
+        batcher.rider_add(rider)
+        rider.pending = [("SET", "r1", "x"), ("INCR", "r2")]
+        await batcher.call("PING")
+        await closed(batcher)
+        return rider
+
+    rider = asyncio.run(run())
+    assert rider.outcomes == [([b"OK", 1], None)]
+    assert redis_client.get("r1") == b"x"
+
+
+def test_riders_go_on_their_own_after_a_nudge(redis_client):
+    async def run() -> Recorder:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        batcher.start()
+        rider = Recorder()
+        batcher.rider_add(rider)
+        rider.pending = [("SET", "alone", "1")]
+        batcher.nudge(0.01)
+        for _ in range(100):
+            if rider.outcomes:
+                break
+            await asyncio.sleep(0.01)
+        await closed(batcher)
+        return rider
+
+    assert asyncio.run(run()).outcomes == [([b"OK"], None)]
+    assert redis_client.get("alone") == b"1"
+
+
+def test_redis_down_fails_the_callers_and_keeps_the_riders_commands():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket closes
+
+    async def run() -> tuple[BaseException | None, Recorder]:
+        batcher = RedisBatcher(redis_pool_open(f"redis://127.0.0.1:{port}/0"))
+        rider = Recorder()
+        batcher.rider_add(rider)
+        rider.pending = [("SET", "kept", "1")]
+        error = None
+        try:
+            await batcher.call("PING")
+        except redis.ConnectionError as exc:
+            error = exc
+        await closed(batcher)
+        return error, rider
+
+    error, rider = asyncio.run(run())
+    assert isinstance(error, redis.ConnectionError)
+    assert rider.pending == [("SET", "kept", "1")]  # handed back, for the next batch
+    assert rider.outcomes
+    assert rider.outcomes[0][0] is None
+
+
+@pytest.mark.parametrize("calls", [0, 3])
+def test_stop_sends_what_the_riders_still_hold(redis_client, calls):
+    async def run() -> None:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        rider = Recorder()
+        batcher.rider_add(rider)
+        for _i in range(calls):
+            await batcher.call("INCR", "before")
+        rider.pending = [("SET", f"late{i}", "1") for i in range(5)]
+        await closed(batcher)
+
+    asyncio.run(run())
+    assert redis_client.exists(*(f"late{i}" for i in range(5))) == 5
