@@ -43,9 +43,9 @@ def test_concurrent_calls_each_get_their_own_reply_in_order(redis_client):
         sizes = []
         original = batcher._batch
 
-        async def counting() -> bool:
+        async def counting(link: int) -> bool:
             sizes.append(len(batcher._calls))
-            return await original()
+            return await original(link)
 
         batcher._batch = counting  # type: ignore[method-assign]
         await asyncio.gather(*(batcher.call("PING") for _ in range(50)))
