@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
 from typing import Any, ClassVar
 
 from channels.generic.http import AsyncHttpConsumer
@@ -197,7 +197,7 @@ class GatewayConsumer(AsyncHttpConsumer):
             return
         record = self.record
         record.update(
-            record_id=uuid.uuid4().hex,
+            record_id=os.urandom(16).hex(),
             request_id=self.request_id,
             occurred_at=time.time(),
             client_id=self.principal.client_id if self.principal else "",

@@ -7,6 +7,7 @@ So random model names or paths cannot grow the number of series.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -68,18 +69,35 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
 
 
+@cache
+def _series(route: str, model: str, status: str) -> tuple[Any, Any, Any, Any, Any]:
+    """The labelled children one kind of request updates (looked up once: ``labels()`` is not free).
+
+    The cache is bounded by the allowlists above: routes, served models and status classes."""
+    return (
+        REQUESTS.labels(route, model, status),
+        OVERHEAD.labels(route),
+        UPSTREAM.labels(route, model),
+        TOKENS.labels("in", model),
+        TOKENS.labels("out", model),
+    )
+
+
 def request_observe(record: dict[str, Any], known_models: set[str] | frozenset[str]) -> None:
     """Record one finished request."""
     route = record["endpoint"] if record["endpoint"] in ROUTES else "unknown"
     model = record["model"] if record["model"] in known_models else ("" if not record["model"] else "other")
-    REQUESTS.labels(route, model, status_class(record["status"])).inc()
-    OVERHEAD.labels(route).observe(max(0.0, record.get("gateway_ms", 0.0)) / 1000)
+    requests, overhead, upstream, tokens_in, tokens_out = _series(
+        route, model, status_class(record["status"])
+    )
+    requests.inc()
+    overhead.observe(max(0.0, record.get("gateway_ms", 0.0)) / 1000)
     if record.get("upstream_ms"):
-        UPSTREAM.labels(route, model).observe(record["upstream_ms"] / 1000)
+        upstream.observe(record["upstream_ms"] / 1000)
     if record.get("prompt_tokens"):
-        TOKENS.labels("in", model).inc(record["prompt_tokens"])
+        tokens_in.inc(record["prompt_tokens"])
     if record.get("completion_tokens"):
-        TOKENS.labels("out", model).inc(record["completion_tokens"])
+        tokens_out.inc(record["completion_tokens"])
     limit = record.get("limit")
     if limit:
         REJECTIONS.labels(limit if limit in LIMITS else "other").inc()

@@ -47,7 +47,8 @@ class RedisBatcher:
         self._calls: list[tuple[Command, asyncio.Future[Reply]]] = []
         self._barriers: list[asyncio.Future[bool]] = []
         self._riders: list[Rider] = []
-        self._wake = asyncio.Event()
+        self._idle: list[asyncio.Future[None]] = []  # parked links, the last parked is woken first
+        self._signalled = False  # work arrived while no link was parked: the next free link takes it
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._links: list[Connection | None] = [None] * links
@@ -60,7 +61,7 @@ class RedisBatcher:
         """Send one command with the next batch and return its reply (a ResponseError is raised)."""
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._calls.append((command, future))
-        self._wake.set()
+        self._signal()
         if not self._tasks:
             self.start()
         reply = await future
@@ -70,8 +71,17 @@ class RedisBatcher:
 
     def nudge(self, within_s: float) -> None:
         """A rider has work: make sure a batch goes within ``within_s`` even if no request comes."""
-        if self._timer is None and not self._wake.is_set():
-            self._timer = asyncio.get_running_loop().call_later(within_s, self._wake.set)
+        if self._timer is None and not self._signalled:
+            self._timer = asyncio.get_running_loop().call_later(within_s, self._signal)
+
+    def _signal(self) -> None:
+        """Wake one parked link (not all of them: the others would find nothing to send)."""
+        while self._idle:
+            parked = self._idle.pop()
+            if not parked.done():
+                parked.set_result(None)
+                return
+        self._signalled = True
 
     async def flush(self) -> bool:
         """Send what the riders hold now and wait for it; False when Redis failed it (they keep it)."""
@@ -79,7 +89,7 @@ class RedisBatcher:
             return await self._batch(0)
         barrier: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._barriers.append(barrier)
-        self._wake.set()
+        self._signal()
         return await barrier
 
     def start(self) -> None:
@@ -107,8 +117,11 @@ class RedisBatcher:
 
     async def _work(self, link: int) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
+            if not self._signalled:
+                parked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._idle.append(parked)
+                await parked
+            self._signalled = False
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -118,7 +131,7 @@ class RedisBatcher:
     async def _batch(self, link: int) -> bool:
         calls, self._calls = self._calls[:MAX_CALLS], self._calls[MAX_CALLS:]
         if self._calls:
-            self._wake.set()
+            self._signal()
         barriers, self._barriers = self._barriers, []
         rides = [(rider, rider.take()) for rider in self._riders]
         rides = [(rider, sent) for rider, sent in rides if sent]

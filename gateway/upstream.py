@@ -85,6 +85,10 @@ class Upstream:
         return self.base
 
 
+def _inflight(upstream: Upstream) -> int:
+    return upstream.inflight
+
+
 class UpstreamPool:
     def __init__(self, bases: tuple[str, ...], client: aiohttp.ClientSession, api_key: str) -> None:
         self.upstreams = [Upstream(base=b.rstrip("/")) for b in bases]
@@ -93,7 +97,6 @@ class UpstreamPool:
         self._urls: dict[tuple[str, str], URL] = {}
         self._turn = 0
         self._known: frozenset[str] = frozenset()
-        self._known_from: tuple[int, ...] | None = None
 
     # --- discovery and health --------------------------------------------------------------------
 
@@ -114,6 +117,7 @@ class UpstreamPool:
                     upstream.models = {
                         c["id"]: c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)
                     }
+                    self._known = frozenset(m for u in self.upstreams for m in u.models)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
             healthy = False
         UPSTREAM_HEALTHY.labels(upstream.base).set(1 if healthy else 0)
@@ -144,13 +148,7 @@ class UpstreamPool:
 
     def known_models(self) -> frozenset[str]:
         """Every model an upstream is known to serve (the allowlist for metric labels)."""
-        if self._known_from != self._snapshot():
-            self._known = frozenset(m for u in self.upstreams for m in u.models)
-            self._known_from = self._snapshot()
         return self._known
-
-    def _snapshot(self) -> tuple[int, ...]:
-        return tuple(id(u.models) for u in self.upstreams)
 
     def serves(self, model: str) -> bool:
         """Return whether any upstream (healthy or not) is known to serve the model."""
@@ -158,15 +156,14 @@ class UpstreamPool:
 
     def candidates(self, model: str) -> list[Upstream]:
         """Healthy upstreams of the model, fewest in flight first; ties taken in turn (round robin)."""
+        found = [u for u in self.upstreams if u.healthy and model in u.models]
+        if len(found) < 2:
+            return found
         self._turn += 1
-        count = len(self.upstreams)
-        found = [
-            (u.inflight, (i + self._turn) % count, u)
-            for i, u in enumerate(self.upstreams)
-            if u.healthy and model in u.models
-        ]
-        found.sort(key=lambda item: (item[0], item[1]))
-        return [u for _inflight, _turn, u in found]
+        turn = self._turn % len(found)
+        found = found[turn:] + found[:turn]  # rotate, then a stable sort keeps the rotation among ties
+        found.sort(key=_inflight)
+        return found
 
     # --- requests ----------------------------------------------------------------------------------
 
