@@ -21,11 +21,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 
 from audit.models import AuditCheckpoint, AuditEvent, ChainHead
 
 GENESIS = "0" * 64
+HEAD_CREATE_LOCK = 0x61756469  # PostgreSQL advisory lock id ("audi") taken only to create the head
 _process_lock = threading.Lock()  # SQLite has no row locks; the embedded default is one process
 
 Signer = Callable[[bytes], tuple[str, str]]  # payload -> (kid, compact JWS)
@@ -72,11 +73,20 @@ def normalise_ip(ip: str | None) -> str | None:
 
 def event_append(event: AuditEvent) -> AuditEvent:
     """Give an unsaved event its place in the chain and save it (the only way events are written)."""
-    with _process_lock, transaction.atomic():
+    if connection.vendor == "sqlite":
+        with _process_lock:
+            return _append_locked(event)
+    # PostgreSQL: the head's row lock alone serialises writers. A process lock taken on top of it would
+    # deadlock a writer already holding the row in an outer transaction against one holding the process
+    # lock and waiting for the row (what 16 concurrent first token requests did on a fresh install).
+    return _append_locked(event)
+
+
+def _append_locked(event: AuditEvent) -> AuditEvent:
+    with transaction.atomic():
         head = ChainHead.objects.select_for_update().order_by("pk").first()
         if head is None:
-            head = ChainHead.objects.create()
-            head = ChainHead.objects.select_for_update().get(pk=head.pk)
+            head = _head_create()
         event.seq = head.seq + 1
         event.prev_hash = head.hash
         event.hash = link_hash(head.hash, event)
@@ -84,6 +94,18 @@ def event_append(event: AuditEvent) -> AuditEvent:
         head.seq, head.hash = event.seq, event.hash
         head.save(update_fields=["seq", "hash"])
     return event
+
+
+def _head_create() -> ChainHead:
+    """Create the chain head of a fresh install, once, even when its first writers race."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:  # held until the transaction ends, so the loser sees the head
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [HEAD_CREATE_LOCK])
+        existing = ChainHead.objects.select_for_update().order_by("pk").first()
+        if existing is not None:
+            return existing
+    head = ChainHead.objects.create()
+    return ChainHead.objects.select_for_update().get(pk=head.pk)
 
 
 def chain_head() -> tuple[int, str]:

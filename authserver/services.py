@@ -11,7 +11,7 @@ from typing import Any
 from axes.utils import reset as axes_reset
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 from oauth2_provider.generators import generate_client_id
 
@@ -22,6 +22,7 @@ from authserver.revocation import keys_changed_publish, revocation_publish
 from authserver.selectors import active_key_cache_clear
 
 CLIENT_SECRET_LENGTH = 128
+SIGNING_KEYS_LOCK = 0x6B657973  # PostgreSQL advisory lock id ("keys") held while keys are created or rotated
 GRANT_ALIASES = {
     "authorization-code": Client.GRANT_AUTHORIZATION_CODE,
     "client-credentials": Client.GRANT_CLIENT_CREDENTIALS,
@@ -194,9 +195,21 @@ def _key_activate(*, key: SigningKey, now: datetime, actor: str) -> None:
     transaction.on_commit(active_key_cache_clear)
 
 
+def _signing_keys_lock() -> None:
+    """Serialise key creation and activation across processes until the transaction ends (PostgreSQL).
+
+    Without it, every concurrent first token request of a fresh install created and activated a key of
+    its own: the row locks taken on the active key lock nothing while there is none.
+    """
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SIGNING_KEYS_LOCK])
+
+
 def signing_key_bootstrap() -> SigningKey:
     """Create and activate the first key of a fresh install (nobody caches a JWKS yet)."""
     with transaction.atomic():
+        _signing_keys_lock()
         existing = SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).first()
         if existing:
             return existing
@@ -222,6 +235,7 @@ def signing_key_rotate(
     conf = settings.AUTHSERVER
     created = activated = None
     with transaction.atomic():
+        _signing_keys_lock()
         active = SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).first()
         pending = SigningKey.objects.filter(state=SigningKey.State.PENDING).order_by("created_at").first()
         due = (

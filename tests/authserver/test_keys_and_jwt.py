@@ -128,3 +128,40 @@ def test_id_token_is_signed_with_the_rotating_key(oauth, make_client, client, al
     assert header["kid"] == SigningKey.objects.get(state="active").kid
     assert claims["aud"] == app.client.client_id
     assert claims["sub"] == str(alice.pk)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_first_token_requests_on_a_fresh_install_share_one_key_and_do_not_deadlock(make_client):
+    import threading
+
+    from django.db import connection
+    from django.test import Client as HttpClient
+
+    from audit.chain import chain_verify
+    from tests.conftest import OAuthDriver
+
+    registered = [make_client(name=f"App {i}") for i in range(8)]
+    assert not SigningKey.objects.exists()
+    statuses: list[int] = []
+    start = threading.Barrier(len(registered))
+
+    def first_token(reg) -> None:
+        try:
+            start.wait()
+            statuses.append(OAuthDriver(http=HttpClient()).client_credentials(reg).status_code)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=first_token, args=(reg,), daemon=True) for reg in registered]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "token requests deadlocked"
+    assert statuses == [200] * len(registered)
+    assert SigningKey.objects.count() == 1
+    assert SigningKey.objects.get().state == SigningKey.State.ACTIVE
+    assert AuditEvent.objects.filter(kind="key.created").count() == 1
+    assert AuditEvent.objects.filter(kind="token.issued").count() == len(registered)
+    report = chain_verify()
+    assert report.ok, report.reason
