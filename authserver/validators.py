@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +24,20 @@ logger = logging.getLogger(__name__)
 
 OFFLINE_ACCESS = "offline_access"
 TOMBSTONE_LIFETIME = timedelta(days=1)  # replays after a day are refused as unknown codes anyway
+
+
+_issued_access_tokens: ContextVar[list[AccessToken] | None] = ContextVar("issued_access_tokens", default=None)
+
+
+@contextmanager
+def access_tokens_issued() -> Iterator[list[AccessToken]]:
+    """Collect the access-token rows the validator saves inside the block, so nobody reads them back."""
+    issued: list[AccessToken] = []
+    token = _issued_access_tokens.set(issued)
+    try:
+        yield issued
+    finally:
+        _issued_access_tokens.reset(token)
 
 
 def _code_hash(code: str) -> str:
@@ -81,6 +98,9 @@ class PortcullisValidator(OAuth2Validator):
     ) -> Any:
         access_token = super()._create_access_token(expires, request, token, source_refresh_token)
         request.issued_access_token = access_token
+        collected = _issued_access_tokens.get()
+        if collected is not None:
+            collected.append(access_token)
         return access_token
 
     def _create_refresh_token(self, request: Any, code: Any, access_token: Any, previous: Any) -> Any:

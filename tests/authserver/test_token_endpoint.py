@@ -113,3 +113,30 @@ def test_malformed_basic_auth_is_invalid_client(client, db):
     )
     assert response.status_code == 401
     assert response.json()["error"] == "invalid_client"
+
+
+def test_issuing_a_token_does_not_read_its_row_back_and_still_announces_it(oauth, make_client):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from oauth2_provider.signals import app_authorized
+
+    reg = make_client()
+    oauth.client_credentials(reg)  # the first token also creates the signing key
+    announced: list[AccessToken] = []
+
+    def receiver(sender, request, token, **kwargs):
+        announced.append(token)
+
+    app_authorized.connect(receiver)
+    try:
+        with CaptureQueriesContext(connection) as queries:
+            response = oauth.client_credentials(reg)
+    finally:
+        app_authorized.disconnect(receiver)
+    assert response.status_code == 200
+    reads = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
+    assert not [sql for sql in reads if 'FROM "authserver_accesstoken"' in sql]
+    assert [sql for sql in reads if 'FROM "authserver_client"' in sql]  # client authentication still reads
+    row = AccessToken.objects.get(jti=announced[0].jti)
+    assert announced == [row]
+    assert row.token_checksum == AccessToken.objects.latest("created").token_checksum
