@@ -2,7 +2,9 @@
 
 Every event commits to the one before it: ``hash = SHA-256(previous hash + canonical event)``, with a
 gap-free sequence number. Writers lock the single ``ChainHead`` row (and, for SQLite, a process lock), so
-concurrent writers cannot fork the chain. On PostgreSQL a trigger refuses UPDATE and DELETE on the audit
+concurrent writers cannot fork the chain. On PostgreSQL, writers outside a transaction commit in groups:
+the events that queue up while one group commits are chained and committed together by the next, and
+each writer returns once its own event is committed. A trigger refuses UPDATE and DELETE on the audit
 tables. A beat job signs the head with the active signing key; ``verifyaudit`` recomputes the chain,
 checks every checkpoint signature, and names the first record that does not match.
 
@@ -18,7 +20,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from django.db import connection, transaction
@@ -75,25 +77,98 @@ def event_append(event: AuditEvent) -> AuditEvent:
     """Give an unsaved event its place in the chain and save it (the only way events are written)."""
     if connection.vendor == "sqlite":
         with _process_lock:
-            return _append_locked(event)
-    # PostgreSQL: the head's row lock alone serialises writers. A process lock taken on top of it would
-    # deadlock a writer already holding the row in an outer transaction against one holding the process
-    # lock and waiting for the row (what 16 concurrent first token requests did on a fresh install).
-    return _append_locked(event)
+            return _append([event])[0]
+    if connection.in_atomic_block:
+        # The caller's transaction decides whether the event exists, so it is chained on its connection.
+        # No process lock on top of the head's row lock: a writer holding the row in an outer transaction
+        # would deadlock against one holding that lock and waiting for the row.
+        return _append([event])[0]
+    return _group_append.append(event)
 
 
-def _append_locked(event: AuditEvent) -> AuditEvent:
+def _append(events: list[AuditEvent]) -> list[AuditEvent]:
+    """Chain and insert events in order, in one transaction that holds the head's row lock."""
     with transaction.atomic():
         head = ChainHead.objects.select_for_update().order_by("pk").first()
         if head is None:
             head = _head_create()
-        event.seq = head.seq + 1
-        event.prev_hash = head.hash
-        event.hash = link_hash(head.hash, event)
-        event.save(force_insert=True)
-        head.seq, head.hash = event.seq, event.hash
+        seq, prev = head.seq, head.hash
+        for event in events:
+            seq += 1
+            event.seq, event.prev_hash = seq, prev
+            event.hash = prev = link_hash(prev, event)
+        AuditEvent.objects.bulk_create(events)
+        head.seq, head.hash = seq, prev
         head.save(update_fields=["seq", "hash"])
-    return event
+    return events
+
+
+@dataclass(eq=False)
+class _Waiter:
+    event: AuditEvent
+    woken: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False  # woken to commit the next group rather than because its event is committed
+    error: BaseException | None = None
+
+
+class GroupAppender:
+    """Group commit: one writer at a time chains and commits everything queued so far (PostgreSQL).
+
+    Chaining serialises on the head's row lock, and a transaction per event (lock, insert, update the
+    head, commit) capped the token endpoint at its round trips. A writer that finds no group in flight
+    commits its own event; writers arriving meanwhile queue, and when a group commits, the oldest waiter
+    is woken to commit the next one. Every event is committed by exactly one group, in queue order, and
+    its writer returns (or gets the group's error) only after that commit.
+    """
+
+    def __init__(self, max_group: int = 256) -> None:
+        self.max_group = max_group
+        self._lock = threading.Lock()
+        self._queue: list[_Waiter] = []
+        self._committing = False
+
+    @property
+    def queued(self) -> int:
+        """How many writers wait for the group in flight to commit."""
+        with self._lock:
+            return len(self._queue)
+
+    def append(self, event: AuditEvent) -> AuditEvent:
+        """Return the event once it is chained and committed."""
+        waiter = _Waiter(event)
+        with self._lock:
+            self._queue.append(waiter)
+            waiter.lead = not self._committing
+            self._committing = True
+        if not waiter.lead:
+            waiter.woken.wait()
+        if waiter.lead:
+            self._commit_next_group()
+        if waiter.error is not None:
+            raise waiter.error
+        return event
+
+    def _commit_next_group(self) -> None:
+        with self._lock:
+            group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+        error: BaseException | None = None
+        try:
+            _append([w.event for w in group])
+        except BaseException as exc:  # every writer of the group gets the error; none is committed
+            error = exc
+        finally:
+            with self._lock:
+                if self._queue:
+                    self._queue[0].lead = True
+                    self._queue[0].woken.set()
+                else:
+                    self._committing = False
+        for waiter in group:
+            waiter.lead, waiter.error = False, error
+            waiter.woken.set()
+
+
+_group_append = GroupAppender()
 
 
 def _head_create() -> ChainHead:

@@ -166,3 +166,87 @@ def test_archive_and_prune_is_the_one_audited_way_rows_leave_and_the_rest_still_
     assert report.ok, report.reason
     with pytest.raises(CommandError, match="exists"):
         call_command("pruneaudit", "--before", "2020-01-01", "--archive", str(archive))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_writers_outside_a_transaction_commit_in_groups_and_each_event_lands_exactly_once(monkeypatch):
+    import time
+
+    from audit import chain
+
+    appender = chain.GroupAppender()
+    monkeypatch.setattr(chain, "_group_append", appender)
+    groups: list[list[int]] = []
+    first_group_started, release = threading.Event(), threading.Event()
+    real_append = chain._append
+
+    def recording_append(events: list[AuditEvent]) -> list[AuditEvent]:
+        groups.append(sorted(e.data["i"] for e in events))
+        if len(groups) == 1:  # hold the first group open until the others have queued behind it
+            first_group_started.set()
+            release.wait(10)
+        return real_append(events)
+
+    monkeypatch.setattr(chain, "_append", recording_append)
+    written: dict[int, AuditEvent] = {}
+
+    def write(i: int) -> None:
+        try:
+            written[i] = audit_record(kind="test.event", actor="client:x", data={"i": i})
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=write, args=(0,))
+    first.start()
+    assert first_group_started.wait(10)
+    others = [threading.Thread(target=write, args=(i,)) for i in range(1, 6)]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while appender.queued < len(others) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in [first, *others]:
+        thread.join(10)
+    assert groups == [[0], [1, 2, 3, 4, 5]]
+    for i, event in written.items():
+        assert AuditEvent.objects.get(pk=event.pk).data == {"i": i}
+    assert sorted(written) == [0, 1, 2, 3, 4, 5]
+    assert AuditEvent.objects.filter(kind="test.event").count() == 6
+    report = chain_verify()
+    assert report.ok, report.reason
+    assert report.checked == 6
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_group_commits_none_of_its_events_and_the_next_writer_still_can(monkeypatch):
+    from audit import chain
+
+    monkeypatch.setattr(chain, "_group_append", chain.GroupAppender())
+    real_append = chain._append
+
+    def failing_append(events: list[AuditEvent]) -> list[AuditEvent]:
+        raise DatabaseError("the database went away")
+
+    monkeypatch.setattr(chain, "_append", failing_append)
+    with pytest.raises(DatabaseError):
+        audit_record(kind="test.event")
+    monkeypatch.setattr(chain, "_append", real_append)
+    audit_record(kind="test.event")
+    assert AuditEvent.objects.count() == 1
+    assert chain_verify().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_event_written_inside_a_transaction_rolls_back_with_it():
+    def work_that_fails() -> None:
+        with transaction.atomic():
+            audit_record(kind="test.event")
+            raise RuntimeError("the caller's work failed")
+
+    with pytest.raises(RuntimeError):
+        work_that_fails()
+    assert not AuditEvent.objects.exists()
+    assert chain_head() == (0, "0" * 64)
+    audit_record(kind="test.event")
+    assert chain_verify().ok
