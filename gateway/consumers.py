@@ -316,8 +316,8 @@ class InferenceConsumer(GatewayConsumer):
             relay = StreamRelay(self, response, wants_usage=request.wants_usage)
             ACTIVE_STREAMS.inc()
             try:
-                with self.rt.watcher.watch(self.principal) as revoked:
-                    outcome = await relay.run(self._receive, revoked)
+                with self.rt.watcher.watch(self.principal, relay.revoked):
+                    outcome = await relay.run(self._receive)
             finally:
                 ACTIVE_STREAMS.dec()
         self.record.update(

@@ -7,10 +7,9 @@ registers the token it runs under; a push for that token (or its client) ends it
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,8 +20,8 @@ class RevocationWatcher:
     def __init__(self) -> None:
         self._jtis: dict[str, float] = {}
         self._clients: set[str] = set()
-        self._by_jti: dict[str, set[asyncio.Event]] = defaultdict(set)
-        self._by_client: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._by_jti: dict[str, set[Callable[[], None]]] = defaultdict(set)
+        self._by_client: dict[str, set[Callable[[], None]]] = defaultdict(set)
         self.last_push_at: float | None = None
 
     def apply(self, message: dict[str, Any]) -> None:
@@ -31,12 +30,12 @@ class RevocationWatcher:
         self.last_push_at = now
         for jti, exp in message.get("jtis", []):
             self._jtis[str(jti)] = float(exp)
-            for event in self._by_jti.get(str(jti), ()):
-                event.set()
+            for cut in list(self._by_jti.get(str(jti), ())):
+                cut()
         for client_id in message.get("clients", []):
             self._clients.add(str(client_id))
-            for event in self._by_client.get(str(client_id), ()):
-                event.set()
+            for cut in list(self._by_client.get(str(client_id), ())):
+                cut()
         for client_id in message.get("restored_clients", []):
             self._clients.discard(str(client_id))
         if len(self._jtis) > 10_000:
@@ -47,23 +46,22 @@ class RevocationWatcher:
         return principal.client_id in self._clients or principal.jti in self._jtis
 
     @contextmanager
-    def watch(self, principal: Principal) -> Iterator[asyncio.Event]:
-        """Yield an event that is set when the token (or its client) is revoked while in use."""
-        event = asyncio.Event()
-        if self.is_revoked(principal):
-            event.set()
-        self._by_jti[principal.jti].add(event)
-        self._by_client[principal.client_id].add(event)
+    def watch(self, principal: Principal, cut: Callable[[], None]) -> Iterator[None]:
+        """Call ``cut`` if the token (or its client) is revoked while the block runs (or already was)."""
+        self._by_jti[principal.jti].add(cut)
+        self._by_client[principal.client_id].add(cut)
         try:
-            yield event
+            if self.is_revoked(principal):
+                cut()
+            yield
         finally:
-            self._discard(self._by_jti, principal.jti, event)
-            self._discard(self._by_client, principal.client_id, event)
+            self._discard(self._by_jti, principal.jti, cut)
+            self._discard(self._by_client, principal.client_id, cut)
 
     @staticmethod
-    def _discard(index: dict[str, set[asyncio.Event]], key: str, event: asyncio.Event) -> None:
-        events = index.get(key)
-        if events is not None:
-            events.discard(event)
-            if not events:
+    def _discard(index: dict[str, set[Callable[[], None]]], key: str, cut: Callable[[], None]) -> None:
+        cuts = index.get(key)
+        if cuts is not None:
+            cuts.discard(cut)
+            if not cuts:
                 del index[key]

@@ -4,8 +4,8 @@ Each complete SSE event (``data: ...\\n\\n``) is passed on as soon as it is whol
 more. The relay reads the final ``usage`` event (the gateway always asks vLLM for it) and drops it again
 when the client did not ask. Three things can end a stream, whichever comes first: the upstream finishes,
 the client goes away (the upstream request is then closed at once, so vLLM aborts the generation), or the
-token is revoked (the client gets one error event). An upstream failure mid-stream ends the stream with
-one error event and no ``[DONE]``.
+token is revoked (the client gets one error event; the revocation watcher calls ``revoked``). An
+upstream failure mid-stream ends the stream with one error event and no ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -36,33 +36,59 @@ class StreamRelay:
         self.done_seen = False
         self.upstream_error = False
         self._buffer = b""
+        self.ended: str | None = None  # why the relay was cut short: client_gone or revoked
+        self._finished = False
+        self._task: asyncio.Task[Any] | None = None
 
-    async def run(self, receive: Any, revoked: asyncio.Event) -> str:
-        """Relay until the stream ends; return how: completed, client_gone, revoked or upstream_error."""
-        pump = asyncio.create_task(self._pump())
-        gone = asyncio.create_task(self._client_gone(receive))
-        cut = asyncio.create_task(revoked.wait())
-        done, pending = await asyncio.wait({pump, gone, cut}, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+    async def run(self, receive: Any) -> str:
+        """Relay until the stream ends; return how: completed, client_gone, revoked or upstream_error.
+
+        The pump runs in the request's own task; one more task listens for the client leaving. A cut
+        (client gone, token revoked) cancels the pump where it waits, and the upstream response is then
+        closed by the caller, so vLLM aborts the generation.
+        """
+        self._task = asyncio.current_task()
+        listener = asyncio.create_task(self._client_gone(receive))
+        failed = False
+        try:
+            if self.ended is None:  # revoked before the first byte: nothing is relayed
+                await self._pump()
+        except asyncio.CancelledError:
+            if self.ended is None or self._task is None or self._task.uncancel() > 0:
+                raise  # cancelled from outside (the server is shutting down), not by a cut
+        except Exception:  # the upstream failed mid-stream
+            failed = True
+        finally:
+            self._finished = True  # a cut from now on has nothing to stop
+            listener.cancel()
         if not self.usage_seen:
             self.completion_tokens = (
                 self.content_events
             )  # cut short: charge what was sent (≈1 token an event)
-        if pump in done and pump.exception() is None:
-            outcome = "upstream_error" if self.upstream_error else "completed"
-            await self.sink.send_body(b"", more_body=False)
-            return outcome
-        if cut in done:
+        if self.ended == "revoked":
             await self._end_with_error(
                 "The access token was revoked.", "authentication_error", "token_revoked"
             )
             return "revoked"
-        if gone in done:
+        if self.ended == "client_gone":
             return "client_gone"
-        await self._end_with_error("The upstream failed during the stream.", "api_error", "upstream_error")
-        return "upstream_error"
+        if failed:
+            await self._end_with_error(
+                "The upstream failed during the stream.", "api_error", "upstream_error"
+            )
+            return "upstream_error"
+        await self.sink.send_body(b"", more_body=False)
+        return "upstream_error" if self.upstream_error else "completed"
+
+    def revoked(self) -> None:
+        """The token (or its client) was revoked: end the stream with an error event."""
+        self._cut("revoked")
+
+    def _cut(self, why: str) -> None:
+        if self.ended is None and not self._finished:
+            self.ended = why
+            if self._task is not None:
+                self._task.cancel()
 
     async def _end_with_error(self, message: str, kind: str, code: str) -> None:
         try:
@@ -76,6 +102,7 @@ class StreamRelay:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                self._cut("client_gone")
                 return
 
     async def _pump(self) -> None:

@@ -207,6 +207,20 @@ def test_client_disconnect_mid_stream_aborts_the_upstream_request_within_a_secon
     assert state["running"] == 0
 
 
+def test_an_upstream_error_mid_stream_reaches_the_client_once_without_done(stack, django_db_blocker):
+    stack.fake.configure(fail_after_chunks=3)
+    token = stack.token()
+    with chat_stream(stack, token, max_tokens=16) as response:
+        assert response.status_code == 200
+        request_id = response.headers["x-request-id"]
+        events = [line for line in response.iter_lines() if line]
+    assert len(events) == 5  # the role, three tokens as they came, then the upstream's one error event
+    assert events[-1].startswith('data: {"error"')
+    assert "data: [DONE]" not in events
+    row = _usage_row(django_db_blocker, request_id)
+    assert row.outcome == "upstream_error"
+
+
 def test_a_token_revoked_while_streaming_ends_the_stream_within_a_second(stack):
     stack.fake.configure(chunk_delay_s=0.05, tokens=400)
     token = stack.token()
