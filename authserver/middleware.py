@@ -1,4 +1,4 @@
-"""Security headers for HTML pages: a strict Content Security Policy that also forbids framing."""
+"""Security headers for HTML pages (a strict CSP that also forbids framing), and the sync-chain anchor."""
 
 from __future__ import annotations
 
@@ -37,3 +37,24 @@ class SecurityHeadersMiddleware:
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
         return self._decorate(await self.get_response(request))
+
+
+class SyncChainMiddleware:
+    """Keep the middleware chain synchronous under ASGI; it must be the last entry of ``MIDDLEWARE``.
+
+    Every Django view here is synchronous (DOT's among them). Under ASGI, Django runs a middleware in async
+    mode whenever the handler below it is async, and an async ``MiddlewareMixin`` hops to a worker thread
+    and back for each ``process_request`` and ``process_response``: with the innermost middleware (axes)
+    async-capable, the chain did about a dozen thread hops per request and more CPU than the token
+    endpoint's own work. Being sync-only and innermost, this middleware makes Django run every middleware
+    above it synchronously in the request's thread: the chain, then the view, each entered once.
+    """
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        return self.get_response(request)

@@ -87,6 +87,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",
+    "authserver.middleware.SyncChainMiddleware",  # last: keeps the chain synchronous under ASGI (see it)
 ]
 
 ROOT_URLCONF = "config.urls"

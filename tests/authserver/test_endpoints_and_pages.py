@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from io import StringIO
+from typing import Any
 from urllib.parse import urlencode
 
 import pytest
@@ -163,3 +164,24 @@ def test_createclient_public_with_bad_redirect_is_a_clear_error(db):
             "--redirect-uri",
             "http://example.com/cb",
         )
+
+
+def test_under_asgi_every_middleware_runs_synchronously_around_the_sync_views():
+    from asgiref.sync import AsyncToSync, SyncToAsync
+    from django.core.handlers.asgi import ASGIHandler
+    from django.utils.deprecation import MiddlewareMixin
+
+    handler = ASGIHandler()._middleware_chain  # type: ignore[attr-defined]
+    assert isinstance(handler, SyncToAsync)  # the whole chain runs in one hop to the request's thread
+    mixins: list[MiddlewareMixin] = []
+    layer: Any = handler.func
+    while layer is not None:
+        if isinstance(layer, AsyncToSync):
+            layer = layer.awaitable
+        instance = getattr(layer, "__wrapped__", layer)
+        if isinstance(instance, MiddlewareMixin):
+            mixins.append(instance)
+        layer = getattr(instance, "get_response", None)
+    assert len(mixins) >= 7
+    in_async_mode = [type(m).__name__ for m in mixins if getattr(m, "async_mode", True)]
+    assert not in_async_mode, "an async MiddlewareMixin hops to a thread and back twice a request"
