@@ -109,3 +109,20 @@ def test_no_process_the_harness_started_is_left_running(quick):
     assert len(result["pids"]) >= 4  # two fakes, the gateway, the worker
     assert result["leftover_pids"] == []
     assert [pid for pid in result["pids"] if alive(pid)] == []
+
+
+def test_the_micro_benchmark_of_the_transport_and_redis_choices_runs():
+    from django.conf import settings
+
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.micro", "--calls", "200", "--redis-url", settings.REDIS_URL],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    out = done.stdout.decode()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    for row in ("aiohttp.ClientSession", "redis-py evalsha", "redis-py pipeline of 8", "pack: hiredis"):
+        line = next(line for line in out.splitlines() if line.startswith(row))
+        assert float(line.split()[-1]) > 0  # a figure was measured, not left blank
