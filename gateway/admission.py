@@ -8,6 +8,7 @@ audited once per outage), and it serves only tokens whose revocation state Redis
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,7 +61,7 @@ async def admit(
 ) -> Ticket:
     """Check revocation and reserve every limit for one request, or raise the matching error."""
     cost = cost_estimate(request, body_len, rt.upstreams.context_length(request.model))
-    buckets = Buckets.of(principal, policy)
+    buckets = _buckets(principal, policy)
     shared = rt.limiter_redis is not None
     if rt.limiter_redis is not None:
         try:
@@ -89,6 +90,23 @@ async def admit(
         exc.headers.update(headers)
         raise exc
     return Ticket(buckets=buckets, admission=admission, headers=headers, shared=shared)
+
+
+_BUCKETS: dict[tuple[int, str, str | None, int], tuple[Policy, Buckets]] = {}
+
+
+def _buckets(principal: Principal, policy: Policy) -> Buckets:
+    """The buckets of a client (and user) under a policy snapshot, built once a day, not per request."""
+    now = time.time()
+    key = (id(policy), principal.client_id, principal.user, int(now // 86_400))
+    cached = _BUCKETS.get(key)
+    if cached is not None and cached[0] is policy:  # the policy object is held, so its id is not reused
+        return cached[1]
+    if len(_BUCKETS) > 10_000:
+        _BUCKETS.clear()
+    buckets = Buckets.of(principal, policy, now=now)
+    _BUCKETS[key] = (policy, buckets)
+    return buckets
 
 
 def settle(rt: Runtime, principal: Principal, ticket: Ticket, request_id: str, used: int) -> None:

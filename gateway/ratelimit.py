@@ -12,6 +12,7 @@ limit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -155,10 +156,14 @@ class Buckets:
         )
 
     def keys(self, jti: str) -> list[str]:
+        """The script's eight keys: the token's and the client's revocation flags, then the buckets."""
+        return [f"portcullis:revoked:jti:{jti}", *self._bucket_keys]
+
+    @functools.cached_property
+    def _bucket_keys(self) -> tuple[str, ...]:
         base = f"portcullis:rl:{self.client_id}"
         user = f"{base}:u:{self.user or '-'}"
-        return [
-            f"portcullis:revoked:jti:{jti}",
+        return (
             f"portcullis:revoked:client:{self.client_id}",
             f"{base}:conc",
             f"{base}:day:{self.day}",
@@ -166,7 +171,7 @@ class Buckets:
             f"{base}:tpm",
             f"{user}:rpm",
             f"{user}:tpm",
-        ]
+        )
 
 
 @dataclass
