@@ -184,12 +184,17 @@ class Stack:
             if not k.startswith(SCRUBBED_ENV_PREFIXES) and k not in SCRUBBED_ENV
         }
         env.update(
-            DJANGO_DEBUG="true",
+            # The production profile (DEBUG off: no query log, JSON logs), as behind a TLS-terminating
+            # proxy: the issuer is https, the harness speaks plain HTTP on loopback, so no redirect.
+            DJANGO_DEBUG="false",
             DJANGO_SETTINGS_MODULE="config.settings",
             DJANGO_SECRET_KEY=self._secret_key,
+            DJANGO_ALLOWED_HOSTS="127.0.0.1",
+            DJANGO_SECURE_SSL_REDIRECT="false",
+            PORTCULLIS_KEY_ENCRYPTION_KEY=self._secret_key,
             DATABASE_URL=f"{self.options.pg_url}/{self.options.db_name}",
             REDIS_URL=self._redis_url(),
-            PORTCULLIS_ISSUER=f"http://127.0.0.1:{self.ports['gateway']}",
+            PORTCULLIS_ISSUER=f"https://127.0.0.1:{self.ports['gateway']}",
             PORTCULLIS_EMBEDDED_BEAT="0",
             PORTCULLIS_VAR_DIR=str(self.options.log_dir / "var"),
             VLLM_UPSTREAMS=f"http://127.0.0.1:{self.ports['fast']},http://127.0.0.1:{self.ports['paced']}",
