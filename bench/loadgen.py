@@ -128,6 +128,7 @@ class LoadSpec:
     expected_tokens: int | None = None  # a stream is whole with this many tokens and its [DONE]
     request_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
+    stagger_s: float = 0.0  # spread the clients' first requests evenly over this much of the warm-up
 
 
 @dataclass(frozen=True)
@@ -232,9 +233,14 @@ async def _close(writer: asyncio.StreamWriter) -> None:
 
 
 async def _client(
-    spec: LoadSpec, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None, tally: Tally
+    spec: LoadSpec,
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None,
+    tally: Tally,
+    delay_s: float = 0.0,
 ) -> None:
     """Send requests back to back until the window ends, reconnecting a few times at most."""
+    if delay_s:
+        await asyncio.sleep(delay_s)
     reconnects = 0
     while time.perf_counter() < tally.window.end:
         if conn is None:
@@ -267,7 +273,12 @@ async def run_closed_loop(spec: LoadSpec, observe: Observer | None = None) -> tu
     for _ in range(conns.count(None)):
         tally.fail("connect")
     observation = asyncio.ensure_future(observe(window)) if observe is not None else None
-    clients = [asyncio.ensure_future(_client(spec, conn, tally)) for conn in conns if conn is not None]
+    live = [conn for conn in conns if conn is not None]
+    stagger = min(spec.stagger_s, spec.warmup_s)
+    clients = [
+        asyncio.ensure_future(_client(spec, conn, tally, stagger * i / len(live)))
+        for i, conn in enumerate(live)
+    ]
     budget = spec.warmup_s + spec.duration_s + spec.request_timeout_s + spec.drain_timeout_s
     if clients:
         _done, pending = await asyncio.wait(clients, timeout=budget)
