@@ -1,7 +1,8 @@
 """The one ASGI application: Channels' ProtocolTypeRouter in front of the gateway and Django.
 
-``/v1/...`` goes straight to the gateway's consumers (no Django middleware on the hot path); everything
-else goes to Django. ``lifespan`` starts and stops per-process resources: the gateway runtime (HTTP
+``/v1/...`` goes straight to the gateway's consumers (no Django middleware on the hot path); the token,
+revocation and introspection endpoints to Django's sync handler on a thread pool; everything else to
+Django's ASGI handler. ``lifespan`` starts and stops per-process resources: the gateway runtime (HTTP
 client, Redis pool, key set, policies) and, with no broker, the embedded beat.
 """
 
@@ -22,11 +23,13 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 from django.conf import settings  # noqa: E402
 
 from config.embedded import EmbeddedBeat  # noqa: E402
+from config.threadpool import POOLED_PATHS, ThreadPoolDjango  # noqa: E402
 from console.routing import websocket_urlpatterns  # noqa: E402
 from gateway.routing import gateway_application, is_gateway_path  # noqa: E402
 from gateway.runtime import runtime_get, runtime_stop  # noqa: E402
 
 HEALTHZ_BODY = b'{"status":"ok"}'
+oauth_pool = ThreadPoolDjango()  # token, revocation, introspection: see config/threadpool.py
 
 
 async def healthz(send: Any) -> None:
@@ -42,6 +45,8 @@ async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await healthz(send)
     elif is_gateway_path(scope["path"]):
         await gateway_application(scope, receive, send)
+    elif scope["path"] in POOLED_PATHS:
+        await oauth_pool(scope, receive, send)
     else:
         await django_asgi_app(scope, receive, send)
 

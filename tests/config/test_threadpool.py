@@ -1,0 +1,121 @@
+"""The OAuth endpoints on the thread pool answer as Django does, and refuse early what it would not."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from audit.models import AuditEvent
+from config.threadpool import POOLED_PATHS, ThreadPoolDjango
+from tests.conftest import basic_auth
+
+pytestmark = pytest.mark.django_db(transaction=True)  # the pool's threads use their own connections
+
+
+@pytest.fixture
+def pooled() -> Iterator[ThreadPoolDjango]:
+    app = ThreadPoolDjango(threads=2)
+    yield app
+    app.pool.shutdown(wait=True)
+
+
+def call(
+    app: ThreadPoolDjango,
+    path: str,
+    *,
+    method: str = "POST",
+    body: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    chunks: list[dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Drive the ASGI app once; return the messages it sent."""
+    scope = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"testserver"), *(headers or [])],
+        "client": ("198.51.100.7", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    inbox = chunks if chunks is not None else [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return inbox.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def form(**fields: str) -> bytes:
+    return "&".join(f"{k}={v}" for k, v in fields.items()).encode()
+
+
+FORM = (b"content-type", b"application/x-www-form-urlencoded")
+
+
+def test_a_token_request_is_answered_and_audited_with_the_callers_address(pooled, make_client):
+    reg = make_client()
+    auth = (b"authorization", basic_auth(reg.client.client_id, reg.client_secret).encode())
+    # sent without Content-Length (as a chunked upload would be): the pool counts what it read
+    sent = call(pooled, "/oauth/token/", body=form(grant_type="client_credentials"), headers=[FORM, auth])
+    start, body = sent
+    headers = dict(start["headers"])
+    assert start["status"] == 200
+    assert headers[b"cache-control"] == b"no-store"
+    assert b"x-request-id" in headers
+    assert json.loads(body["body"])["token_type"] == "Bearer"
+    event = AuditEvent.objects.get(kind="token.issued")
+    assert event.ip == "198.51.100.7"
+
+
+def test_refusals_match_what_djangos_own_handler_answers(pooled, make_client, client):
+    reg = make_client()
+    wrong = basic_auth(reg.client.client_id, "not-the-secret")
+    start, body = call(
+        pooled,
+        "/oauth/token/",
+        body=form(grant_type="client_credentials"),
+        headers=[FORM, (b"authorization", wrong.encode())],
+    )
+    direct = client.post("/oauth/token/", {"grant_type": "client_credentials"}, HTTP_AUTHORIZATION=wrong)
+    assert start["status"] == direct.status_code == 401
+    assert json.loads(body["body"]) == json.loads(direct.content)
+    assert dict(start["headers"])[b"www-authenticate"].decode() == direct["WWW-Authenticate"]
+    assert call(pooled, "/oauth/token/", method="GET")[0]["status"] == client.get("/oauth/token/").status_code
+
+
+def test_an_oversized_body_is_refused_before_django_reads_it(pooled, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    chunks = [{"type": "http.request", "body": b"a" * 600, "more_body": True}] * 2
+    start, body = call(pooled, "/oauth/token/", chunks=chunks)
+    assert start["status"] == 413
+    assert json.loads(body["body"])["error"] == "invalid_request"
+
+
+def test_a_header_repeated_past_the_limit_is_a_400(pooled):
+    start, body = call(pooled, "/oauth/introspect/", headers=[(b"x-a", b"1")] * 101)
+    assert start["status"] == 400
+    assert json.loads(body["body"])["error"] == "invalid_request"
+
+
+def test_a_client_that_leaves_mid_body_gets_nothing_run(pooled):
+    chunks = [{"type": "http.request", "body": b"grant", "more_body": True}, {"type": "http.disconnect"}]
+    assert call(pooled, "/oauth/token/", chunks=chunks) == []
+    assert not AuditEvent.objects.exists()
+
+
+def test_only_the_machine_endpoints_are_pooled():
+    assert POOLED_PATHS == {"/oauth/token/", "/oauth/revoke/", "/oauth/introspect/"}
