@@ -112,7 +112,10 @@ def test_a_header_repeated_past_the_limit_is_a_400(pooled):
 
 
 def test_a_client_that_leaves_mid_body_gets_nothing_run(pooled):
-    chunks = [{"type": "http.request", "body": b"grant", "more_body": True}, {"type": "http.disconnect"}]
+    chunks: list[dict[str, Any]] = [
+        {"type": "http.request", "body": b"grant", "more_body": True},
+        {"type": "http.disconnect"},
+    ]
     assert call(pooled, "/oauth/token/", chunks=chunks) == []
     assert not AuditEvent.objects.exists()
 

@@ -70,7 +70,7 @@ def test_one_failing_command_does_not_fail_its_batch(redis_client):
             return_exceptions=True,
         )
         await closed(batcher)
-        return results, redis_client.get("b")
+        return list(results), redis_client.get("b")
 
     results, b = asyncio.run(run())
     assert results[0] == 1
