@@ -73,8 +73,30 @@ def normalise_ip(ip: str | None) -> str | None:
     return str(ipaddress.ip_address(ip)) if ip else None
 
 
+def storable(value: Any) -> Any:
+    """The value with what PostgreSQL cannot store in text or JSON (NUL, lone surrogates) replaced.
+
+    Attacker input reaches events (a grant type, a username, a client id): it must be recorded, not
+    turn the write into an error."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            value = value.replace("\x00", "\ufffd")
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            value = value.encode(errors="replace").decode()
+        return value
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
+
+
 def event_append(event: AuditEvent) -> AuditEvent:
     """Give an unsaved event its place in the chain and save it (the only way events are written)."""
+    for name in ("kind", "outcome", "actor", "client_id", "request_id", "data"):
+        setattr(event, name, storable(getattr(event, name)))
     if connection.vendor == "sqlite":
         with _process_lock:
             return _append([event])[0]
@@ -151,11 +173,8 @@ class GroupAppender:
     def _commit_next_group(self) -> None:
         with self._lock:
             group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
-        error: BaseException | None = None
         try:
-            _append([w.event for w in group])
-        except BaseException as exc:  # every writer of the group gets the error; none is committed
-            error = exc
+            self._commit(group)
         finally:
             with self._lock:
                 if self._queue:
@@ -163,9 +182,31 @@ class GroupAppender:
                     self._queue[0].woken.set()
                 else:
                     self._committing = False
+            for waiter in group:
+                waiter.lead = False
+                waiter.woken.set()
+
+    @staticmethod
+    def _commit(group: list[_Waiter]) -> None:
+        """Commit the group; if it fails, each event alone, so one bad event fails only its own writer."""
+        try:
+            _append([w.event for w in group])
+            return
+        except Exception as exc:
+            if len(group) == 1:
+                group[0].error = exc
+                return
+        except BaseException as exc:  # interrupted: nothing is committed, every writer hears of it
+            for waiter in group:
+                waiter.error = exc
+            raise
         for waiter in group:
-            waiter.lead, waiter.error = False, error
-            waiter.woken.set()
+            event = waiter.event
+            event.pk, event._state.adding = None, True  # the rolled-back insert may have numbered it
+            try:
+                _append([event])
+            except Exception as exc:
+                waiter.error = exc
 
 
 _group_append = GroupAppender()

@@ -250,3 +250,70 @@ def test_an_event_written_inside_a_transaction_rolls_back_with_it():
     assert chain_head() == (0, "0" * 64)
     audit_record(kind="test.event")
     assert chain_verify().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_bad_event_in_a_group_fails_only_its_own_writer(monkeypatch):
+    import time
+
+    from audit import chain
+
+    appender = chain.GroupAppender()
+    monkeypatch.setattr(chain, "_group_append", appender)
+    first_group_started, release = threading.Event(), threading.Event()
+    real_append = chain._append
+    calls: list[int] = []
+
+    def held_append(events: list[AuditEvent]) -> list[AuditEvent]:
+        calls.append(len(events))
+        if len(calls) == 1:
+            first_group_started.set()
+            release.wait(10)
+        return real_append(events)
+
+    monkeypatch.setattr(chain, "_append", held_append)
+    outcome: dict[int, str] = {}
+
+    def write(i: int) -> None:
+        try:
+            kind = "x" * 500 if i == 3 else "test.event"  # longer than the column: the database refuses it
+            audit_record(kind=kind, data={"i": i})
+            outcome[i] = "committed"
+        except DatabaseError:
+            outcome[i] = "refused"
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=write, args=(0,))
+    first.start()
+    assert first_group_started.wait(10)
+    others = [threading.Thread(target=write, args=(i,)) for i in range(1, 6)]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while appender.queued < len(others) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in [first, *others]:
+        thread.join(10)
+    assert calls[:2] == [1, 5]  # the five queued writers were grouped, and the group failed as a whole
+    assert outcome == {
+        0: "committed",
+        1: "committed",
+        2: "committed",
+        3: "refused",
+        4: "committed",
+        5: "committed",
+    }
+    stored = sorted(e.data["i"] for e in AuditEvent.objects.filter(kind="test.event"))
+    assert stored == [0, 1, 2, 4, 5]
+    assert chain_verify().ok
+
+
+@pytest.mark.django_db
+def test_text_postgresql_cannot_store_is_recorded_with_a_replacement_character():
+    event = audit_record(kind="test.event", actor="user:a\x00b", data={"grant_type": "a\x00b", "s": "\ud800"})
+    stored = AuditEvent.objects.get(pk=event.pk)
+    assert stored.actor == "user:a\ufffdb"
+    assert stored.data == {"grant_type": "a\ufffdb", "s": "?"}
+    assert chain_verify().ok

@@ -140,3 +140,11 @@ def test_issuing_a_token_does_not_read_its_row_back_and_still_announces_it(oauth
     row = AccessToken.objects.get(jti=announced[0].jti)
     assert announced == [row]
     assert row.token_checksum == AccessToken.objects.latest("created").token_checksum
+
+
+def test_a_nul_byte_in_the_grant_type_is_refused_and_recorded_not_a_500(client):
+    response = client.post("/oauth/token/", {"grant_type": "client\x00credentials"})
+    assert response.status_code == 400
+    assert response.json()["error"] in {"unsupported_grant_type", "invalid_request"}
+    denied = AuditEvent.objects.get(kind="token.denied")
+    assert "\x00" not in json.dumps(denied.data)
