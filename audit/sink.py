@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 STREAM = "portcullis:audit"
 STREAM_MAXLEN = 1_000_000  # a bound so a dead ingest worker cannot exhaust Redis memory
 FLUSH_INTERVAL_S = 0.02
+RETRY_S = 1.0  # after a failed hand-off
 MAX_BATCH = 500
 
 
@@ -98,17 +99,15 @@ class RedisStreamSink:
             self._host.nudge(0)  # more than one batch's worth: the next goes at once
         return [xadd_command(fields) for fields in batch]
 
-    def done(
-        self, sent: list[tuple[Any, ...]], replies: list[Any] | None, error: BaseException | None
-    ) -> None:
-        failed = (
-            sent
-            if replies is None
-            else [c for c, r in zip(sent, replies, strict=True) if isinstance(r, Exception)]
-        )
+    def done(self, sent: list[tuple[Any, ...]], replies: list[Any], error: BaseException | None) -> None:
+        """Keep what failed or got no reply (the ingest drops a record it already stored), retry later."""
+        failed = [c for c, r in zip(sent, replies, strict=False) if isinstance(r, Exception)]
+        failed += sent[len(replies) :]
         if failed:  # Redis down or refusing: the records stay buffered in memory and are retried
             self.failures += 1
             self._pending[:0] = [{"t": c[7], "v": c[9]} for c in failed]
+            if self._host is not None:
+                self._host.nudge(RETRY_S)
             logger.warning("audit hand-off to Redis failed; %d records buffered", len(self._pending))
 
     @property

@@ -23,7 +23,7 @@ from typing import Any
 from redis import exceptions as redis_exceptions
 
 from gateway.auth import Principal
-from gateway.redisbatch import Command, RedisBatcher
+from gateway.redisbatch import RIDER_RETRY_S, Command, RedisBatcher
 from gateway.selectors import Policy
 
 logger = logging.getLogger(__name__)
@@ -298,18 +298,18 @@ class RedisLimiter:
             batch.insert(0, ("SCRIPT", "LOAD", SETTLE_LUA))
         return batch
 
-    def done(self, sent: list[Command], replies: list[Any] | None, error: BaseException | None) -> None:
-        settlements = [c for c in sent if c[0] == "EVALSHA"]
-        if replies is None:  # Redis down: keep them for the next batch (slots expire regardless)
-            self._pending[:0] = settlements
-            logger.warning("settling %d reservations failed (%s); will retry", len(settlements), error)
-            return
-        failed = [c for c, r in zip(sent, replies, strict=True) if c[0] == "EVALSHA" and _is_error(r)]
+    def done(self, sent: list[Command], replies: list[Any], error: BaseException | None) -> None:
+        """Retry what failed or got no reply (a settlement that was answered is never sent twice)."""
         if any(isinstance(r, redis_exceptions.NoScriptError) for r in replies):
             self._load_settle = True  # Redis restarted and lost its scripts: load again, then retry
-        if failed:
-            self._pending[:0] = failed
-            self.batcher.nudge(SETTLE_LINGER_S)
+        answered = [c for c, r in zip(sent, replies, strict=False) if c[0] == "EVALSHA" and _is_error(r)]
+        unanswered = [c for c in sent[len(replies) :] if c[0] == "EVALSHA"]
+        retry = answered + unanswered
+        if error is not None:
+            logger.warning("settling %d reservations failed (%s); will retry", len(unanswered), error)
+        if retry:
+            self._pending[:0] = retry
+            self.batcher.nudge(RIDER_RETRY_S if error is not None else SETTLE_LINGER_S)
 
 
 def _is_error(reply: Any) -> bool:

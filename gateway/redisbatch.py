@@ -3,12 +3,14 @@
 A request's reservation (one EVALSHA) is queued and awaited. Everything queued while the event loop was
 busy goes out together on one connection, and the replies are matched to their callers in order, so
 under load a request pays a share of one round trip instead of one each. Work that nobody waits for
-(settlements, usage records: the "riders") joins the next batch; with no traffic it goes on its own
-after a short linger. hiredis packs the commands and parses the replies, redis-py owns the connection;
-this module only decides what travels together, and bounds each batch with one timeout rather than one
-per reply. Measured on the project's 2-core machine, a lone EVALSHA through redis-py costs ~75 µs of the
-gateway's CPU, one of eight in a pipeline ~30 µs, and redis-py's pure-Python packing alone ~14 µs per
-command against hiredis's ~2 µs (bench/README.md).
+(settlements, usage records: the "riders") goes first in the next batch; with no traffic it goes on its
+own after a short linger. When a batch fails, every caller queued behind it fails at once too (they fall
+back to per-process limits rather than wait on a dead Redis), and each rider gets back exactly the
+commands that got no reply, to retry. hiredis packs the commands and parses the replies, redis-py owns
+the connection; this module only decides what travels together, and bounds each batch with one timeout
+rather than one per reply. Measured on the project's 2-core machine, a lone EVALSHA through redis-py
+costs ~75 µs of the gateway's CPU, one of eight in a pipeline ~30 µs, and redis-py's pure-Python
+packing alone ~14 µs per command against hiredis's ~2 µs (bench/README.md).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 STOP_ATTEMPTS = 50
 BATCH_TIMEOUT_S = 2.0  # a batch not answered in this time fails as "Redis down"
+RIDER_RETRY_S = 1.0  # a rider whose commands failed sends them again after this long
 LINKS = 4  # batches in flight at once; each link is one connection
 MAX_CALLS = 512  # awaited commands per batch; the rest wait for the next one
 Command = tuple[Any, ...]
@@ -37,8 +40,14 @@ class Rider(Protocol):
     def take(self) -> list[Command]:
         """Return the commands to send now (possibly none); they are the rider's until ``done``."""
 
-    def done(self, sent: list[Command], replies: list[Reply] | None, error: BaseException | None) -> None:
-        """Hand back the outcome: one reply per command, or the error that broke the whole batch."""
+    def done(self, sent: list[Command], replies: list[Reply], error: BaseException | None) -> None:
+        """Hand back the outcome: a reply per command, in order (a redis ResponseError for a command that
+        failed). With ``error`` set the batch broke after ``len(replies)`` replies: the commands after
+        those got none and may or may not have run."""
+
+
+class RedisStopped(redis_exceptions.ConnectionError):
+    """The batcher is stopping (the process is shutting down): callers take their Redis-down path."""
 
 
 class RedisBatcher:
@@ -52,6 +61,10 @@ class RedisBatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._links: list[Connection | None] = [None] * links
+        self._inflight = 0
+        self._quiet = asyncio.Event()  # no batch in flight
+        self._quiet.set()
+        self._stopping = False
         self._sent = False  # whether the last batch carried anything
 
     def rider_add(self, rider: Rider) -> None:
@@ -59,6 +72,8 @@ class RedisBatcher:
 
     async def call(self, *command: Any) -> Reply:
         """Send one command with the next batch and return its reply (a ResponseError is raised)."""
+        if self._stopping:
+            raise RedisStopped("the gateway is stopping")
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._calls.append((command, future))
         self._signal()
@@ -71,6 +86,8 @@ class RedisBatcher:
 
     def nudge(self, within_s: float) -> None:
         """A rider has work: make sure a batch goes within ``within_s`` even if no request comes."""
+        if self._stopping:
+            return  # stop() sends what is left
         if self._timer is None and not self._signalled:
             self._timer = asyncio.get_running_loop().call_later(within_s, self._signal)
 
@@ -84,43 +101,53 @@ class RedisBatcher:
         self._signalled = True
 
     async def flush(self) -> bool:
-        """Send what the riders hold now and wait for it; False when Redis failed it (they keep it)."""
+        """Send what the riders hold now and wait until it and every batch in flight are answered."""
         if not self._tasks:
             return await self._batch(0)
         barrier: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._barriers.append(barrier)
         self._signal()
-        return await barrier
+        ok = await barrier
+        await self._quiet.wait()
+        return ok
 
     def start(self) -> None:
+        if self._stopping:
+            return
         self._tasks = [
             asyncio.create_task(self._work(link), name=f"redis-batcher-{link}")
             for link in range(len(self._links))
         ]
 
     async def stop(self) -> None:
-        """Stop the links, then send what the riders still hold (shutdown must not lose records)."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
-        if self._timer is not None:
-            self._timer.cancel()
-        for _ in range(STOP_ATTEMPTS):  # a large backlog takes several batches; a dead Redis gives up
-            if not await self._batch(0) or not self._sent:
-                break
+        """Let the links finish the batch they carry, then send what the riders still hold, on one link."""
+        self._stopping = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for parked in self._idle:
+            if not parked.done():
+                parked.set_result(None)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=BATCH_TIMEOUT_S + 1.0)
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._tasks = []
+        for _ in range(STOP_ATTEMPTS):  # a large backlog takes several batches; a dead Redis gives up
+            if not await self._batch(0) or not self._sent:
+                break
         for link in range(len(self._links)):
             await self._drop(link)
 
     async def _work(self, link: int) -> None:
-        while True:
+        while not self._stopping:
             if not self._signalled:
                 parked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._idle.append(parked)
                 await parked
+                if self._stopping:
+                    return
             self._signalled = False
             if self._timer is not None:
                 self._timer.cancel()
@@ -133,13 +160,29 @@ class RedisBatcher:
         if self._calls:
             self._signal()
         barriers, self._barriers = self._barriers, []
-        rides = [(rider, rider.take()) for rider in self._riders]
-        rides = [(rider, sent) for rider, sent in rides if sent]
+        rides: list[tuple[Rider, list[Command]]] = []
+        for rider in self._riders:
+            try:
+                sent = rider.take()
+            except Exception:  # a rider's bug must not stop the link that carries everyone's commands
+                logger.exception("a Redis batch rider failed to hand over its commands")
+                continue
+            if sent:
+                rides.append((rider, sent))
         self._sent = bool(calls or rides)
-        ok = await self._send(link, calls, rides) if self._sent else True
-        for barrier in barriers:
-            if not barrier.done():
-                barrier.set_result(ok)
+        ok = True
+        self._inflight += 1
+        self._quiet.clear()
+        try:
+            if self._sent:
+                ok = await self._send(link, calls, rides)
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._quiet.set()
+            for barrier in barriers:
+                if not barrier.done():
+                    barrier.set_result(ok)
         return ok
 
     async def _send(
@@ -148,8 +191,11 @@ class RedisBatcher:
         calls: list[tuple[Command, asyncio.Future[Reply]]],
         rides: list[tuple[Rider, list[Command]]],
     ) -> bool:
-        commands = [command for command, _future in calls] + [c for _rider, sent in rides for c in sent]
+        """Send the riders' commands, then the calls; settlements then land before later reservations."""
+        commands = [c for _rider, sent in rides for c in sent] + [command for command, _future in calls]
+        first_call = len(commands) - len(calls)
         replies: list[Reply] = []
+        error: BaseException | None = None
         try:
             async with asyncio.timeout(BATCH_TIMEOUT_S):
                 connection = self._connect(link)
@@ -161,40 +207,36 @@ class RedisBatcher:
                         replies.append(await connection.read_response())
                     except redis_exceptions.ResponseError as exc:  # this command failed; the batch goes on
                         replies.append(exc)
-                    if len(replies) <= len(calls):  # answer a waiting request as soon as its reply is read
-                        future = calls[len(replies) - 1][1]
+                    if len(replies) > first_call:  # answer a waiting request as soon as its reply is read
+                        future = calls[len(replies) - 1 - first_call][1]
                         if not future.done():
                             future.set_result(replies[-1])
         except TimeoutError:
             error = redis_exceptions.TimeoutError("Redis did not answer")
-            await self._fail(link, calls[len(replies) :], rides, error)
-            return False
         except BaseException as exc:
-            await self._fail(link, calls[len(replies) :], rides, exc)
-            if not isinstance(exc, Exception):
-                raise  # cancelled: the riders have their commands back
-            return False
-        offset = len(calls)
+            error = exc
+        if error is not None:
+            await self._drop(link)
+            self._fail_calls(calls[max(0, len(replies) - first_call) :], error)
+        offset = 0
         for rider, sent in rides:
-            rider.done(sent, replies[offset : offset + len(sent)], None)
+            got = replies[offset : offset + len(sent)]
             offset += len(sent)
-        return True
+            try:
+                rider.done(sent, got, error if len(got) < len(sent) else None)
+            except Exception:
+                logger.exception("a Redis batch rider failed to take back its replies")
+        if error is not None and not isinstance(error, Exception):
+            raise error  # cancelled: the riders have what got no reply back
+        return error is None
 
-    async def _fail(
-        self,
-        link: int,
-        calls: list[tuple[Command, asyncio.Future[Reply]]],
-        rides: list[tuple[Rider, list[Command]]],
-        exc: BaseException,
-    ) -> None:
-        """The batch broke: drop the connection; waiting callers get the error, riders their work back."""
-        await self._drop(link)
-        error = exc if isinstance(exc, Exception) else redis_exceptions.ConnectionError("cancelled")
-        for _command, future in calls:
+    def _fail_calls(self, calls: list[tuple[Command, asyncio.Future[Reply]]], error: BaseException) -> None:
+        """The batch broke: its waiting callers, and every caller queued behind it, get the error now."""
+        queued, self._calls = self._calls, []
+        failure = error if isinstance(error, Exception) else redis_exceptions.ConnectionError("cancelled")
+        for _command, future in calls + queued:
             if not future.done():
-                future.set_exception(error)
-        for rider, sent in rides:
-            rider.done(sent, None, exc)
+                future.set_exception(failure)
 
     def _connect(self, link: int) -> Connection:
         """A link's own connection, made with the pool's settings but no per-read timeout."""

@@ -220,6 +220,9 @@ class UpstreamPool:
             except (aiohttp.ClientError, OSError):
                 upstream.inflight -= 1
                 raise UpstreamFailed() from None
+            except BaseException:  # cancelled while connecting: the slot is not held
+                upstream.inflight -= 1
+                raise
         upstream.healthy = False
         logger.warning(
             "upstream %s failed to connect; marked unhealthy until its next health check", upstream

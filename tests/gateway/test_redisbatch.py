@@ -19,16 +19,15 @@ class Recorder:
 
     def __init__(self) -> None:
         self.pending: list[Command] = []
-        self.outcomes: list[tuple[list[Any] | None, BaseException | None]] = []
+        self.outcomes: list[tuple[list[Any], BaseException | None]] = []
 
     def take(self) -> list[Command]:
         batch, self.pending = self.pending, []
         return batch
 
-    def done(self, sent: list[Command], replies: list[Any] | None, error: BaseException | None) -> None:
+    def done(self, sent: list[Command], replies: list[Any], error: BaseException | None) -> None:
         self.outcomes.append((replies, error))
-        if replies is None:
-            self.pending[:0] = sent
+        self.pending[:0] = sent[len(replies) :]  # what got no reply goes again
 
 
 async def closed(batcher: RedisBatcher) -> None:
@@ -135,7 +134,7 @@ def test_redis_down_fails_the_callers_and_keeps_the_riders_commands():
     assert isinstance(error, redis.ConnectionError)
     assert rider.pending == [("SET", "kept", "1")]  # handed back, for the next batch
     assert rider.outcomes
-    assert rider.outcomes[0][0] is None
+    assert rider.outcomes[0][0] == []  # no reply: all of it came back
 
 
 @pytest.mark.parametrize("calls", [0, 3])
@@ -151,3 +150,72 @@ def test_stop_sends_what_the_riders_still_hold(redis_client, calls):
 
     asyncio.run(run())
     assert redis_client.exists(*(f"late{i}" for i in range(5))) == 5
+
+
+BUSY = (  # keeps Redis busy for ARGV[1] microseconds: a batch that is in flight for a while
+    "EVAL",
+    "local s=redis.call('TIME') local e=s[1]*1000000+s[2]+tonumber(ARGV[1]) "
+    "while true do local t=redis.call('TIME') if t[1]*1000000+t[2]>e then return 1 end end",
+    0,
+)
+
+
+def test_stop_lets_the_batch_in_flight_finish_and_sends_nothing_twice(redis_client):
+    async def run() -> None:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        rider = Recorder()
+        batcher.rider_add(rider)
+        rider.pending = [("INCR", "once")]
+        busy = asyncio.ensure_future(batcher.call(*BUSY, 200_000))
+        await asyncio.sleep(0.05)  # the batch (the rider's INCR, then the busy script) is in flight
+        await closed(batcher)
+        assert await busy == 1
+
+    asyncio.run(run())
+    assert redis_client.get("once") == b"1"
+
+
+def test_a_call_after_stop_is_refused_as_redis_down_and_starts_nothing(redis_client):
+    async def run() -> RedisBatcher:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        await batcher.call("PING")
+        await closed(batcher)
+        with pytest.raises(redis.ConnectionError):
+            await batcher.call("PING")
+        return batcher
+
+    assert asyncio.run(run())._tasks == []
+
+
+def test_flush_waits_for_batches_already_in_flight(redis_client):
+    async def run() -> None:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        rider = Recorder()
+        batcher.rider_add(rider)
+        await batcher.call("PING")  # the links are running
+        rider.pending = [(*BUSY, 100_000), ("SET", "flushed", "1")]
+        batcher.nudge(0)
+        await asyncio.sleep(0.01)  # another link took them and is waiting on the busy script
+        assert await batcher.flush()
+        assert redis_client.get("flushed") == b"1"
+        await closed(batcher)
+
+    asyncio.run(run())
+
+
+def test_a_batch_that_times_out_fails_the_callers_queued_behind_it_at_once(redis_client, monkeypatch):
+    from gateway import redisbatch
+
+    monkeypatch.setattr(redisbatch, "BATCH_TIMEOUT_S", 0.1)
+
+    async def run() -> list[Any]:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL), links=1)
+        slow = asyncio.ensure_future(batcher.call(*BUSY, 300_000))
+        await asyncio.sleep(0.02)
+        queued = [asyncio.ensure_future(batcher.call("PING")) for _ in range(3)]
+        results = await asyncio.gather(slow, *queued, return_exceptions=True)
+        await closed(batcher)
+        return list(results)
+
+    results = asyncio.run(run())
+    assert all(isinstance(r, redis.TimeoutError) for r in results)
