@@ -83,6 +83,11 @@ class UpstreamUnavailable(GatewayError):
     message = "No upstream is available for this model right now."
 
 
+class UpstreamBusy(GatewayError):
+    status, type, code = 503, "api_error", "upstream_busy"
+    message = "Every upstream connection of this gateway is in use; try again shortly."
+
+
 class UpstreamFailed(GatewayError):
     status, type, code = 502, "api_error", "upstream_error"
     message = "The upstream failed to answer."

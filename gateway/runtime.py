@@ -57,7 +57,9 @@ class Runtime:
         self.keys = KeySet(self._fetch_jwks, refetch_interval_s=conf.jwks_refresh_s)
         self.verifier = TokenVerifier(conf, self.keys)
         self.policies = PolicyCache()
-        self.upstreams = UpstreamPool(conf.upstreams, self.http, conf.upstream_api_key)
+        self.upstreams = UpstreamPool(
+            conf.upstreams, self.http, conf.upstream_api_key, max_connections=conf.max_connections
+        )
         self.watcher = RevocationWatcher()
         self.batcher = RedisBatcher(self.redis) if self.redis is not None else None
         self.sink: AuditSink = (

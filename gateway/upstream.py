@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from gateway.errors import UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import UpstreamBusy, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
 from gateway.metrics import UPSTREAM_HEALTHY
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,16 @@ def _inflight(upstream: Upstream) -> int:
 
 
 class UpstreamPool:
-    def __init__(self, bases: tuple[str, ...], client: aiohttp.ClientSession, api_key: str) -> None:
+    def __init__(
+        self,
+        bases: tuple[str, ...],
+        client: aiohttp.ClientSession,
+        api_key: str,
+        *,
+        max_connections: int = 0,
+    ) -> None:
         self.upstreams = [Upstream(base=b.rstrip("/")) for b in bases]
+        self.max_connections = max_connections  # the session's pool size (0: unbounded)
         self.client = client
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self._urls: dict[tuple[str, str], URL] = {}
@@ -119,6 +127,8 @@ class UpstreamPool:
                     }
                     self._known = frozenset(m for u in self.upstreams for m in u.models)
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+            if self.saturated():
+                return  # the check waited for a pooled connection, not for the upstream: no verdict
             healthy = False
         UPSTREAM_HEALTHY.labels(upstream.base).set(1 if healthy else 0)
         if healthy != upstream.healthy:
@@ -149,6 +159,10 @@ class UpstreamPool:
     def known_models(self) -> frozenset[str]:
         """Every model an upstream is known to serve (the allowlist for metric labels)."""
         return self._known
+
+    def saturated(self) -> bool:
+        """Whether every connection of the pool is held by a request in flight."""
+        return 0 < self.max_connections <= sum(u.inflight for u in self.upstreams)
 
     def serves(self, model: str) -> bool:
         """Return whether any upstream (healthy or not) is known to serve the model."""
@@ -210,8 +224,11 @@ class UpstreamPool:
             except REFUSED:
                 upstream.inflight -= 1
                 break
-            except DROPPED:
+            except DROPPED as exc:
+                busy = isinstance(exc, aiohttp.ConnectionTimeoutError) and self.saturated()
                 upstream.inflight -= 1
+                if busy:  # the wait was for one of our own pooled connections: the upstream is fine
+                    raise UpstreamBusy() from None
                 if attempt == 2:
                     break
             except TIMEOUT:

@@ -505,6 +505,32 @@ def test_two_upstreams_one_killed_requests_keep_succeeding(tmp_path, stack):
             stop(first.process)
 
 
+def test_a_full_upstream_pool_answers_busy_and_does_not_mark_the_upstream_down(tmp_path, stack):
+    slow = start_fakevllm(tmp_path, "m1")
+    slow.configure(chunk_delay_s=0.5, tokens=24)  # one stream holds the only connection for ~12 s
+    server = start_server(tmp_path, VLLM_UPSTREAMS=slow.base, PORTCULLIS_UPSTREAM_MAX_CONNECTIONS="1")
+    try:
+        token = client_token(server, stack.full, "completions")
+        headers = {"authorization": f"Bearer {token}"}
+        body = {**CHAT, "max_tokens": 24, "stream": True}
+        with httpx.stream(
+            "POST", f"{server.base}/v1/chat/completions", json=body, headers=headers, timeout=30
+        ) as holding:
+            lines = holding.iter_lines()
+            next(lines)  # the stream is running and holds the pool's one connection
+            busy = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=30)
+            assert busy.status_code == 503
+            assert busy.json()["error"]["code"] == "upstream_busy"
+            metrics = httpx.get(f"{server.base}/metrics", timeout=10).text
+            assert f'portcullis_gateway_upstream_healthy{{upstream="{slow.base}"}} 1.0' in metrics
+            assert sum(1 for line in lines if line) > 10  # the holder's stream was not disturbed
+        after = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+        assert after.status_code == 200
+    finally:
+        stop(server.process)
+        stop(slow.process)
+
+
 def test_no_token_or_secret_reaches_the_server_log(stack):
     token = stack.token()
     httpx.get(f"{stack.server.base}/v1/models", params={"access_token": token}, timeout=10)
