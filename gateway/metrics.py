@@ -12,8 +12,9 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from gateway.ratelimit import LIMITS
+
 ROUTES = frozenset({"chat", "completions", "embeddings", "models", "unknown"})
-LIMITS = frozenset({"requests", "tokens", "user_requests", "user_tokens", "concurrency", "daily_tokens"})
 LATENCY_BUCKETS = (
     0.0005,
     0.001,

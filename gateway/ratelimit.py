@@ -28,6 +28,9 @@ from gateway.selectors import Policy
 
 logger = logging.getLogger(__name__)
 
+# Every limit's name: what the admission script returns, the 429's ``code``, the metrics label. The
+# message for each is in gateway.admission; tests/gateway/test_ratelimit.py checks all of them agree.
+LIMITS = ("requests", "tokens", "user_requests", "user_tokens", "concurrency", "daily_tokens")
 WINDOW_MS = 60_000
 DAY_TTL_S = 2 * 86_400
 SLOT_TTL_MS = 15 * 60_000  # a slot held longer than any request may run is reclaimed

@@ -172,3 +172,15 @@ def test_a_redis_that_lost_its_scripts_gets_them_again_for_reservations_and_sett
         return outcomes
 
     assert asyncio.run(run()) == ["ok", "ok", "concurrency"]
+
+
+def test_the_limit_names_agree_across_the_script_the_messages_and_the_metrics():
+    import re
+
+    from gateway import admission, metrics, ratelimit
+
+    returned = set(re.findall(r"'([a-z_]+)'", ratelimit.ADMIT_LUA))  # lower case: not Redis commands
+    assert returned <= set(ratelimit.LIMITS)
+    assert {"concurrency", "daily_tokens", "requests", "tokens"} <= returned
+    assert set(admission.LIMIT_MESSAGES) == set(ratelimit.LIMITS)
+    assert metrics.LIMITS is ratelimit.LIMITS
