@@ -39,7 +39,21 @@ refuse_proxy_header_args() {
     done
 }
 
+# Several uvicorn workers are several processes: /metrics must add up what all of them counted, which
+# prometheus-client does from files in PROMETHEUS_MULTIPROC_DIR. The directory must start empty (stale
+# files would be counted again), so a given one is emptied and a missing one is made under /tmp.
+metrics_dir_prepare() {
+    if [ -n "${PROMETHEUS_MULTIPROC_DIR:-}" ]; then
+        mkdir -p -- "$PROMETHEUS_MULTIPROC_DIR"
+        find "$PROMETHEUS_MULTIPROC_DIR" -mindepth 1 -maxdepth 1 -name '*.db' -delete
+    else
+        PROMETHEUS_MULTIPROC_DIR=$(mktemp -d /tmp/portcullis-metrics.XXXXXX)
+    fi
+    export PROMETHEUS_MULTIPROC_DIR
+}
+
 serve() {
+    metrics_dir_prepare
     exec uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools \
         --workers "${WEB_CONCURRENCY:-4}" --no-proxy-headers "$@"
 }

@@ -449,6 +449,7 @@ class EntrypointRun:
     stderr: str
     commands: list[str]
     web_concurrency_seen: list[str]
+    metrics_dirs_seen: list[str]
 
 
 def lines_of(path: Path) -> list[str]:
@@ -467,6 +468,7 @@ def run_entrypoint(tmp_path: Path) -> Callable[..., EntrypointRun]:
             "#!/bin/sh\n"
             '{ printf %s "${0##*/}"; for arg in "$@"; do printf " %s" "$arg"; done; echo; } >> "$STUB_LOG"\n'
             'echo "${WEB_CONCURRENCY-unset}" >> "$STUB_LOG.env"\n'
+            'echo "${PROMETHEUS_MULTIPROC_DIR-unset}" >> "$STUB_LOG.prom"\n'
             'case " $* " in *" $STUB_FAIL_ON "*) exit 3 ;; esac\n',
             encoding="utf-8",
         )
@@ -483,10 +485,10 @@ def run_entrypoint(tmp_path: Path) -> Callable[..., EntrypointRun]:
             env={**base, **(env or {})},
             timeout=30,
         )
-        commands, seen = lines_of(log), lines_of(Path(f"{log}.env"))
-        log.unlink(missing_ok=True)
-        Path(f"{log}.env").unlink(missing_ok=True)
-        return EntrypointRun(result.returncode, result.stdout, result.stderr, commands, seen)
+        commands, seen, dirs = lines_of(log), lines_of(Path(f"{log}.env")), lines_of(Path(f"{log}.prom"))
+        for path in (log, Path(f"{log}.env"), Path(f"{log}.prom")):
+            path.unlink(missing_ok=True)
+        return EntrypointRun(result.returncode, result.stdout, result.stderr, commands, seen, dirs)
 
     return run
 
@@ -798,3 +800,23 @@ def test_deploy_guide_covers_first_run_upgrades_backups_scaling_tls_and_kubernet
         "--no-proxy-headers",
     ):
         assert phrase in guide, phrase
+
+
+@pytest.mark.parametrize("role", ["web", "gateway"])
+def test_the_server_roles_give_the_workers_an_empty_shared_metrics_directory(
+    run_entrypoint: Callable[..., EntrypointRun], role: str, tmp_path: Path
+) -> None:
+    made = run_entrypoint(role)
+    assert made.returncode == 0, made.stderr
+    served_with = Path(made.metrics_dirs_seen[-1])
+    assert served_with.is_dir()
+    assert served_with.name.startswith("portcullis-metrics.")
+    assert not any(served_with.iterdir())
+    served_with.rmdir()
+    given = tmp_path / "prom"
+    given.mkdir()
+    (given / "counter_123.db").write_bytes(b"stale")  # what a previous run of the container left
+    (given / "keep.txt").write_text("not ours")
+    reused = run_entrypoint(role, env={"PROMETHEUS_MULTIPROC_DIR": str(given)})
+    assert reused.metrics_dirs_seen[-1] == str(given)
+    assert sorted(p.name for p in given.iterdir()) == ["keep.txt"]
