@@ -200,7 +200,7 @@ def test_per_model_rows_show_requests_tokens_errors_denials_and_latency(report):
 
 
 def test_tables_list_the_busiest_rows_and_the_totals_still_count_the_rest(traffic, monkeypatch):
-    monkeypatch.setattr("audit.reports.TABLE_ROWS", 2)  # a client can invent any number of model names
+    monkeypatch.setattr("audit.reports.build.TABLE_ROWS", 2)  # a client can invent any number of model names
     data = report_build(since=SINCE, until=UNTIL)
     assert [row.key for row in data.clients] == ["app-b", "app-a"]
     assert [row.key for row in data.models] == ["m2", ""]  # 6 and 5 requests; m1 has 5 too, sorts after ""
