@@ -24,7 +24,8 @@ from django.conf import settings
 from django.core.handlers.wsgi import WSGIHandler
 
 POOLED_PATHS = frozenset({"/oauth/token/", "/oauth/revoke/", "/oauth/introspect/"})
-THREADS = 12  # one database connection each, below the pool (PORTCULLIS_DB_POOL_SIZE, 16 by default)
+THREADS = 12
+SPARE_CONNECTIONS = 4  # left in the database pool for the pages and background jobs
 
 Response = tuple[int, list[tuple[bytes, bytes]], bytes]
 
@@ -44,10 +45,21 @@ class ClientGone(Exception):
     """The client disconnected while its request body was being read."""
 
 
+def threads_for_pool(database: dict[str, Any] | None = None) -> int:
+    """THREADS, or fewer when the database pool (PORTCULLIS_DB_POOL_SIZE) would leave no spare connection."""
+    options: dict[str, Any] = (database if database is not None else settings.DATABASES["default"]).get(
+        "OPTIONS", {}
+    )
+    pool = options.get("pool")
+    if not isinstance(pool, dict) or "max_size" not in pool:
+        return THREADS  # no pool (SQLite): nothing to share
+    return max(1, min(THREADS, int(pool["max_size"]) - SPARE_CONNECTIONS))
+
+
 class ThreadPoolDjango:
-    def __init__(self, threads: int = THREADS) -> None:
+    def __init__(self, threads: int | None = None) -> None:
         self.handler = WSGIHandler()
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="django-oauth")
+        self.pool = ThreadPoolExecutor(threads or threads_for_pool(), thread_name_prefix="django-oauth")
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         try:

@@ -122,3 +122,13 @@ def test_a_client_that_leaves_mid_body_gets_nothing_run(pooled):
 
 def test_only_the_machine_endpoints_are_pooled():
     assert POOLED_PATHS == {"/oauth/token/", "/oauth/revoke/", "/oauth/introspect/"}
+
+
+@pytest.mark.parametrize(("pool_size", "threads"), [(16, 12), (32, 12), (10, 6), (3, 1), (None, 12)])
+def test_the_thread_count_leaves_spare_database_connections(pool_size, threads):
+    from config.threadpool import threads_for_pool
+
+    database: dict[str, Any] = {"OPTIONS": {}}
+    if pool_size is not None:
+        database["OPTIONS"]["pool"] = {"min_size": 1, "max_size": pool_size}
+    assert threads_for_pool(database) == threads
