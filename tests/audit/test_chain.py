@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from io import StringIO
 from typing import Any
 
@@ -26,6 +28,50 @@ def _behind_the_apps_back(sql: str, params: list[Any]) -> None:
         cursor.execute("SET session_replication_role = replica")
         cursor.execute(sql, params)
         cursor.execute("SET session_replication_role = DEFAULT")
+
+
+def _six_writers_in_two_groups(
+    monkeypatch: pytest.MonkeyPatch, write: Callable[[int], None]
+) -> list[list[int]]:
+    """Run write(0) alone, hold its group open until write(1..5) queue behind it, then let all finish.
+
+    Returns what each call of the chain's insert got: the ``i`` of its events, sorted."""
+    from audit import chain
+
+    appender = chain.GroupAppender()
+    monkeypatch.setattr(chain, "_group_append", appender)
+    groups: list[list[int]] = []
+    first_group_started, release = threading.Event(), threading.Event()
+    real_append = chain._append
+
+    def recording_append(events: list[AuditEvent]) -> list[AuditEvent]:
+        groups.append(sorted(e.data["i"] for e in events))
+        if len(groups) == 1:  # hold the first group open until the others have queued behind it
+            first_group_started.set()
+            release.wait(10)
+        return real_append(events)
+
+    monkeypatch.setattr(chain, "_append", recording_append)
+
+    def run(i: int) -> None:
+        try:
+            write(i)
+        finally:
+            connection.close()
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    assert first_group_started.wait(10)
+    others = [threading.Thread(target=run, args=(i,)) for i in range(1, 6)]
+    for thread in others:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while appender.queued < len(others) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in [first, *others]:
+        thread.join(10)
+    return groups
 
 
 @pytest.mark.django_db
@@ -170,44 +216,12 @@ def test_archive_and_prune_is_the_one_audited_way_rows_leave_and_the_rest_still_
 
 @pytest.mark.django_db(transaction=True)
 def test_writers_outside_a_transaction_commit_in_groups_and_each_event_lands_exactly_once(monkeypatch):
-    import time
-
-    from audit import chain
-
-    appender = chain.GroupAppender()
-    monkeypatch.setattr(chain, "_group_append", appender)
-    groups: list[list[int]] = []
-    first_group_started, release = threading.Event(), threading.Event()
-    real_append = chain._append
-
-    def recording_append(events: list[AuditEvent]) -> list[AuditEvent]:
-        groups.append(sorted(e.data["i"] for e in events))
-        if len(groups) == 1:  # hold the first group open until the others have queued behind it
-            first_group_started.set()
-            release.wait(10)
-        return real_append(events)
-
-    monkeypatch.setattr(chain, "_append", recording_append)
     written: dict[int, AuditEvent] = {}
 
     def write(i: int) -> None:
-        try:
-            written[i] = audit_record(kind="test.event", actor="client:x", data={"i": i})
-        finally:
-            connection.close()
+        written[i] = audit_record(kind="test.event", actor="client:x", data={"i": i})
 
-    first = threading.Thread(target=write, args=(0,))
-    first.start()
-    assert first_group_started.wait(10)
-    others = [threading.Thread(target=write, args=(i,)) for i in range(1, 6)]
-    for thread in others:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while appender.queued < len(others) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    release.set()
-    for thread in [first, *others]:
-        thread.join(10)
+    groups = _six_writers_in_two_groups(monkeypatch, write)
     assert groups == [[0], [1, 2, 3, 4, 5]]
     for i, event in written.items():
         assert AuditEvent.objects.get(pk=event.pk).data == {"i": i}
@@ -254,24 +268,6 @@ def test_an_event_written_inside_a_transaction_rolls_back_with_it():
 
 @pytest.mark.django_db(transaction=True)
 def test_one_bad_event_in_a_group_fails_only_its_own_writer(monkeypatch):
-    import time
-
-    from audit import chain
-
-    appender = chain.GroupAppender()
-    monkeypatch.setattr(chain, "_group_append", appender)
-    first_group_started, release = threading.Event(), threading.Event()
-    real_append = chain._append
-    calls: list[int] = []
-
-    def held_append(events: list[AuditEvent]) -> list[AuditEvent]:
-        calls.append(len(events))
-        if len(calls) == 1:
-            first_group_started.set()
-            release.wait(10)
-        return real_append(events)
-
-    monkeypatch.setattr(chain, "_append", held_append)
     outcome: dict[int, str] = {}
 
     def write(i: int) -> None:
@@ -281,22 +277,9 @@ def test_one_bad_event_in_a_group_fails_only_its_own_writer(monkeypatch):
             outcome[i] = "committed"
         except DatabaseError:
             outcome[i] = "refused"
-        finally:
-            connection.close()
 
-    first = threading.Thread(target=write, args=(0,))
-    first.start()
-    assert first_group_started.wait(10)
-    others = [threading.Thread(target=write, args=(i,)) for i in range(1, 6)]
-    for thread in others:
-        thread.start()
-    deadline = time.monotonic() + 10
-    while appender.queued < len(others) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    release.set()
-    for thread in [first, *others]:
-        thread.join(10)
-    assert calls[:2] == [1, 5]  # the five queued writers were grouped, and the group failed as a whole
+    groups = _six_writers_in_two_groups(monkeypatch, write)
+    assert groups[:2] == [[0], [1, 2, 3, 4, 5]]  # the five queued writers were grouped; that group failed
     assert outcome == {
         0: "committed",
         1: "committed",
