@@ -185,3 +185,9 @@ class SigningKey(models.Model):
         from authserver.selectors import private_jwk_for
 
         return private_jwk_for(self.kid, bytes(self.private_key_encrypted))
+
+    def private_signing_key(self) -> Any:
+        """Return the decrypted private key as a ``cryptography`` key object (for PyJWT)."""
+        from authserver.selectors import private_signing_key_for
+
+        return private_signing_key_for(self.kid, bytes(self.private_key_encrypted))

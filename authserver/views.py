@@ -49,6 +49,11 @@ def _client_id_of(request: HttpRequest) -> str:
     ]
 
 
+def _holds_nul(request: HttpRequest) -> bool:
+    """Whether a form field's name or value holds a NUL character."""
+    return any("\x00" in key or any("\x00" in v for v in values) for key, values in request.POST.lists())
+
+
 class TokenView(dot_views.TokenView):
     """RFC 6749 §3.2 token endpoint; every refusal is audited with its RFC error code."""
 
@@ -69,8 +74,11 @@ class TokenView(dot_views.TokenView):
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         grant_type = request.POST.get("grant_type", "")
-        if grant_type == DEVICE_GRANT and not request.POST.get("device_code"):
-            response: HttpResponse = oauth_error("invalid_request", "device_code is required")
+        if _holds_nul(request):
+            # No code, token or id holds one, and PostgreSQL answers a lookup of one with an error (a 500).
+            response: HttpResponse = oauth_error("invalid_request", "A parameter holds a NUL character")
+        elif grant_type == DEVICE_GRANT and not request.POST.get("device_code"):
+            response = oauth_error("invalid_request", "device_code is required")
         else:
             response = super().post(request, *args, **kwargs)
         if response.status_code == 404:  # DOT answers an unknown device code with a non-RFC 404

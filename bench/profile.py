@@ -31,8 +31,14 @@ def py_spy_path() -> str | None:
     return str(local) if local.exists() else shutil.which("py-spy")
 
 
-def py_spy_start(executable: str, pid: int, duration_s: int, out: Path) -> subprocess.Popen[bytes]:
-    """Start sampling a process for duration_s seconds into a collapsed-stack file."""
+def py_spy_start(
+    executable: str, pid: int, duration_s: int, out: Path, *, gil_only: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start sampling a process for duration_s seconds into a collapsed-stack file.
+
+    ``gil_only`` keeps only the samples of the thread holding the GIL: with a pool of threads that
+    mostly wait on the database, that is where the CPU goes; without it the waits dominate.
+    """
     argv = [
         executable,
         "record",
@@ -46,6 +52,8 @@ def py_spy_start(executable: str, pid: int, duration_s: int, out: Path) -> subpr
     # --nonblocking: pausing the process for every sample (py-spy's default) cost the gateway most of its
     # throughput here; reading its memory while it runs may misplace a sample now and then
     argv += ["--format", "raw", "--function", "--nonblocking", "--output", str(out)]
+    if gil_only:
+        argv.append("--gil")
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

@@ -56,7 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile",
         type=Path,
         default=None,
-        help="also profile the gateway under chat_32 with py-spy and write its collapsed stacks here",
+        help="also profile the gateway under one scenario with py-spy and write its collapsed stacks here",
+    )
+    parser.add_argument(
+        "--profile-scenario", default="chat_32", help="the scenario --profile measures (default chat_32)"
     )
     parser.add_argument("--no-worker", action="store_true", help="do not run the Celery ingest worker")
     parser.add_argument("--no-limits", action="store_true", help="give the client a policy with no limits")
@@ -70,6 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.selected = scenarios_select(args.scenarios)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.profile_scenario not in {s.key for s in SCENARIOS if s.key != "jwt"}:
+        parser.error(f"--profile-scenario must be one of {names} (jwt runs in process)")
     if args.runs is not None and not 1 <= args.runs <= 50:
         parser.error("--runs must be between 1 and 50")
     for name in ("duration", "warmup"):
@@ -119,15 +124,16 @@ def _brief(m: dict[str, Any]) -> str:
     return text + f" dropped {m['dropped']} cpu {m.get('cpu_pct')}"
 
 
-def profile_gateway(run: Run, stack: Stack, plan: Plan, out: Path) -> dict[str, Any]:
-    """Measure chat_32 through the gateway once more with py-spy attached; summarise the profile."""
+def profile_gateway(run: Run, stack: Stack, plan: Plan, out: Path, key: str) -> dict[str, Any]:
+    """Measure one scenario through the gateway once more with py-spy attached; summarise the profile."""
     executable = py_spy_path()
     if executable is None:
         raise StackError("--profile needs py-spy: .venv/bin/pip install py-spy")
-    scenario = next(s for s in SCENARIOS if s.key == "chat_32")
+    scenario = next(s for s in SCENARIOS if s.key == key)
     plan = replace(plan, duration_s=max(plan.duration_s, PROFILE_MIN_WINDOW_S))
     duration = max(2, round(plan.warmup_s + plan.duration_s))
-    spy = py_spy_start(executable, stack.service("gateway").process.pid, duration, out)
+    pid = stack.service("gateway").process.pid
+    spy = py_spy_start(executable, pid, duration, out, gil_only=key == "token")
     stack.pids.add(spy.pid)
     try:
         measured = measure(run, stack, plan, scenario, "gateway")
@@ -216,7 +222,9 @@ def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 result["measurements"] = measure_all(runner.run, stack, plan, scenarios)
                 if args.profile is not None:
-                    result["profile"] = profile_gateway(runner.run, stack, plan, args.profile)
+                    result["profile"] = profile_gateway(
+                        runner.run, stack, plan, args.profile, args.profile_scenario
+                    )
             profiled = [result["profile"]["measurement"]] if "profile" in result else []
             result["metering"] = metering(stack, result["measurements"] + profiled, plan)
     finally:

@@ -10,6 +10,7 @@ from django.contrib.auth.hashers import identify_hasher
 from audit.models import AuditEvent
 from authserver.models import AccessToken, Client
 from authserver.services import client_disable
+from tests.conftest import basic_auth
 
 pytestmark = pytest.mark.django_db
 
@@ -148,3 +149,69 @@ def test_a_nul_byte_in_the_grant_type_is_refused_and_recorded_not_a_500(client):
     assert response.json()["error"] in {"unsupported_grant_type", "invalid_request"}
     denied = AuditEvent.objects.get(kind="token.denied")
     assert "\x00" not in json.dumps(denied.data)
+
+
+def test_the_client_lookup_loads_the_same_row_as_the_orm(make_client):
+    from authserver.selectors import client_by_client_id
+
+    reg = make_client(grants=("client-credentials", "authorization-code"), description="d\u00e9j\u00e0 vu")
+    fast = client_by_client_id(reg.client.client_id)
+    orm = Client.objects.get(client_id=reg.client.client_id)
+    assert fast is not None
+    assert fast.pk == orm.pk
+    assert not fast._state.adding
+    for field in Client._meta.concrete_fields:
+        mine, theirs = getattr(fast, field.attname), getattr(orm, field.attname)
+        assert (mine, type(mine)) == (theirs, type(theirs)), field.name
+    assert fast.grant_types == ["client-credentials", "authorization-code"]  # JSON, decoded
+    assert client_by_client_id("no-such-client") is None
+    assert client_by_client_id("nul\x00byte") is None
+    assert client_by_client_id(None) is None
+
+
+def test_a_nul_byte_in_the_client_id_is_invalid_client_not_a_500(oauth, make_client, client):
+    reg = make_client()
+    auth = basic_auth(reg.client.client_id + "\x00", reg.client_secret)
+    response = client.post("/oauth/token/", {"grant_type": "client_credentials"}, HTTP_AUTHORIZATION=auth)
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_client"
+    response = client.post(
+        "/oauth/token/",
+        {"grant_type": "client_credentials", "client_id": "a\x00b", "client_secret": "x"},
+    )
+    assert response.status_code == 400  # in the form: refused before anything is looked up
+    assert response.json()["error"] == "invalid_request"
+
+
+def test_a_client_credentials_token_is_one_insert_without_a_transaction_of_its_own(oauth, make_client):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    reg = make_client()
+    oauth.client_credentials(reg)  # the first token also creates the signing key
+    with CaptureQueriesContext(connection) as queries:
+        assert oauth.client_credentials(reg).status_code == 200
+    sqls = [q["sql"] for q in queries.captured_queries]
+    writes = [i for i, sql in enumerate(sqls) if '"authserver_accesstoken"' in sql]
+    assert len(writes) == 1
+    assert sqls[writes[0]].startswith("INSERT")
+    # inside this test's transaction DOT's atomic block shows as a savepoint just before the insert
+    assert not sqls[writes[0] - 1].startswith("SAVEPOINT"), sqls
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"grant_type": "authorization_code", "code": "a\x00b", "redirect_uri": "https://app.example/cb"},
+        {"grant_type": "refresh_token", "refresh_token": "a\x00b"},
+        {"grant_type": "urn:ietf:params:oauth:grant-type:device_code", "device_code": "a\x00b"},
+        {"grant_type": "client_credentials", "scope": "models.read\x00"},
+    ],
+    ids=["code", "refresh_token", "device_code", "scope"],
+)
+def test_a_nul_byte_in_any_grant_field_is_an_oauth_error_not_a_500(oauth, make_client, client, fields):
+    reg = make_client(grants=("client-credentials", "authorization-code", "device-code"))
+    auth = basic_auth(reg.client.client_id, reg.client_secret)
+    response = client.post("/oauth/token/", fields, HTTP_AUTHORIZATION=auth)
+    assert 400 <= response.status_code < 500
+    assert response.json()["error"] in {"invalid_grant", "invalid_request", "invalid_scope"}
