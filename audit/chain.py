@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from django.db import connection, transaction
@@ -108,20 +109,63 @@ def event_append(event: AuditEvent) -> AuditEvent:
     return _group_append.append(event)
 
 
+@dataclass(frozen=True)
+class _Statements:
+    """The three statements every append runs, with the event fields in column order."""
+
+    head_lock: str
+    insert: str  # "INSERT ... VALUES " : one row placeholder per event follows, then ``returning``
+    row: str
+    returning: str
+    head_update: str
+    fields: list[Any]
+
+
+@lru_cache(maxsize=4)
+def _statements(vendor: str) -> _Statements:
+    """Built once per backend from the models. Every writer runs them, and the ORM compiled them on every
+    call: about a third of the token endpoint's audit cost."""
+    quote = connection.ops.quote_name
+    head, events = ChainHead._meta, AuditEvent._meta
+    fields = [f for f in events.concrete_fields if not f.primary_key]
+    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    head_table, head_pk = quote(head.db_table), quote(head.pk.column)
+    seq, digest = quote(head.get_field("seq").column), quote(head.get_field("hash").column)
+    columns = ", ".join(quote(f.column) for f in fields)
+    # S608: every name below comes from the models and is quoted; values always travel as parameters.
+    head_lock = f"SELECT {head_pk}, {seq}, {digest} FROM {head_table} ORDER BY {head_pk} LIMIT 1{lock}"  # noqa: S608
+    head_update = f"UPDATE {head_table} SET {seq} = %s, {digest} = %s WHERE {head_pk} = %s"  # noqa: S608
+    return _Statements(
+        head_lock=head_lock,
+        insert=f"INSERT INTO {quote(events.db_table)} ({columns}) VALUES ",  # noqa: S608
+        row="(" + ", ".join(["%s"] * len(fields)) + ")",
+        returning=f" RETURNING {quote(events.pk.column)}",
+        head_update=head_update,
+        fields=fields,
+    )
+
+
 def _append(events: list[AuditEvent]) -> list[AuditEvent]:
     """Chain and insert events in order, in one transaction that holds the head's row lock."""
-    with transaction.atomic():
-        head = ChainHead.objects.select_for_update().order_by("pk").first()
-        if head is None:
+    sql = _statements(connection.vendor)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute(sql.head_lock)
+        row = cursor.fetchone()
+        if row is None:
             head = _head_create()
-        seq, prev = head.seq, head.hash
+            row = (head.pk, head.seq, head.hash)
+        head_pk, seq, prev = row
+        params: list[Any] = []
         for event in events:
             seq += 1
             event.seq, event.prev_hash = seq, prev
             event.hash = prev = link_hash(prev, event)
-        AuditEvent.objects.bulk_create(events)
-        head.seq, head.hash = seq, prev
-        head.save(update_fields=["seq", "hash"])
+            params.extend(f.get_db_prep_save(f.pre_save(event, True), connection) for f in sql.fields)
+        cursor.execute(sql.insert + ", ".join([sql.row] * len(events)) + sql.returning, params)
+        for event, (pk,) in zip(events, cursor.fetchall(), strict=True):
+            event.pk = pk
+            event._state.adding, event._state.db = False, connection.alias
+        cursor.execute(sql.head_update, [seq, prev, head_pk])
     return events
 
 

@@ -6,12 +6,14 @@ import calendar
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from axes.utils import reset as axes_reset
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
+from django.db.models.signals import post_save, pre_save
 from django.utils import timezone
 from oauth2_provider.generators import generate_client_id
 
@@ -119,6 +121,40 @@ def access_tokens_deleted(tokens: list[AccessToken]) -> None:
     pairs = _jti_exp(tokens)
     if pairs:
         transaction.on_commit(lambda: revocation_publish(jtis=pairs))
+
+
+@lru_cache(maxsize=4)
+def _access_token_insert_sql(vendor: str) -> tuple[str, list[Any]]:
+    meta = AccessToken._meta
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in fields)
+    values = ", ".join(["%s"] * len(fields))
+    table, pk = quote(meta.db_table), quote(meta.pk.column)
+    return f"INSERT INTO {table} ({columns}) VALUES ({values}) RETURNING {pk}", fields  # noqa: S608 (model names)
+
+
+def access_token_insert(token: AccessToken) -> AccessToken:
+    """Insert a new access-token row as ``save()`` would, without compiling the INSERT for every token.
+
+    Every field is prepared by the field itself (``pre_save``: timestamps and the checksum), and the save
+    signals go out when something listens. About a sixth of the token endpoint's CPU was the ORM's save.
+    """
+    listened = pre_save.has_listeners(AccessToken) or post_save.has_listeners(AccessToken)
+    alias = connection.alias
+    if listened:
+        pre_save.send(sender=AccessToken, instance=token, raw=False, using=alias, update_fields=None)
+    sql, fields = _access_token_insert_sql(connection.vendor)
+    params = [f.get_db_prep_save(f.pre_save(token, True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        (token.pk,) = cursor.fetchone()
+    token._state.adding, token._state.db = False, alias
+    if listened:
+        post_save.send(
+            sender=AccessToken, instance=token, created=True, update_fields=None, raw=False, using=alias
+        )
+    return token
 
 
 def consent_grant(*, user: Any, client: Client, scopes: list[str]) -> Consent:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -11,6 +14,7 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
 
 from audit.chain import chain_head, chain_verify, checkpoint_sign
 from audit.models import AuditCheckpoint, AuditEvent
@@ -300,3 +304,49 @@ def test_text_postgresql_cannot_store_is_recorded_with_a_replacement_character()
     assert stored.actor == "user:a\ufffdb"
     assert stored.data == {"grant_type": "a\ufffdb", "s": "?"}
     assert chain_verify().ok
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_group_of_events_gets_each_rows_primary_key_in_order():
+    from audit import chain
+
+    events = [
+        AuditEvent(kind="test.event", outcome="success", data={"i": i}, occurred_at=timezone.now())
+        for i in range(5)
+    ]
+    chain._append(events)
+    for event in events:
+        stored = AuditEvent.objects.get(pk=event.pk)
+        assert (stored.seq, stored.hash, stored.data) == (event.seq, event.hash, event.data)
+        assert not event._state.adding
+    first = events[0].seq
+    assert first is not None
+    assert [e.seq for e in events] == list(range(first, first + 5))
+    assert chain_verify().ok
+
+
+def test_the_embedded_sqlite_default_chains_and_verifies(tmp_path):
+    """The embedded default writes the chain on SQLite (no row locks, no FOR UPDATE): it must verify."""
+    from tests.e2e.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PORTCULLIS_", "REDIS_URL"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="config.settings",
+        DJANGO_DEBUG="true",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'embedded.sqlite3'}",
+        PORTCULLIS_VAR_DIR=str(tmp_path / "var"),
+    )
+    code = (
+        "import django; django.setup()\n"
+        "from django.core.management import call_command\n"
+        "from audit.services import audit_record\n"
+        "call_command('migrate', verbosity=0)\n"
+        "first = [audit_record(kind='test.event', data={'i': i}, ip='2001:DB8::1') for i in range(3)]\n"
+        "assert [e.seq for e in first] == [1, 2, 3] and all(e.pk for e in first), first\n"
+        "call_command('verifyaudit')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "audit chain OK: 3 records" in result.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -215,3 +216,48 @@ def test_a_nul_byte_in_any_grant_field_is_an_oauth_error_not_a_500(oauth, make_c
     response = client.post("/oauth/token/", fields, HTTP_AUTHORIZATION=auth)
     assert 400 <= response.status_code < 500
     assert response.json()["error"] in {"invalid_grant", "invalid_request", "invalid_scope"}
+
+
+def test_the_access_token_insert_writes_what_the_orm_reads_back_and_sends_the_save_signals(make_client):
+    import uuid
+    from datetime import timedelta
+
+    from django.db.models.signals import post_save, pre_save
+    from django.utils import timezone
+
+    from authserver.services import access_token_insert
+
+    reg = make_client()
+    token = AccessToken(
+        user=None,
+        scope="models.read",
+        expires=timezone.now() + timedelta(seconds=300),
+        application=reg.client,
+        resource=["https://api.example"],
+        jti=uuid.uuid4(),
+    )
+    token._raw_token = "header.payload.signature"
+    token.token = ""
+    heard: list[tuple[str, bool]] = []
+
+    def pre(sender, instance, **kwargs):
+        heard.append(("pre", instance.pk is None))
+
+    def post(sender, instance, created, **kwargs):
+        heard.append(("post", created))
+
+    pre_save.connect(pre, sender=AccessToken)
+    post_save.connect(post, sender=AccessToken)
+    try:
+        access_token_insert(token)
+    finally:
+        pre_save.disconnect(pre, sender=AccessToken)
+        post_save.disconnect(post, sender=AccessToken)
+    assert heard == [("pre", True), ("post", True)]
+    stored = AccessToken.objects.get(pk=token.pk)
+    for field in AccessToken._meta.concrete_fields:
+        assert getattr(stored, field.attname) == getattr(token, field.attname), field.name
+    assert stored.token_checksum == hashlib.sha256(b"header.payload.signature").hexdigest()
+    assert stored.token == ""  # the token itself is never stored
+    assert stored.created is not None
+    assert not token._state.adding
