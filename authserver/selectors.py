@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 from jwcrypto import jwk
@@ -85,8 +85,9 @@ def client_by_client_id(client_id: str | None) -> Client | None:
     """
     if not isinstance(client_id, str) or "\x00" in client_id:
         return None  # none given, or not one PostgreSQL text can hold (NUL): no client has it
-    sql, attnames, converters = _client_select(connection.vendor)
-    with connection.cursor() as cursor:
+    db = connections[DEFAULT_DB_ALIAS]  # this thread's connection itself: the proxy costs a lookup per use
+    sql, attnames, converters = _client_select(db.vendor)
+    with db.cursor() as cursor:
         cursor.execute(sql, [client_id])
         row = cursor.fetchone()
     if row is None:
@@ -94,8 +95,8 @@ def client_by_client_id(client_id: str | None) -> Client | None:
     values = list(row)
     for index, column, found in converters:
         for convert in found:
-            values[index] = convert(values[index], column, connection)
-    return Client.from_db(connection.alias, attnames, values)
+            values[index] = convert(values[index], column, db)
+    return Client.from_db(db.alias, attnames, values)
 
 
 def signing_keys_published(*, now: datetime | None = None) -> list[SigningKey]:
