@@ -81,8 +81,10 @@ def _frame(raw: str) -> tuple[str, str]:
     return f"{match.group('func')} ({short})", package
 
 
-def summarize(collapsed: str, top: int = 15) -> dict[str, Any]:
-    """Rank own time by function and by package, and the project's functions by inclusive time."""
+def summarize(collapsed: str, top: int = 15, *, all_threads: bool = False) -> dict[str, Any]:
+    """Rank own time by function and by package, and the project's functions by inclusive time.
+
+    The event loop's samples only, unless ``all_threads`` (the token endpoint works on pool threads)."""
     own: Counter[str] = Counter()
     packages: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -92,7 +94,7 @@ def summarize(collapsed: str, top: int = 15) -> dict[str, Any]:
         if not stack or not count.isdigit():
             continue
         samples = int(count)
-        if stack.startswith(OTHER_THREAD_ROOT):
+        if stack.startswith(OTHER_THREAD_ROOT) and not all_threads:
             other_threads += samples  # mostly idle executor threads that py-spy does not see as idle
             continue
         frames = [_frame(f) for f in stack.split(";")]

@@ -145,7 +145,7 @@ def profile_gateway(run: Run, stack: Stack, plan: Plan, out: Path, key: str) -> 
             _out, err = spy.communicate()
     if spy.returncode != 0 or not out.exists():
         raise StackError(f"py-spy failed: {err.decode(errors='replace')[-1000:]}")
-    summary = summarize(out.read_text())
+    summary = summarize(out.read_text(), all_threads=key == "token")
     summary.update(path=str(out), measurement=measured, note="profiled run; not part of the medians")
     return summary
 

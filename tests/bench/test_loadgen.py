@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
+import bench
 from bench.loadgen import ProtocolError, Target, build_request, read_answer
 from bench.profile import summarize
 from bench.report import aggregate, rows
@@ -97,3 +99,19 @@ def test_a_profile_is_ranked_by_own_time():
     summary = summarize(collapsed)
     assert summary["samples"] == 4
     assert summary["top"][0] == {"frame": "loads (json/__init__.py)", "samples": 3, "share_pct": 75.0}
+
+
+def test_a_thread_pool_profile_counts_the_pool_threads_only_when_asked():
+    views = Path(bench.__file__).resolve().parents[1] / "authserver" / "views.py"
+    collapsed = "\n".join(
+        [
+            f"Thread._bootstrap (threading.py:1);post ({views}:9);sign (jwt/api_jws.py:3) 5",
+            "run (asyncio/base_events.py:1);send (uvicorn/protocols/http/httptools_impl.py:4) 1",
+        ]
+    )
+    loop_only = summarize(collapsed)
+    assert (loop_only["samples"], loop_only["other_thread_samples"]) == (1, 5)
+    everything = summarize(collapsed, all_threads=True)
+    assert everything["samples"] == 6
+    assert everything["top"][0]["frame"] == "sign (jwt/api_jws.py)"
+    assert everything["project_inclusive"][0]["frame"] == "post (authserver/views.py)"
