@@ -24,6 +24,10 @@ class BodySender(Protocol):
     async def send_body(self, body: bytes, *, more_body: bool = False) -> None: ...
 
 
+class _ClientGone(Exception):
+    """Sending to the client failed: its connection broke, so it has left."""
+
+
 class StreamRelay:
     def __init__(self, sink: BodySender, response: aiohttp.ClientResponse, *, wants_usage: bool) -> None:
         self.sink = sink
@@ -56,6 +60,9 @@ class StreamRelay:
         except asyncio.CancelledError:
             if self.ended is None or self._task is None or self._task.uncancel() > 0:
                 raise  # cancelled from outside (the server is shutting down), not by a cut
+        except _ClientGone:  # a send failed before the listener heard the disconnect
+            if self.ended is None:
+                self.ended = "client_gone"
         except Exception:  # the upstream failed mid-stream
             failed = True
         finally:
@@ -109,9 +116,16 @@ class StreamRelay:
         async for chunk in self.response.content.iter_any():
             out = self._events(chunk)
             if out:
-                await self.sink.send_body(out, more_body=True)
+                await self._send(out)
         if self._buffer.strip():
-            await self.sink.send_body(self._filter(self._buffer), more_body=True)
+            await self._send(self._filter(self._buffer))
+
+    async def _send(self, body: bytes) -> None:
+        """Pass events on; a failure here is the client's, never the upstream's."""
+        try:
+            await self.sink.send_body(body, more_body=True)
+        except OSError as exc:
+            raise _ClientGone() from exc
 
     def _events(self, chunk: bytes) -> bytes:
         self._buffer += chunk
