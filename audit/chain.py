@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
+from django.db import connection, connections, router, transaction
 
 from audit.models import AuditCheckpoint, AuditEvent, ChainHead
 
@@ -140,7 +140,12 @@ def _statements(vendor: str) -> _Statements:
         head_lock=head_lock,
         insert=f"INSERT INTO {quote(events.db_table)} ({columns}) VALUES ",  # noqa: S608
         row="(" + ", ".join(["%s"] * len(fields)) + ")",
-        returning=f" RETURNING {quote(events.pk.column)}",
+        # SQLite before 3.35 has no RETURNING: rows are then inserted one by one, each read back by lastrowid
+        returning=(
+            f" RETURNING {quote(events.pk.column)}, {quote(events.get_field('seq').column)}"
+            if connection.features.can_return_rows_from_bulk_insert
+            else ""
+        ),
         head_update=head_update,
         fields=fields,
     )
@@ -148,9 +153,10 @@ def _statements(vendor: str) -> _Statements:
 
 def _append(events: list[AuditEvent]) -> list[AuditEvent]:
     """Chain and insert events in order, in one transaction that holds the head's row lock."""
-    db = connections[DEFAULT_DB_ALIAS]  # this thread's connection itself: the proxy costs a lookup per use
+    alias = router.db_for_write(AuditEvent)
+    db = connections[alias]  # this thread's connection itself: the proxy costs a lookup on every use
     sql = _statements(db.vendor)
-    with transaction.atomic(), db.cursor() as cursor:
+    with transaction.atomic(using=alias), db.cursor() as cursor:
         cursor.execute(sql.head_lock)
         row = cursor.fetchone()
         if row is None:
@@ -163,10 +169,17 @@ def _append(events: list[AuditEvent]) -> list[AuditEvent]:
             event.seq, event.prev_hash = seq, prev
             event.hash = prev = link_hash(prev, event)
             params.extend(f.get_db_prep_save(f.pre_save(event, True), db) for f in sql.fields)
-        cursor.execute(sql.insert + ", ".join([sql.row] * len(events)) + sql.returning, params)
-        for event, (pk,) in zip(events, cursor.fetchall(), strict=True):
-            event.pk = pk
-            event._state.adding, event._state.db = False, db.alias
+        if sql.returning:
+            cursor.execute(sql.insert + ", ".join([sql.row] * len(events)) + sql.returning, params)
+            ids = {number: pk for pk, number in cursor.fetchall()}  # by seq: RETURNING promises no order
+        else:
+            ids, width = {}, len(sql.fields)
+            for index, event in enumerate(events):
+                cursor.execute(sql.insert + sql.row, params[index * width : (index + 1) * width])
+                ids[event.seq] = cursor.lastrowid
+        for event in events:
+            event.pk = ids[event.seq]
+            event._state.adding, event._state.db = False, alias
         cursor.execute(sql.head_update, [seq, prev, head_pk])
     return events
 

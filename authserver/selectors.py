@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import DEFAULT_DB_ALIAS, connection, connections
+from django.db import connections, router
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 from jwcrypto import jwk
@@ -59,19 +59,20 @@ def private_signing_key_for(kid: str, encrypted: bytes) -> Any:
     return private_jwk_for(kid, encrypted).get_op_key("sign")
 
 
-@lru_cache(maxsize=4)
-def _client_select(vendor: str) -> tuple[str, list[str], list[tuple[int, Any, list[Any]]]]:
-    """The SQL, attribute names and value converters of ``client_by_client_id``, built once per backend."""
+@lru_cache(maxsize=64)
+def _client_select(db: Any) -> tuple[str, list[str], list[tuple[int, Any, list[Any]]]]:
+    """The SQL, attribute names and value converters of ``client_by_client_id``, built once per connection
+    object (the converters belong to it); each thread keeps its own for the life of the process."""
     meta = Client._meta
     fields = meta.concrete_fields
-    quote = connection.ops.quote_name
+    quote = db.ops.quote_name
     columns = ", ".join(quote(f.column) for f in fields)
     table, key = quote(meta.db_table), quote(meta.get_field("client_id").column)
     sql = f"SELECT {columns} FROM {table} WHERE {key} = %s"  # noqa: S608 (names from the model, quoted)
     converters = []
     for index, field in enumerate(fields):
         column = field.get_col(meta.db_table)
-        found = connection.ops.get_db_converters(column) + field.get_db_converters(connection)
+        found = db.ops.get_db_converters(column) + field.get_db_converters(db)
         if found:
             converters.append((index, column, found))
     return sql, [f.attname for f in fields], converters
@@ -85,8 +86,9 @@ def client_by_client_id(client_id: str | None) -> Client | None:
     """
     if not isinstance(client_id, str) or "\x00" in client_id:
         return None  # none given, or not one PostgreSQL text can hold (NUL): no client has it
-    db = connections[DEFAULT_DB_ALIAS]  # this thread's connection itself: the proxy costs a lookup per use
-    sql, attnames, converters = _client_select(db.vendor)
+    alias = router.db_for_read(Client)
+    db = connections[alias]  # this thread's connection itself: the proxy costs a lookup on every use
+    sql, attnames, converters = _client_select(db)
     with db.cursor() as cursor:
         cursor.execute(sql, [client_id])
         row = cursor.fetchone()
@@ -96,7 +98,7 @@ def client_by_client_id(client_id: str | None) -> Client | None:
     for index, column, found in converters:
         for convert in found:
             values[index] = convert(values[index], column, db)
-    return Client.from_db(db.alias, attnames, values)
+    return Client.from_db(alias, attnames, values)
 
 
 def signing_keys_published(*, now: datetime | None = None) -> list[SigningKey]:

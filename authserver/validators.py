@@ -14,6 +14,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 from oauth2_provider.oauth2_validators import OAuth2Validator
+from oauth2_provider.settings import oauth2_settings
 
 from audit.services import audit_record
 from authserver.models import AccessToken, RedeemedCode, RefreshToken
@@ -72,9 +73,10 @@ class PortcullisValidator(OAuth2Validator):
     def _load_application(self, client_id: str, request: Any) -> Any:
         if isinstance(client_id, str) and "\x00" in client_id:
             return None  # no client has it, and PostgreSQL would answer DOT's lookup with an error (a 500)
-        if not request.client:
+        if not request.client and not oauth2_settings.CIMD_ENABLED:
             # The same row DOT's ``Application.objects.get`` would load, read more cheaply; DOT still decides
-            # (usable or not, and the unknown client id, which the lookup below leaves to it).
+            # (usable or not, and the unknown client id, which the lookup below leaves to it). With client
+            # metadata documents on, DOT refreshes what it loads itself, so it loads it itself.
             request.client = client_by_client_id(client_id)
         return super()._load_application(client_id, request)
 

@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as exc:
         parser.error(str(exc))
     if args.profile_scenario not in {s.key for s in SCENARIOS if s.key != "jwt"}:
-        parser.error(f"--profile-scenario must be one of {names} (jwt runs in process)")
+        profiled = ",".join(s.key for s in SCENARIOS if s.key != "jwt")
+        parser.error(f"--profile-scenario must be one of {profiled} (jwt runs in the harness itself)")
     if args.runs is not None and not 1 <= args.runs <= 50:
         parser.error("--runs must be between 1 and 50")
     for name in ("duration", "warmup"):

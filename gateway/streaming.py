@@ -69,9 +69,8 @@ class StreamRelay:
             self._finished = True  # a cut from now on has nothing to stop
             listener.cancel()
         if not self.usage_seen:
-            self.completion_tokens = (
-                self.content_events
-            )  # cut short: charge what was sent (≈1 token an event)
+            # cut short: charge what the upstream produced (≈1 token an event), sent or not
+            self.completion_tokens = self.content_events
         if self.ended == "revoked":
             await self._end_with_error(
                 "The access token was revoked.", "authentication_error", "token_revoked"

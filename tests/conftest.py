@@ -6,8 +6,11 @@ import base64
 import hashlib
 import os
 import secrets
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -18,7 +21,7 @@ from django.test import Client as HttpClient
 
 from authserver.models import Client
 from authserver.revocation import local_revocations
-from authserver.selectors import active_key_cache_clear, private_jwk_for
+from authserver.selectors import active_key_cache_clear, private_jwk_for, private_signing_key_for
 from authserver.services import RegisteredClient, client_register
 
 REDIRECT_URI = "https://app.example.com/callback"
@@ -36,6 +39,7 @@ def _redis_per_worker(worker_id: str) -> None:
 def _isolate_process_state() -> None:
     active_key_cache_clear()
     private_jwk_for.cache_clear()
+    private_signing_key_for.cache_clear()
     local_revocations.__init__()  # type: ignore[misc]
 
 
@@ -152,3 +156,35 @@ class OAuthDriver:
 @pytest.fixture
 def oauth(client: HttpClient) -> OAuthDriver:
     return OAuthDriver(http=client)
+
+
+EMBEDDED_PREAMBLE = """
+import django
+django.setup()
+from django.core.management import call_command
+from django.db import connection
+if not RETURNING:  # as SQLite before 3.35, which Django 5.2 still supports
+    features = type(connection.features)
+    features.can_return_columns_from_insert = False
+    features.can_return_rows_from_bulk_insert = False
+assert connection.features.can_return_columns_from_insert is RETURNING
+call_command("migrate", verbosity=0)
+"""
+
+
+def embedded_sqlite_run(
+    tmp_path: Path, code: str, *, returning: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a new process on the embedded default (SQLite in tmp_path, no Redis), migrated."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PORTCULLIS_", "REDIS_URL"))}
+    env.update(
+        DJANGO_SETTINGS_MODULE="config.settings",
+        DJANGO_DEBUG="true",
+        DATABASE_URL=f"sqlite:///{tmp_path / 'embedded.sqlite3'}",
+        PORTCULLIS_VAR_DIR=str(tmp_path / "var"),
+    )
+    script = f"RETURNING = {returning!r}\n" + EMBEDDED_PREAMBLE + code
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True, timeout=120
+    )

@@ -261,3 +261,32 @@ def test_the_access_token_insert_writes_what_the_orm_reads_back_and_sends_the_sa
     assert stored.token == ""  # the token itself is never stored
     assert stored.created is not None
     assert not token._state.adding
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["returning", "sqlite-before-3.35"])
+def test_the_embedded_sqlite_default_issues_client_credentials_tokens(tmp_path, returning):
+    from tests.conftest import embedded_sqlite_run
+
+    code = """
+import base64
+from django.test import Client as Http
+from authserver.models import AccessToken, Client
+from authserver.selectors import client_by_client_id
+from authserver.services import client_register
+reg = client_register(name="app", grant_types=["client-credentials"], scopes=["models.read"])
+fast, orm = client_by_client_id(reg.client.client_id), Client.objects.get(pk=reg.client.pk)
+for field in Client._meta.concrete_fields:
+    mine, theirs = getattr(fast, field.attname), getattr(orm, field.attname)
+    assert (mine, type(mine)) == (theirs, type(theirs)), field.name
+auth = "Basic " + base64.b64encode(f"{reg.client.client_id}:{reg.client_secret}".encode()).decode()
+for _ in range(2):
+    form = {"grant_type": "client_credentials"}
+    answer = Http(HTTP_HOST="127.0.0.1").post("/oauth/token/", form, HTTP_AUTHORIZATION=auth)
+    assert answer.status_code == 200, (answer.status_code, answer.content[:400])
+rows = list(AccessToken.objects.order_by("pk"))
+assert len(rows) == 2 and rows[0].pk != rows[1].pk and all(r.jti for r in rows), rows
+call_command("verifyaudit")
+"""
+    result = embedded_sqlite_run(tmp_path, code, returning=returning)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "audit chain OK" in result.stdout
