@@ -70,6 +70,8 @@ CHECKS: tuple[Check, ...] = (
         "paced_32", "chunk gap p50 (ms)", "gap_p50_ms", "direct +/- 1 ms", _within_of_direct(1.0), added=True
     ),
     Check("paced_32", "chunk gap p99 (ms)", "gap_p99_ms", "report", added=True),
+    Check("paced_1", "TTFT p50 (ms)", "ttft_p50_ms", "report", added=True),
+    Check("paced_1", "TTFT p99 (ms)", "ttft_p99_ms", "report", added=True),
     Check("paced_1000", "streams dropped (all runs)", "dropped", "0", _at_most(0)),
     Check("paced_1000", "streams completed (all runs)", "succeeded", "report"),
     Check("paced_1000", "streams in flight, peak", "in_flight_peak", "all clients held", _all_held),

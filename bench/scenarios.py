@@ -55,6 +55,8 @@ SCENARIOS: tuple[Scenario, ...] = (
         "token", 6, "token endpoint, client credentials", "token", clients=16, quick_clients=2, direct=False
     ),
     Scenario("jwt", 7, "JWT verification in process", "jwt", direct=False),
+    # Not a target: what starting one stream costs with nothing else in flight, next to paced_32's figures
+    Scenario("paced_1", 8, "1 stream paced at 10 ms/chunk", "load", "m2", True, 1, 1),
 )
 
 
