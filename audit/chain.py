@@ -122,14 +122,14 @@ class _Statements:
     fields: list[Any]
 
 
-@lru_cache(maxsize=4)
-def _statements(vendor: str) -> _Statements:
-    """Built once per backend from the models. Every writer runs them, and the ORM compiled them on every
-    call: about a third of the token endpoint's audit cost."""
-    quote = connection.ops.quote_name
+@lru_cache(maxsize=64)
+def _statements(db: Any) -> _Statements:
+    """Built once per connection object from the models. Every writer runs them, and the ORM compiled them
+    on every call: about a third of the token endpoint's audit cost."""
+    quote = db.ops.quote_name
     head, events = ChainHead._meta, AuditEvent._meta
     fields = [f for f in events.concrete_fields if not f.primary_key]
-    lock = " FOR UPDATE" if connection.features.has_select_for_update else ""
+    lock = " FOR UPDATE" if db.features.has_select_for_update else ""
     head_table, head_pk = quote(head.db_table), quote(head.pk.column)
     seq, digest = quote(head.get_field("seq").column), quote(head.get_field("hash").column)
     columns = ", ".join(quote(f.column) for f in fields)
@@ -143,7 +143,7 @@ def _statements(vendor: str) -> _Statements:
         # SQLite before 3.35 has no RETURNING: rows are then inserted one by one, each read back by lastrowid
         returning=(
             f" RETURNING {quote(events.pk.column)}, {quote(events.get_field('seq').column)}"
-            if connection.features.can_return_rows_from_bulk_insert
+            if db.features.can_return_rows_from_bulk_insert
             else ""
         ),
         head_update=head_update,
@@ -155,7 +155,7 @@ def _append(events: list[AuditEvent]) -> list[AuditEvent]:
     """Chain and insert events in order, in one transaction that holds the head's row lock."""
     alias = router.db_for_write(AuditEvent)
     db = connections[alias]  # this thread's connection itself: the proxy costs a lookup on every use
-    sql = _statements(db.vendor)
+    sql = _statements(db)
     with transaction.atomic(using=alias), db.cursor() as cursor:
         cursor.execute(sql.head_lock)
         row = cursor.fetchone()

@@ -123,16 +123,17 @@ def access_tokens_deleted(tokens: list[AccessToken]) -> None:
         transaction.on_commit(lambda: revocation_publish(jtis=pairs))
 
 
-@lru_cache(maxsize=4)
-def _access_token_insert_sql(vendor: str) -> tuple[str, list[Any], bool]:
+@lru_cache(maxsize=64)
+def _access_token_insert_sql(db: Any) -> tuple[str, list[Any], bool]:
+    """The INSERT of ``access_token_insert``, built once per connection object."""
     meta = AccessToken._meta
     fields = [f for f in meta.concrete_fields if not f.primary_key]
-    quote = connection.ops.quote_name
+    quote = db.ops.quote_name
     columns = ", ".join(quote(f.column) for f in fields)
     values = ", ".join(["%s"] * len(fields))
     table = quote(meta.db_table)
     sql = f"INSERT INTO {table} ({columns}) VALUES ({values})"  # noqa: S608 (names from the model, quoted)
-    returning = connection.features.can_return_columns_from_insert  # not SQLite before 3.35: lastrowid
+    returning = db.features.can_return_columns_from_insert  # not SQLite before 3.35: lastrowid
     return sql + (f" RETURNING {quote(meta.pk.column)}" if returning else ""), fields, returning
 
 
@@ -149,7 +150,7 @@ def access_token_insert(token: AccessToken) -> AccessToken:
     listened = pre_save.has_listeners(AccessToken) or post_save.has_listeners(AccessToken)
     if listened:
         pre_save.send(sender=AccessToken, instance=token, raw=False, using=alias, update_fields=None)
-    sql, fields, returning = _access_token_insert_sql(db.vendor)
+    sql, fields, returning = _access_token_insert_sql(db)
     params = [f.get_db_prep_save(f.pre_save(token, True), db) for f in fields]
     with transaction.mark_for_rollback_on_error(using=alias), db.cursor() as cursor:
         cursor.execute(sql, params)
