@@ -62,8 +62,10 @@ CHECKS: tuple[Check, ...] = (
     Check("chat_1", "latency p99 (ms)", "p99_ms", "<= +2.0 ms added", _added_at_most(2.0), added=True),
     Check("chat_32", "requests/s", "rps", ">= 3,000/s", _at_least(3000)),
     Check("chat_32", "latency p99 (ms)", "p99_ms", "<= 25 ms", _at_most(25.0)),
+    Check("chat_32", "gateway CPU per request (us)", "gateway_cpu_us", "report"),
     Check("stream_16", "streams/s", "rps", ">= 1,500/s", _at_least(1500)),
     Check("stream_16", "stream latency p99 (ms)", "p99_ms", "report"),
+    Check("stream_16", "gateway CPU per stream (us)", "gateway_cpu_us", "report"),
     Check("paced_32", "TTFT p50 (ms)", "ttft_p50_ms", "report", added=True),
     Check("paced_32", "TTFT p99 (ms)", "ttft_p99_ms", "<= +2.0 ms added", _added_at_most(2.0), added=True),
     Check(
@@ -82,6 +84,7 @@ CHECKS: tuple[Check, ...] = (
     Check("paced_1000", "chunk gap p99 (ms)", "gap_p99_ms", "report"),
     Check("token", "tokens/s", "rps", ">= 500/s", _at_least(500)),
     Check("token", "latency p99 (ms)", "p99_ms", "report"),
+    Check("token", "server CPU per token (us)", "gateway_cpu_us", "report"),
     Check("jwt", "verify, cold (us)", "cold_us", "report"),
     Check("jwt", "verify, cached (us)", "cached_us", "report"),
 )
@@ -128,6 +131,15 @@ def aggregate(measurements: list[dict[str, Any]]) -> dict[str, dict[str, dict[st
                 figures[key] = max(present) if present else None
             else:
                 figures[key] = median_of(values)
+        # The gateway's CPU per request (or stream, or token) in µs: steadier than throughput on a host whose
+        # speed drifts, and comparable between runs that used the core differently.
+        per_unit = [
+            round(1e4 * m["cpu_pct"]["gateway"] / m["rps"], 1)
+            for m in runs
+            if m.get("rps") and (m.get("cpu_pct") or {}).get("gateway") is not None
+        ]
+        if per_unit and target == "gateway":
+            figures["gateway_cpu_us"] = median_of(per_unit)
         for nested in NESTED:
             names = {name for m in runs for name in m.get(nested) or {}}
             figures[nested] = {

@@ -89,6 +89,20 @@ def test_medians_across_runs_judge_added_latency_and_drops_are_summed():
     assert table[("paced_1000", "streams in flight, peak")]["verdict"] == "PASS"
 
 
+def test_the_gateways_cpu_per_request_is_the_median_over_runs():
+    measurements = [
+        {"scenario": "token", "target": "gateway", "rps": 400.0, "cpu_pct": {"gateway": 90.0, "fast": 1.0}},
+        {"scenario": "token", "target": "gateway", "rps": 500.0, "cpu_pct": {"gateway": 100.0}},
+        {"scenario": "token", "target": "gateway", "rps": 450.0, "cpu_pct": {"gateway": 99.0}},
+        {"scenario": "chat_32", "target": "direct", "rps": 9000.0, "cpu_pct": {"fast": 60.0, "gateway": 0.4}},
+    ]
+    summary = aggregate(measurements)
+    assert summary["token"]["gateway"]["gateway_cpu_us"] == 2200.0  # runs: 2250, 2000, 2200
+    assert "gateway_cpu_us" not in summary["chat_32"]["direct"]
+    table = {(r["scenario"], r["metric"]): r for r in rows(summary)}
+    assert table[("token", "server CPU per token (us)")]["gateway"] == 2200.0
+
+
 def test_a_profile_is_ranked_by_own_time():
     collapsed = "\n".join(
         [
