@@ -172,11 +172,16 @@ call_command("migrate", verbosity=0)
 """
 
 
+def environ_unconfigured() -> dict[str, str]:
+    """This process's environment without what configures Portcullis, for a child that the test configures."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PORTCULLIS_", "REDIS_URL"))}
+
+
 def embedded_sqlite_run(
     tmp_path: Path, code: str, *, returning: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a new process on the embedded default (SQLite in tmp_path, no Redis), migrated."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PORTCULLIS_", "REDIS_URL"))}
+    env = environ_unconfigured()
     env.update(
         DJANGO_SETTINGS_MODULE="config.settings",
         DJANGO_DEBUG="true",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
+from tests.conftest import environ_unconfigured
 from tests.e2e.conftest import ROOT
 
 PRODUCTION = {
@@ -21,7 +21,7 @@ PRODUCTION = {
 
 
 def settings_load(**overrides: str | None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "PORTCULLIS_", "REDIS_URL"))}
+    env = environ_unconfigured()
     env.update(PRODUCTION)
     for name, value in overrides.items():
         if value is None:
