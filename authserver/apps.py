@@ -21,5 +21,7 @@ class AuthserverConfig(AppConfig):
         from authserver.selectors import active_key_age_s
 
         scrape_gauge_register(
-            "portcullis_signing_key_age_seconds", "Age of the active signing key", active_key_age_s
+            "portcullis_signing_key_age_seconds",
+            "Age of the oldest active signing key (one per algorithm)",
+            active_key_age_s,
         )

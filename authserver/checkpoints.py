@@ -7,6 +7,7 @@ import json
 from jwcrypto import jwk, jws
 from jwcrypto.common import JWException
 
+from authserver.crypto import ID_TOKEN_ALGORITHM
 from authserver.models import SigningKey
 from authserver.selectors import signing_key_active
 
@@ -14,8 +15,9 @@ CHECKPOINT_TYPE = "audit-checkpoint+jws"
 
 
 def checkpoint_signature(payload: bytes) -> tuple[str, str]:
-    """Sign a checkpoint payload with the active key; return (kid, compact JWS)."""
-    key = signing_key_active()
+    """Sign a checkpoint payload with the active RS256 key (the family that always exists); return (kid,
+    compact JWS)."""
+    key = signing_key_active(ID_TOKEN_ALGORITHM)
     token = jws.JWS(payload)
     token.add_signature(
         key.private_jwk(),

@@ -88,9 +88,10 @@ class Client(dot.AbstractApplication):
     @property
     def jwk_key(self) -> jwk.JWK:
         """Sign ID tokens with the active rotating key (replaces DOT's static OIDC_RSA_PRIVATE_KEY)."""
+        from authserver.crypto import ID_TOKEN_ALGORITHM
         from authserver.selectors import signing_key_active
 
-        return signing_key_active().private_jwk()
+        return signing_key_active(ID_TOKEN_ALGORITHM).private_jwk()
 
 
 class AccessToken(dot.AbstractAccessToken):

@@ -19,29 +19,35 @@ from authserver.models import AccessToken, Client, Consent, SigningKey
 
 _ACTIVE_CACHE_S = 5.0  # a rotation reaches every process within this, and the new key is already published
 _active_lock = threading.Lock()
-_active: tuple[float, SigningKey] | None = None
+_active: dict[str, tuple[float, SigningKey]] = {}
 
 
 def active_key_cache_clear() -> None:
-    """Forget the cached active key (the rotation service calls this in its own process)."""
-    global _active
+    """Forget the cached active keys (the rotation service calls this in its own process)."""
     with _active_lock:
-        _active = None
+        _active.clear()
 
 
-def signing_key_active() -> SigningKey:
-    """Return the key that signs new tokens, creating the first one on a fresh install."""
-    global _active
-    cached = _active
+def signing_key_active(algorithm: str) -> SigningKey:
+    """Return the key that signs new tokens with this algorithm, creating the first one on a fresh install.
+
+    Access tokens ask for ``AUTHSERVER["ACCESS_TOKEN_ALGORITHM"]``, ID tokens and audit checkpoints for
+    ``crypto.ID_TOKEN_ALGORITHM``; each algorithm is a family of keys with one active key at a time.
+    """
+    cached = _active.get(algorithm)
     if cached is not None and time.monotonic() - cached[0] < _ACTIVE_CACHE_S:
         return cached[1]
-    key = SigningKey.objects.filter(state=SigningKey.State.ACTIVE).order_by("-activated_at").first()
+    key = (
+        SigningKey.objects.filter(state=SigningKey.State.ACTIVE, algorithm=algorithm)
+        .order_by("-activated_at")
+        .first()
+    )
     if key is None:
         from authserver.services import signing_key_bootstrap
 
-        key = signing_key_bootstrap()
+        key = signing_key_bootstrap(algorithm)
     with _active_lock:
-        _active = (time.monotonic(), key)
+        _active[algorithm] = (time.monotonic(), key)
     return key
 
 
@@ -207,8 +213,9 @@ def connected_apps_for_user(*, user: Any, now: datetime | None = None) -> list[C
 
 
 def active_key_age_s() -> float:
-    """Seconds since the active signing key started signing (0 when there is none yet)."""
-    key = SigningKey.objects.filter(state=SigningKey.State.ACTIVE).order_by("-activated_at").first()
+    """Seconds since the oldest active signing key started signing, so that a family whose rotation is
+    stuck shows (0 when there is none yet)."""
+    key = SigningKey.objects.filter(state=SigningKey.State.ACTIVE).order_by("activated_at").first()
     if key is None or key.activated_at is None:
         return 0.0
     return (timezone.now() - key.activated_at).total_seconds()

@@ -13,12 +13,13 @@ from axes.utils import reset as axes_reset
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, connections, router, transaction
+from django.db.models import QuerySet
 from django.db.models.signals import post_save, pre_save
 from django.utils import timezone
 from oauth2_provider.generators import generate_client_id
 
 from audit.services import audit_record
-from authserver.crypto import private_key_encrypt, rsa_key_generate
+from authserver.crypto import ID_TOKEN_ALGORITHM, private_key_encrypt, signing_key_generate
 from authserver.models import AccessToken, Client, Consent, RefreshToken, SigningKey
 from authserver.revocation import keys_changed_publish, revocation_publish
 from authserver.selectors import active_key_cache_clear
@@ -193,11 +194,16 @@ def consent_withdraw(*, user: Any, client: Client) -> int:
 # --- signing keys -----------------------------------------------------------------------------------
 
 
-def _key_create(*, now: datetime, publish_ahead_s: int, actor: str) -> SigningKey:
-    pem, public, kid = rsa_key_generate()
+def signing_algorithms_in_use() -> tuple[str, ...]:
+    """The key families this deployment signs with: ID tokens' RS256 and the access-token algorithm."""
+    return tuple(dict.fromkeys((settings.AUTHSERVER["ACCESS_TOKEN_ALGORITHM"], ID_TOKEN_ALGORITHM)))
+
+
+def _key_create(*, algorithm: str, now: datetime, publish_ahead_s: int, actor: str) -> SigningKey:
+    pem, public, kid = signing_key_generate(algorithm)
     key = SigningKey.objects.create(
         kid=kid,
-        algorithm="RS256",
+        algorithm=algorithm,
         public_jwk=public,
         private_key_encrypted=private_key_encrypt(pem),
         state=SigningKey.State.PENDING,
@@ -205,7 +211,9 @@ def _key_create(*, now: datetime, publish_ahead_s: int, actor: str) -> SigningKe
         activate_after=now + timedelta(seconds=publish_ahead_s),
     )
     audit_record(
-        kind="key.created", actor=actor, data={"kid": kid, "activate_after": key.activate_after.isoformat()}
+        kind="key.created",
+        actor=actor,
+        data={"kid": kid, "alg": algorithm, "activate_after": key.activate_after.isoformat()},
     )
     transaction.on_commit(keys_changed_publish)
     return key
@@ -217,10 +225,8 @@ def _retire_after_s() -> int:
     return int(conf["ACCESS_TOKEN_LIFETIME_S"]) + 120
 
 
-def _key_activate(*, key: SigningKey, now: datetime, actor: str) -> None:
-    for old in (
-        SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).exclude(pk=key.pk)
-    ):
+def _keys_retire(keys: QuerySet[SigningKey], *, now: datetime, actor: str) -> None:
+    for old in keys.select_for_update():
         old.state = SigningKey.State.RETIRED
         old.retired_at = now
         old.remove_after = now + timedelta(seconds=_retire_after_s())
@@ -228,13 +234,18 @@ def _key_activate(*, key: SigningKey, now: datetime, actor: str) -> None:
         audit_record(
             kind="key.retired",
             actor=actor,
-            data={"kid": old.kid, "remove_after": old.remove_after.isoformat()},
+            data={"kid": old.kid, "alg": old.algorithm, "remove_after": old.remove_after.isoformat()},
         )
+    transaction.on_commit(active_key_cache_clear)
+
+
+def _key_activate(*, key: SigningKey, now: datetime, actor: str) -> None:
+    family = SigningKey.objects.filter(state=SigningKey.State.ACTIVE, algorithm=key.algorithm)
+    _keys_retire(family.exclude(pk=key.pk), now=now, actor=actor)
     key.state = SigningKey.State.ACTIVE
     key.activated_at = now
     key.save()
-    audit_record(kind="key.activated", actor=actor, data={"kid": key.kid})
-    transaction.on_commit(active_key_cache_clear)
+    audit_record(kind="key.activated", actor=actor, data={"kid": key.kid, "alg": key.algorithm})
 
 
 def _signing_keys_lock() -> None:
@@ -248,57 +259,89 @@ def _signing_keys_lock() -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SIGNING_KEYS_LOCK])
 
 
-def signing_key_bootstrap() -> SigningKey:
-    """Create and activate the first key of a fresh install (nobody caches a JWKS yet)."""
+def signing_key_bootstrap(algorithm: str) -> SigningKey:
+    """Create and activate the first key of a family on a fresh install (nobody caches a JWKS yet)."""
     with transaction.atomic():
         _signing_keys_lock()
-        existing = SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).first()
+        existing = (
+            SigningKey.objects.select_for_update()
+            .filter(state=SigningKey.State.ACTIVE, algorithm=algorithm)
+            .first()
+        )
         if existing:
             return existing
         now = timezone.now()
-        key = _key_create(now=now, publish_ahead_s=0, actor="system")
+        key = _key_create(algorithm=algorithm, now=now, publish_ahead_s=0, actor="system")
         _key_activate(key=key, now=now, actor="system")
         return key
 
 
 @dataclass(frozen=True)
 class RotationResult:
-    created: str | None = None
-    activated: str | None = None
+    created: tuple[str, ...] = ()
+    activated: tuple[str, ...] = ()
+    retired: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, list[str]]:
+        """The result as the admin API and the Celery task report it."""
+        return {name: list(getattr(self, name)) for name in ("created", "activated", "retired", "removed")}
+
+
+def _family_rotate(
+    algorithm: str, *, now: datetime, force: bool, activate_now: bool, actor: str
+) -> tuple[str | None, str | None]:
+    conf = settings.AUTHSERVER
+    family = SigningKey.objects.filter(algorithm=algorithm)
+    active = family.select_for_update().filter(state=SigningKey.State.ACTIVE).first()
+    pending = family.filter(state=SigningKey.State.PENDING).order_by("created_at").first()
+    created = activated = None
+    due = (
+        active is None
+        or (active.activated_at or now) + timedelta(seconds=int(conf["KEY_ROTATION_INTERVAL_S"])) <= now
+    )
+    if pending is None and (force or due):
+        ahead = 0 if (activate_now or active is None) else int(conf["KEY_PUBLISH_AHEAD_S"])
+        pending = _key_create(algorithm=algorithm, now=now, publish_ahead_s=ahead, actor=actor)
+        created = pending.kid
+    if pending is not None and (activate_now or pending.activate_after <= now):
+        _key_activate(key=pending, now=now, actor=actor)
+        activated = pending.kid
+    return created, activated
 
 
 def signing_key_rotate(
     *, now: datetime | None = None, force: bool = False, activate_now: bool = False, actor: str = "system"
 ) -> RotationResult:
-    """Advance the staged rotation: publish a new key, activate it once published long enough, retire
-    the old one and unpublish retired keys once every token they signed has expired."""
+    """Advance the staged rotation of every key family in use: publish a new key, activate it once
+    published long enough, retire the old one and unpublish retired keys once every token they signed has
+    expired. A family no longer in use (the access-token algorithm was changed) has its keys retired."""
     now = now or timezone.now()
-    conf = settings.AUTHSERVER
-    created = activated = None
+    created, activated = [], []
     with transaction.atomic():
         _signing_keys_lock()
-        active = SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE).first()
-        pending = SigningKey.objects.filter(state=SigningKey.State.PENDING).order_by("created_at").first()
-        due = (
-            active is None
-            or (active.activated_at or now) + timedelta(seconds=int(conf["KEY_ROTATION_INTERVAL_S"])) <= now
-        )
-        if pending is None and (force or due):
-            ahead = 0 if (activate_now or active is None) else int(conf["KEY_PUBLISH_AHEAD_S"])
-            pending = _key_create(now=now, publish_ahead_s=ahead, actor=actor)
-            created = pending.kid
-        if pending is not None and (activate_now or pending.activate_after <= now):
-            _key_activate(key=pending, now=now, actor=actor)
-            activated = pending.kid
+        in_use = signing_algorithms_in_use()
+        for algorithm in in_use:
+            new, switched = _family_rotate(
+                algorithm, now=now, force=force, activate_now=activate_now, actor=actor
+            )
+            created += [new] if new else []
+            activated += [switched] if switched else []
+        unused = SigningKey.objects.filter(
+            state__in=[SigningKey.State.PENDING, SigningKey.State.ACTIVE]
+        ).exclude(algorithm__in=in_use)
+        retired = tuple(unused.values_list("kid", flat=True))
+        _keys_retire(unused, now=now, actor=actor)
         removed = []
         for old in SigningKey.objects.filter(state=SigningKey.State.RETIRED, remove_after__lte=now):
             old.state = SigningKey.State.REMOVED
             old.removed_at = now
             old.save()
             removed.append(old.kid)
-            audit_record(kind="key.removed", actor=actor, data={"kid": old.kid})
-    return RotationResult(created=created, activated=activated, removed=tuple(removed))
+            audit_record(kind="key.removed", actor=actor, data={"kid": old.kid, "alg": old.algorithm})
+    return RotationResult(
+        created=tuple(created), activated=tuple(activated), retired=retired, removed=tuple(removed)
+    )
 
 
 # --- administration (the console and the admin API call these) --------------------------------------

@@ -10,7 +10,7 @@ from authserver.services import signing_key_rotate
 @shared_task(
     name="authserver.tasks.signing_keys_rotate_task", autoretry_for=(ConnectionError,), max_retries=3
 )
-def signing_keys_rotate_task() -> dict[str, object]:
+def signing_keys_rotate_task() -> dict[str, list[str]]:
     """Advance the staged signing-key rotation (idempotent; beat runs it every few minutes)."""
     result = signing_key_rotate()
-    return {"created": result.created, "activated": result.activated, "removed": list(result.removed)}
+    return result.as_dict()

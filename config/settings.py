@@ -15,7 +15,7 @@ from typing import Any
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from config.env import env_bool, env_int, env_list, env_secret, env_str
+from config.env import env_bool, env_choice, env_int, env_list, env_secret, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("PORTCULLIS_VAR_DIR", str(BASE_DIR / "var")))
@@ -258,8 +258,10 @@ OAUTH2_PROVIDER = {
     "COMPLIANT_BCP_RFC9700_PKCE_REQUIRED": True,
 }
 
-# Signing keys: how often beat rotates, and how long a new key is published before it signs.
-AUTHSERVER = {
+# Signing keys: how often beat rotates, and how long a new key is published before it signs; which
+# algorithm signs access tokens (ID tokens are always RS256; see authserver/crypto.py).
+AUTHSERVER: dict[str, Any] = {
+    "ACCESS_TOKEN_ALGORITHM": env_choice("PORTCULLIS_ACCESS_TOKEN_ALG", "ES256", ("ES256", "RS256")),
     "KEY_ROTATION_INTERVAL_S": env_int("PORTCULLIS_KEY_ROTATION_INTERVAL", 7 * 86400, minimum=60),
     "KEY_PUBLISH_AHEAD_S": env_int("PORTCULLIS_KEY_PUBLISH_AHEAD", 600, minimum=0),
     "ACCESS_TOKEN_LIFETIME_S": ACCESS_TOKEN_LIFETIME_S,

@@ -1,9 +1,10 @@
 """Admin API authentication: an access token from this authorization server, or a staff session.
 
-A bearer token is verified the way the gateway verifies tokens (RFC 9068 / RFC 8725): RS256 only, the key
-taken from our own JWKS by ``kid``, ``typ: at+jwt``, exact ``iss`` and ``aud``, no key-carrying or
-``crit`` headers, a size cap. Then its ``jti`` must still have a row (a revoked token has none), and its
-client must be enabled and marked administrative. Every failure denies.
+A bearer token is verified the way the gateway verifies tokens (RFC 9068 / RFC 8725): the key taken from
+our own JWKS by ``kid``, the header's ``alg`` exactly that key's algorithm (ES256 or RS256),
+``typ: at+jwt``, exact ``iss`` and ``aud``, no key-carrying or ``crit`` headers, a size cap. Then its
+``jti`` must still have a row (a revoked token has none), and its client must be enabled and marked
+administrative. Every failure denies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
+from authserver.crypto import SIGNING_ALGORITHMS
 from authserver.models import AccessToken
 from authserver.selectors import jwks_get
 
@@ -65,17 +67,20 @@ def access_token_verify(raw: str) -> AdminToken:
         header = jwt.get_unverified_header(raw)
     except jwt.PyJWTError:
         raise _invalid("malformed token") from None
-    if header.get("alg") != "RS256" or header.get("typ") != "at+jwt" or FORBIDDEN_HEADERS & header.keys():
+    alg = header.get("alg")
+    if alg not in SIGNING_ALGORITHMS or header.get("typ") != "at+jwt" or FORBIDDEN_HEADERS & header.keys():
         raise _invalid("unacceptable token header")
     keys = {key.get("kid"): key for key in jwks_get()["keys"]}
     if header.get("kid") not in keys:
         raise _invalid("unknown key")
+    if keys[header["kid"]].get("alg") != alg:
+        raise _invalid("the algorithm is not the key's")
     try:
-        public = jwt.PyJWK.from_dict(keys[header["kid"]], algorithm="RS256")
+        public = jwt.PyJWK.from_dict(keys[header["kid"]], algorithm=alg)
         claims = jwt.decode(
             raw,
             key=public.key,
-            algorithms=["RS256"],
+            algorithms=[alg],
             audience=settings.PORTCULLIS_AUDIENCE,
             issuer=settings.PORTCULLIS_ISSUER,
             leeway=LEEWAY_S,

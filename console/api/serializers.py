@@ -279,8 +279,11 @@ class KeyRotateSerializer(serializers.Serializer):
 
 
 class KeyRotationSerializer(serializers.Serializer):
-    """What a rotation did."""
+    """What a rotation did, as key ids: one key family per signing algorithm in use rotates."""
 
-    created = serializers.CharField(allow_null=True, read_only=True)
-    activated = serializers.CharField(allow_null=True, read_only=True)
+    created = serializers.ListField(child=serializers.CharField(), read_only=True)
+    activated = serializers.ListField(child=serializers.CharField(), read_only=True)
+    retired = serializers.ListField(
+        child=serializers.CharField(), read_only=True, help_text="keys of an algorithm no longer in use"
+    )
     removed = serializers.ListField(child=serializers.CharField(), read_only=True)

@@ -392,9 +392,7 @@ class KeyViewSet(AdminAPIMixin, viewsets.GenericViewSet):
     def rotate(self, request: Request) -> Response:
         data = _valid(s.KeyRotateSerializer, request.data)
         result = signing_key_rotate(force=True, activate_now=data["activate_now"], actor=api_actor(request))
-        return Response(
-            {"created": result.created, "activated": result.activated, "removed": list(result.removed)}
-        )
+        return Response(result.as_dict())
 
 
 @extend_schema(exclude=True)  # not an operation: every unknown path answers this

@@ -5,7 +5,6 @@ from __future__ import annotations
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
-from django.utils import timezone
 from django.views.decorators.http import require_http_methods
 
 from audit.selectors import anomalies_latest, security_events_latest, usage_live_figures
@@ -19,13 +18,12 @@ LIVE_WINDOW_S = 10.0  # the live figures average over this many seconds
 @require_http_methods(["GET"])
 def dashboard(request: HttpRequest) -> HttpResponse:
     """Show the dashboard; the figures are then pushed every 2 s by ``console.consumers.LiveConsumer``."""
-    active = SigningKey.objects.filter(state=SigningKey.State.ACTIVE).order_by("-activated_at").first()
+    active = SigningKey.objects.filter(state=SigningKey.State.ACTIVE).defer("private_key_encrypted")
     context = {
         "live": usage_live_figures(window_s=LIVE_WINDOW_S),
         "security_events": security_events_latest(limit=10),
         "anomalies": anomalies_latest(limit=5),
         "upstreams": settings.GATEWAY["UPSTREAMS"],
-        "active_key": active,
-        "active_key_age": (timezone.now() - active.activated_at) if active and active.activated_at else None,
+        "active_keys": sorted(active, key=lambda key: key.algorithm),
     }
     return render(request, "console/dashboard.html", context)

@@ -9,7 +9,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
 from authserver.models import SigningKey
-from authserver.services import signing_key_rotate
+from authserver.services import signing_algorithms_in_use, signing_key_rotate
 from console.access import actor, console_view
 
 
@@ -28,13 +28,18 @@ def key_rotate(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         activate_now = request.POST.get("activate_now") == "on"
         result = signing_key_rotate(force=True, activate_now=activate_now, actor=actor(request))
+        waiting = [kid for kid in result.created if kid not in result.activated]
         if result.activated:
-            messages.success(request, f"Key {result.activated} now signs new tokens.")
-        elif result.created:
-            messages.success(request, f"Key {result.created} is published and will sign once due.")
-        else:
+            messages.success(request, f"Signing new tokens now: {', '.join(result.activated)}.")
+        if waiting:
+            messages.success(request, f"Published, signing once due: {', '.join(waiting)}.")
+        if not (result.activated or waiting):
             messages.info(request, "A new key is already waiting to be activated; nothing was created.")
         return redirect("console:keys")
-    pending = SigningKey.objects.filter(state=SigningKey.State.PENDING).first()
-    context = {"pending": pending, "publish_ahead_s": settings.AUTHSERVER["KEY_PUBLISH_AHEAD_S"]}
+    pending = SigningKey.objects.filter(state=SigningKey.State.PENDING).defer("private_key_encrypted")
+    context = {
+        "pending": pending,
+        "algorithms": signing_algorithms_in_use(),
+        "publish_ahead_s": settings.AUTHSERVER["KEY_PUBLISH_AHEAD_S"],
+    }
     return render(request, "console/keys/rotate.html", context)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -152,6 +154,7 @@ def test_a_forged_checkpoint_signature_is_refused():
     checkpoint = checkpoint_sign()
     assert checkpoint is not None
     head, payload, _signature = checkpoint.signature.split(".")
+    assert json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))["alg"] == "RS256"
     _behind_the_apps_back(
         "UPDATE audit_auditcheckpoint SET signature = %s WHERE id = %s",
         [f"{head}.{payload}.AAAA", checkpoint.pk],

@@ -20,9 +20,9 @@ from authserver.services import signing_key_rotate
 pytestmark = pytest.mark.django_db
 
 
-def _verify(token: str, jwks: dict) -> tuple[dict, dict]:
+def _verify(token: str, jwks: dict, alg: str = "ES256") -> tuple[dict, dict]:
     keyset = jwk.JWKSet.from_json(json.dumps(jwks))
-    parsed = jwt.JWT(jwt=token, key=keyset, algs=["RS256"], expected_type="JWS")
+    parsed = jwt.JWT(jwt=token, key=keyset, algs=[alg], expected_type="JWS")
     header = json.loads(parsed.header)
     return header, json.loads(parsed.claims)
 
@@ -34,8 +34,9 @@ def test_access_token_is_an_rfc9068_jwt_verifiable_with_the_published_jwks(
     before = int(timezone.now().timestamp())
     token = oauth.client_credentials(reg).json()["access_token"]
     header, claims = _verify(token, client.get("/.well-known/jwks.json").json())
-    key = SigningKey.objects.get(state="active")
-    assert header == {"alg": "RS256", "typ": "at+jwt", "kid": key.kid}
+    key = SigningKey.objects.get(state="active")  # the only family a client-credentials token needs
+    assert key.algorithm == "ES256"
+    assert header == {"alg": "ES256", "typ": "at+jwt", "kid": key.kid}
     assert claims["iss"] == settings.PORTCULLIS_ISSUER
     assert claims["aud"] == settings.PORTCULLIS_AUDIENCE
     assert claims["sub"] == reg.client.client_id
@@ -64,13 +65,14 @@ def test_staged_rotation_publishes_before_signing_and_old_tokens_still_verify(oa
     out = StringIO()
     call_command("rotatekeys", stdout=out)
     assert "published new key" in out.getvalue()
-    pending = SigningKey.objects.get(state="pending")
+    pending = SigningKey.objects.get(state="pending")  # the RS256 family had no key: its first is active
+    assert pending.algorithm == "ES256"
     assert pending.kid in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
     active_key_cache_clear()
     still_old = oauth.client_credentials(reg).json()["access_token"]
     assert _verify(still_old, client.get("/.well-known/jwks.json").json())[0]["kid"] == old_kid
     result = signing_key_rotate(now=pending.activate_after + timedelta(seconds=1))
-    assert result.activated == pending.kid
+    assert result.activated == (pending.kid,)
     active_key_cache_clear()
     jwks = client.get("/.well-known/jwks.json").json()
     new_token = oauth.client_credentials(reg).json()["access_token"]
@@ -99,10 +101,14 @@ def test_beat_rotation_waits_for_the_interval(make_client, oauth, settings):
     oauth.client_credentials(make_client())
     active = SigningKey.objects.get(state="active")
     assert active.activated_at is not None
-    assert signing_key_rotate(now=timezone.now()).created is None
+    first = signing_key_rotate(now=timezone.now())  # the RS256 family (ID tokens) gets its first key
+    assert first.created == first.activated
+    assert SigningKey.objects.get(kid__in=first.created).algorithm == "RS256"
+    assert signing_key_rotate(now=timezone.now()).created == ()
     interval = settings.AUTHSERVER["KEY_ROTATION_INTERVAL_S"]
     result = signing_key_rotate(now=active.activated_at + timedelta(seconds=interval + 1))
-    assert result.created is not None
+    assert len(result.created) == 2  # both families were due
+    assert {k.algorithm for k in SigningKey.objects.filter(kid__in=result.created)} == {"ES256", "RS256"}
 
 
 def test_a_token_signed_by_an_unpublished_key_does_not_verify(oauth, make_client, client):
@@ -124,8 +130,10 @@ def test_id_token_is_signed_with_the_rotating_key(oauth, make_client, client, al
     verifier, challenge = pkce_pair()
     code = oauth.code_from(oauth.authorize(app.client, challenge=challenge, scope="openid models.read"))
     body = oauth.code_exchange(app, code, verifier).json()
-    header, claims = _verify(body["id_token"], client.get("/.well-known/jwks.json").json())
-    assert header["kid"] == SigningKey.objects.get(state="active").kid
+    header, claims = _verify(body["id_token"], client.get("/.well-known/jwks.json").json(), alg="RS256")
+    assert header["kid"] == SigningKey.objects.get(state="active", algorithm="RS256").kid
+    access_header, _ = _verify(body["access_token"], client.get("/.well-known/jwks.json").json())
+    assert access_header["kid"] == SigningKey.objects.get(state="active", algorithm="ES256").kid
     assert claims["aud"] == app.client.client_id
     assert claims["sub"] == str(alice.pk)
 
@@ -165,3 +173,63 @@ def test_concurrent_first_token_requests_on_a_fresh_install_share_one_key_and_do
     assert AuditEvent.objects.filter(kind="token.issued").count() == len(registered)
     report = chain_verify()
     assert report.ok, report.reason
+
+
+def test_es256_keys_are_p256_and_published_without_their_private_part(oauth, make_client, client):
+    oauth.client_credentials(make_client())
+    key = SigningKey.objects.get(state="active")
+    published = {k["kid"]: k for k in client.get("/.well-known/jwks.json").json()["keys"]}
+    assert published[key.kid] == {**key.public_jwk, "kid": key.kid}
+    assert set(published[key.kid]) == {"kty", "crv", "x", "y", "kid", "alg", "use"}
+    assert (published[key.kid]["kty"], published[key.kid]["crv"]) == ("EC", "P-256")
+    assert (published[key.kid]["alg"], published[key.kid]["use"]) == ("ES256", "sig")
+    assert key.kid == jwk.JWK(**published[key.kid]).thumbprint()
+
+
+def test_rs256_access_tokens_are_one_setting_away_and_share_the_id_token_keys(
+    oauth, make_client, client, settings
+):
+    settings.AUTHSERVER = {**settings.AUTHSERVER, "ACCESS_TOKEN_ALGORITHM": "RS256"}
+    token = oauth.client_credentials(make_client()).json()["access_token"]
+    header, _ = _verify(token, client.get("/.well-known/jwks.json").json(), alg="RS256")
+    key = SigningKey.objects.get(state="active")
+    assert (key.algorithm, header["alg"], header["kid"]) == ("RS256", "RS256", key.kid)
+    assert len(signing_key_rotate(force=True).created) == 1  # one family in use
+
+
+def test_each_family_rotates_on_its_own_and_never_retires_the_other(oauth, make_client):
+    oauth.client_credentials(make_client())
+    signing_key_rotate()  # the RS256 family's first key
+    first = {k.algorithm: k.kid for k in SigningKey.objects.filter(state="active")}
+    assert set(first) == {"ES256", "RS256"}
+    result = signing_key_rotate(force=True, activate_now=True)
+    assert len(result.activated) == 2
+    now_active = {k.algorithm: k.kid for k in SigningKey.objects.filter(state="active")}
+    assert set(now_active) == {"ES256", "RS256"}
+    for algorithm, kid in first.items():
+        old = SigningKey.objects.get(kid=kid)
+        assert old.state == "retired"
+        assert SigningKey.objects.get(kid=now_active[algorithm]).algorithm == algorithm
+    retired = AuditEvent.objects.filter(kind="key.retired").values_list("data", flat=True)
+    assert sorted(event["alg"] for event in retired) == ["ES256", "RS256"]
+
+
+def test_switching_the_algorithm_retires_the_old_family_after_its_tokens_expire(
+    oauth, make_client, client, settings
+):
+    reg = make_client()
+    old_token = oauth.client_credentials(reg).json()["access_token"]
+    es256 = SigningKey.objects.get(state="active", algorithm="ES256")
+    settings.AUTHSERVER = {**settings.AUTHSERVER, "ACCESS_TOKEN_ALGORITHM": "RS256"}
+    result = signing_key_rotate()
+    assert result.retired == (es256.kid,)
+    es256.refresh_from_db()
+    assert es256.state == "retired"
+    assert es256.remove_after is not None
+    active_key_cache_clear()
+    jwks = client.get("/.well-known/jwks.json").json()
+    assert _verify(old_token, jwks)[0]["kid"] == es256.kid  # still published until it has expired
+    new_header, _ = _verify(oauth.client_credentials(reg).json()["access_token"], jwks, alg="RS256")
+    assert new_header["kid"] == SigningKey.objects.get(state="active").kid
+    assert signing_key_rotate(now=es256.remove_after + timedelta(seconds=1)).removed == (es256.kid,)
+    assert es256.kid not in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}

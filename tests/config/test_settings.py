@@ -20,7 +20,9 @@ PRODUCTION = {
 }
 
 
-def settings_load(**overrides: str | None) -> subprocess.CompletedProcess[str]:
+def settings_load(
+    *, show: str = "settings.SECURE_HSTS_SECONDS", **overrides: str | None
+) -> subprocess.CompletedProcess[str]:
     env = environ_unconfigured()
     env.update(PRODUCTION)
     for name, value in overrides.items():
@@ -29,9 +31,7 @@ def settings_load(**overrides: str | None) -> subprocess.CompletedProcess[str]:
         else:
             env[name] = value
     env["DJANGO_SETTINGS_MODULE"] = "config.settings"
-    code = (
-        "import django; django.setup(); from django.conf import settings; print(settings.SECURE_HSTS_SECONDS)"
-    )
+    code = f"import django; django.setup(); from django.conf import settings; print({show})"
     return subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
@@ -57,6 +57,8 @@ def test_production_settings_load_with_https_hardening():
         ({"PORTCULLIS_ISSUER": None}, "PORTCULLIS_ISSUER"),
         ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG"),
         ({"PORTCULLIS_LOGIN_FAILURE_LIMIT": "five"}, "PORTCULLIS_LOGIN_FAILURE_LIMIT"),
+        ({"PORTCULLIS_ACCESS_TOKEN_ALG": "HS256"}, "PORTCULLIS_ACCESS_TOKEN_ALG"),
+        ({"PORTCULLIS_ACCESS_TOKEN_ALG": "es256"}, "PORTCULLIS_ACCESS_TOKEN_ALG"),
     ],
 )
 def test_an_insecure_or_missing_setting_stops_the_process_naming_it(overrides, named):
@@ -64,6 +66,14 @@ def test_an_insecure_or_missing_setting_stops_the_process_naming_it(overrides, n
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr
     assert named in result.stderr
+
+
+@pytest.mark.parametrize(("value", "algorithm"), [(None, "ES256"), ("RS256", "RS256"), (" ES256 ", "ES256")])
+def test_the_access_token_algorithm_is_es256_unless_set(value, algorithm):
+    shown = "settings.AUTHSERVER['ACCESS_TOKEN_ALGORITHM']"
+    result = settings_load(show=shown, PORTCULLIS_ACCESS_TOKEN_ALG=value)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == algorithm
 
 
 def test_secrets_can_come_from_files(tmp_path):

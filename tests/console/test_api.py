@@ -201,7 +201,9 @@ def test_keys_are_listed_without_private_parts_and_rotated(bearer, world):
         "/api/admin/keys/rotate/", {"activate_now": True}, content_type="application/json"
     ).json()
     assert result["activated"] == result["created"]
-    assert SigningKey.objects.get(kid=result["activated"]).state == SigningKey.State.ACTIVE
+    activated = SigningKey.objects.filter(kid__in=result["activated"])
+    assert {(key.algorithm, key.state) for key in activated} == {("ES256", "active"), ("RS256", "active")}
+    assert result["removed"] == result["retired"] == []
 
 
 def test_a_token_of_a_client_that_is_not_administrative_is_refused(admin_scopes_enabled, world):
@@ -254,14 +256,15 @@ def _forge(header: dict[str, Any], claims: dict[str, Any], key: jwk.JWK | None) 
         "expired",
         "jku",
         "unknown_jti",
+        "alg_not_the_keys",
     ],
 )
 def test_forged_or_doubtful_tokens_are_refused(bearer, admin_app, settings, defect):
     bearer()  # a real token exists, so only the defect decides
     row = AccessToken.objects.get(application=admin_app.client)
-    key = signing_key_active()
+    key = signing_key_active("ES256")
     now = int(time.time())
-    header = {"alg": "RS256", "typ": "at+jwt", "kid": key.kid}
+    header = {"alg": "ES256", "typ": "at+jwt", "kid": key.kid}
     claims = {
         "iss": settings.PORTCULLIS_ISSUER,
         "aud": settings.PORTCULLIS_AUDIENCE,
@@ -290,11 +293,13 @@ def test_forged_or_doubtful_tokens_are_refused(bearer, admin_app, settings, defe
         header["jku"] = "https://evil.example/jwks.json"
     elif defect == "unknown_jti":
         claims["jti"] = str(uuid.uuid4())
+    elif defect == "alg_not_the_keys":  # an RS256 signature by a published key, naming the ES256 key
+        header["alg"], signer = "RS256", signing_key_active("RS256").private_jwk()
     forged = _forge(header, claims, signer)
     response = HttpClient(HTTP_AUTHORIZATION=f"Bearer {forged}").get("/api/admin/clients/")
     assert response.status_code == 401, defect
     honest = _forge(
-        {"alg": "RS256", "typ": "at+jwt", "kid": key.kid}, {**claims, "jti": str(row.jti)}, key.private_jwk()
+        {"alg": "ES256", "typ": "at+jwt", "kid": key.kid}, {**claims, "jti": str(row.jti)}, key.private_jwk()
     )
     if defect not in ("wrong_audience", "wrong_issuer", "expired"):
         assert HttpClient(HTTP_AUTHORIZATION=f"Bearer {honest}").get("/api/admin/clients/").status_code == 200

@@ -333,8 +333,12 @@ def test_rotating_keys_asks_first_and_activate_now_makes_a_new_key_sign(as_admin
     confirm = as_admin.get("/console/keys/rotate/")
     assert b"Rotate now" in confirm.content
     assert SigningKey.objects.count() == 1
-    as_admin.post("/console/keys/rotate/")
+    said = as_admin.post("/console/keys/rotate/", follow=True).content.decode()
     pending = SigningKey.objects.get(state=SigningKey.State.PENDING)
+    first_rs256 = SigningKey.objects.get(algorithm="RS256")  # ID tokens' family had no key yet
+    assert (pending.algorithm, first.algorithm, first_rs256.state) == ("ES256", "ES256", "active")
+    assert f"Signing new tokens now: {first_rs256.kid}." in said
+    assert f"Published, signing once due: {pending.kid}." in said
     assert last_event("key.created").actor == ADMIN
     as_admin.post("/console/keys/rotate/", {"activate_now": "on"})
     pending.refresh_from_db()
@@ -356,7 +360,9 @@ def test_the_dashboard_shows_live_figures_security_events_and_the_active_key(as_
     kinds = [e.kind for e in response.context["security_events"]]
     assert "token.refresh_reuse" in kinds
     assert [e.kind for e in response.context["anomalies"]] == ["anomaly.token_burst"]
-    assert response.context["active_key"].state == SigningKey.State.ACTIVE
+    active = SigningKey.objects.get(state=SigningKey.State.ACTIVE)
+    assert response.context["active_keys"] == [active]
+    assert f"Active {active.algorithm} key".encode() in response.content
     assert b"console/live.js" in response.content
     assert b"<script>" not in response.content  # CSP: no inline script
 

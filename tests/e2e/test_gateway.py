@@ -258,17 +258,18 @@ def test_a_token_revoked_while_streaming_ends_the_stream_within_a_second(stack):
 
 
 def _forge(claims: dict[str, Any], header: dict[str, Any] | None = None, *, django_db_blocker: Any) -> str:
-    """Sign claims with the real active key (or, for HS*, with a shared secret), with any header."""
+    """Sign claims with the real active access-token key (or, for HS*, with a shared secret), with any
+    header."""
     import jwt
 
     from authserver.crypto import private_key_decrypt
 
     with django_db_blocker.unblock():
-        key = SigningKey.objects.get(state="active")
+        key = SigningKey.objects.get(state="active", algorithm="ES256")
         pem = private_key_decrypt(bytes(key.private_key_encrypted))
     head = {"typ": "at+jwt", "kid": key.kid, **(header or {})}
-    alg = head.pop("alg", "RS256")
-    secret: Any = pem if alg.startswith("RS") else "a-shared-secret-an-attacker-knows"
+    alg = head.pop("alg", key.algorithm)
+    secret: Any = pem if alg == key.algorithm else "a-shared-secret-an-attacker-knows"
     return jwt.encode(claims, secret, algorithm=alg, headers=head)
 
 

@@ -11,8 +11,8 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from jwt.algorithms import RSAAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from gateway.auth import KeySet, TokenVerifier
 from gateway.conf import gateway_settings
@@ -32,6 +32,13 @@ def _key() -> tuple[bytes, dict[str, Any]]:
 
 
 PEM, PUBLIC = _key()
+EC_PRIVATE = ec.generate_private_key(ec.SECP256R1())  # the authorization server's default family, ES256
+EC_PUBLIC = {
+    **json.loads(ECAlgorithm.to_jwk(EC_PRIVATE.public_key())),
+    "kid": "e1",
+    "alg": "ES256",
+    "use": "sig",
+}
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
@@ -84,7 +91,7 @@ class Fetcher:
 @pytest.fixture
 def verifier(settings) -> tuple[TokenVerifier, Fetcher]:
     settings.PORTCULLIS_ISSUER, settings.PORTCULLIS_AUDIENCE = ISS, AUD
-    fetcher = Fetcher({"keys": [PUBLIC]})
+    fetcher = Fetcher({"keys": [PUBLIC, EC_PUBLIC]})
     keys = KeySet(fetcher, refetch_interval_s=30)
     return TokenVerifier(gateway_settings(), keys), fetcher
 
@@ -105,6 +112,26 @@ def test_a_valid_token_gives_its_principal_and_is_verified_once(verifier):
     )
     assert verify(v, raw) is first  # served from the cache
     assert fetcher.calls == 1
+
+
+def test_an_es256_token_verifies_with_its_p256_key(verifier):
+    v, _ = verifier
+    raw = jwt.encode(claims(jti="e"), EC_PRIVATE, algorithm="ES256", headers={"typ": "at+jwt", "kid": "e1"})
+    assert verify(v, raw).jti == "e"
+
+
+@pytest.mark.parametrize(
+    ("alg", "signer", "kid"),
+    [("RS256", PEM, "e1"), ("ES256", EC_PRIVATE, "k1"), ("ES384", EC_PRIVATE, "e1")],
+    ids=["RS256 naming the EC key", "ES256 naming the RSA key", "ES384 naming the ES256 key"],
+)
+def test_an_algorithm_other_than_the_keys_is_refused(verifier, alg, signer, kid):
+    v, _ = verifier
+    if alg == "ES384":
+        signer = ec.generate_private_key(ec.SECP384R1())
+    raw = jwt.encode(claims(), signer, algorithm=alg, headers={"typ": "at+jwt", "kid": kid})
+    with pytest.raises(AuthenticationError, match="does not match its key"):
+        verify(v, raw)
 
 
 def test_a_user_token_names_its_user(verifier):

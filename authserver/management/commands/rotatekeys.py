@@ -11,7 +11,8 @@ from authserver.services import signing_key_rotate
 
 class Command(BaseCommand):
     help = (
-        "Publish a new signing key now; it starts signing once it has been published for "
+        "Publish a new signing key now in every key family in use (the access-token algorithm and "
+        "RS256 for ID tokens); each starts signing once it has been published for "
         "PORTCULLIS_KEY_PUBLISH_AHEAD seconds (beat, or running this again, activates it). "
         "--activate-now switches at once (for a compromised key)."
     )
@@ -21,11 +22,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         result = signing_key_rotate(force=True, activate_now=options["activate_now"], actor="cli:rotatekeys")
-        if result.created:
-            self.stdout.write(f"published new key {result.created}")
-        if result.activated:
-            self.stdout.write(f"activated key {result.activated}")
+        for kid in result.created:
+            self.stdout.write(f"published new key {kid}")
+        for kid in result.activated:
+            self.stdout.write(f"activated key {kid}")
+        for kid in result.retired:
+            self.stdout.write(f"retired key {kid} (its algorithm no longer signs)")
         for kid in result.removed:
             self.stdout.write(f"removed retired key {kid}")
-        if not (result.created or result.activated or result.removed):
+        if not (result.created or result.activated or result.retired or result.removed):
             self.stdout.write("a pending key is already published; it activates when due")
