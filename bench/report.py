@@ -85,8 +85,12 @@ CHECKS: tuple[Check, ...] = (
     Check("token", "tokens/s", "rps", ">= 500/s", _at_least(500)),
     Check("token", "latency p99 (ms)", "p99_ms", "report"),
     Check("token", "server CPU per token (us)", "gateway_cpu_us", "report"),
-    Check("jwt", "verify, cold (us)", "cold_us", "report"),
-    Check("jwt", "verify, cached (us)", "cached_us", "report"),
+    Check("jwt", "ES256 verify, cold (us)", "cold_us", "report"),
+    Check("jwt", "ES256 verify, cached (us)", "cached_us", "report"),
+    Check("jwt", "ES256 sign (us)", "sign_us", "report"),
+    Check("jwt", "RS256 verify, cold (us)", "rs256_cold_us", "report"),
+    Check("jwt", "RS256 verify, cached (us)", "rs256_cached_us", "report"),
+    Check("jwt", "RS256 sign (us)", "rs256_sign_us", "report"),
 )
 
 
@@ -203,6 +207,7 @@ def print_report(result: dict[str, Any]) -> None:
     print(
         f"plan: {plan['runs']} run(s), {plan['warmup_s']} s warm-up + {plan['duration_s']} s window each"
         + (" (--quick smoke: the verdicts mean nothing)" if plan["quick"] else "")
+        + f"; access tokens {result.get('access_token_alg', 'RS256')}"
     )
     titles = {s.key: f"{s.number} {s.title}" for s in SCENARIOS}
     header = ["scenario", "metric", "direct", "gateway", "gw/direct", "added", "target", "result"]

@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=[s.key for s in SCENARIOS if s.kind != "jwt"],  # jwt runs in the harness, not the gateway
         help="the scenario --profile measures (default chat_32)",
     )
+    parser.add_argument(
+        "--access-token-alg",
+        choices=["ES256", "RS256"],
+        default="ES256",
+        help="PORTCULLIS_ACCESS_TOKEN_ALG of the server under test (default ES256, the product's default)",
+    )
     parser.add_argument("--no-worker", action="store_true", help="do not run the Celery ingest worker")
     parser.add_argument("--no-limits", action="store_true", help="give the client a policy with no limits")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
@@ -118,7 +124,10 @@ def measure_all(run: Run, stack: Stack, plan: Plan, scenarios: list[Scenario]) -
 
 def _brief(m: dict[str, Any]) -> str:
     if "cold_us" in m:
-        return f"cold {m['cold_us']} us, cached {m['cached_us']} us"
+        return (
+            f"ES256 cold {m['cold_us']} us, cached {m['cached_us']} us, sign {m['sign_us']} us; RS256 cold "
+            f"{m['rs256_cold_us']} us, cached {m['rs256_cached_us']} us, sign {m['rs256_sign_us']} us"
+        )
     text = f"{m['rps']}/s p50 {m['p50_ms']} ms p99 {m['p99_ms']} ms"
     if m.get("ttft_p99_ms") is not None:
         text += f" ttft p99 {m['ttft_p99_ms']} ms gap p50/p99 {m['gap_p50_ms']}/{m['gap_p99_ms']} ms"
@@ -184,6 +193,7 @@ def _stack_options(args: argparse.Namespace, log_dir: Path, cores: list[int]) ->
         redis_db=args.redis_db,
         worker=not args.no_worker,
         limits=not args.no_limits,
+        access_token_alg=args.access_token_alg,
         gateway_core=cores[1] if cores else None,
         other_core=cores[0] if cores else None,
     )
@@ -214,6 +224,7 @@ def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             "quick": plan.quick,
         },
         "scenarios": [s.key for s in scenarios],
+        "access_token_alg": args.access_token_alg,
     }
     logger.info("machine: %s", result["machine"])
     stack = Stack(_stack_options(args, log_dir, cores))

@@ -68,6 +68,7 @@ class StackOptions:
     paced_chunk_ms: float = 10.0
     worker: bool = True
     limits: bool = True  # False: the client's policy sets no limit (the script then only checks revocation)
+    access_token_alg: str = "ES256"  # noqa: S105 (an algorithm name, not a secret)
     gateway_core: int | None = 1  # None: unpinned
     other_core: int | None = 0
 
@@ -196,6 +197,7 @@ class Stack:
             REDIS_URL=self._redis_url(),
             PORTCULLIS_ISSUER=f"https://127.0.0.1:{self.ports['gateway']}",
             PORTCULLIS_EMBEDDED_BEAT="0",
+            PORTCULLIS_ACCESS_TOKEN_ALG=self.options.access_token_alg,
             PORTCULLIS_VAR_DIR=str(self.options.log_dir / "var"),
             VLLM_UPSTREAMS=f"http://127.0.0.1:{self.ports['fast']},http://127.0.0.1:{self.ports['paced']}",
             PYTHONUNBUFFERED="1",

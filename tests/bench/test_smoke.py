@@ -67,7 +67,7 @@ def test_every_scenario_ran_against_every_target_with_positive_numbers(quick):
         assert set(summary[scenario.key]) == expected, scenario.key
         for target, figures in summary[scenario.key].items():
             keys = (
-                ["cold_us", "cached_us"]
+                ["cold_us", "cached_us", "sign_us", "rs256_cold_us", "rs256_cached_us", "rs256_sign_us"]
                 if scenario.kind == "jwt"
                 else ["rps", "p50_ms", "p99_ms", "succeeded"]
             )
