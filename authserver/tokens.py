@@ -44,8 +44,8 @@ def access_token_generate(request: Any, refresh_token: bool = False) -> str:
     jti = str(uuid.uuid4())
     lifetime_s = int(oauth2_settings.ACCESS_TOKEN_EXPIRE_SECONDS)
     claims = access_token_claims(request, now=int(time.time()), lifetime_s=lifetime_s, jti=jti)
-    # PyJWT over the cached ``cryptography`` key: 315 us per RS256 token here (the RSA signature itself is
-    # about 290 us; jwcrypto's JWT took 440), and about 65 us per ES256 token.
+    # PyJWT over the cached ``cryptography`` key: about 45 us per ES256 token here and 280-300 us per RS256
+    # token (jwcrypto's JWT took 440); ``python -m bench.run --scenarios jwt`` measures both.
     token = jwt.encode(
         claims, key.private_signing_key(), algorithm=key.algorithm, headers={"typ": "at+jwt", "kid": key.kid}
     )
