@@ -19,7 +19,7 @@ from authserver.models import AccessToken, Client, Consent, SigningKey
 
 _ACTIVE_CACHE_S = 5.0  # a rotation reaches every process within this, and the new key is already published
 _active_lock = threading.Lock()
-_active: dict[str, tuple[float, SigningKey]] = {}
+_active: dict[tuple[str, bool], tuple[float, SigningKey]] = {}
 
 
 def active_key_cache_clear() -> None:
@@ -28,13 +28,17 @@ def active_key_cache_clear() -> None:
         _active.clear()
 
 
-def signing_key_active(algorithm: str) -> SigningKey:
-    """Return the key that signs new tokens with this algorithm, creating the first one on a fresh install.
+def signing_key_active(algorithm: str, *, borrow: bool = False) -> SigningKey:
+    """Return the key that signs new tokens with this algorithm, giving the family its first key if it has
+    none (see ``services.signing_key_bootstrap``).
 
-    Access tokens ask for ``AUTHSERVER["ACCESS_TOKEN_ALGORITHM"]``, ID tokens and audit checkpoints for
-    ``crypto.ID_TOKEN_ALGORITHM``; each algorithm is a family of keys with one active key at a time.
+    Access tokens ask for ``AUTHSERVER["ACCESS_TOKEN_ALGORITHM"]`` with ``borrow``: while that family's
+    first key is still being published (an install that signed with another algorithm until now), the
+    active key of another family signs, and the token names its algorithm. ID tokens and audit
+    checkpoints ask for ``crypto.ID_TOKEN_ALGORITHM`` and never borrow.
     """
-    cached = _active.get(algorithm)
+    slot = (algorithm, borrow)
+    cached = _active.get(slot)
     if cached is not None and time.monotonic() - cached[0] < _ACTIVE_CACHE_S:
         return cached[1]
     key = (
@@ -45,9 +49,9 @@ def signing_key_active(algorithm: str) -> SigningKey:
     if key is None:
         from authserver.services import signing_key_bootstrap
 
-        key = signing_key_bootstrap(algorithm)
+        key = signing_key_bootstrap(algorithm, borrow=borrow)
     with _active_lock:
-        _active[algorithm] = (time.monotonic(), key)
+        _active[slot] = (time.monotonic(), key)
     return key
 
 

@@ -259,19 +259,34 @@ def _signing_keys_lock() -> None:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SIGNING_KEYS_LOCK])
 
 
-def signing_key_bootstrap(algorithm: str) -> SigningKey:
-    """Create and activate the first key of a family on a fresh install (nobody caches a JWKS yet)."""
+def signing_key_bootstrap(algorithm: str, *, borrow: bool = False) -> SigningKey:
+    """Give a key family its first key and return the key that signs for it now.
+
+    On a fresh install the first key signs at once: nobody caches a JWKS yet. With ``borrow``, on an
+    install that already signs with another algorithm, the family's first key is published now and signs
+    only after ``PORTCULLIS_KEY_PUBLISH_AHEAD`` (beat activates it), as any new key does; until then the
+    other family's active key is returned. Without ``borrow`` (ID tokens must be RS256) the family's
+    waiting key, or else a new one, signs at once.
+    """
     with transaction.atomic():
         _signing_keys_lock()
-        existing = (
-            SigningKey.objects.select_for_update()
-            .filter(state=SigningKey.State.ACTIVE, algorithm=algorithm)
-            .first()
-        )
+        active = SigningKey.objects.select_for_update().filter(state=SigningKey.State.ACTIVE)
+        existing = active.filter(algorithm=algorithm).first()
         if existing:
             return existing
         now = timezone.now()
-        key = _key_create(algorithm=algorithm, now=now, publish_ahead_s=0, actor="system")
+        pending = (
+            SigningKey.objects.filter(state=SigningKey.State.PENDING, algorithm=algorithm)
+            .order_by("created_at")
+            .first()
+        )
+        other = active.order_by("-activated_at").first() if borrow else None
+        if other is not None and (pending is None or pending.activate_after > now):
+            if pending is None:
+                ahead = int(settings.AUTHSERVER["KEY_PUBLISH_AHEAD_S"])
+                _key_create(algorithm=algorithm, now=now, publish_ahead_s=ahead, actor="system")
+            return other
+        key = pending or _key_create(algorithm=algorithm, now=now, publish_ahead_s=0, actor="system")
         _key_activate(key=key, now=now, actor="system")
         return key
 
@@ -301,7 +316,9 @@ def _family_rotate(
         or (active.activated_at or now) + timedelta(seconds=int(conf["KEY_ROTATION_INTERVAL_S"])) <= now
     )
     if pending is None and (force or due):
-        ahead = 0 if (activate_now or active is None) else int(conf["KEY_PUBLISH_AHEAD_S"])
+        # Published ahead like any new key, unless nothing signs yet (a fresh install: nobody has a JWKS).
+        fresh = not SigningKey.objects.filter(state=SigningKey.State.ACTIVE).exists()
+        ahead = 0 if (activate_now or fresh) else int(conf["KEY_PUBLISH_AHEAD_S"])
         pending = _key_create(algorithm=algorithm, now=now, publish_ahead_s=ahead, actor=actor)
         created = pending.kid
     if pending is not None and (activate_now or pending.activate_after <= now):
@@ -330,6 +347,11 @@ def signing_key_rotate(
         unused = SigningKey.objects.filter(
             state__in=[SigningKey.State.PENDING, SigningKey.State.ACTIVE]
         ).exclude(algorithm__in=in_use)
+        signing = set(
+            SigningKey.objects.filter(state=SigningKey.State.ACTIVE).values_list("algorithm", flat=True)
+        )
+        if not signing >= set(in_use):
+            unused = unused.none()  # a family in use is still publishing its first key: the old one signs
         retired = tuple(unused.values_list("kid", flat=True))
         _keys_retire(unused, now=now, actor=actor)
         removed = []

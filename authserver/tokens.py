@@ -40,7 +40,7 @@ def access_token_claims(request: Any, *, now: int, lifetime_s: int, jti: str) ->
 
 def access_token_generate(request: Any, refresh_token: bool = False) -> str:
     """Mint a signed access token for an oauthlib request (DOT's ACCESS_TOKEN_GENERATOR hook)."""
-    key = signing_key_active(settings.AUTHSERVER["ACCESS_TOKEN_ALGORITHM"])
+    key = signing_key_active(settings.AUTHSERVER["ACCESS_TOKEN_ALGORITHM"], borrow=True)
     jti = str(uuid.uuid4())
     lifetime_s = int(oauth2_settings.ACCESS_TOKEN_EXPIRE_SECONDS)
     claims = access_token_claims(request, now=int(time.time()), lifetime_s=lifetime_s, jti=jti)

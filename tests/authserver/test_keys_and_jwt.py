@@ -14,7 +14,7 @@ from jwcrypto import jwk, jws, jwt
 from audit.models import AuditEvent
 from authserver.crypto import private_key_decrypt
 from authserver.models import SigningKey
-from authserver.selectors import active_key_cache_clear
+from authserver.selectors import active_key_cache_clear, signing_key_active
 from authserver.services import signing_key_rotate
 
 pytestmark = pytest.mark.django_db
@@ -65,14 +65,13 @@ def test_staged_rotation_publishes_before_signing_and_old_tokens_still_verify(oa
     out = StringIO()
     call_command("rotatekeys", stdout=out)
     assert "published new key" in out.getvalue()
-    pending = SigningKey.objects.get(state="pending")  # the RS256 family had no key: its first is active
-    assert pending.algorithm == "ES256"
+    pending = SigningKey.objects.get(state="pending", algorithm="ES256")
     assert pending.kid in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
     active_key_cache_clear()
     still_old = oauth.client_credentials(reg).json()["access_token"]
     assert _verify(still_old, client.get("/.well-known/jwks.json").json())[0]["kid"] == old_kid
     result = signing_key_rotate(now=pending.activate_after + timedelta(seconds=1))
-    assert result.activated == (pending.kid,)
+    assert pending.kid in result.activated
     active_key_cache_clear()
     jwks = client.get("/.well-known/jwks.json").json()
     new_token = oauth.client_credentials(reg).json()["access_token"]
@@ -102,13 +101,13 @@ def test_beat_rotation_waits_for_the_interval(make_client, oauth, settings):
     active = SigningKey.objects.get(state="active")
     assert active.activated_at is not None
     first = signing_key_rotate(now=timezone.now())  # the RS256 family (ID tokens) gets its first key
-    assert first.created == first.activated
-    assert SigningKey.objects.get(kid__in=first.created).algorithm == "RS256"
+    rs256 = SigningKey.objects.get(algorithm="RS256")
+    assert (first.created, first.activated, rs256.state) == ((rs256.kid,), (), "pending")
     assert signing_key_rotate(now=timezone.now()).created == ()
     interval = settings.AUTHSERVER["KEY_ROTATION_INTERVAL_S"]
     result = signing_key_rotate(now=active.activated_at + timedelta(seconds=interval + 1))
-    assert len(result.created) == 2  # both families were due
-    assert {k.algorithm for k in SigningKey.objects.filter(kid__in=result.created)} == {"ES256", "RS256"}
+    assert SigningKey.objects.get(kid__in=result.created).algorithm == "ES256"
+    assert result.activated == (rs256.kid,)  # published long enough by now
 
 
 def test_a_token_signed_by_an_unpublished_key_does_not_verify(oauth, make_client, client):
@@ -199,7 +198,7 @@ def test_rs256_access_tokens_are_one_setting_away_and_share_the_id_token_keys(
 
 def test_each_family_rotates_on_its_own_and_never_retires_the_other(oauth, make_client):
     oauth.client_credentials(make_client())
-    signing_key_rotate()  # the RS256 family's first key
+    signing_key_active("RS256")  # the RS256 family's first key, as an ID token asks for it
     first = {k.algorithm: k.kid for k in SigningKey.objects.filter(state="active")}
     assert set(first) == {"ES256", "RS256"}
     result = signing_key_rotate(force=True, activate_now=True)
@@ -214,15 +213,23 @@ def test_each_family_rotates_on_its_own_and_never_retires_the_other(oauth, make_
     assert sorted(event["alg"] for event in retired) == ["ES256", "RS256"]
 
 
-def test_switching_the_algorithm_retires_the_old_family_after_its_tokens_expire(
+def test_switching_the_algorithm_publishes_the_new_family_first_and_retires_the_old_one_after(
     oauth, make_client, client, settings
 ):
     reg = make_client()
     old_token = oauth.client_credentials(reg).json()["access_token"]
     es256 = SigningKey.objects.get(state="active", algorithm="ES256")
     settings.AUTHSERVER = {**settings.AUTHSERVER, "ACCESS_TOKEN_ALGORITHM": "RS256"}
-    result = signing_key_rotate()
-    assert result.retired == (es256.kid,)
+    active_key_cache_clear()
+    still = oauth.client_credentials(reg).json()["access_token"]  # RS256 is published, not yet signing
+    rs256 = SigningKey.objects.get(algorithm="RS256")
+    assert (rs256.state, rs256.activate_after > timezone.now()) == ("pending", True)
+    jwks = client.get("/.well-known/jwks.json").json()
+    assert rs256.kid in {k["kid"] for k in jwks["keys"]}
+    assert _verify(still, jwks)[0]["kid"] == es256.kid
+    assert signing_key_rotate().retired == ()  # the old family signs until the new one does
+    result = signing_key_rotate(now=rs256.activate_after + timedelta(seconds=1))
+    assert (result.activated, result.retired) == ((rs256.kid,), (es256.kid,))
     es256.refresh_from_db()
     assert es256.state == "retired"
     assert es256.remove_after is not None
@@ -230,6 +237,26 @@ def test_switching_the_algorithm_retires_the_old_family_after_its_tokens_expire(
     jwks = client.get("/.well-known/jwks.json").json()
     assert _verify(old_token, jwks)[0]["kid"] == es256.kid  # still published until it has expired
     new_header, _ = _verify(oauth.client_credentials(reg).json()["access_token"], jwks, alg="RS256")
-    assert new_header["kid"] == SigningKey.objects.get(state="active").kid
+    assert new_header["kid"] == rs256.kid
     assert signing_key_rotate(now=es256.remove_after + timedelta(seconds=1)).removed == (es256.kid,)
     assert es256.kid not in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
+
+
+def test_an_install_upgraded_from_rs256_publishes_its_es256_key_before_it_signs(oauth, make_client, client):
+    rs256 = signing_key_active("RS256")  # all an install signed with before ES256 access tokens
+    reg = make_client()
+    header, _ = _verify(
+        oauth.client_credentials(reg).json()["access_token"], {"keys": [rs256.public_jwk]}, "RS256"
+    )
+    assert header["kid"] == rs256.kid
+    es256 = SigningKey.objects.get(algorithm="ES256")
+    assert (es256.state, es256.activate_after > timezone.now()) == ("pending", True)
+    assert es256.kid in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
+    oauth.client_credentials(reg)
+    assert SigningKey.objects.filter(algorithm="ES256").count() == 1  # one waiting key, not one a token
+    assert signing_key_rotate(now=es256.activate_after + timedelta(seconds=1)).activated == (es256.kid,)
+    active_key_cache_clear()
+    jwks = client.get("/.well-known/jwks.json").json()
+    assert _verify(oauth.client_credentials(reg).json()["access_token"], jwks)[0]["kid"] == es256.kid
+    rs256.refresh_from_db()
+    assert rs256.state == "active"  # still the ID tokens' key

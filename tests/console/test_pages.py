@@ -334,11 +334,14 @@ def test_rotating_keys_asks_first_and_activate_now_makes_a_new_key_sign(as_admin
     assert b"Rotate now" in confirm.content
     assert SigningKey.objects.count() == 1
     said = as_admin.post("/console/keys/rotate/", follow=True).content.decode()
-    pending = SigningKey.objects.get(state=SigningKey.State.PENDING)
+    pending = SigningKey.objects.get(state=SigningKey.State.PENDING, algorithm="ES256")
     first_rs256 = SigningKey.objects.get(algorithm="RS256")  # ID tokens' family had no key yet
-    assert (pending.algorithm, first.algorithm, first_rs256.state) == ("ES256", "ES256", "active")
-    assert f"Signing new tokens now: {first_rs256.kid}." in said
-    assert f"Published, signing once due: {pending.kid}." in said
+    assert (first.algorithm, first_rs256.state) == ("ES256", "pending")
+    assert "Signing new tokens now" not in said
+    assert f"Published, signing once due: {pending.kid}, {first_rs256.kid}." in said
+    assert f"RS256 key <code>{first_rs256.kid}</code> is already published" in (
+        as_admin.get("/console/keys/rotate/").content.decode()
+    )
     assert last_event("key.created").actor == ADMIN
     as_admin.post("/console/keys/rotate/", {"activate_now": "on"})
     pending.refresh_from_db()
