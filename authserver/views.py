@@ -273,7 +273,6 @@ def protected_resource_metadata(request: HttpRequest) -> JsonResponse:
             "jwks_uri": f"{settings.PORTCULLIS_ISSUER}/.well-known/jwks.json",
             "scopes_supported": ["models.read", "completions", "embeddings"],
             "bearer_methods_supported": ["header"],
-            "resource_signing_alg_values_supported": ["RS256"],
             "resource_name": "Portcullis OpenAI-compatible gateway",
         },
         headers={"Access-Control-Allow-Origin": "*"},
