@@ -8,6 +8,8 @@ audited once per outage), and it serves only tokens whose revocation state Redis
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -41,6 +43,18 @@ class Ticket:
     admission: Admission
     headers: dict[str, str]
     shared: bool  # reserved in Redis (settle there) or in process
+    reservation: str  # the limiter's id of this reservation: the gateway's own, unique in every process
+
+
+# Reservation ids: this process's random prefix and a counter (no system call per request). Not the
+# request id, which a client may choose: requests sharing one would share one concurrency slot.
+_PROCESS = os.urandom(8).hex()
+_SEQUENCE = itertools.count()
+
+
+def reservation_id() -> str:
+    """A new id, unique across the processes sharing one Redis."""
+    return f"{_PROCESS}.{next(_SEQUENCE)}"
 
 
 UNKNOWN_CONTEXT = 4096  # the generation bound assumed when neither request, policy nor upstream says
@@ -57,15 +71,16 @@ def cost_estimate(request: Validated, body_len: int, context_len: int | None) ->
 
 
 async def admit(
-    rt: Runtime, principal: Principal, policy: Policy, request_id: str, request: Validated, body_len: int
+    rt: Runtime, principal: Principal, policy: Policy, request: Validated, body_len: int
 ) -> Ticket:
     """Check revocation and reserve every limit for one request, or raise the matching error."""
     cost = cost_estimate(request, body_len, rt.upstreams.context_length(request.model))
     buckets = _buckets(principal, policy)
     shared = rt.limiter_redis is not None
+    reservation = reservation_id()
     if rt.limiter_redis is not None:
         try:
-            admission = await rt.limiter_redis.admit(principal, buckets, request_id, cost)
+            admission = await rt.limiter_redis.admit(principal, buckets, reservation, cost)
         except RevokedError:
             raise errors.AuthenticationError("The access token has been revoked.") from None
         except REDIS_DOWN:
@@ -75,21 +90,23 @@ async def admit(
             buckets = Buckets.of(
                 principal, policy, divisor=FALLBACK_DIVISOR, ceiling_rpm=rt.fallback_ceiling_rpm
             )
-            admission = rt.limiter_local.admit(principal, buckets, request_id, cost)
+            admission = rt.limiter_local.admit(principal, buckets, reservation, cost)
             admission.fallback, shared = True, False
         else:
             rt.redis_available(principal.jti)
     else:
         if local_revocations.is_revoked(principal.jti, principal.client_id):
             raise errors.AuthenticationError("The access token has been revoked.")
-        admission = rt.limiter_local.admit(principal, buckets, request_id, cost)
+        admission = rt.limiter_local.admit(principal, buckets, reservation, cost)
     headers = ratelimit_headers(buckets, admission)
     if not admission.allowed:
         exc = errors.RateLimited(LIMIT_MESSAGES.get(admission.limit, "Rate limit exceeded."))
         exc.code = admission.limit  # type: ignore[misc]
         exc.headers.update(headers)
         raise exc
-    return Ticket(buckets=buckets, admission=admission, headers=headers, shared=shared)
+    return Ticket(
+        buckets=buckets, admission=admission, headers=headers, shared=shared, reservation=reservation
+    )
 
 
 _BUCKETS: dict[tuple[int, str, str | None, int], tuple[Policy, Buckets]] = {}
@@ -109,7 +126,7 @@ def _buckets(principal: Principal, policy: Policy) -> Buckets:
     return buckets
 
 
-def settle(rt: Runtime, principal: Principal, ticket: Ticket, request_id: str, used: int) -> None:
+def settle(rt: Runtime, principal: Principal, ticket: Ticket, used: int) -> None:
     """Release the slot and refund (or charge) the difference between reserved and used tokens."""
     limiter = rt.limiter_redis if ticket.shared and rt.limiter_redis is not None else rt.limiter_local
-    limiter.settle(principal, ticket.buckets, request_id, ticket.admission.reserved_tokens, used)
+    limiter.settle(principal, ticket.buckets, ticket.reservation, ticket.admission.reserved_tokens, used)

@@ -256,7 +256,7 @@ class InferenceConsumer(GatewayConsumer):
         if not self.rt.upstreams.serves(request.model):
             raise errors.ModelNotFound(f"The model '{request.model}' is not served here.", param="model")
         outbound = json.dumps(request.payload, separators=(",", ":")).encode()
-        ticket = await admit(self.rt, principal, policy, self.request_id, request, len(outbound))
+        ticket = await admit(self.rt, principal, policy, request, len(outbound))
         used = 0
         try:
             if request.stream:
@@ -264,7 +264,7 @@ class InferenceConsumer(GatewayConsumer):
             else:
                 status, used = await self._relay_json(request, outbound, ticket.headers)
         finally:
-            settle(self.rt, principal, ticket, self.request_id, used)
+            settle(self.rt, principal, ticket, used)
         return status
 
     def _forward_headers(self) -> dict[str, str]:

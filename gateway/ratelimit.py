@@ -1,8 +1,11 @@
 """Rate limits that stay exact under concurrency: one atomic reservation before the call, a settlement after.
 
 Requests and LLM tokens per minute use GCRA (a "theoretical arrival time" per bucket, weighted by cost):
-a limit of L per minute admits exactly L at once and then refills smoothly. A concurrency slot is a member
-of a sorted set with an expiry score, so a crashed process cannot leak slots for ever. A daily token quota
+a limit of L per minute admits exactly L at once and then refills smoothly. Every reservation is a member
+of its client's in-flight set, a sorted set with expiry scores, so a crashed process cannot leak slots
+for ever: the set's size is the concurrency, and a settlement applies only if it removes its member, so a
+batch retried after a lost reply settles once. The member is the gateway's own reservation id, never
+the client's ``X-Request-ID``, or requests sharing one id would share one slot. A daily token quota
 is a counter per UTC day. With Redis, one Lua script checks the revocation keys and every bucket and
 commits all or nothing in one round trip; settlements ride along with later round trips. Without Redis
 (the embedded default, or Redis down) the same arithmetic runs in process; when Redis is down the limits
@@ -40,10 +43,8 @@ ADMIT_LUA = """
 if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return {-1} end
 local now = tonumber(ARGV[1])
 local conc = tonumber(ARGV[3])
-if conc > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-  if redis.call('ZCARD', KEYS[3]) >= conc then return {0, 'concurrency', 1000} end
-end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+if conc > 0 and redis.call('ZCARD', KEYS[3]) >= conc then return {0, 'concurrency', 1000} end
 local quota = tonumber(ARGV[5])
 local spent = 0
 if quota > 0 then
@@ -66,10 +67,8 @@ for i = 1, 4 do
     tats[i] = new_tat
   end
 end
-if conc > 0 then
-  redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[2])
-  redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]))
-end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[4]), ARGV[2])
+redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[4]))
 if quota > 0 then
   redis.call('INCRBY', KEYS[4], tonumber(ARGV[6]))
   redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7]))
@@ -89,7 +88,7 @@ return out
 
 SETTLE_LUA = """
 local now = tonumber(ARGV[1])
-redis.call('ZREM', KEYS[1], ARGV[2])
+if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 then return 0 end
 local delta = tonumber(ARGV[3])
 if delta ~= 0 then
   if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], delta) end
@@ -213,11 +212,11 @@ def ratelimit_headers(buckets: Buckets, admission: Admission) -> dict[str, str]:
     return headers
 
 
-def _admit_args(buckets: Buckets, request_id: str, cost: int, now_ms: int) -> list[Any]:
+def _admit_args(buckets: Buckets, reservation: str, cost: int, now_ms: int) -> list[Any]:
     seconds_to_midnight = 86_400 - (now_ms // 1000) % 86_400
     return [
         now_ms,
-        request_id,
+        reservation,
         buckets.concurrency,
         SLOT_TTL_MS,
         buckets.daily_tokens,
@@ -252,11 +251,11 @@ class RedisLimiter:
         self._load_settle = True  # load the script with the first settlements (and after a Redis restart)
         batcher.rider_add(self)
 
-    async def admit(self, principal: Principal, buckets: Buckets, request_id: str, cost: int) -> Admission:
+    async def admit(self, principal: Principal, buckets: Buckets, reservation: str, cost: int) -> Admission:
         """Check revocation and reserve every limit atomically (raises RevokedError, or ConnectionError)."""
         now_ms = int(time.time() * 1000)
         command = ("EVALSHA", ADMIT_SHA, 8, *buckets.keys(principal.jti))
-        command += tuple(_admit_args(buckets, request_id, cost, now_ms))
+        command += tuple(_admit_args(buckets, reservation, cost, now_ms))
         try:
             result = await self.batcher.call(*command)
         except redis_exceptions.NoScriptError:
@@ -277,14 +276,14 @@ class RedisLimiter:
         )
 
     def settle(
-        self, principal: Principal, buckets: Buckets, request_id: str, reserved: int, used: int
+        self, principal: Principal, buckets: Buckets, reservation: str, reserved: int, used: int
     ) -> None:
         """Queue the settlement: release the slot, refund or charge the difference (sent with a batch)."""
         keys = buckets.keys(principal.jti)
         now_ms = int(time.time() * 1000)
         self._pending.append(
             ("EVALSHA", SETTLE_SHA, 4, keys[2], keys[3], keys[5], keys[7])
-            + (now_ms, request_id, used - reserved, buckets.tpm, buckets.user_tpm)
+            + (now_ms, reservation, used - reserved, buckets.tpm, buckets.user_tpm)
         )
         self.batcher.nudge(SETTLE_LINGER_S)
 
@@ -302,7 +301,8 @@ class RedisLimiter:
         return batch
 
     def done(self, sent: list[Command], replies: list[Any], error: BaseException | None) -> None:
-        """Retry what failed or got no reply (a settlement that was answered is never sent twice)."""
+        """Retry what failed or got no reply: a settlement that ran before its reply was lost finds its
+        member gone when it comes again, and changes nothing."""
         if any(isinstance(r, redis_exceptions.NoScriptError) for r in replies):
             self._load_settle = True  # Redis restarted and lost its scripts: load again, then retry
         answered = [c for c, r in zip(sent, replies, strict=False) if c[0] == "EVALSHA" and _is_error(r)]
@@ -328,7 +328,7 @@ class LocalLimiter:
         self._daily: dict[str, int] = {}
 
     def admit(
-        self, principal: Principal, buckets: Buckets, request_id: str, cost: int, *, now: float | None = None
+        self, principal: Principal, buckets: Buckets, reservation: str, cost: int, *, now: float | None = None
     ) -> Admission:
         now_ms = (now if now is not None else time.time()) * 1000
         keys = buckets.keys(principal.jti)
@@ -358,7 +358,7 @@ class LocalLimiter:
                 new_tats[key] = new_tat
         self._tat.update(new_tats)
         if buckets.concurrency:
-            slots[request_id] = now_ms + SLOT_TTL_MS
+            slots[reservation] = now_ms + SLOT_TTL_MS
         if buckets.daily_tokens:
             self._daily[keys[3]] = self._daily.get(keys[3], 0) + cost
         return self._admitted(buckets, keys, new_tats, now_ms, cost)
@@ -379,10 +379,10 @@ class LocalLimiter:
         return admission
 
     def settle(
-        self, principal: Principal, buckets: Buckets, request_id: str, reserved: int, used: int
+        self, principal: Principal, buckets: Buckets, reservation: str, reserved: int, used: int
     ) -> None:
         keys = buckets.keys(principal.jti)
-        self._slots.get(keys[2], {}).pop(request_id, None)
+        self._slots.get(keys[2], {}).pop(reservation, None)
         delta = used - reserved
         if delta and keys[3] in self._daily:
             self._daily[keys[3]] += delta

@@ -40,6 +40,7 @@ POLICIES: dict[str, dict[str, Any]] = {
     "rpm": {"rpm": 50},
     "tpm": {"tpm": 1000, "max_tokens": 40},
     "slot": {"concurrency": 1},
+    "pair": {"concurrency": 2},
     "ip": {"allow_ips": ["10.1.2.3/32"]},
     "fallback": {"rpm": 40},
 }
@@ -192,6 +193,26 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_is_charged_for_
     assert (
         sent_events - 1 <= row.completion_tokens < 500
     )  # charged for the tokens streamed, not the reservation
+
+
+def test_a_client_chosen_request_id_shared_by_every_request_does_not_share_one_slot(stack):
+    server, fake, clients = stack
+    fake.reset()
+    fake.configure(tokens=500, chunk_delay_s=0.02)
+    token = client_token(server, clients["pair"], "completions models.read")
+    wait_policy(server, token)
+    headers = {"authorization": f"Bearer {token}", "x-request-id": "the-same-id-every-time"}
+    body = {**CHAT, "max_tokens": 500, "stream": True}
+    url = f"{server.base}/v1/chat/completions"
+    with (
+        httpx.stream("POST", url, json=body, headers=headers, timeout=10) as first,
+        httpx.stream("POST", url, json=body, headers=headers, timeout=10) as second,
+    ):
+        assert (first.status_code, second.status_code) == (200, 200)
+        assert first.headers["x-request-id"] == "the-same-id-every-time"  # still echoed, for the logs
+        third = httpx.post(url, json=CHAT, headers=headers, timeout=10)
+        assert third.status_code == 429
+        assert third.json()["error"]["code"] == "concurrency"
 
 
 @pytest.mark.parametrize("trusted", [False, True])

@@ -127,6 +127,28 @@ def test_concurrent_token_reservations_never_exceed_the_limit_and_settle_to_usag
     assert settled <= remaining <= settled + 50  # plus what refilled in the milliseconds the test took
 
 
+@pytest.mark.parametrize("concurrency", [0, 2])
+def test_a_settlement_sent_again_after_its_reply_was_lost_changes_nothing(shared, redis_client, concurrency):
+    b = buckets(tpm=10_000, daily_tokens=100_000, concurrency=concurrency)
+
+    async def run() -> int:
+        limiter = await shared()
+        await limiter.admit(SERVICE, b, "r1", 700)
+        limiter.settle(SERVICE, b, "r1", reserved=700, used=100)
+        await limiter.flush()
+        limiter.settle(SERVICE, b, "r1", reserved=700, used=100)  # a retry of a batch Redis had run
+        await limiter.flush()
+        after = await limiter.admit(SERVICE, b, "after", 700)
+        await close(limiter)
+        return after.remaining_tokens
+
+    remaining = asyncio.run(run())
+    settled = 10_000 - 100 - 700  # refunded once: 600 of the 700 reserved
+    assert settled <= remaining <= settled + 50  # plus what refilled in the milliseconds the test took
+    assert int(redis_client.get(b.keys(SERVICE.jti)[3])) == 100 + 700  # the daily quota charged once
+    assert redis_client.zrange(b.keys(SERVICE.jti)[2], 0, -1) == [b"after"]  # r1's slot is gone
+
+
 def test_the_script_refuses_a_revoked_token_in_the_same_round_trip(shared, redis_client):
     redis_client.set("portcullis:revoked:jti:j-svc", 1)
 
