@@ -262,11 +262,13 @@ def _signing_keys_lock() -> None:
 def signing_key_bootstrap(algorithm: str, *, borrow: bool = False) -> SigningKey:
     """Give a key family its first key and return the key that signs for it now.
 
-    On a fresh install the first key signs at once: nobody caches a JWKS yet. With ``borrow``, on an
-    install that already signs with another algorithm, the family's first key is published now and signs
-    only after ``PORTCULLIS_KEY_PUBLISH_AHEAD`` (beat activates it), as any new key does; until then the
-    other family's active key is returned. Without ``borrow`` (ID tokens must be RS256) the family's
-    waiting key, or else a new one, signs at once.
+    On a fresh install (no key signs yet) every family in use gets its first key at once, and it signs at
+    once: nobody caches a JWKS yet, and from then on every family in use has a published key. A family
+    that starts later (the access-token algorithm changed, or an install that signed RS256 upgraded) has
+    its first key published ahead like any new key: with ``borrow`` (access tokens) the other family's
+    active key signs until beat activates it. Without ``borrow`` (ID tokens must be RS256, which every
+    install signs with from its start) a family with no signing key has its waiting key, or a new one,
+    sign at once, since nothing else can.
     """
     with transaction.atomic():
         _signing_keys_lock()
@@ -275,20 +277,30 @@ def signing_key_bootstrap(algorithm: str, *, borrow: bool = False) -> SigningKey
         if existing:
             return existing
         now = timezone.now()
-        pending = (
-            SigningKey.objects.filter(state=SigningKey.State.PENDING, algorithm=algorithm)
-            .order_by("created_at")
-            .first()
-        )
-        other = active.order_by("-activated_at").first() if borrow else None
-        if other is not None and (pending is None or pending.activate_after > now):
+        other = active.order_by("-activated_at").first()  # None: a fresh install
+        pending = _first_pending(algorithm)
+        if borrow and other is not None and (pending is None or pending.activate_after > now):
             if pending is None:
                 ahead = int(settings.AUTHSERVER["KEY_PUBLISH_AHEAD_S"])
                 _key_create(algorithm=algorithm, now=now, publish_ahead_s=ahead, actor="system")
             return other
-        key = pending or _key_create(algorithm=algorithm, now=now, publish_ahead_s=0, actor="system")
-        _key_activate(key=key, now=now, actor="system")
-        return key
+        families = signing_algorithms_in_use() if other is None else ()
+        for family in dict.fromkeys((algorithm, *families)):
+            key = _first_pending(family) or _key_create(
+                algorithm=family, now=now, publish_ahead_s=0, actor="system"
+            )
+            _key_activate(key=key, now=now, actor="system")
+            if family == algorithm:
+                signing = key
+        return signing
+
+
+def _first_pending(algorithm: str) -> SigningKey | None:
+    return (
+        SigningKey.objects.filter(state=SigningKey.State.PENDING, algorithm=algorithm)
+        .order_by("created_at")
+        .first()
+    )
 
 
 @dataclass(frozen=True)
@@ -316,9 +328,7 @@ def _family_rotate(
         or (active.activated_at or now) + timedelta(seconds=int(conf["KEY_ROTATION_INTERVAL_S"])) <= now
     )
     if pending is None and (force or due):
-        # Published ahead like any new key, unless nothing signs yet (a fresh install: nobody has a JWKS).
-        fresh = not SigningKey.objects.filter(state=SigningKey.State.ACTIVE).exists()
-        ahead = 0 if (activate_now or fresh) else int(conf["KEY_PUBLISH_AHEAD_S"])
+        ahead = 0 if activate_now else int(conf["KEY_PUBLISH_AHEAD_S"])
         pending = _key_create(algorithm=algorithm, now=now, publish_ahead_s=ahead, actor=actor)
         created = pending.kid
     if pending is not None and (activate_now or pending.activate_after <= now):
@@ -338,9 +348,11 @@ def signing_key_rotate(
     with transaction.atomic():
         _signing_keys_lock()
         in_use = signing_algorithms_in_use()
+        # Nothing signs yet (a fresh install): first keys sign at once, as nobody has a JWKS to refresh.
+        fresh = not SigningKey.objects.filter(state=SigningKey.State.ACTIVE).exists()
         for algorithm in in_use:
             new, switched = _family_rotate(
-                algorithm, now=now, force=force, activate_now=activate_now, actor=actor
+                algorithm, now=now, force=force, activate_now=activate_now or fresh, actor=actor
             )
             created += [new] if new else []
             activated += [switched] if switched else []

@@ -14,8 +14,8 @@ from jwcrypto import jwk, jws, jwt
 from audit.models import AuditEvent
 from authserver.crypto import private_key_decrypt
 from authserver.models import SigningKey
-from authserver.selectors import active_key_cache_clear, signing_key_active
-from authserver.services import signing_key_rotate
+from authserver.selectors import active_key_cache_clear
+from authserver.services import RotationResult, signing_key_rotate
 
 pytestmark = pytest.mark.django_db
 
@@ -34,8 +34,7 @@ def test_access_token_is_an_rfc9068_jwt_verifiable_with_the_published_jwks(
     before = int(timezone.now().timestamp())
     token = oauth.client_credentials(reg).json()["access_token"]
     header, claims = _verify(token, client.get("/.well-known/jwks.json").json())
-    key = SigningKey.objects.get(state="active")  # the only family a client-credentials token needs
-    assert key.algorithm == "ES256"
+    key = SigningKey.objects.get(state="active", algorithm="ES256")
     assert header == {"alg": "ES256", "typ": "at+jwt", "kid": key.kid}
     assert claims["iss"] == settings.PORTCULLIS_ISSUER
     assert claims["aud"] == settings.PORTCULLIS_AUDIENCE
@@ -50,9 +49,11 @@ def test_access_token_is_an_rfc9068_jwt_verifiable_with_the_published_jwks(
 def test_private_keys_are_encrypted_at_rest_and_jwks_holds_no_private_part(oauth, make_client, client):
     make_client()
     oauth.client_credentials(make_client())
-    key = SigningKey.objects.get()
-    assert b"PRIVATE KEY" not in bytes(key.private_key_encrypted)
-    assert b"PRIVATE KEY" in private_key_decrypt(bytes(key.private_key_encrypted))
+    keys = SigningKey.objects.all()
+    assert sorted(k.algorithm for k in keys) == ["ES256", "RS256"]  # a fresh install starts every family
+    for key in keys:
+        assert b"PRIVATE KEY" not in bytes(key.private_key_encrypted)
+        assert b"PRIVATE KEY" in private_key_decrypt(bytes(key.private_key_encrypted))
     published = client.get("/.well-known/jwks.json").json()["keys"]
     assert published
     assert all(set(k) & {"d", "p", "q", "dp", "dq", "qi"} == set() for k in published)
@@ -61,7 +62,7 @@ def test_private_keys_are_encrypted_at_rest_and_jwks_holds_no_private_part(oauth
 def test_staged_rotation_publishes_before_signing_and_old_tokens_still_verify(oauth, make_client, client):
     reg = make_client()
     old_token = oauth.client_credentials(reg).json()["access_token"]
-    old_kid = SigningKey.objects.get(state="active").kid
+    old_kid = SigningKey.objects.get(state="active", algorithm="ES256").kid
     out = StringIO()
     call_command("rotatekeys", stdout=out)
     assert "published new key" in out.getvalue()
@@ -71,6 +72,7 @@ def test_staged_rotation_publishes_before_signing_and_old_tokens_still_verify(oa
     still_old = oauth.client_credentials(reg).json()["access_token"]
     assert _verify(still_old, client.get("/.well-known/jwks.json").json())[0]["kid"] == old_kid
     result = signing_key_rotate(now=pending.activate_after + timedelta(seconds=1))
+    assert len(result.activated) == 2  # both families, ES256's and RS256's
     assert pending.kid in result.activated
     active_key_cache_clear()
     jwks = client.get("/.well-known/jwks.json").json()
@@ -83,7 +85,7 @@ def test_staged_rotation_publishes_before_signing_and_old_tokens_still_verify(oa
 
 def test_retired_key_is_unpublished_only_after_its_tokens_expired(make_client, oauth, client):
     oauth.client_credentials(make_client())
-    old = SigningKey.objects.get(state="active")
+    old = SigningKey.objects.get(state="active", algorithm="ES256")
     signing_key_rotate(force=True, activate_now=True)
     old.refresh_from_db()
     assert old.state == "retired"
@@ -92,22 +94,20 @@ def test_retired_key_is_unpublished_only_after_its_tokens_expired(make_client, o
     signing_key_rotate(now=old.remove_after - timedelta(seconds=1))
     assert old.kid in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
     result = signing_key_rotate(now=old.remove_after + timedelta(seconds=1))
-    assert result.removed == (old.kid,)
+    assert old.kid in result.removed
+    assert len(result.removed) == 2  # and the RS256 key retired with it
     assert old.kid not in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
 
 
 def test_beat_rotation_waits_for_the_interval(make_client, oauth, settings):
     oauth.client_credentials(make_client())
-    active = SigningKey.objects.get(state="active")
+    active = SigningKey.objects.get(state="active", algorithm="ES256")
     assert active.activated_at is not None
-    first = signing_key_rotate(now=timezone.now())  # the RS256 family (ID tokens) gets its first key
-    rs256 = SigningKey.objects.get(algorithm="RS256")
-    assert (first.created, first.activated, rs256.state) == ((rs256.kid,), (), "pending")
-    assert signing_key_rotate(now=timezone.now()).created == ()
+    assert signing_key_rotate(now=timezone.now()) == RotationResult()
     interval = settings.AUTHSERVER["KEY_ROTATION_INTERVAL_S"]
     result = signing_key_rotate(now=active.activated_at + timedelta(seconds=interval + 1))
-    assert SigningKey.objects.get(kid__in=result.created).algorithm == "ES256"
-    assert result.activated == (rs256.kid,)  # published long enough by now
+    created = SigningKey.objects.filter(kid__in=result.created)
+    assert sorted((k.algorithm, k.state) for k in created) == [("ES256", "pending"), ("RS256", "pending")]
 
 
 def test_a_token_signed_by_an_unpublished_key_does_not_verify(oauth, make_client, client):
@@ -166,9 +166,11 @@ def test_concurrent_first_token_requests_on_a_fresh_install_share_one_key_and_do
         thread.join(timeout=30)
     assert not any(thread.is_alive() for thread in threads), "token requests deadlocked"
     assert statuses == [200] * len(registered)
-    assert SigningKey.objects.count() == 1
-    assert SigningKey.objects.get().state == SigningKey.State.ACTIVE
-    assert AuditEvent.objects.filter(kind="key.created").count() == 1
+    assert sorted(SigningKey.objects.values_list("algorithm", "state")) == [
+        ("ES256", "active"),
+        ("RS256", "active"),
+    ]
+    assert AuditEvent.objects.filter(kind="key.created").count() == 2
     assert AuditEvent.objects.filter(kind="token.issued").count() == len(registered)
     report = chain_verify()
     assert report.ok, report.reason
@@ -176,7 +178,7 @@ def test_concurrent_first_token_requests_on_a_fresh_install_share_one_key_and_do
 
 def test_es256_keys_are_p256_and_published_without_their_private_part(oauth, make_client, client):
     oauth.client_credentials(make_client())
-    key = SigningKey.objects.get(state="active")
+    key = SigningKey.objects.get(state="active", algorithm="ES256")
     published = {k["kid"]: k for k in client.get("/.well-known/jwks.json").json()["keys"]}
     assert published[key.kid] == {**key.public_jwk, "kid": key.kid}
     assert set(published[key.kid]) == {"kty", "crv", "x", "y", "kid", "alg", "use"}
@@ -198,7 +200,6 @@ def test_rs256_access_tokens_are_one_setting_away_and_share_the_id_token_keys(
 
 def test_each_family_rotates_on_its_own_and_never_retires_the_other(oauth, make_client):
     oauth.client_credentials(make_client())
-    signing_key_active("RS256")  # the RS256 family's first key, as an ID token asks for it
     first = {k.algorithm: k.kid for k in SigningKey.objects.filter(state="active")}
     assert set(first) == {"ES256", "RS256"}
     result = signing_key_rotate(force=True, activate_now=True)
@@ -213,38 +214,67 @@ def test_each_family_rotates_on_its_own_and_never_retires_the_other(oauth, make_
     assert sorted(event["alg"] for event in retired) == ["ES256", "RS256"]
 
 
-def test_switching_the_algorithm_publishes_the_new_family_first_and_retires_the_old_one_after(
+def test_a_fresh_install_publishes_every_family_with_its_first_key_and_each_signs_at_once(
+    oauth, make_client, client, alice
+):
+    from tests.conftest import pkce_pair
+
+    oauth.client_credentials(make_client())  # the first thing it signs is an access token (ES256)
+    first = {k.algorithm: k.kid for k in SigningKey.objects.filter(state="active")}
+    assert set(first) == {"ES256", "RS256"}
+    assert set(first.values()) == {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
+    client.force_login(alice)
+    app = make_client(grants=("authorization-code",), scopes="openid models.read")
+    verifier, challenge = pkce_pair()
+    code = oauth.code_from(oauth.authorize(app.client, challenge=challenge, scope="openid models.read"))
+    id_token = oauth.code_exchange(app, code, verifier).json()["id_token"]
+    assert (
+        _verify(id_token, client.get("/.well-known/jwks.json").json(), alg="RS256")[0]["kid"]
+        == first["RS256"]
+    )
+    assert SigningKey.objects.count() == 2  # the ID token found its key published since the start
+
+
+def test_beat_on_a_fresh_install_starts_every_family_signing_at_once():
+    result = signing_key_rotate()
+    keys = SigningKey.objects.filter(kid__in=result.activated)
+    assert sorted((k.algorithm, k.state) for k in keys) == [("ES256", "active"), ("RS256", "active")]
+    assert result.created == result.activated
+
+
+def test_switching_to_rs256_signs_with_the_id_token_family_at_once_and_retires_es256_after(
     oauth, make_client, client, settings
 ):
     reg = make_client()
     old_token = oauth.client_credentials(reg).json()["access_token"]
     es256 = SigningKey.objects.get(state="active", algorithm="ES256")
+    rs256 = SigningKey.objects.get(state="active", algorithm="RS256")  # published since the install
     settings.AUTHSERVER = {**settings.AUTHSERVER, "ACCESS_TOKEN_ALGORITHM": "RS256"}
     active_key_cache_clear()
-    still = oauth.client_credentials(reg).json()["access_token"]  # RS256 is published, not yet signing
-    rs256 = SigningKey.objects.get(algorithm="RS256")
-    assert (rs256.state, rs256.activate_after > timezone.now()) == ("pending", True)
     jwks = client.get("/.well-known/jwks.json").json()
-    assert rs256.kid in {k["kid"] for k in jwks["keys"]}
-    assert _verify(still, jwks)[0]["kid"] == es256.kid
-    assert signing_key_rotate().retired == ()  # the old family signs until the new one does
-    result = signing_key_rotate(now=rs256.activate_after + timedelta(seconds=1))
-    assert (result.activated, result.retired) == ((rs256.kid,), (es256.kid,))
+    new_header, _ = _verify(oauth.client_credentials(reg).json()["access_token"], jwks, alg="RS256")
+    assert new_header["kid"] == rs256.kid
+    result = signing_key_rotate()
+    assert (result.created, result.retired) == ((), (es256.kid,))
     es256.refresh_from_db()
     assert es256.state == "retired"
     assert es256.remove_after is not None
-    active_key_cache_clear()
     jwks = client.get("/.well-known/jwks.json").json()
     assert _verify(old_token, jwks)[0]["kid"] == es256.kid  # still published until it has expired
-    new_header, _ = _verify(oauth.client_credentials(reg).json()["access_token"], jwks, alg="RS256")
-    assert new_header["kid"] == rs256.kid
     assert signing_key_rotate(now=es256.remove_after + timedelta(seconds=1)).removed == (es256.kid,)
     assert es256.kid not in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
 
 
-def test_an_install_upgraded_from_rs256_publishes_its_es256_key_before_it_signs(oauth, make_client, client):
-    rs256 = signing_key_active("RS256")  # all an install signed with before ES256 access tokens
+def test_an_install_upgraded_from_rs256_publishes_its_es256_key_before_it_signs(
+    oauth, make_client, client, settings
+):
+    before = settings.AUTHSERVER
+    settings.AUTHSERVER = {**before, "ACCESS_TOKEN_ALGORITHM": "RS256"}  # as every install signed until now
     reg = make_client()
+    oauth.client_credentials(reg)
+    rs256 = SigningKey.objects.get()
+    settings.AUTHSERVER = before  # the upgrade: ES256 by default
+    active_key_cache_clear()
     header, _ = _verify(
         oauth.client_credentials(reg).json()["access_token"], {"keys": [rs256.public_jwk]}, "RS256"
     )
@@ -252,7 +282,10 @@ def test_an_install_upgraded_from_rs256_publishes_its_es256_key_before_it_signs(
     es256 = SigningKey.objects.get(algorithm="ES256")
     assert (es256.state, es256.activate_after > timezone.now()) == ("pending", True)
     assert es256.kid in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
-    oauth.client_credentials(reg)
+    active_key_cache_clear()
+    assert _verify(
+        oauth.client_credentials(reg).json()["access_token"], {"keys": [rs256.public_jwk]}, "RS256"
+    )
     assert SigningKey.objects.filter(algorithm="ES256").count() == 1  # one waiting key, not one a token
     assert signing_key_rotate(now=es256.activate_after + timedelta(seconds=1)).activated == (es256.kid,)
     active_key_cache_clear()
