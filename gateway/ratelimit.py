@@ -3,9 +3,10 @@
 Requests and LLM tokens per minute use GCRA (a "theoretical arrival time" per bucket, weighted by cost):
 a limit of L per minute admits exactly L at once and then refills smoothly. Every reservation is a member
 of its client's in-flight set, a sorted set with expiry scores, so a crashed process cannot leak slots
-for ever: the set's size is the concurrency, and a settlement applies only if it removes its member, so a
-batch retried after a lost reply settles once. The member is the gateway's own reservation id, never
-the client's ``X-Request-ID``, or requests sharing one id would share one slot. A daily token quota
+for ever: the set's size is the concurrency. A settlement sent again (its batch broke, its reply may
+have been lost) applies only if it still removes its member, so it settles once; a first try always
+applies, even for a request that outlived its slot. The member is the gateway's own reservation id,
+never the client's ``X-Request-ID``, or requests sharing one id would share one slot. A daily token quota
 is a counter per UTC day. With Redis, one Lua script checks the revocation keys and every bucket and
 commits all or nothing in one round trip; settlements ride along with later round trips. Without Redis
 (the embedded default, or Redis down) the same arithmetic runs in process; when Redis is down the limits
@@ -88,7 +89,7 @@ return out
 
 SETTLE_LUA = """
 local now = tonumber(ARGV[1])
-if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 then return 0 end
+if redis.call('ZREM', KEYS[1], ARGV[2]) == 0 and ARGV[6] == '1' then return 0 end
 local delta = tonumber(ARGV[3])
 if delta ~= 0 then
   if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('INCRBY', KEYS[2], delta) end
@@ -114,6 +115,7 @@ return 1
 ADMIT_SHA = hashlib.sha1(ADMIT_LUA.encode(), usedforsecurity=False).hexdigest()  # as Redis names it
 SETTLE_SHA = hashlib.sha1(SETTLE_LUA.encode(), usedforsecurity=False).hexdigest()
 SETTLE_LINGER_S = 0.005  # with no traffic to ride along with, settlements go within 5 ms
+FIRST_TRY, RETRY = 0, 1  # a settlement's last argument: a retry applies only if its reservation is still held
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,7 @@ class RedisLimiter:
         now_ms = int(time.time() * 1000)
         self._pending.append(
             ("EVALSHA", SETTLE_SHA, 4, keys[2], keys[3], keys[5], keys[7])
-            + (now_ms, reservation, used - reserved, buckets.tpm, buckets.user_tpm)
+            + (now_ms, reservation, used - reserved, buckets.tpm, buckets.user_tpm, FIRST_TRY)
         )
         self.batcher.nudge(SETTLE_LINGER_S)
 
@@ -307,7 +309,7 @@ class RedisLimiter:
             self._load_settle = True  # Redis restarted and lost its scripts: load again, then retry
         answered = [c for c, r in zip(sent, replies, strict=False) if c[0] == "EVALSHA" and _is_error(r)]
         unanswered = [c for c in sent[len(replies) :] if c[0] == "EVALSHA"]
-        retry = answered + unanswered
+        retry = [c[:-1] + (RETRY,) for c in answered + unanswered]
         if error is not None:
             logger.warning("settling %d reservations failed (%s); will retry", len(unanswered), error)
         if retry:

@@ -121,17 +121,42 @@ def test_an_es256_token_verifies_with_its_p256_key(verifier):
 
 
 @pytest.mark.parametrize(
-    ("alg", "signer", "kid"),
-    [("RS256", PEM, "e1"), ("ES256", EC_PRIVATE, "k1"), ("ES384", EC_PRIVATE, "e1")],
-    ids=["RS256 naming the EC key", "ES256 naming the RSA key", "ES384 naming the ES256 key"],
+    ("alg", "signer", "kid", "refusal"),
+    [
+        ("RS256", PEM, "e1", "does not match its key"),
+        ("ES256", EC_PRIVATE, "k1", "does not match its key"),
+        ("ES384", ec.generate_private_key(ec.SECP384R1()), "e1", "algorithm is not accepted"),
+    ],
+    ids=["RS256 naming the EC key", "ES256 naming the RSA key", "ES384, which the server never signs"],
 )
-def test_an_algorithm_other_than_the_keys_is_refused(verifier, alg, signer, kid):
+def test_an_algorithm_other_than_the_keys_is_refused(verifier, alg, signer, kid, refusal):
     v, _ = verifier
-    if alg == "ES384":
-        signer = ec.generate_private_key(ec.SECP384R1())
     raw = jwt.encode(claims(), signer, algorithm=alg, headers={"typ": "at+jwt", "kid": kid})
-    with pytest.raises(AuthenticationError, match="does not match its key"):
+    with pytest.raises(AuthenticationError, match=refusal):
         verify(v, raw)
+
+
+def _raw_header(header_json: str) -> str:
+    import base64
+
+    head = base64.urlsafe_b64encode(header_json.encode()).rstrip(b"=").decode()
+    return f"{head}.{token().split('.', 1)[1]}"
+
+
+@pytest.mark.parametrize(
+    "header_json",
+    [
+        '{"alg": ["ES256"], "typ": "at+jwt", "kid": "e1"}',
+        '{"alg": {"a": 1}, "typ": "at+jwt", "kid": "e1"}',
+        "[" * 2000 + "]" * 2000,  # under the size cap
+        '{"alg": "ES256", "typ": "at+jwt", "kid": ' + "[" * 2000 + "]" * 2000 + "}",
+    ],
+    ids=["alg a list", "alg an object", "nested arrays", "kid nested arrays"],
+)
+def test_a_header_of_the_wrong_shape_is_refused_not_a_crash(verifier, header_json):
+    v, _ = verifier
+    with pytest.raises(AuthenticationError):
+        verify(v, _raw_header(header_json))
 
 
 def test_a_user_token_names_its_user(verifier):

@@ -135,9 +135,11 @@ def test_a_settlement_sent_again_after_its_reply_was_lost_changes_nothing(shared
         limiter = await shared()
         await limiter.admit(SERVICE, b, "r1", 700)
         limiter.settle(SERVICE, b, "r1", reserved=700, used=100)
-        await limiter.flush()
-        limiter.settle(SERVICE, b, "r1", reserved=700, used=100)  # a retry of a batch Redis had run
-        await limiter.flush()
+        sent = limiter.take()
+        for command in sent:  # Redis runs the batch...
+            redis_client.execute_command(*command)
+        limiter.done(sent, [], ConnectionError("the connection broke before the reply"))  # ...unanswered
+        await limiter.flush()  # the retry
         after = await limiter.admit(SERVICE, b, "after", 700)
         await close(limiter)
         return after.remaining_tokens
@@ -147,6 +149,21 @@ def test_a_settlement_sent_again_after_its_reply_was_lost_changes_nothing(shared
     assert settled <= remaining <= settled + 50  # plus what refilled in the milliseconds the test took
     assert int(redis_client.get(b.keys(SERVICE.jti)[3])) == 100 + 700  # the daily quota charged once
     assert redis_client.zrange(b.keys(SERVICE.jti)[2], 0, -1) == [b"after"]  # r1's slot is gone
+
+
+def test_a_request_that_outlived_its_slot_is_still_settled(shared, redis_client):
+    b = buckets(daily_tokens=100_000, concurrency=2)
+
+    async def run() -> None:
+        limiter = await shared()
+        await limiter.admit(SERVICE, b, "long", 5_000)
+        redis_client.zrem(b.keys(SERVICE.jti)[2], "long")  # reclaimed after SLOT_TTL_MS, the stream still on
+        limiter.settle(SERVICE, b, "long", reserved=5_000, used=200)
+        await limiter.flush()
+        await close(limiter)
+
+    asyncio.run(run())
+    assert int(redis_client.get(b.keys(SERVICE.jti)[3])) == 200  # charged what it used, not the reservation
 
 
 def test_the_script_refuses_a_revoked_token_in_the_same_round_trip(shared, redis_client):
