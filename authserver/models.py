@@ -7,6 +7,7 @@ migration knot DOT documents for late swaps.
 from __future__ import annotations
 
 import ipaddress
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -85,9 +86,12 @@ class Client(dot.AbstractApplication):
         if errors:
             raise ValidationError(errors)
 
-    @property
+    @cached_property
     def jwk_key(self) -> jwk.JWK:
-        """Sign ID tokens with the active rotating key (replaces DOT's static OIDC_RSA_PRIVATE_KEY)."""
+        """Sign ID tokens with the active rotating key (replaces DOT's static OIDC_RSA_PRIVATE_KEY).
+
+        Read once per client object, so once per request: DOT reads it once for the ``kid`` and again to
+        sign, and a rotation between the two reads must not give a ``kid`` naming another key."""
         from authserver.crypto import ID_TOKEN_ALGORITHM
         from authserver.selectors import signing_key_active
 

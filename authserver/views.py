@@ -220,7 +220,6 @@ def jwks(request: HttpRequest) -> JsonResponse:
     """Publish the signing keys (RFC 7517): pending ones before they sign, retired ones until unused."""
     response = JsonResponse(jwks_get())
     response["Access-Control-Allow-Origin"] = "*"
-    response["Cache-Control"] = "public, max-age=60"
     return response
 
 
@@ -270,7 +269,6 @@ def protected_resource_metadata(request: HttpRequest) -> JsonResponse:
         {
             "resource": settings.PORTCULLIS_AUDIENCE,
             "authorization_servers": [settings.PORTCULLIS_ISSUER],
-            "jwks_uri": f"{settings.PORTCULLIS_ISSUER}/.well-known/jwks.json",
             "scopes_supported": ["models.read", "completions", "embeddings"],
             "bearer_methods_supported": ["header"],
             "resource_name": "Portcullis OpenAI-compatible gateway",

@@ -48,13 +48,22 @@ class Ticket:
 
 # Reservation ids: this process's random prefix and a counter (no system call per request). Not the
 # request id, which a client may choose: requests sharing one would share one concurrency slot.
-_PROCESS = os.urandom(8).hex()
-_SEQUENCE = itertools.count()
+_process = os.urandom(8).hex()
+_sequence = itertools.count()
+
+
+def _reseed() -> None:
+    """A forked child (a server that imports the app before forking workers) takes a prefix of its own."""
+    global _process, _sequence
+    _process, _sequence = os.urandom(8).hex(), itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed)
 
 
 def reservation_id() -> str:
     """A new id, unique across the processes sharing one Redis."""
-    return f"{_PROCESS}.{next(_SEQUENCE)}"
+    return f"{_process}.{next(_sequence)}"
 
 
 UNKNOWN_CONTEXT = 4096  # the generation bound assumed when neither request, policy nor upstream says

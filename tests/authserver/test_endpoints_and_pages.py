@@ -46,8 +46,9 @@ def test_openid_configuration_and_protected_resource_metadata(client, settings):
     assert resource["resource"] == settings.PORTCULLIS_AUDIENCE
     assert resource["authorization_servers"] == [settings.PORTCULLIS_ISSUER]
     assert resource["bearer_methods_supported"] == ["header"]
-    # RFC 9728 §2: that member lists algorithms the resource signs its responses with; the gateway signs none
-    assert "resource_signing_alg_values_supported" not in resource
+    # RFC 9728 §2: these describe keys and algorithms the resource signs its responses with; the gateway
+    # signs none (the authorization server's keys are found through authorization_servers)
+    assert {"resource_signing_alg_values_supported", "jwks_uri"}.isdisjoint(resource)
 
 
 def test_device_flow_from_code_to_token(client, make_client, alice):

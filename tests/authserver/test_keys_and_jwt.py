@@ -13,7 +13,7 @@ from jwcrypto import jwk, jws, jwt
 
 from audit.models import AuditEvent
 from authserver.crypto import private_key_decrypt
-from authserver.models import SigningKey
+from authserver.models import Client, SigningKey
 from authserver.selectors import active_key_cache_clear
 from authserver.services import RotationResult, signing_key_rotate
 
@@ -233,6 +233,15 @@ def test_a_fresh_install_publishes_every_family_with_its_first_key_and_each_sign
         == first["RS256"]
     )
     assert SigningKey.objects.count() == 2  # the ID token found its key published since the start
+
+
+def test_a_client_object_signs_its_id_tokens_with_one_key_even_across_a_rotation(make_client):
+    client = make_client().client
+    first = client.jwk_key  # DOT reads it for the kid...
+    signing_key_rotate(force=True, activate_now=True)
+    active_key_cache_clear()
+    assert client.jwk_key is first  # ...and again to sign: the same key
+    assert Client.objects.get(pk=client.pk).jwk_key.thumbprint() != first.thumbprint()  # the next request
 
 
 def test_beat_on_a_fresh_install_starts_every_family_signing_at_once():

@@ -223,3 +223,22 @@ def test_the_limit_names_agree_across_the_script_the_messages_and_the_metrics():
     assert {"concurrency", "daily_tokens", "requests", "tokens"} <= returned
     assert set(admission.LIMIT_MESSAGES) == set(ratelimit.LIMITS)
     assert metrics.LIMITS is ratelimit.LIMITS
+
+
+def test_reservation_ids_are_unique_and_a_forked_child_takes_its_own_prefix():
+    import os
+
+    from gateway.admission import reservation_id
+
+    ids = {reservation_id() for _ in range(1000)}
+    assert len(ids) == 1000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next id and leave at once
+        os.write(write, reservation_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    os.close(read)
+    assert child.split(".")[0] != reservation_id().split(".")[0]
