@@ -20,6 +20,7 @@ from authserver.revocation import local_revocations
 from gateway import errors
 from gateway.auth import Principal
 from gateway.ratelimit import FALLBACK_DIVISOR, Admission, Buckets, RevokedError, ratelimit_headers
+from gateway.redisbatch import RedisUnanswered
 from gateway.selectors import Policy
 from gateway.validation import Validated
 
@@ -92,7 +93,9 @@ async def admit(
             admission = await rt.limiter_redis.admit(principal, buckets, reservation, cost)
         except RevokedError:
             raise errors.AuthenticationError("The access token has been revoked.") from None
-        except REDIS_DOWN:
+        except REDIS_DOWN as down:
+            if isinstance(down, RedisUnanswered):  # Redis may have reserved: give it back when it answers
+                rt.limiter_redis.release(principal, buckets, reservation, cost)
             rt.redis_unavailable()
             if not rt.recently_cleared(principal.jti):
                 raise errors.RevocationUnavailable() from None

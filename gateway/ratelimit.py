@@ -116,6 +116,7 @@ ADMIT_SHA = hashlib.sha1(ADMIT_LUA.encode(), usedforsecurity=False).hexdigest() 
 SETTLE_SHA = hashlib.sha1(SETTLE_LUA.encode(), usedforsecurity=False).hexdigest()
 SETTLE_LINGER_S = 0.005  # with no traffic to ride along with, settlements go within 5 ms
 FIRST_TRY, RETRY = 0, 1  # a settlement's last argument: a retry applies only if its reservation is still held
+MAX_RELEASES = 10_000  # lost-reply give-backs waiting for Redis (each a few hundred bytes); more are dropped
 
 
 @dataclass(frozen=True)
@@ -281,13 +282,27 @@ class RedisLimiter:
         self, principal: Principal, buckets: Buckets, reservation: str, reserved: int, used: int
     ) -> None:
         """Queue the settlement: release the slot, refund or charge the difference (sent with a batch)."""
+        self._queue(principal, buckets, reservation, used - reserved, FIRST_TRY)
+        self.batcher.nudge(SETTLE_LINGER_S)
+
+    def release(self, principal: Principal, buckets: Buckets, reservation: str, reserved: int) -> None:
+        """Give back a reservation whose reply was lost (the request was then served by the fallback):
+        Redis may have made it. Sent as a retry, it changes nothing unless the reservation is held."""
+        if sum(1 for c in self._pending if c[-1] == RETRY) >= MAX_RELEASES:
+            logger.warning("%d reservations are waiting to be given back; dropping one", MAX_RELEASES)
+            return
+        self._queue(principal, buckets, reservation, -reserved, RETRY)
+        self.batcher.nudge(RIDER_RETRY_S)
+
+    def _queue(
+        self, principal: Principal, buckets: Buckets, reservation: str, delta: int, attempt: int
+    ) -> None:
         keys = buckets.keys(principal.jti)
         now_ms = int(time.time() * 1000)
         self._pending.append(
             ("EVALSHA", SETTLE_SHA, 4, keys[2], keys[3], keys[5], keys[7])
-            + (now_ms, reservation, used - reserved, buckets.tpm, buckets.user_tpm, FIRST_TRY)
+            + (now_ms, reservation, delta, buckets.tpm, buckets.user_tpm, attempt)
         )
-        self.batcher.nudge(SETTLE_LINGER_S)
 
     async def flush(self) -> bool:
         """Send the queued settlements now (tests, shutdown)."""

@@ -50,6 +50,12 @@ class RedisStopped(redis_exceptions.ConnectionError):
     """The batcher is stopping (the process is shutting down): callers take their Redis-down path."""
 
 
+class RedisUnanswered(redis_exceptions.ConnectionError, redis_exceptions.TimeoutError):
+    """A call went out on a live connection and its reply never came (the connection broke, or the batch
+    timed out): Redis may have run it. A call that never left (Redis refused the connection) gets the
+    plain error instead."""
+
+
 class RedisBatcher:
     def __init__(self, redis: Any, links: int = LINKS) -> None:
         self.redis = redis
@@ -196,12 +202,15 @@ class RedisBatcher:
         first_call = len(commands) - len(calls)
         replies: list[Reply] = []
         error: BaseException | None = None
+        reached = False  # whether the commands may have reached Redis
         try:
             async with asyncio.timeout(BATCH_TIMEOUT_S):
                 connection = self._connect(link)
+                reached = connection.is_connected
                 await connection.send_packed_command(
                     b"".join([hiredis.pack_command(command) for command in commands]), check_health=False
                 )
+                reached = True
                 for _ in commands:
                     try:
                         replies.append(await connection.read_response())
@@ -217,7 +226,7 @@ class RedisBatcher:
             error = exc
         if error is not None:
             await self._drop(link)
-            self._fail_calls(calls[max(0, len(replies) - first_call) :], error)
+            self._fail_calls(calls[max(0, len(replies) - first_call) :], error, reached=reached)
         offset = 0
         for rider, sent in rides:
             got = replies[offset : offset + len(sent)]
@@ -230,11 +239,18 @@ class RedisBatcher:
             raise error  # cancelled: the riders have what got no reply back
         return error is None
 
-    def _fail_calls(self, calls: list[tuple[Command, asyncio.Future[Reply]]], error: BaseException) -> None:
-        """The batch broke: its waiting callers, and every caller queued behind it, get the error now."""
+    def _fail_calls(
+        self, calls: list[tuple[Command, asyncio.Future[Reply]]], error: BaseException, *, reached: bool
+    ) -> None:
+        """The batch broke: its waiting callers, and every caller queued behind it, get the error now
+        (``RedisUnanswered`` for the batch's own callers when their commands may have reached Redis)."""
         queued, self._calls = self._calls, []
         failure = error if isinstance(error, Exception) else redis_exceptions.ConnectionError("cancelled")
-        for _command, future in calls + queued:
+        unanswered = RedisUnanswered(f"no reply from Redis: {failure}") if reached else failure
+        for _command, future in calls:
+            if not future.done():
+                future.set_exception(unanswered)
+        for _command, future in queued:
             if not future.done():
                 future.set_exception(failure)
 

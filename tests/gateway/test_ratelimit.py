@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
+import redis
 from django.conf import settings
 
 from gateway.auth import Principal
@@ -242,3 +243,66 @@ def test_reservation_ids_are_unique_and_a_forked_child_takes_its_own_prefix():
     child = os.read(read, 200).decode()
     os.close(read)
     assert child.split(".")[0] != reservation_id().split(".")[0]
+
+
+def test_a_reservation_whose_reply_was_lost_is_given_back_once_redis_answers(redis_client, monkeypatch):
+    from gateway.redisbatch import RedisUnanswered
+
+    b = buckets(daily_tokens=100_000, concurrency=1)
+
+    async def run() -> list[str]:
+        limiter = RedisLimiter(RedisBatcher(redis_pool_open(settings.REDIS_URL), links=1))
+        await limiter.batcher.call("PING")  # the one link is connected: the next batch reaches Redis
+        connection_class = limiter.batcher.redis.connection_pool.connection_class
+        answer = connection_class.read_response
+
+        async def reset(self: Any, *args: Any, **kwargs: Any) -> Any:
+            raise redis.ConnectionError("connection reset by peer")  # Redis ran it; the reply is lost
+
+        monkeypatch.setattr(connection_class, "read_response", reset)
+        with pytest.raises(RedisUnanswered):
+            await limiter.admit(SERVICE, b, "lost", 700)
+        monkeypatch.setattr(connection_class, "read_response", answer)
+        held = [m.decode() for m in redis_client.zrange(b.keys(SERVICE.jti)[2], 0, -1)]
+        limiter.release(SERVICE, b, "lost", 700)
+        limiter.release(SERVICE, b, "never-made", 700)  # one Redis did not make changes nothing
+        await limiter.flush()
+        admitted = (await limiter.admit(SERVICE, b, "next", 1)).allowed
+        await close(limiter)
+        return [*held, str(admitted)]
+
+    assert asyncio.run(run()) == ["lost", "True"]  # it was held, then given back: the slot is free
+    assert int(redis_client.get(b.keys(SERVICE.jti)[3])) == 1  # and the daily quota refunded
+
+
+def test_the_fallback_gives_back_what_redis_may_have_reserved(settings):
+    from types import SimpleNamespace
+
+    from gateway.admission import admit
+    from gateway.redisbatch import RedisUnanswered
+    from gateway.validation import Validated
+
+    class Unanswered:
+        def __init__(self) -> None:
+            self.released: list[tuple[str, int]] = []
+
+        async def admit(self, *args: Any) -> Any:
+            raise RedisUnanswered("no reply from Redis")
+
+        def release(self, principal: Principal, b: Buckets, reservation: str, reserved: int) -> None:
+            self.released.append((reservation, reserved))
+
+    shared_limiter = Unanswered()
+    rt = SimpleNamespace(
+        limiter_redis=shared_limiter,
+        limiter_local=LocalLimiter(),
+        upstreams=SimpleNamespace(context_length=lambda model: 4096),
+        redis_unavailable=lambda: None,
+        recently_cleared=lambda jti: True,
+        fallback_ceiling_rpm=600,
+    )
+    request = Validated(payload={}, model="m1", stream=False, max_tokens=16, n=1, wants_usage=False)
+    policy = Policy(models=frozenset({"m1"}), concurrency=2)
+    ticket = asyncio.run(admit(rt, SERVICE, policy, request, 40))  # type: ignore[arg-type]
+    assert ticket.admission.fallback
+    assert shared_limiter.released == [(ticket.reservation, ticket.admission.reserved_tokens)]

@@ -10,7 +10,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from gateway.redisbatch import Command, RedisBatcher
+from gateway.redisbatch import Command, RedisBatcher, RedisUnanswered
 from gateway.runtime import redis_pool_open
 
 
@@ -132,6 +132,7 @@ def test_redis_down_fails_the_callers_and_keeps_the_riders_commands():
 
     error, rider = asyncio.run(run())
     assert isinstance(error, redis.ConnectionError)
+    assert not isinstance(error, RedisUnanswered)  # refused: the command never left
     assert rider.pending == [("SET", "kept", "1")]  # handed back, for the next batch
     assert rider.outcomes
     assert rider.outcomes[0][0] == []  # no reply: all of it came back
@@ -219,3 +220,5 @@ def test_a_batch_that_times_out_fails_the_callers_queued_behind_it_at_once(redis
 
     results = asyncio.run(run())
     assert all(isinstance(r, redis.TimeoutError) for r in results)
+    assert isinstance(results[0], RedisUnanswered)  # it reached Redis, which may have run it
+    assert not any(isinstance(r, RedisUnanswered) for r in results[1:])  # these never left
