@@ -322,9 +322,10 @@ class RedisLimiter:
         member gone when it comes again, and changes nothing."""
         if any(isinstance(r, redis_exceptions.NoScriptError) for r in replies):
             self._load_settle = True  # Redis restarted and lost its scripts: load again, then retry
-        answered = [c for c, r in zip(sent, replies, strict=False) if c[0] == "EVALSHA" and _is_error(r)]
-        unanswered = [c for c in sent[len(replies) :] if c[0] == "EVALSHA"]
-        retry = [c[:-1] + (RETRY,) for c in answered + unanswered]
+        # Refused with an error reply: it did not run, so it goes again as it was. Unanswered: it may have.
+        refused = [c for c, r in zip(sent, replies, strict=False) if c[0] == "EVALSHA" and _is_error(r)]
+        unanswered = [c[:-1] + (RETRY,) for c in sent[len(replies) :] if c[0] == "EVALSHA"]
+        retry = refused + unanswered
         if error is not None:
             logger.warning("settling %d reservations failed (%s); will retry", len(unanswered), error)
         if retry:

@@ -90,6 +90,16 @@ def string(max_len: int = 256, choices: frozenset[str] | None = None) -> Check:
     return check
 
 
+MODEL_NAME_CHARS = 200  # the usage record's column (audit.UsageRecord.model)
+
+
+def model_name(value: Any, path: str) -> None:
+    """A model id: a string that fits the usage record, with no control characters (no NUL)."""
+    string(MODEL_NAME_CHARS)(value, path)
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        _fail(path, "must not contain control characters")
+
+
 def integer(low: int, high: int) -> Check:
     def check(value: Any, path: str) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
@@ -226,7 +236,7 @@ TOOL = obj(
     frozenset({"type", "function"}),
 )
 SAMPLING: dict[str, Check] = {
-    "model": string(256),
+    "model": model_name,
     "stream": boolean,
     "stream_options": obj({"include_usage": boolean}),
     "n": integer(1, MAX_N),
@@ -282,7 +292,7 @@ COMPLETION_FIELDS: dict[str, Check] = {
     "logprobs": integer(0, 5),
 }
 EMBEDDING_FIELDS: dict[str, Check] = {
-    "model": string(256),
+    "model": model_name,
     "input": one_of(
         string(MAX_CONTENT_CHARS),
         list_of(string(MAX_CONTENT_CHARS), MAX_INPUTS, min_items=1),

@@ -113,3 +113,21 @@ print(UsageRecord.objects.count())
     result = embedded_sqlite_run(tmp_path, code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "2"
+
+
+def test_values_the_orm_prepares_are_stored_as_the_orm_stores_them():
+    batch = [record(client_ip="fe80::1%eth0"), record(client_ip=""), record(prompt_tokens=12.0)]
+    assert entries_store([entry(r) for r in batch]) == (3, 0)
+    rows = stored(batch)
+    assert [row["client_ip"] for row in rows] == ["fe80::1", None, "2001:db8::7"]
+    assert rows[2]["prompt_tokens"] == 12
+
+
+def test_a_record_the_database_refuses_is_dropped_and_does_not_hold_back_its_batch(caplog):
+    good = [record(), record()]
+    bad = [record(model="m" * 201), record(model="m\x00"), record(occurred_at=...)]
+    entries = [entry(good[0]), *[entry(r) for r in bad], entry(good[1])]
+    assert entries_store(entries) == (5, 0)
+    assert len(stored(good)) == 2
+    assert UsageRecord.objects.count() == 2
+    assert caplog.text.count("dropping a usage record the database refuses") == 3

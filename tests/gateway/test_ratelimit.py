@@ -152,14 +152,21 @@ def test_a_settlement_sent_again_after_its_reply_was_lost_changes_nothing(shared
     assert redis_client.zrange(b.keys(SERVICE.jti)[2], 0, -1) == [b"after"]  # r1's slot is gone
 
 
-def test_a_request_that_outlived_its_slot_is_still_settled(shared, redis_client):
+@pytest.mark.parametrize("scripts_lost", [False, True])
+def test_a_request_that_outlived_its_slot_is_still_settled(shared, redis_client, scripts_lost):
     b = buckets(daily_tokens=100_000, concurrency=2)
 
     async def run() -> None:
         limiter = await shared()
+        await limiter.admit(SERVICE, b, "first", 1)
+        limiter.settle(SERVICE, b, "first", reserved=1, used=0)  # loads the settlement script
+        await limiter.flush()
         await limiter.admit(SERVICE, b, "long", 5_000)
         redis_client.zrem(b.keys(SERVICE.jti)[2], "long")  # reclaimed after SLOT_TTL_MS, the stream still on
+        if scripts_lost:  # refused with NOSCRIPT: it did not run, and goes again still as a first try
+            redis_client.script_flush()
         limiter.settle(SERVICE, b, "long", reserved=5_000, used=200)
+        await limiter.flush()
         await limiter.flush()
         await close(limiter)
 
@@ -226,6 +233,7 @@ def test_the_limit_names_agree_across_the_script_the_messages_and_the_metrics():
     assert metrics.LIMITS is ratelimit.LIMITS
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Python 3.12+ warns about fork with threads
 def test_reservation_ids_are_unique_and_a_forked_child_takes_its_own_prefix():
     import os
 
@@ -235,9 +243,11 @@ def test_reservation_ids_are_unique_and_a_forked_child_takes_its_own_prefix():
     assert len(ids) == 1000
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: report its next id and leave at once
-        os.write(write, reservation_id().encode())
-        os._exit(0)
+    if pid == 0:  # the child: report its next id and leave at once, whatever happens
+        try:
+            os.write(write, reservation_id().encode())
+        finally:
+            os._exit(0)
     os.close(write)
     os.waitpid(pid, 0)
     child = os.read(read, 200).decode()
