@@ -71,8 +71,9 @@ def link_hash(prev_hash: str, event: AuditEvent) -> str:
 
 @lru_cache(maxsize=4096)  # the same few addresses write most events; parsing one costs ~10 us
 def normalise_ip(ip: str | None) -> str | None:
-    """Store IPs the way the database returns them, so the hash survives a round trip."""
-    return str(ipaddress.ip_address(ip)) if ip else None
+    """Store IPs the way the database returns them, so the hash survives a round trip (an IPv6 zone, which
+    ``inet`` does not keep, is dropped)."""
+    return str(ipaddress.ip_address(ip.split("%", 1)[0])) if ip else None
 
 
 def storable(value: Any) -> Any:

@@ -39,7 +39,7 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     if value.startswith("[") and "]" in value:
         value = value[1 : value.index("]")]
     try:
-        return ipaddress.ip_address(value)
+        return ipaddress.ip_address(value.split("%", 1)[0])  # an IPv6 zone names a local link: no client's
     except ValueError:
         return None
 

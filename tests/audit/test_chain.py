@@ -78,6 +78,14 @@ def _six_writers_in_two_groups(
 
 
 @pytest.mark.django_db
+def test_an_ipv6_zone_is_dropped_before_hashing_so_the_chain_still_verifies():
+    audit_record(kind="test.event", ip="fe80::1%eth0")
+    assert AuditEvent.objects.get().ip == "fe80::1"
+    report = chain_verify()
+    assert report.ok, report.reason
+
+
+@pytest.mark.django_db
 def test_an_untouched_chain_verifies_with_its_signed_checkpoints():
     _events(5)
     assert checkpoint_sign() is not None

@@ -23,6 +23,7 @@ PROXIES = trusted_networks(("10.0.0.0/8", "192.168.1.1/32"))
         ("10.0.0.5", "garbage, 198.51.100.7", "198.51.100.7"),
         ("10.0.0.5", "198.51.100.7, garbage", "10.0.0.5"),  # malformed nearest hop: stop at the proxy
         ("10.0.0.5", "[2001:db8::1]", "2001:db8::1"),
+        ("10.0.0.5", "fe80::1%eth0", "fe80::1"),  # a zone is no client's: dropped
         ("not-an-ip", "1.2.3.4", None),
     ],
 )
