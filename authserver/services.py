@@ -321,7 +321,7 @@ def _family_rotate(
     conf = settings.AUTHSERVER
     family = SigningKey.objects.filter(algorithm=algorithm)
     active = family.select_for_update().filter(state=SigningKey.State.ACTIVE).first()
-    pending = family.filter(state=SigningKey.State.PENDING).order_by("created_at").first()
+    pending = _first_pending(algorithm)
     created = activated = None
     due = (
         active is None
