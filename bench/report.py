@@ -19,7 +19,8 @@ from bench.stats import median_of
 
 SUMMED = frozenset({"dropped", "failed", "started", "succeeded"})
 MAXED = frozenset({"rss_peak_mib", "in_flight_peak"})
-CPU_NAMES = ("gateway", "fast", "paced", "worker", "loadgen")
+CPU_NAMES = ("gateway", "bare", "fast", "paced", "worker", "loadgen")
+PROXIES = ("gateway", "bare")  # the targets whose own process serves the request: CPU per unit is theirs
 NESTED = ("cpu_pct", "tcp_closed_per_request")
 
 Rule = Callable[[float | None, float | None, dict[str, Any]], bool | None]
@@ -97,8 +98,8 @@ CHECKS: tuple[Check, ...] = (
 def machine_info(cores: list[int]) -> dict[str, Any]:
     """Describe the machine the numbers come from, and the cores used (empty: unpinned)."""
     note = (
-        f"gateway pinned to core {cores[1]}; fakes, worker and load generator to core {cores[0]}; "
-        "PostgreSQL and Redis unpinned"
+        f"gateway and bare proxy pinned to core {cores[1]}; fakes, worker and load generator to core "
+        f"{cores[0]}; PostgreSQL and Redis unpinned"
         if cores
         else "UNPINNED (fewer than 2 cores, or --no-pin): every process shares the machine"
     )
@@ -135,14 +136,15 @@ def aggregate(measurements: list[dict[str, Any]]) -> dict[str, dict[str, dict[st
                 figures[key] = max(present) if present else None
             else:
                 figures[key] = median_of(values)
-        # The gateway's CPU per request (or stream, or token) in µs: steadier than throughput on a host whose
-        # speed drifts, and comparable between runs that used the core differently.
+        # The proxy's CPU per request (or stream, or token) in µs: steadier than throughput on a host whose
+        # speed drifts, and comparable between runs that used the core differently. The key keeps its name
+        # for the bare proxy, whose figure is its own process's.
         per_unit = [
-            round(1e4 * m["cpu_pct"]["gateway"] / m["rps"], 1)
+            round(1e4 * m["cpu_pct"][target] / m["rps"], 1)
             for m in runs
-            if m.get("rps") and (m.get("cpu_pct") or {}).get("gateway") is not None
+            if m.get("rps") and (m.get("cpu_pct") or {}).get(target) is not None
         ]
-        if per_unit and target == "gateway":
+        if per_unit and target in PROXIES:
             figures["gateway_cpu_us"] = median_of(per_unit)
         for nested in NESTED:
             names = {name for m in runs for name in m.get(nested) or {}}
@@ -154,7 +156,8 @@ def aggregate(measurements: list[dict[str, Any]]) -> dict[str, dict[str, dict[st
 
 
 def rows(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Return the table rows: direct and gateway figures, ratio, added, target and verdict."""
+    """Return the table rows: direct, bare and gateway figures, ratio, added (to direct and to the bare
+    proxy's figure), target and verdict. Verdicts compare the gateway with direct, as the issue does."""
     table = []
     for check in CHECKS:
         if check.scenario not in summary:
@@ -162,15 +165,18 @@ def rows(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         direct = summary[check.scenario].get("direct", {})
         gateway = summary[check.scenario].get("gateway", {})
         d, g = direct.get(check.key), gateway.get(check.key)
+        b = summary[check.scenario].get("bare", {}).get(check.key)
         verdict = check.rule(d, g, gateway) if check.rule is not None else None
         table.append(
             {
                 "scenario": check.scenario,
                 "metric": check.label,
                 "direct": d,
+                "bare": b,
                 "gateway": g,
                 "ratio": round(g / d, 2) if d and g is not None else None,
                 "added": round(g - d, 3) if check.added and d is not None and g is not None else None,
+                "over_bare": round(g - b, 3) if check.added and b is not None and g is not None else None,
                 "target": check.target,
                 "verdict": "report" if check.rule is None else ("PASS" if verdict else "MISS"),
             }
@@ -210,25 +216,36 @@ def print_report(result: dict[str, Any]) -> None:
         + f"; access tokens {result.get('access_token_alg', 'RS256')}"
     )
     titles = {s.key: f"{s.number} {s.title}" for s in SCENARIOS}
+    with_bare = any(row.get("bare") is not None for row in result["rows"])
     header = ["scenario", "metric", "direct", "gateway", "gw/direct", "added", "target", "result"]
+    if with_bare:
+        header[3:3] = ["bare"]
+        header[7:7] = ["gw-bare"]
     lines, last = [], ""
     for row in result["rows"]:
         title = titles[row["scenario"]] if row["scenario"] != last else ""
         last = row["scenario"]
-        lines.append(
-            [
-                title,
-                row["metric"],
-                _fmt(row["direct"]),
-                _fmt(row["gateway"]),
-                _fmt(row["ratio"]),
-                _fmt(row["added"]),
-                row["target"],
-                row["verdict"],
-            ]
-        )
+        line = [
+            title,
+            row["metric"],
+            _fmt(row["direct"]),
+            _fmt(row["gateway"]),
+            _fmt(row["ratio"]),
+            _fmt(row["added"]),
+            row["target"],
+            row["verdict"],
+        ]
+        if with_bare:
+            line[3:3] = [_fmt(row.get("bare"))]
+            line[7:7] = [_fmt(row.get("over_bare"))]
+        lines.append(line)
     print()
     _print_grid(header, lines)
+    if with_bare:
+        print(
+            "(bare: the same requests through a bare proxy on the gateway's core, no auth, aiohttp client;"
+            "\n gw-bare: what the gateway adds beyond crossing one more process)"
+        )
     _print_cpu(result["summary"], titles)
     _print_footer(result)
 

@@ -1,10 +1,10 @@
 """Run the benchmark: ``python -m bench.run [--quick] [--runs N] [--duration S] [--scenarios a,b]``.
 
-Starts the stack (``bench.stack``), measures every selected scenario directly and through the gateway,
-run after run with the order of the two alternating, prints the table of medians against the targets and
-writes everything to ``bench/results/<UTC timestamp>.json`` (git-ignored). Exits 0 when the benchmark ran
-(missed targets are reported, not failed), 1 when requests were dropped or a process outlived it, and 2
-when the stack could not be started.
+Starts the stack (``bench.stack``), measures every selected scenario directly, through the bare proxy and
+through the gateway, run after run with the order reversed every other run, prints the table of medians
+against the targets and writes everything to ``bench/results/<UTC timestamp>.json`` (git-ignored). Exits 0
+when the benchmark ran (missed targets are reported, not failed), 1 when requests were dropped or a process
+outlived it, and 2 when the stack could not be started.
 """
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="PORTCULLIS_ACCESS_TOKEN_ALG of the server under test (default ES256, the product's default)",
     )
     parser.add_argument("--no-worker", action="store_true", help="do not run the Celery ingest worker")
+    parser.add_argument(
+        "--no-bare", action="store_true", help="do not measure the bare proxy (the floor) next to the gateway"
+    )
     parser.add_argument("--no-limits", action="store_true", help="give the client a policy with no limits")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument(
@@ -112,6 +115,8 @@ def measure_all(run: Run, stack: Stack, plan: Plan, scenarios: list[Scenario]) -
     for index in range(plan.runs):
         for scenario in scenarios:
             targets = ["direct", "gateway"] if scenario.direct else ["gateway"]
+            if scenario.direct and stack.options.bare:
+                targets.insert(1, "bare")
             if index % 2:
                 targets.reverse()
             for target in targets:
@@ -169,7 +174,7 @@ def metering(stack: Stack, measurements: list[dict[str, Any]], plan: Plan) -> di
         if m["target"] == "gateway" and m["scenario"] not in ("token", "jwt")
     )
     at_end = stack.audit_stream()
-    waited = stack.wait_audit_drained(plan.drain_timeout_s)
+    waited = stack.wait_audit_drained(plan.drain_timeout_s, appended_at_least=sent)
     after = stack.audit_stream()
     return {
         "worker": stack.options.worker,
@@ -192,6 +197,7 @@ def _stack_options(args: argparse.Namespace, log_dir: Path, cores: list[int]) ->
         db_name=args.db_name,
         redis_db=args.redis_db,
         worker=not args.no_worker,
+        bare=not args.no_bare,
         limits=not args.no_limits,
         access_token_alg=args.access_token_alg,
         gateway_core=cores[1] if cores else None,

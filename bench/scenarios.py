@@ -1,7 +1,8 @@
 """The seven scenarios of issue 7 and how one measurement of each is taken.
 
-A load scenario runs the closed loop against the fake vLLM directly ("direct") and through the gateway
-("gateway") with the same request bytes (plus the bearer token); while its window runs, an observer reads
+A load scenario runs the closed loop against the fake vLLM directly ("direct"), through the bare proxy
+("bare", the floor: ``bench.bareproxy``) and through the gateway ("gateway") with the same request bytes
+(plus the bearer token for the gateway); while its window runs, an observer reads
 the CPU time of every process and, when asked, polls the gateway's resident memory. The token endpoint
 and the in-process JWT micro-benchmark have no direct counterpart.
 """
@@ -110,7 +111,7 @@ def _load_spec(scenario: Scenario, target: str, stack: Stack, plan: Plan) -> Loa
         request = build_request(where, "POST", "/oauth/token/", headers, TOKEN_BODY)
     else:
         upstream = "fast" if scenario.model == "m1" else "paced"
-        where = Target("127.0.0.1", stack.ports["gateway" if target == "gateway" else upstream])
+        where = Target("127.0.0.1", stack.ports[upstream if target == "direct" else target])
         if target == "gateway":
             headers["Authorization"] = "Bearer " + stack.access_token()  # fresh: tokens live 300 s
         body = _chat_body(scenario.model, stream=scenario.stream, tokens=plan.tokens)

@@ -2,8 +2,9 @@
 
 Two fake vLLM servers (``m1`` answers at once, ``m2`` paces its stream at 10 ms a chunk), one gateway
 process (uvicorn, uvloop, httptools) serving both through ``VLLM_UPSTREAMS``, and optionally a Celery
-worker with an embedded beat that ingests the usage records the gateway hands to the Redis stream. The
-gateway gets its own core; the fakes, the worker and the load generator share the other (``taskset``).
+worker with an embedded beat that ingests the usage records the gateway hands to the Redis stream, and
+(unless ``--no-bare``) the bare proxy of ``bench.bareproxy``. The gateway and the bare proxy get their own
+core; the fakes, the worker and the load generator share the other (``taskset``).
 The harness owns a PostgreSQL database and a Redis database, created empty and dropped or flushed again.
 Every process is started in its own session, so stopping it (by its process group id) also stops what
 it spawned.
@@ -67,6 +68,7 @@ class StackOptions:
     tokens: int = 16
     paced_chunk_ms: float = 10.0
     worker: bool = True
+    bare: bool = True  # also start the bare proxy (bench.bareproxy), the floor the gateway is compared with
     limits: bool = True  # False: the client's policy sets no limit (the script then only checks revocation)
     access_token_alg: str = "ES256"  # noqa: S105 (an algorithm name, not a secret)
     gateway_core: int | None = 1  # None: unpinned
@@ -146,7 +148,8 @@ class Stack:
     def start(self) -> None:
         """Create the database, start the fakes, set up the client and its policy, start the gateway."""
         taken: set[int] = set()
-        self.ports = {name: free_port(taken) for name in ("fast", "paced", "gateway")}
+        names = ("fast", "paced", "gateway", "bare") if self.options.bare else ("fast", "paced", "gateway")
+        self.ports = {name: free_port(taken) for name in names}
         self._database_create()
         self._redis().flushdb()
         self._fakevllm("fast", "m1", [])
@@ -168,6 +171,8 @@ class Stack:
         limits = POLICY_LIMITS if self.options.limits else ()
         self._manage("setpolicy", self.credentials.client_id, "--models", "m1,m2", *limits)
         self._gateway()
+        if self.options.bare:
+            self._bare()
         if self.options.worker:
             self._worker()
 
@@ -200,6 +205,7 @@ class Stack:
             PORTCULLIS_ACCESS_TOKEN_ALG=self.options.access_token_alg,
             PORTCULLIS_VAR_DIR=str(self.options.log_dir / "var"),
             VLLM_UPSTREAMS=f"http://127.0.0.1:{self.ports['fast']},http://127.0.0.1:{self.ports['paced']}",
+            BENCH_BARE_UPSTREAMS=f"m1=http://127.0.0.1:{self.ports['fast']},m2=http://127.0.0.1:{self.ports['paced']}",
             PYTHONUNBUFFERED="1",
         )
         return env
@@ -263,6 +269,23 @@ class Stack:
         argv += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--no-proxy-headers"]
         argv += ["--log-level", "warning"]
         self._wait_ready(self._spawn("gateway", argv, self.options.gateway_core, port), "/healthz")
+
+    def _bare(self) -> None:
+        """The bare proxy, served as the gateway is, on its core (each idles while the other is measured)."""
+        port = self.ports["bare"]
+        argv = [
+            PYTHON,
+            "-m",
+            "uvicorn",
+            "bench.bareproxy:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        argv += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--no-proxy-headers"]
+        argv += ["--log-level", "warning"]
+        self._wait_ready(self._spawn("bare", argv, self.options.gateway_core, port), "/healthz")
 
     def _worker(self) -> None:
         schedule = self.options.log_dir / "beat-schedule"
@@ -370,11 +393,16 @@ class Stack:
             client.close()
         return {"backlog": int(info.get("length", 0)), "appended": int(info.get("entries-added", 0))}
 
-    def wait_audit_drained(self, timeout_s: float) -> float:
-        """Wait (at most timeout_s) until the worker has ingested the audit stream; return seconds waited."""
+    def wait_audit_drained(self, timeout_s: float, *, appended_at_least: int = 0) -> float:
+        """Wait (at most timeout_s) until the audit stream holds at least ``appended_at_least`` entries ever
+        appended (the gateway hands records off within a few ms of the answer, not before it) and the
+        worker, when there is one, has ingested them all; return the seconds waited."""
         started = time.monotonic()
-        while self.options.worker and time.monotonic() - started < timeout_s:
-            if self.audit_stream()["backlog"] == 0:
+        while time.monotonic() - started < timeout_s:
+            stream = self.audit_stream()
+            if stream["appended"] >= appended_at_least and (
+                not self.options.worker or stream["backlog"] == 0
+            ):
                 break
             time.sleep(0.2)
         return round(time.monotonic() - started, 2)

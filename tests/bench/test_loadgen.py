@@ -129,3 +129,40 @@ def test_a_thread_pool_profile_counts_the_pool_threads_only_when_asked():
     assert everything["samples"] == 6
     assert everything["top"][0]["frame"] == "sign (jwt/api_jws.py)"
     assert everything["project_inclusive"][0]["frame"] == "post (authserver/views.py)"
+
+
+def test_the_bare_proxys_figures_sit_next_to_the_gateways_and_do_not_change_the_verdict():
+    measurements = [
+        {"scenario": "paced_32", "target": "direct", "ttft_p99_ms": 1.0, "rps": 200.0},
+        {
+            "scenario": "paced_32",
+            "target": "bare",
+            "ttft_p99_ms": 1.5,
+            "rps": 200.0,
+            "cpu_pct": {"bare": 4.0},
+        },
+        {
+            "scenario": "paced_32",
+            "target": "gateway",
+            "ttft_p99_ms": 3.5,
+            "rps": 200.0,
+            "cpu_pct": {"gateway": 20.0},
+        },
+    ]
+    summary = aggregate(measurements)
+    assert summary["paced_32"]["bare"]["gateway_cpu_us"] == 200.0  # the bare proxy's own process
+    assert summary["paced_32"]["gateway"]["gateway_cpu_us"] == 1000.0
+    row = next(r for r in rows(summary) if r["metric"] == "TTFT p99 (ms)")
+    assert (row["bare"], row["added"], row["over_bare"], row["verdict"]) == (1.5, 2.5, 2.0, "MISS")
+
+
+def test_the_bare_proxy_routes_by_model_and_refuses_a_malformed_route():
+    from bench.bareproxy import routes_parse
+
+    assert routes_parse("m1=http://127.0.0.1:1/, m2=http://127.0.0.1:2") == {
+        "m1": "http://127.0.0.1:1",
+        "m2": "http://127.0.0.1:2",
+    }
+    assert routes_parse("") == {}
+    with pytest.raises(ValueError, match="model=url"):
+        routes_parse("m1http://127.0.0.1:1")

@@ -63,7 +63,7 @@ def test_every_scenario_ran_against_every_target_with_positive_numbers(quick):
     summary = result["summary"]
     assert set(summary) == {s.key for s in SCENARIOS}, output
     for scenario in SCENARIOS:
-        expected = {"direct", "gateway"} if scenario.direct else {"gateway"}
+        expected = {"direct", "bare", "gateway"} if scenario.direct else {"gateway"}
         assert set(summary[scenario.key]) == expected, scenario.key
         for target, figures in summary[scenario.key].items():
             keys = (
@@ -79,7 +79,7 @@ def test_every_scenario_ran_against_every_target_with_positive_numbers(quick):
 
 def test_paced_streams_keep_their_spacing_fields_and_the_gateway_memory_is_read(quick):
     summary = quick[0]["summary"]
-    for target in ("direct", "gateway"):
+    for target in ("direct", "bare", "gateway"):
         assert summary["paced_32"][target]["gap_p50_ms"] > 0
     held = summary["paced_1000"]["gateway"]
     assert held["rss_peak_mib"] > 0
@@ -99,6 +99,7 @@ def test_nothing_was_dropped_and_every_request_was_metered(quick):
 def test_the_table_was_printed_with_a_verdict_for_every_target(quick):
     result, output = quick
     assert "gw/direct" in output
+    assert "gw-bare" in output  # the floor is printed next to the gateway
     verdicts = {row["verdict"] for row in result["rows"]}
     assert verdicts <= {"PASS", "MISS", "report"}
     assert sum(row["verdict"] != "report" for row in result["rows"]) >= 8
@@ -106,7 +107,7 @@ def test_the_table_was_printed_with_a_verdict_for_every_target(quick):
 
 def test_no_process_the_harness_started_is_left_running(quick):
     result = quick[0]
-    assert len(result["pids"]) >= 4  # two fakes, the gateway, the worker
+    assert len(result["pids"]) >= 5  # two fakes, the gateway, the bare proxy, the worker
     assert result["leftover_pids"] == []
     assert [pid for pid in result["pids"] if alive(pid)] == []
 
