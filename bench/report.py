@@ -255,6 +255,10 @@ def _print_cpu(summary: dict[str, dict[str, dict[str, Any]]], titles: dict[str, 
         "\nCPU during the window in % of one core, and TCP connections closed per request on each fake's"
         "\nport (about 1: a new upstream connection for every request); medians:"
     )
+    measured = {
+        name for targets in summary.values() for f in targets.values() for name in f.get("cpu_pct") or {}
+    }
+    names = [name for name in CPU_NAMES if name in measured]  # no bare column when it did not run
     lines = []
     for scenario, targets in summary.items():
         for target, figures in targets.items():
@@ -262,10 +266,10 @@ def _print_cpu(summary: dict[str, dict[str, dict[str, Any]]], titles: dict[str, 
             closed = figures.get("tcp_closed_per_request") or {}
             if cpu:
                 lines.append(
-                    [titles[scenario], target, *(_fmt(cpu.get(name)) for name in CPU_NAMES)]
+                    [titles[scenario], target, *(_fmt(cpu.get(name)) for name in names)]
                     + [_fmt(closed.get("fast")), _fmt(closed.get("paced"))]
                 )
-    _print_grid(["scenario", "target", *CPU_NAMES, "conns/req m1", "conns/req m2"], lines)
+    _print_grid(["scenario", "target", *names, "conns/req m1", "conns/req m2"], lines)
 
 
 def _print_footer(result: dict[str, Any]) -> None:

@@ -43,11 +43,12 @@ def test_freezing_moves_the_startup_objects_out_of_the_collectors_generations():
     script = (
         "import gc, os; os.environ.setdefault('DJANGO_DEBUG', 'true');"
         "import config.asgi as m; assert gc.get_freeze_count() == 0; m.gc_freeze_startup();"
-        "print(gc.get_freeze_count(), sum(gc.get_count()))"
+        "print(gc.get_freeze_count(), sum(gc.get_count()), *gc.get_threshold())"
     )
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, timeout=60, check=True
     )
-    frozen, left = (int(v) for v in done.stdout.split())
+    frozen, left, *thresholds = (int(v) for v in done.stdout.split())
     assert frozen > 50_000  # Django and the apps: what a full collection no longer walks
     assert left < 1_000
+    assert thresholds == [700, 10, asgi.GC_FULL_EVERY]  # the young generations keep Python's defaults
