@@ -178,6 +178,11 @@ class SigningKey(models.Model):
     retired_at = models.DateTimeField(null=True, blank=True)
     remove_after = models.DateTimeField(null=True, blank=True, help_text="Unpublish after this time")
     removed_at = models.DateTimeField(null=True, blank=True)
+    wanted_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When a process last signed, or asked to sign, with this key's family",
+    )
 
     class Meta:
         ordering = ["-created_at"]

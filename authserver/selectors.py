@@ -46,10 +46,11 @@ def signing_key_active(algorithm: str, *, borrow: bool = False) -> SigningKey:
         .order_by("-activated_at")
         .first()
     )
-    if key is None:
-        from authserver.services import signing_key_bootstrap
+    from authserver.services import signing_family_wanted, signing_key_bootstrap
 
+    if key is None:
         key = signing_key_bootstrap(algorithm, borrow=borrow)
+    signing_family_wanted(algorithm)  # the family this process signs with stays in use (key rotation)
     with _active_lock:
         _active[slot] = (time.monotonic(), key)
     return key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -19,7 +20,12 @@ from django.utils import timezone
 from oauth2_provider.generators import generate_client_id
 
 from audit.services import audit_record
-from authserver.crypto import ID_TOKEN_ALGORITHM, private_key_encrypt, signing_key_generate
+from authserver.crypto import (
+    ID_TOKEN_ALGORITHM,
+    SIGNING_ALGORITHMS,
+    private_key_encrypt,
+    signing_key_generate,
+)
 from authserver.models import AccessToken, Client, Consent, RefreshToken, SigningKey
 from authserver.revocation import keys_changed_publish, revocation_publish
 from authserver.selectors import active_key_cache_clear
@@ -195,11 +201,55 @@ def consent_withdraw(*, user: Any, client: Client) -> int:
 
 
 def signing_algorithms_in_use() -> tuple[str, ...]:
-    """The key families this deployment signs with: ID tokens' RS256 and the access-token algorithm."""
+    """The key families this process signs with: ID tokens' RS256 and the access-token algorithm."""
     return tuple(dict.fromkeys((settings.AUTHSERVER["ACCESS_TOKEN_ALGORITHM"], ID_TOKEN_ALGORITHM)))
 
 
-def _key_create(*, algorithm: str, now: datetime, publish_ahead_s: int, actor: str) -> SigningKey:
+FAMILY_NOTE_S = 60.0  # a process records that it wants a key family at most this often
+FAMILY_WANTED_S = 900  # a family some process wanted this recently stays in use, whatever beat's settings say
+_family_noted: dict[str, float] = {}
+
+
+def signing_family_wanted(algorithm: str) -> None:
+    """Record (at most once a minute per process) that this process signs, or wants to sign, with a family.
+
+    Key rotation keeps every family some process wanted in the last ``FAMILY_WANTED_S`` seconds, not only
+    those its own settings name: a beat whose ``PORTCULLIS_ACCESS_TOKEN_ALG`` differs from the web
+    processes' would otherwise retire the family they sign with, and they would bootstrap it again, a new
+    key each round.
+    """
+    now = time.monotonic()
+    if now - _family_noted.get(algorithm, -FAMILY_NOTE_S) < FAMILY_NOTE_S:
+        return
+    _family_noted[algorithm] = now
+    SigningKey.objects.filter(
+        algorithm=algorithm, state__in=[SigningKey.State.PENDING, SigningKey.State.ACTIVE]
+    ).update(wanted_at=timezone.now())
+
+
+def signing_family_notes_forget() -> None:
+    """Forget what this process recorded (tests; a process that must record again at once)."""
+    _family_noted.clear()
+
+
+def _signing_algorithms_wanted(now: datetime) -> tuple[str, ...]:
+    """The families in use: this process's, and those another process wanted recently (by ``now``)."""
+    wanted = (
+        SigningKey.objects.filter(
+            state__in=[SigningKey.State.PENDING, SigningKey.State.ACTIVE],
+            wanted_at__gt=now - timedelta(seconds=FAMILY_WANTED_S),
+            algorithm__in=SIGNING_ALGORITHMS,
+        )
+        .values_list("algorithm", flat=True)
+        .distinct()
+    )
+    return tuple(dict.fromkeys((*signing_algorithms_in_use(), *sorted(wanted))))
+
+
+def _key_create(
+    *, algorithm: str, now: datetime, publish_ahead_s: int, actor: str, wanted_at: datetime | None
+) -> SigningKey:
+    """A new waiting key; ``wanted_at`` carries its family's last ``signing_family_wanted`` over to it."""
     pem, public, kid = signing_key_generate(algorithm)
     key = SigningKey.objects.create(
         kid=kid,
@@ -209,6 +259,7 @@ def _key_create(*, algorithm: str, now: datetime, publish_ahead_s: int, actor: s
         state=SigningKey.State.PENDING,
         publish_at=now,
         activate_after=now + timedelta(seconds=publish_ahead_s),
+        wanted_at=wanted_at,
     )
     audit_record(
         kind="key.created",
@@ -282,12 +333,14 @@ def signing_key_bootstrap(algorithm: str, *, borrow: bool = False) -> SigningKey
         if borrow and other is not None and (pending is None or pending.activate_after > now):
             if pending is None:
                 ahead = int(settings.AUTHSERVER["KEY_PUBLISH_AHEAD_S"])
-                _key_create(algorithm=algorithm, now=now, publish_ahead_s=ahead, actor="system")
+                _key_create(
+                    algorithm=algorithm, now=now, publish_ahead_s=ahead, actor="system", wanted_at=now
+                )
             return other
         families = signing_algorithms_in_use() if other is None else ()
         for family in dict.fromkeys((algorithm, *families)):
             key = _first_pending(family) or _key_create(
-                algorithm=family, now=now, publish_ahead_s=0, actor="system"
+                algorithm=family, now=now, publish_ahead_s=0, actor="system", wanted_at=now
             )
             _key_activate(key=key, now=now, actor="system")
             if family == algorithm:
@@ -329,7 +382,13 @@ def _family_rotate(
     )
     if pending is None and (force or due):
         ahead = 0 if activate_now else int(conf["KEY_PUBLISH_AHEAD_S"])
-        pending = _key_create(algorithm=algorithm, now=now, publish_ahead_s=ahead, actor=actor)
+        pending = _key_create(
+            algorithm=algorithm,
+            now=now,
+            publish_ahead_s=ahead,
+            actor=actor,
+            wanted_at=active.wanted_at if active is not None else None,
+        )
         created = pending.kid
     if pending is not None and (activate_now or pending.activate_after <= now):
         _key_activate(key=pending, now=now, actor=actor)
@@ -342,12 +401,13 @@ def signing_key_rotate(
 ) -> RotationResult:
     """Advance the staged rotation of every key family in use: publish a new key, activate it once
     published long enough, retire the old one and unpublish retired keys once every token they signed has
-    expired. A family no longer in use (the access-token algorithm was changed) has its keys retired."""
+    expired. A family no longer in use (the access-token algorithm was changed, and no process has asked
+    for it for ``FAMILY_WANTED_S`` seconds) has its keys retired."""
     now = now or timezone.now()
     created, activated = [], []
     with transaction.atomic():
         _signing_keys_lock()
-        in_use = signing_algorithms_in_use()
+        in_use = _signing_algorithms_wanted(now)
         # Nothing signs yet (a fresh install): first keys sign at once, as nobody has a JWKS to refresh.
         fresh = not SigningKey.objects.filter(state=SigningKey.State.ACTIVE).exists()
         for algorithm in in_use:

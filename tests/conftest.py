@@ -22,7 +22,7 @@ from django.test import Client as HttpClient
 from authserver.models import Client
 from authserver.revocation import local_revocations
 from authserver.selectors import active_key_cache_clear, private_jwk_for, private_signing_key_for
-from authserver.services import RegisteredClient, client_register
+from authserver.services import RegisteredClient, client_register, signing_family_notes_forget
 
 REDIRECT_URI = "https://app.example.com/callback"
 
@@ -38,6 +38,7 @@ def _redis_per_worker(worker_id: str) -> None:
 @pytest.fixture(autouse=True)
 def _isolate_process_state() -> None:
     active_key_cache_clear()
+    signing_family_notes_forget()
     private_jwk_for.cache_clear()
     private_signing_key_for.cache_clear()
     local_revocations.__init__()  # type: ignore[misc]

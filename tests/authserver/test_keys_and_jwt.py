@@ -15,7 +15,12 @@ from audit.models import AuditEvent
 from authserver.crypto import private_key_decrypt
 from authserver.models import Client, SigningKey
 from authserver.selectors import active_key_cache_clear
-from authserver.services import RotationResult, signing_key_rotate
+from authserver.services import (
+    FAMILY_WANTED_S,
+    RotationResult,
+    signing_family_notes_forget,
+    signing_key_rotate,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -263,7 +268,8 @@ def test_switching_to_rs256_signs_with_the_id_token_family_at_once_and_retires_e
     jwks = client.get("/.well-known/jwks.json").json()
     new_header, _ = _verify(oauth.client_credentials(reg).json()["access_token"], jwks, alg="RS256")
     assert new_header["kid"] == rs256.kid
-    result = signing_key_rotate()
+    assert signing_key_rotate().retired == ()  # this process signed ES256 minutes ago: it may still
+    result = signing_key_rotate(now=timezone.now() + timedelta(seconds=FAMILY_WANTED_S + 1))
     assert (result.created, result.retired) == ((), (es256.kid,))
     es256.refresh_from_db()
     assert es256.state == "retired"
@@ -302,3 +308,50 @@ def test_an_install_upgraded_from_rs256_publishes_its_es256_key_before_it_signs(
     assert _verify(oauth.client_credentials(reg).json()["access_token"], jwks)[0]["kid"] == es256.kid
     rs256.refresh_from_db()
     assert rs256.state == "active"  # still the ID tokens' key
+
+
+def test_a_beat_configured_for_another_algorithm_keeps_and_rotates_the_family_the_web_signs_with(
+    oauth, make_client, settings
+):
+    oauth.client_credentials(make_client())  # the web processes sign ES256 (the default)
+    web = settings.AUTHSERVER
+    settings.AUTHSERVER = {**web, "ACCESS_TOKEN_ALGORITHM": "RS256"}  # beat's environment says RS256
+    result = signing_key_rotate(force=True, activate_now=True)
+    active = {k.algorithm: k for k in SigningKey.objects.filter(state="active")}
+    assert set(active) == {"ES256", "RS256"}
+    assert active["ES256"].kid in result.activated  # rotated like any family in use, not retired
+    assert active["ES256"].wanted_at is not None  # carried over: the next rotation keeps it too
+    assert signing_key_rotate().retired == ()
+    assert SigningKey.objects.filter(algorithm="ES256").count() == 2  # no key made and retired each round
+
+
+def test_a_beat_configured_for_another_algorithm_activates_the_web_families_first_key_in_turn(
+    oauth, make_client, settings
+):
+    rs256_only = {**settings.AUTHSERVER, "ACCESS_TOKEN_ALGORITHM": "RS256"}
+    settings.AUTHSERVER = rs256_only  # an install that signed RS256...
+    reg = make_client()
+    oauth.client_credentials(reg)
+    settings.AUTHSERVER = {**rs256_only, "ACCESS_TOKEN_ALGORITHM": "ES256"}  # ...whose web moved to ES256
+    active_key_cache_clear()
+    oauth.client_credentials(reg)
+    es256 = SigningKey.objects.get(algorithm="ES256")
+    assert (es256.state, es256.wanted_at is not None) == ("pending", True)
+    settings.AUTHSERVER = rs256_only  # but beat still says RS256
+    assert signing_key_rotate().retired == ()
+    assert signing_key_rotate(now=es256.activate_after + timedelta(seconds=1)).activated == (es256.kid,)
+
+
+def test_a_process_records_the_family_it_signs_with_at_most_once_a_minute(oauth, make_client):
+    reg = make_client()
+    oauth.client_credentials(reg)
+    keys = SigningKey.objects.filter(algorithm="ES256")
+    assert keys.get().wanted_at is not None
+    keys.update(wanted_at=None)
+    active_key_cache_clear()
+    oauth.client_credentials(reg)  # reads the key again, within the minute: no write
+    assert keys.get().wanted_at is None
+    signing_family_notes_forget()
+    active_key_cache_clear()
+    oauth.client_credentials(reg)
+    assert keys.get().wanted_at is not None
