@@ -259,11 +259,15 @@ OAUTH2_PROVIDER = {
 }
 
 # Signing keys: how often beat rotates, and how long a new key is published before it signs; which
-# algorithm signs access tokens (ID tokens are always RS256; see authserver/crypto.py).
+# algorithm signs access tokens (ID tokens are always RS256; see authserver/crypto.py). A new key must be
+# in every gateway's key set before it signs, and gateways refresh theirs every JWKS_MAX_AGE_S even when
+# the push that a new key sends is lost: so no shorter lead (`rotatekeys --activate-now` is the emergency
+# exit for a compromised key, where a minute of refused tokens is the lesser harm).
+JWKS_MAX_AGE_S = 60
 AUTHSERVER: dict[str, Any] = {
     "ACCESS_TOKEN_ALGORITHM": env_choice("PORTCULLIS_ACCESS_TOKEN_ALG", "ES256", ("ES256", "RS256")),
     "KEY_ROTATION_INTERVAL_S": env_int("PORTCULLIS_KEY_ROTATION_INTERVAL", 7 * 86400, minimum=60),
-    "KEY_PUBLISH_AHEAD_S": env_int("PORTCULLIS_KEY_PUBLISH_AHEAD", 600, minimum=0),
+    "KEY_PUBLISH_AHEAD_S": env_int("PORTCULLIS_KEY_PUBLISH_AHEAD", 600, minimum=JWKS_MAX_AGE_S),
     "ACCESS_TOKEN_LIFETIME_S": ACCESS_TOKEN_LIFETIME_S,
 }
 
@@ -274,7 +278,7 @@ GATEWAY = {
     "UPSTREAM_API_KEY": env_secret("VLLM_API_KEY"),
     "JWKS_URL": env_str("PORTCULLIS_JWKS_URL"),  # empty: read keys from this deployment's database
     "JWKS_REFRESH_S": 30.0,  # an unknown kid refetches the key set at most this often
-    "JWKS_MAX_AGE_S": 60.0,  # the key set is refreshed in the background this often
+    "JWKS_MAX_AGE_S": float(JWKS_MAX_AGE_S),  # the key set is refreshed in the background this often
     "LEEWAY_S": 30,  # clock skew tolerated on exp/nbf/iat (RFC 8725 §3.10 asks for a small one)
     "MAX_TOKEN_BYTES": 8192,
     "MAX_BODY_BYTES": env_int("PORTCULLIS_MAX_BODY_BYTES", 1_048_576, minimum=1024),

@@ -59,6 +59,9 @@ def test_production_settings_load_with_https_hardening():
         ({"PORTCULLIS_LOGIN_FAILURE_LIMIT": "five"}, "PORTCULLIS_LOGIN_FAILURE_LIMIT"),
         ({"PORTCULLIS_ACCESS_TOKEN_ALG": "HS256"}, "PORTCULLIS_ACCESS_TOKEN_ALG"),
         ({"PORTCULLIS_ACCESS_TOKEN_ALG": "es256"}, "PORTCULLIS_ACCESS_TOKEN_ALG"),
+        # a key that signed before gateways refreshed their key set would have its tokens refused
+        ({"PORTCULLIS_KEY_PUBLISH_AHEAD": "0"}, "PORTCULLIS_KEY_PUBLISH_AHEAD"),
+        ({"PORTCULLIS_KEY_PUBLISH_AHEAD": "59"}, "PORTCULLIS_KEY_PUBLISH_AHEAD"),
     ],
 )
 def test_an_insecure_or_missing_setting_stops_the_process_naming_it(overrides, named):
@@ -81,3 +84,10 @@ def test_secrets_can_come_from_files(tmp_path):
     secret.write_text("a-secret-read-from-a-docker-secret-file-0123456789\n")
     result = settings_load(DJANGO_SECRET_KEY=None, DJANGO_SECRET_KEY_FILE=str(secret))
     assert result.returncode == 0, result.stderr
+
+
+def test_a_key_may_be_published_as_little_as_the_gateways_key_set_refresh_ahead():
+    shown = "settings.AUTHSERVER['KEY_PUBLISH_AHEAD_S'], settings.GATEWAY['JWKS_MAX_AGE_S']"
+    result = settings_load(show=shown, PORTCULLIS_KEY_PUBLISH_AHEAD="60")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["60", "60.0"]
