@@ -178,11 +178,6 @@ class SigningKey(models.Model):
     retired_at = models.DateTimeField(null=True, blank=True)
     remove_after = models.DateTimeField(null=True, blank=True, help_text="Unpublish after this time")
     removed_at = models.DateTimeField(null=True, blank=True)
-    wanted_at = models.DateTimeField(
-        null=True,
-        blank=True,
-        help_text="When a process last signed, or asked to sign, with this key's family",
-    )
 
     class Meta:
         ordering = ["-created_at"]
@@ -201,3 +196,13 @@ class SigningKey(models.Model):
         from authserver.selectors import private_signing_key_for
 
         return private_signing_key_for(self.kid, bytes(self.private_key_encrypted))
+
+
+class SigningFamily(models.Model):
+    """A key family (an algorithm) some process signs with; key rotation keeps such a family in use."""
+
+    algorithm = models.CharField(max_length=10, primary_key=True)
+    wanted_at = models.DateTimeField(help_text="When a process last signed, or asked to sign, with it")
+
+    def __str__(self) -> str:
+        return f"{self.algorithm} (wanted {self.wanted_at:%Y-%m-%d %H:%M})"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 from axes.utils import reset as axes_reset
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, connections, router, transaction
+from django.db import DatabaseError, connection, connections, router, transaction
 from django.db.models import QuerySet
 from django.db.models.signals import post_save, pre_save
 from django.utils import timezone
@@ -26,9 +27,11 @@ from authserver.crypto import (
     private_key_encrypt,
     signing_key_generate,
 )
-from authserver.models import AccessToken, Client, Consent, RefreshToken, SigningKey
+from authserver.models import AccessToken, Client, Consent, RefreshToken, SigningFamily, SigningKey
 from authserver.revocation import keys_changed_publish, revocation_publish
 from authserver.selectors import active_key_cache_clear
+
+logger = logging.getLogger(__name__)
 
 CLIENT_SECRET_LENGTH = 128
 SIGNING_KEYS_LOCK = 0x6B657973  # PostgreSQL advisory lock id ("keys") held while keys are created or rotated
@@ -206,25 +209,31 @@ def signing_algorithms_in_use() -> tuple[str, ...]:
 
 
 FAMILY_NOTE_S = 60.0  # a process records that it wants a key family at most this often
-FAMILY_WANTED_S = 900  # a family some process wanted this recently stays in use, whatever beat's settings say
+FAMILY_WANTED_MIN_S = 900  # a family stays in use this long after the last process wanted it, at least
 _family_noted: dict[str, float] = {}
 
 
 def signing_family_wanted(algorithm: str) -> None:
     """Record (at most once a minute per process) that this process signs, or wants to sign, with a family.
 
-    Key rotation keeps every family some process wanted in the last ``FAMILY_WANTED_S`` seconds, not only
+    Key rotation keeps every family some process wanted within a rotation interval in use, not only
     those its own settings name: a beat whose ``PORTCULLIS_ACCESS_TOKEN_ALG`` differs from the web
     processes' would otherwise retire the family they sign with, and they would bootstrap it again, a new
-    key each round.
+    key each round. Best effort: one row per family, never the key rows rotation locks, and a failure
+    (a lock timeout, a lost connection) is logged and retried with the next token, never the token's.
     """
     now = time.monotonic()
     if now - _family_noted.get(algorithm, -FAMILY_NOTE_S) < FAMILY_NOTE_S:
         return
     _family_noted[algorithm] = now
-    SigningKey.objects.filter(
-        algorithm=algorithm, state__in=[SigningKey.State.PENDING, SigningKey.State.ACTIVE]
-    ).update(wanted_at=timezone.now())
+    try:
+        with transaction.atomic():  # a savepoint inside a caller's transaction: a failure stays here
+            SigningFamily.objects.update_or_create(
+                algorithm=algorithm, defaults={"wanted_at": timezone.now()}
+            )
+    except DatabaseError:
+        _family_noted.pop(algorithm, None)
+        logger.warning("could not record that this process signs with %s", algorithm, exc_info=True)
 
 
 def signing_family_notes_forget() -> None:
@@ -232,24 +241,25 @@ def signing_family_notes_forget() -> None:
     _family_noted.clear()
 
 
+def signing_family_window_s() -> int:
+    """How long a family stays in use after the last process wanted it: a rotation interval, at least
+    ``FAMILY_WANTED_MIN_S``, so that traffic that pauses (a night, a weekend) does not retire it."""
+    return max(int(settings.AUTHSERVER["KEY_ROTATION_INTERVAL_S"]), FAMILY_WANTED_MIN_S)
+
+
 def _signing_algorithms_wanted(now: datetime) -> tuple[str, ...]:
-    """The families in use: this process's, and those another process wanted recently (by ``now``)."""
+    """The families in use: this process's, and those another process wanted within the window."""
     wanted = (
-        SigningKey.objects.filter(
-            state__in=[SigningKey.State.PENDING, SigningKey.State.ACTIVE],
-            wanted_at__gt=now - timedelta(seconds=FAMILY_WANTED_S),
-            algorithm__in=SIGNING_ALGORITHMS,
+        SigningFamily.objects.filter(
+            wanted_at__gt=now - timedelta(seconds=signing_family_window_s()), algorithm__in=SIGNING_ALGORITHMS
         )
+        .order_by("algorithm")
         .values_list("algorithm", flat=True)
-        .distinct()
     )
-    return tuple(dict.fromkeys((*signing_algorithms_in_use(), *sorted(wanted))))
+    return tuple(dict.fromkeys((*signing_algorithms_in_use(), *wanted)))
 
 
-def _key_create(
-    *, algorithm: str, now: datetime, publish_ahead_s: int, actor: str, wanted_at: datetime | None
-) -> SigningKey:
-    """A new waiting key; ``wanted_at`` carries its family's last ``signing_family_wanted`` over to it."""
+def _key_create(*, algorithm: str, now: datetime, publish_ahead_s: int, actor: str) -> SigningKey:
     pem, public, kid = signing_key_generate(algorithm)
     key = SigningKey.objects.create(
         kid=kid,
@@ -259,7 +269,6 @@ def _key_create(
         state=SigningKey.State.PENDING,
         publish_at=now,
         activate_after=now + timedelta(seconds=publish_ahead_s),
-        wanted_at=wanted_at,
     )
     audit_record(
         kind="key.created",
@@ -333,14 +342,12 @@ def signing_key_bootstrap(algorithm: str, *, borrow: bool = False) -> SigningKey
         if borrow and other is not None and (pending is None or pending.activate_after > now):
             if pending is None:
                 ahead = int(settings.AUTHSERVER["KEY_PUBLISH_AHEAD_S"])
-                _key_create(
-                    algorithm=algorithm, now=now, publish_ahead_s=ahead, actor="system", wanted_at=now
-                )
+                _key_create(algorithm=algorithm, now=now, publish_ahead_s=ahead, actor="system")
             return other
         families = signing_algorithms_in_use() if other is None else ()
         for family in dict.fromkeys((algorithm, *families)):
             key = _first_pending(family) or _key_create(
-                algorithm=family, now=now, publish_ahead_s=0, actor="system", wanted_at=now
+                algorithm=family, now=now, publish_ahead_s=0, actor="system"
             )
             _key_activate(key=key, now=now, actor="system")
             if family == algorithm:
@@ -382,13 +389,7 @@ def _family_rotate(
     )
     if pending is None and (force or due):
         ahead = 0 if activate_now else int(conf["KEY_PUBLISH_AHEAD_S"])
-        pending = _key_create(
-            algorithm=algorithm,
-            now=now,
-            publish_ahead_s=ahead,
-            actor=actor,
-            wanted_at=active.wanted_at if active is not None else None,
-        )
+        pending = _key_create(algorithm=algorithm, now=now, publish_ahead_s=ahead, actor=actor)
         created = pending.kid
     if pending is not None and (activate_now or pending.activate_after <= now):
         _key_activate(key=pending, now=now, actor=actor)
@@ -402,7 +403,7 @@ def signing_key_rotate(
     """Advance the staged rotation of every key family in use: publish a new key, activate it once
     published long enough, retire the old one and unpublish retired keys once every token they signed has
     expired. A family no longer in use (the access-token algorithm was changed, and no process has asked
-    for it for ``FAMILY_WANTED_S`` seconds) has its keys retired."""
+    for it within ``signing_family_window_s()``) has its keys retired."""
     now = now or timezone.now()
     created, activated = [], []
     with transaction.atomic():

@@ -2,9 +2,12 @@
 
 Issue 7's reference column ("a bare Python proxy, no auth, aiohttp client"): no token, no policy, no
 Redis, no metering, no validation beyond reading the model to pick its upstream. It runs as the gateway
-does (uvicorn, uvloop, httptools, pinned to the gateway's core) and uses the gateway's HTTP client
-(one ``aiohttp.ClientSession``). What it adds to direct is what crossing one more process on the other
-core costs on this machine; what the gateway adds beyond it is the gateway's own work.
+does (uvicorn, uvloop, httptools, pinned to the gateway's core) and uses the gateway's HTTP client: one
+pooled ``aiohttp.ClientSession``, set up as ``gateway.upstream.upstream_session`` sets it (a keep-alive
+that ends before the upstream's, so a connection the fake has closed is never reused; no decompression)
+but without importing it, which would load Django into the floor. What it adds to direct is what
+crossing one more process on the other core costs on this machine; what the gateway adds beyond it is
+the gateway's own work.
 
 ``BENCH_BARE_UPSTREAMS`` maps models to upstreams: ``m1=http://127.0.0.1:8001,m2=http://127.0.0.1:8002``.
 """
@@ -17,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+KEEPALIVE_S = 4.0  # as gateway.upstream.UPSTREAM_KEEPALIVE_S: below the fake's (uvicorn's) 5 s
 STREAMING = b"text/event-stream"
 NOT_FOUND = (
     b'{"error":{"message":"unknown model","type":"invalid_request_error","param":"model","code":null}}'
@@ -51,7 +55,10 @@ class BareProxy:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                self.session = aiohttp.ClientSession(auto_decompress=False)
+                self.session = aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
+                    auto_decompress=False,
+                )
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.session is not None:

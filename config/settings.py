@@ -260,14 +260,16 @@ OAUTH2_PROVIDER = {
 
 # Signing keys: how often beat rotates, and how long a new key is published before it signs; which
 # algorithm signs access tokens (ID tokens are always RS256; see authserver/crypto.py). A new key must be
-# in every gateway's key set before it signs, and gateways refresh theirs every JWKS_MAX_AGE_S even when
-# the push that a new key sends is lost: so no shorter lead (`rotatekeys --activate-now` is the emergency
-# exit for a compromised key, where a minute of refused tokens is the lesser harm).
+# in every gateway's key set before it signs, and gateways refresh theirs about every JWKS_MAX_AGE_S even
+# when the push that a new key sends is lost: so the lead is at least two of those periods (a refresh
+# takes a moment, and a key is visible only once its transaction commits). `rotatekeys --activate-now` is
+# the emergency exit for a compromised key, where a minute of refused tokens is the lesser harm.
 JWKS_MAX_AGE_S = 60
+KEY_PUBLISH_AHEAD_MIN_S = 2 * JWKS_MAX_AGE_S
 AUTHSERVER: dict[str, Any] = {
     "ACCESS_TOKEN_ALGORITHM": env_choice("PORTCULLIS_ACCESS_TOKEN_ALG", "ES256", ("ES256", "RS256")),
     "KEY_ROTATION_INTERVAL_S": env_int("PORTCULLIS_KEY_ROTATION_INTERVAL", 7 * 86400, minimum=60),
-    "KEY_PUBLISH_AHEAD_S": env_int("PORTCULLIS_KEY_PUBLISH_AHEAD", 600, minimum=JWKS_MAX_AGE_S),
+    "KEY_PUBLISH_AHEAD_S": env_int("PORTCULLIS_KEY_PUBLISH_AHEAD", 600, minimum=KEY_PUBLISH_AHEAD_MIN_S),
     "ACCESS_TOKEN_LIFETIME_S": ACCESS_TOKEN_LIFETIME_S,
 }
 

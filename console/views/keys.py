@@ -8,8 +8,8 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
-from authserver.models import SigningKey
-from authserver.services import signing_algorithms_in_use, signing_key_rotate
+from authserver.models import SigningFamily, SigningKey
+from authserver.services import signing_algorithms_in_use, signing_family_window_s, signing_key_rotate
 from console.access import actor, console_view
 
 
@@ -18,7 +18,13 @@ from console.access import actor, console_view
 def key_list(request: HttpRequest) -> HttpResponse:
     """List signing keys, newest first, with their lifecycle dates."""
     keys = SigningKey.objects.defer("private_key_encrypted").order_by("-created_at")
-    return render(request, "console/keys/list.html", {"keys": keys, "conf": settings.AUTHSERVER})
+    context = {
+        "keys": keys,
+        "conf": settings.AUTHSERVER,
+        "families": SigningFamily.objects.order_by("algorithm"),
+        "window_s": signing_family_window_s(),
+    }
+    return render(request, "console/keys/list.html", context)
 
 
 @console_view(write=True)

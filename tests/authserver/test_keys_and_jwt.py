@@ -13,12 +13,12 @@ from jwcrypto import jwk, jws, jwt
 
 from audit.models import AuditEvent
 from authserver.crypto import private_key_decrypt
-from authserver.models import Client, SigningKey
+from authserver.models import Client, SigningFamily, SigningKey
 from authserver.selectors import active_key_cache_clear
 from authserver.services import (
-    FAMILY_WANTED_S,
     RotationResult,
     signing_family_notes_forget,
+    signing_family_window_s,
     signing_key_rotate,
 )
 
@@ -268,9 +268,9 @@ def test_switching_to_rs256_signs_with_the_id_token_family_at_once_and_retires_e
     jwks = client.get("/.well-known/jwks.json").json()
     new_header, _ = _verify(oauth.client_credentials(reg).json()["access_token"], jwks, alg="RS256")
     assert new_header["kid"] == rs256.kid
-    assert signing_key_rotate().retired == ()  # this process signed ES256 minutes ago: it may still
-    result = signing_key_rotate(now=timezone.now() + timedelta(seconds=FAMILY_WANTED_S + 1))
-    assert (result.created, result.retired) == ((), (es256.kid,))
+    assert signing_key_rotate().retired == ()  # a process signed ES256 moments ago: it may still
+    later = timezone.now() + timedelta(seconds=signing_family_window_s() + 1)
+    assert signing_key_rotate(now=later).retired == (es256.kid,)  # nobody has, for a rotation interval
     es256.refresh_from_db()
     assert es256.state == "retired"
     assert es256.remove_after is not None
@@ -314,14 +314,15 @@ def test_a_beat_configured_for_another_algorithm_keeps_and_rotates_the_family_th
     oauth, make_client, settings
 ):
     oauth.client_credentials(make_client())  # the web processes sign ES256 (the default)
-    web = settings.AUTHSERVER
-    settings.AUTHSERVER = {**web, "ACCESS_TOKEN_ALGORITHM": "RS256"}  # beat's environment says RS256
+    settings.AUTHSERVER = {**settings.AUTHSERVER, "ACCESS_TOKEN_ALGORITHM": "RS256"}  # beat's says RS256
     result = signing_key_rotate(force=True, activate_now=True)
-    active = {k.algorithm: k for k in SigningKey.objects.filter(state="active")}
+    active = {k.algorithm: k.kid for k in SigningKey.objects.filter(state="active")}
     assert set(active) == {"ES256", "RS256"}
-    assert active["ES256"].kid in result.activated  # rotated like any family in use, not retired
-    assert active["ES256"].wanted_at is not None  # carried over: the next rotation keeps it too
+    assert active["ES256"] in result.activated  # rotated like any family in use, not retired
     assert signing_key_rotate().retired == ()
+    # a night without tokens is not a switch: the family is kept for a rotation interval
+    overnight = timezone.now() + timedelta(hours=12)
+    assert signing_key_rotate(now=overnight).retired == ()
     assert SigningKey.objects.filter(algorithm="ES256").count() == 2  # no key made and retired each round
 
 
@@ -336,7 +337,7 @@ def test_a_beat_configured_for_another_algorithm_activates_the_web_families_firs
     active_key_cache_clear()
     oauth.client_credentials(reg)
     es256 = SigningKey.objects.get(algorithm="ES256")
-    assert (es256.state, es256.wanted_at is not None) == ("pending", True)
+    assert es256.state == "pending"
     settings.AUTHSERVER = rs256_only  # but beat still says RS256
     assert signing_key_rotate().retired == ()
     assert signing_key_rotate(now=es256.activate_after + timedelta(seconds=1)).activated == (es256.kid,)
@@ -345,13 +346,27 @@ def test_a_beat_configured_for_another_algorithm_activates_the_web_families_firs
 def test_a_process_records_the_family_it_signs_with_at_most_once_a_minute(oauth, make_client):
     reg = make_client()
     oauth.client_credentials(reg)
-    keys = SigningKey.objects.filter(algorithm="ES256")
-    assert keys.get().wanted_at is not None
-    keys.update(wanted_at=None)
+    first = SigningFamily.objects.get(algorithm="ES256").wanted_at
     active_key_cache_clear()
     oauth.client_credentials(reg)  # reads the key again, within the minute: no write
-    assert keys.get().wanted_at is None
+    assert SigningFamily.objects.get(algorithm="ES256").wanted_at == first
     signing_family_notes_forget()
     active_key_cache_clear()
     oauth.client_credentials(reg)
-    assert keys.get().wanted_at is not None
+    assert SigningFamily.objects.get(algorithm="ES256").wanted_at > first
+
+
+def test_a_failed_record_costs_the_token_nothing_and_is_tried_again(oauth, make_client, monkeypatch, caplog):
+    from django.db import DatabaseError
+
+    def refuse(*args, **kwargs):
+        raise DatabaseError("deadlock detected")
+
+    reg = make_client()
+    monkeypatch.setattr(SigningFamily.objects, "update_or_create", refuse)
+    assert oauth.client_credentials(reg).status_code == 200
+    assert "could not record that this process signs with ES256" in caplog.text
+    monkeypatch.undo()
+    active_key_cache_clear()
+    oauth.client_credentials(reg)  # not held back by the minute: the failure was forgotten
+    assert SigningFamily.objects.filter(algorithm="ES256").exists()
