@@ -69,6 +69,8 @@ class LiveConsumer(AsyncWebsocketConsumer):
             await self._push_loop()
         except asyncio.CancelledError:
             raise
+        except OSError:  # the browser left (closed the tab, followed a link) while a push was on its way
+            return
         except Exception:  # a broken feed must say so in the log and close, not hang silently
             logger.exception("console live feed failed")
             await self.close(code=1011)

@@ -126,3 +126,20 @@ def test_anyone_but_staff_is_refused_the_live_feed(who, member):
     assert not connected
     assert code == 4403
     assert messages == []
+
+
+def test_a_browser_that_leaves_while_a_push_is_on_its_way_is_no_error(monkeypatch, caplog):
+    import console.consumers as consumers
+
+    class ClientDisconnected(OSError):  # what uvicorn raises on a send to a closed WebSocket
+        pass
+
+    async def gone(message: dict[str, Any]) -> None:
+        raise ClientDisconnected()
+
+    monkeypatch.setattr(consumers, "usage_live_figures", lambda window_s: {"requests_per_s": 0})
+    monkeypatch.setitem(consumers.settings.GATEWAY, "UPSTREAMS", [])
+    consumer = LiveConsumer()
+    consumer.base_send = gone
+    asyncio.run(asyncio.wait_for(consumer.push_forever(), timeout=5))  # returns: nothing to push to
+    assert "console live feed failed" not in caplog.text
