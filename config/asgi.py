@@ -51,9 +51,8 @@ async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await django_asgi_app(scope, receive, send)
 
 
-GC_FULL_EVERY = (
-    100  # full collections are considered after this many gen-1 collections (Python's default: 10)
-)
+# Full collections are considered after this many gen-1 collections (Python's default: 10).
+GC_FULL_EVERY = 100
 
 
 def gc_freeze_startup() -> None:

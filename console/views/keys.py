@@ -22,9 +22,18 @@ def key_list(request: HttpRequest) -> HttpResponse:
         "keys": keys,
         "conf": settings.AUTHSERVER,
         "families": SigningFamily.objects.order_by("algorithm"),
-        "window_s": signing_family_window_s(),
+        "window": _duration(signing_family_window_s()),
     }
     return render(request, "console/keys/list.html", context)
+
+
+def _duration(seconds: int) -> str:
+    """A whole number of days, hours or minutes when the value is one ("7 days"), else seconds."""
+    for unit, size in (("day", 86_400), ("hour", 3_600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} s"
 
 
 @console_view(write=True)

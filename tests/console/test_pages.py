@@ -352,6 +352,7 @@ def test_rotating_keys_asks_first_and_activate_now_makes_a_new_key_sign(as_admin
     assert pending.kid.encode() in listing.content
     assert [f.algorithm for f in listing.context["families"]] == ["ES256"]  # the world's access token
     assert b"<strong>ES256</strong>, last" in listing.content
+    assert b"signed with it within the last 7 days" in listing.content  # the default rotation interval
 
 
 def test_the_dashboard_shows_live_figures_security_events_and_the_active_key(as_admin, world):
