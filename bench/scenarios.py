@@ -2,9 +2,9 @@
 
 A load scenario runs the closed loop against the fake vLLM directly ("direct"), through the bare proxy
 ("bare", the floor: ``bench.bareproxy``) and through the gateway ("gateway") with the same request bytes
-(plus the bearer token for the gateway); while its window runs, an observer reads
-the CPU time of every process and, when asked, polls the gateway's resident memory. The token endpoint
-and the in-process JWT micro-benchmark have no direct counterpart.
+(plus the bearer token for the gateway); while its window runs, an observer reads the CPU time of every
+process and, when asked, polls the gateway's resident memory. The token endpoint and the in-process JWT
+micro-benchmark have no direct counterpart.
 """
 
 from __future__ import annotations

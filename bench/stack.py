@@ -255,37 +255,19 @@ class Stack:
         self._wait_ready(self._spawn(name, argv, self.options.other_core, port), "/health")
 
     def _gateway(self) -> None:
-        port = self.ports["gateway"]
-        argv = [
-            PYTHON,
-            "-m",
-            "uvicorn",
-            "config.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        argv += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--no-proxy-headers"]
-        argv += ["--log-level", "warning"]
-        self._wait_ready(self._spawn("gateway", argv, self.options.gateway_core, port), "/healthz")
+        self._uvicorn("gateway", "config.asgi:application")
 
     def _bare(self) -> None:
         """The bare proxy, served as the gateway is, on its core (each idles while the other is measured)."""
-        port = self.ports["bare"]
-        argv = [
-            PYTHON,
-            "-m",
-            "uvicorn",
-            "bench.bareproxy:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
+        self._uvicorn("bare", "bench.bareproxy:application")
+
+    def _uvicorn(self, name: str, app: str) -> None:
+        """Serve an ASGI application on the gateway's core: uvloop, httptools, no access log."""
+        port = self.ports[name]
+        argv = [PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
         argv += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--no-proxy-headers"]
         argv += ["--log-level", "warning"]
-        self._wait_ready(self._spawn("bare", argv, self.options.gateway_core, port), "/healthz")
+        self._wait_ready(self._spawn(name, argv, self.options.gateway_core, port), "/healthz")
 
     def _worker(self) -> None:
         schedule = self.options.log_dir / "beat-schedule"
