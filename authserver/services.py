@@ -247,8 +247,9 @@ def signing_family_window_s() -> int:
     return max(int(settings.AUTHSERVER["KEY_ROTATION_INTERVAL_S"]), FAMILY_WANTED_MIN_S)
 
 
-def _signing_algorithms_wanted(now: datetime) -> tuple[str, ...]:
-    """The families in use: this process's, and those another process wanted within the window."""
+def signing_algorithms_rotated(now: datetime | None = None) -> tuple[str, ...]:
+    """The families rotation keeps: this process's, and those another process wanted within the window."""
+    now = now or timezone.now()
     wanted = (
         SigningFamily.objects.filter(
             wanted_at__gt=now - timedelta(seconds=signing_family_window_s()), algorithm__in=SIGNING_ALGORITHMS
@@ -285,7 +286,9 @@ def _retire_after_s() -> int:
     return int(conf["ACCESS_TOKEN_LIFETIME_S"]) + 120
 
 
-def _keys_retire(keys: QuerySet[SigningKey], *, now: datetime, actor: str) -> None:
+def _keys_retire(keys: QuerySet[SigningKey], *, now: datetime, actor: str) -> tuple[str, ...]:
+    """Retire the keys (locked as they are read); return their ids."""
+    retired = []
     for old in keys.select_for_update():
         old.state = SigningKey.State.RETIRED
         old.retired_at = now
@@ -296,7 +299,9 @@ def _keys_retire(keys: QuerySet[SigningKey], *, now: datetime, actor: str) -> No
             actor=actor,
             data={"kid": old.kid, "alg": old.algorithm, "remove_after": old.remove_after.isoformat()},
         )
+        retired.append(old.kid)
     transaction.on_commit(active_key_cache_clear)
+    return tuple(retired)
 
 
 def _key_activate(*, key: SigningKey, now: datetime, actor: str) -> None:
@@ -408,7 +413,7 @@ def signing_key_rotate(
     created, activated = [], []
     with transaction.atomic():
         _signing_keys_lock()
-        in_use = _signing_algorithms_wanted(now)
+        in_use = signing_algorithms_rotated(now)
         # Nothing signs yet (a fresh install): first keys sign at once, as nobody has a JWKS to refresh.
         fresh = not SigningKey.objects.filter(state=SigningKey.State.ACTIVE).exists()
         for algorithm in in_use:
@@ -425,8 +430,7 @@ def signing_key_rotate(
         )
         if not signing >= set(in_use):
             unused = unused.none()  # a family in use is still publishing its first key: the old one signs
-        retired = tuple(unused.values_list("kid", flat=True))
-        _keys_retire(unused, now=now, actor=actor)
+        retired = _keys_retire(unused, now=now, actor=actor)
         removed = []
         for old in SigningKey.objects.filter(state=SigningKey.State.RETIRED, remove_after__lte=now):
             old.state = SigningKey.State.REMOVED

@@ -9,35 +9,30 @@ is the authorization server's share of every token.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
+from authserver.crypto import signing_key_generate
 from gateway.auth import KeySet, TokenVerifier
 from gateway.conf import GatewaySettings
 
 ISSUER = "http://127.0.0.1:8000"
 AUDIENCE = ISSUER + "/v1"
-RSA_BITS = 2048  # what the authorization server's rotating keys use
 ALGORITHMS = ("ES256", "RS256")  # the default first: its figures are the report's headline rows
 SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 
 
 def _signing_key(algorithm: str) -> tuple[SigningKey, dict[str, Any]]:
-    private: SigningKey
-    if algorithm == "RS256":
-        private = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
-        public = json.loads(RSAAlgorithm.to_jwk(private.public_key()))
-    else:
-        private = ec.generate_private_key(ec.SECP256R1())
-        public = json.loads(ECAlgorithm.to_jwk(private.public_key()))
-    public.update({"kid": f"bench-{algorithm}", "alg": algorithm, "use": "sig"})
-    return private, public  # the key object, not PEM: parsing a PEM private key costs ~30 ms a token
+    """A key as the authorization server makes one (``authserver.crypto``), and its public JWK."""
+    pem, public, _kid = signing_key_generate(algorithm)
+    private = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(private, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey)  # noqa: S101  (RS256, ES256)
+    return private, public  # the key object, parsed once: parsing a PEM private key costs ~30 ms a token
 
 
 def _settings(cache_size: int) -> GatewaySettings:

@@ -19,11 +19,12 @@ LIVE_WINDOW_S = 10.0  # the live figures average over this many seconds
 def dashboard(request: HttpRequest) -> HttpResponse:
     """Show the dashboard; the figures are then pushed every 2 s by ``console.consumers.LiveConsumer``."""
     active = SigningKey.objects.filter(state=SigningKey.State.ACTIVE).defer("private_key_encrypted")
+    active = active.order_by("algorithm")
     context = {
         "live": usage_live_figures(window_s=LIVE_WINDOW_S),
         "security_events": security_events_latest(limit=10),
         "anomalies": anomalies_latest(limit=5),
         "upstreams": settings.GATEWAY["UPSTREAMS"],
-        "active_keys": sorted(active, key=lambda key: key.algorithm),
+        "active_keys": list(active),
     }
     return render(request, "console/dashboard.html", context)

@@ -9,7 +9,7 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_http_methods
 
 from authserver.models import SigningFamily, SigningKey
-from authserver.services import signing_algorithms_in_use, signing_family_window_s, signing_key_rotate
+from authserver.services import signing_algorithms_rotated, signing_family_window_s, signing_key_rotate
 from console.access import actor, console_view
 
 
@@ -54,7 +54,7 @@ def key_rotate(request: HttpRequest) -> HttpResponse:
     pending = SigningKey.objects.filter(state=SigningKey.State.PENDING).defer("private_key_encrypted")
     context = {
         "pending": pending,
-        "algorithms": signing_algorithms_in_use(),
+        "algorithms": signing_algorithms_rotated(),  # what the rotation below will rotate
         "publish_ahead_s": settings.AUTHSERVER["KEY_PUBLISH_AHEAD_S"],
     }
     return render(request, "console/keys/rotate.html", context)
