@@ -222,3 +222,64 @@ def test_a_batch_that_times_out_fails_the_callers_queued_behind_it_at_once(redis
     assert all(isinstance(r, redis.TimeoutError) for r in results)
     assert isinstance(results[0], RedisUnanswered)  # it reached Redis, which may have run it
     assert not any(isinstance(r, RedisUnanswered) for r in results[1:])  # these never left
+
+
+def test_a_call_on_a_quiet_batcher_leaves_before_its_caller_first_waits(redis_client):
+    """With no batch in flight, the caller sends its own batch: no turn of the event loop to hand over."""
+
+    async def run() -> tuple[Any, Any]:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        await batcher.call("PING")  # the links are running, and now parked
+        call = asyncio.ensure_future(batcher.call("RPUSH", "quiet", "sent"))
+        await asyncio.sleep(0)  # one turn: the call's task ran up to its first wait
+        seen = redis_client.blpop(["quiet"], timeout=2)  # blocks the loop on purpose: no link task can run
+        reply = await call
+        await closed(batcher)
+        return seen, reply
+
+    seen, reply = asyncio.run(run())
+    assert seen == (b"quiet", b"sent")
+    assert reply == 1
+
+
+WAIT_200MS = ("BLPOP", "never-pushed", 0.2)  # in flight for 200 ms without holding up other connections
+
+
+def test_a_call_while_a_carried_batch_is_in_flight_goes_on_another_link(redis_client):
+    async def run() -> tuple[Any, bool]:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        await batcher.call("PING")
+        blocked = asyncio.ensure_future(batcher.call(*WAIT_200MS))
+        await asyncio.sleep(0.02)  # the blocking pop is in flight on the caller's own task
+        pong = await batcher.call("PING")
+        blocked_done = blocked.done()
+        assert await blocked is None
+        await closed(batcher)
+        return pong, blocked_done
+
+    pong, blocked_done = asyncio.run(run())
+    assert pong == b"PONG"
+    assert not blocked_done  # answered on a second connection, not queued behind the carried batch
+
+
+def test_a_cancelled_carrier_hands_the_riders_their_commands_and_the_link_recovers(redis_client):
+    async def run() -> tuple[Recorder, Any]:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        await batcher.call("PING")
+        rider = Recorder()
+        batcher.rider_add(rider)
+        rider.pending = [("INCR", "ridden")]
+        carrier = asyncio.ensure_future(batcher.call(*WAIT_200MS))
+        await asyncio.sleep(0.05)  # the rider's INCR is answered; the blocking pop is not
+        carrier.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await carrier
+        after = await asyncio.gather(*(batcher.call("INCR", "after") for _ in range(3)))
+        await closed(batcher)
+        return rider, after
+
+    rider, after = asyncio.run(run())
+    assert rider.outcomes == [([1], None)]  # its command was answered before the break: nothing to resend
+    assert rider.pending == []
+    assert redis_client.get("ridden") == b"1"
+    assert sorted(after) == [1, 2, 3]  # the dropped connection was replaced
