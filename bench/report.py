@@ -294,8 +294,9 @@ def _print_footer(result: dict[str, Any]) -> None:
 def _print_profile(profile: dict[str, Any]) -> None:
     measured = profile.get("measurement", {})
     print(
-        f"\nprofile of the gateway's event loop under chat_32 ({profile['samples']:,} samples, "
-        f"{measured.get('rps')}/s while profiled; {profile.get('other_thread_samples', 0):,} samples of "
+        f"\nprofile of the gateway's event loop under {measured.get('scenario', '?')} "
+        f"({profile['samples']:,} samples, {measured.get('rps')} requests/s while profiled; "
+        f"{profile.get('other_thread_samples', 0):,} samples of "
         "other threads left out):"
     )
     for title, key in (
