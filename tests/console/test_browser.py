@@ -62,7 +62,11 @@ class Stack:
 
 def browser_start() -> tuple[Playwright, Browser]:
     playwright = sync_playwright().start()
-    return playwright, playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+    try:
+        return playwright, playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+    except BaseException:  # no browser: Playwright's driver must not outlive the failure
+        playwright.stop()
+        raise
 
 
 def browser_stop(playwright: Playwright, browser: Browser) -> None:
@@ -87,11 +91,13 @@ def stack(
     server = start_server(tmp_path_factory.mktemp("console"))
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="browser")
-    playwright, browser = pool.submit(browser_start).result(timeout=60)
     try:
-        yield Stack(server=server, browser=browser, app=app, pool=pool)
-    finally:
-        pool.submit(browser_stop, playwright, browser).result(timeout=60)
+        playwright, browser = pool.submit(browser_start).result(timeout=60)
+        try:
+            yield Stack(server=server, browser=browser, app=app, pool=pool)
+        finally:
+            pool.submit(browser_stop, playwright, browser).result(timeout=60)
+    finally:  # the server goes even when the browser could not start: it holds the test database
         pool.shutdown()
         stop(server.process)
         with django_db_blocker.unblock():
