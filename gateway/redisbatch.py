@@ -32,6 +32,7 @@ BATCH_TIMEOUT_S = 2.0  # a batch not answered in this time fails as "Redis down"
 RIDER_RETRY_S = 1.0  # a rider whose commands failed sends them again after this long
 LINKS = 4  # batches in flight at once; each link is one connection
 MAX_CALLS = 512  # awaited commands per batch; the rest wait for the next one
+CARRY_AFTER_QUIET_S = 0.001  # a caller sends its own batch only after Redis has been quiet this long
 Command = tuple[Any, ...]
 Reply = Any  # a decoded reply, or the redis ResponseError that the command got
 
@@ -72,6 +73,7 @@ class RedisBatcher:
         self._inflight = 0
         self._quiet = asyncio.Event()  # no batch in flight
         self._quiet.set()
+        self._quiet_since = 0.0  # the loop's time when the last batch in flight was answered
         self._stopping = False
         self._sent = False  # whether the last batch carried anything
 
@@ -82,10 +84,16 @@ class RedisBatcher:
         """Send one command with the next batch and return its reply (a ResponseError is raised)."""
         if self._stopping:
             raise RedisStopped("the gateway is stopping")
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply] = loop.create_future()
         self._calls.append((command, future))
         try:
-            carried = not self._inflight and len(self._calls) == 1 and await self._carry()
+            carried = (
+                not self._inflight
+                and len(self._calls) == 1
+                and loop.time() - self._quiet_since >= CARRY_AFTER_QUIET_S
+                and await self._carry()
+            )
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
                 future.exception()  # the batch failed this call too; its caller has gone, so that is all
@@ -116,14 +124,16 @@ class RedisBatcher:
         self._signalled = True
 
     async def _carry(self) -> bool:
-        """Redis is quiet (no batch in flight, no other call queued): send the batch on the caller's task,
-        on a parked link's connection, and read its replies there; return False when no link is parked.
+        """Redis is quiet (no batch in flight for a while, no other call queued): send the batch on the
+        caller's task, on a parked link's connection, and read its replies there; return False when no
+        link is parked.
 
         Handing the call to a link's task and its reply back costs two turns of the event loop, and on a
-        busy loop a turn is what a quiet request waits for most (bench/README.md). Under load a batch is
-        in flight, and calls are queued for the links as before. Should the caller be cancelled while it
-        waits, the batch breaks as a broken connection does: the link's connection is dropped and the
-        riders take back the commands that got no reply.
+        busy loop a turn is what a lone request waits for most (bench/README.md). Under load batches
+        follow each other closely, and calls are queued for the links as before: carried one by one,
+        they would each pay a round trip's CPU instead of a share of one. Should the caller be cancelled
+        while it waits, the batch breaks as a broken connection does: the link's connection is dropped
+        and the riders take back the commands that got no reply.
         """
         while self._idle:
             link, parked = self._idle.pop()
@@ -224,6 +234,7 @@ class RedisBatcher:
             self._inflight -= 1
             if not self._inflight:
                 self._quiet.set()
+                self._quiet_since = asyncio.get_running_loop().time()
             for barrier in barriers:
                 if not barrier.done():
                     barrier.set_result(ok)

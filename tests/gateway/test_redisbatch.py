@@ -230,6 +230,7 @@ def test_a_call_on_a_quiet_batcher_leaves_before_its_caller_first_waits(redis_cl
     async def run() -> tuple[Any, Any]:
         batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
         await batcher.call("PING")  # the links are running, and now parked
+        await asyncio.sleep(0.01)  # Redis has been quiet for longer than CARRY_AFTER_QUIET_S
         call = asyncio.ensure_future(batcher.call("RPUSH", "quiet", "sent"))
         await asyncio.sleep(0)  # one turn: the call's task ran up to its first wait
         seen = redis_client.blpop(["quiet"], timeout=2)  # blocks the loop on purpose: no link task can run
@@ -242,6 +243,28 @@ def test_a_call_on_a_quiet_batcher_leaves_before_its_caller_first_waits(redis_cl
     assert reply == 1
 
 
+def test_a_call_right_after_a_batch_waits_for_a_link_to_take_it(redis_client, monkeypatch):
+    """Under load batches follow each other closely: a call then travels with the next link's batch."""
+    from gateway import redisbatch
+
+    monkeypatch.setattr(redisbatch, "CARRY_AFTER_QUIET_S", 60.0)  # "closely", whatever the machine's pace
+
+    async def run() -> tuple[Any, Any]:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        await batcher.call("PING")
+        call = asyncio.ensure_future(batcher.call("RPUSH", "busy", "sent"))
+        await asyncio.sleep(0)
+        seen = redis_client.blpop(["busy"], timeout=0.2)  # blocks the loop: the link cannot send it yet
+        reply = await call
+        await closed(batcher)
+        return seen, reply
+
+    seen, reply = asyncio.run(run())
+    assert seen is None
+    assert reply == 1
+    assert redis_client.lrange("busy", 0, -1) == [b"sent"]
+
+
 WAIT_200MS = ("BLPOP", "never-pushed", 0.2)  # in flight for 200 ms without holding up other connections
 
 
@@ -249,6 +272,7 @@ def test_a_call_while_a_carried_batch_is_in_flight_goes_on_another_link(redis_cl
     async def run() -> tuple[Any, bool]:
         batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
         await batcher.call("PING")
+        await asyncio.sleep(0.01)
         blocked = asyncio.ensure_future(batcher.call(*WAIT_200MS))
         await asyncio.sleep(0.02)  # the blocking pop is in flight on the caller's own task
         pong = await batcher.call("PING")
@@ -269,6 +293,7 @@ def test_a_cancelled_carrier_hands_the_riders_their_commands_and_the_link_recove
         rider = Recorder()
         batcher.rider_add(rider)
         rider.pending = [("INCR", "ridden")]
+        await asyncio.sleep(0.01)
         carrier = asyncio.ensure_future(batcher.call(*WAIT_200MS))
         await asyncio.sleep(0.05)  # the rider's INCR is answered; the blocking pop is not
         carrier.cancel()
