@@ -52,14 +52,24 @@ def ip_in_networks(
     return address is not None and any(address in net for net in nets)
 
 
+@lru_cache(maxsize=1024)
+def _peer_parse(value: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address | None, str | None]:
+    """The socket peer's address and its text: the same few short strings on every request, parsed once.
+
+    Only the peer is cached: ``X-Forwarded-For`` is the client's own text, unbounded in size.
+    """
+    address = _parse_ip(value)
+    return address, None if address is None else str(address)
+
+
 def client_ip_resolve(peer: str | None, forwarded_for: str | None, trusted: Iterable[Network]) -> str | None:
     """Return the client IP: the peer, or the first untrusted hop of X-Forwarded-For seen from the right."""
     nets = tuple(trusted)
-    current = _parse_ip(peer or "")
+    current, text = _peer_parse(peer or "")
     if current is None:
         return None
     if not forwarded_for or not ip_in_networks(current, nets):
-        return str(current)
+        return text
     for hop in reversed(forwarded_for.split(",")):
         address = _parse_ip(hop)
         if address is None:

@@ -134,7 +134,7 @@ class Runtime:
 
     def check_ip_denylist(self, ip: str | None) -> None:
         """Refuse globally denied addresses before anything costly."""
-        if ip_in_networks(ip, self.deny_networks):
+        if self.deny_networks and ip_in_networks(ip, self.deny_networks):
             raise errors.IpNotAllowed()
 
     def check_ip_allowlist(self, principal: Principal, ip: str | None) -> None:

@@ -43,6 +43,7 @@ POLICIES: dict[str, dict[str, Any]] = {
     "pair": {"concurrency": 2},
     "ip": {"allow_ips": ["10.1.2.3/32"]},
     "fallback": {"rpm": 40},
+    "open": {},  # no limit for other tests to spend
 }
 
 
@@ -244,6 +245,25 @@ def test_forwarded_for_is_believed_only_from_a_trusted_proxy(tmp_path, stack, dj
         assert leftmost.status_code == 403  # the leftmost hop is the client's own claim
     finally:
         stop(server.process)
+
+
+@pytest.mark.parametrize("denied", ["127.0.0.0/8", "192.0.2.0/24"])
+def test_the_global_deny_list_refuses_its_addresses_before_the_token_is_looked_at(tmp_path, stack, denied):
+    _server, fake, clients = stack
+    server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, PORTCULLIS_DENY_IPS=denied)
+    try:
+        headers = {"authorization": f"Bearer {client_token(server, clients['open'])}"}
+        answer = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
+        no_token = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, timeout=10)
+    finally:
+        stop(server.process)
+    if denied == "127.0.0.0/8":  # the test's own address
+        assert answer.status_code == 403
+        assert answer.json()["error"]["code"] == "ip_not_allowed"
+        assert no_token.status_code == 403  # refused before the missing token would be a 401
+    else:
+        assert answer.status_code == 200
+        assert no_token.status_code == 401
 
 
 def start_redis(tmp: Path, port: int) -> subprocess.Popen[bytes]:
