@@ -174,7 +174,7 @@ def metering(stack: Stack, measurements: list[dict[str, Any]], plan: Plan) -> di
         if m["target"] == "gateway" and m["scenario"] not in ("token", "jwt")
     )
     at_end = stack.audit_stream()
-    waited = stack.wait_audit_drained(plan.drain_timeout_s, appended_at_least=sent)
+    waited = stack.wait_audit_drained(plan.drain_timeout_s, appended_at_least=sent, stored_at_least=sent)
     after = stack.audit_stream()
     return {
         "worker": stack.options.worker,

@@ -375,15 +375,19 @@ class Stack:
             client.close()
         return {"backlog": int(info.get("length", 0)), "appended": int(info.get("entries-added", 0))}
 
-    def wait_audit_drained(self, timeout_s: float, *, appended_at_least: int = 0) -> float:
+    def wait_audit_drained(
+        self, timeout_s: float, *, appended_at_least: int = 0, stored_at_least: int = 0
+    ) -> float:
         """Wait (at most timeout_s) until the audit stream holds at least ``appended_at_least`` entries ever
         appended (the gateway hands records off within a few ms of the answer, not before it) and the
-        worker, when there is one, has ingested them all; return the seconds waited."""
+        worker, when there is one, has ingested them all and stored at least ``stored_at_least`` usage
+        records (the stream carries audit events too, so its count alone can be reached early); return
+        the seconds waited."""
         started = time.monotonic()
         while time.monotonic() - started < timeout_s:
             stream = self.audit_stream()
             if stream["appended"] >= appended_at_least and (
-                not self.options.worker or stream["backlog"] == 0
+                not self.options.worker or (stream["backlog"] == 0 and self.usage_rows() >= stored_at_least)
             ):
                 break
             time.sleep(0.2)

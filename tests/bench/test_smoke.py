@@ -93,7 +93,7 @@ def test_nothing_was_dropped_and_every_request_was_metered(quick):
     metering = result["metering"]
     assert metering["requests_sent_to_gateway"] > 0
     assert metering["appended"] >= metering["requests_sent_to_gateway"]
-    assert metering["usage_rows"] > 0
+    assert metering["usage_rows"] >= metering["requests_sent_to_gateway"]  # every request, stored
 
 
 def test_the_table_was_printed_with_a_verdict_for_every_target(quick):
