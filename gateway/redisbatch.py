@@ -116,12 +116,19 @@ class RedisBatcher:
 
     def _signal(self) -> None:
         """Wake one parked link (not all of them: the others would find nothing to send)."""
+        taken = self._parked_take()
+        if taken is None:
+            self._signalled = True
+        else:
+            taken[1].set_result(None)
+
+    def _parked_take(self) -> tuple[int, asyncio.Future[None]] | None:
+        """Take the link parked last (a cancelled link's wait is skipped), or None when none is parked."""
         while self._idle:
-            _link, parked = self._idle.pop()
+            link, parked = self._idle.pop()
             if not parked.done():
-                parked.set_result(None)
-                return
-        self._signalled = True
+                return link, parked
+        return None
 
     async def _carry(self) -> bool:
         """Redis is quiet (no batch in flight for a while, no other call queued): send the batch on the
@@ -135,12 +142,10 @@ class RedisBatcher:
         while it waits, the batch breaks as a broken connection does: the link's connection is dropped
         and the riders take back the commands that got no reply.
         """
-        while self._idle:
-            link, parked = self._idle.pop()
-            if not parked.done():
-                break
-        else:
+        taken = self._parked_take()
+        if taken is None:
             return False
+        link, parked = taken
         self._timer_cancel()
         try:
             await self._batch(link)
