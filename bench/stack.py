@@ -189,6 +189,9 @@ class Stack:
             for k, v in os.environ.items()
             if not k.startswith(SCRUBBED_ENV_PREFIXES) and k not in SCRUBBED_ENV
         }
+        upstreams = {
+            model: f"http://127.0.0.1:{self.ports[name]}" for model, name in (("m1", "fast"), ("m2", "paced"))
+        }
         env.update(
             # The production profile (DEBUG off: no query log, JSON logs), as behind a TLS-terminating
             # proxy: the issuer is https, the harness speaks plain HTTP on loopback, so no redirect.
@@ -204,8 +207,8 @@ class Stack:
             PORTCULLIS_EMBEDDED_BEAT="0",
             PORTCULLIS_ACCESS_TOKEN_ALG=self.options.access_token_alg,
             PORTCULLIS_VAR_DIR=str(self.options.log_dir / "var"),
-            VLLM_UPSTREAMS=f"http://127.0.0.1:{self.ports['fast']},http://127.0.0.1:{self.ports['paced']}",
-            BENCH_BARE_UPSTREAMS=f"m1=http://127.0.0.1:{self.ports['fast']},m2=http://127.0.0.1:{self.ports['paced']}",
+            VLLM_UPSTREAMS=",".join(upstreams.values()),
+            BENCH_BARE_UPSTREAMS=",".join(f"{model}={base}" for model, base in upstreams.items()),
             PYTHONUNBUFFERED="1",
         )
         return env
