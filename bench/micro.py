@@ -4,8 +4,8 @@
 in this process (pinned to core 1) measures the CPU time per call of:
 
 - a proxied request through ``httpx.AsyncClient`` over the httpx-aiohttp transport, through that
-  transport alone (httpx's ``Request``/``Response``, no client layer), and through ``aiohttp`` directly
-  (one request at a time, and 32 at once);
+  transport alone (httpx's ``Request``/``Response``, no client layer), through ``aiohttp`` directly,
+  and through the gateway's own ``gateway.http1.HttpClient`` (one request at a time, and 32 at once);
 - the admission script through redis-py (``Script`` call, plain ``EVALSHA``), through a redis-py pipeline
   of 1, 8 and 16, and the cost of packing one such command with redis-py and with hiredis.
 
@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 import uvloop
 
 from bench.stack import PYTHON, ROOT, free_port
+from gateway.http1 import HttpClient, url_split
 
 BODY = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}).encode()
 HEADERS = {"content-type": "application/json", "x-request-id": "0123456789abcdef", "user-agent": "bench"}
@@ -92,6 +93,16 @@ async def http_clients(base: str, calls: int) -> list[tuple[str, float, float]]:
             await response.read()
 
     candidates.append(("aiohttp.ClientSession", via_aiohttp, session.close))
+    client = HttpClient()
+    target = url_split(url)
+    header_pairs = list(HEADERS.items())
+
+    async def via_http1() -> None:
+        response = await client.request("POST", target, header_pairs, BODY)
+        await response.read()
+        response.release()
+
+    candidates.append(("gateway.http1.HttpClient", via_http1, client.close))
     for name, call, close in candidates:
         rows.append((name, await cpu_per_call(call, calls, 1), await cpu_per_call(call, calls, 32)))
         await close()

@@ -1,6 +1,6 @@
 """Per-process resources of the gateway, created once and shared by every request.
 
-One HTTP client (an aiohttp session, see ``gateway.upstream``) and one Redis pool per process (the hot
+One HTTP client (``gateway.http1``, see ``gateway.upstream``) and one Redis pool per process (the hot
 path's commands share round trips through ``gateway.redisbatch``), the key set, the policy snapshot, the
 upstream pool, the revocation watcher and the audit sink, plus the background tasks that keep them fresh.
 Started by the ASGI lifespan (or by the first request when a server has none).
@@ -15,7 +15,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -28,13 +27,14 @@ from authserver.selectors import jwks_get
 from gateway import errors
 from gateway.auth import KeySet, Principal, TokenVerifier
 from gateway.conf import GatewaySettings, gateway_settings
+from gateway.http1 import HttpError
 from gateway.metrics import REDIS_FALLBACKS
 from gateway.policy import FULL_RELOAD_S, PolicyCache
 from gateway.ratelimit import LocalLimiter, RedisLimiter
 from gateway.redisbatch import RedisBatcher
 from gateway.revocation import RevocationWatcher
 from gateway.services import POLICY_CHANNEL, policy_listener_add, policy_listener_remove
-from gateway.upstream import UpstreamPool, upstream_session
+from gateway.upstream import UpstreamPool, upstream_client
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def redis_pool_open(url: str) -> aioredis.Redis:
 class Runtime:
     def __init__(self, conf: GatewaySettings) -> None:
         self.conf = conf
-        self.http = upstream_session(conf.max_connections, conf.connect_timeout_s, conf.read_timeout_s)
+        self.http = upstream_client(conf.max_connections, conf.connect_timeout_s, conf.read_timeout_s)
         self.redis = redis_pool_open(settings.REDIS_URL) if settings.REDIS_URL else None
         self.keys = KeySet(self._fetch_jwks, refetch_interval_s=conf.jwks_refresh_s)
         self.verifier = TokenVerifier(conf, self.keys)
@@ -79,10 +79,10 @@ class Runtime:
 
     async def _fetch_jwks(self) -> dict[str, Any]:
         if self.conf.jwks_url:
-            async with self.http.get(
-                self.conf.jwks_url, timeout=aiohttp.ClientTimeout(total=5.0), raise_for_status=True
-            ) as response:
-                document: dict[str, Any] = json.loads(await response.read())
+            status, body = await self.http.get(self.conf.jwks_url, timeout_s=5.0)
+            if status != 200:
+                raise HttpError(f"the key set at {self.conf.jwks_url} answered {status}")
+            document: dict[str, Any] = json.loads(body)
             return document
         return await sync_to_async(jwks_get, thread_sensitive=False)()
 

@@ -14,7 +14,7 @@ import asyncio
 import json
 from typing import Any, Protocol
 
-import aiohttp
+from gateway.http1 import Response
 
 DONE = b"data: [DONE]"
 ERROR_EVENT = b'data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
@@ -29,7 +29,7 @@ class _ClientGone(Exception):
 
 
 class StreamRelay:
-    def __init__(self, sink: BodySender, response: aiohttp.ClientResponse, *, wants_usage: bool) -> None:
+    def __init__(self, sink: BodySender, response: Response, *, wants_usage: bool) -> None:
         self.sink = sink
         self.response = response
         self.wants_usage = wants_usage
@@ -112,7 +112,8 @@ class StreamRelay:
                 return
 
     async def _pump(self) -> None:
-        async for chunk in self.response.content.iter_any():
+        response = self.response
+        while chunk := await response.chunk():
             out = self._events(chunk)
             if out:
                 await self._send(out)

@@ -4,10 +4,11 @@ Each process learns the models from every upstream's ``/v1/models``, checks ``/h
 sends a request to the healthy upstream of the model with the fewest requests in flight, and tries the
 next one when a connection fails before the first byte. All failures map to a few gateway errors here.
 
-Upstream calls go through one ``aiohttp.ClientSession`` per process (see ``upstream_session``), not
-through ``httpx.AsyncClient``: measured on this project's 2-core machine, httpx's client layer plus the
-httpx-aiohttp adapter cost ~280 µs of CPU per proxied request at 32 concurrent requests against aiohttp's
-~82 µs (bench/README.md has the figures), and the gateway's whole budget at 3,000 requests/s is ~330 µs.
+Upstream calls go through one ``gateway.http1.HttpClient`` per process (see ``upstream_client``), not
+through ``httpx.AsyncClient`` or an ``aiohttp.ClientSession``: measured on this project's 2-core machine,
+a proxied request costs ~21 µs of the gateway's CPU through it at 32 concurrent requests, ~85 µs through
+aiohttp and ~280 µs through httpx over the httpx-aiohttp adapter (``python -m bench.micro``;
+bench/README.md has the figures), and the gateway's whole budget at 3,000 requests/s is ~330 µs.
 """
 
 from __future__ import annotations
@@ -21,10 +22,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-from yarl import URL
-
 from gateway.errors import UpstreamBusy, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
+from gateway.http1 import (
+    ConnectFailed,
+    ConnectTimeout,
+    Disconnected,
+    HttpClient,
+    HttpError,
+    Origin,
+    PoolTimeout,
+    ReadTimeout,
+    Response,
+    url_split,
+)
 from gateway.metrics import UPSTREAM_HEALTHY
 
 logger = logging.getLogger(__name__)
@@ -32,44 +42,32 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 5.0
 
 # A refused connection means the upstream is down. A connection that dropped before the answer (often a
-# keep-alive connection the upstream had just closed) is retried once on the same upstream first. The
-# order of the except clauses matters: ClientConnectorError is an OSError, a connect timeout a timeout.
-REFUSED = (aiohttp.ClientConnectorError,)
-DROPPED = (aiohttp.ConnectionTimeoutError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
-TIMEOUT = (aiohttp.ServerTimeoutError, TimeoutError)
+# keep-alive connection the upstream had just closed) is retried once on the same upstream first. A wait
+# for one of our own pooled connections says nothing about the upstream.
 UPSTREAM_KEEPALIVE_S = 4.0  # below uvicorn's (and so vLLM's) 5 s keep-alive, so we never reuse a closed one
 POOL_WAIT_S = 5.0  # how long a request may wait for a free connection when all are busy
 
 
-def upstream_session(max_connections: int, connect_timeout_s: float, read_timeout_s: float) -> Any:
-    """The process's one HTTP client: a pooled aiohttp session that keeps no cookies and never decompresses.
-
-    ``connect`` bounds the wait for a pooled connection plus the connect itself; ``sock_read`` bounds the
-    silence between two reads (a stream may run long, but not stall), as vLLM's own client does.
-    """
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
-            limit=max_connections, limit_per_host=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S
-        ),
-        timeout=aiohttp.ClientTimeout(
-            total=None,
-            connect=connect_timeout_s + POOL_WAIT_S,
-            sock_connect=connect_timeout_s,
-            sock_read=read_timeout_s,
-        ),
-        cookie_jar=aiohttp.DummyCookieJar(),  # an upstream's Set-Cookie must not ride along to the next call
-        auto_decompress=False,  # bytes go to the client as the upstream sent them
-        skip_auto_headers=("User-Agent",),
+def upstream_client(max_connections: int, connect_timeout_s: float, read_timeout_s: float) -> HttpClient:
+    """The process's one HTTP client. It keeps no cookies, follows no redirects and never decompresses:
+    bytes go to the client as the upstream sent them. ``read_timeout_s`` bounds the silence between two
+    reads (a stream may run long, but not stall), as vLLM's own client does."""
+    return HttpClient(
+        max_connections=max_connections,
+        connect_timeout_s=connect_timeout_s,
+        read_timeout_s=read_timeout_s,
+        pool_wait_s=POOL_WAIT_S,
+        keepalive_s=UPSTREAM_KEEPALIVE_S,
     )
 
 
-async def upstream_read(response: aiohttp.ClientResponse) -> bytes:
+async def upstream_read(response: Response) -> bytes:
     """Read a whole upstream answer, mapping transport failures to gateway errors."""
     try:
         return await response.read()
-    except TIMEOUT:
+    except ReadTimeout:
         raise UpstreamTimeout() from None
-    except (aiohttp.ClientError, OSError):
+    except (HttpError, OSError):
         raise UpstreamFailed() from None
 
 
@@ -93,7 +91,7 @@ class UpstreamPool:
     def __init__(
         self,
         bases: tuple[str, ...],
-        client: aiohttp.ClientSession,
+        client: HttpClient,
         api_key: str,
         *,
         max_connections: int = 0,
@@ -102,7 +100,7 @@ class UpstreamPool:
         self.max_connections = max_connections  # the session's pool size (0: unbounded)
         self.client = client
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._urls: dict[tuple[str, str], URL] = {}
+        self._urls: dict[tuple[str, str], tuple[Origin, bytes]] = {}
         self._turn = 0
         self._known: frozenset[str] = frozenset()
 
@@ -110,23 +108,19 @@ class UpstreamPool:
 
     async def check(self, upstream: Upstream) -> None:
         """Refresh one upstream's health and model list."""
-        timeout = aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S)
+        headers = self.headers.items()
         try:
-            async with self.client.get(
-                f"{upstream.base}/health", headers=self.headers, timeout=timeout
-            ) as health:
-                healthy = health.status == 200
-            async with self.client.get(
-                f"{upstream.base}/v1/models", headers=self.headers, timeout=timeout
-            ) as models:
-                healthy = healthy and models.status == 200
-                if healthy:
-                    cards = json.loads(await models.read()).get("data", [])
-                    upstream.models = {
-                        c["id"]: c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)
-                    }
-                    self._known = frozenset(m for u in self.upstreams for m in u.models)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+            status, _ = await self.client.get(f"{upstream.base}/health", headers, HEALTH_TIMEOUT_S)
+            healthy = status == 200
+            status, models = await self.client.get(f"{upstream.base}/v1/models", headers, HEALTH_TIMEOUT_S)
+            healthy = healthy and status == 200
+            if healthy:
+                cards = json.loads(models).get("data", [])
+                upstream.models = {
+                    c["id"]: c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)
+                }
+                self._known = frozenset(m for u in self.upstreams for m in u.models)
+        except (HttpError, OSError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
             if self.saturated():
                 return  # the check waited for a pooled connection, not for the upstream: no verdict
             healthy = False
@@ -184,7 +178,7 @@ class UpstreamPool:
     @asynccontextmanager
     async def request(
         self, model: str, path: str, body: bytes, headers: dict[str, str]
-    ) -> AsyncIterator[tuple[Upstream, aiohttp.ClientResponse]]:
+    ) -> AsyncIterator[tuple[Upstream, Response]]:
         """Open a streamed POST to the best upstream of the model; retry the next one on connect failure."""
         candidates = self.candidates(model)
         if not candidates:
@@ -203,7 +197,7 @@ class UpstreamPool:
                 yield upstream, response
             finally:
                 upstream.inflight -= 1
-                if response.content.is_eof():
+                if response.is_eof():
                     response.release()  # read to the end: the connection goes back to the pool
                 else:
                     response.close()  # cut short: closing the connection makes vLLM abort the generation
@@ -212,29 +206,29 @@ class UpstreamPool:
 
     async def _open(
         self, upstream: Upstream, path: str, body: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse | None:
+    ) -> Response | None:
         """Send to one upstream; None means try the next. In-flight is counted while a response is open."""
         url = self._urls.get((upstream.base, path))
         if url is None:
-            url = self._urls[(upstream.base, path)] = URL(upstream.base + path)
+            url = self._urls[(upstream.base, path)] = url_split(upstream.base + path)
         for attempt in (1, 2):
             upstream.inflight += 1
             try:
-                return await self.client.post(url, data=body, headers=headers)
-            except REFUSED:
+                return await self.client.request("POST", url, headers.items(), body)
+            except ConnectFailed:
                 upstream.inflight -= 1
                 break
-            except DROPPED as exc:
-                busy = isinstance(exc, aiohttp.ConnectionTimeoutError) and self.saturated()
+            except PoolTimeout:  # the wait was for one of our own pooled connections: the upstream is fine
                 upstream.inflight -= 1
-                if busy:  # the wait was for one of our own pooled connections: the upstream is fine
-                    raise UpstreamBusy() from None
+                raise UpstreamBusy() from None
+            except (ConnectTimeout, Disconnected):
+                upstream.inflight -= 1
                 if attempt == 2:
                     break
-            except TIMEOUT:
+            except ReadTimeout:
                 upstream.inflight -= 1
                 raise UpstreamTimeout() from None
-            except (aiohttp.ClientError, OSError):
+            except (HttpError, OSError):
                 upstream.inflight -= 1
                 raise UpstreamFailed() from None
             except BaseException:  # cancelled while connecting: the slot is not held

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 
+from gateway.http1 import Disconnected
 from gateway.streaming import StreamRelay
 
 
@@ -20,19 +19,17 @@ USAGE = b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":3}}
 
 
 class _Content:
+    """Stands in for ``gateway.http1.Response``: hands out its chunks, then b"" (or breaks first)."""
+
     def __init__(self, chunks: list[bytes], fail_after: int | None = None) -> None:
-        self.chunks, self.fail_after = chunks, fail_after
+        self.chunks, self.fail_after = list(chunks), fail_after
+        self.handed = 0
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        for index, chunk in enumerate(self.chunks):
-            if self.fail_after is not None and index == self.fail_after:
-                raise aiohttp.ClientPayloadError("upstream connection broke")
-            yield chunk
-
-
-class _Response:
-    def __init__(self, content: _Content) -> None:
-        self.content = content
+    async def chunk(self) -> bytes:
+        if self.fail_after is not None and self.handed == self.fail_after:
+            raise Disconnected("upstream connection broke")
+        self.handed += 1
+        return self.chunks.pop(0) if self.chunks else b""
 
 
 class _Sink:
@@ -52,7 +49,7 @@ async def _never_disconnects() -> dict[str, Any]:
 
 
 def _relay(sink: _Sink, content: _Content, *, wants_usage: bool = False) -> tuple[str, StreamRelay]:
-    relay = StreamRelay(sink, _Response(content), wants_usage=wants_usage)  # type: ignore[arg-type]
+    relay = StreamRelay(sink, content, wants_usage=wants_usage)  # type: ignore[arg-type]
     return asyncio.run(relay.run(_never_disconnects)), relay
 
 

@@ -1,0 +1,455 @@
+"""The upstream HTTP client against scripted servers: framing, keep-alive, timeouts, the pool's bound,
+back pressure, and every way a connection can break."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.http1 import (
+    HIGH_WATER,
+    ConnectFailed,
+    Disconnected,
+    HttpClient,
+    PoolTimeout,
+    ProtocolError,
+    ReadTimeout,
+    request_head,
+    url_split,
+)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+class Server:
+    """A scripted upstream on a free port: counts connections and keeps the requests it read."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.closed_by_client = asyncio.Event()
+
+    async def __aenter__(self) -> Server:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.base = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def request(self, reader: asyncio.StreamReader) -> bytes:
+        """Read one request (head and content-length body); b"" when the client closed instead."""
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            self.closed_by_client.set()
+            return b""
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        request = head + await reader.readexactly(length)
+        self.requests.append(request)
+        return request
+
+
+def run(test: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(asyncio.wait_for(test(), 20))
+
+
+def answering(*answers: bytes, then_close: bool = False) -> Callable[[Server], Handler]:
+    """A handler that answers each request on a connection with the next answer."""
+
+    def make(server: Server) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for answer in answers:
+                if not await server.request(reader):
+                    return
+                writer.write(answer)
+                await writer.drain()
+            if not then_close:
+                await server.request(reader)
+
+        return handler
+
+    return make
+
+
+async def serving(make: Callable[[Server], Handler]) -> Server:
+    server = Server(lambda r, w: asyncio.sleep(0))
+    server.handler = make(server)
+    return await server.__aenter__()
+
+
+def test_keep_alive_reuses_one_connection_and_sends_host_and_length():
+    async def test() -> tuple[Server, list[tuple[int, bytes]]]:
+        server = await serving(answering(OK, OK, OK))
+        client = HttpClient()
+        got = []
+        for _ in range(3):
+            response = await client.request("POST", f"{server.base}/v1/x?a=1", [("x-one", "1")], b"abc")
+            got.append((response.status, await response.read()))
+            response.release()
+        await client.close()
+        await server.__aexit__()
+        return server, got
+
+    server, got = run(test)
+    assert got == [(200, b"{}")] * 3
+    assert server.connections == 1
+    port = server.base.rsplit(":", 1)[1]
+    assert server.requests[0] == (
+        b"POST /v1/x?a=1 HTTP/1.1\r\nhost: 127.0.0.1:%s\r\nx-one: 1\r\ncontent-length: 3\r\n\r\nabc"
+        % port.encode()
+    )
+
+
+def test_a_chunked_body_is_handed_over_as_each_chunk_arrives():
+    release = asyncio.Event
+
+    async def test() -> list[bytes]:
+        gate = release()
+
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                await writer.drain()
+                await gate.wait()  # the second chunk waits until the client has read the first
+                writer.write(b"6\r\nsecond\r\n0\r\n\r\n")
+                await writer.drain()
+                await server.request(reader)
+
+            return handler
+
+        server = await serving(make)
+        client = HttpClient()
+        response = await client.request("POST", f"{server.base}/s", (), b"{}")
+        first = await response.chunk()
+        gate.set()
+        rest = [await response.chunk(), await response.chunk()]
+        eof = response.is_eof()
+        response.release()
+        await client.close()
+        await server.__aexit__()
+        return [first, *rest, b"eof" if eof else b""]
+
+    assert run(test) == [b"first", b"second", b"", b"eof"]
+
+
+def test_a_body_without_length_runs_until_the_close_and_its_connection_is_not_reused():
+    async def test() -> tuple[bytes, bytes, int]:
+        server = await serving(answering(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", then_close=True))
+        client = HttpClient()
+        first = await client.request("GET", f"{server.base}/a")
+        body = await first.read()
+        first.release()
+        second = await client.request("GET", f"{server.base}/a")
+        again = await second.read()
+        second.release()
+        await client.close()
+        await server.__aexit__()
+        return body, again, server.connections
+
+    assert run(test) == (b"until the end", b"until the end", 2)
+
+
+def test_connection_close_from_the_upstream_is_honoured():
+    closing = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok"
+
+    async def test() -> int:
+        server = await serving(answering(closing, closing))
+        client = HttpClient()
+        for _ in range(2):
+            response = await client.request("GET", f"{server.base}/")
+            assert await response.read() == b"ok"
+            response.release()
+        await client.close()
+        await server.__aexit__()
+        return server.connections
+
+    assert run(test) == 2
+
+
+def test_a_connection_the_upstream_closed_while_idle_is_not_reused():
+    async def test() -> tuple[int, int]:
+        server = await serving(answering(OK, then_close=True))
+        client = HttpClient()
+        response = await client.request("GET", f"{server.base}/")
+        await response.read()
+        response.release()
+        await asyncio.sleep(0.1)  # the upstream's close arrives while the connection is idle
+        response = await client.request("GET", f"{server.base}/")
+        status = response.status
+        response.release()
+        await client.close()
+        await server.__aexit__()
+        return status, server.connections
+
+    assert run(test) == (200, 2)
+
+
+def test_a_keep_alive_connection_idle_too_long_is_closed_not_reused():
+    async def test() -> tuple[int, bool]:
+        server = await serving(answering(OK, OK))
+        client = HttpClient(keepalive_s=0.05)
+        for _ in range(2):
+            response = await client.request("GET", f"{server.base}/")
+            await response.read()
+            response.release()
+            await asyncio.sleep(0.1)
+        await asyncio.wait_for(server.closed_by_client.wait(), 5)  # the expired one was closed by us
+        await client.close()
+        await server.__aexit__()
+        return server.connections, server.closed_by_client.is_set()
+
+    assert run(test) == (2, True)
+
+
+def test_an_upstream_that_never_answers_times_out_and_so_does_one_silent_mid_body():
+    async def test() -> tuple[str, str]:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                request = await server.request(reader)
+                if b"/body" in request:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
+                await asyncio.sleep(30)
+
+            return handler
+
+        server = await serving(make)
+        client = HttpClient(read_timeout_s=0.2)
+        outcomes = []
+        try:
+            await client.request("GET", f"{server.base}/head")
+        except ReadTimeout:
+            outcomes.append("head timed out")
+        response = await client.request("GET", f"{server.base}/body")
+        try:
+            await response.read()
+        except ReadTimeout:
+            outcomes.append("body timed out")
+        response.close()
+        await client.close()
+        await server.__aexit__()
+        return outcomes[0], outcomes[1]
+
+    assert run(test) == ("head timed out", "body timed out")
+
+
+def test_a_refused_connection_and_a_garbled_answer_are_told_apart():
+    async def test() -> tuple[type[Exception], type[Exception]]:
+        server = await serving(answering(b"SMTP ready\r\n\r\n"))
+        port = server.base.rsplit(":", 1)[1]
+        await server.__aexit__()
+        await asyncio.sleep(0.05)
+        client = HttpClient()
+        errors = []
+        for base in (f"http://127.0.0.1:{port}", None):
+            try:
+                if base is None:
+                    garbled = await serving(answering(b"SMTP ready\r\n\r\n"))
+                    base = garbled.base
+                await client.request("GET", f"{base}/")
+            except Exception as exc:  # noqa: BLE001
+                errors.append(type(exc))
+        await client.close()
+        await garbled.__aexit__()
+        return errors[0], errors[1]
+
+    assert run(test) == (ConnectFailed, ProtocolError)
+
+
+def test_an_upstream_closing_mid_body_is_a_disconnect_not_a_short_body():
+    async def test() -> type[Exception] | None:
+        server = await serving(
+            answering(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", then_close=True)
+        )
+        client = HttpClient()
+        response = await client.request("GET", f"{server.base}/")
+        error = None
+        try:
+            await response.read()
+        except Disconnected as exc:
+            error = type(exc)
+        response.close()
+        await client.close()
+        await server.__aexit__()
+        return error
+
+    assert run(test) is Disconnected
+
+
+def test_the_pool_bound_makes_a_request_wait_then_fail_busy_and_a_released_connection_serves_it():
+    async def test() -> tuple[bool, int, int]:
+        server = await serving(answering(OK, OK))
+        client = HttpClient(max_connections=1, pool_wait_s=0.2)
+        held = await client.request("GET", f"{server.base}/")
+        busy = False
+        try:
+            await client.request("GET", f"{server.base}/")
+        except PoolTimeout:
+            busy = True
+        waiting = asyncio.create_task(client.request("GET", f"{server.base}/"))
+        await asyncio.sleep(0.05)
+        await held.read()
+        held.release()  # hands its connection to the waiting request
+        second = await waiting
+        status = second.status
+        second.release()
+        await client.close()
+        await server.__aexit__()
+        return busy, status, server.connections
+
+    assert run(test) == (True, 200, 1)
+
+
+def test_a_response_cut_short_closes_its_connection():
+    async def test() -> bool:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\none\r\n")
+                await writer.drain()
+                await server.request(reader)  # returns when the client closes
+
+            return handler
+
+        server = await serving(make)
+        client = HttpClient()
+        response = await client.request("POST", f"{server.base}/", (), b"{}")
+        assert await response.chunk() == b"one"
+        response.release()  # not read to its end: closed, never pooled
+        await asyncio.wait_for(server.closed_by_client.wait(), 5)
+        await client.close()
+        await server.__aexit__()
+        return server.closed_by_client.is_set()
+
+    assert run(test)
+
+
+def test_reading_pauses_while_a_slow_consumer_holds_more_than_the_high_water_mark():
+    size = 4 * 1024 * 1024
+
+    async def test() -> tuple[int, bool, int]:
+        sent = asyncio.Event()
+
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+                writer.write(b"x" * size)
+                await writer.drain()
+                sent.set()
+                await server.request(reader)
+
+            return handler
+
+        server = await serving(make)
+        client = HttpClient()
+        response = await client.request("GET", f"{server.base}/")
+        await asyncio.sleep(0.3)  # the consumer is slow: nothing is read yet
+        buffered = response._buffered
+        drained_early = sent.is_set()
+        body = await response.read()
+        response.release()
+        await client.close()
+        await server.__aexit__()
+        return buffered, drained_early, len(body)
+
+    buffered, drained_early, length = run(test)
+    assert buffered < HIGH_WATER + 512 * 1024  # bounded by the mark plus what one read brings
+    assert not drained_early  # the upstream was held back, not buffered in full
+    assert length == size
+
+
+def _self_signed() -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_https_checks_the_certificate_and_works_with_a_trusted_one(tmp_path):
+    cert, key = _self_signed()
+    (tmp_path / "cert.pem").write_bytes(cert)
+    (tmp_path / "key.pem").write_bytes(key)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    trusting = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+
+    async def test() -> tuple[type[Exception] | None, int]:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(OK)
+                await writer.drain()
+            except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_tls)
+        url = f"https://localhost:{server.sockets[0].getsockname()[1]}/"
+        untrusted = None
+        try:
+            await HttpClient().request("GET", url)
+        except ConnectFailed as exc:
+            untrusted = type(exc)
+        client = HttpClient(tls=trusting)
+        response = await client.request("GET", url)
+        status = response.status
+        response.release()
+        await client.close()
+        server.close()
+        return untrusted, status
+
+    assert run(test) == (ConnectFailed, 200)
+
+
+@pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\x00b"])
+def test_a_header_value_with_a_line_break_or_nul_is_refused(value):
+    origin, target = url_split("http://upstream:8000/v1/chat/completions")
+    with pytest.raises(ValueError, match="line break"):
+        request_head("POST", target, origin, [("user-agent", value)], b"{}")
+
+
+def test_the_host_header_leaves_out_a_default_port_and_brackets_an_ipv6_address():
+    assert url_split("https://vllm.internal/v1")[0].host_header == b"vllm.internal"
+    assert url_split("http://[::1]:8000/v1")[0].host_header == b"[::1]:8000"
+    with pytest.raises(ValueError, match="not an http"):
+        url_split("ftp://vllm.internal/")
