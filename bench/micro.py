@@ -93,16 +93,16 @@ async def http_clients(base: str, calls: int) -> list[tuple[str, float, float]]:
             await response.read()
 
     candidates.append(("aiohttp.ClientSession", via_aiohttp, session.close))
-    client = HttpClient()
+    http1 = HttpClient()
     target = url_split(url)
     header_pairs = list(HEADERS.items())
 
     async def via_http1() -> None:
-        response = await client.request("POST", target, header_pairs, BODY)
-        await response.read()
-        response.release()
+        answer = await http1.request("POST", target, header_pairs, BODY)
+        await answer.read()
+        answer.release()
 
-    candidates.append(("gateway.http1.HttpClient", via_http1, client.close))
+    candidates.append(("gateway.http1.HttpClient", via_http1, http1.close))
     for name, call, close in candidates:
         rows.append((name, await cpu_per_call(call, calls, 1), await cpu_per_call(call, calls, 32)))
         await close()
