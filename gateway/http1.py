@@ -68,6 +68,10 @@ class ProtocolError(HttpError):
     """The upstream's answer was not valid HTTP/1.1."""
 
 
+class ClientClosed(HttpError):
+    """The client was closed (the process is shutting down): nothing is said about the upstream."""
+
+
 class Origin:
     """Where a URL points: scheme, host and port, and the request line's ``Host`` header."""
 
@@ -106,6 +110,7 @@ class Response:
         self._buffered = 0
         self._head: asyncio.Future[None] | None = connection.loop.create_future()
         self._framed = False  # its length was declared (or it is chunked): a close is not its end
+        self._interim = False  # a 1xx answer is being parsed
         self._error: HttpError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
@@ -181,6 +186,11 @@ class Response:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def head_timed_out(self) -> None:
+        head = self._head
+        if head is not None and not head.done():
+            head.set_exception(ReadTimeout("the upstream did not answer in time"))
+
     def fail(self, error: HttpError) -> None:
         """The connection broke (or the upstream went silent): whoever waits on this response gets it."""
         head = self._head
@@ -190,9 +200,10 @@ class Response:
             self._error = error
         self._wake()
 
-    def ended_by_close(self) -> bool:
-        """The connection closed: end the body there if nothing framed it; return whether it is whole."""
-        if self.status and not self._framed:
+    def ended_by_close(self, clean: bool) -> bool:
+        """The connection closed (``clean``: not reset): end the body there if nothing framed it; return
+        whether it is whole."""
+        if clean and self.status and not self._framed:
             self.complete = True
             self._wake()
         return self.complete
@@ -200,26 +211,45 @@ class Response:
     # --- httptools callbacks ----------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.complete:  # a second answer in the same read: not ours, and the connection is not reused
+            self.keep_alive = False
+            return
         self.headers.append((name, value))
         lowered = name.lower()
         if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
             self._framed = True
 
     def on_headers_complete(self) -> None:
-        self.status = self._connection.parser.get_status_code()
-        if self.status in (204, 304) or self.status < 200:
+        if self.complete:
+            return
+        status = self._connection.parser.get_status_code()
+        if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+            self.headers = []
+            self._framed = False
+            self._interim = True
+            return
+        self.status = status
+        if status in (204, 304):
             self._framed = True  # no body follows
         head = self._head
         if head is not None and not head.done():
             head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER:
             self._connection.reading_pause()
 
     def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self.complete:
+            self.keep_alive = False
+            return
         self.complete = True
         self.keep_alive = self._connection.parser.should_keep_alive()
         self._wake()
@@ -258,7 +288,7 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         response = self.response
-        if response is not None and not response.ended_by_close():
+        if response is not None and not response.ended_by_close(exc is None):
             response.fail(Disconnected("the upstream closed the connection"))
         self.pool.connection_gone(self)
 
@@ -270,7 +300,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(response)
         assert self.transport is not None  # noqa: S101  (a connection is handed out only once made)
         self.transport.write(head + body)
-        timer = self.loop.call_later(self.pool.read_timeout_s, response.fail, ReadTimeout("no answer"))
+        timer = self.loop.call_later(self.pool.read_timeout_s, response.head_timed_out)
         try:
             await response._head  # type: ignore[misc]
         except BaseException:
@@ -374,12 +404,16 @@ class HttpClient:
         deadline: float | None = None
         while True:
             if self._closed:
-                raise Disconnected("the client is closed")
+                raise ClientClosed("the client is closed")
             idle = self._idle.get(origin.key)
             now = time.monotonic()
             while idle:
                 connection = idle.pop()
-                if not connection.closed and now - connection.idle_since < self.keepalive_s:
+                if (
+                    not connection.closed
+                    and now - connection.idle_since < self.keepalive_s
+                    and not (connection.transport is not None and connection.transport.is_closing())
+                ):
                     return connection
                 connection.close()
             if not self.max_connections or len(self._open) < self.max_connections or self._evict():
@@ -393,11 +427,15 @@ class HttpClient:
             try:
                 async with asyncio.timeout(deadline - now):
                     await waiter
-            except TimeoutError:
-                raise PoolTimeout("every upstream connection is busy") from None
-            finally:
-                if not waiter.done():
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, but leaving (timed out or cancelled): pass the turn on
+                else:
                     waiter.cancel()
+                    self._waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise PoolTimeout("every upstream connection is busy") from None
+                raise
 
     def _evict(self) -> bool:
         """Close the longest idle connection (of any origin) to make room; False when none is idle."""
@@ -425,9 +463,11 @@ class HttpClient:
                     ssl=tls,
                     server_hostname=origin.host if tls else None,
                 )
-        except TimeoutError:
+        except TimeoutError as exc:
             self.connection_gone(connection)
-            raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} in time") from None
+            if exc.errno is None:  # ours, not the kernel's ETIMEDOUT
+                raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} in time") from None
+            raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
         except OSError as exc:  # refused, unreachable, no such host, a TLS failure (ssl.SSLError)
             self.connection_gone(connection)
             raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None

@@ -228,7 +228,7 @@ class UpstreamPool:
             except ReadTimeout:
                 upstream.inflight -= 1
                 raise UpstreamTimeout() from None
-            except (HttpError, OSError):
+            except (HttpError, OSError, ValueError):  # ValueError: a header the request line cannot carry
                 upstream.inflight -= 1
                 raise UpstreamFailed() from None
             except BaseException:  # cancelled while connecting: the slot is not held

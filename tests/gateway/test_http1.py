@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -453,3 +455,105 @@ def test_the_host_header_leaves_out_a_default_port_and_brackets_an_ipv6_address(
     assert url_split("http://[::1]:8000/v1")[0].host_header == b"[::1]:8000"
     with pytest.raises(ValueError, match="not an http"):
         url_split("ftp://vllm.internal/")
+
+
+def test_an_interim_answer_is_skipped_and_the_final_one_returned():
+    early = b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"
+
+    async def test() -> tuple[int, bytes, list[tuple[bytes, bytes]], int]:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                for split in (False, True):
+                    await server.request(reader)
+                    writer.write(early + (b"" if split else OK))
+                    await writer.drain()
+                    if split:  # the final answer in a later packet
+                        await asyncio.sleep(0.05)
+                        writer.write(OK)
+                await server.request(reader)
+
+            return handler
+
+        server = await serving(make)
+        client = HttpClient()
+        got = []
+        for _ in range(2):
+            response = await client.request("GET", f"{server.base}/")
+            got.append((response.status, await response.read(), response.headers))
+            response.release()
+        await client.close()
+        await server.__aexit__()
+        assert got[0] == got[1]
+        return (*got[0], server.connections)
+
+    status, body, headers, connections = run(test)
+    assert (status, body, connections) == (200, b"{}", 1)
+    assert (b"link", b"</x>") not in headers
+
+
+def test_a_second_answer_in_the_same_read_is_dropped_and_its_connection_not_reused():
+    async def test() -> tuple[bytes, int]:
+        server = await serving(answering(OK + OK, OK))
+        client = HttpClient()
+        first = await client.request("GET", f"{server.base}/")
+        body = await first.read()
+        first.release()
+        second = await client.request("GET", f"{server.base}/")
+        await second.read()
+        second.release()
+        await client.close()
+        await server.__aexit__()
+        return body, server.connections
+
+    assert run(test) == (b"{}", 2)
+
+
+def test_a_body_without_length_cut_by_a_reset_is_a_disconnect():
+    async def test() -> type[Exception] | None:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.request(reader)
+                writer.write(b"HTTP/1.1 200 OK\r\n\r\npart of it")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()  # RST, not FIN
+
+            return handler
+
+        server = await serving(make)
+        client = HttpClient()
+        response = await client.request("GET", f"{server.base}/")
+        error = None
+        try:
+            await response.read()
+        except Disconnected as exc:
+            error = type(exc)
+        response.close()
+        await client.close()
+        await server.__aexit__()
+        return error
+
+    assert run(test) is Disconnected
+
+
+def test_a_waiter_woken_then_cancelled_passes_the_free_connection_on():
+    async def test() -> tuple[int, int]:
+        server = await serving(answering(OK, OK))
+        client = HttpClient(max_connections=1, pool_wait_s=5)
+        held = await client.request("GET", f"{server.base}/")
+        first = asyncio.create_task(client.request("GET", f"{server.base}/"))
+        second = asyncio.create_task(client.request("GET", f"{server.base}/"))
+        await asyncio.sleep(0.05)  # both wait for the one connection
+        await held.read()
+        held.release()  # wakes the first waiter...
+        first.cancel()  # ...which leaves before it runs: the second must get the connection now
+        response = await asyncio.wait_for(second, 1)
+        status = response.status
+        response.release()
+        await client.close()
+        await server.__aexit__()
+        return status, server.connections
+
+    assert run(test) == (200, 1)
