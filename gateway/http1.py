@@ -2,8 +2,8 @@
 response parsed by httptools (llhttp, the parser uvicorn and aiohttp's C extension are built on).
 
 Why not aiohttp or httpx: measured by ``python -m bench.micro`` on the project's 2-core machine, a
-proxied chat request costs the calling process ~85 µs of CPU through ``aiohttp.ClientSession`` at 32
-concurrent requests (~150 µs one at a time) and ~21 µs (~45 µs) through this client; httpx's client
+proxied chat request costs the calling process ~87 µs of CPU through ``aiohttp.ClientSession`` at 32
+concurrent requests (~154 µs one at a time) and ~29 µs (~68 µs) through this client; httpx's client
 layer costs more than aiohttp (bench/README.md). The gateway's whole budget at 3,000 requests/s is
 ~330 µs, so the session object's generality (cookies, redirects, tracing, multipart, proxies,
 decompression) was a fifth of the hot path. This module does only what the gateway asks of an upstream

@@ -6,9 +6,9 @@ next one when a connection fails before the first byte. All failures map to a fe
 
 Upstream calls go through one ``gateway.http1.HttpClient`` per process (see ``upstream_client``), not
 through ``httpx.AsyncClient`` or an ``aiohttp.ClientSession``: measured on this project's 2-core machine,
-a proxied request costs ~21 µs of the gateway's CPU through it at 32 concurrent requests, ~85 µs through
-aiohttp and ~280 µs through httpx over the httpx-aiohttp adapter (``python -m bench.micro``;
-bench/README.md has the figures), and the gateway's whole budget at 3,000 requests/s is ~330 µs.
+a proxied request costs ~29 µs of the gateway's CPU through it at 32 concurrent requests, ~87 µs through
+aiohttp (and, on an earlier VM, ~220 µs through httpx over the httpx-aiohttp adapter against aiohttp's
+66: ``python -m bench.micro``; bench/README.md has the figures), and the gateway's whole budget at 3,000 requests/s is ~330 µs.
 """
 
 from __future__ import annotations
