@@ -8,7 +8,8 @@ Upstream calls go through one ``gateway.http1.HttpClient`` per process (see ``up
 through ``httpx.AsyncClient`` or an ``aiohttp.ClientSession``: measured on this project's 2-core machine,
 a proxied request costs ~29 µs of the gateway's CPU through it at 32 concurrent requests, ~87 µs through
 aiohttp (and, on an earlier VM, ~220 µs through httpx over the httpx-aiohttp adapter against aiohttp's
-66: ``python -m bench.micro``; bench/README.md has the figures), and the gateway's whole budget at 3,000 requests/s is ~330 µs.
+66: ``python -m bench.micro``; bench/README.md has the figures), and the gateway's whole budget at 3,000
+requests/s is ~330 µs.
 """
 
 from __future__ import annotations
