@@ -532,6 +532,37 @@ def test_a_full_upstream_pool_answers_busy_and_does_not_mark_the_upstream_down(t
         stop(slow.process)
 
 
+def test_an_upstream_gone_silent_times_out_a_call_and_a_stream_and_is_aborted(tmp_path, stack):
+    silent = start_fakevllm(tmp_path, "m1")
+    server = start_server(tmp_path, VLLM_UPSTREAMS=silent.base, PORTCULLIS_UPSTREAM_READ_TIMEOUT="1")
+    try:
+        token = client_token(server, stack.full, "completions")
+        headers = {"authorization": f"Bearer {token}"}
+        silent.configure(first_chunk_delay_s=5.0)  # says nothing for 5 s: longer than the 1 s allowed
+        started = time.monotonic()
+        answer = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=30)
+        assert answer.status_code == 504
+        assert answer.json()["error"]["code"] == "upstream_timeout"
+        assert time.monotonic() - started < 4
+        silent.configure(first_chunk_delay_s=0.0, chunk_delay_s=5.0, tokens=4)  # then stalls mid-stream
+        body = {**CHAT, "max_tokens": 4, "stream": True}
+        with httpx.stream(
+            "POST", f"{server.base}/v1/chat/completions", json=body, headers=headers, timeout=30
+        ) as stream:
+            assert stream.status_code == 200
+            events = [line for line in stream.iter_lines() if line]
+        assert events[-1].startswith('data: {"error"')
+        assert '"upstream_error"' in events[-1]
+        assert "data: [DONE]" not in events
+        deadline = time.monotonic() + 5
+        while silent.state()["aborted"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert silent.state()["aborted"] == 2  # both upstream requests were closed, not left running
+    finally:
+        stop(server.process)
+        stop(silent.process)
+
+
 def test_no_token_or_secret_reaches_the_server_log(stack):
     token = stack.token()
     httpx.get(f"{stack.server.base}/v1/models", params={"access_token": token}, timeout=10)
