@@ -282,24 +282,25 @@ def test_a_refused_connection_and_a_garbled_answer_are_told_apart():
     assert run(test) == (ConnectFailed, ProtocolError)
 
 
-def test_an_upstream_closing_mid_body_is_a_disconnect_not_a_short_body():
-    async def test() -> type[Exception] | None:
-        server = await serving(
-            answering(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", then_close=True)
-        )
-        client = HttpClient()
-        response = await client.request("GET", f"{server.base}/")
-        error = None
-        try:
-            await response.read()
-        except Disconnected as exc:
-            error = type(exc)
-        response.close()
-        await client.close()
-        await server.__aexit__()
-        return error
+async def body_error(make: Callable[[Server], Handler]) -> type[Exception] | None:
+    """GET from a server that ``make`` scripts and read the body: the error reading it raised, if any."""
+    server = await serving(make)
+    client = HttpClient()
+    response = await client.request("GET", f"{server.base}/")
+    error = None
+    try:
+        await response.read()
+    except Disconnected as exc:
+        error = type(exc)
+    response.close()
+    await client.close()
+    await server.__aexit__()
+    return error
 
-    assert run(test) is Disconnected
+
+def test_an_upstream_closing_mid_body_is_a_disconnect_not_a_short_body():
+    cut = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", then_close=True)
+    assert run(lambda: body_error(cut)) is Disconnected
 
 
 def test_the_pool_bound_makes_a_request_wait_then_fail_busy_and_a_released_connection_serves_it():
@@ -509,33 +510,19 @@ def test_a_second_answer_in_the_same_read_is_dropped_and_its_connection_not_reus
 
 
 def test_a_body_without_length_cut_by_a_reset_is_a_disconnect():
-    async def test() -> type[Exception] | None:
-        def make(server: Server) -> Handler:
-            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                await server.request(reader)
-                writer.write(b"HTTP/1.1 200 OK\r\n\r\npart of it")
-                await writer.drain()
-                await asyncio.sleep(0.05)
-                sock = writer.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                writer.transport.abort()  # RST, not FIN
+    def make(server: Server) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\n\r\npart of it")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()  # RST, not FIN
 
-            return handler
+        return handler
 
-        server = await serving(make)
-        client = HttpClient()
-        response = await client.request("GET", f"{server.base}/")
-        error = None
-        try:
-            await response.read()
-        except Disconnected as exc:
-            error = type(exc)
-        response.close()
-        await client.close()
-        await server.__aexit__()
-        return error
-
-    assert run(test) is Disconnected
+    assert run(lambda: body_error(make)) is Disconnected
 
 
 def test_a_waiter_woken_then_cancelled_passes_the_free_connection_on():
