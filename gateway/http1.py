@@ -31,7 +31,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 import httptools
@@ -115,14 +115,6 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
 
-    def header(self, name: bytes) -> bytes | None:
-        """The value of a response header (the first, matched without regard to case), or None."""
-        name = name.lower()
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value
-        return None
-
     def is_eof(self) -> bool:
         """Whether the body has arrived in full and all of it was read."""
         return self.complete and not self._chunks
@@ -138,10 +130,6 @@ class Response:
         self._buffered = 0
         self._connection.reading_resume()
         return data
-
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        while chunk := await self.chunk():
-            yield chunk
 
     async def read(self) -> bytes:
         """Return the whole (rest of the) body."""
