@@ -175,15 +175,17 @@ class Response:
             waiter.set_result(None)
 
     def head_timed_out(self) -> None:
-        head = self._head
-        if head is not None and not head.done():
-            head.set_exception(ReadTimeout("the upstream did not answer in time"))
+        """No head within the read timeout: the request fails; the body's state is left alone."""
+        self._head_fail(ReadTimeout("the upstream did not answer in time"))
 
-    def fail(self, error: HttpError) -> None:
-        """The connection broke (or the upstream went silent): whoever waits on this response gets it."""
+    def _head_fail(self, error: HttpError) -> None:
         head = self._head
         if head is not None and not head.done():
             head.set_exception(error)
+
+    def fail(self, error: HttpError) -> None:
+        """The connection broke (or the upstream went silent): whoever waits on this response gets it."""
+        self._head_fail(error)
         if not self.complete and self._error is None:
             self._error = error
         self._wake()
@@ -451,17 +453,12 @@ class HttpClient:
                     ssl=tls,
                     server_hostname=origin.host if tls else None,
                 )
-        except TimeoutError as exc:
-            self.connection_gone(connection)
-            if exc.errno is None:  # ours, not the kernel's ETIMEDOUT
+        except BaseException as exc:
+            connection.close()  # no longer counted (and its socket closed, if one was made)
+            if isinstance(exc, TimeoutError) and exc.errno is None:  # ours, not the kernel's ETIMEDOUT
                 raise ConnectTimeout(f"no connection to {origin.host}:{origin.port} in time") from None
-            raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
-        except OSError as exc:  # refused, unreachable, no such host, a TLS failure (ssl.SSLError)
-            self.connection_gone(connection)
-            raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
-        except BaseException:
-            connection.close()
-            self.connection_gone(connection)
+            if isinstance(exc, OSError):  # refused, unreachable, no such host, a TLS failure (ssl.SSLError)
+                raise ConnectFailed(f"cannot connect to {origin.host}:{origin.port}: {exc}") from None
             raise
         return connection
 
