@@ -23,6 +23,7 @@ CPU_NAMES = ("gateway", "bare", "fast", "paced", "worker", "loadgen")
 PROXIES = ("gateway", "bare")  # the targets whose own process serves the request: CPU per unit is theirs
 NESTED = ("cpu_pct", "tcp_closed_per_request")
 
+REFERENCE_SLOW = 0.8  # a ratio to the reference machine below which the report says the machine is slow
 Rule = Callable[[float | None, float | None, dict[str, Any]], bool | None]
 
 
@@ -93,6 +94,36 @@ CHECKS: tuple[Check, ...] = (
     Check("jwt", "RS256 verify, cached (us)", "rs256_cached_us", "report"),
     Check("jwt", "RS256 sign (us)", "rs256_sign_us", "report"),
 )
+
+
+# The issue's table of where the bar is, measured on its reference machine: the fake upstream direct and a
+# bare Python proxy with an aiohttp client (ours is one). A run's own figures against these say how this
+# machine compares, so a reader can tell a slow machine from a slow gateway. The verdicts stay absolute.
+REFERENCE: tuple[tuple[str, str, str, float], ...] = (
+    ("chat_32", "direct", "requests/s", 15_000),
+    ("chat_32", "bare", "requests/s", 8_800),
+    ("stream_16", "direct", "streams/s", 3_200),
+    ("stream_16", "bare", "streams/s", 3_360),
+)
+
+
+def against_reference(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Return this run's direct and bare throughput beside the issue's reference machine's, with the ratio."""
+    compared = []
+    for scenario, target, unit, reference in REFERENCE:
+        measured = summary.get(scenario, {}).get(target, {}).get("rps")
+        if measured is not None:
+            compared.append(
+                {
+                    "scenario": scenario,
+                    "target": target,
+                    "unit": unit,
+                    "reference": reference,
+                    "measured": measured,
+                    "ratio": round(measured / reference, 2),
+                }
+            )
+    return compared
 
 
 def machine_info(cores: list[int]) -> dict[str, Any]:
@@ -246,8 +277,28 @@ def print_report(result: dict[str, Any]) -> None:
             "(bare: the same requests through a bare proxy on the gateway's core, no auth, aiohttp client;"
             "\n gw-bare: what the gateway adds beyond crossing one more process)"
         )
+    _print_reference(result.get("reference") or [])
     _print_cpu(result["summary"], titles)
     _print_footer(result)
+
+
+def _print_reference(compared: list[dict[str, Any]]) -> None:
+    if not compared:
+        return
+    print(
+        "\nthis machine against the issue's reference machine: "
+        + "; ".join(
+            f"{c['scenario']} {c['target']} {_fmt(c['measured'])} {c['unit']} = {c['ratio']:.2f}x "
+            f"of {_fmt(c['reference'])}"
+            for c in compared
+        )
+    )
+    if min(c["ratio"] for c in compared) < REFERENCE_SLOW:
+        print(
+            "(well below the reference: the absolute targets ask more of this machine than of the one they"
+            "\n were set on; read the gw-bare column, and re-measure on a faster machine; verdicts are not"
+            "\n rescaled)"
+        )
 
 
 def _print_cpu(summary: dict[str, dict[str, dict[str, Any]]], titles: dict[str, str]) -> None:

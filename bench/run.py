@@ -29,7 +29,7 @@ from typing import Any
 import uvloop
 
 from bench.profile import py_spy_path, py_spy_start, summarize
-from bench.report import aggregate, machine_info, print_report, rows
+from bench.report import against_reference, aggregate, machine_info, print_report, rows
 from bench.scenarios import SCENARIOS, Plan, Scenario, measure, scenarios_select
 from bench.stack import ROOT, Stack, StackError, StackOptions
 
@@ -79,6 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--db-name", default="portcullis_bench", help="PostgreSQL database to create and drop"
     )
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="the Redis server to use")
     parser.add_argument("--redis-db", type=int, default=14, help="Redis database number to flush and use")
     args = parser.parse_args(argv)
     try:
@@ -195,6 +196,7 @@ def _stack_options(args: argparse.Namespace, log_dir: Path, cores: list[int]) ->
     return StackOptions(
         log_dir=log_dir,
         db_name=args.db_name,
+        redis_url=args.redis_url,
         redis_db=args.redis_db,
         worker=not args.no_worker,
         bare=not args.no_bare,
@@ -258,6 +260,7 @@ def finish(result: dict[str, Any], json_out: Path | None) -> int:
     measurements = result["measurements"]
     result["summary"] = aggregate(measurements)
     result["rows"] = rows(result["summary"])
+    result["reference"] = against_reference(result["summary"])
     failures: dict[str, int] = {}
     for m in measurements:
         for reason, count in (m.get("failures") or {}).items():

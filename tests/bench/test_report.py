@@ -19,3 +19,26 @@ def test_the_profile_is_titled_with_the_scenario_it_measured(capsys):
     title = capsys.readouterr().out.strip().splitlines()[0]
     assert title.startswith("profile of the gateway's event loop under paced_32 (1,200 samples")
     assert "204.6 requests/s" in title
+
+
+def _summary(direct: float, bare: float) -> dict:
+    return {"chat_32": {"direct": {"rps": direct}, "bare": {"rps": bare}, "gateway": {"rps": 1.0}}}
+
+
+def test_the_run_is_set_beside_the_issues_reference_machine():
+    compared = report.against_reference(_summary(5043.4, 2461.0))
+    assert [(c["target"], c["reference"], c["ratio"]) for c in compared] == [
+        ("direct", 15_000, 0.34),
+        ("bare", 8_800, 0.28),
+    ]  # stream_16 did not run: no row for it
+
+
+def test_a_machine_well_below_the_reference_is_said_to_be_slow_and_a_fast_one_is_not(capsys):
+    report._print_reference(report.against_reference(_summary(5043.4, 2461.0)))
+    slow = capsys.readouterr().out
+    assert "chat_32 direct 5,043 requests/s = 0.34x of 15,000" in slow
+    assert "verdicts are not\n rescaled" in slow
+    report._print_reference(report.against_reference(_summary(15_500.0, 9_000.0)))
+    fast = capsys.readouterr().out
+    assert "= 1.03x" in fast
+    assert "well below" not in fast

@@ -25,8 +25,12 @@ TIMEOUT_S = 120
 
 
 def run_quick_bench(out: Path) -> tuple[int, str]:
+    from django.conf import settings
+
+    redis_base, _, redis_db = settings.REDIS_URL.rpartition("/")  # this test worker's own database
     process = subprocess.Popen(
-        # a database of its own, so a developer's benchmark on the same machine is not dropped under it
+        # databases of its own, so neither a developer's benchmark on the same machine nor another test
+        # worker's smoke (the module's tests may be spread over workers) is flushed or dropped under it
         [
             sys.executable,
             "-m",
@@ -36,6 +40,10 @@ def run_quick_bench(out: Path) -> tuple[int, str]:
             str(out),
             "--db-name",
             f"bench_smoke_{os.getpid()}",
+            "--redis-url",
+            redis_base,
+            "--redis-db",
+            redis_db,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
