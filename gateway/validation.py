@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -185,12 +186,16 @@ def fields_check(
         _fail(f"{path}.{key}" if path else key, "is required")
 
 
+MAX_TOKEN_ID = 2**31  # stop_token_ids and logit_bias keys share one bound
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() also takes "²" and "١٢"
+
+
 def logit_bias(value: Any, path: str) -> None:
     if not isinstance(value, dict) or len(value) > 300:
         _fail(path, "must be an object of at most 300 token ids")
     for key, bias in value.items():
-        if not key.isdigit():
-            _fail(f"{path}.{key}", "keys must be token ids")
+        if TOKEN_ID_KEY.fullmatch(key) is None or int(key) > MAX_TOKEN_ID:
+            _fail(f"{path}.{key}", f"keys must be token ids from 0 to {MAX_TOKEN_ID}")
         number(-100, 100)(bias, f"{path}.{key}")
 
 
@@ -252,7 +257,7 @@ SAMPLING: dict[str, Check] = {
     "top_k": integer(-1, 1000),
     "min_p": number(0, 1),
     "repetition_penalty": number(0.01, 2),
-    "stop_token_ids": list_of(integer(0, 2**31), 64),
+    "stop_token_ids": list_of(integer(0, MAX_TOKEN_ID), 64),
     "skip_special_tokens": boolean,
     "include_stop_str_in_output": boolean,
 }
@@ -272,7 +277,8 @@ CHAT_FIELDS: dict[str, Check] = {
             {
                 "type": string(16, frozenset({"function"})),
                 "function": obj({"name": string(256)}, frozenset({"name"})),
-            }
+            },
+            frozenset({"type", "function"}),  # OpenAI: a named tool choice names its function
         ),
         message="must be none, auto, required or a function",
     ),

@@ -85,6 +85,17 @@ CASES = [
         "stream_options.continuous_usage_stats",
     ),
     ("logit bias key", "chat", chat(logit_bias={"abc": 1}), "logit_bias.abc"),
+    ("logit bias superscript digit", "chat", chat(logit_bias={"\u00b2": 1}), "logit_bias.\u00b2"),
+    (
+        "logit bias arabic-indic digits",
+        "chat",
+        chat(logit_bias={"\u0661\u0662": 1}),
+        "logit_bias.\u0661\u0662",
+    ),
+    ("logit bias key of 5000 digits", "chat", chat(logit_bias={"9" * 5000: 1}), "logit_bias." + "9" * 5000),
+    ("logit bias key past 2**31", "chat", chat(logit_bias={"2147483649": 1}), "logit_bias.2147483649"),
+    ("tool choice without its function", "chat", chat(tool_choice={"type": "function"}), "tool_choice"),
+    ("tool choice without its type", "chat", chat(tool_choice={"function": {"name": "f"}}), "tool_choice"),
     ("too many messages", "chat", chat(messages=MSG * 2000), "messages"),
     (
         "completion logprobs",
@@ -118,6 +129,8 @@ def test_a_valid_chat_request_passes_and_the_cap_bounds_an_unbounded_generation(
             temperature=0.2,
             stop=["\n"],
             tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            tool_choice={"type": "function", "function": {"name": "f"}},
+            logit_bias={"0": -100, "50256": 5.5, "2147483648": 1},  # ASCII token ids up to 2**31
         ),
         max_tokens_cap=256,
     )
