@@ -7,6 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import views as auth_views
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.decorators import method_decorator
 from django.views.decorators.cache import never_cache
@@ -14,6 +15,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET
 from oauth2_provider import views as dot_views
+from oauth2_provider.models import get_device_grant_model
 from oauth2_provider.signals import app_authorized
 from oauth2_provider.views.metadata import OAuthServerMetadataView
 from oauthlib.common import Request as OauthlibRequest
@@ -70,6 +72,34 @@ class TokenView(dot_views.TokenView):
         response = HttpResponse(content=body, status=status)
         for name, value in headers.items():
             response[name] = value
+        return response
+
+    def device_flow_token_response(
+        self, request: HttpRequest, device_code: str, *args: Any, **kwargs: Any
+    ) -> HttpResponse:
+        """DOT's, made single-use, bound to its client and to its lifetime (RFC 8628 §3.4-3.5).
+
+        DOT finds the grant by its code alone, never checks ``expires`` and leaves an approved grant
+        approved: every poll got a new token, from any client that named the code. Here the grant's row is
+        locked while it is redeemed, a token the validator issued to a client other than the one the code
+        was issued to is rolled back, and a code that gave its token is deleted (a replay is then an
+        unknown code: ``invalid_grant``)."""
+        with transaction.atomic():
+            grant = (
+                get_device_grant_model().objects.select_for_update().filter(device_code=device_code).first()
+            )
+            if grant is not None:
+                grant.is_expired()  # marks it expired once past ``expires``; DOT then answers expired_token
+            with access_tokens_issued() as issued:
+                response: HttpResponse = super().device_flow_token_response(
+                    request, device_code, *args, **kwargs
+                )
+            if grant is None or response.status_code != 200:
+                return response
+            if not issued or issued[-1].application.client_id != grant.client_id:
+                transaction.set_rollback(True)  # the token, its refresh token and its audit event
+                return oauth_error("invalid_grant", "The device code was issued to another client")
+            grant.delete()
         return response
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:

@@ -10,6 +10,7 @@ from urllib.parse import urlencode
 import pytest
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
 from audit.models import AuditEvent
 from authserver.models import Client
@@ -79,6 +80,74 @@ def test_device_flow_from_code_to_token(client, make_client, alice):
     assert token.status_code == 200, token.content
     assert token.json()["scope"] == "models.read"
     assert AuditEvent.objects.filter(kind="token.issued", data__grant_type=poll["grant_type"]).exists()
+
+
+DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+
+
+def _device_approved(client, make_client, alice, *, scope: str = "models.read") -> tuple[Any, str]:
+    """Start a device flow, have alice approve it in the browser; return the client and its device code."""
+    device = make_client(
+        grants=("device-code",), public=True, scopes="models.read completions offline_access"
+    )
+    started = client.post(
+        "/oauth/device-authorization/",
+        urlencode({"client_id": device.client.client_id, "scope": scope}),
+        content_type="application/x-www-form-urlencoded",
+    ).json()
+    client.force_login(alice)
+    entered = client.post("/oauth/device/", {"user_code": started["user_code"]})
+    assert client.post(entered["Location"], {"action": "accept"}).status_code == 302
+    client.logout()
+    return device, started["device_code"]
+
+
+def _poll(client, client_id: str, device_code: str, **extra: str) -> Any:
+    return client.post(
+        "/oauth/token/",
+        {"grant_type": DEVICE_GRANT, "device_code": device_code, "client_id": client_id, **extra},
+    )
+
+
+def test_a_device_code_gives_one_token_for_the_user_who_approved_it(client, make_client, alice):
+    from authserver.tokens import jwt_unverified_claims
+
+    device, code = _device_approved(client, make_client, alice)
+    first = _poll(client, device.client.client_id, code)
+    assert first.status_code == 200, first.content
+    assert jwt_unverified_claims(first.json()["access_token"])["sub"] == str(alice.pk)
+    again = _poll(client, device.client.client_id, code)
+    assert again.status_code == 400
+    assert again.json()["error"] == "invalid_grant"
+    assert AuditEvent.objects.filter(kind="token.denied", data__error_code="invalid_grant").exists()
+
+
+def test_another_client_cannot_redeem_a_device_code(client, make_client, alice):
+    _device, code = _device_approved(client, make_client, alice)
+    other = make_client(grants=("device-code",), public=True, name="Other app")
+    stolen = _poll(client, other.client.client_id, code)
+    assert stolen.status_code == 400
+    assert stolen.json()["error"] == "invalid_grant"
+    assert not AuditEvent.objects.filter(kind="token.issued", client_id=other.client.client_id).exists()
+
+
+def test_a_device_token_carries_the_scope_the_user_approved_not_a_wider_one_asked_at_the_token_endpoint(
+    client, make_client, alice
+):
+    device, code = _device_approved(client, make_client, alice, scope="models.read")
+    token = _poll(client, device.client.client_id, code, scope="models.read completions")
+    assert token.status_code == 200, token.content
+    assert token.json()["scope"] == "models.read"
+
+
+def test_an_approved_device_code_past_its_lifetime_gives_no_token(client, make_client, alice):
+    from oauth2_provider.models import get_device_grant_model
+
+    device, code = _device_approved(client, make_client, alice)
+    get_device_grant_model().objects.filter(device_code=code).update(expires=timezone.now())
+    late = _poll(client, device.client.client_id, code)
+    assert late.status_code == 400
+    assert late.json()["error"] == "expired_token"
 
 
 def test_unknown_device_code_is_invalid_grant(client, make_client):
