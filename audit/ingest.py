@@ -16,6 +16,7 @@ from typing import Any
 
 from django.db import DatabaseError, connections, router, transaction
 
+from audit.chain import storable
 from audit.models import UsageRecord
 from audit.services import audit_record
 from audit.sink import STREAM
@@ -34,7 +35,10 @@ def _when(value: Any) -> datetime:
 
 
 def _usage_row(record: dict[str, Any]) -> UsageRecord:
-    fields = {k: v for k, v in record.items() if k in _USAGE_FIELDS}
+    # A denied request's model is the client's text: what PostgreSQL cannot hold (NUL, a lone surrogate)
+    # is replaced, as in audit events, so the record is stored rather than dropped. COPY takes values as
+    # they are, so a batch holding such text falls back to this path.
+    fields = {k: storable(v) for k, v in record.items() if k in _USAGE_FIELDS}
     fields["occurred_at"] = _when(record["occurred_at"])
     return UsageRecord(**fields)
 
@@ -55,9 +59,10 @@ def _usage_store(records: list[dict[str, Any]]) -> None:
 
     On PostgreSQL the batch is COPYed in: a quarter of the worker's CPU per row that ``bulk_create``
     takes (its arrays are built in Python), and less work for the server. COPY takes the values as they
-    are, so a batch it refuses (a record stored before, or a value the ORM would have prepared first,
-    such as an IPv6 zone) goes through ``bulk_create(ignore_conflicts=True)``, the ORM's own path. A
-    record even that refuses is dropped with a log line rather than hold back its batch for ever.
+    are, so a batch it refuses (a record stored before, a value the ORM would have prepared first, such
+    as an IPv6 zone, or text PostgreSQL cannot hold, which ``_usage_row`` replaces) goes through
+    ``bulk_create(ignore_conflicts=True)``, the ORM's own path. A record even that refuses is dropped
+    with a log line rather than hold back its batch for ever.
     """
     alias = router.db_for_write(UsageRecord)
     db = connections[alias]

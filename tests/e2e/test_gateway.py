@@ -694,3 +694,18 @@ def test_two_thousand_requests_with_the_worker_restarted_midway_give_exactly_two
     with django_db_blocker.unblock():
         rows = UsageRecord.objects.filter(client_id=stack.metered.client.client_id).count()
     assert rows == 2000
+
+
+def test_a_model_name_with_a_lone_surrogate_is_refused_and_its_usage_record_still_stored(
+    stack, django_db_blocker
+):
+    response = httpx.post(
+        f"{stack.server.base}/v1/chat/completions",
+        content=b'{"model": "x\\ud800", "messages": [{"role": "user", "content": "hi"}]}',
+        headers={"authorization": f"Bearer {stack.token()}", "content-type": "application/json"},
+        timeout=10,
+    )
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "model_not_allowed"
+    row = _usage_row(django_db_blocker, response.headers["x-request-id"])
+    assert (row.model, row.status, row.outcome) == ("x?", 403, "denied:model_not_allowed")
