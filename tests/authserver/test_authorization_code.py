@@ -122,6 +122,39 @@ def test_redirect_uri_mismatch_is_refused_without_redirecting(oauth, web_app, si
     assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_request"
 
 
+def _remembered(oauth, web_app, **changes: str) -> dict[str, str]:
+    """Authorization parameters for a client the user already consented to, with some changed."""
+    _tokens(oauth, web_app, scope="models.read")
+    _v, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": web_app.client.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "models.read",
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    return {**params, **changes}
+
+
+def test_plain_pkce_with_remembered_consent_is_an_error_redirect_not_a_500(oauth, web_app, signed_in):
+    params = _remembered(oauth, web_app, code_challenge="a" * 43, code_challenge_method="plain")
+    response = oauth.http.get("/oauth/authorize/", params)
+    assert response.status_code == 302
+    assert "error=invalid_request" in response["Location"]
+    assert "state=s" in response["Location"]
+    assert AuditEvent.objects.filter(kind="authorize.denied").exists()
+
+
+def test_a_resource_with_remembered_consent_is_kept_on_the_code_not_a_500(oauth, web_app, signed_in):
+    params = _remembered(oauth, web_app, resource="https://evil.example")
+    response = oauth.http.get("/oauth/authorize/", params)
+    assert response.status_code == 302, response.content[:300]
+    code = oauth.code_from(response)
+    assert Grant.objects.get(code=code).resource == ["https://evil.example"]  # as the consent screen keeps it
+
+
 def test_missing_pkce_is_refused(oauth, web_app, signed_in):
     params = {
         "response_type": "code",
