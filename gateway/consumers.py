@@ -41,6 +41,9 @@ UPSTREAM_PATH = {
     "embeddings": "/v1/embeddings",
 }
 FORWARDED_HEADERS = frozenset({b"accept", b"user-agent", b"accept-language"})
+# Headers a request may carry once: with two, a proxy that reads the first and the gateway (whose header
+# dict keeps the last) would judge different requests.
+SINGLE_HEADERS = (b"authorization", b"content-type")
 
 
 class ClientDisconnected(Exception):
@@ -81,7 +84,17 @@ class GatewayConsumer(AsyncHttpConsumer):
         if self.scope["method"] not in self.methods:
             raise errors.MethodNotAllowed()
         self.rt.check_ip_denylist(self.client_ip)
+        if len(self.headers) != len(self.scope["headers"]):  # a name repeats: rare, so looked at only then
+            self._refuse_repeated_headers()
         return await self.handle(await self._read_body())
+
+    def _refuse_repeated_headers(self) -> None:
+        names = [name for name, _value in self.scope["headers"]]
+        for name in SINGLE_HEADERS:
+            if names.count(name) > 1:
+                raise errors.InvalidRequest(
+                    f"The {name.decode()} header must be sent once.", param=name.decode()
+                )
 
     def _client_ip(self) -> str | None:
         peer = self.scope.get("client") or (None, None)

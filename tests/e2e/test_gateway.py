@@ -709,3 +709,60 @@ def test_a_model_name_with_a_lone_surrogate_is_refused_and_its_usage_record_stil
     assert response.json()["error"]["code"] == "model_not_allowed"
     row = _usage_row(django_db_blocker, response.headers["x-request-id"])
     assert (row.model, row.status, row.outcome) == ("x?", 403, "denied:model_not_allowed")
+
+
+def _denial_reason(django_db_blocker: Any, request_id: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with django_db_blocker.unblock():
+            event = AuditEvent.objects.filter(kind="gateway.denied", request_id=request_id).first()
+        if event is not None:
+            return str(event.data["reason"])
+        time.sleep(0.2)
+    raise AssertionError(f"no gateway.denied event for {request_id} after {timeout} s")
+
+
+def test_a_repeated_authorization_or_content_type_header_is_refused_whichever_comes_first(
+    stack, django_db_blocker
+):
+    # A proxy in front that reads the first Authorization header must not disagree with the gateway.
+    good, junk = f"Bearer {stack.token()}", "Bearer junk"
+    json_type = ("content-type", "application/json")
+    auth_twice = [("authorization", junk), ("authorization", good)]
+    cases = [
+        ("POST", "/v1/chat/completions", [*auth_twice, json_type], "authorization"),
+        ("POST", "/v1/chat/completions", [*reversed(auth_twice), json_type], "authorization"),
+        (
+            "POST",
+            "/v1/chat/completions",
+            [auth_twice[1], json_type, ("content-type", "text/plain")],
+            "content-type",
+        ),
+        ("GET", "/v1/models", auth_twice, "authorization"),
+    ]
+    before = stack.fake.served()
+    for number, (method, path, headers, param) in enumerate(cases):
+        request_id = f"repeated-header-{number}-{time.time_ns()}"
+        response = httpx.request(
+            method,
+            f"{stack.server.base}{path}",
+            content=json.dumps(CHAT).encode(),
+            headers=[*headers, ("x-request-id", request_id)],
+            timeout=10,
+        )
+        assert response.status_code == 400, (number, response.text)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request")
+        assert error["param"] == param
+        assert _denial_reason(django_db_blocker, request_id) == "invalid_request"
+        assert _usage_row(django_db_blocker, request_id).status == 400
+    assert stack.fake.served() == before
+    single = [("authorization", good), json_type, ("accept", "application/json"), ("accept", "*/*")]
+    response = httpx.post(
+        f"{stack.server.base}/v1/chat/completions",
+        content=json.dumps(CHAT).encode(),
+        headers=single,
+        timeout=10,
+    )
+    assert response.status_code == 200  # other headers may repeat
