@@ -15,7 +15,7 @@ urlpatterns = [
     path("revoke/", views.RevokeTokenView.as_view(), name="revoke-token"),
     path("introspect/", views.IntrospectView.as_view(), name="introspect"),
     path("userinfo/", dot_views.UserInfoView.as_view(), name="user-info"),
-    path("device-authorization/", dot_views.DeviceAuthorizationView.as_view(), name="device-authorization"),
+    path("device-authorization/", views.DeviceAuthorizationView.as_view(), name="device-authorization"),
     path("device/", dot_views.DeviceUserCodeView.as_view(), name="device"),
     path(
         "device/confirm/<slug:client_id>/<slug:user_code>/",

@@ -7,13 +7,16 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import views as auth_views
+from django.core.exceptions import BadRequest, SuspiciousOperation
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from django.utils.decorators import method_decorator
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET
+from django.views.generic import View
 from oauth2_provider import views as dot_views
 from oauth2_provider.exceptions import OAuthToolkitError
 from oauth2_provider.models import get_device_grant_model
@@ -24,8 +27,8 @@ from oauthlib.common import Request as OauthlibRequest
 from audit.services import actor_for_user, audit_record
 from authserver.models import Client, Consent
 from authserver.registry import consent_details_for
-from authserver.selectors import jwks_get
-from authserver.services import consent_grant
+from authserver.selectors import client_by_client_id, jwks_get
+from authserver.services import ADMIN_SCOPES, consent_grant
 from authserver.validators import access_tokens_issued
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -57,7 +60,42 @@ def _holds_nul(request: HttpRequest) -> bool:
     return any("\x00" in key or any("\x00" in v for v in values) for key, values in request.POST.lists())
 
 
-class TokenView(dot_views.TokenView):
+FORM = "application/x-www-form-urlencoded"
+FORM_ERRORS = (BadRequest, SuspiciousOperation, MultiPartParserError)  # what reading request.POST raises
+
+
+@method_decorator(csrf_exempt, name="dispatch")  # clients authenticate themselves, not with a cookie
+class FormEndpoint(View):
+    """An RFC endpoint that takes a form by POST (token, revocation, introspection, device authorization).
+
+    Another method is 405 ``invalid_request`` with ``Allow``, and a body Django cannot read as a form (a
+    charset other than UTF-8, multipart with no boundary, too many fields) is 400 ``invalid_request``; both
+    JSON, ``no-store`` and audited as ``denied_kind``. Django alone answered them with an empty or an HTML
+    page (a 500 in debug), and nothing was audited. OPTIONS passes (CORS preflight).
+    """
+
+    denied_kind = "token.denied"
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if request.method not in ("POST", "OPTIONS"):
+            response = oauth_error("invalid_request", "This endpoint takes POST only", status=405)
+            response["Allow"] = "POST"
+        else:
+            try:
+                request.POST  # noqa: B018 (parsed here, where its failure can be answered)
+            except FORM_ERRORS:
+                response = oauth_error("invalid_request", f"The body must be a UTF-8 {FORM} form")
+            else:
+                return self.form_dispatch(request, *args, **kwargs)
+        audit_record(kind=self.denied_kind, outcome="denied", data={"error_code": "invalid_request"})
+        return response
+
+    def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response: HttpResponse = super().dispatch(request, *args, **kwargs)
+        return response
+
+
+class TokenView(FormEndpoint, dot_views.TokenView):
     """RFC 6749 §3.2 token endpoint; every refusal is audited with its RFC error code."""
 
     @method_decorator(sensitive_post_parameters("password", "client_secret"))
@@ -127,8 +165,10 @@ class TokenView(dot_views.TokenView):
         return response
 
 
-class RevokeTokenView(dot_views.RevokeTokenView):
+class RevokeTokenView(FormEndpoint, dot_views.RevokeTokenView):
     """RFC 7009 revocation; revoking a refresh token revokes its whole family's access tokens."""
+
+    denied_kind = "token.revoke_denied"
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         response: HttpResponse = super().post(request, *args, **kwargs)
@@ -143,17 +183,59 @@ class RevokeTokenView(dot_views.RevokeTokenView):
         return response
 
 
+class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
+    """RFC 8628 §3.1-3.2 device authorization: DOT's, with the checks it leaves out, audited, ``no-store``.
+
+    oauthlib compares the Content-Type header with the media type exactly: no header was a ``KeyError``
+    (a 500) and ``; charset=UTF-8`` a refusal. DOT stores whatever scope is asked, so a scope the client
+    may not have reached the user's approval page and failed only at the token endpoint.
+    """
+
+    denied_kind = "device.denied"
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        media_type = request.content_type.strip().lower()
+        if media_type != FORM:
+            response: HttpResponse = oauth_error("invalid_request", f"The Content-Type must be {FORM}")
+        elif (refused := self._scope_refused(request)) is not None:
+            response = refused
+        else:
+            request.META["CONTENT_TYPE"] = FORM  # the form is read; oauthlib wants the bare media type
+            response = super().post(request, *args, **kwargs)
+        response["Cache-Control"] = "no-store"  # it holds the device code
+        if response.status_code >= 400:
+            audit_record(
+                kind=self.denied_kind,
+                outcome="denied",
+                client_id=_client_id_of(request),
+                data={"error_code": _error_code(response)},
+            )
+        return response
+
+    @staticmethod
+    def _scope_refused(request: HttpRequest) -> HttpResponse | None:
+        scopes = request.POST.get("scope", "").split()
+        client = client_by_client_id(str(request.POST.get("client_id", ""))) if scopes else None
+        if client is None:
+            return None  # no scope asked (the client's defaults), or an unknown client: DOT answers
+        if ADMIN_SCOPES.intersection(scopes) and not client.is_admin_client:
+            return oauth_error("invalid_scope", "Administrative scopes are for administrative clients")
+        if not set(scopes) <= set(client.scope_list()):
+            return oauth_error("invalid_scope", "The client may not ask for these scopes")
+        return None
+
+
 @method_decorator(csrf_exempt, name="dispatch")
-class IntrospectView(dot_views.IntrospectTokenView):
+class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
     """RFC 7662 introspection: POST only, and only for clients an admin allowed to introspect."""
 
-    http_method_names = ["post", "options"]
+    denied_kind = "introspect.denied"
 
-    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        if request.method != "POST":
-            response = oauth_error("invalid_request", "Introspection takes POST only", status=405)
-            response["Allow"] = "POST"
-            return response
+    def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        # Not DOT's: it would ask for a bearer token. The client authenticates as RFC 7662 §2.1 says.
+        return View.dispatch(self, request, *args, **kwargs)
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         client = self._authenticated_client(request)
         if client is None:
             response = oauth_error("invalid_client", "Client authentication failed", status=401)

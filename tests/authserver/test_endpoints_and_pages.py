@@ -150,6 +150,44 @@ def test_an_approved_device_code_past_its_lifetime_gives_no_token(client, make_c
     assert late.json()["error"] == "expired_token"
 
 
+def _device_start(client, client_id: str, scope: str, content_type: str | None) -> Any:
+    body = urlencode({"client_id": client_id, "scope": scope})
+    if content_type is None:
+        return client.generic("POST", "/oauth/device-authorization/", body, content_type="")
+    return client.post("/oauth/device-authorization/", body, content_type=content_type)
+
+
+def test_device_authorization_reads_a_form_with_a_charset_and_keeps_its_answer_out_of_caches(
+    client, make_client
+):
+    device = make_client(grants=("device-code",), public=True)
+    started = _device_start(
+        client, device.client.client_id, "models.read", "application/x-www-form-urlencoded; charset=UTF-8"
+    )
+    assert started.status_code == 200, started.content
+    assert "device_code" in started.json()
+    assert started["Cache-Control"] == "no-store"
+
+
+def test_device_authorization_without_a_content_type_is_an_audited_invalid_request_not_a_500(
+    client, make_client
+):
+    device = make_client(grants=("device-code",), public=True)
+    response = _device_start(client, device.client.client_id, "models.read", None)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert AuditEvent.objects.get(kind="device.denied").data["error_code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("scope", ["admin.write", "models.read embeddings", "bogus-scope"])
+def test_device_authorization_refuses_a_scope_the_client_may_not_have(client, make_client, scope):
+    device = make_client(grants=("device-code",), public=True, scopes="models.read completions")
+    response = _device_start(client, device.client.client_id, scope, "application/x-www-form-urlencoded")
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_scope"
+    assert AuditEvent.objects.filter(kind="device.denied", data__error_code="invalid_scope").exists()
+
+
 def test_unknown_device_code_is_invalid_grant(client, make_client):
     device = make_client(grants=("device-code",), public=True)
     response = client.post(

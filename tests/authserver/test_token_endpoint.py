@@ -290,3 +290,54 @@ call_command("verifyaudit")
     result = embedded_sqlite_run(tmp_path, code, returning=returning)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "audit chain OK" in result.stdout
+
+
+FORM_ENDPOINTS = [
+    ("/oauth/token/", "token.denied"),
+    ("/oauth/revoke/", "token.revoke_denied"),
+    ("/oauth/introspect/", "introspect.denied"),
+    ("/oauth/device-authorization/", "device.denied"),
+]
+
+
+def _is_rfc_refusal(response, status: int) -> None:
+    assert response.status_code == status
+    assert response["Content-Type"] == "application/json"
+    assert response["Cache-Control"] == "no-store"
+    assert response.json()["error"] == "invalid_request"
+
+
+@pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)
+@pytest.mark.parametrize("method", ["get", "put", "delete", "head"])
+def test_a_form_endpoint_answers_another_method_with_an_audited_rfc_405(client, path, kind, method):
+    response = getattr(client, method)(path)
+    assert response.status_code == 405
+    assert response["Allow"] == "POST"
+    if method != "head":
+        _is_rfc_refusal(response, 405)
+    assert AuditEvent.objects.filter(kind=kind, data__error_code="invalid_request").count() == 1
+
+
+@pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (
+            "application/x-www-form-urlencoded; charset=utf-16",
+            "grant_type=client_credentials".encode("utf-16"),
+        ),
+        ("multipart/form-data", b"x"),  # no boundary
+        ("application/x-www-form-urlencoded", b"&".join(b"f%d=1" % i for i in range(1100))),  # > 1,000 fields
+    ],
+    ids=["utf-16", "no-boundary", "too-many-fields"],
+)
+def test_a_body_that_is_no_readable_form_is_an_audited_invalid_request_not_a_page(
+    client, path, kind, content_type, body
+):
+    response = client.generic("POST", path, body, content_type=content_type)
+    _is_rfc_refusal(response, 400)
+    assert AuditEvent.objects.filter(kind=kind, data__error_code="invalid_request").count() == 1
+
+
+def test_a_cors_preflight_of_the_token_endpoint_is_not_refused(client):
+    assert client.options("/oauth/token/").status_code == 200
