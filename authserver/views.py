@@ -9,7 +9,7 @@ from django.conf import settings
 from django.contrib.auth import views as auth_views
 from django.core.exceptions import BadRequest, SuspiciousOperation
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.http.multipartparser import MultiPartParserError
 from django.utils.decorators import method_decorator
 from django.views.decorators.cache import never_cache
@@ -76,7 +76,7 @@ class FormEndpoint(View):
 
     denied_kind = "token.denied"
 
-    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if request.method not in ("POST", "OPTIONS"):
             response = oauth_error("invalid_request", "This endpoint takes POST only", status=405)
             response["Allow"] = "POST"
@@ -90,9 +90,8 @@ class FormEndpoint(View):
         audit_record(kind=self.denied_kind, outcome="denied", data={"error_code": "invalid_request"})
         return response
 
-    def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        response: HttpResponse = super().dispatch(request, *args, **kwargs)
-        return response
+    def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return super().dispatch(request, *args, **kwargs)
 
 
 class TokenView(FormEndpoint, dot_views.TokenView):
@@ -194,7 +193,7 @@ class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
     denied_kind = "device.denied"
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        media_type = request.content_type.strip().lower()
+        media_type = (request.content_type or "").strip().lower()
         if media_type != FORM:
             response: HttpResponse = oauth_error("invalid_request", f"The Content-Type must be {FORM}")
         elif (refused := self._scope_refused(request)) is not None:
@@ -231,7 +230,7 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
 
     denied_kind = "introspect.denied"
 
-    def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+    def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         # Not DOT's: it would ask for a bearer token. The client authenticates as RFC 7662 §2.1 says.
         return View.dispatch(self, request, *args, **kwargs)
 
