@@ -131,13 +131,27 @@ class RequestContextMiddleware:
         return response
 
 
+# The device pages carry the user code in their path: /oauth/device/{confirm,status}/<client id>/<user code>/
+_USER_CODE_IN_PATH = re.compile(r"(/device/(?:confirm|status)/[^/?]*/)[^/?]+")
+
+
+def path_redact(path: str) -> str:
+    """A request path fit for a log line: no query string (codes, user codes, a stray token) and no user
+    code in the device pages' paths."""
+    if "?" in path:
+        path = path.split("?", 1)[0] + "?[redacted]"
+    return _USER_CODE_IN_PATH.sub(r"\1[redacted]", path) if "/device/" in path else path
+
+
 class AccessLogRedactFilter(logging.Filter):
-    """Drop query strings from uvicorn's access log: they can carry codes, user codes or a stray token."""
+    """Redact request paths (``path_redact``) in uvicorn's access log and in Django's request warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str) and "?" in args[2]:
-            record.args = (*args[:2], args[2].split("?", 1)[0] + "?[redacted]", *args[3:])
+        # uvicorn.access: (client, method, path, version, status); django.request: (reason, path)
+        at = 2 if record.name == "uvicorn.access" else 1
+        if isinstance(args, tuple) and len(args) > at and isinstance(args[at], str):
+            record.args = (*args[:at], path_redact(args[at]), *args[at + 1 :])
         return True
 
 

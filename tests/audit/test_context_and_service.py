@@ -134,3 +134,24 @@ def test_json_logs_carry_the_request_id_one_object_per_line():
     assert parsed["request_id"] == "req-json-logs-1"
     assert parsed["level"] == "warning"
     assert parsed["logger"] == "gateway"
+
+
+@pytest.mark.parametrize(
+    ("name", "msg", "args", "path_at"),
+    [
+        ("uvicorn.access", '%s - "%s %s HTTP/%s" %d', ("127.0.0.1:5000", "GET", "{path}", "1.1", 200), 2),
+        ("django.request", "%s: %s", ("Not Found", "{path}"), 1),
+    ],
+)
+def test_log_lines_lose_the_user_code_of_the_device_pages(name, msg, args, path_at):
+    import logging
+
+    from audit.context import AccessLogRedactFilter
+
+    for page in ("confirm", "status"):
+        path = f"/oauth/device/{page}/cli3nt/WDJB-MJHT/"
+        filled = tuple(a.format(path=path) if isinstance(a, str) else a for a in args)
+        record = logging.LogRecord(name, logging.INFO, __file__, 1, msg, filled, None)
+        assert AccessLogRedactFilter().filter(record)
+        assert "WDJB-MJHT" not in record.getMessage()
+        assert f"/oauth/device/{page}/cli3nt/[redacted]/" == record.args[path_at]
