@@ -150,8 +150,9 @@ class AccessLogRedactFilter(logging.Filter):
         args = record.args
         # uvicorn.access: (client, method, path, version, status); django.request: (reason, path)
         at = 2 if record.name == "uvicorn.access" else 1
-        if isinstance(args, tuple) and len(args) > at and isinstance(args[at], str):
-            record.args = (*args[:at], path_redact(args[at]), *args[at + 1 :])
+        path = args[at] if isinstance(args, tuple) and len(args) > at else None
+        if isinstance(path, str) and isinstance(args, tuple):
+            record.args = (*args[:at], path_redact(path), *args[at + 1 :])
         return True
 
 
