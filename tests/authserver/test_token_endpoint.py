@@ -341,3 +341,35 @@ def test_a_body_that_is_no_readable_form_is_an_audited_invalid_request_not_a_pag
 
 def test_a_cors_preflight_of_the_token_endpoint_is_not_refused(client):
     assert client.options("/oauth/token/").status_code == 200
+
+
+@pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)
+def test_a_repeated_parameter_is_an_audited_invalid_request_not_the_last_one_read(client, path, kind):
+    body = "grant_type=authorization_code&grant_type=client_credentials&token=x&client_id=a&client_id=b"
+    response = client.generic("POST", path, body, content_type="application/x-www-form-urlencoded")
+    _is_rfc_refusal(response, 400)
+    assert "repeated" in response.json()["error_description"]
+    assert AuditEvent.objects.filter(kind=kind, data__error_code="invalid_request").count() == 1
+
+
+def test_a_repeated_scope_does_not_give_the_last_one(oauth, make_client):
+    reg = make_client(scopes="models.read completions")
+    response = oauth.http.generic(
+        "POST",
+        "/oauth/token/",
+        "grant_type=client_credentials&scope=admin.write&scope=models.read",
+        content_type="application/x-www-form-urlencoded",
+        HTTP_AUTHORIZATION=basic_auth(reg.client.client_id, reg.client_secret),
+    )
+    _is_rfc_refusal(response, 400)
+
+
+def test_two_client_authentication_methods_in_one_request_are_refused(oauth, make_client):
+    reg = make_client()
+    response = oauth.http.post(
+        "/oauth/token/",
+        {"grant_type": "client_credentials", "client_id": reg.client.client_id, "client_secret": "WRONG"},
+        HTTP_AUTHORIZATION=basic_auth(reg.client.client_id, reg.client_secret),
+    )
+    _is_rfc_refusal(response, 400)
+    assert not AccessToken.objects.exists()
