@@ -338,6 +338,15 @@ class AuthorizationView(dot_views.AuthorizationView):
             )
         return super().form_valid(form)
 
+    def redirect(self, redirect_to: str, application: Any) -> HttpResponse:
+        # An error found while the request was validated comes without its client (DOT passes None), though
+        # oauthlib has checked the client and its redirect URI before any error it redirects. That client's
+        # schemes decide, not the https-only default, which refused a native app's loopback URI (RFC 8252).
+        if application is None:
+            application = client_by_client_id(self.request.GET.get("client_id"))
+        response: HttpResponse = super().redirect(redirect_to, application)
+        return response
+
     def error_response(self, error: Any, application: Any, **kwargs: Any) -> HttpResponse:
         oauthlib_error = getattr(error, "oauthlib_error", None)
         audit_record(

@@ -155,6 +155,16 @@ def test_a_resource_with_remembered_consent_is_kept_on_the_code_not_a_500(oauth,
     assert Grant.objects.get(code=code).resource == ["https://evil.example"]  # as the consent screen keeps it
 
 
+def test_a_native_apps_loopback_redirect_gets_its_errors_redirected(oauth, make_client, signed_in):
+    loopback = "http://127.0.0.1:8765/callback"
+    native = make_client(grants=("authorization-code",), public=True, redirect_uris=(loopback,))
+    _v, challenge = pkce_pair()
+    response = oauth.authorize(native.client, challenge=challenge, scope="admin.write", redirect_uri=loopback)
+    assert response.status_code == 302, response.content[:200]
+    assert response["Location"].startswith(loopback + "?error=invalid_scope")
+    assert "state=xyz" in response["Location"]
+
+
 def test_missing_pkce_is_refused(oauth, web_app, signed_in):
     params = {
         "response_type": "code",
