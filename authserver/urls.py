@@ -14,7 +14,7 @@ urlpatterns = [
     path("token/", views.TokenView.as_view(), name="token"),
     path("revoke/", views.RevokeTokenView.as_view(), name="revoke-token"),
     path("introspect/", views.IntrospectView.as_view(), name="introspect"),
-    path("userinfo/", dot_views.UserInfoView.as_view(), name="user-info"),
+    path("userinfo/", views.UserInfoView.as_view(), name="user-info"),
     path("device-authorization/", views.DeviceAuthorizationView.as_view(), name="device-authorization"),
     path("device/", dot_views.DeviceUserCodeView.as_view(), name="device"),
     path(

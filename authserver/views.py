@@ -174,6 +174,7 @@ class TokenView(FormEndpoint, dot_views.TokenView):
         if response.status_code == 404:  # DOT answers an unknown device code with a non-RFC 404
             response = oauth_error("invalid_grant", "The device code is unknown or expired")
         response["Cache-Control"] = "no-store"
+        response["Content-Type"] = "application/json"  # DOT's own refusals (a bad resource) said text/html
         if response.status_code >= 400:
             error = _error_code(response)
             if error not in {"authorization_pending", "slow_down"}:  # RFC 8628 §3.5: polling, not failure
@@ -284,6 +285,23 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
             return None
         client = getattr(oauthlib_request, "client", None)
         return client if isinstance(client, Client) else None
+
+
+class UserInfoView(dot_views.UserInfoView):
+    """OIDC userinfo: DOT's, with its answers labelled JSON, kept out of caches, and its refusals audited."""
+
+    def _create_userinfo_response(self, request: HttpRequest) -> HttpResponse:
+        response: HttpResponse = super()._create_userinfo_response(request)
+        response["Cache-Control"] = "no-store"  # claims about the user
+        if response.content[:1] == b"{":
+            response["Content-Type"] = "application/json"
+        if response.status_code >= 400:
+            audit_record(
+                kind="userinfo.denied",
+                outcome="denied",
+                data={"error_code": _error_code(response), "status": response.status_code},
+            )
+        return response
 
 
 class AuthorizationView(dot_views.AuthorizationView):

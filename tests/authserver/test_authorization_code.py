@@ -368,3 +368,22 @@ def test_introspection_of_a_revoked_token_is_inactive(oauth, make_client):
         "/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=_basic(introspector)
     ).json()
     assert body == {"active": False}
+
+
+def test_userinfo_answers_an_openid_token_with_the_users_claims_and_no_caching(oauth, web_app, signed_in):
+    _code, _verifier, tokens = _tokens(oauth, web_app, scope="openid profile models.read")
+    response = oauth.http.get("/oauth/userinfo/", HTTP_AUTHORIZATION="Bearer " + tokens["access_token"])
+    assert response.status_code == 200, response.content
+    assert response.json()["sub"] == str(signed_in.pk)
+    assert response["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize("authorization", ["Bearer bogus", "", "Basic eDp5"])
+def test_userinfo_refuses_without_a_valid_token_and_the_refusal_is_audited(oauth, authorization):
+    headers = {"HTTP_AUTHORIZATION": authorization} if authorization else {}
+    response = oauth.http.get("/oauth/userinfo/", **headers)
+    assert response.status_code == 401
+    assert response["Cache-Control"] == "no-store"
+    assert "WWW-Authenticate" in response
+    event = AuditEvent.objects.get(kind="userinfo.denied")
+    assert event.data["status"] == 401

@@ -373,3 +373,13 @@ def test_two_client_authentication_methods_in_one_request_are_refused(oauth, mak
     )
     _is_rfc_refusal(response, 400)
     assert not AccessToken.objects.exists()
+
+
+def test_a_refusal_dot_makes_before_oauthlib_is_labelled_json(oauth, make_client):
+    reg = make_client()
+    response = oauth.token(
+        {"grant_type": "client_credentials", "resource": "notauri"}, (reg.client.client_id, reg.client_secret)
+    )
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["error"] == "invalid_target"
