@@ -42,6 +42,21 @@ def access_tokens_issued() -> Iterator[list[AccessToken]]:
         _issued_access_tokens.reset(token)
 
 
+_revocation_found: ContextVar[list[bool] | None] = ContextVar("revocation_found", default=None)
+
+
+@contextmanager
+def revocations_found() -> Iterator[list[bool]]:
+    """Collect, for each RFC 7009 revocation inside the block, whether the token was the calling client's
+    and live (the endpoint answers 200 either way, so only this tells the audit what happened)."""
+    found: list[bool] = []
+    token = _revocation_found.set(found)
+    try:
+        yield found
+    finally:
+        _revocation_found.reset(token)
+
+
 def _code_hash(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
@@ -103,6 +118,20 @@ class PortcullisValidator(OAuth2Validator):
             },
         )
         return result
+
+    def revoke_token(self, token: str, token_type_hint: Any, request: Any, *args: Any, **kwargs: Any) -> None:
+        collected = _revocation_found.get()
+        if collected is not None:
+            checksum = hashlib.sha256(token.encode()).hexdigest()
+            mine = {"token_checksum": checksum, "application_id": getattr(request.client, "pk", None)}
+            collected.append(
+                mine["application_id"] is not None
+                and (
+                    AccessToken.objects.filter(**mine).exists()
+                    or RefreshToken.objects.filter(**mine, revoked__isnull=True).exists()
+                )
+            )
+        super().revoke_token(token, token_type_hint, request, *args, **kwargs)
 
     def _set_token_value(self, token_instance: Any, raw_token: str) -> None:
         super()._set_token_value(token_instance, raw_token)

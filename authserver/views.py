@@ -29,7 +29,7 @@ from authserver.models import Client, Consent
 from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id, jwks_get
 from authserver.services import ADMIN_SCOPES, consent_grant
-from authserver.validators import access_tokens_issued
+from authserver.validators import access_tokens_issued, revocations_found
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
@@ -193,12 +193,14 @@ class RevokeTokenView(FormEndpoint, dot_views.RevokeTokenView):
     denied_kind = "token.revoke_denied"
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        response: HttpResponse = super().post(request, *args, **kwargs)
+        with revocations_found() as found:
+            response: HttpResponse = super().post(request, *args, **kwargs)
         response["Cache-Control"] = "no-store"
         ok = response.status_code == 200
+        revoked = ok and any(found)  # RFC 7009 §2.2: 200 also for an unknown token or another client's
         audit_record(
-            kind="token.revoked" if ok else "token.revoke_denied",
-            outcome="success" if ok else "denied",
+            kind="token.revoked" if revoked else ("token.revoke_unknown" if ok else "token.revoke_denied"),
+            outcome="success" if revoked else "denied",
             client_id=_client_id_of(request),
             data={"token_type_hint": request.POST.get("token_type_hint", "")[:20], "via": "rfc7009"},
         )

@@ -326,6 +326,24 @@ def test_revoking_a_refresh_token_revokes_its_access_token_and_pushes_it(
     assert event.client_id == "" or event.client_id == web_app.client.client_id
 
 
+@pytest.mark.parametrize("whose", ["unknown", "another client's", "already revoked"])
+def test_a_revocation_that_revokes_nothing_answers_200_but_is_not_audited_as_revoked(
+    oauth, web_app, make_client, signed_in, whose
+):
+    _c, _v, tokens = _tokens(oauth, web_app)
+    caller = make_client(name="Other app")
+    token = "not-a-token" if whose == "unknown" else tokens["refresh_token"]
+    revoked_before = 0
+    if whose == "already revoked":
+        caller = web_app
+        oauth.http.post("/oauth/revoke/", {"token": token}, HTTP_AUTHORIZATION=_basic(web_app))
+        revoked_before = 1  # the audit log is append-only: count, do not clear
+    response = oauth.http.post("/oauth/revoke/", {"token": token}, HTTP_AUTHORIZATION=_basic(caller))
+    assert response.status_code == 200  # RFC 7009 §2.2
+    assert AuditEvent.objects.filter(kind="token.revoked").count() == revoked_before
+    assert AuditEvent.objects.get(kind="token.revoke_unknown").outcome == "denied"
+
+
 def test_revoking_an_access_token_pushes_its_jti(oauth, make_client, django_capture_on_commit_callbacks):
     reg = make_client()
     token = oauth.client_credentials(reg).json()["access_token"]
