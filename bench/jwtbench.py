@@ -49,6 +49,7 @@ def _settings(cache_size: int) -> GatewaySettings:
         max_body_bytes=1 << 20,
         connect_timeout_s=5.0,
         read_timeout_s=600.0,
+        body_read_timeout_s=30.0,
         health_interval_s=5.0,
         max_connections=1024,
         revocation_stale_s=60.0,

@@ -286,6 +286,7 @@ GATEWAY = {
     "MAX_BODY_BYTES": env_int("PORTCULLIS_MAX_BODY_BYTES", 1_048_576, minimum=1024),
     "CONNECT_TIMEOUT_S": 2.0,  # SECURITY.md: a refused or dead upstream answers fast
     "READ_TIMEOUT_S": float(env_int("PORTCULLIS_UPSTREAM_READ_TIMEOUT", 600, minimum=1)),
+    "BODY_READ_TIMEOUT_S": float(env_int("PORTCULLIS_BODY_READ_TIMEOUT", 30, minimum=1)),  # no slowloris
     "HEALTH_INTERVAL_S": 5.0,
     "MAX_CONNECTIONS": env_int("PORTCULLIS_UPSTREAM_MAX_CONNECTIONS", 1024, minimum=1),
     "REVOCATION_STALE_S": 60.0,  # with Redis down, a token cleared this recently is still served

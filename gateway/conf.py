@@ -28,6 +28,7 @@ class GatewaySettings:
     max_body_bytes: int
     connect_timeout_s: float
     read_timeout_s: float
+    body_read_timeout_s: float  # a client's whole request body must arrive within this
     health_interval_s: float
     max_connections: int
     revocation_stale_s: float
@@ -53,6 +54,7 @@ def gateway_settings() -> GatewaySettings:
         max_body_bytes=int(raw["MAX_BODY_BYTES"]),
         connect_timeout_s=float(raw["CONNECT_TIMEOUT_S"]),
         read_timeout_s=float(raw["READ_TIMEOUT_S"]),
+        body_read_timeout_s=float(raw["BODY_READ_TIMEOUT_S"]),
         health_interval_s=float(raw["HEALTH_INTERVAL_S"]),
         max_connections=int(raw["MAX_CONNECTIONS"]),
         revocation_stale_s=float(raw["REVOCATION_STALE_S"]),

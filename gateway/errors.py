@@ -68,6 +68,16 @@ class BodyTooLarge(InvalidRequest):
     message = "The request body is too large."
 
 
+class RequestTimeout(InvalidRequest):
+    status, code = 408, "request_timeout"
+    message = "The request body did not arrive in time."
+
+    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        # RFC 9110 §15.5.9: the server closes the connection rather than keep waiting on it.
+        self.headers["connection"] = "close"
+
+
 class UnsupportedMediaType(InvalidRequest):
     status, code = 415, "unsupported_media_type"
     message = "The request body must be JSON (Content-Type: application/json)."

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import select
+import socket
 import subprocess
 import threading
 import time
@@ -766,3 +768,56 @@ def test_a_repeated_authorization_or_content_type_header_is_refused_whichever_co
         timeout=10,
     )
     assert response.status_code == 200  # other headers may repeat
+
+
+def test_a_body_trickled_in_slower_than_the_body_timeout_gets_a_408_and_the_connection_closed(
+    tmp_path, stack, django_db_blocker
+):
+    server = start_server(tmp_path, VLLM_UPSTREAMS=stack.fake.base, PORTCULLIS_BODY_READ_TIMEOUT="1")
+    host, port = server.base.removeprefix("http://").split(":")
+    request_id = f"slow-body-{time.time_ns()}"
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\ncontent-type: application/json\r\n"
+        f"content-length: 200\r\nx-request-id: {request_id}\r\n\r\n"
+    )
+    stop_sending = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:  # one byte every 0.25 s: a whole body would take 50 s
+        # Until the answer is there: a byte that reaches a closed socket is answered with a reset, which
+        # can discard the answer before it is read.
+        try:
+            while not stop_sending.is_set() and not select.select([sock], [], [], 0.25)[0]:
+                sock.sendall(b" ")
+        except OSError:
+            pass  # the gateway closed the connection
+
+    try:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head.encode() + b'{"model": "m1"')
+            sender = threading.Thread(target=trickle, args=(sock,))
+            sender.start()
+            started, received = time.monotonic(), b""
+            try:
+                while chunk := sock.recv(65536):  # until the gateway closes the connection
+                    received += chunk
+            except TimeoutError:
+                pytest.fail(f"no answer and no close within 10 s of a trickled body: {received!r}")
+            finally:
+                stop_sending.set()
+                sender.join()
+        assert time.monotonic() - started < 5
+        head_part, _, body = received.partition(b"\r\n\r\n")
+        assert head_part.startswith(b"HTTP/1.1 408 "), received
+        assert b"connection: close" in head_part.lower()
+        error = json.loads(body)["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert (error["type"], error["code"], error["param"]) == (
+            "invalid_request_error",
+            "request_timeout",
+            "body",
+        )
+        assert _denial_reason(django_db_blocker, request_id) == "request_timeout"
+        assert _usage_row(django_db_blocker, request_id).status == 408
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        stop(server.process)
