@@ -353,5 +353,6 @@ LOGGING = {
         "httpx": {"level": "WARNING"},  # one INFO line per upstream request would cost the hot path
         "httpcore": {"level": "WARNING"},
         "uvicorn.access": {"handlers": ["console"], "filters": ["redact_query"], "propagate": False},
+        "django.request": {"filters": ["redact_query"]},  # its 4xx/5xx warnings name the path too
     },
 }

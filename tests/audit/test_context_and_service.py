@@ -155,3 +155,12 @@ def test_log_lines_lose_the_user_code_of_the_device_pages(name, msg, args, path_
         assert AccessLogRedactFilter().filter(record)
         assert "WDJB-MJHT" not in record.getMessage()
         assert f"/oauth/device/{page}/cli3nt/[redacted]/" == record.args[path_at]
+
+
+def test_djangos_request_warnings_go_through_the_redaction_filter(client, db):
+    import logging
+
+    from audit.context import AccessLogRedactFilter
+
+    filters = logging.getLogger("django.request").filters
+    assert any(isinstance(f, AccessLogRedactFilter) for f in filters)
