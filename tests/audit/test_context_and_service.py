@@ -157,7 +157,7 @@ def test_log_lines_lose_the_user_code_of_the_device_pages(name, msg, args, path_
         assert f"/oauth/device/{page}/cli3nt/[redacted]/" == record.args[path_at]
 
 
-def test_djangos_request_warnings_go_through_the_redaction_filter(client, db):
+def test_djangos_request_warnings_go_through_the_redaction_filter():
     import logging
 
     from audit.context import AccessLogRedactFilter
