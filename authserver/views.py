@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import views as auth_views
+from django.core.cache import cache
 from django.core.exceptions import BadRequest, SuspiciousOperation
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
@@ -143,13 +145,20 @@ class TokenView(FormEndpoint, dot_views.TokenView):
         approved: every poll got a new token, from any client that named the code. Here the grant's row is
         locked while it is redeemed, a token the validator issued to a client other than the one the code
         was issued to is rolled back, and a code that gave its token is deleted (a replay is then an
-        unknown code: ``invalid_grant``)."""
+        unknown code: ``invalid_grant``). A pending code polled again within its interval is ``slow_down``
+        (DOT leaves that as a to-do), counted in the cache that every process shares."""
         with transaction.atomic():
             grant = (
                 get_device_grant_model().objects.select_for_update().filter(device_code=device_code).first()
             )
             if grant is not None:
                 grant.is_expired()  # marks it expired once past ``expires``; DOT then answers expired_token
+                if grant.status == grant.AUTHORIZATION_PENDING and not cache.add(
+                    "portcullis:device-poll:" + hashlib.sha256(device_code.encode()).hexdigest(),
+                    1,
+                    timeout=grant.interval,
+                ):  # RFC 8628 §3.5: polled again within ``interval`` while still pending
+                    return oauth_error("slow_down", f"Poll at most every {grant.interval} s; wait 5 s more")
             with access_tokens_issued() as issued:
                 response: HttpResponse = super().device_flow_token_response(
                     request, device_code, *args, **kwargs

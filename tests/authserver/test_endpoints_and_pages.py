@@ -122,6 +122,21 @@ def test_a_device_code_gives_one_token_for_the_user_who_approved_it(client, make
     assert AuditEvent.objects.filter(kind="token.denied", data__error_code="invalid_grant").exists()
 
 
+def test_polling_a_pending_device_code_faster_than_its_interval_is_slow_down(client, make_client):
+    device = make_client(grants=("device-code",), public=True)
+    started = client.post(
+        "/oauth/device-authorization/",
+        urlencode({"client_id": device.client.client_id, "scope": "models.read"}),
+        content_type="application/x-www-form-urlencoded",
+    ).json()
+    first = _poll(client, device.client.client_id, started["device_code"])
+    assert first.json()["error"] == "authorization_pending"
+    again = _poll(client, device.client.client_id, started["device_code"])
+    assert again.status_code == 400
+    assert again.json()["error"] == "slow_down"
+    assert not AuditEvent.objects.filter(kind="token.denied").exists()  # polling, not a failure
+
+
 def test_another_client_cannot_redeem_a_device_code(client, make_client, alice):
     _device, code = _device_approved(client, make_client, alice)
     other = make_client(grants=("device-code",), public=True, name="Other app")
