@@ -84,8 +84,13 @@ async def admit(
     rt: Runtime, principal: Principal, policy: Policy, request: Validated, body_len: int
 ) -> Ticket:
     """Check revocation and reserve every limit for one request, or raise the matching error."""
-    cost = cost_estimate(request, body_len, rt.upstreams.context_length(request.model))
+    context_len = rt.upstreams.context_length(request.model)
+    cost = cost_estimate(request, body_len, context_len)
     buckets = _buckets(principal, policy)
+    if cost > buckets.tpm > 0 or cost > buckets.user_tpm > 0:
+        raise _never_admitted(
+            request, cost, min(t for t in (buckets.tpm, buckets.user_tpm) if t), context_len
+        )
     shared = rt.limiter_redis is not None
     reservation = reservation_id()
     if rt.limiter_redis is not None:
@@ -118,6 +123,25 @@ async def admit(
         raise exc
     return Ticket(
         buckets=buckets, admission=admission, headers=headers, shared=shared, reservation=reservation
+    )
+
+
+def _never_admitted(
+    request: Validated, cost: int, per_minute: int, context_len: int | None
+) -> errors.GatewayError:
+    """A request costing more than a minute's tokens: no minute would admit it, and a 429 would have the
+    client retry for ever. A 400 says what to change."""
+    if request.max_tokens is not None:
+        advice = "lower max_tokens (or n)"
+    else:
+        context = context_len or UNKNOWN_CONTEXT
+        advice = (
+            f"without max_tokens it may write up to the model's context ({context:,} tokens); set max_tokens"
+        )
+    return errors.InvalidRequest(
+        f"This request may use {cost:,} tokens, more than the {per_minute:,} a minute this client may use: "
+        f"{advice}.",
+        param="max_tokens",
     )
 
 

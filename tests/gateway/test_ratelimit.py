@@ -327,3 +327,30 @@ def test_the_fallback_gives_back_what_redis_may_have_reserved(settings):
     ticket = asyncio.run(admit(rt, SERVICE, policy, request, 40))  # type: ignore[arg-type]
     assert ticket.admission.fallback
     assert shared_limiter.released == [(ticket.reservation, ticket.admission.reserved_tokens)]
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "hint"),
+    [(2000, "lower max_tokens"), (None, "model's context (4,096 tokens); set max_tokens")],
+)
+def test_a_request_costing_more_than_a_minutes_tokens_is_a_400_not_a_429_for_ever(max_tokens, hint):
+    from types import SimpleNamespace
+
+    from gateway import errors
+    from gateway.admission import admit
+    from gateway.validation import Validated
+
+    rt = SimpleNamespace(
+        limiter_redis=None,
+        limiter_local=LocalLimiter(),
+        upstreams=SimpleNamespace(context_length=lambda model: 4096),
+    )
+    policy = Policy(models=frozenset({"m1"}), tpm=1000)
+    request = Validated(payload={}, model="m1", stream=False, max_tokens=max_tokens, n=1, wants_usage=False)
+    with pytest.raises(errors.InvalidRequest) as refused:
+        asyncio.run(admit(rt, SERVICE, policy, request, 40))  # type: ignore[arg-type]
+    assert refused.value.status == 400
+    assert refused.value.param == "max_tokens"
+    assert hint in str(refused.value)
+    fits = Validated(payload={}, model="m1", stream=False, max_tokens=16, n=1, wants_usage=False)
+    assert asyncio.run(admit(rt, SERVICE, policy, fits, 40)).admission.allowed  # type: ignore[arg-type]
