@@ -6,10 +6,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import transaction
 from django.utils import timezone
@@ -24,37 +24,35 @@ from authserver.tokens import jwt_unverified_claims
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 OFFLINE_ACCESS = "offline_access"
 TOMBSTONE_LIFETIME = timedelta(days=1)  # replays after a day are refused as unknown codes anyway
 
 
 _issued_access_tokens: ContextVar[list[AccessToken] | None] = ContextVar("issued_access_tokens", default=None)
-
-
-@contextmanager
-def access_tokens_issued() -> Iterator[list[AccessToken]]:
-    """Collect the access-token rows the validator saves inside the block, so nobody reads them back."""
-    issued: list[AccessToken] = []
-    token = _issued_access_tokens.set(issued)
-    try:
-        yield issued
-    finally:
-        _issued_access_tokens.reset(token)
-
-
 _revocation_found: ContextVar[list[bool] | None] = ContextVar("revocation_found", default=None)
 
 
 @contextmanager
-def revocations_found() -> Iterator[list[bool]]:
+def _collected(var: ContextVar[list[T] | None]) -> Iterator[list[T]]:
+    collected: list[T] = []
+    token = var.set(collected)
+    try:
+        yield collected
+    finally:
+        var.reset(token)
+
+
+def access_tokens_issued() -> AbstractContextManager[list[AccessToken]]:
+    """Collect the access-token rows the validator saves inside the block, so nobody reads them back."""
+    return _collected(_issued_access_tokens)
+
+
+def revocations_found() -> AbstractContextManager[list[bool]]:
     """Collect, for each RFC 7009 revocation inside the block, whether the token was the calling client's
     and live (the endpoint answers 200 either way, so only this tells the audit what happened)."""
-    found: list[bool] = []
-    token = _revocation_found.set(found)
-    try:
-        yield found
-    finally:
-        _revocation_found.reset(token)
+    return _collected(_revocation_found)
 
 
 def _code_hash(code: str) -> str:

@@ -61,7 +61,8 @@ def test_code_flow_issues_tokens_with_iss_in_the_redirect_and_records_consent(oa
     assert AuditEvent.objects.filter(kind="consent.granted", actor="user:alice").exists()
 
 
-def test_remembered_consent_skips_the_screen_but_new_scopes_ask_again(oauth, web_app, signed_in):
+def _remembered(oauth, web_app, **changes: str) -> dict[str, str]:
+    """Authorization parameters for a client the user already consented to, with some changed."""
     _tokens(oauth, web_app, scope="models.read")
     _v, challenge = pkce_pair()
     params = {
@@ -73,6 +74,11 @@ def test_remembered_consent_skips_the_screen_but_new_scopes_ask_again(oauth, web
         "code_challenge": challenge,
         "code_challenge_method": "S256",
     }
+    return {**params, **changes}
+
+
+def test_remembered_consent_skips_the_screen_but_new_scopes_ask_again(oauth, web_app, signed_in):
+    params = _remembered(oauth, web_app)
     assert oauth.http.get("/oauth/authorize/", params).status_code == 302
     params["scope"] = "models.read completions"
     page = oauth.http.get("/oauth/authorize/", params)
@@ -120,22 +126,6 @@ def test_redirect_uri_mismatch_is_refused_without_redirecting(oauth, web_app, si
     assert response.status_code == 400
     assert "evil.example.com" not in response.get("Location", "")
     assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_request"
-
-
-def _remembered(oauth, web_app, **changes: str) -> dict[str, str]:
-    """Authorization parameters for a client the user already consented to, with some changed."""
-    _tokens(oauth, web_app, scope="models.read")
-    _v, challenge = pkce_pair()
-    params = {
-        "response_type": "code",
-        "client_id": web_app.client.client_id,
-        "redirect_uri": REDIRECT_URI,
-        "scope": "models.read",
-        "state": "s",
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-    }
-    return {**params, **changes}
 
 
 def test_plain_pkce_with_remembered_consent_is_an_error_redirect_not_a_500(oauth, web_app, signed_in):
