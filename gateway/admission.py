@@ -86,11 +86,7 @@ async def admit(
     """Check revocation and reserve every limit for one request, or raise the matching error."""
     context_len = rt.upstreams.context_length(request.model)
     cost = cost_estimate(request, body_len, context_len)
-    buckets = _buckets(principal, policy)
-    if cost > buckets.tpm > 0 or cost > buckets.user_tpm > 0:
-        raise _never_admitted(
-            request, cost, min(t for t in (buckets.tpm, buckets.user_tpm) if t), context_len
-        )
+    buckets = full = _buckets(principal, policy)
     shared = rt.limiter_redis is not None
     reservation = reservation_id()
     if rt.limiter_redis is not None:
@@ -117,6 +113,9 @@ async def admit(
         admission = rt.limiter_local.admit(principal, buckets, reservation, cost)
     headers = ratelimit_headers(buckets, admission)
     if not admission.allowed:
+        per_minute = {"tokens": full.tpm, "user_tokens": full.user_tpm}.get(admission.limit, 0)
+        if cost > per_minute > 0:  # no minute would admit it (the policy's own limit, not the fallback's)
+            raise _never_admitted(request, cost, per_minute, body_len, context_len, admission.limit)
         exc = errors.RateLimited(LIMIT_MESSAGES.get(admission.limit, "Rate limit exceeded."))
         exc.code = admission.limit  # type: ignore[misc]
         exc.headers.update(headers)
@@ -127,21 +126,27 @@ async def admit(
 
 
 def _never_admitted(
-    request: Validated, cost: int, per_minute: int, context_len: int | None
+    request: Validated, cost: int, per_minute: int, body_len: int, context_len: int | None, limit: str
 ) -> errors.GatewayError:
     """A request costing more than a minute's tokens: no minute would admit it, and a 429 would have the
-    client retry for ever. A 400 says what to change."""
-    if request.max_tokens is not None:
-        advice = "lower max_tokens (or n)"
+    client retry for ever. A 400 says what to change. Asked only once the limiter refused it, so a revoked
+    token still gets its 401 first."""
+    whose = "user" if limit == "user_tokens" else "client"
+    prompt = body_len // 4 + 1
+    if prompt >= per_minute:
+        advice, param = "its input alone is estimated at more than that; send less", None
+    elif request.max_tokens is not None:
+        advice, param = "lower max_tokens (or n)", "max_tokens"
     else:
         context = context_len or UNKNOWN_CONTEXT
         advice = (
             f"without max_tokens it may write up to the model's context ({context:,} tokens); set max_tokens"
         )
+        param = "max_tokens"
     return errors.InvalidRequest(
-        f"This request may use {cost:,} tokens, more than the {per_minute:,} a minute this client may use: "
+        f"This request may use {cost:,} tokens, more than the {per_minute:,} a minute this {whose} may use: "
         f"{advice}.",
-        param="max_tokens",
+        param=param,
     )
 
 
