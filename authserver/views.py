@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 from django.conf import settings
@@ -25,6 +26,7 @@ from oauth2_provider.models import get_device_grant_model
 from oauth2_provider.signals import app_authorized
 from oauth2_provider.views.metadata import OAuthServerMetadataView
 from oauthlib.common import Request as OauthlibRequest
+from redis.exceptions import RedisError
 
 from audit.services import actor_for_user, audit_record
 from authserver.models import Client, Consent
@@ -32,6 +34,8 @@ from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id, jwks_get
 from authserver.services import ADMIN_SCOPES, consent_grant
 from authserver.validators import access_tokens_issued, revocations_found
+
+logger = logging.getLogger(__name__)
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
 
@@ -118,6 +122,18 @@ class FormEndpoint(View):
         return super().dispatch(request, *args, **kwargs)
 
 
+def _polled_too_soon(device_code: str, interval: int) -> bool:
+    """Whether this device code was polled within its interval (RFC 8628 §3.5), counted in the cache: Redis,
+    which every process shares, when configured. A courtesy to the server: if the cache fails, no."""
+    try:
+        return not cache.add(
+            "portcullis:device-poll:" + hashlib.sha256(device_code.encode()).hexdigest(), 1, timeout=interval
+        )
+    except (RedisError, OSError):
+        logger.warning("the cache did not answer; a device poll was not paced")
+        return False
+
+
 class TokenView(FormEndpoint, dot_views.TokenView):
     """RFC 6749 §3.2 token endpoint; every refusal is audited with its RFC error code."""
 
@@ -146,18 +162,16 @@ class TokenView(FormEndpoint, dot_views.TokenView):
         locked while it is redeemed, a token the validator issued to a client other than the one the code
         was issued to is rolled back, and a code that gave its token is deleted (a replay is then an
         unknown code: ``invalid_grant``). A pending code polled again within its interval is ``slow_down``
-        (DOT leaves that as a to-do), counted in the cache that every process shares."""
+        (DOT leaves that as a to-do)."""
         with transaction.atomic():
             grant = (
                 get_device_grant_model().objects.select_for_update().filter(device_code=device_code).first()
             )
             if grant is not None:
                 grant.is_expired()  # marks it expired once past ``expires``; DOT then answers expired_token
-                if grant.status == grant.AUTHORIZATION_PENDING and not cache.add(
-                    "portcullis:device-poll:" + hashlib.sha256(device_code.encode()).hexdigest(),
-                    1,
-                    timeout=grant.interval,
-                ):  # RFC 8628 §3.5: polled again within ``interval`` while still pending
+                if grant.status == grant.AUTHORIZATION_PENDING and _polled_too_soon(
+                    device_code, grant.interval
+                ):
                     return oauth_error("slow_down", f"Poll at most every {grant.interval} s; wait 5 s more")
             with access_tokens_issued() as issued:
                 response: HttpResponse = super().device_flow_token_response(
@@ -263,6 +277,7 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
     """RFC 7662 introspection: POST only, and only for clients an admin allowed to introspect."""
 
     denied_kind = "introspect.denied"
+    http_method_names = ["post", "options"]  # what OPTIONS advertises in Allow
 
     def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         # Not DOT's: it would ask for a bearer token. The client authenticates as RFC 7662 §2.1 says.

@@ -114,7 +114,10 @@ _default_db = f"sqlite:///{VAR_DIR / 'portcullis.sqlite3'}"
 DATABASES = {"default": dj_database_url.parse(env_str("DATABASE_URL", _default_db), conn_max_age=0)}
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    # IMMEDIATE: a transaction takes the write lock when it begins and waits its turn (the timeout), rather
+    # than failing at once with "database is locked" when two that read first both try to write (two polls
+    # of one device code did). The embedded default is one process; it loses no concurrency that matters.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(timeout=20, transaction_mode="IMMEDIATE")
 elif DATABASES["default"]["ENGINE"].endswith("postgresql"):
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
@@ -353,6 +356,8 @@ LOGGING = {
         "httpx": {"level": "WARNING"},  # one INFO line per upstream request would cost the hot path
         "httpcore": {"level": "WARNING"},
         "uvicorn.access": {"handlers": ["console"], "filters": ["redact_query"], "propagate": False},
-        "django.request": {"filters": ["redact_query"]},  # its 4xx/5xx warnings name the path too
+        # Django's warnings name the path too: 4xx/5xx responses, and refused CSRF checks (the device pages)
+        "django.request": {"filters": ["redact_query"]},
+        "django.security.csrf": {"filters": ["redact_query"]},
     },
 }

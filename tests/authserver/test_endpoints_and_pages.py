@@ -137,13 +137,37 @@ def test_polling_a_pending_device_code_faster_than_its_interval_is_slow_down(cli
     assert not AuditEvent.objects.filter(kind="token.denied").exists()  # polling, not a failure
 
 
-def test_another_client_cannot_redeem_a_device_code(client, make_client, alice):
-    _device, code = _device_approved(client, make_client, alice)
+def test_a_device_poll_is_answered_when_the_cache_that_paces_polls_fails(client, make_client, monkeypatch):
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from authserver import views
+
+    def down(*args: Any, **kwargs: Any) -> bool:
+        raise RedisConnectionError("Redis is down")
+
+    monkeypatch.setattr(views.cache, "add", down)
+    device = make_client(grants=("device-code",), public=True)
+    started = client.post(
+        "/oauth/device-authorization/",
+        urlencode({"client_id": device.client.client_id, "scope": "models.read"}),
+        content_type="application/x-www-form-urlencoded",
+    ).json()
+    for _ in range(2):
+        pending = _poll(client, device.client.client_id, started["device_code"])
+        assert pending.json()["error"] == "authorization_pending"  # not paced, and not a 500
+
+
+def test_another_client_cannot_redeem_a_device_code_and_its_own_still_can(client, make_client, alice):
+    from authserver.models import AccessToken
+
+    device, code = _device_approved(client, make_client, alice)
     other = make_client(grants=("device-code",), public=True, name="Other app")
     stolen = _poll(client, other.client.client_id, code)
     assert stolen.status_code == 400
     assert stolen.json()["error"] == "invalid_grant"
     assert not AuditEvent.objects.filter(kind="token.issued", client_id=other.client.client_id).exists()
+    assert not AccessToken.objects.exists()  # the token it was issued was rolled back
+    assert _poll(client, device.client.client_id, code).status_code == 200
 
 
 def test_a_device_token_carries_the_scope_the_user_approved_not_a_wider_one_asked_at_the_token_endpoint(
@@ -310,3 +334,49 @@ def test_under_asgi_every_middleware_runs_synchronously_around_the_sync_views():
     assert len(mixins) >= 7
     in_async_mode = [type(m).__name__ for m in mixins if getattr(m, "async_mode", True)]
     assert not in_async_mode, "an async MiddlewareMixin hops to a thread and back twice a request"
+
+
+def test_concurrent_polls_of_one_device_code_on_the_embedded_sqlite_give_one_token_and_no_500(tmp_path):
+    from tests.conftest import embedded_sqlite_run
+
+    code = r"""
+import collections, json, threading
+from datetime import timedelta
+from django.contrib.auth import get_user_model
+from django.db import connection
+from django.test import Client as Http
+from django.utils import timezone
+from oauth2_provider.models import get_device_grant_model
+from authserver.services import client_register
+
+reg = client_register(name="tv", grant_types=["device-code"], scopes=["models.read"], public=True)
+alice = get_user_model().objects.create_user("alice", "a@example.com", "correct horse battery")
+answers = collections.Counter()
+for round_ in range(3):
+    device_code = f"dc-{round_}"
+    get_device_grant_model().objects.create(
+        client_id=reg.client.client_id, device_code=device_code, user_code=f"UC{round_}", scope="models.read",
+        expires=timezone.now() + timedelta(minutes=5), status="authorized", user=alice,
+    )
+    barrier = threading.Barrier(4)
+
+    def poll():
+        barrier.wait()
+        try:
+            answer = Http(HTTP_HOST="127.0.0.1", raise_request_exception=False).post("/oauth/token/", {
+                "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
+                "device_code": device_code, "client_id": reg.client.client_id,
+            })
+            answers[(answer.status_code, json.loads(answer.content).get("error", "token"))] += 1
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=poll) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+print("ANSWERS", json.dumps(sorted([list(k) + [v] for k, v in answers.items()])))
+"""
+    done = embedded_sqlite_run(tmp_path, code)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("ANSWERS ")), None)
+    assert line is not None, done.stderr[-3000:]
+    assert json.loads(line.removeprefix("ANSWERS ")) == [[200, "token", 3], [400, "invalid_grant", 9]]

@@ -383,3 +383,17 @@ def test_a_refusal_dot_makes_before_oauthlib_is_labelled_json(oauth, make_client
     assert response.status_code == 400
     assert response["Content-Type"] == "application/json"
     assert response.json()["error"] == "invalid_target"
+
+
+@pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)
+def test_the_form_endpoints_take_no_csrf_token_clients_authenticate_themselves(path, kind):
+    from django.test import Client as DjangoClient
+
+    strict = DjangoClient(enforce_csrf_checks=True)
+    response = strict.post(path, {"grant_type": "client_credentials", "client_id": "nobody", "token": "x"})
+    assert response.status_code != 403
+    assert response["Content-Type"] == "application/json"
+
+
+def test_introspection_advertises_only_the_methods_it_takes(client):
+    assert client.options("/oauth/introspect/")["Allow"] == "POST, OPTIONS"
