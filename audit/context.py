@@ -147,12 +147,11 @@ class AccessLogRedactFilter(logging.Filter):
     """Redact request paths (``path_redact``) in uvicorn's access log and in Django's request warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        # uvicorn.access: (client, method, path, version, status); django.request: (reason, path)
-        at = 2 if record.name == "uvicorn.access" else 1
-        path = args[at] if isinstance(args, tuple) and len(args) > at else None
-        if isinstance(path, str) and isinstance(args, tuple):
-            record.args = (*args[:at], path_redact(path), *args[at + 1 :])
+        # Whichever argument is a path: uvicorn puts it third, Django's messages first or second.
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                path_redact(a) if isinstance(a, str) and a.startswith("/") else a for a in record.args
+            )
         return True
 
 

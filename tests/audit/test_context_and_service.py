@@ -141,6 +141,8 @@ def test_json_logs_carry_the_request_id_one_object_per_line():
     [
         ("uvicorn.access", '%s - "%s %s HTTP/%s" %d', ("127.0.0.1:5000", "GET", "{path}", "1.1", 200), 2),
         ("django.request", "%s: %s", ("Not Found", "{path}"), 1),
+        ("django.request", "Forbidden (Permission denied): %s", ("{path}",), 0),
+        ("django.security.csrf", "Forbidden (%s): %s", ("CSRF cookie not set.", "{path}"), 1),
     ],
 )
 def test_log_lines_lose_the_user_code_of_the_device_pages(name, msg, args, path_at):
@@ -163,5 +165,5 @@ def test_djangos_request_warnings_go_through_the_redaction_filter():
 
     from audit.context import AccessLogRedactFilter
 
-    filters = logging.getLogger("django.request").filters
-    assert any(isinstance(f, AccessLogRedactFilter) for f in filters)
+    for name in ("uvicorn.access", "django.request", "django.security.csrf"):
+        assert any(isinstance(f, AccessLogRedactFilter) for f in logging.getLogger(name).filters), name

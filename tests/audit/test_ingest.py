@@ -144,3 +144,15 @@ def test_text_postgresql_cannot_hold_is_replaced_and_the_record_stored(caplog):
     assert rows[1]["user"] == "u\ufffd"
     assert rows[0]["status"] == 403
     assert "dropping" not in caplog.text
+
+
+def test_a_model_name_postgresql_cannot_hold_keeps_its_batch_on_copy(monkeypatch):
+    from django.db.models.query import QuerySet
+
+    def orm_path(*args, **kwargs):
+        raise AssertionError("the batch left COPY for the ORM's path")
+
+    monkeypatch.setattr(QuerySet, "bulk_create", orm_path)
+    batch = [record(model="x\ud800\x00", status=403, outcome="denied:model_not_allowed"), record()]
+    assert entries_store([entry(r) for r in batch]) == (2, 0)
+    assert [row["model"] for row in stored(batch)] == ["x?\ufffd", "m1"]
