@@ -132,7 +132,7 @@ class TokenVerifier:
         if len(token) > self.conf.max_token_bytes:
             raise AuthenticationError("The access token is too large.")
         parts = token.split(".")
-        if len(parts) != 3:
+        if len(parts) != 3 or "=" in token:  # RFC 7515 §2: base64url without padding, one spelling per token
             raise AuthenticationError("The access token is not a signed JWT.")
         try:
             header = _b64json(parts[0])

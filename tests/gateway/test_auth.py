@@ -192,6 +192,7 @@ def test_a_user_token_names_its_user(verifier):
             ),
         ),
         ("oversized", lambda: "a" * 9000),
+        ("padded signature", lambda: token() + "=="),  # the same token spelled twice: one cache entry each
     ],
 )
 def test_every_bad_token_is_refused(verifier, name, raw):
