@@ -297,6 +297,14 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
                 data={"error_code": "unauthorized_client"},
             )
             return oauth_error("unauthorized_client", "This client may not introspect tokens", status=403)
+        if not request.POST.get("token"):  # RFC 7662 §2.1: REQUIRED
+            audit_record(
+                kind="introspect.denied",
+                outcome="denied",
+                client_id=client.client_id,
+                data={"error_code": "invalid_request"},
+            )
+            return oauth_error("invalid_request", "token is required")
         answer: HttpResponse = self.get_token_response(request.POST.get("token"))
         answer["Cache-Control"] = "no-store"
         return answer

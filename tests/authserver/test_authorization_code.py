@@ -367,6 +367,15 @@ def test_introspection_is_post_only_and_only_for_allowed_clients(oauth, make_cli
     assert anonymous.status_code == 401
 
 
+def test_introspection_without_a_token_is_an_audited_invalid_request(oauth, make_client):
+    introspector = make_client(can_introspect=True)
+    response = oauth.http.post("/oauth/introspect/", {}, HTTP_AUTHORIZATION=_basic(introspector))
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    event = AuditEvent.objects.get(kind="introspect.denied")
+    assert (event.client_id, event.data["error_code"]) == (introspector.client.client_id, "invalid_request")
+
+
 def test_introspection_of_a_revoked_token_is_inactive(oauth, make_client):
     reg = make_client()
     introspector = make_client(can_introspect=True)
