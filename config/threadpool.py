@@ -24,6 +24,12 @@ from django.conf import settings
 from django.core.handlers.wsgi import WSGIHandler
 
 POOLED_PATHS = frozenset({"/oauth/token/", "/oauth/revoke/", "/oauth/introspect/"})
+# What each endpoint's view audits a refusal as (authserver.views); the pool's own refusals say the same.
+DENIED_KINDS = {
+    "/oauth/token/": "token.denied",
+    "/oauth/revoke/": "token.revoke_denied",
+    "/oauth/introspect/": "introspect.denied",
+}
 THREADS = 12
 SPARE_CONNECTIONS = 4  # left in the database pool for the pages and background jobs
 
@@ -39,6 +45,30 @@ def _error(status: int, description: str) -> Response:
     body = json.dumps({"error": "invalid_request", "error_description": description}).encode()
     headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
     return status, headers + [(b"content-length", str(len(body)).encode())], body
+
+
+def _refusal_audit(scope: dict[str, Any], status: int) -> None:
+    """Audit a refusal made before Django saw the request, as the endpoint's view would, in a pool thread."""
+    from django.db import connections
+
+    from audit.context import client_ip_resolve, trusted_networks
+    from audit.services import audit_record
+
+    forwarded = dict(scope.get("headers") or []).get(b"x-forwarded-for")
+    ip = client_ip_resolve(
+        (scope.get("client") or (None,))[0],
+        forwarded.decode("latin-1") if forwarded else None,
+        trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES)),
+    )
+    try:
+        audit_record(
+            kind=DENIED_KINDS[scope["path"]],
+            outcome="denied",
+            ip=ip,
+            data={"error_code": "invalid_request", "status": status},
+        )
+    finally:
+        connections.close_all()  # this thread's connection goes back, as at the end of a request
 
 
 class ClientGone(Exception):
@@ -68,6 +98,7 @@ class ThreadPoolDjango:
             return  # it left before its request was whole: nothing to run, nobody to answer
         if body is None:
             status, headers, content = _error(413, "The request body is too large.")
+            await asyncio.get_running_loop().run_in_executor(self.pool, _refusal_audit, scope, 413)
         else:
             status, headers, content = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self._respond, scope, body
@@ -100,6 +131,7 @@ class ThreadPoolDjango:
         try:
             environ = translator.build_environ(scope, io.BytesIO(body))
         except ValueError:  # more than 100 copies of one header
+            _refusal_audit(scope, 400)
             return _error(400, "Too many copies of one header.")
         environ["CONTENT_LENGTH"] = str(len(body))  # what was read, also for a chunked upload
         started: dict[str, Any] = {}

@@ -103,12 +103,15 @@ def test_an_oversized_body_is_refused_before_django_reads_it(pooled, settings):
     start, body = call(pooled, "/oauth/token/", chunks=chunks)
     assert start["status"] == 413
     assert json.loads(body["body"])["error"] == "invalid_request"
+    event = AuditEvent.objects.get(kind="token.denied")
+    assert (event.ip, event.data) == ("198.51.100.7", {"error_code": "invalid_request", "status": 413})
 
 
 def test_a_header_repeated_past_the_limit_is_a_400(pooled):
     start, body = call(pooled, "/oauth/introspect/", headers=[(b"x-a", b"1")] * 101)
     assert start["status"] == 400
     assert json.loads(body["body"])["error"] == "invalid_request"
+    assert AuditEvent.objects.get(kind="introspect.denied").data["status"] == 400
 
 
 def test_a_client_that_leaves_mid_body_gets_nothing_run(pooled):
