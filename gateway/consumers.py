@@ -141,6 +141,10 @@ class GatewayConsumer(AsyncHttpConsumer):
     def _client_ip(self) -> str | None:
         peer = self.scope.get("client") or (None, None)
         forwarded = self.headers.get(b"x-forwarded-for")
+        if forwarded is not None and len(self.headers) != len(self.scope["headers"]):
+            # Several lines are one list in order (RFC 9110 §5.3), as Django's side reads them: a chain of
+            # trusted proxies that each added a line is walked through, not cut at the last line.
+            forwarded = b",".join(v for name, v in self.scope["headers"] if name == b"x-forwarded-for")
         return client_ip_resolve(
             peer[0],
             forwarded.decode("latin-1") if forwarded else None,
