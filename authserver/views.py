@@ -68,8 +68,6 @@ def _holds_nul(request: HttpRequest) -> bool:
 
 FORM = "application/x-www-form-urlencoded"
 FORM_ERRORS = (BadRequest, SuspiciousOperation, MultiPartParserError)  # what reading request.POST raises
-
-
 REPEATABLE = frozenset({"resource"})  # RFC 8707 §2: one resource parameter per resource
 
 
@@ -94,9 +92,9 @@ class FormEndpoint(View):
 
     Another method is 405 ``invalid_request`` with ``Allow``, and a body Django cannot read as a form (a
     charset other than UTF-8, multipart with no boundary, too many fields) or a malformed one
-    (``_form_refusal``) is 400 ``invalid_request``; each
-    JSON, ``no-store`` and audited as ``denied_kind``. Django alone answered them with an empty or an HTML
-    page (a 500 in debug), and nothing was audited. OPTIONS passes (CORS preflight).
+    (``_form_refusal``) is 400 ``invalid_request``; each JSON, ``no-store`` and audited as ``denied_kind``.
+    Django alone answered them with an empty or an HTML page (a 500 in debug), and nothing was audited.
+    OPTIONS passes (CORS preflight).
     """
 
     denied_kind = "token.denied"
@@ -271,7 +269,6 @@ class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
         return None
 
 
-@method_decorator(csrf_exempt, name="dispatch")
 class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
     """RFC 7662 introspection: POST only, and only for clients an admin allowed to introspect."""
 
@@ -285,29 +282,22 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         client = self._authenticated_client(request)
         if client is None:
-            response = oauth_error("invalid_client", "Client authentication failed", status=401)
+            response = self._denied("", "invalid_client", "Client authentication failed", 401)
             response["WWW-Authenticate"] = 'Basic realm="portcullis"'
-            audit_record(kind="introspect.denied", outcome="denied", data={"error_code": "invalid_client"})
             return response
         if not client.can_introspect:
-            audit_record(
-                kind="introspect.denied",
-                outcome="denied",
-                client_id=client.client_id,
-                data={"error_code": "unauthorized_client"},
+            return self._denied(
+                client.client_id, "unauthorized_client", "This client may not introspect", 403
             )
-            return oauth_error("unauthorized_client", "This client may not introspect tokens", status=403)
         if not request.POST.get("token"):  # RFC 7662 §2.1: REQUIRED
-            audit_record(
-                kind="introspect.denied",
-                outcome="denied",
-                client_id=client.client_id,
-                data={"error_code": "invalid_request"},
-            )
-            return oauth_error("invalid_request", "token is required")
+            return self._denied(client.client_id, "invalid_request", "token is required", 400)
         answer: HttpResponse = self.get_token_response(request.POST.get("token"))
         answer["Cache-Control"] = "no-store"
         return answer
+
+    def _denied(self, client_id: str, error: str, description: str, status: int) -> JsonResponse:
+        audit_record(kind=self.denied_kind, outcome="denied", client_id=client_id, data={"error_code": error})
+        return oauth_error(error, description, status=status)
 
     def _authenticated_client(self, request: HttpRequest) -> Client | None:
         """Authenticate the calling client (RFC 7662 §2.1) and return it, or None."""
