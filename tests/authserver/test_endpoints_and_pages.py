@@ -83,6 +83,7 @@ def test_device_flow_from_code_to_token(client, make_client, alice):
 
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+FORM = "application/x-www-form-urlencoded"
 
 
 def _device_approved(client, make_client, alice, *, scope: str = "models.read") -> tuple[Any, str]:
@@ -90,16 +91,19 @@ def _device_approved(client, make_client, alice, *, scope: str = "models.read") 
     device = make_client(
         grants=("device-code",), public=True, scopes="models.read completions offline_access"
     )
-    started = client.post(
-        "/oauth/device-authorization/",
-        urlencode({"client_id": device.client.client_id, "scope": scope}),
-        content_type="application/x-www-form-urlencoded",
-    ).json()
+    started = _device_start(client, device.client.client_id, scope, FORM).json()
     client.force_login(alice)
     entered = client.post("/oauth/device/", {"user_code": started["user_code"]})
     assert client.post(entered["Location"], {"action": "accept"}).status_code == 302
     client.logout()
     return device, started["device_code"]
+
+
+def _device_start(client, client_id: str, scope: str, content_type: str | None) -> Any:
+    body = urlencode({"client_id": client_id, "scope": scope})
+    if content_type is None:
+        return client.generic("POST", "/oauth/device-authorization/", body, content_type="")
+    return client.post("/oauth/device-authorization/", body, content_type=content_type)
 
 
 def _poll(client, client_id: str, device_code: str, **extra: str) -> Any:
@@ -124,11 +128,7 @@ def test_a_device_code_gives_one_token_for_the_user_who_approved_it(client, make
 
 def test_polling_a_pending_device_code_faster_than_its_interval_is_slow_down(client, make_client):
     device = make_client(grants=("device-code",), public=True)
-    started = client.post(
-        "/oauth/device-authorization/",
-        urlencode({"client_id": device.client.client_id, "scope": "models.read"}),
-        content_type="application/x-www-form-urlencoded",
-    ).json()
+    started = _device_start(client, device.client.client_id, "models.read", FORM).json()
     first = _poll(client, device.client.client_id, started["device_code"])
     assert first.json()["error"] == "authorization_pending"
     again = _poll(client, device.client.client_id, started["device_code"])
@@ -147,11 +147,7 @@ def test_a_device_poll_is_answered_when_the_cache_that_paces_polls_fails(client,
 
     monkeypatch.setattr(views.cache, "add", down)
     device = make_client(grants=("device-code",), public=True)
-    started = client.post(
-        "/oauth/device-authorization/",
-        urlencode({"client_id": device.client.client_id, "scope": "models.read"}),
-        content_type="application/x-www-form-urlencoded",
-    ).json()
+    started = _device_start(client, device.client.client_id, "models.read", FORM).json()
     for _ in range(2):
         pending = _poll(client, device.client.client_id, started["device_code"])
         assert pending.json()["error"] == "authorization_pending"  # not paced, and not a 500
@@ -189,20 +185,11 @@ def test_an_approved_device_code_past_its_lifetime_gives_no_token(client, make_c
     assert late.json()["error"] == "expired_token"
 
 
-def _device_start(client, client_id: str, scope: str, content_type: str | None) -> Any:
-    body = urlencode({"client_id": client_id, "scope": scope})
-    if content_type is None:
-        return client.generic("POST", "/oauth/device-authorization/", body, content_type="")
-    return client.post("/oauth/device-authorization/", body, content_type=content_type)
-
-
 def test_device_authorization_reads_a_form_with_a_charset_and_keeps_its_answer_out_of_caches(
     client, make_client
 ):
     device = make_client(grants=("device-code",), public=True)
-    started = _device_start(
-        client, device.client.client_id, "models.read", "application/x-www-form-urlencoded; charset=UTF-8"
-    )
+    started = _device_start(client, device.client.client_id, "models.read", FORM + "; charset=UTF-8")
     assert started.status_code == 200, started.content
     assert "device_code" in started.json()
     assert started["Cache-Control"] == "no-store"
@@ -221,7 +208,7 @@ def test_device_authorization_without_a_content_type_is_an_audited_invalid_reque
 @pytest.mark.parametrize("scope", ["admin.write", "models.read embeddings", "bogus-scope"])
 def test_device_authorization_refuses_a_scope_the_client_may_not_have(client, make_client, scope):
     device = make_client(grants=("device-code",), public=True, scopes="models.read completions")
-    response = _device_start(client, device.client.client_id, scope, "application/x-www-form-urlencoded")
+    response = _device_start(client, device.client.client_id, scope, FORM)
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_scope"
     assert AuditEvent.objects.filter(kind="device.denied", data__error_code="invalid_scope").exists()
@@ -229,14 +216,7 @@ def test_device_authorization_refuses_a_scope_the_client_may_not_have(client, ma
 
 def test_unknown_device_code_is_invalid_grant(client, make_client):
     device = make_client(grants=("device-code",), public=True)
-    response = client.post(
-        "/oauth/token/",
-        {
-            "grant_type": "urn:ietf:params:oauth:grant-type:device_code",
-            "device_code": "nope",
-            "client_id": device.client.client_id,
-        },
-    )
+    response = _poll(client, device.client.client_id, "nope")
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_grant"
 
