@@ -98,6 +98,7 @@ class ThreadPoolDjango:
             return  # it left before its request was whole: nothing to run, nobody to answer
         if body is None:
             status, headers, content = _error(413, "The request body is too large.")
+            headers.append((b"connection", b"close"))  # not kept open to read and drop the rest
             await asyncio.get_running_loop().run_in_executor(self.pool, _refusal_audit, scope, 413)
         else:
             status, headers, content = await asyncio.get_running_loop().run_in_executor(

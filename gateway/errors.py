@@ -63,19 +63,23 @@ class InvalidRequest(GatewayError):
     message = "The request is not valid."
 
 
-class BodyTooLarge(InvalidRequest):
+class BodyRefused(InvalidRequest):
+    """A refusal while the body may still be arriving: the connection is closed after the answer (RFC 9110
+    §15.5.9, §15.5.14), rather than kept to read and drop the rest of what the client sends."""
+
+    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.headers["connection"] = "close"
+
+
+class BodyTooLarge(BodyRefused):
     status, code = 413, "request_too_large"
     message = "The request body is too large."
 
 
-class RequestTimeout(InvalidRequest):
+class RequestTimeout(BodyRefused):
     status, code = 408, "request_timeout"
     message = "The request body did not arrive in time."
-
-    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
-        super().__init__(message, param=param)
-        # RFC 9110 §15.5.9: the server closes the connection rather than keep waiting on it.
-        self.headers["connection"] = "close"
 
 
 class UnsupportedMediaType(InvalidRequest):

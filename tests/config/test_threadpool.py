@@ -103,6 +103,7 @@ def test_an_oversized_body_is_refused_before_django_reads_it(pooled, settings):
     start, body = call(pooled, "/oauth/token/", chunks=chunks)
     assert start["status"] == 413
     assert json.loads(body["body"])["error"] == "invalid_request"
+    assert (b"connection", b"close") in start["headers"]
     event = AuditEvent.objects.get(kind="token.denied")
     assert (event.ip, event.data) == ("198.51.100.7", {"error_code": "invalid_request", "status": 413})
 

@@ -409,6 +409,8 @@ def test_every_rejection_is_openai_shaped_and_never_reaches_the_upstream(stack, 
         assert set(error) == {"message", "type", "param", "code"}, name
         if status in (401, 403):
             assert response.headers["www-authenticate"].startswith("Bearer"), name
+        if status == 413:  # the rest of the body is not read and dropped on a connection kept open
+            assert response.headers["connection"] == "close", name
     assert stack.fake.served() == before
     expected = {"missing_token", "invalid_token", "insufficient_scope", "model_not_allowed"}
     deadline, reasons = time.monotonic() + 15, set[str]()
