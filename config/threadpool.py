@@ -93,7 +93,7 @@ class ThreadPoolDjango:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         try:
-            body = await self._read_body(receive)
+            body = await self._read_body(scope, receive)
         except ClientGone:
             return  # it left before its request was whole: nothing to run, nobody to answer
         if body is None:
@@ -108,9 +108,13 @@ class ThreadPoolDjango:
         await send({"type": "http.response.body", "body": content})
 
     @staticmethod
-    async def _read_body(receive: Any) -> bytes | None:
-        """The whole body, or None once it exceeds what Django itself would accept in memory."""
+    async def _read_body(scope: dict[str, Any], receive: Any) -> bytes | None:
+        """The whole body, or None once it exceeds what Django itself would accept in memory (at once when
+        its declared length does)."""
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 2_621_440
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return None
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -108,6 +108,14 @@ def test_an_oversized_body_is_refused_before_django_reads_it(pooled, settings):
     assert (event.ip, event.data) == ("198.51.100.7", {"error_code": "invalid_request", "status": 413})
 
 
+def test_a_declared_length_over_the_limit_is_refused_before_any_body_is_read(pooled, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    never_read = [{"type": "http.disconnect"}]  # reading it would be ClientGone: nothing answered
+    start, body = call(pooled, "/oauth/token/", headers=[(b"content-length", b"5000")], chunks=never_read)
+    assert start["status"] == 413
+    assert (b"connection", b"close") in start["headers"]
+
+
 def test_a_header_repeated_past_the_limit_is_a_400(pooled):
     start, body = call(pooled, "/oauth/introspect/", headers=[(b"x-a", b"1")] * 101)
     assert start["status"] == 400
