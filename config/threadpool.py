@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 from asgiref.wsgi import WsgiToAsgiInstance
 from django.conf import settings
 from django.core.handlers.wsgi import WSGIHandler
+
+logger = logging.getLogger(__name__)
 
 POOLED_PATHS = frozenset({"/oauth/token/", "/oauth/revoke/", "/oauth/introspect/"})
 # What each endpoint's view audits a refusal as (authserver.views); the pool's own refusals say the same.
@@ -49,7 +52,7 @@ def _error(status: int, description: str) -> Response:
 
 def _refusal_audit(scope: dict[str, Any], status: int) -> None:
     """Audit a refusal made before Django saw the request, as the endpoint's view would, in a pool thread."""
-    from django.db import connections
+    from django.db import DatabaseError, connections
 
     from audit.context import client_ip_resolve, trusted_networks
     from audit.services import audit_record
@@ -67,6 +70,8 @@ def _refusal_audit(scope: dict[str, Any], status: int) -> None:
             ip=ip,
             data={"error_code": "invalid_request", "status": status},
         )
+    except DatabaseError:  # the refusal is still answered; the database's outage shows elsewhere
+        logger.exception("could not audit a refusal of %s", scope["path"])
     finally:
         connections.close_all()  # this thread's connection goes back, as at the end of a request
 

@@ -144,3 +144,17 @@ def test_the_thread_count_leaves_spare_database_connections(pool_size, threads):
     if pool_size is not None:
         database["OPTIONS"]["pool"] = {"min_size": 1, "max_size": pool_size}
     assert threads_for_pool(database) == threads
+
+
+def test_a_refusal_is_answered_even_when_the_database_cannot_record_it(pooled, settings, monkeypatch):
+    from django.db import OperationalError
+
+    import audit.services
+
+    def down(**kwargs: Any) -> None:
+        raise OperationalError("the database is down")
+
+    monkeypatch.setattr(audit.services, "audit_record", down)
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    start, _body = call(pooled, "/oauth/token/", headers=[(b"content-length", b"5000")], chunks=[])
+    assert start["status"] == 413
