@@ -57,10 +57,10 @@ def _refusal_audit(scope: dict[str, Any], status: int) -> None:
     from audit.context import client_ip_resolve, trusted_networks
     from audit.services import audit_record
 
-    forwarded = dict(scope.get("headers") or []).get(b"x-forwarded-for")
-    ip = client_ip_resolve(
+    forwarded = b",".join(v for name, v in scope.get("headers") or [] if name == b"x-forwarded-for")
+    ip = client_ip_resolve(  # several lines are one list, as Django and the gateway read them
         (scope.get("client") or (None,))[0],
-        forwarded.decode("latin-1") if forwarded else None,
+        forwarded.decode("latin-1") or None,
         trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES)),
     )
     try:
