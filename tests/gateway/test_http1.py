@@ -4,7 +4,6 @@ back pressure, and every way a connection can break."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import socket
 import ssl
 import struct
@@ -12,10 +11,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from gateway.http1 import (
     HIGH_WATER,
@@ -28,6 +23,7 @@ from gateway.http1 import (
     request_head,
     url_split,
 )
+from tests.conftest import self_signed_certificate
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
@@ -386,34 +382,11 @@ def test_reading_pauses_while_a_slow_consumer_holds_more_than_the_high_water_mar
     assert length == size
 
 
-def _self_signed() -> tuple[bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-
 def test_https_checks_the_certificate_and_works_with_a_trusted_one(tmp_path):
-    cert, key = _self_signed()
-    (tmp_path / "cert.pem").write_bytes(cert)
-    (tmp_path / "key.pem").write_bytes(key)
+    cert, key = self_signed_certificate(tmp_path, "localhost")
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-    trusting = ssl.create_default_context(cafile=str(tmp_path / "cert.pem"))
+    server_tls.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
 
     async def test() -> tuple[type[Exception] | None, int]:
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
