@@ -36,6 +36,9 @@ def _is_loopback_http(uri: str) -> bool:
         return False
 
 
+ADMIN_SCOPES = frozenset({"admin.read", "admin.write"})  # the admin API's scopes
+
+
 class Client(dot.AbstractApplication):
     """An OAuth client (DOT's Application) with the fields Portcullis needs."""
 
@@ -62,6 +65,13 @@ class Client(dot.AbstractApplication):
     def scope_list(self) -> list[str]:
         """Return the scopes this client may request."""
         return self.allowed_scopes.split()
+
+    def may_ask_for(self, scopes: list[str]) -> bool:
+        """Whether this client may ask for these scopes: its own, and admin scopes only if an admin marked it
+        administrative (the token endpoint and device authorization both ask)."""
+        if ADMIN_SCOPES.intersection(scopes) and not self.is_admin_client:
+            return False
+        return set(scopes) <= set(self.scope_list())
 
     def get_allowed_schemes(self) -> list[str]:
         # http is let through to DOT's validator only so that clean() can accept loopback redirect

@@ -27,7 +27,15 @@ from authserver.crypto import (
     private_key_encrypt,
     signing_key_generate,
 )
-from authserver.models import AccessToken, Client, Consent, RefreshToken, SigningFamily, SigningKey
+from authserver.models import (
+    ADMIN_SCOPES,
+    AccessToken,
+    Client,
+    Consent,
+    RefreshToken,
+    SigningFamily,
+    SigningKey,
+)
 from authserver.revocation import keys_changed_publish, revocation_publish
 from authserver.selectors import active_key_cache_clear
 
@@ -444,9 +452,6 @@ def signing_key_rotate(
 
 
 # --- administration (the console and the admin API call these) --------------------------------------
-
-
-ADMIN_SCOPES = frozenset({"admin.read", "admin.write"})
 
 
 def _scopes_check(scopes: list[str], *, is_admin_client: bool) -> None:

@@ -19,7 +19,7 @@ from oauth2_provider.settings import oauth2_settings
 from audit.services import audit_record
 from authserver.models import AccessToken, RedeemedCode, RefreshToken
 from authserver.selectors import client_by_client_id
-from authserver.services import ADMIN_SCOPES, access_token_insert
+from authserver.services import access_token_insert
 from authserver.tokens import jwt_unverified_claims
 
 logger = logging.getLogger(__name__)
@@ -73,10 +73,7 @@ class PortcullisValidator(OAuth2Validator):
     ) -> bool:
         if not super().validate_scopes(client_id, scopes, client, request, *a, **k):
             return False
-        if ADMIN_SCOPES.intersection(scopes) and not client.is_admin_client:
-            return False  # admin scopes only for clients an admin marked administrative
-        allowed = set(client.scope_list())
-        return set(scopes) <= allowed
+        return bool(client.may_ask_for(scopes))
 
     def get_default_scopes(self, client_id: str, request: Any, *args: Any, **kwargs: Any) -> list[str]:
         defaults = super().get_default_scopes(client_id, request, *args, **kwargs)

@@ -32,7 +32,7 @@ from audit.services import actor_for_user, audit_record
 from authserver.models import Client, Consent
 from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id, jwks_get
-from authserver.services import ADMIN_SCOPES, consent_grant
+from authserver.services import consent_grant
 from authserver.validators import access_tokens_issued, revocations_found
 
 logger = logging.getLogger(__name__)
@@ -262,9 +262,7 @@ class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
         client = client_by_client_id(str(request.POST.get("client_id", ""))) if scopes else None
         if client is None:
             return None  # no scope asked (the client's defaults), or an unknown client: DOT answers
-        if ADMIN_SCOPES.intersection(scopes) and not client.is_admin_client:
-            return oauth_error("invalid_scope", "Administrative scopes are for administrative clients")
-        if not set(scopes) <= set(client.scope_list()):
+        if not client.may_ask_for(scopes):
             return oauth_error("invalid_scope", "The client may not ask for these scopes")
         return None
 
