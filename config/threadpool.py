@@ -27,12 +27,6 @@ from django.core.handlers.wsgi import WSGIHandler
 logger = logging.getLogger(__name__)
 
 POOLED_PATHS = frozenset({"/oauth/token/", "/oauth/revoke/", "/oauth/introspect/"})
-# What each endpoint's view audits a refusal as (authserver.views); the pool's own refusals say the same.
-DENIED_KINDS = {
-    "/oauth/token/": "token.denied",
-    "/oauth/revoke/": "token.revoke_denied",
-    "/oauth/introspect/": "introspect.denied",
-}
 THREADS = 12
 SPARE_CONNECTIONS = 4  # left in the database pool for the pages and background jobs
 
@@ -53,6 +47,7 @@ def _error(status: int, description: str) -> Response:
 def _refusal_audit(scope: dict[str, Any], status: int) -> None:
     """Audit a refusal made before Django saw the request, as the endpoint's view would, in a pool thread."""
     from django.db import DatabaseError, connections
+    from django.urls import resolve
 
     from audit.context import client_ip_resolve, trusted_networks
     from audit.services import audit_record
@@ -65,7 +60,7 @@ def _refusal_audit(scope: dict[str, Any], status: int) -> None:
     )
     try:
         audit_record(
-            kind=DENIED_KINDS[scope["path"]],
+            kind=resolve(scope["path"]).func.view_class.denied_kind,  # what the endpoint's view says
             outcome="denied",
             ip=ip,
             data={"error_code": "invalid_request", "status": status},
