@@ -58,9 +58,10 @@ def _refusal_audit(scope: dict[str, Any], status: int) -> None:
         forwarded.decode("latin-1") or None,
         trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES)),
     )
+    view: Any = resolve(scope["path"]).func  # the audit kind is the endpoint's view's own
     try:
         audit_record(
-            kind=resolve(scope["path"]).func.view_class.denied_kind,  # what the endpoint's view says
+            kind=view.view_class.denied_kind,
             outcome="denied",
             ip=ip,
             data={"error_code": "invalid_request", "status": status},
