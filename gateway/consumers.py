@@ -98,6 +98,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.scope, self._receive, self.base_send = scope, receive, send
         self.started = time.perf_counter()
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        self.repeated_headers = len(self.headers) != len(scope["headers"])  # a name repeats: rare
         self.request_id = request_id_from(self.headers.get(b"x-request-id", b"").decode("latin-1"))
         self.principal: Principal | None = None
         self.record: dict[str, Any] = {"endpoint": self.kind, "model": "", "stream": False, "upstream": ""}
@@ -126,7 +127,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         if self.scope["method"] not in self.methods:
             raise errors.MethodNotAllowed()
         self.rt.check_ip_denylist(self.client_ip)
-        if len(self.headers) != len(self.scope["headers"]):  # a name repeats: rare, so looked at only then
+        if self.repeated_headers:  # looked at only then
             self._refuse_repeated_headers()
         return await self.handle(await self._read_body())
 
@@ -141,7 +142,7 @@ class GatewayConsumer(AsyncHttpConsumer):
     def _client_ip(self) -> str | None:
         peer = self.scope.get("client") or (None, None)
         forwarded = self.headers.get(b"x-forwarded-for")
-        if forwarded is not None and len(self.headers) != len(self.scope["headers"]):
+        if forwarded is not None and self.repeated_headers:
             # Several lines are one list in order (RFC 9110 §5.3), as Django's side reads them: a chain of
             # trusted proxies that each added a line is walked through, not cut at the last line.
             forwarded = b",".join(v for name, v in self.scope["headers"] if name == b"x-forwarded-for")

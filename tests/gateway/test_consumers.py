@@ -13,6 +13,7 @@ def client_ip(headers: list[tuple[bytes, bytes]], trusted: tuple[str, ...]) -> s
     consumer = GatewayConsumer.__new__(GatewayConsumer)
     consumer.scope = {"client": ("127.0.0.1", 50000), "headers": headers}
     consumer.headers = dict(headers)
+    consumer.repeated_headers = len(consumer.headers) != len(headers)
     consumer.rt = SimpleNamespace(trusted_proxies=trusted)  # type: ignore[assignment]
     return consumer._client_ip()
 
