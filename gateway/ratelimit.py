@@ -165,6 +165,12 @@ class Buckets:
         return [f"portcullis:revoked:jti:{jti}", *self._bucket_keys]
 
     @functools.cached_property
+    def settle_keys(self) -> tuple[str, str, str, str]:
+        """The settlement script's four keys: the in-flight set, the day's counter, the two token buckets."""
+        keys = self._bucket_keys
+        return keys[1], keys[2], keys[4], keys[6]
+
+    @functools.cached_property
     def _bucket_keys(self) -> tuple[str, ...]:
         base = f"portcullis:rl:{self.client_id}"
         user = f"{base}:u:{self.user or '-'}"
@@ -251,6 +257,7 @@ class RedisLimiter:
     def __init__(self, batcher: RedisBatcher) -> None:
         self.batcher = batcher
         self._pending: list[Command] = []
+        self._releases = 0  # how many of the pending commands are give-backs (RETRY), kept as they change
         self._load_settle = True  # load the script with the first settlements (and after a Redis restart)
         batcher.rider_add(self)
 
@@ -282,25 +289,23 @@ class RedisLimiter:
         self, principal: Principal, buckets: Buckets, reservation: str, reserved: int, used: int
     ) -> None:
         """Queue the settlement: release the slot, refund or charge the difference (sent with a batch)."""
-        self._queue(principal, buckets, reservation, used - reserved, FIRST_TRY)
+        self._queue(buckets, reservation, used - reserved, FIRST_TRY)
         self.batcher.nudge(SETTLE_LINGER_S)
 
     def release(self, principal: Principal, buckets: Buckets, reservation: str, reserved: int) -> None:
         """Give back a reservation whose reply was lost (the request was then served by the fallback):
         Redis may have made it. Sent as a retry, it changes nothing unless the reservation is held."""
-        if sum(1 for c in self._pending if c[-1] == RETRY) >= MAX_RELEASES:
+        if self._releases >= MAX_RELEASES:
             logger.warning("%d reservations are waiting to be given back; dropping one", MAX_RELEASES)
             return
-        self._queue(principal, buckets, reservation, -reserved, RETRY)
+        self._queue(buckets, reservation, -reserved, RETRY)
+        self._releases += 1
         self.batcher.nudge(RIDER_RETRY_S)
 
-    def _queue(
-        self, principal: Principal, buckets: Buckets, reservation: str, delta: int, attempt: int
-    ) -> None:
-        keys = buckets.keys(principal.jti)
+    def _queue(self, buckets: Buckets, reservation: str, delta: int, attempt: int) -> None:
         now_ms = int(time.time() * 1000)
         self._pending.append(
-            ("EVALSHA", SETTLE_SHA, 4, keys[2], keys[3], keys[5], keys[7])
+            ("EVALSHA", SETTLE_SHA, 4, *buckets.settle_keys)
             + (now_ms, reservation, delta, buckets.tpm, buckets.user_tpm, attempt)
         )
 
@@ -311,7 +316,7 @@ class RedisLimiter:
     # --- the batcher's rider interface ---------------------------------------------------------------
 
     def take(self) -> list[Command]:
-        batch, self._pending = self._pending, []
+        batch, self._pending, self._releases = self._pending, [], 0
         if batch and self._load_settle:
             self._load_settle = False
             batch.insert(0, ("SCRIPT", "LOAD", SETTLE_LUA))
@@ -330,6 +335,7 @@ class RedisLimiter:
             logger.warning("settling %d reservations failed (%s); will retry", len(unanswered), error)
         if retry:
             self._pending[:0] = retry
+            self._releases += sum(1 for c in retry if c[-1] == RETRY)
             self.batcher.nudge(RIDER_RETRY_S if error is not None else SETTLE_LINGER_S)
 
 

@@ -163,6 +163,30 @@ def test_a_settlement_sent_again_after_its_reply_was_lost_changes_nothing(shared
     assert redis_client.zrange(b.keys(SERVICE.jti)[2], 0, -1) == [b"after"]  # r1's slot is gone
 
 
+def test_give_backs_waiting_for_redis_are_capped_and_the_cap_frees_as_they_go(shared, monkeypatch):
+    monkeypatch.setattr("gateway.ratelimit.MAX_RELEASES", 3)
+    b = buckets(tpm=10_000, concurrency=5)
+
+    async def run() -> tuple[int, int, int, int]:
+        limiter = await shared()
+        limiter.settle(SERVICE, b, "served", reserved=10, used=5)  # a first try: not a give-back
+        for i in range(5):
+            limiter.release(SERVICE, b, f"lost{i}", 10)
+        queued = len(limiter.take())  # one batch leaves: SCRIPT LOAD, the settlement and three give-backs
+        for i in range(5):
+            limiter.release(SERVICE, b, f"again{i}", 10)
+        sent = limiter.take()
+        limiter.done(sent, [], ConnectionError("unanswered"))  # all three come back, still give-backs
+        limiter.release(SERVICE, b, "one more", 10)  # the cap holds them: dropped
+        back = len(limiter.take())
+        limiter.release(SERVICE, b, "after they left", 10)  # their batch left: room again
+        freed = len(limiter.take())
+        await close(limiter)
+        return queued, len(sent), back, freed
+
+    assert asyncio.run(run()) == (1 + 1 + 3, 3, 3, 1)
+
+
 @pytest.mark.parametrize("scripts_lost", [False, True])
 def test_a_request_that_outlived_its_slot_is_still_settled(shared, redis_client, scripts_lost):
     b = buckets(daily_tokens=100_000, concurrency=2)
