@@ -188,7 +188,10 @@ def test_chunk_timing_is_preserved(stack):
             arrivals.append(time.monotonic())
     gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
     assert len(arrivals) == 8
-    assert min(gaps) > 0.03  # spread out as produced, not delivered in one burst at the end
+    # Spread out as produced (50 ms apart), not delivered in bursts. A gateway that held back even every
+    # other chunk would leave half the gaps near zero; a stall of this test's own process on a loaded
+    # machine merges two chunks at most, which the one gap allowed for absorbs.
+    assert sum(gap > 0.03 for gap in gaps) >= len(gaps) - 1, gaps
     assert arrivals[-1] - arrivals[0] > 0.3
 
 
