@@ -113,9 +113,14 @@ async def admit(
         admission = rt.limiter_local.admit(principal, buckets, reservation, cost)
     headers = ratelimit_headers(buckets, admission)
     if not admission.allowed:
-        per_minute = {"tokens": full.tpm, "user_tokens": full.user_tpm}.get(admission.limit, 0)
-        if cost > per_minute > 0:  # no minute would admit it (the policy's own limit, not the fallback's)
-            raise _never_admitted(request, cost, per_minute, body_len, context_len, admission.limit)
+        # no minute (or day) would admit it: the policy's own limit, not the fallback's
+        bound, period = {
+            "tokens": (full.tpm, "a minute"),
+            "user_tokens": (full.user_tpm, "a minute"),
+            "daily_tokens": (full.daily_tokens, "a day"),
+        }.get(admission.limit, (0, ""))
+        if cost > bound > 0:
+            raise _never_admitted(request, cost, bound, period, body_len, context_len, admission.limit)
         exc = errors.RateLimited(LIMIT_MESSAGES.get(admission.limit, "Rate limit exceeded."))
         exc.code = admission.limit  # type: ignore[misc]
         exc.headers.update(headers)
@@ -126,14 +131,20 @@ async def admit(
 
 
 def _never_admitted(
-    request: Validated, cost: int, per_minute: int, body_len: int, context_len: int | None, limit: str
+    request: Validated,
+    cost: int,
+    bound: int,
+    period: str,
+    body_len: int,
+    context_len: int | None,
+    limit: str,
 ) -> errors.GatewayError:
-    """A request costing more than a minute's tokens: no minute would admit it, and a 429 would have the
-    client retry for ever. A 400 says what to change. Asked only once the limiter refused it, so a revoked
-    token still gets its 401 first."""
+    """A request costing more tokens than a minute's limit or the daily quota: no minute (or day) would
+    admit it, and a 429 would have the client retry for ever. A 400 says what to change. Asked only once
+    the limiter refused it, so a revoked token still gets its 401 first."""
     whose = "user" if limit == "user_tokens" else "client"
     prompt = body_len // 4 + 1
-    if prompt >= per_minute:
+    if prompt >= bound:
         advice, param = "its input alone is estimated at more than that; send less", None
     elif request.max_tokens is not None:
         advice, param = "lower max_tokens (or n)", "max_tokens"
@@ -144,7 +155,7 @@ def _never_admitted(
         )
         param = "max_tokens"
     return errors.InvalidRequest(
-        f"This request may use {cost:,} tokens, more than the {per_minute:,} a minute this {whose} may use: "
+        f"This request may use {cost:,} tokens, more than the {bound:,} {period} this {whose} may use: "
         f"{advice}.",
         param=param,
     )

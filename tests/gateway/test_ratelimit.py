@@ -361,8 +361,11 @@ def test_the_fallback_gives_back_what_redis_may_have_reserved(settings):
         (16, 8000, "its input alone is estimated at more than that", None),
     ],
 )
-def test_a_request_costing_more_than_a_minutes_tokens_is_a_400_not_a_429_for_ever(
-    max_tokens, body_len, hint, param
+@pytest.mark.parametrize(
+    ("limits", "period"), [({"tpm": 1000}, "1,000 a minute"), ({"daily_tokens": 1000}, "1,000 a day")]
+)
+def test_a_request_costing_more_than_a_minutes_or_a_days_tokens_is_a_400_not_a_429_for_ever(
+    max_tokens, body_len, hint, param, limits, period
 ):
     from types import SimpleNamespace
 
@@ -375,13 +378,14 @@ def test_a_request_costing_more_than_a_minutes_tokens_is_a_400_not_a_429_for_eve
         limiter_local=LocalLimiter(),
         upstreams=SimpleNamespace(context_length=lambda model: 4096),
     )
-    policy = Policy(models=frozenset({"m1"}), tpm=1000)
+    policy = Policy(models=frozenset({"m1"}), **limits)
     request = Validated(payload={}, model="m1", stream=False, max_tokens=max_tokens, n=1, wants_usage=False)
     with pytest.raises(errors.InvalidRequest) as refused:
         asyncio.run(admit(rt, SERVICE, policy, request, body_len))  # type: ignore[arg-type]
     assert refused.value.status == 400
     assert refused.value.param == param
     assert hint in str(refused.value)
+    assert f"more than the {period} this client may use" in str(refused.value)
     fits = Validated(payload={}, model="m1", stream=False, max_tokens=16, n=1, wants_usage=False)
     assert asyncio.run(admit(rt, SERVICE, policy, fits, 40)).admission.allowed  # type: ignore[arg-type]
 
@@ -406,13 +410,18 @@ def test_a_revoked_token_asking_for_more_than_a_minutes_tokens_gets_its_401_not_
         asyncio.run(admit(rt, SERVICE, policy, request, 40))  # type: ignore[arg-type]
 
 
-def test_the_shared_limiter_refuses_more_than_a_minutes_tokens_as_a_tokens_limit(shared):
-    """The 400 for a request no minute would admit hangs on this: Redis's script names the tokens limit."""
+@pytest.mark.parametrize(
+    ("limits", "limit"), [({"tpm": 1000}, "tokens"), ({"daily_tokens": 1000}, "daily_tokens")]
+)
+def test_the_shared_limiter_refuses_more_than_a_minutes_or_a_days_tokens_by_that_limits_name(
+    shared, limits, limit
+):
+    """The 400 for a request no minute (or day) would admit hangs on this: Redis's script names the limit."""
 
     async def run() -> str | None:
         limiter = await shared()
-        refused = await limiter.admit(SERVICE, buckets(tpm=1000), "big", 1001)
+        refused = await limiter.admit(SERVICE, buckets(**limits), "big", 1001)
         await close(limiter)
         return None if refused.allowed else refused.limit
 
-    assert asyncio.run(run()) == "tokens"
+    assert asyncio.run(run()) == limit
