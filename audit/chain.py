@@ -113,7 +113,8 @@ def event_append(event: AuditEvent) -> AuditEvent:
 
 @dataclass(frozen=True)
 class _Statements:
-    """The three statements every append runs, with the event fields in column order."""
+    """The three statements every append runs, with the event fields in column order; and on PostgreSQL
+    the one statement that does all three when the head is where this process last left it."""
 
     head_lock: str
     insert: str  # "INSERT ... VALUES " : one row placeholder per event follows, then ``returning``
@@ -121,6 +122,9 @@ class _Statements:
     returning: str
     head_update: str
     fields: list[Any]
+    moved_insert: str  # "WITH head AS (UPDATE ...) INSERT ... VALUES " : rows follow, then ``moved_tail``
+    moved_row: str
+    moved_tail: str
 
 
 @lru_cache(maxsize=64)
@@ -137,6 +141,18 @@ def _statements(db: Any) -> _Statements:
     # S608: every name below comes from the models and is quoted; values always travel as parameters.
     head_lock = f"SELECT {head_pk}, {seq}, {digest} FROM {head_table} ORDER BY {head_pk} LIMIT 1{lock}"  # noqa: S608
     head_update = f"UPDATE {head_table} SET {seq} = %s, {digest} = %s WHERE {head_pk} = %s"  # noqa: S608
+    # The rows come as a VALUES list joined to the head's update, so their types are not the table's: each
+    # value is cast, to text for character columns (a cast to varchar(n) would cut a long value short
+    # where the insert refuses it, and the hash covers the whole value).
+    types = [f.db_type(db) or "text" for f in fields]
+    casts = ["text" if "char" in column_type else column_type for column_type in types]
+    moved_insert = (
+        f"WITH head AS (UPDATE {head_table} SET {seq} = %s, {digest} = %s "  # noqa: S608
+        f"WHERE {head_pk} = %s AND {seq} = %s AND {digest} = %s RETURNING {head_pk}) "
+        f"INSERT INTO {quote(events.db_table)} ({columns}) SELECT rows.* FROM (VALUES "
+    )
+    event_seq = quote(events.get_field("seq").column)
+    moved_tail = f") AS rows CROSS JOIN head RETURNING {quote(events.pk.column)}, {event_seq}"
     return _Statements(
         head_lock=head_lock,
         insert=f"INSERT INTO {quote(events.db_table)} ({columns}) VALUES ",  # noqa: S608
@@ -149,14 +165,68 @@ def _statements(db: Any) -> _Statements:
         ),
         head_update=head_update,
         fields=fields,
+        moved_insert=moved_insert,
+        moved_row="(" + ", ".join(f"CAST(%s AS {cast})" for cast in casts) + ")",
+        moved_tail=moved_tail,
     )
+
+
+# Where this process last left the chain head, committed: (head row's pk, seq, hash). A writer outside a
+# transaction on PostgreSQL tries one statement that moves the head from there and inserts its events;
+# when another process (or a transaction of this one) moved the head since, that statement changes
+# nothing and the locked path runs. A stale value costs one statement, never a fork: the update's WHERE
+# decides under the row's lock.
+_head_seen: tuple[int, int, str] | None = None
+
+
+def _chain(
+    events: list[AuditEvent], seq: int, prev: str, sql: _Statements, db: Any
+) -> tuple[list[Any], int, str]:
+    """Number and hash the events after (seq, prev); return their insert parameters in row order, and the
+    last event's seq and hash (where the head goes)."""
+    params: list[Any] = []
+    for event in events:
+        seq += 1
+        event.seq, event.prev_hash = seq, prev
+        event.hash = prev = link_hash(prev, event)
+        params.extend(f.get_db_prep_save(f.pre_save(event, True), db) for f in sql.fields)
+    return params, seq, prev
+
+
+def _saved(events: list[AuditEvent], ids: dict[Any, Any], alias: str) -> None:
+    for event in events:
+        event.pk = ids[event.seq]
+        event._state.adding, event._state.db = False, alias
+
+
+def _append_where_seen(events: list[AuditEvent], db: Any, sql: _Statements) -> bool:
+    """Chain and insert the events in one statement if the head is where this process last saw it."""
+    global _head_seen
+    seen = _head_seen
+    if seen is None:
+        return False
+    head_pk, seq, prev = seen
+    params, last_seq, last_hash = _chain(events, seq, prev, sql, db)
+    statement = sql.moved_insert + ", ".join([sql.moved_row] * len(events)) + sql.moved_tail
+    with db.cursor() as cursor:
+        cursor.execute(statement, [last_seq, last_hash, head_pk, seq, prev, *params])
+        ids = {number: pk for pk, number in cursor.fetchall()}
+    if not ids:  # the head moved: nothing was written
+        return False
+    _head_seen = (head_pk, last_seq, last_hash)
+    _saved(events, ids, db.alias)
+    return True
 
 
 def _append(events: list[AuditEvent]) -> list[AuditEvent]:
     """Chain and insert events in order, in one transaction that holds the head's row lock."""
+    global _head_seen
     alias = router.db_for_write(AuditEvent)
     db = connections[alias]  # this thread's connection itself: the proxy costs a lookup on every use
     sql = _statements(db)
+    outside = db.vendor == "postgresql" and not db.in_atomic_block
+    if outside and _append_where_seen(events, db, sql):
+        return events
     with transaction.atomic(using=alias), db.cursor() as cursor:
         cursor.execute(sql.head_lock)
         row = cursor.fetchone()
@@ -164,12 +234,7 @@ def _append(events: list[AuditEvent]) -> list[AuditEvent]:
             head = _head_create()
             row = (head.pk, head.seq, head.hash)
         head_pk, seq, prev = row
-        params: list[Any] = []
-        for event in events:
-            seq += 1
-            event.seq, event.prev_hash = seq, prev
-            event.hash = prev = link_hash(prev, event)
-            params.extend(f.get_db_prep_save(f.pre_save(event, True), db) for f in sql.fields)
+        params, last_seq, last_hash = _chain(events, seq, prev, sql, db)
         if sql.returning:
             cursor.execute(sql.insert + ", ".join([sql.row] * len(events)) + sql.returning, params)
             ids = {number: pk for pk, number in cursor.fetchall()}  # by seq: RETURNING promises no order
@@ -178,10 +243,10 @@ def _append(events: list[AuditEvent]) -> list[AuditEvent]:
             for index, event in enumerate(events):
                 cursor.execute(sql.insert + sql.row, params[index * width : (index + 1) * width])
                 ids[event.seq] = cursor.lastrowid
-        for event in events:
-            event.pk = ids[event.seq]
-            event._state.adding, event._state.db = False, alias
-        cursor.execute(sql.head_update, [seq, prev, head_pk])
+        _saved(events, ids, alias)
+        cursor.execute(sql.head_update, [last_seq, last_hash, head_pk])
+    if outside:  # committed: the next writer of this process starts from here
+        _head_seen = (head_pk, last_seq, last_hash)
     return events
 
 

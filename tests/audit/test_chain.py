@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -191,6 +192,91 @@ def test_concurrent_writers_do_not_fork_the_chain():
     assert report.checked == 100
     assert chain_head()[0] == 100
     assert AuditCheckpoint.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_writer_that_left_the_head_where_it_is_appends_in_one_statement():
+    from django.test.utils import CaptureQueriesContext
+
+    audit_record(kind="test.event", data={"i": 0})  # the locked path, which notes where it left the head
+    with CaptureQueriesContext(connection) as one:
+        audit_record(kind="test.event", data={"i": 1})
+    assert len(one.captured_queries) == 1
+    assert one.captured_queries[0]["sql"].startswith("WITH head AS (UPDATE")
+    with transaction.atomic():  # another writer moves the head (as another process would)
+        audit_record(kind="test.event", data={"i": 2})
+    with CaptureQueriesContext(connection) as moved:
+        audit_record(kind="test.event", data={"i": 3})
+    assert moved.captured_queries[0]["sql"].startswith("WITH head AS (UPDATE")  # found the head moved
+    assert any("FOR UPDATE" in q["sql"] for q in moved.captured_queries[1:])  # and took the locked path
+    stored = list(AuditEvent.objects.order_by("seq").values_list("seq", "data"))
+    assert stored == [(1, {"i": 0}), (2, {"i": 1}), (3, {"i": 2}), (4, {"i": 3})]
+    report = chain_verify()
+    assert report.ok, report.reason
+
+
+CHILD_WRITER = """
+import sys
+import django
+django.setup()
+from django.db import transaction
+from audit.services import audit_record
+inside = sys.argv[1] == "inside"
+print("ready", flush=True)
+sys.stdin.readline()
+for i in range(40):
+    if inside:
+        with transaction.atomic():
+            audit_record(kind="test.child", data={"i": i})
+    else:
+        audit_record(kind="test.child", data={"i": i})
+"""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_processes_writing_at_once_do_not_fork_the_chain():
+    """Each process remembers where it left the head, and the others move it: nothing forks or is lost."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import environ_unconfigured
+
+    audit_record(kind="test.event")
+    db = connection.settings_dict
+    env = environ_unconfigured()
+    env.update(
+        DJANGO_SETTINGS_MODULE="config.settings",
+        DJANGO_DEBUG="true",
+        DATABASE_URL=f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+    )
+    root = Path(__file__).resolve().parents[2]
+    with contextlib.ExitStack() as stack:
+        children = [
+            stack.enter_context(
+                subprocess.Popen(
+                    [sys.executable, "-c", CHILD_WRITER, mode],
+                    cwd=root,
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+            for mode in ("outside", "outside", "inside")  # the last writes as a caller's transaction does
+        ]
+        for child in children:
+            assert child.stdout is not None
+            assert child.stdout.readline().strip() == "ready"
+        for child in children:  # all start at once
+            assert child.stdin is not None
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        assert [child.wait(60) for child in children] == [0, 0, 0]
+    assert AuditEvent.objects.filter(kind="test.child").count() == 120
+    report = chain_verify()
+    assert report.ok, report.reason
+    assert report.checked == 121
 
 
 @pytest.mark.django_db
