@@ -17,6 +17,10 @@ GRANT_CHOICES = [
     ("device-code", "Device authorization (CLIs, headless boxes)"),
 ]
 GRANT_ALIAS_OF = {value: alias for alias, value in GRANT_ALIASES.items()}
+# The largest limit each policy column stores (PostgreSQL integer and bigint): a larger number is a form
+# error, not a database error (a 500).
+LIMIT_MAX = 2_147_483_647
+DAILY_TOKENS_MAX = 2**63 - 1
 
 
 def scope_choices() -> list[tuple[str, str]]:
@@ -97,13 +101,23 @@ class PolicyForm(forms.Form):
         label="Models",
         help_text="Model ids, separated by spaces or commas. Empty: no model at all.",
     )
-    rpm = forms.IntegerField(required=False, min_value=0, label="Requests per minute")
-    tpm = forms.IntegerField(required=False, min_value=0, label="LLM tokens per minute")
-    concurrency = forms.IntegerField(required=False, min_value=0, label="Concurrent requests")
-    daily_tokens = forms.IntegerField(required=False, min_value=0, label="Tokens per UTC day")
-    max_tokens = forms.IntegerField(required=False, min_value=0, label="Largest max_tokens per request")
-    user_rpm = forms.IntegerField(required=False, min_value=0, label="Requests per minute per user")
-    user_tpm = forms.IntegerField(required=False, min_value=0, label="Tokens per minute per user")
+    rpm = forms.IntegerField(required=False, min_value=0, max_value=LIMIT_MAX, label="Requests per minute")
+    tpm = forms.IntegerField(required=False, min_value=0, max_value=LIMIT_MAX, label="LLM tokens per minute")
+    concurrency = forms.IntegerField(
+        required=False, min_value=0, max_value=LIMIT_MAX, label="Concurrent requests"
+    )
+    daily_tokens = forms.IntegerField(
+        required=False, min_value=0, max_value=DAILY_TOKENS_MAX, label="Tokens per UTC day"
+    )
+    max_tokens = forms.IntegerField(
+        required=False, min_value=0, max_value=LIMIT_MAX, label="Largest max_tokens per request"
+    )
+    user_rpm = forms.IntegerField(
+        required=False, min_value=0, max_value=LIMIT_MAX, label="Requests per minute per user"
+    )
+    user_tpm = forms.IntegerField(
+        required=False, min_value=0, max_value=LIMIT_MAX, label="Tokens per minute per user"
+    )
     allow_ips = forms.CharField(
         required=False,
         label="IP allowlist",

@@ -15,7 +15,7 @@ from console.api.fields import (
     StrictIntegerField,
     StrictURLField,
 )
-from console.forms import GRANT_ALIAS_OF, GRANT_CHOICES, scope_choices
+from console.forms import DAILY_TOKENS_MAX, GRANT_ALIAS_OF, GRANT_CHOICES, LIMIT_MAX, scope_choices
 from gateway.models import ClientPolicy
 from gateway.services import POLICY_FIELDS
 
@@ -106,7 +106,7 @@ class RevokedSerializer(serializers.Serializer):
     tokens_revoked = serializers.IntegerField(read_only=True)
 
 
-def _limit(maximum: int = 2_147_483_647) -> StrictIntegerField:
+def _limit(maximum: int = LIMIT_MAX) -> StrictIntegerField:
     return StrictIntegerField(min_value=0, max_value=maximum, required=False, allow_null=True)
 
 
@@ -120,7 +120,7 @@ class PolicySerializer(serializers.ModelSerializer):
     rpm = _limit()
     tpm = _limit()
     concurrency = _limit()
-    daily_tokens = _limit(2**63 - 1)
+    daily_tokens = _limit(DAILY_TOKENS_MAX)
     max_tokens = _limit()
     user_rpm = _limit()
     user_tpm = _limit()

@@ -170,6 +170,21 @@ def test_the_policy_form_saves_a_valid_policy_and_explains_an_invalid_one(as_adm
     assert page.context["form"].initial["allowed_models"] == "m1 m2"
 
 
+@pytest.mark.parametrize(
+    ("field", "largest"),
+    [("rpm", 2**31 - 1), ("concurrency", 2**31 - 1), ("daily_tokens", 2**63 - 1), ("user_tpm", 2**31 - 1)],
+)
+def test_a_limit_too_big_for_its_column_is_a_form_error_not_a_server_error(as_admin, world, field, largest):
+    url = f"/console/clients/{world.app.client.client_id}/policy/"
+    for too_big in (largest + 1, 10**30):
+        response = as_admin.post(url, {"allowed_models": "m1", field: str(too_big)})
+        assert response.status_code == 200
+        assert field in response.context["form"].errors
+    assert not ClientPolicy.objects.filter(client=world.app.client).exists()
+    assert as_admin.post(url, {"allowed_models": "m1", field: str(largest)}).status_code == 302
+    assert getattr(ClientPolicy.objects.get(client=world.app.client), field) == largest
+
+
 def test_the_default_policy_has_its_own_page(as_admin):
     response = as_admin.post("/console/policy/default/", {"allowed_models": "m1", "tpm": "1000"})
     assert response.status_code == 302
