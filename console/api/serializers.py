@@ -15,7 +15,14 @@ from console.api.fields import (
     StrictIntegerField,
     StrictURLField,
 )
-from console.forms import DAILY_TOKENS_MAX, GRANT_ALIAS_OF, GRANT_CHOICES, LIMIT_MAX, scope_choices
+from console.forms import (
+    DAILY_TOKENS_MAX,
+    GRANT_ALIAS_OF,
+    GRANT_CHOICES,
+    LIMIT_MAX,
+    redirect_uri_errors,
+    scope_choices,
+)
 from gateway.models import ClientPolicy
 from gateway.services import POLICY_FIELDS
 
@@ -81,6 +88,12 @@ class ClientWriteSerializer(serializers.Serializer):
     )
     can_introspect = StrictBooleanField(required=False, default=False)
     is_admin_client = StrictBooleanField(required=False, default=False)
+
+    def validate_redirect_uris(self, uris: list[str]) -> list[str]:
+        errors = redirect_uri_errors(uris)
+        if errors:
+            raise serializers.ValidationError(errors)
+        return uris
 
 
 class ClientCreatedSerializer(ClientSerializer):

@@ -102,6 +102,24 @@ def test_the_api_refuses_invalid_client_data_with_the_service_messages(bearer):
     assert not Client.objects.filter(name="Sneaky").exists()
 
 
+@pytest.mark.parametrize("uri", ["http://[::1:8080/cb", "https://app.example.com:99999/cb"])
+def test_a_redirect_uri_that_cannot_be_parsed_is_a_400_not_a_500(bearer, world, uri):
+    api = bearer()
+    fields = {"grant_types": ["authorization-code"], "scopes": ["models.read"], "redirect_uris": [uri]}
+    created = api.post("/api/admin/clients/", {"name": "Broken", **fields}, content_type="application/json")
+    assert created.status_code == 400
+    assert "redirect_uris" in created.json()
+    assert not Client.objects.filter(name="Broken").exists()
+    changed = api.patch(
+        f"/api/admin/clients/{world.app.client.client_id}/",
+        {"redirect_uris": [uri]},
+        content_type="application/json",
+    )
+    assert changed.status_code == 400
+    world.app.client.refresh_from_db()
+    assert world.app.client.redirect_uris == "https://acme.example.com/cb"
+
+
 def test_patch_disable_enable_rotate_and_revoke_through_the_api(bearer, world, admin_app):
     api = bearer()
     cid = world.app.client.client_id

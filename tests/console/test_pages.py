@@ -86,6 +86,24 @@ def test_a_client_form_with_errors_is_shown_again_with_messages_and_nothing_is_c
     assert AuditEvent.objects.count() == before
 
 
+UNPARSABLE_REDIRECT_URIS = ["http://[::1:8080/cb", "https://app.example.com:99999/cb", "https://[::1/cb"]
+
+
+@pytest.mark.parametrize("uri", UNPARSABLE_REDIRECT_URIS)
+def test_a_redirect_uri_that_cannot_be_parsed_is_a_form_error_not_a_server_error(as_admin, world, uri):
+    fields = {"grant_types": ["authorization-code"], "scopes": ["models.read"], "redirect_uris": uri}
+    created = as_admin.post("/console/clients/new/", {"name": "Broken", **fields})
+    assert created.status_code == 200
+    assert "redirect_uris" in created.context["form"].errors
+    assert not Client.objects.filter(name="Broken").exists()
+    client = world.app.client
+    edited = as_admin.post(f"/console/clients/{client.client_id}/edit/", {"name": client.name, **fields})
+    assert edited.status_code == 200
+    assert "redirect_uris" in edited.context["form"].errors
+    client.refresh_from_db()
+    assert client.redirect_uris == "https://acme.example.com/cb"
+
+
 def test_editing_a_client_changes_it_and_audits_which_fields_changed(as_admin, world):
     client = world.app.client
     response = as_admin.post(
