@@ -27,7 +27,7 @@ from authserver.services import (
 )
 from console.access import actor, console_view
 from console.forms import GRANT_ALIAS_OF, ClientForm, PolicyForm, errors_to_form
-from console.views.common import confirm_page, paginate, query_text
+from console.views.common import confirm_page, next_url, paginate, query_text
 from gateway.models import ClientPolicy
 from gateway.services import POLICY_FIELDS, policy_set
 
@@ -211,7 +211,7 @@ def client_revoke_tokens(request: HttpRequest, client_id: str) -> HttpResponse:
     if request.method == "POST":
         count = tokens_revoke_for_client(client=client, actor=actor(request), reason="revoked by an admin")
         messages.success(request, f"Revoked {count} access tokens of {client.name}.")
-        return redirect(request.POST.get("next") or reverse("console:client-detail", args=[client.client_id]))
+        return redirect(next_url(request, reverse("console:client-detail", args=[client.client_id])))
     return confirm_page(
         request,
         title=f"Revoke every token of {client.name}?",

@@ -1,4 +1,4 @@
-"""Helpers shared by the console pages: paging and the confirmation page."""
+"""Helpers shared by the console pages: paging, where to go back to, and the confirmation page."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 from django.core.paginator import Page, Paginator
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils.http import url_has_allowed_host_and_scheme
 
 PAGE_SIZE = 50
 
@@ -14,6 +15,14 @@ PAGE_SIZE = 50
 def paginate(request: HttpRequest, items: Any, per_page: int = PAGE_SIZE) -> Page[Any]:
     """Return the requested page of a list or queryset (bad page numbers give the nearest page)."""
     return Paginator(items, per_page).get_page(request.GET.get("page"))
+
+
+def next_url(request: HttpRequest, default: str) -> str:
+    """Return the posted ``next`` if it is a page of this site, else ``default`` (never another site)."""
+    target = request.POST.get("next", "")
+    if target and url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}):
+        return target
+    return default
 
 
 def query_text(request: HttpRequest, name: str, max_length: int) -> str:

@@ -9,21 +9,13 @@ from django.contrib.auth import get_user_model
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods
 
 from authserver.models import AccessToken, Client
 from authserver.selectors import access_tokens_active
 from authserver.services import access_token_revoke
 from console.access import actor, console_view
-from console.views.common import confirm_page, paginate, query_text
-
-
-def _next_url(request: HttpRequest, default: str) -> str:
-    target = request.POST.get("next", "")
-    if target and url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()}):
-        return target
-    return default
+from console.views.common import confirm_page, next_url, paginate, query_text
 
 
 @console_view()
@@ -54,7 +46,7 @@ def token_revoke(request: HttpRequest, pk: int) -> HttpResponse:
     if request.method == "POST":
         access_token_revoke(token=token, actor=actor(request))
         messages.success(request, "The token is revoked on every gateway.")
-        return redirect(_next_url(request, reverse("console:tokens")))
+        return redirect(next_url(request, reverse("console:tokens")))
     return confirm_page(
         request,
         title="Revoke this token?",

@@ -262,6 +262,18 @@ def test_revoke_never_redirects_to_another_site(as_admin, world):
     assert response["Location"] == "/console/tokens/"
 
 
+@pytest.mark.parametrize("target", ["https://evil.example/", "//evil.example/", "/\\evil.example/"])
+def test_revoking_all_tokens_of_a_client_never_redirects_to_another_site(as_admin, world, target):
+    client_id = world.app.client.client_id
+    response = as_admin.post(f"/console/clients/{client_id}/revoke-tokens/", {"next": target})
+    assert response.status_code == 302
+    assert response["Location"] == f"/console/clients/{client_id}/"
+    back = as_admin.post(
+        f"/console/clients/{client_id}/revoke-tokens/", {"next": "/console/tokens/?client=x"}
+    )
+    assert back["Location"] == "/console/tokens/?client=x"  # the tokens page's own form comes back to it
+
+
 def test_revoking_all_tokens_of_a_client_keeps_it_enabled(as_admin, world):
     issue_token(world.app)
     response = as_admin.post(f"/console/clients/{world.app.client.client_id}/revoke-tokens/")
