@@ -12,12 +12,13 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from django.db import transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauth2_provider.settings import oauth2_settings
 
 from audit.services import audit_record
-from authserver.models import AccessToken, RedeemedCode, RefreshToken
+from authserver.models import AccessToken, Grant, RedeemedCode, RefreshToken
 from authserver.selectors import client_by_client_id
 from authserver.services import access_token_insert
 from authserver.tokens import jwt_unverified_claims
@@ -53,6 +54,13 @@ def revocations_found() -> AbstractContextManager[list[bool]]:
     """Collect, for each RFC 7009 revocation inside the block, whether the token was the calling client's
     and live (the endpoint answers 200 either way, so only this tells the audit what happened)."""
     return _collected(_revocation_found)
+
+
+def _locked(rows: QuerySet[Any]) -> None:
+    """Lock these rows until the token request's transaction ends (the token endpoint opens one for the
+    grants that consume a credential); outside a transaction, nothing to hold a lock for."""
+    if transaction.get_connection().in_atomic_block:
+        list(rows.select_for_update().values_list("pk", flat=True))
 
 
 def _code_hash(code: str) -> str:
@@ -180,6 +188,11 @@ class PortcullisValidator(OAuth2Validator):
     def validate_code(
         self, client_id: str, code: str, client: Any, request: Any, *args: Any, **kwargs: Any
     ) -> bool:
+        # Two redemptions of one code at once: the second waits here until the first has committed its
+        # tokens, the code's deletion and its tombstone, then finds the tombstone and revokes them. Without
+        # the lock both passed this check, the loser was refused only when it came to delete the code, and
+        # the winner's tokens lived on (RFC 6749 §4.1.2).
+        _locked(Grant.objects.filter(code=code))
         if super().validate_code(client_id, code, client, request, *args, **kwargs):
             return True
         tombstone = RedeemedCode.objects.filter(code_hash=_code_hash(code), client=client).first()
@@ -198,9 +211,9 @@ class PortcullisValidator(OAuth2Validator):
             issued = AccessToken.objects.filter(jti=tombstone.access_token_jti)
             if family is not None:
                 issued = issued | AccessToken.objects.filter(pk__in=family.values("access_token_id"))
-            revoked, _ = issued.delete()
-            if family is not None:
+                # Refresh tokens before access tokens, the order a rotation locks them in (no deadlock).
                 family.filter(revoked__isnull=True).update(revoked=timezone.now())
+            revoked, _ = issued.delete()
         audit_record(
             kind="code.replayed",
             outcome="denied",
@@ -213,6 +226,10 @@ class PortcullisValidator(OAuth2Validator):
         self, refresh_token: str, client: Any, request: Any, *args: Any, **kwargs: Any
     ) -> bool:
         checksum = hashlib.sha256(refresh_token.encode()).hexdigest()
+        # Two uses of one refresh token at once: the second waits here until the first has rotated it, then
+        # finds it revoked and is a reuse (RFC 9700 §4.14.2). Without the lock both passed this check, and
+        # DOT's grace path answered the second with a 200 holding empty tokens, the family left alive.
+        _locked(RefreshToken.objects.filter(token_checksum=checksum))
         previous = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=False).first()
         live = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=True).exists()
         valid = super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 from django.conf import settings
@@ -38,6 +39,7 @@ from authserver.validators import access_tokens_issued, revocations_found
 logger = logging.getLogger(__name__)
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
+CONSUMING_GRANTS = frozenset({"authorization_code", "refresh_token"})
 
 
 def oauth_error(error: str, description: str, status: int = 400) -> JsonResponse:
@@ -139,8 +141,11 @@ class TokenView(FormEndpoint, dot_views.TokenView):
         self, request: HttpRequest, *args: Any, **kwargs: Any
     ) -> HttpResponse:
         # DOT's, except that DOT reads the token row it has just written back by its checksum to announce
-        # it (one more query per token); the validator hands the row over instead.
-        with access_tokens_issued() as issued:
+        # it (one more query per token); the validator hands the row over instead. A grant that consumes a
+        # credential (a code, a refresh token) runs in one transaction, in which the validator locks that
+        # credential: a second use at the same moment waits for the first and is then seen as a replay.
+        consumes = request.POST.get("grant_type") in CONSUMING_GRANTS
+        with transaction.atomic() if consumes else nullcontext(), access_tokens_issued() as issued:
             _uri, headers, body, status = self.create_token_response(request)
         if status == 200 and issued:
             app_authorized.send(sender=self, request=request, token=issued[-1])

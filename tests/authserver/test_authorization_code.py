@@ -404,3 +404,62 @@ def test_userinfo_refuses_without_a_valid_token_and_the_refusal_is_audited(oauth
     assert "WWW-Authenticate" in response
     event = AuditEvent.objects.get(kind="userinfo.denied")
     assert event.data["status"] == 401
+
+
+def _at_once(count: int, request) -> list:
+    """Send ``count`` requests from as many threads, released together; return their answers."""
+    import threading
+
+    from django.db import connection
+    from django.test import Client as HttpClient
+
+    from tests.conftest import OAuthDriver
+
+    barrier, answers = threading.Barrier(count), []
+
+    def send() -> None:
+        try:
+            barrier.wait()
+            answers.append(request(OAuthDriver(http=HttpClient(raise_request_exception=False))))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=send) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(answers) == count, "a request hung"
+    return answers
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_code_redeemed_twice_at_once_gives_one_answer_and_then_revokes_it(oauth, web_app, signed_in):
+    for _round in range(3):
+        verifier, challenge = pkce_pair()
+        code = oauth.code_from(oauth.authorize(web_app.client, challenge=challenge, scope=SCOPES))
+        answers = _at_once(3, lambda driver, c=code, v=verifier: driver.code_exchange(web_app, c, v))
+        assert sorted(a.status_code for a in answers) == [200, 400, 400]
+        assert {a.json()["error"] for a in answers if a.status_code == 400} == {"invalid_grant"}
+        # RFC 6749 §4.1.2: the losers are replays, so what the winner got is revoked, and nothing the
+        # losers' requests wrote before they were refused is left behind
+        assert not AccessToken.objects.exists()
+        assert not RefreshToken.objects.filter(revoked__isnull=True).exists()
+    assert AuditEvent.objects.filter(kind="code.replayed", outcome="denied").count() == 6
+    assert AuditEvent.objects.filter(kind="token.issued").count() == 3  # one per code, as given out
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refresh_token_used_twice_at_once_is_a_reuse_that_revokes_the_family(oauth, web_app, signed_in):
+    auth = (web_app.client.client_id, web_app.client_secret)
+    for _round in range(3):
+        _c, _v, tokens = _tokens(oauth, web_app)
+        refresh = {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+        answers = _at_once(3, lambda driver, r=refresh: driver.token(r, auth))
+        assert sorted(a.status_code for a in answers) == [200, 400, 400]  # DOT's grace path: 200, 200, 200
+        assert {a.json()["error"] for a in answers if a.status_code == 400} == {"invalid_grant"}
+        assert all(a.json()["access_token"] for a in answers if a.status_code == 200)
+        assert not AccessToken.objects.exists()  # RFC 9700 §4.14.2: the whole family, the winner's too
+        assert not RefreshToken.objects.filter(revoked__isnull=True).exists()
+    assert AuditEvent.objects.filter(kind="token.refresh_reuse", outcome="denied").count() == 6
+    assert AuditEvent.objects.filter(kind="token.refreshed").count() == 3
