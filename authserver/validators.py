@@ -63,6 +63,13 @@ def _locked(rows: QuerySet[Any]) -> None:
         list(rows.select_for_update().values_list("pk", flat=True))
 
 
+def _user_active(request: Any) -> bool:
+    """Whether the user a code or refresh token was issued to may still get tokens: one deactivated (in the
+    Django admin, or by any other path than the console's lock, which also revokes) may not."""
+    user = getattr(request, "user", None)
+    return user is None or bool(user.is_active)
+
+
 def _code_hash(code: str) -> str:
     return hashlib.sha256(code.encode()).hexdigest()
 
@@ -194,7 +201,7 @@ class PortcullisValidator(OAuth2Validator):
         # the winner's tokens lived on (RFC 6749 §4.1.2).
         _locked(Grant.objects.filter(code=code))
         if super().validate_code(client_id, code, client, request, *args, **kwargs):
-            return True
+            return _user_active(request)
         tombstone = RedeemedCode.objects.filter(code_hash=_code_hash(code), client=client).first()
         if tombstone is not None:
             self._code_replayed(tombstone)
@@ -233,6 +240,7 @@ class PortcullisValidator(OAuth2Validator):
         previous = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=False).first()
         live = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=True).exists()
         valid = super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)
+        valid = valid and _user_active(request)
         if not valid and previous is not None and not live and previous.token_family:
             # RFC 9700 §4.14.2: a rotated refresh token presented again means it leaked; DOT has revoked
             # the family (REFRESH_TOKEN_REUSE_PROTECTION), and this records it as a security event.

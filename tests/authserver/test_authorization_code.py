@@ -463,3 +463,20 @@ def test_a_refresh_token_used_twice_at_once_is_a_reuse_that_revokes_the_family(o
         assert not RefreshToken.objects.filter(revoked__isnull=True).exists()
     assert AuditEvent.objects.filter(kind="token.refresh_reuse", outcome="denied").count() == 6
     assert AuditEvent.objects.filter(kind="token.refreshed").count() == 3
+
+
+def test_a_deactivated_user_gets_no_token_from_a_refresh_token_or_a_code(oauth, web_app, signed_in):
+    _c, _v, tokens = _tokens(oauth, web_app)
+    verifier, challenge = pkce_pair()
+    code = oauth.code_from(oauth.authorize(web_app.client, challenge=challenge, scope=SCOPES))
+    type(signed_in).objects.filter(pk=signed_in.pk).update(is_active=False)  # as the Django admin does
+    auth = (web_app.client.client_id, web_app.client_secret)
+    refresh = oauth.token({"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}, auth)
+    assert refresh.status_code == 400
+    assert refresh.json()["error"] == "invalid_grant"
+    exchange = oauth.code_exchange(web_app, code, verifier)
+    assert exchange.status_code == 400
+    assert exchange.json()["error"] == "invalid_grant"
+    denied = AuditEvent.objects.filter(kind="token.denied").values_list("data__grant_type", flat=True)
+    assert sorted(denied) == ["authorization_code", "refresh_token"]
+    assert AuditEvent.objects.filter(kind__in=["token.issued", "token.refreshed"]).count() == 1  # the first
