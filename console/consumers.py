@@ -2,6 +2,10 @@
 
 Figures come from usage records in the database (``audit.selectors.usage_live_figures``), read off the
 gateway's hot path; upstream health is probed from here every few seconds with short timeouts.
+
+Who may read is checked when the socket opens and again before every push, from the session store and
+the user table as they are then: a user who signs out, is locked or loses staff stops getting figures
+within one interval (the socket closes with 4403), as their next page load would refuse them.
 """
 
 from __future__ import annotations
@@ -11,12 +15,15 @@ import contextlib
 import json
 import logging
 import time
+from importlib import import_module
 from typing import Any
 
 import httpx
+from channels.auth import get_user
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 
 from audit.selectors import usage_live_figures
 from console.access import can_read
@@ -25,6 +32,24 @@ logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT_S = 1.0  # a dead upstream must not hold up the feed
 HEALTH_EVERY_S = 10.0
+CLOSE_FORBIDDEN = 4403  # an application close code (RFC 6455 §7.4.2): 4000 + HTTP 403
+
+
+async def user_now(scope: dict[str, Any]) -> Any:
+    """Return the user behind a socket as things stand now, not as they were when it opened.
+
+    The session is read afresh from its store (a sign-out deletes it; a password change invalidates its
+    hash) and the user row with it (locked or no longer staff). A scope without a session (a consumer
+    mounted without the session middleware) has its user row read again.
+    """
+    session = scope.get("session")
+    if session is not None:
+        store = import_module(settings.SESSION_ENGINE).SessionStore(session_key=session.session_key)
+        return await get_user({"session": store})
+    user = scope.get("user")
+    if user is None or not user.is_authenticated:
+        return None
+    return await get_user_model()._default_manager.filter(pk=user.pk).afirst()
 
 
 async def upstreams_health(upstreams: list[str]) -> list[dict[str, Any]]:
@@ -49,7 +74,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         if not can_read(self.scope.get("user")):
-            await self.close(code=4403)
+            await self.close(code=CLOSE_FORBIDDEN)
             return
         await self.accept()
         self.pusher = asyncio.create_task(self.push_forever())
@@ -85,3 +110,6 @@ class LiveConsumer(AsyncWebsocketConsumer):
                 health_at = time.monotonic()
             await self.send(text_data=json.dumps(figures))
             await asyncio.sleep(self.interval_s)
+            if not can_read(await user_now(self.scope)):
+                await self.close(code=CLOSE_FORBIDDEN)
+                return

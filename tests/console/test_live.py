@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
+from importlib import import_module
 from typing import Any
 
 import pytest
 from asgiref.testing import ApplicationCommunicator
 from channels.db import database_sync_to_async
+from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.db import connections
+from django.test import Client as HttpClient
 from django.utils import timezone
 
 from audit.models import UsageRecord
@@ -38,7 +41,7 @@ def usage(
 class Socket:
     """A WebSocket client for one consumer (channels.testing needs daphne, which is not installed)."""
 
-    def __init__(self, user: Any) -> None:
+    def __init__(self, user: Any, session: Any = None) -> None:
         scope = {
             "type": "websocket",
             "path": "/ws/console/live/",
@@ -46,12 +49,22 @@ class Socket:
             "subprotocols": [],
             "user": user,
         }
+        if session is not None:
+            scope["session"] = session
         self.communicator = ApplicationCommunicator(LiveConsumer.as_asgi(), scope)
 
     async def connect(self) -> tuple[bool, int | None]:
         await self.communicator.send_input({"type": "websocket.connect"})
         answer = await self.communicator.receive_output(timeout=5)
         return answer["type"] == "websocket.accept", answer.get("code")
+
+    async def receive_close_code(self) -> int | None:
+        """Skip figures until the consumer closes the socket; return its close code."""
+        for _ in range(50):
+            message = await self.communicator.receive_output(timeout=5)
+            if message["type"] == "websocket.close":
+                return message.get("code")
+        raise AssertionError("the socket stayed open")
 
     async def receive_json(self) -> dict[str, Any]:
         message = await self.communicator.receive_output(timeout=5)
@@ -143,3 +156,69 @@ def test_a_browser_that_leaves_while_a_push_is_on_its_way_is_no_error(monkeypatc
     consumer.base_send = gone
     asyncio.run(asyncio.wait_for(consumer.push_forever(), timeout=5))  # returns: nothing to push to
     assert "console live feed failed" not in caplog.text
+
+
+def session_store(session_key: str | None) -> Any:
+    return import_module(settings.SESSION_ENGINE).SessionStore(session_key=session_key)
+
+
+def signed_in_session(user: Any) -> Any:
+    """A real signed-in session for this user, as the browser's cookie names it."""
+    http = HttpClient()
+    http.force_login(user)
+    return session_store(http.session.session_key)
+
+
+def sign_out(session: Any) -> None:
+    session_store(session.session_key).delete()
+
+
+def lock(user: Any) -> None:
+    type(user).objects.filter(pk=user.pk).update(is_active=False)
+
+
+def take_staff_away(user: Any) -> None:
+    type(user).objects.filter(pk=user.pk).update(is_staff=False)
+
+
+def change_password(user: Any) -> None:
+    user.set_password("another long and good password")
+    user.save()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("change", [sign_out, lock, take_staff_away, change_password])
+def test_the_feed_stops_within_an_interval_once_its_user_may_no_longer_read(staff_user, monkeypatch, change):
+    monkeypatch.setattr(LiveConsumer, "interval_s", 0.05)
+    monkeypatch.setitem(settings.GATEWAY, "UPSTREAMS", [])
+    session = signed_in_session(staff_user)
+
+    async def scenario() -> int | None:
+        socket = Socket(staff_user, session)
+        connected, _ = await socket.connect()
+        assert connected
+        await socket.receive_json()
+        await socket.receive_json()  # still allowed: the feed goes on
+        await database_sync_to_async(change)(session if change is sign_out else staff_user)
+        code = await socket.receive_close_code()
+        await socket.disconnect()
+        return code
+
+    assert asyncio.run(scenario()) == 4403
+
+
+@pytest.mark.django_db(transaction=True)
+def test_without_a_session_in_the_scope_the_user_row_is_read_again(staff_user, monkeypatch):
+    monkeypatch.setattr(LiveConsumer, "interval_s", 0.05)
+    monkeypatch.setitem(settings.GATEWAY, "UPSTREAMS", [])
+
+    async def scenario() -> int | None:
+        socket = Socket(staff_user)
+        assert (await socket.connect())[0]
+        await socket.receive_json()
+        await database_sync_to_async(lock)(staff_user)
+        code = await socket.receive_close_code()
+        await socket.disconnect()
+        return code
+
+    assert asyncio.run(scenario()) == 4403

@@ -36,7 +36,11 @@
     socket.onmessage = function (event) {
       try { render(JSON.parse(event.data)); } catch (err) { show("bad message"); }
     };
-    socket.onclose = function () {
+    socket.onclose = function (event) {
+      if (event.code === 4403) {  // signed out, locked or no longer staff: retrying would not help
+        show("stopped: sign in again to see live figures");
+        return;
+      }
       show("disconnected; retrying");
       window.setTimeout(connect, delay);
       delay = Math.min(delay * 2, 30000);
