@@ -83,6 +83,17 @@ def _actor(request: Any) -> str:
 
 
 class PortcullisValidator(OAuth2Validator):
+    def validate_silent_login(self, request: Any) -> bool:
+        # oauthlib asks this for prompt=none (the base class raised NotImplementedError: a 500). The
+        # oauthlib request cannot see the session; the view can: DOT's handle_no_permission answers a
+        # signed-out user login_required once the request is valid, and only a signed-in one gets further.
+        return True
+
+    def validate_silent_authorization(self, request: Any) -> bool:
+        # Consent is remembered per user and client (Consent), which the oauthlib request cannot see: the
+        # authorization view answers prompt=none with consent_required when it would show the consent page.
+        return True
+
     def validate_scopes(
         self, client_id: str, scopes: list[str], client: Any, request: Any, *a: Any, **k: Any
     ) -> bool:

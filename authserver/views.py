@@ -7,6 +7,7 @@ import json
 import logging
 from contextlib import nullcontext
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from django.conf import settings
 from django.contrib.auth import views as auth_views
@@ -24,9 +25,11 @@ from django.views.generic import View
 from oauth2_provider import views as dot_views
 from oauth2_provider.exceptions import OAuthToolkitError
 from oauth2_provider.models import get_device_grant_model
+from oauth2_provider.settings import oauth2_settings
 from oauth2_provider.signals import app_authorized
 from oauth2_provider.views.metadata import OAuthServerMetadataView
 from oauthlib.common import Request as OauthlibRequest
+from oauthlib.oauth2.rfc6749.errors import ConsentRequired
 from redis.exceptions import RedisError
 
 from audit.services import actor_for_user, audit_record
@@ -342,6 +345,10 @@ class AuthorizationView(dot_views.AuthorizationView):
         scopes: list[str] = context["scopes"]
         prompt = set(self.request.GET.get("prompt", "").split())
         consent = Consent.objects.filter(user=self.request.user, client=client).first()
+        if "none" in prompt and (consent is None or not consent.covers(scopes)):
+            # OIDC Core §3.1.2.1: prompt=none shows no page; the consent page would be one.
+            error = ConsentRequired(state=context.get("state"))
+            return self.error_response(OAuthToolkitError(error, redirect_uri=context["redirect_uri"]), client)
         if consent is not None and consent.covers(scopes) and "consent" not in prompt:
             credentials = {k: context[k] for k in self._credential_keys if context.get(k) is not None}
             if "resource" in self.request.GET:  # RFC 8707: a list, as DOT's own skip path passes it
@@ -388,7 +395,7 @@ class AuthorizationView(dot_views.AuthorizationView):
         # schemes decide, not the https-only default, which refused a native app's loopback URI (RFC 8252).
         if application is None:
             application = client_by_client_id(self.request.GET.get("client_id"))
-        response: HttpResponse = super().redirect(redirect_to, application)
+        response: HttpResponse = super().redirect(_with_iss(redirect_to, self.request), application)
         return response
 
     def error_response(self, error: Any, application: Any, **kwargs: Any) -> HttpResponse:
@@ -403,6 +410,15 @@ class AuthorizationView(dot_views.AuthorizationView):
             data={"error_code": str(getattr(oauthlib_error, "error", "invalid_request"))},
         )
         return super().error_response(error, application, **kwargs)
+
+
+def _with_iss(uri: str, request: HttpRequest) -> str:
+    """The redirect to the client with the RFC 9207 ``iss`` parameter, which §2 asks of error responses
+    too: DOT adds it to the answers oauthlib builds, not to the errors it redirects itself."""
+    if "iss" in dict(parse_qsl(urlsplit(uri).query, keep_blank_values=True)):
+        return uri
+    issuer = oauth2_settings.oauth2_authorization_server_issuer(request)
+    return uri + ("&" if "?" in uri else "?") + urlencode({"iss": issuer})
 
 
 @never_cache

@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import json
 from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 
 from audit.models import AuditEvent
@@ -480,3 +482,56 @@ def test_a_deactivated_user_gets_no_token_from_a_refresh_token_or_a_code(oauth, 
     denied = AuditEvent.objects.filter(kind="token.denied").values_list("data__grant_type", flat=True)
     assert sorted(denied) == ["authorization_code", "refresh_token"]
     assert AuditEvent.objects.filter(kind__in=["token.issued", "token.refreshed"]).count() == 1  # the first
+
+
+def _authorize_params(client, **changes: str) -> dict[str, str]:
+    _v, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": client.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "models.read openid",
+        "state": "s",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    return {**params, **changes}
+
+
+def _query(response) -> dict[str, str]:
+    assert response.status_code == 302, response.content[:300]
+    assert response["Location"].startswith(REDIRECT_URI + "?")
+    return {k: v[0] for k, v in parse_qs(urlsplit(response["Location"]).query).items()}
+
+
+def test_prompt_none_of_a_signed_out_user_is_login_required_not_a_500(oauth, web_app):
+    query = _query(oauth.http.get("/oauth/authorize/", _authorize_params(web_app.client, prompt="none")))
+    assert query["error"] == "login_required"
+    assert query["state"] == "s"
+
+
+@pytest.mark.parametrize("scope", ["models.read openid", "models.read"])
+def test_prompt_none_without_consent_is_consent_required_not_the_consent_page(
+    oauth, web_app, signed_in, scope
+):
+    params = _authorize_params(web_app.client, prompt="none", scope=scope)
+    query = _query(oauth.http.get("/oauth/authorize/", params))
+    assert query["error"] == "consent_required"
+    assert (query["state"], query["iss"]) == ("s", settings.PORTCULLIS_ISSUER)
+    assert not Grant.objects.exists()
+    assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "consent_required"
+
+
+def test_prompt_none_with_remembered_consent_gives_a_code_without_a_page(oauth, web_app, signed_in):
+    _tokens(oauth, web_app, scope="models.read openid")
+    query = _query(oauth.http.get("/oauth/authorize/", _authorize_params(web_app.client, prompt="none")))
+    assert "code" in query
+    assert Grant.objects.count() == 1
+
+
+def test_an_error_redirected_to_the_client_carries_iss(oauth, web_app, signed_in):
+    params = _authorize_params(web_app.client)
+    del params["code_challenge"]
+    query = _query(oauth.http.get("/oauth/authorize/", params))
+    assert query["error"] == "invalid_request"
+    assert query["iss"] == settings.PORTCULLIS_ISSUER  # RFC 9207 §2: error responses too
