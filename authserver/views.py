@@ -23,13 +23,13 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_GET
 from django.views.generic import View
 from oauth2_provider import views as dot_views
-from oauth2_provider.exceptions import OAuthToolkitError
+from oauth2_provider.exceptions import FatalClientError, OAuthToolkitError
 from oauth2_provider.models import get_device_grant_model
 from oauth2_provider.settings import oauth2_settings
 from oauth2_provider.signals import app_authorized
 from oauth2_provider.views.metadata import OAuthServerMetadataView
 from oauthlib.common import Request as OauthlibRequest
-from oauthlib.oauth2.rfc6749.errors import ConsentRequired
+from oauthlib.oauth2.rfc6749.errors import ConsentRequired, InvalidClientIdError
 from redis.exceptions import RedisError
 
 from audit.services import actor_for_user, audit_record
@@ -375,10 +375,12 @@ class AuthorizationView(dot_views.AuthorizationView):
     )
 
     def form_valid(self, form: Any) -> HttpResponse:
-        client = Client.objects.get(client_id=form.cleaned_data["client_id"])
+        client = client_by_client_id(form.cleaned_data["client_id"])
+        if client is None:  # the form's hidden fields are the user's to change (DOT's lookup was a 500)
+            return self.error_response(FatalClientError(error=InvalidClientIdError()), None)
         scopes = form.cleaned_data.get("scope", "").split()
         if form.cleaned_data.get("allow"):
-            consent_grant(user=self.request.user, client=client, scopes=scopes)
+            self._consented = (client, scopes)  # remembered once oauthlib has accepted the request
         else:
             audit_record(
                 kind="consent.denied",
@@ -388,6 +390,34 @@ class AuthorizationView(dot_views.AuthorizationView):
                 data={"scope": " ".join(scopes)},
             )
         return super().form_valid(form)
+
+    _consented: tuple[Client, list[str]] | None = None
+
+    def create_authorization_response(
+        self, request: HttpRequest, scopes: str, credentials: dict[str, Any], allow: bool
+    ) -> tuple[str, dict[str, str], Any, int]:
+        """DOT's, with its outcome recorded. oauthlib validates the request again (the consent form's
+        fields could have been changed) and answers a refusal as a redirect, not an exception: that is
+        audited as ``authorize.denied``, and only an accepted request's scopes are remembered as consent
+        (the consent was recorded before, whatever oauthlib then refused, even a scope the client may not
+        have)."""
+        answer: tuple[str, dict[str, str], Any, int] = super().create_authorization_response(
+            request, scopes, credentials, allow
+        )
+        query = dict(parse_qsl(urlsplit(answer[0] or "").query))
+        client_id = str(credentials.get("client_id", ""))[:100]
+        if "error" in query and "code" not in query:
+            audit_record(
+                kind="authorize.denied",
+                outcome="denied",
+                actor=actor_for_user(self.request.user),
+                client_id=client_id,
+                data={"error_code": query["error"][:60]},
+            )
+        elif self._consented is not None:
+            client, consented = self._consented
+            consent_grant(user=self.request.user, client=client, scopes=consented)
+        return answer
 
     def redirect(self, redirect_to: str, application: Any) -> HttpResponse:
         # An error found while the request was validated comes without its client (DOT passes None), though

@@ -535,3 +535,23 @@ def test_an_error_redirected_to_the_client_carries_iss(oauth, web_app, signed_in
     query = _query(oauth.http.get("/oauth/authorize/", params))
     assert query["error"] == "invalid_request"
     assert query["iss"] == settings.PORTCULLIS_ISSUER  # RFC 9207 §2: error responses too
+
+
+@pytest.mark.parametrize("scope", ["admin.write", "models.read no.such.scope"])
+def test_a_consent_answer_oauthlib_refuses_is_audited_and_not_remembered(oauth, web_app, signed_in, scope):
+    params = _authorize_params(web_app.client)
+    assert oauth.http.get("/oauth/authorize/", params).status_code == 200
+    answer = oauth.http.post("/oauth/authorize/", {**params, "scope": scope, "allow": "Allow"})
+    assert _query(answer)["error"] == "invalid_scope"
+    assert not Consent.objects.exists()
+    assert not AuditEvent.objects.filter(kind="consent.granted").exists()
+    assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_scope"
+
+
+def test_a_consent_answer_naming_an_unknown_client_is_refused_not_a_500(oauth, web_app, signed_in):
+    params = _authorize_params(web_app.client, client_id="no-such-client")
+    for answer in ("allow", "deny"):
+        response = oauth.http.post("/oauth/authorize/", {**params, answer: answer})
+        assert response.status_code == 400
+        assert "Location" not in response
+    assert AuditEvent.objects.filter(kind="authorize.denied", data__error_code="invalid_request").count() == 2
