@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -16,6 +17,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauth2_provider.settings import oauth2_settings
+from oauthlib.oauth2.rfc6749 import errors
 
 from audit.services import audit_record
 from authserver.models import AccessToken, Grant, RedeemedCode, RefreshToken
@@ -61,6 +63,46 @@ def _locked(rows: QuerySet[Any]) -> None:
     grants that consume a credential); outside a transaction, nothing to hold a lock for."""
     if transaction.get_connection().in_atomic_block:
         list(rows.select_for_update().values_list("pk", flat=True))
+
+
+S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")  # RFC 7636 §4.2: BASE64URL(SHA-256), 32 bytes, unpadded
+CODE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 §4.1
+NONCE_MAX = 255  # the grant's nonce column; a longer one was a database error (a 500) on PostgreSQL
+
+
+def authorization_request_check(request: Any) -> dict[str, Any]:
+    """Refuse what oauthlib lets through to the grant (an oauthlib ``post_auth`` validator, run once the
+    client and its redirect URI are known, so the error goes back to the client with its ``state``):
+    a PKCE method other than S256, a challenge that is no S256 value (one longer than the grant's column
+    was a 500 on PostgreSQL, a shorter one a code nobody can redeem) and a nonce the grant cannot hold."""
+    if request.code_challenge is not None:
+        if request.code_challenge_method != "S256":
+            raise errors.InvalidRequestError(
+                description="code_challenge_method must be S256", request=request
+            )
+        if not S256_CHALLENGE.fullmatch(request.code_challenge):
+            raise errors.InvalidRequestError(
+                description="code_challenge must be 43 base64url characters (RFC 7636 section 4.2)",
+                request=request,
+            )
+    if request.nonce is not None and len(request.nonce) > NONCE_MAX:
+        raise errors.InvalidRequestError(
+            description=f"nonce must be at most {NONCE_MAX} characters", request=request
+        )
+    return {}
+
+
+def code_verifier_check(request: Any) -> dict[str, Any]:
+    """Refuse a code_verifier that is not 43-128 unreserved characters (RFC 7636 §4.1), before the code is
+    looked up (an oauthlib ``pre_token`` validator of the code grants). oauthlib hashes whatever it gets,
+    so a one-character verifier, which anyone can guess from its challenge, redeemed the code."""
+    verifier = request.code_verifier
+    if verifier is not None and not CODE_VERIFIER.fullmatch(verifier):
+        raise errors.InvalidGrantError(
+            description="code_verifier must be 43-128 of A-Z a-z 0-9 - . _ ~ (RFC 7636 section 4.1)",
+            request=request,
+        )
+    return {}
 
 
 def _user_active(request: Any) -> bool:

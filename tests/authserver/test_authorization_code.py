@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
@@ -555,3 +556,56 @@ def test_a_consent_answer_naming_an_unknown_client_is_refused_not_a_500(oauth, w
         assert response.status_code == 400
         assert "Location" not in response
     assert AuditEvent.objects.filter(kind="authorize.denied", data__error_code="invalid_request").count() == 2
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"code_challenge": "A" * 42},
+        {"code_challenge": "A" * 44},
+        {"code_challenge": "A" * 129},  # longer than the grant's column: a 500 on PostgreSQL
+        {"code_challenge": "A" * 42 + "="},
+        {"code_challenge": "A" * 42 + "+"},
+        {"code_challenge_method": "plain"},
+        {"code_challenge_method": "S512"},
+        {"nonce": "n" * 256},  # longer than the grant's column: a 500 on PostgreSQL
+    ],
+)
+def test_a_malformed_pkce_challenge_or_nonce_is_redirected_invalid_request(
+    oauth, web_app, signed_in, changes
+):
+    params = _authorize_params(web_app.client, **changes)
+    query = _query(oauth.http.get("/oauth/authorize/", params))
+    assert query["error"] == "invalid_request"
+    assert query["state"] == "s"
+    # the consent form's hidden fields are the user's to change: its answer is checked the same way
+    answer = oauth.http.post("/oauth/authorize/", {**params, "allow": "Allow"})
+    assert _query(answer)["error"] == "invalid_request"
+    assert not Grant.objects.exists()
+    assert AuditEvent.objects.filter(kind="authorize.denied").count() == 2
+    assert not AuditEvent.objects.filter(kind="consent.granted").exists()
+
+
+@pytest.mark.parametrize(
+    "verifier",
+    ["a", "a" * 42, "a" * 129, "a" * 42 + " ", "a" * 42 + "+", "a" * 42 + "\u00e4", "a" * 42 + "/"],
+)
+def test_a_code_verifier_outside_rfc7636_is_invalid_grant_even_when_it_hashes_right(
+    oauth, web_app, signed_in, verifier
+):
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    code = oauth.code_from(oauth.authorize(web_app.client, challenge=challenge))
+    response = oauth.code_exchange(web_app, code, verifier)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_grant"
+    assert not AccessToken.objects.exists()
+
+
+@pytest.mark.parametrize("verifier", ["a" * 43, "a" * 128, "aZ09-._~" * 6])
+def test_a_code_verifier_of_43_to_128_unreserved_characters_redeems_its_code(
+    oauth, web_app, signed_in, verifier
+):
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    code = oauth.code_from(oauth.authorize(web_app.client, challenge=challenge))
+    assert oauth.code_exchange(web_app, code, verifier).status_code == 200
