@@ -3,6 +3,12 @@
 Figures come from usage records in the database (``audit.selectors.usage_live_figures``), read off the
 gateway's hot path; upstream health is probed from here every few seconds with short timeouts.
 
+The handshake must come from a page of this site: its ``Origin`` must be this server's own origin
+(scheme, host and port) or one of ``CSRF_TRUSTED_ORIGINS``, as Django's CSRF check requires of a form
+post. Channels' ``AllowedHostsOriginValidator`` in front compares the host alone, so a page on another
+port or over plain http of an allowed host (same-site: the session cookie goes with the handshake)
+would pass it.
+
 Who may read is checked when the socket opens and again before every push, from the session store and
 the user table as they are then: a user who signs out, is locked or loses staff stops getting figures
 within one interval (the socket closes with 4403), as their next page load would refuse them.
@@ -17,6 +23,7 @@ import logging
 import time
 from importlib import import_module
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from channels.auth import get_user
@@ -25,6 +32,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
+from audit.context import ip_in_networks, trusted_networks
 from audit.selectors import usage_live_figures
 from console.access import can_read
 
@@ -33,6 +41,29 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 1.0  # a dead upstream must not hold up the feed
 HEALTH_EVERY_S = 10.0
 CLOSE_FORBIDDEN = 4403  # an application close code (RFC 6455 §7.4.2): 4000 + HTTP 403
+
+
+def _origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def origin_allowed(scope: dict[str, Any]) -> bool:
+    """Return whether the handshake's one ``Origin`` is this server's own origin or a trusted one."""
+    headers: dict[bytes, list[bytes]] = {}
+    for name, value in scope.get("headers", []):
+        headers.setdefault(name.lower(), []).append(value)
+    origins, hosts = headers.get(b"origin", []), headers.get(b"host", [])
+    if len(origins) != 1 or len(hosts) != 1:
+        return False
+    origin = origins[0].decode("latin-1").lower()
+    secure = scope.get("scheme") in ("wss", "https")
+    peer = (scope.get("client") or [None])[0]
+    if not secure and ip_in_networks(peer, trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES))):
+        # Only a trusted TLS-terminating proxy may say the browser used https (as SECURE_PROXY_SSL_HEADER).
+        secure = headers.get(b"x-forwarded-proto") == [b"https"]
+    own = f"{'https' if secure else 'http'}://{hosts[0].decode('latin-1')}".lower()
+    return origin == own or origin in {_origin_of(url) for url in settings.CSRF_TRUSTED_ORIGINS}
 
 
 async def user_now(scope: dict[str, Any]) -> Any:
@@ -73,7 +104,7 @@ class LiveConsumer(AsyncWebsocketConsumer):
     window_s = 10.0
 
     async def connect(self) -> None:
-        if not can_read(self.scope.get("user")):
+        if not origin_allowed(self.scope) or not can_read(self.scope.get("user")):
             await self.close(code=CLOSE_FORBIDDEN)
             return
         await self.accept()

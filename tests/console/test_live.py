@@ -38,25 +38,37 @@ def usage(
     )
 
 
+SAME_ORIGIN = [(b"host", b"testserver"), (b"origin", b"http://testserver")]
+
+
 class Socket:
     """A WebSocket client for one consumer (channels.testing needs daphne, which is not installed)."""
 
-    def __init__(self, user: Any, session: Any = None) -> None:
+    def __init__(
+        self,
+        user: Any,
+        session: Any = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        **scope_extra: Any,
+    ) -> None:
         scope = {
             "type": "websocket",
+            "scheme": "ws",
             "path": "/ws/console/live/",
-            "headers": [],
+            "headers": SAME_ORIGIN if headers is None else headers,
             "subprotocols": [],
             "user": user,
         }
         if session is not None:
             scope["session"] = session
+        scope.update(scope_extra)
         self.communicator = ApplicationCommunicator(LiveConsumer.as_asgi(), scope)
 
     async def connect(self) -> tuple[bool, int | None]:
         await self.communicator.send_input({"type": "websocket.connect"})
         answer = await self.communicator.receive_output(timeout=5)
-        return answer["type"] == "websocket.accept", answer.get("code")
+        self.accepted = answer["type"] == "websocket.accept"
+        return self.accepted, answer.get("code")
 
     async def receive_close_code(self) -> int | None:
         """Skip figures until the consumer closes the socket; return its close code."""
@@ -72,10 +84,13 @@ class Socket:
         return dict(json.loads(message["text"]))
 
     async def disconnect(self) -> None:
+        accepted = getattr(self, "accepted", False)
         await self.communicator.send_input({"type": "websocket.disconnect", "code": 1000})
-        await self.communicator.wait(timeout=5)
-        # The consumer's database thread keeps its connection; close it so the test database can go.
-        await database_sync_to_async(connections.close_all)()
+        # A refused socket has nothing left to do: the wait only cancels it (it would idle the full 5 s).
+        await self.communicator.wait(timeout=5 if accepted else 0.5)
+        if accepted:
+            # The consumer's database thread keeps its connection; close it so the test database can go.
+            await database_sync_to_async(connections.close_all)()
 
 
 async def first_messages(user: Any, count: int) -> tuple[bool, Any, list[dict[str, Any]]]:
@@ -222,3 +237,66 @@ def test_without_a_session_in_the_scope_the_user_row_is_read_again(staff_user, m
         return code
 
     assert asyncio.run(scenario()) == 4403
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"host", b"testserver")],  # no Origin: not a page of this site
+        [(b"host", b"testserver"), (b"origin", b"https://evil.example")],
+        [(b"host", b"testserver"), (b"origin", b"http://testserver:8080")],  # same host, another port
+        [(b"host", b"testserver"), (b"origin", b"https://testserver")],  # another scheme
+        [(b"host", b"testserver"), (b"origin", b"null")],
+        [(b"host", b"testserver"), (b"origin", b"http://testserver"), (b"origin", b"https://evil.example")],
+    ],
+)
+def test_the_live_feed_refuses_a_handshake_from_any_other_origin(staff_user, headers):
+    async def scenario() -> tuple[bool, int | None]:
+        socket = Socket(staff_user, headers=headers)
+        answer = await socket.connect()
+        await socket.disconnect()
+        return answer
+
+    assert asyncio.run(scenario()) == (False, 4403)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("scope_extra", "origin", "forwarded_proto"),
+    [
+        ({"scheme": "wss"}, b"https://testserver", None),
+        ({}, b"https://portcullis.example.com", None),  # a trusted origin (the issuer)
+        ({"client": ("10.0.0.2", 5000)}, b"https://testserver", b"https"),  # TLS ended at a trusted proxy
+    ],
+)
+def test_the_live_feed_accepts_its_own_and_trusted_origins(
+    staff_user, settings, scope_extra, origin, forwarded_proto
+):
+    settings.CSRF_TRUSTED_ORIGINS = ["https://portcullis.example.com"]
+    settings.PORTCULLIS_TRUSTED_PROXIES = ["10.0.0.0/24"]
+    headers = [(b"host", b"testserver"), (b"origin", origin)]
+    if forwarded_proto:
+        headers.append((b"x-forwarded-proto", forwarded_proto))
+
+    async def scenario() -> bool:
+        socket = Socket(staff_user, headers=headers, **scope_extra)
+        connected, _ = await socket.connect()
+        await socket.disconnect()
+        return connected
+
+    assert asyncio.run(scenario())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_only_a_trusted_proxy_may_say_the_browser_used_https(staff_user, settings):
+    settings.PORTCULLIS_TRUSTED_PROXIES = ["10.0.0.0/24"]
+    headers = [(b"host", b"testserver"), (b"origin", b"https://testserver"), (b"x-forwarded-proto", b"https")]
+
+    async def scenario() -> bool:
+        socket = Socket(staff_user, headers=headers, client=("192.0.2.7", 5000))
+        connected, _ = await socket.connect()
+        await socket.disconnect()
+        return connected
+
+    assert not asyncio.run(scenario())
