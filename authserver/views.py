@@ -478,6 +478,9 @@ class OIDCDiscoveryView(dot_views.ConnectDiscoveryInfoView):
         data = json.loads(response.content)
         data.update(metadata_extras())
         data["id_token_signing_alg_values_supported"] = ["RS256"]
+        # Absent, OIDC Discovery §3 reads it as authorization code and implicit; implicit is not served here.
+        rfc8414 = json.loads(OAuthServerMetadataView().get(request).content)
+        data["grant_types_supported"] = rfc8414["grant_types_supported"]
         return JsonResponse(data, headers={"Access-Control-Allow-Origin": "*"})
 
 

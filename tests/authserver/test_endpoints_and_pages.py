@@ -43,6 +43,11 @@ def test_openid_configuration_and_protected_resource_metadata(client, settings):
     assert oidc["issuer"] == settings.PORTCULLIS_ISSUER
     assert oidc["userinfo_endpoint"].endswith("/oauth/userinfo/")
     assert oidc["id_token_signing_alg_values_supported"] == ["RS256"]
+    # Absent, OIDC Discovery reads it as authorization code and implicit, which is not served here.
+    rfc8414 = client.get("/.well-known/oauth-authorization-server").json()
+    assert oidc["grant_types_supported"] == rfc8414["grant_types_supported"]
+    assert "implicit" not in oidc["grant_types_supported"]
+    assert "authorization_code" in oidc["grant_types_supported"]
     resource = client.get("/.well-known/oauth-protected-resource").json()
     assert resource["resource"] == settings.PORTCULLIS_AUDIENCE
     assert resource["authorization_servers"] == [settings.PORTCULLIS_ISSUER]
