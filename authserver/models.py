@@ -36,6 +36,23 @@ def _is_loopback_http(uri: str) -> bool:
         return False
 
 
+def _same_redirect_uri(uri: str, registered: str) -> bool:
+    """The same string; for a loopback IP, the same string but for the port (RFC 8252 §7.3)."""
+    if uri == registered:
+        return True
+    if not _is_loopback_http(registered):
+        return False
+    asked, mine = urlsplit(uri), urlsplit(registered)
+    return asked._replace(netloc=_without_port(asked.netloc)) == mine._replace(
+        netloc=_without_port(mine.netloc)
+    )
+
+
+def _without_port(netloc: str) -> str:
+    host, colon, port = netloc.rpartition(":")
+    return host if colon and not host.endswith(":") and (port.isdigit() or not port) else netloc
+
+
 ADMIN_SCOPES = frozenset({"admin.read", "admin.write"})  # the admin API's scopes
 
 
@@ -72,6 +89,13 @@ class Client(dot.AbstractApplication):
         if ADMIN_SCOPES.intersection(scopes) and not self.is_admin_client:
             return False
         return set(scopes) <= set(self.scope_list())
+
+    def redirect_uri_allowed(self, uri: str) -> bool:
+        """DOT's check, and the registered string itself (OpenID Connect Core §3.1.2.1: simple string
+        comparison): DOT compares the host without regard to case, and sent a code to a spelling that was
+        never registered. A loopback IP redirect may differ in its port alone (RFC 8252 §7.3)."""
+        registered = self.redirect_uris.split()
+        return super().redirect_uri_allowed(uri) and any(_same_redirect_uri(uri, r) for r in registered)
 
     def get_allowed_schemes(self) -> list[str]:
         # http is let through to DOT's validator only so that clean() can accept loopback redirect

@@ -290,6 +290,33 @@ def test_no_refresh_token_without_offline_access(oauth, web_app, signed_in):
     assert RefreshToken.objects.count() == 0
 
 
+@pytest.mark.parametrize(
+    ("registered", "asked", "allowed"),
+    [
+        ("https://app.example.com/callback", "https://APP.example.com/callback", False),
+        ("https://app.example.com/callback", "HTTPS://app.example.com/callback", False),
+        ("https://app.example.com/callback", "https://app.example.com:443/callback", False),
+        ("https://app.example.com/callback", "https://app.example.com/callback", True),
+        ("http://127.0.0.1/cb", "http://127.0.0.1:51234/cb", True),
+        ("http://127.0.0.1:8765/cb", "http://127.0.0.1:9/cb", True),
+        ("http://[::1]/cb", "http://[::1]:51234/cb", True),
+        ("http://127.0.0.1/cb", "http://127.0.0.1:51234/CB", False),
+    ],
+)
+def test_a_redirect_uri_must_be_the_registered_string_but_for_a_loopback_port(
+    oauth, make_client, signed_in, registered, asked, allowed
+):
+    app = make_client(grants=("authorization-code",), public=True, redirect_uris=(registered,))
+    _verifier, challenge = pkce_pair()
+    response = oauth.authorize(app.client, challenge=challenge, redirect_uri=asked)
+    if allowed:
+        assert response.status_code == 302
+        assert response["Location"].startswith(asked + "?code=")
+    else:
+        assert response.status_code == 400  # an unregistered redirect URI is never redirected to
+        assert "Location" not in response
+
+
 def test_public_client_needs_no_secret_but_pkce(oauth, make_client, signed_in):
     native = make_client(
         grants=("authorization-code",), public=True, redirect_uris=("http://127.0.0.1:8765/cb",)
