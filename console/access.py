@@ -6,7 +6,7 @@
 - Anyone signed in may use their own Connected apps page.
 
 Anonymous visitors are sent to the login page; signed-in users without the permission get a 403 and
-never any data.
+never any data, and the refusal is an audit event (``console.denied``: who, which page, which method).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from audit.services import actor_for_user
+from audit.services import actor_for_user, audit_record
 
 View = Callable[..., HttpResponseBase]
 
@@ -47,6 +47,11 @@ def console_view(*, write: bool = False) -> Callable[[View], View]:
             if not request.user.is_authenticated:
                 return redirect_to_login(request.get_full_path())
             if not (can_write(request.user) if write else can_read(request.user)):
+                denial_record(
+                    request,
+                    kind="console.denied",
+                    reason="no_write_permission" if write else "no_read_permission",
+                )
                 raise PermissionDenied("You do not have permission to use this page.")
             return view(request, *args, **kwargs)
 
@@ -54,6 +59,28 @@ def console_view(*, write: bool = False) -> Callable[[View], View]:
         return guarded
 
     return decorate
+
+
+def denial_record(
+    request: HttpRequest, *, kind: str, reason: str, actor: str = "", client_id: str = ""
+) -> None:
+    """Audit a refused console or admin API request: who asked, for which endpoint, and why not.
+
+    The endpoint is the URL's name (``console:client-edit``), never the raw path, which is the caller's own
+    text and could hold anything.
+    """
+    match = request.resolver_match
+    audit_record(
+        kind=kind,
+        outcome="denied",
+        actor=actor or actor_for_user(request.user),
+        client_id=client_id,
+        data={
+            "reason": reason[:200],
+            "endpoint": match.view_name if match is not None else "",
+            "method": request.method or "",
+        },
+    )
 
 
 def signed_in_view(view: View) -> View:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from rest_framework import permissions
+from django.contrib.auth import get_user
+from rest_framework import exceptions, permissions
 
-from console.access import can_read, can_write
+from audit.services import actor_for_user
+from console.access import can_read, can_write, denial_record
 from console.api.authentication import AdminToken
 
 READ_SCOPE = "admin.read"
@@ -19,6 +21,20 @@ def api_actor(request: Any) -> str:
     if isinstance(auth, AdminToken) and auth.user is None:
         return f"client:{auth.client_id}"
     return f"user:{request.user.get_username()}"
+
+
+def api_denial_record(request: Any, exc: exceptions.APIException) -> None:
+    """Audit a refused admin API request (``admin_api.denied``): a bad token, a missing scope or right,
+    a failed CSRF check. A request without any credentials is not one: it is answered 401 and nothing
+    more, as anonymous visits to the console pages are sent to the login."""
+    auth = request.auth
+    if isinstance(auth, AdminToken):
+        actor, client_id = api_actor(request), auth.client_id
+    else:  # DRF has set the user to anonymous by now; the session still says who it was (a CSRF failure)
+        actor, client_id = actor_for_user(get_user(request._request)), ""
+    denial_record(
+        request._request, kind="admin_api.denied", reason=str(exc.detail), actor=actor, client_id=client_id
+    )
 
 
 class AdminAccess(permissions.BasePermission):

@@ -33,8 +33,8 @@ def endpoints_without_the_schema(endpoints: list[Any], **kwargs: Any) -> list[An
     ]
 
 
-class SchemaView(SpectacularAPIView):
-    """The admin API's OpenAPI 3 schema, for the same callers as the API itself."""
+class SchemaView(views.AdminAPIMixin, SpectacularAPIView):
+    """The admin API's OpenAPI 3 schema, for the same callers as the API itself (refusals audited alike)."""
 
     authentication_classes = [AdminBearerAuthentication, StaffSessionAuthentication]
     permission_classes = [AdminAccess]

@@ -16,7 +16,7 @@ from django.http import HttpResponse
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import renderers, status, viewsets
+from rest_framework import exceptions, renderers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import LimitOffsetPagination
@@ -43,7 +43,7 @@ from authserver.services import (
 )
 from console.api import serializers as s
 from console.api.authentication import AdminBearerAuthentication, StaffSessionAuthentication
-from console.api.permissions import AdminAccess, api_actor
+from console.api.permissions import AdminAccess, api_actor, api_denial_record
 from gateway.models import ClientPolicy
 from gateway.services import POLICY_FIELDS, policy_set
 
@@ -84,6 +84,13 @@ class AdminAPIMixin:
     parser_classes = [JSONParser]
     pagination_class = AdminPagination
     schema = AutoSchema()
+
+    def handle_exception(self, exc: Exception) -> Response:
+        """Answer as DRF does; a refused credential or permission is also an audit event."""
+        response: Response = super().handle_exception(exc)  # type: ignore[misc]  # a mixin of APIView
+        if isinstance(exc, exceptions.AuthenticationFailed | exceptions.PermissionDenied):
+            api_denial_record(self.request, exc)  # type: ignore[attr-defined]
+        return response
 
 
 def documented(**kwargs: Any) -> Any:

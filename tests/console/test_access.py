@@ -111,13 +111,20 @@ def test_a_post_to_any_page_by_anonymous_or_non_staff_users_changes_nothing(
 ):
     url = url_for(pattern, world)
     anonymous, outsider = signed_in(None), signed_in(member)
-    before = AuditEvent.objects.count()
+    last = AuditEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
     answer = anonymous.post(url, {"name": "x", "activate_now": "on"})
     assert answer.status_code == 302
     assert answer["Location"].startswith("/accounts/login/")
+    assert not AuditEvent.objects.filter(id__gt=last).exists()  # sent to sign in, no more
     if pattern.callback.console_access != "user":
         assert outsider.post(url, {"name": "x", "activate_now": "on"}).status_code == 403
-    assert AuditEvent.objects.count() == before
+        [refusal] = AuditEvent.objects.filter(id__gt=last)  # the refusal, and nothing changed
+        assert (refusal.kind, refusal.outcome, refusal.actor) == ("console.denied", "denied", "user:mallory")
+        assert refusal.data == {
+            "reason": f"no_{pattern.callback.console_access}_permission",
+            "endpoint": f"console:{pattern.name}",
+            "method": "POST",
+        }
     world.app.client.refresh_from_db()
     assert not world.app.client.disabled
 

@@ -354,3 +354,58 @@ def test_the_openapi_schema_is_published_for_admins(as_admin):
         "/api/admin/keys/rotate/",
     } <= paths
     assert HttpClient().get("/api/admin/schema/").status_code == 401
+
+
+def events_after(last: int) -> list[AuditEvent]:
+    return list(AuditEvent.objects.filter(id__gt=last).order_by("id"))
+
+
+def last_event_id() -> int:
+    return AuditEvent.objects.order_by("-id").values_list("id", flat=True).first() or 0
+
+
+def test_a_refused_api_request_is_audited_with_who_what_and_why(bearer, world, admin_app):
+    api = bearer("admin.read")
+    last = last_event_id()
+    assert api.post(f"/api/admin/clients/{world.app.client.client_id}/disable/").status_code == 403
+    [event] = events_after(last)
+    assert (event.kind, event.outcome) == ("admin_api.denied", "denied")
+    assert (event.actor, event.client_id) == (
+        f"client:{admin_app.client.client_id}",
+        admin_app.client.client_id,
+    )
+    assert event.data["endpoint"] == "console:api-client-disable"
+    assert event.data["method"] == "POST"
+    assert event.request_id
+
+
+@pytest.mark.parametrize(
+    ("url", "endpoint"),
+    [("/api/admin/users/", "console:api-user-list"), ("/api/admin/schema/", "console:api-schema")],
+)
+def test_a_refused_token_is_audited_without_the_token(world, url, endpoint):
+    forged = "eyJhbGciOiJFUzI1NiIsInR5cCI6ImF0K2p3dCJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    last = last_event_id()
+    assert HttpClient(HTTP_AUTHORIZATION=f"Bearer {forged}").get(url).status_code == 401
+    [event] = events_after(last)
+    assert (event.kind, event.actor) == ("admin_api.denied", "anonymous")
+    assert event.data["reason"].startswith("invalid_token")
+    assert event.data["endpoint"] == endpoint
+    assert forged not in str(event.data)
+    assert "c2lnbmF0dXJl" not in str(event.data)
+
+
+def test_a_failed_csrf_check_on_the_api_is_audited_with_the_sessions_user(world, admin_user):
+    admin = HttpClient(enforce_csrf_checks=True)
+    admin.force_login(admin_user)
+    last = last_event_id()
+    assert admin.post("/api/admin/keys/rotate/", {}, content_type="application/json").status_code == 403
+    [event] = events_after(last)
+    assert (event.kind, event.actor) == ("admin_api.denied", "user:root")
+    assert "CSRF" in event.data["reason"]
+
+
+def test_a_request_without_credentials_is_answered_401_and_not_audited(world):
+    last = last_event_id()
+    assert HttpClient().get("/api/admin/clients/").status_code == 401
+    assert events_after(last) == []
