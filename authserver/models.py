@@ -36,6 +36,14 @@ def _is_loopback_http(uri: str) -> bool:
         return False
 
 
+def _parses(uri: str) -> bool:
+    """Whether a URI parses with its port (urlsplit raises for a port out of range only when asked)."""
+    try:
+        return urlsplit(uri).port is None or True
+    except ValueError:
+        return False
+
+
 def _same_redirect_uri(uri: str, registered: str) -> bool:
     """The same string; for a loopback IP, the same string but for the port (RFC 8252 §7.3)."""
     if uri == registered:
@@ -94,8 +102,13 @@ class Client(dot.AbstractApplication):
         """DOT's check, and the registered string itself (OpenID Connect Core §3.1.2.1: simple string
         comparison): DOT compares the host without regard to case, and sent a code to a spelling that was
         never registered. A loopback IP redirect may differ in its port alone (RFC 8252 §7.3)."""
-        registered = self.redirect_uris.split()
-        return super().redirect_uri_allowed(uri) and any(_same_redirect_uri(uri, r) for r in registered)
+        # A URI that does not parse (a port out of range, a broken IPv6 literal: stored before clean()
+        # refused them) matches nothing, and must not make DOT's check raise for the others.
+        registered = [r for r in self.redirect_uris.split() if _parses(r)]
+        if not _parses(uri):
+            return False
+        allowed, _reasons = dot.check_redirect_to_uri_allowed(uri, registered)
+        return allowed and any(_same_redirect_uri(uri, r) for r in registered)
 
     def get_allowed_schemes(self) -> list[str]:
         # http is let through to DOT's validator only so that clean() can accept loopback redirect
@@ -105,6 +118,11 @@ class Client(dot.AbstractApplication):
     def clean(self) -> None:
         errors: dict[str, list[str]] = {}
         for uri in self.redirect_uris.split():
+            if not _parses(uri):
+                errors.setdefault("redirect_uris", []).append(
+                    f"{uri}: not a valid URL (check the host and port)"
+                )
+                continue
             if uri.startswith("http:") and not _is_loopback_http(uri):
                 errors.setdefault("redirect_uris", []).append(
                     f"{uri}: redirect URIs must use https (http only for a loopback IP, RFC 8252)"

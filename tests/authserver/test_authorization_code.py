@@ -13,7 +13,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from audit.models import AuditEvent
-from authserver.models import AccessToken, Consent, Grant, RefreshToken
+from authserver.models import AccessToken, Client, Consent, Grant, RefreshToken
 from authserver.revocation import local_revocations
 from tests.conftest import REDIRECT_URI, pkce_pair
 
@@ -315,6 +315,26 @@ def test_a_redirect_uri_must_be_the_registered_string_but_for_a_loopback_port(
     else:
         assert response.status_code == 400  # an unregistered redirect URI is never redirected to
         assert "Location" not in response
+
+
+@pytest.mark.parametrize("stored", ["https://a.example:99999/cb", "http://[::1:80/cb"])
+def test_a_redirect_uri_that_does_not_parse_is_refused_and_one_stored_before_never_gives_a_500(
+    oauth, make_client, signed_in, stored
+):
+    from django.core.exceptions import ValidationError
+
+    app = make_client(grants=("authorization-code",), public=True, redirect_uris=("https://a.example/cb",))
+    app.client.redirect_uris = stored
+    with pytest.raises(ValidationError, match="not a valid URL"):
+        app.client.full_clean()
+    Client.objects.filter(pk=app.client.pk).update(redirect_uris=f"{stored} https://a.example/cb")
+    app.client.refresh_from_db()
+    _verifier, challenge = pkce_pair()
+    for asked in (stored, "https://a.example/other"):
+        response = oauth.authorize(app.client, challenge=challenge, redirect_uri=asked)
+        assert response.status_code == 400
+    response = oauth.authorize(app.client, challenge=challenge, redirect_uri="https://a.example/cb")
+    assert response.status_code == 302
 
 
 def test_public_client_needs_no_secret_but_pkce(oauth, make_client, signed_in):
