@@ -39,9 +39,10 @@ def _is_loopback_http(uri: str) -> bool:
 def _parses(uri: str) -> bool:
     """Whether a URI parses with its port (urlsplit raises for a port out of range only when asked)."""
     try:
-        return urlsplit(uri).port is None or True
+        port = urlsplit(uri).port
     except ValueError:
         return False
+    return port is None or port >= 0
 
 
 def _same_redirect_uri(uri: str, registered: str) -> bool:
