@@ -63,6 +63,7 @@ def _without_port(netloc: str) -> str:
 
 
 ADMIN_SCOPES = frozenset({"admin.read", "admin.write"})  # the admin API's scopes
+AUTH_TIME_SESSION_KEY = "portcullis_auth_time"  # when the session's user signed in (Unix seconds): max_age
 
 
 class Client(dot.AbstractApplication):

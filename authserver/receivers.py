@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from axes.signals import user_locked_out
@@ -10,7 +11,7 @@ from django.db.models.signals import post_delete
 from django.dispatch import receiver
 
 from audit.services import audit_record
-from authserver.models import AccessToken
+from authserver.models import AUTH_TIME_SESSION_KEY, AccessToken
 from authserver.services import access_tokens_deleted
 
 
@@ -23,6 +24,8 @@ def access_token_deleted(sender: Any, instance: AccessToken, **kwargs: Any) -> N
 
 @receiver(user_logged_in)
 def login_succeeded(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    if request is not None and hasattr(request, "session"):
+        request.session[AUTH_TIME_SESSION_KEY] = int(time.time())  # this session's sign-in, for max_age
     audit_record(kind="login.succeeded", actor=f"user:{user.get_username()}")
 
 

@@ -5,17 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from contextlib import nullcontext
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from django.conf import settings
+from django.contrib.auth import logout
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.views import redirect_to_login
 from django.core.cache import cache
 from django.core.exceptions import BadRequest, SuspiciousOperation
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.http.multipartparser import MultiPartParserError
+from django.shortcuts import resolve_url
 from django.utils.decorators import method_decorator
 from django.views.decorators.cache import never_cache
 from django.views.decorators.csrf import csrf_exempt
@@ -29,11 +33,11 @@ from oauth2_provider.settings import oauth2_settings
 from oauth2_provider.signals import app_authorized
 from oauth2_provider.views.metadata import OAuthServerMetadataView
 from oauthlib.common import Request as OauthlibRequest
-from oauthlib.oauth2.rfc6749.errors import ConsentRequired, InvalidClientIdError
+from oauthlib.oauth2.rfc6749.errors import ConsentRequired, InvalidClientIdError, LoginRequired
 from redis.exceptions import RedisError
 
 from audit.services import actor_for_user, audit_record
-from authserver.models import Client, Consent
+from authserver.models import AUTH_TIME_SESSION_KEY, Client, Consent
 from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id, jwks_get
 from authserver.services import consent_grant
@@ -337,6 +341,54 @@ class AuthorizationView(dot_views.AuthorizationView):
     """Authorization endpoint with a consent screen whose answer is remembered per user and client."""
 
     template_name = "authserver/consent.html"
+
+    def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if request.user.is_authenticated and self._signed_in_too_long_ago():
+            # OIDC Core §3.1.2.1 max_age: as prompt=login, once the request is known to be valid (as DOT
+            # validates it before its own prompt=login)
+            try:
+                self.validate_authorization_request(request)
+            except OAuthToolkitError as error:
+                return self.error_response(error, None)
+            return self.handle_prompt_login()
+        response: HttpResponseBase = super().get(request, *args, **kwargs)
+        return response
+
+    def _signed_in_too_long_ago(self) -> bool:
+        raw = self.request.GET.get("max_age", "")
+        if not raw.isdigit() or not raw.isascii():
+            return False  # none, or not a number of seconds: nothing to enforce
+        signed_in = self.request.session.get(AUTH_TIME_SESSION_KEY)
+        return not isinstance(signed_in, int) or time.time() - signed_in > int(raw)
+
+    def handle_no_permission(self) -> HttpResponseBase:
+        prompt = set(self.request.GET.get("prompt", "").split())
+        if "max_age" in self.request.GET and not prompt & {"none", "create"}:
+            return self.handle_prompt_login()  # signing in satisfies max_age: it leaves the next URL
+        response: HttpResponseBase = super().handle_no_permission()
+        return response
+
+    def handle_prompt_login(self) -> HttpResponseBase:
+        """prompt=login, or a max_age the session's sign-in is older than: the user signs in again.
+        DOT only sent a signed-in user to the login page, which sends a signed-in user straight back, so a
+        code was issued without the fresh sign-in the client asked for. Without a page (prompt=none) that is
+        ``login_required``."""
+        prompt = set(self.request.GET.get("prompt", "").split())
+        if "none" in prompt:
+            try:
+                _scopes, credentials = self.validate_authorization_request(self.request)
+            except OAuthToolkitError as error:
+                return self.error_response(error, None)
+            refusal = OAuthToolkitError(
+                LoginRequired(state=credentials.get("state")), redirect_uri=credentials["redirect_uri"]
+            )
+            return self.error_response(refusal, client_by_client_id(credentials["client_id"]))
+        logout(self.request)
+        query = self.request.GET.copy()
+        for satisfied in ("prompt", "max_age"):  # by the sign-in it leads to; kept, they would loop
+            query.pop(satisfied, None)
+        target = f"{self.request.path}?{query.urlencode()}"
+        return redirect_to_login(target, resolve_url(self.get_login_url()), self.get_redirect_field_name())
 
     def render_to_response(self, context: dict[str, Any], **kwargs: Any) -> HttpResponse:
         if "application" not in context:  # DOT renders a fatal error (no trustworthy redirect URI) here
