@@ -494,6 +494,27 @@ class AuthorizationView(dot_views.AuthorizationView):
         return super().error_response(error, application, **kwargs)
 
 
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """A form post refused by the CSRF check (a forged cross-site request, or a stale page): Django's own
+    403 page, and an audit record (a security event), naming the view and Django's reason, never the
+    token or the form."""
+    from django.views.csrf import csrf_failure as django_csrf_failure
+
+    match = getattr(request, "resolver_match", None)
+    audit_record(
+        kind="csrf.denied",
+        outcome="denied",
+        actor=actor_for_user(getattr(request, "user", None)),
+        data={
+            "reason": reason[:120],
+            "view": (match.view_name if match else "")[:120],
+            "method": request.method,
+        },
+    )
+    response: HttpResponse = django_csrf_failure(request, reason)
+    return response
+
+
 def _with_iss(uri: str, request: HttpRequest) -> str:
     """The redirect to the client with the RFC 9207 ``iss`` parameter, which §2 asks of error responses
     too: DOT adds it to the answers oauthlib builds, not to the errors it redirects itself."""

@@ -191,6 +191,7 @@ if PORTCULLIS_TRUSTED_PROXIES:
     # Only a trusted TLS-terminating proxy may tell us the original scheme.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 CSRF_TRUSTED_ORIGINS = [PORTCULLIS_ISSUER]
+CSRF_FAILURE_VIEW = "authserver.views.csrf_failure"  # Django's 403 page, and an audit record
 
 ACCESS_TOKEN_LIFETIME_S = env_int("PORTCULLIS_ACCESS_TOKEN_LIFETIME", 300, minimum=30)
 REFRESH_TOKEN_LIFETIME_S = env_int("PORTCULLIS_REFRESH_TOKEN_LIFETIME", 30 * 86400, minimum=60)

@@ -365,3 +365,20 @@ print("ANSWERS", json.dumps(sorted([list(k) + [v] for k, v in answers.items()]))
     line = next((x for x in done.stdout.splitlines() if x.startswith("ANSWERS ")), None)
     assert line is not None, done.stderr[-3000:]
     assert json.loads(line.removeprefix("ANSWERS ")) == [[200, "token", 3], [400, "invalid_grant", 9]]
+
+
+def test_a_form_post_refused_by_the_csrf_check_is_audited(alice):
+    from django.test import Client as HttpClient
+
+    from audit.models import AuditEvent
+
+    browser = HttpClient(enforce_csrf_checks=True)
+    browser.get("/accounts/login/")  # sets the CSRF cookie; the forged post below does not carry its token
+    response = browser.post("/accounts/login/", {"username": "alice", "password": "wrong"})
+    assert response.status_code == 403
+    event = AuditEvent.objects.get(kind="csrf.denied")
+    assert event.outcome == "denied"
+    assert event.data["view"] == "login"
+    assert event.data["method"] == "POST"
+    assert "CSRF" in event.data["reason"]
+    assert not AuditEvent.objects.filter(kind="login.failed").exists()  # refused before the password
