@@ -36,7 +36,8 @@ def can_write(user: Any) -> bool:
 
 
 def console_view(*, write: bool = False) -> Callable[[View], View]:
-    """Guard a console view: login for anonymous users, 403 without the read (or write) permission.
+    """Guard a console view: login for anonymous users, 403 without the read (or write) permission, and
+    ``Cache-Control: no-store, private`` on what it answers.
 
     The decorated view carries ``console_access`` ("read" or "write") so tests can check every URL.
     """
@@ -53,7 +54,7 @@ def console_view(*, write: bool = False) -> Callable[[View], View]:
                     reason="no_write_permission" if write else "no_read_permission",
                 )
                 raise PermissionDenied("You do not have permission to use this page.")
-            return view(request, *args, **kwargs)
+            return _uncached(view(request, *args, **kwargs))
 
         guarded.console_access = "write" if write else "read"  # type: ignore[attr-defined]
         return guarded
@@ -83,14 +84,21 @@ def denial_record(
     )
 
 
+def _uncached(response: HttpResponseBase) -> HttpResponseBase:
+    """Clients, tokens, users, audit records, a user's apps: for no cache, nor for the back button after
+    signing out. A page that set its own (a secret shown once: no-store) keeps it."""
+    response.headers.setdefault("Cache-Control", "no-store, private")
+    return response
+
+
 def signed_in_view(view: View) -> View:
-    """Guard a page for any signed-in user (their own Connected apps)."""
+    """Guard a page for any signed-in user (their own Connected apps), uncached."""
 
     @wraps(view)
     def guarded(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if not request.user.is_authenticated:
             return redirect_to_login(request.get_full_path())
-        return view(request, *args, **kwargs)
+        return _uncached(view(request, *args, **kwargs))
 
     guarded.console_access = "user"  # type: ignore[attr-defined]
     return guarded

@@ -100,6 +100,8 @@ def test_each_page_gives_anonymous_users_the_login_page_others_a_403_and_staff_t
             assert response.status_code == 404  # only the member connected this app
         else:
             assert response.status_code == expected, (who, url, response.status_code)
+        if response.status_code == 200:  # neither a cache nor the back button after signing out keeps it
+            assert response["Cache-Control"] in ("no-store, private", "no-store"), (who, url)
         if response.status_code in (302, 403):
             body = b"".join(response.streaming_content) if response.streaming else response.content  # type: ignore[attr-defined]
             assert b"Acme reports" not in body  # never any data
