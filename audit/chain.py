@@ -4,8 +4,9 @@ Every event commits to the one before it: ``hash = SHA-256(previous hash + canon
 gap-free sequence number. Writers lock the single ``ChainHead`` row (and, for SQLite, a process lock), so
 concurrent writers cannot fork the chain. On PostgreSQL, writers outside a transaction commit in groups:
 the events that queue up while one group commits are chained and committed together by the next, and
-each writer returns once its own event is committed. A trigger refuses UPDATE and DELETE on the audit
-tables. A beat job signs the head with the active signing key; ``verifyaudit`` recomputes the chain,
+each writer returns once its own event is committed; a group whose process last left the head where it
+still is goes in as one statement that moves the head only from there. A trigger refuses UPDATE and
+DELETE on the audit tables. A beat job signs the head with the active signing key; ``verifyaudit`` recomputes the chain,
 checks every checkpoint signature, and names the first record that does not match.
 
 The audit app imports no other app: the signer and the public keys are registered by the authorization
@@ -219,7 +220,8 @@ def _append_where_seen(events: list[AuditEvent], db: Any, sql: _Statements) -> b
 
 
 def _append(events: list[AuditEvent]) -> list[AuditEvent]:
-    """Chain and insert events in order, in one transaction that holds the head's row lock."""
+    """Chain and insert events in order: in one statement when this process knows where the head is (on
+    PostgreSQL, outside a transaction), else in one transaction that holds the head's row lock."""
     global _head_seen
     alias = router.db_for_write(AuditEvent)
     db = connections[alias]  # this thread's connection itself: the proxy costs a lookup on every use
