@@ -6,8 +6,8 @@ concurrent writers cannot fork the chain. On PostgreSQL, writers outside a trans
 the events that queue up while one group commits are chained and committed together by the next, and
 each writer returns once its own event is committed; a group whose process last left the head where it
 still is goes in as one statement that moves the head only from there. A trigger refuses UPDATE and
-DELETE on the audit tables. A beat job signs the head with the active signing key; ``verifyaudit`` recomputes the chain,
-checks every checkpoint signature, and names the first record that does not match.
+DELETE on the audit tables. A beat job signs the head with the active signing key; ``verifyaudit``
+recomputes the chain, checks every checkpoint signature, and names the first record that does not match.
 
 The audit app imports no other app: the signer and the public keys are registered by the authorization
 server (``checkpoint_keys_register``).
