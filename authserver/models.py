@@ -39,10 +39,17 @@ def _is_loopback_http(uri: str) -> bool:
 def _parses(uri: str) -> bool:
     """Whether a URI parses with its port (urlsplit raises for a port out of range only when asked)."""
     try:
-        port = urlsplit(uri).port
+        urlsplit(uri).port  # noqa: B018 (reading the port is what checks it)
     except ValueError:
         return False
-    return port is None or port >= 0
+    return True
+
+
+def redirect_uri_errors(uris: list[str]) -> list[str]:
+    """Name the redirect URIs that cannot even be parsed (a broken IPv6 literal, a port out of range): the
+    model, the console's form and the admin API refuse them with this message, where reading them later
+    raised (one stored made every authorization request of its client a 500)."""
+    return [f"{uri}: not a valid URL (check the host and the port)" for uri in uris if not _parses(uri)]
 
 
 def _same_redirect_uri(uri: str, registered: str) -> bool:
@@ -119,12 +126,10 @@ class Client(dot.AbstractApplication):
 
     def clean(self) -> None:
         errors: dict[str, list[str]] = {}
-        for uri in self.redirect_uris.split():
-            if not _parses(uri):
-                errors.setdefault("redirect_uris", []).append(
-                    f"{uri}: not a valid URL (check the host and port)"
-                )
-                continue
+        uris = self.redirect_uris.split()
+        if unparsable := redirect_uri_errors(uris):
+            errors["redirect_uris"] = unparsable
+        for uri in filter(_parses, uris):
             if uri.startswith("http:") and not _is_loopback_http(uri):
                 errors.setdefault("redirect_uris", []).append(
                     f"{uri}: redirect URIs must use https (http only for a loopback IP, RFC 8252)"

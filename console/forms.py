@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from django import forms
 from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from audit.models import AuditEvent
+from authserver.models import redirect_uri_errors
 from authserver.services import ADMIN_SCOPES, GRANT_ALIASES
 
 GRANT_CHOICES = [
@@ -35,21 +35,6 @@ def scope_choices() -> list[tuple[str, str]]:
 def split_lines(text: str) -> list[str]:
     """Split a textarea or comma list into its non-empty entries."""
     return [part for part in text.replace(",", " ").split() if part]
-
-
-def redirect_uri_errors(uris: list[str]) -> list[str]:
-    """Name the redirect URIs that cannot even be parsed (a broken IPv6 literal, a port out of range).
-
-    The model's validation parses them and fails with a ValueError instead of an error message; and one
-    with a bad port, once stored, made every authorization request of its client fail with a 500.
-    """
-    errors = []
-    for uri in uris:
-        try:
-            urlsplit(uri).port  # noqa: B018  (reading the port is what checks it)
-        except ValueError:
-            errors.append(f"{uri}: not a valid URL (check the host and the port)")
-    return errors
 
 
 def errors_to_form(form: forms.Form, exc: ValidationError) -> None:

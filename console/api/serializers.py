@@ -7,7 +7,7 @@ from typing import Any
 from rest_framework import serializers
 
 from audit.models import AuditEvent, AuditReport
-from authserver.models import AccessToken, Client, SigningKey
+from authserver.models import AccessToken, Client, SigningKey, redirect_uri_errors
 from console.api.fields import (
     StrictBooleanField,
     StrictCharField,
@@ -20,7 +20,6 @@ from console.forms import (
     GRANT_ALIAS_OF,
     GRANT_CHOICES,
     LIMIT_MAX,
-    redirect_uri_errors,
     scope_choices,
 )
 from gateway.models import ClientPolicy
