@@ -345,14 +345,23 @@ class AuthorizationView(dot_views.AuthorizationView):
     def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if request.user.is_authenticated and self._signed_in_too_long_ago():
             # OIDC Core §3.1.2.1 max_age: as prompt=login, once the request is known to be valid (as DOT
-            # validates it before its own prompt=login)
+            # validates it before its own prompt=login); without a page (prompt=none), login_required
             try:
-                self.validate_authorization_request(request)
+                _scopes, credentials = self.validate_authorization_request(request)
             except OAuthToolkitError as error:
                 return self.error_response(error, None)
-            return self.handle_prompt_login()
+            if "none" not in self._prompt():
+                return self.handle_prompt_login()
+            refusal = OAuthToolkitError(
+                LoginRequired(state=credentials.get("state")), redirect_uri=credentials["redirect_uri"]
+            )
+            return self.error_response(refusal, client_by_client_id(credentials["client_id"]))
         response: HttpResponseBase = super().get(request, *args, **kwargs)
         return response
+
+    def _prompt(self) -> set[str]:
+        """The request's ``prompt`` values (OIDC Core §3.1.2.1: space-delimited)."""
+        return set(self.request.GET.get("prompt", "").split())
 
     def _signed_in_too_long_ago(self) -> bool:
         raw = self.request.GET.get("max_age", "")
@@ -362,8 +371,7 @@ class AuthorizationView(dot_views.AuthorizationView):
         return not isinstance(signed_in, int) or time.time() - signed_in > int(raw)
 
     def handle_no_permission(self) -> HttpResponseBase:
-        prompt = set(self.request.GET.get("prompt", "").split())
-        if "max_age" in self.request.GET and not prompt & {"none", "create"}:
+        if "max_age" in self.request.GET and not self._prompt() & {"none", "create"}:
             return self.handle_prompt_login()  # signing in satisfies max_age: it leaves the next URL
         response: HttpResponseBase = super().handle_no_permission()
         return response
@@ -371,18 +379,8 @@ class AuthorizationView(dot_views.AuthorizationView):
     def handle_prompt_login(self) -> HttpResponseBase:
         """prompt=login, or a max_age the session's sign-in is older than: the user signs in again.
         DOT only sent a signed-in user to the login page, which sends a signed-in user straight back, so a
-        code was issued without the fresh sign-in the client asked for. Without a page (prompt=none) that is
-        ``login_required``."""
-        prompt = set(self.request.GET.get("prompt", "").split())
-        if "none" in prompt:
-            try:
-                _scopes, credentials = self.validate_authorization_request(self.request)
-            except OAuthToolkitError as error:
-                return self.error_response(error, None)
-            refusal = OAuthToolkitError(
-                LoginRequired(state=credentials.get("state")), redirect_uri=credentials["redirect_uri"]
-            )
-            return self.error_response(refusal, client_by_client_id(credentials["client_id"]))
+        code was issued without the fresh sign-in the client asked for. (oauthlib refuses prompt=login
+        with prompt=none before this; a max_age with prompt=none is answered in ``get``.)"""
         logout(self.request)
         query = self.request.GET.copy()
         for satisfied in ("prompt", "max_age"):  # by the sign-in it leads to; kept, they would loop
@@ -395,7 +393,7 @@ class AuthorizationView(dot_views.AuthorizationView):
             return super().render_to_response(context, **kwargs)
         client: Client = context["application"]
         scopes: list[str] = context["scopes"]
-        prompt = set(self.request.GET.get("prompt", "").split())
+        prompt = self._prompt()
         consent = Consent.objects.filter(user=self.request.user, client=client).first()
         if "none" in prompt and (consent is None or not consent.covers(scopes)):
             # OIDC Core §3.1.2.1: prompt=none shows no page; the consent page would be one.

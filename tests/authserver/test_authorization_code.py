@@ -658,20 +658,6 @@ def test_a_code_verifier_of_43_to_128_unreserved_characters_redeems_its_code(
     assert oauth.code_exchange(web_app, code, verifier).status_code == 200
 
 
-def _params_for(reg, **extra):
-    _verifier, challenge = pkce_pair()
-    return {
-        "response_type": "code",
-        "client_id": reg.client.client_id,
-        "redirect_uri": REDIRECT_URI,
-        "scope": "openid models.read",
-        "state": "xyz",
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-        **extra,
-    }
-
-
 def _signed_in_ago(client, seconds: int) -> None:
     from authserver.models import AUTH_TIME_SESSION_KEY
 
@@ -692,36 +678,34 @@ def test_prompt_login_and_an_exceeded_max_age_make_a_signed_in_user_sign_in_agai
     client, web_app, signed_in, extra
 ):
     _signed_in_ago(client, 120)
-    response = client.get("/oauth/authorize/", _params_for(web_app, **extra))
+    response = client.get("/oauth/authorize/", _authorize_params(web_app.client, **extra))
     following = _login_next(response)
     assert "prompt" not in following  # satisfied by the sign-in it leads to: kept, it would loop
     assert "max_age" not in following
     assert following["client_id"] == [web_app.client.client_id]
     assert "_auth_user_id" not in client.session  # signed out: the login page asks again
-    again = client.get("/oauth/authorize/", _params_for(web_app))
+    again = client.get("/oauth/authorize/", _authorize_params(web_app.client))
     assert again.status_code == 302
     assert urlsplit(again["Location"]).path == settings.LOGIN_URL
 
 
 def test_a_sign_in_within_max_age_is_enough(client, web_app, signed_in):
     _signed_in_ago(client, 120)
-    response = client.get("/oauth/authorize/", _params_for(web_app, max_age="3600"))
+    response = client.get("/oauth/authorize/", _authorize_params(web_app.client, max_age="3600"))
     assert response.status_code == 200  # the consent page, no new sign-in
     assert "_auth_user_id" in client.session
 
 
 def test_prompt_none_with_an_exceeded_max_age_is_login_required(client, web_app, signed_in):
     _signed_in_ago(client, 120)
-    response = client.get("/oauth/authorize/", _params_for(web_app, prompt="none", max_age="60"))
-    assert response.status_code == 302
-    location = response["Location"]
-    assert location.startswith(REDIRECT_URI + "?")
-    query = parse_qs(urlsplit(location).query)
-    assert query["error"] == ["login_required"]
-    assert query["state"] == ["xyz"]
+    query = _query(
+        client.get("/oauth/authorize/", _authorize_params(web_app.client, prompt="none", max_age="60"))
+    )
+    assert query["error"] == "login_required"
+    assert query["state"] == "s"
     assert "_auth_user_id" in client.session  # prompt=none never signs anyone out
 
 
 def test_a_signed_out_user_with_max_age_signs_in_once(client, web_app):
-    following = _login_next(client.get("/oauth/authorize/", _params_for(web_app, max_age="0")))
+    following = _login_next(client.get("/oauth/authorize/", _authorize_params(web_app.client, max_age="0")))
     assert "max_age" not in following
