@@ -167,6 +167,10 @@ class AccessToken(dot.AbstractAccessToken):
 
 
 class RefreshToken(dot.AbstractRefreshToken):
+    # The user's sign-in that the code this family came from was approved in: an ID token a refresh gives
+    # keeps it (OIDC Core §12.2), where DOT put the user's last sign-in anywhere.
+    auth_time = models.DateTimeField(null=True, blank=True)
+
     class Meta(dot.AbstractRefreshToken.Meta):
         swappable = "OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL"
 
@@ -177,6 +181,13 @@ class IDToken(dot.AbstractIDToken):
 
 
 class Grant(dot.AbstractGrant):
+    # When the user signed in to the session that approved this code: the ID tokens it leads to say so in
+    # auth_time (OIDC Core §2). None for a session that predates the record (DOT's last_login is used).
+    auth_time = models.DateTimeField(null=True, blank=True)
+    # Whether the authorization request named its redirect URI: then the token request must name it too
+    # (RFC 6749 §4.1.3). oauthlib fills in a client's only URI at both ends and could not tell.
+    redirect_uri_given = models.BooleanField(default=False)
+
     class Meta(dot.AbstractGrant.Meta):
         swappable = "OAUTH2_PROVIDER_GRANT_MODEL"
 

@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from django.db import transaction
@@ -58,11 +58,16 @@ def revocations_found() -> AbstractContextManager[list[bool]]:
     return _collected(_revocation_found)
 
 
-def _locked(rows: QuerySet[Any]) -> None:
+def _locked(rows: QuerySet[Any], *fields: str) -> list[tuple[Any, ...]]:
     """Lock these rows until the token request's transaction ends (the token endpoint opens one for the
-    grants that consume a credential); outside a transaction, nothing to hold a lock for."""
+    grants that consume a credential); outside a transaction, nothing to hold a lock for. Return the
+    ``fields`` of each row, read in the same statement (none asked for: nothing is returned)."""
     if transaction.get_connection().in_atomic_block:
-        list(rows.select_for_update().values_list("pk", flat=True))
+        rows = rows.select_for_update()
+    elif not fields:
+        return []
+    found = list(rows.values_list(*(fields or ("pk",))))
+    return found if fields else []
 
 
 S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")  # RFC 7636 §4.2: BASE64URL(SHA-256), 32 bytes, unpadded
@@ -103,6 +108,13 @@ def code_verifier_check(request: Any) -> dict[str, Any]:
             request=request,
         )
     return {}
+
+
+def _auth_time(request: Any) -> int | None:
+    """When the user signed in to the session behind this request's code, in Unix seconds, if known: the
+    authorization view's credentials, or the code's or the refresh token's record at the token endpoint."""
+    signed_in = getattr(request, "auth_time", None)
+    return signed_in if isinstance(signed_in, int) and not isinstance(signed_in, bool) else None
 
 
 def _user_active(request: Any) -> bool:
@@ -229,7 +241,49 @@ class PortcullisValidator(OAuth2Validator):
     def _create_refresh_token(self, request: Any, code: Any, access_token: Any, previous: Any) -> Any:
         refresh_token = super()._create_refresh_token(request, code, access_token, previous)
         request.issued_token_family = refresh_token.token_family
+        signed_in = _auth_time(request)
+        if signed_in is not None:  # a code flow's sign-in, or the one its family carried (DOT saved the row)
+            refresh_token.auth_time = datetime.fromtimestamp(signed_in, tz=UTC)
+            RefreshToken.objects.filter(pk=refresh_token.pk).update(auth_time=refresh_token.auth_time)
         return refresh_token
+
+    def _create_authorization_code(self, request: Any, code: dict[str, Any], expires: Any = None) -> Any:
+        grant = super()._create_authorization_code(request, code, expires)
+        signed_in = _auth_time(request)
+        given = getattr(request, "redirect_uri_given", False) is True
+        if signed_in is not None or given:  # what the authorization view knew (its credentials)
+            grant.auth_time = datetime.fromtimestamp(signed_in, tz=UTC) if signed_in is not None else None
+            grant.redirect_uri_given = given
+            grant.save(update_fields=["auth_time", "redirect_uri_given"])
+        return grant
+
+    def confirm_redirect_uri(
+        self,
+        client_id: str,
+        code: str,
+        redirect_uri: str,
+        client: Any,
+        request: Any = None,
+        *a: Any,
+        **k: Any,
+    ) -> bool:
+        # RFC 6749 §4.1.3: the redirect URI is REQUIRED in the token request if the authorization request
+        # named it. oauthlib fills in the client's only URI when it is missing (using_default_redirect_uri)
+        # and DOT then compared that with the code's, which it always matched.
+        if getattr(request, "using_default_redirect_uri", False) and getattr(
+            request, "code_redirect_uri_given", False
+        ):
+            return False
+        return bool(super().confirm_redirect_uri(client_id, code, redirect_uri, client, request, *a, **k))
+
+    def get_id_token_dictionary(
+        self, token: Any, token_handler: Any, request: Any
+    ) -> tuple[dict[str, Any], Any]:
+        claims, expires = super().get_id_token_dictionary(token, token_handler, request)
+        signed_in = _auth_time(request)
+        if signed_in is not None:  # the session's own sign-in; DOT's is the user's last sign-in anywhere
+            claims["auth_time"] = signed_in
+        return claims, expires
 
     def invalidate_authorization_code(
         self, client_id: str, code: str, request: Any, *args: Any, **kwargs: Any
@@ -252,8 +306,11 @@ class PortcullisValidator(OAuth2Validator):
         # tokens, the code's deletion and its tombstone, then finds the tombstone and revokes them. Without
         # the lock both passed this check, the loser was refused only when it came to delete the code, and
         # the winner's tokens lived on (RFC 6749 §4.1.2).
-        _locked(Grant.objects.filter(code=code))
+        stored = _locked(Grant.objects.filter(code=code), "auth_time", "redirect_uri_given")
         if super().validate_code(client_id, code, client, request, *args, **kwargs):
+            if stored:  # read with the lock (DOT's own lookup keeps the row to itself)
+                signed_in, request.code_redirect_uri_given = stored[0]
+                request.auth_time = int(signed_in.timestamp()) if signed_in is not None else None
             return _user_active(request)
         tombstone = RedeemedCode.objects.filter(code_hash=_code_hash(code), client=client).first()
         if tombstone is not None:
@@ -294,6 +351,9 @@ class PortcullisValidator(OAuth2Validator):
         live = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=True).exists()
         valid = super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)
         valid = valid and _user_active(request)
+        signed_in = getattr(getattr(request, "refresh_token_instance", None), "auth_time", None)
+        if valid and signed_in is not None:  # the family's sign-in, for the ID token and the next rotation
+            request.auth_time = int(signed_in.timestamp())
         if not valid and previous is not None and not live and previous.token_family:
             # RFC 9700 §4.14.2: a rotated refresh token presented again means it leaked; DOT has revoked
             # the family (REFRESH_TOKEN_REUSE_PROTECTION), and this records it as a security event.

@@ -451,6 +451,16 @@ class AuthorizationView(dot_views.AuthorizationView):
         audited as ``authorize.denied``, and only an accepted request's scopes are remembered as consent
         (the consent was recorded before, whatever oauthlib then refused, even a scope the client may not
         have)."""
+        # What only this view knows, for the code's record: the session's sign-in (the ID token's
+        # auth_time) and whether the request named its redirect URI (then the token request must, RFC 6749
+        # §4.1.3). The consent form posts back to the request's own URL, so its query is the request's;
+        # the form's redirect_uri field is always filled in.
+        signed_in = self.request.session.get(AUTH_TIME_SESSION_KEY)
+        credentials = {
+            **credentials,
+            "auth_time": signed_in if isinstance(signed_in, int) else None,
+            "redirect_uri_given": "redirect_uri" in self.request.GET,
+        }
         answer: tuple[str, dict[str, str], Any, int] = super().create_authorization_response(
             request, scopes, credentials, allow
         )

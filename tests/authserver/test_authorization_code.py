@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from datetime import timedelta
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from django.conf import settings
@@ -709,3 +710,53 @@ def test_prompt_none_with_an_exceeded_max_age_is_login_required(client, web_app,
 def test_a_signed_out_user_with_max_age_signs_in_once(client, web_app):
     following = _login_next(client.get("/oauth/authorize/", _authorize_params(web_app.client, max_age="0")))
     assert "max_age" not in following
+
+
+def test_the_id_token_says_when_this_session_signed_in_and_a_refresh_keeps_it(oauth, web_app, signed_in):
+    from authserver.models import AUTH_TIME_SESSION_KEY
+
+    _signed_in_ago(oauth.http, 3600)
+    session_sign_in = oauth.http.session[AUTH_TIME_SESSION_KEY]
+    signed_in.last_login = timezone.now()  # a later sign-in on another device: DOT's auth_time
+    signed_in.save(update_fields=["last_login"])
+    _c, _v, tokens = _tokens(oauth, web_app, scope="openid models.read offline_access")
+    assert _claims(tokens["id_token"])["auth_time"] == session_sign_in  # OIDC Core §2
+    auth = (web_app.client.client_id, web_app.client_secret)
+    refresh_token = tokens["refresh_token"]
+    for _ in range(2):  # OIDC Core §12.2: the original sign-in, through every rotation
+        refreshed = oauth.token({"grant_type": "refresh_token", "refresh_token": refresh_token}, auth).json()
+        assert _claims(refreshed["id_token"])["auth_time"] == session_sign_in
+        refresh_token = refreshed["refresh_token"]
+
+
+def _code_without_redirect_uri_exchanged(oauth, web_app, params: dict[str, str], verifier: str, remembered):
+    if remembered:  # the remembered-consent path answers the GET itself
+        answer = oauth.http.get("/oauth/authorize/", params)
+    else:  # the consent form's own fields, posted back to the page's URL, query included, as a browser does
+        page = oauth.http.get("/oauth/authorize/", params)
+        assert page.status_code == 200
+        form = dict(re.findall(r'<input type="hidden" name="(\w+)" value="([^"]*)"', page.content.decode()))
+        assert form["redirect_uri"] == REDIRECT_URI  # filled in, named by the request or not
+        answer = oauth.http.post(f"/oauth/authorize/?{urlencode(params)}", {**form, "allow": "Allow"})
+    data = {"grant_type": "authorization_code", "code": oauth.code_from(answer), "code_verifier": verifier}
+    return oauth.token(data, (web_app.client.client_id, web_app.client_secret))
+
+
+@pytest.mark.parametrize("remembered", [False, True])
+def test_a_token_request_names_the_redirect_uri_if_the_authorization_request_did(
+    oauth, web_app, signed_in, remembered
+):
+    if remembered:
+        _tokens(oauth, web_app, scope="models.read")
+    verifier, challenge = pkce_pair()
+    params = _authorize_params(web_app.client, code_challenge=challenge, scope="models.read")
+    if not remembered:
+        params["prompt"] = "consent"  # the page again for the second code
+    refused = _code_without_redirect_uri_exchanged(oauth, web_app, params, verifier, remembered)
+    assert refused.status_code == 400  # RFC 6749 §4.1.3
+    assert refused.json()["error"] == "invalid_request"
+    assert AuditEvent.objects.filter(kind="token.denied").exists()
+    del params["redirect_uri"]  # not named at either end: the client's only URI, as before
+    verifier, params["code_challenge"] = pkce_pair()
+    accepted = _code_without_redirect_uri_exchanged(oauth, web_app, params, verifier, remembered)
+    assert accepted.status_code == 200, accepted.content
