@@ -20,7 +20,7 @@ from oauth2_provider.settings import oauth2_settings
 from oauthlib.oauth2.rfc6749 import errors
 
 from audit.services import audit_record
-from authserver.models import AccessToken, Grant, RedeemedCode, RefreshToken
+from authserver.models import AccessToken, Client, Grant, RedeemedCode, RefreshToken
 from authserver.selectors import client_by_client_id
 from authserver.services import access_token_insert
 from authserver.tokens import jwt_unverified_claims
@@ -346,22 +346,26 @@ class PortcullisValidator(OAuth2Validator):
         # Two uses of one refresh token at once: the second waits here until the first has rotated it, then
         # finds it revoked and is a reuse (RFC 9700 §4.14.2). Without the lock both passed this check, and
         # DOT's grace path answered the second with a 200 holding empty tokens, the family left alive.
-        _locked(RefreshToken.objects.filter(token_checksum=checksum))
-        previous = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=False).first()
-        live = RefreshToken.objects.filter(token_checksum=checksum, revoked__isnull=True).exists()
+        rows = _locked(
+            RefreshToken.objects.filter(token_checksum=checksum), "revoked", "token_family", "application_id"
+        )
+        previous = next((row for row in rows if row[0] is not None), None)  # a rotated (revoked) one
+        live = any(row[0] is None for row in rows)
         valid = super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)
         valid = valid and _user_active(request)
         signed_in = getattr(getattr(request, "refresh_token_instance", None), "auth_time", None)
         if valid and signed_in is not None:  # the family's sign-in, for the ID token and the next rotation
             request.auth_time = int(signed_in.timestamp())
-        if not valid and previous is not None and not live and previous.token_family:
+        if not valid and previous is not None and not live and previous[1]:
             # RFC 9700 §4.14.2: a rotated refresh token presented again means it leaked; DOT has revoked
             # the family (REFRESH_TOKEN_REUSE_PROTECTION), and this records it as a security event.
+            _revoked, family, application_id = previous
+            owner = Client.objects.filter(pk=application_id).values_list("client_id", flat=True).first()
             audit_record(
                 kind="token.refresh_reuse",
                 outcome="denied",
-                actor=f"client:{previous.application.client_id}",
-                client_id=previous.application.client_id,
-                data={"token_family": str(previous.token_family)},
+                actor=f"client:{owner}",
+                client_id=owner or "",
+                data={"token_family": str(family)},
             )
         return valid
