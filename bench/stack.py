@@ -258,17 +258,18 @@ class Stack:
         self._wait_ready(self._spawn(name, argv, self.options.other_core, port), "/health")
 
     def _gateway(self) -> None:
-        self._uvicorn("gateway", "config.asgi:application")
+        # served as deployed: httptools, with uvicorn's own refusals audited (config/protocol.py)
+        self._uvicorn("gateway", "config.asgi:application", "config.protocol:AuditedHttpToolsProtocol")
 
     def _bare(self) -> None:
         """The bare proxy, served as the gateway is, on its core (each idles while the other is measured)."""
         self._uvicorn("bare", "bench.bareproxy:application")
 
-    def _uvicorn(self, name: str, app: str) -> None:
+    def _uvicorn(self, name: str, app: str, http: str = "httptools") -> None:
         """Serve an ASGI application on the gateway's core: uvloop, httptools, no access log."""
         port = self.ports[name]
         argv = [PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
-        argv += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--no-proxy-headers"]
+        argv += ["--loop", "uvloop", "--http", http, "--no-access-log", "--no-proxy-headers"]
         argv += ["--log-level", "warning"]
         self._wait_ready(self._spawn(name, argv, self.options.gateway_core, port), "/healthz")
 

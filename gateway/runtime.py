@@ -267,6 +267,11 @@ async def runtime_get() -> Runtime:
     return _runtime
 
 
+def runtime_current() -> Runtime | None:
+    """This process's runtime if it has started, else None (for code outside a request, which cannot wait)."""
+    return _runtime
+
+
 async def runtime_stop() -> None:
     """Stop this process's runtime (ASGI lifespan shutdown)."""
     global _runtime

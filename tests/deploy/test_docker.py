@@ -49,7 +49,8 @@ APP_SECRET_FILES = {"DJANGO_SECRET_KEY_FILE", "PORTCULLIS_KEY_ENCRYPTION_KEY_FIL
 BUILD_TOOLS = {"build-essential", "gcc", "g++", "cc", "clang", "make", "cmake", "libc6-dev", "python3-dev"}
 BUILD_TOOLS |= {"libpq-dev", "pkg-config", "rustc", "cargo", "git"}
 UVICORN = (
-    "uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http httptools"
+    "uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop"
+    " --http config.protocol:AuditedHttpToolsProtocol"
     " --workers 4 --no-proxy-headers"
 )
 ROLE_COMMANDS = {

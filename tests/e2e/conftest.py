@@ -91,7 +91,7 @@ def _spawn(port: int, base: str, sink: Any, env: dict[str, str]) -> subprocess.P
             "--loop",
             "uvloop",
             "--http",
-            "httptools",
+            "config.protocol:AuditedHttpToolsProtocol",
             "--no-proxy-headers",
         ],
         cwd=ROOT,

@@ -828,3 +828,38 @@ def test_a_body_trickled_in_slower_than_the_body_timeout_gets_a_408_and_the_conn
         assert "Traceback" not in server.log.read_text()
     finally:
         stop(server.process)
+
+
+MALFORMED = {
+    "two content lengths": (
+        b"GET /v1/models HTTP/1.1\r\nhost: g\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n"
+    ),
+    "a length with chunked": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ncontent-length: 5\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "a header line without a colon": b"GET /v1/models HTTP/1.1\r\nhost g\r\n\r\n",
+    "TLS to the plain-text port": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32,
+}
+
+
+def _malformed_events(django_db_blocker: Any) -> int:
+    with django_db_blocker.unblock():
+        return AuditEvent.objects.filter(kind="http.malformed", ip="127.0.0.1").count()
+
+
+def test_a_request_that_is_not_http_gets_uvicorns_400_and_is_audited(stack, django_db_blocker):
+    host, port = stack.server.base.removeprefix("http://").split(":")
+    before = _malformed_events(django_db_blocker)
+    for name, raw in MALFORMED.items():
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(raw)
+            received = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 400 "), (name, received)
+    deadline = time.monotonic() + 15
+    while _malformed_events(django_db_blocker) < before + len(MALFORMED) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _malformed_events(django_db_blocker) == before + len(MALFORMED)
+    assert "Traceback" not in stack.server.log.read_text()
