@@ -330,7 +330,7 @@ LOG_LEVEL = env_str("PORTCULLIS_LOG_LEVEL", "INFO").upper()
 LOG_FORMAT = env_str("PORTCULLIS_LOG_FORMAT", "plain" if DEBUG else "json")
 if LOG_FORMAT not in {"json", "plain"}:
     raise ImproperlyConfigured("PORTCULLIS_LOG_FORMAT must be json or plain")
-LOGGING = {
+LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {
@@ -362,3 +362,5 @@ LOGGING = {
         "django.security.csrf": {"filters": ["redact_query"]},
     },
 }
+if not REDIS_URL:  # the embedded beat runs its tasks in-process: one "Task ... succeeded" line a second
+    LOGGING["loggers"]["celery.app.trace"] = {"level": "WARNING"}
