@@ -91,3 +91,14 @@ def test_a_key_may_be_published_as_little_as_two_gateway_key_set_refreshes_ahead
     result = settings_load(show=shown, PORTCULLIS_KEY_PUBLISH_AHEAD="120")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["120", "60.0"]
+
+
+@pytest.mark.parametrize(("redis_url", "level"), [(None, "WARNING"), ("redis://127.0.0.1:6379/0", "INFO")])
+def test_only_the_embedded_beat_keeps_celerys_task_lines_out_of_the_log(redis_url, level):
+    # with no broker the in-process beat runs a task every second, each a "Task ... succeeded" line
+    logger = "__import__('logging').getLogger('celery.app.trace')"
+    result = settings_load(
+        show=f"__import__('logging').getLevelName({logger}.getEffectiveLevel())", REDIS_URL=redis_url
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == level
