@@ -185,8 +185,9 @@ class Grant(dot.AbstractGrant):
     # auth_time (OIDC Core §2). None for a session that predates the record (DOT's last_login is used).
     auth_time = models.DateTimeField(null=True, blank=True)
     # Whether the authorization request named its redirect URI: then the token request must name it too
-    # (RFC 6749 §4.1.3). oauthlib fills in a client's only URI at both ends and could not tell.
-    redirect_uri_given = models.BooleanField(default=False)
+    # (RFC 6749 §4.1.3). oauthlib fills in a client's only URI at both ends and could not tell. The
+    # database default lets a replica still on the code before this column insert grants during a deploy.
+    redirect_uri_given = models.BooleanField(default=False, db_default=False)
 
     class Meta(dot.AbstractGrant.Meta):
         swappable = "OAUTH2_PROVIDER_GRANT_MODEL"

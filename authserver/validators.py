@@ -113,7 +113,8 @@ def code_verifier_check(request: Any) -> dict[str, Any]:
 def _auth_time(request: Any) -> int | None:
     """When the user signed in to the session behind this request's code, in Unix seconds, if known: the
     authorization view's credentials, or the code's or the refresh token's record at the token endpoint."""
-    signed_in = getattr(request, "auth_time", None)
+    # Only what this code set: oauthlib's request also answers any name from the client's own parameters
+    signed_in = vars(request).get("auth_time")
     return signed_in if isinstance(signed_in, int) and not isinstance(signed_in, bool) else None
 
 
@@ -250,7 +251,7 @@ class PortcullisValidator(OAuth2Validator):
     def _create_authorization_code(self, request: Any, code: dict[str, Any], expires: Any = None) -> Any:
         grant = super()._create_authorization_code(request, code, expires)
         signed_in = _auth_time(request)
-        given = getattr(request, "redirect_uri_given", False) is True
+        given = vars(request).get("redirect_uri_given") is True  # the view's credentials, not a parameter
         if signed_in is not None or given:  # what the authorization view knew (its credentials)
             grant.auth_time = datetime.fromtimestamp(signed_in, tz=UTC) if signed_in is not None else None
             grant.redirect_uri_given = given
@@ -270,8 +271,8 @@ class PortcullisValidator(OAuth2Validator):
         # RFC 6749 §4.1.3: the redirect URI is REQUIRED in the token request if the authorization request
         # named it. oauthlib fills in the client's only URI when it is missing (using_default_redirect_uri)
         # and DOT then compared that with the code's, which it always matched.
-        if getattr(request, "using_default_redirect_uri", False) and getattr(
-            request, "code_redirect_uri_given", False
+        if getattr(request, "using_default_redirect_uri", False) and vars(request).get(
+            "code_redirect_uri_given"
         ):
             return False
         return bool(super().confirm_redirect_uri(client_id, code, redirect_uri, client, request, *a, **k))
@@ -353,9 +354,9 @@ class PortcullisValidator(OAuth2Validator):
         live = any(row[0] is None for row in rows)
         valid = super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)
         valid = valid and _user_active(request)
-        signed_in = getattr(getattr(request, "refresh_token_instance", None), "auth_time", None)
-        if valid and signed_in is not None:  # the family's sign-in, for the ID token and the next rotation
-            request.auth_time = int(signed_in.timestamp())
+        signed_in = getattr(vars(request).get("refresh_token_instance"), "auth_time", None)
+        # the family's sign-in, for the ID token and the next rotation (None: DOT's last_login)
+        request.auth_time = int(signed_in.timestamp()) if valid and signed_in is not None else None
         if not valid and previous is not None and not live and previous[1]:
             # RFC 9700 §4.14.2: a rotated refresh token presented again means it leaked; DOT has revoked
             # the family (REFRESH_TOKEN_REUSE_PROTECTION), and this records it as a security event.

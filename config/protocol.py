@@ -24,16 +24,19 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         from gateway.runtime import runtime_current  # uvicorn imports this class before Django is set up
 
         runtime = runtime_current()
-        if runtime is not None:
-            runtime.sink.event(
-                {
-                    "kind": "http.malformed",
-                    "outcome": "denied",
-                    "actor": "anonymous",
-                    "ip": self.client[0] if self.client else None,
-                    "data": {"status": 400},
-                }
-            )
-        else:  # a server run without the lifespan that starts the runtime: said, not lost silently
-            logger.warning("a request that did not parse as HTTP was refused; no audit sink to record it")
+        try:
+            if runtime is None:  # a server run without the lifespan that starts the runtime: said, not lost
+                logger.warning("a request that did not parse as HTTP was refused; no audit sink to record it")
+            else:
+                runtime.sink.event(
+                    {
+                        "kind": "http.malformed",
+                        "outcome": "denied",
+                        "actor": "anonymous",
+                        "ip": self.client[0] if self.client else None,
+                        "data": {"status": 400},
+                    }
+                )
+        except Exception:  # the refusal goes out whatever the audit hand-off does
+            logger.exception("a refused unparsable request could not be handed to the audit sink")
         super().send_400_response(msg)

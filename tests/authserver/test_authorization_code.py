@@ -724,7 +724,8 @@ def test_the_id_token_says_when_this_session_signed_in_and_a_refresh_keeps_it(oa
     auth = (web_app.client.client_id, web_app.client_secret)
     refresh_token = tokens["refresh_token"]
     for _ in range(2):  # OIDC Core §12.2: the original sign-in, through every rotation
-        refreshed = oauth.token({"grant_type": "refresh_token", "refresh_token": refresh_token}, auth).json()
+        forged = {"grant_type": "refresh_token", "refresh_token": refresh_token, "auth_time": "1"}
+        refreshed = oauth.token(forged, auth).json()  # a client's own auth_time parameter changes nothing
         assert _claims(refreshed["id_token"])["auth_time"] == session_sign_in
         refresh_token = refreshed["refresh_token"]
 
@@ -756,6 +757,14 @@ def test_a_token_request_names_the_redirect_uri_if_the_authorization_request_did
     assert refused.status_code == 400  # RFC 6749 §4.1.3
     assert refused.json()["error"] == "invalid_request"
     assert AuditEvent.objects.filter(kind="token.denied").exists()
+    verifier, params["code_challenge"] = pkce_pair()
+    if remembered:
+        named = oauth.code_from(oauth.http.get("/oauth/authorize/", params))
+    else:
+        named = oauth.code_from(
+            oauth.http.post(f"/oauth/authorize/?{urlencode(params)}", {**params, "allow": "Allow"})
+        )
+    assert oauth.code_exchange(web_app, named, verifier).status_code == 200  # named at both ends
     del params["redirect_uri"]  # not named at either end: the client's only URI, as before
     verifier, params["code_challenge"] = pkce_pair()
     accepted = _code_without_redirect_uri_exchanged(oauth, web_app, params, verifier, remembered)
