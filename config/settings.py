@@ -279,6 +279,10 @@ AUTHSERVER: dict[str, Any] = {
 
 REST_FRAMEWORK = {"DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema"}
 
+# Seconds a client has to send a request's headers, from the connection opening or, kept alive, from the
+# request's first byte (config/protocol.py: uvicorn sets no such deadline). Then a 408 and the close.
+HEADER_READ_TIMEOUT_S = float(env_int("PORTCULLIS_HEADER_READ_TIMEOUT", 10, minimum=1))
+
 GATEWAY = {
     "UPSTREAMS": env_list("VLLM_UPSTREAMS", ["http://127.0.0.1:8001"] if DEBUG else []),
     "UPSTREAM_API_KEY": env_secret("VLLM_API_KEY"),

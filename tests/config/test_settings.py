@@ -62,6 +62,7 @@ def test_production_settings_load_with_https_hardening():
         # a key that signed before gateways refreshed their key set would have its tokens refused
         ({"PORTCULLIS_KEY_PUBLISH_AHEAD": "0"}, "PORTCULLIS_KEY_PUBLISH_AHEAD"),
         ({"PORTCULLIS_KEY_PUBLISH_AHEAD": "119"}, "PORTCULLIS_KEY_PUBLISH_AHEAD"),
+        ({"PORTCULLIS_HEADER_READ_TIMEOUT": "0"}, "PORTCULLIS_HEADER_READ_TIMEOUT"),
     ],
 )
 def test_an_insecure_or_missing_setting_stops_the_process_naming_it(overrides, named):

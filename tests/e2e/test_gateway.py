@@ -863,3 +863,72 @@ def test_a_request_that_is_not_http_gets_uvicorns_400_and_is_audited(stack, djan
         time.sleep(0.2)
     assert _malformed_events(django_db_blocker) == before + len(MALFORMED)
     assert "Traceback" not in stack.server.log.read_text()
+
+
+def _read_until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and how long that took."""
+    started, received = time.monotonic(), b""
+    sock.settimeout(limit_s)
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except TimeoutError:
+        pytest.fail(f"the connection was still open after {limit_s} s: {received!r}")
+    return received, time.monotonic() - started
+
+
+def _slow_header_events(django_db_blocker: Any) -> int:
+    with django_db_blocker.unblock():
+        return AuditEvent.objects.filter(kind="http.slow_headers", ip="127.0.0.1").count()
+
+
+def test_headers_not_whole_within_the_header_timeout_get_a_408_and_the_connection_closed(
+    tmp_path, stack, django_db_blocker
+):
+    server = start_server(tmp_path, VLLM_UPSTREAMS=stack.fake.base, PORTCULLIS_HEADER_READ_TIMEOUT="1")
+    host, port = server.base.removeprefix("http://").split(":")
+    before = _slow_header_events(django_db_blocker)
+    try:
+        # a header line begun and never ended
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\nauthoriz")
+            received, took = _read_until_closed(sock, 5)
+        assert received.startswith(b"HTTP/1.1 408 "), received
+        assert b"connection: close" in received.lower()
+        assert took < 3
+        # headers trickled a byte at a time: the deadline is for the whole head, not for each byte
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            started = time.monotonic()
+            try:
+                for byte in b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\nx-padding: " + b"a" * 100:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.1)
+                    if select.select([sock], [], [], 0)[0]:
+                        break  # answered (and closed)
+            except OSError:
+                pass  # closed while sending: the answer is read below
+            received, _took = _read_until_closed(sock, 5)
+        assert received.startswith(b"HTTP/1.1 408 "), received
+        assert time.monotonic() - started < 4
+        # a connection that never sends a byte is closed without an answer (a browser's preconnect)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            received, took = _read_until_closed(sock, 5)
+        assert received == b""
+        assert took < 3
+        # a kept-alive connection's next request has its own deadline, from its first byte
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            request = b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n\r\n"
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(1.5)  # idle past the header timeout, within uvicorn's keep-alive: not a late request
+            sock.sendall(request)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        deadline = time.monotonic() + 15
+        while _slow_header_events(django_db_blocker) < before + 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (
+            _slow_header_events(django_db_blocker) == before + 2
+        )  # the two requests begun, not the silent one
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        stop(server.process)
