@@ -11,13 +11,19 @@ undone at the connection level. Serve with ``--http config.protocol:AuditedHttpT
   ``PORTCULLIS_HEADER_READ_TIMEOUT`` setting) of the connection opening, or, on a kept-alive connection,
   of the request's first byte. Past it, a request begun gets a plain-text 408, is recorded as
   ``http.slow_headers``, and the connection closes; a connection that sent nothing is closed without a
-  word (a browser's preconnect is one). The body has its own deadline once the headers are in (the
-  gateway's ``PORTCULLIS_BODY_READ_TIMEOUT``).
+  word (a browser's preconnect is one).
+- **Slow bodies.** Once the headers are in, the body has ``PORTCULLIS_BODY_READ_TIMEOUT``: the gateway's
+  consumers enforce it on ``/v1`` themselves (an OpenAI-shaped 408 with its request id and usage record);
+  here it is enforced for everything else (the OAuth endpoints, the sign-in and console pages), which
+  Django reads whole before any view runs, for as long as it takes. Past it the answer is a 408 (RFC 6749's
+  JSON shape under ``/oauth/``, plain text elsewhere), recorded as ``http.slow_body``, and the close.
 
-Both records go through the gateway's audit sink, which hands them off without blocking the event loop
+The records go through the gateway's audit sink, which hands them off without blocking the event loop
 (to the Redis stream, or to the in-process queue in the embedded default). The address is the
-connection's peer: the headers did not parse or did not arrive, so a trusted proxy's X-Forwarded-For is
-not read, and behind a proxy it is the proxy's. Nothing of the request itself is recorded.
+connection's peer when the headers did not parse or did not arrive (a trusted proxy's X-Forwarded-For is
+not read, so behind a proxy it is the proxy's), and the client's, resolved as everywhere else, for a slow
+body. Nothing of the request itself is recorded. When uvicorn itself stopped reading (a pipelined request
+waits for the one before it), a deadline is moved on rather than held against the client.
 """
 
 from __future__ import annotations
@@ -73,24 +79,29 @@ class HeaderDeadlines:
 HEADER_DEADLINES = HeaderDeadlines()
 
 
-_timeout_s: float | None = None
+_timeouts: tuple[float, float] | None = None
 
 
-def _header_timeout_s() -> float:
-    global _timeout_s
-    if _timeout_s is None:
-        from django.conf import settings  # set up by the time a connection arrives (uvicorn loads the app)
+def _timeouts_s() -> tuple[float, float]:
+    """The header and body deadlines, in seconds (read once: uvicorn loads the app, and with it the
+    settings, before the first connection)."""
+    global _timeouts
+    if _timeouts is None:
+        from django.conf import settings
 
-        _timeout_s = float(settings.HEADER_READ_TIMEOUT_S)
-    return _timeout_s
+        from gateway.conf import gateway_settings
+
+        _timeouts = (float(settings.HEADER_READ_TIMEOUT_S), gateway_settings().body_read_timeout_s)
+    return _timeouts
 
 
 class AuditedHttpToolsProtocol(HttpToolsProtocol):
+    _phase = ""  # what the deadline in HEADER_DEADLINES is for: "headers", "body" or nothing
     _begun = False  # the current request's first byte has arrived
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        HEADER_DEADLINES.add(self, time.monotonic() + _header_timeout_s())
+        self._watch("headers")
 
     def connection_lost(self, exc: Exception | None) -> None:
         HEADER_DEADLINES.remove(self)
@@ -100,38 +111,81 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._begun = True
         if self not in HEADER_DEADLINES.pending:  # a kept-alive connection's next request
-            HEADER_DEADLINES.add(self, time.monotonic() + _header_timeout_s())
+            self._watch("headers")
 
     def on_headers_complete(self) -> None:
         HEADER_DEADLINES.remove(self)
-        self._begun = False
+        self._phase, self._begun = "", False
         super().on_headers_complete()
+        path = self.scope.get("path", "")
+        if self.cycle is not None and self.cycle.scope is self.scope and not _gateway_path(path):
+            self._watch("body")  # the gateway's consumers keep their own, with an OpenAI-shaped answer
+
+    def on_message_complete(self) -> None:
+        if self._phase == "body":
+            HEADER_DEADLINES.remove(self)
+            self._phase = ""
+        super().on_message_complete()
+
+    def _watch(self, phase: str) -> None:
+        headers_s, body_s = _timeouts_s()
+        self._phase = phase
+        HEADER_DEADLINES.add(self, time.monotonic() + (headers_s if phase == "headers" else body_s))
 
     def headers_late(self) -> None:
-        """The deadline passed with the headers incomplete: answer a request begun with a 408, and close."""
+        """A deadline passed: answer a request begun with a 408, and close."""
         if self.transport is None or self.transport.is_closing():
             return
-        if self.cycle is not None and not self.cycle.response_complete:
-            # a pipelined request behind one still answering: uvicorn stopped reading, not the client sending
-            HEADER_DEADLINES.add(self, time.monotonic() + _header_timeout_s())
+        if self.flow is not None and self.flow.read_paused:  # uvicorn stopped reading, not the client
+            self._watch(self._phase)
             return
-        if self._begun:
-            self._audit("http.slow_headers", 408)
-            content = [b"HTTP/1.1 408 Request Timeout\r\n"]
-            for name, value in self.server_state.default_headers:
-                content.extend([name, b": ", value, b"\r\n"])
-            content.append(b"content-type: text/plain; charset=utf-8\r\n")
-            content.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(REQUEST_TIMEOUT))
-            content.append(REQUEST_TIMEOUT)
-            self.transport.write(b"".join(content))
+        if self._phase == "body":
+            self._body_late()
+        elif self._begun:
+            self._audit("http.slow_headers", 408, self._peer())
+            self._refuse(b"text/plain; charset=utf-8", REQUEST_TIMEOUT)
         self.transport.close()
+
+    def _body_late(self) -> None:
+        from django.conf import settings
+
+        from audit.context import client_ip_resolve, trusted_networks
+
+        if self.cycle is None or self.cycle.response_started:
+            return  # the application answered already: only the close is left
+        self.cycle.disconnected = True  # the application's next receive() is a disconnect
+        forwarded = b",".join(v for name, v in self.scope.get("headers") or [] if name == b"x-forwarded-for")
+        ip = client_ip_resolve(
+            self._peer(),
+            forwarded.decode("latin-1") or None,
+            trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES)),
+        )
+        self._audit("http.slow_body", 408, ip)
+        if self.scope.get("path", "").startswith("/oauth/"):
+            description = "The request body was not received in time."
+            body = b'{"error": "invalid_request", "error_description": "%s"}' % description.encode()
+            self._refuse(b"application/json", body, b"cache-control: no-store\r\n")
+        else:
+            self._refuse(b"text/plain; charset=utf-8", b"Request body timeout.")
+
+    def _refuse(self, content_type: bytes, body: bytes, extra: bytes = b"") -> None:
+        content = [b"HTTP/1.1 408 Request Timeout\r\n"]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.append(b"content-type: " + content_type + b"\r\n" + extra)
+        content.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
+        content.append(body)
+        self.transport.write(b"".join(content))
+
+    def _peer(self) -> str | None:
+        return self.client[0] if self.client else None
 
     def send_400_response(self, msg: str) -> None:
         HEADER_DEADLINES.remove(self)
-        self._audit("http.malformed", 400)
+        self._audit("http.malformed", 400, self._peer())
         super().send_400_response(msg)
 
-    def _audit(self, kind: str, status: int) -> None:
+    def _audit(self, kind: str, status: int, ip: str | None) -> None:
         from gateway.runtime import runtime_current  # uvicorn imports this class before Django is set up
 
         runtime = runtime_current()
@@ -144,9 +198,15 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
                         "kind": kind,
                         "outcome": "denied",
                         "actor": "anonymous",
-                        "ip": self.client[0] if self.client else None,
+                        "ip": ip,
                         "data": {"status": status},
                     }
                 )
         except Exception:  # the refusal goes out whatever the audit hand-off does
             logger.exception("a refused connection could not be handed to the audit sink")
+
+
+def _gateway_path(path: str) -> bool:
+    from gateway.routing import is_gateway_path
+
+    return is_gateway_path(path)

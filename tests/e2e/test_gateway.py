@@ -932,3 +932,43 @@ def test_headers_not_whole_within_the_header_timeout_get_a_408_and_the_connectio
         assert "Traceback" not in server.log.read_text()
     finally:
         stop(server.process)
+
+
+def test_a_body_for_django_not_whole_within_the_body_timeout_gets_a_408_and_the_connection_closed(
+    tmp_path, stack, django_db_blocker
+):
+    # The gateway's consumers hold their own body deadline (the trickled-body test above); Django reads a
+    # body whole before any view runs, so the OAuth endpoints and the pages get theirs from the protocol.
+    server = start_server(tmp_path, VLLM_UPSTREAMS=stack.fake.base, PORTCULLIS_BODY_READ_TIMEOUT="1")
+    host, port = server.base.removeprefix("http://").split(":")
+    with django_db_blocker.unblock():
+        before = AuditEvent.objects.filter(kind="http.slow_body").count()
+    answers = {}
+    try:
+        for path in ("/oauth/token/", "/accounts/login/"):
+            head = (
+                f"POST {path} HTTP/1.1\r\nhost: gateway\r\n"
+                "content-type: application/x-www-form-urlencoded\r\ncontent-length: 100\r\n\r\n"
+                "grant_type=client_cre"
+            )
+            with socket.create_connection((host, int(port)), timeout=10) as sock:
+                sock.sendall(head.encode())
+                answers[path], took = _read_until_closed(sock, 5)
+            assert took < 3, path
+        token_head, _, token_body = answers["/oauth/token/"].partition(b"\r\n\r\n")
+        assert token_head.startswith(b"HTTP/1.1 408 "), answers
+        assert b"content-type: application/json" in token_head
+        assert json.loads(token_body)["error"] == "invalid_request"  # RFC 6749 §5.2's shape
+        assert answers["/accounts/login/"].startswith(b"HTTP/1.1 408 "), answers
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with django_db_blocker.unblock():
+                events = list(AuditEvent.objects.filter(kind="http.slow_body").values_list("ip", flat=True))
+            if len(events) >= before + 2:
+                break
+            time.sleep(0.2)
+        assert len(events) == before + 2
+        assert set(events[-2:]) == {"127.0.0.1"}
+        assert "Traceback" not in server.log.read_text()
+    finally:
+        stop(server.process)
