@@ -36,17 +36,15 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger(__name__)
 
-HEADER_SWEEP_S = 0.5  # a late request is cut at most this long after its deadline
-HEADER_SWEEPER_IDLE_S = (
-    30.0  # the sweeper ends after this long with nothing to watch (the next one restarts it)
-)
+SWEEP_S = 0.5  # a late request is cut at most this long after its deadline
+SWEEPER_IDLE_S = 30.0  # the sweeper ends after this long with nothing to watch (the next one restarts it)
 REQUEST_TIMEOUT = b"Request header timeout."
 
 
-class HeaderDeadlines:
-    """The connections whose request headers are not whole yet, with their deadlines, checked by one
-    sweeping task per process (a timer per request costs microseconds on the hot path; this, a dict entry
-    added and removed)."""
+class Deadlines:
+    """The connections whose request headers (or, for Django, body) are not whole yet, with their
+    deadlines, checked by one sweeping task per process (a timer per request costs microseconds on the hot
+    path; this, a dict entry added and removed)."""
 
     def __init__(self) -> None:
         self.pending: dict[AuditedHttpToolsProtocol, float] = {}
@@ -63,20 +61,20 @@ class HeaderDeadlines:
     async def _sweep(self) -> None:
         idle = 0.0
         try:
-            while idle < HEADER_SWEEPER_IDLE_S:
-                await asyncio.sleep(HEADER_SWEEP_S)
-                idle = 0.0 if self.pending else idle + HEADER_SWEEP_S
+            while idle < SWEEPER_IDLE_S:
+                await asyncio.sleep(SWEEP_S)
+                idle = 0.0 if self.pending else idle + SWEEP_S
                 now = time.monotonic()
                 for protocol, deadline in list(self.pending.items()):
                     if deadline <= now:
                         del self.pending[protocol]
-                        protocol.headers_late()
+                        protocol.late()
         finally:
             if self.sweeper is asyncio.current_task():
                 self.sweeper = None
 
 
-HEADER_DEADLINES = HeaderDeadlines()
+DEADLINES = Deadlines()
 
 
 _timeouts: tuple[float, float] | None = None
@@ -96,7 +94,7 @@ def _timeouts_s() -> tuple[float, float]:
 
 
 class AuditedHttpToolsProtocol(HttpToolsProtocol):
-    _phase = ""  # what the deadline in HEADER_DEADLINES is for: "headers", "body" or nothing
+    _phase = ""  # what its deadline in DEADLINES is for: "headers", "body" or nothing
     _begun = False  # the current request's first byte has arrived
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -104,17 +102,17 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         self._watch("headers")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        HEADER_DEADLINES.remove(self)
+        DEADLINES.remove(self)
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._begun = True
-        if self not in HEADER_DEADLINES.pending:  # a kept-alive connection's next request
+        if self not in DEADLINES.pending:  # a kept-alive connection's next request
             self._watch("headers")
 
     def on_headers_complete(self) -> None:
-        HEADER_DEADLINES.remove(self)
+        DEADLINES.remove(self)
         self._phase, self._begun = "", False
         super().on_headers_complete()
         path = self.scope.get("path", "")
@@ -123,16 +121,16 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         if self._phase == "body":
-            HEADER_DEADLINES.remove(self)
+            DEADLINES.remove(self)
             self._phase = ""
         super().on_message_complete()
 
     def _watch(self, phase: str) -> None:
         headers_s, body_s = _timeouts_s()
         self._phase = phase
-        HEADER_DEADLINES.add(self, time.monotonic() + (headers_s if phase == "headers" else body_s))
+        DEADLINES.add(self, time.monotonic() + (headers_s if phase == "headers" else body_s))
 
-    def headers_late(self) -> None:
+    def late(self) -> None:
         """A deadline passed: answer a request begun with a 408, and close."""
         if self.transport is None or self.transport.is_closing():
             return
@@ -181,7 +179,7 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         return self.client[0] if self.client else None
 
     def send_400_response(self, msg: str) -> None:
-        HEADER_DEADLINES.remove(self)
+        DEADLINES.remove(self)
         self._audit("http.malformed", 400, self._peer())
         super().send_400_response(msg)
 
