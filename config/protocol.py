@@ -34,47 +34,13 @@ import time
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway.deadlines import Deadlines
+
 logger = logging.getLogger(__name__)
 
-SWEEP_S = 0.5  # a late request is cut at most this long after its deadline
-SWEEPER_IDLE_S = 30.0  # the sweeper ends after this long with nothing to watch (the next one restarts it)
 REQUEST_TIMEOUT = b"Request header timeout."
-
-
-class Deadlines:
-    """The connections whose request headers (or, for Django, body) are not whole yet, with their
-    deadlines, checked by one sweeping task per process (a timer per request costs microseconds on the hot
-    path; this, a dict entry added and removed)."""
-
-    def __init__(self) -> None:
-        self.pending: dict[AuditedHttpToolsProtocol, float] = {}
-        self.sweeper: asyncio.Task[None] | None = None
-
-    def add(self, protocol: AuditedHttpToolsProtocol, deadline: float) -> None:
-        self.pending[protocol] = deadline
-        if self.sweeper is None:  # one event loop per process (uvicorn); the sweeper clears this on exit
-            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    def remove(self, protocol: AuditedHttpToolsProtocol) -> None:
-        self.pending.pop(protocol, None)
-
-    async def _sweep(self) -> None:
-        idle = 0.0
-        try:
-            while idle < SWEEPER_IDLE_S:
-                await asyncio.sleep(SWEEP_S)
-                idle = 0.0 if self.pending else idle + SWEEP_S
-                now = time.monotonic()
-                for protocol, deadline in list(self.pending.items()):
-                    if deadline <= now:
-                        del self.pending[protocol]
-                        protocol.late()
-        finally:
-            if self.sweeper is asyncio.current_task():
-                self.sweeper = None
-
-
-DEADLINES = Deadlines()
+# a late request is cut at most half a second after its deadline
+DEADLINES: Deadlines[AuditedHttpToolsProtocol] = Deadlines(sweep_s=0.5)
 
 
 _timeouts: tuple[float, float] | None = None

@@ -22,6 +22,7 @@ from audit.context import client_ip_resolve, request_id_from, trusted_networks
 from gateway import errors
 from gateway.admission import admit, settle
 from gateway.auth import Principal
+from gateway.deadlines import Deadlines
 from gateway.metrics import ACTIVE_STREAMS, METERING_BACKLOG, request_observe
 from gateway.runtime import Runtime, runtime_get
 from gateway.streaming import StreamRelay
@@ -51,43 +52,8 @@ class ClientDisconnected(Exception):
     """The client went away while its request was being read."""
 
 
-BODY_SWEEP_S = 0.25  # a body read is cut at most this long after its deadline
-BODY_SWEEPER_IDLE_S = 30.0  # the sweeper ends after this long without a body read (the next one restarts it)
-
-
-class BodyDeadlines:
-    """Cut body reads that pass their deadline, with one sweeping task per process.
-
-    Not a timer per request: ``asyncio.timeout`` (or ``call_later`` and its cancel) cost 4 to 9 µs of CPU
-    per request on the benchmark's VM, where registering here costs a few hundred nanoseconds.
-    """
-
-    def __init__(self) -> None:
-        self.reads: dict[GatewayConsumer, float] = {}
-        self.sweeper: asyncio.Task[None] | None = None
-
-    def add(self, consumer: GatewayConsumer, deadline: float) -> None:
-        self.reads[consumer] = deadline
-        if self.sweeper is None:  # one event loop per process (uvicorn); the sweeper clears this on exit
-            self.sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        idle = 0.0
-        try:
-            while idle < BODY_SWEEPER_IDLE_S:
-                await asyncio.sleep(BODY_SWEEP_S)
-                idle = 0.0 if self.reads else idle + BODY_SWEEP_S
-                now = time.monotonic()
-                for consumer, deadline in list(self.reads.items()):
-                    if deadline <= now:
-                        del self.reads[consumer]
-                        consumer.body_late()
-        finally:
-            if self.sweeper is asyncio.current_task():
-                self.sweeper = None
-
-
-BODY_DEADLINES = BodyDeadlines()
+# a body read is cut at most a quarter of a second after its deadline
+BODY_DEADLINES: Deadlines[GatewayConsumer] = Deadlines(sweep_s=0.25)
 
 
 class GatewayConsumer(AsyncHttpConsumer):
@@ -178,10 +144,10 @@ class GatewayConsumer(AsyncHttpConsumer):
                 raise  # cancelled by someone else (the server shutting down) too
             raise errors.RequestTimeout(param="body") from None
         finally:
-            BODY_DEADLINES.reads.pop(self, None)
+            BODY_DEADLINES.remove(self)
         return b"".join(chunks)
 
-    def body_late(self) -> None:
+    def late(self) -> None:
         """Cut this request's body read: its deadline has passed."""
         self._body_late = True
         if self._task is not None:
