@@ -103,12 +103,14 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         if self.flow is not None and self.flow.read_paused:  # uvicorn stopped reading, not the client
             self._watch(self._phase)
             return
-        if self._phase == "body":
-            self._body_late()
-        elif self._begun:
-            self._audit("http.slow_headers", 408, self._peer())
-            self._refuse(b"text/plain; charset=utf-8", REQUEST_TIMEOUT)
-        self.transport.close()
+        try:
+            if self._phase == "body":
+                self._body_late()
+            elif self._begun:
+                self._audit("http.slow_headers", 408, self._peer())
+                self._refuse(b"text/plain; charset=utf-8", REQUEST_TIMEOUT)
+        finally:
+            self.transport.close()  # whatever the answer did
 
     def _body_late(self) -> None:
         from django.conf import settings

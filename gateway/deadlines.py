@@ -9,9 +9,12 @@ reads use it (``gateway.consumers``), and so do the server's header and Django b
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Hashable
 from typing import Generic, Protocol, TypeVar
+
+logger = logging.getLogger(__name__)
 
 
 class Late(Hashable, Protocol):
@@ -47,7 +50,10 @@ class Deadlines(Generic[T]):
                 for item, deadline in list(self.pending.items()):
                     if deadline <= now:
                         del self.pending[item]
-                        item.late()
+                        try:
+                            item.late()
+                        except Exception:  # one item's failure must not stop the sweep of the others
+                            logger.exception("cutting a wait past its deadline failed")
         finally:
             if self.sweeper is asyncio.current_task():
                 self.sweeper = None
