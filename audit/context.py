@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
@@ -85,6 +85,17 @@ def request_id_from(header: str | None) -> str:
     if header and _REQUEST_ID_RE.match(header):
         return header
     return os.urandom(16).hex()  # 128 random bits, as uuid4().hex but without building a UUID
+
+
+def scope_client_ip(scope: Mapping[str, Any]) -> str | None:
+    """The client IP of an ASGI request, outside Django's request handling: the peer, or the first
+    untrusted hop of X-Forwarded-For, whose several lines are one list in order, as Django reads them."""
+    forwarded = b",".join(v for name, v in scope.get("headers") or [] if name == b"x-forwarded-for")
+    return client_ip_resolve(
+        (scope.get("client") or (None,))[0],
+        forwarded.decode("latin-1") or None,
+        trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES)),
+    )
 
 
 def _request_client_ip(request: HttpRequest) -> str | None:

@@ -108,37 +108,28 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
                 self._body_late()
             elif self._begun:
                 self._audit("http.slow_headers", 408, self._peer())
-                self._refuse(b"text/plain; charset=utf-8", REQUEST_TIMEOUT)
+                self._refuse([(b"content-type", b"text/plain; charset=utf-8")], REQUEST_TIMEOUT)
         finally:
             self.transport.close()  # whatever the answer did
 
     def _body_late(self) -> None:
-        from django.conf import settings
-
-        from audit.context import client_ip_resolve, trusted_networks
+        from audit.context import scope_client_ip
+        from config.threadpool import rfc_error
 
         if self.cycle is None or self.cycle.response_started:
             return  # the application answered already: only the close is left
         self.cycle.disconnected = True  # the application's next receive() is a disconnect
-        forwarded = b",".join(v for name, v in self.scope.get("headers") or [] if name == b"x-forwarded-for")
-        ip = client_ip_resolve(
-            self._peer(),
-            forwarded.decode("latin-1") or None,
-            trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES)),
-        )
-        self._audit("http.slow_body", 408, ip)
-        if self.scope.get("path", "").startswith("/oauth/"):
-            description = "The request body was not received in time."
-            body = b'{"error": "invalid_request", "error_description": "%s"}' % description.encode()
-            self._refuse(b"application/json", body, b"cache-control: no-store\r\n")
+        self._audit("http.slow_body", 408, scope_client_ip(self.scope))
+        if self.scope.get("path", "").startswith("/oauth/"):  # RFC 6749 §5.2's shape, as the pool's refusals
+            _status, headers, body = rfc_error(408, "The request body was not received in time.")
+            self._refuse([(n, v) for n, v in headers if n != b"content-length"], body)
         else:
-            self._refuse(b"text/plain; charset=utf-8", b"Request body timeout.")
+            self._refuse([(b"content-type", b"text/plain; charset=utf-8")], b"Request body timeout.")
 
-    def _refuse(self, content_type: bytes, body: bytes, extra: bytes = b"") -> None:
+    def _refuse(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         content = [b"HTTP/1.1 408 Request Timeout\r\n"]
-        for name, value in self.server_state.default_headers:
+        for name, value in [*self.server_state.default_headers, *headers]:
             content.extend([name, b": ", value, b"\r\n"])
-        content.append(b"content-type: " + content_type + b"\r\n" + extra)
         content.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         content.append(body)
         self.transport.write(b"".join(content))

@@ -37,7 +37,7 @@ def _no_write(data: bytes) -> None:
     raise RuntimeError("the legacy WSGI write() callable is not supported")  # Django never uses it
 
 
-def _error(status: int, description: str) -> Response:
+def rfc_error(status: int, description: str) -> Response:
     """An RFC 6749 §5.2-shaped refusal, for what is refused before Django sees the request."""
     body = json.dumps({"error": "invalid_request", "error_description": description}).encode()
     headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
@@ -49,15 +49,10 @@ def _refusal_audit(scope: dict[str, Any], status: int) -> None:
     from django.db import DatabaseError, connections
     from django.urls import resolve
 
-    from audit.context import client_ip_resolve, trusted_networks
+    from audit.context import scope_client_ip
     from audit.services import audit_record
 
-    forwarded = b",".join(v for name, v in scope.get("headers") or [] if name == b"x-forwarded-for")
-    ip = client_ip_resolve(  # several lines are one list, as Django and the gateway read them
-        (scope.get("client") or (None,))[0],
-        forwarded.decode("latin-1") or None,
-        trusted_networks(tuple(settings.PORTCULLIS_TRUSTED_PROXIES)),
-    )
+    ip = scope_client_ip(scope)
     view: Any = resolve(scope["path"]).func  # the audit kind is the endpoint's view's own
     try:
         audit_record(
@@ -98,7 +93,7 @@ class ThreadPoolDjango:
         except ClientGone:
             return  # it left before its request was whole: nothing to run, nobody to answer
         if body is None:
-            status, headers, content = _error(413, "The request body is too large.")
+            status, headers, content = rfc_error(413, "The request body is too large.")
             headers.append((b"connection", b"close"))  # not kept open to read and drop the rest
             await asyncio.get_running_loop().run_in_executor(self.pool, _refusal_audit, scope, 413)
         else:
@@ -138,7 +133,7 @@ class ThreadPoolDjango:
             environ = translator.build_environ(scope, io.BytesIO(body))
         except ValueError:  # more than 100 copies of one header
             _refusal_audit(scope, 400)
-            return _error(400, "Too many copies of one header.")
+            return rfc_error(400, "Too many copies of one header.")
         environ["CONTENT_LENGTH"] = str(len(body))  # what was read, also for a chunked upload
         started: dict[str, Any] = {}
 
