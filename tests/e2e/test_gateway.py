@@ -844,14 +844,15 @@ MALFORMED = {
 }
 
 
-def _malformed_events(django_db_blocker: Any) -> int:
+def _local_events(django_db_blocker: Any, kind: str) -> int:
+    """How many audit events of this kind came from this machine's address."""
     with django_db_blocker.unblock():
-        return AuditEvent.objects.filter(kind="http.malformed", ip="127.0.0.1").count()
+        return AuditEvent.objects.filter(kind=kind, ip="127.0.0.1").count()
 
 
 def test_a_request_that_is_not_http_gets_uvicorns_400_and_is_audited(stack, django_db_blocker):
     host, port = stack.server.base.removeprefix("http://").split(":")
-    before = _malformed_events(django_db_blocker)
+    before = _local_events(django_db_blocker, "http.malformed")
     for name, raw in MALFORMED.items():
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             sock.sendall(raw)
@@ -860,9 +861,12 @@ def test_a_request_that_is_not_http_gets_uvicorns_400_and_is_audited(stack, djan
                 received += chunk
         assert received.startswith(b"HTTP/1.1 400 "), (name, received)
     deadline = time.monotonic() + 15
-    while _malformed_events(django_db_blocker) < before + len(MALFORMED) and time.monotonic() < deadline:
+    while (
+        _local_events(django_db_blocker, "http.malformed") < before + len(MALFORMED)
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.2)
-    assert _malformed_events(django_db_blocker) == before + len(MALFORMED)
+    assert _local_events(django_db_blocker, "http.malformed") == before + len(MALFORMED)
     assert "Traceback" not in stack.server.log.read_text()
 
 
@@ -895,17 +899,12 @@ def _response_read(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-def _slow_header_events(django_db_blocker: Any) -> int:
-    with django_db_blocker.unblock():
-        return AuditEvent.objects.filter(kind="http.slow_headers", ip="127.0.0.1").count()
-
-
 def test_headers_not_whole_within_the_header_timeout_get_a_408_and_the_connection_closed(
     tmp_path, stack, django_db_blocker
 ):
     server = start_server(tmp_path, VLLM_UPSTREAMS=stack.fake.base, PORTCULLIS_HEADER_READ_TIMEOUT="1")
     host, port = server.base.removeprefix("http://").split(":")
-    before = _slow_header_events(django_db_blocker)
+    before = _local_events(django_db_blocker, "http.slow_headers")
     try:
         # a header line begun and never ended
         with socket.create_connection((host, int(port)), timeout=10) as sock:
@@ -942,10 +941,12 @@ def test_headers_not_whole_within_the_header_timeout_get_a_408_and_the_connectio
             sock.sendall(request)
             assert _response_read(sock).startswith(b"HTTP/1.1 200 ")
         deadline = time.monotonic() + 15
-        while _slow_header_events(django_db_blocker) < before + 2 and time.monotonic() < deadline:
+        while (
+            _local_events(django_db_blocker, "http.slow_headers") < before + 2 and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
         assert (
-            _slow_header_events(django_db_blocker) == before + 2
+            _local_events(django_db_blocker, "http.slow_headers") == before + 2
         )  # the two requests begun, not the silent one
         assert "Traceback" not in server.log.read_text()
     finally:
