@@ -56,6 +56,7 @@ def _settings(cache_size: int) -> GatewaySettings:
         verify_cache_size=cache_size,
         deny_ips=(),
         fallback_ceiling_rpm=600,
+        redis_reply_wait_s=0.0005,
     )
 
 

@@ -301,6 +301,8 @@ GATEWAY = {
     "VERIFY_CACHE_SIZE": 100_000,
     "DENY_IPS": env_list("PORTCULLIS_DENY_IPS"),  # CIDRs refused before anything else
     "FALLBACK_CEILING_RPM": 600,  # Redis down, no rpm configured: per-process requests/minute per client
+    # a quiet Redis's reply is awaited this long (µs) without yielding the event loop (gateway/redisbatch.py)
+    "REDIS_REPLY_WAIT_S": env_int("PORTCULLIS_REDIS_REPLY_WAIT_US", 500, maximum=5000) / 1_000_000,
 }
 
 CELERY_BROKER_URL = REDIS_URL or "memory://"

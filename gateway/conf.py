@@ -35,6 +35,7 @@ class GatewaySettings:
     verify_cache_size: int
     deny_ips: tuple[str, ...]
     fallback_ceiling_rpm: int
+    redis_reply_wait_s: float  # 0: a carried Redis batch's reply is always awaited on the event loop
 
 
 @cache
@@ -61,6 +62,7 @@ def gateway_settings() -> GatewaySettings:
         verify_cache_size=int(raw["VERIFY_CACHE_SIZE"]),
         deny_ips=tuple(raw["DENY_IPS"]),
         fallback_ceiling_rpm=int(raw["FALLBACK_CEILING_RPM"]),
+        redis_reply_wait_s=float(raw["REDIS_REPLY_WAIT_S"]),
     )
 
 

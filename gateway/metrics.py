@@ -60,9 +60,24 @@ UPSTREAM_HEALTHY = Gauge(
     multiprocess_mode="liveall",
 )
 REDIS_FALLBACKS = Counter("portcullis_gateway_redis_fallbacks", "Requests served on the Redis-down fallback")
+REDIS_REPLY_WAITS = Counter(
+    "portcullis_gateway_redis_reply_waits",
+    "Carried Redis batches whose reply was waited for without yielding the event loop, by outcome: "
+    "answered (read within the wait) or in_vain (not, and waiting pauses for a second)",
+    ["outcome"],
+)
 METERING_BACKLOG = Gauge(
     "portcullis_gateway_metering_backlog", "Usage records waiting for hand-off", multiprocess_mode="livesum"
 )
+
+
+_WAIT_ANSWERED = REDIS_REPLY_WAITS.labels("answered")
+_WAIT_IN_VAIN = REDIS_REPLY_WAITS.labels("in_vain")
+
+
+def redis_reply_waited(answered: bool) -> None:
+    """Count one wait for a carried Redis batch's reply (``gateway.redisbatch``)."""
+    (_WAIT_ANSWERED if answered else _WAIT_IN_VAIN).inc()
 
 
 def status_class(status: int) -> str:

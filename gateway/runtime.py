@@ -28,7 +28,7 @@ from gateway import errors
 from gateway.auth import KeySet, Principal, TokenVerifier
 from gateway.conf import GatewaySettings, gateway_settings
 from gateway.http1 import HttpError
-from gateway.metrics import REDIS_FALLBACKS
+from gateway.metrics import REDIS_FALLBACKS, redis_reply_waited
 from gateway.policy import FULL_RELOAD_S, PolicyCache
 from gateway.ratelimit import LocalLimiter, RedisLimiter
 from gateway.redisbatch import RedisBatcher
@@ -61,7 +61,11 @@ class Runtime:
             conf.upstreams, self.http, conf.upstream_api_key, max_connections=conf.max_connections
         )
         self.watcher = RevocationWatcher()
-        self.batcher = RedisBatcher(self.redis) if self.redis is not None else None
+        self.batcher = (
+            RedisBatcher(self.redis, reply_wait_s=conf.redis_reply_wait_s, waited=redis_reply_waited)
+            if self.redis is not None
+            else None
+        )
         self.sink: AuditSink = (
             RedisStreamSink(self.redis, self.batcher) if self.redis is not None else LocalSink()
         )

@@ -63,6 +63,9 @@ def test_production_settings_load_with_https_hardening():
         ({"PORTCULLIS_KEY_PUBLISH_AHEAD": "0"}, "PORTCULLIS_KEY_PUBLISH_AHEAD"),
         ({"PORTCULLIS_KEY_PUBLISH_AHEAD": "119"}, "PORTCULLIS_KEY_PUBLISH_AHEAD"),
         ({"PORTCULLIS_HEADER_READ_TIMEOUT": "0"}, "PORTCULLIS_HEADER_READ_TIMEOUT"),
+        # longer would stall every stream the process relays while a far-away Redis answers
+        ({"PORTCULLIS_REDIS_REPLY_WAIT_US": "5001"}, "PORTCULLIS_REDIS_REPLY_WAIT_US"),
+        ({"PORTCULLIS_REDIS_REPLY_WAIT_US": "-1"}, "PORTCULLIS_REDIS_REPLY_WAIT_US"),
     ],
 )
 def test_an_insecure_or_missing_setting_stops_the_process_naming_it(overrides, named):
@@ -103,3 +106,12 @@ def test_only_the_embedded_beat_keeps_celerys_task_lines_out_of_the_log(redis_ur
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == level
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, "0.0005"), ("0", "0.0"), ("5000", "0.005")])
+def test_the_redis_reply_wait_is_half_a_millisecond_unless_set(value, seconds):
+    result = settings_load(
+        show="settings.GATEWAY['REDIS_REPLY_WAIT_S']", PORTCULLIS_REDIS_REPLY_WAIT_US=value
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == seconds

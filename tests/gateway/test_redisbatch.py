@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -42,9 +45,9 @@ def test_concurrent_calls_each_get_their_own_reply_in_order(redis_client):
         sizes = []
         original = batcher._batch
 
-        async def counting(link: int) -> bool:
+        async def counting(link: int, *, wait: bool = False) -> bool:
             sizes.append(len(batcher._calls))
-            return await original(link)
+            return await original(link, wait=wait)
 
         batcher._batch = counting  # type: ignore[method-assign]
         await asyncio.gather(*(batcher.call("PING") for _ in range(50)))
@@ -308,3 +311,138 @@ def test_a_cancelled_carrier_hands_the_riders_their_commands_and_the_link_recove
     assert rider.pending == []
     assert redis_client.get("ridden") == b"1"
     assert sorted(after) == [1, 2, 3]  # the dropped connection was replaced
+
+
+async def quiet_batcher(**kwargs: Any) -> RedisBatcher:
+    """A batcher whose links are running and parked, and whose Redis has been quiet long enough that the
+    next call is carried by its caller."""
+    batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL), **kwargs)
+    await batcher.call("PING")
+    await asyncio.sleep(0.01)
+    return batcher
+
+
+async def done_after_one_turn(batcher: RedisBatcher, *command: Any) -> tuple[bool, Any]:
+    """Whether a call was answered by the time its task first gave the event loop back, and its reply."""
+    call = asyncio.ensure_future(batcher.call(*command))
+    await asyncio.sleep(0)  # the call's task runs until it first waits
+    done = call.done()
+    return done, await call
+
+
+def test_a_carried_call_reads_its_reply_without_giving_the_event_loop_back(redis_client):
+    """The caller of a carried batch waits for the reply on the spot (here up to a generous 0.5 s, so a
+    slow CI machine cannot fail it), so its reply is read in the same step that sent the batch."""
+    waits: list[bool] = []
+
+    async def run() -> tuple[bool, Any, list[tuple[list[Any], BaseException | None]]]:
+        batcher = await quiet_batcher(reply_wait_s=0.5, waited=waits.append)
+        rider = Recorder()
+        batcher.rider_add(rider)
+        rider.pending = [("INCR", "ridden"), ("INCR", "ridden")]
+        done, reply = await done_after_one_turn(batcher, "INCR", "called")
+        await closed(batcher)
+        return done, reply, rider.outcomes
+
+    done, reply, outcomes = asyncio.run(run())
+    assert done
+    assert reply == 1
+    assert outcomes == [([1, 2], None)]  # the riders' replies, read from the same bytes, went to them
+    assert waits == [True]
+
+
+def test_without_the_wait_a_carried_call_gives_the_event_loop_back(redis_client):
+    async def run() -> tuple[bool, Any]:
+        batcher = await quiet_batcher(reply_wait_s=0.0)
+        result = await done_after_one_turn(batcher, "PING")
+        await closed(batcher)
+        return result
+
+    assert asyncio.run(run()) == (False, b"PONG")
+
+
+def test_a_reply_larger_than_one_read_is_whole(redis_client):
+    from gateway import redisbatch
+
+    value = os.urandom(redisbatch.REPLY_READ_BYTES * 3)
+    redis_client.set("large", value)
+
+    async def run() -> tuple[bool, Any]:
+        batcher = await quiet_batcher(reply_wait_s=0.5)
+        result = await done_after_one_turn(batcher, "GET", "large")
+        await closed(batcher)
+        return result
+
+    done, reply = asyncio.run(run())
+    assert reply == value  # the first part came during the wait, the rest the usual way
+    assert not done
+
+
+def test_a_wait_in_vain_pauses_waiting_and_the_reply_still_comes(redis_client, monkeypatch):
+    from gateway import redisbatch
+
+    monkeypatch.setattr(redisbatch, "REPLY_WAIT_PAUSE_S", 0.3)
+    waits: list[bool] = []
+
+    async def run() -> list[tuple[bool, Any]]:
+        batcher = await quiet_batcher(reply_wait_s=0.005, waited=waits.append)
+        results = [await done_after_one_turn(batcher, "BLPOP", "never-pushed", 0.05)]  # answers in 50 ms
+        await asyncio.sleep(0.01)
+        results.append(await done_after_one_turn(batcher, "PING"))  # within the pause: not waited for
+        await asyncio.sleep(0.3)
+        results.append(await done_after_one_turn(batcher, "PING"))  # after it: waited for again
+        await closed(batcher)
+        return results
+
+    results = asyncio.run(run())
+    assert results == [(False, None), (False, b"PONG"), (True, b"PONG")]
+    assert waits == [False, True]
+
+
+def test_a_tls_connection_is_never_read_behind_its_tls_layer(redis_client, monkeypatch):
+    """Over TLS the socket's bytes are ciphertext: the wait must leave them to the TLS layer. (No Redis
+    with TLS runs here, so the connection is made to report a TLS context.)"""
+    waits: list[bool] = []
+
+    async def run() -> tuple[bool, Any]:
+        batcher = await quiet_batcher(reply_wait_s=0.5, waited=waits.append)
+        for connection in batcher._links:
+            writer = connection._writer if connection is not None else None
+            if writer is not None:
+                plain = writer.get_extra_info
+                monkeypatch.setattr(
+                    writer,
+                    "get_extra_info",
+                    lambda name, default=None, plain=plain: (
+                        object() if name == "sslcontext" else plain(name, default)
+                    ),
+                )
+        result = await done_after_one_turn(batcher, "PING")
+        await closed(batcher)
+        return result
+
+    assert asyncio.run(run()) == (False, b"PONG")
+    assert waits == []
+
+
+def test_a_connection_closed_during_the_wait_fails_the_call_and_the_batcher_recovers(redis_client):
+    waits: list[bool] = []
+
+    def kill_soon() -> None:
+        time.sleep(0.1)  # the carried pop is in its wait by then
+        redis.Redis.from_url(settings.REDIS_URL).client_kill_filter(_type="normal", skipme=True)
+
+    async def run() -> tuple[Any, Any]:
+        batcher = await quiet_batcher(reply_wait_s=0.5, waited=waits.append)
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        (result,) = await asyncio.gather(batcher.call(*WAIT_200MS), return_exceptions=True)
+        killer.join()
+        after = await batcher.call("PING")
+        await closed(batcher)
+        return result, after
+
+    result, after = asyncio.run(run())
+    assert isinstance(result, RedisUnanswered)  # Redis hung up without a reply: the usual Redis-down path
+    assert waits == [False]
+    assert after == b"PONG"
