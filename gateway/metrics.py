@@ -62,8 +62,8 @@ UPSTREAM_HEALTHY = Gauge(
 REDIS_FALLBACKS = Counter("portcullis_gateway_redis_fallbacks", "Requests served on the Redis-down fallback")
 REDIS_REPLY_WAITS = Counter(
     "portcullis_gateway_redis_reply_waits",
-    "Carried Redis batches whose reply was waited for without yielding the event loop, by outcome: "
-    "answered (read within the wait) or in_vain (not, and waiting pauses for a second)",
+    "Waits for a quiet Redis's reply without yielding the event loop, by outcome: answered (the reply "
+    "came within the wait) or in_vain (it did not; the usual read takes it)",
     ["outcome"],
 )
 METERING_BACKLOG = Gauge(

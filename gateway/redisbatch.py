@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import select
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -40,6 +42,7 @@ CARRY_AFTER_QUIET_S = 0.001  # a caller sends its own batch only after Redis has
 REPLY_WAIT_S = 0.0005  # a carried batch's reply is waited for this long without yielding the event loop
 REPLY_WAIT_PAUSE_S = 1.0  # after a wait in vain, carried batches do not wait for this long
 REPLY_READ_BYTES = 65536  # read at most this much during the wait; the rest comes the usual way
+FD_SETSIZE = 1024  # select() watches descriptors below this
 Command = tuple[Any, ...]
 Reply = Any  # a decoded reply, or the redis ResponseError that the command got
 
@@ -64,6 +67,17 @@ class RedisUnanswered(redis_exceptions.ConnectionError, redis_exceptions.Timeout
     """A call went out on a live connection and its reply never came (the connection broke, or the batch
     timed out): Redis may have run it. A call that never left (Redis refused the connection) gets the
     plain error instead."""
+
+
+def _read_within(fd: int, timeout_s: float) -> bytes:
+    """Block until ``fd`` is readable or ``timeout_s`` has passed, and read what is there (b"" if nothing)."""
+    if fd < FD_SETSIZE:
+        ready = bool(select.select([fd], [], [], timeout_s)[0])
+    else:  # select cannot watch it; poll counts whole milliseconds, rounding up
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        ready = bool(poller.poll(max(1, math.ceil(timeout_s * 1000))))
+    return os.read(fd, REPLY_READ_BYTES) if ready else b""
 
 
 class RedisBatcher:
@@ -318,15 +332,17 @@ class RedisBatcher:
         """Wait up to ``reply_wait_s`` for the reply of a batch the caller carries, blocking the event loop,
         and hand what arrived to the connection's reader, where the reads that follow find it at once.
 
-        A quiet Redis answers within a fraction of that (~0.2 ms on the project's 2-core VM, most of it
-        waking idle cores). Awaited, the reply would also wait for whatever else the loop has ready: on a
-        loop relaying streams, 0.45 ms at the median and 2 ms at p99 from the batch's write to its reply
-        being read, against 0.30 and 0.77 with the wait (bench/README.md). A carried batch is the request's
-        next step and nothing else of Redis's is in flight, so the loop pauses for the reply rather than
-        for every other step it has ready. A wait in vain (a Redis further away than the wait, or busy)
-        pauses waiting for ``REPLY_WAIT_PAUSE_S``, so it costs the loop at most one wait a second; the
-        reply is then read the usual way. TLS connections never wait (their bytes are the TLS layer's to
-        read), nor does a socket that ``select`` cannot watch.
+        A quiet Redis nearby answers within a fraction of that (~0.2 ms on the project's 2-core VM, most of
+        it waking idle cores). Awaited, the reply would also wait for whatever else the loop has ready: on
+        a loop relaying streams, that is as long again at the median and several times longer at p99
+        (bench/README.md). A carried batch is the request's next step and nothing else of Redis's is in
+        flight, so the loop pauses for the reply rather than for every other step it has ready.
+
+        The other steps wait meanwhile, so waiting stops for ``REPLY_WAIT_PAUSE_S`` whenever the reply
+        took more than half the wait or did not come (a Redis further away, or busy; the reply is then
+        read the usual way): while waiting goes on, each wait blocks the loop for at most half of
+        ``reply_wait_s``, and a slow Redis costs it at most one longer wait a second. TLS connections never
+        wait (their bytes are the TLS layer's to read).
         """
         loop = asyncio.get_running_loop()
         if self.reply_wait_s <= 0 or loop.time() < self._wait_paused_until:
@@ -342,17 +358,22 @@ class RedisBatcher:
         sock = writer.get_extra_info("socket")
         if sock is None:
             return
+        started = time.perf_counter()
         try:
-            ready, _writable, _failed = select.select([sock.fileno()], [], [], self.reply_wait_s)
-            data = os.read(sock.fileno(), REPLY_READ_BYTES) if ready else b""
-        except (OSError, ValueError):  # a broken connection (the read that follows says so), a high fd
-            return
-        if not ready:
-            self._wait_paused_until = loop.time() + REPLY_WAIT_PAUSE_S
-        if self._waited is not None:
-            self._waited(bool(data))
+            data = _read_within(sock.fileno(), self.reply_wait_s)
+        except BlockingIOError:
+            return  # readable, yet nothing to read: the read that follows waits as usual
+        except OSError:
+            data = b""  # the connection broke: the read that follows reports it
         if data:
             reader.feed_data(data)
+        if not data or time.perf_counter() - started > self.reply_wait_s / 2:
+            self._wait_paused_until = loop.time() + REPLY_WAIT_PAUSE_S
+        if self._waited is not None:
+            try:
+                self._waited(bool(data))
+            except Exception:
+                logger.exception("counting a Redis reply wait failed")
 
     def _fail_calls(
         self, calls: list[tuple[Command, asyncio.Future[Reply]]], error: BaseException, *, reached: bool

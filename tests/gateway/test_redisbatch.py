@@ -366,30 +366,32 @@ def test_a_reply_larger_than_one_read_is_whole(redis_client):
 
     value = os.urandom(redisbatch.REPLY_READ_BYTES * 3)
     redis_client.set("large", value)
+    waits: list[bool] = []
 
     async def run() -> tuple[bool, Any]:
-        batcher = await quiet_batcher(reply_wait_s=0.5)
+        batcher = await quiet_batcher(reply_wait_s=0.5, waited=waits.append)
         result = await done_after_one_turn(batcher, "GET", "large")
         await closed(batcher)
         return result
 
     done, reply = asyncio.run(run())
-    assert reply == value  # the first part came during the wait, the rest the usual way
+    assert waits == [True]  # the first part came during the wait
+    assert reply == value  # and the rest the usual way
     assert not done
 
 
 def test_a_wait_in_vain_pauses_waiting_and_the_reply_still_comes(redis_client, monkeypatch):
     from gateway import redisbatch
 
-    monkeypatch.setattr(redisbatch, "REPLY_WAIT_PAUSE_S", 0.3)
+    monkeypatch.setattr(redisbatch, "REPLY_WAIT_PAUSE_S", 0.5)
     waits: list[bool] = []
 
     async def run() -> list[tuple[bool, Any]]:
-        batcher = await quiet_batcher(reply_wait_s=0.005, waited=waits.append)
-        results = [await done_after_one_turn(batcher, "BLPOP", "never-pushed", 0.05)]  # answers in 50 ms
+        batcher = await quiet_batcher(reply_wait_s=0.05, waited=waits.append)
+        results = [await done_after_one_turn(batcher, "BLPOP", "never-pushed", 0.2)]  # answers in 200 ms
         await asyncio.sleep(0.01)
         results.append(await done_after_one_turn(batcher, "PING"))  # within the pause: not waited for
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
         results.append(await done_after_one_turn(batcher, "PING"))  # after it: waited for again
         await closed(batcher)
         return results
@@ -397,6 +399,48 @@ def test_a_wait_in_vain_pauses_waiting_and_the_reply_still_comes(redis_client, m
     results = asyncio.run(run())
     assert results == [(False, None), (False, b"PONG"), (True, b"PONG")]
     assert waits == [False, True]
+
+
+def test_a_reply_that_took_more_than_half_the_wait_pauses_waiting(redis_client):
+    waits: list[bool] = []
+
+    async def run() -> list[tuple[bool, Any]]:
+        batcher = await quiet_batcher(reply_wait_s=0.5, waited=waits.append)
+        results = [await done_after_one_turn(batcher, "BLPOP", "never-pushed", 0.3)]  # answers in 300 ms
+        await asyncio.sleep(0.01)
+        results.append(await done_after_one_turn(batcher, "PING"))
+        await closed(batcher)
+        return results
+
+    results = asyncio.run(run())
+    assert results == [(True, None), (False, b"PONG")]  # the pop was waited for; the loop was then spared
+    assert waits == [True]
+
+
+@pytest.mark.parametrize("high", [False, True])
+def test_a_descriptor_is_waited_on_whether_or_not_select_can_watch_it(high):
+    """select() cannot watch a descriptor from 1024 on; poll() takes those."""
+    import resource
+
+    from gateway.redisbatch import FD_SETSIZE, _read_within
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    fd = ours.fileno()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        if high:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FD_SETSIZE + 64), hard))
+            fd = os.dup2(ours.fileno(), FD_SETSIZE + 32)
+        assert _read_within(fd, 0.01) == b""  # nothing came within the wait
+        theirs.send(b"+PONG\r\n")
+        assert _read_within(fd, 1.0) == b"+PONG\r\n"
+    finally:
+        if high:
+            os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        ours.close()
+        theirs.close()
 
 
 def test_a_tls_connection_is_never_read_behind_its_tls_layer(redis_client, monkeypatch):
@@ -436,7 +480,7 @@ def test_a_connection_closed_during_the_wait_fails_the_call_and_the_batcher_reco
         batcher = await quiet_batcher(reply_wait_s=0.5, waited=waits.append)
         killer = threading.Thread(target=kill_soon)
         killer.start()
-        (result,) = await asyncio.gather(batcher.call(*WAIT_200MS), return_exceptions=True)
+        (result,) = await asyncio.gather(batcher.call("BLPOP", "never-pushed", 2), return_exceptions=True)
         killer.join()
         after = await batcher.call("PING")
         await closed(batcher)
