@@ -41,6 +41,7 @@ MAX_CALLS = 512  # awaited commands per batch; the rest wait for the next one
 CARRY_AFTER_QUIET_S = 0.001  # a caller sends its own batch only after Redis has been quiet this long
 REPLY_WAIT_S = 0.0005  # a carried batch's reply is waited for this long without yielding the event loop
 REPLY_WAIT_PAUSE_S = 1.0  # after a wait in vain, carried batches do not wait for this long
+REPLY_WAIT_BUDGET_S = 0.1  # waits block the event loop for at most this long in each second
 REPLY_READ_BYTES = 65536  # read at most this much during the wait; the rest comes the usual way
 FD_SETSIZE = 1024  # select() watches descriptors below this
 Command = tuple[Any, ...]
@@ -93,6 +94,8 @@ class RedisBatcher:
         self.reply_wait_s = reply_wait_s
         self._waited = waited  # told of every wait: whether the reply came within it
         self._wait_paused_until = 0.0
+        self._budget_since = 0.0  # the loop's time when the current second of waiting began
+        self._blocked_s = 0.0  # how long waits have blocked the loop in that second
         self._calls: list[tuple[Command, asyncio.Future[Reply]]] = []
         self._barriers: list[asyncio.Future[bool]] = []
         self._riders: list[Rider] = []
@@ -338,11 +341,11 @@ class RedisBatcher:
         (bench/README.md). A carried batch is the request's next step and nothing else of Redis's is in
         flight, so the loop pauses for the reply rather than for every other step it has ready.
 
-        The other steps wait meanwhile, so waiting stops for ``REPLY_WAIT_PAUSE_S`` whenever the reply
-        took more than half the wait or did not come (a Redis further away, or busy; the reply is then
-        read the usual way): while waiting goes on, each wait blocks the loop for at most half of
-        ``reply_wait_s``, and a slow Redis costs it at most one longer wait a second. TLS connections never
-        wait (their bytes are the TLS layer's to read).
+        The other steps wait meanwhile, so the waits are bounded twice: they block the loop for at most
+        ``REPLY_WAIT_BUDGET_S`` of each second (then the rest of the second's batches are read the usual
+        way), and a wait in vain (a Redis further away than the wait, or busy; its reply is then read the
+        usual way) stops waiting for ``REPLY_WAIT_PAUSE_S``. TLS connections never wait (their bytes are
+        the TLS layer's to read).
         """
         loop = asyncio.get_running_loop()
         if self.reply_wait_s <= 0 or loop.time() < self._wait_paused_until:
@@ -358,6 +361,11 @@ class RedisBatcher:
         sock = writer.get_extra_info("socket")
         if sock is None:
             return
+        now = loop.time()
+        if now - self._budget_since >= 1.0:
+            self._budget_since, self._blocked_s = now, 0.0
+        elif self._blocked_s >= REPLY_WAIT_BUDGET_S:
+            return
         started = time.perf_counter()
         try:
             data = _read_within(sock.fileno(), self.reply_wait_s)
@@ -365,9 +373,10 @@ class RedisBatcher:
             return  # readable, yet nothing to read: the read that follows waits as usual
         except OSError:
             data = b""  # the connection broke: the read that follows reports it
+        self._blocked_s += time.perf_counter() - started
         if data:
             reader.feed_data(data)
-        if not data or time.perf_counter() - started > self.reply_wait_s / 2:
+        else:
             self._wait_paused_until = loop.time() + REPLY_WAIT_PAUSE_S
         if self._waited is not None:
             try:

@@ -401,20 +401,25 @@ def test_a_wait_in_vain_pauses_waiting_and_the_reply_still_comes(redis_client, m
     assert waits == [False, True]
 
 
-def test_a_reply_that_took_more_than_half_the_wait_pauses_waiting(redis_client):
+def test_waits_block_the_event_loop_for_at_most_their_budget_in_each_second(redis_client, monkeypatch):
+    from gateway import redisbatch
+
+    monkeypatch.setattr(redisbatch, "REPLY_WAIT_BUDGET_S", 0.05)
     waits: list[bool] = []
 
     async def run() -> list[tuple[bool, Any]]:
         batcher = await quiet_batcher(reply_wait_s=0.5, waited=waits.append)
-        results = [await done_after_one_turn(batcher, "BLPOP", "never-pushed", 0.3)]  # answers in 300 ms
+        results = [await done_after_one_turn(batcher, "BLPOP", "never-pushed", 0.1)]  # blocks 100 ms
         await asyncio.sleep(0.01)
-        results.append(await done_after_one_turn(batcher, "PING"))
+        results.append(await done_after_one_turn(batcher, "PING"))  # the second's budget is spent
+        await asyncio.sleep(1.0)
+        results.append(await done_after_one_turn(batcher, "PING"))  # a new second: waited for again
         await closed(batcher)
         return results
 
     results = asyncio.run(run())
-    assert results == [(True, None), (False, b"PONG")]  # the pop was waited for; the loop was then spared
-    assert waits == [True]
+    assert results == [(True, None), (False, b"PONG"), (True, b"PONG")]
+    assert waits == [True, True]
 
 
 @pytest.mark.parametrize("high", [False, True])
