@@ -640,7 +640,7 @@ def test_a_quiet_gateway_reads_its_redis_reply_without_waiting_for_the_event_loo
     try:
         before = _series(httpx.get(f"{server.base}/metrics", timeout=10).text).get(answered, 0.0)
         after = before
-        for _ in range(10):  # a slow reply pauses waiting for a second: a loaded machine gets more tries
+        for _ in range(10):  # a reply later than the wait pauses waiting: a loaded machine gets more tries
             time.sleep(0.3)
             reply = httpx.post(f"{server.base}/v1/chat/completions", json=CHAT, headers=headers, timeout=10)
             assert reply.status_code == 200
