@@ -360,7 +360,8 @@ class RedisBatcher:
         ):
             return
         sock = writer.get_extra_info("socket")
-        if sock is None:
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:  # closed under us: the read that follows reports it
             return
         now = loop.time()
         if now - self._budget_since >= 1.0:
@@ -369,12 +370,13 @@ class RedisBatcher:
             return
         started = time.perf_counter()
         try:
-            data = _read_within(sock.fileno(), self.reply_wait_s)
+            data = _read_within(fd, self.reply_wait_s)
         except BlockingIOError:
             return  # readable, yet nothing to read: the read that follows waits as usual
         except OSError:
             data = b""  # the connection broke: the read that follows reports it
-        self._blocked_s += time.perf_counter() - started
+        finally:
+            self._blocked_s += time.perf_counter() - started
         if data:
             reader.feed_data(data)
         else:
