@@ -245,6 +245,11 @@ def print_report(result: dict[str, Any]) -> None:
         f"plan: {plan['runs']} run(s), {plan['warmup_s']} s warm-up + {plan['duration_s']} s window each"
         + (" (--quick smoke: the verdicts mean nothing)" if plan["quick"] else "")
         + f"; access tokens {result.get('access_token_alg', 'RS256')}"
+        + (
+            f"; Redis reply wait {result['redis_reply_wait_us']} µs"
+            if result.get("redis_reply_wait_us") is not None
+            else ""
+        )
     )
     titles = {s.key: f"{s.number} {s.title}" for s in SCENARIOS}
     with_bare = any(row.get("bare") is not None for row in result["rows"])

@@ -70,6 +70,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="ES256",
         help="PORTCULLIS_ACCESS_TOKEN_ALG of the server under test (default ES256, the product's default)",
     )
+    parser.add_argument(
+        "--redis-reply-wait-us",
+        type=int,
+        default=None,
+        help="PORTCULLIS_REDIS_REPLY_WAIT_US of the server under test (default: the product's, 500; 0: off)",
+    )
     parser.add_argument("--no-worker", action="store_true", help="do not run the Celery ingest worker")
     parser.add_argument(
         "--no-bare", action="store_true", help="do not measure the bare proxy (the floor) next to the gateway"
@@ -204,6 +210,7 @@ def _stack_options(args: argparse.Namespace, log_dir: Path, cores: list[int]) ->
         bare=not args.no_bare,
         limits=not args.no_limits,
         access_token_alg=args.access_token_alg,
+        redis_reply_wait_us=args.redis_reply_wait_us,
         gateway_core=cores[1] if cores else None,
         other_core=cores[0] if cores else None,
     )
@@ -235,6 +242,7 @@ def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
         },
         "scenarios": [s.key for s in scenarios],
         "access_token_alg": args.access_token_alg,
+        "redis_reply_wait_us": args.redis_reply_wait_us,
     }
     logger.info("machine: %s", result["machine"])
     stack = Stack(_stack_options(args, log_dir, cores))

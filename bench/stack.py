@@ -71,6 +71,7 @@ class StackOptions:
     bare: bool = True  # also start the bare proxy (bench.bareproxy), the floor the gateway is compared with
     limits: bool = True  # False: the client's policy sets no limit (the script then only checks revocation)
     access_token_alg: str = "ES256"  # noqa: S105 (an algorithm name, not a secret)
+    redis_reply_wait_us: int | None = None  # PORTCULLIS_REDIS_REPLY_WAIT_US of the gateway; None: its default
     gateway_core: int | None = 1  # None: unpinned
     other_core: int | None = 0
 
@@ -211,6 +212,8 @@ class Stack:
             BENCH_BARE_UPSTREAMS=",".join(f"{model}={base}" for model, base in upstreams.items()),
             PYTHONUNBUFFERED="1",
         )
+        if self.options.redis_reply_wait_us is not None:
+            env["PORTCULLIS_REDIS_REPLY_WAIT_US"] = str(self.options.redis_reply_wait_us)
         return env
 
     def _redis_url(self) -> str:
