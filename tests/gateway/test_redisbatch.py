@@ -477,13 +477,19 @@ def test_a_tls_connection_is_never_read_behind_its_tls_layer(redis_client, monke
 def test_a_connection_closed_during_the_wait_fails_the_call_and_the_batcher_recovers(redis_client):
     waits: list[bool] = []
 
-    def kill_soon() -> None:
+    def kill_soon(addresses: list[str]) -> None:
         time.sleep(0.1)  # the carried pop is in its wait by then
-        redis.Redis.from_url(settings.REDIS_URL).client_kill_filter(_type="normal", skipme=True)
+        for address in addresses:  # the batcher's own connections only: other tests share this Redis
+            redis.Redis.from_url(settings.REDIS_URL).client_kill_filter(addr=address)
 
     async def run() -> tuple[Any, Any]:
         batcher = await quiet_batcher(reply_wait_s=0.5, waited=waits.append)
-        killer = threading.Thread(target=kill_soon)
+        addresses = [
+            "{}:{}".format(*link._writer.get_extra_info("sockname"))
+            for link in batcher._links
+            if link is not None and link._writer is not None
+        ]
+        killer = threading.Thread(target=kill_soon, args=(addresses,))
         killer.start()
         (result,) = await asyncio.gather(batcher.call("BLPOP", "never-pushed", 2), return_exceptions=True)
         killer.join()
