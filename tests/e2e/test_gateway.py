@@ -635,9 +635,9 @@ def test_a_quiet_gateway_reads_its_redis_reply_without_waiting_for_the_event_loo
     spot (gateway/redisbatch.py); the metric says whether the reply came within the wait. The wait is
     the longest allowed, 5 ms, so that a loaded machine's Redis answers within it."""
     server = start_server(tmp_path, VLLM_UPSTREAMS=stack.fake.base, PORTCULLIS_REDIS_REPLY_WAIT_US="5000")
-    headers = {"authorization": f"Bearer {client_token(server, stack.full, 'completions')}"}
     answered = 'portcullis_gateway_redis_reply_waits_total{outcome="answered"}'
     try:
+        headers = {"authorization": f"Bearer {client_token(server, stack.full, 'completions')}"}
         before = _series(httpx.get(f"{server.base}/metrics", timeout=10).text).get(answered, 0.0)
         after = before
         for _ in range(10):  # a reply later than the wait pauses waiting: a loaded machine gets more tries
