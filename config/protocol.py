@@ -17,6 +17,14 @@ undone at the connection level. Serve with ``--http config.protocol:AuditedHttpT
   here it is enforced for everything else (the OAuth endpoints, the sign-in and console pages), which
   Django reads whole before any view runs, for as long as it takes. Past it the answer is a 408 (RFC 6749's
   JSON shape under ``/oauth/``, plain text elsewhere), recorded as ``http.slow_body``, and the close.
+- **Writing a streamed body at once.** A gateway request's scope carries the ASGI extension
+  ``portcullis.body_write``. Its ``write`` writes one more part of a chunked response body straight to the
+  connection, in the caller's own step, and returns False (writing nothing) whenever that would not be what
+  ``send`` does: before the headers, after the end, once the client has gone, or while the connection is
+  paused for a slow client (``send`` then waits for it to drain). The stream relay uses it to pass each
+  event on in the read that brought it from the upstream, with no task switch per event. It is bound to
+  uvicorn's request cycle (the ``flow``, ``transport`` and framing attributes ``send`` itself uses), like
+  the rest of this module; a server without it leaves the extension out and the relay uses ``send``.
 
 The records go through the gateway's audit sink, which hands them off without blocking the event loop
 (to the Redis stream, or to the in-process queue in the embedded default). The address is the
@@ -31,8 +39,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.deadlines import Deadlines
 
@@ -82,8 +91,12 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         self._phase, self._begun = "", False
         super().on_headers_complete()
         path = self.scope.get("path", "")
-        if self.cycle is not None and self.cycle.scope is self.scope and not _gateway_path(path):
-            self._watch("body")  # the gateway's consumers keep their own, with an OpenAI-shaped answer
+        if self.cycle is not None and self.cycle.scope is self.scope:
+            if not _gateway_path(path):
+                self._watch("body")  # the gateway's consumers keep their own, with an OpenAI-shaped answer
+            else:
+                extensions = self.scope.setdefault("extensions", {})
+                extensions["portcullis.body_write"] = {"write": body_writer(self.cycle)}
 
     def on_message_complete(self) -> None:
         if self._phase == "body":
@@ -161,6 +174,27 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
                 )
         except Exception:  # the refusal goes out whatever the audit hand-off does
             logger.exception("a refused connection could not be handed to the audit sink")
+
+
+def body_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
+    """The ``portcullis.body_write`` extension of one request: write a part of its chunked response body
+    now, framed as ``send`` frames it; False (nothing written) when ``send`` must take it instead."""
+
+    def write(body: bytes) -> bool:
+        transport = cycle.transport
+        if (
+            cycle.response_complete
+            or cycle.disconnected
+            or not cycle.chunked_encoding  # None until the headers are sent
+            or cycle.flow.write_paused
+            or transport.is_closing()
+        ):
+            return False
+        if body:
+            transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+        return True
+
+    return write
 
 
 def _gateway_path(path: str) -> bool:

@@ -356,7 +356,12 @@ class InferenceConsumer(GatewayConsumer):
             headers += [(k.encode(), v.encode()) for k, v in extra.items()]
             self.response_started = True
             await self.send_headers(status=200, headers=headers)
-            relay = StreamRelay(self, response, wants_usage=request.wants_usage)
+            relay = StreamRelay(
+                self,
+                response,
+                wants_usage=request.wants_usage,
+                write_now=self.scope.get("extensions", {}).get("portcullis.body_write", {}).get("write"),
+            )
             ACTIVE_STREAMS.inc()
             try:
                 with self.rt.watcher.watch(self.principal, relay.revoked):

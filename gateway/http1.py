@@ -16,7 +16,8 @@ call, with the same guarantees:
 - ``connect_timeout_s`` bounds a new connection; ``read_timeout_s`` bounds every silence while a
   response is awaited (its head, then each part of its body), as aiohttp's ``sock_read`` did;
 - a response body is handed over as it arrives, and reading from the upstream pauses while more than
-  ``HIGH_WATER`` bytes wait for a slow consumer (back pressure, as aiohttp's stream reader applies);
+  ``HIGH_WATER`` bytes wait for a slow consumer (back pressure, as aiohttp's stream reader applies); a
+  consumer may also take it in the read that brought it (``Response.on_data``), with no task switch;
 - a response not read to its end is closed with its connection (vLLM then aborts the generation);
 - https origins use the system's default TLS context (``SSL_CERT_FILE`` names a private CA), with the
   host name checked.
@@ -28,13 +29,16 @@ upstream closes. Request headers must not carry CR, LF or NUL (``ValueError``: a
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 import httptools
+
+logger = logging.getLogger(__name__)
 
 HIGH_WATER = 1 << 16  # body bytes buffered for a slow consumer before reading from the upstream pauses
 FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
@@ -98,7 +102,13 @@ def url_split(url: str) -> tuple[Origin, bytes]:
 class Response:
     """An upstream's answer: ``status`` and ``headers`` once the head is in, then its body as it comes.
 
-    It is also the parser's protocol: llhttp calls ``on_header`` … ``on_message_complete`` on it."""
+    It is also the parser's protocol: llhttp calls ``on_header`` … ``on_message_complete`` on it.
+
+    ``on_data``, when set, is called in the read that brought more of the body (not its end, and not after
+    a failure): it may ``take()`` the parts and return True, and the reader waiting in ``chunk()`` is then
+    not woken; returning False leaves them to ``chunk()``. A relay that writes each part on at once so
+    spares a task switch, a future and a timer per part. ``read_timeout_s`` still bounds every silence.
+    """
 
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
@@ -113,7 +123,10 @@ class Response:
         self._interim = False  # a 1xx answer is being parsed
         self._error: HttpError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._data_at = 0.0  # the loop's time when the last bytes arrived
         self._released = False
+        self.on_data: Callable[[Response], bool] | None = None
 
     def is_eof(self) -> bool:
         """Whether the body has arrived in full and all of it was read."""
@@ -125,6 +138,12 @@ class Response:
             if self.complete:
                 return b""
             await self._wait()
+        return self.take()
+
+    def take(self) -> bytes:
+        """Return the body bytes that arrived since the last call, without waiting (b"" when none did)."""
+        if not self._chunks:
+            return b""
         data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
         self._chunks.clear()
         self._buffered = 0
@@ -156,16 +175,21 @@ class Response:
             raise self._error
         loop = self._connection.loop
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(self._connection.pool.read_timeout_s, self._timed_out)
+        self._timer = loop.call_later(self._connection.pool.read_timeout_s, self._timed_out)
         try:
             await waiter
         finally:
-            timer.cancel()
+            self._timer.cancel()
             self._waiter = None
         if self._error is not None and not self._chunks and not self.complete:
             raise self._error
 
     def _timed_out(self) -> None:
+        loop = self._connection.loop
+        left = self._data_at + self._connection.pool.read_timeout_s - loop.time()
+        if left > 0 and self._waiter is not None:  # ``on_data`` took what came meanwhile: not silent
+            self._timer = loop.call_later(left, self._timed_out)
+            return
         self.fail(ReadTimeout("the upstream went silent"))
         self._connection.close()
 
@@ -267,13 +291,22 @@ class _Connection(asyncio.Protocol):
         if response is None or response.complete:
             self.close()  # nothing was asked: an upstream talking out of turn is not trusted again
             return
+        response._data_at = self.loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             response.fail(ProtocolError(f"invalid response from the upstream: {exc}"))
             self.close()
-        else:
-            response._wake()  # once for all the body parts this read brought
+            return
+        taker = response.on_data
+        if taker is not None and response._chunks and not response.complete and response._error is None:
+            try:
+                if taker(response):
+                    return
+            except Exception:  # a bug in the taker: it is dropped, and the reader woken for what is left
+                logger.exception("a response body taker failed; the reader takes over")
+                response.on_data = None
+        response._wake()  # once for all the body parts this read brought
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True

@@ -517,3 +517,93 @@ def test_a_waiter_woken_then_cancelled_passes_the_free_connection_on():
         return status, server.connections
 
     assert run(test) == (200, 1)
+
+
+def parts_then(end: bytes, *, parts: int, every_s: float) -> Callable[[Server], Handler]:
+    """A chunked answer whose parts come ``every_s`` apart, then ``end`` (the last chunk, or b"": silence)."""
+
+    def make(server: Server) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            for index in range(parts):
+                await asyncio.sleep(every_s)
+                writer.write(b"6\r\npart-%d\r\n" % index)
+                await writer.drain()
+            await asyncio.sleep(every_s)  # the end comes in a read of its own
+            writer.write(end)
+            await writer.drain()
+            await asyncio.sleep(30 if not end else 0)
+            await server.request(reader)
+
+        return handler
+
+    return make
+
+
+async def taking(
+    make: Callable[[Server], Handler], taker: Callable[[Any], bool], read_timeout_s: float = 5.0
+) -> tuple[list[bytes], type[Exception] | None]:
+    """Read a response with ``taker`` set as its ``on_data``: return what ``chunk()`` handed over, then
+    the error that ended the reading, if one did."""
+    server = await serving(make)
+    client = HttpClient(read_timeout_s=read_timeout_s)
+    response = await client.request("POST", f"{server.base}/s", (), b"{}")
+    response.on_data = taker
+    handed: list[bytes] = []
+    error: type[Exception] | None = None
+    try:
+        while chunk := await response.chunk():
+            handed.append(chunk)
+    except ReadTimeout as exc:
+        error = type(exc)
+    response.close()
+    await client.close()
+    await server.__aexit__()
+    return handed, error
+
+
+def test_a_body_taker_gets_each_part_in_the_read_that_brought_it_and_the_reader_only_the_end():
+    taken: list[bytes] = []
+
+    def taker(response: Any) -> bool:
+        taken.append(response.take())
+        return True
+
+    handed, error = run(lambda: taking(parts_then(b"0\r\n\r\n", parts=3, every_s=0.02), taker))
+    assert taken == [b"part-0", b"part-1", b"part-2"]
+    assert handed == []
+    assert error is None
+
+
+def test_a_taker_that_declines_or_fails_leaves_the_parts_to_the_reader():
+    calls: list[str] = []
+
+    def declining(response: Any) -> bool:
+        calls.append("declined")
+        return False
+
+    def failing(response: Any) -> bool:
+        calls.append("failed")
+        raise ValueError("a bug in the taker")
+
+    make = parts_then(b"0\r\n\r\n", parts=3, every_s=0.02)
+    declined, _error = run(lambda: taking(make, declining))
+    failed, _error = run(lambda: taking(make, failing))
+    assert declined == failed == [b"part-0", b"part-1", b"part-2"]
+    assert calls.count("declined") == 3
+    assert calls.count("failed") == 1  # a taker that raised is not called again
+
+
+def test_the_read_timeout_counts_the_silence_even_while_a_taker_takes_the_parts():
+    taken: list[bytes] = []
+
+    def taker(response: Any) -> bool:
+        taken.append(response.take())
+        return True
+
+    # parts for 0.6 s, three times the read timeout, then silence
+    handed, error = run(lambda: taking(parts_then(b"", parts=6, every_s=0.1), taker, read_timeout_s=0.2))
+    assert len(taken) == 6  # every part came in while the stream flowed: no timeout then
+    assert handed == []
+    assert error is ReadTimeout

@@ -88,3 +88,133 @@ def test_a_send_failure_is_never_reported_as_the_upstreams(breaks_after):
     assert how == "client_gone"
     assert not relay.upstream_error
     assert len(sink.sent) == breaks_after  # and no error event after the failed send
+
+
+class _Live:
+    """Stands in for a ``Response`` being read: ``feed`` is one read from the upstream, which goes to
+    ``on_data`` when that takes it and to ``chunk()`` otherwise; ``end`` is the body's end."""
+
+    def __init__(self) -> None:
+        self.on_data: Any = None
+        self._parts: list[bytes] = []
+        self._ended = False
+        self._arrived = asyncio.Event()
+
+    def take(self) -> bytes:
+        data, self._parts = b"".join(self._parts), []
+        return data
+
+    def feed(self, data: bytes) -> None:
+        self._parts.append(data)
+        if self.on_data is None or not self.on_data(self):
+            self._arrived.set()
+
+    def end(self) -> None:
+        self._ended = True
+        self._arrived.set()
+
+    async def chunk(self) -> bytes:
+        while not self._parts:
+            if self._ended:
+                return b""
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self.take()
+
+
+class _Connection:
+    """The client's side: ``write_now`` as the server's extension offers it, and ``send_body``."""
+
+    def __init__(self) -> None:
+        self.out: list[tuple[str, bytes]] = []  # how each part went: "now" or "send"
+        self.paused = False
+        self.send_gate: asyncio.Event | None = None  # when set up, a send waits for it
+
+    def write_now(self, body: bytes) -> bool:
+        if self.paused:
+            return False
+        if body:
+            self.out.append(("now", body))
+        return True
+
+    async def send_body(self, body: bytes, *, more_body: bool = False) -> None:
+        if self.send_gate is not None:
+            await self.send_gate.wait()
+        self.out.append(("send", body))
+
+
+async def _settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def test_after_the_first_events_the_rest_are_written_in_the_read_that_brought_them():
+    async def test() -> tuple[str, list[tuple[str, bytes]]]:
+        live, client = _Live(), _Connection()
+        relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
+        running = asyncio.create_task(relay.run(_never_disconnects))
+        live.feed(_event("a"))
+        await _settle()
+        live.feed(_event("b"))  # written in the feed itself, before any other task runs
+        live.feed(_event("c") + USAGE)
+        written_at_once = list(client.out)
+        live.feed(b"data: [DONE]\n\n")
+        live.end()
+        how = await running
+        assert written_at_once[1:] == [("now", _event("b")), ("now", _event("c"))]
+        return how, client.out
+
+    how, out = asyncio.run(test())
+    assert how == "completed"
+    assert out == [
+        ("send", _event("a")),
+        ("now", _event("b")),
+        ("now", _event("c")),  # the usage event the client did not ask for is dropped here too
+        ("now", b"data: [DONE]\n\n"),
+        ("send", b""),  # the end goes through send
+    ]
+
+
+def test_a_paused_client_gets_its_events_through_send_in_order_and_no_write_overtakes_a_send():
+    async def test() -> list[tuple[str, bytes]]:
+        live, client = _Live(), _Connection()
+        relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
+        running = asyncio.create_task(relay.run(_never_disconnects))
+        live.feed(_event("a"))
+        await _settle()
+        client.paused = True  # the client reads slowly: its connection is paused
+        client.send_gate = asyncio.Event()
+        live.feed(_event("b"))  # declined: the task sends it, and waits in that send
+        await _settle()
+        client.paused = False
+        live.feed(_event("c"))  # writable again, but a send is in progress: it must not overtake b
+        client.send_gate.set()
+        await _settle()
+        live.feed(_event("d"))
+        live.end()
+        await running
+        return client.out
+
+    out = asyncio.run(test())
+    assert b"".join(body for _how, body in out) == _event("a") + _event("b") + _event("c") + _event("d")
+    assert ("send", _event("b")) in out
+    assert ("now", _event("d")) in out
+
+
+def test_once_cut_a_stream_writes_nothing_more_at_once():
+    async def test() -> tuple[str, list[tuple[str, bytes]]]:
+        live, client = _Live(), _Connection()
+        relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
+        running = asyncio.create_task(relay.run(_never_disconnects))
+        live.feed(_event("a"))
+        await _settle()
+        relay.revoked()
+        live.feed(_event("b"))
+        how = await running
+        return how, client.out
+
+    how, out = asyncio.run(test())
+    assert how == "revoked"
+    assert out[0] == ("send", _event("a"))
+    assert all(_event("b") not in body for _how, body in out)
+    assert b'"code": "token_revoked"' in out[-1][1]

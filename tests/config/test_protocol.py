@@ -1,0 +1,97 @@
+"""The ``portcullis.body_write`` extension of the served protocol: offered to gateway requests only, it
+writes a streamed body part at once, framed as ``send`` frames it, and declines whenever ``send`` would
+not write at once (before the headers, after the end, once the client is gone, while paused)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from config.protocol import AuditedHttpToolsProtocol
+
+
+class _Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 8000) if name in ("sockname", "peername") else default
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _serve(path: str) -> tuple[dict[str, Any], bytes]:
+    """Serve one POST to ``path`` with an app that tries the extension at every stage of its answer."""
+    seen: dict[str, Any] = {}
+    served: list[AuditedHttpToolsProtocol] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        write = scope.get("extensions", {}).get("portcullis.body_write", {}).get("write")
+        seen["offered"] = write is not None
+        if write is None:
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        seen["before the headers"] = write(b"early")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"x/y")]})
+        seen["streaming"] = write(b"hello")
+        served[0].pause_writing()  # the client reads slowly
+        seen["paused"] = write(b"held")
+        served[0].resume_writing()
+        seen["resumed"] = write(b"")
+        await send({"type": "http.response.body", "body": b"end", "more_body": False})
+        seen["after the end"] = write(b"late")
+
+    async def run() -> bytes:
+        config = Config(app=app, http="httptools", lifespan="off", access_log=False)
+        config.load()
+        protocol = AuditedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        served.append(protocol)
+        transport = _Transport()
+        protocol.connection_made(transport)
+        protocol.data_received(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}" % path.encode())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        protocol.connection_lost(None)
+        return transport.written
+
+    return seen, asyncio.run(run())
+
+
+def test_a_gateway_request_can_write_its_streamed_body_at_once_framed_as_send_frames_it():
+    seen, written = _serve("/v1/chat/completions")
+    assert seen == {
+        "offered": True,
+        "before the headers": False,
+        "streaming": True,
+        "paused": False,
+        "resumed": True,
+        "after the end": False,
+    }
+    head, _, body = written.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head
+    assert body == b"5\r\nhello\r\n3\r\nend\r\n0\r\n\r\n"  # nothing of early, held or late
+
+
+def test_other_paths_are_not_offered_the_extension():
+    seen, written = _serve("/oauth/token/")
+    assert seen == {"offered": False}
+    assert written.startswith(b"HTTP/1.1 204")
