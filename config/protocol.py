@@ -95,8 +95,9 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
             if not _gateway_path(path):
                 self._watch("body")  # the gateway's consumers keep their own, with an OpenAI-shaped answer
             else:
-                extensions = self.scope.setdefault("extensions", {})
+                extensions = self.scope.get("extensions") or {}
                 extensions["portcullis.body_write"] = {"write": body_writer(self.cycle)}
+                self.scope["extensions"] = extensions
 
     def on_message_complete(self) -> None:
         if self._phase == "body":

@@ -356,11 +356,10 @@ class InferenceConsumer(GatewayConsumer):
             headers += [(k.encode(), v.encode()) for k, v in extra.items()]
             self.response_started = True
             await self.send_headers(status=200, headers=headers)
+            # the served protocol's way to write an event at once (config/protocol.py), when it has one
+            extension = (self.scope.get("extensions") or {}).get("portcullis.body_write") or {}
             relay = StreamRelay(
-                self,
-                response,
-                wants_usage=request.wants_usage,
-                write_now=self.scope.get("extensions", {}).get("portcullis.body_write", {}).get("write"),
+                self, response, wants_usage=request.wants_usage, write_now=extension.get("write")
             )
             ACTIVE_STREAMS.inc()
             try:
