@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Callable
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -179,9 +180,17 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
 
 def body_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
     """The ``portcullis.body_write`` extension of one request: write a part of its chunked response body
-    now, framed as ``send`` frames it; False (nothing written) when ``send`` must take it instead."""
+    now, framed as ``send`` frames it; False (nothing written) when ``send`` must take it instead.
+
+    It holds its request cycle weakly: the cycle holds the scope, and the scope this function, so a strong
+    hold would make every request a reference cycle that only the collector frees (measured: under 1,000
+    streams the process grew by ~50 MiB in 25 s, which reference counting alone no longer gives back)."""
+    held = weakref.ref(cycle)
 
     def write(body: bytes) -> bool:
+        cycle = held()
+        if cycle is None:
+            return False
         transport = cycle.transport
         if (
             cycle.response_complete

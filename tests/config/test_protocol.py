@@ -5,6 +5,8 @@ not write at once (before the headers, after the end, once the client is gone, w
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from typing import Any
 
 from uvicorn.config import Config
@@ -38,14 +40,16 @@ class _Transport(asyncio.Transport):
         pass
 
 
-def _serve(path: str) -> tuple[dict[str, Any], bytes]:
-    """Serve one POST to ``path`` with an app that tries the extension at every stage of its answer."""
+def _serve(path: str, requests: int = 1) -> tuple[dict[str, Any], bytes]:
+    """Serve POSTs to ``path``, one after the other on one connection, with an app that tries the
+    extension at every stage of its answer."""
     seen: dict[str, Any] = {}
     served: list[AuditedHttpToolsProtocol] = []
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         write = scope.get("extensions", {}).get("portcullis.body_write", {}).get("write")
         seen["offered"] = write is not None
+        seen.setdefault("cycles", []).append(weakref.ref(served[0].cycle))
         if write is None:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
@@ -67,9 +71,12 @@ def _serve(path: str) -> tuple[dict[str, Any], bytes]:
         served.append(protocol)
         transport = _Transport()
         protocol.connection_made(transport)
-        protocol.data_received(b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}" % path.encode())
-        for _ in range(20):
-            await asyncio.sleep(0)
+        for _ in range(requests):
+            protocol.data_received(
+                b"POST %s HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}" % path.encode()
+            )
+            for _ in range(20):
+                await asyncio.sleep(0)
         protocol.connection_lost(None)
         return transport.written
 
@@ -78,6 +85,7 @@ def _serve(path: str) -> tuple[dict[str, Any], bytes]:
 
 def test_a_gateway_request_can_write_its_streamed_body_at_once_framed_as_send_frames_it():
     seen, written = _serve("/v1/chat/completions")
+    del seen["cycles"]
     assert seen == {
         "offered": True,
         "before the headers": False,
@@ -93,5 +101,22 @@ def test_a_gateway_request_can_write_its_streamed_body_at_once_framed_as_send_fr
 
 def test_other_paths_are_not_offered_the_extension():
     seen, written = _serve("/oauth/token/")
+    del seen["cycles"]
     assert seen == {"offered": False}
     assert written.startswith(b"HTTP/1.1 204")
+
+
+def test_the_extension_leaves_no_reference_cycle_for_the_collector():
+    """The cycle holds the scope and the scope the writer: held strongly, a request's cycle would outlive
+    its request as garbage only the collector frees (under 1,000 streams the process grew by ~50 MiB in
+    25 s). Freed by reference counting, it goes as soon as the connection's next request replaces it."""
+    gc.collect()
+    gc.disable()
+    try:
+        seen, _written = _serve("/v1/chat/completions", requests=2)
+        first_freed = seen["cycles"][0]() is None
+    finally:
+        gc.enable()
+    assert seen["offered"]
+    assert len(seen["cycles"]) == 2
+    assert first_freed
