@@ -13,7 +13,7 @@ extension of ``config.protocol``), the events are passed on in the upstream read
 end, a failure or a cut, and takes over whenever ``write_now`` declines (the client is slow and its
 connection paused, or gone), so back pressure and every way of ending work as before. Measured with
 ``bench.run --scenarios paced_1000`` on the project's 2-core machine, this cut the gateway's CPU per
-16-event paced stream by 6 to 31 % in four alternate pairs of runs (bench/README.md, session 12).
+16-event paced stream by 8 and 19 % in two alternate pairs of runs (bench/README.md, session 12).
 """
 
 from __future__ import annotations
