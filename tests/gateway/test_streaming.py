@@ -148,13 +148,19 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
+async def _started() -> tuple[_Live, _Connection, StreamRelay, asyncio.Task[str]]:
+    """A relay running with ``write_now``, its first event (a) sent the usual way."""
+    live, client = _Live(), _Connection()
+    relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
+    running = asyncio.create_task(relay.run(_never_disconnects))
+    live.feed(_event("a"))
+    await _settle()
+    return live, client, relay, running
+
+
 def test_after_the_first_events_the_rest_are_written_in_the_read_that_brought_them():
     async def test() -> tuple[str, list[tuple[str, bytes]]]:
-        live, client = _Live(), _Connection()
-        relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
-        running = asyncio.create_task(relay.run(_never_disconnects))
-        live.feed(_event("a"))
-        await _settle()
+        live, client, relay, running = await _started()
         live.feed(_event("b"))  # written in the feed itself, before any other task runs
         live.feed(_event("c") + USAGE)
         written_at_once = list(client.out)
@@ -177,11 +183,7 @@ def test_after_the_first_events_the_rest_are_written_in_the_read_that_brought_th
 
 def test_a_paused_client_gets_its_events_through_send_in_order_and_no_write_overtakes_a_send():
     async def test() -> list[tuple[str, bytes]]:
-        live, client = _Live(), _Connection()
-        relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
-        running = asyncio.create_task(relay.run(_never_disconnects))
-        live.feed(_event("a"))
-        await _settle()
+        live, client, relay, running = await _started()
         client.paused = True  # the client reads slowly: its connection is paused
         client.send_gate = asyncio.Event()
         live.feed(_event("b"))  # declined: the task sends it, and waits in that send
@@ -203,11 +205,7 @@ def test_a_paused_client_gets_its_events_through_send_in_order_and_no_write_over
 
 def test_once_cut_a_stream_writes_nothing_more_at_once():
     async def test() -> tuple[str, list[tuple[str, bytes]]]:
-        live, client = _Live(), _Connection()
-        relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
-        running = asyncio.create_task(relay.run(_never_disconnects))
-        live.feed(_event("a"))
-        await _settle()
+        live, client, relay, running = await _started()
         relay.revoked()
         live.feed(_event("b"))
         how = await running
