@@ -132,12 +132,14 @@ class StreamRelay:
 
     async def _pump(self) -> None:
         response = self.response
+        write_now = self.write_now
         while chunk := await response.chunk():
             out = self._events(chunk)
             if out:
                 await self._send(out)
-                if self.write_now is not None and response.on_data is None:
-                    response.on_data = self._take_now  # the first events are out: the rest go at once
+                if write_now is not None:  # the first events are out: the rest go at once
+                    response.on_data = self._take_now
+                    write_now = None  # once: a taker that failed (and was dropped) is not set again
         if self._buffer.strip():
             await self._send(self._filter(self._buffer))
 

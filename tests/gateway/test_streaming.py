@@ -216,3 +216,30 @@ def test_once_cut_a_stream_writes_nothing_more_at_once():
     assert out[0] == ("send", _event("a"))
     assert all(_event("b") not in body for _how, body in out)
     assert b'"code": "token_revoked"' in out[-1][1]
+
+
+def test_a_write_now_that_fails_is_dropped_for_good_and_the_stream_completes_through_send():
+    calls: list[bytes] = []
+
+    def broken(body: bytes) -> bool:
+        calls.append(body)
+        raise AttributeError("a renamed attribute of the server")
+
+    async def test() -> tuple[str, list[tuple[str, bytes]]]:
+        live, client = _Live(), _Connection()
+        relay = StreamRelay(client, live, wants_usage=False, write_now=broken)  # type: ignore[arg-type]
+        running = asyncio.create_task(relay.run(_never_disconnects))
+        for text in "abcd":
+            try:
+                live.feed(_event(text))
+            except AttributeError:  # what the upstream connection's data_received catches and logs
+                live.on_data = None
+                live._arrived.set()
+            await _settle()
+        live.end()
+        return await running, client.out
+
+    how, out = asyncio.run(test())
+    assert how == "completed"
+    assert b"".join(body for _how, body in out) == b"".join(_event(t) for t in "abcd")
+    assert len(calls) == 1  # tried once, not once a read
