@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from authserver.crypto import signing_key_generate
 from gateway.auth import KeySet, TokenVerifier
 from gateway.conf import GatewaySettings
+from gateway.redisbatch import REPLY_WAIT_S
 
 ISSUER = "http://127.0.0.1:8000"
 AUDIENCE = ISSUER + "/v1"
@@ -56,7 +57,7 @@ def _settings(cache_size: int) -> GatewaySettings:
         verify_cache_size=cache_size,
         deny_ips=(),
         fallback_ceiling_rpm=600,
-        redis_reply_wait_s=0.0005,
+        redis_reply_wait_s=REPLY_WAIT_S,
     )
 
 

@@ -345,7 +345,6 @@ def test_the_fallback_gives_back_what_redis_may_have_reserved(settings):
         redis_unavailable=lambda: None,
         recently_cleared=lambda jti: True,
         fallback_ceiling_rpm=600,
-        redis_reply_wait_s=0.0005,
     )
     request = Validated(payload={}, model="m1", stream=False, max_tokens=16, n=1, wants_usage=False)
     policy = Policy(models=frozenset({"m1"}), concurrency=2)
