@@ -146,7 +146,7 @@ class StreamRelay:
     def _take_now(self, response: Response) -> bool:
         """Pass on the events a read brought, in that read; False leaves them to the task."""
         write = self.write_now
-        if write is None or self._sending or self.ended is not None or self._finished or not write(b""):
+        if write is None or self._sending or self.ended is not None or not write(b""):
             return False
         out = self._events(response.take())
         if out and not write(out):  # nothing ran since it said yes: a broken promise, not a slow client

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -105,9 +106,15 @@ class _Live:
         return data
 
     def feed(self, data: bytes) -> None:
+        """As ``_Connection.data_received`` does: a taker that raises is dropped, and the reader woken."""
         self._parts.append(data)
-        if self.on_data is None or not self.on_data(self):
-            self._arrived.set()
+        if self.on_data is not None:
+            try:
+                if self.on_data(self):
+                    return
+            except Exception:
+                self.on_data = None
+        self._arrived.set()
 
     def end(self) -> None:
         self._ended = True
@@ -148,10 +155,14 @@ async def _settle() -> None:
         await asyncio.sleep(0)
 
 
-async def _started() -> tuple[_Live, _Connection, StreamRelay, asyncio.Task[str]]:
-    """A relay running with ``write_now``, its first event (a) sent the usual way."""
+async def _started(
+    write_now: Callable[[bytes], bool] | None = None,
+) -> tuple[_Live, _Connection, StreamRelay, asyncio.Task[str]]:
+    """A relay running with ``write_now`` (the client's own by default), its first event (a) sent the
+    usual way."""
     live, client = _Live(), _Connection()
-    relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
+    write_now = write_now or client.write_now
+    relay = StreamRelay(client, live, wants_usage=False, write_now=write_now)  # type: ignore[arg-type]
     running = asyncio.create_task(relay.run(_never_disconnects))
     live.feed(_event("a"))
     await _settle()
@@ -226,15 +237,9 @@ def test_a_write_now_that_fails_is_dropped_for_good_and_the_stream_completes_thr
         raise AttributeError("a renamed attribute of the server")
 
     async def test() -> tuple[str, list[tuple[str, bytes]]]:
-        live, client = _Live(), _Connection()
-        relay = StreamRelay(client, live, wants_usage=False, write_now=broken)  # type: ignore[arg-type]
-        running = asyncio.create_task(relay.run(_never_disconnects))
-        for text in "abcd":
-            try:
-                live.feed(_event(text))
-            except AttributeError:  # what the upstream connection's data_received catches and logs
-                live.on_data = None
-                live._arrived.set()
+        live, client, _relay, running = await _started(broken)
+        for text in "bcd":
+            live.feed(_event(text))
             await _settle()
         live.end()
         return await running, client.out
