@@ -159,7 +159,7 @@ async def _started(
     write_now: Callable[[bytes], bool] | None = None,
 ) -> tuple[_Live, _Connection, StreamRelay, asyncio.Task[str]]:
     """A relay running with ``write_now`` (the client's own by default), its first event (a) sent the
-    usual way."""
+    usual way: it arrived before the relay's first step."""
     live, client = _Live(), _Connection()
     write_now = write_now or client.write_now
     relay = StreamRelay(client, live, wants_usage=False, write_now=write_now)  # type: ignore[arg-type]
@@ -169,7 +169,7 @@ async def _started(
     return live, client, relay, running
 
 
-def test_after_the_first_events_the_rest_are_written_in_the_read_that_brought_them():
+def test_events_that_arrive_while_the_relay_runs_are_written_in_the_read_that_brought_them():
     async def test() -> tuple[str, list[tuple[str, bytes]]]:
         live, client, relay, running = await _started()
         live.feed(_event("b"))  # written in the feed itself, before any other task runs
@@ -190,6 +190,24 @@ def test_after_the_first_events_the_rest_are_written_in_the_read_that_brought_th
         ("now", b"data: [DONE]\n\n"),
         ("send", b""),  # the end goes through send
     ]
+
+
+def test_the_first_event_too_is_written_in_its_read_when_the_relay_is_waiting_for_it():
+    async def test() -> tuple[list[tuple[str, bytes]], str, list[tuple[str, bytes]]]:
+        live, client = _Live(), _Connection()
+        relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
+        running = asyncio.create_task(relay.run(_never_disconnects))
+        await _settle()  # the headers are out and the relay waits for the upstream's first event
+        live.feed(_event("a"))
+        written_at_once = list(client.out)
+        live.feed(b"data: [DONE]\n\n")
+        live.end()
+        return written_at_once, await running, client.out
+
+    written_at_once, how, out = asyncio.run(test())
+    assert written_at_once == [("now", _event("a"))]  # no task switch before the first token either
+    assert how == "completed"
+    assert out == [("now", _event("a")), ("now", b"data: [DONE]\n\n"), ("send", b"")]
 
 
 def test_a_paused_client_gets_its_events_through_send_in_order_and_no_write_overtakes_a_send():
