@@ -1,4 +1,5 @@
-"""Read what the harness needs about processes from /proc: CPU time, resident memory, descendants."""
+"""Read what the harness needs about processes and cores from /proc: CPU time, time spent waiting for a
+core, resident memory, descendants, and what a core did."""
 
 from __future__ import annotations
 
@@ -23,6 +24,31 @@ def cpu_seconds(pid: int) -> float | None:
     if fields is None:
         return None
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime and stime: fields 14 and 15 of stat
+
+
+def run_delay_seconds(pid: int | str) -> float | None:
+    """Return how long a process's main thread has waited, runnable, for a core (``/proc/<pid>/schedstat``:
+    run-queue time), or None if it is gone or the kernel does not keep it."""
+    try:
+        fields = (PROC / str(pid) / "schedstat").read_text().split()
+    except OSError:
+        return None
+    return int(fields[1]) / 1e9 if len(fields) >= 2 else None
+
+
+def core_seconds(core: int) -> tuple[float, float] | None:
+    """Return a core's busy seconds (user, nice, system, irq and softirq; guest time is inside user) and
+    the seconds the hypervisor gave it to others (steal), from ``/proc/stat``; None if not listed."""
+    try:
+        lines = (PROC / "stat").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] == f"cpu{core}" and len(fields) >= 9:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[1:9])
+            return (user + nice + system + irq + softirq) / CLOCK_TICKS, steal / CLOCK_TICKS
+    return None
 
 
 def status_kib(pid: int, name: str) -> int | None:

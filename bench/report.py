@@ -21,7 +21,7 @@ SUMMED = frozenset({"dropped", "failed", "started", "succeeded"})
 MAXED = frozenset({"rss_peak_mib", "in_flight_peak"})
 CPU_NAMES = ("gateway", "bare", "fast", "paced", "worker", "loadgen")
 PROXIES = ("gateway", "bare")  # the targets whose own process serves the request: CPU per unit is theirs
-NESTED = ("cpu_pct", "tcp_closed_per_request")
+NESTED = ("cpu_pct", "tcp_closed_per_request", "core_wait_ms_per_s", "gateway_core_pct")
 
 REFERENCE_SLOW = 0.8  # a ratio to the reference machine below which the report says the machine is slow
 Rule = Callable[[float | None, float | None, dict[str, Any]], bool | None]
@@ -334,6 +334,32 @@ def _print_cpu(summary: dict[str, dict[str, dict[str, Any]]], titles: dict[str, 
                     + [_fmt(closed.get("fast")), _fmt(closed.get("paced"))]
                 )
     _print_grid(["scenario", "target", *names, "conns/req m1", "conns/req m2"], lines)
+    _print_waits(summary, titles, names)
+
+
+def _print_waits(
+    summary: dict[str, dict[str, dict[str, Any]]], titles: dict[str, str], names: list[str]
+) -> None:
+    """The machine's share of each figure: how long each process waited, runnable, for a core (ms per
+    second of the window), and how much of the gateway's core went to processes the harness did not
+    start (Redis, PostgreSQL, kernel threads, the host's other services) or to the hypervisor (steal)."""
+    lines = []
+    for scenario, targets in summary.items():
+        for target, figures in targets.items():
+            waited = figures.get("core_wait_ms_per_s") or {}
+            core = figures.get("gateway_core_pct") or {}
+            if waited or core:
+                lines.append(
+                    [titles[scenario], target, _fmt(core.get("others")), _fmt(core.get("steal"))]
+                    + [_fmt(waited.get(name)) for name in names]
+                )
+    if not lines:
+        return
+    print(
+        "\nThe machine's share, medians: % of the gateway's core taken by processes the harness did not start"
+        "\n(others) and by the hypervisor (steal); ms per second each process waited, runnable, for a core:"
+    )
+    _print_grid(["scenario", "target", "core: others", "core: steal", *(f"wait {n}" for n in names)], lines)
 
 
 def _print_footer(result: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 A load scenario runs the closed loop against the fake vLLM directly ("direct"), through the bare proxy
 ("bare", the floor: ``bench.bareproxy``) and through the gateway ("gateway") with the same request bytes
 (plus the bearer token for the gateway); while its window runs, an observer reads the CPU time of every
-process and, when asked, polls the gateway's resident memory. The token endpoint and the in-process JWT
+process, how long each waited for a core, what else the gateway's core did and, when asked, polls the
+gateway's resident memory. The token endpoint and the in-process JWT
 micro-benchmark have no direct counterpart.
 """
 
@@ -22,6 +23,7 @@ from bench.loadgen import LoadSpec, Target, Window, build_request, run_closed_lo
 from bench.stack import Stack
 
 RSS_POLL_S = 0.05
+ON_GATEWAY_CORE = ("gateway", "bare")  # the harness's processes pinned to the gateway's core
 TOKEN_BODY = b"grant_type=client_credentials&scope=completions"
 CHAT_PATH = "/v1/chat/completions"
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
@@ -132,25 +134,57 @@ def _load_spec(scenario: Scenario, target: str, stack: Stack, plan: Plan) -> Loa
 
 
 def _observer(
-    pids: dict[str, int], ports: dict[str, int], rss_pid: int | None
+    pids: dict[str, int], ports: dict[str, int], rss_pid: int | None, gateway_core: int | None
 ) -> Callable[[Window], Awaitable[dict[str, Any]]]:
+    waiting: dict[str, int | str] = {**pids, "loadgen": "self"}
+
     async def observe(window: Window) -> dict[str, Any]:
         time_wait_before = proc.time_wait_by_port(ports)  # during the warm-up: it is not cheap
         await asyncio.sleep(max(0.0, window.measure_from - time.perf_counter()))
         before = {name: proc.cpu_seconds(pid) for name, pid in pids.items()}
+        waited_before = {name: proc.run_delay_seconds(who) for name, who in waiting.items()}
+        core_before = proc.core_seconds(gateway_core) if gateway_core is not None else None
         own_before, started = time.process_time(), time.perf_counter()
         peak = await _rss_peak(rss_pid, window.end)
         elapsed = max(time.perf_counter() - started, 1e-9)
+        core_after = proc.core_seconds(gateway_core) if gateway_core is not None else None
         cpu: dict[str, float | None] = {}
         for name, pid in pids.items():
             now, then = proc.cpu_seconds(pid), before[name]
             cpu[name] = None if now is None or then is None else round((now - then) / elapsed * 100, 1)
         cpu["loadgen"] = round((time.process_time() - own_before) / elapsed * 100, 1)
+        waited: dict[str, float | None] = {}
+        for name, who in waiting.items():
+            now, then = proc.run_delay_seconds(who), waited_before[name]
+            waited[name] = None if now is None or then is None else round((now - then) / elapsed * 1000, 2)
         time_wait_after = proc.time_wait_by_port(ports)
         closed = {name: time_wait_after[name] - time_wait_before[name] for name in ports}
-        return {"cpu_pct": cpu, "rss_peak_mib": round(peak / 1024, 1) if peak else None, "tcp_closed": closed}
+        return {
+            "cpu_pct": cpu,
+            "core_wait_ms_per_s": waited,
+            "gateway_core_pct": _core_share(core_before, core_after, elapsed, cpu),
+            "rss_peak_mib": round(peak / 1024, 1) if peak else None,
+            "tcp_closed": closed,
+        }
 
     return observe
+
+
+def _core_share(
+    before: tuple[float, float] | None,
+    after: tuple[float, float] | None,
+    elapsed: float,
+    cpu: dict[str, float | None],
+) -> dict[str, float]:
+    """What the gateway's core did in the window besides the harness's own processes pinned to it, in % of
+    the window: ``others`` (every other process, kernel threads and interrupts) and ``steal`` (the
+    hypervisor ran something else instead). Empty when the core is not pinned or not listed."""
+    if before is None or after is None:
+        return {}
+    busy = (after[0] - before[0]) / elapsed * 100
+    own = sum(cpu.get(name) or 0.0 for name in ON_GATEWAY_CORE)
+    steal = (after[1] - before[1]) / elapsed * 100
+    return {"others": round(max(busy - own, 0.0), 1), "steal": round(steal, 1)}
 
 
 async def _rss_peak(pid: int | None, until: float) -> int:
@@ -173,7 +207,8 @@ def measure(run: Runner, stack: Stack, plan: Plan, scenario: Scenario, target: s
         spec = _load_spec(scenario, target, stack, plan)
         pids = {service.name: service.process.pid for service in stack.services}
         rss_pid = pids["gateway"] if scenario.watch_rss and target == "gateway" else None
-        tally, observed = run(run_closed_loop(spec, _observer(pids, stack.ports, rss_pid)))
+        observer = _observer(pids, stack.ports, rss_pid, stack.options.gateway_core)
+        tally, observed = run(run_closed_loop(spec, observer))
         result = {"clients": spec.clients, **tally_summary(tally), **observed}
         started = max(result["started"], 1)
         # TIME_WAIT sockets that appeared per request, by port: ~1 means a new connection per request

@@ -52,3 +52,25 @@ def test_a_slow_direct_baseline_with_a_bare_proxy_near_the_reference_is_not_a_sl
     printed = capsys.readouterr().out
     assert "well below" not in printed
     assert "the targets\n bear on this machine" in printed
+
+
+def test_the_machines_share_is_printed_beside_each_measurement_that_has_it(capsys):
+    summary = {
+        "chat_1": {
+            "direct": {"core_wait_ms_per_s": {"fast": 384.1, "loadgen": 83.3}},
+            "gateway": {
+                "core_wait_ms_per_s": {"gateway": 23.6, "fast": 23.1, "loadgen": 20.3},
+                "gateway_core_pct": {"others": 4.7, "steal": 0.2},
+            },
+        },
+    }
+    report._print_waits(summary, {"chat_1": "1 chat"}, ["gateway", "fast", "loadgen"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "wait gateway" in lines[3]
+    assert lines[5].split() == ["1", "chat", "direct", "-", "-", "-", "384.1", "83.3"]
+    assert lines[6].split() == ["1", "chat", "gateway", "4.7", "0.2", "23.6", "23.1", "20.3"]
+
+
+def test_no_table_of_the_machines_share_when_no_measurement_has_it(capsys):
+    report._print_waits({"jwt": {"gateway": {"rps": 1.0}}}, {"jwt": "7 jwt"}, ["gateway"])
+    assert capsys.readouterr().out == ""

@@ -94,6 +94,17 @@ def test_paced_streams_keep_their_spacing_fields_and_the_gateway_memory_is_read(
     assert held["in_flight_peak"] == held["clients"]
 
 
+def test_every_load_measurement_says_how_long_its_processes_waited_for_a_core(quick):
+    result, output = quick
+    for m in result["measurements"]:
+        if m["scenario"] in {s.key for s in SCENARIOS if s.kind != "jwt"}:
+            waited = m["core_wait_ms_per_s"]
+            assert waited["loadgen"] is not None, (m["scenario"], m["target"])
+            assert waited[m["target"] if m["target"] != "direct" else "fast"] is not None
+            assert waited["gateway"] >= 0
+    assert "ms per second each process waited, runnable, for a core" in output
+
+
 def test_nothing_was_dropped_and_every_request_was_metered(quick):
     result = quick[0]
     assert result["dropped"] == 0
