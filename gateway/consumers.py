@@ -23,7 +23,7 @@ from gateway import errors
 from gateway.admission import admit, settle
 from gateway.auth import Principal
 from gateway.deadlines import Deadlines
-from gateway.metrics import ACTIVE_STREAMS, METERING_BACKLOG, request_observe
+from gateway.metrics import ACTIVE_STREAMS, METERING_BACKLOG, request_observe, stream_writes_observe
 from gateway.runtime import Runtime, runtime_get
 from gateway.streaming import StreamRelay
 from gateway.upstream import upstream_read
@@ -367,6 +367,7 @@ class InferenceConsumer(GatewayConsumer):
                     outcome = await relay.run(self._receive)
             finally:
                 ACTIVE_STREAMS.dec()
+                stream_writes_observe(relay.written_now, relay.sent)
         self.record.update(
             upstream_ms=round((time.perf_counter() - started) * 1000, 3),
             prompt_tokens=relay.prompt_tokens,

@@ -66,6 +66,13 @@ REDIS_REPLY_WAITS = Counter(
     "came within the wait) or in_vain (it did not; the usual read takes it)",
     ["outcome"],
 )
+STREAM_WRITES = Counter(
+    "portcullis_gateway_stream_writes",
+    "Stream body parts written to clients, by path: read (in the upstream read that brought them) or task "
+    "(by the request's task: what arrived before the relay started, and everything while the client's "
+    "connection is paused for a slow reader or when the server offers no direct write)",
+    ["path"],
+)
 METERING_BACKLOG = Gauge(
     "portcullis_gateway_metering_backlog", "Usage records waiting for hand-off", multiprocess_mode="livesum"
 )
@@ -78,6 +85,18 @@ _WAIT_IN_VAIN = REDIS_REPLY_WAITS.labels("in_vain")
 def redis_reply_waited(answered: bool) -> None:
     """Count one wait for a carried Redis batch's reply (``gateway.redisbatch``)."""
     (_WAIT_ANSWERED if answered else _WAIT_IN_VAIN).inc()
+
+
+_WRITES_READ = STREAM_WRITES.labels("read")
+_WRITES_TASK = STREAM_WRITES.labels("task")
+
+
+def stream_writes_observe(read: int, task: int) -> None:
+    """Count one stream's body parts by the path that wrote them (``gateway.streaming``)."""
+    if read:
+        _WRITES_READ.inc(read)
+    if task:
+        _WRITES_TASK.inc(task)
 
 
 def status_class(status: int) -> str:

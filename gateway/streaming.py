@@ -10,13 +10,14 @@ upstream failure mid-stream ends the stream with one error event and no ``[DONE]
 Once the response headers are out (the relay starts after them), and when the server offers ``write_now`` (the
 ``portcullis.body_write`` extension of ``config.protocol``), the events are passed on in the upstream read
 that brought them (``Response.on_data``), the first one too: no task switch, future or timer per event. Only
-what had arrived before the relay's first step goes through ``send``. The request's task still waits for the
-end, a failure or a cut, and takes over whenever ``write_now`` declines (the client is slow and its connection
-paused, or gone), so back pressure and every way of ending work as before. Measured with ``bench.run
---scenarios paced_1000`` on the project's 2-core machine, this cut the gateway's CPU per 16-event paced stream
-by 8 and 19 % in two alternate pairs of runs (bench/README.md, session 12). Taking the first event this way
-too shortened its step, from its read to its write, from 11 / 82 / 214–268 µs (p50 / p90 / p99) to 4 / 6 / 9
-µs under scenario 4 (session 13).
+what had arrived before the relay's first step goes through ``send`` (the consumer counts the parts by path:
+``portcullis_gateway_stream_writes_total``). The request's task still waits for the end, a failure or a cut,
+and takes over whenever ``write_now`` declines (the client is slow and its connection paused, or gone), so
+back pressure and every way of ending work as before. Measured with ``bench.run --scenarios paced_1000`` on
+the project's 2-core machine, this cut the gateway's CPU per 16-event paced stream by 8 and 19 % in two
+alternate pairs of runs (bench/README.md, session 12). Taking the first event this way too shortened its step,
+from its read to its write, from 11 / 82 / 214–268 µs (p50 / p90 / p99) to 4 / 6 / 9 µs under scenario 4
+(session 13).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class StreamRelay:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.content_events = 0
+        self.written_now = 0  # body parts written in the upstream read that brought them
+        self.sent = 0  # body parts the task sent (the end, and an error event, not counted)
         self.usage_seen = False
         self.done_seen = False
         self.upstream_error = False
@@ -150,13 +153,16 @@ class StreamRelay:
         if write is None or self._sending or self.ended is not None or not write(b""):
             return False
         out = self._events(response.take())
-        if out and not write(out):  # nothing ran since it said yes: a broken promise, not a slow client
-            raise RuntimeError("the connection refused a write it had just accepted")
+        if out:
+            if not write(out):  # nothing ran since it said yes: a broken promise, not a slow client
+                raise RuntimeError("the connection refused a write it had just accepted")
+            self.written_now += 1
         return True
 
     async def _send(self, body: bytes) -> None:
         """Pass events on; a failure here is the client's, never the upstream's."""
         self._sending = True
+        self.sent += 1
         try:
             await self.sink.send_body(body, more_body=True)
         except OSError as exc:

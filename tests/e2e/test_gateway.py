@@ -196,6 +196,24 @@ def test_chunk_timing_is_preserved(stack):
     assert arrivals[-1] - arrivals[0] > 0.3
 
 
+def test_a_paced_streams_events_are_written_in_the_reads_that_brought_them(stack):
+    """The served protocol's direct write reaches the relay through the consumer: with events 30 ms apart,
+    each comes in a read of its own while the relay waits, and is written there, not by the task."""
+    stack.fake.configure(chunk_delay_s=0.03, tokens=5)
+    metrics = f"{stack.server.base}/metrics"
+    read = 'portcullis_gateway_stream_writes_total{path="read"}'
+    task = 'portcullis_gateway_stream_writes_total{path="task"}'
+    before = _series(httpx.get(metrics, timeout=10).text)
+    with chat_stream(stack, stack.token(), max_tokens=5) as response:
+        events = [line for line in response.iter_lines() if line]
+    after = _series(httpx.get(metrics, timeout=10).text)
+    assert events[-1] == "data: [DONE]"
+    # tokens 2 to 4, each alone after a 30 ms pause; the first may come with the head, and the last comes
+    # with the response's end, which the task takes
+    assert after[read] - before.get(read, 0.0) >= 3
+    assert after[read] + after.get(task, 0.0) - before.get(read, 0.0) - before.get(task, 0.0) <= 7
+
+
 def test_client_disconnect_mid_stream_aborts_the_upstream_request_within_a_second(stack):
     stack.fake.configure(chunk_delay_s=0.05, tokens=200)
     token = stack.token()

@@ -179,6 +179,7 @@ def test_events_that_arrive_while_the_relay_runs_are_written_in_the_read_that_br
         live.end()
         how = await running
         assert written_at_once[1:] == [("now", _event("b")), ("now", _event("c"))]
+        assert (relay.written_now, relay.sent) == (3, 1)  # b, c and [DONE] at once; a by the task
         return how, client.out
 
     how, out = asyncio.run(test())
@@ -224,6 +225,7 @@ def test_a_paused_client_gets_its_events_through_send_in_order_and_no_write_over
         live.feed(_event("d"))
         live.end()
         await running
+        assert relay.sent == 3  # a, b while paused, and c behind b's send
         return client.out
 
     out = asyncio.run(test())
