@@ -1,11 +1,10 @@
 """The seven scenarios of issue 7 and how one measurement of each is taken.
 
 A load scenario runs the closed loop against the fake vLLM directly ("direct"), through the bare proxy
-("bare", the floor: ``bench.bareproxy``) and through the gateway ("gateway") with the same request bytes
-(plus the bearer token for the gateway); while its window runs, an observer reads the CPU time of every
-process, how long each waited for a core, what else the gateway's core did and, when asked, polls the
-gateway's resident memory. The token endpoint and the in-process JWT
-micro-benchmark have no direct counterpart.
+("bare", the floor: ``bench.bareproxy``) and through the gateway ("gateway") with the same request bytes (plus
+the bearer token for the gateway); while its window runs, an observer reads the CPU time of every process, how
+long each waited for a core, what else the gateway's core did and, when asked, polls the gateway's resident
+memory. The token endpoint and the in-process JWT micro-benchmark have no direct counterpart.
 """
 
 from __future__ import annotations

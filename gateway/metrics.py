@@ -69,8 +69,9 @@ REDIS_REPLY_WAITS = Counter(
 STREAM_WRITES = Counter(
     "portcullis_gateway_stream_writes",
     "Stream body parts written to clients, by path: read (in the upstream read that brought them) or task "
-    "(by the request's task: what arrived before the relay started, and everything while the client's "
-    "connection is paused for a slow reader or when the server offers no direct write)",
+    "(by the request's task: what arrived before the relay started or with the response's end, and "
+    "everything while the client's connection is paused for a slow reader or when the server offers no "
+    "direct write)",
     ["path"],
 )
 METERING_BACKLOG = Gauge(
