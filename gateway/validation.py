@@ -34,11 +34,13 @@ def _fail(path: str, message: str) -> None:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise InvalidRequest(f"Duplicate key {key!r} in the JSON body.", param=key)
-        result[key] = value
+    result = dict(pairs)
+    if len(result) != len(pairs):  # a key repeats: name the first one that does
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise InvalidRequest(f"Duplicate key {key!r} in the JSON body.", param=key)
+            seen.add(key)
     return result
 
 
@@ -71,7 +73,9 @@ def body_parse(body: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"The JSON body is nested deeper than {MAX_DEPTH} levels.") from None
     if not isinstance(value, dict):
         raise InvalidRequest("The body must be a JSON object.")
-    if not _depth_ok(value):
+    # Nesting cannot be deeper than the number of brackets in the body (those inside strings included; in
+    # UTF-8, -16 and -32 alike each is a byte of that value), so a body with few (most are) is not walked.
+    if body.count(b"{") + body.count(b"[") > MAX_DEPTH and not _depth_ok(value):
         raise InvalidRequest(f"The JSON body is nested deeper than {MAX_DEPTH} levels.")
     return value
 
@@ -92,12 +96,14 @@ def string(max_len: int = 256, choices: frozenset[str] | None = None) -> Check:
 
 
 MODEL_NAME_CHARS = 200  # the usage record's column (audit.UsageRecord.model)
+_model_string = string(MODEL_NAME_CHARS)
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def model_name(value: Any, path: str) -> None:
     """A model id: a string that fits the usage record, with no control characters (no NUL)."""
-    string(MODEL_NAME_CHARS)(value, path)
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+    _model_string(value, path)
+    if CONTROL_CHARACTERS.search(value) is not None:
         _fail(path, "must not contain control characters")
 
 
@@ -324,14 +330,17 @@ class Validated:
     n: int
 
 
+ENDPOINT_FIELDS: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
+    "chat": (CHAT_FIELDS, frozenset({"model", "messages"})),
+    "completions": (COMPLETION_FIELDS, frozenset({"model", "prompt"})),
+    "embeddings": (EMBEDDING_FIELDS, frozenset({"model", "input"})),
+}
+
+
 def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> Validated:
     """Validate a body for an endpoint kind (``chat``, ``completions``, ``embeddings``)."""
     payload = body_parse(body)
-    fields, required = {
-        "chat": (CHAT_FIELDS, frozenset({"model", "messages"})),
-        "completions": (COMPLETION_FIELDS, frozenset({"model", "prompt"})),
-        "embeddings": (EMBEDDING_FIELDS, frozenset({"model", "input"})),
-    }[kind]
+    fields, required = ENDPOINT_FIELDS[kind]
     fields_check(payload, fields, required)
     stream = payload.get("stream") is True
     if "stream_options" in payload and not stream:

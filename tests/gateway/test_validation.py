@@ -31,6 +31,12 @@ CASES = [
     ("invalid json", "chat", b"{", None),
     ("NaN", "chat", b'{"model": "m1", "messages": [], "temperature": NaN}', None),
     ("duplicate key", "chat", b'{"model": "m1", "model": "m2", "messages": []}', "model"),
+    (
+        "duplicate key in a message",
+        "chat",
+        b'{"model": "m1", "messages": [{"role": "user", "content": "a", "role": "system"}]}',
+        "role",
+    ),
     ("too deep", "chat", chat(user=nested(MAX_DEPTH + 5)), None),
     ("missing model", "chat", json.dumps({"messages": MSG}).encode(), "model"),
     ("missing messages", "chat", json.dumps({"model": "m1"}).encode(), "messages"),
@@ -68,6 +74,7 @@ CASES = [
     ),
     ("model too long for the usage record", "chat", chat(model="m" * 201), "model"),
     ("model with a NUL", "chat", chat(model="m1\u0000"), "model"),
+    ("model with a DEL", "chat", chat(model="m1\u007f"), "model"),
     ("model with a newline", "embeddings", json.dumps({"model": "e\n", "input": "x"}).encode(), "model"),
     ("n too large", "chat", chat(n=100), "n"),
     ("n not int", "chat", chat(n="2"), "n"),
@@ -137,6 +144,26 @@ def test_a_valid_chat_request_passes_and_the_cap_bounds_an_unbounded_generation(
     assert checked.model == "m1"
     assert checked.max_tokens == 256
     assert checked.payload["max_tokens"] == 256
+
+
+def _with_parameters_nested(lists: int) -> bytes:
+    """A chat body nested 5 + ``lists`` deep: the body, tools, a tool, its function, then the lists around a
+    scalar in its parameters (which take any JSON)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": nested(lists)}}
+    return chat(tools=[tool])
+
+
+def test_nesting_up_to_the_limit_passes_and_one_level_more_is_refused():
+    assert request_validate("chat", _with_parameters_nested(MAX_DEPTH - 5), max_tokens_cap=None).model == "m1"
+    too_deep = _with_parameters_nested(MAX_DEPTH - 4)
+    for body in (too_deep, too_deep.decode().encode("utf-16"), too_deep.decode().encode("utf-32")):
+        with pytest.raises(InvalidRequest, match="nested deeper"):
+            request_validate("chat", body, max_tokens_cap=None)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    body = chat(messages=[{"role": "user", "content": "[{" * 100}])
+    assert request_validate("chat", body, max_tokens_cap=None).model == "m1"
 
 
 def test_without_a_cap_max_tokens_is_left_to_vllm():
