@@ -147,15 +147,15 @@ def _observer(
         peak = await _rss_peak(rss_pid, window.end)
         elapsed = max(time.perf_counter() - started, 1e-9)
         core_after = proc.core_seconds(gateway_core) if gateway_core is not None else None
-        cpu: dict[str, float | None] = {}
-        for name, pid in pids.items():
-            now, then = proc.cpu_seconds(pid), before[name]
-            cpu[name] = None if now is None or then is None else round((now - then) / elapsed * 100, 1)
-        cpu["loadgen"] = round((time.process_time() - own_before) / elapsed * 100, 1)
-        waited: dict[str, float | None] = {}
-        for name, who in waiting.items():
-            now, then = proc.run_delay_seconds(who), waited_before[name]
-            waited[name] = None if now is None or then is None else round((now - then) / elapsed * 1000, 2)
+        cpu = {
+            name: _per_window(proc.cpu_seconds(pid), before[name], elapsed, 100, 1)
+            for name, pid in pids.items()
+        }
+        cpu["loadgen"] = _per_window(time.process_time(), own_before, elapsed, 100, 1)
+        waited = {
+            name: _per_window(proc.run_delay_seconds(who), waited_before[name], elapsed, 1000, 2)
+            for name, who in waiting.items()
+        }
         time_wait_after = proc.time_wait_by_port(ports)
         closed = {name: time_wait_after[name] - time_wait_before[name] for name in ports}
         return {
@@ -167,6 +167,14 @@ def _observer(
         }
 
     return observe
+
+
+def _per_window(
+    now: float | None, then: float | None, elapsed: float, scale: int, digits: int
+) -> float | None:
+    """Seconds of something spent in the window, per second of it, times ``scale`` (100: % of a core; 1000:
+    ms a second); None when either reading is missing (the process is gone)."""
+    return None if now is None or then is None else round((now - then) / elapsed * scale, digits)
 
 
 def _core_share(
