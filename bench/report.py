@@ -19,7 +19,7 @@ from bench.stats import median_of
 
 SUMMED = frozenset({"dropped", "failed", "started", "succeeded"})
 MAXED = frozenset({"rss_peak_mib", "in_flight_peak"})
-CPU_NAMES = ("gateway", "bare", "fast", "paced", "worker", "loadgen")
+CPU_NAMES = ("gateway", "bare", "fast", "paced", "worker", "redis", "loadgen")
 PROXIES = ("gateway", "bare")  # the targets whose own process serves the request: CPU per unit is theirs
 NESTED = ("cpu_pct", "tcp_closed_per_request", "core_wait_ms_per_s", "gateway_core_pct")
 
@@ -65,9 +65,11 @@ CHECKS: tuple[Check, ...] = (
     Check("chat_32", "requests/s", "rps", ">= 3,000/s", _at_least(3000)),
     Check("chat_32", "latency p99 (ms)", "p99_ms", "<= 25 ms", _at_most(25.0)),
     Check("chat_32", "gateway CPU per request (us)", "gateway_cpu_us", "report"),
+    Check("chat_32", "Redis CPU per request (us)", "redis_cpu_us", "report"),
     Check("stream_16", "streams/s", "rps", ">= 1,500/s", _at_least(1500)),
     Check("stream_16", "stream latency p99 (ms)", "p99_ms", "report"),
     Check("stream_16", "gateway CPU per stream (us)", "gateway_cpu_us", "report"),
+    Check("stream_16", "Redis CPU per stream (us)", "redis_cpu_us", "report"),
     Check("paced_32", "TTFT p50 (ms)", "ttft_p50_ms", "report", added=True),
     Check("paced_32", "TTFT p99 (ms)", "ttft_p99_ms", "<= +2.0 ms added", _added_at_most(2.0), added=True),
     Check(
@@ -126,14 +128,20 @@ def against_reference(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dic
     return compared
 
 
-def machine_info(cores: list[int]) -> dict[str, Any]:
+def machine_info(cores: list[int], *, own_redis: bool = True) -> dict[str, Any]:
     """Describe the machine the numbers come from, and the cores used (empty: unpinned)."""
-    note = (
-        f"gateway and bare proxy pinned to core {cores[1]}; fakes, worker and load generator to core "
-        f"{cores[0]}; PostgreSQL and Redis unpinned"
-        if cores
-        else "UNPINNED (fewer than 2 cores, or --no-pin): every process shares the machine"
-    )
+    if not cores:
+        note = "UNPINNED (fewer than 2 cores, or --no-pin): every process shares the machine"
+    elif own_redis:
+        note = (
+            f"gateway and bare proxy pinned to core {cores[1]}; fakes, worker, the harness's Redis and load "
+            f"generator to core {cores[0]}; PostgreSQL unpinned"
+        )
+    else:
+        note = (
+            f"gateway and bare proxy pinned to core {cores[1]}; fakes, worker and load generator to core "
+            f"{cores[0]}; PostgreSQL and the Redis of --redis-url unpinned"
+        )
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_count": os.cpu_count(),
@@ -170,13 +178,14 @@ def aggregate(measurements: list[dict[str, Any]]) -> dict[str, dict[str, dict[st
         # The proxy's CPU per request (or stream, or token) in µs: steadier than throughput on a host whose
         # speed drifts, and comparable between runs that used the core differently. The key keeps its name
         # for the bare proxy, whose figure is its own process's.
-        per_unit = [
-            round(1e4 * m["cpu_pct"][target] / m["rps"], 1)
-            for m in runs
-            if m.get("rps") and (m.get("cpu_pct") or {}).get(target) is not None
-        ]
+        per_unit = _cpu_per_unit(runs, target)
         if per_unit and target in PROXIES:
             figures["gateway_cpu_us"] = median_of(per_unit)
+        # Redis's share of each request (the Lua reservation, the settlement, the usage hand-off), where
+        # the harness started the Redis and so measures it alone.
+        redis_per_unit = _cpu_per_unit(runs, "redis")
+        if redis_per_unit and target == "gateway":
+            figures["redis_cpu_us"] = median_of(redis_per_unit)
         for nested in NESTED:
             names = {name for m in runs for name in m.get(nested) or {}}
             figures[nested] = {
@@ -184,6 +193,15 @@ def aggregate(measurements: list[dict[str, Any]]) -> dict[str, dict[str, dict[st
             }
         summary.setdefault(scenario, {})[target] = figures
     return summary
+
+
+def _cpu_per_unit(runs: list[dict[str, Any]], name: str) -> list[float]:
+    """A process's CPU per request (or stream, or token) in µs, one figure for each run that has it."""
+    return [
+        round(1e4 * m["cpu_pct"][name] / m["rps"], 1)
+        for m in runs
+        if m.get("rps") and (m.get("cpu_pct") or {}).get(name) is not None
+    ]
 
 
 def rows(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -197,6 +215,8 @@ def rows(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
         gateway = summary[check.scenario].get("gateway", {})
         d, g = direct.get(check.key), gateway.get(check.key)
         b = summary[check.scenario].get("bare", {}).get(check.key)
+        if check.rule is None and d is None and g is None and b is None:
+            continue  # a figure this run could not take (Redis's CPU when the Redis is not the harness's)
         verdict = check.rule(d, g, gateway) if check.rule is not None else None
         table.append(
             {

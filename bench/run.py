@@ -85,7 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--db-name", default="portcullis_bench", help="PostgreSQL database to create and drop"
     )
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379", help="the Redis server to use")
+    parser.add_argument(
+        "--redis-url",
+        help="use this running Redis, unpinned (default: start one on the load generator's core)",
+    )
     parser.add_argument("--redis-db", type=int, default=14, help="Redis database number to flush and use")
     args = parser.parse_args(argv)
     try:
@@ -227,7 +230,7 @@ def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     plan = plan_from(args)
     scenarios = args.selected
     cores = _cores(args)
-    machine = machine_info(cores)  # before the harness pins itself
+    machine = machine_info(cores, own_redis=args.redis_url is None)  # before the harness pins itself
     if cores:
         os.sched_setaffinity(0, {cores[0]})  # the load generator shares its core with the fakes
     result: dict[str, Any] = {

@@ -4,8 +4,11 @@ Two fake vLLM servers (``m1`` answers at once, ``m2`` paces its stream at 10 ms 
 process (uvicorn, uvloop, httptools) serving both through ``VLLM_UPSTREAMS``, and optionally a Celery
 worker with an embedded beat that ingests the usage records the gateway hands to the Redis stream, and
 (unless ``--no-bare``) the bare proxy of ``bench.bareproxy``. The gateway and the bare proxy get their own
-core; the fakes, the worker and the load generator share the other (``taskset``).
-The harness owns a PostgreSQL database and a Redis database, created empty and dropped or flushed again.
+core; the fakes, the worker, the harness's own ``redis-server`` and the load generator share the other
+(``taskset``), so that the gateway is alone on its core as issue 7 sets it up: a Redis left to the kernel
+runs where the gateway's writes wake it, on the gateway's core. ``--redis-url`` uses a running Redis
+instead, unpinned. The harness owns a PostgreSQL database, created empty and dropped again, and a Redis
+database, flushed before and after (its own Redis keeps nothing: no snapshot, no append-only file).
 Every process is started in its own session, so stopping it (by its process group id) also stops what
 it spawned.
 """
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,7 +67,7 @@ class StackOptions:
     log_dir: Path
     pg_url: str = "postgres://postgres:postgres@127.0.0.1:5432"
     db_name: str = "portcullis_bench"
-    redis_url: str = "redis://127.0.0.1:6379"
+    redis_url: str | None = None  # None: start the harness's own redis-server on the other core
     redis_db: int = 14
     tokens: int = 16
     paced_chunk_ms: float = 10.0
@@ -149,9 +153,13 @@ class Stack:
     def start(self) -> None:
         """Create the database, start the fakes, set up the client and its policy, start the gateway."""
         taken: set[int] = set()
-        names = ("fast", "paced", "gateway", "bare") if self.options.bare else ("fast", "paced", "gateway")
+        names = ["fast", "paced", "gateway", *(["bare"] if self.options.bare else [])]
+        if self.options.redis_url is None:
+            names.append("redis")
         self.ports = {name: free_port(taken) for name in names}
         self._database_create()
+        if self.options.redis_url is None:
+            self._redis_server()
         self._redis().flushdb()
         self._fakevllm("fast", "m1", [])
         self._fakevllm("paced", "m2", ["--chunk-delay-ms", str(self.options.paced_chunk_ms)])
@@ -217,7 +225,8 @@ class Stack:
         return env
 
     def _redis_url(self) -> str:
-        return f"{self.options.redis_url}/{self.options.redis_db}"
+        base = self.options.redis_url or f"redis://127.0.0.1:{self.ports['redis']}"
+        return f"{base}/{self.options.redis_db}"
 
     def _redis(self) -> redis.Redis:
         return redis.Redis.from_url(self._redis_url(), socket_timeout=5)
@@ -259,6 +268,31 @@ class Stack:
         argv = [PYTHON, "-m", "fakevllm", "--port", str(port), "--models", model]
         argv += ["--tokens", str(self.options.tokens), *extra]
         self._wait_ready(self._spawn(name, argv, self.options.other_core, port), "/health")
+
+    def _redis_server(self) -> None:
+        """The harness's own Redis: on the other core, keeping nothing on disk."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise StackError("redis-server is not installed (bin/services installs it); or pass --redis-url")
+        port = self.ports["redis"]
+        argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+        argv += ["--dir", str(self.options.log_dir)]
+        service = self._spawn("redis", argv, self.options.other_core, port)
+        client = self._redis()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        try:
+            while True:
+                if service.process.poll() is not None:
+                    raise StackError(f"redis-server exited at start:\n{_tail(service.log)}")
+                try:
+                    client.ping()
+                    return
+                except (redis.ConnectionError, redis.TimeoutError):
+                    if time.monotonic() > deadline:
+                        raise StackError(f"redis-server silent for {STARTUP_TIMEOUT_S} s") from None
+                time.sleep(0.05)
+        finally:
+            client.close()
 
     def _gateway(self) -> None:
         # served as deployed: httptools, with uvicorn's own refusals audited (config/protocol.py)
@@ -403,7 +437,8 @@ class Stack:
     # --- stop --------------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop every process (newest first), then drop the database and flush the Redis database."""
+        """Stop every process (newest first), then drop the database and flush the Redis database (the
+        harness's own Redis, stopped with the rest, took its data with it)."""
         for service in reversed(self.services):
             children = proc.descendants(service.process.pid)
             self.pids.update(children)
@@ -411,7 +446,8 @@ class Stack:
         self.services.clear()
         try:
             self._database_drop()
-            self._redis().flushdb()
+            if self.options.redis_url is not None:
+                self._redis().flushdb()
         except (psycopg.Error, redis.RedisError) as exc:
             logger.warning("cleanup of the benchmark database failed: %s", exc)
 

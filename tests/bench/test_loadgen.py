@@ -103,6 +103,27 @@ def test_the_gateways_cpu_per_request_is_the_median_over_runs():
     assert table[("token", "server CPU per token (us)")]["gateway"] == 2200.0
 
 
+def test_redis_cpu_per_request_is_the_gateways_when_the_harness_ran_the_redis():
+    def chat_32(target: str, rps: float, cpu: dict[str, float]) -> dict:
+        return {"scenario": "chat_32", "target": target, "rps": rps, "cpu_pct": cpu}
+
+    own = aggregate(
+        [
+            chat_32("gateway", 4000.0, {"gateway": 90.0, "redis": 20.0}),
+            chat_32("gateway", 5000.0, {"gateway": 95.0, "redis": 20.0}),
+            chat_32("gateway", 4000.0, {"gateway": 92.0, "redis": 16.0}),
+            chat_32("direct", 9000.0, {"fast": 60.0, "redis": 0.2}),
+        ]
+    )
+    assert own["chat_32"]["gateway"]["redis_cpu_us"] == 40.0  # runs: 50, 40, 40
+    assert "redis_cpu_us" not in own["chat_32"]["direct"]  # the direct requests never touch Redis
+    row = next(r for r in rows(own) if r["metric"] == "Redis CPU per request (us)")
+    assert (row["gateway"], row["verdict"]) == (40.0, "report")
+    external = aggregate([chat_32("gateway", 4e3, {"gateway": 90.0}), chat_32("direct", 9e3, {"fast": 60.0})])
+    assert "Redis CPU per request (us)" not in {r["metric"] for r in rows(external)}  # not measured: no row
+    assert "gateway CPU per request (us)" in {r["metric"] for r in rows(external)}
+
+
 def test_a_profile_is_ranked_by_own_time():
     collapsed = "\n".join(
         [

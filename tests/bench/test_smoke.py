@@ -25,12 +25,9 @@ TIMEOUT_S = 240  # the quick run takes ~45 s alone on a slow VM, more beside the
 
 
 def run_quick_bench(out: Path) -> tuple[int, str]:
-    from django.conf import settings
-
-    redis_base, _, redis_db = settings.REDIS_URL.rpartition("/")  # this test worker's own database
     process = subprocess.Popen(
-        # databases of its own, so neither a developer's benchmark on the same machine nor another test
-        # worker's smoke (the module's tests may be spread over workers) is flushed or dropped under it
+        # a database of its own (and its own Redis, as every run has), so neither a developer's benchmark
+        # on the same machine nor another test worker's smoke is dropped or flushed under it
         [
             sys.executable,
             "-m",
@@ -40,10 +37,6 @@ def run_quick_bench(out: Path) -> tuple[int, str]:
             str(out),
             "--db-name",
             f"bench_smoke_{os.getpid()}",
-            "--redis-url",
-            redis_base,
-            "--redis-db",
-            redis_db,
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -124,9 +117,17 @@ def test_the_table_was_printed_with_a_verdict_for_every_target(quick):
     assert sum(row["verdict"] != "report" for row in result["rows"]) >= 8
 
 
+def test_the_harness_ran_its_own_redis_and_measured_its_share_of_each_request(quick):
+    result, output = quick
+    assert "the harness's Redis" in result["machine"]["note"]
+    for scenario in ("chat_32", "stream_16"):
+        assert result["summary"][scenario]["gateway"]["redis_cpu_us"] > 0, scenario
+    assert "Redis CPU per request (us)" in output
+
+
 def test_no_process_the_harness_started_is_left_running(quick):
     result = quick[0]
-    assert len(result["pids"]) >= 5  # two fakes, the gateway, the bare proxy, the worker
+    assert len(result["pids"]) >= 6  # two fakes, the gateway, the bare proxy, the worker, Redis
     assert result["leftover_pids"] == []
     assert [pid for pid in result["pids"] if alive(pid)] == []
 
