@@ -238,6 +238,52 @@ def test_concurrency_slots_in_redis_are_released_by_settlement(shared, redis_cli
     assert asyncio.run(run()) == ["ok", "concurrency", "ok"]
 
 
+def test_a_slot_left_by_a_crashed_process_is_reclaimed_when_it_would_refuse_a_request(shared, redis_client):
+    b = buckets(concurrency=1)
+    in_flight = b.keys(SERVICE.jti)[2]
+    redis_client.zadd(in_flight, {"crashed": int(time.time() * 1000) - 1})  # its expiry has passed
+
+    async def run() -> list[str]:
+        limiter = await shared()
+        outcomes = [(await limiter.admit(SERVICE, b, r, 1)).limit or "ok" for r in ("a", "b")]
+        await close(limiter)
+        return outcomes
+
+    assert asyncio.run(run()) == ["ok", "concurrency"]  # the live slot counts, the expired one does not
+    assert redis_client.zrange(in_flight, 0, -1) == [b"a"]
+
+
+def test_expired_slots_do_not_pile_up_where_no_concurrency_limit_applies(redis_client):
+    from gateway.ratelimit import ADMIT_LUA, _admit_args
+
+    b = buckets(rpm=1_000_000)
+    in_flight = b.keys(SERVICE.jti)[2]
+    start = 1_800_000_000_000
+    redis_client.zadd(in_flight, {f"crashed{i}": start - 1 for i in range(3)})
+    for i in range(16):  # a busy client's reservations, one a millisecond
+        args = _admit_args(b, f"r{i}", 1, start + i)
+        assert redis_client.eval(ADMIT_LUA, 8, *b.keys(SERVICE.jti), *args)[0] == 1
+    assert not any(m.startswith(b"crashed") for m in redis_client.zrange(in_flight, 0, -1))
+    assert redis_client.zcard(in_flight) == 16
+
+
+def test_the_days_counter_expires_and_counts_every_reservation_and_settlement(shared, redis_client):
+    b = buckets(daily_tokens=100_000)
+    day = b.keys(SERVICE.jti)[3]
+
+    async def run() -> None:
+        limiter = await shared()
+        for r in ("a", "b", "c"):
+            await limiter.admit(SERVICE, b, r, 100)
+        limiter.settle(SERVICE, b, "a", reserved=100, used=40)
+        await limiter.flush()
+        await close(limiter)
+
+    asyncio.run(run())
+    assert int(redis_client.get(day)) == 3 * 100 - 60
+    assert 0 < redis_client.ttl(day) <= 2 * 86_400  # it expires, after the day it counts
+
+
 def test_a_redis_that_lost_its_scripts_gets_them_again_for_reservations_and_settlements(shared, redis_client):
     async def run() -> list[str]:
         limiter = await shared()
