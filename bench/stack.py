@@ -251,17 +251,13 @@ class Stack:
         return service
 
     def _wait_ready(self, service: Service, path: str) -> None:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if service.process.poll() is not None:
-                raise StackError(f"{service.name} exited at start:\n{_tail(service.log)}")
+        def answers() -> bool:
             try:
-                if httpx.get(service.base + path, timeout=1.0).status_code == 200:
-                    return
+                return httpx.get(service.base + path, timeout=1.0).status_code == 200
             except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise StackError(f"{service.name} did not answer {path} within {STARTUP_TIMEOUT_S} s")
+                return False
+
+        _wait_until(service, answers, service.name, f"did not answer {path}", 0.1)
 
     def _fakevllm(self, name: str, model: str, extra: list[str]) -> None:
         port = self.ports[name]
@@ -279,18 +275,15 @@ class Stack:
         argv += ["--dir", str(self.options.log_dir)]
         service = self._spawn("redis", argv, self.options.other_core, port)
         client = self._redis()
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+
+        def answers() -> bool:
+            try:
+                return bool(client.ping())
+            except (redis.ConnectionError, redis.TimeoutError):
+                return False
+
         try:
-            while True:
-                if service.process.poll() is not None:
-                    raise StackError(f"redis-server exited at start:\n{_tail(service.log)}")
-                try:
-                    client.ping()
-                    return
-                except (redis.ConnectionError, redis.TimeoutError):
-                    if time.monotonic() > deadline:
-                        raise StackError(f"redis-server silent for {STARTUP_TIMEOUT_S} s") from None
-                time.sleep(0.05)
+            _wait_until(service, answers, "redis-server", "did not answer PING", 0.05)
         finally:
             client.close()
 
@@ -315,13 +308,8 @@ class Stack:
         argv = [PYTHON, "-m", "celery", "-A", "config", "worker", "--pool", "solo", "-B", "-l", "warning"]
         argv += ["--schedule", str(schedule)]
         service = self._spawn("worker", argv, self.options.other_core)
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not self._ingest_group_exists():  # the first beat-driven ingest creates the consumer group
-            if service.process.poll() is not None:
-                raise StackError(f"the Celery worker exited at start:\n{_tail(service.log)}")
-            if time.monotonic() > deadline:
-                raise StackError(f"the Celery worker ran no ingest within {STARTUP_TIMEOUT_S} s")
-            time.sleep(0.2)
+        # the first beat-driven ingest creates the consumer group
+        _wait_until(service, self._ingest_group_exists, "the Celery worker", "ran no ingest", 0.2)
 
     def _ingest_group_exists(self) -> bool:
         client = self._redis()
@@ -454,6 +442,18 @@ class Stack:
     def leftover_pids(self) -> list[int]:
         """Return the started processes (and their descendants) that are still alive."""
         return sorted(pid for pid in self.pids if proc.alive(pid))
+
+
+def _wait_until(service: Service, ready: Callable[[], bool], who: str, missed: str, every_s: float) -> None:
+    """Poll ``ready`` every ``every_s`` until it is true; fail if the process exits first, or after
+    ``STARTUP_TIMEOUT_S``."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not ready():
+        if service.process.poll() is not None:
+            raise StackError(f"{who} exited at start:\n{_tail(service.log)}")
+        if time.monotonic() > deadline:
+            raise StackError(f"{who} {missed} within {STARTUP_TIMEOUT_S} s")
+        time.sleep(every_s)
 
 
 def _terminate(process: subprocess.Popen[bytes], children: list[int]) -> None:
