@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import socket
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 GROUP = "ingest"
 CLAIM_IDLE_MS = 30_000  # entries a dead consumer held this long are claimed by a live one
+BUDGET_S = 1.0  # one ingest run stops reading after this long (beat starts one every second)
 
 _USAGE_FIELDS = {f.name for f in UsageRecord._meta.get_fields()} - {"id"}
 _USAGE_COLUMNS = [f for f in UsageRecord._meta.concrete_fields if f.name in _USAGE_FIELDS]
@@ -142,8 +144,16 @@ def _consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def stream_ingest(redis: Any, *, count: int = 500, block_ms: int = 200, rounds: int = 10) -> int:
-    """Read, store and acknowledge up to ``rounds`` batches from the stream; return entries stored."""
+def stream_ingest(redis: Any, *, count: int = 500, block_ms: int = 200, budget_s: float = BUDGET_S) -> int:
+    """Read, store and acknowledge batches from the stream until it is caught up (a batch comes back short
+    of ``count``) or ``budget_s`` has passed; return entries stored.
+
+    A backlog is read batch after batch, so one worker keeps up with whatever its CPU allows rather than
+    ``count`` times a fixed number of rounds a second (10 × 500 before, fewer than one gateway process
+    hands off at full load). Caught up, it stops: what arrives next waits for the next beat tick, in one
+    batch, instead of a trickle of small batches each woken by one record. The first read of new entries
+    waits up to ``block_ms`` for one.
+    """
     try:
         redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
     except Exception as exc:  # BUSYGROUP: the group exists already
@@ -155,13 +165,13 @@ def stream_ingest(redis: Any, *, count: int = 500, block_ms: int = 200, rounds: 
     stored += _store_and_ack(redis, claimed)
     own = redis.xreadgroup(GROUP, consumer, {STREAM: "0"}, count=count)  # ours from before a restart
     stored += _store_and_ack(redis, own[0][1] if own else [])
-    for _ in range(rounds):
+    started = time.monotonic()
+    while True:
         fresh = redis.xreadgroup(GROUP, consumer, {STREAM: ">"}, count=count, block=block_ms)
         batch = fresh[0][1] if fresh else []
-        if not batch:
-            break
         stored += _store_and_ack(redis, batch)
-    return stored
+        if len(batch) < count or time.monotonic() - started >= budget_s:
+            return stored
 
 
 def _store_and_ack(redis: Any, messages: list[tuple[Any, dict[Any, Any]]]) -> int:

@@ -11,8 +11,9 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from audit.ingest import _usage_row, entries_store
+from audit.ingest import _usage_row, entries_store, stream_ingest
 from audit.models import UsageRecord
+from audit.sink import STREAM, usage_entry
 from tests.conftest import embedded_sqlite_run
 
 pytestmark = pytest.mark.django_db
@@ -156,3 +157,42 @@ def test_a_model_name_postgresql_cannot_hold_keeps_its_batch_on_copy(monkeypatch
     batch = [record(model="x\ud800\x00", status=403, outcome="denied:model_not_allowed"), record()]
     assert entries_store([entry(r) for r in batch]) == (2, 0)
     assert [row["model"] for row in stored(batch)] == ["x?\ufffd", "m1"]
+
+
+class ReadCounter:
+    """The suite's Redis, counting the reads of new entries that ``stream_ingest`` makes."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.fresh_reads = client, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def xreadgroup(self, group: str, consumer: str, streams: dict[str, str], **kwargs: Any) -> Any:
+        self.fresh_reads += streams.get(STREAM) == ">"
+        return self.client.xreadgroup(group, consumer, streams, **kwargs)
+
+
+def hand_off(client: Any, count: int) -> list[dict[str, Any]]:
+    records = [record() for _ in range(count)]
+    for r in records:
+        client.xadd(STREAM, usage_entry(r))
+    return records
+
+
+def test_a_backlog_is_read_batch_after_batch_until_it_is_caught_up(redis_client):
+    records = hand_off(redis_client, 125)  # twelve and a half batches: more than ten rounds of them
+    reads = ReadCounter(redis_client)
+    assert stream_ingest(reads, count=10) == 125
+    assert reads.fresh_reads == 13  # the thirteenth came back short: caught up, no read that waits
+    assert UsageRecord.objects.count() == 125
+    assert redis_client.xlen(STREAM) == 0  # acknowledged and deleted
+    assert len(stored(records)) == 125
+
+
+def test_an_ingest_run_stops_reading_when_its_time_is_up(redis_client):
+    hand_off(redis_client, 25)
+    assert stream_ingest(redis_client, count=10, budget_s=0) == 10  # one batch, then the budget is spent
+    assert redis_client.xlen(STREAM) == 15  # left for the next run
+    assert stream_ingest(redis_client, count=10) == 15
+    assert UsageRecord.objects.count() == 25
