@@ -385,13 +385,22 @@ def _print_waits(
 def _print_footer(result: dict[str, Any]) -> None:
     metering = result.get("metering") or {}
     if metering:
+        drained = metering.get("drained_between", 0)
         print(
-            f"\nmetering: {metering.get('requests_sent_to_gateway', 0):,} gateway requests sent; "
+            f"\nmetering (ingest {metering.get('ingest', 'none')}): "
+            f"{metering.get('requests_sent_to_gateway', 0):,} gateway requests sent; "
             f"{metering.get('appended', 0):,} entries appended to the audit stream; backlog at the end "
             f"{metering.get('backlog_at_end', 0):,}, after waiting {metering.get('drain_wait_s', 0)} s "
             f"{metering.get('backlog_after_drain', 0):,}; "
             f"{_fmt(metering.get('usage_rows'))} usage rows stored"
         )
+        if drained and metering.get("ingest") == "between measurements":
+            waited = metering.get("drained_between_s", 0)
+            print(
+                f"the worker drained {drained:,} records before the measurements that followed them, in "
+                f"{waited} s of waiting ({_fmt(round(drained / waited) if waited else None)} a second, "
+                "its next beat tick included)"
+            )
     failures = result.get("failures") or {}
     print(
         "failures: " + (", ".join(f"{k}: {v}" for k, v in sorted(failures.items())) if failures else "none")

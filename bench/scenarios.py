@@ -205,7 +205,12 @@ async def _rss_peak(pid: int | None, until: float) -> int:
 
 
 def measure(run: Runner, stack: Stack, plan: Plan, scenario: Scenario, target: str) -> dict[str, Any]:
-    """Take one measurement of a scenario against a target and return its numbers."""
+    """Take one measurement of a scenario against a target and return its numbers.
+
+    The worker ingests what the last measurement handed off first, then stops for this one: the issue's
+    core 0 holds the fakes and the load generator, and a worker ingesting there slows them, not the
+    gateway (bench/README.md, "What it starts"). ``--ingest-live`` keeps it ingesting throughout."""
+    backlog = stack.audit_stream()["backlog"]
     drain_wait_s = stack.wait_audit_drained(plan.drain_timeout_s)
     if scenario.kind == "jwt":
         cold, cached = (50, 5000) if plan.quick else (plan.jwt_cold, plan.jwt_cached)
@@ -215,7 +220,11 @@ def measure(run: Runner, stack: Stack, plan: Plan, scenario: Scenario, target: s
         pids = {service.name: service.process.pid for service in stack.services}
         rss_pid = pids["gateway"] if scenario.watch_rss and target == "gateway" else None
         observer = _observer(pids, stack.ports, rss_pid, stack.options.gateway_core)
-        tally, observed = run(run_closed_loop(spec, observer))
+        stack.ingest_pause()
+        try:
+            tally, observed = run(run_closed_loop(spec, observer))
+        finally:
+            stack.ingest_resume()
         result = {"clients": spec.clients, **tally_summary(tally), **observed}
         started = max(result["started"], 1)
         # TIME_WAIT sockets that appeared per request, by port: ~1 means a new connection per request
@@ -223,6 +232,7 @@ def measure(run: Runner, stack: Stack, plan: Plan, scenario: Scenario, target: s
             k: round(max(v, 0) / started, 3) for k, v in observed["tcp_closed"].items()
         }
     result["audit_drain_wait_s"] = drain_wait_s
+    result["audit_backlog_before"] = backlog  # what that wait drained
     if target == "gateway" and scenario.kind == "load":
         result["audit_backlog_after"] = stack.audit_stream()["backlog"]
     return {"scenario": scenario.key, "target": target, **result}

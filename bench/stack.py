@@ -72,6 +72,9 @@ class StackOptions:
     tokens: int = 16
     paced_chunk_ms: float = 10.0
     worker: bool = True
+    # False: the worker is stopped (SIGSTOP) during each measurement and ingests between them; True: it
+    # ingests during them too, on the load generator's and the fakes' core
+    ingest_live: bool = False
     bare: bool = True  # also start the bare proxy (bench.bareproxy), the floor the gateway is compared with
     limits: bool = True  # False: the client's policy sets no limit (the script then only checks revocation)
     access_token_alg: str = "ES256"  # noqa: S105 (an algorithm name, not a secret)
@@ -311,6 +314,21 @@ class Stack:
         # the first beat-driven ingest creates the consumer group
         _wait_until(service, self._ingest_group_exists, "the Celery worker", "ran no ingest", 0.2)
 
+    def ingest_pause(self) -> None:
+        """Stop the Celery worker (its embedded beat too) until ``ingest_resume``: usage records wait in
+        the stream meanwhile. Nothing happens without a worker, or when the stack was asked to ingest live."""
+        self._worker_signal(signal.SIGSTOP)
+
+    def ingest_resume(self) -> None:
+        self._worker_signal(signal.SIGCONT)
+
+    def _worker_signal(self, number: signal.Signals) -> None:
+        if self.options.ingest_live:
+            return
+        for service in self.services:
+            if service.name == "worker" and service.process.poll() is None:
+                _signal(functools.partial(os.killpg, service.process.pid, number))
+
     def _ingest_group_exists(self) -> bool:
         client = self._redis()
         try:
@@ -460,6 +478,7 @@ def _terminate(process: subprocess.Popen[bytes], children: list[int]) -> None:
     """Stop a process we started and its group: SIGTERM, SIGKILL after a grace period, then stragglers."""
     if process.poll() is None:
         _signal(lambda: os.killpg(process.pid, signal.SIGTERM))  # its own session: the group is its pid
+        _signal(lambda: os.killpg(process.pid, signal.SIGCONT))  # a stopped worker acts on it only then
         try:
             process.wait(timeout=STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:

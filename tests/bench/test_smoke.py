@@ -108,6 +108,17 @@ def test_nothing_was_dropped_and_every_request_was_metered(quick):
     assert metering["usage_rows"] >= metering["requests_sent_to_gateway"]  # every request, stored
 
 
+def test_the_worker_ingested_between_the_measurements_not_during_them(quick):
+    result, output = quick
+    metering = result["metering"]
+    assert metering["ingest"] == "between measurements"
+    # A measurement's records waited in the stream for the drain before the next one; a worker that ingested
+    # during the windows would have left next to nothing there.
+    waited = metering["drained_between"] + metering["backlog_at_end"]
+    assert waited > metering["requests_sent_to_gateway"] / 2
+    assert f"the worker drained {metering['drained_between']:,} records" in output
+
+
 def test_the_table_was_printed_with_a_verdict_for_every_target(quick):
     result, output = quick
     assert "gw/direct" in output

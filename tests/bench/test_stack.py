@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 
-from bench.stack import Stack, StackOptions
+from bench.proc import descendants
+from bench.stack import Service, Stack, StackOptions, _terminate
 
 
 @pytest.mark.parametrize(("wait", "sent"), [(None, None), (0, "0"), (1500, "1500")])
@@ -33,3 +40,52 @@ def test_the_machine_note_says_where_redis_ran():
     assert "the harness's Redis and load generator to core 0" in machine_info([0, 1])["note"]
     external = machine_info([0, 1], own_redis=False)["note"]
     assert "PostgreSQL and the Redis of --redis-url unpinned" in external
+
+
+def _state(pid: int) -> str:
+    """The process's state letter in /proc (T: stopped)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2]
+
+
+@pytest.fixture
+def worker_group(tmp_path):
+    """A stand-in worker: a shell and its child in a process group of their own, as the harness starts it;
+    the shell, like Celery's worker, handles SIGTERM (a stopped process acts on a handled signal only when
+    continued; one whose default is to end it ends it even stopped)."""
+    process = subprocess.Popen(["sh", "-c", 'trap "exit 0" TERM; sleep 60 & wait'], start_new_session=True)
+    deadline = time.monotonic() + 5
+    while not descendants(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    yield process, [process.pid, *descendants(process.pid)]
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_the_worker_is_stopped_for_a_measurement_unless_it_ingests_live(tmp_path, worker_group, live):
+    process, group = worker_group
+    assert len(group) == 2
+    stack = Stack(StackOptions(log_dir=tmp_path, ingest_live=live))
+    stack.services.append(Service("worker", process, tmp_path / "worker.log"))
+    stack.ingest_pause()
+    deadline = time.monotonic() + (0.2 if live else 5)  # live: long enough for a stop to have shown
+    while {_state(pid) for pid in group} != {"T"} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    states = {_state(pid) for pid in group}
+    assert "T" not in states if live else states == {"T"}  # the embedded beat stops too
+    stack.ingest_resume()
+    deadline = time.monotonic() + 5
+    while "T" in {_state(pid) for pid in group} and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "T" not in {_state(pid) for pid in group}
+
+
+def test_a_worker_stopped_for_a_measurement_still_ends_on_its_first_signal(tmp_path, worker_group):
+    process, group = worker_group
+    stack = Stack(StackOptions(log_dir=tmp_path))
+    stack.services.append(Service("worker", process, tmp_path / "worker.log"))
+    stack.ingest_pause()  # as when the run is interrupted during a measurement
+    _terminate(process, group[1:])
+    assert process.returncode == 0  # its handler ran: not the SIGKILL that follows a grace period
