@@ -360,9 +360,22 @@ class Stack:
         return psycopg.connect(f"{self.options.pg_url}/postgres", autocommit=True, connect_timeout=5)
 
     def _database_create(self) -> None:
+        """Create the database empty, dropping one left by an earlier run; refuse one that is in use (another
+        run's: dropping it would end that run's connections)."""
         name = sql.Identifier(self.options.db_name)
         with self._admin() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(name))
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (self.options.db_name,)
+            ).fetchone()
+            if row is not None and row[0]:
+                raise StackError(
+                    f"the database {self.options.db_name} is in use ({row[0]} connections): another "
+                    "benchmark running? Give this one its own with --db-name"
+                )
+            try:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(name))
+            except psycopg.errors.ObjectInUse as exc:  # someone connected since the check
+                raise StackError(f"the database {self.options.db_name} is in use: {exc}") from exc
             conn.execute(sql.SQL("CREATE DATABASE {}").format(name))
         self._database_created = True
 

@@ -8,10 +8,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from bench.proc import descendants
-from bench.stack import Service, Stack, StackOptions, _terminate
+from bench.stack import Service, Stack, StackError, StackOptions, _terminate
 
 
 @pytest.mark.parametrize(("wait", "sent"), [(None, None), (0, "0"), (1500, "1500")])
@@ -89,3 +91,21 @@ def test_a_worker_stopped_for_a_measurement_still_ends_on_its_first_signal(tmp_p
     stack.ingest_pause()  # as when the run is interrupted during a measurement
     _terminate(process, group[1:])
     assert process.returncode == 0  # its handler ran: not the SIGKILL that follows a grace period
+
+
+def test_the_harness_refuses_a_database_another_run_is_using(tmp_path):
+    server = "postgres://postgres:postgres@127.0.0.1:5432"
+    name = f"bench_in_use_{os.getpid()}"
+    with psycopg.connect(f"{server}/postgres", autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            with psycopg.connect(f"{server}/{name}") as other_run:
+                stack = Stack(StackOptions(log_dir=tmp_path, pg_url=server, db_name=name))
+                with pytest.raises(StackError, match=f"the database {name} is in use .*--db-name"):
+                    stack._database_create()
+                assert other_run.execute("SELECT 1").fetchone() == (1,)  # its connection survived
+            stack._database_create()  # left over and unused: dropped and made anew
+            stack._database_drop()
+        finally:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
