@@ -7,9 +7,13 @@ Reachable only from ``PORTCULLIS_METRICS_ALLOW`` addresses (the true client IP) 
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
+from functools import cache
+from typing import Any
 
+import redis
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.utils.crypto import constant_time_compare
@@ -24,6 +28,24 @@ from prometheus_client import (
 
 from audit.context import ip_in_networks, trusted_networks
 from audit.models import AuditEvent
+from audit.sink import STREAM, STREAM_MAXLEN
+
+
+@cache
+def _redis(url: str) -> Any:
+    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def audit_stream_backlog() -> float:
+    """Entries in the audit stream that the ingest has not stored yet (it deletes what it stored): 0 without
+    Redis (the embedded default has no stream), NaN when Redis does not answer."""
+    if not settings.REDIS_URL:
+        return 0.0
+    try:
+        return float(_redis(settings.REDIS_URL).xlen(STREAM))
+    except redis.RedisError:
+        return math.nan
+
 
 ScrapeGauge = tuple[str, str, Callable[[], float]]  # name, help, value
 _scrape_gauges: list[ScrapeGauge] = [
@@ -31,6 +53,12 @@ _scrape_gauges: list[ScrapeGauge] = [
         "portcullis_anomalies_total",
         "Anomaly findings recorded in the audit log",
         lambda: float(AuditEvent.objects.filter(kind="anomaly.detected").count()),
+    ),
+    (
+        "portcullis_audit_stream_backlog",
+        f"Usage records and events handed off to the Redis stream and not yet stored; past {STREAM_MAXLEN:,} "
+        "Redis trims the oldest, stored or not",
+        audit_stream_backlog,
     ),
 ]
 
