@@ -10,6 +10,11 @@ from celery import shared_task
 from django.conf import settings
 
 from audit.ingest import stream_ingest
+from audit.sink import STREAM
+
+# A run that leaves at least this much in the stream is behind: the next one starts at once, on whichever
+# worker process is free, rather than at the next beat tick (a batch of the ingest's).
+INGEST_BEHIND = 500
 
 
 @cache
@@ -19,10 +24,19 @@ def _redis(url: str) -> Any:
 
 @shared_task(name="audit.tasks.audit_stream_ingest_task", ignore_result=True)
 def audit_stream_ingest_task() -> int:
-    """Move what the gateways handed off into the database (beat runs this every second)."""
+    """Move what the gateways handed off into the database (beat runs this every second).
+
+    A run stops after a second (``stream_ingest``); one that leaves a backlog queues the next run at once,
+    so while the stream is behind every free worker process ingests (each reads its own entries of the
+    consumer group), and a caught-up run ends the chain. The queued run expires like beat's, so a backlog
+    cannot pile runs up in the queue."""
     if not settings.REDIS_URL:
         return 0
-    return stream_ingest(_redis(settings.REDIS_URL))
+    client = _redis(settings.REDIS_URL)
+    stored = stream_ingest(client)
+    if client.xlen(STREAM) >= INGEST_BEHIND:
+        audit_stream_ingest_task.apply_async(expires=5)
+    return stored
 
 
 @shared_task(name="audit.tasks.audit_checkpoint_task", ignore_result=True)

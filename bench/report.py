@@ -399,7 +399,7 @@ def _print_footer(result: dict[str, Any]) -> None:
             print(
                 f"the worker drained {drained:,} records before the measurements that followed them, in "
                 f"{waited} s of waiting ({_fmt(round(drained / waited) if waited else None)} a second, "
-                "its next beat tick included)"
+                "the wait for its next run included)"
             )
     failures = result.get("failures") or {}
     print(

@@ -196,3 +196,23 @@ def test_an_ingest_run_stops_reading_when_its_time_is_up(redis_client):
     assert redis_client.xlen(STREAM) == 15  # left for the next run
     assert stream_ingest(redis_client, count=10) == 15
     assert UsageRecord.objects.count() == 25
+
+
+def test_a_run_that_leaves_a_backlog_queues_the_next_at_once_and_one_caught_up_ends_the_chain(
+    redis_client, monkeypatch
+):
+    from audit import tasks
+
+    runs = []
+
+    def one_batch_a_run(client: Any) -> int:  # a run whose second is up after one batch of ten
+        runs.append(client.xlen(STREAM))
+        return stream_ingest(client, count=10, budget_s=0)
+
+    monkeypatch.setattr(tasks, "stream_ingest", one_batch_a_run)
+    monkeypatch.setattr(tasks, "INGEST_BEHIND", 10)
+    hand_off(redis_client, 35)
+    tasks.audit_stream_ingest_task()  # the suite runs tasks eagerly: a queued run runs here
+    assert runs == [35, 25, 15]  # the third left 5, less than a batch: no fourth until the next tick
+    assert UsageRecord.objects.count() == 30
+    assert redis_client.xlen(STREAM) == 5
