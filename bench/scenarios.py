@@ -210,8 +210,7 @@ def measure(run: Runner, stack: Stack, plan: Plan, scenario: Scenario, target: s
     The worker ingests what the last measurement handed off first, then stops for this one: the issue's
     core 0 holds the fakes and the load generator, and a worker ingesting there slowed the request loop,
     which the direct and bare measurements, handing nothing off, never pay (bench/README.md, "What it
-    starts").
-    ``--ingest-live`` keeps it ingesting throughout."""
+    starts"). ``--ingest-live`` keeps it ingesting throughout."""
     backlog = stack.audit_stream()["backlog"]
     drain_wait_s = stack.wait_audit_drained(plan.drain_timeout_s)
     if scenario.kind == "jwt":

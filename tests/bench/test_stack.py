@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from bench.proc import descendants
+from bench.proc import _stat_fields, descendants
 from bench.stack import Service, Stack, StackError, StackOptions, _terminate
 
 
@@ -46,8 +45,9 @@ def test_the_machine_note_says_where_redis_ran():
 
 def _state(pid: int) -> str:
     """The process's state letter in /proc (T: stopped)."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    return text[text.rindex(")") + 2]
+    fields = _stat_fields(pid)
+    assert fields is not None, f"process {pid} is gone"
+    return fields[0]
 
 
 @pytest.fixture
