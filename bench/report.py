@@ -132,15 +132,12 @@ def machine_info(cores: list[int], *, own_redis: bool = True) -> dict[str, Any]:
     """Describe the machine the numbers come from, and the cores used (empty: unpinned)."""
     if not cores:
         note = "UNPINNED (fewer than 2 cores, or --no-pin): every process shares the machine"
-    elif own_redis:
-        note = (
-            f"gateway and bare proxy pinned to core {cores[1]}; fakes, worker, the harness's Redis and load "
-            f"generator to core {cores[0]}; PostgreSQL unpinned"
-        )
     else:
+        shared = "fakes, worker, the harness's Redis and" if own_redis else "fakes, worker and"
+        unpinned = "PostgreSQL" if own_redis else "PostgreSQL and the Redis of --redis-url"
         note = (
-            f"gateway and bare proxy pinned to core {cores[1]}; fakes, worker and load generator to core "
-            f"{cores[0]}; PostgreSQL and the Redis of --redis-url unpinned"
+            f"gateway and bare proxy pinned to core {cores[1]}; {shared} load generator to core {cores[0]}; "
+            f"{unpinned} unpinned"
         )
     return {
         "nproc": len(os.sched_getaffinity(0)),
