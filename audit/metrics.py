@@ -28,7 +28,7 @@ from prometheus_client import (
 
 from audit.context import ip_in_networks, trusted_networks
 from audit.models import AuditEvent
-from audit.sink import STREAM, STREAM_MAXLEN
+from audit.sink import STREAM
 
 
 @cache
@@ -56,8 +56,8 @@ _scrape_gauges: list[ScrapeGauge] = [
     ),
     (
         "portcullis_audit_stream_backlog",
-        f"Usage records and events handed off to the Redis stream and not yet stored; past {STREAM_MAXLEN:,} "
-        "Redis trims the oldest, stored or not",
+        "Usage records and events handed off to the Redis stream and not yet stored; at the gateways' "
+        "limit (PORTCULLIS_AUDIT_BACKLOG_LIMIT) they refuse new requests until it drains",
         audit_stream_backlog,
     ),
 ]

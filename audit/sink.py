@@ -4,6 +4,12 @@ With Redis, records are appended to one stream (``portcullis:audit``) in batches
 milliseconds, not one round trip per record — and a Celery worker inserts them (``audit.ingest``). In the
 embedded default they go to an in-process queue that a background thread writes to the database. Each
 record carries an id (the request id for usage, a UUID for events), so a replayed batch is not doubled.
+
+Nothing handed off is ever dropped: the stream is not trimmed (the ingest deletes what it stored, so its
+length is what waits), and what Redis does not take stays in the process. Both are bounded instead by
+``full``: once the stream holds ``backlog_limit`` entries (its length rides along with a batch at most once
+a second) or the process holds ``buffer_limit`` records, the gateway refuses new requests until the backlog
+drains (``gateway.runtime``), rather than serve requests it cannot record.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from typing import Any, Protocol
 logger = logging.getLogger(__name__)
 
 STREAM = "portcullis:audit"
-STREAM_MAXLEN = 1_000_000  # a bound so a dead ingest worker cannot exhaust Redis memory
+BACKLOG_LIMIT = 1_000_000  # entries waiting in the stream before the gateways refuse new requests
+BUFFER_LIMIT = 100_000  # records one process holds, Redis not taking them, before it refuses new requests
+BACKLOG_CHECK_S = 1.0  # the stream's length is read (riding with a batch) at most this often
 FLUSH_INTERVAL_S = 0.02
 RETRY_S = 1.0  # after a failed hand-off
 MAX_BATCH = 500
@@ -42,6 +50,11 @@ def event_entry(event: dict[str, Any]) -> dict[str, str]:
 class AuditSink(Protocol):
     @property
     def backlog(self) -> int: ...
+    @property
+    def stream_backlog(self) -> int: ...
+    @property
+    def full(self) -> bool: ...
+    def check_soon(self) -> None: ...
     def usage(self, record: dict[str, Any]) -> None: ...
     def event(self, event: dict[str, Any]) -> None: ...
     async def start(self) -> None: ...
@@ -56,7 +69,11 @@ class BatchHost(Protocol):
 
 
 def xadd_command(fields: dict[str, str]) -> tuple[Any, ...]:
-    return ("XADD", STREAM, "MAXLEN", "~", STREAM_MAXLEN, "*", "t", fields["t"], "v", fields["v"])
+    """Append one record; never with MAXLEN, which trims the oldest entries, stored or not."""
+    return ("XADD", STREAM, "*", "t", fields["t"], "v", fields["v"])
+
+
+XLEN = ("XLEN", STREAM)
 
 
 class RedisStreamSink:
@@ -67,13 +84,25 @@ class RedisStreamSink:
     commands, or within ``FLUSH_INTERVAL_S`` when there is none, so they cost no round trip of their own.
     """
 
-    def __init__(self, redis: Any, host: BatchHost | None = None) -> None:
+    def __init__(
+        self,
+        redis: Any,
+        host: BatchHost | None = None,
+        *,
+        backlog_limit: int = BACKLOG_LIMIT,
+        buffer_limit: int = BUFFER_LIMIT,
+    ) -> None:
         self._redis = redis
         self._host = host
         self._pending: list[dict[str, str]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.failures = 0
+        self.backlog_limit = backlog_limit
+        self.buffer_limit = buffer_limit
+        self.stream_backlog = 0  # the stream's length when last read: entries handed off, not yet stored
+        self._next_check = 0.0  # monotonic time from which the next batch reads the stream's length
+        self._check_timer: asyncio.TimerHandle | None = None
         if host is not None:
             host.rider_add(self)
 
@@ -91,21 +120,62 @@ class RedisStreamSink:
         else:
             self._wake.set()
 
+    @property
+    def full(self) -> bool:
+        """Whether the records waiting (in the stream, or here for Redis) have reached their limit."""
+        return self.stream_backlog >= self.backlog_limit or len(self._pending) >= self.buffer_limit
+
+    def check_soon(self) -> None:
+        """Read the stream's length once ``BACKLOG_CHECK_S`` has passed since the last read, with nothing more
+        to hand off: after appends (traffic that stops must still leave the length known), and for a gateway
+        that refuses every request (it appends nothing, and must still see the backlog drain)."""
+        if self._host is None:
+            self._wake.set()
+        elif self._check_timer is None:  # its own timer: a nudge for later would hold back everyone's sooner
+            delay = max(self._next_check - time.monotonic(), 0.0)
+            self._check_timer = asyncio.get_running_loop().call_later(delay, self._check_now)
+
+    def _check_now(self) -> None:
+        self._check_timer = None
+        if self._host is not None:
+            self._host.nudge(0)
+
+    def _check_due(self) -> bool:
+        now = time.monotonic()
+        if now < self._next_check:
+            return False
+        self._next_check = now + BACKLOG_CHECK_S
+        return True
+
+    def _checked(self, reply: Any) -> None:
+        if isinstance(reply, int):  # an error (Redis refusing) keeps the last length read
+            self.stream_backlog = reply
+
     # --- the host's rider interface ----------------------------------------------------------------
 
     def take(self) -> list[tuple[Any, ...]]:
         batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
         if self._pending and self._host is not None:
             self._host.nudge(0)  # more than one batch's worth: the next goes at once
-        return [xadd_command(fields) for fields in batch]
+        commands = [xadd_command(fields) for fields in batch]
+        if self._check_due():
+            commands.append(XLEN)  # after the appends: the length with them
+        elif commands:
+            self.check_soon()  # the length with these too, once a second has passed, traffic or not
+        return commands
 
     def done(self, sent: list[tuple[Any, ...]], replies: list[Any], error: BaseException | None) -> None:
         """Keep what failed or got no reply (the ingest drops a record it already stored), retry later."""
-        failed = [c for c, r in zip(sent, replies, strict=False) if isinstance(r, Exception)]
-        failed += sent[len(replies) :]
+        failed = []
+        for i, command in enumerate(sent):
+            reply = replies[i] if i < len(replies) else error
+            if command is XLEN:
+                self._checked(reply)
+            elif i >= len(replies) or isinstance(reply, Exception):
+                failed.append(command)
         if failed:  # Redis down or refusing: the records stay buffered in memory and are retried
             self.failures += 1
-            self._pending[:0] = [{"t": c[7], "v": c[9]} for c in failed]
+            self._pending[:0] = [{"t": c[4], "v": c[6]} for c in failed]
             if self._host is not None:
                 self._host.nudge(RETRY_S)
             logger.warning("audit hand-off to Redis failed; %d records buffered", len(self._pending))
@@ -120,6 +190,8 @@ class RedisStreamSink:
 
     async def stop(self) -> None:
         """Stop flushing on its own; a host hands off what is left when it stops."""
+        if self._check_timer is not None:
+            self._check_timer.cancel()
         if self._task is not None:
             self._task.cancel()
             for _ in range(50):  # shutdown: try hard to hand off what is left
@@ -127,19 +199,25 @@ class RedisStreamSink:
                     break
 
     async def flush(self) -> bool:
-        """Append up to one batch to the stream; keep it for the next try if Redis fails."""
+        """Append up to one batch to the stream (and read its length when due); keep the batch for the next
+        try if Redis fails."""
         batch = self._pending[:MAX_BATCH]
-        if not batch:
+        check = self._check_due()
+        if not batch and not check:
             return True
         pipe = self._redis.pipeline(transaction=False)
         for fields in batch:
-            pipe.xadd(STREAM, fields, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.xadd(STREAM, fields)
+        if check:
+            pipe.xlen(STREAM)
         try:
-            await pipe.execute()
+            replies = await pipe.execute()
         except Exception:  # Redis down: records stay buffered in memory and are retried
             self.failures += 1
             logger.warning("audit hand-off to Redis failed; %d records buffered", len(self._pending))
             return False
+        if check:
+            self._checked(replies[-1])
         del self._pending[: len(batch)]
         return True
 
@@ -148,6 +226,7 @@ class RedisStreamSink:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(FLUSH_INTERVAL_S)  # gather a batch
+            await self.flush()  # the stream's length too, when due, with nothing pending
             while self._pending:
                 if not await self.flush():
                     await asyncio.sleep(1.0)
@@ -156,9 +235,10 @@ class RedisStreamSink:
 class LocalSink:
     """Embedded default: a queue drained into the database by one background thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, buffer_limit: int = BUFFER_LIMIT) -> None:
         self._queue: queue.Queue[dict[str, str] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self.buffer_limit = buffer_limit
 
     def usage(self, record: dict[str, Any]) -> None:
         self._queue.put(usage_entry(record))
@@ -169,6 +249,16 @@ class LocalSink:
     @property
     def backlog(self) -> int:
         return self._queue.qsize()
+
+    stream_backlog = 0  # no stream: everything waits in the queue
+
+    @property
+    def full(self) -> bool:
+        """Whether the records waiting for the database (it is down, or slow) have reached their limit."""
+        return self._queue.qsize() >= self.buffer_limit
+
+    def check_soon(self) -> None:
+        """Nothing to read: the queue's size is always known."""
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-local-sink", daemon=True)

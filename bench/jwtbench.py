@@ -17,6 +17,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from audit.sink import BACKLOG_LIMIT, BUFFER_LIMIT
 from authserver.crypto import signing_key_generate
 from gateway.auth import KeySet, TokenVerifier
 from gateway.conf import GatewaySettings
@@ -58,6 +59,8 @@ def _settings(cache_size: int) -> GatewaySettings:
         deny_ips=(),
         fallback_ceiling_rpm=600,
         redis_reply_wait_s=REPLY_WAIT_S,
+        audit_backlog_limit=BACKLOG_LIMIT,
+        audit_buffer_limit=BUFFER_LIMIT,
     )
 
 

@@ -164,6 +164,8 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         try:
             if runtime is None:  # a server run without the lifespan that starts the runtime: said, not lost
                 logger.warning("a connection was refused (%s); no audit sink to record it", kind)
+            elif runtime.audit_full():  # counted in the full period's record instead
+                logger.warning("a connection was refused (%s); the audit backlog is full", kind)
             else:
                 runtime.sink.event(
                     {

@@ -36,6 +36,8 @@ class GatewaySettings:
     deny_ips: tuple[str, ...]
     fallback_ceiling_rpm: int
     redis_reply_wait_s: float  # 0: a carried Redis batch's reply is always awaited on the event loop
+    audit_backlog_limit: int  # records waiting in the audit stream before new requests are refused
+    audit_buffer_limit: int  # records one process holds for the audit sink before new requests are refused
 
 
 @cache
@@ -63,6 +65,8 @@ def gateway_settings() -> GatewaySettings:
         deny_ips=tuple(raw["DENY_IPS"]),
         fallback_ceiling_rpm=int(raw["FALLBACK_CEILING_RPM"]),
         redis_reply_wait_s=float(raw["REDIS_REPLY_WAIT_S"]),
+        audit_backlog_limit=int(raw["AUDIT_BACKLOG_LIMIT"]),
+        audit_buffer_limit=int(raw["AUDIT_BUFFER_LIMIT"]),
     )
 
 

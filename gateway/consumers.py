@@ -69,6 +69,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.principal: Principal | None = None
         self.record: dict[str, Any] = {"endpoint": self.kind, "model": "", "stream": False, "upstream": ""}
         self.response_started = False
+        self.unrecorded = False  # refused because the audit log is full: counted there, not recorded here
         self._task: asyncio.Task[Any] | None = None
         self._body_late = False
         status = 500
@@ -90,6 +91,9 @@ class GatewayConsumer(AsyncHttpConsumer):
             self._usage(status)
 
     async def _dispatch(self) -> int:
+        if self.rt.audit_full():
+            self.unrecorded = True
+            raise errors.AuditBacklogFull()
         if self.scope["method"] not in self.methods:
             raise errors.MethodNotAllowed()
         self.rt.check_ip_denylist(self.client_ip)
@@ -253,7 +257,8 @@ class GatewayConsumer(AsyncHttpConsumer):
             "gateway_ms", round((time.perf_counter() - self.started) * 1000 - record.get("upstream_ms", 0), 3)
         )
         record.setdefault("outcome", "completed" if status < 400 else f"denied:{status}")
-        rt.sink.usage(record)
+        if not self.unrecorded:
+            rt.sink.usage(record)
         request_observe(record, rt.upstreams.known_models())
         METERING_BACKLOG.set(rt.sink.backlog)
 

@@ -115,3 +115,12 @@ class UpstreamTimeout(GatewayError):
 class RevocationUnavailable(GatewayError):
     status, type, code = 503, "api_error", "revocation_state_unavailable"
     message = "Token revocation state cannot be checked right now; try again shortly."
+
+
+class AuditBacklogFull(GatewayError):
+    status, type, code = 503, "api_error", "audit_backlog_full"
+    message = "The audit log cannot take more records right now; try again shortly."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers["retry-after"] = "5"

@@ -60,6 +60,11 @@ UPSTREAM_HEALTHY = Gauge(
     multiprocess_mode="liveall",
 )
 REDIS_FALLBACKS = Counter("portcullis_gateway_redis_fallbacks", "Requests served on the Redis-down fallback")
+AUDIT_FULL_REFUSALS = Counter(
+    "portcullis_gateway_audit_full_refusals",
+    "Requests refused (503 audit_backlog_full), and refused connections not recorded one by one, because the "
+    "audit records waiting to be stored had reached their limit",
+)
 REDIS_REPLY_WAITS = Counter(
     "portcullis_gateway_redis_reply_waits",
     "Waits for a quiet Redis's reply without yielding the event loop, by outcome: answered (the reply "

@@ -28,7 +28,7 @@ from gateway import errors
 from gateway.auth import KeySet, Principal, TokenVerifier
 from gateway.conf import GatewaySettings, gateway_settings
 from gateway.http1 import HttpError
-from gateway.metrics import REDIS_FALLBACKS, redis_reply_waited
+from gateway.metrics import AUDIT_FULL_REFUSALS, REDIS_FALLBACKS, redis_reply_waited
 from gateway.policy import FULL_RELOAD_S, PolicyCache
 from gateway.ratelimit import LocalLimiter, RedisLimiter
 from gateway.redisbatch import RedisBatcher
@@ -67,7 +67,14 @@ class Runtime:
             else None
         )
         self.sink: AuditSink = (
-            RedisStreamSink(self.redis, self.batcher) if self.redis is not None else LocalSink()
+            RedisStreamSink(
+                self.redis,
+                self.batcher,
+                backlog_limit=conf.audit_backlog_limit,
+                buffer_limit=conf.audit_buffer_limit,
+            )
+            if self.redis is not None
+            else LocalSink(buffer_limit=conf.audit_buffer_limit)
         )
         self.limiter_redis = RedisLimiter(self.batcher) if self.batcher is not None else None
         self.limiter_local = LocalLimiter()
@@ -77,6 +84,8 @@ class Runtime:
         self.fallback_ceiling_rpm = conf.fallback_ceiling_rpm
         self.redis_down_since: float | None = None
         self.redis_fallbacks = 0
+        self.audit_full_since: float | None = None
+        self.audit_unrecorded = 0  # refusals counted, not recorded one by one, in the current full period
         self._cleared: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -202,6 +211,47 @@ class Runtime:
                     "data": {"posture": "per-process fallback limits; revocation fails closed"},
                 }
             )
+
+    def audit_full(self) -> bool:
+        """Whether the audit records waiting to be stored have reached their limit, so that a new request
+        must be refused (and a refused connection goes unrecorded) until they drain.
+
+        Such refusals are counted, not recorded one by one: their records would fill the backlog further.
+        The start of a full period is audited once, and its end with how long it lasted and the count.
+        """
+        if self.sink.full:
+            self.audit_unrecorded += 1
+            AUDIT_FULL_REFUSALS.inc()
+            self.sink.check_soon()  # with every request refused nothing else reads the backlog
+            if self.audit_full_since is None:
+                self.audit_full_since = time.monotonic()
+                logger.error("the audit backlog is full: new requests are refused until it drains")
+                self.sink.event(
+                    {
+                        "kind": "gateway.audit_backlog_full",
+                        "outcome": "failure",
+                        "actor": "system",
+                        "data": {
+                            "stream": self.sink.stream_backlog,
+                            "in_process": self.sink.backlog,
+                            "posture": "new requests refused (503) until the audit backlog drains",
+                        },
+                    }
+                )
+            return True
+        if self.audit_full_since is not None:
+            lasted = round(time.monotonic() - self.audit_full_since, 1)
+            logger.warning("the audit backlog drained after %.1f s; requests are served again", lasted)
+            self.sink.event(
+                {
+                    "kind": "gateway.audit_backlog_recovered",
+                    "outcome": "success",
+                    "actor": "system",
+                    "data": {"full_s": lasted, "refused": self.audit_unrecorded},
+                }
+            )
+            self.audit_full_since, self.audit_unrecorded = None, 0
+        return False
 
     def recently_cleared(self, jti: str) -> bool:
         """Whether Redis cleared this token recently enough to keep serving it while Redis is down."""

@@ -4,6 +4,7 @@ client IPs that a client cannot choose."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 import time
@@ -343,6 +344,85 @@ def test_with_redis_down_requests_are_served_within_the_fallback_and_never_500(
             kinds = set(AuditEvent.objects.values_list("kind", flat=True))
             time.sleep(0.1)
         assert {"gateway.redis_unavailable", "gateway.redis_recovered"} <= kinds
+    finally:
+        stop(server.process)
+        stop(redis_process)
+
+
+def test_a_full_audit_backlog_refuses_new_requests_until_it_drains_and_loses_no_record(
+    tmp_path, stack, django_db_blocker
+):
+    _server, fake, clients = stack
+    port = free_port()
+    redis_process = start_redis(tmp_path, port)  # no worker reads this one: the backlog stays until we ingest
+    server = start_server(
+        tmp_path,
+        VLLM_UPSTREAMS=fake.base,
+        REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        PORTCULLIS_AUDIT_BACKLOG_LIMIT="3",
+    )
+    stream = redis.Redis(port=port)
+    try:
+        headers = {"authorization": f"Bearer {client_token(server, clients['open'])}"}
+
+        def post() -> tuple[str, httpx.Response]:
+            request_id = os.urandom(16).hex()
+            response = httpx.post(
+                f"{server.base}/v1/chat/completions",
+                json=CHAT,
+                headers={**headers, "x-request-id": request_id},
+                timeout=10,
+            )
+            return request_id, response
+
+        served: list[str] = []
+        refused: list[str] = []
+        # Three records fill it; the gateway reads the stream's length with a batch at most once a second.
+        deadline = time.monotonic() + 5
+        while not refused and time.monotonic() < deadline:
+            request_id, response = post()
+            (served if response.status_code == 200 else refused).append(request_id)
+            assert response.status_code in (200, 503)
+            time.sleep(0.1)
+        assert refused, "the gateway never noticed its full audit backlog"
+        assert len(served) >= 3
+        first = response
+        assert first.json()["error"] == {
+            "message": "The audit log cannot take more records right now; try again shortly.",
+            "type": "api_error",
+            "param": None,
+            "code": "audit_backlog_full",
+        }
+        assert first.headers["retry-after"] == "5"
+        time.sleep(0.3)  # the period's one event is handed off
+        waiting = stream.xlen("portcullis:audit")
+        for _ in range(5):
+            request_id, response = post()
+            assert response.status_code == 503
+            refused.append(request_id)
+        time.sleep(0.3)
+        assert stream.xlen("portcullis:audit") == waiting  # refusals are counted, not appended one by one
+
+        stream_ingest(stream)  # the worker catches up: everything waiting is stored, nothing was trimmed
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            request_id, response = post()
+            if response.status_code == 200:
+                served.append(request_id)
+                break
+            refused.append(request_id)
+            time.sleep(0.1)
+        assert response.status_code == 200, "requests were still refused after the backlog drained"
+        time.sleep(0.3)
+        stream_ingest(stream)
+        stored = set(UsageRecord.objects.values_list("request_id", flat=True))
+        assert set(served) <= stored  # every request served has its usage record
+        assert not set(refused) & stored
+        full = AuditEvent.objects.filter(kind="gateway.audit_backlog_full")
+        assert full.count() == 1
+        assert full.get().data["stream"] >= 3
+        recovered = AuditEvent.objects.get(kind="gateway.audit_backlog_recovered")
+        assert recovered.data["refused"] == len(refused)
     finally:
         stop(server.process)
         stop(redis_process)
