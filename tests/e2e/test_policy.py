@@ -426,3 +426,48 @@ def test_a_full_audit_backlog_refuses_new_requests_until_it_drains_and_loses_no_
     finally:
         stop(server.process)
         stop(redis_process)
+
+
+def test_a_redis_out_of_memory_still_admits_and_the_records_it_refuses_wait_in_the_process(
+    tmp_path, stack, django_db_blocker
+):
+    _server, fake, clients = stack
+    port = free_port()
+    redis_process = start_redis(tmp_path, port)
+    server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    stream = redis.Redis(port=port)
+    try:
+        # a client with limits: its reservation writes to Redis
+        headers = {"authorization": f"Bearer {client_token(server, clients['fallback'])}"}
+
+        def post() -> tuple[str, int]:
+            request_id = os.urandom(16).hex()
+            response = httpx.post(
+                f"{server.base}/v1/chat/completions",
+                json=CHAT,
+                headers={**headers, "x-request-id": request_id},
+                timeout=10,
+            )
+            return request_id, response.status_code
+
+        served = [post()]
+        stream.set("ballast", b"x" * 2_000_000)
+        stream.config_set(
+            "maxmemory", "1mb"
+        )  # over it: with noeviction, commands that grow memory are refused
+        served += [post() for _ in range(5)]
+        assert [status for _id, status in served] == [200] * 6  # the reservations still run
+        assert stream.xlen("portcullis:audit") <= 1  # the appends are refused (the first went before)
+        time.sleep(1.2)  # a hand-off refused for want of memory is retried a second later
+        stream.config_set("maxmemory", "0")
+        stored: set[str] = set()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not {request_id for request_id, _status in served} <= stored:
+            time.sleep(0.2)
+            stream_ingest(stream)
+            stored = set(UsageRecord.objects.values_list("request_id", flat=True))
+        # held in the process, then handed off
+        assert {request_id for request_id, _status in served} <= stored
+    finally:
+        stop(server.process)
+        stop(redis_process)
