@@ -8,8 +8,9 @@ record carries an id (the request id for usage, a UUID for events), so a replaye
 Nothing handed off is ever dropped: the stream is not trimmed (the ingest deletes what it stored, so its
 length is what waits), and what Redis does not take stays in the process. Both are bounded instead by
 ``full``: once the stream holds ``backlog_limit`` entries (its length rides along with a batch at most once
-a second) or the process holds ``buffer_limit`` records, the gateway refuses new requests until the backlog
-drains (``gateway.runtime``), rather than serve requests it cannot record.
+a second) or the process holds ``buffer_limit`` records, the gateway refuses new requests
+(``gateway.runtime``) until both are below ``RESUME_BELOW`` of their limits, rather than serve requests it
+cannot record.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ STREAM = "portcullis:audit"
 BACKLOG_LIMIT = 1_000_000  # entries waiting in the stream before the gateways refuse new requests
 BUFFER_LIMIT = 100_000  # records one process holds, Redis not taking them, before it refuses new requests
 BACKLOG_CHECK_S = 1.0  # the stream's length is read (riding with a batch) at most this often
+RESUME_BELOW = 0.9  # once full, a sink is full until what waits is below this share of each limit
 FLUSH_INTERVAL_S = 0.02
 RETRY_S = 1.0  # after a failed hand-off
 MAX_BATCH = 500
@@ -101,6 +103,7 @@ class RedisStreamSink:
         self.backlog_limit = backlog_limit
         self.buffer_limit = buffer_limit
         self.stream_backlog = 0  # the stream's length when last read: entries handed off, not yet stored
+        self._full = False
         self._next_check = 0.0  # monotonic time from which the next batch reads the stream's length
         self._check_timer: asyncio.TimerHandle | None = None
         if host is not None:
@@ -122,16 +125,23 @@ class RedisStreamSink:
 
     @property
     def full(self) -> bool:
-        """Whether the records waiting (in the stream, or here for Redis) have reached their limit."""
-        return self.stream_backlog >= self.backlog_limit or len(self._pending) >= self.buffer_limit
+        """Whether the records waiting (in the stream, or here for Redis) have reached their limit; once
+        they have, until both are below ``RESUME_BELOW`` of it (no flapping at the limit's edge)."""
+        if self._full:
+            share = RESUME_BELOW
+            self._full = (
+                self.stream_backlog >= self.backlog_limit * share
+                or len(self._pending) >= self.buffer_limit * share
+            )
+        else:
+            self._full = self.stream_backlog >= self.backlog_limit or len(self._pending) >= self.buffer_limit
+        return self._full
 
     def check_soon(self) -> None:
         """Read the stream's length once ``BACKLOG_CHECK_S`` has passed since the last read, with nothing more
         to hand off: after appends (traffic that stops must still leave the length known), and for a gateway
         that refuses every request (it appends nothing, and must still see the backlog drain)."""
-        if self._host is None:
-            self._wake.set()
-        elif self._check_timer is None:  # its own timer: a nudge for later would hold back everyone's sooner
+        if self._check_timer is None:  # its own timer: a nudge for later would hold back everyone's sooner
             delay = max(self._next_check - time.monotonic(), 0.0)
             self._check_timer = asyncio.get_running_loop().call_later(delay, self._check_now)
 
@@ -139,6 +149,8 @@ class RedisStreamSink:
         self._check_timer = None
         if self._host is not None:
             self._host.nudge(0)
+        else:
+            self._wake.set()
 
     def _check_due(self) -> bool:
         now = time.monotonic()
@@ -150,6 +162,8 @@ class RedisStreamSink:
     def _checked(self, reply: Any) -> None:
         if isinstance(reply, int):  # an error (Redis refusing) keeps the last length read
             self.stream_backlog = reply
+        if self.full:
+            self.check_soon()  # while full, read it every second, requests or not: the drain is seen at once
 
     # --- the host's rider interface ----------------------------------------------------------------
 
@@ -192,6 +206,7 @@ class RedisStreamSink:
         """Stop flushing on its own; a host hands off what is left when it stops."""
         if self._check_timer is not None:
             self._check_timer.cancel()
+            self._check_timer = None
         if self._task is not None:
             self._task.cancel()
             for _ in range(50):  # shutdown: try hard to hand off what is left
@@ -226,7 +241,8 @@ class RedisStreamSink:
             await self._wake.wait()
             self._wake.clear()
             await asyncio.sleep(FLUSH_INTERVAL_S)  # gather a batch
-            await self.flush()  # the stream's length too, when due, with nothing pending
+            if not await self.flush():  # the stream's length too, when due, with nothing pending
+                await asyncio.sleep(1.0)
             while self._pending:
                 if not await self.flush():
                     await asyncio.sleep(1.0)

@@ -164,9 +164,7 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         try:
             if runtime is None:  # a server run without the lifespan that starts the runtime: said, not lost
                 logger.warning("a connection was refused (%s); no audit sink to record it", kind)
-            elif runtime.audit_full():  # counted in the full period's record instead
-                logger.warning("a connection was refused (%s); the audit backlog is full", kind)
-            else:
+            elif not runtime.audit_full():  # while it is full, counted, and the count recorded at its end
                 runtime.sink.event(
                     {
                         "kind": kind,

@@ -33,7 +33,7 @@ from redis.asyncio import Connection, SSLConnection
 
 logger = logging.getLogger(__name__)
 
-STOP_ATTEMPTS = 50
+STOP_BUDGET_S = 10.0  # at shutdown, batches go on while Redis takes them, for at most this long
 BATCH_TIMEOUT_S = 2.0  # a batch not answered in this time fails as "Redis down"
 RIDER_RETRY_S = 1.0  # a rider whose commands failed sends them again after this long
 LINKS = 4  # batches in flight at once; each link is one connection
@@ -229,7 +229,8 @@ class RedisBatcher:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._tasks = []
-        for _ in range(STOP_ATTEMPTS):  # a large backlog takes several batches; a dead Redis gives up
+        deadline = asyncio.get_running_loop().time() + STOP_BUDGET_S
+        while asyncio.get_running_loop().time() < deadline:  # a backlog takes batches; a dead Redis gives up
             if not await self._batch(0) or not self._sent:
                 break
         for link in range(len(self._links)):

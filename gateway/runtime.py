@@ -128,6 +128,10 @@ class Runtime:
         await self.sink.stop()
         if self.batcher is not None:
             await self.batcher.stop()
+        if self.sink.backlog:
+            logger.error(
+                "%d audit records could not be handed off before stopping; they are lost", self.sink.backlog
+            )
         await self.http.close()
         if self.redis is not None:
             await self.redis.aclose()

@@ -33,30 +33,32 @@ def test_an_append_never_trims_the_stream():
     assert not {"MAXLEN", "MINID"} & {str(part).upper() for part in command}  # trims stored or not
 
 
-def test_the_sink_reads_the_backlog_with_its_batches_and_is_full_at_its_limit_until_it_drains(
+def test_the_sink_reads_the_backlog_with_its_batches_and_is_full_from_its_limit_until_it_drains(
     redis_client,
 ):
     async def run() -> list[Any]:
         batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
         batcher.start()
-        sink = RedisStreamSink(batcher.redis, batcher, backlog_limit=5)
+        sink = RedisStreamSink(batcher.redis, batcher, backlog_limit=10)
         seen: list[Any] = []
-        for n in range(4):
+        for n in range(9):
             sink.usage(record(n))
-        seen.append(await until(lambda: redis_client.xlen(STREAM) == 4, 2))
-        seen.append((sink.stream_backlog, sink.full))  # the first batch read the length after its appends
-        sink.usage(record(4))
+        seen.append(await until(lambda: sink.stream_backlog == 9, 2))  # read after its appends
+        seen.append(sink.full)
+        sink.usage(record(9))
         seen.append(await until(lambda: sink.full, BACKLOG_CHECK_S + 1))  # read again a second after the last
-        seen.append(sink.stream_backlog)
-        redis_client.xtrim(STREAM, maxlen=0)  # as the ingest does: what it stored, it deletes
-        sink.check_soon()  # nothing else to hand off: a refusing gateway asks
-        seen.append(await until(lambda: not sink.full, BACKLOG_CHECK_S + 1))
+        redis_client.xtrim(STREAM, maxlen=9, approximate=False)  # the ingest stores one and deletes it
+        seen.append(await until(lambda: sink.stream_backlog == 9, BACKLOG_CHECK_S + 1))  # read while full
+        seen.append(sink.full)  # still: not below nine tenths of the limit
+        redis_client.xtrim(STREAM, maxlen=8, approximate=False)
+        seen.append(await until(lambda: not sink.full, BACKLOG_CHECK_S + 1))  # no request needed to see it
         await sink.stop()
         await batcher.stop()
         await batcher.redis.aclose()
         return seen
 
-    assert asyncio.run(run()) == [True, (4, False), True, 5, True]
+    assert asyncio.run(run()) == [True, False, True, True, True, True]
+    assert redis_client.xlen(STREAM) == 8
 
 
 def test_records_redis_does_not_take_stay_in_the_process_and_fill_it_to_its_limit():
@@ -83,7 +85,7 @@ async def records_redis_does_not_take() -> None:
     sink.usage(record(3))
     assert sink.full  # three wait in the process
     again = sink.take()  # they go again in order, the stream's length not asked again within the second
-    assert [c[-1] for c in again] == [sent[1][-1], sent[2][-1], usage_entry(record(3))["v"]]
+    assert again == [sent[1], sent[2], xadd_command(usage_entry(record(3)))]
     sink.done(again, [b"2-0", b"3-0", b"4-0"], None)
     assert sink.backlog == 0
     assert not sink.full

@@ -428,19 +428,24 @@ def test_a_full_audit_backlog_refuses_new_requests_until_it_drains_and_loses_no_
         stop(redis_process)
 
 
-def test_a_redis_out_of_memory_still_admits_and_the_records_it_refuses_wait_in_the_process(
+def test_a_redis_out_of_memory_still_admits_and_the_records_it_refuses_wait_in_the_process_to_a_limit(
     tmp_path, stack, django_db_blocker
 ):
     _server, fake, clients = stack
     port = free_port()
     redis_process = start_redis(tmp_path, port)
-    server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    server = start_server(
+        tmp_path,
+        VLLM_UPSTREAMS=fake.base,
+        REDIS_URL=f"redis://127.0.0.1:{port}/0",
+        PORTCULLIS_AUDIT_BUFFER_LIMIT="4",
+    )
     stream = redis.Redis(port=port)
     try:
         # a client with limits: its reservation writes to Redis
         headers = {"authorization": f"Bearer {client_token(server, clients['fallback'])}"}
 
-        def post() -> tuple[str, int]:
+        def post() -> tuple[str, httpx.Response]:
             request_id = os.urandom(16).hex()
             response = httpx.post(
                 f"{server.base}/v1/chat/completions",
@@ -448,26 +453,39 @@ def test_a_redis_out_of_memory_still_admits_and_the_records_it_refuses_wait_in_t
                 headers={**headers, "x-request-id": request_id},
                 timeout=10,
             )
-            return request_id, response.status_code
+            return request_id, response
 
-        served = [post()]
+        request_id, response = post()
+        served = [request_id]
+        deadline = time.monotonic() + 5
+        while stream.xlen("portcullis:audit") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)  # its record is handed off before Redis fills up
         stream.set("ballast", b"x" * 2_000_000)
-        stream.config_set(
-            "maxmemory", "1mb"
-        )  # over it: with noeviction, commands that grow memory are refused
-        served += [post() for _ in range(5)]
-        assert [status for _id, status in served] == [200] * 6  # the reservations still run
-        assert stream.xlen("portcullis:audit") <= 1  # the appends are refused (the first went before)
-        time.sleep(1.2)  # a hand-off refused for want of memory is retried a second later
+        stream.config_set("maxmemory", "1mb")  # over it: noeviction refuses commands that grow memory
+        for _ in range(8):
+            request_id, response = post()
+            if response.status_code != 200:
+                break
+            served.append(request_id)  # the reservation still runs; the record waits in the process
+            time.sleep(0.05)
+        assert response.status_code == 503  # four records held: the process takes no more requests
+        assert response.json()["error"]["code"] == "audit_backlog_full"
+        assert len(served) == 5  # the first record went before Redis was full, four wait
+        assert stream.xlen("portcullis:audit") == 1
         stream.config_set("maxmemory", "0")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and response.status_code != 200:
+            time.sleep(0.2)
+            request_id, response = post()
+        assert response.status_code == 200  # handed off once Redis took them: served again
+        served.append(request_id)
         stored: set[str] = set()
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not {request_id for request_id, _status in served} <= stored:
+        while time.monotonic() < deadline and not set(served) <= stored:
             time.sleep(0.2)
             stream_ingest(stream)
             stored = set(UsageRecord.objects.values_list("request_id", flat=True))
-        # held in the process, then handed off
-        assert {request_id for request_id, _status in served} <= stored
+        assert set(served) <= stored  # every record held in the process was stored
     finally:
         stop(server.process)
         stop(redis_process)

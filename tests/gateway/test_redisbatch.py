@@ -179,6 +179,24 @@ def test_stop_lets_the_batch_in_flight_finish_and_sends_nothing_twice(redis_clie
     assert redis_client.get("once") == b"1"
 
 
+def test_stop_hands_off_everything_the_riders_hold_while_redis_takes_it(redis_client):
+    class OneAtATime(Recorder):
+        def take(self) -> list[Command]:
+            batch, self.pending = self.pending[:1], self.pending[1:]
+            return batch
+
+    async def run() -> Recorder:
+        batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
+        rider = OneAtATime()
+        batcher.rider_add(rider)
+        rider.pending = [("INCR", "stopped")] * 120  # more batches than a fixed number of tries once allowed
+        await closed(batcher)
+        return rider
+
+    assert asyncio.run(run()).pending == []
+    assert redis_client.get("stopped") == b"120"
+
+
 def test_a_call_after_stop_is_refused_as_redis_down_and_starts_nothing(redis_client):
     async def run() -> RedisBatcher:
         batcher = RedisBatcher(redis_pool_open(settings.REDIS_URL))
