@@ -8,7 +8,8 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -349,32 +350,40 @@ def test_with_redis_down_requests_are_served_within_the_fallback_and_never_500(
         stop(redis_process)
 
 
+@contextmanager
+def server_on_its_own_redis(
+    tmp_path: Path, fake: FakeVllm, client: RegisteredClient, **env: str
+) -> Iterator[tuple[Callable[[], tuple[str, httpx.Response]], redis.Redis]]:
+    """A server on a Redis of its own (no worker reads it: what waits there stays until the test ingests
+    it); yield a chat call that sends a fresh request id, to find its usage record by, and that Redis."""
+    port = free_port()
+    redis_process = start_redis(tmp_path, port)
+    server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, REDIS_URL=f"redis://127.0.0.1:{port}/0", **env)
+    headers = {"authorization": f"Bearer {client_token(server, client)}"}
+
+    def post() -> tuple[str, httpx.Response]:
+        request_id = os.urandom(16).hex()
+        response = httpx.post(
+            f"{server.base}/v1/chat/completions",
+            json=CHAT,
+            headers={**headers, "x-request-id": request_id},
+            timeout=10,
+        )
+        return request_id, response
+
+    try:
+        yield post, redis.Redis(port=port)
+    finally:
+        stop(server.process)
+        stop(redis_process)
+
+
 def test_a_full_audit_backlog_refuses_new_requests_until_it_drains_and_loses_no_record(
     tmp_path, stack, django_db_blocker
 ):
     _server, fake, clients = stack
-    port = free_port()
-    redis_process = start_redis(tmp_path, port)  # no worker reads this one: the backlog stays until we ingest
-    server = start_server(
-        tmp_path,
-        VLLM_UPSTREAMS=fake.base,
-        REDIS_URL=f"redis://127.0.0.1:{port}/0",
-        PORTCULLIS_AUDIT_BACKLOG_LIMIT="3",
-    )
-    stream = redis.Redis(port=port)
-    try:
-        headers = {"authorization": f"Bearer {client_token(server, clients['open'])}"}
-
-        def post() -> tuple[str, httpx.Response]:
-            request_id = os.urandom(16).hex()
-            response = httpx.post(
-                f"{server.base}/v1/chat/completions",
-                json=CHAT,
-                headers={**headers, "x-request-id": request_id},
-                timeout=10,
-            )
-            return request_id, response
-
+    own = server_on_its_own_redis(tmp_path, fake, clients["open"], PORTCULLIS_AUDIT_BACKLOG_LIMIT="3")
+    with own as (post, stream):
         served: list[str] = []
         refused: list[str] = []
         # Three records fill it; the gateway reads the stream's length with a batch at most once a second.
@@ -423,38 +432,15 @@ def test_a_full_audit_backlog_refuses_new_requests_until_it_drains_and_loses_no_
         assert full.get().data["stream"] >= 3
         recovered = AuditEvent.objects.get(kind="gateway.audit_backlog_recovered")
         assert recovered.data["refused"] == len(refused)
-    finally:
-        stop(server.process)
-        stop(redis_process)
 
 
 def test_a_redis_out_of_memory_still_admits_and_the_records_it_refuses_wait_in_the_process_to_a_limit(
     tmp_path, stack, django_db_blocker
 ):
     _server, fake, clients = stack
-    port = free_port()
-    redis_process = start_redis(tmp_path, port)
-    server = start_server(
-        tmp_path,
-        VLLM_UPSTREAMS=fake.base,
-        REDIS_URL=f"redis://127.0.0.1:{port}/0",
-        PORTCULLIS_AUDIT_BUFFER_LIMIT="4",
-    )
-    stream = redis.Redis(port=port)
-    try:
-        # a client with limits: its reservation writes to Redis
-        headers = {"authorization": f"Bearer {client_token(server, clients['fallback'])}"}
-
-        def post() -> tuple[str, httpx.Response]:
-            request_id = os.urandom(16).hex()
-            response = httpx.post(
-                f"{server.base}/v1/chat/completions",
-                json=CHAT,
-                headers={**headers, "x-request-id": request_id},
-                timeout=10,
-            )
-            return request_id, response
-
+    # a client with limits: its reservation writes to Redis
+    own = server_on_its_own_redis(tmp_path, fake, clients["fallback"], PORTCULLIS_AUDIT_BUFFER_LIMIT="4")
+    with own as (post, stream):
         request_id, response = post()
         served = [request_id]
         deadline = time.monotonic() + 5
@@ -486,6 +472,3 @@ def test_a_redis_out_of_memory_still_admits_and_the_records_it_refuses_wait_in_t
             stream_ingest(stream)
             stored = set(UsageRecord.objects.values_list("request_id", flat=True))
         assert set(served) <= stored  # every record held in the process was stored
-    finally:
-        stop(server.process)
-        stop(redis_process)
