@@ -15,7 +15,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db import DatabaseError, connections, router, transaction
+from django.db import DatabaseError, DataError, IntegrityError, connections, router, transaction
 
 from audit.chain import storable
 from audit.models import UsageRecord
@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 GROUP = "ingest"
 CLAIM_IDLE_MS = 30_000  # entries a dead consumer held this long are claimed by a live one
 BUDGET_S = 1.0  # one ingest run stops reading after this long (beat starts one every second)
+
+# What a database that is up says of one event it will never store (a database that is down raises other
+# errors, and the batch waits for it).
+REFUSED = (DataError, IntegrityError, ValueError, TypeError, KeyError, OverflowError)
 
 _USAGE_FIELDS = {f.name for f in UsageRecord._meta.get_fields()} - {"id"}
 _USAGE_COLUMNS = [f for f in UsageRecord._meta.concrete_fields if f.name in _USAGE_FIELDS]
@@ -122,22 +126,57 @@ def entries_store(entries: list[dict[Any, Any]]) -> tuple[int, int]:
             logger.error("dropping a malformed audit stream entry")
             continue
         (usage if kind == "usage" else events).append(value)
-    with transaction.atomic():
-        if usage:
-            _usage_store(usage)
-        for event in events:
-            audit_record(
-                kind=event["kind"],
-                outcome=event.get("outcome", "denied"),
-                actor=event.get("actor", ""),
-                client_id=event.get("client_id", ""),
-                ip=event.get("ip"),
-                request_id=event.get("request_id", ""),
-                data=event.get("data") or {},
-                occurred_at=_when(event["occurred_at"]),
-                event_id=event["event_id"],
-            )
+    try:
+        with transaction.atomic():
+            if usage:
+                _usage_store(usage)
+            for event in events:
+                _event_store(event)
+    except REFUSED:
+        if not events:
+            raise
+        _events_one_by_one(usage, events)
     return len(usage), len(events)
+
+
+def _event_store(event: dict[str, Any]) -> None:
+    audit_record(
+        kind=event["kind"],
+        outcome=event.get("outcome", "denied"),
+        actor=event.get("actor", ""),
+        client_id=event.get("client_id", ""),
+        ip=event.get("ip"),
+        request_id=event.get("request_id", ""),
+        data=event.get("data") or {},
+        occurred_at=_when(event["occurred_at"]),
+        event_id=event["event_id"],
+    )
+
+
+def _events_one_by_one(usage: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+    """A batch whose events the database refused: store its usage records, then each event on its own. One
+    the database still refuses cannot hold back its batch (and every later one: the gateways would end up
+    refusing requests on a full backlog), nor go unrecorded: an ``audit.event_refused`` event stands in its
+    place in the chain, with its kind, its id and the error's class."""
+    if usage:
+        with transaction.atomic():
+            _usage_store(usage)
+    for event in events:
+        try:
+            with transaction.atomic():
+                _event_store(event)
+        except REFUSED as exc:
+            kind = storable(str(event.get("kind", "")))[:100]
+            event_id = storable(str(event.get("event_id", "")))[:64]
+            logger.error(
+                "an audit event the database refuses (%s, %s): %s", kind, event_id, type(exc).__name__
+            )
+            audit_record(
+                kind="audit.event_refused",
+                outcome="failure",
+                actor="system",
+                data={"kind": kind, "event_id": event_id, "error": type(exc).__name__},
+            )
 
 
 def _consumer_name() -> str:

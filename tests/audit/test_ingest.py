@@ -11,9 +11,10 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from audit.chain import chain_verify
 from audit.ingest import _usage_row, entries_store, stream_ingest
-from audit.models import UsageRecord
-from audit.sink import STREAM, usage_entry
+from audit.models import AuditEvent, UsageRecord
+from audit.sink import STREAM, event_entry, usage_entry
 from tests.conftest import embedded_sqlite_run
 
 pytestmark = pytest.mark.django_db
@@ -132,6 +133,23 @@ def test_a_record_the_database_refuses_is_dropped_and_does_not_hold_back_its_bat
     assert len(stored(good)) == 2
     assert UsageRecord.objects.count() == 2
     assert caplog.text.count("dropping a usage record the database refuses") == 2
+
+
+def test_an_event_the_database_refuses_stands_recorded_as_refused_and_does_not_hold_back_its_batch(caplog):
+    good = record()
+    fine = event_entry({"kind": "gateway.denied", "outcome": "denied", "data": {"reason": "x"}})
+    nan = event_entry({"kind": "gateway.odd", "data": {"ms": float("nan")}})  # JSON PostgreSQL refuses
+    no_time = {"t": "event", "v": json.dumps({"kind": "gateway.timeless", "event_id": "e-1"})}
+    assert entries_store([entry(good), nan, fine, no_time]) == (1, 3)
+    assert len(stored([good])) == 1
+    kinds = list(AuditEvent.objects.order_by("id").values_list("kind", flat=True))
+    assert kinds == ["audit.event_refused", "gateway.denied", "audit.event_refused"]
+    refused = [e.data for e in AuditEvent.objects.filter(kind="audit.event_refused").order_by("id")]
+    assert refused[0]["kind"] == "gateway.odd"
+    assert refused[0]["error"] == "DataError"
+    assert refused[1] == {"kind": "gateway.timeless", "event_id": "e-1", "error": "KeyError"}
+    assert caplog.text.count("an audit event the database refuses") == 2
+    assert chain_verify().ok
 
 
 def test_text_postgresql_cannot_hold_is_replaced_and_the_record_stored(caplog):
