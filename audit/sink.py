@@ -255,6 +255,7 @@ class LocalSink:
         self._queue: queue.Queue[dict[str, str] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.buffer_limit = buffer_limit
+        self._full = False
 
     def usage(self, record: dict[str, Any]) -> None:
         self._queue.put(usage_entry(record))
@@ -270,8 +271,10 @@ class LocalSink:
 
     @property
     def full(self) -> bool:
-        """Whether the records waiting for the database (it is down, or slow) have reached their limit."""
-        return self._queue.qsize() >= self.buffer_limit
+        """Whether the records waiting for the database (it is down, or slow) have reached their limit; once
+        they have, until they are below ``RESUME_BELOW`` of it."""
+        self._full = self._queue.qsize() >= self.buffer_limit * (RESUME_BELOW if self._full else 1)
+        return self._full
 
     def check_soon(self) -> None:
         """Nothing to read: the queue's size is always known."""

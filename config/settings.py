@@ -303,10 +303,10 @@ GATEWAY = {
     "FALLBACK_CEILING_RPM": 600,  # Redis down, no rpm configured: per-process requests/minute per client
     # a quiet Redis's reply is awaited this long (µs) without yielding the event loop (gateway/redisbatch.py)
     "REDIS_REPLY_WAIT_S": env_int("PORTCULLIS_REDIS_REPLY_WAIT_US", 500, maximum=5000) / 1_000_000,
-    # Audit records waiting to be stored (audit/sink.py): past either bound new /v1 requests get a 503 until
-    # the backlog drains, rather than be served unrecorded. In the Redis stream, shared by every gateway
-    # (about 0.6 KB of Redis memory a record); in one process, while Redis (or, without Redis, the database)
-    # does not take them.
+    # Audit records waiting to be stored (audit/sink.py): at either bound new /v1 requests get a 503 until
+    # what waits is below nine tenths of it, rather than be served unrecorded. In the Redis stream, shared by
+    # every gateway (about 0.6 KB of Redis memory a record); in one process, while Redis (or, without Redis,
+    # the database) does not take them.
     "AUDIT_BACKLOG_LIMIT": env_int("PORTCULLIS_AUDIT_BACKLOG_LIMIT", 1_000_000, minimum=1),
     "AUDIT_BUFFER_LIMIT": env_int("PORTCULLIS_AUDIT_BUFFER_LIMIT", 100_000, minimum=1),
 }

@@ -106,10 +106,15 @@ def test_without_a_host_the_flush_reads_the_backlog_with_its_appends(redis_clien
     assert redis_client.xlen(STREAM) == 2
 
 
-def test_the_embedded_sink_is_full_when_the_database_has_not_taken_its_limit():
-    sink = LocalSink(buffer_limit=2)  # its thread not started: nothing is written
-    sink.usage(record(1))
+def test_the_embedded_sink_is_full_from_its_limit_until_the_database_has_taken_a_tenth(db):
+    sink = LocalSink(buffer_limit=10)  # its thread not started: nothing is written but by drain()
+    for n in range(9):
+        sink.usage(record(n))
     assert not sink.full
     sink.event({"kind": "x"})
     assert sink.full
     assert sink.stream_backlog == 0
+    sink._queue.get_nowait()  # the database took one: nine wait, nine tenths of the limit
+    assert sink.full
+    sink._queue.get_nowait()
+    assert not sink.full
