@@ -147,6 +147,9 @@ class RedisStreamSink:
 
     def _check_now(self) -> None:
         self._check_timer = None
+        # The timer was due at _next_check; an event loop whose clock ticks in milliseconds (uvloop) can fire
+        # it a little before time.monotonic() gets there, and the batch would then skip the read for good.
+        self._next_check = min(self._next_check, time.monotonic())
         if self._host is not None:
             self._host.nudge(0)
         else:
