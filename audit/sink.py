@@ -56,7 +56,6 @@ class AuditSink(Protocol):
     def stream_backlog(self) -> int: ...
     @property
     def full(self) -> bool: ...
-    def check_soon(self) -> None: ...
     def usage(self, record: dict[str, Any]) -> None: ...
     def event(self, event: dict[str, Any]) -> None: ...
     async def start(self) -> None: ...
@@ -137,10 +136,10 @@ class RedisStreamSink:
             self._full = self.stream_backlog >= self.backlog_limit or len(self._pending) >= self.buffer_limit
         return self._full
 
-    def check_soon(self) -> None:
+    def _check_soon(self) -> None:
         """Read the stream's length once ``BACKLOG_CHECK_S`` has passed since the last read, with nothing more
-        to hand off: after appends (traffic that stops must still leave the length known), and for a gateway
-        that refuses every request (it appends nothing, and must still see the backlog drain)."""
+        to hand off: after appends (traffic that stops must still leave the length known), and after each
+        read while full (a gateway refusing every request appends nothing, and must still see the drain)."""
         if self._check_timer is None:  # its own timer: a nudge for later would hold back everyone's sooner
             delay = max(self._next_check - time.monotonic(), 0.0)
             self._check_timer = asyncio.get_running_loop().call_later(delay, self._check_now)
@@ -166,7 +165,7 @@ class RedisStreamSink:
         if isinstance(reply, int):  # an error (Redis refusing) keeps the last length read
             self.stream_backlog = reply
         if self.full:
-            self.check_soon()  # while full, read it every second, requests or not: the drain is seen at once
+            self._check_soon()  # while full, read it every second, requests or not: the drain is seen at once
 
     # --- the host's rider interface ----------------------------------------------------------------
 
@@ -178,7 +177,7 @@ class RedisStreamSink:
         if self._check_due():
             commands.append(XLEN)  # after the appends: the length with them
         elif commands:
-            self.check_soon()  # the length with these too, once a second has passed, traffic or not
+            self._check_soon()  # the length with these too, once a second has passed, traffic or not
         return commands
 
     def done(self, sent: list[tuple[Any, ...]], replies: list[Any], error: BaseException | None) -> None:
@@ -278,9 +277,6 @@ class LocalSink:
         they have, until they are below ``RESUME_BELOW`` of it."""
         self._full = self._queue.qsize() >= self.buffer_limit * (RESUME_BELOW if self._full else 1)
         return self._full
-
-    def check_soon(self) -> None:
-        """Nothing to read: the queue's size is always known."""
 
     async def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-local-sink", daemon=True)

@@ -226,7 +226,6 @@ class Runtime:
         if self.sink.full:
             self.audit_unrecorded += 1
             AUDIT_FULL_REFUSALS.inc()
-            self.sink.check_soon()  # with every request refused nothing else reads the backlog
             if self.audit_full_since is None:
                 self.audit_full_since = time.monotonic()
                 logger.error("the audit backlog is full: new requests are refused until it drains")
