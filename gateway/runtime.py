@@ -190,13 +190,8 @@ class Runtime:
             self._cleared = {j: t for j, t in self._cleared.items() if t > horizon}
         if self.redis_down_since is not None:
             logger.warning("Redis is back after %.1f s; shared limits resume", now - self.redis_down_since)
-            self.sink.event(
-                {
-                    "kind": "gateway.redis_recovered",
-                    "outcome": "success",
-                    "actor": "system",
-                    "data": {"down_s": round(now - self.redis_down_since, 1)},
-                }
+            self._system_event(
+                "gateway.redis_recovered", "success", {"down_s": round(now - self.redis_down_since, 1)}
             )
             self.redis_down_since = None
 
@@ -207,13 +202,10 @@ class Runtime:
         if self.redis_down_since is None:
             self.redis_down_since = time.monotonic()
             logger.error("Redis is unreachable: per-process fallback limits in force")
-            self.sink.event(
-                {
-                    "kind": "gateway.redis_unavailable",
-                    "outcome": "failure",
-                    "actor": "system",
-                    "data": {"posture": "per-process fallback limits; revocation fails closed"},
-                }
+            self._system_event(
+                "gateway.redis_unavailable",
+                "failure",
+                {"posture": "per-process fallback limits; revocation fails closed"},
             )
 
     def audit_full(self) -> bool:
@@ -229,32 +221,30 @@ class Runtime:
             if self.audit_full_since is None:
                 self.audit_full_since = time.monotonic()
                 logger.error("the audit backlog is full: new requests are refused until it drains")
-                self.sink.event(
+                self._system_event(
+                    "gateway.audit_backlog_full",
+                    "failure",
                     {
-                        "kind": "gateway.audit_backlog_full",
-                        "outcome": "failure",
-                        "actor": "system",
-                        "data": {
-                            "stream": self.sink.stream_backlog,
-                            "in_process": self.sink.backlog,
-                            "posture": "new requests refused (503) until the audit backlog drains",
-                        },
-                    }
+                        "stream": self.sink.stream_backlog,
+                        "in_process": self.sink.backlog,
+                        "posture": "new requests refused (503) until the audit backlog drains",
+                    },
                 )
             return True
         if self.audit_full_since is not None:
             lasted = round(time.monotonic() - self.audit_full_since, 1)
             logger.warning("the audit backlog drained after %.1f s; requests are served again", lasted)
-            self.sink.event(
-                {
-                    "kind": "gateway.audit_backlog_recovered",
-                    "outcome": "success",
-                    "actor": "system",
-                    "data": {"full_s": lasted, "refused": self.audit_unrecorded},
-                }
+            self._system_event(
+                "gateway.audit_backlog_recovered",
+                "success",
+                {"full_s": lasted, "refused": self.audit_unrecorded},
             )
             self.audit_full_since, self.audit_unrecorded = None, 0
         return False
+
+    def _system_event(self, kind: str, outcome: str, data: dict[str, Any]) -> None:
+        """Audit one event of this process's own (an outage, a full backlog), not of a client's request."""
+        self.sink.event({"kind": kind, "outcome": outcome, "actor": "system", "data": data})
 
     def recently_cleared(self, jti: str) -> bool:
         """Whether Redis cleared this token recently enough to keep serving it while Redis is down."""
