@@ -36,7 +36,9 @@ def revoked_key_client(client_id: str) -> str:
 
 
 @cache
-def _redis(url: str) -> redis.Redis:
+def redis_sync(url: str) -> redis.Redis:
+    """The process's one synchronous Redis client (and connection pool) for a URL, for the pushes made
+    from requests and jobs: revocations, key rotations, policy changes."""
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
@@ -77,7 +79,7 @@ def keys_changed_publish() -> None:
     if not settings.REDIS_URL:
         return
     try:
-        _redis(settings.REDIS_URL).publish(KEYS_CHANNEL, json.dumps({"at": time.time()}))
+        redis_sync(settings.REDIS_URL).publish(KEYS_CHANNEL, json.dumps({"at": time.time()}))
     except redis.RedisError:
         logger.exception("key-set push failed; gateways refetch on an unknown kid or on their timer")
 
@@ -102,7 +104,7 @@ def revocation_publish(
     local_revocations.add(message)
     if not settings.REDIS_URL:
         return
-    client = _redis(settings.REDIS_URL)
+    client = redis_sync(settings.REDIS_URL)
     pipe = client.pipeline(transaction=False)
     for jti, exp in live:
         pipe.set(revoked_key_jti(jti), 1, ex=max(1, exp - now + 60))  # +60 s: the gateway's clock leeway

@@ -14,6 +14,7 @@ from django.db import transaction
 
 from audit.services import audit_record
 from authserver.models import Client
+from authserver.revocation import redis_sync
 from gateway.models import ClientPolicy
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,7 @@ def policy_publish(client_key: str) -> None:
     if not settings.REDIS_URL:
         return
     try:
-        redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2).publish(
-            POLICY_CHANNEL, json.dumps({"client": client_key})
-        )
+        redis_sync(settings.REDIS_URL).publish(POLICY_CHANNEL, json.dumps({"client": client_key}))
     except redis.RedisError:
         logger.exception("policy push failed; gateways pick the change up on their next full reload")
 
