@@ -10,7 +10,8 @@ length is what waits), and what Redis does not take stays in the process. Both a
 ``full``: once the stream holds ``backlog_limit`` entries (its length rides along with a batch at most once
 a second) or the process holds ``buffer_limit`` records, the gateway refuses new requests
 (``gateway.runtime``) until both are below ``RESUME_BELOW`` of their limits, rather than serve requests it
-cannot record.
+cannot record. What a process still holds when it stops goes to a spool file, which the next process to
+start adopts and hands off first (``audit.spool``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ import queue
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Protocol
+
+from audit.spool import Adopted, spool_adopt, spool_release, spool_write
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +109,46 @@ class RedisStreamSink:
         self._full = False
         self._next_check = 0.0  # monotonic time from which the next batch reads the stream's length
         self._check_timer: asyncio.TimerHandle | None = None
+        self._adopted: list[Adopted] = []
+        self._adopted_left: dict[int, str] = {}  # the adopted records not handed off yet, by their value's id
         if host is not None:
             host.rider_add(self)
+
+    # --- the spool: what a stopping process could not hand off ---------------------------------------
+
+    def adopt(self, directory: Path) -> int:
+        """Take the spool files no other process holds: their records go first, and each file is deleted
+        once Redis has taken all of its records. Return how many records were adopted."""
+        adopted = spool_adopt(directory)
+        records = [record for spooled in adopted for record in spooled.records]
+        self._adopted += adopted
+        self._adopted_left.update((id(record["v"]), record["v"]) for record in records)
+        self._pending[:0] = records
+        self._handed_off([])  # files that held no record
+        return len(records)
+
+    def spool(self, directory: Path) -> int:
+        """At stop: write what is still held to a spool file for the next process, and let go of the
+        adopted files (their records not handed off are in the new file). Return how many were spooled;
+        if the file cannot be written, the adopted files stay for the next start and the rest is lost."""
+        records = self._pending
+        if records:
+            spool_write(directory, records)
+        self._pending = []
+        self._adopted_left.clear()
+        self._handed_off([])
+        return len(records)
+
+    def _handed_off(self, values: list[str]) -> None:
+        """Note records Redis has taken (by their ``v``); delete adopted files that have nothing left."""
+        if not self._adopted:
+            return
+        for value in values:
+            self._adopted_left.pop(id(value), None)
+        if not self._adopted_left:
+            for spooled in self._adopted:
+                spool_release(spooled)
+            self._adopted = []
 
     def usage(self, record: dict[str, Any]) -> None:
         self._pending.append(usage_entry(record))
@@ -183,12 +225,16 @@ class RedisStreamSink:
     def done(self, sent: list[tuple[Any, ...]], replies: list[Any], error: BaseException | None) -> None:
         """Keep what failed or got no reply (the ingest drops a record it already stored), retry later."""
         failed = []
+        taken = []
         for i, command in enumerate(sent):
             reply = replies[i] if i < len(replies) else error
             if command is XLEN:
                 self._checked(reply)
             elif i >= len(replies) or isinstance(reply, Exception):
                 failed.append(command)
+            elif self._adopted:
+                taken.append(command[6])
+        self._handed_off(taken)
         if failed:  # Redis down or refusing: the records stay buffered in memory and are retried
             self.failures += 1
             self._pending[:0] = [{"t": c[4], "v": c[6]} for c in failed]
@@ -236,6 +282,7 @@ class RedisStreamSink:
         if check:
             self._checked(replies[-1])
         del self._pending[: len(batch)]
+        self._handed_off([fields["v"] for fields in batch])
         return True
 
     async def _run(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -61,6 +62,7 @@ def _settings(cache_size: int) -> GatewaySettings:
         redis_reply_wait_s=REPLY_WAIT_S,
         audit_backlog_limit=BACKLOG_LIMIT,
         audit_buffer_limit=BUFFER_LIMIT,
+        audit_spool_dir=Path("unused"),  # no runtime is built here: nothing is spooled
     )
 
 

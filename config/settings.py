@@ -309,6 +309,9 @@ GATEWAY = {
     # the database) does not take them.
     "AUDIT_BACKLOG_LIMIT": env_int("PORTCULLIS_AUDIT_BACKLOG_LIMIT", 1_000_000, minimum=1),
     "AUDIT_BUFFER_LIMIT": env_int("PORTCULLIS_AUDIT_BUFFER_LIMIT", 100_000, minimum=1),
+    # What a stopping gateway process still holds for Redis is written here, and adopted by the next one
+    # to start on it: keep it on a disk that outlives the process (not a tmpfs) to keep those records.
+    "AUDIT_SPOOL_DIR": env_str("PORTCULLIS_AUDIT_SPOOL_DIR", str(VAR_DIR / "audit-spool")),
 }
 
 CELERY_BROKER_URL = REDIS_URL or "memory://"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -38,6 +39,7 @@ class GatewaySettings:
     redis_reply_wait_s: float  # 0: a carried Redis batch's reply is always awaited on the event loop
     audit_backlog_limit: int  # records waiting in the audit stream before new requests are refused
     audit_buffer_limit: int  # records one process holds for the audit sink before new requests are refused
+    audit_spool_dir: Path  # where a stopping process leaves what Redis did not take, for the next one
 
 
 @cache
@@ -67,6 +69,7 @@ def gateway_settings() -> GatewaySettings:
         redis_reply_wait_s=float(raw["REDIS_REPLY_WAIT_S"]),
         audit_backlog_limit=int(raw["AUDIT_BACKLOG_LIMIT"]),
         audit_buffer_limit=int(raw["AUDIT_BUFFER_LIMIT"]),
+        audit_spool_dir=Path(raw["AUDIT_SPOOL_DIR"]),
     )
 
 

@@ -103,6 +103,7 @@ class Runtime:
         """Load what the hot path needs, then keep it fresh in the background."""
         self._loop = asyncio.get_running_loop()
         await asyncio.gather(self.keys.refresh(), self.policies.reload(), self.upstreams.check_all())
+        self._spool_adopt()
         await self.sink.start()
         if self.batcher is not None:
             self.batcher.start()
@@ -128,10 +129,7 @@ class Runtime:
         await self.sink.stop()
         if self.batcher is not None:
             await self.batcher.stop()
-        if self.sink.backlog:
-            logger.error(
-                "%d audit records could not be handed off before stopping; they are lost", self.sink.backlog
-            )
+        self._spool()
         await self.http.close()
         if self.redis is not None:
             await self.redis.aclose()
@@ -241,6 +239,47 @@ class Runtime:
             )
             self.audit_full_since, self.audit_unrecorded = None, 0
         return False
+
+    def _spool_adopt(self) -> None:
+        """Take up the records that stopped processes spooled (Redis would not take them): they go first."""
+        if not isinstance(self.sink, RedisStreamSink):
+            return
+        try:
+            adopted = self.sink.adopt(self.conf.audit_spool_dir)
+        except OSError:  # the directory cannot be read: the files stay for a process that can
+            logger.exception("the audit spool in %s could not be read", self.conf.audit_spool_dir)
+            return
+        if adopted:
+            logger.warning("%d spooled audit records adopted; they are handed off first", adopted)
+            self._system_event("gateway.audit_spool_adopted", "success", {"records": adopted})
+
+    def _spool(self) -> None:
+        """At stop: what Redis did not take goes to a spool file for the next process to start."""
+        if not self.sink.backlog:
+            if isinstance(self.sink, RedisStreamSink):
+                self.sink.spool(self.conf.audit_spool_dir)  # lets go of adopted files handed off in full
+            return
+        if not isinstance(self.sink, RedisStreamSink):
+            logger.error(
+                "%d audit records could not be handed off before stopping; they are lost", self.sink.backlog
+            )
+            return
+        held = self.sink.backlog
+        self._system_event("gateway.audit_spooled", "failure", {"records": held})  # with them, counted
+        try:
+            self.sink.spool(self.conf.audit_spool_dir)
+        except OSError:
+            logger.exception(
+                "%d audit records could not be handed off nor spooled in %s before stopping; they are lost",
+                held,
+                self.conf.audit_spool_dir,
+            )
+            return
+        logger.error(
+            "%d audit records could not be handed off before stopping; spooled in %s for the next start",
+            held,
+            self.conf.audit_spool_dir,
+        )
 
     def _system_event(self, kind: str, outcome: str, data: dict[str, Any]) -> None:
         """Audit one event of this process's own (an outage, a full backlog), not of a client's request."""

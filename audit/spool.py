@@ -1,0 +1,127 @@
+"""A file spool for the audit records a stopping gateway process could not hand off to Redis.
+
+A gateway process holds in memory what Redis has not taken (Redis down, or refusing writes at
+``maxmemory``). When it stops in that state (a deploy, a scale-down, a restart during a Redis outage), those
+records would go with it. Instead it writes them to a spool file before it exits, and the next gateway
+process to start on the same directory adopts the file: its records go to the head of that process's
+queue and are handed off first, and the file is deleted once Redis has taken every one of them.
+
+- **Written whole or not at all.** A spool is written to a temporary name, flushed to disk (``fsync``) and
+  then renamed, so a reader sees only complete files; the directory is flushed too, so the name survives
+  a power loss. Files are readable by their owner only.
+- **One adopter per file.** A process adopts a file by taking an exclusive ``flock`` on it, held until
+  the file's records are handed off. Processes that start together on one directory share its files out;
+  the lock goes with a process that dies (even by SIGKILL), and its files are then adopted again at the
+  next start.
+- **Replays are harmless.** A record adopted twice (a process that stopped after handing off part of a
+  spool spools the rest again) carries its id, and the ingest stores each id once.
+
+What a process holds when it is killed outright (SIGKILL, the machine lost) is still lost: only a stop
+writes the spool.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "audit-"
+SUFFIX = ".jsonl"
+
+
+@dataclass
+class Adopted:
+    """A spool file this process has locked and read; its lock is held until ``spool_release``."""
+
+    path: Path
+    fd: int
+    records: list[dict[str, str]] = field(default_factory=list)
+
+
+def spool_write(directory: Path, records: list[dict[str, str]]) -> Path:
+    """Write records (stream fields: ``t`` and ``v``) to a new spool file, durably; return its path."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    name = f"{PREFIX}{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"
+    temporary = directory / f"{name}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            for record in records:
+                out.write(json.dumps({"t": record["t"], "v": record["v"]}, separators=(",", ":")) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        path = directory / f"{name}{SUFFIX}"
+        os.rename(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _directory_sync(directory)
+    return path
+
+
+def spool_adopt(directory: Path) -> list[Adopted]:
+    """Lock and read every spool file in the directory that no other process holds, oldest first."""
+    if not directory.is_dir():
+        return []
+    adopted = []
+    for path in sorted(directory.glob(f"{PREFIX}*{SUFFIX}")):
+        taken = _lock(path)
+        if taken is None:
+            continue
+        try:
+            with open(taken, encoding="utf-8", closefd=False) as lines:
+                records = [_record(line) for line in lines if line.strip()]
+        except (OSError, ValueError, KeyError, TypeError):  # not ours, or damaged: left for a person to read
+            logger.exception("the audit spool file %s could not be read; it is left where it is", path)
+            os.close(taken)
+            continue
+        adopted.append(Adopted(path=path, fd=taken, records=records))
+    return adopted
+
+
+def spool_release(adopted: Adopted) -> None:
+    """Delete a spool file whose records are all handed off, and let go of its lock."""
+    try:
+        adopted.path.unlink(missing_ok=True)
+    finally:
+        os.close(adopted.fd)
+
+
+def _lock(path: Path) -> int | None:
+    """Open and lock a spool file; None when it is gone or another process holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # another process handed it off and deleted it
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Locked after its owner deleted it (between our listing and our lock): the path is gone or names
+        # another file now, and what this descriptor reads was handed off already.
+        if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(path)
+    except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _record(line: str) -> dict[str, str]:
+    fields = json.loads(line)
+    if not isinstance(fields["t"], str) or not isinstance(fields["v"], str):
+        raise TypeError("a spooled record's fields are strings")
+    return {"t": fields["t"], "v": fields["v"]}
+
+
+def _directory_sync(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

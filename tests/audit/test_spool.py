@@ -1,0 +1,133 @@
+"""The audit spool: what a stopping gateway could not hand off to Redis is written to a file, and the next
+process adopts it, hands it off first, and deletes the file once Redis has taken every record."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import redis
+from django.conf import settings
+
+from audit.sink import STREAM, RedisStreamSink, usage_entry
+from audit.spool import spool_adopt, spool_release, spool_write
+from gateway.runtime import redis_pool_open
+
+
+class Host:
+    def rider_add(self, rider: Any) -> None:
+        pass
+
+    def nudge(self, within_s: float) -> None:
+        pass
+
+
+def entries(*numbers: int) -> list[dict[str, str]]:
+    return [usage_entry({"record_id": f"{n:032x}", "status": 200}) for n in numbers]
+
+
+def test_a_spool_is_read_back_whole_in_order_oldest_file_first_and_only_its_owner_may_read_it(tmp_path):
+    first = spool_write(tmp_path, entries(1, 2))
+    second = spool_write(tmp_path, entries(3))
+    assert first.name < second.name
+    assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    assert not list(tmp_path.glob("*.tmp"))
+    adopted = spool_adopt(tmp_path)
+    assert [a.path for a in adopted] == [first, second]
+    assert [r for a in adopted for r in a.records] == entries(1, 2, 3)
+    for a in adopted:
+        spool_release(a)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_file_another_process_holds_is_left_to_it(tmp_path):
+    spool_write(tmp_path, entries(1))
+    held = spool_adopt(tmp_path)  # a second open of the file is another lock holder, as another process
+    assert len(held) == 1
+    assert spool_adopt(tmp_path) == []
+    spool_release(held[0])
+    assert spool_adopt(tmp_path) == []  # handed off and deleted: nothing for anyone
+
+
+def test_a_file_deleted_by_its_adopter_between_listing_and_locking_is_not_read_again(tmp_path, monkeypatch):
+    path = spool_write(tmp_path, entries(1))
+    held = spool_adopt(tmp_path)
+    real_open = os.open
+
+    def open_then_release(file: Any, flags: int, *args: Any) -> int:
+        fd = real_open(file, flags, *args)
+        if Path(file) == path and held:
+            spool_release(held.pop())  # the owner finishes just after this process opened the file
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_release)
+    assert spool_adopt(tmp_path) == []
+
+
+def test_a_damaged_spool_file_is_left_in_place_and_the_others_are_adopted(tmp_path):
+    good = spool_write(tmp_path, entries(1))
+    damaged = tmp_path / "audit-00000000000000000000-1-00000000.jsonl"
+    damaged.write_text('{"t": "usage", "v": "{}"}\nnot json\n')
+    adopted = spool_adopt(tmp_path)
+    assert [a.path for a in adopted] == [good]
+    assert damaged.exists()
+
+
+def test_adopted_records_go_first_and_their_file_is_deleted_once_redis_took_them_all(tmp_path):
+    asyncio.run(adopted_records_go_first(tmp_path))
+
+
+async def adopted_records_go_first(tmp_path: Path) -> None:
+    spooled = spool_write(tmp_path, entries(1, 2))
+    sink = RedisStreamSink(None, Host())
+    sink.usage({"record_id": f"{3:032x}", "status": 200})
+    assert sink.adopt(tmp_path) == 2
+    sent = sink.take()
+    assert [json.loads(c[6])["record_id"] for c in sent if c[0] == "XADD"] == [f"{n:032x}" for n in (1, 2, 3)]
+    sink.done(sent, [b"1-0"], redis.ConnectionError("gone"))  # the first taken, then Redis went away
+    assert spooled.exists()  # one of its records still waits
+    again = sink.take()
+    sink.done(again, [b"2-0", b"3-0"], None)
+    assert not spooled.exists()
+    assert sink.backlog == 0
+
+
+def test_a_stop_spools_what_is_held_and_lets_go_of_the_adopted_files_it_holds(tmp_path):
+    asyncio.run(a_stop_spools(tmp_path))
+    assert not list(tmp_path.iterdir())  # nothing held at the second stop: no empty file
+
+
+async def a_stop_spools(tmp_path: Path) -> None:
+    adopted_file = spool_write(tmp_path, entries(1, 2))
+    sink = RedisStreamSink(None, Host())
+    sink.adopt(tmp_path)
+    sent = sink.take()
+    sink.done(sent, [b"1-0"], redis.ConnectionError("gone"))
+    sink.usage({"record_id": f"{3:032x}", "status": 200})
+    assert sink.spool(tmp_path) == 2  # the adopted record not taken, and the new one
+    assert not adopted_file.exists()
+    assert sink.backlog == 0
+    (new,) = spool_adopt(tmp_path)
+    assert [json.loads(r["v"])["record_id"] for r in new.records] == [f"{n:032x}" for n in (2, 3)]
+    spool_release(new)
+    assert sink.spool(tmp_path) == 0
+
+
+def test_without_a_host_the_flush_hands_off_adopted_records_and_deletes_their_file(tmp_path, redis_client):
+    spooled = spool_write(tmp_path, entries(1, 2))
+
+    async def run() -> int:
+        client = redis_pool_open(settings.REDIS_URL)
+        sink = RedisStreamSink(client)
+        sink.adopt(tmp_path)
+        await sink.flush()
+        await client.aclose()
+        return sink.backlog
+
+    assert asyncio.run(run()) == 0
+    assert redis_client.xlen(STREAM) == 2
+    assert not spooled.exists()
