@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from audit.spool import Adopted, spool_adopt, spool_release, spool_write
+from audit.spool import Adopted, spool_release, spool_write
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +116,9 @@ class RedisStreamSink:
 
     # --- the spool: what a stopping process could not hand off ---------------------------------------
 
-    def adopt(self, directory: Path) -> int:
-        """Take the spool files no other process holds: their records go first, and each file is deleted
-        once Redis has taken all of its records. Return how many records were adopted."""
-        adopted = spool_adopt(directory)
+    def adopt(self, adopted: list[Adopted]) -> int:
+        """Take up spool files this process has locked and read (``spool_adopt``): their records go first,
+        and each file is deleted once Redis has taken all of its records. Return how many were adopted."""
         records = [record for spooled in adopted for record in spooled.records]
         self._adopted += adopted
         self._adopted_left.update((id(record["v"]), record["v"]) for record in records)
@@ -146,9 +145,9 @@ class RedisStreamSink:
         for value in values:
             self._adopted_left.pop(id(value), None)
         if not self._adopted_left:
-            for spooled in self._adopted:
+            released, self._adopted = self._adopted, []
+            for spooled in released:
                 spool_release(spooled)
-            self._adopted = []
 
     def usage(self, record: dict[str, Any]) -> None:
         self._pending.append(usage_entry(record))
@@ -234,13 +233,14 @@ class RedisStreamSink:
                 failed.append(command)
             elif self._adopted:
                 taken.append(command[6])
-        self._handed_off(taken)
         if failed:  # Redis down or refusing: the records stay buffered in memory and are retried
             self.failures += 1
             self._pending[:0] = [{"t": c[4], "v": c[6]} for c in failed]
             if self._host is not None:
                 self._host.nudge(RETRY_S)
             logger.warning("audit hand-off to Redis failed; %d records buffered", len(self._pending))
+        if taken:
+            self._handed_off(taken)
 
     @property
     def backlog(self) -> int:
@@ -282,7 +282,8 @@ class RedisStreamSink:
         if check:
             self._checked(replies[-1])
         del self._pending[: len(batch)]
-        self._handed_off([fields["v"] for fields in batch])
+        if self._adopted:
+            self._handed_off([fields["v"] for fields in batch])
         return True
 
     async def _run(self) -> None:

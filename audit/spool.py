@@ -10,9 +10,11 @@ queue and are handed off first, and the file is deleted once Redis has taken eve
   then renamed, so a reader sees only complete files; the directory is flushed too, so the name survives
   a power loss. Files are readable by their owner only.
 - **One adopter per file.** A process adopts a file by taking an exclusive ``flock`` on it, held until
-  the file's records are handed off. Processes that start together on one directory share its files out;
-  the lock goes with a process that dies (even by SIGKILL), and its files are then adopted again at the
-  next start.
+  the file's records are handed off; the lock goes with a process that dies (even by SIGKILL), and its
+  files are then adopted again. A gateway looks for files at its start and every few seconds after (so a
+  file that a process stopping during a rolling deploy leaves behind is found by one still running), and
+  only while Redis takes its records and it has room: files of at most ``limit`` records at a time, so one
+  process does not take in every replica's spool at once and fill its own buffer.
 - **Replays are harmless.** A record adopted twice (a process that stopped after handing off part of a
   spool spools the rest again) carries its id, and the ingest stores each id once.
 
@@ -62,43 +64,64 @@ def spool_write(directory: Path, records: list[dict[str, str]]) -> Path:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _directory_sync(directory)
+    try:
+        _directory_sync(directory)
+    except OSError:  # the file is whole and named; only its name's survival of a power loss is in doubt
+        logger.warning("the audit spool directory %s could not be flushed to disk", directory)
     return path
 
 
-def spool_adopt(directory: Path) -> list[Adopted]:
-    """Lock and read every spool file in the directory that no other process holds, oldest first."""
-    if not directory.is_dir():
+def spool_adopt(directory: Path, limit: int) -> list[Adopted]:
+    """Lock and read the spool files in the directory that no other process holds, oldest first, as many
+    as hold ``limit`` records at most (and the first one whatever it holds, so that a large file is not
+    left for ever). A file that cannot be read is logged and left where it is."""
+    try:
+        paths = sorted(directory.glob(f"{PREFIX}*{SUFFIX}"))
+    except OSError:
+        logger.exception("the audit spool directory %s could not be listed", directory)
         return []
-    adopted = []
-    for path in sorted(directory.glob(f"{PREFIX}*{SUFFIX}")):
+    adopted: list[Adopted] = []
+    records = 0
+    for path in paths:
         taken = _lock(path)
         if taken is None:
             continue
         try:
             with open(taken, encoding="utf-8", closefd=False) as lines:
-                records = [_record(line) for line in lines if line.strip()]
+                spooled = Adopted(
+                    path=path, fd=taken, records=[_record(line) for line in lines if line.strip()]
+                )
         except (OSError, ValueError, KeyError, TypeError):  # not ours, or damaged: left for a person to read
             logger.exception("the audit spool file %s could not be read; it is left where it is", path)
             os.close(taken)
             continue
-        adopted.append(Adopted(path=path, fd=taken, records=records))
+        if adopted and records + len(spooled.records) > limit:
+            os.close(taken)  # no room for it: left (unlocked) for the next look, here or elsewhere
+            break
+        adopted.append(spooled)
+        records += len(spooled.records)
     return adopted
 
 
 def spool_release(adopted: Adopted) -> None:
-    """Delete a spool file whose records are all handed off, and let go of its lock."""
+    """Delete a spool file whose records are all handed off, and let go of its lock (never raises: a file
+    that cannot be deleted is logged, and its records, handed off, may be handed off again)."""
     try:
         adopted.path.unlink(missing_ok=True)
+    except OSError:
+        logger.exception("the handed-off audit spool file %s could not be deleted", adopted.path)
     finally:
         os.close(adopted.fd)
 
 
 def _lock(path: Path) -> int | None:
-    """Open and lock a spool file; None when it is gone or another process holds it."""
+    """Open and lock a spool file; None when it is gone, another process holds it, or it cannot be."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR)  # for writing too: NFS emulates flock with fcntl, which needs it
     except FileNotFoundError:  # another process handed it off and deleted it
+        return None
+    except OSError:
+        logger.exception("the audit spool file %s could not be opened", path)
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -107,6 +130,10 @@ def _lock(path: Path) -> int | None:
         if os.stat(path).st_ino != os.fstat(fd).st_ino:
             raise FileNotFoundError(path)
     except (BlockingIOError, FileNotFoundError):
+        os.close(fd)
+        return None
+    except OSError:
+        logger.exception("the audit spool file %s could not be locked", path)
         os.close(fd)
         return None
     return fd

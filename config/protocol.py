@@ -56,6 +56,7 @@ from gateway.deadlines import Deadlines
 logger = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = b"Request header timeout."
+LARGE_BODY = 65536  # a response body larger than this is written after its head, not copied onto it
 # a late request is cut at most half a second after its deadline
 DEADLINES: Deadlines[AuditedHttpToolsProtocol] = Deadlines(sweep_s=0.5)
 
@@ -191,7 +192,7 @@ class _HeldHead:
     is held, and goes out with the next one, or on its own when the body wrote nothing."""
 
     def __init__(self, cycle: RequestResponseCycle) -> None:
-        self.cycle = cycle
+        self.cycle = weakref.ref(cycle)  # the cycle holds this: no reference cycle if the body never comes
         self.transport = cycle.transport
         self.head: bytes | None = None
 
@@ -203,9 +204,16 @@ class _HeldHead:
 
     def release(self, data: bytes = b"") -> None:
         """Write the head (with data after it) and give the cycle its transport back."""
-        self.cycle.transport = self.transport
+        cycle = self.cycle()
+        if cycle is not None:
+            cycle.transport = self.transport
         head, self.head = self.head or b"", None
-        if not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if len(data) > LARGE_BODY:  # many segments anyway: not worth a copy of the body
+            self.transport.write(head)
+            self.transport.write(data)
+        else:
             self.transport.write(head + data)
 
     def close(self) -> None:

@@ -311,7 +311,7 @@ GATEWAY = {
     "AUDIT_BUFFER_LIMIT": env_int("PORTCULLIS_AUDIT_BUFFER_LIMIT", 100_000, minimum=1),
     # What a stopping gateway process still holds for Redis is written here, and adopted by the next one
     # to start on it: keep it on a disk that outlives the process (not a tmpfs) to keep those records.
-    "AUDIT_SPOOL_DIR": env_str("PORTCULLIS_AUDIT_SPOOL_DIR", str(VAR_DIR / "audit-spool")),
+    "AUDIT_SPOOL_DIR": env_str("PORTCULLIS_AUDIT_SPOOL_DIR") or str(VAR_DIR / "audit-spool"),
 }
 
 CELERY_BROKER_URL = REDIS_URL or "memory://"

@@ -21,6 +21,7 @@ from django.conf import settings
 
 from audit.context import ip_in_networks, trusted_networks
 from audit.sink import AuditSink, LocalSink, RedisStreamSink
+from audit.spool import spool_adopt
 from authserver.revocation import CHANNEL as REVOCATION_CHANNEL
 from authserver.revocation import KEYS_CHANNEL, key_listeners, local_revocations
 from authserver.selectors import jwks_get
@@ -38,6 +39,7 @@ from gateway.upstream import UpstreamPool, upstream_client
 
 logger = logging.getLogger(__name__)
 
+SPOOL_SCAN_S = 5.0  # how often a gateway looks for spool files that stopped processes left
 REDIS_POOL_SIZE = 128  # requests beyond this wait (up to 10 s) for a connection: a busy pool is not an outage
 
 
@@ -103,7 +105,7 @@ class Runtime:
         """Load what the hot path needs, then keep it fresh in the background."""
         self._loop = asyncio.get_running_loop()
         await asyncio.gather(self.keys.refresh(), self.policies.reload(), self.upstreams.check_all())
-        self._spool_adopt()
+        await self._spool_adopt()
         await self.sink.start()
         if self.batcher is not None:
             self.batcher.start()
@@ -113,6 +115,7 @@ class Runtime:
         self._every(self.conf.jwks_max_age_s, self.keys.refresh)
         self._every(FULL_RELOAD_S, self.policies.reload)
         self._every(self.conf.health_interval_s, self.upstreams.check_all)
+        self._every(SPOOL_SCAN_S, self._spool_adopt)
         if self.redis is not None:
             self._tasks.append(asyncio.create_task(self._subscribe(), name="gateway-pubsub"))
 
@@ -240,15 +243,17 @@ class Runtime:
             self.audit_full_since, self.audit_unrecorded = None, 0
         return False
 
-    def _spool_adopt(self) -> None:
-        """Take up the records that stopped processes spooled (Redis would not take them): they go first."""
-        if not isinstance(self.sink, RedisStreamSink):
+    async def _spool_adopt(self) -> None:
+        """Take up records that stopped processes spooled (Redis would not take them): they go first. At
+        start and every few seconds, while Redis is up and this process holds less than half its buffer,
+        and at most that much at a time."""
+        if not isinstance(self.sink, RedisStreamSink) or self.redis_down_since is not None:
             return
-        try:
-            adopted = self.sink.adopt(self.conf.audit_spool_dir)
-        except OSError:  # the directory cannot be read: the files stay for a process that can
-            logger.exception("the audit spool in %s could not be read", self.conf.audit_spool_dir)
+        room = self.conf.audit_buffer_limit // 2 - self.sink.backlog
+        if room <= 0:
             return
+        files = await asyncio.to_thread(spool_adopt, self.conf.audit_spool_dir, room)  # reads off the loop
+        adopted = self.sink.adopt(files)
         if adopted:
             logger.warning("%d spooled audit records adopted; they are handed off first", adopted)
             self._system_event("gateway.audit_spool_adopted", "success", {"records": adopted})

@@ -36,7 +36,7 @@ def test_a_spool_is_read_back_whole_in_order_oldest_file_first_and_only_its_owne
     assert first.name < second.name
     assert stat.S_IMODE(first.stat().st_mode) == 0o600
     assert not list(tmp_path.glob("*.tmp"))
-    adopted = spool_adopt(tmp_path)
+    adopted = spool_adopt(tmp_path, 100)
     assert [a.path for a in adopted] == [first, second]
     assert [r for a in adopted for r in a.records] == entries(1, 2, 3)
     for a in adopted:
@@ -46,16 +46,16 @@ def test_a_spool_is_read_back_whole_in_order_oldest_file_first_and_only_its_owne
 
 def test_a_file_another_process_holds_is_left_to_it(tmp_path):
     spool_write(tmp_path, entries(1))
-    held = spool_adopt(tmp_path)  # a second open of the file is another lock holder, as another process
+    held = spool_adopt(tmp_path, 100)  # a second open of the file is another lock holder, as another process
     assert len(held) == 1
-    assert spool_adopt(tmp_path) == []
+    assert spool_adopt(tmp_path, 100) == []
     spool_release(held[0])
-    assert spool_adopt(tmp_path) == []  # handed off and deleted: nothing for anyone
+    assert spool_adopt(tmp_path, 100) == []  # handed off and deleted: nothing for anyone
 
 
 def test_a_file_deleted_by_its_adopter_between_listing_and_locking_is_not_read_again(tmp_path, monkeypatch):
     path = spool_write(tmp_path, entries(1))
-    held = spool_adopt(tmp_path)
+    held = spool_adopt(tmp_path, 100)
     real_open = os.open
 
     def open_then_release(file: Any, flags: int, *args: Any) -> int:
@@ -65,14 +65,14 @@ def test_a_file_deleted_by_its_adopter_between_listing_and_locking_is_not_read_a
         return fd
 
     monkeypatch.setattr(os, "open", open_then_release)
-    assert spool_adopt(tmp_path) == []
+    assert spool_adopt(tmp_path, 100) == []
 
 
 def test_a_damaged_spool_file_is_left_in_place_and_the_others_are_adopted(tmp_path):
     good = spool_write(tmp_path, entries(1))
     damaged = tmp_path / "audit-00000000000000000000-1-00000000.jsonl"
     damaged.write_text('{"t": "usage", "v": "{}"}\nnot json\n')
-    adopted = spool_adopt(tmp_path)
+    adopted = spool_adopt(tmp_path, 100)
     assert [a.path for a in adopted] == [good]
     assert damaged.exists()
 
@@ -85,7 +85,7 @@ async def adopted_records_go_first(tmp_path: Path) -> None:
     spooled = spool_write(tmp_path, entries(1, 2))
     sink = RedisStreamSink(None, Host())
     sink.usage({"record_id": f"{3:032x}", "status": 200})
-    assert sink.adopt(tmp_path) == 2
+    assert sink.adopt(spool_adopt(tmp_path, 100)) == 2
     sent = sink.take()
     assert [json.loads(c[6])["record_id"] for c in sent if c[0] == "XADD"] == [f"{n:032x}" for n in (1, 2, 3)]
     sink.done(sent, [b"1-0"], redis.ConnectionError("gone"))  # the first taken, then Redis went away
@@ -104,14 +104,14 @@ def test_a_stop_spools_what_is_held_and_lets_go_of_the_adopted_files_it_holds(tm
 async def a_stop_spools(tmp_path: Path) -> None:
     adopted_file = spool_write(tmp_path, entries(1, 2))
     sink = RedisStreamSink(None, Host())
-    sink.adopt(tmp_path)
+    sink.adopt(spool_adopt(tmp_path, 100))
     sent = sink.take()
     sink.done(sent, [b"1-0"], redis.ConnectionError("gone"))
     sink.usage({"record_id": f"{3:032x}", "status": 200})
     assert sink.spool(tmp_path) == 2  # the adopted record not taken, and the new one
     assert not adopted_file.exists()
     assert sink.backlog == 0
-    (new,) = spool_adopt(tmp_path)
+    (new,) = spool_adopt(tmp_path, 100)
     assert [json.loads(r["v"])["record_id"] for r in new.records] == [f"{n:032x}" for n in (2, 3)]
     spool_release(new)
     assert sink.spool(tmp_path) == 0
@@ -123,7 +123,7 @@ def test_without_a_host_the_flush_hands_off_adopted_records_and_deletes_their_fi
     async def run() -> int:
         client = redis_pool_open(settings.REDIS_URL)
         sink = RedisStreamSink(client)
-        sink.adopt(tmp_path)
+        sink.adopt(spool_adopt(tmp_path, 100))
         await sink.flush()
         await client.aclose()
         return sink.backlog
@@ -131,3 +131,28 @@ def test_without_a_host_the_flush_hands_off_adopted_records_and_deletes_their_fi
     assert asyncio.run(run()) == 0
     assert redis_client.xlen(STREAM) == 2
     assert not spooled.exists()
+
+
+def test_adoption_stops_at_its_limit_and_leaves_the_other_files_for_later(tmp_path):
+    files = [spool_write(tmp_path, entries(2 * n, 2 * n + 1)) for n in range(3)]
+    adopted = spool_adopt(tmp_path, 5)  # whole files, as many as hold five records at most
+    assert [a.path for a in adopted] == files[:2]
+    later = spool_adopt(tmp_path, 1)
+    assert [a.path for a in later] == files[2:]  # the first file it finds, whatever that holds
+    for a in adopted + later:
+        spool_release(a)
+
+
+def test_a_spool_file_that_cannot_be_deleted_is_logged_and_its_lock_let_go(tmp_path, caplog, monkeypatch):
+    spool_write(tmp_path, entries(1))
+    (adopted,) = spool_adopt(tmp_path, 1)
+
+    def refused(self: Path, missing_ok: bool = False) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "unlink", refused)
+        spool_release(adopted)  # does not raise
+    assert "could not be deleted" in caplog.text
+    (again,) = spool_adopt(tmp_path, 1)  # still there, and no longer locked: adopted again
+    spool_release(again)

@@ -1,0 +1,80 @@
+"""A stopping gateway's audit records that Redis did not take: spooled with an event that counts them, or,
+if the spool cannot be written, logged as lost without failing the stop."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from audit.sink import usage_entry
+from audit.spool import spool_adopt, spool_release, spool_write
+from gateway.conf import gateway_settings
+from gateway.runtime import Runtime
+
+
+def stop_holding(spool: Path, records: int) -> None:
+    """Build a runtime (not started: its Redis is never reached), give its sink records, and stop it as
+    ``Runtime.stop`` ends: the records are what Redis did not take."""
+
+    async def run() -> None:
+        runtime = Runtime(dataclasses.replace(gateway_settings(), audit_spool_dir=spool))
+        for n in range(records):
+            runtime.sink.usage({"record_id": f"{n:032x}", "status": 200})
+        runtime._spool()
+        await runtime.http.close()
+        assert runtime.redis is not None
+        await runtime.redis.aclose()
+
+    asyncio.run(run())
+
+
+def test_a_stop_spools_the_records_held_with_an_event_that_counts_them(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR, logger="gateway.runtime"):
+        stop_holding(tmp_path, 3)
+    (spooled,) = spool_adopt(tmp_path, 100)
+    kinds = [json.loads(r["v"]).get("kind") or json.loads(r["v"])["record_id"] for r in spooled.records]
+    assert kinds[:3] == [f"{n:032x}" for n in range(3)]
+    assert kinds[3] == "gateway.audit_spooled"
+    assert json.loads(spooled.records[3]["v"])["data"] == {"records": 3}
+    spool_release(spooled)
+    assert "3 audit records could not be handed off before stopping; spooled in" in caplog.text
+
+
+def test_a_spool_that_cannot_be_written_is_logged_as_a_loss_and_the_stop_goes_on(tmp_path, caplog):
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    with caplog.at_level(logging.ERROR, logger="gateway.runtime"):
+        stop_holding(blocked, 2)
+    assert "2 audit records could not be handed off nor spooled" in caplog.text
+
+
+def test_nothing_held_writes_no_spool(tmp_path):
+    stop_holding(tmp_path, 0)
+    assert not list(tmp_path.iterdir())
+
+
+def test_spool_files_are_adopted_only_while_redis_is_up_and_within_half_the_buffer(tmp_path):
+    spool_write(tmp_path, [usage_entry({"record_id": f"{n:032x}"}) for n in range(3)])
+    spool_write(tmp_path, [usage_entry({"record_id": f"{n:032x}"}) for n in range(3, 6)])
+
+    async def run() -> list[int]:
+        conf = dataclasses.replace(gateway_settings(), audit_spool_dir=tmp_path, audit_buffer_limit=8)
+        runtime = Runtime(conf)
+        backlogs = []
+        runtime.redis_down_since = 1.0
+        await runtime._spool_adopt()
+        backlogs.append(runtime.sink.backlog)  # Redis down: left for later
+        runtime.redis_down_since = None
+        await runtime._spool_adopt()
+        backlogs.append(runtime.sink.backlog)  # one file: three records reach half of eight
+        await runtime._spool_adopt()
+        backlogs.append(runtime.sink.backlog)  # no room left for the other
+        await runtime.http.close()
+        assert runtime.redis is not None
+        await runtime.redis.aclose()
+        return backlogs
+
+    assert asyncio.run(run()) == [0, 4, 4]  # the three records and the adoption's event
