@@ -39,6 +39,7 @@ from gateway.upstream import UpstreamPool, upstream_client
 
 logger = logging.getLogger(__name__)
 
+AUDIT_FULL_CHECK_S = 1.0  # how often an idle gateway looks whether a full audit backlog has drained
 SPOOL_SCAN_S = 5.0  # how often a gateway looks for spool files that stopped processes left
 REDIS_POOL_SIZE = 128  # requests beyond this wait (up to 10 s) for a connection: a busy pool is not an outage
 
@@ -116,6 +117,7 @@ class Runtime:
         self._every(FULL_RELOAD_S, self.policies.reload)
         self._every(self.conf.health_interval_s, self.upstreams.check_all)
         self._every(SPOOL_SCAN_S, self._spool_adopt)
+        self._every(AUDIT_FULL_CHECK_S, self._audit_full_check)
         if self.redis is not None:
             self._tasks.append(asyncio.create_task(self._subscribe(), name="gateway-pubsub"))
 
@@ -216,9 +218,19 @@ class Runtime:
         Such refusals are counted, not recorded one by one: their records would fill the backlog further.
         The start of a full period is audited once, and its end with how long it lasted and the count.
         """
-        if self.sink.full:
+        if self._audit_full_watch():
             self.audit_unrecorded += 1
             AUDIT_FULL_REFUSALS.inc()
+            return True
+        return False
+
+    async def _audit_full_check(self) -> None:
+        """Every second: a full period ends when the backlog drains, not at the next request."""
+        self._audit_full_watch()
+
+    def _audit_full_watch(self) -> bool:
+        """Whether the audit backlog is full; audit the start and the end of each full period."""
+        if self.sink.full:
             if self.audit_full_since is None:
                 self.audit_full_since = time.monotonic()
                 logger.error("the audit backlog is full: new requests are refused until it drains")

@@ -413,6 +413,11 @@ def test_a_full_audit_backlog_refuses_new_requests_until_it_drains_and_loses_no_
         assert stream.xlen("portcullis:audit") == waiting  # refusals are counted, not appended one by one
 
         stream_ingest(stream)  # the worker catches up: everything waiting is stored, nothing was trimmed
+        deadline = time.monotonic() + 5  # an idle gateway sees the drain and records the period's end
+        while not AuditEvent.objects.filter(kind="gateway.audit_backlog_recovered").exists():
+            assert time.monotonic() < deadline, "the drain was not recorded without a request"
+            time.sleep(0.2)
+            stream_ingest(stream)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             request_id, response = post()
