@@ -25,11 +25,6 @@ undone at the connection level. Serve with ``--http config.protocol:AuditedHttpT
   event on in the read that brought it from the upstream, with no task switch per event. It is bound to
   uvicorn's request cycle (the ``flow``, ``transport`` and framing attributes ``send`` itself uses), like
   the rest of this module; a server without it leaves the extension out and the relay uses ``send``.
-- **A response of known length in one write.** uvicorn writes a response's head at
-  ``http.response.start`` and its body at ``http.response.body``: two system calls, and two segments the
-  client must read, for every JSON answer. As the ASGI spec allows, the head of a response that states
-  its ``Content-Length`` is held until the body comes and written with it (``coalescing_send``); a
-  streamed (chunked) response's head still goes at once.
 
 The records go through the gateway's audit sink, which hands them off without blocking the event loop
 (to the Redis stream, or to the in-process queue in the embedded default). The address is the
@@ -45,10 +40,8 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
-from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.deadlines import Deadlines
@@ -56,7 +49,6 @@ from gateway.deadlines import Deadlines
 logger = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = b"Request header timeout."
-LARGE_BODY = 65536  # a response body larger than this is written after its head, not copied onto it
 # a late request is cut at most half a second after its deadline
 DEADLINES: Deadlines[AuditedHttpToolsProtocol] = Deadlines(sweep_s=0.5)
 
@@ -101,7 +93,6 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         path = self.scope.get("path", "")
         if self.cycle is not None and self.cycle.scope is self.scope:
-            self.cycle.send = coalescing_send(self.cycle)  # type: ignore[method-assign,assignment]
             if not _gateway_path(path):
                 self._watch("body")  # the gateway's consumers keep their own, with an OpenAI-shaped answer
             else:
@@ -185,67 +176,6 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
                 )
         except Exception:  # the refusal goes out whatever the audit hand-off does
             logger.exception("a refused connection could not be handed to the audit sink")
-
-
-class _HeldHead:
-    """A request cycle's transport while a response's head waits for its body: the first write (the head)
-    is held, and goes out with the next one, or on its own when the body wrote nothing."""
-
-    def __init__(self, cycle: RequestResponseCycle) -> None:
-        self.cycle = weakref.ref(cycle)  # the cycle holds this: no reference cycle if the body never comes
-        self.transport = cycle.transport
-        self.head: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        if self.head is None:
-            self.head = data
-        else:
-            self.release(data)
-
-    def release(self, data: bytes = b"") -> None:
-        """Write the head (with data after it) and give the cycle its transport back."""
-        cycle = self.cycle()
-        if cycle is not None:
-            cycle.transport = self.transport
-        head, self.head = self.head or b"", None
-        if self.transport.is_closing():
-            return
-        if len(data) > LARGE_BODY:  # many segments anyway: not worth a copy of the body
-            self.transport.write(head)
-            self.transport.write(data)
-        else:
-            self.transport.write(head + data)
-
-    def close(self) -> None:
-        self.release()
-        self.transport.close()
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.transport, name)
-
-
-def coalescing_send(cycle: RequestResponseCycle) -> Callable[[ASGISendEvent], Coroutine[Any, Any, None]]:
-    """The cycle's ``send``, writing a response of known length in one piece: its head with its body.
-
-    uvicorn writes the head when ``http.response.start`` comes and the body when ``http.response.body``
-    does: two writes, two segments for the client to read, for each JSON answer. The ASGI spec lets a
-    server hold the head until the first body message, and here it does, for a response that says its
-    ``Content-Length`` (a whole body follows at once). A streamed response (chunked: a gateway stream's
-    events) is written as before, its head at once. The cycle is held weakly, as in ``body_writer``."""
-    held = weakref.ref(cycle)
-
-    async def send(message: ASGISendEvent) -> None:
-        cycle = held()
-        if cycle is None:
-            return
-        if message["type"] == "http.response.start" and not cycle.response_started:
-            if any(name.lower() == b"content-length" for name, _value in message.get("headers", ())):
-                cycle.transport = _HeldHead(cycle)  # type: ignore[assignment]
-        await RequestResponseCycle.send(cycle, message)
-        if message["type"] == "http.response.body" and isinstance(cycle.transport, _HeldHead):
-            cycle.transport.release()  # a body that wrote nothing (HEAD, or the client gone)
-
-    return send
 
 
 def body_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:

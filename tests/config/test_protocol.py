@@ -1,9 +1,6 @@
-"""The served protocol's additions to uvicorn's writes.
-
-The ``portcullis.body_write`` extension: offered to gateway requests only, it writes a streamed body part
-at once, framed as ``send`` frames it, and declines whenever ``send`` would not write at once (before the
-headers, after the end, once the client is gone, while paused). And a response of known length goes out
-in one write, its head with its body."""
+"""The ``portcullis.body_write`` extension of the served protocol: offered to gateway requests only, it
+writes a streamed body part at once, framed as ``send`` frames it, and declines whenever ``send`` would
+not write at once (before the headers, after the end, once the client is gone, while paused)."""
 
 from __future__ import annotations
 
@@ -123,80 +120,3 @@ def test_the_extension_leaves_no_reference_cycle_for_the_collector():
     assert seen["offered"]
     assert len(seen["cycles"]) == 2
     assert first_freed
-
-
-def _answer(messages: list[dict[str, Any]], *, method: bytes = b"POST", gone_after: int = -1) -> list[bytes]:
-    """Serve one request with an app that sends ``messages`` (the client leaving after message number
-    ``gone_after``); return the transport's writes, one entry per write."""
-    writes: list[bytes] = []
-
-    class Recording(_Transport):
-        def write(self, data: bytes | bytearray | memoryview) -> None:
-            writes.append(b"(after the close) " + bytes(data) if self.closing else bytes(data))
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        for i, message in enumerate(messages):
-            await send(message)
-            if i == gone_after:
-                served[0].connection_lost(None)
-
-    served: list[AuditedHttpToolsProtocol] = []
-
-    async def run() -> None:
-        config = Config(app=app, http="httptools", lifespan="off", access_log=False)
-        config.load()
-        protocol = AuditedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
-        served.append(protocol)
-        protocol.connection_made(Recording())
-        protocol.data_received(method + b" /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
-        for _ in range(20):
-            await asyncio.sleep(0)
-
-    asyncio.run(run())
-    return writes
-
-
-def _start(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
-    return {"type": "http.response.start", "status": 200, "headers": list(headers)}
-
-
-def _body(body: bytes, more: bool = False) -> dict[str, Any]:
-    return {"type": "http.response.body", "body": body, "more_body": more}
-
-
-def test_a_response_of_known_length_is_written_in_one_piece_head_and_body():
-    writes = _answer([_start((b"Content-Length", b"2")), _body(b"{}")])
-    assert len(writes) == 1
-    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
-    assert writes[0].endswith(b"\r\ncontent-length: 2\r\n\r\n{}")
-
-
-def test_a_response_of_known_length_in_parts_goes_out_with_its_first_part():
-    writes = _answer([_start((b"content-length", b"4")), _body(b"ab", more=True), _body(b"cd")])
-    assert len(writes) == 2
-    assert writes[0].endswith(b"\r\n\r\nab")
-    assert writes[1] == b"cd"
-
-
-def test_a_streamed_response_has_its_head_written_at_once():
-    writes = _answer([_start((b"content-type", b"text/event-stream")), _body(b"a", more=True), _body(b"")])
-    assert len(writes) == 3
-    assert writes[0].endswith(b"transfer-encoding: chunked\r\n\r\n")
-    assert writes[1:] == [b"1\r\na\r\n", b"0\r\n\r\n"]
-
-
-def test_a_head_request_gets_its_head_though_no_body_is_written():
-    writes = _answer([_start((b"content-length", b"2")), _body(b"{}")], method=b"HEAD")
-    assert len(writes) == 1
-    assert writes[0].endswith(b"content-length: 2\r\n\r\n")
-
-
-def test_a_head_held_when_the_client_leaves_is_dropped_not_written_to_a_closed_connection():
-    writes = _answer([_start((b"content-length", b"2")), _body(b"{}")], gone_after=0)
-    assert writes == []
-
-
-def test_an_application_that_fails_after_the_head_gets_its_head_out_then_the_close():
-    writes = _answer([_start((b"content-length", b"2")), {"type": "bogus"}])  # uvicorn refuses it: closes
-    assert len(writes) == 1
-    assert writes[0].endswith(b"content-length: 2\r\n\r\n")
