@@ -350,6 +350,18 @@ def test_with_redis_down_requests_are_served_within_the_fallback_and_never_500(
         stop(redis_process)
 
 
+def chat_post(server: Server, headers: dict[str, str]) -> tuple[str, httpx.Response]:
+    """A chat call with a fresh request id, to find its usage record by; return the id and the answer."""
+    request_id = os.urandom(16).hex()
+    response = httpx.post(
+        f"{server.base}/v1/chat/completions",
+        json=CHAT,
+        headers={**headers, "x-request-id": request_id},
+        timeout=10,
+    )
+    return request_id, response
+
+
 @contextmanager
 def server_on_its_own_redis(
     tmp_path: Path, fake: FakeVllm, client: RegisteredClient, **env: str
@@ -362,14 +374,7 @@ def server_on_its_own_redis(
     headers = {"authorization": f"Bearer {client_token(server, client)}"}
 
     def post() -> tuple[str, httpx.Response]:
-        request_id = os.urandom(16).hex()
-        response = httpx.post(
-            f"{server.base}/v1/chat/completions",
-            json=CHAT,
-            headers={**headers, "x-request-id": request_id},
-            timeout=10,
-        )
-        return request_id, response
+        return chat_post(server, headers)
 
     try:
         yield post, redis.Redis(port=port)
@@ -485,53 +490,43 @@ def test_records_held_for_a_redis_that_is_down_survive_a_restart_of_the_gateway_
     _server, fake, clients = stack
     spool = tmp_path / "spool"
     port = free_port()
-    redis_process = start_redis(tmp_path, port)
     env = {"REDIS_URL": f"redis://127.0.0.1:{port}/0", "PORTCULLIS_AUDIT_SPOOL_DIR": str(spool)}
-    server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, **env)
-    served: list[str] = []
+    redis_process = start_redis(tmp_path, port)
     try:
-        token = client_token(server, clients["open"])
-        headers = {"authorization": f"Bearer {token}"}
-
-        def post() -> httpx.Response:
-            request_id = os.urandom(16).hex()
-            response = httpx.post(
-                f"{server.base}/v1/chat/completions",
-                json=CHAT,
-                headers={**headers, "x-request-id": request_id},
-                timeout=10,
-            )
-            if response.status_code == 200:
+        server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, **env)
+        served: list[str] = []
+        try:
+            token = client_token(server, clients["open"])
+            headers = {"authorization": f"Bearer {token}"}
+            request_id, response = chat_post(server, headers)
+            assert response.status_code == 200  # the token is cleared with Redis: served through the outage
+            time.sleep(0.3)  # its record is handed off
+            stop(redis_process)
+            for _ in range(5):
+                request_id, response = chat_post(server, headers)
+                assert response.status_code == 200  # its record waits in the process
                 served.append(request_id)
-            return response
+        finally:
+            stop(server.process)  # a stop with Redis down: what the process holds goes to the spool
+        (spooled,) = spool.glob("audit-*.jsonl")
+        held = spooled.read_text()
+        assert token not in held
+        assert all(request_id in held for request_id in served)
 
-        assert post().status_code == 200  # the token is cleared with Redis: served through the outage
-        time.sleep(0.3)  # its record is handed off
-        stop(redis_process)
-        statuses = [post().status_code for _ in range(5)]
-        assert statuses == [200] * 5  # their records wait in the process
-    finally:
-        stop(server.process)  # a stop with Redis down: what the process holds goes to the spool
-    (spooled,) = spool.glob("audit-*.jsonl")
-    held = spooled.read_text()
-    assert token not in held
-    assert all(request_id in held for request_id in served[1:])
-
-    redis_process = start_redis(tmp_path, port)  # a new, empty Redis
-    server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, **env)
-    try:
-        stream = redis.Redis(port=port)
-        deadline = time.monotonic() + 10
-        while spooled.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not spooled.exists()  # adopted, handed off, deleted
-        stream_ingest(stream)
-        stored = set(UsageRecord.objects.values_list("request_id", flat=True))
-        assert set(served[1:]) <= stored  # the first went to the Redis that was lost with its data
+        redis_process = start_redis(tmp_path, port)  # a new, empty Redis
+        server = start_server(tmp_path, VLLM_UPSTREAMS=fake.base, **env)
+        try:
+            deadline = time.monotonic() + 10
+            while spooled.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not spooled.exists()  # adopted, handed off, deleted
+        finally:
+            stop(server.process)
+        stream_ingest(redis.Redis(port=port))
+        assert set(served) <= set(UsageRecord.objects.values_list("request_id", flat=True))
         kinds = list(AuditEvent.objects.values_list("kind", flat=True))
         assert kinds.count("gateway.audit_spooled") == 1
         assert kinds.count("gateway.audit_spool_adopted") == 1
         assert AuditEvent.objects.get(kind="gateway.audit_spooled").data["records"] >= 5
     finally:
-        stop(server.process)
         stop(redis_process)
