@@ -167,14 +167,11 @@ class RedisStreamSink:
     def full(self) -> bool:
         """Whether the records waiting (in the stream, or here for Redis) have reached their limit; once
         they have, until both are below ``RESUME_BELOW`` of it (no flapping at the limit's edge)."""
-        if self._full:
-            share = RESUME_BELOW
-            self._full = (
-                self.stream_backlog >= self.backlog_limit * share
-                or len(self._pending) >= self.buffer_limit * share
-            )
-        else:
-            self._full = self.stream_backlog >= self.backlog_limit or len(self._pending) >= self.buffer_limit
+        share = RESUME_BELOW if self._full else 1
+        self._full = (
+            self.stream_backlog >= self.backlog_limit * share
+            or len(self._pending) >= self.buffer_limit * share
+        )
         return self._full
 
     def _check_soon(self) -> None:

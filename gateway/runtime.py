@@ -272,16 +272,14 @@ class Runtime:
 
     def _spool(self) -> None:
         """At stop: what Redis did not take goes to a spool file for the next process to start."""
-        if not self.sink.backlog:
-            if isinstance(self.sink, RedisStreamSink):
-                self.sink.spool(self.conf.audit_spool_dir)  # lets go of adopted files handed off in full
-            return
-        if not isinstance(self.sink, RedisStreamSink):
-            logger.error(
-                "%d audit records could not be handed off before stopping; they are lost", self.sink.backlog
-            )
-            return
         held = self.sink.backlog
+        if not isinstance(self.sink, RedisStreamSink):
+            if held:
+                logger.error("%d audit records could not be handed off before stopping; they are lost", held)
+            return
+        if not held:
+            self.sink.spool(self.conf.audit_spool_dir)  # writes nothing; lets go of adopted files, handed off
+            return
         self._system_event("gateway.audit_spooled", "failure", {"records": held})  # with them, counted
         try:
             self.sink.spool(self.conf.audit_spool_dir)
