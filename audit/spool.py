@@ -15,6 +15,12 @@ queue and are handed off first, and the file is deleted once Redis has taken eve
   file that a process stopping during a rolling deploy leaves behind is found by one still running), and
   only while Redis takes its records and it has room: files of at most ``limit`` records at a time, so one
   process does not take in every replica's spool at once and fill its own buffer.
+- **A file that cannot be read is set aside,** renamed to end in ``.set-aside`` (kept whole for a person to
+  read, and logged once, not at every look), and the scan says so, for the caller to audit. A file of
+  another process's that cannot be opened or locked is logged once per process and left where it is.
+- **A half-written spool is recovered.** A temporary file older than ``STALE_TMP_S`` was left by a
+  process that died while it wrote (its write takes milliseconds): it is renamed into the spool and adopted
+  as any other, or set aside if it was cut short mid-record.
 - **Replays are harmless.** A record adopted twice (a process that stopped after handing off part of a
   spool spools the rest again) carries its id, and the ingest stores each id once.
 
@@ -36,6 +42,9 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "audit-"
 SUFFIX = ".jsonl"
+SET_ASIDE = ".set-aside"
+STALE_TMP_S = 600.0  # a temporary file this old was left by a process that died while writing it
+_reported: set[Path] = set()  # files this process could not open or lock, logged once each
 
 
 @dataclass
@@ -45,6 +54,15 @@ class Adopted:
     path: Path
     fd: int
     records: list[dict[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class Scan:
+    """What one look at the spool directory found: files adopted, and the names of those set aside."""
+
+    adopted: list[Adopted] = field(default_factory=list)
+    set_aside: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)  # temporary files a dead writer left, renamed in
 
 
 def spool_write(directory: Path, records: list[dict[str, str]]) -> Path:
@@ -71,16 +89,18 @@ def spool_write(directory: Path, records: list[dict[str, str]]) -> Path:
     return path
 
 
-def spool_adopt(directory: Path, limit: int) -> list[Adopted]:
+def spool_adopt(directory: Path, limit: int) -> Scan:
     """Lock and read the spool files in the directory that no other process holds, oldest first, as many
     as hold ``limit`` records at most (and the first one whatever it holds, so that a large file is not
-    left for ever). A file that cannot be read is logged and left where it is."""
+    left for ever). A file that cannot be read is set aside; a temporary file a dead writer left is
+    recovered first."""
+    scan = Scan()
     try:
+        scan.recovered = _recover(directory)
         paths = sorted(directory.glob(f"{PREFIX}*{SUFFIX}"))
     except OSError:
         logger.exception("the audit spool directory %s could not be listed", directory)
-        return []
-    adopted: list[Adopted] = []
+        return scan
     records = 0
     for path in paths:
         taken = _lock(path)
@@ -91,16 +111,17 @@ def spool_adopt(directory: Path, limit: int) -> list[Adopted]:
                 spooled = Adopted(
                     path=path, fd=taken, records=[_record(line) for line in lines if line.strip()]
                 )
-        except (OSError, ValueError, KeyError, TypeError):  # not ours, or damaged: left for a person to read
-            logger.exception("the audit spool file %s could not be read; it is left where it is", path)
-            os.close(taken)
+        except (OSError, ValueError, KeyError, TypeError):  # not ours, or damaged: for a person to read
+            if _set_aside(path):
+                scan.set_aside.append(path.name)
+            os.close(taken)  # after the rename: no other process reads it meanwhile
             continue
-        if adopted and records + len(spooled.records) > limit:
+        if scan.adopted and records + len(spooled.records) > limit:
             os.close(taken)  # no room for it: left (unlocked) for the next look, here or elsewhere
             break
-        adopted.append(spooled)
+        scan.adopted.append(spooled)
         records += len(spooled.records)
-    return adopted
+    return scan
 
 
 def spool_release(adopted: Adopted) -> None:
@@ -114,6 +135,48 @@ def spool_release(adopted: Adopted) -> None:
         os.close(adopted.fd)
 
 
+def _recover(directory: Path) -> list[str]:
+    """Rename into the spool the temporary files that writers which died left behind; return their names."""
+    recovered = []
+    now = time.time()
+    for temporary in sorted(directory.glob(f"{PREFIX}*.tmp")):
+        try:
+            if now - temporary.stat().st_mtime < STALE_TMP_S:
+                continue  # being written
+            path = temporary.with_suffix(SUFFIX)
+            os.rename(temporary, path)
+        except FileNotFoundError:  # renamed by its writer, or recovered by another process
+            continue
+        except OSError:
+            _report_once(temporary, "recovered")
+            continue
+        logger.warning("the audit spool file %s was left half-written by a stopped process; recovered", path)
+        recovered.append(path.name)
+    return recovered
+
+
+def _set_aside(path: Path) -> bool:
+    """Rename a spool file that cannot be read out of the spool (called while its read error is being
+    handled, which the log shows); return whether it could be."""
+    try:
+        os.rename(path, path.with_name(path.name + SET_ASIDE))
+    except OSError:
+        _report_once(path, "read nor set aside")
+        return False
+    logger.exception(
+        "the audit spool file %s could not be read; set aside as %s%s", path, path.name, SET_ASIDE
+    )
+    return True
+
+
+def _report_once(path: Path, what: str) -> None:
+    """Log a file that cannot be dealt with, once per process (the directory is looked at every few
+    seconds)."""
+    if path not in _reported:
+        _reported.add(path)
+        logger.exception("the audit spool file %s could not be %s; it is left where it is", path, what)
+
+
 def _lock(path: Path) -> int | None:
     """Open and lock a spool file; None when it is gone, another process holds it, or it cannot be."""
     try:
@@ -121,7 +184,7 @@ def _lock(path: Path) -> int | None:
     except FileNotFoundError:  # another process handed it off and deleted it
         return None
     except OSError:
-        logger.exception("the audit spool file %s could not be opened", path)
+        _report_once(path, "opened")
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -133,7 +196,7 @@ def _lock(path: Path) -> int | None:
         os.close(fd)
         return None
     except OSError:
-        logger.exception("the audit spool file %s could not be locked", path)
+        _report_once(path, "locked")
         os.close(fd)
         return None
     return fd

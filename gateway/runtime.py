@@ -264,8 +264,12 @@ class Runtime:
         room = self.conf.audit_buffer_limit // 2 - self.sink.backlog
         if room <= 0:
             return
-        files = await asyncio.to_thread(spool_adopt, self.conf.audit_spool_dir, room)  # reads off the loop
-        adopted = self.sink.adopt(files)
+        scan = await asyncio.to_thread(spool_adopt, self.conf.audit_spool_dir, room)  # reads off the loop
+        if scan.recovered:  # a process died while it spooled: its stop was not clean
+            self._system_event("gateway.audit_spool_recovered", "failure", {"files": scan.recovered})
+        if scan.set_aside:  # their records are kept, but none is ingested until a person looks
+            self._system_event("gateway.audit_spool_set_aside", "failure", {"files": scan.set_aside})
+        adopted = self.sink.adopt(scan.adopted)
         if adopted:
             logger.warning("%d spooled audit records adopted; they are handed off first", adopted)
             self._system_event("gateway.audit_spool_adopted", "success", {"records": adopted})

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import redis
 from django.conf import settings
 
 from audit.sink import STREAM, RedisStreamSink, usage_entry
-from audit.spool import spool_adopt, spool_release, spool_write
+from audit.spool import STALE_TMP_S, Scan, spool_adopt, spool_release, spool_write
 from gateway.runtime import redis_pool_open
 
 
@@ -36,7 +37,7 @@ def test_a_spool_is_read_back_whole_in_order_oldest_file_first_and_only_its_owne
     assert first.name < second.name
     assert stat.S_IMODE(first.stat().st_mode) == 0o600
     assert not list(tmp_path.glob("*.tmp"))
-    adopted = spool_adopt(tmp_path, 100)
+    adopted = spool_adopt(tmp_path, 100).adopted
     assert [a.path for a in adopted] == [first, second]
     assert [r for a in adopted for r in a.records] == entries(1, 2, 3)
     for a in adopted:
@@ -46,16 +47,17 @@ def test_a_spool_is_read_back_whole_in_order_oldest_file_first_and_only_its_owne
 
 def test_a_file_another_process_holds_is_left_to_it(tmp_path):
     spool_write(tmp_path, entries(1))
-    held = spool_adopt(tmp_path, 100)  # a second open of the file is another lock holder, as another process
+    # a second open of the file is another lock holder, as another process's would be
+    held = spool_adopt(tmp_path, 100).adopted
     assert len(held) == 1
-    assert spool_adopt(tmp_path, 100) == []
+    assert spool_adopt(tmp_path, 100).adopted == []
     spool_release(held[0])
-    assert spool_adopt(tmp_path, 100) == []  # handed off and deleted: nothing for anyone
+    assert spool_adopt(tmp_path, 100).adopted == []  # handed off and deleted: nothing for anyone
 
 
 def test_a_file_deleted_by_its_adopter_between_listing_and_locking_is_not_read_again(tmp_path, monkeypatch):
     path = spool_write(tmp_path, entries(1))
-    held = spool_adopt(tmp_path, 100)
+    held = spool_adopt(tmp_path, 100).adopted
     real_open = os.open
 
     def open_then_release(file: Any, flags: int, *args: Any) -> int:
@@ -65,16 +67,66 @@ def test_a_file_deleted_by_its_adopter_between_listing_and_locking_is_not_read_a
         return fd
 
     monkeypatch.setattr(os, "open", open_then_release)
-    assert spool_adopt(tmp_path, 100) == []
+    assert spool_adopt(tmp_path, 100).adopted == []
 
 
-def test_a_damaged_spool_file_is_left_in_place_and_the_others_are_adopted(tmp_path):
+def test_a_damaged_spool_file_is_set_aside_whole_and_logged_once_and_the_others_are_adopted(tmp_path, caplog):
     good = spool_write(tmp_path, entries(1))
     damaged = tmp_path / "audit-00000000000000000000-1-00000000.jsonl"
     damaged.write_text('{"t": "usage", "v": "{}"}\nnot json\n')
-    adopted = spool_adopt(tmp_path, 100)
-    assert [a.path for a in adopted] == [good]
-    assert damaged.exists()
+    scan = spool_adopt(tmp_path, 100)
+    assert [a.path for a in scan.adopted] == [good]
+    assert scan.set_aside == [damaged.name]
+    assert not damaged.exists()
+    kept = tmp_path / f"{damaged.name}.set-aside"
+    assert kept.read_text() == '{"t": "usage", "v": "{}"}\nnot json\n'  # whole, for a person to read
+    assert caplog.text.count("could not be read; set aside") == 1
+    spool_release(scan.adopted[0])
+    assert spool_adopt(tmp_path, 100) == Scan()  # not read, nor logged, again
+    assert caplog.text.count("could not be read") == 1
+    assert kept.exists()
+
+
+def test_a_spool_file_that_cannot_be_opened_is_logged_once_and_left_where_it_is(
+    tmp_path, caplog, monkeypatch
+):
+    path = spool_write(tmp_path, entries(1))
+    real_open = os.open
+
+    def refused(file: Any, flags: int, *args: Any) -> int:
+        if Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, flags, *args)
+
+    monkeypatch.setattr(os, "open", refused)
+    assert spool_adopt(tmp_path, 100) == Scan()
+    assert spool_adopt(tmp_path, 100) == Scan()
+    assert caplog.text.count(f"the audit spool file {path} could not be opened") == 1
+    assert path.exists()
+
+
+def test_a_temporary_file_a_dead_writer_left_is_recovered_and_adopted_and_a_fresh_one_is_left(tmp_path):
+    stale = spool_write(tmp_path, entries(1, 2)).rename(
+        tmp_path / "audit-00000000000000000001-7-0000aaaa.tmp"
+    )
+    torn = tmp_path / "audit-00000000000000000002-8-0000bbbb.tmp"
+    torn.write_text(stale.read_text()[:-20])  # cut short mid-record
+    fresh = spool_write(tmp_path, entries(3)).rename(tmp_path / "audit-00000000000000000003-9-0000cccc.tmp")
+    old = time.time() - STALE_TMP_S - 1
+    for path in (stale, torn):
+        os.utime(path, (old, old))
+    scan = spool_adopt(tmp_path, 100)
+    recovered = tmp_path / "audit-00000000000000000001-7-0000aaaa.jsonl"
+    assert scan.recovered == [recovered.name, "audit-00000000000000000002-8-0000bbbb.jsonl"]
+    assert [a.path for a in scan.adopted] == [recovered]
+    assert scan.adopted[0].records == entries(1, 2)
+    assert scan.set_aside == ["audit-00000000000000000002-8-0000bbbb.jsonl"]
+    assert fresh.exists()  # being written, as far as anyone can tell
+    spool_release(scan.adopted[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "audit-00000000000000000002-8-0000bbbb.jsonl.set-aside",
+        fresh.name,
+    ]
 
 
 def test_adopted_records_go_first_and_their_file_is_deleted_once_redis_took_them_all(tmp_path):
@@ -85,7 +137,7 @@ async def adopted_records_go_first(tmp_path: Path) -> None:
     spooled = spool_write(tmp_path, entries(1, 2))
     sink = RedisStreamSink(None, Host())
     sink.usage({"record_id": f"{3:032x}", "status": 200})
-    assert sink.adopt(spool_adopt(tmp_path, 100)) == 2
+    assert sink.adopt(spool_adopt(tmp_path, 100).adopted) == 2
     sent = sink.take()
     assert [json.loads(c[6])["record_id"] for c in sent if c[0] == "XADD"] == [f"{n:032x}" for n in (1, 2, 3)]
     sink.done(sent, [b"1-0"], redis.ConnectionError("gone"))  # the first taken, then Redis went away
@@ -104,14 +156,14 @@ def test_a_stop_spools_what_is_held_and_lets_go_of_the_adopted_files_it_holds(tm
 async def a_stop_spools(tmp_path: Path) -> None:
     adopted_file = spool_write(tmp_path, entries(1, 2))
     sink = RedisStreamSink(None, Host())
-    sink.adopt(spool_adopt(tmp_path, 100))
+    sink.adopt(spool_adopt(tmp_path, 100).adopted)
     sent = sink.take()
     sink.done(sent, [b"1-0"], redis.ConnectionError("gone"))
     sink.usage({"record_id": f"{3:032x}", "status": 200})
     assert sink.spool(tmp_path) == 2  # the adopted record not taken, and the new one
     assert not adopted_file.exists()
     assert sink.backlog == 0
-    (new,) = spool_adopt(tmp_path, 100)
+    (new,) = spool_adopt(tmp_path, 100).adopted
     assert [json.loads(r["v"])["record_id"] for r in new.records] == [f"{n:032x}" for n in (2, 3)]
     spool_release(new)
     assert sink.spool(tmp_path) == 0
@@ -123,7 +175,7 @@ def test_without_a_host_the_flush_hands_off_adopted_records_and_deletes_their_fi
     async def run() -> int:
         client = redis_pool_open(settings.REDIS_URL)
         sink = RedisStreamSink(client)
-        sink.adopt(spool_adopt(tmp_path, 100))
+        sink.adopt(spool_adopt(tmp_path, 100).adopted)
         await sink.flush()
         await client.aclose()
         return sink.backlog
@@ -135,9 +187,9 @@ def test_without_a_host_the_flush_hands_off_adopted_records_and_deletes_their_fi
 
 def test_adoption_stops_at_its_limit_and_leaves_the_other_files_for_later(tmp_path):
     files = [spool_write(tmp_path, entries(2 * n, 2 * n + 1)) for n in range(3)]
-    adopted = spool_adopt(tmp_path, 5)  # whole files, as many as hold five records at most
+    adopted = spool_adopt(tmp_path, 5).adopted  # whole files, as many as hold five records at most
     assert [a.path for a in adopted] == files[:2]
-    later = spool_adopt(tmp_path, 1)
+    later = spool_adopt(tmp_path, 1).adopted
     assert [a.path for a in later] == files[2:]  # the first file it finds, whatever that holds
     for a in adopted + later:
         spool_release(a)
@@ -145,7 +197,7 @@ def test_adoption_stops_at_its_limit_and_leaves_the_other_files_for_later(tmp_pa
 
 def test_a_spool_file_that_cannot_be_deleted_is_logged_and_its_lock_let_go(tmp_path, caplog, monkeypatch):
     spool_write(tmp_path, entries(1))
-    (adopted,) = spool_adopt(tmp_path, 1)
+    (adopted,) = spool_adopt(tmp_path, 1).adopted
 
     def refused(self: Path, missing_ok: bool = False) -> None:
         raise PermissionError(13, "Permission denied", str(self))
@@ -154,5 +206,5 @@ def test_a_spool_file_that_cannot_be_deleted_is_logged_and_its_lock_let_go(tmp_p
         patched.setattr(Path, "unlink", refused)
         spool_release(adopted)  # does not raise
     assert "could not be deleted" in caplog.text
-    (again,) = spool_adopt(tmp_path, 1)  # still there, and no longer locked: adopted again
+    (again,) = spool_adopt(tmp_path, 1).adopted  # still there, and no longer locked: adopted again
     spool_release(again)

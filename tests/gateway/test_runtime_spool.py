@@ -7,10 +7,13 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import time
 from pathlib import Path
+from typing import Any
 
-from audit.sink import usage_entry
-from audit.spool import spool_adopt, spool_release, spool_write
+from audit.sink import RedisStreamSink, usage_entry
+from audit.spool import STALE_TMP_S, spool_adopt, spool_release, spool_write
 from gateway.conf import gateway_settings
 from gateway.runtime import Runtime
 
@@ -34,7 +37,7 @@ def stop_holding(spool: Path, records: int) -> None:
 def test_a_stop_spools_the_records_held_with_an_event_that_counts_them(tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="gateway.runtime"):
         stop_holding(tmp_path, 3)
-    (spooled,) = spool_adopt(tmp_path, 100)
+    (spooled,) = spool_adopt(tmp_path, 100).adopted
     kinds = [json.loads(r["v"]).get("kind") or json.loads(r["v"])["record_id"] for r in spooled.records]
     assert kinds[:3] == [f"{n:032x}" for n in range(3)]
     assert kinds[3] == "gateway.audit_spooled"
@@ -78,3 +81,31 @@ def test_spool_files_are_adopted_only_while_redis_is_up_and_within_half_the_buff
         return backlogs
 
     assert asyncio.run(run()) == [0, 4, 4]  # the three records and the adoption's event
+
+
+def test_a_spool_file_set_aside_and_one_a_dead_writer_left_are_audited(tmp_path):
+    (tmp_path / "audit-00000000000000000000-1-00000000.jsonl").write_text("not json\n")
+    left = spool_write(tmp_path, [usage_entry({"record_id": f"{1:032x}"})])
+    left = left.rename(left.with_suffix(".tmp"))
+    old = time.time() - STALE_TMP_S - 1
+    os.utime(left, (old, old))
+
+    async def run() -> list[dict[str, Any]]:
+        runtime = Runtime(dataclasses.replace(gateway_settings(), audit_spool_dir=tmp_path))
+        runtime.redis_down_since = None
+        await runtime._spool_adopt()
+        assert isinstance(runtime.sink, RedisStreamSink)
+        sent = runtime.sink.take()
+        await runtime.http.close()
+        assert runtime.redis is not None
+        await runtime.redis.aclose()
+        return [json.loads(command[6]) for command in sent if command[0] == "XADD"]
+
+    held = asyncio.run(run())
+    events = {record["kind"]: record for record in held if "kind" in record}
+    assert events["gateway.audit_spool_set_aside"]["data"] == {
+        "files": ["audit-00000000000000000000-1-00000000.jsonl"]
+    }
+    assert events["gateway.audit_spool_recovered"]["data"] == {"files": [left.with_suffix(".jsonl").name]}
+    assert events["gateway.audit_spool_adopted"]["data"] == {"records": 1}
+    assert [r["record_id"] for r in held if "record_id" in r and "kind" not in r] == [f"{1:032x}"]
