@@ -8,6 +8,7 @@ from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PROC = Path("/proc")
+SYS = Path("/sys")
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -96,6 +97,27 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def cpu_idle() -> str:
+    """Describe how an idle core waits: the cpuidle driver and governor, and, in a guest whose driver is
+    haltpoll, how long it polls before it halts. A core that halts at once (0 ns) must be woken by the
+    host, and every hop between processes on two idle cores pays for that (bench/README.md, session 18)."""
+    base = SYS / "devices/system/cpu/cpuidle"
+    driver = _read(base / "current_driver") or "none"
+    governor = _read(base / "current_governor_ro") or _read(base / "current_governor")
+    described = f"{driver} ({governor})" if governor else driver
+    poll_ns = _read(SYS / "module/haltpoll/parameters/guest_halt_poll_ns")
+    if driver == "haltpoll" and poll_ns is not None:
+        described += f", guest halt poll {poll_ns} ns"
+    return described
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 TCP_TIME_WAIT = "06"  # the st column of /proc/net/tcp

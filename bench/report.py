@@ -128,15 +128,23 @@ def against_reference(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dic
     return compared
 
 
-def machine_info(cores: list[int], *, own_redis: bool = True) -> dict[str, Any]:
+def machine_info(
+    cores: list[int], *, own_redis: bool = True, redis_on_gateway_core: bool = False
+) -> dict[str, Any]:
     """Describe the machine the numbers come from, and the cores used (empty: unpinned)."""
     if not cores:
         note = "UNPINNED (fewer than 2 cores, or --no-pin): every process shares the machine"
     else:
-        shared = "fakes, worker, the harness's Redis and" if own_redis else "fakes, worker and"
+        with_gateway = own_redis and redis_on_gateway_core
+        pinned = "gateway, bare proxy and the harness's Redis" if with_gateway else "gateway and bare proxy"
+        shared = (
+            "fakes, worker, the harness's Redis and"
+            if own_redis and not with_gateway
+            else "fakes, worker and"
+        )
         unpinned = "PostgreSQL" if own_redis else "PostgreSQL and the Redis of --redis-url"
         note = (
-            f"gateway and bare proxy pinned to core {cores[1]}; {shared} load generator to core {cores[0]}; "
+            f"{pinned} pinned to core {cores[1]}; {shared} load generator to core {cores[0]}; "
             f"{unpinned} unpinned"
         )
     return {
@@ -145,6 +153,7 @@ def machine_info(cores: list[int], *, own_redis: bool = True) -> dict[str, Any]:
         "cores": cores,
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "cpu_model": proc.cpu_model(),
+        "cpu_idle": proc.cpu_idle(),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "pinned": bool(cores),
@@ -253,7 +262,7 @@ def print_report(result: dict[str, Any]) -> None:
     machine = result["machine"]
     print(
         f"\nmachine: {machine['nproc']} cores, {machine['cpu_model']}, Linux {machine['kernel']}, "
-        f"Python {machine['python']}; {machine['note']}"
+        f"Python {machine['python']}; idle cores: {machine.get('cpu_idle', 'not read')}; {machine['note']}"
     )
     load = result["machine"].get("load_average_at_start")
     print(f"load average (1, 5, 15 min) at start {load}, at end {result.get('load_average_at_end')}")

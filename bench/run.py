@@ -95,6 +95,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="use this running Redis, unpinned (default: start one on the load generator's core)",
     )
     parser.add_argument("--redis-db", type=int, default=14, help="Redis database number to flush and use")
+    parser.add_argument(
+        "--redis-on-gateway-core",
+        action="store_true",
+        help="pin the harness's own Redis to the gateway's core, not the load generator's (an experiment)",
+    )
     args = parser.parse_args(argv)
     try:
         args.selected = scenarios_select(args.scenarios)
@@ -233,6 +238,7 @@ def _stack_options(args: argparse.Namespace, log_dir: Path, cores: list[int]) ->
         redis_reply_wait_us=args.redis_reply_wait_us,
         gateway_core=cores[1] if cores else None,
         other_core=cores[0] if cores else None,
+        redis_on_gateway_core=args.redis_on_gateway_core,
     )
 
 
@@ -247,7 +253,10 @@ def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     plan = plan_from(args)
     scenarios = args.selected
     cores = _cores(args)
-    machine = machine_info(cores, own_redis=args.redis_url is None)  # before the harness pins itself
+    # before the harness pins itself
+    machine = machine_info(
+        cores, own_redis=args.redis_url is None, redis_on_gateway_core=args.redis_on_gateway_core
+    )
     if cores:
         os.sched_setaffinity(0, {cores[0]})  # the load generator shares its core with the fakes
     result: dict[str, Any] = {

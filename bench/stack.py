@@ -81,6 +81,10 @@ class StackOptions:
     redis_reply_wait_us: int | None = None  # PORTCULLIS_REDIS_REPLY_WAIT_US of the gateway; None: its default
     gateway_core: int | None = 1  # None: unpinned
     other_core: int | None = 0
+    # True: the harness's own Redis shares the gateway's core instead of the load generator's (an experiment:
+    # the Redis hop becomes a switch between two processes on one core, and the gateway's core pays for
+    # Redis's work; bench/README.md, session 18)
+    redis_on_gateway_core: bool = False
 
 
 @dataclass
@@ -269,14 +273,15 @@ class Stack:
         self._wait_ready(self._spawn(name, argv, self.options.other_core, port), "/health")
 
     def _redis_server(self) -> None:
-        """The harness's own Redis: on the other core, keeping nothing on disk."""
+        """The harness's own Redis, keeping nothing on disk, on the other core (or the gateway's if asked)."""
         binary = shutil.which("redis-server")
         if binary is None:
             raise StackError("redis-server is not installed (bin/services installs it); or pass --redis-url")
         port = self.ports["redis"]
         argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
         argv += ["--dir", str(self.options.log_dir)]
-        service = self._spawn("redis", argv, self.options.other_core, port)
+        core = self.options.gateway_core if self.options.redis_on_gateway_core else self.options.other_core
+        service = self._spawn("redis", argv, core, port)
         client = self._redis()
 
         def answers() -> bool:

@@ -38,3 +38,24 @@ def test_the_gateway_cores_others_are_what_the_harness_processes_pinned_there_di
     share = _core_share((10.0, 1.0), (12.0, 1.1), 4.0, {"gateway": 30.0, "bare": 0.5, "fast": 90.0})
     assert share == {"others": 19.5, "steal": 2.5}  # 50 % busy; fast runs on the other core
     assert _core_share(None, (1.0, 0.0), 4.0, {}) == {}  # unpinned: nothing to say
+
+
+def test_how_an_idle_core_waits_is_read_from_sys(tmp_path, monkeypatch):
+    monkeypatch.setattr(proc, "SYS", tmp_path)
+    assert proc.cpu_idle() == "none"  # no cpuidle at all (some containers)
+    cpuidle = tmp_path / "devices/system/cpu/cpuidle"
+    cpuidle.mkdir(parents=True)
+    (cpuidle / "current_driver").write_text("intel_idle\n")
+    (cpuidle / "current_governor_ro").write_text("menu\n")
+    assert proc.cpu_idle() == "intel_idle (menu)"
+    (cpuidle / "current_driver").write_text("haltpoll\n")
+    (cpuidle / "current_governor_ro").write_text("haltpoll\n")
+    assert proc.cpu_idle() == "haltpoll (haltpoll)"  # the module's parameters not readable
+    parameters = tmp_path / "module/haltpoll/parameters"
+    parameters.mkdir(parents=True)
+    (parameters / "guest_halt_poll_ns").write_text("0\n")
+    assert proc.cpu_idle() == "haltpoll (haltpoll), guest halt poll 0 ns"
+    (cpuidle / "current_driver").write_text("intel_idle\n")
+    (cpuidle / "current_governor_ro").unlink()
+    (cpuidle / "current_governor").write_text("menu\n")  # kernels before 5.x have only this one
+    assert proc.cpu_idle() == "intel_idle (menu)"  # the module loaded but not the driver: not said

@@ -35,12 +35,42 @@ def test_the_processes_use_the_harnesss_own_redis_unless_the_run_names_one(tmp_p
     assert stack._env()["REDIS_URL"] == sent
 
 
+class Spawned(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("beside", "core"), [(False, 0), (True, 1)])
+def test_the_harnesss_redis_shares_the_load_generators_core_unless_asked_for_the_gateways(
+    tmp_path, monkeypatch, beside, core
+):
+    stack = Stack(StackOptions(log_dir=tmp_path, redis_on_gateway_core=beside))
+    stack.ports = {"redis": 8105}
+    spawned = []
+
+    def spawn(name: str, argv: list[str], core: int | None, port: int | None = None) -> Service:
+        spawned.append((name, core))
+        raise Spawned()
+
+    monkeypatch.setattr(stack, "_spawn", spawn)
+    with pytest.raises(Spawned):
+        stack._redis_server()
+    assert spawned == [("redis", core)]
+
+
 def test_the_machine_note_says_where_redis_ran():
     from bench.report import machine_info
 
     assert "the harness's Redis and load generator to core 0" in machine_info([0, 1])["note"]
     external = machine_info([0, 1], own_redis=False)["note"]
     assert "PostgreSQL and the Redis of --redis-url unpinned" in external
+    beside = machine_info([0, 1], redis_on_gateway_core=True)["note"]
+    assert beside.startswith(
+        "gateway, bare proxy and the harness's Redis pinned to core 1; fakes, worker and load"
+    )
+    assert (
+        "gateway and bare proxy pinned"
+        in machine_info([0, 1], own_redis=False, redis_on_gateway_core=True)["note"]
+    )
 
 
 def _state(pid: int) -> str:
