@@ -1,0 +1,40 @@
+"""The upstream health check keeps a connection warm: it runs more often than the pool lets an idle
+connection live, so a request after a quiet spell reuses the connection the checks used instead of
+connecting (and, to an https upstream, shaking hands) again."""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.conf import gateway_settings
+from gateway.http1 import HttpClient
+from gateway.upstream import UPSTREAM_KEEPALIVE_S, UpstreamPool
+from tests.gateway.test_http1 import OK, Server, answering, run, serving
+
+
+def test_the_health_check_runs_more_often_than_an_idle_upstream_connection_is_kept():
+    assert gateway_settings().health_interval_s < UPSTREAM_KEEPALIVE_S
+
+
+async def quiet_spell(check_every_s: float) -> Server:
+    """Check the upstream for 0.6 s at the interval given, with the pool's keep-alive scaled down to 0.3 s,
+    then send a request; return the server, which counted the connections."""
+    server = await serving(answering(*[OK] * 20))
+    client = HttpClient(keepalive_s=0.3)
+    pool = UpstreamPool((server.base,), client, "")
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 0.6
+    while loop.time() < until:
+        await pool.check(pool.upstreams[0])
+        await asyncio.sleep(check_every_s)
+    response = await client.request("POST", f"{server.base}/v1/chat/completions", body=b"{}")
+    await response.read()
+    response.release()
+    await client.close()
+    await server.__aexit__()
+    return server
+
+
+def test_checks_within_the_keep_alive_keep_one_connection_warm_for_the_next_request():
+    assert run(lambda: quiet_spell(0.2)).connections == 1
+    assert run(lambda: quiet_spell(0.4)).connections > 1  # each check, and the request, connected anew
