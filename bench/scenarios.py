@@ -133,7 +133,11 @@ def _load_spec(scenario: Scenario, target: str, stack: Stack, plan: Plan) -> Loa
 
 
 def _observer(
-    pids: dict[str, int], ports: dict[str, int], rss_pid: int | None, gateway_core: int | None
+    pids: dict[str, int],
+    ports: dict[str, int],
+    rss_pid: int | None,
+    gateway_core: int | None,
+    on_gateway_core: tuple[str, ...] = ON_GATEWAY_CORE,
 ) -> Callable[[Window], Awaitable[dict[str, Any]]]:
     waiting: dict[str, int | str] = {**pids, "loadgen": "self"}
 
@@ -161,7 +165,7 @@ def _observer(
         return {
             "cpu_pct": cpu,
             "core_wait_ms_per_s": waited,
-            "gateway_core_pct": _core_share(core_before, core_after, elapsed, cpu),
+            "gateway_core_pct": _core_share(core_before, core_after, elapsed, cpu, on_gateway_core),
             "rss_peak_mib": round(peak / 1024, 1) if peak else None,
             "tcp_closed": closed,
         }
@@ -182,6 +186,7 @@ def _core_share(
     after: tuple[float, float] | None,
     elapsed: float,
     cpu: dict[str, float | None],
+    on_gateway_core: tuple[str, ...] = ON_GATEWAY_CORE,
 ) -> dict[str, float]:
     """What the gateway's core did in the window besides the harness's own processes pinned to it, in % of
     the window: ``others`` (every other process, kernel threads and interrupts) and ``steal`` (the
@@ -189,7 +194,7 @@ def _core_share(
     if before is None or after is None:
         return {}
     busy = (after[0] - before[0]) / elapsed * 100
-    own = sum(cpu.get(name) or 0.0 for name in ON_GATEWAY_CORE)
+    own = sum(cpu.get(name) or 0.0 for name in on_gateway_core)
     steal = (after[1] - before[1]) / elapsed * 100
     return {"others": round(max(busy - own, 0.0), 1), "steal": round(steal, 1)}
 
@@ -220,7 +225,9 @@ def measure(run: Runner, stack: Stack, plan: Plan, scenario: Scenario, target: s
         spec = _load_spec(scenario, target, stack, plan)
         pids = {service.name: service.process.pid for service in stack.services}
         rss_pid = pids["gateway"] if scenario.watch_rss and target == "gateway" else None
-        observer = _observer(pids, stack.ports, rss_pid, stack.options.gateway_core)
+        # the harness's own Redis is on the gateway's core too when asked: not one of the core's "others"
+        beside = ("redis",) if stack.options.redis_on_gateway_core else ()
+        observer = _observer(pids, stack.ports, rss_pid, stack.options.gateway_core, ON_GATEWAY_CORE + beside)
         stack.ingest_pause()
         try:
             tally, observed = run(run_closed_loop(spec, observer))

@@ -38,6 +38,8 @@ def test_the_gateway_cores_others_are_what_the_harness_processes_pinned_there_di
     share = _core_share((10.0, 1.0), (12.0, 1.1), 4.0, {"gateway": 30.0, "bare": 0.5, "fast": 90.0})
     assert share == {"others": 19.5, "steal": 2.5}  # 50 % busy; fast runs on the other core
     assert _core_share(None, (1.0, 0.0), 4.0, {}) == {}  # unpinned: nothing to say
+    cpu: dict[str, float | None] = {"gateway": 30.0, "bare": 0.5, "redis": 6.0}
+    assert _core_share((10.0, 1.0), (12.0, 1.1), 4.0, cpu, ("gateway", "bare", "redis"))["others"] == 13.5
 
 
 def test_how_an_idle_core_waits_is_read_from_sys(tmp_path, monkeypatch):
