@@ -15,12 +15,15 @@ queue and are handed off first, and the file is deleted once Redis has taken eve
   file that a process stopping during a rolling deploy leaves behind is found by one still running), and
   only while Redis takes its records and it has room: files of at most ``limit`` records at a time, so one
   process does not take in every replica's spool at once and fill its own buffer.
-- **A file that cannot be read is set aside,** renamed to end in ``.set-aside`` (kept whole for a person to
-  read, and logged once, not at every look), and the scan says so, for the caller to audit. A file of
-  another process's that cannot be opened or locked is logged once per process and left where it is.
+- **A file that cannot be parsed is set aside,** renamed to end in ``.set-aside`` (kept whole for a person
+  to read, and logged once, not at every look), and the scan says so, for the caller to audit. A file that
+  cannot be opened, locked or read (the disk, or a network file system, failing) is logged once per process
+  and left where it is, for a later look.
 - **A half-written spool is recovered.** A temporary file older than ``STALE_TMP_S`` was left by a
   process that died while it wrote (its write takes milliseconds): it is renamed into the spool and adopted
-  as any other, or set aside if it was cut short mid-record.
+  as any other, or set aside whole if it was cut short mid-record. (A writer stalled for that long, in a
+  frozen container or on a hung network file system, would find its file gone: it then logs its records
+  as lost, though they are in the spool.)
 - **Replays are harmless.** A record adopted twice (a process that stopped after handing off part of a
   spool spools the rest again) carries its id, and the ingest stores each id once.
 
@@ -96,32 +99,51 @@ def spool_adopt(directory: Path, limit: int) -> Scan:
     recovered first."""
     scan = Scan()
     try:
+        _reported.intersection_update(directory.glob(f"{PREFIX}*"))  # a file gone is logged again if back
         scan.recovered = _recover(directory)
         paths = sorted(directory.glob(f"{PREFIX}*{SUFFIX}"))
     except OSError:
         logger.exception("the audit spool directory %s could not be listed", directory)
         return scan
     records = 0
-    for path in paths:
-        taken = _lock(path)
-        if taken is None:
-            continue
-        try:
-            with open(taken, encoding="utf-8", closefd=False) as lines:
-                spooled = Adopted(
-                    path=path, fd=taken, records=[_record(line) for line in lines if line.strip()]
-                )
-        except (OSError, ValueError, KeyError, TypeError):  # not ours, or damaged: for a person to read
-            if _set_aside(path):
-                scan.set_aside.append(path.name)
-            os.close(taken)  # after the rename: no other process reads it meanwhile
-            continue
-        if scan.adopted and records + len(spooled.records) > limit:
-            os.close(taken)  # no room for it: left (unlocked) for the next look, here or elsewhere
-            break
-        scan.adopted.append(spooled)
-        records += len(spooled.records)
+    taken: int | None = None
+    try:
+        for path in paths:
+            taken = _lock(path)
+            if taken is None:
+                continue
+            spooled = _read_locked(path, taken, scan)
+            if spooled is None:  # set aside (closed after the rename: no one reads it meanwhile), or left
+                os.close(taken)
+                taken = None
+                continue
+            if scan.adopted and records + len(spooled.records) > limit:
+                os.close(taken)  # no room for it: left (unlocked) for the next look, here or elsewhere
+                taken = None
+                break
+            scan.adopted.append(spooled)
+            taken = None
+            records += len(spooled.records)
+    except BaseException:  # a scan that fails keeps nothing locked: every file is there for the next one
+        if taken is not None:
+            os.close(taken)
+        for adopted in scan.adopted:
+            os.close(adopted.fd)
+        raise
     return scan
+
+
+def _read_locked(path: Path, fd: int, scan: Scan) -> Adopted | None:
+    """Read a locked spool file; None when it could not be read (set aside if it is damaged)."""
+    try:
+        with open(fd, encoding="utf-8", closefd=False) as lines:
+            return Adopted(path=path, fd=fd, records=[_record(line) for line in lines if line.strip()])
+    except OSError:  # the disk or the network file system failed, not the file: looked at again later
+        _report_once(path, "read")
+    except Exception:  # damaged, or not ours: any parse error (a nesting too deep for json included)
+        if _set_aside(path):
+            scan.set_aside.append(path.name)
+    return None
 
 
 def spool_release(adopted: Adopted) -> None:

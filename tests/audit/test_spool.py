@@ -4,6 +4,7 @@ process adopts it, hands it off first, and deletes the file once Redis has taken
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import stat
@@ -11,9 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from django.conf import settings
 
+from audit import spool
 from audit.sink import STREAM, RedisStreamSink, usage_entry
 from audit.spool import STALE_TMP_S, Scan, spool_adopt, spool_release, spool_write
 from gateway.runtime import redis_pool_open
@@ -82,9 +85,73 @@ def test_a_damaged_spool_file_is_set_aside_whole_and_logged_once_and_the_others_
     assert kept.read_text() == '{"t": "usage", "v": "{}"}\nnot json\n'  # whole, for a person to read
     assert caplog.text.count("could not be read; set aside") == 1
     spool_release(scan.adopted[0])
-    assert spool_adopt(tmp_path, 100) == Scan()  # not read, nor logged, again
-    assert caplog.text.count("could not be read") == 1
+    assert spool_adopt(tmp_path, 100) == Scan()  # not read again
     assert kept.exists()
+
+
+def test_a_line_nested_too_deep_for_json_is_damage_too_and_leaves_nothing_locked(tmp_path):
+    good = spool_write(tmp_path, entries(1))
+    deep = tmp_path / "audit-99999999999999999999-1-00000000.jsonl"
+    deep.write_text("[" * 100_000 + "\n")  # json.loads raises RecursionError, not ValueError
+    scan = spool_adopt(tmp_path, 100)
+    assert [a.path for a in scan.adopted] == [good]
+    assert scan.set_aside == [deep.name]
+    spool_release(scan.adopted[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{deep.name}.set-aside"]
+
+
+def test_a_scan_that_fails_lets_go_of_every_file_it_locked(tmp_path, monkeypatch):
+    first = spool_write(tmp_path, entries(1))
+    spool_write(tmp_path, entries(2))
+    real_read = spool._read_locked
+
+    def fails_on_the_second(path: Path, fd: int, scan: Scan) -> Any:
+        if path != first:
+            raise RuntimeError("a bug")
+        return real_read(path, fd, scan)
+
+    monkeypatch.setattr(spool, "_read_locked", fails_on_the_second)
+    with pytest.raises(RuntimeError):
+        spool_adopt(tmp_path, 100)
+    monkeypatch.setattr(spool, "_read_locked", real_read)
+    scan = spool_adopt(tmp_path, 100)  # a second open is another lock holder: both free again
+    assert [r for a in scan.adopted for r in a.records] == entries(1, 2)
+    for a in scan.adopted:
+        spool_release(a)
+
+
+def test_a_file_that_cannot_be_read_is_left_in_place_and_logged_once(tmp_path, caplog, monkeypatch):
+    path = spool_write(tmp_path, entries(1))
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool, "open", failing, raising=False)  # the disk fails, not the file
+    assert spool_adopt(tmp_path, 100) == Scan()
+    assert spool_adopt(tmp_path, 100) == Scan()
+    assert caplog.text.count(f"the audit spool file {path} could not be read") == 1
+    monkeypatch.undo()
+    (adopted,) = spool_adopt(tmp_path, 100).adopted  # still there, whole
+    assert adopted.records == entries(1)
+    spool_release(adopted)
+
+
+def test_a_lock_that_fails_is_logged_once_and_again_for_a_file_that_comes_back(tmp_path, caplog, monkeypatch):
+    path = spool_write(tmp_path, entries(1))
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(37, "No locks available")  # a network file system without lock support
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    spool_adopt(tmp_path, 100)
+    spool_adopt(tmp_path, 100)
+    assert caplog.text.count("could not be locked") == 1
+    content = path.read_bytes()
+    path.unlink()
+    spool_adopt(tmp_path, 100)  # gone: forgotten
+    path.write_bytes(content)
+    spool_adopt(tmp_path, 100)
+    assert caplog.text.count("could not be locked") == 2
 
 
 def test_a_spool_file_that_cannot_be_opened_is_logged_once_and_left_where_it_is(
