@@ -21,7 +21,7 @@ queue and are handed off first, and the file is deleted once Redis has taken eve
   and left where it is, for a later look.
 - **A half-written spool is recovered.** A temporary file older than ``STALE_TMP_S`` was left by a
   process that died while it wrote (its write takes milliseconds): it is renamed into the spool and adopted
-  as any other, or set aside whole if it was cut short mid-record. (A writer stalled for that long, in a
+  as any other, without its last record if that was cut off mid-way. (A writer stalled for that long, in a
   frozen container or on a hung network file system, would find its file gone: it then logs its records
   as lost, though they are in the spool.)
 - **Replays are harmless.** A record adopted twice (a process that stopped after handing off part of a
@@ -61,11 +61,13 @@ class Adopted:
 
 @dataclass
 class Scan:
-    """What one look at the spool directory found: files adopted, and the names of those set aside."""
+    """What one look at the spool directory found: files adopted, and the names of those set aside,
+    recovered from a dead writer, or cut short."""
 
     adopted: list[Adopted] = field(default_factory=list)
     set_aside: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)  # temporary files a dead writer left, renamed in
+    cut_short: list[str] = field(default_factory=list)  # adopted without a last record cut off mid-way
 
 
 def spool_write(directory: Path, records: list[dict[str, str]]) -> Path:
@@ -95,7 +97,7 @@ def spool_write(directory: Path, records: list[dict[str, str]]) -> Path:
 def spool_adopt(directory: Path, limit: int) -> Scan:
     """Lock and read the spool files in the directory that no other process holds, oldest first, as many
     as hold ``limit`` records at most (and the first one whatever it holds, so that a large file is not
-    left for ever). A file that cannot be read is set aside; a temporary file a dead writer left is
+    left for ever). A file that cannot be parsed is set aside; a temporary file a dead writer left is
     recovered first."""
     scan = Scan()
     try:
@@ -134,10 +136,26 @@ def spool_adopt(directory: Path, limit: int) -> Scan:
 
 
 def _read_locked(path: Path, fd: int, scan: Scan) -> Adopted | None:
-    """Read a locked spool file; None when it could not be read (set aside if it is damaged)."""
+    """Read a locked spool file; None when it could not be read (set aside if it is damaged). A last record
+    cut off mid-way (its writer died while writing it: a whole spool ends with a line break) is dropped,
+    and the records before it are adopted."""
     try:
-        with open(fd, encoding="utf-8", closefd=False) as lines:
-            return Adopted(path=path, fd=fd, records=[_record(line) for line in lines if line.strip()])
+        with open(fd, "rb", closefd=False) as file:
+            lines = file.read().split(b"\n")
+        tail = lines.pop()  # empty when the file ends with a line break, as a whole spool does
+        records = [_record(line) for line in lines if line.strip()]
+        if tail.strip():
+            try:
+                records.append(_record(tail))
+            except Exception:
+                logger.warning(
+                    "the audit spool file %s ends in a record cut off mid-way (%d bytes), dropped; %d kept",
+                    path,
+                    len(tail),
+                    len(records),
+                )
+                scan.cut_short.append(path.name)
+        return Adopted(path=path, fd=fd, records=records)
     except OSError:  # the disk or the network file system failed, not the file: looked at again later
         _report_once(path, "read")
     except Exception:  # damaged, or not ours: any parse error (a nesting too deep for json included)
@@ -186,7 +204,7 @@ def _set_aside(path: Path) -> bool:
         _report_once(path, "read nor set aside")
         return False
     logger.exception(
-        "the audit spool file %s could not be read; set aside as %s%s", path, path.name, SET_ASIDE
+        "the audit spool file %s could not be parsed; set aside as %s%s", path, path.name, SET_ASIDE
     )
     return True
 
@@ -224,7 +242,7 @@ def _lock(path: Path) -> int | None:
     return fd
 
 
-def _record(line: str) -> dict[str, str]:
+def _record(line: bytes) -> dict[str, str]:
     fields = json.loads(line)
     if not isinstance(fields["t"], str) or not isinstance(fields["v"], str):
         raise TypeError("a spooled record's fields are strings")

@@ -269,6 +269,8 @@ class Runtime:
             self._system_event("gateway.audit_spool_recovered", "failure", {"files": scan.recovered})
         if scan.set_aside:  # their records are kept, but none is ingested until a person looks
             self._system_event("gateway.audit_spool_set_aside", "failure", {"files": scan.set_aside})
+        if scan.cut_short:  # a last record cut off mid-way when its writer died: lost
+            self._system_event("gateway.audit_spool_cut_short", "failure", {"files": scan.cut_short})
         adopted = self.sink.adopt(scan.adopted)
         if adopted:
             logger.warning("%d spooled audit records adopted; they are handed off first", adopted)

@@ -83,7 +83,7 @@ def test_a_damaged_spool_file_is_set_aside_whole_and_logged_once_and_the_others_
     assert not damaged.exists()
     kept = tmp_path / f"{damaged.name}.set-aside"
     assert kept.read_text() == '{"t": "usage", "v": "{}"}\nnot json\n'  # whole, for a person to read
-    assert caplog.text.count("could not be read; set aside") == 1
+    assert caplog.text.count("could not be parsed; set aside") == 1
     spool_release(scan.adopted[0])
     assert spool_adopt(tmp_path, 100) == Scan()  # not read again
     assert kept.exists()
@@ -183,17 +183,28 @@ def test_a_temporary_file_a_dead_writer_left_is_recovered_and_adopted_and_a_fres
     for path in (stale, torn):
         os.utime(path, (old, old))
     scan = spool_adopt(tmp_path, 100)
-    recovered = tmp_path / "audit-00000000000000000001-7-0000aaaa.jsonl"
-    assert scan.recovered == [recovered.name, "audit-00000000000000000002-8-0000bbbb.jsonl"]
-    assert [a.path for a in scan.adopted] == [recovered]
-    assert scan.adopted[0].records == entries(1, 2)
-    assert scan.set_aside == ["audit-00000000000000000002-8-0000bbbb.jsonl"]
+    recovered, cut = (
+        "audit-00000000000000000001-7-0000aaaa.jsonl",
+        "audit-00000000000000000002-8-0000bbbb.jsonl",
+    )
+    assert scan.recovered == [recovered, cut]
+    assert [a.path.name for a in scan.adopted] == [recovered, cut]
+    assert [a.records for a in scan.adopted] == [entries(1, 2), entries(1)]  # the record cut off is dropped
+    assert scan.cut_short == [cut]
+    assert scan.set_aside == []
     assert fresh.exists()  # being written, as far as anyone can tell
+    for a in scan.adopted:
+        spool_release(a)
+    assert [p.name for p in tmp_path.iterdir()] == [fresh.name]
+
+
+def test_a_last_record_whole_but_without_its_line_break_is_kept(tmp_path):
+    path = spool_write(tmp_path, entries(1, 2))
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    scan = spool_adopt(tmp_path, 100)
+    assert scan.adopted[0].records == entries(1, 2)
+    assert scan.cut_short == []
     spool_release(scan.adopted[0])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "audit-00000000000000000002-8-0000bbbb.jsonl.set-aside",
-        fresh.name,
-    ]
 
 
 def test_adopted_records_go_first_and_their_file_is_deleted_once_redis_took_them_all(tmp_path):

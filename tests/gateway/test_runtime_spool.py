@@ -85,6 +85,8 @@ def test_spool_files_are_adopted_only_while_redis_is_up_and_within_half_the_buff
 
 def test_a_spool_file_set_aside_and_one_a_dead_writer_left_are_audited(tmp_path):
     (tmp_path / "audit-00000000000000000000-1-00000000.jsonl").write_text("not json\n")
+    cut = spool_write(tmp_path, [usage_entry({"record_id": f"{2:032x}"})])
+    cut.write_bytes(cut.read_bytes()[:-10])
     left = spool_write(tmp_path, [usage_entry({"record_id": f"{1:032x}"})])
     left = left.rename(left.with_suffix(".tmp"))
     old = time.time() - STALE_TMP_S - 1
@@ -107,5 +109,6 @@ def test_a_spool_file_set_aside_and_one_a_dead_writer_left_are_audited(tmp_path)
         "files": ["audit-00000000000000000000-1-00000000.jsonl"]
     }
     assert events["gateway.audit_spool_recovered"]["data"] == {"files": [left.with_suffix(".jsonl").name]}
+    assert events["gateway.audit_spool_cut_short"]["data"] == {"files": [cut.name]}
     assert events["gateway.audit_spool_adopted"]["data"] == {"records": 1}
     assert [r["record_id"] for r in held if "record_id" in r and "kind" not in r] == [f"{1:032x}"]
