@@ -47,7 +47,7 @@ PREFIX = "audit-"
 SUFFIX = ".jsonl"
 SET_ASIDE = ".set-aside"
 STALE_TMP_S = 600.0  # a temporary file this old was left by a process that died while writing it
-_reported: set[Path] = set()  # files this process could not open or lock, logged once each
+_reported: set[Path] = set()  # files this process could not open, lock, read, recover or set aside
 
 
 @dataclass
@@ -196,7 +196,7 @@ def _recover(directory: Path) -> list[str]:
 
 
 def _set_aside(path: Path) -> bool:
-    """Rename a spool file that cannot be read out of the spool (called while its read error is being
+    """Rename a spool file that cannot be parsed out of the spool (called while its parse error is being
     handled, which the log shows); return whether it could be."""
     try:
         os.rename(path, path.with_name(path.name + SET_ASIDE))
