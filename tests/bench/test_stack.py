@@ -47,8 +47,8 @@ def test_the_harnesss_redis_shares_the_load_generators_core_unless_asked_for_the
     stack.ports = {"redis": 8105}
     spawned = []
 
-    def spawn(name: str, argv: list[str], core: int | None, port: int | None = None) -> Service:
-        spawned.append((name, core))
+    def spawn(name: str, argv: list[str], pinned: int | None, port: int | None = None) -> Service:
+        spawned.append((name, pinned))
         raise Spawned()
 
     monkeypatch.setattr(stack, "_spawn", spawn)

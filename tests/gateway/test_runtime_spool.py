@@ -83,7 +83,7 @@ def test_spool_files_are_adopted_only_while_redis_is_up_and_within_half_the_buff
     assert asyncio.run(run()) == [0, 4, 4]  # the three records and the adoption's event
 
 
-def test_a_spool_file_set_aside_and_one_a_dead_writer_left_are_audited(tmp_path):
+def test_spool_files_set_aside_cut_short_or_left_by_a_dead_writer_are_audited(tmp_path):
     (tmp_path / "audit-00000000000000000000-1-00000000.jsonl").write_text("not json\n")
     cut = spool_write(tmp_path, [usage_entry({"record_id": f"{2:032x}"})])
     cut.write_bytes(cut.read_bytes()[:-10])
