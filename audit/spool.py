@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "audit-"
 SUFFIX = ".jsonl"
+TEMPORARY = ".tmp"  # a spool being written
 SET_ASIDE = ".set-aside"
 STALE_TMP_S = 600.0  # a temporary file this old was left by a process that died while writing it
 _reported: set[Path] = set()  # files this process could not open, lock, read, recover or set aside
@@ -74,7 +75,7 @@ def spool_write(directory: Path, records: list[dict[str, str]]) -> Path:
     """Write records (stream fields: ``t`` and ``v``) to a new spool file, durably; return its path."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     name = f"{PREFIX}{time.time_ns():020d}-{os.getpid()}-{os.urandom(4).hex()}"
-    temporary = directory / f"{name}.tmp"
+    temporary = directory / f"{name}{TEMPORARY}"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -101,12 +102,14 @@ def spool_adopt(directory: Path, limit: int) -> Scan:
     recovered first."""
     scan = Scan()
     try:
-        _reported.intersection_update(directory.glob(f"{PREFIX}*"))  # a file gone is logged again if back
-        scan.recovered = _recover(directory)
-        paths = sorted(directory.glob(f"{PREFIX}*{SUFFIX}"))
+        listing = list(directory.glob(f"{PREFIX}*"))
     except OSError:
         logger.exception("the audit spool directory %s could not be listed", directory)
         return scan
+    _reported.intersection_update(listing)  # a file gone is logged again if it comes back
+    recovered = _recover(sorted(path for path in listing if path.suffix == TEMPORARY))
+    scan.recovered = [path.name for path in recovered]
+    paths = sorted([path for path in listing if path.suffix == SUFFIX] + recovered)
     records = 0
     taken: int | None = None
     try:
@@ -175,11 +178,11 @@ def spool_release(adopted: Adopted) -> None:
         os.close(adopted.fd)
 
 
-def _recover(directory: Path) -> list[str]:
-    """Rename into the spool the temporary files that writers which died left behind; return their names."""
+def _recover(temporaries: list[Path]) -> list[Path]:
+    """Rename into the spool the temporary files that writers which died left behind; return their paths."""
     recovered = []
     now = time.time()
-    for temporary in sorted(directory.glob(f"{PREFIX}*.tmp")):
+    for temporary in temporaries:
         try:
             if now - temporary.stat().st_mtime < STALE_TMP_S:
                 continue  # being written
@@ -191,7 +194,7 @@ def _recover(directory: Path) -> list[str]:
             _report_once(temporary, "recovered")
             continue
         logger.warning("the audit spool file %s was left half-written by a stopped process; recovered", path)
-        recovered.append(path.name)
+        recovered.append(path)
     return recovered
 
 
