@@ -443,28 +443,40 @@ def test_waits_block_the_event_loop_for_at_most_their_budget_in_each_second(redi
     assert waits == [True, True]
 
 
-@pytest.mark.parametrize("high", [False, True])
-def test_a_descriptor_is_waited_on_whether_or_not_select_can_watch_it(high):
-    """select() cannot watch a descriptor from 1024 on; poll() takes those."""
-    import resource
-
-    from gateway.redisbatch import FD_SETSIZE, _read_within
+def test_the_wait_reads_what_arrives_within_it_and_nothing_after_it():
+    from gateway.redisbatch import _read_within
 
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    fd = ours.fileno()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        if high:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FD_SETSIZE + 64), hard))
-            fd = os.dup2(ours.fileno(), FD_SETSIZE + 32)
-        assert _read_within(fd, 0.01) == b""  # nothing came within the wait
+        assert _read_within(ours.fileno(), 0.01) == b""  # nothing came within the wait
         theirs.send(b"+PONG\r\n")
-        assert _read_within(fd, 1.0) == b"+PONG\r\n"
+        assert _read_within(ours.fileno(), 1.0) == b"+PONG\r\n"  # there already
+        sender = threading.Timer(0.05, theirs.send, args=(b"+LATE\r\n",))
+        sender.start()
+        started = time.monotonic()
+        assert _read_within(ours.fileno(), 5.0) == b"+LATE\r\n"  # came during the wait, taken at once
+        assert time.monotonic() - started < 4.0
+        sender.join()
+        theirs.close()
+        assert _read_within(ours.fileno(), 1.0) == b""  # the peer has gone: the read that follows says so
     finally:
-        if high:
-            os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        ours.close()
+
+
+def test_a_blocking_descriptor_is_not_waited_on():
+    """Polled with reads, a blocking descriptor would hold the event loop until the reply came."""
+    from gateway.redisbatch import _read_within
+
+    ours, theirs = socket.socketpair()
+    try:
+        sender = threading.Timer(0.5, theirs.send, args=(b"+PONG\r\n",))
+        sender.start()
+        started = time.monotonic()
+        assert _read_within(ours.fileno(), 0.01) == b""
+        assert time.monotonic() - started < 0.4
+        sender.join()
+    finally:
         ours.close()
         theirs.close()
 
