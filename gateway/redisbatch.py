@@ -72,9 +72,12 @@ def _read_within(fd: int, timeout_s: float) -> bytes:
 
     It polls the descriptor rather than sleeping on it. A sleeping thread lets its core halt, and the reply
     must then wake it: on the project's 2-core VM a Redis round trip from a quiet gateway took 163-214 µs at
-    the median that way and 131-145 µs polling (bench/README.md, session 19). Between polls it gives the
-    core to any other thread that wants it, so a Redis on the same core still runs. A descriptor that
-    blocks is not read at all (b""): a read there could hold the event loop until Redis answers.
+    the median that way and 134-181 µs polling (bench/README.md, session 19). It does not yield the core
+    between polls: with another busy process on the core, each ``sched_yield()`` handed that process a
+    whole time slice (2.9 ms a round trip at the median). A Redis on the same core runs when the scheduler
+    preempts the wait, or after it, and a wait in vain pauses the waits (``REPLY_WAIT_PAUSE_S``). A
+    descriptor that blocks is not read at all (b""): a read there could hold the event loop until Redis
+    answers.
     """
     if os.get_blocking(fd):
         return b""
@@ -85,7 +88,6 @@ def _read_within(fd: int, timeout_s: float) -> bytes:
         except BlockingIOError:
             if time.perf_counter() >= deadline:
                 return b""
-            os.sched_yield()
 
 
 class RedisBatcher:
