@@ -2,9 +2,11 @@
 
 Rules, per client: a request or token rate far above the client's own recent baseline; a burst of
 401/403/429 answers; one access token used from several IP addresses; refresh-token reuse; a locked-out
-account. Each finding is one ``anomaly.detected`` audit event with its evidence, recorded once per rule,
-subject and window. Handlers registered by other apps act on findings (the gateway quarantines a client
-whose policy says so), since the audit app imports no other app.
+account. Per account, over the last hour: failed sign-ins from many addresses, which the lockout (kept per
+account and address) does not stop. Each finding is one ``anomaly.detected`` audit event with its evidence,
+recorded once per rule, subject and window (once an hour per account for the last rule). Handlers registered
+by other apps act on findings (the gateway quarantines a client whose policy says so), since the audit app
+imports no other app.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ RATE_FLOOR_REQUESTS = 60  # ...and at least this many requests in the minute (qu
 RATE_FLOOR_TOKENS = 20_000
 DENIAL_BURST = 20  # 401/403/429 answers to one client (or one address) in a minute
 TOKEN_IPS = 3  # one access token seen from this many addresses in a minute
+LOGIN_SPREAD_WINDOW = timedelta(hours=1)
+LOGIN_SPREAD_FAILURES = 20  # failed sign-ins to one account within the hour...
+LOGIN_SPREAD_ADDRESSES = 5  # ...from at least this many addresses
 
 Handler = Callable[["Finding"], None]
 _handlers: list[Handler] = []
@@ -37,6 +42,8 @@ class Finding:
     rule: str
     client_id: str
     evidence: dict[str, Any]
+    subject: str = ""  # what it is recorded once per window for; by default the client and the evidence
+    window: timedelta = WINDOW
 
 
 def anomaly_handler_register(handler: Handler) -> None:
@@ -114,17 +121,44 @@ def _event_findings(now: datetime) -> list[Finding]:
     return [Finding(rules[e.kind], e.client_id, {"event_seq": e.seq, "actor": e.actor}) for e in events]
 
 
+def _login_spread_findings(now: datetime) -> list[Finding]:
+    """Guessing at one account from many addresses: slow enough, or spread enough, that no (account,
+    address) pair reaches the lockout's limit. Reported once an hour per account, with the counts as
+    they stood then; the subject is the user name as typed (the account may not exist)."""
+    failed = AuditEvent.objects.filter(
+        kind="login.failed", occurred_at__gt=now - LOGIN_SPREAD_WINDOW, occurred_at__lte=now
+    )
+    rows = (
+        failed.values("actor")
+        .annotate(n=Count("id"), ips=Count("ip", distinct=True))
+        .filter(n__gte=LOGIN_SPREAD_FAILURES, ips__gte=LOGIN_SPREAD_ADDRESSES)
+    )
+    return [
+        Finding(
+            "login_spread",
+            "",
+            {"account": r["actor"], "failures": r["n"], "addresses": r["ips"]},
+            subject=r["actor"],
+            window=LOGIN_SPREAD_WINDOW,
+        )
+        for r in rows
+    ]
+
+
 def anomalies_detect(*, now: datetime | None = None) -> list[Finding]:
     """Run every rule over the minute before ``now``; record and hand on each new finding."""
     now = now or timezone.now()
-    window_start = (now - WINDOW).isoformat()
     fresh = []
     for finding in (
-        _rate_findings(now) + _denial_findings(now) + _token_ip_findings(now) + _event_findings(now)
+        _rate_findings(now)
+        + _denial_findings(now)
+        + _token_ip_findings(now)
+        + _event_findings(now)
+        + _login_spread_findings(now)
     ):
-        key = f"{finding.rule}:{finding.client_id}:{sorted(finding.evidence.items())}"
+        key = f"{finding.rule}:{finding.client_id}:{finding.subject or sorted(finding.evidence.items())}"
         if AuditEvent.objects.filter(
-            kind="anomaly.detected", data__key=key, occurred_at__gt=now - WINDOW
+            kind="anomaly.detected", data__key=key, occurred_at__gt=now - finding.window
         ).exists():
             continue  # already recorded in this window
         audit_record(
@@ -136,7 +170,7 @@ def anomalies_detect(*, now: datetime | None = None) -> list[Finding]:
                 "rule": finding.rule,
                 "evidence": finding.evidence,
                 "key": key,
-                "window_start": window_start,
+                "window_start": (now - finding.window).isoformat(),
             },
             occurred_at=now,
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from itertools import count
 from typing import Any
 
@@ -119,3 +119,53 @@ def test_a_finding_quarantines_a_client_whose_policy_says_so(django_capture_on_c
     assert (
         AuditEvent.objects.filter(kind="client.disabled", actor="system:anomaly:token_many_ips").count() == 1
     )
+
+
+def failed_sign_ins(account: str, addresses: list[str], per_address: int, *, before: datetime) -> None:
+    for ip in addresses:
+        for i in range(per_address):
+            audit_record(
+                kind="login.failed",
+                outcome="failure",
+                actor=f"user:{account}",
+                ip=ip,
+                occurred_at=before - timedelta(minutes=1 + i),
+            )
+
+
+def test_sign_ins_guessed_from_many_addresses_are_flagged_once_an_hour():
+    addresses = [f"203.0.113.{n}" for n in range(1, 6)]
+    failed_sign_ins("admin", addresses, 4, before=NOW)  # 20 failures, 5 addresses, none locked out
+    assert rules() == ["login_spread"]
+    event = AuditEvent.objects.get(kind="anomaly.detected")
+    assert event.client_id == ""
+    assert event.data["evidence"] == {"account": "user:admin", "failures": 20, "addresses": 5}
+
+    later = NOW + timedelta(minutes=5)
+    failed_sign_ins("admin", addresses, 1, before=later)
+    assert anomalies_detect(now=later) == []  # the same account, within the hour: not again
+    much_later = NOW + timedelta(minutes=70)
+    failed_sign_ins("admin", addresses, 4, before=much_later)
+    assert [f.rule for f in anomalies_detect(now=much_later)] == ["login_spread"]
+    assert AuditEvent.objects.filter(kind="anomaly.detected").count() == 2
+
+
+@pytest.mark.parametrize(
+    ("addresses", "per_address", "hours_ago"),
+    [
+        (2, 15, 0),  # many failures from few addresses: the lockout's business
+        (10, 1, 0),  # many addresses, too few failures
+        (5, 4, 1),  # enough of both, but before the hour
+    ],
+)
+def test_failed_sign_ins_short_of_a_spread_attack_are_not_flagged(
+    addresses: int, per_address: int, hours_ago: int
+):
+    failed_sign_ins(
+        "alice",
+        [f"198.51.100.{n}" for n in range(1, addresses + 1)],
+        per_address,
+        before=NOW - timedelta(hours=hours_ago),
+    )
+    failed_sign_ins("bob", ["198.51.100.1", "198.51.100.2", "198.51.100.3"], 5, before=NOW)
+    assert rules() == []
