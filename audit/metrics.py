@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from functools import cache
-from typing import Any
 
 import redis
 from django.conf import settings
@@ -28,12 +26,8 @@ from prometheus_client import (
 
 from audit.context import ip_in_networks, trusted_networks
 from audit.models import AuditEvent
+from audit.redisconn import redis_sync
 from audit.sink import STREAM
-
-
-@cache
-def _redis(url: str) -> Any:
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
 def audit_stream_backlog() -> float:
@@ -42,7 +36,7 @@ def audit_stream_backlog() -> float:
     if not settings.REDIS_URL:
         return 0.0
     try:
-        return float(_redis(settings.REDIS_URL).xlen(STREAM))
+        return float(redis_sync(settings.REDIS_URL).xlen(STREAM))
     except redis.RedisError:
         return math.nan
 

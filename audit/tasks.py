@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from functools import cache
-from typing import Any
-
-import redis
 from celery import shared_task
 from django.conf import settings
 
 from audit.ingest import stream_ingest
+from audit.redisconn import redis_sync
 from audit.sink import STREAM
 
 # A run that leaves at least this much in the stream is behind: the next one starts at once, on whichever
 # worker process is free, rather than at the next beat tick (a batch of the ingest's).
 INGEST_BEHIND = 500
-
-
-@cache
-def _redis(url: str) -> Any:
-    return redis.Redis.from_url(url, socket_timeout=5)
 
 
 @shared_task(name="audit.tasks.audit_stream_ingest_task", ignore_result=True)
@@ -32,7 +24,7 @@ def audit_stream_ingest_task() -> int:
     cannot pile runs up in the queue."""
     if not settings.REDIS_URL:
         return 0
-    client = _redis(settings.REDIS_URL)
+    client = redis_sync(settings.REDIS_URL)
     stored = stream_ingest(client)
     if client.xlen(STREAM) >= INGEST_BEHIND:
         audit_stream_ingest_task.apply_async(expires=5)

@@ -13,10 +13,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from functools import cache
 
 import redis
 from django.conf import settings
+
+from audit.redisconn import redis_sync
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +34,6 @@ def revoked_key_jti(jti: str) -> str:
 def revoked_key_client(client_id: str) -> str:
     """Return the Redis key that marks every token of a client revoked."""
     return f"portcullis:revoked:client:{client_id}"
-
-
-@cache
-def redis_sync(url: str) -> redis.Redis:
-    """The process's one synchronous Redis client (and connection pool) for a URL, for the pushes made
-    from requests and jobs: revocations, key rotations, policy changes."""
-    return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
 
 
 class LocalRevocations:

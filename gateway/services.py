@@ -12,9 +12,9 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
+from audit.redisconn import redis_sync
 from audit.services import audit_record
 from authserver.models import Client
-from authserver.revocation import redis_sync
 from gateway.models import ClientPolicy
 
 logger = logging.getLogger(__name__)
