@@ -1,4 +1,4 @@
-"""Anomaly detection over the last minute (a beat job runs it every minute).
+"""Anomaly detection over the last minute, and the last hour for sign-ins (a beat job runs it every minute).
 
 Rules, per client: a request or token rate far above the client's own recent baseline; a burst of
 401/403/429 answers; one access token used from several IP addresses; refresh-token reuse; a locked-out
@@ -146,7 +146,8 @@ def _login_spread_findings(now: datetime) -> list[Finding]:
 
 
 def anomalies_detect(*, now: datetime | None = None) -> list[Finding]:
-    """Run every rule over the minute before ``now``; record and hand on each new finding."""
+    """Run every rule over its window before ``now`` (the last minute; the last hour for sign-ins); record
+    and hand on each new finding."""
     now = now or timezone.now()
     fresh = []
     for finding in (

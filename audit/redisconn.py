@@ -8,9 +8,7 @@ from functools import cache
 
 import redis
 
-TIMEOUT_S = (
-    2.0  # a command (or a connection) that takes longer fails as Redis down: nothing here waits longer
-)
+TIMEOUT_S = 2.0  # a command (or a connection) that takes longer fails as Redis down
 
 
 @cache
