@@ -139,3 +139,14 @@ def test_the_harness_refuses_a_database_another_run_is_using(tmp_path):
             stack._database_drop()
         finally:
             admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def test_the_worker_is_stopped_for_every_measurement_but_the_token_endpoints():
+    """The token endpoint writes the audit chain itself: a worker stopped holding the chain's lock would
+    stall it; the gateway's /v1 path touches no database."""
+    from bench.scenarios import SCENARIOS, ingest_paused_for
+
+    paused = {scenario.key: ingest_paused_for(scenario) for scenario in SCENARIOS if scenario.kind != "jwt"}
+    assert paused.pop("token") is False
+    assert len(paused) >= 6  # every load scenario
+    assert all(paused.values())
