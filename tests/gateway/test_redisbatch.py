@@ -462,6 +462,7 @@ def test_the_wait_reads_what_arrives_within_it_and_nothing_after_it():
         assert _read_within(ours.fileno(), 1.0) == b""  # the peer has gone: the read that follows says so
     finally:
         ours.close()
+        theirs.close()  # closed already unless an assertion failed first
 
 
 def test_a_blocking_descriptor_is_not_waited_on():
