@@ -3,7 +3,10 @@
 Only OpenAI's fields and the vLLM extras we chose are accepted, recursively, with caps; an unknown field is
 an error naming it, never silently dropped. Fields that pick a chat template, prompt embeddings, remote
 media or guided-decoding grammars are refused (they have crashed or compromised vLLM), as are duplicate
-keys, NaN, deep nesting and anything but a JSON object.
+keys, NaN, numbers beyond a float's range, deep nesting and anything but a JSON object. An optional field
+sent as ``null`` means what leaving it out means (OpenAI's API, and the SDKs, send ``null`` for "not set"),
+so it is left out of what goes upstream; so are the response-only fields of an assistant message that the
+SDKs send back when a reply is appended to the conversation.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from gateway.errors import InvalidRequest
 
@@ -26,10 +29,10 @@ MAX_STOP = 8
 MAX_TOOLS = 64
 MAX_INPUTS = 2048
 
-Check = Callable[[Any, str], None]
+Check = Callable[[Any, str], Any]  # raises InvalidRequest; returns DROP for a value not to send upstream
 
 
-def _fail(path: str, message: str) -> None:
+def _fail(path: str, message: str) -> NoReturn:
     raise InvalidRequest(f"{message} ({path})", param=path)
 
 
@@ -48,6 +51,15 @@ def _no_constants(name: str) -> None:
     raise InvalidRequest(f"{name} is not valid JSON.")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(
+        value
+    ):  # 1e999: valid JSON, but no float holds it (it would go upstream as Infinity)
+        raise InvalidRequest(f"The number {text[:32]} is too large.")
+    return value
+
+
 def _depth_ok(value: Any) -> bool:
     stack = [(value, 1)]
     while stack:
@@ -62,9 +74,11 @@ def _depth_ok(value: Any) -> bool:
 
 
 def body_parse(body: bytes) -> dict[str, Any]:
-    """Parse a JSON object body: no duplicate keys, no NaN/Infinity, bounded nesting."""
+    """Parse a JSON object body: no duplicate keys, no NaN/Infinity (nor 1e999), bounded nesting."""
     try:
-        value = json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        value = json.loads(
+            body, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float
+        )
     except InvalidRequest:
         raise
     except (ValueError, UnicodeDecodeError):
@@ -119,9 +133,9 @@ def integer(low: int, high: int) -> Check:
 
 def number(low: float, high: float) -> Check:
     def check(value: Any, path: str) -> None:
-        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        if not isinstance(value, int | float) or isinstance(value, bool):
             _fail(path, "must be a number")
-        if not low <= value <= high:
+        if not low <= value <= high:  # exact for an int of any size (float() of one may overflow)
             _fail(path, f"must be between {low} and {high}")
 
     return check
@@ -132,10 +146,43 @@ def boolean(value: Any, path: str) -> None:
         _fail(path, "must be true or false")
 
 
+KEEPS_NULL: set[Check] = set()  # checkers for which null is a value of its own (it goes upstream as sent)
+
+
 def nullable(inner: Check) -> Check:
+    """Null is a value of its own here (a message's content: an assistant turn that only calls tools)."""
+
     def check(value: Any, path: str) -> None:
         if value is not None:
             inner(value, path)
+
+    KEEPS_NULL.add(check)
+    return check
+
+
+class _Drop:
+    """What a checker returns for a value that is accepted but not sent upstream."""
+
+
+DROP = _Drop()
+
+
+def absent(description: str) -> Check:
+    """A field accepted only as null (then left out, like any null): a response field sent back."""
+
+    def check(value: Any, path: str) -> None:
+        _fail(path, f"is accepted only as null ({description})")
+
+    return check
+
+
+def empty_list(description: str) -> Check:
+    """A field accepted only as null or [] (then left out): a response field sent back."""
+
+    def check(value: Any, path: str) -> Any:
+        if value != []:
+            _fail(path, f"is accepted only as null or [] ({description})")
+        return DROP
 
     return check
 
@@ -157,13 +204,12 @@ def list_of(item: Check, max_items: int, min_items: int = 0) -> Check:
 
 
 def one_of(*checks: Check, message: str) -> Check:
-    def check(value: Any, path: str) -> None:
+    def check(value: Any, path: str) -> Any:
         for candidate in checks:
             try:
-                candidate(value, path)
+                return candidate(value, path)
             except InvalidRequest:
                 continue
-            return
         _fail(path, message)
 
     return check
@@ -181,13 +227,20 @@ def obj(fields: dict[str, Check], required: frozenset[str] = frozenset()) -> Che
 def fields_check(
     value: dict[str, Any], fields: dict[str, Check], required: frozenset[str], path: str = ""
 ) -> None:
-    """Check an object's keys against an allowlist and each value against its checker."""
+    """Check an object's keys against an allowlist and each value against its checker; leave out the
+    fields sent as null (unless null is a value of their own) and those their checker drops."""
+    dropped: list[str] = []
     for key, element in value.items():
         where = f"{path}.{key}" if path else key
         checker = fields.get(key)
         if checker is None:
             _fail(where, "is not a supported field")
-        checker(element, where)  # type: ignore[misc]
+        if element is None and checker not in KEEPS_NULL:
+            dropped.append(key)
+        elif checker(element, where) is DROP:
+            dropped.append(key)
+    for key in dropped:
+        del value[key]
     for key in required - value.keys():
         _fail(f"{path}.{key}" if path else key, "is required")
 
@@ -216,6 +269,7 @@ CONTENT = one_of(
     list_of(TEXT_PART, 256),
     message="must be text or a list of text parts (remote media is not allowed)",
 )
+TOOL_CALLS = "an assistant message's tool calls, empty in a reply that called none"
 TOOL_CALL = obj(
     {
         "id": string(256),
@@ -231,8 +285,20 @@ MESSAGE = obj(
         "role": string(16, frozenset({"system", "developer", "user", "assistant", "tool"})),
         "content": nullable(CONTENT),
         "name": string(256),
-        "tool_calls": list_of(TOOL_CALL, 128),
+        "tool_calls": one_of(
+            empty_list(TOOL_CALLS),
+            list_of(TOOL_CALL, 128, min_items=1),
+            message="must be a list of tool calls",
+        ),
         "tool_call_id": string(256),
+        # What an OpenAI SDK sends back when a reply is appended to the conversation as it came (vLLM's
+        # ChatMessage): text fields go on, the rest only as null or empty, and then not upstream.
+        "refusal": string(MAX_CONTENT_CHARS),
+        "reasoning_content": string(MAX_CONTENT_CHARS),
+        "reasoning": string(MAX_CONTENT_CHARS),
+        "annotations": empty_list("a reply's annotations"),
+        "audio": absent("a reply's audio"),
+        "function_call": absent("the deprecated function call of a reply"),
     },
     frozenset({"role"}),
 )

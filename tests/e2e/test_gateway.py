@@ -117,6 +117,20 @@ def test_openai_sdk_chat_completion_text_completion_embedding_and_models(stack):
     ]  # m2 exists upstream but is not this client's; ghost-model is not served
 
 
+def test_openai_sdk_conversation_sends_each_reply_back_as_it_came_and_nulls_as_not_set(stack):
+    client = stack.sdk()
+    messages: list[Any] = [{"role": "user", "content": "hello there"}]
+    first = client.chat.completions.create(model="m1", messages=messages, max_tokens=3)
+    # the SDK sends the reply back with vLLM's response fields (refusal, audio, tool_calls: [], ...)
+    messages += [first.choices[0].message, {"role": "user", "content": "and then?"}]
+    second = client.chat.completions.create(model="m1", messages=messages, max_tokens=3, stop=None, seed=None)
+    assert second.choices[0].message.content
+    sent = stack.fake.state()["last_bodies"][-1]
+    assert sent["messages"][1] == {"role": "assistant", "content": first.choices[0].message.content}
+    assert "stop" not in sent
+    assert "seed" not in sent
+
+
 def test_openai_sdk_streams_a_chat_completion_chunk_by_chunk(stack):
     client = stack.sdk()
     stream = client.chat.completions.create(

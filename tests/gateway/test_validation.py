@@ -82,6 +82,52 @@ CASES = [
     ("too many stops", "chat", chat(stop=["a"] * 20), "stop"),
     ("temperature range", "chat", chat(temperature=5), "temperature"),
     ("bool as number", "chat", chat(temperature=True), "temperature"),
+    # an int too large for a float: compared exactly, never converted (float() of it overflows)
+    ("temperature of 400 digits", "chat", chat(temperature=10**400), "temperature"),
+    (
+        "top_p of 400 digits",
+        "completions",
+        json.dumps({"model": "m1", "prompt": "x", "top_p": -(10**400)}).encode(),
+        "top_p",
+    ),
+    ("logit bias of 400 digits", "chat", chat(logit_bias={"1": 10**400}), "logit_bias.1"),
+    # valid JSON that no float holds: it would go upstream as the non-JSON token Infinity
+    (
+        "1e999 in a tool's parameters",
+        "chat",
+        b'{"model": "m1", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", '
+        b'"function": {"name": "f", "parameters": {"maximum": 1e999}}}]}',
+        None,
+    ),
+    ("-1e999", "chat", b'{"model": "m1", "messages": [], "temperature": -1e999}', None),
+    ("null model", "chat", chat(model=None), "model"),
+    ("null messages", "chat", chat(messages=None), "messages"),
+    (
+        "a reply's audio sent back",
+        "chat",
+        chat(messages=[*MSG, {"role": "assistant", "content": "x", "audio": {"id": "a"}}]),
+        "messages[1].audio",
+    ),
+    (
+        "a reply's annotations sent back",
+        "chat",
+        chat(
+            messages=[*MSG, {"role": "assistant", "content": "x", "annotations": [{"type": "url_citation"}]}]
+        ),
+        "messages[1].annotations",
+    ),
+    (
+        "a deprecated function call",
+        "chat",
+        chat(messages=[*MSG, {"role": "assistant", "content": None, "function_call": {"name": "f"}}]),
+        "messages[1].function_call",
+    ),
+    (
+        "tool calls not a list",
+        "chat",
+        chat(messages=[{"role": "assistant", "tool_calls": {}}]),
+        "messages[0].tool_calls",
+    ),
     ("max_tokens over cap", "chat", chat(max_tokens=5000), "max_tokens"),
     ("max_completion_tokens over cap", "chat", chat(max_completion_tokens=5000), "max_completion_tokens"),
     ("stream_options without stream", "chat", chat(stream_options={"include_usage": True}), "stream_options"),
@@ -182,8 +228,61 @@ def test_a_stream_always_asks_the_upstream_for_usage_but_remembers_what_the_clie
     assert asked.wants_usage is True
 
 
+def test_an_optional_field_sent_as_null_is_left_out_as_if_it_had_not_been_sent():
+    nulls = dict.fromkeys(
+        ["stop", "max_tokens", "tools", "tool_choice", "seed", "n", "stream", "stream_options", "user"]
+    )
+    checked = request_validate("chat", chat(**nulls, temperature=None, logit_bias=None), max_tokens_cap=None)
+    assert checked.payload == {"model": "m1", "messages": MSG}
+    assert (checked.stream, checked.max_tokens, checked.n) == (False, None, 1)
+    capped = request_validate(
+        "chat", chat(max_tokens=None, stream=True, stream_options=None), max_tokens_cap=64
+    )
+    assert capped.payload["max_tokens"] == 64  # null is no way around the client's cap
+    assert capped.payload["stream_options"] == {"include_usage": True}
+    embedding = request_validate(
+        "embeddings",
+        json.dumps({"model": "e", "input": "x", "dimensions": None}).encode(),
+        max_tokens_cap=None,
+    )
+    assert embedding.payload == {"model": "e", "input": "x"}
+
+
+def test_a_reply_sent_back_as_an_sdk_appends_it_goes_upstream_without_its_response_fields():
+    # What the openai SDK sends for ``messages.append(completion.choices[0].message)`` with vLLM's reply
+    reply: dict[str, Any] = {
+        "role": "assistant",
+        "content": "hi",
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "tool_calls": [],
+        "reasoning_content": None,
+    }
+    later = {"role": "user", "content": "and then?"}
+    checked = request_validate("chat", chat(messages=[*MSG, reply, later]), max_tokens_cap=None)
+    assert checked.payload["messages"] == [*MSG, {"role": "assistant", "content": "hi"}, later]
+    # a reasoning model's reply keeps its text; an assistant turn that called a tool keeps its null content
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    kept = [
+        {"role": "assistant", "content": "4", "reasoning_content": "2+2", "refusal": "no", "annotations": []},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+    checked = request_validate("chat", chat(messages=[*MSG, *kept]), max_tokens_cap=None)
+    assert checked.payload["messages"][1:] == [
+        {"role": "assistant", "content": "4", "reasoning_content": "2+2", "refusal": "no"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+
+
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(10**400), max_value=10**400)  # past a float's range
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
     lambda children: (
         st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=12), children, max_size=5)
     ),
