@@ -25,6 +25,10 @@ undone at the connection level. Serve with ``--http config.protocol:AuditedHttpT
   event on in the read that brought it from the upstream, with no task switch per event. It is bound to
   uvicorn's request cycle (the ``flow``, ``transport`` and framing attributes ``send`` itself uses), like
   the rest of this module; a server without it leaves the extension out and the relay uses ``send``.
+- **Telling a request its client has gone.** A gateway request's scope also carries
+  ``portcullis.disconnect``, a dict: a callable the application puts under ``"on_lost"`` is called when the
+  connection is lost (``"lost"`` is then True). A consumer waiting for a whole upstream answer uses it to
+  cut that wait at once, with no task of its own listening on ``receive`` (ASGI's way, its fallback).
 
 The records go through the gateway's audit sink, which hands them off without blocking the event loop
 (to the Redis stream, or to the in-process queue in the embedded default). The address is the
@@ -41,6 +45,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
@@ -77,9 +82,20 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._watch("headers")
 
+    _disconnect: dict[str, Any] | None = None  # the current gateway request's portcullis.disconnect
+
     def connection_lost(self, exc: Exception | None) -> None:
         DEADLINES.remove(self)
         super().connection_lost(exc)
+        told = self._disconnect
+        if told is not None:
+            told["lost"] = True
+            on_lost = told.get("on_lost")
+            if on_lost is not None:
+                try:
+                    on_lost()
+                except Exception:  # the application's callback must not break the server's bookkeeping
+                    logger.exception("a disconnect callback failed")
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -91,6 +107,7 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         DEADLINES.remove(self)
         self._phase, self._begun = "", False
         super().on_headers_complete()
+        self._disconnect = None
         path = self.scope.get("path", "")
         if self.cycle is not None and self.cycle.scope is self.scope:
             if not _gateway_path(path):
@@ -98,6 +115,9 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 extensions = self.scope.get("extensions") or {}
                 extensions["portcullis.body_write"] = {"write": body_writer(self.cycle)}
+                told: dict[str, Any] = {"lost": False, "on_lost": None}
+                extensions["portcullis.disconnect"] = told  # type: ignore[assignment]  # ASGI's typing
+                self._disconnect = told
                 self.scope["extensions"] = extensions
 
     def on_message_complete(self) -> None:

@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import time
-from typing import Any, ClassVar
+from collections.abc import Awaitable
+from typing import Any, ClassVar, TypeVar
 
 from channels.generic.http import AsyncHttpConsumer
 
 from audit.context import client_ip_resolve, request_id_from, trusted_networks
 from gateway import errors
-from gateway.admission import admit, settle
+from gateway.admission import admit, prompt_estimate, settle
 from gateway.auth import Principal
 from gateway.deadlines import Deadlines
 from gateway.metrics import ACTIVE_STREAMS, METERING_BACKLOG, request_observe, stream_writes_observe
@@ -30,6 +31,7 @@ from gateway.upstream import upstream_read
 from gateway.validation import Validated, request_validate
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SCOPE_FOR = {
     "chat": "completions",
@@ -50,6 +52,10 @@ SINGLE_HEADERS = (b"authorization", b"content-type")
 
 class ClientDisconnected(Exception):
     """The client went away while its request was being read."""
+
+
+class ClientGone(Exception):
+    """The client went away while the gateway waited for the upstream's whole answer."""
 
 
 # a body read is cut at most a quarter of a second after its deadline
@@ -150,6 +156,47 @@ class GatewayConsumer(AsyncHttpConsumer):
         finally:
             BODY_DEADLINES.remove(self)
         return b"".join(chunks)
+
+    async def _unless_gone(self, work: Awaitable[T]) -> T:
+        """Await ``work``, cut as soon as the client disconnects (``ClientGone``): a client that left must
+        not keep vLLM generating an answer nobody will read, nor hold its concurrency slot meanwhile.
+
+        The server's ``portcullis.disconnect`` extension (``config.protocol``) calls back when the connection
+        is lost; without it a task listens on ``receive`` for ``http.disconnect``, as ASGI provides."""
+        task = asyncio.current_task()
+        assert task is not None  # noqa: S101  (called from a coroutine)
+        gone = False
+
+        def lost() -> None:
+            nonlocal gone
+            if not gone:
+                gone = True
+                task.cancel()
+
+        told = (self.scope.get("extensions") or {}).get("portcullis.disconnect")
+        listener: asyncio.Task[None] | None = None
+        if told is not None:
+            told["on_lost"] = lost
+            if told["lost"]:
+                lost()
+        else:
+            listener = asyncio.create_task(self._disconnect_wait(lost))
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if gone and task.uncancel() == 0:
+                raise ClientGone() from None
+            raise  # cancelled by someone else (the server shutting down) too
+        finally:
+            if told is not None:
+                told["on_lost"] = None
+            elif listener is not None:
+                listener.cancel()
+
+    async def _disconnect_wait(self, lost: Any) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        lost()
 
     def late(self) -> None:
         """Cut this request's body read: its deadline has passed."""
@@ -317,29 +364,50 @@ class InferenceConsumer(GatewayConsumer):
 
     def _forward_headers(self) -> dict[str, str]:
         headers = {k.decode(): v.decode("latin-1") for k, v in self.headers.items() if k in FORWARDED_HEADERS}
-        headers["x-request-id"] = self.request_id
+        # vLLM makes the X-Request-Id its engine's request id, which must be unique: two requests running
+        # with one id fail (or, with several API servers, have crashed the engine), and a client could
+        # reuse another's. A client's own id goes on with a random suffix, so vLLM's logs still show it.
+        upstream_id = self.request_id
+        if upstream_id.encode("latin-1") == self.headers.get(b"x-request-id"):
+            upstream_id += "-" + os.urandom(8).hex()
+        headers["x-request-id"] = upstream_id
         return headers
 
     async def _relay_json(
         self, request: Validated, outbound: bytes, extra: dict[str, str]
     ) -> tuple[int, int]:
         started = time.perf_counter()
+        try:
+            status, data = await self._unless_gone(self._call(request, outbound))
+        except ClientGone:
+            # The upstream connection was closed as the wait was cut, so vLLM aborted the generation.
+            # What it did is unknown: the prompt it read is charged (estimated, as it was reserved).
+            prompt = prompt_estimate(len(outbound))
+            self.record.update(
+                upstream_ms=round((time.perf_counter() - started) * 1000, 3),
+                prompt_tokens=prompt,
+                completion_tokens=0,
+                outcome="client_gone",
+            )
+            return 499, prompt
+        self.record["upstream_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        if status != 200:
+            raise self.rt.upstream_error(status, data)
+        usage = self.rt.usage_of(data)
+        self.record.update(prompt_tokens=usage[0], completion_tokens=usage[1])
+        await self.send_json(200, data, extra)
+        return 200, usage[0] + usage[1]
+
+    async def _call(self, request: Validated, outbound: bytes) -> tuple[int, bytes]:
+        """Send the request upstream and read its whole answer (a cancel closes the upstream connection)."""
         async with self.rt.upstreams.request(
             request.model, UPSTREAM_PATH[self.kind], outbound, self._forward_headers()
         ) as (
             upstream,
             response,
         ):
-            data = await upstream_read(response)
-        self.record.update(
-            upstream=upstream.base, upstream_ms=round((time.perf_counter() - started) * 1000, 3)
-        )
-        if response.status != 200:
-            raise self.rt.upstream_error(response.status, data)
-        usage = self.rt.usage_of(data)
-        self.record.update(prompt_tokens=usage[0], completion_tokens=usage[1])
-        await self.send_json(200, data, extra)
-        return 200, usage[0] + usage[1]
+            self.record["upstream"] = upstream.base
+            return response.status, await upstream_read(response)
 
     async def _relay_stream(
         self, request: Validated, outbound: bytes, extra: dict[str, str]
@@ -373,6 +441,9 @@ class InferenceConsumer(GatewayConsumer):
             finally:
                 ACTIVE_STREAMS.dec()
                 stream_writes_observe(relay.written_now, relay.sent)
+        if not relay.usage_seen:
+            # cut short (or vLLM sent no usage): the prompt it read is charged too, estimated as reserved
+            relay.prompt_tokens = prompt_estimate(len(outbound))
         self.record.update(
             upstream_ms=round((time.perf_counter() - started) * 1000, 3),
             prompt_tokens=relay.prompt_tokens,

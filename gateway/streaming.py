@@ -94,7 +94,8 @@ class StreamRelay:
             self.response.on_data = None
             listener.cancel()
         if not self.usage_seen:
-            # cut short: charge what the upstream produced (≈1 token an event), sent or not
+            # cut short: charge what the upstream produced (≈1 token an event), sent or not; the caller
+            # charges the prompt, which only it can estimate
             self.completion_tokens = self.content_events
         if self.ended == "revoked":
             await self._end_with_error(
@@ -195,8 +196,8 @@ class StreamRelay:
                 and b'"choices":[]' in event.replace(b" ", b"")
             ):
                 return b""  # the usage-only event the client did not ask for
-        if b'"content"' in event or b'"text"' in event:
-            self.content_events += 1
+        if b'"content"' in event or b'"text"' in event or b'"tool_calls"' in event or b'"reasoning' in event:
+            self.content_events += 1  # a token of text, of a tool call's arguments, or of reasoning
         return event
 
     def _read_usage(self, event: bytes) -> bool:

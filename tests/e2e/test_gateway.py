@@ -245,6 +245,30 @@ def test_client_disconnect_mid_stream_aborts_the_upstream_request_within_a_secon
     assert state["running"] == 0
 
 
+def test_a_client_leaving_a_call_aborts_the_upstream_request_and_is_charged_its_prompt(
+    stack, django_db_blocker
+):
+    stack.fake.configure(first_chunk_delay_s=5.0)  # vLLM still generating the whole answer
+    request_id = "leaves-early-0001"
+    headers = {"authorization": f"Bearer {stack.token()}", "x-request-id": request_id}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{stack.server.base}/v1/chat/completions",
+            json={**CHAT, "max_tokens": 50},
+            headers=headers,
+            timeout=httpx.Timeout(10, read=0.5),  # the client gives up after half a second
+        )
+    left = time.monotonic()
+    while time.monotonic() - left < 1.0 and stack.fake.state()["aborted"] < 1:
+        time.sleep(0.02)
+    state = stack.fake.state()
+    assert state["aborted"] == 1  # closed at once, not after the 5 s answer
+    assert state["running"] == 0
+    row = _usage_row(django_db_blocker, request_id)
+    assert (row.status, row.outcome, row.completion_tokens) == (499, "client_gone", 0)
+    assert row.prompt_tokens > 0  # the prompt vLLM read, estimated as it was reserved
+
+
 def test_an_upstream_error_mid_stream_reaches_the_client_once_without_done(stack, django_db_blocker):
     stack.fake.configure(fail_after_chunks=3)
     token = stack.token()
@@ -506,7 +530,7 @@ def test_the_upstream_sees_the_vllm_key_never_the_clients_token(tmp_path, stack)
         assert response.headers["x-request-id"] == "client-request-0001"
         seen = keyed.state()["last_headers"][-1]
         assert seen["authorization"] == "Bearer upstream-secret"
-        assert seen["x-request-id"] == "client-request-0001"
+        assert re.fullmatch(r"client-request-0001-[0-9a-f]{16}", seen["x-request-id"])  # unique upstream
         assert "cookie" not in seen
         assert "x-forwarded-host" not in seen
         assert token not in json.dumps(seen)

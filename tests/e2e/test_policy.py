@@ -196,6 +196,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_and_is_charged_for_
     assert (
         sent_events - 1 <= row.completion_tokens < 500
     )  # charged for the tokens streamed, not the reservation
+    assert row.prompt_tokens > 0  # and for the prompt vLLM read (estimated, as it was reserved)
 
 
 def test_a_client_chosen_request_id_shared_by_every_request_does_not_share_one_slot(stack):
@@ -216,6 +217,12 @@ def test_a_client_chosen_request_id_shared_by_every_request_does_not_share_one_s
         third = httpx.post(url, json=CHAT, headers=headers, timeout=10)
         assert third.status_code == 429
         assert third.json()["error"]["code"] == "concurrency"
+    upstream_ids = [
+        seen["x-request-id"]
+        for seen in fake.state()["last_headers"]
+        if seen.get("x-request-id", "").startswith("the-same-id-every-time-")
+    ]
+    assert len(set(upstream_ids)) == 2  # vLLM's engine ids must be unique: each request got its own
 
 
 @pytest.mark.parametrize("trusted", [False, True])

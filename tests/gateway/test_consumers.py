@@ -1,12 +1,15 @@
-"""Parts of the /v1 consumer that need no server: how the client's address is read."""
+"""Parts of the /v1 consumer that need no server: how the client's address is read, and how a wait for the
+upstream is cut when the client leaves."""
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
-from gateway.consumers import GatewayConsumer
+from gateway.consumers import ClientGone, GatewayConsumer
 
 
 def client_ip(headers: list[tuple[bytes, bytes]], trusted: tuple[str, ...]) -> str | None:
@@ -30,3 +33,77 @@ def client_ip(headers: list[tuple[bytes, bytes]], trusted: tuple[str, ...]) -> s
 def test_forwarded_for_lines_are_read_as_one_list_through_a_chain_of_trusted_proxies(lines, expected):
     headers = [(b"host", b"gw"), *((b"x-forwarded-for", line) for line in lines)]
     assert client_ip(headers, ("127.0.0.0/8",)) == expected
+
+
+def waiting_consumer(extensions: dict[str, Any] | None, receive: Any = None) -> GatewayConsumer:
+    consumer = GatewayConsumer.__new__(GatewayConsumer)
+    consumer.scope = {"extensions": extensions} if extensions is not None else {}
+    consumer._receive = receive
+    return consumer
+
+
+async def upstream_answer(cut: list[str]) -> str:
+    try:
+        await asyncio.sleep(5)  # an answer vLLM is still generating
+    except asyncio.CancelledError:
+        cut.append("cut")  # the upstream request is closed here (the context manager's exit)
+        raise
+    return "answer"
+
+
+def test_a_wait_for_the_upstream_is_cut_when_the_server_says_the_client_has_gone():
+    async def scenario() -> tuple[list[str], float, dict[str, Any]]:
+        told: dict[str, Any] = {"lost": False, "on_lost": None}
+        consumer, cut = waiting_consumer({"portcullis.disconnect": told}), list[str]()
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, lambda: (told.update(lost=True), told["on_lost"]()))  # as connection_lost does
+        started = loop.time()
+        with pytest.raises(ClientGone):
+            await consumer._unless_gone(upstream_answer(cut))
+        return cut, loop.time() - started, told
+
+    cut, waited, told = asyncio.run(scenario())
+    assert cut == ["cut"]
+    assert waited < 1
+    assert told["on_lost"] is None  # nothing is called back once the wait is over
+
+
+def test_a_client_gone_before_the_wait_began_cuts_it_at_once():
+    async def scenario() -> list[str]:
+        consumer, cut = (
+            waiting_consumer({"portcullis.disconnect": {"lost": True, "on_lost": None}}),
+            list[str](),
+        )
+        with pytest.raises(ClientGone):
+            await consumer._unless_gone(upstream_answer(cut))
+        return cut
+
+    assert asyncio.run(scenario()) == ["cut"]
+
+
+def test_without_the_servers_extension_the_wait_listens_for_http_disconnect():
+    async def scenario() -> tuple[list[str], str]:
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(0.05)
+            return {"type": "http.disconnect"}
+
+        consumer, cut = waiting_consumer(None, receive), list[str]()
+        with pytest.raises(ClientGone):
+            await consumer._unless_gone(upstream_answer(cut))
+        quiet = waiting_consumer(None, lambda: asyncio.sleep(5))  # the client stays: the answer comes
+        answer = await quiet._unless_gone(asyncio.sleep(0.01, result="answer"))
+        return cut, answer
+
+    assert asyncio.run(scenario()) == (["cut"], "answer")
+
+
+def test_a_wait_cancelled_by_someone_else_stays_cancelled():
+    async def scenario() -> None:
+        consumer = waiting_consumer({"portcullis.disconnect": {"lost": False, "on_lost": None}})
+        task = asyncio.create_task(consumer._unless_gone(upstream_answer([])))
+        await asyncio.sleep(0.01)
+        task.cancel()  # the server shutting down
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())

@@ -268,3 +268,15 @@ def test_a_write_now_that_fails_is_dropped_for_good_and_the_stream_completes_thr
     assert how == "completed"
     assert b"".join(body for _how, body in out) == b"".join(_event(t) for t in "abcd")
     assert len(calls) == 1  # tried once, not once a read
+
+
+def test_a_stream_cut_short_charges_tool_call_and_reasoning_events_too():
+    tool_call = (
+        b'data: {"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"a"}}]}}]}\n\n'
+    )
+    reasoning = b'data: {"choices":[{"delta":{"reasoning_content":"hmm"}}]}\n\n'
+    sink = _Sink(breaks_after=3)  # the client's connection breaks before the fourth event
+    how, relay = _relay(sink, _Content([reasoning, reasoning, tool_call, tool_call, _event("a") + USAGE]))
+    assert how == "client_gone"
+    assert relay.usage_seen is False
+    assert relay.completion_tokens == 4  # what vLLM produced, sent or not; the caller charges the prompt
