@@ -101,7 +101,9 @@ class GatewayConsumer(AsyncHttpConsumer):
             self.unrecorded = True
             raise errors.AuditBacklogFull()
         if self.scope["method"] not in self.methods:
-            raise errors.MethodNotAllowed()
+            refused = errors.MethodNotAllowed()
+            refused.headers["allow"] = ", ".join(sorted(self.methods))  # RFC 9110 §15.5.6
+            raise refused
         self.rt.check_ip_denylist(self.client_ip)
         if self.repeated_headers:  # looked at only then
             self._refuse_repeated_headers()

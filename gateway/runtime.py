@@ -164,7 +164,18 @@ class Runtime:
 
     @staticmethod
     def upstream_error(status: int, data: bytes) -> errors.GatewayError:
-        """Map an upstream error to ours: a 4xx keeps vLLM's message (it is about the request), a 5xx not."""
+        """Map an upstream error to ours: a 4xx keeps vLLM's message (it is about the request), a 5xx not.
+
+        Two 4xx are not about the client's request: a 401 or 403 is vLLM refusing the gateway's own key
+        (``VLLM_API_KEY``), a 502 for the client and an error for the operator; a 404 is the model gone
+        from the upstream since it was discovered, the gateway's own "not served here"."""
+        if status in (401, 403):
+            logger.error(
+                "the upstream refused the gateway's credentials (HTTP %d): check VLLM_API_KEY", status
+            )
+            return errors.UpstreamFailed()
+        if status == 404:
+            return errors.ModelNotFound("The model is not served here.", param="model")
         if 400 <= status < 500:
             try:
                 message = json.loads(data)["error"]["message"]

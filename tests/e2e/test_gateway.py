@@ -508,6 +508,8 @@ def test_unlisted_paths_and_methods_are_answered_by_the_gateway_and_never_forwar
     )
     assert response.status_code == status
     assert stack.fake.served() == before
+    if status == 405:  # RFC 9110 §15.5.6: a 405 names the methods the endpoint takes
+        assert response.headers["allow"] == ("GET" if path == "/v1/models" else "POST")
 
 
 def test_the_upstream_sees_the_vllm_key_never_the_clients_token(tmp_path, stack):

@@ -1,0 +1,42 @@
+"""How an upstream's error answer becomes the gateway's: the client's fault or not, and no internals."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from gateway import errors
+from gateway.runtime import Runtime
+
+
+def vllm_error(status: int, message: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": "BadRequestError", "code": status}}).encode()
+
+
+def test_a_request_vllm_refuses_is_the_clients_400_with_vllms_message():
+    mapped = Runtime.upstream_error(400, vllm_error(400, "max_tokens is too large for this context"))
+    assert (mapped.status, mapped.code) == (400, "upstream_rejected")
+    assert mapped.detail == "max_tokens is too large for this context"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_vllm_refusing_the_gateways_own_key_is_a_502_and_an_error_for_the_operator(status, caplog):
+    with caplog.at_level(logging.ERROR, logger="gateway.runtime"):
+        mapped = Runtime.upstream_error(status, vllm_error(status, "Unauthorized"))
+    assert isinstance(mapped, errors.UpstreamFailed)
+    assert mapped.status == 502
+    assert "Unauthorized" not in mapped.detail  # nothing of the upstream's answer reaches the client
+    assert "VLLM_API_KEY" in caplog.text
+
+
+def test_a_model_gone_from_the_upstream_is_the_gateways_404():
+    mapped = Runtime.upstream_error(404, vllm_error(404, "The model `m1` does not exist."))
+    assert (mapped.status, mapped.code, mapped.param) == (404, "model_not_found", "model")
+
+
+def test_an_upstream_5xx_is_a_502_without_its_message():
+    mapped = Runtime.upstream_error(500, vllm_error(500, "CUDA out of memory at /opt/vllm/worker.py"))
+    assert mapped.status == 502
+    assert "CUDA" not in mapped.detail
