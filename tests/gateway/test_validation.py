@@ -333,3 +333,67 @@ def test_random_bytes_never_raise_anything_but_an_invalid_request(raw):
     else:
         status = 200
     assert status in (200, 400)
+
+
+def forced(parameters: Any, choice: Any = "required") -> bytes:
+    return chat(
+        tools=[{"type": "function", "function": {"name": "f", "parameters": parameters}}], tool_choice=choice
+    )
+
+
+PYDANTIC_SCHEMA = {  # what openai.pydantic_function_tool makes of a model with a nested model and a bounded int
+    "$defs": {
+        "Item": {
+            "properties": {"sku": {"title": "Sku", "type": "string"}},
+            "required": ["sku"],
+            "type": "object",
+        }
+    },
+    "properties": {
+        "items": {"items": {"$ref": "#/$defs/Item"}, "maxItems": 10, "title": "Items", "type": "array"},
+        "count": {
+            "anyOf": [{"maximum": 100, "minimum": 0, "type": "integer"}, {"type": "null"}],
+            "default": None,
+        },
+    },
+    "required": ["items", "count"],
+    "type": "object",
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "f"}}])
+def test_a_forced_tool_choice_takes_a_plain_schema_but_no_regex_format_remote_ref_or_huge_bound(choice):
+    assert request_validate("chat", forced(PYDANTIC_SCHEMA, choice), max_tokens_cap=None).model == "m1"
+    refused = [
+        ({"type": "string", "pattern": "["}, "tools[0].function.parameters.pattern"),
+        (
+            {"type": "object", "patternProperties": {"^a": {}}},
+            "tools[0].function.parameters.patternProperties",
+        ),
+        ({"type": "string", "format": "date-time"}, "tools[0].function.parameters.format"),
+        ({"$ref": "https://example.com/schema.json"}, "tools[0].function.parameters.$ref"),
+        (
+            {"type": "integer", "maximum": 20_000_000_000},
+            "tools[0].function.parameters.maximum",
+        ),  # vllm#17894
+        ({"type": "string", "maxLength": 10**9}, "tools[0].function.parameters.maxLength"),
+        ({"type": "regex"}, "tools[0].function.parameters.type"),
+        (
+            {"properties": {"a": {"items": {"pattern": "x"}}}},
+            "tools[0].function.parameters.properties.a.items.pattern",
+        ),
+        ({"anyOf": [{"type": "string"}, {"format": "uri"}]}, "tools[0].function.parameters.anyOf[1].format"),
+        ([1], "tools[0].function.parameters"),
+    ]
+    for parameters, param in refused:
+        with pytest.raises(InvalidRequest) as caught:
+            request_validate("chat", forced(parameters, choice), max_tokens_cap=None)
+        assert caught.value.param == param, parameters
+
+
+@pytest.mark.parametrize("choice", ["auto", "none"])
+def test_a_tool_choice_left_to_the_model_passes_any_schema_on_as_description(choice):
+    # vLLM compiles no grammar then: the schema is only shown to the model
+    body = forced({"type": "string", "pattern": "[", "format": "date-time"}, choice)
+    assert request_validate("chat", body, max_tokens_cap=None).model == "m1"
