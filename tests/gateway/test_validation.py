@@ -341,7 +341,8 @@ def forced(parameters: Any, choice: Any = "required") -> bytes:
     )
 
 
-PYDANTIC_SCHEMA = {  # what openai.pydantic_function_tool makes of a model with a nested model and a bounded int
+# what openai.pydantic_function_tool makes of a model with a nested model and a bounded int
+PYDANTIC_SCHEMA = {
     "$defs": {
         "Item": {
             "properties": {"sku": {"title": "Sku", "type": "string"}},
