@@ -90,6 +90,8 @@ class Client(dot.AbstractApplication):
     def allows_grant_type(self, *grant_types: str) -> bool:
         """Return whether any of these grant types is one this client may use."""
         allowed = set(self.grant_types or [self.authorization_grant_type])
+        if self.client_type == self.CLIENT_PUBLIC:
+            allowed.discard(self.GRANT_CLIENT_CREDENTIALS)  # RFC 6749 §4.4: confidential clients only
         return bool(allowed.intersection(grant_types))
 
     def is_usable(self, request: Any) -> bool:
@@ -137,6 +139,9 @@ class Client(dot.AbstractApplication):
         bad = set(self.grant_types) - ALLOWED_GRANT_TYPES
         if bad:
             errors["grant_types"] = [f"unsupported grant types: {', '.join(sorted(bad))}"]
+        if self.client_type == self.CLIENT_PUBLIC:
+            for field, message in self._public_refusals():
+                errors.setdefault(field, []).append(message)
         try:
             super().clean()
         except ValidationError as exc:
@@ -144,6 +149,20 @@ class Client(dot.AbstractApplication):
                 errors.setdefault(field, []).extend(messages)
         if errors:
             raise ValidationError(errors)
+
+    def _public_refusals(self) -> list[tuple[str, str]]:
+        """What a public client may not have: it has no secret, so it cannot authenticate (RFC 6749 §2.1),
+        and its stored secret is a hash of "", which an empty secret matched (DOT's check)."""
+        refusals = []
+        if self.GRANT_CLIENT_CREDENTIALS in self.grant_types:
+            refusals.append(
+                ("grant_types", "client credentials are for confidential clients (RFC 6749 §4.4)")
+            )
+        if self.can_introspect:
+            refusals.append(("can_introspect", "a public client cannot authenticate to introspect"))
+        if self.is_admin_client:
+            refusals.append(("is_admin_client", "a public client cannot be administrative"))
+        return refusals
 
     @cached_property
     def jwk_key(self) -> jwk.JWK:

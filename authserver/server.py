@@ -3,7 +3,8 @@
 The password grant (RFC 9700 §2.4) and every implicit or hybrid response type (§2.1.2) are removed, so
 they are not merely refused per client: the endpoints answer ``unsupported_grant_type`` and
 ``unsupported_response_type`` for everyone. The code grant checks PKCE and the nonce more strictly than
-oauthlib (``validators.authorization_request_check``, ``validators.code_verifier_check``).
+oauthlib (``validators.authorization_request_check``, ``validators.code_verifier_check``), and the device
+grant refuses a user deactivated since approving (``validators.device_user_check``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from oauthlib.openid import Server
 
-from authserver.validators import authorization_request_check, code_verifier_check
+from authserver.validators import authorization_request_check, code_verifier_check, device_user_check
 
 SUPPORTED_RESPONSE_TYPES = {"code"}
 RETIRED_GRANT_TYPES = {"password"}
@@ -29,3 +30,4 @@ class PortcullisServer(Server):
         for grant in (self.auth_grant, self.openid_connect_auth):
             grant.custom_validators.post_auth.append(authorization_request_check)
             grant.custom_validators.pre_token.append(code_verifier_check)
+        self.device_code_grant.custom_validators.post_token.append(device_user_check)

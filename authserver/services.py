@@ -19,6 +19,7 @@ from django.db.models import QuerySet
 from django.db.models.signals import post_save, pre_save
 from django.utils import timezone
 from oauth2_provider.generators import generate_client_id
+from oauth2_provider.models import get_device_grant_model
 
 from audit.services import audit_record
 from authserver.crypto import (
@@ -495,6 +496,7 @@ def client_create(
         )
         if is_admin_client:
             registered.client.is_admin_client = True
+            registered.client.full_clean(exclude=["client_secret"])  # not for a public client: rolled back
             registered.client.save(update_fields=["is_admin_client", "updated"])
             audit_record(
                 kind="client.changed",
@@ -572,10 +574,12 @@ def access_token_revoke(*, token: AccessToken, actor: str) -> None:
 
 
 def tokens_revoke_for_user(*, user: Any, actor: str, reason: str) -> int:
-    """Revoke every access and refresh token a user holds, across clients; return how many."""
+    """Revoke every access and refresh token a user holds, across clients; return how many. The device
+    codes the user entered or approved go too: each was a token waiting for its device's next poll."""
     with transaction.atomic():
         RefreshToken.objects.filter(user=user, revoked__isnull=True).update(revoked=timezone.now())
         count, _ = AccessToken.objects.filter(user=user).delete()
+        get_device_grant_model().objects.filter(user=user).delete()
     audit_record(
         kind="token.revoked",
         actor=actor,

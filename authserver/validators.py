@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -20,7 +21,7 @@ from oauth2_provider.settings import oauth2_settings
 from oauthlib.oauth2.rfc6749 import errors
 
 from audit.services import audit_record
-from authserver.models import AccessToken, Client, Grant, RedeemedCode, RefreshToken
+from authserver.models import GRANT_DEVICE_CODE, AccessToken, Client, Grant, RedeemedCode, RefreshToken
 from authserver.selectors import client_by_client_id
 from authserver.services import access_token_insert
 from authserver.tokens import jwt_unverified_claims
@@ -75,11 +76,42 @@ CODE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 §4.1
 NONCE_MAX = 255  # the grant's nonce column; a longer one was a database error (a 500) on PostgreSQL
 
 
+def _holds_nul(values: Iterable[Any]) -> bool:
+    """Whether any of these parameter names or values (strings, or lists and pairs of them) holds a NUL."""
+    return any(
+        "\x00" in value if isinstance(value, str) else isinstance(value, list | tuple) and _holds_nul(value)
+        for value in values
+    )
+
+
+def resources_check(request: Any, resources: Iterable[Any]) -> None:
+    """Refuse (RFC 8707 §2: ``invalid_target``) any resource other than the gateway: every access token's
+    ``aud`` names it alone (``tokens.access_token_claims``), while introspection reported the resource
+    that was asked for."""
+    if any(resource != settings.PORTCULLIS_AUDIENCE for resource in resources):
+        raise errors.CustomOAuth2Error(
+            error="invalid_target",
+            description=f"The only resource tokens are issued for is {settings.PORTCULLIS_AUDIENCE}",
+            request=request,
+        )
+
+
 def authorization_request_check(request: Any) -> dict[str, Any]:
     """Refuse what oauthlib lets through to the grant (an oauthlib ``post_auth`` validator, run once the
     client and its redirect URI are known, so the error goes back to the client with its ``state``):
-    a PKCE method other than S256, a challenge that is no S256 value (one longer than the grant's column
-    was a 500 on PostgreSQL, a shorter one a code nobody can redeem) and a nonce the grant cannot hold."""
+    a NUL character in any parameter, a resource other than the gateway, a PKCE method other than S256,
+    a challenge that is no S256 value (one longer than the grant's column was a 500 on PostgreSQL, a
+    shorter one a code nobody can redeem) and a nonce the grant cannot hold."""
+    # Every parameter as sent (a repeated one too) and what the authorization view passes along (its
+    # credentials: the consent form's fields, the resource list). PostgreSQL text and jsonb cannot hold a
+    # NUL: a nonce or a resource stored on the grant was a 500 (the token endpoint refuses them too).
+    sent = [*request.uri_query_params, *(request.decoded_body or [])]
+    passed = vars(request)
+    if _holds_nul([*sent, *passed.values()]):
+        raise errors.InvalidRequestError(description="A parameter holds a NUL character", request=request)
+    listed = passed.get("resource") or []  # DOT's list; a string is checked whole (never split into letters)
+    listed = [listed] if isinstance(listed, str) else list(listed)
+    resources_check(request, [value for key, value in sent if key == "resource"] + listed)
     if request.code_challenge is not None:
         if request.code_challenge_method != "S256":
             raise errors.InvalidRequestError(
@@ -110,6 +142,18 @@ def code_verifier_check(request: Any) -> dict[str, Any]:
     return {}
 
 
+def device_user_check(request: Any) -> dict[str, Any]:
+    """Refuse a device code whose approving user has since been deactivated (an oauthlib ``post_token``
+    validator of the device grant, which DOT's ``pre_token`` gave the grant's user): as for a code or a
+    refresh token, ``invalid_grant`` (RFC 6749 §5.2: the grant is revoked). Not RFC 8628's
+    ``access_denied``, which tells the client the user said no."""
+    if not _user_active(request):
+        raise errors.InvalidGrantError(
+            description="The user who approved this device may not sign in", request=request
+        )
+    return {}
+
+
 def _auth_time(request: Any) -> int | None:
     """When the user signed in to the session behind this request's code, in Unix seconds, if known: the
     authorization view's credentials, or the code's or the refresh token's record at the token endpoint."""
@@ -123,6 +167,13 @@ def _user_active(request: Any) -> bool:
     Django admin, or by any other path than the console's lock, which also revokes) may not."""
     user = getattr(request, "user", None)
     return user is None or bool(user.is_active)
+
+
+def _rotated(token_family: Any, pk: int) -> bool:
+    """Whether a revoked refresh token was rotated, i.e. a successor was minted from it: a later member of
+    its family exists. DOT's own test (an access token whose source it is) forgets a rotation once the
+    next one deletes that access token, so a token replayed two refreshes later looked merely revoked."""
+    return bool(token_family) and RefreshToken.objects.filter(token_family=token_family, pk__gt=pk).exists()
 
 
 def _code_hash(code: str) -> str:
@@ -171,9 +222,20 @@ class PortcullisValidator(OAuth2Validator):
             request.client = client_by_client_id(client_id)
         return super()._load_application(client_id, request)
 
+    def authenticate_client(self, request: Any, *args: Any, **kwargs: Any) -> bool:
+        if not super().authenticate_client(request, *args, **kwargs):
+            return False
+        # A public client has no secret to authenticate with (RFC 6749 §2.1): DOT stores a hash of "" for
+        # it, which an empty secret matched, so its client id alone got client-credentials tokens and
+        # introspection. DOT's device-code grant identifies a public client without checking a secret.
+        public = request.client.client_type == Client.CLIENT_PUBLIC
+        return not public or request.grant_type == GRANT_DEVICE_CODE
+
     def save_bearer_token(self, token: dict[str, Any], request: Any, *args: Any, **kwargs: Any) -> Any:
-        # A refresh token is issued only when the client asked for offline_access (OIDC Core §11).
-        if OFFLINE_ACCESS not in (request.scopes or []):
+        # A refresh token is issued only when the client asked for offline_access (OIDC Core §11). A refresh
+        # always rotates: its grant had offline_access, and one that narrows the scope without it was left
+        # unrevoked (reusable without limit, never a reuse) and its access token outside the family.
+        if OFFLINE_ACCESS not in (request.scopes or []) and request.grant_type != "refresh_token":
             token.pop("refresh_token", None)
         if "refresh_token" in token or request.grant_type != "client_credentials":
             result = super().save_bearer_token(token, request, *args, **kwargs)
@@ -208,6 +270,11 @@ class PortcullisValidator(OAuth2Validator):
                 )
             )
         super().revoke_token(token, token_type_hint, request, *args, **kwargs)
+
+    def _validate_resource_uris(self, request: Any, resources: list[Any]) -> None:
+        # DOT's check of the token request's resources and of those a code or refresh token carries
+        super()._validate_resource_uris(request, resources)
+        resources_check(request, resources)
 
     def _set_token_value(self, token_instance: Any, raw_token: str) -> None:
         super()._set_token_value(token_instance, raw_token)
@@ -348,19 +415,28 @@ class PortcullisValidator(OAuth2Validator):
         # finds it revoked and is a reuse (RFC 9700 §4.14.2). Without the lock both passed this check, and
         # DOT's grace path answered the second with a 200 holding empty tokens, the family left alive.
         rows = _locked(
-            RefreshToken.objects.filter(token_checksum=checksum), "revoked", "token_family", "application_id"
+            RefreshToken.objects.filter(token_checksum=checksum),
+            "revoked",
+            "token_family",
+            "application_id",
+            "pk",
         )
-        previous = next((row for row in rows if row[0] is not None), None)  # a rotated (revoked) one
+        previous = next((row for row in rows if row[0] is not None), None)  # a revoked one
         live = any(row[0] is None for row in rows)
+        if previous is not None and not live and not _rotated(previous[1], previous[3]):
+            # Revoked, never rotated (RFC 7009, consent withdrawn, an admin, a locked user): the token is
+            # dead (RFC 7009 §2.1) but did not leak, so no reuse event (an anomaly that can quarantine the
+            # client) and nothing more to revoke
+            return False
         valid = super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)
         valid = valid and _user_active(request)
         signed_in = getattr(vars(request).get("refresh_token_instance"), "auth_time", None)
         # the family's sign-in, for the ID token and the next rotation (None: DOT's last_login)
         request.auth_time = int(signed_in.timestamp()) if valid and signed_in is not None else None
-        if not valid and previous is not None and not live and previous[1]:
+        if not valid and previous is not None and not live:
             # RFC 9700 §4.14.2: a rotated refresh token presented again means it leaked; DOT has revoked
             # the family (REFRESH_TOKEN_REUSE_PROTECTION), and this records it as a security event.
-            _revoked, family, application_id = previous
+            _revoked, family, application_id, _pk = previous
             owner = Client.objects.filter(pk=application_id).values_list("client_id", flat=True).first()
             audit_record(
                 kind="token.refresh_reuse",

@@ -142,11 +142,46 @@ def test_plain_pkce_with_remembered_consent_is_an_error_redirect_not_a_500(oauth
 
 
 def test_a_resource_with_remembered_consent_is_kept_on_the_code_not_a_500(oauth, web_app, signed_in):
-    params = _remembered(oauth, web_app, resource="https://evil.example")
+    params = _remembered(oauth, web_app, resource=settings.PORTCULLIS_AUDIENCE)
     response = oauth.http.get("/oauth/authorize/", params)
     assert response.status_code == 302, response.content[:300]
     code = oauth.code_from(response)
-    assert Grant.objects.get(code=code).resource == ["https://evil.example"]  # as the consent screen keeps it
+    assert Grant.objects.get(code=code).resource == [settings.PORTCULLIS_AUDIENCE]  # as the consent screen
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        "https://evil.example",
+        "https://evil.example/v1",
+        "{audience}/",
+        ["{audience}", "https://evil.example"],  # RFC 8707 §2: each repeated one is checked
+        "",
+    ],
+)
+@pytest.mark.parametrize("consent", ["remembered", "asked"])
+def test_a_resource_other_than_the_gateway_is_redirected_invalid_target(
+    oauth, web_app, signed_in, resource, consent
+):
+    # RFC 8707 §2: every access token's aud names the gateway, whatever resource was asked for
+    audience = settings.PORTCULLIS_AUDIENCE
+    asked = [r.format(audience=audience) for r in resource] if isinstance(resource, list) else None
+    asked = asked or resource.format(audience=audience)
+    plain = _remembered(oauth, web_app) if consent == "remembered" else _authorize_params(web_app.client)
+    params = {**plain, "resource": asked}  # a list: the parameter repeated
+    query = _query(oauth.http.get("/oauth/authorize/", params))
+    assert query["error"] == "invalid_target"
+    assert query["state"] == plain["state"]
+    if consent == "asked" and asked:  # the consent form's hidden resource field is the user's to change
+        valid = _authorize_params(web_app.client, resource=audience)
+        assert oauth.http.get("/oauth/authorize/", valid).status_code == 200
+        hidden = " ".join(asked) if isinstance(asked, list) else asked
+        answer = oauth.http.post(
+            f"/oauth/authorize/?{urlencode(valid)}", {**valid, "resource": hidden, "allow": "1"}
+        )
+        assert _query(answer)["error"] == "invalid_target"
+    assert not Grant.objects.exists()
+    assert AuditEvent.objects.filter(kind="authorize.denied", data__error_code="invalid_target").exists()
 
 
 def test_a_native_apps_loopback_redirect_gets_its_errors_redirected(oauth, make_client, signed_in):
@@ -258,6 +293,103 @@ def test_refresh_rotates_and_reuse_revokes_the_family(
     after = oauth.token({"grant_type": "refresh_token", "refresh_token": rotated["refresh_token"]}, auth)
     assert after.status_code == 400
     assert AccessToken.objects.count() == 0
+
+
+def _refreshed(oauth, reg, refresh_token: str, **extra: str):
+    data = {"grant_type": "refresh_token", "refresh_token": refresh_token, **extra}
+    return oauth.token(data, (reg.client.client_id, reg.client_secret))
+
+
+@pytest.mark.parametrize("revocation", ["rfc7009", "consent withdrawn", "admin"])
+def test_a_revoked_refresh_token_that_was_never_rotated_is_invalid_grant_not_a_reuse(
+    oauth, web_app, signed_in, revocation
+):
+    from authserver.services import access_token_revoke, consent_withdraw
+
+    _c, _v, tokens = _tokens(oauth, web_app)
+    if revocation == "rfc7009":
+        revoke = {"token": tokens["refresh_token"], "token_type_hint": "refresh_token"}
+        assert (
+            oauth.http.post("/oauth/revoke/", revoke, HTTP_AUTHORIZATION=_basic(web_app)).status_code == 200
+        )
+    elif revocation == "consent withdrawn":
+        consent_withdraw(user=signed_in, client=web_app.client)
+    else:
+        access = AccessToken.objects.get(jti=_claims(tokens["access_token"])["jti"])
+        access_token_revoke(token=access, actor="user:admin")
+    response = _refreshed(oauth, web_app, tokens["refresh_token"])
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+    # RFC 7009 §2.1: a revoked token is merely dead; only a rotated one presented again leaked (RFC 9700
+    # §4.14.2), and a reuse event is an anomaly that can quarantine the whole client
+    assert not AuditEvent.objects.filter(kind="token.refresh_reuse").exists()
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_grant"
+
+
+def test_a_refresh_token_rotated_generations_ago_is_still_a_reuse_that_revokes_the_family(
+    oauth, web_app, signed_in, django_capture_on_commit_callbacks
+):
+    _c, _v, tokens = _tokens(oauth, web_app)
+    latest = tokens
+    for _generation in range(2):  # each rotation deletes the access token minted from the one before
+        latest = _refreshed(oauth, web_app, latest["refresh_token"]).json()
+    with django_capture_on_commit_callbacks(execute=True):
+        reuse = _refreshed(oauth, web_app, tokens["refresh_token"])
+    assert reuse.status_code == 400
+    assert reuse.json()["error"] == "invalid_grant"
+    assert AuditEvent.objects.filter(kind="token.refresh_reuse", outcome="denied").count() == 1
+    assert local_revocations.is_revoked(_claims(latest["access_token"])["jti"], "-")
+    assert not AccessToken.objects.exists()
+    assert not RefreshToken.objects.filter(revoked__isnull=True).exists()
+
+
+def test_a_refresh_that_narrows_the_scope_without_offline_access_still_rotates(
+    oauth, web_app, signed_in, django_capture_on_commit_callbacks
+):
+    _c, _v, tokens = _tokens(oauth, web_app)
+    narrowed = _refreshed(oauth, web_app, tokens["refresh_token"], scope="models.read")
+    assert narrowed.status_code == 200, narrowed.content
+    body = narrowed.json()
+    assert body["scope"] == "models.read"
+    assert body["refresh_token"] != tokens["refresh_token"]
+    minted = AccessToken.objects.get(jti=_claims(body["access_token"])["jti"])
+    assert minted.source_refresh_token is not None  # linked to what it came from: family revocation finds it
+    again = _refreshed(oauth, web_app, body["refresh_token"])  # the new one works, with the narrowed scope
+    assert again.status_code == 200, again.content
+    assert again.json()["scope"] == "models.read"
+    with django_capture_on_commit_callbacks(execute=True):
+        reuse = _refreshed(oauth, web_app, tokens["refresh_token"])
+    assert reuse.status_code == 400
+    assert reuse.json()["error"] == "invalid_grant"
+    assert AuditEvent.objects.filter(kind="token.refresh_reuse", outcome="denied").count() == 1
+    assert local_revocations.is_revoked(_claims(again.json()["access_token"])["jti"], "-")
+    assert not AccessToken.objects.exists()
+    assert not RefreshToken.objects.filter(revoked__isnull=True).exists()
+
+
+@pytest.mark.parametrize("grant", ["authorization_code", "refresh_token"])
+def test_a_code_or_refresh_for_a_resource_other_than_the_gateway_is_invalid_target(
+    oauth, web_app, signed_in, grant
+):
+    verifier, challenge = pkce_pair()
+    code = oauth.code_from(oauth.authorize(web_app.client, challenge=challenge, scope=SCOPES))
+    auth = (web_app.client.client_id, web_app.client_secret)
+    exchange = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI}
+    exchange["code_verifier"] = verifier
+    if grant == "refresh_token":
+        refresh_token = oauth.token(exchange, auth).json()["refresh_token"]
+        asked = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    else:
+        asked = exchange
+    refused = oauth.token({**asked, "resource": "https://evil.example"}, auth)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_target"
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_target"
+    # refused before the code or the refresh token was used: it still works, for the gateway
+    granted = oauth.token({**asked, "resource": settings.PORTCULLIS_AUDIENCE}, auth)
+    assert granted.status_code == 200, granted.content
+    assert _claims(granted.json()["access_token"])["aud"] == settings.PORTCULLIS_AUDIENCE
+    assert not AuditEvent.objects.filter(kind__in=["token.refresh_reuse", "code.replayed"]).exists()
 
 
 def test_refresh_cannot_widen_scope(oauth, web_app, signed_in):
@@ -632,6 +764,31 @@ def test_a_malformed_pkce_challenge_or_nonce_is_redirected_invalid_request(
     assert not Grant.objects.exists()
     assert AuditEvent.objects.filter(kind="authorize.denied").count() == 2
     assert not AuditEvent.objects.filter(kind="consent.granted").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["nonce", "resource", "state", "prompt", "max_age", "login_hint", "acr_values", "x_extension"]
+)
+@pytest.mark.parametrize("consent", ["remembered", "asked"])
+def test_a_nul_byte_in_any_authorization_parameter_is_redirected_invalid_request_not_a_500(
+    oauth, web_app, signed_in, name, consent
+):
+    # PostgreSQL text and jsonb cannot hold a NUL: a nonce or a resource stored on the grant was a 500
+    value = settings.PORTCULLIS_AUDIENCE + "\x00" if name == "resource" else "a\x00b"
+    if consent == "remembered":
+        params = _remembered(oauth, web_app, **{name: value})
+    else:
+        params = _authorize_params(web_app.client, **{name: value})
+    query = _query(oauth.http.get("/oauth/authorize/", params))
+    assert query["error"] == "invalid_request"
+    assert query["state"] == params["state"]
+    assert "code" not in query
+    if consent == "asked":  # the consent form posted anyway (to the request's URL, as the page does)
+        answer = oauth.http.post(f"/oauth/authorize/?{urlencode(params)}", {**params, "allow": "Allow"})
+        assert answer.status_code < 500
+        assert "code=" not in answer.get("Location", "")
+    assert not Grant.objects.exists()
+    assert AuditEvent.objects.filter(kind="authorize.denied", data__error_code="invalid_request").exists()
 
 
 @pytest.mark.parametrize(

@@ -190,6 +190,30 @@ def test_an_approved_device_code_past_its_lifetime_gives_no_token(client, make_c
     assert late.json()["error"] == "expired_token"
 
 
+@pytest.mark.parametrize("how", ["locked in the console", "deactivated in the Django admin"])
+def test_a_device_code_approved_by_a_user_since_locked_or_deactivated_gives_no_token(
+    client, make_client, alice, how
+):
+    from oauth2_provider.models import get_device_grant_model
+
+    from authserver.models import AccessToken, RefreshToken
+    from authserver.services import user_lock
+
+    device, code = _device_approved(client, make_client, alice, scope="models.read offline_access")
+    if how == "locked in the console":
+        user_lock(user=alice, actor="user:admin")
+        assert not get_device_grant_model().objects.filter(user=alice).exists()  # dropped with her tokens
+    else:
+        type(alice).objects.filter(pk=alice.pk).update(is_active=False)  # a path that revokes nothing
+    response = _poll(client, device.client.client_id, code)
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+    assert not AccessToken.objects.exists()
+    assert not RefreshToken.objects.exists()
+    assert not AuditEvent.objects.filter(kind="token.issued").exists()
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_grant"
+
+
 def test_device_authorization_reads_a_form_with_a_charset_and_keeps_its_answer_out_of_caches(
     client, make_client
 ):

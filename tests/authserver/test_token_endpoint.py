@@ -9,7 +9,7 @@ import pytest
 from django.contrib.auth.hashers import identify_hasher
 
 from audit.models import AuditEvent
-from authserver.models import AccessToken, Client
+from authserver.models import GRANT_DEVICE_CODE, AccessToken, Client
 from authserver.services import client_disable
 from tests.conftest import basic_auth
 
@@ -270,7 +270,7 @@ def test_the_embedded_sqlite_default_issues_client_credentials_tokens(tmp_path, 
     code = """
 import base64
 from django.test import Client as Http
-from authserver.models import AccessToken, Client
+from authserver.models import GRANT_DEVICE_CODE, AccessToken, Client
 from authserver.selectors import client_by_client_id
 from authserver.services import client_register
 reg = client_register(name="app", grant_types=["client-credentials"], scopes=["models.read"])
@@ -397,3 +397,86 @@ def test_the_form_endpoints_take_no_csrf_token_clients_authenticate_themselves(p
 
 def test_introspection_advertises_only_the_methods_it_takes(client):
     assert client.options("/oauth/introspect/")["Allow"] == "POST, OPTIONS"
+
+
+def _public_with_what_registration_now_refuses(make_client):
+    """A public client stored with client credentials and introspection (before clean() refused that)."""
+    reg = make_client(grants=("device-code",), public=True)
+    grants = [GRANT_DEVICE_CODE, Client.GRANT_CLIENT_CREDENTIALS]
+    Client.objects.filter(pk=reg.client.pk).update(grant_types=grants, can_introspect=True)
+    return reg
+
+
+@pytest.mark.parametrize("how", ["basic", "body", "client_id alone"])
+def test_a_public_client_cannot_authenticate_without_a_secret_to_mint_or_introspect(oauth, make_client, how):
+    reg = _public_with_what_registration_now_refuses(make_client)
+    client_id = reg.client.client_id
+    token = oauth.client_credentials(make_client())
+    assert token.status_code == 200
+    body: dict[str, str] = {"grant_type": "client_credentials"}
+    headers: dict[str, str] = {}
+    if how == "basic":  # its stored secret is the hash of "", which "" matched
+        headers["HTTP_AUTHORIZATION"] = basic_auth(client_id, "")
+    else:
+        body.update(
+            {"client_id": client_id, "client_secret": ""} if how == "body" else {"client_id": client_id}
+        )
+    minted = oauth.http.post("/oauth/token/", body, **headers)
+    assert minted.status_code == 401
+    assert minted.json()["error"] == "invalid_client"
+    introspection = {
+        "token": token.json()["access_token"],
+        **{k: v for k, v in body.items() if k != "grant_type"},
+    }
+    introspected = oauth.http.post("/oauth/introspect/", introspection, **headers)
+    assert introspected.status_code == 401
+    assert introspected.json()["error"] == "invalid_client"
+    assert AccessToken.objects.count() == 1  # the other client's
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_client"
+    assert AuditEvent.objects.get(kind="introspect.denied").data["error_code"] == "invalid_client"
+
+
+def test_a_public_client_is_never_allowed_the_client_credentials_grant(make_client):
+    from oauthlib.common import Request
+
+    from authserver.validators import PortcullisValidator
+
+    reg = _public_with_what_registration_now_refuses(make_client)
+    client = Client.objects.get(pk=reg.client.pk)
+    request = Request("https://as.example/oauth/token/")
+    request.client = client
+    validator = PortcullisValidator()
+    # RFC 6749 §4.4: confidential clients only; oauthlib answers a refused grant unauthorized_client
+    assert not validator.validate_grant_type(client.client_id, "client_credentials", client, request)
+    assert validator.validate_grant_type(client.client_id, GRANT_DEVICE_CODE, client, request)
+
+
+@pytest.mark.parametrize("resource", ["https://evil.example", "https://evil.example/v1", "{audience}/"])
+def test_a_token_for_a_resource_other_than_the_gateway_is_invalid_target(
+    oauth, make_client, settings, resource
+):
+    reg = make_client()
+    asked = resource.format(audience=settings.PORTCULLIS_AUDIENCE)
+    form = {"grant_type": "client_credentials", "resource": asked}
+    response = oauth.token(form, (reg.client.client_id, reg.client_secret))
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_target"  # RFC 8707 §2: its aud would name the gateway
+    assert not AccessToken.objects.exists()
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_target"
+    assert not AuditEvent.objects.filter(kind="token.issued").exists()
+
+
+def test_a_token_for_the_gateway_names_it_as_introspection_reports_it(oauth, make_client, settings):
+    from authserver.tokens import jwt_unverified_claims
+
+    reg = make_client()
+    introspector = make_client(can_introspect=True, name="Introspector")
+    form = {"grant_type": "client_credentials", "resource": settings.PORTCULLIS_AUDIENCE}
+    response = oauth.token(form, (reg.client.client_id, reg.client_secret))
+    assert response.status_code == 200, response.content
+    token = response.json()["access_token"]
+    assert jwt_unverified_claims(token)["aud"] == settings.PORTCULLIS_AUDIENCE
+    auth = basic_auth(introspector.client.client_id, introspector.client_secret)
+    info = oauth.http.post("/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=auth).json()
+    assert info["active"] is True
+    assert info["aud"] in (settings.PORTCULLIS_AUDIENCE, [settings.PORTCULLIS_AUDIENCE])
