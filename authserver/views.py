@@ -356,6 +356,13 @@ class AuthorizationView(dot_views.AuthorizationView):
                 LoginRequired(state=credentials.get("state")), redirect_uri=credentials["redirect_uri"]
             )
             return self.error_response(refusal, client_by_client_id(credentials["client_id"]))
+        if "approval_prompt" in request.GET:
+            # DOT's own skip: approval_prompt=auto issued a code without the consent page whenever the user
+            # held a live token for the client, prompt=consent or withdrawn consent notwithstanding. The
+            # client must not choose that; remembered consent (authserver.Consent) decides instead.
+            query = request.GET.copy()
+            query.pop("approval_prompt")
+            request.GET = query  # type: ignore[assignment]  # django-stubs: GET is typed immutable
         response: HttpResponseBase = super().get(request, *args, **kwargs)
         return response
 
@@ -573,6 +580,9 @@ def metadata_extras() -> dict[str, Any]:
         "jwks_uri": f"{base}/.well-known/jwks.json",
         "device_authorization_endpoint": f"{base}/oauth/device-authorization/",
         "userinfo_endpoint": f"{base}/oauth/userinfo/",
+        # DOT's RFC 8414 document has these; its OIDC discovery document did not
+        "revocation_endpoint": f"{base}/oauth/revoke/",
+        "introspection_endpoint": f"{base}/oauth/introspect/",
         "code_challenge_methods_supported": ["S256"],
         "response_types_supported": ["code"],
         "response_modes_supported": ["query"],

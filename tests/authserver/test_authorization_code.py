@@ -90,6 +90,27 @@ def test_remembered_consent_skips_the_screen_but_new_scopes_ask_again(oauth, web
     assert b"Generate text and chat completions" in page.content
 
 
+@pytest.mark.parametrize("why", ["prompt=consent", "consent withdrawn"])
+def test_approval_prompt_auto_from_the_client_does_not_skip_the_consent_page(oauth, web_app, signed_in, why):
+    from authserver.services import consent_withdraw
+
+    params = _remembered(oauth, web_app, approval_prompt="auto")  # the user holds a live token meanwhile
+    if why == "prompt=consent":
+        params["prompt"] = "consent"
+    else:
+        consent_withdraw(user=signed_in, client=web_app.client)  # which revokes its tokens...
+        AccessToken.objects.create(  # ...but one live token for the pair is all DOT's skip looked for
+            user=signed_in,
+            application=web_app.client,
+            token_checksum="0" * 64,
+            expires=timezone.now() + timedelta(minutes=5),
+            scope="models.read",
+        )
+    page = oauth.http.get("/oauth/authorize/", params)
+    assert page.status_code == 200  # the consent page, not a code
+    assert b'name="csrfmiddlewaretoken"' in page.content
+
+
 def test_consent_page_shows_client_name_owner_and_plain_scopes_with_security_headers(
     oauth, web_app, signed_in
 ):

@@ -48,6 +48,10 @@ def test_openid_configuration_and_protected_resource_metadata(client, settings):
     assert oidc["grant_types_supported"] == rfc8414["grant_types_supported"]
     assert "implicit" not in oidc["grant_types_supported"]
     assert "authorization_code" in oidc["grant_types_supported"]
+    # both documents list every endpoint, at the same address
+    endpoints = {key for key in (*oidc, *rfc8414) if key.endswith("_endpoint")}
+    assert {"revocation_endpoint", "introspection_endpoint", "device_authorization_endpoint"} <= endpoints
+    assert {key: oidc.get(key) for key in endpoints} == {key: rfc8414.get(key) for key in endpoints}
     resource = client.get("/.well-known/oauth-protected-resource").json()
     assert resource["resource"] == settings.PORTCULLIS_AUDIENCE
     assert resource["authorization_servers"] == [settings.PORTCULLIS_ISSUER]
