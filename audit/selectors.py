@@ -23,6 +23,7 @@ SECURITY_KINDS = (
     "client.disabled",
     "client.secret_rotated",
     "key.activated",
+    "key.revoked",
     "user.locked",
     "gateway.redis_unavailable",
 )

@@ -452,6 +452,36 @@ def signing_key_rotate(
     )
 
 
+def signing_key_revoke(kid: str, *, actor: str, now: datetime | None = None) -> RotationResult:
+    """Unpublish a key at once, for a key that leaked: a retired key waits until every token it signed has
+    expired, which is what a thief needs. A key that signs is first replaced in its family (its pending key,
+    or a new one, signs from now, as ``--activate-now``). Gateways are told to refresh their key sets, and
+    drop the tokens they had verified with it (``gateway.auth``): tokens it signed are refused from then on,
+    honest ones too (they live minutes; their clients get new ones)."""
+    now = now or timezone.now()
+    created = activated = None
+    with transaction.atomic():
+        _signing_keys_lock()
+        key = SigningKey.objects.select_for_update().filter(kid=kid).first()
+        if key is None or key.state == SigningKey.State.REMOVED:
+            raise ValidationError({"kid": [f"no published key has the id {kid}"]})
+        was = key.state
+        if was == SigningKey.State.ACTIVE:
+            created, activated = _family_rotate(
+                key.algorithm, now=now, force=True, activate_now=True, actor=actor
+            )
+            key.refresh_from_db()  # retired by the activation
+        key.state = SigningKey.State.REMOVED
+        key.removed_at = now
+        key.save()
+        audit_record(kind="key.revoked", actor=actor, data={"kid": kid, "alg": key.algorithm, "was": was})
+        transaction.on_commit(active_key_cache_clear)
+        transaction.on_commit(keys_changed_publish)
+    return RotationResult(
+        created=(created,) if created else (), activated=(activated,) if activated else (), removed=(kid,)
+    )
+
+
 # --- administration (the console and the admin API call these) --------------------------------------
 
 

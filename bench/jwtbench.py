@@ -48,6 +48,7 @@ def _settings(cache_size: int) -> GatewaySettings:
         jwks_refresh_s=30.0,
         jwks_max_age_s=60.0,
         leeway_s=30,
+        max_token_lifetime_s=300,
         max_token_bytes=8192,
         max_body_bytes=1 << 20,
         connect_timeout_s=5.0,

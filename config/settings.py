@@ -288,6 +288,9 @@ GATEWAY = {
     "UPSTREAM_API_KEY": env_secret("VLLM_API_KEY"),
     "JWKS_URL": env_str("PORTCULLIS_JWKS_URL"),  # empty: read keys from this deployment's database
     "JWKS_REFRESH_S": 30.0,  # an unknown kid refetches the key set at most this often
+    # what the authorization server gives (set PORTCULLIS_ACCESS_TOKEN_LIFETIME alike on both): a token
+    # whose exp - iat is longer, plus leeway, is refused (RFC 8725 §3.10)
+    "MAX_TOKEN_LIFETIME_S": ACCESS_TOKEN_LIFETIME_S,
     "JWKS_MAX_AGE_S": float(JWKS_MAX_AGE_S),  # the key set is refreshed in the background this often
     "LEEWAY_S": 30,  # clock skew tolerated on exp/nbf/iat (RFC 8725 §3.10 asks for a small one)
     "MAX_TOKEN_BYTES": 8192,

@@ -1,7 +1,9 @@
 """Access-token verification on the hot path: RFC 9068 JWTs checked locally against the published keys.
 
 One asymmetric algorithm per key, the key found by ``kid`` in our own key set, ``typ`` ``at+jwt``, exact
-``iss``, ``aud`` naming the gateway, ``exp``/``nbf``/``iat`` with a small leeway; any other header
+``iss``, ``aud`` naming the gateway, ``exp``/``nbf``/``iat`` with a small leeway, and a lifetime (``exp``
+less ``iat``) no longer than the authorization server gives (RFC 8725 §3.10): a token signed with a stolen
+key and a far ``exp`` would otherwise stay in the cache below past the key's removal. Any other header
 parameter (``jku``, ``x5u``, ``jwk``, ``x5c``, ``crit`` …) is refused, as are ``none`` and ``HS*``. A
 verified token is cached until it expires, so the signature is checked once per token per process.
 """
@@ -63,6 +65,7 @@ class KeySet:
         self._keys: dict[str, PyJWK] = {}
         self._last_attempt = float("-inf")
         self.loaded_at = float("-inf")
+        self.on_removed: Callable[[set[str]], None] | None = None  # told the kids a load took away
 
     def load(self, jwks: dict[str, Any]) -> None:
         """Replace the keys from a JWK Set document; keys we cannot use are skipped."""
@@ -75,8 +78,11 @@ class KeySet:
                 keys[kid] = PyJWK(raw, algorithm=alg)
             except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError):
                 logger.warning("skipping unusable key %s in the key set", kid)
+        removed = set(self._keys) - set(keys)
         self._keys = keys
         self.loaded_at = time.monotonic()
+        if removed and self.on_removed is not None:
+            self.on_removed(removed)
 
     async def refresh(self) -> bool:
         """Fetch the key set now; on failure keep serving the keys we have (stale beats none)."""
@@ -100,29 +106,40 @@ class KeySet:
 
 
 class TokenVerifier:
-    """Verify bearer tokens; cache each verified token's principal until it expires."""
+    """Verify bearer tokens; cache each verified token's principal until it expires, or until the key that
+    signed it leaves the key set (``rotatekeys --revoke``: it leaked, and what it signed is not to be
+    trusted, from the cache either)."""
 
     def __init__(self, conf: GatewaySettings, keys: KeySet) -> None:
         self.conf = conf
         self.keys = keys
-        self._cache: dict[str, Principal] = {}
+        self._cache: dict[str, tuple[Principal, str]] = {}  # token -> its principal, and its key's kid
+        keys.on_removed = self._forget_signed_by
 
     async def verify(self, token: str, *, now: float | None = None) -> Principal:
         """Return the principal of a valid token or raise AuthenticationError (every failure denies)."""
         now = time.time() if now is None else now
         cached = self._cache.get(token)
         if cached is not None:
-            if cached.exp + self.conf.leeway_s > now:
-                return cached
+            if cached[0].exp + self.conf.leeway_s > now:
+                return cached[0]
             del self._cache[token]
-        principal = await self._verify_uncached(token, now)
+        principal, kid = await self._verify_uncached(token, now)
         if len(self._cache) >= self.conf.verify_cache_size:
             self._evict(now)
-        self._cache[token] = principal
+        self._cache[token] = principal, kid
         return principal
 
+    def _forget_signed_by(self, kids: set[str]) -> None:
+        """Drop the tokens verified with keys no longer published."""
+        gone = [token for token, (_principal, kid) in self._cache.items() if kid in kids]
+        for token in gone:
+            del self._cache[token]
+        if gone:
+            logger.warning("dropped %d verified tokens whose keys were unpublished", len(gone))
+
     def _evict(self, now: float) -> None:
-        expired = [t for t, p in self._cache.items() if p.exp + self.conf.leeway_s <= now]
+        expired = [t for t, (p, _kid) in self._cache.items() if p.exp + self.conf.leeway_s <= now]
         for token in expired:
             del self._cache[token]
         while len(self._cache) >= self.conf.verify_cache_size:
@@ -148,7 +165,7 @@ class TokenVerifier:
             raise AuthenticationError("The access token names no key.")
         return header
 
-    async def _verify_uncached(self, token: str, now: float) -> Principal:
+    async def _verify_uncached(self, token: str, now: float) -> tuple[Principal, str]:
         header = self._header(token)
         key = await self.keys.get(header["kid"])
         if key is None:
@@ -167,7 +184,12 @@ class TokenVerifier:
             )
         except jwt.PyJWTError:
             raise AuthenticationError() from None
-        return self._principal(claims)
+        issued, expires = claims["iat"], claims["exp"]
+        if not isinstance(issued, int | float) or not isinstance(expires, int):
+            raise AuthenticationError("The access token claims are malformed.")
+        if expires - issued > self.conf.max_token_lifetime_s + self.conf.leeway_s:
+            raise AuthenticationError("The access token lives longer than this server issues them for.")
+        return self._principal(claims), header["kid"]
 
     @staticmethod
     def _principal(claims: dict[str, Any]) -> Principal:

@@ -25,6 +25,7 @@ class GatewaySettings:
     jwks_refresh_s: float  # an unknown kid refetches at most this often
     jwks_max_age_s: float  # the key set is refreshed in the background this often
     leeway_s: int
+    max_token_lifetime_s: int  # a token whose exp - iat is longer (plus leeway) is refused
     max_token_bytes: int
     max_body_bytes: int
     connect_timeout_s: float
@@ -55,6 +56,7 @@ def gateway_settings() -> GatewaySettings:
         jwks_refresh_s=float(raw["JWKS_REFRESH_S"]),
         jwks_max_age_s=float(raw["JWKS_MAX_AGE_S"]),
         leeway_s=int(raw["LEEWAY_S"]),
+        max_token_lifetime_s=int(raw["MAX_TOKEN_LIFETIME_S"]),
         max_token_bytes=int(raw["MAX_TOKEN_BYTES"]),
         max_body_bytes=int(raw["MAX_BODY_BYTES"]),
         connect_timeout_s=float(raw["CONNECT_TIMEOUT_S"]),

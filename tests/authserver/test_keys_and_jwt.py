@@ -7,7 +7,7 @@ from datetime import timedelta
 from io import StringIO
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.utils import timezone
 from jwcrypto import jwk, jws, jwt
 
@@ -102,6 +102,34 @@ def test_retired_key_is_unpublished_only_after_its_tokens_expired(make_client, o
     assert old.kid in result.removed
     assert len(result.removed) == 2  # and the RS256 key retired with it
     assert old.kid not in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
+
+
+def test_a_leaked_signing_key_is_replaced_and_unpublished_at_once_with_rotatekeys_revoke(
+    make_client, oauth, client
+):
+    reg = make_client()
+    leaked_token = oauth.client_credentials(reg).json()["access_token"]
+    leaked = SigningKey.objects.get(state="active", algorithm="ES256")
+    id_tokens = SigningKey.objects.get(state="active", algorithm="RS256")
+    out = StringIO()
+    call_command("rotatekeys", "--revoke", leaked.kid, stdout=out)
+    assert f"removed key {leaked.kid}" in out.getvalue()
+    leaked.refresh_from_db()
+    assert leaked.state == "removed"  # not retired: no waiting for its tokens to expire
+    replacement = SigningKey.objects.get(state="active", algorithm="ES256")
+    assert f"activated key {replacement.kid}" in out.getvalue()
+    jwks = client.get("/.well-known/jwks.json").json()
+    assert leaked.kid not in {k["kid"] for k in jwks["keys"]}
+    with pytest.raises(Exception, match="(?i)key"):
+        _verify(leaked_token, jwks)  # what it signed no longer verifies
+    active_key_cache_clear()
+    assert _verify(oauth.client_credentials(reg).json()["access_token"], jwks)[0]["kid"] == replacement.kid
+    id_tokens.refresh_from_db()
+    assert id_tokens.state == "active"  # the other family is left alone
+    event = AuditEvent.objects.get(kind="key.revoked")
+    assert event.data == {"kid": leaked.kid, "alg": "ES256", "was": "active"}
+    with pytest.raises(CommandError, match="no published key"):
+        call_command("rotatekeys", "--revoke", leaked.kid, stdout=StringIO())  # once is all it takes
 
 
 def test_beat_rotation_waits_for_the_interval(make_client, oauth, settings):

@@ -114,6 +114,31 @@ def test_a_valid_token_gives_its_principal_and_is_verified_once(verifier):
     assert fetcher.calls == 1
 
 
+def test_a_token_living_longer_than_the_server_issues_them_is_refused_however_well_signed(verifier):
+    # a key stolen and used to sign a far exp: cached, such a token outlived the key's removal
+    v, _ = verifier
+    now = int(time.time())
+    longest = v.conf.max_token_lifetime_s + v.conf.leeway_s
+    assert verify(v, token(claims(iat=now, exp=now + longest))).jti == "j1"  # on the bound
+    for jti, iat, exp in [("j2", now, now + longest + 1), ("j3", now - 86_400, now + 60)]:
+        with pytest.raises(AuthenticationError, match="lives longer"):
+            verify(v, token(claims(jti=jti, iat=iat, exp=exp)))
+
+
+def test_a_key_that_leaves_the_key_set_takes_the_tokens_it_signed_out_of_the_cache(verifier):
+    v, fetcher = verifier
+    rsa_signed = token()
+    ec_signed = jwt.encode(
+        claims(jti="e"), EC_PRIVATE, algorithm="ES256", headers={"typ": "at+jwt", "kid": "e1"}
+    )
+    assert (verify(v, rsa_signed).jti, verify(v, ec_signed).jti) == ("j1", "e")  # both cached
+    fetcher.jwks = {"keys": [EC_PUBLIC]}  # k1 leaked: rotatekeys --revoke unpublished it, and the push came
+    asyncio.run(v.keys.refresh())
+    with pytest.raises(AuthenticationError, match="unknown key"):
+        verify(v, rsa_signed)
+    assert verify(v, ec_signed).jti == "e"
+
+
 def test_an_es256_token_verifies_with_its_p256_key(verifier):
     v, _ = verifier
     raw = jwt.encode(claims(jti="e"), EC_PRIVATE, algorithm="ES256", headers={"typ": "at+jwt", "kid": "e1"})

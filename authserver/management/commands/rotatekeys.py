@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from authserver.services import signing_key_rotate
+from authserver.services import signing_key_revoke, signing_key_rotate
 
 
 class Command(BaseCommand):
@@ -14,14 +15,24 @@ class Command(BaseCommand):
         "Publish a new signing key now in every key family in use (the access-token algorithm and "
         "RS256 for ID tokens); each starts signing once it has been published for "
         "PORTCULLIS_KEY_PUBLISH_AHEAD seconds (beat, or running this again, activates it). "
-        "--activate-now switches at once (for a compromised key)."
+        "--activate-now switches at once; --revoke KID unpublishes a leaked key at once (replacing it "
+        "first if it signs), and gateways drop the tokens it signed."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--activate-now", action="store_true")
+        parser.add_argument("--revoke", metavar="KID", help="unpublish this key at once (it leaked)")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        result = signing_key_rotate(force=True, activate_now=options["activate_now"], actor="cli:rotatekeys")
+        if options["revoke"]:
+            try:
+                result = signing_key_revoke(options["revoke"], actor="cli:rotatekeys")
+            except ValidationError as exc:
+                raise CommandError("; ".join(exc.messages)) from None
+        else:
+            result = signing_key_rotate(
+                force=True, activate_now=options["activate_now"], actor="cli:rotatekeys"
+            )
         for kid in result.created:
             self.stdout.write(f"published new key {kid}")
         for kid in result.activated:
@@ -29,6 +40,6 @@ class Command(BaseCommand):
         for kid in result.retired:
             self.stdout.write(f"retired key {kid} (its algorithm no longer signs)")
         for kid in result.removed:
-            self.stdout.write(f"removed retired key {kid}")
+            self.stdout.write(f"removed key {kid}" if options["revoke"] else f"removed retired key {kid}")
         if not (result.created or result.activated or result.retired or result.removed):
             self.stdout.write("a pending key is already published; it activates when due")
