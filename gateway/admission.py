@@ -70,15 +70,18 @@ def reservation_id() -> str:
 UNKNOWN_CONTEXT = 4096  # the generation bound assumed when neither request, policy nor upstream says
 
 
-def prompt_estimate(body_len: int) -> int:
-    """A generous estimate of a prompt's tokens from the size of the body that carries it (about 4 bytes a
-    token); it is reserved before the call, and charged when the call is cut before vLLM says."""
+def prompt_estimate(request: Validated, body_len: int) -> int:
+    """A prompt's tokens: counted when it is token ids, else a generous estimate from the size of the body
+    that carries it (about 4 bytes a token). It is reserved before the call, and charged when the call is
+    cut before vLLM says."""
+    if request.prompt_token_ids is not None:
+        return request.prompt_token_ids
     return body_len // 4 + 1
 
 
 def cost_estimate(request: Validated, body_len: int, context_len: int | None) -> int:
     """Tokens to reserve: a generous prompt estimate plus the generation bound."""
-    prompt = prompt_estimate(body_len)
+    prompt = prompt_estimate(request, body_len)
     if request.max_tokens is not None:
         bound = request.max_tokens
     else:

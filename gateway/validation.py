@@ -464,6 +464,7 @@ class Validated:
     wants_usage: bool
     max_tokens: int | None  # None: bounded only by the model's context (vLLM's default)
     n: int
+    prompt_token_ids: int | None = None  # a prompt (or input) sent as token ids: how many, exactly
 
 
 ENDPOINT_FIELDS: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
@@ -484,7 +485,7 @@ def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> V
     if "stream_options" in payload and not stream:
         _fail("stream_options", "is only allowed with stream: true")
     if kind == "embeddings":
-        return Validated(payload, payload["model"], False, False, 0, 1)
+        return Validated(payload, payload["model"], False, False, 0, 1, _token_ids(payload["input"]))
     key = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
     requested = payload.get(key)
     if max_tokens_cap is not None:
@@ -496,4 +497,24 @@ def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> V
     if stream:
         # Always ask vLLM for the final usage chunk, so a stream is charged what it really used.
         payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
-    return Validated(payload, payload["model"], stream, wants_usage, requested, payload.get("n", 1))
+    return Validated(
+        payload,
+        payload["model"],
+        stream,
+        wants_usage,
+        requested,
+        payload.get("n", 1),
+        _token_ids(payload["prompt"]) if kind == "completions" else None,
+    )
+
+
+def _token_ids(prompt: Any) -> int | None:
+    """How many token ids a validated prompt or input holds, when it is token ids (None for text): about 2
+    bytes of the body a token for small ids, so the estimate from the body's size would fall short."""
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    if isinstance(prompt[0], int):
+        return len(prompt)
+    if isinstance(prompt[0], list):
+        return sum(len(ids) for ids in prompt)
+    return None

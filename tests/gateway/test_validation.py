@@ -398,3 +398,20 @@ def test_a_tool_choice_left_to_the_model_passes_any_schema_on_as_description(cho
     # vLLM compiles no grammar then: the schema is only shown to the model
     body = forced({"type": "string", "pattern": "[", "format": "date-time"}, choice)
     assert request_validate("chat", body, max_tokens_cap=None).model == "m1"
+
+
+def test_a_prompt_of_token_ids_is_reserved_at_its_count_not_estimated_from_its_size():
+    from gateway.admission import cost_estimate
+
+    body = json.dumps({"model": "m1", "prompt": [1] * 3000, "max_tokens": 10}).encode()
+    request = request_validate("completions", body, max_tokens_cap=None)
+    assert request.prompt_token_ids == 3000
+    assert len(body) // 4 + 1 < 3000  # what the size alone would have reserved for it
+    assert cost_estimate(request, len(body), 8192) == 3000 + 10
+    text = request_validate(
+        "completions", json.dumps({"model": "m1", "prompt": ["ab", "c"]}).encode(), max_tokens_cap=None
+    )
+    assert text.prompt_token_ids is None
+    inputs = json.dumps({"model": "e", "input": [[1, 2], [3]]}).encode()
+    assert request_validate("embeddings", inputs, max_tokens_cap=None).prompt_token_ids == 3
+    assert request_validate("chat", chat(), max_tokens_cap=None).prompt_token_ids is None
