@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from django import forms
@@ -162,6 +163,23 @@ class AuditFilterForm(forms.Form):
         widget=forms.TextInput(attrs={"list": "kinds"}),
     )
     outcome = forms.ChoiceField(required=False, choices=[("", "any"), *AuditEvent.Outcome.choices])
+
+    def clean_since(self) -> datetime | None:
+        return self._in_range("since")
+
+    def clean_until(self) -> datetime | None:
+        return self._in_range("until")
+
+    def _in_range(self, name: str) -> datetime | None:
+        """A time the database can be asked about: 0001-01-01T00:00+05:00 parses, but is before year 1 in
+        UTC, and converting it for the query raised OverflowError (a 500) on SQLite."""
+        value: datetime | None = self.cleaned_data.get(name)
+        if value is not None:
+            try:
+                value.astimezone(UTC)
+            except OverflowError:
+                raise ValidationError("This time is out of range.") from None
+        return value
 
     def filters(self) -> dict[str, Any]:
         """Return the valid filters (all empty when the form is invalid)."""

@@ -63,6 +63,7 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("console/reports/<int:pk>/download/", audit.report_download, name="report-download"),
     path("console/keys/", keys.key_list, name="keys"),
     path("console/keys/rotate/", keys.key_rotate, name="key-rotate"),
+    path("console/keys/<str:kid>/revoke/", keys.key_revoke, name="key-revoke"),
     path("accounts/connected-apps/", connected.connected_apps, name="connected-apps"),
     path(
         "accounts/connected-apps/<client_id:client_id>/withdraw/",

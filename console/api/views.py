@@ -36,6 +36,7 @@ from authserver.services import (
     client_enable,
     client_secret_rotate,
     client_update,
+    signing_key_revoke,
     signing_key_rotate,
     tokens_revoke_for_client,
     user_lock,
@@ -84,6 +85,13 @@ class AdminAPIMixin:
     parser_classes = [JSONParser]
     pagination_class = AdminPagination
     schema = AutoSchema()
+
+    def finalize_response(self, request: Any, response: Any, *args: Any, **kwargs: Any) -> Any:
+        """Every answer is ``no-store``: a new client's secret, users, tokens and audit events must not stay
+        in a browser's or a proxy's cache (the API also serves staff sessions)."""
+        response = super().finalize_response(request, response, *args, **kwargs)  # type: ignore[misc]
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
 
     def handle_exception(self, exc: Exception) -> Response:
         """Answer as DRF does; a refused credential or permission is also an audit event."""
@@ -399,6 +407,16 @@ class KeyViewSet(AdminAPIMixin, viewsets.GenericViewSet):
     def rotate(self, request: Request) -> Response:
         data = _valid(s.KeyRotateSerializer, request.data)
         result = signing_key_rotate(force=True, activate_now=data["activate_now"], actor=api_actor(request))
+        return Response(result.as_dict())
+
+    @documented(
+        summary="Revoke a leaked signing key: unpublished at once (replaced first if it signs)",
+        request=None,
+        responses=s.KeyRotationSerializer,
+    )
+    @action(detail=True, methods=["post"])
+    def revoke(self, request: Request, kid: str) -> Response:
+        result = _service_call(signing_key_revoke, kid=kid, actor=api_actor(request))
         return Response(result.as_dict())
 
 

@@ -1,16 +1,24 @@
-"""Signing-key pages: every key with its state and dates; rotate now, after confirmation."""
+"""Signing-key pages: every key with its state and dates; rotate now, or revoke a leaked key, after
+confirmation."""
 
 from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.http import require_http_methods
 
 from authserver.models import SigningFamily, SigningKey
-from authserver.services import signing_algorithms_rotated, signing_family_window_s, signing_key_rotate
+from authserver.services import (
+    signing_algorithms_rotated,
+    signing_family_window_s,
+    signing_key_revoke,
+    signing_key_rotate,
+)
 from console.access import actor, console_view
+from console.views.common import confirm_page
 
 
 @console_view()
@@ -58,3 +66,29 @@ def key_rotate(request: HttpRequest) -> HttpResponse:
         "publish_ahead_s": settings.AUTHSERVER["KEY_PUBLISH_AHEAD_S"],
     }
     return render(request, "console/keys/rotate.html", context)
+
+
+@console_view(write=True)
+@require_http_methods(["GET", "POST"])
+def key_revoke(request: HttpRequest, kid: str) -> HttpResponse:
+    """Ask, then revoke a key that leaked: unpublished at once, replaced first if it signs."""
+    queryset = SigningKey.objects.exclude(state=SigningKey.State.REMOVED).defer("private_key_encrypted")
+    key = get_object_or_404(queryset, kid=kid)
+    if request.method == "POST":
+        result = signing_key_revoke(key.kid, actor=actor(request))
+        if result.activated:
+            messages.success(request, f"Signing new tokens now: {', '.join(result.activated)}.")
+        messages.success(request, f"Key {key.kid} is unpublished; every gateway drops what it signed.")
+        return redirect("console:keys")
+    return confirm_page(
+        request,
+        title="Revoke this signing key?",
+        message=(
+            "For a key that leaked. It is unpublished at once, not when its tokens expire; if it signs, a "
+            "new key of its family signs from now. Every token it signed stops working on every gateway, "
+            "honest ones too: their clients get new ones."
+        ),
+        action="Revoke the key",
+        cancel_url=reverse("console:keys"),
+        details=[("Key id", key.kid), ("Algorithm", key.algorithm), ("State", key.state)],
+    )

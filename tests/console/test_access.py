@@ -13,6 +13,7 @@ from django.test import Client as HttpClient
 from django.urls import URLPattern, URLResolver, reverse
 
 from audit.models import AuditEvent
+from authserver.models import SigningKey
 from console import urls as console_urls
 from tests.console.conftest import World
 
@@ -54,6 +55,8 @@ def url_for(pattern: URLPattern, world: World) -> str:
     for name in pattern.pattern.regex.groupindex:
         if name == "client_id":
             kwargs[name] = world.app.client.client_id
+        elif name == "kid":
+            kwargs[name] = SigningKey.objects.filter(state=SigningKey.State.ACTIVE).values("kid")[0]["kid"]
         elif name == "pk":
             assert pattern.name in PK_OF, f"tell PK_OF which object {pattern.name} takes"
             kwargs[name] = PK_OF[pattern.name](world)

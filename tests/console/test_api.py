@@ -222,6 +222,26 @@ def test_keys_are_listed_without_private_parts_and_rotated(bearer, world):
     activated = SigningKey.objects.filter(kid__in=result["activated"])
     assert {(key.algorithm, key.state) for key in activated} == {("ES256", "active"), ("RS256", "active")}
     assert result["removed"] == result["retired"] == []
+    leaked = SigningKey.objects.get(state="active", algorithm="ES256").kid
+    revoked = api.post(f"/api/admin/keys/{leaked}/revoke/")
+    assert revoked["Cache-Control"] == "no-store"
+    assert revoked.json()["removed"] == [leaked]
+    assert SigningKey.objects.get(kid=leaked).state == "removed"
+    assert api.post(f"/api/admin/keys/{leaked}/revoke/").status_code == 400  # no longer published
+
+
+def test_every_admin_api_answer_is_no_store_a_new_clients_secret_first(bearer):
+    api = bearer()
+    created = api.post(
+        "/api/admin/clients/",
+        {"name": "Batch", "grant_types": ["client-credentials"], "scopes": ["models.read"]},
+        content_type="application/json",
+    )
+    assert created.status_code == 201, created.content
+    assert "client_secret" in created.json()
+    assert created["Cache-Control"] == "no-store"
+    for path in ("/api/admin/clients/", "/api/admin/audit-events/", "/api/admin/nothing-here/"):
+        assert api.get(path)["Cache-Control"] == "no-store", path
 
 
 def test_a_token_of_a_client_that_is_not_administrative_is_refused(admin_scopes_enabled, world):

@@ -336,6 +336,18 @@ def test_the_audit_list_filters_by_kind_actor_client_outcome_and_time(as_admin, 
     assert b"No events match these filters." in response.content
 
 
+@pytest.mark.parametrize("field", ["since", "until"])
+@pytest.mark.parametrize("when", ["0001-01-01T00:00+05:00", "9999-12-31T23:59-05:00"])
+def test_a_time_filter_past_the_calendar_in_utc_is_a_form_error_not_a_500(as_admin, world, field, when):
+    from console.forms import AuditFilterForm
+
+    form = AuditFilterForm({field: when})
+    assert form.filters() == {}  # SQLite's query converted it to UTC: OverflowError
+    assert form.errors[field] == ["This time is out of range."]
+    assert as_admin.get("/console/audit/", {field: when}).status_code == 200
+    assert as_admin.get("/console/audit/export.csv", {field: when}).status_code == 200
+
+
 def test_the_csv_export_has_every_filtered_event_and_defuses_formulas(as_admin, world):
     from audit.services import audit_record
 
@@ -398,6 +410,22 @@ def test_rotating_keys_asks_first_and_activate_now_makes_a_new_key_sign(as_admin
     assert [f.algorithm for f in listing.context["families"]] == ["ES256"]  # the world's access token
     assert b"<strong>ES256</strong>, last" in listing.content
     assert b"signed with it within the last 7 days" in listing.content  # the default rotation interval
+
+
+def test_revoking_a_leaked_key_asks_first_then_replaces_and_unpublishes_it(as_admin, world):
+    leaked = SigningKey.objects.get(state=SigningKey.State.ACTIVE, algorithm="ES256")
+    listing = as_admin.get("/console/keys/").content.decode()
+    assert f'href="/console/keys/{leaked.kid}/revoke/"' in listing
+    confirm = as_admin.get(f"/console/keys/{leaked.kid}/revoke/")
+    assert b"Revoke the key" in confirm.content
+    assert SigningKey.objects.get(pk=leaked.pk).state == SigningKey.State.ACTIVE  # asking changed nothing
+    said = as_admin.post(f"/console/keys/{leaked.kid}/revoke/", follow=True).content.decode()
+    leaked.refresh_from_db()
+    assert leaked.state == SigningKey.State.REMOVED
+    replacement = SigningKey.objects.get(state=SigningKey.State.ACTIVE, algorithm="ES256")
+    assert f"Signing new tokens now: {replacement.kid}." in said
+    assert last_event("key.revoked").actor == ADMIN
+    assert as_admin.get(f"/console/keys/{leaked.kid}/revoke/").status_code == 404  # once is all it takes
 
 
 def test_the_dashboard_shows_live_figures_security_events_and_the_active_key(as_admin, world):
