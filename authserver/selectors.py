@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -15,7 +15,7 @@ from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 from jwcrypto import jwk
 
-from authserver.models import AccessToken, Client, Consent, SigningKey
+from authserver.models import AccessToken, Client, Consent, RefreshToken, SigningKey
 
 _ACTIVE_CACHE_S = 5.0  # a rotation reaches every process within this, and the new key is already published
 _active_lock = threading.Lock()
@@ -196,6 +196,18 @@ def connected_apps_for_user(*, user: Any, now: datetime | None = None) -> list[C
             "since": consent.granted_at,
             "live": 0,
         }
+    # A live refresh token is access too, its access token expired or not (an app approved before its
+    # consent was remembered, a device flow's among them, must still be listed, so it can be withdrawn).
+    lifetime = timedelta(seconds=settings.REFRESH_TOKEN_LIFETIME_S)
+    refresh_tokens = RefreshToken.objects.filter(
+        user=user, revoked__isnull=True, created__gt=now - lifetime
+    ).select_related("application")
+    for refresh in refresh_tokens:
+        if refresh.application is not None:
+            apps.setdefault(
+                refresh.application.pk,
+                {"client": refresh.application, "scopes": set(), "since": refresh.created, "live": 0},
+            )
     for token in AccessToken.objects.filter(user=user, expires__gt=now).select_related("application"):
         if token.application is None:
             continue

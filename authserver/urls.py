@@ -16,10 +16,10 @@ urlpatterns = [
     path("introspect/", views.IntrospectView.as_view(), name="introspect"),
     path("userinfo/", views.UserInfoView.as_view(), name="user-info"),
     path("device-authorization/", views.DeviceAuthorizationView.as_view(), name="device-authorization"),
-    path("device/", dot_views.DeviceUserCodeView.as_view(), name="device"),
+    path("device/", views.DeviceUserCodeView.as_view(), name="device"),
     path(
         "device/confirm/<slug:client_id>/<slug:user_code>/",
-        dot_views.DeviceConfirmView.as_view(),
+        views.DeviceConfirmView.as_view(),
         name="device-confirm",
     ),
     path(

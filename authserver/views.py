@@ -15,7 +15,7 @@ from django.contrib.auth import logout
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.views import redirect_to_login
 from django.core.cache import cache
-from django.core.exceptions import BadRequest, SuspiciousOperation
+from django.core.exceptions import BadRequest, MultipleObjectsReturned, SuspiciousOperation, ValidationError
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.http.multipartparser import MultiPartParserError
@@ -31,6 +31,7 @@ from oauth2_provider.exceptions import FatalClientError, OAuthToolkitError
 from oauth2_provider.models import get_device_grant_model
 from oauth2_provider.settings import oauth2_settings
 from oauth2_provider.signals import app_authorized
+from oauth2_provider.views.device import DeviceGrantForm
 from oauth2_provider.views.metadata import OAuthServerMetadataView
 from oauthlib.common import Request as OauthlibRequest
 from oauthlib.oauth2.rfc6749.errors import ConsentRequired, InvalidClientIdError, LoginRequired
@@ -236,6 +237,97 @@ class RevokeTokenView(FormEndpoint, dot_views.RevokeTokenView):
             client_id=_client_id_of(request),
             data={"token_type_hint": request.POST.get("token_type_hint", "")[:20], "via": "rfc7009"},
         )
+        return response
+
+
+USER_CODE_WRONG_MAX = 10  # wrong user codes a user may enter within the window, then a pause
+USER_CODE_WINDOW_S = 900
+
+
+class DeviceUserCodeForm(DeviceGrantForm):
+    """DOT's form, for a code two pending grants happen to share (DOT's user codes are not unique): its
+    lookup raised MultipleObjectsReturned, a 500. (A NUL is refused by the form field itself.)"""
+
+    def clean_user_code(self) -> Any:
+        try:
+            return super().clean_user_code()
+        except MultipleObjectsReturned:
+            raise ValidationError("Incorrect user code", code="incorrect_user_code") from None
+
+
+class DeviceUserCodeView(dot_views.DeviceUserCodeView):
+    """Where a signed-in user enters the code a device shows: DOT's page, with wrong codes counted and
+    audited, and a pause after ``USER_CODE_WRONG_MAX`` of them (RFC 8628 §5.1: user codes are short enough
+    to guess; a pending code found by guessing lets its finder approve someone's device as themselves)."""
+
+    form_class = DeviceUserCodeForm
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if self._wrong_count() >= USER_CODE_WRONG_MAX:
+            audit_record(
+                kind="device.code_throttled",
+                outcome="denied",
+                actor=actor_for_user(request.user),
+                data={"limit": USER_CODE_WRONG_MAX, "window_s": USER_CODE_WINDOW_S},
+            )
+            form = self.get_form()
+            form.errors.clear()
+            form.add_error(None, "Too many wrong codes. Wait a few minutes, then try again.")
+            return self.render_to_response(self.get_context_data(form=form), status=429)
+        response: HttpResponse = super().post(request, *args, **kwargs)
+        return response
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        if form.has_error("user_code", "incorrect_user_code"):
+            audit_record(
+                kind="device.code_wrong",
+                outcome="denied",
+                actor=actor_for_user(self.request.user),
+                data={"count": self._wrong_counted()},
+            )
+        response: HttpResponse = super().form_invalid(form)
+        return response
+
+    def _key(self) -> str:
+        return f"portcullis:device-code-wrong:{self.request.user.pk}"
+
+    def _wrong_count(self) -> int:
+        try:
+            return int(cache.get(self._key(), 0))
+        except (RedisError, OSError):
+            logger.warning("the cache did not answer; wrong device codes are not counted")
+            return 0
+
+    def _wrong_counted(self) -> int:
+        """Count one more wrong code in the window that the first one opened."""
+        try:
+            cache.add(self._key(), 0, timeout=USER_CODE_WINDOW_S)
+            return int(cache.incr(self._key()))
+        except (RedisError, OSError, ValueError):  # ValueError: the key expired between the two calls
+            return 0
+
+
+class DeviceConfirmView(dot_views.DeviceConfirmView):
+    """The user approves or denies a device: DOT's page, with the answer remembered and audited as the
+    consent page's is. Without it a device app's approval left no ``consent.granted`` record, and once its
+    access token expired the app vanished from the user's connected apps, its refresh token still live."""
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        device = self.get_object()  # before DOT changes its status (it is looked up by that status)
+        response: HttpResponse = super().form_valid(form)
+        client = client_by_client_id(device.client_id)
+        if client is None:
+            return response
+        if form.cleaned_data["action"] == "accept":
+            consent_grant(user=self.request.user, client=client, scopes=device.scope.split())
+        elif form.cleaned_data["action"] == "deny":
+            audit_record(
+                kind="consent.denied",
+                outcome="denied",
+                actor=actor_for_user(self.request.user),
+                client_id=client.client_id,
+                data={"scope": device.scope, "flow": "device"},
+            )
         return response
 
 

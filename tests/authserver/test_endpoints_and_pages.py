@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from io import StringIO
 from typing import Any
 from urllib.parse import urlencode
@@ -120,6 +121,86 @@ def _poll(client, client_id: str, device_code: str, **extra: str) -> Any:
         "/oauth/token/",
         {"grant_type": DEVICE_GRANT, "device_code": device_code, "client_id": client_id, **extra},
     )
+
+
+def test_a_device_approval_is_remembered_and_audited_and_the_app_stays_listed_until_withdrawn(
+    client, make_client, alice
+):
+    from authserver.models import AccessToken, Consent, RefreshToken
+    from authserver.selectors import connected_apps_for_user
+
+    device, code = _device_approved(client, make_client, alice, scope="models.read offline_access")
+    granted = AuditEvent.objects.get(kind="consent.granted", client_id=device.client.client_id)
+    assert (granted.actor, granted.data) == ("user:alice", {"scope": "models.read offline_access"})
+    tokens = _poll(client, device.client.client_id, code)
+    assert "refresh_token" in tokens.json()
+    [app] = connected_apps_for_user(user=alice)
+    assert app.client == device.client
+    # approved before approvals were remembered: no consent row, its access token expired, its refresh
+    # token live, and still listed (so it can be withdrawn)
+    Consent.objects.filter(user=alice).delete()
+    AccessToken.objects.filter(user=alice).update(expires=timezone.now() - timedelta(seconds=1))
+    [app] = connected_apps_for_user(user=alice)
+    assert app.client == device.client
+    client.force_login(alice)
+    withdrawn = client.post(f"/accounts/connected-apps/{device.client.client_id}/withdraw/")
+    assert withdrawn.status_code == 302
+    assert not RefreshToken.objects.filter(user=alice, revoked__isnull=True).exists()
+    assert connected_apps_for_user(user=alice) == []
+
+
+def test_a_device_refused_by_the_user_is_audited_as_a_denied_consent(client, make_client, alice):
+    device = make_client(grants=("device-code",), public=True, scopes="models.read")
+    started = _device_start(client, device.client.client_id, "models.read", FORM).json()
+    client.force_login(alice)
+    entered = client.post("/oauth/device/", {"user_code": started["user_code"]})
+    assert client.post(entered["Location"], {"action": "deny"}).status_code == 302
+    denied = AuditEvent.objects.get(kind="consent.denied", client_id=device.client.client_id)
+    assert (denied.actor, denied.outcome, denied.data["flow"]) == ("user:alice", "denied", "device")
+    assert not AuditEvent.objects.filter(kind="consent.granted").exists()
+
+
+def test_wrong_device_codes_are_audited_and_after_ten_the_user_must_wait(client, make_client, alice):
+    from django.core.cache import cache
+    from oauth2_provider.models import get_device_grant_model
+
+    device = make_client(grants=("device-code",), public=True, scopes="models.read")
+    started = _device_start(client, device.client.client_id, "models.read", FORM).json()
+    client.force_login(alice)
+    cache.delete(f"portcullis:device-code-wrong:{alice.pk}")
+    for guess in range(10):
+        wrong = client.post("/oauth/device/", {"user_code": f"GUESS{guess:03d}"})
+        assert wrong.status_code == 200
+        assert b"Incorrect user code" in wrong.content
+    counts = AuditEvent.objects.filter(kind="device.code_wrong", actor="user:alice").values_list(
+        "data", flat=True
+    )
+    assert sorted(data["count"] for data in counts) == list(range(1, 11))
+    paused = client.post("/oauth/device/", {"user_code": started["user_code"]})  # the right code waits too
+    assert paused.status_code == 429
+    assert b"Too many wrong codes" in paused.content
+    assert AuditEvent.objects.filter(kind="device.code_throttled", actor="user:alice").exists()
+    assert get_device_grant_model().objects.get(user_code=started["user_code"]).user is None
+    cache.delete(f"portcullis:device-code-wrong:{alice.pk}")  # the window has passed
+    assert client.post("/oauth/device/", {"user_code": started["user_code"]}).status_code == 302
+
+
+def test_a_user_code_two_grants_share_is_a_wrong_code_not_a_500(client, make_client, alice):
+    from oauth2_provider.models import get_device_grant_model
+
+    device = make_client(grants=("device-code",), public=True, scopes="models.read")
+    first = _device_start(client, device.client.client_id, "models.read", FORM).json()
+    second = _device_start(client, device.client.client_id, "models.read", FORM).json()
+    get_device_grant_model().objects.filter(user_code=second["user_code"]).update(
+        user_code=first["user_code"]
+    )
+    client.force_login(alice)
+    answer = client.post("/oauth/device/", {"user_code": first["user_code"]})
+    assert answer.status_code == 200  # DOT's lookup raised MultipleObjectsReturned: a 500
+    assert b"Incorrect user code" in answer.content
+    assert (
+        client.post("/oauth/device/", {"user_code": "AB\x00CD"}).status_code == 200
+    )  # the field refuses NUL
 
 
 def test_a_device_code_gives_one_token_for_the_user_who_approved_it(client, make_client, alice):
