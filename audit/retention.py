@@ -3,7 +3,9 @@
 Rows older than a cutoff are written to a JSON-lines archive (with its SHA-256), then deleted in a
 transaction that sets ``portcullis.audit_prune`` — the only case the append-only trigger lets through. The
 chain's base moves to the last pruned record, so ``verifyaudit`` verifies what remains from there, and the
-run itself is an audit event naming the count, the archive digest and the new base.
+run itself is an audit event naming the count, the archive digest and the new base, and a checkpoint is
+signed over it at once: ``verifyaudit`` trusts a moved base only when a signature covers the record that
+moved it, and would otherwise report the chain broken until beat's next checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from django.core import serializers
 from django.db import connection, transaction
 
-from audit.chain import chain_prune
+from audit.chain import chain_prune, checkpoint_sign
 from audit.models import AuditCheckpoint, AuditEvent, UsageRecord
 from audit.services import audit_record
 
@@ -48,7 +50,7 @@ def audit_archive_and_prune(*, before: datetime, archive: Path, actor: str) -> P
         if connection.vendor == "postgresql":
             with connection.cursor() as cursor:
                 cursor.execute("SET LOCAL portcullis.audit_prune = 'on'")
-        base_seq, _base_hash = chain_prune(before_seq=before_seq)
+        base_seq, base_hash = chain_prune(before_seq=before_seq)
         counts = (events.delete()[0], usage.delete()[0])
         AuditCheckpoint.objects.filter(seq__lte=base_seq).delete()
     audit_record(
@@ -60,6 +62,8 @@ def audit_archive_and_prune(*, before: datetime, archive: Path, actor: str) -> P
             "archive_sha256": digest.hexdigest(),
             "before": before.isoformat(),
             "base_seq": base_seq,
+            "base_hash": base_hash,
         },
     )
+    checkpoint_sign()  # no signer registered (the audit app alone): beat's next run signs it
     return PruneResult(counts[0], counts[1], archive, digest.hexdigest(), base_seq)

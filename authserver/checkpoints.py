@@ -1,9 +1,16 @@
-"""Audit checkpoints are signed with our signing keys; the audit app gets the signer through a registry."""
+"""Audit checkpoints are signed with our signing keys; the audit app gets the signer through a registry.
+
+A checkpoint is evidence only if its key is ours. The key rows live in the database the checkpoints guard,
+so a public key counts only when the private key sealed beside it with the key-encryption key (which is
+never in the database) is its pair: whoever can rewrite audit rows can add a key row of their own, or
+change a published one, but cannot seal a private key.
+"""
 
 from __future__ import annotations
 
 import json
 
+from cryptography.fernet import InvalidToken
 from jwcrypto import jwk, jws
 from jwcrypto.common import JWException
 
@@ -27,8 +34,22 @@ def checkpoint_signature(payload: bytes) -> tuple[str, str]:
     return key.kid, token.serialize(compact=True)
 
 
+def _public_key_sealed(row: SigningKey) -> jwk.JWK | None:
+    """Return the row's public key if the private key sealed with our key-encryption key is its pair."""
+    try:
+        public, private = jwk.JWK(**row.public_jwk), row.private_jwk()
+    except (InvalidToken, JWException, ValueError, TypeError):
+        return None
+    return public if public.thumbprint() == private.thumbprint() else None
+
+
 def checkpoint_verify(signature: str) -> bytes | None:
-    """Return the signed payload if a checkpoint verifies against one of our keys (any state)."""
+    """Return the signed payload if a checkpoint verifies against one of our keys.
+
+    Any state: a key retired and removed by rotation signed honest checkpoints while it was active, and
+    they must keep verifying. So is a key revoked because it leaked: nothing in a checkpoint tells one signed
+    before the leak from a forgery after it, so refusing them would break honest history, and trusting them
+    means they vouch for the chain only as well as the key was kept."""
     try:
         token = jws.JWS()
         token.deserialize(signature)
@@ -36,7 +57,10 @@ def checkpoint_verify(signature: str) -> bytes | None:
         row = SigningKey.objects.filter(kid=header.get("kid")).first()
         if row is None or header.get("typ") != CHECKPOINT_TYPE or header.get("alg") != row.algorithm:
             return None
-        token.verify(jwk.JWK(**row.public_jwk), alg=row.algorithm)
+        public = _public_key_sealed(row)
+        if public is None:
+            return None
+        token.verify(public, alg=row.algorithm)
     except (JWException, ValueError, TypeError):
         return None
     return bytes(token.payload)

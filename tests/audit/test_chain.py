@@ -17,7 +17,7 @@ from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from audit.chain import chain_head, chain_verify, checkpoint_sign
-from audit.models import AuditCheckpoint, AuditEvent
+from audit.models import AuditCheckpoint, AuditEvent, ChainHead
 from audit.services import audit_record
 
 
@@ -436,3 +436,229 @@ def test_the_embedded_sqlite_default_chains_and_verifies(tmp_path, returning):
     result = embedded_sqlite_run(tmp_path, code, returning=returning)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "audit chain OK: 3 records" in result.stdout
+
+
+# --- the chain's base and its tail: what the head row, which is not append-only, could otherwise hide ---
+
+
+def _head_set(**columns: Any) -> None:
+    """What any role that can write the database does: the head row has no append-only trigger."""
+    assignments = ", ".join(f"{name} = %s" for name in columns)
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE audit_chainhead SET {assignments}", list(columns.values()))  # noqa: S608
+
+
+def _delete_as_pruning_does(sql: str, params: list[Any]) -> None:
+    """What any role can do too: set the variable the append-only trigger lets deletes through on."""
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL portcullis.audit_prune = 'on'")
+        cursor.execute(sql, params)
+        cursor.execute("SET LOCAL portcullis.audit_prune = 'off'")
+
+
+def _record(seq: int) -> AuditEvent:
+    return AuditEvent.objects.get(seq=seq)
+
+
+@pytest.mark.django_db
+def test_a_base_moved_over_an_edited_record_does_not_hide_it():
+    _events(6)
+    assert checkpoint_sign() is not None
+    target = _record(3)
+    _behind_the_apps_back("UPDATE audit_auditevent SET actor = %s WHERE id = %s", ["user:mallory", target.pk])
+    _head_set(base_seq=3, base_hash=target.hash)
+    report = chain_verify()
+    assert not report.ok
+    assert (report.first_bad_seq, report.first_bad_id) == (3, target.pk)
+    with pytest.raises(CommandError, match="record 3 does not match its hash"):
+        call_command("verifyaudit")
+
+
+@pytest.mark.django_db
+def test_a_base_moved_over_records_that_are_still_there_is_reported():
+    _events(6)
+    _head_set(base_seq=3, base_hash=_record(3).hash)
+    report = chain_verify()
+    assert not report.ok
+    assert report.reason == "records 1 to 3 are still there, but the chain's base says they were pruned"
+
+
+@pytest.mark.django_db
+def test_records_deleted_from_the_start_without_a_pruning_record_are_reported():
+    _events(6)
+    assert checkpoint_sign() is not None
+    base_hash = _record(3).hash
+    _delete_as_pruning_does("DELETE FROM audit_auditevent WHERE seq <= %s", [3])
+    _head_set(base_seq=3, base_hash=base_hash)
+    report = chain_verify()
+    assert not report.ok
+    assert report.first_bad_seq == 3
+    assert report.reason == "the chain starts after record 3, but no audit.pruned record names that base"
+
+
+@pytest.mark.django_db
+def test_a_pruning_record_no_checkpoint_signs_does_not_vouch_for_the_base():
+    _events(6)
+    assert checkpoint_sign() is not None
+    base_hash = _record(3).hash
+    _delete_as_pruning_does("DELETE FROM audit_auditevent WHERE seq <= %s", [3])
+    _head_set(base_seq=3, base_hash=base_hash)
+    forged = audit_record(kind="audit.pruned", actor="cli:pruneaudit", data={"base_seq": 3})
+    report = chain_verify()
+    assert not report.ok
+    assert f"audit.pruned record {forged.seq} that moved the chain's base to 3 is not" in report.reason
+
+
+@pytest.mark.django_db
+def test_a_prune_signs_its_pruning_record_so_the_moved_base_verifies_at_once(tmp_path):
+    from datetime import timedelta
+
+    from audit.retention import audit_archive_and_prune
+
+    for i in range(5):
+        audit_record(kind="test.old", data={"i": i}, occurred_at=timezone.now() - timedelta(days=400))
+    _events(2)
+    assert checkpoint_sign() is not None
+    result = audit_archive_and_prune(
+        before=timezone.now() - timedelta(days=365), archive=tmp_path / "old.jsonl", actor="test"
+    )
+    assert result.base_seq == 5
+    pruned = AuditEvent.objects.get(kind="audit.pruned")
+    assert pruned.data["base_hash"] == ChainHead.objects.get().base_hash
+    assert AuditCheckpoint.objects.filter(seq__gte=pruned.seq).exists()  # signed by the prune itself
+    report = chain_verify()
+    assert report.ok, report.reason
+    assert report.base_seq == 5
+    out = StringIO()
+    call_command("verifyaudit", stdout=out)
+    assert f"{report.checked} records, after record 5 (archived and pruned)" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_records_cut_from_the_end_below_a_signed_checkpoint_are_named_as_such():
+    _events(6)
+    assert checkpoint_sign() is not None
+    head = checkpoint_sign()  # the first one created the keys, which wrote records of their own
+    assert head is not None
+    _delete_as_pruning_does("DELETE FROM audit_auditevent WHERE seq > %s", [7])
+    _head_set(seq=7, hash=_record(7).hash)
+    report = chain_verify()
+    assert not report.ok
+    assert report.first_bad_seq == head.seq
+    assert report.reason == (
+        f"the chain ends at record 7, before the signed checkpoint at record {head.seq}: "
+        "records were cut from its end"
+    )
+
+
+@pytest.mark.django_db
+def test_verifyaudit_says_how_many_of_the_newest_records_no_checkpoint_signs_yet():
+    out = StringIO()
+    _events(2)
+    call_command("verifyaudit", stdout=out)
+    assert "no checkpoint signed yet: none of the 2 records is signed" in out.getvalue()
+    checkpoint = checkpoint_sign()
+    assert checkpoint is not None
+    _events(3)
+    report = chain_verify()
+    assert report.ok, report.reason
+    assert (report.signed_seq, report.unsigned) == (2, AuditEvent.objects.count() - 2)
+    assert report.signed_at is not None
+    assert abs((report.signed_at - checkpoint.created_at).total_seconds()) < 2
+    assert report.newest_at == AuditEvent.objects.order_by("-seq")[0].occurred_at
+    out = StringIO()
+    call_command("verifyaudit", stdout=out)
+    assert f"the newest checkpoint signs record 2, signed {report.signed_at:%Y-%m-%d %H:%M:%S}Z" in (
+        out.getvalue()
+    )
+    assert f"; {report.unsigned} later records (the newest written " in out.getvalue()
+
+
+# --- whose keys a checkpoint's signature may come from ---
+
+
+def _rewrite_from(seq: int) -> dict[int, str]:
+    """Edit record ``seq``, recompute its hash, every later one and the head's; return the new hashes."""
+    from audit.chain import link_hash
+
+    rows = list(AuditEvent.objects.order_by("seq"))
+    rows[seq - 1].actor = "user:mallory"
+    prev, hashes = rows[seq - 2].hash, dict[int, str]()
+    for row in rows[seq - 1 :]:
+        row.prev_hash, row.hash = prev, link_hash(prev, row)
+        _behind_the_apps_back(
+            "UPDATE audit_auditevent SET actor=%s, prev_hash=%s, hash=%s WHERE id=%s",
+            [row.actor, row.prev_hash, row.hash, row.pk],
+        )
+        prev = hashes[row.seq or 0] = row.hash
+    _head_set(hash=prev)
+    return hashes
+
+
+@pytest.mark.parametrize("how", ["a key row added", "a published key's public part replaced"])
+@pytest.mark.django_db
+def test_a_checkpoint_signed_with_an_attackers_own_key_is_refused(how):
+    from cryptography.fernet import Fernet
+    from jwcrypto import jwk, jws
+
+    from authserver.checkpoints import CHECKPOINT_TYPE
+    from authserver.models import SigningKey
+
+    _events(4)
+    checkpoint = checkpoint_sign()
+    assert checkpoint is not None
+    hashes = _rewrite_from(2)
+    mallory = jwk.JWK.generate(kty="RSA", size=2048)
+    kid = mallory.thumbprint() if how == "a key row added" else checkpoint.kid
+    public = {**mallory.export_public(as_dict=True), "kid": kid, "alg": "RS256", "use": "sig"}
+    if how == "a key row added":  # sealed with a key-encryption key of the attacker's, not ours
+        sealed = Fernet(Fernet.generate_key()).encrypt(mallory.export_to_pem(private_key=True, password=None))
+        now = timezone.now()
+        SigningKey.objects.create(
+            kid=kid,
+            public_jwk=public,
+            private_key_encrypted=sealed,
+            state=SigningKey.State.REMOVED,
+            publish_at=now,
+            activate_after=now,
+        )
+    else:
+        SigningKey.objects.filter(kid=kid).update(public_jwk=public)
+    forged = jws.JWS(json.dumps({"seq": checkpoint.seq, "hash": hashes[checkpoint.seq], "at": 1}).encode())
+    forged.add_signature(
+        mallory, alg="RS256", protected=json.dumps({"alg": "RS256", "kid": kid, "typ": CHECKPOINT_TYPE})
+    )
+    _behind_the_apps_back(
+        "UPDATE audit_auditcheckpoint SET head_hash = %s, signature = %s WHERE id = %s",
+        [hashes[checkpoint.seq], forged.serialize(compact=True), checkpoint.pk],
+    )
+    report = chain_verify()
+    assert not report.ok
+    assert report.reason == f"checkpoint at record {checkpoint.seq} has no valid signature"
+
+
+@pytest.mark.django_db
+def test_a_checkpoint_signed_by_a_key_since_rotated_out_and_removed_still_verifies():
+    from datetime import timedelta
+
+    from django.conf import settings
+
+    from authserver.models import SigningKey
+    from authserver.selectors import active_key_cache_clear
+    from authserver.services import signing_key_rotate
+
+    _events(2)
+    old = checkpoint_sign()
+    assert old is not None
+    signing_key_rotate(force=True, activate_now=True)
+    retired_for = int(settings.AUTHSERVER["ACCESS_TOKEN_LIFETIME_S"]) + 180  # past its remove_after
+    removed = signing_key_rotate(now=timezone.now() + timedelta(seconds=retired_for))
+    assert old.kid in removed.removed
+    assert SigningKey.objects.get(kid=old.kid).state == SigningKey.State.REMOVED
+    active_key_cache_clear()
+    new = checkpoint_sign()
+    assert new is not None
+    assert new.kid != old.kid
+    report = chain_verify()
+    assert report.ok, report.reason
+    assert report.checkpoints == 2
