@@ -1,25 +1,39 @@
-"""Anomaly detection over the last minute, and the last hour for sign-ins (a beat job runs it every minute).
+"""Anomaly detection over what was stored since the last run (a beat job runs it every minute).
 
-Rules, per client: a request or token rate far above the client's own recent baseline; a burst of
-401/403/429 answers; one access token used from several IP addresses; refresh-token reuse; a locked-out
-account. Per account, over the last hour: failed sign-ins from many addresses, which the lockout (kept per
-account and address) does not stop. Each finding is one ``anomaly.detected`` audit event with its evidence,
-recorded once per rule, subject and window (once an hour per account for the last rule). Handlers registered
-by other apps act on findings (the gateway quarantines a client whose policy says so), since the audit app
-imports no other app.
+Rules, per client and minute of ``occurred_at`` (the gateway's clock): a request or token rate far above
+the client's own baseline (the hour before); a burst of 401/403/429 answers from one address; one access
+token used from several addresses; each refresh-token reuse, code replay and locked-out account. Per
+account, over an hour: failed sign-ins from many addresses, which the lockout (kept per account and
+address) does not stop.
+
+Records reach the database late: the ingest runs seconds behind the gateways, or minutes to hours when the
+stream is behind or PostgreSQL was down. So a run does not look at "the last minute": it reads the records
+stored since the last run (high-water marks of usage ids and audit-chain seqs, in ``AnomalyScan``) and
+evaluates each minute they fall in, whole, whenever that was (for sign-ins, the hour up to that minute).
+A minute evaluated again as more of it arrives is recorded once per rule, client, subject and minute; a
+sign-in spread once an hour per account.
+
+Each finding is one ``anomaly.detected`` audit event with its evidence. A finding names the one end user it
+is attributable to when its records do (``user``: the tokens' subject), so a handler can act on that user
+rather than on every user of a shared client. Handlers registered by other apps act on findings (the
+gateway quarantines what a client's policy says to), since the audit app imports no other app.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
-from django.db.models import Count, Q, Sum
+from django.db import OperationalError, connection, transaction
+from django.db.models import Count, Max, QuerySet, Sum
+from django.db.models.functions import Trunc
 from django.utils import timezone
 
-from audit.models import AuditEvent, UsageRecord
+from audit.models import AnomalyScan, AuditEvent, UsageRecord
 from audit.services import audit_record
 
 WINDOW = timedelta(minutes=1)
@@ -32,6 +46,13 @@ TOKEN_IPS = 3  # one access token seen from this many addresses in a minute
 LOGIN_SPREAD_WINDOW = timedelta(hours=1)
 LOGIN_SPREAD_FAILURES = 20  # failed sign-ins to one account within the hour...
 LOGIN_SPREAD_ADDRESSES = 5  # ...from at least this many addresses
+FIRST_LOOKBACK = LOGIN_SPREAD_WINDOW  # a first run (no marks yet) reads what occurred in the longest window
+LOCK_TIMEOUT = "2s"  # the wait for in-flight ingest transactions; past it the usage mark stays where it was
+EVENT_RULES = {
+    "token.refresh_reuse": "refresh_reuse",
+    "login.locked_out": "account_locked",
+    "code.replayed": "code_replay",
+}
 
 Handler = Callable[["Finding"], None]
 _handlers: list[Handler] = []
@@ -42,8 +63,17 @@ class Finding:
     rule: str
     client_id: str
     evidence: dict[str, Any]
-    subject: str = ""  # what it is recorded once per window for; by default the client and the evidence
+    subject: str = ""  # what, within the rule and client, it is recorded once per window for
     window: timedelta = WINDOW
+    start: datetime | None = None  # the window's start (of occurred_at); None: the window before detection
+    sliding: bool = False  # overlapping windows (sign-ins): recorded once per ``window`` of detection time
+    user: str = ""  # the one end user it is attributable to (a user id, the tokens' sub); "": not one user
+
+    @property
+    def key(self) -> str:
+        """What it is recorded once for: rule, client, subject and (tumbling windows) the window."""
+        minute = "" if self.sliding or self.start is None else f"@{self.start.isoformat()}"
+        return f"{self.rule}:{self.client_id}:{self.subject}{minute}"
 
 
 def anomaly_handler_register(handler: Handler) -> None:
@@ -52,130 +82,242 @@ def anomaly_handler_register(handler: Handler) -> None:
         _handlers.append(handler)
 
 
-def _rate_findings(now: datetime) -> list[Finding]:
-    recent = UsageRecord.objects.filter(occurred_at__gt=now - WINDOW, occurred_at__lte=now, status__lt=400)
-    base = UsageRecord.objects.filter(
-        occurred_at__gt=now - WINDOW - BASELINE, occurred_at__lte=now - WINDOW, status__lt=400
-    )
+def _minute(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+def _minutes(rows: QuerySet[Any]) -> list[datetime]:
+    """The minutes (UTC) of the rows' ``occurred_at``, oldest first."""
+    found = rows.order_by().annotate(m=Trunc("occurred_at", "minute", tzinfo=UTC)).values_list("m", flat=True)
+    return sorted({_minute(m) for m in found.distinct()})
+
+
+def _in_minute(start: datetime) -> QuerySet[UsageRecord]:
+    return UsageRecord.objects.filter(occurred_at__gte=start, occurred_at__lt=start + WINDOW).order_by()
+
+
+def _alone(by_user: dict[str, int], enough: Callable[[int], bool]) -> tuple[str, int]:
+    """The user whose own records are enough for the finding, and their amount; ("", 0) when none is (the
+    records are the client's own, by client credentials, or spread over users)."""
+    user, amount = max(by_user.items(), key=lambda item: item[1])
+    return (user, amount) if user and enough(amount) else ("", 0)
+
+
+def _attributed(evidence: dict[str, Any], user: str, amount: int) -> dict[str, Any]:
+    return {**evidence, "user": user, "by_user": amount} if user else evidence
+
+
+def _far_above(amount: int, *, floor: int, past: float) -> bool:
+    return amount >= floor and amount > RATE_FACTOR * past
+
+
+def _rate_findings(start: datetime) -> list[Finding]:
+    served = UsageRecord.objects.filter(status__lt=400).order_by()
+    spent = Sum("prompt_tokens") + Sum("completion_tokens")
     minutes = BASELINE / WINDOW
     baseline = {
-        row["client_id"]: row
-        for row in base.values("client_id").annotate(
-            n=Count("id"), t=Sum("prompt_tokens") + Sum("completion_tokens")
-        )
+        row["client_id"]: (row["n"] / minutes, (row["t"] or 0) / minutes)
+        for row in served.filter(occurred_at__gte=start - BASELINE, occurred_at__lt=start)
+        .values("client_id")
+        .annotate(n=Count("id"), t=spent)
     }
+    by_client: dict[str, tuple[dict[str, int], dict[str, int]]] = defaultdict(lambda: ({}, {}))
+    recent = _in_minute(start).filter(status__lt=400).values("client_id", "user")
+    for row in recent.annotate(n=Count("id"), t=spent):
+        requests, tokens = by_client[row["client_id"]]
+        requests[row["user"]], tokens[row["user"]] = row["n"], row["t"] or 0
     findings = []
-    for row in recent.values("client_id").annotate(
-        n=Count("id"), t=Sum("prompt_tokens") + Sum("completion_tokens")
-    ):
-        past = baseline.get(row["client_id"], {"n": 0, "t": 0})
-        usual_n, usual_t = past["n"] / minutes, (past["t"] or 0) / minutes
-        tokens = row["t"] or 0
-        if row["n"] >= RATE_FLOOR_REQUESTS and row["n"] > RATE_FACTOR * usual_n:
-            findings.append(
-                Finding(
-                    "request_rate", row["client_id"], {"per_minute": row["n"], "baseline": round(usual_n, 2)}
-                )
-            )
-        if tokens >= RATE_FLOOR_TOKENS and tokens > RATE_FACTOR * usual_t:
-            findings.append(
-                Finding("token_rate", row["client_id"], {"per_minute": tokens, "baseline": round(usual_t, 2)})
-            )
+    for client_id, amounts in by_client.items():
+        (requests, tokens), usual = amounts, baseline.get(client_id, (0.0, 0.0))
+        for rule, floor, by_user, past in (
+            ("request_rate", RATE_FLOOR_REQUESTS, requests, usual[0]),
+            ("token_rate", RATE_FLOOR_TOKENS, tokens, usual[1]),
+        ):
+            total = sum(by_user.values())
+            if not _far_above(total, floor=floor, past=past):
+                continue
+            user, amount = _alone(by_user, partial(_far_above, floor=floor, past=past))
+            evidence = _attributed({"per_minute": total, "baseline": round(past, 2)}, user, amount)
+            findings.append(Finding(rule, client_id, evidence, start=start, user=user))
     return findings
 
 
-def _denial_findings(now: datetime) -> list[Finding]:
-    denied = UsageRecord.objects.filter(
-        occurred_at__gt=now - WINDOW, occurred_at__lte=now, status__in=(401, 403, 429)
-    )
+def _denial_findings(start: datetime) -> list[Finding]:
+    denied = _in_minute(start).filter(status__in=(401, 403, 429))
+    by_address: dict[tuple[str, str | None], dict[str, int]] = defaultdict(dict)
+    for row in denied.values("client_id", "client_ip", "user").annotate(n=Count("id")):
+        by_address[(row["client_id"], row["client_ip"])][row["user"]] = row["n"]
     findings = []
-    for row in denied.values("client_id", "client_ip").annotate(n=Count("id")).filter(n__gte=DENIAL_BURST):
-        findings.append(
-            Finding("denial_burst", row["client_id"], {"denials": row["n"], "ip": row["client_ip"]})
-        )
+    for (client_id, ip), by_user in by_address.items():
+        if sum(by_user.values()) < DENIAL_BURST:
+            continue
+        user, amount = _alone(by_user, lambda n: n >= DENIAL_BURST)
+        evidence = _attributed({"denials": sum(by_user.values()), "ip": ip}, user, amount)
+        findings.append(Finding("denial_burst", client_id, evidence, subject=str(ip), start=start, user=user))
     return findings
 
 
-def _token_ip_findings(now: datetime) -> list[Finding]:
-    used = UsageRecord.objects.filter(occurred_at__gt=now - WINDOW, occurred_at__lte=now).exclude(token_id="")
+def _token_ip_findings(start: datetime) -> list[Finding]:
     rows = (
-        used.values("client_id", "token_id")
+        _in_minute(start)
+        .exclude(token_id="")
+        .values("client_id", "token_id", "user")  # one token, one subject: the user adds no group
         .annotate(ips=Count("client_ip", distinct=True))
         .filter(ips__gte=TOKEN_IPS)
     )
     return [
-        Finding("token_many_ips", r["client_id"], {"token_id": r["token_id"], "addresses": r["ips"]})
-        for r in rows
-    ]
-
-
-def _event_findings(now: datetime) -> list[Finding]:
-    events = AuditEvent.objects.filter(occurred_at__gt=now - WINDOW, occurred_at__lte=now).filter(
-        Q(kind="token.refresh_reuse") | Q(kind="login.locked_out") | Q(kind="code.replayed")
-    )
-    rules = {
-        "token.refresh_reuse": "refresh_reuse",
-        "login.locked_out": "account_locked",
-        "code.replayed": "code_replay",
-    }
-    return [Finding(rules[e.kind], e.client_id, {"event_seq": e.seq, "actor": e.actor}) for e in events]
-
-
-def _login_spread_findings(now: datetime) -> list[Finding]:
-    """Guessing at one account from many addresses: slow enough, or spread enough, that no (account,
-    address) pair reaches the lockout's limit. Reported once an hour per account, with the counts as
-    they stood then; the subject is the user name as typed (the account may not exist)."""
-    failed = AuditEvent.objects.filter(
-        kind="login.failed", occurred_at__gt=now - LOGIN_SPREAD_WINDOW, occurred_at__lte=now
-    )
-    rows = (
-        failed.values("actor")
-        .annotate(n=Count("id"), ips=Count("ip", distinct=True))
-        .filter(n__gte=LOGIN_SPREAD_FAILURES, ips__gte=LOGIN_SPREAD_ADDRESSES)
-    )
-    return [
         Finding(
-            "login_spread",
-            "",
-            {"account": r["actor"], "failures": r["n"], "addresses": r["ips"]},
-            subject=r["actor"],
-            window=LOGIN_SPREAD_WINDOW,
+            "token_many_ips",
+            r["client_id"],
+            {"token_id": r["token_id"], "addresses": r["ips"]},
+            subject=r["token_id"],
+            start=start,
+            user=r["user"],
         )
         for r in rows
     ]
+
+
+def _event_findings(new: QuerySet[AuditEvent]) -> list[Finding]:
+    """One finding per event. The events name the client, not the user (a handler finds the user from the
+    token family, which the audit app does not read)."""
+    findings = []
+    for e in new.filter(kind__in=EVENT_RULES).order_by("seq"):
+        evidence = {"event_seq": e.seq, "actor": e.actor}
+        if e.data.get("token_family"):
+            evidence["token_family"] = e.data["token_family"]
+        rule = EVENT_RULES[e.kind]
+        findings.append(
+            Finding(rule, e.client_id, evidence, subject=str(e.seq), start=_minute(e.occurred_at))
+        )
+    return findings
+
+
+def _login_spread_findings(new: QuerySet[AuditEvent]) -> list[Finding]:
+    """Guessing at one account from many addresses: slow enough, or spread enough, that no (account,
+    address) pair reaches the lockout's limit. For each minute with new failures, the hour up to its end,
+    for the accounts those failures were against; reported once an hour per account, with the counts as
+    they stood then. The subject is the user name as typed (the account may not exist)."""
+    touched: dict[datetime, set[str]] = defaultdict(set)
+    failures = new.filter(kind="login.failed").order_by()
+    for at, actor in failures.annotate(m=Trunc("occurred_at", "minute", tzinfo=UTC)).values_list(
+        "m", "actor"
+    ):
+        touched[_minute(at)].add(actor)
+    findings = []
+    for minute in sorted(touched):
+        end = minute + WINDOW
+        rows = (
+            AuditEvent.objects.filter(
+                kind="login.failed",
+                actor__in=touched[minute],
+                occurred_at__gt=end - LOGIN_SPREAD_WINDOW,
+                occurred_at__lt=end,
+            )
+            .order_by()
+            .values("actor")
+            .annotate(n=Count("id"), ips=Count("ip", distinct=True))
+            .filter(n__gte=LOGIN_SPREAD_FAILURES, ips__gte=LOGIN_SPREAD_ADDRESSES)
+        )
+        findings += [
+            Finding(
+                "login_spread",
+                "",
+                {"account": r["actor"], "failures": r["n"], "addresses": r["ips"]},
+                subject=r["actor"],
+                window=LOGIN_SPREAD_WINDOW,
+                start=end - LOGIN_SPREAD_WINDOW,
+                sliding=True,
+            )
+            for r in rows
+        ]
+    return findings
+
+
+def _usage_settled() -> int | None:
+    """The highest usage-record id at or below which every row is committed (or gone for good); None when
+    in-flight ingest transactions did not end within ``LOCK_TIMEOUT``.
+
+    An id is taken when a row is inserted and seen when its transaction commits, so concurrent ingest runs
+    can commit id 7 after id 8 was read: a mark at 8 would skip 7 for ever. SHARE mode waits for every
+    transaction that wrote the table to end, and holds new writes only while the maximum is read. (SQLite
+    has one writer at a time. Audit events need none of this: the chain numbers them under the head's row
+    lock, so their seqs commit in order.)"""
+    table = connection.ops.quote_name(UsageRecord._meta.db_table)
+    try:
+        with transaction.atomic(), connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
+                cursor.execute(f"LOCK TABLE {table} IN SHARE MODE")
+            cursor.execute(f"SELECT MAX(id) FROM {table}")  # noqa: S608 (the model's table, quoted)
+            return int(cursor.fetchone()[0] or 0)
+    except OperationalError:
+        return None
+
+
+def _recorded_before(finding: Finding, now: datetime) -> bool:
+    # A tumbling window is first detected no earlier than it opens (give or take a gateway clock up to a
+    # minute ahead of ours), however late its records came; a sliding one once per window of detection.
+    start = finding.start
+    since = now - finding.window if finding.sliding or start is None else start - WINDOW
+    return AuditEvent.objects.filter(
+        kind="anomaly.detected", data__key=finding.key, occurred_at__gt=since
+    ).exists()
+
+
+def _record(finding: Finding, now: datetime) -> None:
+    start = finding.start or now - finding.window
+    data = {
+        "rule": finding.rule,
+        "evidence": finding.evidence,
+        "key": finding.key,
+        "window_start": start.isoformat(),
+        "window_end": (start + finding.window).isoformat(),
+    }
+    if finding.user:
+        data["user"] = finding.user
+    audit_record(
+        kind="anomaly.detected",
+        outcome="denied",
+        actor="system",
+        client_id=finding.client_id,
+        data=data,
+        occurred_at=now,
+    )
 
 
 def anomalies_detect(*, now: datetime | None = None) -> list[Finding]:
-    """Run every rule over its window before ``now`` (the last minute; the last hour for sign-ins); record
-    and hand on each new finding."""
+    """Examine what was stored since the last run: evaluate every minute it falls in (every hour, for
+    sign-ins), record and hand on each new finding, then move the marks past what was read."""
     now = now or timezone.now()
+    scan = AnomalyScan.objects.filter(pk=1).first()  # the one row
+    settled = _usage_settled()  # read before the rows: a row committed after it is read again next run
+    event_seq = AuditEvent.objects.aggregate(m=Max("seq"))["m"] or 0
+    if scan is None:
+        usage = UsageRecord.objects.filter(occurred_at__gt=now - FIRST_LOOKBACK)
+        events = AuditEvent.objects.filter(occurred_at__gt=now - FIRST_LOOKBACK)
+    else:
+        usage = UsageRecord.objects.filter(id__gt=scan.usage_id)
+        events = AuditEvent.objects.filter(seq__gt=scan.event_seq)
+    findings = [
+        f
+        for start in _minutes(usage)
+        for f in _rate_findings(start) + _denial_findings(start) + _token_ip_findings(start)
+    ]
+    findings += _event_findings(events) + _login_spread_findings(events)
     fresh = []
-    for finding in (
-        _rate_findings(now)
-        + _denial_findings(now)
-        + _token_ip_findings(now)
-        + _event_findings(now)
-        + _login_spread_findings(now)
-    ):
-        key = f"{finding.rule}:{finding.client_id}:{finding.subject or sorted(finding.evidence.items())}"
-        if AuditEvent.objects.filter(
-            kind="anomaly.detected", data__key=key, occurred_at__gt=now - finding.window
-        ).exists():
-            continue  # already recorded in this window
-        audit_record(
-            kind="anomaly.detected",
-            outcome="denied",
-            actor="system",
-            client_id=finding.client_id,
-            data={
-                "rule": finding.rule,
-                "evidence": finding.evidence,
-                "key": key,
-                "window_start": (now - finding.window).isoformat(),
-            },
-            occurred_at=now,
-        )
+    for finding in findings:
+        if _recorded_before(finding, now):
+            continue  # already recorded for this window
+        _record(finding, now)
         fresh.append(finding)
         for handler in list(_handlers):
             handler(finding)
+    # Without a settled id the usage mark stays, and what was read is read again (the dedupe holds); with
+    # no mark yet either, the next run is a first run again.
+    usage_id = settled if settled is not None else scan.usage_id if scan is not None else None
+    if usage_id is not None:
+        AnomalyScan.objects.update_or_create(
+            pk=1, defaults={"usage_id": usage_id, "event_seq": event_seq, "scanned_at": now}
+        )
     return fresh

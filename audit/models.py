@@ -78,6 +78,17 @@ class UsageRecord(models.Model):
         ]
 
 
+class AnomalyScan(models.Model):
+    """How far anomaly detection has read (one row): the usage records up to ``usage_id`` and the audit
+    events up to ``event_seq`` were examined. Records reach the database late (the ingest runs behind the
+    gateways, the spool replays after an outage), so a run reads what was stored since the last one, not
+    what occurred in the last minute."""
+
+    usage_id = models.BigIntegerField(default=0)
+    event_seq = models.BigIntegerField(default=0)
+    scanned_at = models.DateTimeField()
+
+
 class ChainHead(models.Model):
     """The one row holding the chain head; writers lock it, so concurrent writers cannot fork the chain."""
 

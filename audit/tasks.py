@@ -42,7 +42,7 @@ def audit_checkpoint_task() -> int | None:
 
 @shared_task(name="audit.tasks.audit_anomalies_detect_task", ignore_result=True)
 def audit_anomalies_detect_task() -> int:
-    """Look for anomalies in the last minute (beat runs this every minute)."""
+    """Look for anomalies in what was stored since the last run (beat runs this every minute)."""
     from audit.anomaly import anomalies_detect
 
     return len(anomalies_detect())

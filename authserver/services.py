@@ -618,6 +618,24 @@ def tokens_revoke_for_user(*, user: Any, actor: str, reason: str) -> int:
     return count
 
 
+def tokens_revoke_for_user_at_client(*, user: Any, client: Client, actor: str, reason: str) -> int:
+    """Revoke every access and refresh token a user holds at one client, and the device codes they entered
+    for it; their other clients and the client's other users keep theirs. Return how many."""
+    with transaction.atomic():
+        RefreshToken.objects.filter(user=user, application=client, revoked__isnull=True).update(
+            revoked=timezone.now()
+        )
+        count, _ = AccessToken.objects.filter(user=user, application=client).delete()
+        get_device_grant_model().objects.filter(user=user, client_id=client.client_id).delete()
+    audit_record(
+        kind="token.revoked",
+        actor=actor,
+        client_id=client.client_id,
+        data={"reason": reason, "user": user.get_username(), "tokens_revoked": count},
+    )
+    return count
+
+
 def user_lock(*, user: Any, actor: str) -> None:
     """Lock a user out: no sign-in, and every token they hold is revoked at once."""
     if actor == f"user:{user.get_username()}":

@@ -5,17 +5,22 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-from typing import Any
+import uuid
+from typing import TYPE_CHECKING, Any
 
 import redis
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from audit.redisconn import redis_sync
 from audit.services import audit_record
-from authserver.models import Client
+from authserver.models import Client, RedeemedCode, RefreshToken
 from gateway.models import ClientPolicy
+
+if TYPE_CHECKING:
+    from audit.anomaly import Finding
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +99,50 @@ def policy_publish(client_key: str) -> None:
         logger.exception("policy push failed; gateways pick the change up on their next full reload")
 
 
-def anomaly_quarantine(finding: Any) -> None:
-    """Disable a client whose policy asks for it when an anomaly is found (its tokens revoked and pushed)."""
-    from authserver.services import client_disable
+def _offender_id(finding: Finding, client: Client) -> str:
+    """The id of the one user of ``client`` a finding is attributable to; "" when it is about the client
+    itself (its own client-credentials token, whose subject is the client) or cannot be pinned on one user.
+
+    Usage findings carry the tokens' subject. A refresh-token reuse or a code replay names only the client
+    (anyone holding a public client's rotated token or used code can present it), so the user is the one
+    the token family was issued to."""
+    if finding.user or not finding.evidence.get("token_family"):
+        return finding.user
+    try:
+        family = uuid.UUID(str(finding.evidence["token_family"]))
+    except ValueError:
+        return ""
+    tokens = RefreshToken.objects.filter(token_family=family, application=client)
+    codes = RedeemedCode.objects.filter(token_family=family, client=client)
+    owners = {*tokens.values_list("user_id", flat=True), *codes.values_list("user_id", flat=True)} - {None}
+    return str(owners.pop()) if len(owners) == 1 else ""
+
+
+def _user_get(user_id: str) -> Any | None:
+    users = get_user_model()
+    try:
+        return users.objects.filter(pk=users._meta.pk.to_python(user_id)).first()
+    except ValidationError:
+        return None
+
+
+def anomaly_quarantine(finding: Finding) -> None:
+    """Quarantine what an anomaly is about when the client's policy asks for it: one user's access to the
+    client (their tokens for it revoked and pushed) when the finding is theirs, so one user of a shared
+    client cannot shut it for everyone; else the whole client (disabled, every token revoked and pushed)."""
+    from authserver.services import client_disable, tokens_revoke_for_user_at_client
 
     if not finding.client_id:
         return
     row = ClientPolicy.objects.filter(client__client_id=finding.client_id).select_related("client").first()
     if row is None or not row.quarantine_on_anomaly or row.client is None or row.client.disabled:
         return
-    client_disable(client=row.client, actor=f"system:anomaly:{finding.rule}")
+    actor = f"system:anomaly:{finding.rule}"
+    user_id = _offender_id(finding, row.client)
+    if not user_id:
+        client_disable(client=row.client, actor=actor)
+        return
+    user = _user_get(user_id)
+    if user is not None:  # else deleted since, and holding no token
+        reason = f"anomaly quarantine: {finding.key}"
+        tokens_revoke_for_user_at_client(user=user, client=row.client, actor=actor, reason=reason)
