@@ -75,9 +75,15 @@ def link_hash(prev_hash: str, event: AuditEvent) -> str:
 
 @lru_cache(maxsize=4096)  # the same few addresses write most events; parsing one costs ~10 us
 def normalise_ip(ip: str | None) -> str | None:
-    """Store IPs the way the database returns them, so the hash survives a round trip (an IPv6 zone, which
-    ``inet`` does not keep, is dropped)."""
-    return str(ipaddress.ip_address(ip.split("%", 1)[0])) if ip else None
+    """Store IPs the way the database returns them, so the hash survives a round trip: an IPv6 zone, which
+    ``inet`` does not keep, is dropped, and an IPv4-mapped address (a dual-stack listener's) is its IPv4
+    address (Python wrote ``::ffff:c000:207`` where the database gives back ``::ffff:192.0.2.7``, and the
+    record then failed verification)."""
+    if not ip:
+        return None
+    address = ipaddress.ip_address(ip.split("%", 1)[0])
+    mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+    return str(mapped or address)
 
 
 def storable(value: Any) -> Any:

@@ -39,9 +39,12 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     if value.startswith("[") and "]" in value:
         value = value[1 : value.index("]")]
     try:
-        return ipaddress.ip_address(value.split("%", 1)[0])  # an IPv6 zone names a local link: no client's
+        address = ipaddress.ip_address(value.split("%", 1)[0])  # an IPv6 zone names a local link: no client's
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack listener's IPv4 client: IPv4 networks must match it
+    return address
 
 
 def ip_in_networks(

@@ -662,3 +662,11 @@ def test_a_checkpoint_signed_by_a_key_since_rotated_out_and_removed_still_verifi
     report = chain_verify()
     assert report.ok, report.reason
     assert report.checkpoints == 2
+
+
+@pytest.mark.django_db
+def test_an_ipv4_mapped_address_is_stored_as_its_ipv4_and_the_chain_still_verifies():
+    event = audit_record(kind="test.mapped", ip="::ffff:192.0.2.7")  # from a dual-stack listener
+    assert AuditEvent.objects.get(pk=event.pk).ip == "192.0.2.7"
+    report = chain_verify()
+    assert report.ok, report.reason  # hashed '::ffff:c000:207', stored '::ffff:192.0.2.7': "does not match"

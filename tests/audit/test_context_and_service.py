@@ -25,6 +25,9 @@ PROXIES = trusted_networks(("10.0.0.0/8", "192.168.1.1/32"))
         ("10.0.0.5", "[2001:db8::1]", "2001:db8::1"),
         ("10.0.0.5", "fe80::1%eth0", "fe80::1"),  # a zone is no client's: dropped
         ("not-an-ip", "1.2.3.4", None),
+        # a dual-stack listener's IPv4 peers are IPv4: the trusted proxy is recognised, the client is plain
+        ("::ffff:10.0.0.5", "::ffff:198.51.100.7", "198.51.100.7"),
+        ("::ffff:203.0.113.9", None, "203.0.113.9"),
     ],
 )
 def test_client_ip_walks_forwarded_for_from_the_right_across_trusted_proxies(peer, xff, expected):
