@@ -426,7 +426,7 @@ class PortcullisValidator(OAuth2Validator):
         if previous is not None and not live and not _rotated(previous[1], previous[3]):
             # Revoked, never rotated (RFC 7009, consent withdrawn, an admin, a locked user): the token is
             # dead (RFC 7009 §2.1) but did not leak, so no reuse event (an anomaly that can quarantine the
-            # client) and nothing more to revoke
+            # user's access) and nothing more to revoke
             return False
         valid = super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)
         valid = valid and _user_active(request)

@@ -134,7 +134,8 @@ class PolicyForm(forms.Form):
         widget=forms.Textarea(attrs={"rows": 3}),
     )
     quarantine_on_anomaly = forms.BooleanField(
-        required=False, label="Disable the client (revoking its tokens) when an anomaly is found"
+        required=False,
+        label="On an anomaly: revoke the tokens of the one user it is about, else disable the client",
     )
 
     def policy_fields(self) -> dict[str, Any]:

@@ -36,7 +36,8 @@ class ClientPolicy(models.Model):
     user_tpm = models.PositiveIntegerField(null=True, blank=True, help_text="Per user, for delegated tokens")
     allow_ips = models.JSONField(default=list, blank=True, help_text="CIDRs allowed to call; empty: any")
     quarantine_on_anomaly = models.BooleanField(
-        default=False, help_text="Disable the client (revoking its tokens) when an anomaly is found"
+        default=False,
+        help_text="On an anomaly: revoke the tokens of the one user it is about, else disable the client",
     )
     updated_at = models.DateTimeField(auto_now=True)
 

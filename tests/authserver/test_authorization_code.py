@@ -342,7 +342,7 @@ def test_a_revoked_refresh_token_that_was_never_rotated_is_invalid_grant_not_a_r
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_grant"
     # RFC 7009 §2.1: a revoked token is merely dead; only a rotated one presented again leaked (RFC 9700
-    # §4.14.2), and a reuse event is an anomaly that can quarantine the whole client
+    # §4.14.2), and a reuse event is an anomaly that can quarantine the user's access to the client
     assert not AuditEvent.objects.filter(kind="token.refresh_reuse").exists()
     assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_grant"
 
