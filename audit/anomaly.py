@@ -187,8 +187,9 @@ def _event_findings(new: QuerySet[AuditEvent]) -> list[Finding]:
         if e.data.get("token_family"):
             evidence["token_family"] = e.data["token_family"]
         rule = EVENT_RULES[e.kind]
+        user = str(e.data.get("user") or "") if e.kind == "code.replayed" else ""  # the code's user
         findings.append(
-            Finding(rule, e.client_id, evidence, subject=str(e.seq), start=_minute(e.occurred_at))
+            Finding(rule, e.client_id, evidence, subject=str(e.seq), start=_minute(e.occurred_at), user=user)
         )
     return findings
 

@@ -404,7 +404,13 @@ class PortcullisValidator(OAuth2Validator):
             outcome="denied",
             actor=f"client:{tombstone.client.client_id}",
             client_id=tombstone.client.client_id,
-            data={"tokens_revoked": revoked, "token_family": str(tombstone.token_family or "")},
+            # the user the code was issued for: a code without offline_access has no family to name them by,
+            # and the anomaly quarantine acts on that user's access, not on every user of the client
+            data={
+                "tokens_revoked": revoked,
+                "token_family": str(tombstone.token_family or ""),
+                "user": str(tombstone.user_id or ""),
+            },
         )
 
     def validate_refresh_token(

@@ -229,6 +229,29 @@ def test_a_finding_about_one_user_of_a_shared_client_quarantines_only_that_user_
     assert revoked.data["reason"].startswith(f"anomaly quarantine: {rule}:{shared.client.client_id}:")
 
 
+def test_a_replayed_code_without_a_token_family_quarantines_the_user_it_was_issued_for(
+    shared: Any, django_capture_on_commit_callbacks: Any
+):
+    from authserver.models import AccessToken, Client
+
+    cid = shared.client.client_id
+    audit_record(  # as authserver's validator records it: a code issued without offline_access
+        kind="code.replayed",
+        outcome="denied",
+        actor=f"client:{cid}",
+        client_id=cid,
+        data={"tokens_revoked": 1, "token_family": "", "user": str(shared.alice.pk)},
+        occurred_at=NOW - timedelta(seconds=10),
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert [f.user for f in anomalies_detect(now=NOW)] == [str(shared.alice.pk)]
+    assert not Client.objects.get(pk=shared.client.pk).disabled
+    assert set(AccessToken.objects.values_list("pk", flat=True)) == {
+        shared.bobs.pk,
+        shared.alices_elsewhere.pk,
+    }
+
+
 @pytest.mark.parametrize("case", ["code replay naming no token family", "denials spread over two users"])
 def test_a_finding_no_one_user_accounts_for_disables_the_client(
     case: str, shared: Any, django_capture_on_commit_callbacks: Any

@@ -288,6 +288,7 @@ def test_replayed_code_revokes_every_token_issued_from_it(
     event = AuditEvent.objects.get(kind="code.replayed")
     assert event.outcome == "denied"
     assert event.data["tokens_revoked"] == 1
+    assert event.data["user"] == str(signed_in.pk)  # whose access an anomaly quarantine would act on
     again = oauth.token(
         {"grant_type": "refresh_token", "refresh_token": refreshed["refresh_token"]},
         (web_app.client.client_id, web_app.client_secret),
