@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from asgiref.sync import sync_to_async
-
+from gateway.dbread import db_read
 from gateway.selectors import DEFAULT, NO_ACCESS, Policy, policies_snapshot
 
 logger = logging.getLogger(__name__)
@@ -33,7 +32,7 @@ class PolicyCache:
     async def reload(self) -> bool:
         """Reload every policy from the database (off the hot path); keep the old snapshot on failure."""
         try:
-            snapshot = await sync_to_async(policies_snapshot, thread_sensitive=False)()
+            snapshot = await db_read(policies_snapshot)
         except Exception:  # database down: keep serving the last snapshot; the reason is logged
             logger.exception("policy reload failed; serving the last snapshot")
             return False

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from audit.context import ip_in_networks, trusted_networks
@@ -28,6 +27,7 @@ from authserver.selectors import jwks_get
 from gateway import errors
 from gateway.auth import KeySet, Principal, TokenVerifier
 from gateway.conf import GatewaySettings, gateway_settings
+from gateway.dbread import db_read
 from gateway.http1 import HttpError
 from gateway.metrics import AUDIT_FULL_REFUSALS, REDIS_FALLBACKS, redis_reply_waited
 from gateway.policy import FULL_RELOAD_S, PolicyCache
@@ -100,7 +100,7 @@ class Runtime:
                 raise HttpError(f"the key set at {self.conf.jwks_url} answered {status}")
             document: dict[str, Any] = json.loads(body)
             return document
-        return await sync_to_async(jwks_get, thread_sensitive=False)()
+        return await db_read(jwks_get)
 
     async def start(self) -> None:
         """Load what the hot path needs, then keep it fresh in the background."""
