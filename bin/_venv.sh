@@ -2,7 +2,9 @@
 # usage: . bin/_venv.sh EXTRA   (EXTRA is "" or "[test]")
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+# A .venv without a working pip (venv failed halfway, e.g. before python3-venv was installed) is made again.
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  rm -rf .venv
   "$PYTHON" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi

@@ -94,7 +94,7 @@ async def lifespan(scope: dict[str, Any], receive: Any, send: Any) -> None:
             except Exception as exc:  # a bad configuration must stop the process at start
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
-            if not settings.REDIS_URL and os.environ.get("PORTCULLIS_EMBEDDED_BEAT", "1") == "1":
+            if not settings.REDIS_URL and settings.PORTCULLIS_EMBEDDED_BEAT:
                 beat = EmbeddedBeat()
                 beat.start()
             gc_freeze_startup()

@@ -42,6 +42,8 @@ if not PORTCULLIS_ISSUER.startswith("https://") and not DEBUG:
     raise ImproperlyConfigured("PORTCULLIS_ISSUER must be https unless DJANGO_DEBUG is true (development)")
 # RFC 9068 §3: the access token's aud names the resource server, here the gateway's /v1.
 PORTCULLIS_AUDIENCE = env_str("PORTCULLIS_AUDIENCE", f"{PORTCULLIS_ISSUER}/v1")
+if not PORTCULLIS_AUDIENCE:  # set but empty: every token would carry aud "" and every gateway refuse it
+    raise ImproperlyConfigured("PORTCULLIS_AUDIENCE must not be empty (unset, it is $PORTCULLIS_ISSUER/v1)")
 
 _kek = env_secret("PORTCULLIS_KEY_ENCRYPTION_KEY")
 if not _kek:
@@ -53,6 +55,9 @@ PORTCULLIS_KEY_ENCRYPTION_KEY = base64.urlsafe_b64encode(hashlib.sha256(_kek.enc
 
 PORTCULLIS_TRUSTED_PROXIES = env_list("PORTCULLIS_TRUSTED_PROXIES")
 REDIS_URL = env_str("REDIS_URL")
+# Without Redis there is no Celery: the served process runs beat's tasks itself (config/embedded.py).
+# Read here, like every setting, so "yes" or "true" works and a typo stops the process at start.
+PORTCULLIS_EMBEDDED_BEAT = env_bool("PORTCULLIS_EMBEDDED_BEAT", True)
 PORTCULLIS_METRICS_ALLOW = env_list("PORTCULLIS_METRICS_ALLOW", ["127.0.0.1/32", "::1/128"])
 PORTCULLIS_METRICS_TOKEN = env_secret("PORTCULLIS_METRICS_TOKEN")
 
@@ -288,9 +293,12 @@ GATEWAY = {
     "UPSTREAM_API_KEY": env_secret("VLLM_API_KEY"),
     "JWKS_URL": env_str("PORTCULLIS_JWKS_URL"),  # empty: read keys from this deployment's database
     "JWKS_REFRESH_S": 30.0,  # an unknown kid refetches the key set at most this often
-    # what the authorization server gives (set PORTCULLIS_ACCESS_TOKEN_LIFETIME alike on both): a token
-    # whose exp - iat is longer, plus leeway, is refused (RFC 8725 §3.10)
-    "MAX_TOKEN_LIFETIME_S": ACCESS_TOKEN_LIFETIME_S,
+    # a token whose exp - iat is longer, plus leeway, is refused (RFC 8725 §3.10). An hour by default, and
+    # never below this process's own access-token lifetime, so a gateway replica that does not share the
+    # authorization server's settings does not refuse its tokens; set it to that lifetime for the tightest.
+    "MAX_TOKEN_LIFETIME_S": env_int(
+        "PORTCULLIS_MAX_TOKEN_LIFETIME", max(3600, ACCESS_TOKEN_LIFETIME_S), minimum=ACCESS_TOKEN_LIFETIME_S
+    ),
     "JWKS_MAX_AGE_S": float(JWKS_MAX_AGE_S),  # the key set is refreshed in the background this often
     "LEEWAY_S": 30,  # clock skew tolerated on exp/nbf/iat (RFC 8725 §3.10 asks for a small one)
     "MAX_TOKEN_BYTES": 8192,

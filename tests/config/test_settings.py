@@ -66,6 +66,15 @@ def test_production_settings_load_with_https_hardening():
         # longer would stall every stream the process relays while a far-away Redis answers
         ({"PORTCULLIS_REDIS_REPLY_WAIT_US": "5001"}, "PORTCULLIS_REDIS_REPLY_WAIT_US"),
         ({"PORTCULLIS_REDIS_REPLY_WAIT_US": "-1"}, "PORTCULLIS_REDIS_REPLY_WAIT_US"),
+        # set but empty: every token would carry aud "" and every gateway refuse it
+        ({"PORTCULLIS_AUDIENCE": ""}, "PORTCULLIS_AUDIENCE"),
+        # "true" used to mean off (only "1" meant on): key rotation and checkpoints silently stopped
+        ({"PORTCULLIS_EMBEDDED_BEAT": "sometimes"}, "PORTCULLIS_EMBEDDED_BEAT"),
+        # a gateway that refused its own authorization server's tokens
+        (
+            {"PORTCULLIS_ACCESS_TOKEN_LIFETIME": "900", "PORTCULLIS_MAX_TOKEN_LIFETIME": "600"},
+            "PORTCULLIS_MAX_TOKEN_LIFETIME",
+        ),
     ],
 )
 def test_an_insecure_or_missing_setting_stops_the_process_naming_it(overrides, named):
@@ -81,6 +90,28 @@ def test_the_access_token_algorithm_is_es256_unless_set(value, algorithm):
     result = settings_load(show=shown, PORTCULLIS_ACCESS_TOKEN_ALG=value)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == algorithm
+
+
+@pytest.mark.parametrize(("value", "on"), [(None, True), ("true", True), ("yes", True), ("0", False)])
+def test_the_embedded_beat_reads_any_clear_yes_or_no(value, on):
+    result = settings_load(show="settings.PORTCULLIS_EMBEDDED_BEAT", PORTCULLIS_EMBEDDED_BEAT=value)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(on)
+
+
+@pytest.mark.parametrize(
+    ("lifetime", "bound", "expected"),
+    [(None, None, "3600"), ("7200", None, "7200"), ("300", "300", "300")],
+    ids=["an hour by default", "never below this process's lifetime", "as tight as set"],
+)
+def test_the_gateways_token_lifetime_bound(lifetime, bound, expected):
+    result = settings_load(
+        show="settings.GATEWAY['MAX_TOKEN_LIFETIME_S']",
+        PORTCULLIS_ACCESS_TOKEN_LIFETIME=lifetime,
+        PORTCULLIS_MAX_TOKEN_LIFETIME=bound,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
 
 
 def test_secrets_can_come_from_files(tmp_path):
