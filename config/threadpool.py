@@ -49,11 +49,15 @@ def _refusal_audit(scope: dict[str, Any], status: int) -> None:
     from django.db import DatabaseError, connections
     from django.urls import resolve
 
-    from audit.context import scope_client_ip
+    from audit.context import client_ip_var, request_id_from, request_id_var, scope_client_ip
     from audit.services import audit_record
 
     ip = scope_client_ip(scope)
     view: Any = resolve(scope["path"]).func  # the audit kind is the endpoint's view's own
+    # This request's own id and address: the pool thread's context still holds the last request's, which
+    # its middleware set (a refusal was recorded with another client's request id, and its address)
+    sent_id = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+    tokens = request_id_var.set(request_id_from(sent_id)), client_ip_var.set(ip)
     try:
         audit_record(
             kind=view.view_class.denied_kind,
@@ -64,6 +68,8 @@ def _refusal_audit(scope: dict[str, Any], status: int) -> None:
     except DatabaseError:  # the refusal is still answered; the database's outage shows elsewhere
         logger.exception("could not audit a refusal of %s", scope["path"])
     finally:
+        request_id_var.reset(tokens[0])
+        client_ip_var.reset(tokens[1])
         connections.close_all()  # this thread's connection goes back, as at the end of a request
 
 

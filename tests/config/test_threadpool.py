@@ -116,6 +116,28 @@ def test_a_declared_length_over_the_limit_is_refused_before_any_body_is_read(poo
     assert (b"connection", b"close") in start["headers"]
 
 
+def test_a_refusal_is_recorded_with_its_own_request_id_not_the_last_request_the_thread_ran(settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    app = ThreadPoolDjango(threads=1)  # one thread: the refusal runs where the request before it ran
+    try:
+        call(
+            app,
+            "/oauth/token/",
+            body=b"grant_type=password",
+            headers=[(b"x-request-id", b"first-request-01")],
+        )
+        start, _body = call(
+            app, "/oauth/token/", headers=[(b"content-length", b"5000")], chunks=[{"type": "http.disconnect"}]
+        )
+    finally:
+        app.pool.shutdown(wait=True)
+    assert start["status"] == 413
+    first, refusal = AuditEvent.objects.filter(kind="token.denied").order_by("seq")
+    assert first.request_id == "first-request-01"
+    assert refusal.data["status"] == 413
+    assert refusal.request_id not in ("first-request-01", "")  # a new one of its own
+
+
 def test_a_header_repeated_past_the_limit_is_a_400(pooled):
     start, body = call(pooled, "/oauth/introspect/", headers=[(b"x-a", b"1")] * 101)
     assert start["status"] == 400
