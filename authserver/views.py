@@ -245,14 +245,22 @@ USER_CODE_WINDOW_S = 900
 
 
 class DeviceUserCodeForm(DeviceGrantForm):
-    """DOT's form, for a code two pending grants happen to share (DOT's user codes are not unique): its
-    lookup raised MultipleObjectsReturned, a 500. (A NUL is refused by the form field itself.)"""
+    """DOT's form, for a code several grants share (DOT's user codes are not unique, and old grants keep
+    theirs): its lookup raised MultipleObjectsReturned, a 500. The one pending grant among them is the one
+    meant; with none, or several, the code is wrong. (A NUL is refused by the form field itself.)"""
 
     def clean_user_code(self) -> Any:
         try:
             return super().clean_user_code()
         except MultipleObjectsReturned:
-            raise ValidationError("Incorrect user code", code="incorrect_user_code") from None
+            code = self.cleaned_data["user_code"]
+            model = get_device_grant_model()
+            shared = model.objects.filter(user_code=code, status=model.AUTHORIZATION_PENDING)
+            pending = [grant for grant in shared if not grant.is_expired()]
+            if len(pending) != 1:
+                raise ValidationError("Incorrect user code", code="incorrect_user_code") from None
+            self.cleaned_data["device_grant"] = pending[0]
+            return code
 
 
 class DeviceUserCodeView(dot_views.DeviceUserCodeView):

@@ -53,9 +53,8 @@ def _no_constants(name: str) -> None:
 
 def _finite_float(text: str) -> float:
     value = float(text)
-    if not math.isfinite(
-        value
-    ):  # 1e999: valid JSON, but no float holds it (it would go upstream as Infinity)
+    # 1e999: valid JSON, but no float holds it (it would go upstream as Infinity)
+    if not math.isfinite(value):
         raise InvalidRequest(f"The number {text[:32]} is too large.")
     return value
 

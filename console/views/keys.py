@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import messages
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -75,7 +76,11 @@ def key_revoke(request: HttpRequest, kid: str) -> HttpResponse:
     queryset = SigningKey.objects.exclude(state=SigningKey.State.REMOVED).defer("private_key_encrypted")
     key = get_object_or_404(queryset, kid=kid)
     if request.method == "POST":
-        result = signing_key_revoke(key.kid, actor=actor(request))
+        try:
+            result = signing_key_revoke(key.kid, actor=actor(request))
+        except ValidationError:  # another admin, or a rotation, removed it meanwhile
+            messages.info(request, f"Key {key.kid} is no longer published.")
+            return redirect("console:keys")
         if result.activated:
             messages.success(request, f"Signing new tokens now: {', '.join(result.activated)}.")
         messages.success(request, f"Key {key.kid} is unpublished; every gateway drops what it signed.")

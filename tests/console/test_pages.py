@@ -428,6 +428,21 @@ def test_revoking_a_leaked_key_asks_first_then_replaces_and_unpublishes_it(as_ad
     assert as_admin.get(f"/console/keys/{leaked.kid}/revoke/").status_code == 404  # once is all it takes
 
 
+def test_a_key_revoked_meanwhile_by_someone_else_is_a_message_not_a_500(as_admin, world, monkeypatch):
+    from django.core.exceptions import ValidationError
+
+    from console.views import keys
+
+    def gone(kid: str, *, actor: str) -> None:
+        raise ValidationError({"kid": [f"no published key has the id {kid}"]})
+
+    monkeypatch.setattr(keys, "signing_key_revoke", gone)
+    kid = SigningKey.objects.get(state=SigningKey.State.ACTIVE, algorithm="ES256").kid
+    said = as_admin.post(f"/console/keys/{kid}/revoke/", follow=True)
+    assert said.status_code == 200
+    assert f"Key {kid} is no longer published." in said.content.decode()
+
+
 def test_the_dashboard_shows_live_figures_security_events_and_the_active_key(as_admin, world):
     from audit.services import audit_record
 
