@@ -88,8 +88,10 @@ case "$role" in
     fakevllm)
         shift
         # `python -m fakevllm` needs no Django settings, so the stand-in gets none of the application's
-        # secrets; like vLLM it requires the upstream API key when one is configured. uvicorn.run() would
-        # take WEB_CONCURRENCY (meant for web) as a worker count, which needs an import string: drop it.
+        # secrets; like vLLM it requires the upstream API key when one is configured, read as vLLM reads it
+        # from VLLM_API_KEY (in the environment, which only its own user can read, not on the command line,
+        # which every process can). uvicorn.run() would take WEB_CONCURRENCY (meant for web) as a worker
+        # count, which needs an import string: drop it.
         unset WEB_CONCURRENCY
         set -- --host 0.0.0.0 --port 8001 --models "${FAKEVLLM_MODELS:-demo-model}" "$@"
         if [ -n "${VLLM_API_KEY_FILE:-}" ]; then
@@ -97,7 +99,9 @@ case "$role" in
                 echo "entrypoint: VLLM_API_KEY_FILE is unreadable or empty: $VLLM_API_KEY_FILE" >&2
                 exit 78
             fi
-            set -- "$@" --api-key "$api_key"
+            export VLLM_API_KEY="$api_key"
+        else
+            unset VLLM_API_KEY
         fi
         exec python -m fakevllm "$@"
         ;;

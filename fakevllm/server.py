@@ -1039,7 +1039,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8001, help="port to bind (default 8001)")
     parser.add_argument("--models", default="fake-model", help="comma-separated served model names")
-    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on /v1/* (default: $VLLM_API_KEY, as vLLM reads it)",
+    )
     parser.add_argument("--tokens", type=int, default=16, help="tokens generated per choice (default 16)")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between streamed tokens")
     parser.add_argument(
@@ -1068,7 +1072,8 @@ def config_from_options(options: Mapping[str, Any]) -> FakeConfig:
     models = [name.strip() for name in str(options["models"]).split(",") if name.strip()]
     return FakeConfig(
         models=models,
-        api_key=options.get("api_key") or None,
+        # as vLLM: the option, else the environment variable (a key on the command line is any user's to read)
+        api_key=options.get("api_key") or os.environ.get("VLLM_API_KEY") or None,
         tokens=options["tokens"],
         chunk_delay_s=options["chunk_delay_ms"] / 1000.0,
         first_chunk_delay_s=options["first_chunk_delay_ms"] / 1000.0,

@@ -235,7 +235,8 @@ def test_vllm_is_reachable_only_from_web_and_requires_an_api_key_from_its_secret
         "fakevllm",
     }
     script = command_text(vllm)
-    assert re.search(r'--api-key "\$api_key"', script)
+    assert 'export VLLM_API_KEY="$api_key"' in script  # read by vLLM from its environment
+    assert "--api-key" not in script  # on the command line every process could read it (ps)
     assert "$(cat /run/secrets/vllm_api_key)" in script
     assert '[ -n "$api_key" ] ||' in script  # an empty key stops vLLM instead of serving without one
     assert "vllm_api_key" in vllm["secrets"]
@@ -448,6 +449,7 @@ class EntrypointRun:
     commands: list[str]
     web_concurrency_seen: list[str]
     metrics_dirs_seen: list[str]
+    upstream_keys_seen: list[str]
 
 
 def lines_of(path: Path) -> list[str]:
@@ -467,6 +469,7 @@ def run_entrypoint(tmp_path: Path) -> Callable[..., EntrypointRun]:
             '{ printf %s "${0##*/}"; for arg in "$@"; do printf " %s" "$arg"; done; echo; } >> "$STUB_LOG"\n'
             'echo "${WEB_CONCURRENCY-unset}" >> "$STUB_LOG.env"\n'
             'echo "${PROMETHEUS_MULTIPROC_DIR-unset}" >> "$STUB_LOG.prom"\n'
+            'echo "${VLLM_API_KEY-unset}" >> "$STUB_LOG.key"\n'
             'case " $* " in *" $STUB_FAIL_ON "*) exit 3 ;; esac\n',
             encoding="utf-8",
         )
@@ -483,10 +486,11 @@ def run_entrypoint(tmp_path: Path) -> Callable[..., EntrypointRun]:
             env={**base, **(env or {})},
             timeout=30,
         )
-        commands, seen, dirs = lines_of(log), lines_of(Path(f"{log}.env")), lines_of(Path(f"{log}.prom"))
-        for path in (log, Path(f"{log}.env"), Path(f"{log}.prom")):
+        logs = [log, Path(f"{log}.env"), Path(f"{log}.prom"), Path(f"{log}.key")]
+        commands, seen, dirs, keys = (lines_of(path) for path in logs)
+        for path in logs:
             path.unlink(missing_ok=True)
-        return EntrypointRun(result.returncode, result.stdout, result.stderr, commands, seen, dirs)
+        return EntrypointRun(result.returncode, result.stdout, result.stderr, commands, seen, dirs, keys)
 
     return run
 
@@ -630,9 +634,9 @@ def test_fakevllm_requires_the_upstream_key_from_its_file(
     (tmp_path / "key").write_text("upstream-key\n", encoding="utf-8")
     env = {"VLLM_API_KEY_FILE": str(tmp_path / "key"), "FAKEVLLM_MODELS": "a,b", "WEB_CONCURRENCY": "4"}
     result = run_entrypoint("fakevllm", env=env)
-    assert result.commands == [
-        "python -m fakevllm --host 0.0.0.0 --port 8001 --models a,b --api-key upstream-key"
-    ]
+    # in the environment, as vLLM reads it: on the command line every process could read it (ps)
+    assert result.commands == ["python -m fakevllm --host 0.0.0.0 --port 8001 --models a,b"]
+    assert result.upstream_keys_seen == ["upstream-key"]
     assert result.web_concurrency_seen == ["unset"]  # uvicorn.run() would read it as a worker count
     (tmp_path / "key").write_text("", encoding="utf-8")
     empty = run_entrypoint("fakevllm", env=env)

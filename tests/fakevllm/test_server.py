@@ -653,6 +653,18 @@ def test_management_command_parses_options_into_a_fake_config() -> None:
     )
 
 
+def test_the_api_key_comes_from_vllm_api_key_as_vllm_reads_it_unless_given(monkeypatch) -> None:
+    from fakevllm.management.commands.fakevllm import Command
+    from fakevllm.server import config_from_options
+
+    parser = Command().create_parser("manage.py", "fakevllm")
+    monkeypatch.setenv("VLLM_API_KEY", "from-the-environment")
+    assert config_from_options(vars(parser.parse_args([]))).api_key == "from-the-environment"
+    assert config_from_options(vars(parser.parse_args(["--api-key", "k"]))).api_key == "k"
+    monkeypatch.delenv("VLLM_API_KEY")
+    assert config_from_options(vars(parser.parse_args([]))).api_key is None
+
+
 def test_module_entry_point_serves_with_uvicorn_until_terminated() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
