@@ -483,13 +483,19 @@ def test_a_base_moved_over_records_that_are_still_there_is_reported():
     assert report.reason == "records 1 to 3 are still there, but the chain's base says they were pruned"
 
 
-@pytest.mark.django_db
-def test_records_deleted_from_the_start_without_a_pruning_record_are_reported():
+def _pruned_without_the_job() -> None:
+    """Six records, a checkpoint, then records 1 to 3 deleted and the base moved as pruning does it, but not
+    by the pruning job (no audit.pruned record)."""
     _events(6)
     assert checkpoint_sign() is not None
     base_hash = _record(3).hash
     _delete_as_pruning_does("DELETE FROM audit_auditevent WHERE seq <= %s", [3])
     _head_set(base_seq=3, base_hash=base_hash)
+
+
+@pytest.mark.django_db
+def test_records_deleted_from_the_start_without_a_pruning_record_are_reported():
+    _pruned_without_the_job()
     report = chain_verify()
     assert not report.ok
     assert report.first_bad_seq == 3
@@ -498,11 +504,7 @@ def test_records_deleted_from_the_start_without_a_pruning_record_are_reported():
 
 @pytest.mark.django_db
 def test_a_pruning_record_no_checkpoint_signs_does_not_vouch_for_the_base():
-    _events(6)
-    assert checkpoint_sign() is not None
-    base_hash = _record(3).hash
-    _delete_as_pruning_does("DELETE FROM audit_auditevent WHERE seq <= %s", [3])
-    _head_set(base_seq=3, base_hash=base_hash)
+    _pruned_without_the_job()
     forged = audit_record(kind="audit.pruned", actor="cli:pruneaudit", data={"base_seq": 3})
     report = chain_verify()
     assert not report.ok
