@@ -603,34 +603,20 @@ def access_token_revoke(*, token: AccessToken, actor: str) -> None:
     )
 
 
-def tokens_revoke_for_user(*, user: Any, actor: str, reason: str) -> int:
-    """Revoke every access and refresh token a user holds, across clients; return how many. The device
-    codes the user entered or approved go too: each was a token waiting for its device's next poll."""
+def tokens_revoke_for_user(*, user: Any, actor: str, reason: str, client: Client | None = None) -> int:
+    """Revoke every access and refresh token a user holds, across clients or at ``client`` only (the
+    client's other users, and the user's other clients, keep theirs); return how many. The device codes
+    the user entered or approved go too: each was a token waiting for its device's next poll."""
+    at = {} if client is None else {"application": client}
     with transaction.atomic():
-        RefreshToken.objects.filter(user=user, revoked__isnull=True).update(revoked=timezone.now())
-        count, _ = AccessToken.objects.filter(user=user).delete()
-        get_device_grant_model().objects.filter(user=user).delete()
+        RefreshToken.objects.filter(user=user, revoked__isnull=True, **at).update(revoked=timezone.now())
+        count, _ = AccessToken.objects.filter(user=user, **at).delete()
+        devices = get_device_grant_model().objects.filter(user=user)
+        (devices if client is None else devices.filter(client_id=client.client_id)).delete()
     audit_record(
         kind="token.revoked",
         actor=actor,
-        data={"reason": reason, "user": user.get_username(), "tokens_revoked": count},
-    )
-    return count
-
-
-def tokens_revoke_for_user_at_client(*, user: Any, client: Client, actor: str, reason: str) -> int:
-    """Revoke every access and refresh token a user holds at one client, and the device codes they entered
-    for it; their other clients and the client's other users keep theirs. Return how many."""
-    with transaction.atomic():
-        RefreshToken.objects.filter(user=user, application=client, revoked__isnull=True).update(
-            revoked=timezone.now()
-        )
-        count, _ = AccessToken.objects.filter(user=user, application=client).delete()
-        get_device_grant_model().objects.filter(user=user, client_id=client.client_id).delete()
-    audit_record(
-        kind="token.revoked",
-        actor=actor,
-        client_id=client.client_id,
+        client_id=client.client_id if client is not None else "",
         data={"reason": reason, "user": user.get_username(), "tokens_revoked": count},
     )
     return count

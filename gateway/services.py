@@ -130,7 +130,7 @@ def anomaly_quarantine(finding: Finding) -> None:
     """Quarantine what an anomaly is about when the client's policy asks for it: one user's access to the
     client (their tokens for it revoked and pushed) when the finding is theirs, so one user of a shared
     client cannot shut it for everyone; else the whole client (disabled, every token revoked and pushed)."""
-    from authserver.services import client_disable, tokens_revoke_for_user_at_client
+    from authserver.services import client_disable, tokens_revoke_for_user
 
     if not finding.client_id:
         return
@@ -145,4 +145,4 @@ def anomaly_quarantine(finding: Finding) -> None:
     user = _user_get(user_id)
     if user is not None:  # else deleted since, and holding no token
         reason = f"anomaly quarantine: {finding.key}"
-        tokens_revoke_for_user_at_client(user=user, client=row.client, actor=actor, reason=reason)
+        tokens_revoke_for_user(user=user, client=row.client, actor=actor, reason=reason)
