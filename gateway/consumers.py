@@ -26,7 +26,7 @@ from gateway.auth import Principal
 from gateway.deadlines import Deadlines
 from gateway.metrics import ACTIVE_STREAMS, METERING_BACKLOG, request_observe, stream_writes_observe
 from gateway.runtime import Runtime, runtime_get
-from gateway.streaming import StreamRelay
+from gateway.streaming import StreamRelay, on_disconnect
 from gateway.upstream import upstream_read
 from gateway.validation import Validated, request_validate
 
@@ -182,7 +182,7 @@ class GatewayConsumer(AsyncHttpConsumer):
             if told["lost"]:
                 lost()
         else:
-            listener = asyncio.create_task(self._disconnect_wait(lost))
+            listener = asyncio.create_task(on_disconnect(self._receive, lost))
         try:
             return await work
         except asyncio.CancelledError:
@@ -194,11 +194,6 @@ class GatewayConsumer(AsyncHttpConsumer):
                 told["on_lost"] = None
             elif listener is not None:
                 listener.cancel()
-
-    async def _disconnect_wait(self, lost: Any) -> None:
-        while (await self._receive())["type"] != "http.disconnect":
-            pass
-        lost()
 
     def late(self) -> None:
         """Cut this request's body read: its deadline has passed."""

@@ -37,6 +37,13 @@ class BodySender(Protocol):
     async def send_body(self, body: bytes, *, more_body: bool = False) -> None: ...
 
 
+async def on_disconnect(receive: Any, then: Callable[[], None]) -> None:
+    """Call ``then`` once ASGI's ``receive`` says the client disconnected (run as a task of its own)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    then()
+
+
 class _ClientGone(Exception):
     """Sending to the client failed: its connection broke, so it has left."""
 
@@ -76,7 +83,7 @@ class StreamRelay:
         closed by the caller, so vLLM aborts the generation.
         """
         self._task = asyncio.current_task()
-        listener = asyncio.create_task(self._client_gone(receive))
+        listener = asyncio.create_task(on_disconnect(receive, lambda: self._cut("client_gone")))
         failed = False
         try:
             if self.ended is None:  # revoked before the first byte: nothing is relayed
@@ -129,13 +136,6 @@ class StreamRelay:
             )
         except OSError:
             pass  # the client left at the same moment
-
-    async def _client_gone(self, receive: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                self._cut("client_gone")
-                return
 
     async def _pump(self) -> None:
         response = self.response
