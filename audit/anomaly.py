@@ -179,8 +179,8 @@ def _token_ip_findings(start: datetime) -> list[Finding]:
 
 
 def _event_findings(new: QuerySet[AuditEvent]) -> list[Finding]:
-    """One finding per event. The events name the client, not the user (a handler finds the user from the
-    token family, which the audit app does not read)."""
+    """One finding per event. A reuse names the client and the token family, not the user (a handler finds
+    the user from the family, which the audit app does not read); a replayed code names its user too."""
     findings = []
     for e in new.filter(kind__in=EVENT_RULES).order_by("seq"):
         evidence = {"event_seq": e.seq, "actor": e.actor}

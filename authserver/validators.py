@@ -76,10 +76,10 @@ CODE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 §4.1
 NONCE_MAX = 255  # the grant's nonce column; a longer one was a database error (a 500) on PostgreSQL
 
 
-def _holds_nul(values: Iterable[Any]) -> bool:
+def holds_nul(values: Iterable[Any]) -> bool:
     """Whether any of these parameter names or values (strings, or lists and pairs of them) holds a NUL."""
     return any(
-        "\x00" in value if isinstance(value, str) else isinstance(value, list | tuple) and _holds_nul(value)
+        "\x00" in value if isinstance(value, str) else isinstance(value, list | tuple) and holds_nul(value)
         for value in values
     )
 
@@ -107,7 +107,7 @@ def authorization_request_check(request: Any) -> dict[str, Any]:
     # NUL: a nonce or a resource stored on the grant was a 500 (the token endpoint refuses them too).
     sent = [*request.uri_query_params, *(request.decoded_body or [])]
     passed = vars(request)
-    if _holds_nul([*sent, *passed.values()]):
+    if holds_nul([*sent, *passed.values()]):
         raise errors.InvalidRequestError(description="A parameter holds a NUL character", request=request)
     listed = passed.get("resource") or []  # DOT's list; a string is checked whole (never split into letters)
     listed = [listed] if isinstance(listed, str) else list(listed)

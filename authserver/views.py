@@ -42,7 +42,7 @@ from authserver.models import AUTH_TIME_SESSION_KEY, Client, Consent
 from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id, jwks_get
 from authserver.services import consent_grant
-from authserver.validators import access_tokens_issued, revocations_found
+from authserver.validators import access_tokens_issued, holds_nul, revocations_found
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,6 @@ def _client_id_of(request: HttpRequest) -> str:
     return str(request.POST.get("client_id") or getattr(getattr(request, "client", None), "client_id", ""))[
         :100
     ]
-
-
-def _holds_nul(request: HttpRequest) -> bool:
-    """Whether a form field's name or value holds a NUL character."""
-    return any("\x00" in key or any("\x00" in v for v in values) for key, values in request.POST.lists())
 
 
 FORM = "application/x-www-form-urlencoded"
@@ -197,7 +192,7 @@ class TokenView(FormEndpoint, dot_views.TokenView):
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         grant_type = request.POST.get("grant_type", "")
-        if _holds_nul(request):
+        if holds_nul(request.POST.lists()):  # a form field's name or value
             # No code, token or id holds one, and PostgreSQL answers a lookup of one with an error (a 500).
             response: HttpResponse = oauth_error("invalid_request", "A parameter holds a NUL character")
         elif grant_type == DEVICE_GRANT and not request.POST.get("device_code"):
