@@ -313,6 +313,10 @@ GATEWAY = {
     "REVOCATION_STALE_S": 60.0,  # with Redis down, a token cleared this recently is still served
     "VERIFY_CACHE_SIZE": 100_000,
     "DENY_IPS": env_list("PORTCULLIS_DENY_IPS"),  # CIDRs refused before anything else
+    # /v1 over plain HTTP is refused (403 https_required) unless the connection is TLS or a trusted proxy
+    # says it was (X-Forwarded-Proto): a bearer token sent in clear should fail loudly, not work. Django's
+    # pages redirect instead (SECURE_SSL_REDIRECT), which an API client would follow with its token.
+    "REQUIRE_HTTPS": env_bool("PORTCULLIS_GATEWAY_REQUIRE_HTTPS", SECURE_SSL_REDIRECT),
     "FALLBACK_CEILING_RPM": 600,  # Redis down, no rpm configured: per-process requests/minute per client
     # a quiet Redis's reply is awaited this long (µs) without yielding the event loop (gateway/redisbatch.py)
     "REDIS_REPLY_WAIT_S": env_int("PORTCULLIS_REDIS_REPLY_WAIT_US", 500, maximum=5000) / 1_000_000,

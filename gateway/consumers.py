@@ -19,7 +19,7 @@ from typing import Any, ClassVar, TypeVar
 
 from channels.generic.http import AsyncHttpConsumer
 
-from audit.context import client_ip_resolve, request_id_from, trusted_networks
+from audit.context import client_ip_resolve, ip_in_networks, request_id_from, trusted_networks
 from gateway import errors
 from gateway.admission import admit, prompt_estimate, settle
 from gateway.auth import Principal
@@ -105,6 +105,8 @@ class GatewayConsumer(AsyncHttpConsumer):
             refused.headers["allow"] = ", ".join(sorted(self.methods))  # RFC 9110 §15.5.6
             raise refused
         self.rt.check_ip_denylist(self.client_ip)
+        if self.rt.require_https and not self._secure():
+            raise errors.HttpsRequired()
         if self.repeated_headers:  # looked at only then
             self._refuse_repeated_headers()
         return await self.handle(await self._read_body())
@@ -116,6 +118,21 @@ class GatewayConsumer(AsyncHttpConsumer):
                 raise errors.InvalidRequest(
                     f"The {name.decode()} header must be sent once.", param=name.decode()
                 )
+
+    def _secure(self) -> bool:
+        """Whether the client's connection was TLS: this one, or the one a trusted proxy says it took
+        (the first value of X-Forwarded-Proto, as Django reads ``SECURE_PROXY_SSL_HEADER``)."""
+        if self.scope.get("scheme") == "https":
+            return True
+        proto = self.headers.get(b"x-forwarded-proto")
+        if proto is None:
+            return False
+        if self.repeated_headers:
+            proto = b",".join(v for name, v in self.scope["headers"] if name == b"x-forwarded-proto")
+        peer = (self.scope.get("client") or (None, None))[0]
+        return proto.split(b",", 1)[0].strip().lower() == b"https" and ip_in_networks(
+            peer, trusted_networks(self.rt.trusted_proxies)
+        )
 
     def _client_ip(self) -> str | None:
         peer = self.scope.get("client") or (None, None)
@@ -252,7 +269,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         extra = dict(exc.headers)
         if exc.status == 401 and "www-authenticate" not in extra:
             extra["www-authenticate"] = self._challenge(exc)
-        if exc.status == 403 and "www-authenticate" not in extra:
+        if isinstance(exc, errors.PermissionDenied) and "www-authenticate" not in extra:
             extra["www-authenticate"] = (
                 f'Bearer realm="portcullis", error="insufficient_scope", error_description="{exc.code}"'
             )

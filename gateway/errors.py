@@ -58,6 +58,11 @@ class MethodNotAllowed(GatewayError):
     message = "This method is not allowed on this endpoint."
 
 
+class HttpsRequired(GatewayError):
+    status, type, code = 403, "invalid_request_error", "https_required"
+    message = "This API is served over HTTPS only: send the request (and a new access token) to https://."
+
+
 class InvalidRequest(GatewayError):
     status, type, code = 400, "invalid_request_error", "invalid_request"
     message = "The request is not valid."

@@ -146,3 +146,18 @@ def test_the_redis_reply_wait_is_half_a_millisecond_unless_set(value, seconds):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == seconds
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, "True"),  # production (an https issuer): /v1 over HTTPS only, as the pages redirect to it
+        ({"DJANGO_SECURE_SSL_REDIRECT": "false"}, "False"),  # follows the pages' choice
+        ({"PORTCULLIS_GATEWAY_REQUIRE_HTTPS": "false"}, "False"),
+        ({"DJANGO_SECURE_SSL_REDIRECT": "false", "PORTCULLIS_GATEWAY_REQUIRE_HTTPS": "true"}, "True"),
+    ],
+)
+def test_the_gateway_requires_https_where_the_pages_redirect_to_it_unless_told_otherwise(overrides, expected):
+    result = settings_load(show="settings.GATEWAY['REQUIRE_HTTPS']", **overrides)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected

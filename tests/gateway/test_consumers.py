@@ -107,3 +107,43 @@ def test_a_wait_cancelled_by_someone_else_stays_cancelled():
             await task
 
     asyncio.run(scenario())
+
+
+def secure(
+    headers: list[tuple[bytes, bytes]],
+    *,
+    scheme: str = "http",
+    peer: str = "127.0.0.1",
+    trusted=("127.0.0.0/8",),
+) -> bool:
+    consumer = GatewayConsumer.__new__(GatewayConsumer)
+    consumer.scope = {"scheme": scheme, "client": (peer, 50000), "headers": headers}
+    consumer.headers = dict(headers)
+    consumer.repeated_headers = len(consumer.headers) != len(headers)
+    consumer.rt = SimpleNamespace(trusted_proxies=trusted)  # type: ignore[assignment]
+    return consumer._secure()
+
+
+@pytest.mark.parametrize(
+    ("headers", "scheme", "peer", "expected"),
+    [
+        ([], "https", "198.51.100.7", True),  # TLS to this server itself
+        ([], "http", "127.0.0.1", False),
+        ([(b"x-forwarded-proto", b"https")], "http", "127.0.0.1", True),  # a trusted proxy took TLS
+        ([(b"x-forwarded-proto", b"HTTPS ")], "http", "127.0.0.1", True),
+        ([(b"x-forwarded-proto", b"https")], "http", "198.51.100.7", False),  # anyone else: not believed
+        ([(b"x-forwarded-proto", b"https")], "http", "::ffff:127.0.0.1", True),  # a dual-stack listener
+        ([(b"x-forwarded-proto", b"http")], "http", "127.0.0.1", False),
+        ([(b"x-forwarded-proto", b"http, https")], "http", "127.0.0.1", False),  # the first value counts
+        ([(b"x-forwarded-proto", b"http"), (b"x-forwarded-proto", b"https")], "http", "127.0.0.1", False),
+        ([(b"x-forwarded-proto", b"https"), (b"x-forwarded-proto", b"http")], "http", "127.0.0.1", True),
+    ],
+)
+def test_a_request_is_secure_over_tls_or_when_a_trusted_proxy_says_its_client_used_tls(
+    headers, scheme, peer, expected
+):
+    assert secure(headers, scheme=scheme, peer=peer) is expected
+
+
+def test_no_trusted_proxy_means_forwarded_proto_is_never_believed():
+    assert secure([(b"x-forwarded-proto", b"https")], trusted=()) is False
