@@ -444,14 +444,15 @@ class InferenceConsumer(GatewayConsumer):
             self.response_started = True
             await self.send_headers(status=200, headers=headers)
             # the served protocol's way to write an event at once (config/protocol.py), when it has one
-            extension = (self.scope.get("extensions") or {}).get("portcullis.body_write") or {}
+            extensions = self.scope.get("extensions") or {}
+            writer = extensions.get("portcullis.body_write") or {}
             relay = StreamRelay(
-                self, response, wants_usage=request.wants_usage, write_now=extension.get("write")
+                self, response, wants_usage=request.wants_usage, write_now=writer.get("write")
             )
             ACTIVE_STREAMS.inc()
             try:
                 with self.rt.watcher.watch(self.principal, relay.revoked):
-                    outcome = await relay.run(self._receive)
+                    outcome = await relay.run(self._receive, extensions.get("portcullis.disconnect"))
             finally:
                 ACTIVE_STREAMS.dec()
                 stream_writes_observe(relay.written_now, relay.sent)

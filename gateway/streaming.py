@@ -75,15 +75,23 @@ class StreamRelay:
         self._sending = False  # the task is in a send: a write now would overtake what it sends
         self._task: asyncio.Task[Any] | None = None
 
-    async def run(self, receive: Any) -> str:
+    async def run(self, receive: Any, told: dict[str, Any] | None = None) -> str:
         """Relay until the stream ends; return how: completed, client_gone, revoked or upstream_error.
 
-        The pump runs in the request's own task; one more task listens for the client leaving. A cut
-        (client gone, token revoked) cancels the pump where it waits, and the upstream response is then
-        closed by the caller, so vLLM aborts the generation.
+        The pump runs in the request's own task. The client leaving is heard from the server's
+        ``portcullis.disconnect`` extension (``told``: ``config.protocol`` calls ``on_lost`` when the
+        connection is lost) or, without it, by one more task listening on ASGI's ``receive``. A cut (client
+        gone, token revoked) cancels the pump where it waits, and the upstream response is then closed by
+        the caller, so vLLM aborts the generation.
         """
         self._task = asyncio.current_task()
-        listener = asyncio.create_task(on_disconnect(receive, lambda: self._cut("client_gone")))
+        listener: asyncio.Task[None] | None = None
+        if told is None:
+            listener = asyncio.create_task(on_disconnect(receive, lambda: self._cut("client_gone")))
+        elif told["lost"]:
+            self.ended = self.ended or "client_gone"  # gone before the first step: nothing to cancel
+        else:
+            told["on_lost"] = lambda: self._cut("client_gone")
         failed = False
         try:
             if self.ended is None:  # revoked before the first byte: nothing is relayed
@@ -99,7 +107,10 @@ class StreamRelay:
         finally:
             self._finished = True  # a cut from now on has nothing to stop
             self.response.on_data = None
-            listener.cancel()
+            if listener is not None:
+                listener.cancel()
+            elif told is not None:
+                told["on_lost"] = None
         if not self.usage_seen:
             # cut short: charge what the upstream produced (≈1 token an event), sent or not; the caller
             # charges the prompt, which only it can estimate

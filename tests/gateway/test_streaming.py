@@ -280,3 +280,42 @@ def test_a_stream_cut_short_charges_tool_call_and_reasoning_events_too():
     assert how == "client_gone"
     assert relay.usage_seen is False
     assert relay.completion_tokens == 4  # what vLLM produced, sent or not; the caller charges the prompt
+
+
+async def _receive_never_called() -> dict[str, Any]:
+    raise AssertionError("with the server's extension nothing listens on receive")
+
+
+def test_with_the_servers_disconnect_extension_a_lost_connection_cuts_the_stream_without_a_listener():
+    async def test() -> tuple[str, list[tuple[str, bytes]], dict[str, Any], int]:
+        live, client = _Live(), _Connection()
+        relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
+        told: dict[str, Any] = {"lost": False, "on_lost": None}
+        tasks_before = len(asyncio.all_tasks())
+        running = asyncio.create_task(relay.run(_receive_never_called, told))
+        live.feed(_event("a"))
+        await _settle()
+        tasks_during = len(asyncio.all_tasks()) - tasks_before  # the relay's own task, and no listener
+        told["lost"] = True
+        told["on_lost"]()  # as the protocol's connection_lost does
+        live.feed(_event("b"))
+        return await running, client.out, told, tasks_during
+
+    how, out, told, tasks_during = asyncio.run(test())
+    assert how == "client_gone"
+    assert out == [("send", _event("a"))]
+    assert told["on_lost"] is None  # nothing is called back once the relay is over
+    assert tasks_during == 1
+
+
+def test_a_connection_lost_before_the_relay_began_relays_nothing_and_leaves_no_cancellation_behind():
+    async def test() -> tuple[str, list[tuple[str, bytes]], str]:
+        live, client = _Live(), _Connection()
+        relay = StreamRelay(client, live, wants_usage=False, write_now=client.write_now)  # type: ignore[arg-type]
+        live.feed(_event("a"))
+        how = await relay.run(_receive_never_called, {"lost": True, "on_lost": None})
+        await asyncio.sleep(0)  # the request's task goes on (records its usage) uncancelled
+        return how, client.out, "still running"
+
+    how, out, after = asyncio.run(test())
+    assert (how, out, after) == ("client_gone", [], "still running")
