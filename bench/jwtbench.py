@@ -59,6 +59,7 @@ def _settings(cache_size: int) -> GatewaySettings:
         revocation_stale_s=60.0,
         verify_cache_size=cache_size,
         deny_ips=(),
+        require_https=False,
         fallback_ceiling_rpm=600,
         redis_reply_wait_s=REPLY_WAIT_S,
         audit_backlog_limit=BACKLOG_LIMIT,
