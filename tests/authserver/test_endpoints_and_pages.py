@@ -233,12 +233,12 @@ def test_polling_a_pending_device_code_faster_than_its_interval_is_slow_down(cli
 def test_a_device_poll_is_answered_when_the_cache_that_paces_polls_fails(client, make_client, monkeypatch):
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from authserver import views
+    from authserver.views import tokens
 
     def down(*args: Any, **kwargs: Any) -> bool:
         raise RedisConnectionError("Redis is down")
 
-    monkeypatch.setattr(views.cache, "add", down)
+    monkeypatch.setattr(tokens.cache, "add", down)
     device = make_client(grants=("device-code",), public=True)
     started = _device_start(client, device.client.client_id, "models.read", FORM).json()
     for _ in range(2):

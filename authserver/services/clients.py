@@ -1,0 +1,192 @@
+"""Clients: registration, the administrators' changes, a new secret, and disabling one at once."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from oauth2_provider.generators import generate_client_id
+
+from audit.services import audit_record
+from authserver.models import ADMIN_SCOPES, Client
+from authserver.revocation import revocation_publish
+from authserver.services.tokens import tokens_revoke_for_client
+
+CLIENT_SECRET_LENGTH = 128
+GRANT_ALIASES = {
+    "authorization-code": Client.GRANT_AUTHORIZATION_CODE,
+    "client-credentials": Client.GRANT_CLIENT_CREDENTIALS,
+    "device-code": "urn:ietf:params:oauth:grant-type:device_code",
+}
+
+
+@dataclass(frozen=True)
+class RegisteredClient:
+    client: Client
+    client_secret: str | None  # shown once, never stored in clear
+
+
+def client_register(
+    *,
+    name: str,
+    grant_types: list[str],
+    public: bool = False,
+    redirect_uris: list[str] | None = None,
+    scopes: list[str] | None = None,
+    owner: Any = None,
+    description: str = "",
+    logo_url: str = "",
+    can_introspect: bool = False,
+    actor: str = "system",
+) -> RegisteredClient:
+    """Create a client; return it with its secret in clear (the only time it exists in clear)."""
+    grants = [GRANT_ALIASES.get(g, g) for g in grant_types]
+    secret = None if public else secrets.token_urlsafe(96)[:CLIENT_SECRET_LENGTH]
+    client = Client(
+        name=name,
+        client_id=generate_client_id(),
+        client_type=Client.CLIENT_PUBLIC if public else Client.CLIENT_CONFIDENTIAL,
+        authorization_grant_type=grants[0] if grants else "",
+        grant_types=grants,
+        redirect_uris=" ".join(redirect_uris or []),
+        allowed_scopes=" ".join(scopes or ["models.read", "completions", "embeddings"]),
+        user=owner,
+        description=description,
+        logo_url=logo_url,
+        can_introspect=can_introspect,
+        algorithm=Client.RS256_ALGORITHM,
+        client_secret=secret or "",
+    )
+    client.full_clean(exclude=["client_secret"])
+    client.save()
+    audit_record(
+        kind="client.created",
+        actor=actor,
+        client_id=client.client_id,
+        data={"name": name, "grant_types": grants, "public": public, "scope": client.allowed_scopes},
+    )
+    return RegisteredClient(client=client, client_secret=secret)
+
+
+def client_disable(*, client: Client, actor: str) -> None:
+    """Disable a client: it can do nothing more, and every token it holds stops working at once."""
+    client.disabled = True
+    client.save(update_fields=["disabled", "updated"])
+    transaction.on_commit(lambda: revocation_publish(clients=[client.client_id]))
+    tokens_revoke_for_client(client=client, actor=actor, reason="client disabled")
+    audit_record(kind="client.disabled", actor=actor, client_id=client.client_id)
+
+
+def client_enable(*, client: Client, actor: str) -> None:
+    """Re-enable a disabled client."""
+    client.disabled = False
+    client.save(update_fields=["disabled", "updated"])
+    transaction.on_commit(lambda: revocation_publish(restored_clients=[client.client_id]))
+    audit_record(kind="client.enabled", actor=actor, client_id=client.client_id)
+
+
+def _scopes_check(scopes: list[str], *, is_admin_client: bool) -> None:
+    """Refuse unknown scopes, and admin scopes for a client not marked administrative."""
+    known = set(settings.SCOPES) | ADMIN_SCOPES
+    unknown = sorted(set(scopes) - known)
+    if unknown:
+        raise ValidationError({"scopes": [f"unknown scopes: {', '.join(unknown)}"]})
+    if not is_admin_client and ADMIN_SCOPES.intersection(scopes):
+        raise ValidationError({"scopes": ["admin scopes are only for clients marked administrative"]})
+
+
+def client_create(
+    *,
+    name: str,
+    grant_types: list[str],
+    public: bool = False,
+    redirect_uris: list[str] | None = None,
+    scopes: list[str] | None = None,
+    description: str = "",
+    logo_url: str = "",
+    can_introspect: bool = False,
+    is_admin_client: bool = False,
+    actor: str,
+) -> RegisteredClient:
+    """Register a client for an admin: check its scopes, then create it (secret returned once)."""
+    if not grant_types:
+        raise ValidationError({"grant_types": ["choose at least one grant type"]})
+    _scopes_check(scopes or [], is_admin_client=is_admin_client)
+    with transaction.atomic():
+        registered = client_register(
+            name=name,
+            grant_types=grant_types,
+            public=public,
+            redirect_uris=redirect_uris,
+            scopes=scopes or None,
+            description=description,
+            logo_url=logo_url,
+            can_introspect=can_introspect,
+            actor=actor,
+        )
+        if is_admin_client:
+            registered.client.is_admin_client = True
+            registered.client.full_clean(exclude=["client_secret"])  # not for a public client: rolled back
+            registered.client.save(update_fields=["is_admin_client", "updated"])
+            audit_record(
+                kind="client.changed",
+                actor=actor,
+                client_id=registered.client.client_id,
+                data={"changed": ["is_admin_client"]},
+            )
+    return registered
+
+
+CLIENT_EDITABLE = (
+    "name",
+    "description",
+    "logo_url",
+    "redirect_uris",
+    "allowed_scopes",
+    "grant_types",
+    "can_introspect",
+    "is_admin_client",
+)
+
+
+def client_update(*, client: Client, actor: str, **fields: Any) -> Client:
+    """Change a client's editable fields (validated like a new client) and audit what changed."""
+    unknown = set(fields) - set(CLIENT_EDITABLE)
+    if unknown:
+        raise ValidationError({"client": [f"unknown fields: {', '.join(sorted(unknown))}"]})
+    if "grant_types" in fields:
+        fields["grant_types"] = [GRANT_ALIASES.get(g, g) for g in fields["grant_types"]]
+        if not fields["grant_types"]:
+            raise ValidationError({"grant_types": ["choose at least one grant type"]})
+    changed = [name for name, value in fields.items() if getattr(client, name) != value]
+    for name in changed:
+        setattr(client, name, fields[name])
+    if "grant_types" in changed:
+        client.authorization_grant_type = client.grant_types[0]
+    _scopes_check(client.scope_list(), is_admin_client=client.is_admin_client)
+    client.full_clean(exclude=["client_secret"])
+    if changed:
+        client.save()
+        audit_record(
+            kind="client.changed", actor=actor, client_id=client.client_id, data={"changed": changed}
+        )
+    return client
+
+
+def client_secret_rotate(*, client: Client, actor: str) -> str:
+    """Give a confidential client a new secret; return it in clear (the only time it exists in clear).
+
+    The old secret stops working at once; tokens already issued stay valid until they expire or are
+    revoked (revoke them separately if the old secret leaked).
+    """
+    if client.client_type != Client.CLIENT_CONFIDENTIAL:
+        raise ValidationError({"client": ["a public client has no secret"]})
+    secret = secrets.token_urlsafe(96)[:CLIENT_SECRET_LENGTH]
+    client.client_secret = secret  # DOT hashes it on save (CLIENT_SECRET_HASHER)
+    client.save()
+    audit_record(kind="client.secret_rotated", actor=actor, client_id=client.client_id)
+    return secret

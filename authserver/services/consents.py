@@ -1,0 +1,38 @@
+"""Consent: what a user allowed a client, remembered, and withdrawn with the tokens it let the client hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from audit.services import audit_record
+from authserver.models import AccessToken, Client, Consent, RefreshToken
+
+
+def consent_grant(*, user: Any, client: Client, scopes: list[str]) -> Consent:
+    """Remember that the user allowed these scopes for this client (merged with earlier consent)."""
+    consent, created = Consent.objects.get_or_create(user=user, client=client, defaults={"scope": ""})
+    merged = sorted(set(consent.scope.split()) | set(scopes))
+    consent.scope = " ".join(merged)
+    consent.save()
+    audit_record(
+        kind="consent.granted",
+        actor=f"user:{user.get_username()}",
+        client_id=client.client_id,
+        data={"scope": " ".join(scopes)},
+    )
+    return consent
+
+
+def consent_withdraw(*, user: Any, client: Client) -> int:
+    """Withdraw a user's consent for a client and revoke the tokens it holds for them."""
+    with transaction.atomic():
+        Consent.objects.filter(user=user, client=client).delete()
+        RefreshToken.objects.filter(user=user, application=client, revoked__isnull=True).update(
+            revoked=timezone.now()
+        )
+        count, _ = AccessToken.objects.filter(user=user, application=client).delete()
+    audit_record(kind="consent.withdrawn", actor=f"user:{user.get_username()}", client_id=client.client_id)
+    return count

@@ -1,0 +1,117 @@
+"""Access and refresh tokens: the fast insert the validator issues with, and revocation (one token, a
+client's, a user's), pushed to the gateways once it commits."""
+
+from __future__ import annotations
+
+import calendar
+from functools import lru_cache
+from typing import Any
+
+from django.db import connections, router, transaction
+from django.db.models.signals import post_save, pre_save
+from django.utils import timezone
+from oauth2_provider.models import get_device_grant_model
+
+from audit.services import audit_record
+from authserver.models import AccessToken, Client, RefreshToken
+from authserver.revocation import revocation_publish
+
+
+def _jti_exp(tokens: list[AccessToken]) -> list[tuple[str, int]]:
+    return [(str(t.jti), calendar.timegm(t.expires.utctimetuple())) for t in tokens if t.jti]
+
+
+def tokens_revoke_for_client(*, client: Client, actor: str, reason: str) -> int:
+    """Revoke every access and refresh token of a client; push the revocation. Return how many."""
+    with transaction.atomic():
+        access = list(AccessToken.objects.filter(application=client))
+        RefreshToken.objects.filter(application=client, revoked__isnull=True).update(revoked=timezone.now())
+        AccessToken.objects.filter(application=client).delete()
+    audit_record(
+        kind="token.revoked",
+        actor=actor,
+        client_id=client.client_id,
+        data={"reason": reason, "tokens_revoked": len(access)},
+    )
+    return len(access)
+
+
+def access_tokens_deleted(tokens: list[AccessToken]) -> None:
+    """Push the revocation of deleted access tokens once the deletion commits."""
+    pairs = _jti_exp(tokens)
+    if pairs:
+        transaction.on_commit(lambda: revocation_publish(jtis=pairs))
+
+
+@lru_cache(maxsize=64)
+def _access_token_insert_sql(db: Any) -> tuple[str, list[Any], bool]:
+    """The INSERT of ``access_token_insert``, built once per connection object."""
+    meta = AccessToken._meta
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    quote = db.ops.quote_name
+    columns = ", ".join(quote(f.column) for f in fields)
+    values = ", ".join(["%s"] * len(fields))
+    table = quote(meta.db_table)
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({values})"  # noqa: S608 (names from the model, quoted)
+    returning = db.features.can_return_columns_from_insert  # not SQLite before 3.35: lastrowid
+    return sql + (f" RETURNING {quote(meta.pk.column)}" if returning else ""), fields, returning
+
+
+def access_token_insert(token: AccessToken) -> AccessToken:
+    """Insert a new access-token row as ``save()`` would, without compiling the INSERT for every token.
+
+    Every field is prepared by the field itself (``pre_save``: timestamps and the checksum), the database
+    is the one DOT writes tokens to, an error inside a transaction marks it for rollback as ``save()``
+    does, and the save signals go out when something listens. The ORM's save was about a sixth of the
+    token endpoint's CPU.
+    """
+    alias = router.db_for_write(AccessToken)
+    db = connections[alias]  # this thread's connection itself: the proxy costs a lookup on every use
+    listened = pre_save.has_listeners(AccessToken) or post_save.has_listeners(AccessToken)
+    if listened:
+        pre_save.send(sender=AccessToken, instance=token, raw=False, using=alias, update_fields=None)
+    sql, fields, returning = _access_token_insert_sql(db)
+    params = [f.get_db_prep_save(f.pre_save(token, True), db) for f in fields]
+    with transaction.mark_for_rollback_on_error(using=alias), db.cursor() as cursor:
+        cursor.execute(sql, params)
+        token.pk = cursor.fetchone()[0] if returning else cursor.lastrowid
+    token._state.adding, token._state.db = False, alias
+    if listened:
+        post_save.send(
+            sender=AccessToken, instance=token, created=True, update_fields=None, raw=False, using=alias
+        )
+    return token
+
+
+def access_token_revoke(*, token: AccessToken, actor: str) -> None:
+    """Revoke one access token (and the refresh token issued with it); the deletion pushes it."""
+    client_id = token.application.client_id if token.application else ""
+    jti = str(token.jti or "")
+    with transaction.atomic():
+        RefreshToken.objects.filter(access_token=token, revoked__isnull=True).update(revoked=timezone.now())
+        token.delete()
+    audit_record(
+        kind="token.revoked",
+        actor=actor,
+        client_id=client_id,
+        data={"reason": "revoked by an admin", "jti": jti},
+    )
+
+
+def tokens_revoke_for_user(*, user: Any, actor: str, reason: str, client: Client | None = None) -> int:
+    """Revoke every access and refresh token a user holds, across clients or at ``client`` only (the
+    client's other users, and the user's other clients, keep theirs); return how many. The device codes
+    the user entered or approved go too: each was a token waiting for its device's next poll."""
+    at = {} if client is None else {"application": client}
+    with transaction.atomic():
+        RefreshToken.objects.filter(user=user, revoked__isnull=True, **at).update(revoked=timezone.now())
+        count, _ = AccessToken.objects.filter(user=user, **at).delete()
+        devices = get_device_grant_model().objects.filter(user=user)
+        (devices if client is None else devices.filter(client_id=client.client_id)).delete()
+    audit_record(
+        kind="token.revoked",
+        actor=actor,
+        client_id=client.client_id if client is not None else "",
+        data={"reason": reason, "user": user.get_username(), "tokens_revoked": count},
+    )
+    return count

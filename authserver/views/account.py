@@ -1,0 +1,34 @@
+"""The user's own pages outside OAuth: the sign-in page, and the page a refused CSRF check gets."""
+
+from __future__ import annotations
+
+from django.contrib.auth import views as auth_views
+from django.http import HttpRequest, HttpResponse
+
+from audit.services import actor_for_user, audit_record
+
+
+def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
+    """A form post refused by the CSRF check (a forged cross-site request, or a stale page): Django's own
+    403 page, and an audit record (a security event), naming the view and Django's reason, never the
+    token or the form."""
+    from django.views.csrf import csrf_failure as django_csrf_failure
+
+    match = getattr(request, "resolver_match", None)
+    audit_record(
+        kind="csrf.denied",
+        outcome="denied",
+        actor=actor_for_user(getattr(request, "user", None)),
+        data={
+            "reason": reason[:120],
+            "view": (match.view_name if match else "")[:120],
+            "method": request.method,
+        },
+    )
+    response: HttpResponse = django_csrf_failure(request, reason)
+    return response
+
+
+class LoginView(auth_views.LoginView):
+    template_name = "registration/login.html"
+    redirect_authenticated_user = True

@@ -1,0 +1,91 @@
+"""What the RFC endpoints share: the RFC 6749 §5.2 error body, and ``FormEndpoint``, which refuses a
+request that is not one well-formed form by POST before DOT sees it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.exceptions import BadRequest, SuspiciousOperation
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
+from django.http.multipartparser import MultiPartParserError
+from django.utils.decorators import method_decorator
+from django.views.decorators.csrf import csrf_exempt
+from django.views.generic import View
+
+from audit.services import audit_record
+
+
+def oauth_error(error: str, description: str, status: int = 400) -> JsonResponse:
+    """Return an RFC 6749 §5.2 error body with ``Cache-Control: no-store``."""
+    response = JsonResponse({"error": error, "error_description": description}, status=status)
+    response["Cache-Control"] = "no-store"
+    response["Pragma"] = "no-cache"
+    return response
+
+
+def error_code_of(response: HttpResponse) -> str:
+    try:
+        return str(json.loads(response.content).get("error", "unknown"))
+    except (ValueError, AttributeError):
+        return "unknown"
+
+
+def client_id_of(request: HttpRequest) -> str:
+    return str(request.POST.get("client_id") or getattr(getattr(request, "client", None), "client_id", ""))[
+        :100
+    ]
+
+
+FORM = "application/x-www-form-urlencoded"
+FORM_ERRORS = (BadRequest, SuspiciousOperation, MultiPartParserError)  # what reading request.POST raises
+REPEATABLE = frozenset({"resource"})  # RFC 8707 §2: one resource parameter per resource
+
+
+def _form_refusal(request: HttpRequest) -> str | None:
+    """Why a readable form is still a malformed request, or None. RFC 6749 §3.2: no parameter more than
+    once (DOT passes oauthlib only the last, so ``scope=a&scope=b`` was read as ``b``); §2.3: one client
+    authentication method (Basic credentials and a ``client_secret`` in the body are two)."""
+    repeated = sorted(
+        key for key, values in request.POST.lists() if len(values) > 1 and key not in REPEATABLE
+    )
+    if repeated:
+        return f"The parameter {repeated[0][:40]!r} is repeated"
+    basic = request.META.get("HTTP_AUTHORIZATION", "")[:6].lower() == "basic "
+    if basic and "client_secret" in request.POST:
+        return "The client authenticated twice (Basic credentials and a client_secret in the body)"
+    return None
+
+
+@method_decorator(csrf_exempt, name="dispatch")  # clients authenticate themselves, not with a cookie
+class FormEndpoint(View):
+    """An RFC endpoint that takes a form by POST (token, revocation, introspection, device authorization).
+
+    Another method is 405 ``invalid_request`` with ``Allow``, and a body Django cannot read as a form (a
+    charset other than UTF-8, multipart with no boundary, too many fields) or a malformed one
+    (``_form_refusal``) is 400 ``invalid_request``; each JSON, ``no-store`` and audited as ``denied_kind``.
+    Django alone answered them with an empty or an HTML page (a 500 in debug), and nothing was audited.
+    OPTIONS passes (CORS preflight).
+    """
+
+    denied_kind = "token.denied"
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if request.method not in ("POST", "OPTIONS"):
+            response = oauth_error("invalid_request", "This endpoint takes POST only", status=405)
+            response["Allow"] = "POST"
+        else:
+            try:
+                request.POST  # noqa: B018 (parsed here, where its failure can be answered)
+            except FORM_ERRORS:
+                response = oauth_error("invalid_request", f"The body must be a UTF-8 {FORM} form")
+            else:
+                refusal = _form_refusal(request)
+                if refusal is None:
+                    return self.form_dispatch(request, *args, **kwargs)
+                response = oauth_error("invalid_request", refusal)
+        audit_record(kind=self.denied_kind, outcome="denied", data={"error_code": "invalid_request"})
+        return response
+
+    def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        return super().dispatch(request, *args, **kwargs)

@@ -1,0 +1,170 @@
+"""The device flow's other pages (RFC 8628): device authorization, where the user enters the code, and
+where they approve the device; wrong codes are counted and the answer is remembered as consent."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.cache import cache
+from django.core.exceptions import MultipleObjectsReturned, ValidationError
+from django.http import HttpRequest, HttpResponse
+from oauth2_provider import views as dot_views
+from oauth2_provider.models import get_device_grant_model
+from oauth2_provider.views.device import DeviceGrantForm
+from redis.exceptions import RedisError
+
+from audit.services import actor_for_user, audit_record
+from authserver.selectors import client_by_client_id
+from authserver.services import consent_grant
+from authserver.views.common import FORM, FormEndpoint, client_id_of, error_code_of, oauth_error
+
+logger = logging.getLogger(__name__)
+
+USER_CODE_WRONG_MAX = 10  # wrong user codes a user may enter within the window, then a pause
+USER_CODE_WINDOW_S = 900
+
+
+class DeviceUserCodeForm(DeviceGrantForm):
+    """DOT's form, for a code several grants share (DOT's user codes are not unique, and old grants keep
+    theirs): its lookup raised MultipleObjectsReturned, a 500. The one pending grant among them is the one
+    meant; with none, or several, the code is wrong. (A NUL is refused by the form field itself.)"""
+
+    def clean_user_code(self) -> Any:
+        try:
+            return super().clean_user_code()
+        except MultipleObjectsReturned:
+            code = self.cleaned_data["user_code"]
+            model = get_device_grant_model()
+            shared = model.objects.filter(user_code=code, status=model.AUTHORIZATION_PENDING)
+            pending = [grant for grant in shared if not grant.is_expired()]
+            if len(pending) != 1:
+                raise ValidationError("Incorrect user code", code="incorrect_user_code") from None
+            self.cleaned_data["device_grant"] = pending[0]
+            return code
+
+
+class DeviceUserCodeView(dot_views.DeviceUserCodeView):
+    """Where a signed-in user enters the code a device shows: DOT's page, with wrong codes counted and
+    audited, and a pause after ``USER_CODE_WRONG_MAX`` of them (RFC 8628 §5.1: user codes are short enough
+    to guess; a pending code found by guessing lets its finder approve someone's device as themselves)."""
+
+    form_class = DeviceUserCodeForm
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        if self._wrong_count() >= USER_CODE_WRONG_MAX:
+            audit_record(
+                kind="device.code_throttled",
+                outcome="denied",
+                actor=actor_for_user(request.user),
+                data={"limit": USER_CODE_WRONG_MAX, "window_s": USER_CODE_WINDOW_S},
+            )
+            form = self.get_form()
+            form.errors.clear()
+            form.add_error(None, "Too many wrong codes. Wait a few minutes, then try again.")
+            return self.render_to_response(self.get_context_data(form=form), status=429)
+        response: HttpResponse = super().post(request, *args, **kwargs)
+        return response
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        if form.has_error("user_code", "incorrect_user_code"):
+            audit_record(
+                kind="device.code_wrong",
+                outcome="denied",
+                actor=actor_for_user(self.request.user),
+                data={"count": self._wrong_counted()},
+            )
+        response: HttpResponse = super().form_invalid(form)
+        return response
+
+    def _key(self) -> str:
+        return f"portcullis:device-code-wrong:{self.request.user.pk}"
+
+    def _wrong_count(self) -> int:
+        try:
+            return int(cache.get(self._key(), 0))
+        except (RedisError, OSError):
+            logger.warning("the cache did not answer; wrong device codes are not counted")
+            return 0
+
+    def _wrong_counted(self) -> int:
+        """Count one more wrong code in the window that the first one opened."""
+        try:
+            cache.add(self._key(), 0, timeout=USER_CODE_WINDOW_S)
+            return int(cache.incr(self._key()))
+        except (RedisError, OSError, ValueError):  # ValueError: the key expired between the two calls
+            return 0
+
+
+class DeviceConfirmView(dot_views.DeviceConfirmView):
+    """The user approves or denies a device: DOT's page, with the answer remembered and audited as the
+    consent page's is. Without it a device app's approval left no ``consent.granted`` record, and once its
+    access token expired the app vanished from the user's connected apps, its refresh token still live."""
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        device = self.get_object()  # before DOT changes its status (it is looked up by that status)
+        response: HttpResponse = super().form_valid(form)
+        client = client_by_client_id(device.client_id)
+        if client is None:
+            return response
+        if form.cleaned_data["action"] == "accept":
+            consent_grant(user=self.request.user, client=client, scopes=device.scope.split())
+        elif form.cleaned_data["action"] == "deny":
+            audit_record(
+                kind="consent.denied",
+                outcome="denied",
+                actor=actor_for_user(self.request.user),
+                client_id=client.client_id,
+                data={"scope": device.scope, "flow": "device"},
+            )
+        return response
+
+
+class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
+    """RFC 8628 §3.1-3.2 device authorization: DOT's, with the checks it leaves out, audited, ``no-store``.
+
+    oauthlib compares the Content-Type header with the media type exactly: no header was a ``KeyError``
+    (a 500) and ``; charset=UTF-8`` a refusal. DOT stores whatever scope is asked, so a scope the client
+    may not have reached the user's approval page and failed only at the token endpoint.
+    """
+
+    denied_kind = "device.denied"
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        media_type = (request.content_type or "").strip().lower()
+        if media_type != FORM:
+            response: HttpResponse = oauth_error("invalid_request", f"The Content-Type must be {FORM}")
+        elif (refused := self._scope_refused(request)) is not None:
+            response = refused
+        else:
+            request.META["CONTENT_TYPE"] = FORM  # the form is read; oauthlib wants the bare media type
+            response = super().post(request, *args, **kwargs)
+        response["Cache-Control"] = "no-store"  # it holds the device code
+        if response.status_code >= 400:
+            audit_record(
+                kind=self.denied_kind,
+                outcome="denied",
+                client_id=client_id_of(request),
+                data={"error_code": error_code_of(response)},
+            )
+        return response
+
+    @staticmethod
+    def _scope_refused(request: HttpRequest) -> HttpResponse | None:
+        scopes = request.POST.get("scope", "").split()
+        client = client_by_client_id(str(request.POST.get("client_id", ""))) if scopes else None
+        if client is None:
+            return None  # no scope asked (the client's defaults), or an unknown client: DOT answers
+        if not client.may_ask_for(scopes):
+            return oauth_error("invalid_scope", "The client may not ask for these scopes")
+        return None
+
+
+def device_entry(request: HttpRequest) -> HttpResponse:
+    """The short verification URI (RFC 8628 §3.3) forwards to the device page, keeping ``user_code``."""
+    from django.shortcuts import redirect
+    from django.urls import reverse
+
+    target = reverse("oauth2_provider:device")
+    query = request.GET.urlencode()
+    return redirect(f"{target}?{query}" if query else target)

@@ -1,0 +1,73 @@
+"""What a token stands for: RFC 7662 introspection for the clients allowed it, OIDC userinfo for the
+token's holder; refusals audited, answers kept out of caches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
+from django.views.generic import View
+from oauth2_provider import views as dot_views
+from oauthlib.common import Request as OauthlibRequest
+
+from audit.services import audit_record
+from authserver.models import Client
+from authserver.views.common import FormEndpoint, error_code_of, oauth_error
+
+
+class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
+    """RFC 7662 introspection: POST only, and only for clients an admin allowed to introspect."""
+
+    denied_kind = "introspect.denied"
+    http_method_names = ["post", "options"]  # what OPTIONS advertises in Allow
+
+    def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        # Not DOT's: it would ask for a bearer token. The client authenticates as RFC 7662 §2.1 says.
+        return View.dispatch(self, request, *args, **kwargs)
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        client = self._authenticated_client(request)
+        if client is None:
+            response = self._denied("", "invalid_client", "Client authentication failed", 401)
+            response["WWW-Authenticate"] = 'Basic realm="portcullis"'
+            return response
+        if not client.can_introspect:
+            return self._denied(
+                client.client_id, "unauthorized_client", "This client may not introspect", 403
+            )
+        if not request.POST.get("token"):  # RFC 7662 §2.1: REQUIRED
+            return self._denied(client.client_id, "invalid_request", "token is required", 400)
+        answer: HttpResponse = self.get_token_response(request.POST.get("token"))
+        answer["Cache-Control"] = "no-store"
+        return answer
+
+    def _denied(self, client_id: str, error: str, description: str, status: int) -> JsonResponse:
+        audit_record(kind=self.denied_kind, outcome="denied", client_id=client_id, data={"error_code": error})
+        return oauth_error(error, description, status=status)
+
+    def _authenticated_client(self, request: HttpRequest) -> Client | None:
+        """Authenticate the calling client (RFC 7662 §2.1) and return it, or None."""
+        core = self.get_oauthlib_core()
+        uri, http_method, body, headers = core._extract_params(request)
+        oauthlib_request = OauthlibRequest(uri, http_method, body, headers)
+        if not core.server.request_validator.authenticate_client(oauthlib_request):
+            return None
+        client = getattr(oauthlib_request, "client", None)
+        return client if isinstance(client, Client) else None
+
+
+class UserInfoView(dot_views.UserInfoView):
+    """OIDC userinfo: DOT's, with its answers labelled JSON, kept out of caches, and its refusals audited."""
+
+    def _create_userinfo_response(self, request: HttpRequest) -> HttpResponse:
+        response: HttpResponse = super()._create_userinfo_response(request)
+        response["Cache-Control"] = "no-store"  # claims about the user
+        if response.content[:1] == b"{":
+            response["Content-Type"] = "application/json"
+        if response.status_code >= 400:
+            audit_record(
+                kind="userinfo.denied",
+                outcome="denied",
+                data={"error_code": error_code_of(response), "status": response.status_code},
+            )
+        return response
