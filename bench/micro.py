@@ -32,7 +32,7 @@ import httpx
 import redis.asyncio as aioredis
 import uvloop
 
-from bench.stack import PYTHON, ROOT, free_port
+from bench.spawn import PYTHON, ROOT, free_port
 from gateway.http1 import HttpClient, url_split
 
 BODY = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}).encode()

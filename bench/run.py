@@ -31,7 +31,8 @@ import uvloop
 from bench.profile import py_spy_path, py_spy_start, summarize
 from bench.report import against_reference, aggregate, machine_info, print_report, rows
 from bench.scenarios import SCENARIOS, Plan, Scenario, measure, scenarios_select
-from bench.stack import ROOT, Stack, StackError, StackOptions
+from bench.spawn import ROOT
+from bench.stack import Stack, StackError, StackOptions
 
 logger = logging.getLogger("bench")
 

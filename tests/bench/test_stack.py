@@ -12,7 +12,8 @@ import pytest
 from psycopg import sql
 
 from bench.proc import _stat_fields, descendants
-from bench.stack import Service, Stack, StackError, StackOptions, _terminate
+from bench.spawn import _terminate
+from bench.stack import Service, Stack, StackError, StackOptions
 
 
 @pytest.mark.parametrize(("wait", "sent"), [(None, None), (0, "0"), (1500, "1500")])

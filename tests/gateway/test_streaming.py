@@ -106,7 +106,8 @@ class _Live:
         return data
 
     def feed(self, data: bytes) -> None:
-        """As ``_Connection.data_received`` does: a taker that raises is dropped, and the reader woken."""
+        """As ``gateway.http1.connection.Connection.data_received`` does: a taker that raises is dropped,
+        and the reader woken."""
         self._parts.append(data)
         if self.on_data is not None:
             try:

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.validation import MAX_DEPTH, request_validate
+from gateway.validation import request_validate
+from gateway.validation.json_body import MAX_DEPTH
 
 MSG = [{"role": "user", "content": "hi"}]
 

@@ -1,0 +1,263 @@
+"""Strict request validation: bodies are parsed and checked against an allowlist before anything is sent.
+
+Only OpenAI's fields and the vLLM extras we chose are accepted, recursively, with caps; an unknown field is
+an error naming it, never silently dropped. Fields that pick a chat template, prompt embeddings, remote
+media or guided-decoding grammars are refused (they have crashed or compromised vLLM), as are duplicate
+keys, NaN, numbers beyond a float's range, deep nesting and anything but a JSON object. An optional field
+sent as ``null`` means what leaving it out means (OpenAI's API, and the SDKs, send ``null`` for "not set"),
+so it is left out of what goes upstream; so are the response-only fields of an assistant message that the
+SDKs send back when a reply is appended to the conversation.
+
+The endpoints' tables and ``request_validate`` are here; the parsing is in
+``gateway.validation.json_body``, the checkers they are built of in ``gateway.validation.checks``, and what a
+forced ``tool_choice`` allows in a tool's parameters in ``gateway.validation.schema``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.validation.checks import (
+    Check,
+    absent,
+    any_json,
+    boolean,
+    empty_list,
+    fields_check,
+    integer,
+    list_of,
+    nullable,
+    number,
+    obj,
+    one_of,
+    reject,
+    string,
+)
+from gateway.validation.json_body import body_parse
+from gateway.validation.schema import tools_forced_check
+
+MAX_MESSAGES = 1024
+MAX_CONTENT_CHARS = 1_000_000
+MAX_N = 8
+MAX_TOP_LOGPROBS = 20
+MAX_STOP = 8
+MAX_TOOLS = 64
+MAX_INPUTS = 2048
+
+MODEL_NAME_CHARS = 200  # the usage record's column (audit.UsageRecord.model)
+_model_string = string(MODEL_NAME_CHARS)
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def model_name(value: Any, path: str) -> None:
+    """A model id: a string that fits the usage record, with no control characters (no NUL)."""
+    _model_string(value, path)
+    if CONTROL_CHARACTERS.search(value) is not None:
+        reject(path, "must not contain control characters")
+
+
+MAX_TOKEN_ID = 2**31  # stop_token_ids and logit_bias keys share one bound
+TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() also takes "²" and "١٢"
+
+
+def logit_bias(value: Any, path: str) -> None:
+    if not isinstance(value, dict) or len(value) > 300:
+        reject(path, "must be an object of at most 300 token ids")
+    for key, bias in value.items():
+        if TOKEN_ID_KEY.fullmatch(key) is None or int(key) > MAX_TOKEN_ID:
+            reject(f"{path}.{key}", f"keys must be token ids from 0 to {MAX_TOKEN_ID}")
+        number(-100, 100)(bias, f"{path}.{key}")
+
+
+# --- the endpoints ----------------------------------------------------------------------------------
+
+STOP = one_of(string(1024), list_of(string(1024), MAX_STOP), message="must be a string or a list of strings")
+TEXT_PART = obj(
+    {"type": string(16, frozenset({"text"})), "text": string(MAX_CONTENT_CHARS)}, frozenset({"type", "text"})
+)
+CONTENT = one_of(
+    string(MAX_CONTENT_CHARS),
+    list_of(TEXT_PART, 256),
+    message="must be text or a list of text parts (remote media is not allowed)",
+)
+TOOL_CALLS = "an assistant message's tool calls, empty in a reply that called none"
+TOOL_CALL = obj(
+    {
+        "id": string(256),
+        "type": string(16, frozenset({"function"})),
+        "function": obj(
+            {"name": string(256), "arguments": string(MAX_CONTENT_CHARS)}, frozenset({"name", "arguments"})
+        ),
+    },
+    frozenset({"type", "function"}),
+)
+MESSAGE = obj(
+    {
+        "role": string(16, frozenset({"system", "developer", "user", "assistant", "tool"})),
+        "content": nullable(CONTENT),
+        "name": string(256),
+        "tool_calls": one_of(
+            empty_list(TOOL_CALLS),
+            list_of(TOOL_CALL, 128, min_items=1),
+            message="must be a list of tool calls",
+        ),
+        "tool_call_id": string(256),
+        # What an OpenAI SDK sends back when a reply is appended to the conversation as it came (vLLM's
+        # ChatMessage): text fields go on, the rest only as null or empty, and then not upstream.
+        "refusal": string(MAX_CONTENT_CHARS),
+        "reasoning_content": string(MAX_CONTENT_CHARS),
+        "reasoning": string(MAX_CONTENT_CHARS),
+        "annotations": empty_list("a reply's annotations"),
+        "audio": absent("a reply's audio"),
+        "function_call": absent("the deprecated function call of a reply"),
+    },
+    frozenset({"role"}),
+)
+TOOL = obj(
+    {
+        "type": string(16, frozenset({"function"})),
+        "function": obj(
+            {"name": string(256), "description": string(4096), "parameters": any_json, "strict": boolean},
+            frozenset({"name"}),
+        ),
+    },
+    frozenset({"type", "function"}),
+)
+SAMPLING: dict[str, Check] = {
+    "model": model_name,
+    "stream": boolean,
+    "stream_options": obj({"include_usage": boolean}),
+    "n": integer(1, MAX_N),
+    "stop": STOP,
+    "temperature": number(0, 2),
+    "top_p": number(0, 1),
+    "frequency_penalty": number(-2, 2),
+    "presence_penalty": number(-2, 2),
+    "seed": integer(-(2**63), 2**63 - 1),
+    "user": string(256),
+    "logit_bias": logit_bias,
+    # vLLM sampling extras we allow: they only shape sampling, bounded like the rest.
+    "top_k": integer(-1, 1000),
+    "min_p": number(0, 1),
+    "repetition_penalty": number(0.01, 2),
+    "stop_token_ids": list_of(integer(0, MAX_TOKEN_ID), 64),
+    "skip_special_tokens": boolean,
+    "include_stop_str_in_output": boolean,
+}
+CHAT_FIELDS: dict[str, Check] = {
+    **SAMPLING,
+    "messages": list_of(MESSAGE, MAX_MESSAGES, min_items=1),
+    "max_tokens": integer(1, 10**7),
+    "max_completion_tokens": integer(1, 10**7),
+    "min_tokens": integer(0, 10**7),
+    "logprobs": boolean,
+    "top_logprobs": integer(0, MAX_TOP_LOGPROBS),
+    "response_format": obj({"type": string(16, frozenset({"text", "json_object"}))}, frozenset({"type"})),
+    "tools": list_of(TOOL, MAX_TOOLS),
+    "tool_choice": one_of(
+        string(16, frozenset({"none", "auto", "required"})),
+        obj(
+            {
+                "type": string(16, frozenset({"function"})),
+                "function": obj({"name": string(256)}, frozenset({"name"})),
+            },
+            frozenset({"type", "function"}),  # OpenAI: a named tool choice names its function
+        ),
+        message="must be none, auto, required or a function",
+    ),
+    "parallel_tool_calls": boolean,
+}
+COMPLETION_FIELDS: dict[str, Check] = {
+    **SAMPLING,
+    "prompt": one_of(
+        string(MAX_CONTENT_CHARS),
+        list_of(string(MAX_CONTENT_CHARS), 64, min_items=1),
+        list_of(integer(0, 2**31), 1_000_000, min_items=1),
+        message="must be text, a list of texts or a list of token ids",
+    ),
+    "max_tokens": integer(1, 10**7),
+    "min_tokens": integer(0, 10**7),
+    "echo": boolean,
+    "logprobs": integer(0, 5),
+}
+EMBEDDING_FIELDS: dict[str, Check] = {
+    "model": model_name,
+    "input": one_of(
+        string(MAX_CONTENT_CHARS),
+        list_of(string(MAX_CONTENT_CHARS), MAX_INPUTS, min_items=1),
+        list_of(integer(0, 2**31), 1_000_000, min_items=1),
+        list_of(list_of(integer(0, 2**31), 100_000, min_items=1), MAX_INPUTS, min_items=1),
+        message="must be text, a list of texts or token ids",
+    ),
+    "encoding_format": string(16, frozenset({"float", "base64"})),
+    "dimensions": integer(1, 65_536),
+    "user": string(256),
+}
+
+
+@dataclass(frozen=True)
+class Validated:
+    """A checked request: the body to send upstream and what the limits need to know."""
+
+    payload: dict[str, Any]
+    model: str
+    stream: bool
+    wants_usage: bool
+    max_tokens: int | None  # None: bounded only by the model's context (vLLM's default)
+    n: int
+    prompt_token_ids: int | None = None  # a prompt (or input) sent as token ids: how many, exactly
+
+
+ENDPOINT_FIELDS: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
+    "chat": (CHAT_FIELDS, frozenset({"model", "messages"})),
+    "completions": (COMPLETION_FIELDS, frozenset({"model", "prompt"})),
+    "embeddings": (EMBEDDING_FIELDS, frozenset({"model", "input"})),
+}
+
+
+def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> Validated:
+    """Validate a body for an endpoint kind (``chat``, ``completions``, ``embeddings``)."""
+    payload = body_parse(body)
+    fields, required = ENDPOINT_FIELDS[kind]
+    fields_check(payload, fields, required)
+    if "tool_choice" in payload:
+        tools_forced_check(payload)
+    stream = payload.get("stream") is True
+    if "stream_options" in payload and not stream:
+        reject("stream_options", "is only allowed with stream: true")
+    if kind == "embeddings":
+        return Validated(payload, payload["model"], False, False, 0, 1, _token_ids(payload["input"]))
+    key = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
+    requested = payload.get(key)
+    if max_tokens_cap is not None:
+        if requested is not None and requested > max_tokens_cap:
+            reject(key, f"must be at most {max_tokens_cap} for this client")
+        if requested is None:
+            requested = payload["max_tokens"] = max_tokens_cap  # the client's cap bounds every generation
+    wants_usage = bool(payload.get("stream_options", {}).get("include_usage"))
+    if stream:
+        # Always ask vLLM for the final usage chunk, so a stream is charged what it really used.
+        payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
+    return Validated(
+        payload,
+        payload["model"],
+        stream,
+        wants_usage,
+        requested,
+        payload.get("n", 1),
+        _token_ids(payload["prompt"]) if kind == "completions" else None,
+    )
+
+
+def _token_ids(prompt: Any) -> int | None:
+    """How many token ids a validated prompt or input holds, when it is token ids (None for text): about 2
+    bytes of the body a token for small ids, so the estimate from the body's size would fall short."""
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    if isinstance(prompt[0], int):
+        return len(prompt)
+    if isinstance(prompt[0], list):
+        return sum(len(ids) for ids in prompt)
+    return None

@@ -1,0 +1,78 @@
+"""The JSON-schema allowlist for a forced ``tool_choice``: the tools' parameters that vLLM compiles into
+a grammar must keep to plain structure (``SCHEMA_KEYWORDS``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from gateway.validation.checks import integer, list_of, number, one_of, reject, string
+
+# A forced tool choice ("required", or a named function) makes vLLM constrain the output with the tools'
+# parameter schemas: guided decoding by another door, and schemas have crashed vLLM's engine when compiled
+# (an invalid regex, a bound past 32 bits: vllm#17248, #17894, #47312). Those schemas must then keep to
+# plain structure: these keywords, local $refs, bounded numbers; regexes and formats are refused.
+SCHEMA_KEYWORDS = frozenset(
+    {
+        "type", "properties", "required", "items", "enum", "const", "description", "title", "default",
+        "examples", "additionalProperties", "anyOf", "oneOf", "allOf", "$defs", "definitions", "$ref",
+        "minItems", "maxItems", "minLength", "maxLength", "minimum", "maximum", "exclusiveMinimum",
+        "exclusiveMaximum", "minProperties", "maxProperties", "nullable", "strict",
+    }
+)  # fmt: skip
+SCHEMA_SUBSCHEMAS = ("items", "additionalProperties")  # a schema (or a boolean, for additionalProperties)
+SCHEMA_MAPS = ("properties", "$defs", "definitions")  # name -> schema
+SCHEMA_LISTS = ("anyOf", "oneOf", "allOf")
+SCHEMA_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+SCHEMA_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+SCHEMA_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
+SCHEMA_TYPE = one_of(
+    string(16, SCHEMA_TYPES),
+    list_of(string(16, SCHEMA_TYPES), 7, min_items=1),
+    message="must be a JSON type or a list of them",
+)
+SCHEMA_BOUND = 2**31 - 1
+SCHEMA_MAX_COUNT = 4096
+LOCAL_REF = re.compile(r"#/(\$defs|definitions)/[A-Za-z0-9_.-]{1,128}")
+
+
+def forced_schema(value: Any, path: str) -> None:
+    """A tool's parameters when vLLM will compile them into a grammar (see SCHEMA_KEYWORDS)."""
+    if isinstance(value, bool):
+        return
+    if not isinstance(value, dict):
+        reject(path, "must be a JSON schema object")
+    for key, item in value.items():
+        where = f"{path}.{key}"
+        if key not in SCHEMA_KEYWORDS:
+            reject(where, "is not accepted in a schema that a forced tool_choice compiles into a grammar")
+        if key in SCHEMA_SUBSCHEMAS:
+            forced_schema(item, where)
+        elif key in SCHEMA_MAPS:
+            if not isinstance(item, dict):
+                reject(where, "must map names to schemas")
+            for name, sub in item.items():
+                forced_schema(sub, f"{where}.{name}")
+        elif key in SCHEMA_LISTS:
+            list_of(forced_schema, 64, min_items=1)(item, where)
+        elif key in SCHEMA_BOUNDS:
+            number(-SCHEMA_BOUND, SCHEMA_BOUND)(item, where)
+        elif key in SCHEMA_COUNTS:
+            integer(0, SCHEMA_MAX_COUNT)(item, where)
+        elif key == "$ref" and (not isinstance(item, str) or LOCAL_REF.fullmatch(item) is None):
+            reject(where, "must be a local reference (#/$defs/<name>)")
+        elif key == "type":
+            SCHEMA_TYPE(item, where)
+        elif key == "required":
+            list_of(string(256), 1024)(item, where)
+
+
+def tools_forced_check(payload: dict[str, Any]) -> None:
+    """With a forced tool_choice, every tool's parameters must be a schema vLLM can compile safely."""
+    choice = payload.get("tool_choice")
+    if choice is None or choice in ("none", "auto"):
+        return
+    for index, tool in enumerate(payload.get("tools") or ()):
+        parameters = tool["function"].get("parameters")
+        if parameters is not None:
+            forced_schema(parameters, f"tools[{index}].function.parameters")
