@@ -1,25 +1,31 @@
 """Retention: the one audited way old audit rows leave the database (archive, then prune).
 
-Rows older than a cutoff are written to a JSON-lines archive (with its SHA-256), then deleted in a
-transaction that sets ``portcullis.audit_prune`` — the only case the append-only trigger lets through. The
-chain's base moves to the last pruned record, so ``verifyaudit`` verifies what remains from there, and the
-run itself is an audit event naming the count, the archive digest and the new base, and a checkpoint is
-signed over it at once: ``verifyaudit`` trusts a moved base only when a signature covers the record that
-moved it, and would otherwise report the chain broken until beat's next checkpoint.
+Rows older than a cutoff are written to a JSON-lines archive (with its SHA-256), which is on disk before
+anything is deleted. Then one transaction deletes them (with ``portcullis.audit_prune`` set for the
+deletes alone: the only case the append-only trigger lets through), moves the chain's base to the last
+pruned record, records the run as an audit event naming the count, the archive digest and the new base,
+and signs a checkpoint over that event. ``verifyaudit`` trusts a moved base only when a signature covers
+the record that moved it, so all of this commits together or not at all: a crash at any point leaves the
+old chain or the new one, and both verify.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from django.core import serializers
 from django.db import connection, transaction
+from django.db.models import QuerySet
 
-from audit.chain import chain_prune, checkpoint_sign
+from audit.chain import PRUNED_KIND, chain_prune, checkpoint_sign
 from audit.models import AuditCheckpoint, AuditEvent, UsageRecord
 from audit.services import audit_record
 
@@ -39,31 +45,61 @@ def audit_archive_and_prune(*, before: datetime, archive: Path, actor: str) -> P
     before_seq = (cutoff.seq or 0) + 1 if cutoff is not None else 0
     events = AuditEvent.objects.filter(seq__lt=before_seq)
     usage = UsageRecord.objects.filter(occurred_at__lt=before)
+    sha256 = _archive_write(archive, events.order_by("seq"), usage.order_by("occurred_at"))
+    with transaction.atomic():
+        base_seq, base_hash = chain_prune(before_seq=before_seq)
+        with _deletes_allowed():
+            counts = (events.delete()[0], usage.delete()[0])
+            AuditCheckpoint.objects.filter(seq__lte=base_seq).delete()
+        audit_record(
+            kind=PRUNED_KIND,
+            actor=actor,
+            data={
+                "events": counts[0],
+                "usage_records": counts[1],
+                "archive_sha256": sha256,
+                "before": before.isoformat(),
+                "base_seq": base_seq,
+                "base_hash": base_hash,
+            },
+        )
+        checkpoint_sign()  # no signer registered (the audit app alone): beat's next run signs it
+    return PruneResult(counts[0], counts[1], archive, sha256, base_seq)
+
+
+def _archive_write(archive: Path, *querysets: QuerySet[Any]) -> str:
+    """Write the rows to ``archive`` as JSON lines and sync it to disk; return the file's SHA-256.
+
+    Synced before the prune commits: otherwise a crash just after it could lose the only copy."""
     digest = hashlib.sha256()
     with archive.open("w", encoding="utf-8") as out:
-        for queryset in (events.order_by("seq"), usage.order_by("occurred_at")):
+        for queryset in querysets:
             for row in serializers.serialize("python", queryset.iterator()):
                 line = json.dumps(row, default=str, sort_keys=True) + "\n"
                 digest.update(line.encode())
                 out.write(line)
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SET LOCAL portcullis.audit_prune = 'on'")
-        base_seq, base_hash = chain_prune(before_seq=before_seq)
-        counts = (events.delete()[0], usage.delete()[0])
-        AuditCheckpoint.objects.filter(seq__lte=base_seq).delete()
-    audit_record(
-        kind="audit.pruned",
-        actor=actor,
-        data={
-            "events": counts[0],
-            "usage_records": counts[1],
-            "archive_sha256": digest.hexdigest(),
-            "before": before.isoformat(),
-            "base_seq": base_seq,
-            "base_hash": base_hash,
-        },
-    )
-    checkpoint_sign()  # no signer registered (the audit app alone): beat's next run signs it
-    return PruneResult(counts[0], counts[1], archive, digest.hexdigest(), base_seq)
+        out.flush()
+        os.fsync(out.fileno())
+    directory = os.open(archive.parent, os.O_RDONLY)  # the file's name is on disk only once its directory is
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _deletes_allowed() -> Iterator[None]:
+    """Let the append-only trigger pass deletes in the statements inside, and only those (PostgreSQL).
+
+    ``SET LOCAL`` lasts to the end of the transaction, which goes on to write the pruning record and
+    the checkpoint: the setting is switched off again for that, so nothing else the transaction runs
+    can delete an audit row. (On an error the transaction rolls back, and the setting with it.)"""
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL portcullis.audit_prune = 'on'")
+    yield
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL portcullis.audit_prune = 'off'")

@@ -40,13 +40,13 @@ def _six_writers_in_two_groups(
     """Run write(0) alone, hold its group open until write(1..5) queue behind it, then let all finish.
 
     Returns what each call of the chain's insert got: the ``i`` of its events, sorted."""
-    from audit import chain
+    from audit.chain import append as chain_append
 
-    appender = chain.GroupAppender()
-    monkeypatch.setattr(chain, "_group_append", appender)
+    appender = chain_append.GroupAppender()
+    monkeypatch.setattr(chain_append, "_group_append", appender)
     groups: list[list[int]] = []
     first_group_started, release = threading.Event(), threading.Event()
-    real_append = chain._append
+    real_append = chain_append._append
 
     def recording_append(events: list[AuditEvent]) -> list[AuditEvent]:
         groups.append(sorted(e.data["i"] for e in events))
@@ -55,7 +55,7 @@ def _six_writers_in_two_groups(
             release.wait(10)
         return real_append(events)
 
-    monkeypatch.setattr(chain, "_append", recording_append)
+    monkeypatch.setattr(chain_append, "_append", recording_append)
 
     def run(i: int) -> None:
         try:
@@ -333,18 +333,18 @@ def test_writers_outside_a_transaction_commit_in_groups_and_each_event_lands_exa
 
 @pytest.mark.django_db(transaction=True)
 def test_a_failed_group_commits_none_of_its_events_and_the_next_writer_still_can(monkeypatch):
-    from audit import chain
+    from audit.chain import append as chain_append
 
-    monkeypatch.setattr(chain, "_group_append", chain.GroupAppender())
-    real_append = chain._append
+    monkeypatch.setattr(chain_append, "_group_append", chain_append.GroupAppender())
+    real_append = chain_append._append
 
     def failing_append(events: list[AuditEvent]) -> list[AuditEvent]:
         raise DatabaseError("the database went away")
 
-    monkeypatch.setattr(chain, "_append", failing_append)
+    monkeypatch.setattr(chain_append, "_append", failing_append)
     with pytest.raises(DatabaseError):
         audit_record(kind="test.event")
-    monkeypatch.setattr(chain, "_append", real_append)
+    monkeypatch.setattr(chain_append, "_append", real_append)
     audit_record(kind="test.event")
     assert AuditEvent.objects.count() == 1
     assert chain_verify().ok
@@ -403,13 +403,13 @@ def test_text_postgresql_cannot_store_is_recorded_with_a_replacement_character()
 
 @pytest.mark.django_db(transaction=True)
 def test_a_group_of_events_gets_each_rows_primary_key_in_order():
-    from audit import chain
+    from audit.chain import append as chain_append
 
     events = [
         AuditEvent(kind="test.event", outcome="success", data={"i": i}, occurred_at=timezone.now())
         for i in range(5)
     ]
-    chain._append(events)
+    chain_append._append(events)
     for event in events:
         stored = AuditEvent.objects.get(pk=event.pk)
         assert (stored.seq, stored.hash, stored.data) == (event.seq, event.hash, event.data)

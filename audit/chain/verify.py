@@ -1,0 +1,191 @@
+"""Verifying the audit chain: recompute every hash, check every signed checkpoint, name the first mismatch.
+
+``chain_verify`` starts from the base an archive-and-prune run moved only when the chain itself vouches
+for that base (its ``audit.pruned`` record, covered by a signed checkpoint), verifies any record still
+present below it rather than skipping it, and says how many of the newest records no signature covers
+yet (those could be cut off unseen).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from audit.chain.checkpoints import Verifier, checkpoint_verifier
+from audit.chain.head import chain_head
+from audit.chain.links import GENESIS, link_hash
+from audit.models import AuditCheckpoint, AuditEvent, ChainHead
+
+PRUNED_KIND = "audit.pruned"  # the record an archive-and-prune run writes, naming the base it moved to
+
+
+@dataclass
+class ChainReport:
+    ok: bool
+    checked: int
+    checkpoints: int
+    first_bad_seq: int | None = None
+    first_bad_id: int | None = None
+    reason: str = ""
+    base_seq: int = 0  # records up to this one were archived and pruned
+    signed_seq: int | None = None  # the record the newest signed checkpoint covers
+    signed_at: datetime | None = None  # when that checkpoint was signed (the signed time)
+    unsigned: int = 0  # records after it: no signature covers them, so cutting them off shows nowhere
+    newest_at: datetime | None = None  # when the newest record was written
+
+
+@dataclass
+class _Walk:
+    """What recomputing the chain found: each record's hash, and the pruning records that name the base."""
+
+    start_seq: int
+    start_hash: str
+    hashes: dict[int, str] = field(default_factory=dict)
+    pruned: list[int] = field(default_factory=list)
+    newest_at: datetime | None = None
+
+    @property
+    def last_seq(self) -> int:
+        return self.start_seq + len(self.hashes)
+
+    @property
+    def last_hash(self) -> str:
+        return self.hashes.get(self.last_seq, self.start_hash)
+
+
+def _events(after: int = 0, batch: int = 2000) -> Iterator[AuditEvent]:
+    last = after
+    while True:
+        rows = list(AuditEvent.objects.filter(seq__gt=last).order_by("seq")[:batch])
+        if not rows:
+            return
+        yield from rows
+        last = rows[-1].seq or last
+
+
+def _walk_start(base_seq: int, base_hash: str) -> tuple[int, str]:
+    """Where verification starts: the chain's base, unless records at or below it are still there.
+
+    Pruning deletes every record up to the base in the transaction that moves it, so a record at or below
+    the base means the base moved some other way (the head row is not append-only): those records are
+    verified rather than skipped, from genesis when the first is still there, and the base is reported."""
+    first = AuditEvent.objects.filter(seq__isnull=False, seq__lte=base_seq).order_by("seq").first()
+    if first is None or first.seq is None:
+        return base_seq, base_hash
+    return first.seq - 1, GENESIS if first.seq == 1 else first.prev_hash
+
+
+def _walk(start_seq: int, start_hash: str, base_seq: int) -> _Walk | ChainReport:
+    """Recompute the chain after ``start_seq``; a report when a record is missing or does not match."""
+    walk = _Walk(start_seq, start_hash)
+    prev, expected = start_hash, start_seq + 1
+    for event in _events(after=start_seq):
+        checked = len(walk.hashes)
+        if event.seq != expected:
+            reason = f"record {expected} is missing (found {event.seq})"
+            return ChainReport(False, checked, 0, expected, event.pk, reason)
+        if event.prev_hash != prev or event.hash != link_hash(prev, event):
+            reason = f"record {event.seq} does not match its hash"
+            return ChainReport(False, checked, 0, event.seq, event.pk, reason)
+        if (
+            event.kind == PRUNED_KIND
+            and isinstance(event.data, dict)
+            and event.data.get("base_seq") == base_seq
+        ):
+            walk.pruned.append(event.seq)
+        walk.hashes[event.seq] = prev = event.hash
+        walk.newest_at, expected = event.occurred_at, expected + 1
+    return walk
+
+
+def chain_verify() -> ChainReport:
+    """Recompute the chain and check every checkpoint; report the first record that does not match."""
+    # Checkpoints are read first: each was signed after the records it covers were committed, so one
+    # signed while the chain is being walked cannot pass for records cut from the chain's end.
+    checkpoints = list(AuditCheckpoint.objects.order_by("seq"))
+    head = ChainHead.objects.order_by("pk").first()
+    base_seq, base_hash = (head.base_seq, head.base_hash) if head is not None else (0, GENESIS)
+    walk = _walk(*_walk_start(base_seq, base_hash), base_seq)
+    if isinstance(walk, ChainReport):
+        return walk
+    checked = len(walk.hashes)
+    outside = AuditEvent.objects.filter(seq__isnull=True).order_by("pk").first()
+    if outside is not None:
+        return ChainReport(
+            False, checked, 0, None, outside.pk, f"record id {outside.pk} is outside the chain"
+        )
+    seq, head_hash = chain_head()
+    if seq != walk.last_seq or head_hash != walk.last_hash:
+        reason = f"the chain head says {seq} records, found {checked}"
+        return ChainReport(False, checked, 0, walk.last_seq + 1, None, reason)
+    report = _checkpoints_verify(checkpoints, walk)
+    problem = _base_problem(base_seq, walk, report.signed_seq) if report.ok else ""
+    if problem:
+        report.ok, report.first_bad_seq, report.reason = False, base_seq, problem
+    report.base_seq = base_seq
+    return report
+
+
+def _base_problem(base_seq: int, walk: _Walk, signed_seq: int | None) -> str:
+    """Why the chain's base cannot be trusted, or "" (genesis, or moved by an archive-and-prune run).
+
+    The head row that holds the base is rewritten on every append, so the base must be vouched for by the
+    chain itself: the pruning record that moved it and, once checkpoints are signed, a signature over that
+    record (any database writer can append a record that names a base, but cannot sign one)."""
+    if base_seq == 0:
+        return ""
+    if walk.start_seq < base_seq:
+        return (
+            f"records {walk.start_seq + 1} to {base_seq} are still there, but the chain's base says they "
+            "were pruned"
+        )
+    if not walk.pruned:
+        return f"the chain starts after record {base_seq}, but no {PRUNED_KIND} record names that base"
+    if signed_seq is not None and signed_seq < walk.pruned[0]:
+        return (
+            f"the {PRUNED_KIND} record {walk.pruned[0]} that moved the chain's base to {base_seq} is not "
+            "covered by a signed checkpoint yet (beat signs one every few minutes; verify again after it)"
+        )
+    return ""
+
+
+def _checkpoint_problem(
+    checkpoint: AuditCheckpoint, verifier: Verifier | None, walk: _Walk
+) -> tuple[str, dict[str, Any]]:
+    """Return why a checkpoint fails ("" when it holds), and what it signed."""
+    payload = verifier(checkpoint.signature) if verifier is not None else None
+    if payload is None:
+        return f"checkpoint at record {checkpoint.seq} has no valid signature", {}
+    signed = json.loads(payload)
+    if (signed.get("seq"), signed.get("hash")) != (checkpoint.seq, checkpoint.head_hash):
+        return f"checkpoint at record {checkpoint.seq} does not match what was signed", signed
+    if checkpoint.seq > walk.last_seq:
+        return (
+            f"the chain ends at record {walk.last_seq}, before the signed checkpoint at record "
+            f"{checkpoint.seq}: records were cut from its end"
+        ), signed
+    if checkpoint.seq < walk.start_seq:  # pruning deletes the checkpoints up to the base with the records
+        return f"checkpoint at record {checkpoint.seq} is below the chain's base, {walk.start_seq}", signed
+    known = walk.start_hash if checkpoint.seq == walk.start_seq else walk.hashes.get(checkpoint.seq)
+    if known != checkpoint.head_hash:
+        return f"record {checkpoint.seq} differs from the signed checkpoint", signed
+    return "", signed
+
+
+def _checkpoints_verify(checkpoints: list[AuditCheckpoint], walk: _Walk) -> ChainReport:
+    verifier = checkpoint_verifier()
+    checked = len(walk.hashes)
+    signed: dict[str, Any] = {}
+    for count, checkpoint in enumerate(checkpoints):
+        problem, signed = _checkpoint_problem(checkpoint, verifier, walk)
+        if problem:
+            return ChainReport(False, checked, count, checkpoint.seq, None, problem)
+    report = ChainReport(True, checked, len(checkpoints), unsigned=checked, newest_at=walk.newest_at)
+    if checkpoints:
+        report.signed_seq, report.unsigned = checkpoints[-1].seq, walk.last_seq - checkpoints[-1].seq
+        if isinstance(signed.get("at"), int):
+            report.signed_at = datetime.fromtimestamp(signed["at"], tz=UTC)
+    return report

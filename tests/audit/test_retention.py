@@ -1,0 +1,109 @@
+"""Archive and prune: the deletes, the base, the pruning record and its checkpoint commit as one."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import DatabaseError, connection, transaction
+from django.utils import timezone
+
+from audit import retention
+from audit.chain import chain_head, chain_verify, checkpoint_sign
+from audit.models import AuditCheckpoint, AuditEvent, ChainHead
+from audit.services import audit_record
+
+
+def _old_and_new() -> None:
+    """Five records older than a year, two new ones, and a checkpoint signed over them all."""
+    old = timezone.now() - timedelta(days=400)
+    for i in range(5):
+        audit_record(kind="test.old", data={"i": i}, occurred_at=old)
+    for i in range(2):
+        audit_record(kind="test.new", data={"i": i})
+    assert checkpoint_sign() is not None
+
+
+def _prune(archive: Path) -> retention.PruneResult:
+    before = timezone.now() - timedelta(days=365)
+    return retention.audit_archive_and_prune(before=before, archive=archive, actor="test")
+
+
+def _state() -> tuple[Any, ...]:
+    head = ChainHead.objects.get()
+    checkpoints = list(AuditCheckpoint.objects.order_by("pk").values_list("pk", flat=True))
+    return chain_head(), (head.base_seq, head.base_hash), AuditEvent.objects.count(), checkpoints
+
+
+@pytest.mark.parametrize("failing", ["audit_record", "checkpoint_sign"])
+@pytest.mark.django_db(transaction=True)
+def test_a_prune_that_fails_after_its_deletes_deletes_nothing_and_the_chain_still_verifies(
+    tmp_path, monkeypatch, failing
+):
+    _old_and_new()
+    before = _state()
+    deleted_when_it_failed: list[bool] = []
+
+    def fail(**kwargs: Any) -> None:  # as a crash would, or the database going away mid-prune
+        deleted_when_it_failed.append(not AuditEvent.objects.filter(kind="test.old").exists())
+        raise DatabaseError("the connection was lost")
+
+    monkeypatch.setattr(retention, failing, fail)
+    with pytest.raises(DatabaseError, match="the connection was lost"):
+        _prune(tmp_path / "old.jsonl")
+    assert deleted_when_it_failed == [True]  # it failed after the deletes had run
+    assert _state() == before  # and none of them, nor the base's move, was kept
+    assert AuditEvent.objects.filter(kind="test.old").count() == 5
+    assert not AuditEvent.objects.filter(kind="audit.pruned").exists()
+    report = chain_verify()
+    assert report.ok, report.reason
+    assert report.base_seq == 0
+    monkeypatch.undo()  # run again: the prune goes through, and the chain verifies from its new base
+    result = _prune(tmp_path / "again.jsonl")
+    assert (result.events, result.base_seq) == (5, 5)
+    report = chain_verify()
+    assert report.ok, report.reason
+    assert report.base_seq == 5
+
+
+@pytest.mark.django_db
+def test_the_trigger_lets_through_the_prunes_deletes_and_nothing_after_them(tmp_path, monkeypatch):
+    if connection.vendor != "postgresql":
+        pytest.skip("the append-only trigger is PostgreSQL's")
+    _old_and_new()
+    real_record, attempts = retention.audit_record, list[str]()
+
+    def record_after_trying_a_delete(**kwargs: Any) -> AuditEvent:
+        try:
+            with transaction.atomic():
+                AuditEvent.objects.filter(kind="test.new").delete()
+            attempts.append("deleted")
+        except DatabaseError as exc:
+            attempts.append("refused" if "append-only" in str(exc) else str(exc))
+        return real_record(**kwargs)
+
+    monkeypatch.setattr(retention, "audit_record", record_after_trying_a_delete)
+    _prune(tmp_path / "old.jsonl")
+    assert attempts == ["refused"]
+    assert AuditEvent.objects.filter(kind="test.new").count() == 2
+    report = chain_verify()
+    assert report.ok, report.reason
+
+
+@pytest.mark.django_db
+def test_the_archive_is_synced_to_disk_before_anything_is_deleted(tmp_path, monkeypatch):
+    _old_and_new()
+    real_fsync, old_records_at_sync = os.fsync, list[int]()
+
+    def fsync(fd: int) -> None:
+        old_records_at_sync.append(AuditEvent.objects.filter(kind="test.old").count())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    archive = tmp_path / "old.jsonl"
+    _prune(archive)
+    assert old_records_at_sync == [5, 5]  # the file, then the directory that names it
+    assert len(archive.read_text().splitlines()) == 5
