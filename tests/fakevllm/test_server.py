@@ -14,129 +14,28 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, MutableMapping
-from dataclasses import dataclass
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from fakevllm.server import FakeConfig, FakeVLLM, create_app
+from fakevllm.server import FakeConfig, create_app
+from tests.fakevllm.conftest import (
+    DEFAULTS,
+    ENGINE_ERROR,
+    RunningFake,
+    chat_body,
+    configure,
+    sse_payloads,
+    state,
+    stream_post,
+    wait_for,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULTS: dict[str, Any] = {
-    "models": ["alpha", "beta"],
-    "api_key": None,
-    "tokens": 5,
-    "chunk_delay_s": 0.0,
-    "first_chunk_delay_s": 0.0,
-    "fail_after_chunks": None,
-    "embedding_dim": 8,
-    "refuse": False,
-    "fail_sends_done": False,
-}
-ENGINE_ERROR = {
-    "error": {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}
-}
-
-
-@dataclass
-class RunningFake:
-    """A fakevllm app served by uvicorn in a background thread."""
-
-    url: str
-    app: FakeVLLM
-    server: uvicorn.Server
-    thread: threading.Thread
-    sock: socket.socket
-
-
-def start_fake(app: FakeVLLM) -> RunningFake:
-    """Serve app on a free loopback port and wait until uvicorn has started."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        app, loop="uvloop", http="httptools", ws="none", lifespan="on", log_level="warning", access_log=False
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("fakevllm did not start")
-        time.sleep(0.01)
-    return RunningFake(f"http://127.0.0.1:{sock.getsockname()[1]}", app, server, thread, sock)
-
-
-@pytest.fixture(scope="module")
-def fake() -> Iterator[RunningFake]:
-    """One fake server for the whole module; each test resets it through /_fake/."""
-    running = start_fake(create_app(FakeConfig(**DEFAULTS)))
-    yield running
-    running.server.should_exit = True
-    running.thread.join(10)
-    running.sock.close()
-
-
-@pytest.fixture
-def client(fake: RunningFake) -> Iterator[httpx.Client]:
-    """An HTTP client on the fake, after restoring the default config and clearing the counters."""
-    with httpx.Client(base_url=fake.url, timeout=10) as http:
-        assert http.post("/_fake/config", json=DEFAULTS).status_code == 200
-        assert http.post("/_fake/reset").status_code == 200
-        yield http
-
-
-def configure(client: httpx.Client, **changes: Any) -> dict[str, Any]:
-    """Change the fake's config at runtime and return the resulting config."""
-    response = client.post("/_fake/config", json=changes)
-    assert response.status_code == 200, response.text
-    return response.json()
-
-
-def state(client: httpx.Client) -> dict[str, Any]:
-    """Return GET /_fake/state."""
-    response = client.get("/_fake/state")
-    assert response.status_code == 200
-    return response.json()
-
-
-def chat_body(content: str = "hello there general kenobi", **extra: Any) -> dict[str, Any]:
-    """Return a chat completion request for model alpha."""
-    return {"model": "alpha", "messages": [{"role": "user", "content": content}], **extra}
-
-
-def sse_payloads(raw: bytes) -> list[bytes]:
-    """Split an SSE body into frame payloads, asserting vLLM's exact `data: ...\\n\\n` framing."""
-    assert raw.endswith(b"\n\n"), raw[-80:]
-    frames = raw.split(b"\n\n")[:-1]
-    for frame in frames:
-        assert frame.startswith(b"data: "), frame
-        assert b"\n" not in frame
-    return [frame[len(b"data: ") :] for frame in frames]
-
-
-def stream_post(client: httpx.Client, path: str, body: dict[str, Any]) -> tuple[httpx.Response, list[bytes]]:
-    """POST a streaming request and return the response and its frame payloads."""
-    with client.stream("POST", path, json=body) as response:
-        raw = response.read()
-    return response, sse_payloads(raw)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
-    """Poll predicate until it holds or timeout seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_health_answers_200_with_an_empty_body(client: httpx.Client) -> None:
@@ -297,7 +196,8 @@ def test_streaming_with_include_usage_ends_with_usage_chunk_and_done(client: htt
     assert payloads[-1] == b"[DONE]"
     chunks = [json.loads(p) for p in payloads[:-1]]
     *content_chunks, usage_chunk = chunks
-    assert all(c["usage"] is None for c in content_chunks)
+    # vLLM serialises chat chunks with exclude_unset=True: no "usage": null before the usage chunk
+    assert all("usage" not in c for c in content_chunks)
     assert content_chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert usage_chunk["choices"] == []
     assert usage_chunk["object"] == "chat.completion.chunk"
@@ -330,21 +230,29 @@ def test_stream_options_without_stream_is_rejected(client: httpx.Client) -> None
     assert response.json()["error"]["code"] == 400
 
 
-def test_fail_after_chunks_ends_stream_with_error_frame_and_no_done(client: httpx.Client) -> None:
+def test_fail_after_chunks_ends_stream_with_error_frame_then_done_like_vllm(client: httpx.Client) -> None:
     configure(client, fail_after_chunks=2)
     response, payloads = stream_post(client, "/v1/chat/completions", chat_body(stream=True))
     assert response.status_code == 200
-    assert b"[DONE]" not in payloads
-    assert json.loads(payloads[-1]) == ENGINE_ERROR
-    contents = [json.loads(p)["choices"][0]["delta"].get("content") for p in payloads[1:-1]]
+    assert payloads[-1] == b"[DONE]"
+    assert json.loads(payloads[-2]) == ENGINE_ERROR
+    contents = [json.loads(p)["choices"][0]["delta"].get("content") for p in payloads[1:-2]]
     assert contents == ["tok0 ", "tok1 "]
 
 
-def test_fail_sends_done_variant_sends_done_after_the_error_frame(client: httpx.Client) -> None:
-    configure(client, fail_after_chunks=0, fail_sends_done=True)
+def test_failing_text_completion_stream_also_sends_done_after_the_error_frame(client: httpx.Client) -> None:
+    configure(client, fail_after_chunks=0)
     _, payloads = stream_post(client, "/v1/completions", {"model": "alpha", "prompt": "x", "stream": True})
     assert [json.loads(p) for p in payloads[:-1]] == [ENGINE_ERROR]
     assert payloads[-1] == b"[DONE]"
+
+
+def test_fail_without_done_variant_ends_with_the_error_frame(client: httpx.Client) -> None:
+    configure(client, fail_after_chunks=1, fail_sends_done=False)
+    _, payloads = stream_post(client, "/v1/completions", {"model": "alpha", "prompt": "x", "stream": True})
+    assert b"[DONE]" not in payloads
+    assert json.loads(payloads[-1]) == ENGINE_ERROR
+    assert [json.loads(p)["choices"][0]["text"] for p in payloads[:-1]] == ["tok0 "]
 
 
 def test_api_key_guards_v1_routes_with_vllms_exact_401(client: httpx.Client) -> None:
@@ -650,6 +558,26 @@ def test_management_command_parses_options_into_a_fake_config() -> None:
     config = config_from_options(options)
     assert config == FakeConfig(
         models=["a", "b"], api_key="k", tokens=16, chunk_delay_s=0.25, fail_after_chunks=3, embedding_dim=8
+    )
+
+
+def test_the_fidelity_switches_default_to_vllms_behaviour_and_parse_into_the_config() -> None:
+    from fakevllm.management.commands.fakevllm import Command
+    from fakevllm.server import config_from_options
+
+    parser = Command().create_parser("manage.py", "fakevllm")
+    default = config_from_options(vars(parser.parse_args([])))
+    assert (default.fail_sends_done, default.engine_dead, default.enable_request_id_headers) == (
+        True,
+        False,
+        False,
+    )
+    argv = ["--fail-without-done", "--engine-dead", "--enable-request-id-headers"]
+    switched = config_from_options(vars(parser.parse_args(argv)))
+    assert (switched.fail_sends_done, switched.engine_dead, switched.enable_request_id_headers) == (
+        False,
+        True,
+        True,
     )
 
 

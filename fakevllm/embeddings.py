@@ -1,0 +1,90 @@
+"""POST /v1/embeddings: deterministic unit vectors, in vLLM's EmbeddingResponse (floats or base64)."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import math
+import struct
+import time
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+from fakevllm.asgi import encode
+from fakevllm.config import MAX_MODEL_LEN
+from fakevllm.errors import bad_request, validation_error
+from fakevllm.request_ids import base_request_id
+from fakevllm.validation import input_tokens, resolve_model, split_inputs
+
+
+def embedding_body(
+    req: Mapping[str, Any], served: Mapping[str, str], dim: int, request_id_header: str | None = None
+) -> bytes:
+    """Validate an embeddings request and return vLLM's EmbeddingResponse body.
+
+    Its id is `embd-` and the X-Request-Id header, else a random id: vLLM's pooling servers pass no body
+    field to `_base_request_id` (fakevllm.request_ids).
+    """
+    inputs = split_inputs(req.get("input"), "input")
+    model = resolve_model(req, served)
+    encoding_format = req.get("encoding_format") or "float"
+    if encoding_format not in ("float", "base64"):
+        raise validation_error("encoding_format: Input should be 'float' or 'base64'", "encoding_format")
+    prompt = sum(_input_tokens_within_context(item) for item in inputs)
+    data = [
+        {"index": i, "object": "embedding", "embedding": _encoded(_vector(item, dim), encoding_format)}
+        for i, item in enumerate(inputs)
+    ]
+    usage = {
+        "prompt_tokens": prompt,
+        "total_tokens": prompt,
+        "completion_tokens": 0,
+        "prompt_tokens_details": None,
+    }
+    response = {
+        "id": f"embd-{base_request_id(request_id_header)}",
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "data": data,
+        "usage": usage,
+    }
+    return encode(response).encode()
+
+
+def _input_tokens_within_context(item: str | list[int]) -> int:
+    """Estimate the tokens of one embedding input, rejecting inputs longer than the context like vLLM."""
+    count = input_tokens(item)
+    if count > MAX_MODEL_LEN:
+        raise bad_request(
+            f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you requested "
+            f"{count} tokens in the input for embedding generation. Please reduce the length of the input.",
+            "input_tokens",
+        )
+    return count
+
+
+def _vector(item: str | list[int], dim: int) -> list[float]:
+    """Return a deterministic unit vector derived from the input."""
+    key = item if isinstance(item, str) else ",".join(map(str, item))
+    return list(_vector_for_key(key, dim))
+
+
+@functools.lru_cache(maxsize=1024)
+def _vector_for_key(key: str, dim: int) -> tuple[float, ...]:
+    """Compute (and cache) the unit vector of one input key."""
+    state = zlib.crc32(key.encode("utf-8", "surrogatepass")) or 1
+    raw = []
+    for _ in range(dim):
+        state = (state * 1103515245 + 12345) & 0x7FFFFFFF
+        raw.append(state / 0x7FFFFFFF - 0.5)
+    norm = math.sqrt(sum(v * v for v in raw)) or 1.0
+    return tuple(v / norm for v in raw)
+
+
+def _encoded(vector: list[float], encoding_format: str) -> list[float] | str:
+    """Return the embedding as floats or, like vLLM, as base64 of little-endian float32."""
+    if encoding_format == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
