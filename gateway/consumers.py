@@ -456,6 +456,13 @@ class InferenceConsumer(GatewayConsumer):
             finally:
                 ACTIVE_STREAMS.dec()
                 stream_writes_observe(relay.written_now, relay.sent)
+        if outcome == "upstream_error":  # the client got the gateway's error event, not the upstream's
+            logger.warning(
+                "upstream %s failed during stream %s: %s",
+                self.record["upstream"],
+                self.request_id,
+                relay.upstream_error_type or "the connection broke",
+            )
         if not relay.usage_seen:
             # cut short (or vLLM sent no usage): the prompt it read is charged too, estimated as reserved
             relay.prompt_tokens = prompt_estimate(request, len(outbound))

@@ -5,7 +5,9 @@ more. The relay reads the final ``usage`` event (the gateway always asks vLLM fo
 when the client did not ask. Three things can end a stream, whichever comes first: the upstream finishes,
 the client goes away (the upstream request is then closed at once, so vLLM aborts the generation), or the
 token is revoked (the client gets one error event; the revocation watcher calls ``revoked``). An
-upstream failure mid-stream ends the stream with one error event and no ``[DONE]``.
+upstream failure mid-stream ends the stream with one error event and no ``[DONE]``: the gateway's own, in
+place of the upstream's (vLLM's carries the exception's text, which is its business, not the client's;
+its ``type`` is kept in ``upstream_error_type`` for the log).
 
 Once the response headers are out (the relay starts after them), and when the server offers ``write_now`` (the
 ``portcullis.body_write`` extension of ``config.protocol``), the events are passed on in the upstream read
@@ -31,6 +33,7 @@ from gateway.http1 import Response
 
 DONE = b"data: [DONE]"
 ERROR_EVENT = b'data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
+UPSTREAM_FAILED = ERROR_EVENT % (b"The upstream failed during the stream.", b"api_error", b"upstream_error")
 
 
 class BodySender(Protocol):
@@ -69,6 +72,7 @@ class StreamRelay:
         self.usage_seen = False
         self.done_seen = False
         self.upstream_error = False
+        self.upstream_error_type = ""  # the type the upstream gave its error event, for the log
         self._buffer = b""
         self.ended: str | None = None  # why the relay was cut short: client_gone or revoked
         self._finished = False
@@ -123,9 +127,7 @@ class StreamRelay:
         if self.ended == "client_gone":
             return "client_gone"
         if failed:
-            await self._end_with_error(
-                "The upstream failed during the stream.", "api_error", "upstream_error"
-            )
+            await self._end(UPSTREAM_FAILED)
             return "upstream_error"
         await self.sink.send_body(b"", more_body=False)
         return "upstream_error" if self.upstream_error else "completed"
@@ -141,10 +143,11 @@ class StreamRelay:
                 self._task.cancel()
 
     async def _end_with_error(self, message: str, kind: str, code: str) -> None:
+        await self._end(ERROR_EVENT % (message.encode(), kind.encode(), code.encode()))
+
+    async def _end(self, event: bytes) -> None:
         try:
-            await self.sink.send_body(
-                ERROR_EVENT % (message.encode(), kind.encode(), code.encode()), more_body=False
-            )
+            await self.sink.send_body(event, more_body=False)
         except OSError:
             pass  # the client left at the same moment
 
@@ -198,8 +201,11 @@ class StreamRelay:
             self.done_seen = True
             return b"" if self.upstream_error else event  # after an error event, no [DONE]
         if event.startswith(b'data: {"error"'):
+            if self.upstream_error:
+                return b""  # one error event, whatever follows
             self.upstream_error = True
-            return event
+            self.upstream_error_type = _error_type(event)
+            return UPSTREAM_FAILED
         if b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event:
             if (
                 self._read_usage(event)
@@ -222,3 +228,13 @@ class StreamRelay:
         self.completion_tokens = int(usage.get("completion_tokens") or 0)
         self.usage_seen = True
         return True
+
+
+def _error_type(event: bytes) -> str:
+    """The ``type`` of an upstream's error event (``{"error": {"type": ...}}``), cut short; "" if none."""
+    try:
+        error = json.loads(event[5:]).get("error")
+    except (ValueError, AttributeError):
+        return ""
+    kind = error.get("type") if isinstance(error, dict) else None
+    return kind[:64] if isinstance(kind, str) else ""

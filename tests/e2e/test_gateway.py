@@ -276,9 +276,16 @@ def test_an_upstream_error_mid_stream_reaches_the_client_once_without_done(stack
         assert response.status_code == 200
         request_id = response.headers["x-request-id"]
         events = [line for line in response.iter_lines() if line]
-    assert len(events) == 5  # the role, three tokens as they came, then the upstream's one error event
-    assert events[-1].startswith('data: {"error"')
-    assert "data: [DONE]" not in events
+    assert len(events) == 5  # the role, three tokens as they came, then one error event: the gateway's
+    assert json.loads(events[-1].removeprefix("data: ")) == {
+        "error": {
+            "message": "The upstream failed during the stream.",
+            "type": "api_error",
+            "param": None,
+            "code": "upstream_error",
+        }
+    }
+    assert "data: [DONE]" not in events  # vLLM sends one after its error event
     row = _usage_row(django_db_blocker, request_id)
     assert row.outcome == "upstream_error"
 

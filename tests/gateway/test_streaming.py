@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from gateway.http1 import Disconnected
-from gateway.streaming import StreamRelay
+from gateway.streaming import UPSTREAM_FAILED, StreamRelay
 
 
 def _event(text: str) -> bytes:
@@ -320,3 +320,31 @@ def test_a_connection_lost_before_the_relay_began_relays_nothing_and_leaves_no_c
 
     how, out, after = asyncio.run(test())
     assert (how, out, after) == ("client_gone", [], "still running")
+
+
+def test_the_upstreams_error_event_is_replaced_by_the_gateways_own_and_nothing_after_it_is_relayed():
+    vllm_error = (
+        b'data: {"error": {"message": "CUDA error: an illegal memory access at /opt/vllm/worker.py:812", '
+        b'"type": "InternalServerError", "param": null, "code": 500}}\n\n'
+    )
+    sink = _Sink()
+    how, relay = _relay(sink, _Content([_event("a"), vllm_error + vllm_error, b"data: [DONE]\n\n"]))
+    assert how == "upstream_error"
+    relayed = b"".join(body for body, _more in sink.sent)
+    assert b"CUDA" not in relayed
+    assert b"worker.py" not in relayed
+    assert relayed.count(b'"code": "upstream_error"') == 1
+    assert b"[DONE]" not in relayed
+    assert relay.upstream_error_type == "InternalServerError"
+
+
+@pytest.mark.parametrize(
+    "event", [b'data: {"error": "text"}\n\n', b'data: {"error"\n\n', b'data: {"error": {}}\n\n']
+)
+def test_an_upstream_error_event_of_any_shape_ends_the_stream_the_same_way(event):
+    sink = _Sink()
+    how, relay = _relay(sink, _Content([_event("a"), event]))
+    assert how == "upstream_error"
+    relayed = b"".join(body for body, _more in sink.sent)
+    assert relayed.endswith(UPSTREAM_FAILED)
+    assert relay.upstream_error_type == ""
