@@ -136,6 +136,7 @@ class Runtime:
         if self.batcher is not None:
             await self.batcher.stop()
         self._spool()
+        await self.upstreams.close()
         await self.http.close()
         if self.redis is not None:
             await self.redis.aclose()

@@ -2,7 +2,9 @@
 
 Each process learns the models from every upstream's ``/v1/models``, checks ``/health`` periodically,
 sends a request to the healthy upstream of the model with the fewest requests in flight, and tries the
-next one when a connection fails before the first byte. All failures map to a few gateway errors here.
+next one when a connection fails before the first byte. An upstream that answers 5xx is checked again at
+once (``suspect``): a vLLM whose engine died still takes connections, answers every request 500, and says
+so only at ``/health`` (503). All failures map to a few gateway errors here.
 
 Upstream calls go through one ``gateway.http1.HttpClient`` per process (see ``upstream_client``), not
 through ``httpx.AsyncClient`` or an ``aiohttp.ClientSession``: measured on this project's 2-core machine,
@@ -47,6 +49,7 @@ HEALTH_TIMEOUT_S = 5.0
 # for one of our own pooled connections says nothing about the upstream.
 UPSTREAM_KEEPALIVE_S = 4.0  # below uvicorn's (and so vLLM's) 5 s keep-alive, so we never reuse a closed one
 POOL_WAIT_S = 5.0  # how long a request may wait for a free connection when all are busy
+RECHECK_MIN_S = 0.5  # a 5xx answer checks its upstream's health at once, unless it was checked this recently
 
 
 def upstream_client(max_connections: int, connect_timeout_s: float, read_timeout_s: float) -> HttpClient:
@@ -104,6 +107,7 @@ class UpstreamPool:
         self._urls: dict[tuple[str, str], tuple[Origin, bytes]] = {}
         self._turn = 0
         self._known: frozenset[str] = frozenset()
+        self._rechecks: dict[str, asyncio.Task[None]] = {}  # upstream base -> its check, a 5xx started
 
     # --- discovery and health --------------------------------------------------------------------
 
@@ -133,6 +137,22 @@ class UpstreamPool:
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(u) for u in self.upstreams))
+
+    def suspect(self, upstream: Upstream) -> None:
+        """An upstream answered 5xx: check its health now, in the background, rather than at the next round
+        (one check at a time per upstream, and none within ``RECHECK_MIN_S`` of the last)."""
+        if upstream.base in self._rechecks or time.monotonic() - upstream.checked_at < RECHECK_MIN_S:
+            return
+        task = asyncio.create_task(self.check(upstream), name=f"upstream-recheck {upstream.base}")
+        self._rechecks[upstream.base] = task
+        task.add_done_callback(lambda _done: self._rechecks.pop(upstream.base, None))
+
+    async def close(self) -> None:
+        """Cancel the checks a 5xx started (before the HTTP client they use is closed)."""
+        tasks = list(self._rechecks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def model_cards(self) -> dict[str, dict[str, Any]]:
         """Return every model any healthy upstream serves, with its card."""
@@ -194,6 +214,8 @@ class UpstreamPool:
             response = await self._open(upstream, path, body, merged)
             if response is None:
                 continue
+            if response.status >= 500:
+                self.suspect(upstream)
             try:
                 yield upstream, response
             finally:

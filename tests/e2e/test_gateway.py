@@ -579,6 +579,37 @@ def test_two_upstreams_one_killed_requests_keep_succeeding(tmp_path, stack):
             stop(first.process)
 
 
+def test_an_upstream_whose_engine_died_is_left_after_its_first_500_and_taken_back_once_healthy(
+    tmp_path, stack
+):
+    # A vLLM whose engine died still accepts connections and answers every request 500; only /health (503)
+    # says so. The periodic check runs every 3 s: the first 500 checks that upstream at once instead.
+    dead, alive = start_fakevllm(tmp_path, "m1"), start_fakevllm(tmp_path, "m1")
+    server = start_server(tmp_path, VLLM_UPSTREAMS=f"{dead.base},{alive.base}")
+    try:
+        headers = {"authorization": f"Bearer {client_token(server, stack.full, 'completions')}"}
+
+        def statuses(count: int) -> list[int]:
+            url = f"{server.base}/v1/chat/completions"
+            return [httpx.post(url, json=CHAT, headers=headers, timeout=10).status_code for _ in range(count)]
+
+        assert statuses(4) == [200] * 4
+        assert dead.served() > 0
+        dead.configure(engine_dead=True)
+        answered = statuses(20)
+        assert answered.count(502) <= 2, answered  # every other request until the next round, without it
+        assert answered[-10:] == [200] * 10
+        dead.configure(engine_dead=False)
+        before = dead.served()
+        time.sleep(3.5)  # the periodic check finds it healthy again
+        assert statuses(6) == [200] * 6
+        assert dead.served() > before
+    finally:
+        stop(server.process)
+        stop(dead.process)
+        stop(alive.process)
+
+
 def test_a_full_upstream_pool_answers_busy_and_does_not_mark_the_upstream_down(tmp_path, stack):
     slow = start_fakevllm(tmp_path, "m1")
     slow.configure(chunk_delay_s=0.5, tokens=24)  # one stream holds the only connection for ~12 s

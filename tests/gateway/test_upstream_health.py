@@ -8,7 +8,7 @@ import asyncio
 
 from gateway.conf import gateway_settings
 from gateway.http1 import HttpClient
-from gateway.upstream import UPSTREAM_KEEPALIVE_S, UpstreamPool
+from gateway.upstream import RECHECK_MIN_S, UPSTREAM_KEEPALIVE_S, UpstreamPool
 from tests.gateway.test_http1 import OK, Server, answering, run, serving
 
 
@@ -36,3 +36,29 @@ async def quiet_spell(check_every_s: float) -> Server:
 def test_checks_within_the_keep_alive_keep_one_connection_warm_for_the_next_request():
     assert run(lambda: quiet_spell(0.1)).connections == 1
     assert run(lambda: quiet_spell(0.7)).connections == 4  # each check, and the request, connected anew
+
+
+def test_a_5xx_checks_its_upstream_once_at_a_time_and_not_again_right_after_a_check():
+    async def scenario() -> tuple[int, int, int]:
+        server = await serving(answering(*[OK] * 20))
+        client = HttpClient()
+        pool = UpstreamPool((server.base,), client, "")
+        upstream = pool.upstreams[0]
+        for _ in range(5):  # five 500s at once: one check
+            pool.suspect(upstream)
+        await asyncio.gather(*pool._rechecks.values())
+        first = len(server.requests)
+        pool.suspect(upstream)  # checked a moment ago: no second check yet
+        await asyncio.sleep(0)
+        second = len(server.requests)
+        upstream.checked_at -= RECHECK_MIN_S
+        pool.suspect(upstream)
+        await pool.close()  # a check still running is cancelled before the client closes
+        await client.close()
+        await server.__aexit__()
+        return first, second, len(pool._rechecks)
+
+    first, second, left = run(scenario)
+    assert first == 2  # /health and /v1/models, once
+    assert second == first
+    assert left == 0
