@@ -1,12 +1,13 @@
 """Retention: the one audited way old audit rows leave the database (archive, then prune).
 
-Rows older than a cutoff are written to a JSON-lines archive (with its SHA-256), which is on disk before
-anything is deleted. Then one transaction deletes them (with ``portcullis.audit_prune`` set for the
-deletes alone: the only case the append-only trigger lets through), moves the chain's base to the last
-pruned record, records the run as an audit event naming the count, the archive digest and the new base,
-and signs a checkpoint over that event. ``verifyaudit`` trusts a moved base only when a signature covers
-the record that moved it, so all of this commits together or not at all: a crash at any point leaves the
-old chain or the new one, and both verify.
+Rows older than a cutoff are written to a new JSON-lines archive (with its SHA-256; an existing file is
+never overwritten), which is on disk before anything is deleted. Then one transaction deletes exactly the
+rows the archive holds (with ``portcullis.audit_prune`` set for the deletes alone: the only case the
+append-only trigger lets through), moves the chain's base to the last pruned record, records the run as
+an audit event naming the count, the archive digest and the new base, and signs a checkpoint over that
+event. ``verifyaudit`` trusts a moved base only when a signature covers the record that moved it, so all
+of this commits together or not at all: a crash at any point leaves the old chain or the new one, and
+both verify.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from django.core import serializers
 from django.db import connection, transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from audit.chain import PRUNED_KIND, chain_prune, checkpoint_sign
 from audit.models import AuditCheckpoint, AuditEvent, UsageRecord
@@ -39,17 +40,53 @@ class PruneResult:
     base_seq: int
 
 
+RUNS_PER_DELETE = 400  # two parameters a run: 800 and the cutoff stay under SQLite's oldest limit, 999
+
+
+@dataclass
+class _IdRuns:
+    """The ids of the rows written to the archive, as runs of consecutive ids (low, high).
+
+    Usage records reach the database late (the ingest, a spool replay), so an old one can commit after
+    the archive was read: deleting "older than the cutoff" again, or up to the highest id archived (ids
+    are taken in one order and committed in another), would take it unarchived. The rows are archived in
+    id order, so a run breaks only where an id was not archived and this stays small."""
+
+    runs: list[list[int]] = field(default_factory=list)
+
+    def add(self, pk: int) -> None:
+        if self.runs and self.runs[-1][1] + 1 == pk:
+            self.runs[-1][1] = pk
+        else:
+            self.runs.append([pk, pk])
+
+    def delete(self, queryset: QuerySet[Any]) -> int:
+        """Delete the rows of ``queryset`` these ids name; return how many."""
+        deleted, per_statement = 0, RUNS_PER_DELETE
+        for start in range(0, len(self.runs), per_statement):
+            named = Q()
+            for low, high in self.runs[start : start + per_statement]:
+                named |= Q(pk__range=(low, high))
+            deleted += queryset.filter(named).delete()[0]
+        return deleted
+
+
 def audit_archive_and_prune(*, before: datetime, archive: Path, actor: str) -> PruneResult:
-    """Archive every audit event and usage record older than ``before`` to ``archive``, then delete them."""
+    """Archive every audit event and usage record older than ``before`` to ``archive``, then delete them.
+
+    ``archive`` must not exist (FileExistsError): it is the only copy of what is pruned."""
     cutoff = AuditEvent.objects.filter(occurred_at__lt=before, seq__isnull=False).order_by("-seq").first()
     before_seq = (cutoff.seq or 0) + 1 if cutoff is not None else 0
+    # Events are bounded by seq, which the chain hands out in commit order: a late old event is chained
+    # after the head, so the delete takes exactly the events archived. Usage records are deleted by id.
     events = AuditEvent.objects.filter(seq__lt=before_seq)
     usage = UsageRecord.objects.filter(occurred_at__lt=before)
-    sha256 = _archive_write(archive, events.order_by("seq"), usage.order_by("occurred_at"))
+    usage_archived = _IdRuns()
+    sha256 = _archive_write(archive, (events.order_by("seq"), None), (usage.order_by("pk"), usage_archived))
     with transaction.atomic():
         base_seq, base_hash = chain_prune(before_seq=before_seq)
         with _deletes_allowed():
-            counts = (events.delete()[0], usage.delete()[0])
+            counts = (events.delete()[0], usage_archived.delete(usage))
             AuditCheckpoint.objects.filter(seq__lte=base_seq).delete()
         audit_record(
             kind=PRUNED_KIND,
@@ -67,17 +104,22 @@ def audit_archive_and_prune(*, before: datetime, archive: Path, actor: str) -> P
     return PruneResult(counts[0], counts[1], archive, sha256, base_seq)
 
 
-def _archive_write(archive: Path, *querysets: QuerySet[Any]) -> str:
-    """Write the rows to ``archive`` as JSON lines and sync it to disk; return the file's SHA-256.
+def _archive_write(archive: Path, *sources: tuple[QuerySet[Any], _IdRuns | None]) -> str:
+    """Write the rows to a new file ``archive`` as JSON lines, noting each row's id in its runs if given,
+    and sync it to disk; return the file's SHA-256.
 
-    Synced before the prune commits: otherwise a crash just after it could lose the only copy."""
+    Created exclusively: an earlier archive is the only copy of the rows it holds, so it is never
+    overwritten, whoever calls. Synced before the prune commits: otherwise a crash just after it could
+    lose the only copy."""
     digest = hashlib.sha256()
-    with archive.open("w", encoding="utf-8") as out:
-        for queryset in querysets:
+    with archive.open("x", encoding="utf-8") as out:
+        for queryset, archived in sources:
             for row in serializers.serialize("python", queryset.iterator()):
                 line = json.dumps(row, default=str, sort_keys=True) + "\n"
                 digest.update(line.encode())
                 out.write(line)
+                if archived is not None:
+                    archived.add(row["pk"])
         out.flush()
         os.fsync(out.fileno())
     directory = os.open(archive.parent, os.O_RDONLY)  # the file's name is on disk only once its directory is

@@ -7,9 +7,10 @@ the events that queue up while one group commits are chained and committed toget
 each writer returns once its own event is committed; a group whose process last left the head where it
 still is goes in as one statement that moves the head only from there. A trigger refuses UPDATE and
 DELETE on the audit tables. A beat job signs the head with the active signing key; ``verifyaudit``
-recomputes the chain, checks every checkpoint signature, and names the first record that does not match.
-It starts from the base an archive-and-prune run moved only when the chain itself vouches for that base,
-and says how many of the newest records no signature covers yet (those could be cut off unseen).
+recomputes the chain from one snapshot of the database, checks every checkpoint signature, and names the
+first record that does not match. It starts from the base an archive-and-prune run moved only when the
+chain itself vouches for that base, says how many of the newest records no signature covers yet (those
+could be cut off unseen), and can fail when the newest signature is older than the operator allows.
 
 The package: ``links`` (what a record's hash covers), ``head`` (the row that says where the chain starts
 and ends), ``append`` (the one way events are written), ``checkpoints`` (signing the head) and ``verify``.
@@ -23,7 +24,7 @@ from audit.chain.append import GroupAppender, event_append
 from audit.chain.checkpoints import Signer, Verifier, checkpoint_keys_register, checkpoint_sign
 from audit.chain.head import chain_head, chain_prune
 from audit.chain.links import GENESIS, canonical, link_hash, normalise_ip, storable
-from audit.chain.verify import PRUNED_KIND, ChainReport, chain_verify
+from audit.chain.verify import PRUNED_KIND, ChainReport, chain_verify, checkpoint_age_problem
 
 __all__ = [
     "GENESIS",
@@ -36,6 +37,7 @@ __all__ = [
     "chain_head",
     "chain_prune",
     "chain_verify",
+    "checkpoint_age_problem",
     "checkpoint_keys_register",
     "checkpoint_sign",
     "event_append",

@@ -1,18 +1,23 @@
 """Verifying the audit chain: recompute every hash, check every signed checkpoint, name the first mismatch.
 
-``chain_verify`` starts from the base an archive-and-prune run moved only when the chain itself vouches
-for that base (its ``audit.pruned`` record, covered by a signed checkpoint), verifies any record still
-present below it rather than skipping it, and says how many of the newest records no signature covers
-yet (those could be cut off unseen).
+``chain_verify`` reads everything from one snapshot of the database, starts from the base an
+archive-and-prune run moved only when the chain itself vouches for that base (its ``audit.pruned``
+record, covered by a signed checkpoint), verifies any record still present below it rather than skipping
+it, and says how many of the newest records no signature covers yet (those could be cut off unseen) and
+when the newest checkpoint was signed. ``checkpoint_age_problem`` says when that is too long ago.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from django.db import connection, transaction
+from django.utils import timezone
 
 from audit.chain.checkpoints import Verifier, checkpoint_verifier
 from audit.chain.head import chain_head
@@ -32,9 +37,10 @@ class ChainReport:
     reason: str = ""
     base_seq: int = 0  # records up to this one were archived and pruned
     signed_seq: int | None = None  # the record the newest signed checkpoint covers
-    signed_at: datetime | None = None  # when that checkpoint was signed (the signed time)
+    signed_at: datetime | None = None  # when the newest signature was made (the signed time)
     unsigned: int = 0  # records after it: no signature covers them, so cutting them off shows nowhere
     newest_at: datetime | None = None  # when the newest record was written
+    oldest_at: datetime | None = None  # when the oldest record still in the chain was written
 
 
 @dataclass
@@ -46,6 +52,7 @@ class _Walk:
     hashes: dict[int, str] = field(default_factory=dict)
     pruned: list[int] = field(default_factory=list)
     newest_at: datetime | None = None
+    oldest_at: datetime | None = None
 
     @property
     def last_seq(self) -> int:
@@ -57,6 +64,8 @@ class _Walk:
 
 
 def _events(after: int = 0, batch: int = 2000) -> Iterator[AuditEvent]:
+    """The records after ``after`` in order, in batches by seq (no server-side cursor): inside the
+    verification's snapshot every batch sees the same records."""
     last = after
     while True:
         rows = list(AuditEvent.objects.filter(seq__gt=last).order_by("seq")[:batch])
@@ -98,14 +107,44 @@ def _walk(start_seq: int, start_hash: str, base_seq: int) -> _Walk | ChainReport
             walk.pruned.append(event.seq)
         walk.hashes[event.seq] = prev = event.hash
         walk.newest_at, expected = event.occurred_at, expected + 1
+        walk.oldest_at = walk.oldest_at or event.occurred_at
     return walk
+
+
+@contextmanager
+def _snapshot() -> Iterator[None]:
+    """Run the verification's statements against one view of the database.
+
+    Checkpoints, the head and the records are read in separate statements: a prune or appends committing
+    between them would show as a break that is not there ("record 1 is missing" when a prune deletes the
+    records the walk was about to read). On PostgreSQL a read-only REPEATABLE READ transaction gives every
+    statement the snapshot its first one took; the isolation level can be set only before a transaction's
+    first query, so inside a caller's transaction that transaction's own view applies. SQLite (the embedded
+    default) reads as before, statement by statement: there a transaction takes the database's write lock
+    when it begins (``transaction_mode`` IMMEDIATE), and a verification from the console would hold up
+    every token request for as long as it ran."""
+    if connection.vendor != "postgresql":
+        yield
+        return
+    fresh = connection.get_autocommit()  # not inside a transaction: the atomic block below begins one
+    with transaction.atomic():
+        if fresh:
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        yield
 
 
 def chain_verify() -> ChainReport:
     """Recompute the chain and check every checkpoint; report the first record that does not match."""
-    # Checkpoints are read first: each was signed after the records it covers were committed, so one
-    # signed while the chain is being walked cannot pass for records cut from the chain's end.
-    checkpoints = list(AuditCheckpoint.objects.order_by("seq"))
+    with _snapshot():
+        return _verify()
+
+
+def _verify() -> ChainReport:
+    # Checkpoints are read first: each was signed after the records it covers were committed, so without a
+    # snapshot (inside a caller's transaction at READ COMMITTED) one signed while the chain is being walked
+    # still cannot pass for records cut from the chain's end.
+    checkpoints = list(AuditCheckpoint.objects.order_by("seq", "pk"))
     head = ChainHead.objects.order_by("pk").first()
     base_seq, base_hash = (head.base_seq, head.base_hash) if head is not None else (0, GENESIS)
     walk = _walk(*_walk_start(base_seq, base_hash), base_seq)
@@ -178,14 +217,46 @@ def _checkpoint_problem(
 def _checkpoints_verify(checkpoints: list[AuditCheckpoint], walk: _Walk) -> ChainReport:
     verifier = checkpoint_verifier()
     checked = len(walk.hashes)
-    signed: dict[str, Any] = {}
+    # The newest signature is the latest signed time of any checkpoint: beat signs an unmoved head again,
+    # so several checkpoints can share the newest seq.
+    signed_times: list[datetime] = []
     for count, checkpoint in enumerate(checkpoints):
         problem, signed = _checkpoint_problem(checkpoint, verifier, walk)
         if problem:
             return ChainReport(False, checked, count, checkpoint.seq, None, problem)
+        if isinstance(signed.get("at"), int):
+            signed_times.append(datetime.fromtimestamp(signed["at"], tz=UTC))
     report = ChainReport(True, checked, len(checkpoints), unsigned=checked, newest_at=walk.newest_at)
+    report.oldest_at = walk.oldest_at
     if checkpoints:
         report.signed_seq, report.unsigned = checkpoints[-1].seq, walk.last_seq - checkpoints[-1].seq
-        if isinstance(signed.get("at"), int):
-            report.signed_at = datetime.fromtimestamp(signed["at"], tz=UTC)
+        report.signed_at = max(signed_times, default=None)
     return report
+
+
+def checkpoint_age_problem(report: ChainReport, *, max_age_s: int, now: datetime | None = None) -> str:
+    """Say why the newest signature is too old to vouch for the chain's end, or return "".
+
+    Beat signs the head every ten minutes even when it has not moved, so the newest signature is never much
+    older than that while beat runs. An older one means beat stopped, or the newest checkpoints were deleted
+    and the records after the one left cut off: nothing else shows that. With no checkpoint at all, the age
+    is that of the oldest record, so a fresh install passes until beat has had time to sign."""
+    now = now or timezone.now()
+    if report.signed_seq is None:
+        age = int((now - report.oldest_at).total_seconds()) if report.oldest_at is not None else 0
+        if age <= max_age_s:
+            return ""
+        return (
+            f"no checkpoint is signed, and the oldest record was written {age} s ago, more than the "
+            f"{max_age_s} s allowed"
+        )
+    if report.signed_at is None:
+        return f"the newest checkpoint, at record {report.signed_seq}, carries no signed time"
+    age = int((now - report.signed_at).total_seconds())
+    if age <= max_age_s:
+        return ""
+    return (
+        f"the newest checkpoint was signed {age} s ago ({report.signed_at:%Y-%m-%d %H:%M:%S}Z), more than "
+        f"the {max_age_s} s allowed: beat has stopped signing, or the newest checkpoints were deleted (and "
+        "records after the newest one left could have been cut off unseen)"
+    )

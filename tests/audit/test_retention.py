@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ from django.utils import timezone
 
 from audit import retention
 from audit.chain import chain_head, chain_verify, checkpoint_sign
-from audit.models import AuditCheckpoint, AuditEvent, ChainHead
+from audit.models import AuditCheckpoint, AuditEvent, ChainHead, UsageRecord
 from audit.services import audit_record
 
 
@@ -107,3 +108,69 @@ def test_the_archive_is_synced_to_disk_before_anything_is_deleted(tmp_path, monk
     _prune(archive)
     assert old_records_at_sync == [5, 5]  # the file, then the directory that names it
     assert len(archive.read_text().splitlines()) == 5
+
+
+@pytest.mark.django_db
+def test_an_existing_archive_is_never_overwritten_and_nothing_is_pruned(tmp_path):
+    _old_and_new()
+    before = _state()
+    archive = tmp_path / "old.jsonl"
+    archive.write_text("the only copy of last year's rows\n")
+    with pytest.raises(FileExistsError):
+        _prune(archive)
+    assert archive.read_text() == "the only copy of last year's rows\n"
+    assert _state() == before
+    assert not AuditEvent.objects.filter(kind="audit.pruned").exists()
+
+
+def _usage(pk: int | None, *, days_ago: int) -> UsageRecord:
+    return UsageRecord.objects.create(
+        pk=pk,
+        request_id=f"req-{pk}",
+        occurred_at=timezone.now() - timedelta(days=days_ago),
+        client_id="client",
+        endpoint="chat",
+        status=200,
+    )
+
+
+def _archived_usage(archive: Path) -> list[int]:
+    rows = [json.loads(line) for line in archive.read_text().splitlines()]
+    return [row["pk"] for row in rows if row["model"] == "audit.usagerecord"]
+
+
+@pytest.mark.parametrize("runs_per_delete", [400, 1], ids=["one-delete", "a-delete-per-run"])
+@pytest.mark.django_db
+def test_old_usage_records_that_arrive_after_the_archive_is_written_are_kept_for_the_next_prune(
+    tmp_path, monkeypatch, runs_per_delete
+):
+    monkeypatch.setattr(retention, "RUNS_PER_DELETE", runs_per_delete)
+    _old_and_new()
+    first = 10**12  # ids of the test's own, far from the sequence's
+    _usage(first + 1, days_ago=400)
+    _usage(first + 3, days_ago=400)
+    _usage(None, days_ago=1)
+    real_write, late = retention._archive_write, list[UsageRecord]()
+
+    def write_then_ingest(*args: Any) -> str:
+        digest = real_write(*args)
+        # Old records a spool replay commits now: one whose id was taken before the archive was read (its
+        # transaction commits after others), and one after.
+        late.extend([_usage(first + 2, days_ago=400), _usage(first + 4, days_ago=400)])
+        return digest
+
+    monkeypatch.setattr(retention, "_archive_write", write_then_ingest)
+    result = _prune(tmp_path / "old.jsonl")
+    assert len(late) == 2
+    assert _archived_usage(tmp_path / "old.jsonl") == [first + 1, first + 3]
+    assert result.usage == AuditEvent.objects.get(kind="audit.pruned").data["usage_records"] == 2
+    old = UsageRecord.objects.filter(occurred_at__lt=timezone.now() - timedelta(days=365))
+    assert sorted(old.values_list("pk", flat=True)) == [first + 2, first + 4]  # not deleted unarchived
+    assert UsageRecord.objects.count() == 3
+    monkeypatch.setattr(retention, "_archive_write", real_write)
+    result = _prune(tmp_path / "next.jsonl")  # the next run archives and prunes them
+    assert result.usage == 2
+    assert _archived_usage(tmp_path / "next.jsonl") == [first + 2, first + 4]
+    assert UsageRecord.objects.count() == 1
+    report = chain_verify()
+    assert report.ok, report.reason

@@ -25,9 +25,10 @@ class Command(BaseCommand):
             raise CommandError(f"--before {options['before']!r} is not a date") from None
         before = before if before.tzinfo else before.replace(tzinfo=UTC)
         archive = Path(options["archive"])
-        if archive.exists():
-            raise CommandError(f"{archive} exists; choose a new archive file")
-        result = audit_archive_and_prune(before=before, archive=archive, actor="cli:pruneaudit")
+        try:  # the archive is created exclusively: an existing one is refused before anything is deleted
+            result = audit_archive_and_prune(before=before, archive=archive, actor="cli:pruneaudit")
+        except FileExistsError:
+            raise CommandError(f"{archive} exists; choose a new archive file") from None
         self.stdout.write(
             f"archived and pruned {result.events} events and {result.usage} usage records to {archive} "
             f"(sha256 {result.sha256}); the chain now starts after record {result.base_seq}"
