@@ -60,6 +60,7 @@ def _settings(cache_size: int) -> GatewaySettings:
         verify_cache_size=cache_size,
         deny_ips=(),
         require_https=False,
+        prefix_cache_scope="user",
         fallback_ceiling_rpm=600,
         redis_reply_wait_s=REPLY_WAIT_S,
         audit_backlog_limit=BACKLOG_LIMIT,

@@ -317,6 +317,10 @@ GATEWAY = {
     # says it was (X-Forwarded-Proto): a bearer token sent in clear should fail loudly, not work. Django's
     # pages redirect instead (SECURE_SSL_REDIRECT), which an API client would follow with its token.
     "REQUIRE_HTTPS": env_bool("PORTCULLIS_GATEWAY_REQUIRE_HTTPS", SECURE_SSL_REDIRECT),
+    # Whose requests may share vLLM's prefix cache: a cached prefix answers faster, which tells a prober what
+    # someone else's prompt began with. "user" (a user's own, or a client's without one), "client", or
+    # "shared" (no salt: vLLM's default). The gateway sends vLLM a cache_salt per scope (gateway/salt.py).
+    "PREFIX_CACHE_SCOPE": env_choice("PORTCULLIS_PREFIX_CACHE_SCOPE", "user", ("user", "client", "shared")),
     "FALLBACK_CEILING_RPM": 600,  # Redis down, no rpm configured: per-process requests/minute per client
     # a quiet Redis's reply is awaited this long (µs) without yielding the event loop (gateway/redisbatch.py)
     "REDIS_REPLY_WAIT_S": env_int("PORTCULLIS_REDIS_REPLY_WAIT_US", 500, maximum=5000) / 1_000_000,

@@ -16,6 +16,7 @@ from fakevllm.config import FakeConfig
 from fakevllm.errors import bad_request, validation_error
 from fakevllm.request_ids import base_request_id
 from fakevllm.validation import (
+    check_cache_salt,
     check_context,
     count_words,
     input_tokens,
@@ -75,6 +76,7 @@ def plan(
     for count in per_prompt:
         check_context(count, max_tokens)
     stream, include_usage = stream_flags(req)
+    check_cache_salt(req)
     base_id = base_request_id(request_id_header, req)
     ntok, finish = _length(max_tokens, config.tokens)
     return Generation(

@@ -123,3 +123,14 @@ def content_texts(messages: Any) -> list[str]:
         elif isinstance(content, list):
             texts.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return texts
+
+
+def check_cache_salt(req: Mapping[str, Any]) -> None:
+    """vLLM's ``cache_salt`` (chat and text completions): absent, null, or a non-empty string. Its model
+    validator (``check_cache_salt_support`` in the chat and completion protocols) raises a ValueError,
+    which FastAPI answers with pydantic's "Value error, ..." 400."""
+    salt = req.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise validation_error(
+            "Value error, Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt"
+        )

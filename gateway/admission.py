@@ -86,7 +86,7 @@ def cost_estimate(request: Validated, body_len: int, context_len: int | None) ->
         bound = request.max_tokens
     else:
         bound = max(0, (context_len or UNKNOWN_CONTEXT) - prompt)  # vLLM's default: the rest of the context
-    return prompt + bound * request.n
+    return prompt + bound * request.n * request.prompts  # a completions batch: n answers to each prompt
 
 
 async def admit(

@@ -37,6 +37,7 @@ class GatewaySettings:
     verify_cache_size: int
     deny_ips: tuple[str, ...]
     require_https: bool  # /v1 only over TLS (the connection's, or a trusted proxy's X-Forwarded-Proto)
+    prefix_cache_scope: str  # user, client or shared: who may share vLLM's prefix cache (cache_salt)
     fallback_ceiling_rpm: int
     redis_reply_wait_s: float  # 0: a carried Redis batch's reply is always awaited on the event loop
     audit_backlog_limit: int  # records waiting in the audit stream before new requests are refused
@@ -69,6 +70,7 @@ def gateway_settings() -> GatewaySettings:
         verify_cache_size=int(raw["VERIFY_CACHE_SIZE"]),
         deny_ips=tuple(raw["DENY_IPS"]),
         require_https=bool(raw.get("REQUIRE_HTTPS", False)),
+        prefix_cache_scope=str(raw.get("PREFIX_CACHE_SCOPE", "user")),
         fallback_ceiling_rpm=int(raw["FALLBACK_CEILING_RPM"]),
         redis_reply_wait_s=float(raw["REDIS_REPLY_WAIT_S"]),
         audit_backlog_limit=int(raw["AUDIT_BACKLOG_LIMIT"]),

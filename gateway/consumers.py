@@ -26,6 +26,7 @@ from gateway.auth import Principal
 from gateway.deadlines import Deadlines
 from gateway.metrics import ACTIVE_STREAMS, METERING_BACKLOG, request_observe, stream_writes_observe
 from gateway.runtime import Runtime, runtime_get
+from gateway.salt import cache_salt
 from gateway.streaming import StreamRelay, on_disconnect
 from gateway.upstream import upstream_read
 from gateway.validation import Validated, request_validate
@@ -364,6 +365,10 @@ class InferenceConsumer(GatewayConsumer):
             raise errors.ModelNotAllowed(param="model")
         if not self.rt.upstreams.serves(request.model):
             raise errors.ModelNotFound(f"The model '{request.model}' is not served here.", param="model")
+        if self.kind != "embeddings":  # generation only: vLLM caches the prefixes of prompts it continues
+            salt = cache_salt(self.rt.prefix_cache_scope, principal.client_id, principal.user)
+            if salt is not None:
+                request.payload["cache_salt"] = salt
         outbound = json.dumps(request.payload, separators=(",", ":")).encode()
         ticket = await admit(self.rt, principal, policy, request, len(outbound))
         used = 0

@@ -24,6 +24,7 @@ from gateway.validation.checks import (
     absent,
     any_json,
     boolean,
+    dropped,
     empty_list,
     fields_check,
     integer,
@@ -36,7 +37,7 @@ from gateway.validation.checks import (
     string,
 )
 from gateway.validation.json_body import body_parse
-from gateway.validation.schema import tools_forced_check
+from gateway.validation.schema import forced_schema, tools_forced_check
 
 MAX_MESSAGES = 1024
 MAX_CONTENT_CHARS = 1_000_000
@@ -45,6 +46,8 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP = 8
 MAX_TOOLS = 64
 MAX_INPUTS = 2048
+MAX_PROMPTS = 64  # a completions batch: each prompt is a generation of its own (n each)
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # vLLM's and OpenAI's default for /v1/completions (chat has none)
 
 MODEL_NAME_CHARS = 200  # the usage record's column (audit.UsageRecord.model)
 _model_string = string(MODEL_NAME_CHARS)
@@ -71,6 +74,36 @@ def logit_bias(value: Any, path: str) -> None:
         number(-100, 100)(bias, f"{path}.{key}")
 
 
+def metadata(value: Any, path: str) -> None:
+    """OpenAI's ``metadata``: at most 16 string pairs (keys up to 64 characters, values up to 512)."""
+    if not isinstance(value, dict) or len(value) > 16:
+        reject(path, "must be an object of at most 16 strings")
+    for key, item in value.items():
+        if len(key) > 64 or not isinstance(item, str) or len(item) > 512:
+            reject(f"{path}.{key}", "keys must be at most 64 characters and values strings of at most 512")
+
+
+JSON_SCHEMA_FORMAT = obj(
+    {"name": string(64), "description": string(4096), "schema": forced_schema, "strict": boolean},
+    frozenset({"name"}),
+)
+RESPONSE_FORMAT = obj(
+    {
+        "type": string(16, frozenset({"text", "json_object", "json_schema"})),
+        "json_schema": JSON_SCHEMA_FORMAT,
+    },
+    frozenset({"type"}),
+)
+
+
+def response_format(value: Any, path: str) -> None:
+    """Text, any JSON object, or JSON following a schema: vLLM compiles that schema into a grammar, so it
+    keeps to what a forced tool_choice's schemas may hold (``gateway.validation.schema``)."""
+    RESPONSE_FORMAT(value, path)
+    if (value["type"] == "json_schema") != ("json_schema" in value):
+        reject(f"{path}.json_schema", "is required with type json_schema, and allowed only with it")
+
+
 # --- the endpoints ----------------------------------------------------------------------------------
 
 STOP = one_of(string(1024), list_of(string(1024), MAX_STOP), message="must be a string or a list of strings")
@@ -88,7 +121,12 @@ TOOL_CALL = obj(
         "id": string(256),
         "type": string(16, frozenset({"function"})),
         "function": obj(
-            {"name": string(256), "arguments": string(MAX_CONTENT_CHARS)}, frozenset({"name", "arguments"})
+            {
+                "name": string(256),
+                "arguments": string(MAX_CONTENT_CHARS),
+                "parsed_arguments": dropped(any_json),  # the SDK's parse() adds it to a reply's tool calls
+            },
+            frozenset({"name", "arguments"}),
         ),
     },
     frozenset({"type", "function"}),
@@ -112,6 +150,7 @@ MESSAGE = obj(
         "annotations": empty_list("a reply's annotations"),
         "audio": absent("a reply's audio"),
         "function_call": absent("the deprecated function call of a reply"),
+        "parsed": dropped(any_json),  # what the SDK's parse() read from a reply's content
     },
     frozenset({"role"}),
 )
@@ -128,7 +167,8 @@ TOOL = obj(
 SAMPLING: dict[str, Check] = {
     "model": model_name,
     "stream": boolean,
-    "stream_options": obj({"include_usage": boolean}),
+    # include_obfuscation: OpenAI's padding of stream events, which vLLM does not do
+    "stream_options": obj({"include_usage": boolean, "include_obfuscation": dropped(boolean)}),
     "n": integer(1, MAX_N),
     "stop": STOP,
     "temperature": number(0, 2),
@@ -154,8 +194,13 @@ CHAT_FIELDS: dict[str, Check] = {
     "min_tokens": integer(0, 10**7),
     "logprobs": boolean,
     "top_logprobs": integer(0, MAX_TOP_LOGPROBS),
-    "response_format": obj({"type": string(16, frozenset({"text", "json_object"}))}, frozenset({"type"})),
-    "tools": list_of(TOOL, MAX_TOOLS),
+    "response_format": response_format,
+    "reasoning_effort": string(16, frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})),
+    "tools": one_of(
+        empty_list("no tools"),  # left out: vLLM refuses an empty list
+        list_of(TOOL, MAX_TOOLS, min_items=1),
+        message=f"must be a list of at most {MAX_TOOLS} function tools",
+    ),
     "tool_choice": one_of(
         string(16, frozenset({"none", "auto", "required"})),
         obj(
@@ -168,14 +213,21 @@ CHAT_FIELDS: dict[str, Check] = {
         message="must be none, auto, required or a function",
     ),
     "parallel_tool_calls": boolean,
+    # OpenAI's own bookkeeping, which vLLM ignores: accepted, checked, and not sent on
+    "store": dropped(boolean),
+    "metadata": dropped(metadata),
+    "service_tier": dropped(string(32)),
+    "prompt_cache_key": dropped(string(1024)),
+    "safety_identifier": dropped(string(256)),
 }
 COMPLETION_FIELDS: dict[str, Check] = {
     **SAMPLING,
     "prompt": one_of(
         string(MAX_CONTENT_CHARS),
-        list_of(string(MAX_CONTENT_CHARS), 64, min_items=1),
+        list_of(string(MAX_CONTENT_CHARS), MAX_PROMPTS, min_items=1),
         list_of(integer(0, 2**31), 1_000_000, min_items=1),
-        message="must be text, a list of texts or a list of token ids",
+        list_of(list_of(integer(0, 2**31), 100_000, min_items=1), MAX_PROMPTS, min_items=1),
+        message="must be text, a list of texts, token ids or a list of token id lists",
     ),
     "max_tokens": integer(1, 10**7),
     "min_tokens": integer(0, 10**7),
@@ -208,6 +260,7 @@ class Validated:
     max_tokens: int | None  # None: bounded only by the model's context (vLLM's default)
     n: int
     prompt_token_ids: int | None = None  # a prompt (or input) sent as token ids: how many, exactly
+    prompts: int = 1  # a completions batch: how many prompts, each generating n answers
 
 
 ENDPOINT_FIELDS: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
@@ -222,7 +275,7 @@ def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> V
     payload = body_parse(body)
     fields, required = ENDPOINT_FIELDS[kind]
     fields_check(payload, fields, required)
-    if "tool_choice" in payload:
+    if "tools" in payload:
         tools_forced_check(payload)
     stream = payload.get("stream") is True
     if "stream_options" in payload and not stream:
@@ -234,8 +287,10 @@ def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> V
     if max_tokens_cap is not None:
         if requested is not None and requested > max_tokens_cap:
             reject(key, f"must be at most {max_tokens_cap} for this client")
-        if requested is None:
+        if requested is None and kind == "chat":
             requested = payload["max_tokens"] = max_tokens_cap  # the client's cap bounds every generation
+    if requested is None and kind == "completions":  # said here, so the reservation is what vLLM writes
+        requested = payload["max_tokens"] = min(COMPLETION_DEFAULT_MAX_TOKENS, max_tokens_cap or 10**7)
     wants_usage = bool(payload.get("stream_options", {}).get("include_usage"))
     if stream:
         # Always ask vLLM for the final usage chunk, so a stream is charged what it really used.
@@ -248,7 +303,16 @@ def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> V
         requested,
         payload.get("n", 1),
         _token_ids(payload["prompt"]) if kind == "completions" else None,
+        _prompts(payload["prompt"]) if kind == "completions" else 1,
     )
+
+
+def _prompts(prompt: Any) -> int:
+    """How many prompts a validated completions prompt holds: a list of texts or of token id lists is a
+    batch, each generating its own answers."""
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
 
 
 def _token_ids(prompt: Any) -> int | None:

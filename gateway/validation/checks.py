@@ -103,6 +103,17 @@ def any_json(value: Any, path: str) -> None:
     """Accept any JSON value (depth and size are bounded for the whole body)."""
 
 
+def dropped(inner: Check) -> Check:
+    """A field accepted (as ``inner`` checks it) but never sent upstream: one vLLM would ignore, sent by
+    OpenAI SDKs (``store``, ``metadata``, a parsed reply's ``parsed``)."""
+
+    def check(value: Any, path: str) -> Any:
+        inner(value, path)
+        return DROP
+
+    return check
+
+
 def list_of(item: Check, max_items: int, min_items: int = 0) -> Check:
     def check(value: Any, path: str) -> None:
         if not isinstance(value, list):

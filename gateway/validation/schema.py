@@ -1,5 +1,6 @@
-"""The JSON-schema allowlist for a forced ``tool_choice``: the tools' parameters that vLLM compiles into
-a grammar must keep to plain structure (``SCHEMA_KEYWORDS``)."""
+"""The JSON-schema allowlist for what vLLM compiles into a grammar: the tools' parameters under a forced
+``tool_choice`` or a ``strict`` tool, and a ``json_schema`` response format must keep to plain structure
+(``SCHEMA_KEYWORDS``)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def forced_schema(value: Any, path: str) -> None:
     for key, item in value.items():
         where = f"{path}.{key}"
         if key not in SCHEMA_KEYWORDS:
-            reject(where, "is not accepted in a schema that a forced tool_choice compiles into a grammar")
+            reject(where, "is not accepted in a schema that vLLM compiles into a grammar")
         if key in SCHEMA_SUBSCHEMAS:
             forced_schema(item, where)
         elif key in SCHEMA_MAPS:
@@ -68,9 +69,13 @@ def forced_schema(value: Any, path: str) -> None:
 
 
 def tools_forced_check(payload: dict[str, Any]) -> None:
-    """With a forced tool_choice, every tool's parameters must be a schema vLLM can compile safely."""
+    """When vLLM will compile the tools' parameters into a grammar, each must be a schema it can compile
+    safely: with a forced tool_choice, and (vLLM's structural tags) with ``auto`` when any tool is
+    ``strict``, as the openai SDK's ``pydantic_function_tool`` and ``parse(tools=...)`` make them."""
     choice = payload.get("tool_choice")
-    if choice is None or choice in ("none", "auto"):
+    if choice == "none":
+        return
+    if choice in (None, "auto") and not any(tool["function"].get("strict") for tool in payload["tools"]):
         return
     for index, tool in enumerate(payload.get("tools") or ()):
         parameters = tool["function"].get("parameters")

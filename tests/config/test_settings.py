@@ -161,3 +161,14 @@ def test_the_gateway_requires_https_where_the_pages_redirect_to_it_unless_told_o
     result = settings_load(show="settings.GATEWAY['REQUIRE_HTTPS']", **overrides)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected
+
+
+def test_the_prefix_cache_is_kept_per_user_unless_the_operator_widens_it():
+    assert settings_load(show="settings.GATEWAY['PREFIX_CACHE_SCOPE']").stdout.strip() == "user"
+    widened = settings_load(
+        show="settings.GATEWAY['PREFIX_CACHE_SCOPE']", PORTCULLIS_PREFIX_CACHE_SCOPE="shared"
+    )
+    assert widened.stdout.strip() == "shared"
+    wrong = settings_load(PORTCULLIS_PREFIX_CACHE_SCOPE="tenant")
+    assert wrong.returncode != 0
+    assert "PORTCULLIS_PREFIX_CACHE_SCOPE" in wrong.stderr

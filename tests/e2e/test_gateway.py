@@ -18,12 +18,14 @@ from typing import Any
 
 import httpx
 import openai
+import pydantic
 import pytest
 from django.core.management import call_command
 
 from audit.models import AuditEvent, UsageRecord
 from authserver.models import SigningKey
 from authserver.services import RegisteredClient, client_register
+from gateway.salt import cache_salt
 from gateway.services import policy_set
 from tests.e2e.conftest import (
     FakeVllm,
@@ -190,6 +192,54 @@ def _usage_row(django_db_blocker: Any, request_id: str, timeout: float = 15.0) -
             return row
         time.sleep(0.2)
     raise AssertionError(f"no usage record for {request_id} after {timeout} s")
+
+
+class Order(pydantic.BaseModel):
+    sku: str
+    count: int
+
+
+def test_sdk_extras_pass_openai_bookkeeping_is_not_sent_on_and_a_completion_defaults_to_16_tokens(stack):
+    client = stack.sdk()
+    reply = client.chat.completions.create(
+        model="m1",
+        messages=[{"role": "user", "content": "order one"}],
+        max_tokens=4,
+        store=True,
+        metadata={"team": "search"},
+        reasoning_effort="low",
+        tools=[openai.pydantic_function_tool(Order)],  # strict: true, checked as vLLM compiles it
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "Order", "strict": True, "schema": Order.model_json_schema()},
+        },
+    )
+    assert reply.choices[0].message.content
+    sent = stack.fake.state()["last_bodies"][-1]
+    assert "store" not in sent
+    assert "metadata" not in sent
+    assert sent["reasoning_effort"] == "low"
+    assert sent["tools"][0]["function"]["strict"] is True
+    text = client.completions.create(model="m1", prompt="once upon a time")
+    assert stack.fake.state()["last_bodies"][-1]["max_tokens"] == 16  # vLLM's default, not the cap
+    assert text.usage is not None
+    assert text.usage.completion_tokens == 16
+
+
+def test_every_generation_carries_its_tenants_cache_salt_and_a_clients_own_salt_is_refused(stack):
+    client = stack.sdk()
+    client.chat.completions.create(model="m1", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    client.completions.create(model="m1", prompt="hi", max_tokens=2)
+    client.embeddings.create(model="embed-1", input="hi")
+    chat, text, embedding = stack.fake.state()["last_bodies"][-3:]
+    expected = cache_salt("user", stack.client_id, None)  # client credentials: the client's own
+    assert chat["cache_salt"] == text["cache_salt"] == expected
+    assert "cache_salt" not in embedding
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model="m1", messages=[{"role": "user", "content": "hi"}], extra_body={"cache_salt": expected}
+        )
+    assert refused.value.body["param"] == "cache_salt"  # type: ignore[index]
 
 
 def test_chunk_timing_is_preserved(stack):

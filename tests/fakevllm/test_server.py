@@ -617,3 +617,18 @@ def _healthy(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_cache_salt_must_be_a_non_empty_string_as_vllm_checks_it(client: httpx.Client, path: str) -> None:
+    body: dict[str, Any] = {"model": "alpha", "max_tokens": 2}
+    if "chat" in path:
+        body["messages"] = [{"role": "user", "content": "hi"}]
+    else:
+        body["prompt"] = "hi"
+    assert client.post(path, json={**body, "cache_salt": "a1b2"}).status_code == 200
+    assert client.post(path, json={**body, "cache_salt": None}).status_code == 200
+    for bad in ("", 7):
+        answer = client.post(path, json={**body, "cache_salt": bad})
+        assert answer.status_code == 400
+        assert "cache_salt" in answer.json()["error"]["message"]

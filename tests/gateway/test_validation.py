@@ -53,10 +53,10 @@ CASES = [
     ),
     ("guided json", "chat", chat(guided_json={"type": "object"}), "guided_json"),
     (
-        "json schema format",
+        "json schema format without its name",
         "chat",
         chat(response_format={"type": "json_schema", "json_schema": {}}),
-        "response_format.type",
+        "response_format.json_schema.name",
     ),
     (
         "remote image",
@@ -416,3 +416,135 @@ def test_a_prompt_of_token_ids_is_reserved_at_its_count_not_estimated_from_its_s
     inputs = json.dumps({"model": "e", "input": [[1, 2], [3]]}).encode()
     assert request_validate("embeddings", inputs, max_tokens_cap=None).prompt_token_ids == 3
     assert request_validate("chat", chat(), max_tokens_cap=None).prompt_token_ids is None
+
+
+STRICT_REGEX_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {"name": "f", "strict": True, "parameters": {"type": "string", "pattern": "^(a+)+$"}},
+}
+
+
+@pytest.mark.parametrize("choice", [None, "auto"])
+def test_a_strict_tool_is_compiled_by_vllm_even_under_auto_so_its_schema_is_checked(choice):
+    # what the openai SDK's pydantic_function_tool and parse(tools=...) send: strict, no tool_choice
+    body = chat(tools=[STRICT_REGEX_TOOL], **({"tool_choice": choice} if choice else {}))
+    with pytest.raises(InvalidRequest) as caught:
+        request_validate("chat", body, max_tokens_cap=None)
+    assert caught.value.param == "tools[0].function.parameters.pattern"
+    plain = {
+        **STRICT_REGEX_TOOL,
+        "function": {**STRICT_REGEX_TOOL["function"], "parameters": PYDANTIC_SCHEMA},
+    }
+    assert request_validate("chat", chat(tools=[plain]), max_tokens_cap=None).model == "m1"
+    off = chat(tools=[STRICT_REGEX_TOOL], tool_choice="none")  # no tool call, no grammar
+    assert request_validate("chat", off, max_tokens_cap=None).model == "m1"
+
+
+def json_schema_format(schema: Any, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "Order", "strict": True, "schema": schema, **extra},
+    }
+
+
+def test_a_json_schema_response_format_is_accepted_when_its_schema_keeps_to_plain_structure():
+    # what the openai SDK's chat.completions.parse(response_format=Model) sends
+    checked = request_validate(
+        "chat", chat(response_format=json_schema_format(PYDANTIC_SCHEMA)), max_tokens_cap=None
+    )
+    assert checked.payload["response_format"]["json_schema"]["schema"] == PYDANTIC_SCHEMA
+    refused = [
+        (
+            json_schema_format({"type": "string", "pattern": "("}),
+            "response_format.json_schema.schema.pattern",
+        ),
+        (json_schema_format({"type": "string"}, format="x"), "response_format.json_schema.format"),
+        ({"type": "json_schema"}, "response_format.json_schema"),
+        ({"type": "json_object", "json_schema": {"name": "x"}}, "response_format.json_schema"),
+        ({"type": "json_schema", "json_schema": {"schema": {}}}, "response_format.json_schema.name"),
+        ({"type": "structural_tag"}, "response_format.type"),
+    ]
+    for response_format, param in refused:
+        with pytest.raises(InvalidRequest) as caught:
+            request_validate("chat", chat(response_format=response_format), max_tokens_cap=None)
+        assert caught.value.param == param, response_format
+
+
+def test_openai_bookkeeping_fields_are_accepted_and_not_sent_upstream():
+    body = chat(
+        store=True,
+        metadata={"team": "search", "ticket": "T-1"},
+        service_tier="auto",
+        prompt_cache_key="k1",
+        safety_identifier="user-hash",
+        reasoning_effort="low",
+        stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False},
+        tools=[],
+    )
+    checked = request_validate("chat", body, max_tokens_cap=None)
+    assert checked.payload == {
+        "model": "m1",
+        "messages": MSG,
+        "reasoning_effort": "low",  # vLLM's thinking switch: it goes on
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    for field, value in [
+        ("metadata", {str(k): "v" for k in range(17)}),
+        ("metadata", {"k": 1}),
+        ("store", "yes"),
+        ("reasoning_effort", "extreme"),
+    ]:
+        with pytest.raises(InvalidRequest) as caught:
+            request_validate("chat", chat(**{field: value}), max_tokens_cap=None)
+        assert (caught.value.param or "").startswith(field)
+
+
+def test_a_reply_from_the_sdks_parse_can_be_appended_to_the_conversation():
+    reply = {
+        "role": "assistant",
+        "content": '{"sku": "a"}',
+        "parsed": {"sku": "a"},
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "f", "arguments": '{"x": 1}', "parsed_arguments": {"x": 1}},
+            }
+        ],
+    }
+    checked = request_validate("chat", chat(messages=[*MSG, reply]), max_tokens_cap=None)
+    sent = checked.payload["messages"][1]
+    assert "parsed" not in sent
+    assert sent["tool_calls"][0]["function"] == {"name": "f", "arguments": '{"x": 1}'}
+
+
+def completions(**fields: Any) -> bytes:
+    return json.dumps({"model": "m1", "prompt": "once", **fields}).encode()
+
+
+@pytest.mark.parametrize(("cap", "expected"), [(None, 16), (8, 8), (4096, 16)])
+def test_a_completion_without_max_tokens_writes_vllms_default_of_16_not_the_clients_cap(cap, expected):
+    checked = request_validate("completions", completions(), max_tokens_cap=cap)
+    assert checked.max_tokens == expected
+    assert checked.payload["max_tokens"] == expected
+    chosen = request_validate("completions", completions(max_tokens=5), max_tokens_cap=cap)
+    assert chosen.max_tokens == 5
+
+
+def test_a_batch_of_prompts_is_reserved_for_every_prompt_and_may_be_token_id_lists():
+    from gateway.admission import cost_estimate
+
+    batch = completions(prompt=["x"] * 64, n=8, max_tokens=1000)
+    request = request_validate("completions", batch, max_tokens_cap=None)
+    assert request.prompts == 64
+    assert cost_estimate(request, len(batch), 8192) >= 64 * 8 * 1000
+    ids = completions(prompt=[[1, 2, 3], [4, 5]], max_tokens=10)
+    request = request_validate("completions", ids, max_tokens_cap=None)
+    assert (request.prompts, request.prompt_token_ids) == (2, 5)
+    assert cost_estimate(request, len(ids), 8192) == 5 + 2 * 10
+    single = request_validate("completions", completions(prompt=[1, 2, 3]), max_tokens_cap=None)
+    assert single.prompts == 1
+    with pytest.raises(InvalidRequest):
+        request_validate("completions", completions(prompt=[[1]] * 65), max_tokens_cap=None)
