@@ -125,6 +125,12 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
             DEADLINES.remove(self)
             self._phase = ""
         super().on_message_complete()
+        if self._disconnect is not None and self.flow is not None:
+            # A gateway request's body is whole. Past 64 KiB uvicorn stopped reading the socket until the
+            # application asks for more, which the gateway never does once it has the body: the client's
+            # close would go unheard (no connection_lost, no portcullis.disconnect) while vLLM generates.
+            # Read on: a pipelined next request pauses reading again (uvicorn queues it).
+            self.flow.resume_reading()
 
     def _watch(self, phase: str) -> None:
         headers_s, body_s = _timeouts_s()

@@ -2,9 +2,11 @@
 
 ``GatewayConsumer`` replaces ``AsyncHttpConsumer.__call__``: it reads the body itself (refusing an
 oversized one while reading, and one that has not arrived by its deadline), skips the channel layer and
-the per-message ``close_old_connections`` thread hop (nothing here touches the database), and keeps the
-ASGI ``receive`` so a running stream can notice the client leaving (channels#1249: ``handle()`` is
-otherwise never told). Every failure is a ``GatewayError`` rendered in one place as an OpenAI-shaped error.
+the per-message ``close_old_connections`` thread hop (nothing here touches the database), and hears the
+client leave while it waits for the upstream or relays a stream (channels#1249: ``handle()`` is otherwise
+never told): from the served protocol's ``portcullis.disconnect`` extension (``config.protocol``) or,
+under another server, from ASGI's ``receive``. Every failure is a ``GatewayError`` rendered in one place
+as an OpenAI-shaped error.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.unrecorded = False  # refused because the audit log is full: counted there, not recorded here
         self._task: asyncio.Task[Any] | None = None
         self._body_late = False
+        self._body_read = False
         status = 500
         try:
             self.rt = await runtime_get()
@@ -175,6 +178,7 @@ class GatewayConsumer(AsyncHttpConsumer):
             raise errors.RequestTimeout(param="body") from None
         finally:
             BODY_DEADLINES.remove(self)
+        self._body_read = True
         return b"".join(chunks)
 
     async def _unless_gone(self, work: Awaitable[T]) -> T:
@@ -268,6 +272,11 @@ class GatewayConsumer(AsyncHttpConsumer):
             {"error": {"message": exc.detail, "type": exc.type, "param": exc.param, "code": exc.code}}
         ).encode()
         extra = dict(exc.headers)
+        if not self._body_read and self._body_declared():
+            # Refused before its body was read (405, https_required, a denied address, the audit log
+            # full): uvicorn drops what arrives after the answer but sets no timer while it does, so a
+            # client sending a byte now and then would hold the connection for ever. Close it instead.
+            extra.setdefault("connection", "close")
         if exc.status == 401 and "www-authenticate" not in extra:
             extra["www-authenticate"] = self._challenge(exc)
         if isinstance(exc, errors.PermissionDenied) and "www-authenticate" not in extra:
@@ -275,6 +284,13 @@ class GatewayConsumer(AsyncHttpConsumer):
                 f'Bearer realm="portcullis", error="insufficient_scope", error_description="{exc.code}"'
             )
         await self.send_json(exc.status, body, extra)
+
+    def _body_declared(self) -> bool:
+        """Whether the request says a body follows (a Content-Length other than 0, or chunked)."""
+        length = self.headers.get(b"content-length")
+        return (
+            length is not None and length.strip() not in (b"", b"0")
+        ) or b"transfer-encoding" in self.headers
 
     def _challenge(self, exc: errors.GatewayError) -> str:
         base = 'Bearer realm="portcullis"'

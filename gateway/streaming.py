@@ -33,6 +33,7 @@ from gateway.http1 import Response
 
 DONE = b"data: [DONE]"
 ERROR_EVENT = b'data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
+ERROR_STARTS = (b'data: {"error"', b'data: {"object": "error"', b'data: {"object":"error"')
 UPSTREAM_FAILED = ERROR_EVENT % (b"The upstream failed during the stream.", b"api_error", b"upstream_error")
 
 
@@ -197,12 +198,13 @@ class StreamRelay:
         return b"".join(out)
 
     def _filter(self, event: bytes) -> bytes:
+        if self.upstream_error:
+            self.done_seen = self.done_seen or event.startswith(DONE)
+            return b""  # after the one error event nothing more: no [DONE], no second error
         if event.startswith(DONE):
             self.done_seen = True
-            return b"" if self.upstream_error else event  # after an error event, no [DONE]
-        if event.startswith(b'data: {"error"'):
-            if self.upstream_error:
-                return b""  # one error event, whatever follows
+            return event
+        if event.startswith(ERROR_STARTS):  # {"error": {...}}, or an older vLLM's flat {"object": "error"}
             self.upstream_error = True
             self.upstream_error_type = _error_type(event)
             return UPSTREAM_FAILED
@@ -233,7 +235,8 @@ class StreamRelay:
 def _error_type(event: bytes) -> str:
     """The ``type`` of an upstream's error event (``{"error": {"type": ...}}``), cut short; "" if none."""
     try:
-        error = json.loads(event[5:]).get("error")
+        document = json.loads(event[5:])
+        error = document.get("error", document)  # the flat shape carries its type at the top
     except (ValueError, AttributeError):
         return ""
     kind = error.get("type") if isinstance(error, dict) else None

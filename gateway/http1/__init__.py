@@ -26,7 +26,8 @@ Framing comes from llhttp: ``Content-Length``, chunked, or (without either) the 
 upstream closes. Request headers must not carry CR, LF or NUL (``ValueError``: a caller's bug).
 
 The pool is here; one connection and the response it carries are in ``gateway.http1.connection``, the
-errors and a request's head in ``gateway.http1.wire``. Every name of the three is importable from here.
+errors and a request's head in ``gateway.http1.wire``. What callers use of the three is importable from
+here (``__all__``).
 """
 
 from __future__ import annotations

@@ -319,6 +319,50 @@ def test_a_client_leaving_a_call_aborts_the_upstream_request_and_is_charged_its_
     assert row.prompt_tokens > 0  # the prompt vLLM read, estimated as it was reserved
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["call", "stream"])
+def test_a_client_leaving_after_a_long_prompt_is_heard_at_once_too(stack, stream):
+    # Over 64 KiB of body, uvicorn stops reading the socket until the application asks for more; the
+    # gateway has read the whole body by then and asks for nothing, so the client's close went unheard
+    # (vLLM prefilled and generated on, the slot stayed held) until a write failed.
+    stack.fake.configure(first_chunk_delay_s=5.0)
+    prompt = "context" * 30_000  # 210 KB in one word: fakevllm counts words, the gateway bytes
+    body = {**CHAT, "messages": [{"role": "user", "content": prompt}], "max_tokens": 20, "stream": stream}
+    headers = {"authorization": f"Bearer {stack.token()}"}
+    url = f"{stack.server.base}/v1/chat/completions"
+    if stream:
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=10) as response:
+            assert response.status_code == 200  # the headers are out; the client leaves before any event
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=body, headers=headers, timeout=httpx.Timeout(10, read=0.5))
+    left = time.monotonic()
+    while time.monotonic() - left < 1.0 and stack.fake.state()["aborted"] < 1:
+        time.sleep(0.02)
+    assert stack.fake.state()["aborted"] == 1
+
+
+def test_a_request_refused_before_its_body_is_read_closes_the_connection(stack):
+    # A 405 comes before the body is read; a client that then sent a byte now and then kept the
+    # connection open for ever (no timer runs while uvicorn drops a refused request's body).
+    host, port = stack.server.base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(b"PUT /v1/models HTTP/1.1\r\nhost: gateway\r\ncontent-length: 1000\r\n\r\nx")
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        head = answer.split(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 405")
+        assert b"connection: close" in head
+        sock.settimeout(3)
+        while chunk := sock.recv(65536):  # the rest of the answer, then the server's close
+            answer += chunk
+    with socket.create_connection((host, int(port)), timeout=5) as sock:  # no body: kept alive
+        sock.sendall(b"PUT /v1/models HTTP/1.1\r\nhost: gateway\r\n\r\n")
+        head = sock.recv(65536).split(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 405")
+        assert b"connection: close" not in head
+
+
 def test_an_upstream_error_mid_stream_reaches_the_client_once_without_done(stack, django_db_blocker):
     stack.fake.configure(fail_after_chunks=3)
     token = stack.token()

@@ -82,6 +82,7 @@ def test_plain_http_to_v1_is_refused_with_an_openai_error_and_audited(https_only
         }
     }
     assert "www-authenticate" not in response.headers  # not a token's want of scope
+    assert response.headers["connection"] == "close"  # refused before the body: nothing more is read
     event = _stored(django_db_blocker, AuditEvent, request_id, "gateway.denied")
     assert event.data["reason"] == "https_required"
     assert _stored(django_db_blocker, UsageRecord, request_id).status == 403

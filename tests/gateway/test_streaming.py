@@ -348,3 +348,13 @@ def test_an_upstream_error_event_of_any_shape_ends_the_stream_the_same_way(event
     relayed = b"".join(body for body, _more in sink.sent)
     assert relayed.endswith(UPSTREAM_FAILED)
     assert relay.upstream_error_type == ""
+
+
+def test_an_older_vllms_flat_error_event_is_replaced_too_and_nothing_after_any_error_is_relayed():
+    flat = b'data: {"object": "error", "message": "/opt/vllm/x.py failed", "type": "InternalServerError"}\n\n'
+    sink = _Sink()
+    how, relay = _relay(sink, _Content([_event("a"), flat, _event("b"), b"data: [DONE]\n\n"]))
+    relayed = b"".join(body for body, _more in sink.sent)
+    assert how == "upstream_error"
+    assert relayed == _event("a") + UPSTREAM_FAILED
+    assert relay.upstream_error_type == "InternalServerError"
