@@ -106,6 +106,7 @@ def response_format(value: Any, path: str) -> None:
 
 # --- the endpoints ----------------------------------------------------------------------------------
 
+TRUNCATE = integer(-1, 10**7)  # vLLM keeps the prompt's last N tokens (-1: as many as the model takes)
 STOP = one_of(string(1024), list_of(string(1024), MAX_STOP), message="must be a string or a list of strings")
 TEXT_PART = obj(
     {"type": string(16, frozenset({"text"})), "text": string(MAX_CONTENT_CHARS)}, frozenset({"type", "text"})
@@ -196,6 +197,12 @@ CHAT_FIELDS: dict[str, Check] = {
     "top_logprobs": integer(0, MAX_TOP_LOGPROBS),
     "response_format": response_format,
     "reasoning_effort": string(16, frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})),
+    # Variables for the model's own chat template: only the thinking switches (Qwen3's enable_thinking,
+    # DeepSeek's thinking), as booleans; the template itself, or anything else it might read, is refused.
+    "chat_template_kwargs": obj({"enable_thinking": boolean, "thinking": boolean}),
+    "add_generation_prompt": boolean,
+    "continue_final_message": boolean,  # vLLM refuses it together with add_generation_prompt
+    "truncate_prompt_tokens": TRUNCATE,
     "tools": one_of(
         empty_list("no tools"),  # left out: vLLM refuses an empty list
         list_of(TOOL, MAX_TOOLS, min_items=1),
@@ -233,6 +240,7 @@ COMPLETION_FIELDS: dict[str, Check] = {
     "min_tokens": integer(0, 10**7),
     "echo": boolean,
     "logprobs": integer(0, 5),
+    "truncate_prompt_tokens": TRUNCATE,
 }
 EMBEDDING_FIELDS: dict[str, Check] = {
     "model": model_name,
@@ -246,6 +254,7 @@ EMBEDDING_FIELDS: dict[str, Check] = {
     "encoding_format": string(16, frozenset({"float", "base64"})),
     "dimensions": integer(1, 65_536),
     "user": string(256),
+    "truncate_prompt_tokens": TRUNCATE,
 }
 
 

@@ -44,7 +44,7 @@ CASES = [
     ("empty messages", "chat", chat(messages=[]), "messages"),
     ("unknown field", "chat", chat(foo=1), "foo"),
     ("chat template", "chat", chat(chat_template="{{ x }}"), "chat_template"),
-    ("chat template kwargs", "chat", chat(chat_template_kwargs={"a": 1}), "chat_template_kwargs"),
+    ("chat template kwargs", "chat", chat(chat_template_kwargs={"a": 1}), "chat_template_kwargs.a"),
     (
         "prompt embeds",
         "completions",
@@ -548,3 +548,27 @@ def test_a_batch_of_prompts_is_reserved_for_every_prompt_and_may_be_token_id_lis
     assert single.prompts == 1
     with pytest.raises(InvalidRequest):
         request_validate("completions", completions(prompt=[[1]] * 65), max_tokens_cap=None)
+
+
+def test_the_thinking_switches_and_template_flags_pass_but_nothing_else_reaches_the_template():
+    body = chat(
+        chat_template_kwargs={"enable_thinking": False},
+        add_generation_prompt=True,
+        truncate_prompt_tokens=4096,
+    )
+    checked = request_validate("chat", body, max_tokens_cap=None)
+    assert checked.payload["chat_template_kwargs"] == {"enable_thinking": False}
+    for kwargs, param in [
+        ({"enable_thinking": "no"}, "chat_template_kwargs.enable_thinking"),
+        ({"tools_in_user_message": True}, "chat_template_kwargs.tools_in_user_message"),
+        ({"chat_template": "{{ x }}"}, "chat_template_kwargs.chat_template"),
+    ]:
+        with pytest.raises(InvalidRequest) as caught:
+            request_validate("chat", chat(chat_template_kwargs=kwargs), max_tokens_cap=None)
+        assert caught.value.param == param
+    embedding = json.dumps({"model": "e", "input": "x", "truncate_prompt_tokens": -1}).encode()
+    assert (
+        request_validate("embeddings", embedding, max_tokens_cap=None).payload["truncate_prompt_tokens"] == -1
+    )
+    with pytest.raises(InvalidRequest):
+        request_validate("completions", completions(truncate_prompt_tokens=-2), max_tokens_cap=None)
