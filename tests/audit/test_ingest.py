@@ -21,7 +21,7 @@ pytestmark = pytest.mark.django_db
 
 
 def record(**overrides: Any) -> dict[str, Any]:
-    """A usage record as the gateway hands it off (gateway/consumers.py ``_usage``)."""
+    """A usage record as the gateway hands it off (gateway/consumers/base.py ``_usage``)."""
     base = {
         "record_id": os.urandom(16).hex(),
         "request_id": os.urandom(16).hex(),

@@ -1,0 +1,170 @@
+"""The inference endpoints (/v1/chat/completions, /v1/completions, /v1/embeddings): validate, admit
+against the client's limits, send upstream with the tenant's cache salt, and relay the answer, whole or
+streamed, settling the reservation with what vLLM reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from gateway import errors
+from gateway.admission import admit, prompt_estimate, settle
+from gateway.consumers.base import SCOPE_FOR, ClientGone, GatewayConsumer
+from gateway.metrics import ACTIVE_STREAMS, stream_writes_observe
+from gateway.salt import cache_salt
+from gateway.streaming import StreamRelay
+from gateway.upstream import upstream_read
+from gateway.validation import Validated, request_validate
+
+logger = logging.getLogger(__name__)
+
+UPSTREAM_PATH = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+}
+FORWARDED_HEADERS = frozenset({b"accept", b"user-agent", b"accept-language"})
+
+
+class InferenceConsumer(GatewayConsumer):
+    """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
+
+    async def handle(self, body: bytes) -> int:
+        content_type = self.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        principal = await self.authenticate(SCOPE_FOR[self.kind])
+        if content_type != b"application/json":
+            raise errors.UnsupportedMediaType(param="content-type")
+        policy = self.rt.policies.get(principal.client_id)
+        request = request_validate(self.kind, body, max_tokens_cap=policy.max_tokens)
+        self.record.update(model=request.model, stream=request.stream)
+        if request.model not in policy.models:
+            raise errors.ModelNotAllowed(param="model")
+        if not self.rt.upstreams.serves(request.model):
+            raise errors.ModelNotFound(f"The model '{request.model}' is not served here.", param="model")
+        if self.kind != "embeddings":  # generation only: vLLM caches the prefixes of prompts it continues
+            salt = cache_salt(self.rt.prefix_cache_scope, principal.client_id, principal.user)
+            if salt is not None:
+                request.payload["cache_salt"] = salt
+        outbound = json.dumps(request.payload, separators=(",", ":")).encode()
+        ticket = await admit(self.rt, principal, policy, request, len(outbound))
+        used = 0
+        try:
+            if request.stream:
+                status, used = await self._relay_stream(request, outbound, ticket.headers)
+            else:
+                status, used = await self._relay_json(request, outbound, ticket.headers)
+        finally:
+            settle(self.rt, principal, ticket, used)
+        return status
+
+    def _forward_headers(self) -> dict[str, str]:
+        headers = {k.decode(): v.decode("latin-1") for k, v in self.headers.items() if k in FORWARDED_HEADERS}
+        # vLLM makes the X-Request-Id its engine's request id, which must be unique: two requests running
+        # with one id fail (or, with several API servers, have crashed the engine), and a client could
+        # reuse another's. A client's own id goes on with a random suffix, so vLLM's logs still show it.
+        upstream_id = self.request_id
+        if upstream_id.encode("latin-1") == self.headers.get(b"x-request-id"):
+            upstream_id += "-" + os.urandom(8).hex()
+        headers["x-request-id"] = upstream_id
+        return headers
+
+    async def _relay_json(
+        self, request: Validated, outbound: bytes, extra: dict[str, str]
+    ) -> tuple[int, int]:
+        started = time.perf_counter()
+        try:
+            status, data = await self._unless_gone(self._call(request, outbound))
+        except ClientGone:
+            # The upstream connection was closed as the wait was cut, so vLLM aborted the generation.
+            # What it did is unknown: the prompt it read is charged (estimated, as it was reserved).
+            prompt = prompt_estimate(request, len(outbound))
+            self.record.update(
+                upstream_ms=round((time.perf_counter() - started) * 1000, 3),
+                prompt_tokens=prompt,
+                completion_tokens=0,
+                outcome="client_gone",
+            )
+            return 499, prompt
+        self.record["upstream_ms"] = round((time.perf_counter() - started) * 1000, 3)
+        if status != 200:
+            raise self.rt.upstream_error(status, data)
+        usage = self.rt.usage_of(data)
+        self.record.update(prompt_tokens=usage[0], completion_tokens=usage[1])
+        await self.send_json(200, data, extra)
+        return 200, usage[0] + usage[1]
+
+    async def _call(self, request: Validated, outbound: bytes) -> tuple[int, bytes]:
+        """Send the request upstream and read its whole answer (a cancel closes the upstream connection)."""
+        async with self.rt.upstreams.request(
+            request.model, UPSTREAM_PATH[self.kind], outbound, self._forward_headers()
+        ) as (
+            upstream,
+            response,
+        ):
+            self.record["upstream"] = upstream.base
+            return response.status, await upstream_read(response)
+
+    async def _relay_stream(
+        self, request: Validated, outbound: bytes, extra: dict[str, str]
+    ) -> tuple[int, int]:
+        assert self.principal is not None  # noqa: S101  (authenticate ran)
+        started = time.perf_counter()
+        async with self.rt.upstreams.request(
+            request.model, UPSTREAM_PATH[self.kind], outbound, self._forward_headers()
+        ) as (
+            upstream,
+            response,
+        ):
+            self.record["upstream"] = upstream.base
+            if response.status != 200:
+                data = await upstream_read(response)
+                raise self.rt.upstream_error(response.status, data)
+            headers = self._base_headers(b"text/event-stream")
+            headers += [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
+            headers += [(k.encode(), v.encode()) for k, v in extra.items()]
+            self.response_started = True
+            await self.send_headers(status=200, headers=headers)
+            # the served protocol's way to write an event at once (config/protocol.py), when it has one
+            extensions = self.scope.get("extensions") or {}
+            writer = extensions.get("portcullis.body_write") or {}
+            relay = StreamRelay(
+                self, response, wants_usage=request.wants_usage, write_now=writer.get("write")
+            )
+            ACTIVE_STREAMS.inc()
+            try:
+                with self.rt.watcher.watch(self.principal, relay.revoked):
+                    outcome = await relay.run(self._receive, extensions.get("portcullis.disconnect"))
+            finally:
+                ACTIVE_STREAMS.dec()
+                stream_writes_observe(relay.written_now, relay.sent)
+        if outcome == "upstream_error":  # the client got the gateway's error event, not the upstream's
+            logger.warning(
+                "upstream %s failed during stream %s: %s",
+                self.record["upstream"],
+                self.request_id,
+                relay.upstream_error_type or "the connection broke",
+            )
+        if not relay.usage_seen:
+            # cut short (or vLLM sent no usage): the prompt it read is charged too, estimated as reserved
+            relay.prompt_tokens = prompt_estimate(request, len(outbound))
+        self.record.update(
+            upstream_ms=round((time.perf_counter() - started) * 1000, 3),
+            prompt_tokens=relay.prompt_tokens,
+            completion_tokens=relay.completion_tokens,
+            outcome=outcome,
+        )
+        return 200, relay.prompt_tokens + relay.completion_tokens
+
+
+class ChatConsumer(InferenceConsumer):
+    kind = "chat"
+
+
+class CompletionsConsumer(InferenceConsumer):
+    kind = "completions"
+
+
+class EmbeddingsConsumer(InferenceConsumer):
+    kind = "embeddings"
