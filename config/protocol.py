@@ -27,8 +27,11 @@ undone at the connection level. Serve with ``--http config.protocol:AuditedHttpT
   the rest of this module; a server without it leaves the extension out and the relay uses ``send``.
 - **Telling a request its client has gone.** A gateway request's scope also carries
   ``portcullis.disconnect``, a dict: a callable the application puts under ``"on_lost"`` is called when the
-  connection is lost (``"lost"`` is then True). A consumer waiting for a whole upstream answer uses it to
-  cut that wait at once, with no task of its own listening on ``receive`` (ASGI's way, its fallback).
+  connection is lost (``"lost"`` is then True), for every gateway request of the connection not yet
+  answered (a pipelined request waiting behind a stream does not take its place). The consumers use it to
+  cut a wait for a whole upstream answer, or a stream, at once, with no task of their own listening on
+  ``receive`` (ASGI's way, their fallback). Once a gateway request's body is whole, the connection is read
+  on (past 64 KiB uvicorn had stopped, and a close would go unheard), unless a pipelined request waits.
 
 The records go through the gateway's audit sink, which hands them off without blocking the event loop
 (to the Redis stream, or to the in-process queue in the embedded default). The address is the
@@ -83,12 +86,14 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         self._watch("headers")
 
     _disconnect: dict[str, Any] | None = None  # the current gateway request's portcullis.disconnect
+    # every gateway request of this connection not yet answered (a pipelined one waits behind another),
+    # with a weak reference to its cycle: a finished cycle must go as soon as it is replaced
+    _told: list[tuple[weakref.ref[Any], dict[str, Any]]] | None = None
 
     def connection_lost(self, exc: Exception | None) -> None:
         DEADLINES.remove(self)
         super().connection_lost(exc)
-        told = self._disconnect
-        if told is not None:
+        for _cycle, told in self._told or ():
             told["lost"] = True
             on_lost = told.get("on_lost")
             if on_lost is not None:
@@ -118,6 +123,8 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
                 told: dict[str, Any] = {"lost": False, "on_lost": None}
                 extensions["portcullis.disconnect"] = told  # type: ignore[assignment]  # ASGI's typing
                 self._disconnect = told
+                self._told = [(ref, t) for ref, t in self._told or () if _unanswered(ref())]
+                self._told.append((weakref.ref(self.cycle), told))
                 self.scope["extensions"] = extensions
 
     def on_message_complete(self) -> None:
@@ -125,11 +132,12 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
             DEADLINES.remove(self)
             self._phase = ""
         super().on_message_complete()
-        if self._disconnect is not None and self.flow is not None:
+        if self._disconnect is not None and self.flow is not None and not self.pipeline:
             # A gateway request's body is whole. Past 64 KiB uvicorn stopped reading the socket until the
             # application asks for more, which the gateway never does once it has the body: the client's
             # close would go unheard (no connection_lost, no portcullis.disconnect) while vLLM generates.
-            # Read on: a pipelined next request pauses reading again (uvicorn queues it).
+            # Read on, unless a pipelined request waits: then uvicorn's pause is its only bound on how
+            # many more a client can queue, and it reads on when the one before is answered.
             self.flow.resume_reading()
 
     def _watch(self, phase: str) -> None:
@@ -231,6 +239,11 @@ def body_writer(cycle: RequestResponseCycle) -> Callable[[bytes], bool]:
         return True
 
     return write
+
+
+def _unanswered(cycle: RequestResponseCycle | None) -> bool:
+    """Whether a request's cycle is still alive and its response not complete (it must hear a loss)."""
+    return cycle is not None and not cycle.response_complete
 
 
 def _gateway_path(path: str) -> bool:

@@ -84,8 +84,9 @@ def cost_estimate(request: Validated, body_len: int, context_len: int | None) ->
     prompt = prompt_estimate(request, body_len)
     if request.max_tokens is not None:
         bound = request.max_tokens
-    else:
-        bound = max(0, (context_len or UNKNOWN_CONTEXT) - prompt)  # vLLM's default: the rest of the context
+    else:  # vLLM's default: the rest of the context, after the prompt as truncate_prompt_tokens leaves it
+        kept = prompt if request.truncate is None or request.truncate < 0 else min(prompt, request.truncate)
+        bound = max(0, (context_len or UNKNOWN_CONTEXT) - kept)
     return prompt + bound * request.n * request.prompts  # a completions batch: n answers to each prompt
 
 

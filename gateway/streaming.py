@@ -128,7 +128,7 @@ class StreamRelay:
         if self.ended == "client_gone":
             return "client_gone"
         if failed:
-            await self._end(UPSTREAM_FAILED)
+            await self._end(b"" if self.upstream_error else UPSTREAM_FAILED)  # one error event, not two
             return "upstream_error"
         await self.sink.send_body(b"", more_body=False)
         return "upstream_error" if self.upstream_error else "completed"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.validation.checks import (
+    DROP,
     Check,
     absent,
     any_json,
@@ -37,7 +38,7 @@ from gateway.validation.checks import (
     string,
 )
 from gateway.validation.json_body import body_parse
-from gateway.validation.schema import forced_schema, tools_forced_check
+from gateway.validation.schema import compiled_schema, tools_forced_check
 
 MAX_MESSAGES = 1024
 MAX_CONTENT_CHARS = 1_000_000
@@ -84,7 +85,7 @@ def metadata(value: Any, path: str) -> None:
 
 
 JSON_SCHEMA_FORMAT = obj(
-    {"name": string(64), "description": string(4096), "schema": forced_schema, "strict": boolean},
+    {"name": string(64), "description": string(4096), "schema": compiled_schema, "strict": boolean},
     frozenset({"name"}),
 )
 RESPONSE_FORMAT = obj(
@@ -165,6 +166,16 @@ TOOL = obj(
     },
     frozenset({"type", "function"}),
 )
+_TOOLS = list_of(TOOL, MAX_TOOLS)
+
+
+def tools(value: Any, path: str) -> Any:
+    """Function tools; an empty list is left out (vLLM refuses one), and so, then, is a tool_choice that
+    only said auto or none (``request_validate``)."""
+    _TOOLS(value, path)
+    return DROP if value == [] else None
+
+
 SAMPLING: dict[str, Check] = {
     "model": model_name,
     "stream": boolean,
@@ -203,11 +214,7 @@ CHAT_FIELDS: dict[str, Check] = {
     "add_generation_prompt": boolean,
     "continue_final_message": boolean,  # vLLM refuses it together with add_generation_prompt
     "truncate_prompt_tokens": TRUNCATE,
-    "tools": one_of(
-        empty_list("no tools"),  # left out: vLLM refuses an empty list
-        list_of(TOOL, MAX_TOOLS, min_items=1),
-        message=f"must be a list of at most {MAX_TOOLS} function tools",
-    ),
+    "tools": tools,
     "tool_choice": one_of(
         string(16, frozenset({"none", "auto", "required"})),
         obj(
@@ -270,6 +277,7 @@ class Validated:
     n: int
     prompt_token_ids: int | None = None  # a prompt (or input) sent as token ids: how many, exactly
     prompts: int = 1  # a completions batch: how many prompts, each generating n answers
+    truncate: int | None = None  # truncate_prompt_tokens: vLLM keeps at most this many of the prompt's
 
 
 ENDPOINT_FIELDS: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
@@ -286,6 +294,12 @@ def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> V
     fields_check(payload, fields, required)
     if "tools" in payload:
         tools_forced_check(payload)
+    elif "tool_choice" in payload:  # no tools (or an empty list, left out): vLLM refuses a choice then
+        if payload["tool_choice"] not in ("auto", "none"):
+            reject("tool_choice", "needs tools to choose from")
+        del payload["tool_choice"]
+    if payload.get("add_generation_prompt") and payload.get("continue_final_message"):
+        reject("continue_final_message", "cannot be true together with add_generation_prompt")
     stream = payload.get("stream") is True
     if "stream_options" in payload and not stream:
         reject("stream_options", "is only allowed with stream: true")
@@ -299,7 +313,10 @@ def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> V
         if requested is None and kind == "chat":
             requested = payload["max_tokens"] = max_tokens_cap  # the client's cap bounds every generation
     if requested is None and kind == "completions":  # said here, so the reservation is what vLLM writes
-        requested = payload["max_tokens"] = min(COMPLETION_DEFAULT_MAX_TOKENS, max_tokens_cap or 10**7)
+        default = COMPLETION_DEFAULT_MAX_TOKENS
+        requested = payload["max_tokens"] = (
+            default if max_tokens_cap is None else min(default, max_tokens_cap)
+        )
     wants_usage = bool(payload.get("stream_options", {}).get("include_usage"))
     if stream:
         # Always ask vLLM for the final usage chunk, so a stream is charged what it really used.
@@ -313,6 +330,7 @@ def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> V
         payload.get("n", 1),
         _token_ids(payload["prompt"]) if kind == "completions" else None,
         _prompts(payload["prompt"]) if kind == "completions" else 1,
+        payload.get("truncate_prompt_tokens"),
     )
 
 

@@ -68,6 +68,57 @@ def forced_schema(value: Any, path: str) -> None:
             list_of(string(256), 1024)(item, where)
 
 
+def compiled_schema(value: Any, path: str) -> None:
+    """A whole schema vLLM will compile: its keywords (``forced_schema``), and its local references, each
+    of which must name a definition, and none of which may lead back to itself without passing through an
+    object's properties or an array's items (a rule made only of itself has no end to compile to)."""
+    forced_schema(value, path)
+    if not isinstance(value, dict):
+        return
+    defs = {
+        f"#/{section}/{name}": sub
+        for section in ("$defs", "definitions")
+        for name, sub in value.get(section, {}).items()
+    }
+    for ref in _refs(value):
+        if ref not in defs:
+            reject(f"{path}.$ref", f"names no definition of this schema ({ref})")
+    direct = {ref: set(_direct_refs(sub)) for ref, sub in defs.items()}
+    done: set[str] = set()
+    for start in direct:
+        _no_cycle(start, direct, done, [], path)
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [ref for item in node.values() for ref in _refs(item)]
+    if isinstance(node, list):
+        return [ref for item in node for ref in _refs(item)]
+    return []
+
+
+def _direct_refs(node: Any) -> list[str]:
+    """The references a schema stands for without a level of structure in between (``$ref`` and the
+    combinators): a cycle of these is a rule defined only by itself."""
+    if not isinstance(node, dict):
+        return []
+    found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+    return found + [ref for key in SCHEMA_LISTS for sub in node.get(key, ()) for ref in _direct_refs(sub)]
+
+
+def _no_cycle(ref: str, direct: dict[str, set[str]], done: set[str], trail: list[str], path: str) -> None:
+    if ref in trail:
+        reject(
+            f"{path}.$ref", f"refers back to itself with nothing in between ({' -> '.join([*trail, ref])})"
+        )
+    if ref in done:
+        return
+    for target in direct.get(ref, ()):
+        _no_cycle(target, direct, done, [*trail, ref], path)
+    done.add(ref)
+
+
 def tools_forced_check(payload: dict[str, Any]) -> None:
     """When vLLM will compile the tools' parameters into a grammar, each must be a schema it can compile
     safely: with a forced tool_choice, and (vLLM's structural tags) with ``auto`` when any tool is
@@ -80,4 +131,4 @@ def tools_forced_check(payload: dict[str, Any]) -> None:
     for index, tool in enumerate(payload.get("tools") or ()):
         parameters = tool["function"].get("parameters")
         if parameters is not None:
-            forced_schema(parameters, f"tools[{index}].function.parameters")
+            compiled_schema(parameters, f"tools[{index}].function.parameters")

@@ -120,3 +120,56 @@ def test_the_extension_leaves_no_reference_cycle_for_the_collector():
     assert seen["offered"]
     assert len(seen["cycles"]) == 2
     assert first_freed
+
+
+def _pipelined(first_body: bytes) -> tuple[AuditedHttpToolsProtocol, list[dict[str, Any]]]:
+    """Two gateway POSTs pipelined on one connection, the first still being answered (a stream)."""
+    told: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        told.append(scope["extensions"]["portcullis.disconnect"])
+        while (await receive())["more_body"]:
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.sleep(3600)  # a stream that runs on
+
+    def post(body: bytes) -> bytes:
+        return b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n%s" % (
+            len(body),
+            body,
+        )
+
+    async def run() -> tuple[AuditedHttpToolsProtocol, list[dict[str, Any]]]:
+        config = Config(app=app, http="httptools", lifespan="off", access_log=False)
+        config.load()
+        protocol = AuditedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        protocol.connection_made(_Transport())
+        protocol.data_received(post(first_body))
+        for _ in range(20):
+            await asyncio.sleep(0)
+        protocol.data_received(post(b"{}") + post(b"{}"))  # two more, queued behind the first
+        for _ in range(20):
+            await asyncio.sleep(0)
+        paused = protocol.flow.read_paused
+        protocol.connection_lost(None)
+        for task in list(protocol.tasks):
+            task.cancel()
+        await asyncio.sleep(0)
+        protocol.flow.read_paused = paused  # what it was before the loss, for the caller
+        return protocol, told
+
+    return asyncio.run(run())
+
+
+def test_a_pipelined_request_waiting_behind_a_stream_keeps_reading_paused():
+    # Resuming reading once each body is whole lets a client queue requests without bound; uvicorn's pause
+    # is the only bound on pipelining.
+    protocol, _told = _pipelined(b"{}")
+    assert protocol.flow.read_paused
+    assert len(protocol.pipeline) == 2
+
+
+def test_a_lost_connection_reaches_the_running_request_not_only_the_last_one_queued():
+    _protocol, told = _pipelined(b"{}")
+    assert len(told) == 1  # only the first ran; the queued ones never started
+    assert told[0]["lost"] is True

@@ -358,3 +358,12 @@ def test_an_older_vllms_flat_error_event_is_replaced_too_and_nothing_after_any_e
     assert how == "upstream_error"
     assert relayed == _event("a") + UPSTREAM_FAILED
     assert relay.upstream_error_type == "InternalServerError"
+
+
+def test_an_upstream_that_breaks_after_its_own_error_event_gives_the_client_one_error_event():
+    sink = _Sink()
+    error = b'data: {"error": {"message": "x", "type": "InternalServerError"}}\n\n'
+    how, _relay_ = _relay(sink, _Content([_event("a"), error], fail_after=2))
+    relayed = b"".join(body for body, _more in sink.sent)
+    assert how == "upstream_error"
+    assert relayed.count(b"upstream_error") == 1

@@ -572,3 +572,69 @@ def test_the_thinking_switches_and_template_flags_pass_but_nothing_else_reaches_
     )
     with pytest.raises(InvalidRequest):
         request_validate("completions", completions(truncate_prompt_tokens=-2), max_tokens_cap=None)
+
+
+def test_schema_references_must_name_a_definition_and_not_lead_back_to_themselves_directly():
+    tree = {  # a recursive model: a node's children are nodes, through an array: fine
+        "$defs": {
+            "Node": {
+                "type": "object",
+                "properties": {"kids": {"type": "array", "items": {"$ref": "#/$defs/Node"}}},
+            }
+        },
+        "$ref": "#/$defs/Node",
+    }
+    assert request_validate("chat", chat(response_format=json_schema_format(tree)), max_tokens_cap=None)
+    refused = [
+        {"$ref": "#/$defs/Missing"},
+        {"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+        {
+            "$defs": {
+                "a": {"anyOf": [{"$ref": "#/$defs/b"}, {"type": "null"}]},
+                "b": {"allOf": [{"$ref": "#/$defs/a"}]},
+            }
+        },
+        {"definitions": {"a": {"type": "string"}}, "properties": {"x": {"$ref": "#/$defs/a"}}},
+    ]
+    for schema in refused:
+        for body in (chat(response_format=json_schema_format(schema)), forced(schema)):
+            with pytest.raises(InvalidRequest) as caught:
+                request_validate("chat", body, max_tokens_cap=None)
+            assert (caught.value.param or "").endswith(".$ref"), schema
+
+
+def test_an_empty_tool_list_takes_an_auto_choice_with_it_and_a_forced_choice_without_tools_is_refused():
+    checked = request_validate("chat", chat(tools=[], tool_choice="auto"), max_tokens_cap=None)
+    assert "tools" not in checked.payload
+    assert "tool_choice" not in checked.payload
+    for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+        with pytest.raises(InvalidRequest) as caught:
+            request_validate("chat", chat(tools=[], tool_choice=choice), max_tokens_cap=None)
+        assert caught.value.param == "tool_choice"
+    with pytest.raises(InvalidRequest) as caught:  # a bad tool is named exactly
+        request_validate(
+            "chat",
+            chat(tools=[{"type": "function", "function": {"name": "f", "strict": 1}}]),
+            max_tokens_cap=None,
+        )
+    assert caught.value.param == "tools[0].function.strict"
+
+
+def test_a_template_told_both_to_add_a_generation_prompt_and_to_continue_the_last_message_is_refused_here():
+    with pytest.raises(InvalidRequest) as caught:
+        request_validate(
+            "chat", chat(add_generation_prompt=True, continue_final_message=True), max_tokens_cap=None
+        )
+    assert caught.value.param == "continue_final_message"
+
+
+def test_a_truncated_prompt_leaves_the_rest_of_the_context_to_every_answer_and_is_reserved_so():
+    from gateway.admission import cost_estimate
+
+    body = chat(messages=[{"role": "user", "content": "x" * 128_000}], n=8, truncate_prompt_tokens=16)
+    request = request_validate("chat", body, max_tokens_cap=None)
+    assert cost_estimate(request, len(body), 32_768) >= 8 * (32_768 - 16)
+
+
+def test_a_client_capped_at_no_tokens_is_not_given_the_completion_default():
+    assert request_validate("completions", completions(), max_tokens_cap=0).payload["max_tokens"] == 0
