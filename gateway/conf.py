@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
@@ -45,10 +46,17 @@ class GatewaySettings:
     audit_spool_dir: Path  # where a stopping process leaves what Redis did not take, for the next one
 
 
+PREFIX_CACHE_SCOPES = ("user", "client", "shared")
+
+
 @cache
 def gateway_settings() -> GatewaySettings:
     """Return the gateway's settings (cached until a setting changes)."""
     raw: dict[str, Any] = settings.GATEWAY
+    if raw["PREFIX_CACHE_SCOPE"] not in PREFIX_CACHE_SCOPES:  # a mistyped override must not mean "client"
+        raise ImproperlyConfigured(
+            f"GATEWAY['PREFIX_CACHE_SCOPE'] must be one of {', '.join(PREFIX_CACHE_SCOPES)}"
+        )
     return GatewaySettings(
         issuer=settings.PORTCULLIS_ISSUER,
         audience=settings.PORTCULLIS_AUDIENCE,

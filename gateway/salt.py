@@ -6,15 +6,19 @@ tells a prober what another tenant's prompt began with. A ``cache_salt`` (vLLM 0
 the hash of a prompt's first block, so only requests with the same salt share cached prefixes. The gateway
 refuses a client's own ``cache_salt`` and sends one per scope (``PORTCULLIS_PREFIX_CACHE_SCOPE``): a user's
 (or, for a token without a user, its client's), a client's, or none (``shared``, vLLM's default, where
-every tenant shares, and gains, the cache). A salt is a hash of the scope's ids: not a secret, since no
-client can send one, and the same in every gateway process, so replicas share a tenant's cache.
+every tenant shares, and gains, the cache). A salt is an HMAC of the scope's ids under the deployment's
+``SECRET_KEY``: the same in every gateway process, so replicas share a tenant's cache, and unpredictable
+(as vLLM asks), so even a caller who could reach vLLM directly could not join another tenant's cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from functools import lru_cache
+
+from django.conf import settings
 
 
 @lru_cache(maxsize=65_536)
@@ -23,4 +27,5 @@ def cache_salt(scope: str, client_id: str, user: str | None) -> str | None:
     if scope == "shared":
         return None
     owner = ["user", client_id, user] if scope == "user" and user else ["client", client_id]
-    return hashlib.sha256(json.dumps(owner).encode()).hexdigest()[:32]  # JSON: ids cannot run together
+    text = json.dumps(owner).encode()  # JSON: ids cannot run together
+    return hmac.new(settings.SECRET_KEY.encode(), text, hashlib.sha256).hexdigest()[:32]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.salt import cache_salt
 
 
@@ -24,3 +26,23 @@ def test_ids_cannot_be_run_together_into_another_tenants_salt():
     assert cache_salt("user", "a", "b\x00c") != cache_salt("user", "a\x00b", "c")
     assert cache_salt("user", "a", '", "b') != cache_salt("user", 'a", "', "b")
     assert cache_salt("user", "app1", "x") != cache_salt("user", "app", "1x")
+
+
+def test_the_salt_is_keyed_by_the_deployments_secret(settings):
+    before = cache_salt("user", "app", "alice")
+    cache_salt.cache_clear()
+    settings.SECRET_KEY = "another-deployment-" + "x" * 40
+    try:
+        assert cache_salt("user", "app", "alice") != before  # nobody can compute a tenant's salt
+    finally:
+        cache_salt.cache_clear()
+
+
+def test_a_mistyped_scope_in_a_settings_override_stops_the_gateway(settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from gateway.conf import gateway_settings
+
+    settings.GATEWAY = {**settings.GATEWAY, "PREFIX_CACHE_SCOPE": "tenant"}
+    with pytest.raises(ImproperlyConfigured, match="PREFIX_CACHE_SCOPE"):
+        gateway_settings()
