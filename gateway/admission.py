@@ -153,11 +153,12 @@ def _never_admitted(
     admit it, and a 429 would have the client retry for ever. A 400 says what to change. Asked only once
     the limiter refused it, so a revoked token still gets its 401 first."""
     whose = "user" if limit == "user_tokens" else "client"
-    prompt = body_len // 4 + 1
+    prompt = prompt_estimate(request, body_len)  # token ids counted, as they were reserved
     if prompt >= bound:
         advice, param = "its input alone is estimated at more than that; send less", None
     elif request.max_tokens is not None:
-        advice, param = "lower max_tokens (or n)", "max_tokens"
+        fewer = "n or the number of prompts" if request.prompts > 1 else "n"
+        advice, param = f"lower max_tokens (or {fewer})", "max_tokens"
     else:
         context = context_len or UNKNOWN_CONTEXT
         advice = (

@@ -471,3 +471,31 @@ def test_the_shared_limiter_refuses_more_than_a_minutes_or_a_days_tokens_by_that
         return None if refused.allowed else refused.limit
 
     assert asyncio.run(run()) == limit
+
+
+def test_a_batch_too_big_for_a_minute_is_told_about_its_prompts_and_token_ids_are_counted_as_reserved():
+    from types import SimpleNamespace
+
+    from gateway import errors
+    from gateway.admission import admit
+    from gateway.validation import Validated
+
+    rt = SimpleNamespace(
+        limiter_redis=None,
+        limiter_local=LocalLimiter(),
+        upstreams=SimpleNamespace(context_length=lambda model: 4096),
+    )
+    policy = Policy(models=frozenset({"m1"}), tpm=1000)
+    batch = Validated(
+        payload={}, model="m1", stream=False, max_tokens=100, n=1, wants_usage=False, prompts=20
+    )
+    with pytest.raises(errors.InvalidRequest) as refused:
+        asyncio.run(admit(rt, SERVICE, policy, batch, 40))  # type: ignore[arg-type]
+    assert "lower max_tokens (or n or the number of prompts)" in str(refused.value)
+    # 1,500 token ids in a small body: the input alone is over the minute's 1,000, as it was reserved
+    ids = Validated(
+        payload={}, model="m1", stream=False, max_tokens=1, n=1, wants_usage=False, prompt_token_ids=1500
+    )
+    with pytest.raises(errors.InvalidRequest) as refused:
+        asyncio.run(admit(rt, SERVICE, policy, ids, 40))  # type: ignore[arg-type]
+    assert "its input alone is estimated at more than that" in str(refused.value)
