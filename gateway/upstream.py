@@ -114,6 +114,7 @@ class UpstreamPool:
     async def check(self, upstream: Upstream) -> None:
         """Refresh one upstream's health and model list."""
         headers = self.headers.items()
+        busy = self.saturated()  # the check may first wait for a pooled connection, inside its timeout
         try:
             status, _ = await self.client.get(f"{upstream.base}/health", headers, HEALTH_TIMEOUT_S)
             healthy = status == 200
@@ -126,7 +127,7 @@ class UpstreamPool:
                 }
                 self._known = frozenset(m for u in self.upstreams for m in u.models)
         except (HttpError, OSError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
-            if self.saturated():
+            if busy or self.saturated():
                 return  # the check waited for a pooled connection, not for the upstream: no verdict
             healthy = False
         UPSTREAM_HEALTHY.labels(upstream.base).set(1 if healthy else 0)

@@ -5,6 +5,7 @@ connecting (and, to an https upstream, shaking hands) again."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from gateway.conf import gateway_settings
 from gateway.http1 import HttpClient
@@ -62,3 +63,35 @@ def test_a_5xx_checks_its_upstream_once_at_a_time_and_not_again_right_after_a_ch
     assert first == 2  # /health and /v1/models, once
     assert second == first
     assert left == 0
+
+
+def test_a_check_that_began_with_every_connection_busy_gives_no_verdict_even_if_they_freed_meanwhile(
+    monkeypatch,
+):
+    # The check's timeout covers its wait for a pooled connection: one that spent its time waiting says
+    # nothing of the upstream, whether or not the pool has freed by the time it gives up.
+    import gateway.upstream
+
+    monkeypatch.setattr(gateway.upstream, "HEALTH_TIMEOUT_S", 0.3)
+
+    async def scenario() -> bool:
+        def silent(server: Server) -> Any:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.request(reader)
+                await asyncio.sleep(5)  # reads the request, never answers: the check times out
+
+            return handler
+
+        server = await serving(silent)
+        client = HttpClient()
+        pool = UpstreamPool((server.base,), client, "", max_connections=1)
+        upstream = pool.upstreams[0]
+        upstream.healthy = True
+        upstream.inflight = 1  # a request holds the process's only connection
+        asyncio.get_running_loop().call_later(0.1, lambda: setattr(upstream, "inflight", 0))  # then ends
+        await pool.check(upstream)
+        await client.close()
+        await server.__aexit__()
+        return upstream.healthy
+
+    assert run(scenario) is True
