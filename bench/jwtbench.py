@@ -61,6 +61,7 @@ def _settings(cache_size: int) -> GatewaySettings:
         deny_ips=(),
         require_https=False,
         prefix_cache_scope="user",
+        upstream_strict_tools=False,
         fallback_ceiling_rpm=600,
         redis_reply_wait_s=REPLY_WAIT_S,
         audit_backlog_limit=BACKLOG_LIMIT,

@@ -321,6 +321,9 @@ GATEWAY = {
     # someone else's prompt began with. "user" (a user's own, or a client's without one), "client", or
     # "shared" (no salt: vLLM's default). The gateway sends vLLM a cache_salt per scope (gateway/salt.py).
     "PREFIX_CACHE_SCOPE": env_choice("PORTCULLIS_PREFIX_CACHE_SCOPE", "user", ("user", "client", "shared")),
+    # Set it where vLLM runs with VLLM_ENFORCE_STRICT_TOOL_CALLING=true: vLLM then compiles every tool's
+    # parameter schema into a grammar, strict or not, so the gateway checks them all (gateway/validation).
+    "UPSTREAM_STRICT_TOOLS": env_bool("PORTCULLIS_UPSTREAM_STRICT_TOOLS", False),
     "FALLBACK_CEILING_RPM": 600,  # Redis down, no rpm configured: per-process requests/minute per client
     # a quiet Redis's reply is awaited this long (µs) without yielding the event loop (gateway/redisbatch.py)
     "REDIS_REPLY_WAIT_S": env_int("PORTCULLIS_REDIS_REPLY_WAIT_US", 500, maximum=5000) / 1_000_000,

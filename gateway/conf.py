@@ -39,6 +39,7 @@ class GatewaySettings:
     deny_ips: tuple[str, ...]
     require_https: bool  # /v1 only over TLS (the connection's, or a trusted proxy's X-Forwarded-Proto)
     prefix_cache_scope: str  # user, client or shared: who may share vLLM's prefix cache (cache_salt)
+    upstream_strict_tools: bool  # vLLM compiles every tool's schema (VLLM_ENFORCE_STRICT_TOOL_CALLING)
     fallback_ceiling_rpm: int
     redis_reply_wait_s: float  # 0: a carried Redis batch's reply is always awaited on the event loop
     audit_backlog_limit: int  # records waiting in the audit stream before new requests are refused
@@ -79,6 +80,7 @@ def gateway_settings() -> GatewaySettings:
         deny_ips=tuple(raw["DENY_IPS"]),
         require_https=bool(raw["REQUIRE_HTTPS"]),
         prefix_cache_scope=str(raw["PREFIX_CACHE_SCOPE"]),
+        upstream_strict_tools=bool(raw["UPSTREAM_STRICT_TOOLS"]),
         fallback_ceiling_rpm=int(raw["FALLBACK_CEILING_RPM"]),
         redis_reply_wait_s=float(raw["REDIS_REPLY_WAIT_S"]),
         audit_backlog_limit=int(raw["AUDIT_BACKLOG_LIMIT"]),

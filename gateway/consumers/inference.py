@@ -37,7 +37,9 @@ class InferenceConsumer(GatewayConsumer):
         if content_type != b"application/json":
             raise errors.UnsupportedMediaType(param="content-type")
         policy = self.rt.policies.get(principal.client_id)
-        request = request_validate(self.kind, body, max_tokens_cap=policy.max_tokens)
+        request = request_validate(
+            self.kind, body, max_tokens_cap=policy.max_tokens, strict_tools=self.rt.conf.upstream_strict_tools
+        )
         self.record.update(model=request.model, stream=request.stream)
         if request.model not in policy.models:
             raise errors.ModelNotAllowed(param="model")

@@ -287,13 +287,16 @@ ENDPOINT_FIELDS: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
 }
 
 
-def request_validate(kind: str, body: bytes, *, max_tokens_cap: int | None) -> Validated:
-    """Validate a body for an endpoint kind (``chat``, ``completions``, ``embeddings``)."""
+def request_validate(
+    kind: str, body: bytes, *, max_tokens_cap: int | None, strict_tools: bool = False
+) -> Validated:
+    """Validate a body for an endpoint kind (``chat``, ``completions``, ``embeddings``); ``strict_tools``:
+    the upstream compiles every tool's schema (``PORTCULLIS_UPSTREAM_STRICT_TOOLS``)."""
     payload = body_parse(body)
     fields, required = ENDPOINT_FIELDS[kind]
     fields_check(payload, fields, required)
     if "tools" in payload:
-        tools_forced_check(payload)
+        tools_forced_check(payload, every_tool_compiled=strict_tools)
     elif "tool_choice" in payload:  # no tools (or an empty list, left out): vLLM refuses a choice then
         if payload["tool_choice"] not in ("auto", "none"):
             reject("tool_choice", "needs tools to choose from")

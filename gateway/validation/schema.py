@@ -119,14 +119,16 @@ def _no_cycle(ref: str, direct: dict[str, set[str]], done: set[str], trail: list
     done.add(ref)
 
 
-def tools_forced_check(payload: dict[str, Any]) -> None:
+def tools_forced_check(payload: dict[str, Any], *, every_tool_compiled: bool = False) -> None:
     """When vLLM will compile the tools' parameters into a grammar, each must be a schema it can compile
     safely: with a forced tool_choice, and (vLLM's structural tags) with ``auto`` when any tool is
-    ``strict``, as the openai SDK's ``pydantic_function_tool`` and ``parse(tools=...)`` make them."""
+    ``strict``, as the openai SDK's ``pydantic_function_tool`` and ``parse(tools=...)`` make them, or, on
+    an upstream that enforces strict tool calling (``every_tool_compiled``), with ``auto`` always."""
     choice = payload.get("tool_choice")
     if choice == "none":
         return
-    if choice in (None, "auto") and not any(tool["function"].get("strict") for tool in payload["tools"]):
+    strict = every_tool_compiled or any(tool["function"].get("strict") for tool in payload["tools"])
+    if choice in (None, "auto") and not strict:
         return
     for index, tool in enumerate(payload.get("tools") or ()):
         parameters = tool["function"].get("parameters")

@@ -172,3 +172,9 @@ def test_the_prefix_cache_is_kept_per_user_unless_the_operator_widens_it():
     wrong = settings_load(PORTCULLIS_PREFIX_CACHE_SCOPE="tenant")
     assert wrong.returncode != 0
     assert "PORTCULLIS_PREFIX_CACHE_SCOPE" in wrong.stderr
+
+
+def test_strict_tool_checking_follows_the_upstreams_setting_off_by_default():
+    shown = "settings.GATEWAY['UPSTREAM_STRICT_TOOLS']"
+    assert settings_load(show=shown).stdout.strip() == "False"
+    assert settings_load(show=shown, PORTCULLIS_UPSTREAM_STRICT_TOOLS="true").stdout.strip() == "True"

@@ -1,5 +1,6 @@
-"""A gateway that serves /v1 over HTTPS only refuses a plain-HTTP request, with an OpenAI error and an audit
-record, before it reads the body; a trusted proxy's X-Forwarded-Proto counts as HTTPS."""
+"""A gateway configured as for production: it serves /v1 over HTTPS only, refusing a plain-HTTP request
+with an OpenAI error and an audit record before it reads the body (a trusted proxy's X-Forwarded-Proto
+counts as HTTPS), and, told its upstream compiles every tool's schema, checks every tool's."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ def https_only(
         VLLM_UPSTREAMS=fake.base,
         PORTCULLIS_GATEWAY_REQUIRE_HTTPS="true",
         PORTCULLIS_TRUSTED_PROXIES="127.0.0.1/32",
+        PORTCULLIS_UPSTREAM_STRICT_TOOLS="true",
     )
     worker = start_worker(tmp)
     try:
@@ -104,3 +106,16 @@ def test_a_trusted_proxys_forwarded_proto_https_is_served(https_only):
     )
     assert models.status_code == 403
     assert models.json()["error"]["code"] == "https_required"
+
+
+def test_told_its_upstream_compiles_every_tool_the_gateway_checks_every_tools_schema(https_only):
+    server, token = https_only
+    loose = {"type": "function", "function": {"name": "f", "parameters": {"type": "string", "pattern": "("}}}
+    response = httpx.post(
+        f"{server.base}/v1/chat/completions",
+        json={**CHAT, "tools": [loose]},
+        headers={"authorization": f"Bearer {token}", "x-forwarded-proto": "https"},
+        timeout=10,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "tools[0].function.parameters.pattern"

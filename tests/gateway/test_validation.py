@@ -638,3 +638,14 @@ def test_a_truncated_prompt_leaves_the_rest_of_the_context_to_every_answer_and_i
 
 def test_a_client_capped_at_no_tokens_is_not_given_the_completion_default():
     assert request_validate("completions", completions(), max_tokens_cap=0).payload["max_tokens"] == 0
+
+
+def test_an_upstream_that_compiles_every_tool_has_every_tool_checked_under_auto():
+    loose = {"type": "function", "function": {"name": "f", "parameters": {"type": "string", "pattern": "("}}}
+    body = chat(tools=[loose], tool_choice="auto")
+    assert request_validate("chat", body, max_tokens_cap=None).model == "m1"  # vLLM's default: shown only
+    with pytest.raises(InvalidRequest) as caught:
+        request_validate("chat", body, max_tokens_cap=None, strict_tools=True)
+    assert caught.value.param == "tools[0].function.parameters.pattern"
+    off = chat(tools=[loose], tool_choice="none")
+    assert request_validate("chat", off, max_tokens_cap=None, strict_tools=True).model == "m1"
