@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -101,13 +103,19 @@ def _spawn(port: int, base: str, sink: Any, env: dict[str, str]) -> subprocess.P
     )
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """Stop a process, and, when it leads a session of its own (``start_new_session``), whatever it started:
+    a Celery worker's embedded beat is a child process, which a worker killed after the timeout left
+    running with its database connections open (the next test database could then not be created)."""
     process.terminate()
     try:
-        process.wait(timeout=10)
+        process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    if getattr(process, "own_session", False):
+        with contextlib.suppress(ProcessLookupError):  # nothing left in the group: all gone
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @dataclass
@@ -156,7 +164,7 @@ def start_worker(tmp: Path) -> subprocess.Popen[bytes]:
     """A real Celery worker with an embedded beat (-B): it ingests what the gateway hands off."""
     log = tmp / "celery.log"
     with log.open("wb") as sink:
-        return subprocess.Popen(
+        worker = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -176,7 +184,10 @@ def start_worker(tmp: Path) -> subprocess.Popen[bytes]:
             env=stack_env(),
             stdout=sink,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its embedded beat is stopped with it (``stop``)
         )
+    worker.own_session = True  # type: ignore[attr-defined]
+    return worker
 
 
 @pytest.fixture(scope="module")
