@@ -110,18 +110,23 @@ def _archive_write(archive: Path, *sources: tuple[QuerySet[Any], _IdRuns | None]
 
     Created exclusively: an earlier archive is the only copy of the rows it holds, so it is never
     overwritten, whoever calls. Synced before the prune commits: otherwise a crash just after it could
-    lose the only copy."""
+    lose the only copy. A write that fails (a full disk) removes the partial file it made, before anything
+    was deleted: it would otherwise hold the name for the next run."""
     digest = hashlib.sha256()
     with archive.open("x", encoding="utf-8") as out:
-        for queryset, archived in sources:
-            for row in serializers.serialize("python", queryset.iterator()):
-                line = json.dumps(row, default=str, sort_keys=True) + "\n"
-                digest.update(line.encode())
-                out.write(line)
-                if archived is not None:
-                    archived.add(row["pk"])
-        out.flush()
-        os.fsync(out.fileno())
+        try:
+            for queryset, archived in sources:
+                for row in serializers.serialize("python", queryset.iterator()):
+                    line = json.dumps(row, default=str, sort_keys=True) + "\n"
+                    digest.update(line.encode())
+                    out.write(line)
+                    if archived is not None:
+                        archived.add(row["pk"])
+            out.flush()
+            os.fsync(out.fileno())
+        except BaseException:
+            archive.unlink()  # ours (created exclusively above), and nothing was deleted yet
+            raise
     directory = os.open(archive.parent, os.O_RDONLY)  # the file's name is on disk only once its directory is
     try:
         os.fsync(directory)

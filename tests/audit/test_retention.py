@@ -123,6 +123,28 @@ def test_an_existing_archive_is_never_overwritten_and_nothing_is_pruned(tmp_path
     assert not AuditEvent.objects.filter(kind="audit.pruned").exists()
 
 
+@pytest.mark.django_db
+def test_an_archive_that_cannot_be_written_whole_is_removed_and_nothing_is_pruned(tmp_path, monkeypatch):
+    _old_and_new()
+    before = _state()
+    real_dumps, written = json.dumps, list[Any]()
+
+    def dumps(row: Any, **kwargs: Any) -> str:
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")  # the disk fills up mid-archive
+        written.append(row)
+        return real_dumps(row, **kwargs)
+
+    monkeypatch.setattr(retention.json, "dumps", dumps)
+    archive = tmp_path / "old.jsonl"
+    with pytest.raises(OSError, match="No space left"):
+        _prune(archive)
+    assert not archive.exists()  # the name is free for the next run
+    assert _state() == before
+    monkeypatch.undo()
+    assert _prune(archive).events == 5  # which then succeeds
+
+
 def _usage(pk: int | None, *, days_ago: int) -> UsageRecord:
     return UsageRecord.objects.create(
         pk=pk,
