@@ -82,8 +82,6 @@ class Runtime:
         self.limiter_redis = RedisLimiter(self.batcher) if self.batcher is not None else None
         self.limiter_local = LocalLimiter()
         self.trusted_proxies = tuple(settings.PORTCULLIS_TRUSTED_PROXIES)
-        self.require_https = conf.require_https
-        self.prefix_cache_scope = conf.prefix_cache_scope
         self.deny_networks = trusted_networks(tuple(conf.deny_ips))
         self.resource_metadata_url = f"{conf.issuer}/.well-known/oauth-protected-resource"
         self.fallback_ceiling_rpm = conf.fallback_ceiling_rpm

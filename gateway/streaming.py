@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from gateway.http1 import Response
 
-DONE = b"data: [DONE]"
 ERROR_EVENT = b'data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
 ERROR_STARTS = (b'data: {"error"', b'data: {"object": "error"', b'data: {"object":"error"')
 UPSTREAM_FAILED = ERROR_EVENT % (b"The upstream failed during the stream.", b"api_error", b"upstream_error")
@@ -46,6 +46,28 @@ async def on_disconnect(receive: Any, then: Callable[[], None]) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     then()
+
+
+@contextmanager
+def disconnect_watch(told: dict[str, Any] | None, receive: Any, lost: Callable[[], None]) -> Iterator[bool]:
+    """Call ``lost`` if the client's connection is lost while the block runs: the server's
+    ``portcullis.disconnect`` extension (``told``: ``config.protocol`` calls its ``on_lost``) says so, or,
+    without it, a task listening on ASGI's ``receive``. Yields whether the connection was lost before the
+    block began (``lost`` is then not called: what is to be done depends on what has not started yet)."""
+    if told is None:
+        listener = asyncio.create_task(on_disconnect(receive, lost))
+        try:
+            yield False
+        finally:
+            listener.cancel()
+    elif told["lost"]:
+        yield True
+    else:
+        told["on_lost"] = lost
+        try:
+            yield False
+        finally:
+            told["on_lost"] = None  # nothing is called back once the block is over
 
 
 class _ClientGone(Exception):
@@ -71,7 +93,6 @@ class StreamRelay:
         self.written_now = 0  # body parts written in the upstream read that brought them
         self.sent = 0  # body parts the task sent (the end, and an error event, not counted)
         self.usage_seen = False
-        self.done_seen = False
         self.upstream_error = False
         self.upstream_error_type = ""  # the type the upstream gave its error event, for the log
         self._buffer = b""
@@ -90,32 +111,11 @@ class StreamRelay:
         the caller, so vLLM aborts the generation.
         """
         self._task = asyncio.current_task()
-        listener: asyncio.Task[None] | None = None
-        if told is None:
-            listener = asyncio.create_task(on_disconnect(receive, lambda: self._cut("client_gone")))
-        elif told["lost"]:
-            self.ended = self.ended or "client_gone"  # gone before the first step: nothing to cancel
-        else:
-            told["on_lost"] = lambda: self._cut("client_gone")
-        failed = False
-        try:
-            if self.ended is None:  # revoked before the first byte: nothing is relayed
-                await self._pump()
-        except asyncio.CancelledError:
-            if self.ended is None or self._task is None or self._task.uncancel() > 0:
-                raise  # cancelled from outside (the server is shutting down), not by a cut
-        except _ClientGone:  # a send failed before the listener heard the disconnect
-            if self.ended is None:
-                self.ended = "client_gone"
-        except Exception:  # the upstream failed mid-stream
-            failed = True
-        finally:
-            self._finished = True  # a cut from now on has nothing to stop
-            self.response.on_data = None
-            if listener is not None:
-                listener.cancel()
-            elif told is not None:
-                told["on_lost"] = None
+        with disconnect_watch(told, receive, lambda: self._cut("client_gone")) as lost_already:
+            if lost_already:
+                self.ended = self.ended or "client_gone"  # gone before the first step: nothing to cancel
+            failed = await self._pumped()
+
         if not self.usage_seen:
             # cut short: charge what the upstream produced (≈1 token an event), sent or not; the caller
             # charges the prompt, which only it can estimate
@@ -132,6 +132,24 @@ class StreamRelay:
             return "upstream_error"
         await self.sink.send_body(b"", more_body=False)
         return "upstream_error" if self.upstream_error else "completed"
+
+    async def _pumped(self) -> bool:
+        """Pump until the end or a cut; return whether the upstream failed mid-stream."""
+        try:
+            if self.ended is None:  # revoked before the first byte: nothing is relayed
+                await self._pump()
+        except asyncio.CancelledError:
+            if self.ended is None or self._task is None or self._task.uncancel() > 0:
+                raise  # cancelled from outside (the server is shutting down), not by a cut
+        except _ClientGone:  # a send failed before the listener heard the disconnect
+            if self.ended is None:
+                self.ended = "client_gone"
+        except Exception:  # the upstream failed mid-stream
+            return True
+        finally:
+            self._finished = True  # a cut from now on has nothing to stop
+            self.response.on_data = None
+        return False
 
     def revoked(self) -> None:
         """The token (or its client) was revoked: end the stream with an error event."""
@@ -199,11 +217,7 @@ class StreamRelay:
 
     def _filter(self, event: bytes) -> bytes:
         if self.upstream_error:
-            self.done_seen = self.done_seen or event.startswith(DONE)
             return b""  # after the one error event nothing more: no [DONE], no second error
-        if event.startswith(DONE):
-            self.done_seen = True
-            return event
         if event.startswith(ERROR_STARTS):  # {"error": {...}}, or an older vLLM's flat {"object": "error"}
             self.upstream_error = True
             self.upstream_error_type = _error_type(event)

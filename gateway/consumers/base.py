@@ -27,7 +27,7 @@ from gateway.auth import Principal
 from gateway.deadlines import Deadlines
 from gateway.metrics import METERING_BACKLOG, request_observe
 from gateway.runtime import Runtime, runtime_get
-from gateway.streaming import on_disconnect
+from gateway.streaming import disconnect_watch
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,7 +99,7 @@ class GatewayConsumer(AsyncHttpConsumer):
             refused.headers["allow"] = ", ".join(sorted(self.methods))  # RFC 9110 §15.5.6
             raise refused
         self.rt.check_ip_denylist(self.client_ip)
-        if self.rt.require_https and not self._secure():
+        if self.rt.conf.require_https and not self._secure():
             raise errors.HttpsRequired()
         if self.repeated_headers:  # looked at only then
             self._refuse_repeated_headers()
@@ -118,23 +118,25 @@ class GatewayConsumer(AsyncHttpConsumer):
         (the first value of X-Forwarded-Proto, as Django reads ``SECURE_PROXY_SSL_HEADER``)."""
         if self.scope.get("scheme") == "https":
             return True
-        proto = self.headers.get(b"x-forwarded-proto")
+        proto = self._header_list(b"x-forwarded-proto")
         if proto is None:
             return False
-        if self.repeated_headers:
-            proto = b",".join(v for name, v in self.scope["headers"] if name == b"x-forwarded-proto")
         peer = (self.scope.get("client") or (None, None))[0]
         return proto.split(b",", 1)[0].strip().lower() == b"https" and ip_in_networks(
             peer, trusted_networks(self.rt.trusted_proxies)
         )
 
+    def _header_list(self, name: bytes) -> bytes | None:
+        """A header's value, its several lines joined as one list in order (RFC 9110 §5.3), as Django's side
+        reads them: a chain of trusted proxies that each added a line is read whole, not cut at the last."""
+        value = self.headers.get(name)
+        if value is not None and self.repeated_headers:
+            value = b",".join(v for header, v in self.scope["headers"] if header == name)
+        return value
+
     def _client_ip(self) -> str | None:
         peer = self.scope.get("client") or (None, None)
-        forwarded = self.headers.get(b"x-forwarded-for")
-        if forwarded is not None and self.repeated_headers:
-            # Several lines are one list in order (RFC 9110 §5.3), as Django's side reads them: a chain of
-            # trusted proxies that each added a line is walked through, not cut at the last line.
-            forwarded = b",".join(v for name, v in self.scope["headers"] if name == b"x-forwarded-for")
+        forwarded = self._header_list(b"x-forwarded-for")
         return client_ip_resolve(
             peer[0],
             forwarded.decode("latin-1") if forwarded else None,
@@ -188,24 +190,15 @@ class GatewayConsumer(AsyncHttpConsumer):
                 task.cancel()
 
         told = (self.scope.get("extensions") or {}).get("portcullis.disconnect")
-        listener: asyncio.Task[None] | None = None
-        if told is not None:
-            told["on_lost"] = lost
-            if told["lost"]:
-                lost()
-        else:
-            listener = asyncio.create_task(on_disconnect(self._receive, lost))
-        try:
-            return await work
-        except asyncio.CancelledError:
-            if gone and task.uncancel() == 0:
-                raise ClientGone() from None
-            raise  # cancelled by someone else (the server shutting down) too
-        finally:
-            if told is not None:
-                told["on_lost"] = None
-            elif listener is not None:
-                listener.cancel()
+        with disconnect_watch(told, self._receive, lost) as lost_already:
+            if lost_already:
+                lost()  # the wait below is cut at once
+            try:
+                return await work
+            except asyncio.CancelledError:
+                if gone and task.uncancel() == 0:
+                    raise ClientGone() from None
+                raise  # cancelled by someone else (the server shutting down) too
 
     def late(self) -> None:
         """Cut this request's body read: its deadline has passed."""

@@ -46,7 +46,7 @@ class InferenceConsumer(GatewayConsumer):
         if not self.rt.upstreams.serves(request.model):
             raise errors.ModelNotFound(f"The model '{request.model}' is not served here.", param="model")
         if self.kind != "embeddings":  # generation only: vLLM caches the prefixes of prompts it continues
-            salt = cache_salt(self.rt.prefix_cache_scope, principal.client_id, principal.user)
+            salt = cache_salt(self.rt.conf.prefix_cache_scope, principal.client_id, principal.user)
             if salt is not None:
                 request.payload["cache_salt"] = salt
         outbound = json.dumps(request.payload, separators=(",", ":")).encode()

@@ -107,6 +107,20 @@ def response_format(value: Any, path: str) -> None:
 
 # --- the endpoints ----------------------------------------------------------------------------------
 
+
+def texts_or_token_ids(max_items: int, message: str) -> Check:
+    """A completions prompt or an embeddings input: a text, up to ``max_items`` texts, token ids, or up to
+    ``max_items`` lists of token ids."""
+    token_ids = integer(0, 2**31)
+    return one_of(
+        string(MAX_CONTENT_CHARS),
+        list_of(string(MAX_CONTENT_CHARS), max_items, min_items=1),
+        list_of(token_ids, 1_000_000, min_items=1),
+        list_of(list_of(token_ids, 100_000, min_items=1), max_items, min_items=1),
+        message=message,
+    )
+
+
 TRUNCATE = integer(-1, 10**7)  # vLLM keeps the prompt's last N tokens (-1: as many as the model takes)
 STOP = one_of(string(1024), list_of(string(1024), MAX_STOP), message="must be a string or a list of strings")
 TEXT_PART = obj(
@@ -236,12 +250,8 @@ CHAT_FIELDS: dict[str, Check] = {
 }
 COMPLETION_FIELDS: dict[str, Check] = {
     **SAMPLING,
-    "prompt": one_of(
-        string(MAX_CONTENT_CHARS),
-        list_of(string(MAX_CONTENT_CHARS), MAX_PROMPTS, min_items=1),
-        list_of(integer(0, 2**31), 1_000_000, min_items=1),
-        list_of(list_of(integer(0, 2**31), 100_000, min_items=1), MAX_PROMPTS, min_items=1),
-        message="must be text, a list of texts, token ids or a list of token id lists",
+    "prompt": texts_or_token_ids(
+        MAX_PROMPTS, "must be text, a list of texts, token ids or a list of token id lists"
     ),
     "max_tokens": integer(1, 10**7),
     "min_tokens": integer(0, 10**7),
@@ -251,13 +261,7 @@ COMPLETION_FIELDS: dict[str, Check] = {
 }
 EMBEDDING_FIELDS: dict[str, Check] = {
     "model": model_name,
-    "input": one_of(
-        string(MAX_CONTENT_CHARS),
-        list_of(string(MAX_CONTENT_CHARS), MAX_INPUTS, min_items=1),
-        list_of(integer(0, 2**31), 1_000_000, min_items=1),
-        list_of(list_of(integer(0, 2**31), 100_000, min_items=1), MAX_INPUTS, min_items=1),
-        message="must be text, a list of texts or token ids",
-    ),
+    "input": texts_or_token_ids(MAX_INPUTS, "must be text, a list of texts or token ids"),
     "encoding_format": string(16, frozenset({"float", "base64"})),
     "dimensions": integer(1, 65_536),
     "user": string(256),
