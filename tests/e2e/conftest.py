@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from django.db import connection
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +117,15 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     if getattr(process, "own_session", False):
         with contextlib.suppress(ProcessLookupError):  # nothing left in the group: all gone
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def stack_stop(django_db_blocker: Any, *processes: subprocess.Popen[bytes]) -> None:
+    """End a module's stack: stop its processes in order (the worker first), then empty the database the
+    module's tests wrote to outside any test transaction."""
+    for process in processes:
+        stop(process)
+    with django_db_blocker.unblock():
+        call_command("flush", interactive=False, verbosity=0)
 
 
 @dataclass

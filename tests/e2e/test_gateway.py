@@ -20,7 +20,6 @@ import httpx
 import openai
 import pydantic
 import pytest
-from django.core.management import call_command
 
 from audit.models import AuditEvent, UsageRecord
 from authserver.models import SigningKey
@@ -31,6 +30,7 @@ from tests.e2e.conftest import (
     FakeVllm,
     Server,
     client_token,
+    stack_stop,
     start_fakevllm,
     start_server,
     start_worker,
@@ -87,11 +87,7 @@ def stack(
     try:
         yield stack
     finally:
-        stop(stack.worker)
-        stop(server.process)
-        stop(fake.process)
-        with django_db_blocker.unblock():
-            call_command("flush", interactive=False, verbosity=0)
+        stack_stop(django_db_blocker, stack.worker, server.process, fake.process)
 
 
 @pytest.fixture(autouse=True)

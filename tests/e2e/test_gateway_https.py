@@ -11,12 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-from django.core.management import call_command
 
 from audit.models import AuditEvent, UsageRecord
 from authserver.services import client_register
 from gateway.services import policy_set
-from tests.e2e.conftest import Server, client_token, start_fakevllm, start_server, start_worker, stop
+from tests.e2e.conftest import Server, client_token, stack_stop, start_fakevllm, start_server, start_worker
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -42,11 +41,7 @@ def https_only(
     try:
         yield server, client_token(server, reg)
     finally:
-        stop(worker)
-        stop(server.process)
-        stop(fake.process)
-        with django_db_blocker.unblock():
-            call_command("flush", interactive=False, verbosity=0)
+        stack_stop(django_db_blocker, worker, server.process, fake.process)
 
 
 def _stored(django_db_blocker: Any, model: Any, request_id: str, kind: str | None = None) -> Any:

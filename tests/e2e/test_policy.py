@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from django.core.management import call_command
 
 from audit.ingest import stream_ingest
 from audit.models import AuditEvent, UsageRecord
@@ -27,6 +26,7 @@ from tests.e2e.conftest import (
     Server,
     client_token,
     free_port,
+    stack_stop,
     start_fakevllm,
     start_server,
     start_worker,
@@ -65,11 +65,7 @@ def stack(
     try:
         yield server, fake, clients
     finally:
-        stop(worker)
-        stop(server.process)
-        stop(fake.process)
-        with django_db_blocker.unblock():
-            call_command("flush", interactive=False, verbosity=0)
+        stack_stop(django_db_blocker, worker, server.process, fake.process)
 
 
 def wait_policy(server: Server, token: str) -> None:
