@@ -45,6 +45,8 @@ class Generation:
     prompt_tokens: int
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # stream_options.continuous_usage_stats, with include_usage: usage in every chunk
+    prompt_tokens_each: tuple[int, ...]  # per prompt of a completions batch (one prompt for chat)
     first_delay: float
     chunk_delay: float
     fail_after: int | None
@@ -75,7 +77,7 @@ def plan(
         raise bad_request(f"n * number of prompts must be at most {MAX_CHOICES}.", "n")
     for count in per_prompt:
         check_context(count, max_tokens)
-    stream, include_usage = stream_flags(req)
+    stream, include_usage, continuous_usage = stream_flags(req)
     check_cache_salt(req)
     base_id = base_request_id(request_id_header, req)
     ntok, finish = _length(max_tokens, config.tokens)
@@ -91,6 +93,8 @@ def plan(
         prompt_tokens=sum(per_prompt),
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
+        prompt_tokens_each=tuple(per_prompt),
         first_delay=config.first_chunk_delay_s,
         chunk_delay=config.chunk_delay_s,
         fail_after=config.fail_after_chunks,

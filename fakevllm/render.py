@@ -6,11 +6,16 @@ of vLLM's pydantic models at a fraction of the cost (the benchmark's upstream mu
 Streamed chunks differ in how vLLM serialises them (vllm/entrypoints/openai/: chat_completion/serving.py
 and completion/serving.py, formerly serving_chat.py and serving_completion.py). Chat chunks use
 `model_dump_json(exclude_unset=True)` (`OpenAIServingChat.chat_completion_stream_generator`), so `usage`
-appears only when set: on the final usage chunk of `stream_options.include_usage`, never as null (fakevllm
-has no `continuous_usage_stats`). Text completion chunks use `model_dump_json(exclude_unset=False)`
-(`OpenAIServingCompletion.completion_stream_generator`), so each carries `"usage":null`, asked for or not.
-Both usage chunks add `exclude_none=True`, hence no `prompt_tokens_details`. A stream that fails half-way
-sends an error event and then, as every stream ends, `data: [DONE]`.
+appears only when set: on the final usage chunk of `stream_options.include_usage`, never as null. Text
+completion chunks use `model_dump_json(exclude_unset=False)` (`OpenAIServingCompletion.
+completion_stream_generator`; vllm#40537 made it exclude_unset=True too, dropping the null), so each carries
+`"usage":null`, asked for or not. Both usage chunks add `exclude_none=True`, hence no `prompt_tokens_details`.
+With `stream_options.continuous_usage_stats` (and include_usage) every chunk before the usage chunk carries
+the running usage of its own choice: its prompt's tokens (one prompt's, in a batch) and the tokens that
+choice has generated so far (0 on a chat role chunk), never the sum over choices, which only the final
+usage chunk gives. Those objects are vLLM 0.33's: a chat chunk's has `"completion_tokens_details":null`
+(set, though None), a text completion's only the three counts. A stream that fails half-way sends an error
+event and then, as every stream ends, `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ COMPLETION_BODY = (
 COMPLETION_CHOICE = (
     '{"index":%d,"text":%s,"logprobs":null,"finish_reason":"%s","stop_reason":null,"prompt_logprobs":null}'
 )
+# continuous_usage_stats: the end of a chunk, with the running usage of its choice in place of the tail
+CHAT_RUNNING = (
+    '],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d,'
+    '"completion_tokens_details":null}}\n\n'
+)
+COMPLETION_RUNNING = '],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n'
 CHAT_HEAD = 'data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,"choices":['
 COMPLETION_HEAD = 'data: {"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":['
 CHAT_TAIL = "]}\n\n"
@@ -97,11 +108,12 @@ def stream_frames(gen: Generation) -> Iterator[bytes | float]:
     head = (CHAT_HEAD if chat else COMPLETION_HEAD) % (gen.id_json, gen.created, gen.model_json)
     tail = CHAT_TAIL if chat else COMPLETION_TAIL
     delta, last = (CHAT_DELTA, CHAT_LAST) if chat else (COMPLETION_DELTA, COMPLETION_LAST)
+    running = gen.continuous_usage
     if gen.first_delay:
         yield gen.first_delay
     if chat:
         for i in range(gen.choices):
-            yield (head + CHAT_ROLE % i + tail).encode()
+            yield (head + CHAT_ROLE % i + (_running_tail(gen, i, 0) if running else tail)).encode()
     sent = 0
     for k in range(gen.ntok):
         if k and gen.chunk_delay:
@@ -112,7 +124,7 @@ def stream_frames(gen: Generation) -> Iterator[bytes | float]:
                 yield from _failure_frames(gen)
                 return
             piece = last % (i, text, gen.finish) if k == gen.ntok - 1 else delta % (i, text)
-            yield (head + piece + tail).encode()
+            yield (head + piece + (_running_tail(gen, i, k + 1) if running else tail)).encode()
             sent += 1
     if gen.fail_after is not None:
         yield from _failure_frames(gen)
@@ -131,9 +143,20 @@ def _closing_frames(gen: Generation, head: str, tail: str, last: str) -> Iterato
     """Yield the finish chunks of an empty generation, the usage chunk and [DONE]."""
     if gen.ntok == 0:
         for i in range(gen.choices):
-            yield (head + last % (i, '""', gen.finish) + tail).encode()
+            end = _running_tail(gen, i, 0) if gen.continuous_usage else tail
+            yield (head + last % (i, '""', gen.finish) + end).encode()
     if gen.include_usage:
         completion = gen.completion_tokens
         usage = STREAM_USAGE % (gen.prompt_tokens, gen.prompt_tokens + completion, completion)
         yield (head + "]," + usage).encode()
     yield DONE_FRAME
+
+
+def _running_tail(gen: Generation, choice: int, generated: int) -> str:
+    """Return the end of a chunk that carries its choice's running usage (continuous_usage_stats): vLLM counts
+    each choice apart, and in a completions batch takes the prompt tokens of that choice's own prompt."""
+    if gen.kind == "chat":
+        return CHAT_RUNNING % (gen.prompt_tokens, gen.prompt_tokens + generated, generated)
+    prompts = gen.prompt_tokens_each
+    prompt = prompts[choice // (gen.choices // len(prompts))]  # choice i of prompt p is p * n + i (vLLM)
+    return COMPLETION_RUNNING % (prompt, prompt + generated, generated)

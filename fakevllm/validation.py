@@ -100,17 +100,41 @@ def check_context(prompt_tokens: int, max_tokens: int | None) -> None:
         )
 
 
-def stream_flags(req: Mapping[str, Any]) -> tuple[bool, bool]:
-    """Return (stream, include_usage) with vLLM's defaults and validation."""
+def stream_flags(req: Mapping[str, Any]) -> tuple[bool, bool, bool]:
+    """Return (stream, include_usage, continuous_usage_stats) as vLLM reads them.
+
+    vLLM's StreamOptions default both to false (include_usage since vllm#36379: `{}` asks for nothing), and
+    its `should_include_usage` gives the running counts of `continuous_usage_stats` only with include_usage.
+    Its chat and completion requests refuse options that are set (truthy) without `stream`.
+    """
     stream = req.get("stream") in (True, 1)
     options = req.get("stream_options")
-    if options is None:
-        return stream, False
-    if not stream:
+    if options and not stream:
         raise validation_error("Stream options can only be defined when `stream=True`.", "stream_options")
+    if options is None:
+        return stream, False, False
     if not isinstance(options, dict):
         raise validation_error("stream_options: Input should be a valid dictionary", "stream_options")
-    return stream, bool(options.get("include_usage", True))
+    include_usage = _option_flag(options, "include_usage")
+    continuous = _option_flag(options, "continuous_usage_stats")
+    return stream, include_usage, include_usage and continuous
+
+
+_TRUE_WORDS = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE_WORDS = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def _option_flag(options: Mapping[str, Any], name: str) -> bool:
+    """Read a `bool | None` of stream_options as pydantic's lax mode does: null is false, and 0/1 and
+    words such as "true" or "no" pass as booleans."""
+    value = options.get(name)
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.lower() in _TRUE_WORDS
+    raise validation_error(f"stream_options.{name}: Input should be a valid boolean", "stream_options")
 
 
 def content_texts(messages: Any) -> list[str]:

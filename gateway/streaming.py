@@ -1,13 +1,14 @@
 """Relay a vLLM server-sent-event stream to the client as it arrives, and account for it.
 
 Each complete SSE event (``data: ...\\n\\n``) is passed on as soon as it is whole; nothing waits for
-more. The relay reads the final ``usage`` event (the gateway always asks vLLM for it) and drops it again
-when the client did not ask. Three things can end a stream, whichever comes first: the upstream finishes,
-the client goes away (the upstream request is then closed at once, so vLLM aborts the generation), or the
-token is revoked (the client gets one error event; the revocation watcher calls ``revoked``). An
-upstream failure mid-stream ends the stream with one error event and no ``[DONE]``: the gateway's own, in
-place of the upstream's (vLLM's carries the exception's text, which is its business, not the client's;
-its ``type`` is kept in ``upstream_error_type`` for the log).
+more. The relay reads the final, usage-only ``usage`` event (the gateway always asks vLLM for it) and drops
+it again when the client did not ask; the running counts vLLM puts in every chunk for a client that asked
+(``stream_options.continuous_usage_stats``) are relayed unread. Three things can end a stream, whichever
+comes first: the upstream finishes, the client goes away (the upstream request is then closed at once, so
+vLLM aborts the generation), or the token is revoked (the client gets one error event; the revocation
+watcher calls ``revoked``). An upstream failure mid-stream ends the stream with one error event and no
+``[DONE]``: the gateway's own, in place of the upstream's (vLLM's carries the exception's text, which is its
+business, not the client's; its ``type`` is kept in ``upstream_error_type`` for the log).
 
 Once the response headers are out (the relay starts after them), and when the server offers ``write_now`` (the
 ``portcullis.body_write`` extension of ``config.protocol``), the events are passed on in the upstream read
@@ -223,11 +224,10 @@ class StreamRelay:
             self.upstream_error_type = _error_type(event)
             return UPSTREAM_FAILED
         if b'"usage"' in event and b'"usage":null' not in event and b'"usage": null' not in event:
-            if (
-                self._read_usage(event)
-                and not self.wants_usage
-                and b'"choices":[]' in event.replace(b" ", b"")
-            ):
+            # Only the final, usage-only event counts the whole stream: with continuous_usage_stats every
+            # chunk before it carries one choice's running count (one prompt's, in a batch), not read.
+            final = b'"choices":[]' in event.replace(b" ", b"")
+            if final and self._read_usage(event) and not self.wants_usage:
                 return b""  # the usage-only event the client did not ask for
         if b'"content"' in event or b'"text"' in event or b'"tool_calls"' in event or b'"reasoning' in event:
             self.content_events += 1  # a token of text, of a tool call's arguments, or of reasoning

@@ -193,8 +193,11 @@ def tools(value: Any, path: str) -> Any:
 SAMPLING: dict[str, Check] = {
     "model": model_name,
     "stream": boolean,
+    # continuous_usage_stats: vLLM's running counts in every chunk (request_validate says when they go on);
     # include_obfuscation: OpenAI's padding of stream events, which vLLM does not do
-    "stream_options": obj({"include_usage": boolean, "include_obfuscation": dropped(boolean)}),
+    "stream_options": obj(
+        {"include_usage": boolean, "continuous_usage_stats": boolean, "include_obfuscation": dropped(boolean)}
+    ),
     "n": integer(1, MAX_N),
     "stop": STOP,
     "temperature": number(0, 2),
@@ -324,10 +327,16 @@ def request_validate(
         requested = payload["max_tokens"] = (
             default if max_tokens_cap is None else min(default, max_tokens_cap)
         )
-    wants_usage = bool(payload.get("stream_options", {}).get("include_usage"))
+    options = payload.get("stream_options", {})
+    wants_usage = bool(options.get("include_usage"))
     if stream:
-        # Always ask vLLM for the final usage chunk, so a stream is charged what it really used.
-        payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
+        # Always ask vLLM for the final usage chunk, so a stream is charged what it really used. vLLM puts
+        # running counts in every chunk only with include_usage too (should_include_usage), so they go on
+        # only for a client that asked for usage: the include_usage forced here must not turn them on.
+        upstream = {"include_usage": True}
+        if wants_usage and options.get("continuous_usage_stats"):
+            upstream["continuous_usage_stats"] = True
+        payload["stream_options"] = upstream
     return Validated(
         payload,
         payload["model"],

@@ -162,13 +162,38 @@ def test_a_stream_without_include_usage_gets_no_usage_chunk_but_is_still_charged
     assert row.stream is True
 
 
-def chat_stream(stack: Stack, token: str, *, max_tokens: int, timeout: float = 10) -> Any:
+def test_running_usage_comes_in_every_chunk_only_with_include_usage_and_the_final_usage_is_charged(
+    stack, django_db_blocker
+):
+    token = stack.token()
+    running = {"include_usage": True, "continuous_usage_stats": True}
+    with chat_stream(stack, token, max_tokens=3, n=2, stream_options=running) as response:
+        request_id = response.headers["x-request-id"]
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert stack.fake.state()["last_bodies"][-1]["stream_options"] == running
+    *chunks, final = events
+    # each chunk: its own choice's running count (the role chunks 0); the final usage: both choices
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert final["choices"] == []
+    assert final["usage"]["completion_tokens"] == 6
+    row = _usage_row(django_db_blocker, request_id)
+    assert (row.prompt_tokens, row.completion_tokens) == (final["usage"]["prompt_tokens"], 6)
+    # vLLM gives running counts only with include_usage: the one the gateway forces does not ask for them
+    with chat_stream(stack, token, max_tokens=3, stream_options={"continuous_usage_stats": True}) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert not any('"usage"' in line for line in lines)
+    assert stack.fake.state()["last_bodies"][-1]["stream_options"] == {"include_usage": True}
+
+
+def chat_stream(stack: Stack, token: str, *, max_tokens: int, timeout: float = 10, **fields: Any) -> Any:
     """Open a streamed chat completion through the gateway (use as a context manager)."""
     body = {
         "model": "m1",
         "messages": [{"role": "user", "content": "x"}],
         "max_tokens": max_tokens,
         "stream": True,
+        **fields,
     }
     return httpx.stream(
         "POST",

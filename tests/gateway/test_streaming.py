@@ -1,15 +1,21 @@
-"""The stream relay tells a client that left from an upstream that failed, and charges what was sent."""
+"""The stream relay tells a client that left from an upstream that failed, and charges what was sent; with
+vLLM's running usage in every chunk it still charges the final usage."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from fakevllm.config import FakeConfig
+from fakevllm.generation import plan
+from fakevllm.render import stream_frames
 from gateway.http1 import Disconnected
 from gateway.streaming import UPSTREAM_FAILED, StreamRelay
+from gateway.validation import Validated, request_validate
 
 
 def _event(text: str) -> bytes:
@@ -367,3 +373,101 @@ def test_an_upstream_that_breaks_after_its_own_error_event_gives_the_client_one_
     relayed = b"".join(body for body, _more in sink.sent)
     assert how == "upstream_error"
     assert relayed.count(b"upstream_error") == 1
+
+
+# --- usage in every chunk (stream_options.continuous_usage_stats) -----------------------------------------
+
+RUNNING = {"include_usage": True, "continuous_usage_stats": True}
+
+
+def _through_fakevllm(kind: str, body: dict[str, Any]) -> tuple[Validated, list[bytes]]:
+    """Validate a client's body as the gateway does, and return the events fakevllm answers what goes
+    upstream with (3 tokens a choice unless max_tokens says fewer)."""
+    checked = request_validate(kind, json.dumps(body).encode(), max_tokens_cap=None)
+    fake_kind = "chat" if kind == "chat" else "completion"
+    generation = plan(fake_kind, checked.payload, FakeConfig(models=["m1"], tokens=3), {"m1": '"m1"'})
+    return checked, [frame for frame in stream_frames(generation) if isinstance(frame, bytes)]
+
+
+def _chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "stream": True, **fields}
+
+
+def test_a_client_asking_running_usage_gets_every_chunk_as_vllm_sent_it_and_is_charged_the_final_usage(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    read: list[bytes] = []
+    read_usage = StreamRelay._read_usage
+
+    def reading(relay: StreamRelay, event: bytes) -> bool:
+        read.append(event)
+        return read_usage(relay, event)
+
+    monkeypatch.setattr(StreamRelay, "_read_usage", reading)
+    checked, frames = _through_fakevllm("chat", _chat(n=2, stream_options=RUNNING))
+    assert all(b'"usage":{' in frame for frame in frames[:-1])  # fakevllm gave running counts
+    sink = _Sink()
+    how, relay = _relay(sink, _Content(frames), wants_usage=checked.wants_usage)
+    assert how == "completed"
+    assert b"".join(body for body, _more in sink.sent) == b"".join(frames)
+    # the final usage (2 choices x 3 tokens), not the last chunk's running count (one choice's 3)
+    assert (relay.prompt_tokens, relay.completion_tokens) == (1, 6)
+    assert read == [frames[-2]]  # the running counts are relayed unread: only the final usage is parsed
+
+
+def test_running_usage_asked_without_include_usage_is_not_asked_upstream_and_the_client_gets_no_usage():
+    checked, frames = _through_fakevllm("chat", _chat(stream_options={"continuous_usage_stats": True}))
+    sink = _Sink()
+    how, relay = _relay(sink, _Content(frames), wants_usage=checked.wants_usage)
+    assert how == "completed"
+    # as from vLLM: no usage at all without include_usage
+    assert b'"usage"' not in b"".join(body for body, _more in sink.sent)
+    assert (relay.prompt_tokens, relay.completion_tokens) == (1, 3)  # still charged vLLM's final usage
+
+
+def test_a_batch_with_running_usage_cut_short_is_charged_its_events_not_one_choices_running_count():
+    body = {"model": "m1", "prompt": ["a", "b c"], "n": 2, "stream": True, "max_tokens": 2}
+    checked, frames = _through_fakevllm("completions", {**body, "stream_options": RUNNING})
+    sink = _Sink(breaks_after=6)  # the client leaves at the 7th of 8 chunks: 2 prompts x n=2 x 2 tokens
+    how, relay = _relay(sink, _Content(frames), wants_usage=checked.wants_usage)
+    assert how == "client_gone"
+    # that chunk said 2 tokens (its choice's) of 2 prompt tokens (its prompt's); the batch made 7 by then
+    assert relay.usage_seen is False  # so the caller charges the prompts, estimated as reserved
+    assert relay.completion_tokens == 7
+
+
+def _vllm_chat_chunk(choice: bytes, tail: bytes = b',"kv_transfer_params":null') -> bytes:
+    head = b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m1","choices":['
+    return head + choice + b"]" + tail + b"}\n\n"
+
+
+def test_the_null_fields_of_current_vllm_chunks_are_not_counted_as_tokens():
+    """vLLM 0.33 sets token_ids, prompt_token_ids, prompt_text and kv_transfer_params to null unless asked,
+    a reasoning parser's delta may say "reasoning": null, and a choice that ends without output sends {}."""
+    events = [
+        _vllm_chat_chunk(
+            b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}',
+            b',"prompt_token_ids":null,"prompt_text":null',
+        ),
+        _vllm_chat_chunk(
+            b'{"index":0,"delta":{"reasoning":"hm"},"logprobs":null,"finish_reason":null,"token_ids":null}'
+        ),
+        _vllm_chat_chunk(
+            b'{"index":0,"delta":{"content":"a","reasoning":null},"logprobs":null,"finish_reason":null,'
+            b'"token_ids":null}'
+        ),
+        _vllm_chat_chunk(
+            b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop","stop_reason":null,'
+            b'"token_ids":null,"weight_versions":null}'
+        ),
+        b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m1","choices":[],'
+        b'"usage":{"prompt_tokens":4,"total_tokens":6,"completion_tokens":2}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    how, relay = _relay(_Sink(breaks_after=3), _Content(events))
+    assert how == "client_gone"
+    assert relay.completion_tokens == 3  # the role chunk, the reasoning and the content: not the empty finish
+    sink = _Sink()
+    how, relay = _relay(sink, _Content(events))
+    assert (how, relay.prompt_tokens, relay.completion_tokens) == ("completed", 4, 2)
+    assert b"".join(body for body, _more in sink.sent) == b"".join(events[:4] + events[5:])

@@ -135,7 +135,13 @@ CASES = [
     (
         "unknown stream option",
         "chat",
-        chat(stream=True, stream_options={"continuous_usage_stats": True}),
+        chat(stream=True, stream_options={"include_usage": True, "chunk_usage": True}),
+        "stream_options.chunk_usage",
+    ),
+    (
+        "continuous usage stats not a boolean",
+        "chat",
+        chat(stream=True, stream_options={"include_usage": True, "continuous_usage_stats": "yes"}),
         "stream_options.continuous_usage_stats",
     ),
     ("logit bias key", "chat", chat(logit_bias={"abc": 1}), "logit_bias.abc"),
@@ -227,6 +233,30 @@ def test_a_stream_always_asks_the_upstream_for_usage_but_remembers_what_the_clie
         "chat", chat(stream=True, stream_options={"include_usage": True}), max_tokens_cap=None
     )
     assert asked.wants_usage is True
+
+
+@pytest.mark.parametrize("kind", ["chat", "completions"])
+def test_continuous_usage_stats_goes_upstream_only_with_include_usage_as_vllm_honours_it(kind):
+    def checked(**options: Any) -> Any:
+        fields: dict[str, Any] = {"model": "m1", "stream": True, "stream_options": options}
+        if kind == "chat":
+            fields["messages"] = MSG
+        else:
+            fields["prompt"] = "x"
+        return request_validate(kind, json.dumps(fields).encode(), max_tokens_cap=None)
+
+    running = checked(include_usage=True, continuous_usage_stats=True)
+    assert running.payload["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert running.wants_usage is True
+    # vLLM gives running counts only with include_usage: the one the gateway forces must not turn them on
+    for unasked in (
+        checked(continuous_usage_stats=True),
+        checked(include_usage=False, continuous_usage_stats=True),
+        checked(include_usage=None, continuous_usage_stats=True),
+        checked(include_usage=True, continuous_usage_stats=False),
+        checked(include_usage=True, continuous_usage_stats=None),
+    ):
+        assert unasked.payload["stream_options"] == {"include_usage": True}
 
 
 def test_an_optional_field_sent_as_null_is_left_out_as_if_it_had_not_been_sent():
