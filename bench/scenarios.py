@@ -88,7 +88,7 @@ def scenarios_select(names: str | None) -> list[Scenario]:
     return chosen
 
 
-def _chat_body(model: str, *, stream: bool, tokens: int) -> bytes:
+def chat_body(model: str, *, stream: bool, tokens: int) -> bytes:
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": "Hello"}],
@@ -115,7 +115,7 @@ def _load_spec(scenario: Scenario, target: str, stack: Stack, plan: Plan) -> Loa
         where = Target("127.0.0.1", stack.ports[upstream if target == "direct" else target])
         if target == "gateway":
             headers["Authorization"] = "Bearer " + stack.access_token()  # fresh: tokens live 300 s
-        body = _chat_body(scenario.model, stream=scenario.stream, tokens=plan.tokens)
+        body = chat_body(scenario.model, stream=scenario.stream, tokens=plan.tokens)
         request = build_request(where, "POST", CHAT_PATH, headers, body)
     return LoadSpec(
         target=where,

@@ -97,15 +97,22 @@ def spawn(
     return Service(name, process, log, port)
 
 
-def wait_until(service: Service, ready: Callable[[], bool], who: str, missed: str, every_s: float) -> None:
+def wait_until(
+    service: Service,
+    ready: Callable[[], bool],
+    who: str,
+    missed: str,
+    every_s: float,
+    timeout_s: float = STARTUP_TIMEOUT_S,
+) -> None:
     """Poll ``ready`` every ``every_s`` until it is true; fail if the process exits first, or after
-    ``STARTUP_TIMEOUT_S``."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     while not ready():
         if service.process.poll() is not None:
             raise StackError(f"{who} exited at start:\n{_tail(service.log)}")
         if time.monotonic() > deadline:
-            raise StackError(f"{who} {missed} within {STARTUP_TIMEOUT_S} s")
+            raise StackError(f"{who} {missed} within {timeout_s} s")
         time.sleep(every_s)
 
 

@@ -147,14 +147,14 @@ class Stack:
         self.pids.add(service.process.pid)
         return service
 
-    def _wait_ready(self, service: Service, path: str) -> None:
+    def _wait_ready(self, service: Service, path: str, timeout_s: float = 60.0) -> None:
         def answers() -> bool:
             try:
                 return httpx.get(service.base + path, timeout=1.0).status_code == 200
             except httpx.TransportError:
                 return False
 
-        wait_until(service, answers, service.name, f"did not answer {path}", 0.1)
+        wait_until(service, answers, service.name, f"did not answer {path}", 0.1, timeout_s)
 
     def _fakevllm(self, name: str, model: str, extra: list[str]) -> None:
         port = self.ports[name]
@@ -196,10 +196,11 @@ class Stack:
     def _uvicorn(self, name: str, app: str, http: str = "httptools") -> None:
         """Serve an ASGI application on the gateway's core: uvloop, httptools, no access log."""
         port = self.ports[name]
-        argv = [PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
-        argv += ["--loop", "uvloop", "--http", http, "--no-access-log", "--no-proxy-headers"]
-        argv += ["--log-level", "warning"]
-        self._wait_ready(self._spawn(name, argv, self.options.gateway_core, port), "/healthz")
+        argv = [*self.options.server_prefix, PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1"]
+        argv += ["--port", str(port), "--loop", "uvloop", "--http", http, "--no-access-log"]
+        argv += ["--no-proxy-headers", "--log-level", "warning"]
+        service = self._spawn(name, argv, self.options.gateway_core, port)
+        self._wait_ready(service, "/healthz", self.options.server_startup_timeout_s)
 
     def _worker(self) -> None:
         schedule = self.options.log_dir / "beat-schedule"

@@ -39,6 +39,10 @@ class StackOptions:
     # the Redis hop becomes a switch between two processes on one core, and the gateway's core pays for
     # Redis's work; bench/README.md, session 18)
     redis_on_gateway_core: bool = False
+    # put before the gateway's and the bare proxy's command line (``bench.instructions`` runs them under
+    # valgrind), with this long for each to answer at start
+    server_prefix: tuple[str, ...] = ()
+    server_startup_timeout_s: float = 60.0
 
 
 def process_env(
