@@ -159,7 +159,9 @@ class Response:
             return
         self.headers.append((name, value))
         lowered = name.lower()
-        if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
+        if lowered == b"content-length" or (
+            lowered == b"transfer-encoding" and value.lower().find(b"chunked") >= 0
+        ):
             self._framed = True
 
     def on_headers_complete(self) -> None:

@@ -6,10 +6,11 @@ Request headers must not carry CR, LF or NUL (``ValueError``: a caller's bug).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-FORBIDDEN_IN_HEADERS = (b"\r", b"\n", b"\0")
+FORBIDDEN_IN_HEADERS = re.compile(b"[\r\n\0]")
 
 
 class HttpError(Exception):
@@ -74,7 +75,7 @@ def request_head(
     lines = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode("ascii"), target, origin.host_header)]
     for name, value in headers:
         line = b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1"))
-        if any(c in line[:-2] for c in FORBIDDEN_IN_HEADERS):
+        if FORBIDDEN_IN_HEADERS.search(line, 0, len(line) - 2):  # one scan (``in`` on bytes is dear)
             raise ValueError(f"the request header {name!r} holds a line break or NUL")
         lines.append(line)
     if body or method != "GET":

@@ -417,11 +417,20 @@ def test_https_checks_the_certificate_and_works_with_a_trusted_one(tmp_path):
     assert run(test) == (ConnectFailed, 200)
 
 
-@pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\x00b"])
-def test_a_header_value_with_a_line_break_or_nul_is_refused(value):
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("user-agent", "a\r\nx-injected: 1"),
+        ("user-agent", "a\nb"),
+        ("user-agent", "a\x00b"),
+        ("user-agent", "ends with\r"),
+        ("x-a\r\nx-injected", "1"),
+    ],
+)
+def test_a_header_with_a_line_break_or_nul_is_refused(name, value):
     origin, target = url_split("http://upstream:8000/v1/chat/completions")
     with pytest.raises(ValueError, match="line break"):
-        request_head("POST", target, origin, [("user-agent", value)], b"{}")
+        request_head("POST", target, origin, [(name, value)], b"{}")
 
 
 def test_the_host_header_leaves_out_a_default_port_and_brackets_an_ipv6_address():
