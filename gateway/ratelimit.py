@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 # Every limit's name: what the admission script returns, the 429's ``code``, the metrics label. The
 # message for each is in gateway.admission; tests/gateway/test_ratelimit.py checks all of them agree.
 LIMITS = ("requests", "tokens", "user_requests", "user_tokens", "concurrency", "daily_tokens")
+# the x-ratelimit-* headers a refusal by each limit speaks for (a user's limit is not the client's)
+REFUSED_DIMENSION = {"requests": "requests", "tokens": "tokens"}
 WINDOW_MS = 60_000
 DAY_TTL_S = 2 * 86_400
 SLOT_TTL_MS = 15 * 60_000  # a slot held longer than any request may run is reclaimed
@@ -206,16 +208,29 @@ def _fmt_reset(ms: int) -> str:
 
 
 def ratelimit_headers(buckets: Buckets, admission: Admission) -> dict[str, str]:
-    """OpenAI-style ``x-ratelimit-*`` headers for the limits that apply."""
+    """OpenAI-style ``x-ratelimit-*`` headers for the limits that apply.
+
+    A refusal knows only the limit that refused (the reservation stops there): the client's requests or
+    tokens a minute then show none remaining and reset when ``Retry-After`` says; what the other limit has
+    left is not known, so only its size is given (a concurrency or daily refusal gives both sizes)."""
     headers: dict[str, str] = {}
+    refused = None if admission.allowed else REFUSED_DIMENSION.get(admission.limit, "")
     if buckets.rpm:
         headers["x-ratelimit-limit-requests"] = str(buckets.rpm)
-        headers["x-ratelimit-remaining-requests"] = str(max(0, admission.remaining_requests))
-        headers["x-ratelimit-reset-requests"] = _fmt_reset(admission.reset_requests_ms)
+        if refused is None:
+            headers["x-ratelimit-remaining-requests"] = str(max(0, admission.remaining_requests))
+            headers["x-ratelimit-reset-requests"] = _fmt_reset(admission.reset_requests_ms)
+        elif refused == "requests":
+            headers["x-ratelimit-remaining-requests"] = "0"
+            headers["x-ratelimit-reset-requests"] = _fmt_reset(admission.retry_after_ms)
     if buckets.tpm:
         headers["x-ratelimit-limit-tokens"] = str(buckets.tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, admission.remaining_tokens))
-        headers["x-ratelimit-reset-tokens"] = _fmt_reset(admission.reset_tokens_ms)
+        if refused is None:
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, admission.remaining_tokens))
+            headers["x-ratelimit-reset-tokens"] = _fmt_reset(admission.reset_tokens_ms)
+        elif refused == "tokens":
+            headers["x-ratelimit-remaining-tokens"] = "0"
+            headers["x-ratelimit-reset-tokens"] = _fmt_reset(admission.retry_after_ms)
     if not admission.allowed:
         headers["retry-after"] = str(max(1, math.ceil(admission.retry_after_ms / 1000)))
     return headers

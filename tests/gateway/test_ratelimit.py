@@ -87,6 +87,53 @@ def test_headers_follow_openai_names():
     assert "retry-after" not in headers
 
 
+def test_a_refusal_for_requests_says_none_remain_until_retry_after_and_not_the_tokens_it_cannot_know():
+    limiter, b = LocalLimiter(), buckets(rpm=3, tpm=1000)
+    now = 1_800_000_000.0
+    for i in range(3):
+        assert limiter.admit(SERVICE, b, f"r{i}", 10, now=now).allowed
+    refused = limiter.admit(SERVICE, b, "r3", 10, now=now)
+    headers = ratelimit_headers(b, refused)
+    assert refused.limit == "requests"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["retry-after"] == "20"  # a slot of 3 a minute frees every 20 s
+    assert headers["x-ratelimit-reset-requests"] == "20s"
+    assert headers["x-ratelimit-limit-tokens"] == "1000"
+    assert "x-ratelimit-remaining-tokens" not in headers  # the reservation stopped before the tokens
+    assert "x-ratelimit-reset-tokens" not in headers
+
+
+def test_a_refusal_for_tokens_resets_the_tokens_when_retry_after_says():
+    limiter, b = LocalLimiter(), buckets(rpm=60, tpm=100)
+    now = 1_800_000_000.0
+    assert limiter.admit(SERVICE, b, "a", 100, now=now).allowed
+    refused = limiter.admit(SERVICE, b, "b", 50, now=now)
+    headers = ratelimit_headers(b, refused)
+    assert refused.limit == "tokens"
+    assert headers["x-ratelimit-remaining-tokens"] == "0"
+    assert headers["x-ratelimit-reset-tokens"] == _reset(refused.retry_after_ms)
+    assert refused.retry_after_ms > 0
+    assert "x-ratelimit-remaining-requests" not in headers
+
+
+def test_a_concurrency_refusal_gives_the_sizes_only():
+    limiter, b = LocalLimiter(), buckets(rpm=60, tpm=1000, concurrency=1)
+    now = 1_800_000_000.0
+    assert limiter.admit(SERVICE, b, "a", 10, now=now).allowed
+    refused = limiter.admit(SERVICE, b, "b", 10, now=now)
+    headers = ratelimit_headers(b, refused)
+    assert refused.limit == "concurrency"
+    assert headers == {
+        "x-ratelimit-limit-requests": "60",
+        "x-ratelimit-limit-tokens": "1000",
+        "retry-after": "1",
+    }
+
+
+def _reset(ms: int) -> str:
+    return f"{ms}ms" if ms < 1000 else f"{ms / 1000:.3g}s"
+
+
 @pytest.fixture
 def shared(redis_client: Any) -> Any:
     async def make() -> RedisLimiter:
