@@ -129,7 +129,7 @@ TEXT_PART = obj(
 CONTENT = one_of(
     string(MAX_CONTENT_CHARS),
     list_of(TEXT_PART, 256),
-    message="must be text or a list of text parts (remote media is not allowed)",
+    message="must be text or a list of text parts (no images, audio or video, by URL or inline)",
 )
 TOOL_CALLS = "an assistant message's tool calls, empty in a reply that called none"
 TOOL_CALL = obj(

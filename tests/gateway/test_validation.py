@@ -66,6 +66,21 @@ CASES = [
         ),
         "messages[0].content",
     ),
+    (
+        "inline image",
+        "chat",
+        chat(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+                    ],
+                }
+            ]
+        ),
+        "messages[0].content",
+    ),
     ("bad role", "chat", chat(messages=[{"role": "root", "content": "x"}]), "messages[0].role"),
     (
         "unknown message field",
@@ -679,3 +694,12 @@ def test_an_upstream_that_compiles_every_tool_has_every_tool_checked_under_auto(
     assert caught.value.param == "tools[0].function.parameters.pattern"
     off = chat(tools=[loose], tool_choice="none")
     assert request_validate("chat", off, max_tokens_cap=None, strict_tools=True).model == "m1"
+
+
+def test_a_media_part_is_refused_in_words_that_cover_inline_media_too():
+    body = chat(
+        messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA"}}]}]
+    )
+    with pytest.raises(InvalidRequest) as refused:
+        request_validate("chat", body, max_tokens_cap=None)
+    assert "no images, audio or video, by URL or inline" in str(refused.value)
