@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 from channels.generic.http import AsyncHttpConsumer
 
-from audit.context import client_ip_resolve, ip_in_networks, request_id_from, trusted_networks
+from audit.context import client_ip_resolve, ip_in_networks, request_id_from, request_id_var, trusted_networks
 from gateway import errors
 from gateway.auth import Principal
 from gateway.deadlines import Deadlines
@@ -65,6 +65,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.headers: dict[bytes, bytes] = dict(scope["headers"])
         self.repeated_headers = len(self.headers) != len(scope["headers"])  # a name repeats: rare
         self.request_id = request_id_from(self.headers.get(b"x-request-id", b"").decode("latin-1"))
+        request_id_var.set(self.request_id)  # this task's log lines (uvicorn's access line too) carry it
         self.principal: Principal | None = None
         self.record: dict[str, Any] = {"endpoint": self.kind, "model": "", "stream": False, "upstream": ""}
         self.response_started = False

@@ -1224,3 +1224,26 @@ def test_a_body_for_django_not_whole_within_the_body_timeout_gets_a_408_and_the_
         assert "Traceback" not in server.log.read_text()
     finally:
         stop(server.process)
+
+
+def test_the_access_log_line_of_a_gateway_request_carries_its_request_id(stack):
+    token = stack.token()
+    answer = httpx.post(
+        f"{stack.server.base}/v1/chat/completions",
+        json=CHAT,
+        headers={"authorization": f"Bearer {token}"},
+        timeout=10,
+    )
+    request_id = answer.headers["x-request-id"]
+    refused = httpx.get(f"{stack.server.base}/v1/models", headers={"x-request-id": "access-line-check-1"})
+    assert refused.status_code == 401
+    deadline = time.monotonic() + 5  # uvicorn writes the line as the answer goes
+    while time.monotonic() < deadline:
+        lines = stack.server.log.read_text().splitlines()
+        chat = [line for line in lines if "POST /v1/chat/completions" in line and request_id in line]
+        models = [line for line in lines if "GET /v1/models" in line and "access-line-check-1" in line]
+        if chat and models:
+            break
+        time.sleep(0.05)
+    assert chat, "no access line names the chat request's id"
+    assert models, "no access line names the refused request's id"
