@@ -1,5 +1,6 @@
 # Shared by bin/run and bin/test: create .venv and install the project when pyproject.toml changed.
-# usage: . bin/_venv.sh EXTRA   (EXTRA is "" or "[test]")
+# usage: . bin/_venv.sh EXTRA   (EXTRA is "[demo]" or "[test]"; each has its own .venv/.installed stamp, and
+# neither install removes what the other added, so bin/run and bin/test never undo each other)
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 # A .venv without a working pip (venv failed halfway, e.g. before python3-venv was installed) is made again.

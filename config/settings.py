@@ -83,7 +83,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "audit.context.RequestContextMiddleware",  # first: true client IP, request id, drops untrusted X-F-Proto
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "config.staticfiles.AsgiWhiteNoiseMiddleware",  # WhiteNoise, reading files off the event loop
     "authserver.middleware.SecurityHeadersMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -151,7 +151,7 @@ PASSWORD_HASHERS = [
 ]
 AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
 LOGIN_URL = "/accounts/login/"
-LOGIN_REDIRECT_URL = "/accounts/connected-apps/"
+LOGIN_REDIRECT_URL = "/"  # the front door sends staff to the console, other users to their apps
 
 # django-axes: lock an account+IP after repeated failures (brute-force lockout).
 AXES_FAILURE_LIMIT = env_int("PORTCULLIS_LOGIN_FAILURE_LIMIT", 5, minimum=1)
@@ -389,6 +389,9 @@ LOGGING: dict[str, Any] = {
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
+        # No handler of its own: Django's (DEFAULT_LOGGING's "console", in debug) wrote every django.* record
+        # a second time, bare, without the request id. They reach the root's handler, like every other.
+        "django": {"handlers": []},
         # DOT logs redirect URIs and client ids at debug; keep it at warning so nothing sensitive leaks.
         "oauth2_provider": {"level": "WARNING"},
         "oauthlib": {"level": "WARNING"},

@@ -24,6 +24,8 @@ from asgiref.wsgi import WsgiToAsgiInstance
 from django.conf import settings
 from django.core.handlers.wsgi import WSGIHandler
 
+from audit.context import request_id_var
+
 logger = logging.getLogger(__name__)
 
 POOLED_PATHS = frozenset({"/oauth/token/", "/oauth/revoke/", "/oauth/introspect/"})
@@ -44,12 +46,13 @@ def rfc_error(status: int, description: str) -> Response:
     return status, headers + [(b"content-length", str(len(body)).encode())], body
 
 
-def _refusal_audit(scope: dict[str, Any], status: int) -> None:
-    """Audit a refusal made before Django saw the request, as the endpoint's view would, in a pool thread."""
+def _refusal_audit(scope: dict[str, Any], status: int) -> str:
+    """Audit a refusal made before Django saw the request, as the endpoint's view would, in a pool thread;
+    return the request id it was recorded with."""
     from django.db import DatabaseError, connections
     from django.urls import resolve
 
-    from audit.context import client_ip_var, request_id_from, request_id_var, scope_client_ip
+    from audit.context import client_ip_var, request_id_from, scope_client_ip
     from audit.services import audit_record
 
     ip = scope_client_ip(scope)
@@ -57,7 +60,8 @@ def _refusal_audit(scope: dict[str, Any], status: int) -> None:
     # This request's own id and address: the pool thread's context still holds the last request's, which
     # its middleware set (a refusal was recorded with another client's request id, and its address)
     sent_id = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-    tokens = request_id_var.set(request_id_from(sent_id)), client_ip_var.set(ip)
+    request_id = request_id_from(sent_id)
+    tokens = request_id_var.set(request_id), client_ip_var.set(ip)
     try:
         audit_record(
             kind=view.view_class.denied_kind,
@@ -71,6 +75,7 @@ def _refusal_audit(scope: dict[str, Any], status: int) -> None:
         request_id_var.reset(tokens[0])
         client_ip_var.reset(tokens[1])
         connections.close_all()  # this thread's connection goes back, as at the end of a request
+    return request_id
 
 
 class ClientGone(Exception):
@@ -101,11 +106,17 @@ class ThreadPoolDjango:
         if body is None:
             status, headers, content = rfc_error(413, "The request body is too large.")
             headers.append((b"connection", b"close"))  # not kept open to read and drop the rest
-            await asyncio.get_running_loop().run_in_executor(self.pool, _refusal_audit, scope, 413)
+            request_id = await asyncio.get_running_loop().run_in_executor(
+                self.pool, _refusal_audit, scope, 413
+            )
+            headers.append((b"x-request-id", request_id.encode()))
         else:
             status, headers, content = await asyncio.get_running_loop().run_in_executor(
                 self.pool, self._respond, scope, body
             )
+        # The request ran in a pool thread, whose context the event loop never sees; uvicorn writes its
+        # access-log line inside send(), in this task's context: name the request there as Django's did.
+        request_id_var.set(next((v.decode("latin-1") for k, v in headers if k == b"x-request-id"), "-"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
 
@@ -138,8 +149,9 @@ class ThreadPoolDjango:
         try:
             environ = translator.build_environ(scope, io.BytesIO(body))
         except ValueError:  # more than 100 copies of one header
-            _refusal_audit(scope, 400)
-            return rfc_error(400, "Too many copies of one header.")
+            request_id = _refusal_audit(scope, 400)
+            status, headers, content = rfc_error(400, "Too many copies of one header.")
+            return status, [*headers, (b"x-request-id", request_id.encode())], content
         environ["CONTENT_LENGTH"] = str(len(body))  # what was read, also for a chunked upload
         started: dict[str, Any] = {}
 

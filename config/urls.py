@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.contrib.auth import views as auth_views
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path, re_path
 
 from audit.metrics import metrics_view
 from authserver import views as authserver_views
+from console.views.home import home
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -30,7 +30,8 @@ urlpatterns = [
     re_path(r"^\.well-known/openid-configuration/?$", authserver_views.OIDCDiscoveryView.as_view()),
     path(".well-known/oauth-protected-resource", authserver_views.protected_resource_metadata),
     path("accounts/login/", authserver_views.LoginView.as_view(), name="login"),
-    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/logout/", authserver_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
+    path("", home, name="home"),
     path("", include("console.urls")),
 ]

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
 import secrets
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -176,6 +177,41 @@ if not RETURNING:  # as SQLite before 3.35, which Django 5.2 still supports
 assert connection.features.can_return_columns_from_insert is RETURNING
 call_command("migrate", verbosity=0)
 """
+
+
+def django_asgi_get(path: str, *, headers: list[tuple[bytes, bytes]] | None = None) -> list[dict[str, Any]]:
+    """GET ``path`` from Django's own ASGI handler, as uvicorn would (warnings are errors here); return the
+    messages it sent. Its database work runs in threads of its own: the test needs ``transaction=True``."""
+    from django.core.handlers.asgi import ASGIHandler
+
+    path, _, query = path.partition("?")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": query.encode(),
+        "headers": [(b"host", b"testserver"), *(headers or [])],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    requests = [{"type": "http.request", "body": b"", "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        return await asyncio.get_running_loop().create_future()  # the client stays: Django cancels this
+
+    async def send(message: Mapping[str, Any]) -> None:
+        sent.append(dict(message))
+
+    asyncio.run(ASGIHandler()(scope, receive, send))
+    return sent
 
 
 def environ_unconfigured() -> dict[str, str]:

@@ -5,7 +5,7 @@ One module per part of the server; this package names every view, so URL confs a
 
 from __future__ import annotations
 
-from authserver.views.account import LoginView, csrf_failure
+from authserver.views.account import LoginView, LogoutView, csrf_failure
 from authserver.views.authorize import AuthorizationView
 from authserver.views.common import FormEndpoint, oauth_error
 from authserver.views.device import (
@@ -34,6 +34,7 @@ __all__ = [
     "FormEndpoint",
     "IntrospectView",
     "LoginView",
+    "LogoutView",
     "OIDCDiscoveryView",
     "RevokeTokenView",
     "ServerMetadataView",

@@ -1,7 +1,10 @@
-"""The user's own pages outside OAuth: the sign-in page, and the page a refused CSRF check gets."""
+"""The user's own pages outside OAuth: signing in and out, and the page a refused CSRF check gets."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.http import HttpRequest, HttpResponse
 
@@ -32,3 +35,15 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
 class LoginView(auth_views.LoginView):
     template_name = "registration/login.html"
     redirect_authenticated_user = True
+
+
+class LogoutView(auth_views.LogoutView):
+    """Sign out (POST only, as Django's) and land on the sign-in page, which says so; not on the Django
+    admin's "Logged out" page. A safe ``next`` still wins, as in Django."""
+
+    next_page = "login"
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        response: HttpResponse = super().post(request, *args, **kwargs)
+        messages.success(request, "You have signed out.")  # after the session's end: kept in a cookie
+        return response

@@ -1,4 +1,5 @@
-"""Admin API routes, mounted at ``/api/admin/``, and the OpenAPI schema at ``/api/admin/schema/``."""
+"""Admin API routes, mounted at ``/api/admin/``: an index of them at the root, the resources, and the
+OpenAPI schema at ``/api/admin/schema/``."""
 
 from __future__ import annotations
 
@@ -6,15 +7,29 @@ from typing import Any
 
 from django.urls import URLPattern, URLResolver, path, re_path
 from drf_spectacular.openapi import AutoSchema
-from drf_spectacular.renderers import OpenApiJsonRenderer, OpenApiYamlRenderer
+from drf_spectacular.renderers import (
+    OpenApiJsonRenderer,
+    OpenApiJsonRenderer2,
+    OpenApiYamlRenderer,
+    OpenApiYamlRenderer2,
+)
 from drf_spectacular.views import SpectacularAPIView
-from rest_framework.routers import SimpleRouter
+from rest_framework.routers import DefaultRouter
 
 from console.api import views
 from console.api.authentication import AdminBearerAuthentication, StaffSessionAuthentication
 from console.api.permissions import AdminAccess
 
-router = SimpleRouter()
+
+class AdminAPIRouter(DefaultRouter):
+    """DRF's router with its root view (``views.AdminAPIRootView``) and no ``.json`` suffix routes: the API
+    speaks JSON only."""
+
+    APIRootView = views.AdminAPIRootView
+    include_format_suffixes = False
+
+
+router = AdminAPIRouter()
 router.register("clients", views.ClientViewSet, basename="api-client")
 router.register("policies", views.PolicyViewSet, basename="api-policy")
 router.register("tokens", views.TokenViewSet, basename="api-token")
@@ -25,11 +40,12 @@ router.register("keys", views.KeyViewSet, basename="api-key")
 
 
 def endpoints_without_the_schema(endpoints: list[Any], **kwargs: Any) -> list[Any]:
-    """drf-spectacular preprocessing hook: leave out the schema itself and the catch-all 404."""
+    """drf-spectacular preprocessing hook: leave out the schema itself, the index and the catch-all 404."""
     return [
         (path, regex, method, view)
         for path, regex, method, view in endpoints
-        if not path.endswith("/schema/") and getattr(view, "cls", None) is not views.NotFoundView
+        if not path.endswith("/schema/")
+        and getattr(view, "cls", None) not in (views.NotFoundView, views.AdminAPIRootView)
     ]
 
 
@@ -39,7 +55,9 @@ class SchemaView(views.AdminAPIMixin, SpectacularAPIView):
     authentication_classes = [AdminBearerAuthentication, StaffSessionAuthentication]
     permission_classes = [AdminAccess]
     schema = AutoSchema()
-    renderer_classes = [OpenApiJsonRenderer, OpenApiYamlRenderer]  # JSON unless YAML is asked for
+    # JSON unless YAML is asked for; each under OpenAPI's own media type and the plain one (application/json,
+    # application/yaml), which is what an HTTP client sends in Accept
+    renderer_classes = [OpenApiJsonRenderer, OpenApiJsonRenderer2, OpenApiYamlRenderer, OpenApiYamlRenderer2]
     custom_settings = {
         "TITLE": "Portcullis admin API",
         "DESCRIPTION": "Everything the admin console does, for scripts and CI. Authenticate with an access "

@@ -16,13 +16,14 @@ from django.http import HttpResponse
 from drf_spectacular.openapi import AutoSchema
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import exceptions, renderers, status, viewsets
+from rest_framework import exceptions, renderers, routers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.reverse import reverse
 from rest_framework.views import APIView
 
 from audit.models import AuditReport
@@ -418,6 +419,16 @@ class KeyViewSet(AdminAPIMixin, viewsets.GenericViewSet):
     def revoke(self, request: Request, kid: str) -> Response:
         result = _service_call(signing_key_revoke, kid=kid, actor=api_actor(request))
         return Response(result.as_dict())
+
+
+@extend_schema(exclude=True)  # an index, not an operation: the schema it links to describes the API
+class AdminAPIRootView(AdminAPIMixin, routers.APIRootView):
+    """``/api/admin/``: a link to the OpenAPI schema and to each resource (after authentication, as every
+    admin API answer)."""
+
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        resources = super().get(request, *args, **kwargs).data
+        return Response({"schema": reverse("console:api-schema", request=request), **resources})
 
 
 @extend_schema(exclude=True)  # not an operation: every unknown path answers this

@@ -360,6 +360,20 @@ def test_repeated_login_failures_lock_the_account_out(client, alice, settings):
     assert AuditEvent.objects.filter(kind="login.locked_out", ip="10.9.9.9").exists()
 
 
+def test_signing_out_lands_on_the_sign_in_page_which_says_so(client, alice):
+    client.force_login(alice)
+    page = client.post("/accounts/logout/", follow=True)
+    assert page.redirect_chain == [("/accounts/login/", 302)]  # was Django admin's "Logged out" page
+    assert b"You have signed out." in page.content
+    assert b"Django site admin" not in page.content
+    assert not page.wsgi_request.user.is_authenticated
+    assert b"You have signed out." not in client.get("/accounts/login/").content  # said once
+    client.force_login(alice)
+    assert client.post("/accounts/logout/?next=/device/")["Location"] == "/device/"  # a safe next still wins
+    client.force_login(alice)
+    assert client.post("/accounts/logout/?next=https://evil.example/")["Location"] == "/accounts/login/"
+
+
 def test_login_page_has_csrf_and_security_headers(client):
     page = client.get("/accounts/login/")
     assert b"csrfmiddlewaretoken" in page.content

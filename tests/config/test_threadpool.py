@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from audit.context import request_id_var
 from audit.models import AuditEvent
 from config.threadpool import POOLED_PATHS, ThreadPoolDjango
 from tests.conftest import basic_auth
@@ -53,6 +54,8 @@ def call(
         return inbox.pop(0)
 
     async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":  # uvicorn writes its access-log line in send()
+            message = {**message, "logged_request_id": request_id_var.get()}
         sent.append(message)
 
     asyncio.run(app(scope, receive, send))
@@ -136,6 +139,22 @@ def test_a_refusal_is_recorded_with_its_own_request_id_not_the_last_request_the_
     assert first.request_id == "first-request-01"
     assert refusal.data["status"] == 413
     assert refusal.request_id not in ("first-request-01", "")  # a new one of its own
+
+
+def access_log_ids(app: ThreadPoolDjango, **request: Any) -> tuple[str, str]:
+    """The request id uvicorn's access-log line would carry, and the X-Request-ID the answer carries."""
+    start = call(app, "/oauth/token/", **request)[0]
+    return start["logged_request_id"], dict(start["headers"])[b"x-request-id"].decode()
+
+
+def test_the_access_log_line_of_a_pooled_request_carries_its_request_id(pooled, settings):
+    logged, answered = access_log_ids(pooled, headers=[FORM])
+    assert logged == answered != "-"  # the id was set in a pool thread, out of the access log's sight
+    logged, answered = access_log_ids(pooled, headers=[(b"x-request-id", b"sent-by-client-1")])
+    assert logged == answered == "sent-by-client-1"
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000  # refused before Django: the id its audit record has
+    logged, answered = access_log_ids(pooled, headers=[(b"content-length", b"5000")])
+    assert logged == answered == AuditEvent.objects.get(data__status=413).request_id
 
 
 def test_a_header_repeated_past_the_limit_is_a_400(pooled):

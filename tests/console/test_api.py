@@ -376,6 +376,47 @@ def test_the_openapi_schema_is_published_for_admins(as_admin):
     assert HttpClient().get("/api/admin/schema/").status_code == 401
 
 
+@pytest.mark.parametrize(
+    ("accept", "media_type"),
+    [
+        ("application/json", "application/json"),
+        ("application/yaml", "application/yaml"),
+        ("application/vnd.oai.openapi+json", "application/vnd.oai.openapi+json"),
+        ("*/*", "application/vnd.oai.openapi+json"),
+    ],
+)
+def test_the_schema_is_served_in_the_format_an_accept_header_names(as_admin, accept, media_type):
+    response = as_admin.get("/api/admin/schema/", HTTP_ACCEPT=accept)
+    assert response.status_code == 200  # application/json was a 406: only ?format=json worked
+    assert response["Content-Type"].split(";")[0] == media_type
+    assert b"/api/admin/clients/" in response.content
+
+
+def test_the_api_root_links_to_the_schema_and_every_resource(as_admin, world):
+    response = as_admin.get("/api/admin/")
+    assert response.status_code == 200  # was the catch-all 404
+    assert response["Cache-Control"] == "no-store"
+    links = response.json()
+    assert links["schema"] == "http://testserver/api/admin/schema/"
+    assert links["clients"] == "http://testserver/api/admin/clients/"
+    assert set(links) == {
+        "schema",
+        "clients",
+        "policies",
+        "tokens",
+        "users",
+        "audit-events",
+        "reports",
+        "keys",
+    }
+    for link in links.values():
+        assert as_admin.get(link).status_code == 200, link
+    assert (
+        "/api/admin/" not in as_admin.get("/api/admin/schema/").json()["paths"]
+    )  # an index, not an operation
+    assert HttpClient().get("/api/admin/").status_code == 401  # for the API's callers only, as the schema
+
+
 def events_after(last: int) -> list[AuditEvent]:
     return list(AuditEvent.objects.filter(id__gt=last).order_by("id"))
 

@@ -9,13 +9,14 @@ from datetime import timedelta
 
 import pytest
 from django.contrib.auth.hashers import check_password
+from django.test import Client as HttpClient
 from django.utils import timezone
 
 from audit.models import AuditEvent, UsageRecord
 from authserver.models import AccessToken, Client, Consent, SigningKey
 from authserver.services import client_register
 from gateway.models import ClientPolicy
-from tests.conftest import OAuthDriver
+from tests.conftest import OAuthDriver, django_asgi_get
 from tests.console.conftest import issue_token
 
 pytestmark = pytest.mark.django_db
@@ -358,6 +359,57 @@ def test_the_csv_export_has_every_filtered_event_and_defuses_formulas(as_admin, 
     assert rows[0][:3] == ["occurred_at", "kind", "outcome"]
     assert len(rows) == 2
     assert rows[1][3] == "'=HYPERLINK(1)"
+
+
+def test_the_front_door_sends_each_visitor_where_they_can_act(signed_in, member, staff_user, settings):
+    assert signed_in(staff_user).get("/")["Location"] == "/console/"
+    assert signed_in(member).get("/")["Location"] == "/accounts/connected-apps/"  # their only page
+    page = signed_in(None).get("/")  # was a 404, behind every page's "Portcullis" link
+    assert page.status_code == 200
+    assert b'href="/accounts/login/"' in page.content
+    assert b'href="/.well-known/oauth-authorization-server"' in page.content
+    assert f"<code>{settings.PORTCULLIS_ISSUER}/v1</code>".encode() in page.content
+    assert b'class="brand" href="/"' in page.content
+    for response in (page, signed_in(member).get("/")):
+        assert "no-store" in response["Cache-Control"]  # who asks decides the answer
+
+
+def test_signing_in_without_a_destination_takes_staff_to_the_console_and_others_to_their_apps(
+    client, member, staff_user
+):
+    from tests.console.conftest import PASSWORD
+
+    for user, landing in ((staff_user, "/console/"), (member, "/accounts/connected-apps/")):
+        signed = client.post(
+            "/accounts/login/", {"username": user.username, "password": PASSWORD}, follow=True
+        )
+        assert signed.redirect_chain == [("/", 302), (landing, 302)]
+        assert signed.status_code == 200
+        client.logout()
+    sent_on = client.post(
+        "/accounts/login/?next=/oauth/authorize/%3Fclient_id%3Dx",
+        {"username": member.username, "password": PASSWORD, "next": "/oauth/authorize/?client_id=x"},
+    )
+    assert sent_on["Location"] == "/oauth/authorize/?client_id=x"  # a flow's own destination comes first
+
+
+@pytest.mark.django_db(transaction=True)  # Django's ASGI handler runs the view in a thread of its own
+def test_under_asgi_the_csv_export_streams_its_rows_from_an_async_iterator(admin_user):
+    from audit.services import audit_record
+
+    for n in range(3):
+        audit_record(kind="test.row", actor=f"user:row{n}")
+    http = HttpClient()
+    http.force_login(admin_user)
+    session = f"sessionid={http.cookies['sessionid'].value}".encode()
+    start, *bodies = django_asgi_get("/console/audit/export.csv?kind=test.", headers=[(b"cookie", session)])
+    assert (
+        start["status"] == 200
+    )  # a synchronous iterator was read whole first, with a warning (an error here)
+    parts = [m["body"] for m in bodies if m.get("body")]
+    assert len(parts) == 4  # the header, then a row at a time
+    rows = list(csv.reader(io.StringIO(b"".join(parts).decode())))
+    assert [row[3] for row in rows] == ["actor", "user:row2", "user:row1", "user:row0"]
 
 
 def test_chain_verification_runs_on_request_and_reports_its_result(as_admin, world):
