@@ -1,4 +1,5 @@
-"""Authorization-server data: the swapped DOT models, signing keys, code tombstones and consents.
+"""Authorization-server data: the swapped DOT models, revoked token ids, signing keys, code tombstones and
+consents.
 
 Every DOT model is swapped here, in the first migration, so later issues can extend them without the
 migration knot DOT documents for late swaps.
@@ -183,6 +184,20 @@ class AccessToken(dot.AbstractAccessToken):
 
     class Meta(dot.AbstractAccessToken.Meta):
         swappable = "OAUTH2_PROVIDER_ACCESS_TOKEN_MODEL"
+
+
+class RevokedAccessToken(models.Model):
+    """A revoked access token's id, kept until the token would have expired.
+
+    DOT revokes an access token by deleting its row, and the pushes that tell gateways live in memory (and
+    in Redis, which may restart empty): without this row a gateway that starts later would take the token
+    again. Each gateway process loads the live rows at start and every few seconds
+    (``selectors.revocations_live``); ``revoked_access_tokens_prune`` deletes them once they have expired.
+    """
+
+    jti = models.UUIDField(primary_key=True)
+    expires = models.DateTimeField(db_index=True)
+    revoked_at = models.DateTimeField(auto_now_add=True)
 
 
 class RefreshToken(dot.AbstractRefreshToken):

@@ -4,6 +4,11 @@ With Redis, a revoked ``jti`` is written as a key that lives until the token wou
 message on one channel tells every subscribed gateway process to drop it now. A disabled client is a key
 without expiry. In the embedded default the same happens inside the one process. The gateway reads the
 same keys (``revoked_key_jti``/``revoked_key_client``) so a process that missed a message still refuses.
+
+Pushes and Redis keys are not a record: a process that starts later was told nothing, and a Redis restarted
+empty has no keys. The database is the record (a ``RevokedAccessToken`` row per revoked token until it
+expires, ``Client.disabled``), and every gateway process catches up with it at start and every few seconds
+(``revocation_catch_up``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import redis
 from django.conf import settings
@@ -24,6 +30,9 @@ logger = logging.getLogger(__name__)
 CHANNEL = "portcullis:revocations"
 KEYS_CHANNEL = "portcullis:keys"  # a key was published or activated: gateways refresh their key set
 Listener = Callable[[dict[str, object]], None]
+# A gateway accepts a token up to its clock leeway past ``exp`` (GATEWAY["LEEWAY_S"], 30 s): a revocation
+# is kept a minute past it, in Redis and in the database.
+REVOKED_PAST_EXP_S = 60
 
 
 def revoked_key_jti(jti: str) -> str:
@@ -36,6 +45,33 @@ def revoked_key_client(client_id: str) -> str:
     return f"portcullis:revoked:client:{client_id}"
 
 
+@dataclass(frozen=True)
+class RevocationSnapshot:
+    """What the database says is revoked and still matters, read after ``read_at`` (``time.time()``)."""
+
+    jtis: tuple[tuple[str, int], ...]  # revoked access tokens not yet expired: (jti, exp)
+    clients: frozenset[str]  # disabled clients
+    read_at: float
+
+
+def revocation_catch_up(
+    snapshot: RevocationSnapshot,
+    *,
+    jtis: Mapping[str, float],
+    clients: set[str],
+    changed_at: Mapping[str, float],
+) -> dict[str, object]:
+    """Return the push that brings a store (its token ids, its clients) up to the database's record: the
+    revoked tokens it lacks, the disabled clients it lacks and the re-enabled clients it still holds. A
+    client that a push changed after the read began is left as the push left it: the push is newer."""
+    newer = {client_id for client_id, at in changed_at.items() if at >= snapshot.read_at}
+    return {
+        "jtis": [(jti, exp) for jti, exp in snapshot.jtis if jti not in jtis],
+        "clients": sorted(snapshot.clients - clients - newer),
+        "restored_clients": sorted(clients - snapshot.clients - newer),
+    }
+
+
 class LocalRevocations:
     """The in-process store for the embedded default (and the listeners of this process)."""
 
@@ -43,23 +79,41 @@ class LocalRevocations:
         self._lock = threading.Lock()
         self._jtis: dict[str, float] = {}
         self.clients: set[str] = set()
+        self._changed_at: dict[str, float] = {}  # when a push last revoked or restored each client
         self.listeners: list[Listener] = []
 
     def add(self, message: dict[str, object]) -> None:
-        now = time.time()
         with self._lock:
-            for jti, exp in message.get("jtis", []):  # type: ignore[attr-defined]
-                self._jtis[jti] = float(exp)
-            for client_id in message.get("clients", []):  # type: ignore[attr-defined]
-                self.clients.add(client_id)
-            for client_id in message.get("restored_clients", []):  # type: ignore[attr-defined]
-                self.clients.discard(client_id)
-            self._jtis = {j: e for j, e in self._jtis.items() if e > now}
+            self._apply(message, pushed_at=time.time())
         for listener in list(self.listeners):
             listener(message)
 
+    def catch_up(self, snapshot: RevocationSnapshot) -> dict[str, object]:
+        """Take in what the database records and this store was not told; return what changed."""
+        with self._lock:
+            message = revocation_catch_up(
+                snapshot, jtis=self._jtis, clients=self.clients, changed_at=self._changed_at
+            )
+            self._apply(message, pushed_at=None)
+        return message
+
+    def _apply(self, message: dict[str, object], *, pushed_at: float | None) -> None:
+        now = time.time()
+        for jti, exp in message.get("jtis", []):  # type: ignore[attr-defined]
+            self._jtis[jti] = float(exp)
+        for client_id in message.get("clients", []):  # type: ignore[attr-defined]
+            self.clients.add(client_id)
+            if pushed_at is not None:
+                self._changed_at[client_id] = pushed_at
+        for client_id in message.get("restored_clients", []):  # type: ignore[attr-defined]
+            self.clients.discard(client_id)
+            if pushed_at is not None:
+                self._changed_at[client_id] = pushed_at
+        self._jtis = {j: e for j, e in self._jtis.items() if e + REVOKED_PAST_EXP_S > now}
+
     def is_revoked(self, jti: str, client_id: str) -> bool:
-        return client_id in self.clients or self._jtis.get(jti, 0) > time.time()
+        exp = self._jtis.get(jti)
+        return client_id in self.clients or (exp is not None and exp + REVOKED_PAST_EXP_S > time.time())
 
 
 local_revocations = LocalRevocations()
@@ -101,7 +155,7 @@ def revocation_publish(
     client = redis_sync(settings.REDIS_URL)
     pipe = client.pipeline(transaction=False)
     for jti, exp in live:
-        pipe.set(revoked_key_jti(jti), 1, ex=max(1, exp - now + 60))  # +60 s: the gateway's clock leeway
+        pipe.set(revoked_key_jti(jti), 1, ex=max(1, exp - now + REVOKED_PAST_EXP_S))
     for client_id in message["clients"]:  # type: ignore[attr-defined]
         pipe.set(revoked_key_client(client_id), 1)
     for client_id in message["restored_clients"]:  # type: ignore[attr-defined]
@@ -111,6 +165,6 @@ def revocation_publish(
         pipe.execute()
     except redis.RedisError:
         # The database row is already gone and the caller's answer must not turn into a 500. A gateway
-        # that cannot reach Redis fails closed on its own; one that can will still see the token live
-        # until it expires (at most the access-token lifetime). Logged without token ids.
+        # that cannot reach Redis fails closed on its own; one that can learns the revocation from the
+        # database's record at its next catch-up (gateway.revocation, seconds). Logged without token ids.
         logger.exception("revocation push to Redis failed for %d token ids", len(live))

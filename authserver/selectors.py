@@ -15,7 +15,8 @@ from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 from jwcrypto import jwk
 
-from authserver.models import AccessToken, Client, Consent, RefreshToken, SigningKey
+from authserver.models import AccessToken, Client, Consent, RefreshToken, RevokedAccessToken, SigningKey
+from authserver.revocation import REVOKED_PAST_EXP_S, RevocationSnapshot
 
 _ACTIVE_CACHE_S = 5.0  # a rotation reaches every process within this, and the new key is already published
 _active_lock = threading.Lock()
@@ -127,6 +128,19 @@ def signing_keys_published(*, now: datetime | None = None) -> list[SigningKey]:
 def jwks_get(*, now: datetime | None = None) -> dict[str, Any]:
     """Return the public JWK Set (RFC 7517 §5)."""
     return {"keys": [key.public_jwk for key in signing_keys_published(now=now)]}
+
+
+def revocations_live() -> RevocationSnapshot:
+    """Return what is revoked and still matters: the ids of revoked access tokens a gateway could still
+    take (not expired, give or take its clock leeway) and the disabled clients."""
+    read_at = time.time()
+    horizon = timezone.now() - timedelta(seconds=REVOKED_PAST_EXP_S)
+    rows = RevokedAccessToken.objects.filter(expires__gt=horizon).values_list("jti", "expires")
+    return RevocationSnapshot(
+        jtis=tuple((str(jti), int(expires.timestamp())) for jti, expires in rows),
+        clients=frozenset(Client.objects.filter(disabled=True).values_list("client_id", flat=True)),
+        read_at=read_at,
+    )
 
 
 # --- administration reads (the console and the admin API) -------------------------------------------

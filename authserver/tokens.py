@@ -16,9 +16,10 @@ from typing import Any
 
 import jwt
 from django.conf import settings
+from jwt import PyJWK
 from oauth2_provider.settings import oauth2_settings
 
-from authserver.selectors import signing_key_active
+from authserver.selectors import signing_key_active, signing_keys_published
 
 
 def access_token_claims(request: Any, *, now: int, lifetime_s: int, jti: str) -> dict[str, Any]:
@@ -61,3 +62,23 @@ def jwt_unverified_claims(token: str) -> dict[str, Any]:
     except (IndexError, ValueError, binascii.Error):
         return {}
     return claims if isinstance(claims, dict) else {}
+
+
+def jwt_signed_by_published_key(token: str) -> bool:
+    """Whether a JWT's signature verifies under the published key its ``kid`` names, in that key's one
+    algorithm: what a gateway checks before it believes anything in a token. False for a key revoked
+    (``rotatekeys --revoke``), removed or never ours, whatever the token's row says."""
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        return False
+    key = next((k for k in signing_keys_published() if k.kid == header.get("kid")), None)
+    if key is None or header.get("alg") != key.algorithm:
+        return False
+    try:
+        jwt.PyJWS().decode_complete(
+            token, key=PyJWK(key.public_jwk, algorithm=key.algorithm).key, algorithms=[key.algorithm]
+        )
+    except (jwt.PyJWTError, ValueError, TypeError):
+        return False
+    return True

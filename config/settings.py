@@ -363,6 +363,7 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "authserver.tasks.signing_keys_rotate_task",
         "schedule": 300.0,  # checks every 5 minutes; rotates only when a key is due
     },
+    "revoked-tokens-prune": {"task": "authserver.tasks.revoked_tokens_prune_task", "schedule": 3600.0},
 }
 
 LOG_LEVEL = env_str("PORTCULLIS_LOG_LEVEL", "INFO").upper()

@@ -1,7 +1,9 @@
 """What this gateway process knows about revoked tokens and clients, and the streams to cut.
 
 Revocations arrive as pushes (Redis pub/sub, or in-process listeners in the embedded default). The hot
-path also asks Redis in its one round trip, so a process that missed a push still refuses. A stream
+path also asks Redis in its one round trip, so a process that missed a push still refuses. Pushes reach only
+the processes running at the time, and Redis may restart empty, so the process also catches up with the
+database's record at start and every ``REVOCATION_RELOAD_S`` (off the hot path, as the policies). A stream
 registers the token it runs under; a push for that token (or its client) ends it at once.
 """
 
@@ -13,7 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from authserver.revocation import REVOKED_PAST_EXP_S, RevocationSnapshot, revocation_catch_up
 from gateway.auth import Principal
+
+# How late a process learns from the database what no push told it (a revocation from another process of
+# the embedded default, a push missed while Redis was away): one indexed read of the unexpired revocations.
+REVOCATION_RELOAD_S = 10.0
 
 
 class RevocationWatcher:
@@ -22,12 +29,27 @@ class RevocationWatcher:
         self._clients: set[str] = set()
         self._by_jti: dict[str, set[Callable[[], None]]] = defaultdict(set)
         self._by_client: dict[str, set[Callable[[], None]]] = defaultdict(set)
+        self._changed_at: dict[str, float] = {}  # when a push last revoked or restored each client
         self.last_push_at: float | None = None
 
     def apply(self, message: dict[str, Any]) -> None:
         """Record a revocation push and cut the streams it concerns."""
         now = time.time()
         self.last_push_at = now
+        for client_id in (*message.get("clients", []), *message.get("restored_clients", [])):
+            self._changed_at[str(client_id)] = now
+        self._apply(message, now)
+
+    def catch_up(self, snapshot: RevocationSnapshot) -> dict[str, Any]:
+        """Take in what the database records and no push told this process; cut the streams it concerns.
+        Return what changed."""
+        message = revocation_catch_up(
+            snapshot, jtis=self._jtis, clients=self._clients, changed_at=self._changed_at
+        )
+        self._apply(message, time.time())
+        return message
+
+    def _apply(self, message: dict[str, Any], now: float) -> None:
         for jti, exp in message.get("jtis", []):
             self._jtis[str(jti)] = float(exp)
             for cut in list(self._by_jti.get(str(jti), ())):
@@ -39,10 +61,10 @@ class RevocationWatcher:
         for client_id in message.get("restored_clients", []):
             self._clients.discard(str(client_id))
         if len(self._jtis) > 10_000:
-            self._jtis = {j: e for j, e in self._jtis.items() if e > now}
+            self._jtis = {j: e for j, e in self._jtis.items() if e + REVOKED_PAST_EXP_S > now}
 
     def is_revoked(self, principal: Principal) -> bool:
-        """Return whether a push already revoked this token or its client."""
+        """Return whether a push (or the database's record) already revoked this token or its client."""
         return principal.client_id in self._clients or principal.jti in self._jtis
 
     @contextmanager

@@ -23,7 +23,7 @@ from audit.sink import AuditSink, LocalSink, RedisStreamSink
 from audit.spool import spool_adopt
 from authserver.revocation import CHANNEL as REVOCATION_CHANNEL
 from authserver.revocation import KEYS_CHANNEL, key_listeners, local_revocations
-from authserver.selectors import jwks_get
+from authserver.selectors import jwks_get, revocations_live
 from gateway import errors
 from gateway.auth import KeySet, Principal, TokenVerifier
 from gateway.conf import GatewaySettings, gateway_settings
@@ -33,7 +33,7 @@ from gateway.metrics import AUDIT_FULL_REFUSALS, REDIS_FALLBACKS, redis_reply_wa
 from gateway.policy import FULL_RELOAD_S, PolicyCache
 from gateway.ratelimit import LocalLimiter, RedisLimiter
 from gateway.redisbatch import RedisBatcher
-from gateway.revocation import RevocationWatcher
+from gateway.revocation import REVOCATION_RELOAD_S, RevocationWatcher
 from gateway.services import POLICY_CHANNEL, policy_listener_add, policy_listener_remove
 from gateway.upstream import UpstreamPool, upstream_client
 
@@ -90,6 +90,8 @@ class Runtime:
         self.audit_full_since: float | None = None
         self.audit_unrecorded = 0  # refusals counted, not recorded one by one, in the current full period
         self._cleared: dict[str, float] = {}
+        self._revocations_loaded = False  # the database's record of revocations was read once
+        self._revocations_failing = False  # the last reload could not read it (logged once an outage)
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -105,21 +107,37 @@ class Runtime:
     async def start(self) -> None:
         """Load what the hot path needs, then keep it fresh in the background."""
         self._loop = asyncio.get_running_loop()
-        await asyncio.gather(self.keys.refresh(), self.policies.reload(), self.upstreams.check_all())
+        local_revocations.listeners.append(self._local_revocation)  # before the first catch-up: none missed
+        await asyncio.gather(
+            self.keys.refresh(),
+            self.policies.reload(),
+            self.upstreams.check_all(),
+            self._revocations_reload(),
+        )
         await self._spool_adopt()
         await self.sink.start()
         if self.batcher is not None:
             self.batcher.start()
-        local_revocations.listeners.append(self._local_revocation)
         key_listeners.append(self._local_keys)
         policy_listener_add(self._local_policy)
-        self._every(self.conf.jwks_max_age_s, self.keys.refresh)
-        self._every(FULL_RELOAD_S, self.policies.reload)
+        keys_s, policies_s = self.reload_intervals()
+        self._every(keys_s, self.keys.refresh)
+        self._every(policies_s, self.policies.reload)
+        self._every(REVOCATION_RELOAD_S, self._revocations_reload)
         self._every(self.conf.health_interval_s, self.upstreams.check_all)
         self._every(SPOOL_SCAN_S, self._spool_adopt)
         self._every(AUDIT_FULL_CHECK_S, self._audit_full_check)
         if self.redis is not None:
             self._tasks.append(asyncio.create_task(self._subscribe(), name="gateway-pubsub"))
+
+    def reload_intervals(self) -> tuple[float, float]:
+        """How often the key set and the policies are read again. With Redis, every change is also pushed
+        to every process; without it (the embedded default) only the server's own are, and what another
+        process changes (``bin/manage setpolicy``, ``rotatekeys --revoke``) is read as often as
+        revocations."""
+        if self.redis is not None:
+            return self.conf.jwks_max_age_s, FULL_RELOAD_S
+        return min(self.conf.jwks_max_age_s, REVOCATION_RELOAD_S), min(FULL_RELOAD_S, REVOCATION_RELOAD_S)
 
     async def stop(self) -> None:
         """Cancel the background tasks, hand off buffered records, close the pools."""
@@ -322,6 +340,33 @@ class Runtime:
         """Whether Redis cleared this token recently enough to keep serving it while Redis is down."""
         cleared = self._cleared.get(jti)
         return cleared is not None and time.monotonic() - cleared < self.conf.revocation_stale_s
+
+    async def _revocations_reload(self) -> bool:
+        """Catch up with the revocations the database records (off the hot path; the old state is kept if
+        it cannot be read): at start, what was revoked before this process began (the embedded default kept
+        it in a process that is gone, and Redis may have restarted empty); later, what no push told it."""
+        try:
+            snapshot = await db_read(revocations_live)
+        except Exception:  # database down: keep what this process knows; the reason is logged, once
+            if not self._revocations_failing:
+                logger.exception("revocation reload failed; keeping the revocations this process knows")
+            self._revocations_failing = True
+            return False
+        if self._revocations_failing:
+            logger.warning("revocation reload works again")
+            self._revocations_failing = False
+        caught = self.watcher.catch_up(snapshot)
+        if self.redis is None:  # the embedded default's admission asks the in-process store
+            local_revocations.catch_up(snapshot)
+        if caught["jtis"] or caught["clients"]:  # at start, expected; later, pushes were missed
+            logger.log(
+                logging.WARNING if self._revocations_loaded else logging.INFO,
+                "the database recorded %d revoked tokens and %d disabled clients no push told this process",
+                len(caught["jtis"]),
+                len(caught["clients"]),
+            )
+        self._revocations_loaded = True
+        return True
 
     # --- pushes ----------------------------------------------------------------------------------
 

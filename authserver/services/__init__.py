@@ -37,6 +37,7 @@ from authserver.services.tokens import (
     access_token_insert,
     access_token_revoke,
     access_tokens_deleted,
+    revoked_access_tokens_prune,
     tokens_revoke_for_client,
     tokens_revoke_for_user,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "client_update",
     "consent_grant",
     "consent_withdraw",
+    "revoked_access_tokens_prune",
     "signing_algorithms_in_use",
     "signing_algorithms_rotated",
     "signing_family_notes_forget",

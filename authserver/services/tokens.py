@@ -1,9 +1,10 @@
 """Access and refresh tokens: the fast insert the validator issues with, and revocation (one token, a
-client's, a user's), pushed to the gateways once it commits."""
+client's, a user's), recorded with the deletion and pushed to the gateways once it commits."""
 
 from __future__ import annotations
 
 import calendar
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -13,8 +14,8 @@ from django.utils import timezone
 from oauth2_provider.models import get_device_grant_model
 
 from audit.services import audit_record
-from authserver.models import AccessToken, Client, RefreshToken
-from authserver.revocation import revocation_publish
+from authserver.models import AccessToken, Client, RefreshToken, RevokedAccessToken
+from authserver.revocation import REVOKED_PAST_EXP_S, revocation_publish
 
 
 def _jti_exp(tokens: list[AccessToken]) -> list[tuple[str, int]]:
@@ -37,10 +38,25 @@ def tokens_revoke_for_client(*, client: Client, actor: str, reason: str) -> int:
 
 
 def access_tokens_deleted(tokens: list[AccessToken]) -> None:
-    """Push the revocation of deleted access tokens once the deletion commits."""
-    pairs = _jti_exp(tokens)
-    if pairs:
-        transaction.on_commit(lambda: revocation_publish(jtis=pairs))
+    """Record the revocation of deleted access tokens that have not expired, in the deletion's transaction,
+    and push it once the deletion commits. The record is what a gateway process that starts later (or a
+    Redis restarted empty) learns it from: the pushes reach only the processes running at the time."""
+    now = timezone.now()
+    pairs = _jti_exp([t for t in tokens if t.expires > now])
+    if not pairs:
+        return
+    RevokedAccessToken.objects.bulk_create(
+        [RevokedAccessToken(jti=jti, expires=datetime.fromtimestamp(exp, UTC)) for jti, exp in pairs],
+        ignore_conflicts=True,  # two revocations of one token at once both saw its row: one record
+    )
+    transaction.on_commit(lambda: revocation_publish(jtis=pairs))
+
+
+def revoked_access_tokens_prune(*, now: datetime | None = None) -> int:
+    """Delete the records of revoked access tokens that no gateway would take any more; return how many."""
+    horizon = (now or timezone.now()) - timedelta(seconds=REVOKED_PAST_EXP_S)
+    count, _ = RevokedAccessToken.objects.filter(expires__lte=horizon).delete()
+    return count
 
 
 @lru_cache(maxsize=64)

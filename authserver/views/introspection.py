@@ -12,6 +12,7 @@ from oauthlib.common import Request as OauthlibRequest
 
 from audit.services import audit_record
 from authserver.models import Client
+from authserver.tokens import jwt_signed_by_published_key
 from authserver.views.common import FormEndpoint, error_code_of, oauth_error
 
 
@@ -37,7 +38,14 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
             )
         if not request.POST.get("token"):  # RFC 7662 §2.1: REQUIRED
             return self._denied(client.client_id, "invalid_request", "token is required", 400)
-        answer: HttpResponse = self.get_token_response(request.POST.get("token"))
+        token = request.POST["token"]
+        # DOT finds the token's row; a row outlives the key that signed the token, and a token under a
+        # revoked key is refused by every gateway, so it is no more active here (RFC 7662 §2.2).
+        answer: HttpResponse = (
+            self.get_token_response(token)
+            if jwt_signed_by_published_key(token)
+            else JsonResponse({"active": False})
+        )
         answer["Cache-Control"] = "no-store"
         return answer
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import timedelta
 from io import StringIO
@@ -130,6 +131,34 @@ def test_a_leaked_signing_key_is_replaced_and_unpublished_at_once_with_rotatekey
     assert event.data == {"kid": leaked.kid, "alg": "ES256", "was": "active"}
     with pytest.raises(CommandError, match="no published key"):
         call_command("rotatekeys", "--revoke", leaked.kid, stdout=StringIO())  # once is all it takes
+
+
+def test_introspection_answers_inactive_for_a_token_whose_signing_key_was_revoked(make_client, oauth):
+    from tests.conftest import basic_auth
+
+    reg, introspector = make_client(), make_client(can_introspect=True, name="Introspector")
+    auth = basic_auth(introspector.client.client_id, introspector.client_secret)
+
+    def active(token: str) -> bool:
+        response = oauth.http.post("/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=auth)
+        assert response.status_code == 200
+        assert response["Cache-Control"] == "no-store"
+        return bool(response.json()["active"])
+
+    leaked_token = oauth.client_credentials(reg).json()["access_token"]
+    assert active(leaked_token)
+    signing_key_rotate(force=True, activate_now=True)  # an honest rotation: the old key stays published
+    active_key_cache_clear()
+    assert active(leaked_token)
+    leaked = SigningKey.objects.get(kid=json.loads(_b64(leaked_token.split(".")[0]))["kid"])
+    call_command("rotatekeys", "--revoke", leaked.kid, stdout=StringIO())
+    assert not active(leaked_token)  # as every gateway refuses it: "signed by an unknown key"
+    active_key_cache_clear()
+    assert active(oauth.client_credentials(reg).json()["access_token"])  # the replacement key's
+
+
+def _b64(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
 def test_beat_rotation_waits_for_the_interval(make_client, oauth, settings):

@@ -67,7 +67,11 @@ class Server:
 
 
 def start_server(tmp: Path, **env: str) -> Server:
-    port = free_port()
+    return start_server_on(tmp, free_port(), **env)
+
+
+def start_server_on(tmp: Path, port: int, **env: str) -> Server:
+    """Start uvicorn on this port (a restart: the tokens the server issued name its address as ``iss``)."""
     base = f"http://127.0.0.1:{port}"
     log = tmp / f"uvicorn-{port}.log"
     with log.open("wb") as sink:

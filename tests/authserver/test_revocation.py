@@ -1,0 +1,57 @@
+"""The database's record of revocations: what a gateway process that starts later (or a Redis restarted
+empty) learns them from, since the pushes reach only the processes running at the time."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from authserver.models import AccessToken, RevokedAccessToken
+from authserver.selectors import revocations_live
+from authserver.services import client_disable, client_enable, revoked_access_tokens_prune, user_lock
+from authserver.tokens import jwt_unverified_claims
+from tests.conftest import basic_auth
+
+pytestmark = pytest.mark.django_db
+
+
+def test_a_token_revoked_at_the_revocation_endpoint_is_recorded_until_no_gateway_would_take_it(
+    oauth, make_client
+):
+    reg = make_client()
+    token = oauth.client_credentials(reg).json()["access_token"]
+    claims = jwt_unverified_claims(token)
+    auth = basic_auth(reg.client.client_id, reg.client_secret)
+    assert oauth.http.post("/oauth/revoke/", {"token": token}, HTTP_AUTHORIZATION=auth).status_code == 200
+    assert not AccessToken.objects.exists()  # DOT deletes the row: the record is all that says it
+    record = RevokedAccessToken.objects.get()
+    assert str(record.jti) == claims["jti"]
+    assert abs(record.expires.timestamp() - claims["exp"]) <= 1
+    ((jti, exp),) = revocations_live().jtis
+    assert (jti, exp) == (claims["jti"], int(record.expires.timestamp()))
+    assert revoked_access_tokens_prune(now=record.expires + timedelta(seconds=59)) == 0  # in the leeway
+    assert revoked_access_tokens_prune(now=record.expires + timedelta(seconds=61)) == 1
+    assert revocations_live().jtis == ()
+
+
+def test_a_locked_users_tokens_are_recorded_and_an_expired_token_deleted_is_not(make_client, alice):
+    reg = make_client()
+    live, expired = uuid.uuid4(), uuid.uuid4()
+    for jti, expires in ((live, timedelta(minutes=5)), (expired, -timedelta(minutes=5))):
+        AccessToken.objects.create(
+            user=alice, application=reg.client, token=str(jti), jti=jti, expires=timezone.now() + expires
+        )
+    user_lock(user=alice, actor="user:root")
+    assert list(RevokedAccessToken.objects.values_list("jti", flat=True)) == [live]
+
+
+def test_the_record_names_the_disabled_clients_until_they_are_enabled_again(make_client):
+    reg, other = make_client(), make_client(name="Other")
+    client_disable(client=reg.client, actor="user:root")
+    assert revocations_live().clients == {reg.client.client_id}
+    client_enable(client=reg.client, actor="user:root")
+    assert revocations_live().clients == frozenset()
+    assert other.client.client_id not in revocations_live().clients

@@ -1,0 +1,121 @@
+"""What a gateway process knows about revocations: the pushes it was told, and the database's record it
+catches up with at start and on a timer (a process started later, a push missed, Redis restarted empty)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from authserver.revocation import LocalRevocations, RevocationSnapshot, local_revocations
+from authserver.services import client_disable
+from authserver.tokens import jwt_unverified_claims
+from gateway.auth import Principal
+from gateway.conf import gateway_settings
+from gateway.policy import FULL_RELOAD_S
+from gateway.revocation import REVOCATION_RELOAD_S, RevocationWatcher
+from gateway.runtime import Runtime
+from tests.conftest import basic_auth
+
+SERVICE = Principal(jti="j-svc", client_id="c1", subject="c1", scopes=frozenset(), exp=0)
+
+
+def recorded(
+    *, jtis: tuple[str, ...] = (), clients: tuple[str, ...] = (), read_at: float
+) -> RevocationSnapshot:
+    return RevocationSnapshot(
+        jtis=tuple((jti, int(time.time()) + 300) for jti in jtis), clients=frozenset(clients), read_at=read_at
+    )
+
+
+def test_catching_up_refuses_what_the_database_records_and_cuts_the_streams_running_under_it():
+    watcher, cuts = RevocationWatcher(), list[str]()
+    with watcher.watch(SERVICE, lambda: cuts.append("cut")):
+        assert cuts == []
+        changed = watcher.catch_up(recorded(jtis=(SERVICE.jti,), read_at=time.time()))
+        assert cuts == ["cut"]
+    assert watcher.is_revoked(SERVICE)
+    assert changed["jtis"][0][0] == SERVICE.jti
+    assert watcher.catch_up(recorded(jtis=(SERVICE.jti,), read_at=time.time()))["jtis"] == []  # known now
+
+
+def test_catching_up_restores_a_client_whose_re_enabling_was_never_pushed():
+    watcher = RevocationWatcher()
+    watcher.apply({"clients": [SERVICE.client_id]})
+    watcher.catch_up(recorded(read_at=time.time() + 1))  # read after the push: the client is enabled
+    assert not watcher.is_revoked(SERVICE)
+
+
+def test_a_push_newer_than_the_databases_record_is_not_undone_by_it():
+    read_at = time.time()  # the read began, then a push came before it was applied
+    watcher = RevocationWatcher()
+    watcher.apply({"clients": [SERVICE.client_id]})
+    watcher.catch_up(recorded(read_at=read_at))
+    assert watcher.is_revoked(SERVICE)
+    store = LocalRevocations()
+    store.add({"clients": ["c2"]})
+    store.catch_up(recorded(read_at=read_at))
+    assert store.is_revoked("j", "c2")
+    earlier = time.time()
+    store.add({"restored_clients": ["c3"]})
+    store.catch_up(recorded(clients=("c3",), read_at=earlier))  # disabled when read, enabled since
+    assert not store.is_revoked("j", "c3")
+
+
+@pytest.mark.django_db(transaction=True)  # the runtime reads the database from its own thread
+def test_a_new_gateway_process_refuses_what_was_revoked_before_it_started(oauth, make_client, settings):
+    settings.REDIS_URL = ""  # the embedded default: nothing outlives the process but the database
+    reg, disabled = make_client(), make_client(name="Disabled")
+    token = oauth.client_credentials(reg).json()["access_token"]
+    disabled_token = oauth.client_credentials(disabled).json()["access_token"]
+    auth = basic_auth(reg.client.client_id, reg.client_secret)
+    assert oauth.http.post("/oauth/revoke/", {"token": token}, HTTP_AUTHORIZATION=auth).status_code == 200
+    client_disable(client=disabled.client, actor="user:root")
+    revoked, of_disabled = (principal(t) for t in (token, disabled_token))
+    assert local_revocations.is_revoked(revoked.jti, revoked.client_id)  # pushed within this process
+    local_revocations.__init__()  # type: ignore[misc]  # a new process: it was told nothing
+
+    async def start() -> Runtime:
+        runtime = Runtime(gateway_settings())
+        await runtime._revocations_reload()
+        await runtime.http.close()
+        return runtime
+
+    runtime = asyncio.run(start())
+    for who in (revoked, of_disabled):
+        assert runtime.watcher.is_revoked(who)
+        assert local_revocations.is_revoked(who.jti, who.client_id)  # what the embedded admission asks
+    fresh = principal(oauth.client_credentials(reg).json()["access_token"])
+    assert not runtime.watcher.is_revoked(fresh)
+
+
+def principal(token: str) -> Principal:
+    claims: dict[str, Any] = jwt_unverified_claims(token)
+    return Principal(
+        jti=claims["jti"], client_id=claims["client_id"], subject=claims["sub"], scopes=frozenset(), exp=0
+    )
+
+
+@pytest.mark.parametrize("redis_url", ["", "redis://127.0.0.1:1/0"])
+def test_without_redis_keys_and_policies_are_read_as_often_as_revocations(settings, redis_url):
+    """Another process's change (bin/manage) reaches an embedded server only by reading: with Redis it is
+    pushed too, and the slow reads are only the safety net."""
+    settings.REDIS_URL = redis_url
+
+    async def intervals() -> tuple[float, float]:
+        runtime = Runtime(gateway_settings())
+        try:
+            return runtime.reload_intervals()
+        finally:
+            await runtime.http.close()
+            if runtime.redis is not None:
+                await runtime.redis.aclose()
+
+    keys_s, policies_s = asyncio.run(intervals())
+    if redis_url:
+        assert (keys_s, policies_s) == (gateway_settings().jwks_max_age_s, FULL_RELOAD_S)
+    else:
+        assert keys_s <= REVOCATION_RELOAD_S
+        assert policies_s <= REVOCATION_RELOAD_S
