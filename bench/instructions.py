@@ -14,11 +14,13 @@ batcher's work is shared between them), a 16-chunk stream with no delay (its eve
 and a 16-chunk stream paced at 10 ms a chunk (one event a read, as vLLM streams).
 
 What is not counted, and why: the wait for a Redis reply that polls (``PORTCULLIS_REDIS_REPLY_WAIT_US``)
-is off, because a poll's instructions grow with how long the reply takes; under valgrind the gateway runs
-tens of times slower, so timers (the upstream health checks, the key-set refresh) run more often per
-request than at full speed: their share shows in the ``idle`` line (instructions a second with no load),
-which is small. The counts are of the whole process, Python's interpreter included: comparable between two
-versions measured on the same Python and libraries, not across them.
+is off, because a poll's instructions grow with how long the reply takes. Under valgrind the servers run
+tens of times slower, and slower still when the machine is busy, so their timers (the upstream health
+checks, the key-set refresh) land more often per request than at full speed: the rate they run at with no
+load is counted first (the ``idle`` line) and taken from each window for its time, which makes the figure
+steadier (``per_request_net``; the plain difference, ``per_request``, is kept beside it). The counts are of
+the whole process, Python's interpreter included: comparable between two versions measured on the same
+Python and libraries, not across them.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def dump_total(path: Path) -> int:
     return summary
 
 
-def per_request(small: int, large: int, small_n: int, large_n: int) -> float:
+def per_request(small: float, large: float, small_n: int, large_n: int) -> float:
     """Instructions per request from a window of ``small_n`` requests and one of ``large_n``."""
     if large_n <= small_n:
         raise ValueError("the large window must hold more requests than the small one")
@@ -131,6 +133,7 @@ class Counter:
     def __init__(self, pid: int, base: str, out_dir: Path) -> None:
         self.pid, self.base, self.out_dir = pid, base, out_dir
         self.dumps = 0
+        self.dumped_at: float | None = None
 
     def _control(self, *args: str) -> None:
         control = shutil.which("callgrind_control")
@@ -167,14 +170,17 @@ class Counter:
     def counting(self) -> None:
         self._control("--instr=on")
 
-    def dump(self) -> int:
-        """Dump and zero the counters; return the instructions counted since the last zeroing."""
+    def dump(self) -> tuple[int, float]:
+        """Dump and zero the counters; return the instructions counted since the last dump, and the
+        seconds since then (0 for the first)."""
         self._control("--dump")
+        now = time.monotonic()
+        seconds, self.dumped_at = (0.0 if self.dumped_at is None else now - self.dumped_at), now
         self.dumps += 1
         path = self.out_dir / f"callgrind.{self.pid}.out.{self.dumps}"
         if not path.exists():
             raise CountError(f"callgrind wrote no {path.name}")
-        return dump_total(path)
+        return dump_total(path), seconds
 
 
 async def send(target: Target, request: bytes, clients: int, total: int, *, stream: bool) -> int:
@@ -207,9 +213,18 @@ def _request(stack: Stack, case: Case, target: str) -> tuple[Target, bytes]:
 
 
 def measure_case(
-    stack: Stack, counters: dict[str, Counter], case: Case, target: str, sizes: tuple[int, int]
+    stack: Stack,
+    counters: dict[str, Counter],
+    case: Case,
+    target: str,
+    sizes: tuple[int, int],
+    idle_per_s: float,
 ) -> dict[str, Any]:
-    """One round of one case through one target: a warm-up, then the two windows, each dumped."""
+    """One round of one case through one target: a warm-up, then the two windows, each dumped.
+
+    ``per_request`` is the plain difference; ``per_request_net`` first takes from each window what the
+    server's timers did in its time at ``idle_per_s``: under valgrind they fire tens of times more often per
+    request than at full speed, and more still when the machine is busy, so this is the steadier figure."""
     where, request = _request(stack, case, target)
     counter = counters[target]
     small_n, large_n = (max(case.clients, round(n * case.scale)) for n in sizes)
@@ -221,12 +236,13 @@ def measure_case(
         )
     counts, seconds = [], []
     for n in (small_n, large_n):
-        started = time.monotonic()
         ok = asyncio.run(send(where, request, case.clients, n, stream=case.stream))
-        seconds.append(round(time.monotonic() - started, 2))
-        counts.append(counter.dump())
+        count, took = counter.dump()
+        counts.append(count)
+        seconds.append(round(took, 3))
         if ok != n:
             raise CountError(f"{case.key} through {target}: {ok} of {n} requests succeeded")
+    timers = [idle_per_s * s for s in seconds]
     return {
         "case": case.key,
         "target": target,
@@ -234,6 +250,7 @@ def measure_case(
         "instructions": counts,
         "seconds": seconds,
         "per_request": round(per_request(counts[0], counts[1], small_n, large_n)),
+        "per_request_net": round(per_request(counts[0] - timers[0], counts[1] - timers[1], small_n, large_n)),
     }
 
 
@@ -242,7 +259,11 @@ def measure_idle(counters: dict[str, Counter], seconds: float) -> dict[str, int]
     for counter in counters.values():
         counter.dump()
     time.sleep(seconds)
-    return {target: round(counter.dump() / seconds) for target, counter in counters.items()}
+    rates = {}
+    for target, counter in counters.items():
+        count, took = counter.dump()
+        rates[target] = round(count / took)
+    return rates
 
 
 def execute(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -285,7 +306,8 @@ def _count(
     for case in [c for c in CASES if c.key in args.cases]:
         for round_ in range(args.rounds):  # the order of the targets alternates from round to round
             for target in TARGETS if round_ % 2 == 0 else reversed(TARGETS):
-                m = measure_case(stack, counters, case, target, (args.small, args.large))
+                sizes = (args.small, args.large)
+                m = measure_case(stack, counters, case, target, sizes, idle[target])
                 logger.info("%s through %s: %s instructions a request", case.key, target, m["per_request"])
                 measurements.append(m)
     return idle, measurements
@@ -297,34 +319,32 @@ def _median(values: list[int]) -> float:
 
 
 def summary(measurements: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per case measured: each target's counts by round, their median, and what the gateway adds to the
-    bare proxy's."""
+    """Per case measured: each target's net counts by round, their medians, what the gateway adds to the
+    bare proxy's, and the plain (timers included) medians beside them."""
     rows = []
     for case in CASES:
-        got = {
-            target: [
-                m["per_request"] for m in measurements if m["case"] == case.key and m["target"] == target
-            ]
-            for target in TARGETS
-        }
-        if not all(got.values()):
+        ours = [m for m in measurements if m["case"] == case.key]
+        net = {t: [m["per_request_net"] for m in ours if m["target"] == t] for t in TARGETS}
+        plain = {t: [m["per_request"] for m in ours if m["target"] == t] for t in TARGETS}
+        if not all(net.values()):
             continue
-        gateway, bare = _median(got["gateway"]), _median(got["bare"])
+        gateway, bare = _median(net["gateway"]), _median(net["bare"])
         rows.append(
             {
                 "case": case.key,
                 "title": case.title,
-                "rounds": got,
+                "rounds": net,
                 "gateway": gateway,
                 "bare": bare,
                 "added": gateway - bare,
+                "plain": {t: _median(v) for t, v in plain.items()},
             }
         )
     return rows
 
 
 def print_summary(result: dict[str, Any]) -> None:
-    """The table: per case, the medians per request and every round's figure."""
+    """The table: per case, the net medians per request and every round's figure; the plain ones after."""
     print(f"\ninstructions per request (callgrind; Python {result['python']}, {result['valgrind']})")
     print(f"{'case':<46} {'gateway':>11} {'bare':>11} {'added':>11}   rounds: gateway | bare")
     for row in result["summary"]:
@@ -332,7 +352,14 @@ def print_summary(result: dict[str, Any]) -> None:
         figures = " ".join(f"{row[key]:>11,.0f}" for key in ("gateway", "bare", "added"))
         print(f"{row['title']:<46} {figures}   {rounds}")
     idle = result["idle_per_s"]
-    print(f"idle, instructions a second: gateway {idle['gateway']:,}, bare {idle['bare']:,}")
+    print(
+        f"idle, instructions a second: gateway {idle['gateway']:,}, bare {idle['bare']:,};"
+        " taken from each window"
+    )
+    plain = "; ".join(
+        f"{r['case']} {r['plain']['gateway']:,.0f} / {r['plain']['bare']:,.0f}" for r in result["summary"]
+    )
+    print(f"for its time. With them (gateway / bare): {plain}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

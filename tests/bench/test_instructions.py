@@ -48,9 +48,9 @@ def test_per_request_is_the_difference_over_the_difference() -> None:
         per_request(1, 2, 5, 5)
 
 
-def test_summary_takes_medians_and_what_the_gateway_adds() -> None:
-    def m(case: str, target: str, figure: int) -> dict[str, object]:
-        return {"case": case, "target": target, "per_request": figure}
+def test_summary_takes_net_medians_and_what_the_gateway_adds() -> None:
+    def m(case: str, target: str, net: int) -> dict[str, object]:
+        return {"case": case, "target": target, "per_request_net": net, "per_request": net + 10}
 
     rows = summary(
         [
@@ -67,6 +67,7 @@ def test_summary_takes_medians_and_what_the_gateway_adds() -> None:
     assert rows[0]["bare"] == 510
     assert rows[0]["added"] == 590
     assert rows[0]["rounds"] == {"gateway": [1_100, 1_000, 1_300], "bare": [500, 520]}
+    assert rows[0]["plain"] == {"gateway": 1_110, "bare": 520}
 
 
 def test_arguments_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
@@ -103,9 +104,12 @@ def test_a_short_count_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
         ("stream_1", "gateway"),
         ("stream_1", "bare"),
     ]
+    assert result["idle_per_s"]["gateway"] > 0
     for m in result["measurements"]:
         assert m["requests"] == [10, 40]
         assert 0 < m["instructions"][0] < m["instructions"][1], m
+        assert 0 < m["seconds"][0] < m["seconds"][1], m
+        assert m["per_request_net"] < m["per_request"], m  # the timers' share is taken out
     for row in result["summary"]:
         # the gateway verifies, validates, admits and meters; the bare proxy only relays
         assert row["gateway"] > row["bare"] > 0, row
