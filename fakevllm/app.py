@@ -25,7 +25,7 @@ from typing import Any
 
 from fakevllm import asgi
 from fakevllm.asgi import Receive, Scope, Send, encode, send_bytes
-from fakevllm.config import MAX_MODEL_LEN, FakeConfig
+from fakevllm.config import MAX_MODEL_LEN, VERSION, FakeConfig
 from fakevllm.controls import PREFIX as FAKE_PREFIX
 from fakevllm.controls import fake_endpoint
 from fakevllm.embeddings import embedding_body
@@ -248,7 +248,7 @@ class FakeVLLM:
 
     async def _version(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
         """GET /version."""
-        return await send_bytes(send, 200, b'{"version":"0.0.0+fakevllm"}')
+        return await send_bytes(send, 200, encode({"version": VERSION}).encode())
 
     async def _load(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> bool:
         """GET /load: vLLM's server_load (requests in flight, not counting this one)."""

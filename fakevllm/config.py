@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MAX_MODEL_LEN = 4096  # the context window every served model reports in /v1/models and enforces
+VERSION = "0.0.0+fakevllm"  # what GET /version answers, and the version in the system_fingerprint
 
 
 @dataclass

@@ -2,17 +2,23 @@
 
 The plan (a Generation) is made when the request arrives, from the request and the configuration of that
 moment, so a later POST /_fake/config never changes an answer half-way.
+
+Every answer carries vLLM's `system_fingerprint`: vLLM 0.33 (vllm#40537) stamps `vllm-<version>-<hash8>` on
+it by default (`--fingerprint-mode full`, vllm/entrypoints/serve/utils/fingerprint.py), the hash a prefix of
+the engine configuration's; the fake hashes the models it serves, with the version GET /version answers.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from fakevllm.asgi import encode
-from fakevllm.config import FakeConfig
+from fakevllm.config import VERSION, FakeConfig
 from fakevllm.errors import bad_request, validation_error
 from fakevllm.request_ids import base_request_id
 from fakevllm.validation import (
@@ -39,6 +45,7 @@ class Generation:
     created: int
     model: str
     model_json: str
+    fingerprint_json: str  # the system_fingerprint, a JSON string
     choices: int
     ntok: int
     finish: str
@@ -87,6 +94,7 @@ def plan(
         created=int(time.time()),
         model=model,
         model_json=model_json[model],
+        fingerprint_json=system_fingerprint_json(tuple(config.models)),
         choices=n * len(per_prompt),
         ntok=ntok,
         finish=finish,
@@ -100,6 +108,13 @@ def plan(
         fail_after=config.fail_after_chunks,
         fail_sends_done=config.fail_sends_done,
     )
+
+
+@functools.lru_cache(maxsize=16)
+def system_fingerprint_json(models: tuple[str, ...]) -> str:
+    """Return the system_fingerprint of a server of these models, as a JSON string."""
+    digest = hashlib.sha256("\n".join(models).encode()).hexdigest()[:8]
+    return encode(f"vllm-{VERSION}-{digest}")
 
 
 def _length(max_tokens: int | None, tokens: int) -> tuple[int, str]:

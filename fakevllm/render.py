@@ -1,21 +1,30 @@
-"""The bytes of a planned generation: vLLM's chat and text completion bodies and their SSE frames.
+"""The bytes of a planned generation: vLLM 0.33's chat and text completion bodies and their SSE frames.
 
 Bodies are filled-in templates rather than json.dumps of dicts, keeping the key order and the null fields
 of vLLM's pydantic models at a fraction of the cost (the benchmark's upstream must not be its bottleneck).
+The field order is the models' (vllm/entrypoints/openai/chat_completion/protocol.py, completion/protocol.py,
+DeltaMessage in generate/base/protocol.py, UsageInfo in serve/engine/protocol.py; vLLM 0.33.0, g4ba787ec9).
 
-Streamed chunks differ in how vLLM serialises them (vllm/entrypoints/openai/: chat_completion/serving.py
-and completion/serving.py, formerly serving_chat.py and serving_completion.py). Chat chunks use
-`model_dump_json(exclude_unset=True)` (`OpenAIServingChat.chat_completion_stream_generator`), so `usage`
-appears only when set: on the final usage chunk of `stream_options.include_usage`, never as null. Text
-completion chunks use `model_dump_json(exclude_unset=False)` (`OpenAIServingCompletion.
-completion_stream_generator`; vllm#40537 made it exclude_unset=True too, dropping the null), so each carries
-`"usage":null`, asked for or not. Both usage chunks add `exclude_none=True`, hence no `prompt_tokens_details`.
-With `stream_options.continuous_usage_stats` (and include_usage) every chunk before the usage chunk carries
-the running usage of its own choice: its prompt's tokens (one prompt's, in a batch) and the tokens that
-choice has generated so far (0 on a chat role chunk), never the sum over choices, which only the final
-usage chunk gives. Those objects are vLLM 0.33's: a chat chunk's has `"completion_tokens_details":null`
-(set, though None), a text completion's only the three counts. A stream that fails half-way sends an error
-event and then, as every stream ends, `data: [DONE]`.
+A non-streamed answer is `JSONResponse(content=response.model_dump())`: every field, null or not, except a
+chat message's `tool_calls`, which its serializer drops when empty; the message has `reasoning` (it replaced
+`reasoning_content`), null without a reasoning parser. Streamed chunks are
+`model_dump_json(exclude_unset=True)`, chat (`OpenAIServingChat.chat_completion_stream_generator`) and, since
+vllm#40537, text completion (`OpenAIServingCompletion.completion_stream_generator`) alike, so a chunk carries
+what the server set, None too:
+- a chat role chunk `"prompt_token_ids":null,"prompt_text":null` after its choices (and running usage);
+- every other chunk `"kv_transfer_params":null`; a chat choice `"token_ids":null`, on its last chunk also
+  `"stop_reason":null` and `"weight_versions":null`; a text completion choice `"stop_reason":null,
+  "prompt_token_ids":null,"token_ids":null,"weight_versions":null` on every chunk;
+- a delta only what is set: `content` here, `reasoning` only from a reasoning parser; a chat choice that
+  ends without output sends `"delta":{}` (`ChatStreamProcessor.step`);
+- `usage` only when set, never as null: on the final usage chunk of `stream_options.include_usage`;
+- `system_fingerprint` on a choice's last chunk when no usage chunk follows, else on the usage chunk.
+Usage chunks drop None (`exclude_none`), hence no `prompt_tokens_details`. With
+`stream_options.continuous_usage_stats` (and include_usage) every chunk before the usage chunk carries the
+running usage of its own choice: its prompt's tokens (one prompt's, in a batch) and the tokens that choice has
+generated so far (0 on a chat role chunk), never the sum over choices, which only the final usage chunk gives;
+a chat chunk's has `"completion_tokens_details":null` (set, though None), a text completion's only the three
+counts. A stream that fails half-way sends an error event and then, as every stream ends, `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -32,45 +41,72 @@ SSE_START: Message = {
     "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
 }
 DONE_FRAME = b"data: [DONE]\n\n"
-# vLLM serialises streaming errors with json.dumps defaults, hence the spaces.
-ERROR_FRAME = (
+# A failed generation (GenerationError): the chat stream yields vLLM's ErrorResponse and dumps it with
+# model_dump_json, compact; the text completion stream formats it with json.dumps defaults, hence the spaces.
+CHAT_ERROR_FRAME = (
+    b'data: {"error":{"message":"Internal server error","type":"InternalServerError","param":null,'
+    b'"code":500}}\n\n'
+)
+COMPLETION_ERROR_FRAME = (
     b'data: {"error": {"message": "Internal server error", "type": "InternalServerError", '
     b'"param": null, "code": 500}}\n\n'
 )
 
-USAGE = '{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d,"prompt_tokens_details":null}'
-STREAM_USAGE = '"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n'
+USAGE = (
+    '{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d,"prompt_tokens_details":null,'
+    '"completion_tokens_details":null}'
+)
 CHAT_BODY = (
-    '{"id":%s,"object":"chat.completion","created":%d,"model":%s,"choices":[%s],'
-    '"service_tier":null,"system_fingerprint":null,"usage":%s,"prompt_logprobs":null,"kv_transfer_params":null}'
+    '{"id":%s,"object":"chat.completion","created":%d,"model":%s,"choices":[%s],"service_tier":null,'
+    '"system_fingerprint":%s,"usage":%s,"prompt_logprobs":null,"prompt_token_ids":null,"prompt_text":null,'
+    '"kv_transfer_params":null,"ec_transfer_params":null,"metrics":null}'
 )
 CHAT_CHOICE = (
     '{"index":%d,"message":{"role":"assistant","content":%s,"refusal":null,"annotations":null,"audio":null,'
-    '"function_call":null,"tool_calls":[],"reasoning_content":null},"logprobs":null,"finish_reason":"%s",'
-    '"stop_reason":null}'
+    '"function_call":null,"reasoning":null},"logprobs":null,"finish_reason":"%s","stop_reason":null,'
+    '"token_ids":null,"routed_experts":null,"weight_versions":null}'
 )
 COMPLETION_BODY = (
-    '{"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":[%s],'
-    '"service_tier":null,"system_fingerprint":null,"usage":%s,"kv_transfer_params":null}'
+    '{"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":[%s],"service_tier":null,'
+    '"system_fingerprint":%s,"usage":%s,"kv_transfer_params":null,"ec_transfer_params":null,"metrics":null}'
 )
 COMPLETION_CHOICE = (
-    '{"index":%d,"text":%s,"logprobs":null,"finish_reason":"%s","stop_reason":null,"prompt_logprobs":null}'
+    '{"index":%d,"text":%s,"logprobs":null,"finish_reason":"%s","stop_reason":null,"token_ids":null,'
+    '"prompt_logprobs":null,"prompt_token_ids":null,"routed_experts":null,"weight_versions":null}'
 )
-# continuous_usage_stats: the end of a chunk, with the running usage of its choice in place of the tail
-CHAT_RUNNING = (
-    '],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d,'
-    '"completion_tokens_details":null}}\n\n'
-)
-COMPLETION_RUNNING = '],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n'
 CHAT_HEAD = 'data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,"choices":['
 COMPLETION_HEAD = 'data: {"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":['
-CHAT_TAIL = "]}\n\n"
-COMPLETION_TAIL = '],"usage":null}\n\n'
 CHAT_ROLE = '{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}'
-CHAT_DELTA = '{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":null}'
-CHAT_LAST = '{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":"%s","stop_reason":null}'
-COMPLETION_DELTA = '{"index":%d,"text":%s,"logprobs":null,"finish_reason":null,"stop_reason":null}'
-COMPLETION_LAST = '{"index":%d,"text":%s,"logprobs":null,"finish_reason":"%s","stop_reason":null}'
+CHAT_DELTA = '{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":null,"token_ids":null}'
+CHAT_LAST = (
+    '{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":"%s","stop_reason":null,'
+    '"token_ids":null,"weight_versions":null}'
+)
+CHAT_EMPTY_LAST = (  # ChatStreamProcessor.step: "Finished without output", an empty DeltaMessage
+    '{"index":%d,"delta":{},"logprobs":null,"finish_reason":"%s","stop_reason":null,"token_ids":null,'
+    '"weight_versions":null}'
+)
+COMPLETION_DELTA = (
+    '{"index":%d,"text":%s,"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+    '"token_ids":null,"weight_versions":null}'
+)
+COMPLETION_LAST = (
+    '{"index":%d,"text":%s,"logprobs":null,"finish_reason":"%s","stop_reason":null,"prompt_token_ids":null,'
+    '"token_ids":null,"weight_versions":null}'
+)
+# What follows a chunk's choices: its running usage (continuous_usage_stats) if any, then one of the ends
+CHAT_RUNNING = (
+    '],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d,"completion_tokens_details":null}'
+)
+COMPLETION_RUNNING = '],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}'
+ROLE_END = ',"prompt_token_ids":null,"prompt_text":null}\n\n'
+CHUNK_END = ',"kv_transfer_params":null}\n\n'
+FINGERPRINTED_END = ',"system_fingerprint":%s,"kv_transfer_params":null}\n\n'
+ROLE_TAIL = "]" + ROLE_END
+CHUNK_TAIL = "]" + CHUNK_END
+STREAM_USAGE = (
+    '],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d},"system_fingerprint":%s}\n\n'
+)
 
 
 @functools.lru_cache(maxsize=64)
@@ -99,62 +135,75 @@ def render_body(gen: Generation) -> bytes:
     usage = USAGE % (gen.prompt_tokens, gen.prompt_tokens + completion, completion)
     template = CHAT_BODY if gen.kind == "chat" else COMPLETION_BODY
     choices = _choices_json(gen.kind, gen.choices, gen.ntok, gen.finish)
-    return (template % (gen.id_json, gen.created, gen.model_json, choices, usage)).encode()
+    body = template % (gen.id_json, gen.created, gen.model_json, choices, gen.fingerprint_json, usage)
+    return body.encode()
 
 
 def stream_frames(gen: Generation) -> Iterator[bytes | float]:
     """Yield the SSE frames of a streamed response, with floats meaning "sleep this long first"."""
     chat = gen.kind == "chat"
     head = (CHAT_HEAD if chat else COMPLETION_HEAD) % (gen.id_json, gen.created, gen.model_json)
-    tail = CHAT_TAIL if chat else COMPLETION_TAIL
     delta, last = (CHAT_DELTA, CHAT_LAST) if chat else (COMPLETION_DELTA, COMPLETION_LAST)
+    last_tail = _last_tail(gen)
     running = gen.continuous_usage
     if gen.first_delay:
         yield gen.first_delay
     if chat:
         for i in range(gen.choices):
-            yield (head + CHAT_ROLE % i + (_running_tail(gen, i, 0) if running else tail)).encode()
+            end = _running_usage(gen, i, 0) + ROLE_END if running else ROLE_TAIL
+            yield (head + CHAT_ROLE % i + end).encode()
     sent = 0
+    final = gen.ntok - 1
     for k in range(gen.ntok):
         if k and gen.chunk_delay:
             yield gen.chunk_delay
         text = _token_json(k)
+        tail = last_tail if k == final else CHUNK_TAIL
         for i in range(gen.choices):
             if gen.fail_after is not None and sent >= gen.fail_after:
                 yield from _failure_frames(gen)
                 return
-            piece = last % (i, text, gen.finish) if k == gen.ntok - 1 else delta % (i, text)
-            yield (head + piece + (_running_tail(gen, i, k + 1) if running else tail)).encode()
+            piece = last % (i, text, gen.finish) if k == final else delta % (i, text)
+            yield (head + piece + (_running_usage(gen, i, k + 1) + CHUNK_END if running else tail)).encode()
             sent += 1
     if gen.fail_after is not None:
         yield from _failure_frames(gen)
         return
-    yield from _closing_frames(gen, head, tail, last)
+    yield from _closing_frames(gen, head, last_tail)
+
+
+def _last_tail(gen: Generation) -> str:
+    """Return the end of a choice's last chunk without running usage: vLLM stamps the system_fingerprint on
+    it only when no usage chunk follows to carry it."""
+    return CHUNK_TAIL if gen.include_usage else "]" + FINGERPRINTED_END % gen.fingerprint_json
 
 
 def _failure_frames(gen: Generation) -> Iterator[bytes]:
     """Yield the frames that end a stream with an injected engine error: the error event, then [DONE]."""
-    yield ERROR_FRAME
+    yield CHAT_ERROR_FRAME if gen.kind == "chat" else COMPLETION_ERROR_FRAME
     if gen.fail_sends_done:
         yield DONE_FRAME
 
 
-def _closing_frames(gen: Generation, head: str, tail: str, last: str) -> Iterator[bytes]:
+def _closing_frames(gen: Generation, head: str, last_tail: str) -> Iterator[bytes]:
     """Yield the finish chunks of an empty generation, the usage chunk and [DONE]."""
     if gen.ntok == 0:
+        chat = gen.kind == "chat"
         for i in range(gen.choices):
-            end = _running_tail(gen, i, 0) if gen.continuous_usage else tail
-            yield (head + last % (i, '""', gen.finish) + end).encode()
+            piece = CHAT_EMPTY_LAST % (i, gen.finish) if chat else COMPLETION_LAST % (i, '""', gen.finish)
+            end = _running_usage(gen, i, 0) + CHUNK_END if gen.continuous_usage else last_tail
+            yield (head + piece + end).encode()
     if gen.include_usage:
         completion = gen.completion_tokens
-        usage = STREAM_USAGE % (gen.prompt_tokens, gen.prompt_tokens + completion, completion)
-        yield (head + "]," + usage).encode()
+        prompt = gen.prompt_tokens
+        usage = STREAM_USAGE % (prompt, prompt + completion, completion, gen.fingerprint_json)
+        yield (head + usage).encode()
     yield DONE_FRAME
 
 
-def _running_tail(gen: Generation, choice: int, generated: int) -> str:
-    """Return the end of a chunk that carries its choice's running usage (continuous_usage_stats): vLLM counts
-    each choice apart, and in a completions batch takes the prompt tokens of that choice's own prompt."""
+def _running_usage(gen: Generation, choice: int, generated: int) -> str:
+    """Return the running usage of a choice that follows its chunk's choices (continuous_usage_stats): vLLM
+    counts each choice apart, and in a completions batch takes the prompt tokens of the choice's prompt."""
     if gen.kind == "chat":
         return CHAT_RUNNING % (gen.prompt_tokens, gen.prompt_tokens + generated, generated)
     prompts = gen.prompt_tokens_each

@@ -74,7 +74,8 @@ def test_chat_completion_has_vllm_shape_and_usage(client: httpx.Client) -> None:
     assert choice["index"] == 0
     assert choice["message"]["role"] == "assistant"
     assert choice["message"]["content"] == "tok0 tok1 tok2 tok3 tok4 "
-    assert choice["message"]["tool_calls"] == []
+    assert choice["message"]["reasoning"] is None
+    assert "tool_calls" not in choice["message"]  # vLLM's ChatMessage drops an empty list
     assert choice["finish_reason"] == "stop"
     assert choice["stop_reason"] is None
     assert choice["logprobs"] is None
@@ -83,6 +84,7 @@ def test_chat_completion_has_vllm_shape_and_usage(client: httpx.Client) -> None:
         "total_tokens": 9,
         "completion_tokens": 5,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
@@ -127,6 +129,7 @@ def test_text_completion_has_vllm_shape_and_one_choice_per_prompt_and_n(client: 
         "total_tokens": 24,
         "completion_tokens": 20,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
 
 
