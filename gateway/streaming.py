@@ -236,7 +236,8 @@ class StreamRelay:
             find(b'"content"') >= 0
             or find(b'"text"') >= 0
             or find(b'"tool_calls"') >= 0
-            or find(b'"reasoning') >= 0
+            or find(b'"reasoning"') >= 0  # whole keys: not a running usage's "reasoning_tokens"
+            or find(b'"reasoning_content"') >= 0  # an older vLLM's name for it
         ):
             self.content_events += 1  # a token of text, of a tool call's arguments, or of reasoning
         return event

@@ -471,3 +471,40 @@ def test_the_null_fields_of_current_vllm_chunks_are_not_counted_as_tokens():
     how, relay = _relay(sink, _Content(events))
     assert (how, relay.prompt_tokens, relay.completion_tokens) == ("completed", 4, 2)
     assert b"".join(body for body, _more in sink.sent) == b"".join(events[:4] + events[5:])
+
+
+def _running_usage(done: int, details: bytes) -> bytes:
+    return (
+        b',"usage":{"prompt_tokens":4,"total_tokens":%d,"completion_tokens":%d,"completion_tokens_details":%s}'
+        % (4 + done, done, details.replace(b"N", b"%d" % done))
+    )
+
+
+def _reasoning_stream(details: bytes) -> list[bytes]:
+    return [
+        _vllm_chat_chunk(
+            b'{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}',
+            _running_usage(0, details) + b',"prompt_token_ids":null,"prompt_text":null',
+        ),
+        _vllm_chat_chunk(
+            b'{"index":0,"delta":{"reasoning":"hm"},"logprobs":null,"finish_reason":null,"token_ids":null}',
+            _running_usage(1, details) + b',"kv_transfer_params":null',
+        ),
+        _vllm_chat_chunk(
+            b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"stop","stop_reason":null,'
+            b'"token_ids":null,"weight_versions":null}',
+            _running_usage(1, details) + b',"kv_transfer_params":null',
+        ),
+        b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m1","choices":[],'
+        b'"usage":{"prompt_tokens":4,"total_tokens":5,"completion_tokens":1}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+
+
+@pytest.mark.parametrize("details", [b"null", b'{"reasoning_tokens":N}'])  # without, with --reasoning-parser
+def test_an_empty_delta_is_not_a_token_though_vllm_counts_reasoning_tokens_in_its_running_usage(details):
+    # vLLM 0.33 started with a reasoning parser puts completion_tokens_details.reasoning_tokens in every
+    # running-usage chunk: the "reasoning" needle must not take it for a token of reasoning
+    how, relay = _relay(_Sink(breaks_after=2), _Content(_reasoning_stream(details)))
+    assert how == "client_gone"
+    assert relay.completion_tokens == 2  # the role chunk and the reasoning; not the empty finish
