@@ -91,12 +91,15 @@ def test_a_short_count_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
     argv = [sys.executable, "-m", "bench.instructions", "--small", "10", "--large", "40", "--rounds", "1"]
     argv += ["--cases", "chat_1,stream_1", "--idle", "0.5", "--json-out", str(out)]
     argv += ["--db-name", f"bench_instr_smoke_{os.getpid()}"]
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        done = subprocess.run(argv, cwd=ROOT, capture_output=True, timeout=TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"the count took longer than {TIMEOUT_S} s:\n{exc.output!r}")
-    output = (done.stdout + done.stderr).decode(errors="replace")
-    assert done.returncode == 0, output
+        raw, _ = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # SIGTERM: it stops the stack it started (its servers have sessions of their own)
+        raw, _ = process.communicate(timeout=60)
+        pytest.fail(f"the count took longer than {TIMEOUT_S} s:\n{raw.decode(errors='replace')}")
+    output = raw.decode(errors="replace")
+    assert process.returncode == 0, output
     result = json.loads(out.read_text())
     assert [(m["case"], m["target"]) for m in result["measurements"]] == [
         ("chat_1", "gateway"),
@@ -109,7 +112,6 @@ def test_a_short_count_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
         assert m["requests"] == [10, 40]
         assert 0 < m["instructions"][0] < m["instructions"][1], m
         assert 0 < m["seconds"][0] < m["seconds"][1], m
-        assert m["per_request_net"] < m["per_request"], m  # the timers' share is taken out
     for row in result["summary"]:
         # the gateway verifies, validates, admits and meters; the bare proxy only relays
         assert row["gateway"] > row["bare"] > 0, row
