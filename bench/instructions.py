@@ -386,6 +386,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
     raise SystemExit(128 + signum)  # unwinds through the stack's context manager, which stops everything
 
 

@@ -222,6 +222,7 @@ def metering(stack: Stack, measurements: list[dict[str, Any]], plan: Plan) -> di
 
 
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
     raise SystemExit(128 + signum)  # unwinds through the stack's context manager, which stops everything
 
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench import instructions
+from bench import instructions, run
 from bench.instructions import CountError, dump_total, per_request, summary
 from bench.proc import alive
 
@@ -118,3 +119,15 @@ def test_a_short_count_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
     assert result["leftover_pids"] == []
     assert not any(alive(pid) for pid in result["pids"])
     assert "instructions per request" in output
+
+
+@pytest.mark.parametrize("module", [instructions, run])
+def test_a_second_sigterm_cannot_cut_the_stop_short(module) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopping:
+            module._on_sigterm(signal.SIGTERM, None)
+        assert stopping.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # while the stack's processes are stopped
+    finally:
+        signal.signal(signal.SIGTERM, before)
