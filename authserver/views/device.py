@@ -15,6 +15,7 @@ from oauth2_provider.views.device import DeviceGrantForm
 from redis.exceptions import RedisError
 
 from audit.services import actor_for_user, audit_record
+from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id
 from authserver.services import consent_grant
 from authserver.views.common import FORM, FormEndpoint, client_id_of, error_code_of, oauth_error
@@ -100,6 +101,12 @@ class DeviceConfirmView(dot_views.DeviceConfirmView):
     """The user approves or denies a device: DOT's page, with the answer remembered and audited as the
     consent page's is. Without it a device app's approval left no ``consent.granted`` record, and once its
     access token expired the app vanished from the user's connected apps, its refresh token still live."""
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        """DOT's context, with what the consent page also shows: the models and limits the app would get."""
+        context: dict[str, Any] = super().get_context_data(**kwargs)
+        context["extra_details"] = consent_details_for(context["application"])
+        return context
 
     def form_valid(self, form: Any) -> HttpResponse:
         device = self.get_object()  # before DOT changes its status (it is looked up by that status)

@@ -85,6 +85,9 @@ def test_device_flow_from_code_to_token(client, make_client, alice):
     assert entered.status_code == 302
     confirm = client.get(entered["Location"])
     assert b"Allow" in confirm.content
+    # as the consent page does, it says which models and limits the app would get (none set here)
+    assert b"Models it can use" in confirm.content
+    assert b"Limits" in confirm.content
     assert client.post(entered["Location"], {"action": "accept"}).status_code == 302
     token = client.post("/oauth/token/", poll)
     assert token.status_code == 200, token.content
