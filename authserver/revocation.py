@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 
 import redis
 from django.conf import settings
@@ -33,6 +34,9 @@ Listener = Callable[[dict[str, object]], None]
 # A gateway accepts a token up to its clock leeway past ``exp`` (GATEWAY["LEEWAY_S"], 30 s): a revocation
 # is kept a minute past it, in Redis and in the database.
 REVOKED_PAST_EXP_S = 60
+# Dropping the expired ids rebuilds the whole dict (tens of thousands of entries under many refreshes): at
+# most this often, not on every push. Until then an expired id costs memory only, as ``exp`` still guards.
+PRUNE_EVERY_S = 10.0
 
 
 def revoked_key_jti(jti: str) -> str:
@@ -47,11 +51,14 @@ def revoked_key_client(client_id: str) -> str:
 
 @dataclass(frozen=True)
 class RevocationSnapshot:
-    """What the database says is revoked and still matters, read after ``read_at`` (``time.time()``)."""
+    """What the database says is revoked and still matters, read after ``read_at`` (``time.time()``): every
+    revoked token, or only those revoked since a time (``selectors.revocations_live``), and every disabled
+    client."""
 
     jtis: tuple[tuple[str, int], ...]  # revoked access tokens not yet expired: (jti, exp)
     clients: frozenset[str]  # disabled clients
     read_at: float
+    revoked_through: datetime | None = None  # the newest ``revoked_at`` among ``jtis``: a high-water mark
 
 
 def revocation_catch_up(
@@ -80,6 +87,7 @@ class LocalRevocations:
         self._jtis: dict[str, float] = {}
         self.clients: set[str] = set()
         self._changed_at: dict[str, float] = {}  # when a push last revoked or restored each client
+        self._pruned_at = 0.0
         self.listeners: list[Listener] = []
 
     def add(self, message: dict[str, object]) -> None:
@@ -109,7 +117,9 @@ class LocalRevocations:
             self.clients.discard(client_id)
             if pushed_at is not None:
                 self._changed_at[client_id] = pushed_at
-        self._jtis = {j: e for j, e in self._jtis.items() if e + REVOKED_PAST_EXP_S > now}
+        if now - self._pruned_at >= PRUNE_EVERY_S:
+            self._jtis = {j: e for j, e in self._jtis.items() if e + REVOKED_PAST_EXP_S > now}
+            self._pruned_at = now
 
     def is_revoked(self, jti: str, client_id: str) -> bool:
         exp = self._jtis.get(jti)

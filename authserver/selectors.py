@@ -130,16 +130,24 @@ def jwks_get(*, now: datetime | None = None) -> dict[str, Any]:
     return {"keys": [key.public_jwk for key in signing_keys_published(now=now)]}
 
 
-def revocations_live() -> RevocationSnapshot:
+def revocations_live(*, since: datetime | None = None) -> RevocationSnapshot:
     """Return what is revoked and still matters: the ids of revoked access tokens a gateway could still
-    take (not expired, give or take its clock leeway) and the disabled clients."""
+    take (not expired, give or take its clock leeway), only those revoked at or after ``since`` if given,
+    and every disabled client."""
     read_at = time.time()
     horizon = timezone.now() - timedelta(seconds=REVOKED_PAST_EXP_S)
-    rows = RevokedAccessToken.objects.filter(expires__gt=horizon).values_list("jti", "expires")
+    rows = RevokedAccessToken.objects.filter(expires__gt=horizon)
+    if since is not None:
+        rows = rows.filter(revoked_at__gte=since)
+    jtis, newest = [], None
+    for jti, expires, revoked_at in rows.values_list("jti", "expires", "revoked_at"):
+        jtis.append((str(jti), int(expires.timestamp())))
+        newest = revoked_at if newest is None or revoked_at > newest else newest
     return RevocationSnapshot(
-        jtis=tuple((str(jti), int(expires.timestamp())) for jti, expires in rows),
+        jtis=tuple(jtis),
         clients=frozenset(Client.objects.filter(disabled=True).values_list("client_id", flat=True)),
         read_at=read_at,
+        revoked_through=newest,
     )
 
 

@@ -15,12 +15,28 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from authserver.revocation import REVOKED_PAST_EXP_S, RevocationSnapshot, revocation_catch_up
+from authserver.revocation import (
+    PRUNE_EVERY_S,
+    REVOKED_PAST_EXP_S,
+    RevocationSnapshot,
+    revocation_catch_up,
+)
 from gateway.auth import Principal
 
 # How late a process learns from the database what no push told it (a revocation from another process of
-# the embedded default, a push missed while Redis was away): one indexed read of the unexpired revocations.
+# the embedded default, a push missed while Redis was away): one indexed read of the revocations recorded
+# since the last read. Until the first read has succeeded (the database was down at start) it is retried
+# every REVOCATION_RETRY_S: until then the process knows nothing revoked before it started.
 REVOCATION_RELOAD_S = 10.0
+REVOCATION_RETRY_S = 1.0
+# A reload reads the rows revoked since the newest it saw, less this margin: a row's ``revoked_at`` is taken
+# (on the writer's clock) before its transaction commits, so a row can become visible after newer ones were
+# read. It is missed only if its transaction commits more than REVOCATION_LATE_S, less twice the writers'
+# clock skew, after the row was written. Revoking transactions commit within milliseconds (a refresh) or
+# seconds (a client's 50k tokens, inserted at the end of the transaction); anything slower is caught by the
+# full read every REVOCATION_FULL_RELOAD_S, and was pushed at commit anyway.
+REVOCATION_LATE_S = 60.0
+REVOCATION_FULL_RELOAD_S = 600.0
 
 
 class RevocationWatcher:
@@ -30,6 +46,7 @@ class RevocationWatcher:
         self._by_jti: dict[str, set[Callable[[], None]]] = defaultdict(set)
         self._by_client: dict[str, set[Callable[[], None]]] = defaultdict(set)
         self._changed_at: dict[str, float] = {}  # when a push last revoked or restored each client
+        self._pruned_at = 0.0
         self.last_push_at: float | None = None
 
     def apply(self, message: dict[str, Any]) -> None:
@@ -60,8 +77,9 @@ class RevocationWatcher:
                 cut()
         for client_id in message.get("restored_clients", []):
             self._clients.discard(str(client_id))
-        if len(self._jtis) > 10_000:
+        if now - self._pruned_at >= PRUNE_EVERY_S:  # by time: rebuilding on every push cost a core
             self._jtis = {j: e for j, e in self._jtis.items() if e + REVOKED_PAST_EXP_S > now}
+            self._pruned_at = now
 
     def is_revoked(self, principal: Principal) -> bool:
         """Return whether a push (or the database's record) already revoked this token or its client."""

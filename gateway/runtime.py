@@ -13,6 +13,8 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -33,7 +35,13 @@ from gateway.metrics import AUDIT_FULL_REFUSALS, REDIS_FALLBACKS, redis_reply_wa
 from gateway.policy import FULL_RELOAD_S, PolicyCache
 from gateway.ratelimit import LocalLimiter, RedisLimiter
 from gateway.redisbatch import RedisBatcher
-from gateway.revocation import REVOCATION_RELOAD_S, RevocationWatcher
+from gateway.revocation import (
+    REVOCATION_FULL_RELOAD_S,
+    REVOCATION_LATE_S,
+    REVOCATION_RELOAD_S,
+    REVOCATION_RETRY_S,
+    RevocationWatcher,
+)
 from gateway.services import POLICY_CHANNEL, policy_listener_add, policy_listener_remove
 from gateway.upstream import UpstreamPool, upstream_client
 
@@ -92,6 +100,8 @@ class Runtime:
         self._cleared: dict[str, float] = {}
         self._revocations_loaded = False  # the database's record of revocations was read once
         self._revocations_failing = False  # the last reload could not read it (logged once an outage)
+        self._revoked_through: datetime | None = None  # the newest revocation read: the next read's mark
+        self._revocations_full_at: float | None = None  # when (monotonic) every row was last read
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -123,7 +133,7 @@ class Runtime:
         keys_s, policies_s = self.reload_intervals()
         self._every(keys_s, self.keys.refresh)
         self._every(policies_s, self.policies.reload)
-        self._every(REVOCATION_RELOAD_S, self._revocations_reload)
+        self._tasks.append(asyncio.create_task(self._revocations_loop(), name="gateway-revocations"))
         self._every(self.conf.health_interval_s, self.upstreams.check_all)
         self._every(SPOOL_SCAN_S, self._spool_adopt)
         self._every(AUDIT_FULL_CHECK_S, self._audit_full_check)
@@ -341,12 +351,32 @@ class Runtime:
         cleared = self._cleared.get(jti)
         return cleared is not None and time.monotonic() - cleared < self.conf.revocation_stale_s
 
+    async def _revocations_loop(self) -> None:
+        while True:  # every second until the first read succeeds (the database was down at start)
+            await asyncio.sleep(REVOCATION_RELOAD_S if self._revocations_loaded else REVOCATION_RETRY_S)
+            try:
+                await self._revocations_reload()
+            except Exception:  # a failing catch-up keeps the previous state
+                logger.exception("background refresh of revocations failed")
+
+    def _revocations_since(self) -> datetime | None:
+        """Where the next read starts: nowhere (every row) at first and every REVOCATION_FULL_RELOAD_S, else
+        the newest revocation read less REVOCATION_LATE_S (rows that commit late; see there)."""
+        full_at = self._revocations_full_at
+        if full_at is None or self._revoked_through is None:
+            return None
+        if time.monotonic() - full_at >= REVOCATION_FULL_RELOAD_S:
+            return None
+        return self._revoked_through - timedelta(seconds=REVOCATION_LATE_S)
+
     async def _revocations_reload(self) -> bool:
         """Catch up with the revocations the database records (off the hot path; the old state is kept if
         it cannot be read): at start, what was revoked before this process began (the embedded default kept
-        it in a process that is gone, and Redis may have restarted empty); later, what no push told it."""
+        it in a process that is gone, and Redis may have restarted empty); later, what no push told it, read
+        from a high-water mark."""
+        since = self._revocations_since()
         try:
-            snapshot = await db_read(revocations_live)
+            snapshot = await db_read(partial(revocations_live, since=since))
         except Exception:  # database down: keep what this process knows; the reason is logged, once
             if not self._revocations_failing:
                 logger.exception("revocation reload failed; keeping the revocations this process knows")
@@ -355,6 +385,11 @@ class Runtime:
         if self._revocations_failing:
             logger.warning("revocation reload works again")
             self._revocations_failing = False
+        if since is None:
+            self._revocations_full_at = time.monotonic()
+        if snapshot.revoked_through is not None:
+            mark = self._revoked_through
+            self._revoked_through = max(mark, snapshot.revoked_through) if mark else snapshot.revoked_through
         caught = self.watcher.catch_up(snapshot)
         if self.redis is None:  # the embedded default's admission asks the in-process store
             local_revocations.catch_up(snapshot)

@@ -7,9 +7,12 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from authserver.models import AccessToken, RevokedAccessToken
+from authserver.revocation import local_revocations
 from authserver.selectors import revocations_live
 from authserver.services import client_disable, client_enable, revoked_access_tokens_prune, user_lock
 from authserver.tokens import jwt_unverified_claims
@@ -55,3 +58,42 @@ def test_the_record_names_the_disabled_clients_until_they_are_enabled_again(make
     client_enable(client=reg.client, actor="user:root")
     assert revocations_live().clients == frozenset()
     assert other.client.client_id not in revocations_live().clients
+
+
+def test_read_from_a_mark_the_record_holds_only_what_was_revoked_since_and_names_the_newest(make_client):
+    exp = timezone.now() + timedelta(minutes=5)
+    old, new = uuid.uuid4(), uuid.uuid4()
+    RevokedAccessToken.objects.create(jti=old, expires=exp)
+    RevokedAccessToken.objects.filter(jti=old).update(revoked_at=timezone.now() - timedelta(minutes=5))
+    RevokedAccessToken.objects.create(jti=new, expires=exp)
+    newest = RevokedAccessToken.objects.get(jti=new).revoked_at
+    everything = revocations_live()
+    assert {jti for jti, _ in everything.jtis} == {str(old), str(new)}
+    assert everything.revoked_through == newest
+    since = revocations_live(since=newest - timedelta(minutes=1))
+    assert [jti for jti, _ in since.jtis] == [str(new)]
+    assert since.revoked_through == newest
+    assert revocations_live(since=newest + timedelta(seconds=1)).revoked_through is None
+
+
+def test_disabling_a_client_records_its_tokens_in_one_insert_and_pushes_them_once(
+    make_client, alice, django_capture_on_commit_callbacks
+):
+    reg = make_client()
+    for _ in range(5):
+        jti = uuid.uuid4()
+        AccessToken.objects.create(
+            user=alice, application=reg.client, token=str(jti), jti=jti, expires=timezone.now() + timedelta(5)
+        )
+    pushes: list[dict[str, object]] = []
+    local_revocations.listeners.append(pushes.append)
+    try:
+        with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=True):
+            client_disable(client=reg.client, actor="user:root")
+    finally:
+        local_revocations.listeners.remove(pushes.append)
+    table = RevokedAccessToken._meta.db_table
+    inserts = [q for q in queries if q["sql"].startswith("INSERT") and table in q["sql"]]
+    assert len(inserts) == 1
+    assert RevokedAccessToken.objects.count() == 5
+    assert [len(p["jtis"]) for p in pushes if p["jtis"]] == [5]  # type: ignore[arg-type]

@@ -5,17 +5,35 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.utils import timezone
 
-from authserver.revocation import LocalRevocations, RevocationSnapshot, local_revocations
+import gateway.runtime
+from authserver.models import RevokedAccessToken
+from authserver.revocation import (
+    PRUNE_EVERY_S,
+    REVOKED_PAST_EXP_S,
+    LocalRevocations,
+    RevocationSnapshot,
+    local_revocations,
+)
+from authserver.selectors import revocations_live
 from authserver.services import client_disable
 from authserver.tokens import jwt_unverified_claims
 from gateway.auth import Principal
 from gateway.conf import gateway_settings
 from gateway.policy import FULL_RELOAD_S
-from gateway.revocation import REVOCATION_RELOAD_S, RevocationWatcher
+from gateway.revocation import (
+    REVOCATION_LATE_S,
+    REVOCATION_RELOAD_S,
+    REVOCATION_RETRY_S,
+    RevocationWatcher,
+)
 from gateway.runtime import Runtime
 from tests.conftest import basic_auth
 
@@ -119,3 +137,99 @@ def test_without_redis_keys_and_policies_are_read_as_often_as_revocations(settin
     else:
         assert keys_s <= REVOCATION_RELOAD_S
         assert policies_s <= REVOCATION_RELOAD_S
+
+
+@pytest.mark.django_db(transaction=True)  # the runtime reads the database from its own thread
+def test_after_its_first_read_a_gateway_reads_only_what_was_revoked_since_and_a_margin_before(
+    monkeypatch, settings
+):
+    settings.REDIS_URL = ""
+    now, exp = timezone.now(), timezone.now() + timedelta(minutes=5)
+    old, first, late, new = (uuid.uuid4() for _ in range(4))
+    RevokedAccessToken.objects.create(jti=old, expires=exp)
+    RevokedAccessToken.objects.create(jti=first, expires=exp)
+    RevokedAccessToken.objects.filter(jti=old).update(revoked_at=now - timedelta(minutes=5))
+    reads: list[RevocationSnapshot] = []
+
+    def spy(**kwargs: Any) -> RevocationSnapshot:
+        reads.append(revocations_live(**kwargs))
+        return reads[-1]
+
+    monkeypatch.setattr(gateway.runtime, "revocations_live", spy)
+
+    async def reload(runtime: Runtime, *, last: bool) -> None:
+        await runtime._revocations_reload()
+        if last:
+            await runtime.http.close()
+
+    runtime = Runtime(gateway_settings())
+    asyncio.run(reload(runtime, last=False))  # at start: every live row
+    # Committed since: one revoked now, one revoked before the newest row read (its transaction committed
+    # late) but within the margin.
+    RevokedAccessToken.objects.create(jti=new, expires=exp)
+    RevokedAccessToken.objects.create(jti=late, expires=exp)
+    late_at = now - timedelta(seconds=REVOCATION_LATE_S - 5)
+    RevokedAccessToken.objects.filter(jti=late).update(revoked_at=late_at)
+    asyncio.run(reload(runtime, last=True))
+    assert {jti for jti, _ in reads[0].jtis} == {str(old), str(first)}
+    assert {jti for jti, _ in reads[1].jtis} == {str(first), str(late), str(new)}  # not the old one
+    for jti in (old, first, late, new):
+        assert runtime.watcher.is_revoked(replace(SERVICE, jti=str(jti)))
+        assert local_revocations.is_revoked(str(jti), "c1")
+
+
+def test_a_gateway_that_could_not_read_the_record_at_start_retries_every_second(monkeypatch, settings):
+    settings.REDIS_URL = ""
+    waits: list[float] = []
+    answers: list[Any] = [RuntimeError("database down"), RuntimeError("still down")]
+
+    def read(**kwargs: Any) -> RevocationSnapshot:
+        if answers:
+            raise answers.pop(0)
+        return recorded(read_at=time.time())
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 5:
+            raise asyncio.CancelledError
+
+    async def run() -> Runtime:
+        runtime = Runtime(gateway_settings())
+        monkeypatch.setattr(gateway.runtime, "revocations_live", read)
+        assert not await runtime._revocations_reload()  # at start: the database is down
+        monkeypatch.setattr(asyncio, "sleep", sleep)
+        with pytest.raises(asyncio.CancelledError):
+            await runtime._revocations_loop()
+        monkeypatch.undo()
+        await runtime.http.close()
+        return runtime
+
+    asyncio.run(run())
+    # Down at start and at the first retry, read at the second: then the usual interval.
+    assert waits == [
+        REVOCATION_RETRY_S,
+        REVOCATION_RETRY_S,
+        REVOCATION_RELOAD_S,
+        REVOCATION_RELOAD_S,
+        REVOCATION_RELOAD_S,
+    ]
+
+
+@pytest.mark.parametrize("store", ["gateway", "embedded"])
+def test_expired_ids_are_dropped_on_a_timer_not_rebuilt_on_every_push(monkeypatch, store):
+    clock = [time.time()]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    watcher, local = RevocationWatcher(), LocalRevocations()
+    jtis = lambda: watcher._jtis if store == "gateway" else local._jtis  # noqa: E731
+    push = watcher.apply if store == "gateway" else local.add
+    push({"jtis": [(f"j{i}", clock[0] + 300) for i in range(20_000)]})
+    push({"jtis": [("expiring", clock[0] - REVOKED_PAST_EXP_S + 1)]})
+    held = jtis()
+    for i in range(50):
+        push({"jtis": [(f"k{i}", clock[0] + 300)]})
+    assert jtis() is held  # no rebuild of 20k entries per push
+    assert "expiring" in held
+    clock[0] += PRUNE_EVERY_S
+    push({"jtis": [("last", clock[0] + 300)]})
+    assert "expiring" not in jtis()
+    assert len(jtis()) == 20_051
