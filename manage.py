@@ -17,13 +17,23 @@ def main() -> None:
         from django.conf import settings
         from django.core.exceptions import ImproperlyConfigured
         from django.core.management import execute_from_command_line
+        from django.core.management.base import CommandError, CommandParser, handle_default_options
     except ImportError:
         sys.stderr.write(
             f"manage.py: {sys.executable} cannot import Django; use bin/manage (it runs .venv)\n"
         )
         sys.exit(EX_CONFIG)
+    # --settings and --pythonpath choose the settings to check, so they apply first, as Django's own
+    # ManagementUtility.execute() applies them: after the subcommand, a malformed one left to the command.
+    parser = CommandParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--settings")
+    parser.add_argument("--pythonpath")
     try:
-        settings.INSTALLED_APPS  # noqa: B018  (loads config/settings.py, which checks every variable)
+        handle_default_options(parser.parse_known_args(sys.argv[2:])[0])
+    except CommandError:
+        pass
+    try:
+        settings.INSTALLED_APPS  # noqa: B018  (loads the settings module, which checks every variable)
     except ImproperlyConfigured as exc:
         sys.stderr.write(f"manage.py: {' '.join(str(exc).split())}\n")
         sys.exit(EX_CONFIG)

@@ -4,11 +4,15 @@ default as bin/run serves it."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import environ_unconfigured
 from tests.e2e.conftest import ROOT
@@ -35,6 +39,38 @@ def test_a_missing_setting_stops_manage_py_with_one_line_naming_it_not_a_traceba
     )
     assert done.returncode == EX_CONFIG
     assert done.stderr == "manage.py: DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is false\n"
+    assert done.stdout == ""
+
+
+def manage_py(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_settings_and_pythonpath_options_choose_the_settings_that_manage_py_checks(tmp_path):
+    (tmp_path / "elsewhere_settings.py").write_text(
+        'from config.test_settings import *  # noqa: F403\nPORTCULLIS_MARKER = "elsewhere"\n'
+    )
+    env = environ_unconfigured()  # config.settings, the default, would stop: no secret key
+    done = manage_py("diffsettings", "--settings=config.test_settings", env=env)
+    assert done.returncode == 0, done.stderr  # was the default's one-line error: --settings came too late
+    assert "SETTINGS_MODULE = 'config.test_settings'" in done.stdout
+    done = manage_py("diffsettings", "--settings=elsewhere_settings", f"--pythonpath={tmp_path}", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "PORTCULLIS_MARKER = 'elsewhere'" in done.stdout
+
+
+def test_a_bad_setting_in_the_settings_module_an_option_names_is_one_line(tmp_path):
+    (tmp_path / "broken_settings.py").write_text(
+        "from django.core.exceptions import ImproperlyConfigured\n"
+        'raise ImproperlyConfigured("EXAMPLE_SETTING must be set")\n'
+    )
+    env = environ_unconfigured()
+    env["DJANGO_SETTINGS_MODULE"] = "config.test_settings"  # would load: the option must win over it
+    done = manage_py("check", "--settings=broken_settings", f"--pythonpath={tmp_path}", env=env)
+    assert done.returncode == EX_CONFIG  # was 0: the check ran on config.test_settings
+    assert done.stderr == "manage.py: EXAMPLE_SETTING must be set\n"
     assert done.stdout == ""
 
 
@@ -85,3 +121,76 @@ def test_bin_run_installs_the_openai_sdk_its_banner_runs_with_the_interpreter_th
     assert '. bin/_venv.sh "[demo]"' in run
     examples = re.findall(r"^\s*(\S*python\S*) -c ", run, flags=re.MULTILINE)
     assert examples == [".venv/bin/python"]
+
+
+def run_script(
+    script: str, env: dict[str, str], *args: str, cwd: Path = ROOT
+) -> subprocess.CompletedProcess[str]:
+    """Run bin/<script>; on a timeout stop everything it started (its own process group), then fail."""
+    with subprocess.Popen(
+        [str(ROOT / "bin" / script), *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as child:
+        try:
+            out, err = child.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGTERM)
+            child.communicate()
+            raise
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+DEPLOYMENT_NOTE = (
+    "bin/manage: DATABASE_URL or REDIS_URL is set: not the embedded default; "
+    "running on this environment's settings as they are"
+)
+
+
+@pytest.mark.parametrize("variable", ["DATABASE_URL", "REDIS_URL"])
+def test_bin_manage_on_a_deployment_does_not_switch_on_development_mode(tmp_path, variable):
+    url = f"sqlite:///{tmp_path}/deployed.sqlite3" if variable == "DATABASE_URL" else "redis://127.0.0.1:1/0"
+    env = embedded_environ(tmp_path / "var", **{variable: url})
+    done = run_script("manage", env, "rotatekeys", cwd=tmp_path)
+    assert done.returncode == EX_CONFIG  # was a key encrypted with the development key-encryption key
+    assert done.stderr.splitlines() == [
+        DEPLOYMENT_NOTE,
+        "manage.py: DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is false",
+    ]
+    assert not (tmp_path / "deployed.sqlite3").exists()
+    assert not (tmp_path / "var").exists()
+
+
+def test_bin_manage_on_a_configured_deployment_runs_on_its_settings_as_they_are(tmp_path):
+    env = embedded_environ(
+        tmp_path / "var",
+        DATABASE_URL=f"sqlite:///{tmp_path}/deployed.sqlite3",
+        DJANGO_SECRET_KEY="a-production-secret-for-this-test-only-0123456789",
+        PORTCULLIS_KEY_ENCRYPTION_KEY="a-production-key-encryption-key-for-this-test",
+        PORTCULLIS_ISSUER="https://auth.example.com",
+        DJANGO_ALLOWED_HOSTS="auth.example.com",
+        PORT="18123",
+    )
+    code = "import os; from django.conf import settings; print(settings.DEBUG, os.getenv('VLLM_UPSTREAMS'))"
+    shown = run_script("manage", env, "shell", "-v", "0", "-c", code, cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.split() == ["False", "None"]  # was True: DJANGO_DEBUG defaulted on a deployment
+    assert shown.stderr.splitlines()[0] == DEPLOYMENT_NOTE
+
+
+def test_bin_run_refuses_a_deployments_database_with_one_line_and_touches_nothing(tmp_path):
+    database = tmp_path / "deployed.sqlite3"
+    env = embedded_environ(
+        tmp_path / "var", DATABASE_URL=f"sqlite:///{database}", PORT="18124", FAKE_PORT="18125"
+    )
+    done = run_script("run", env)
+    assert done.returncode == EX_CONFIG  # was a demo admin, demo clients and a default policy written to it
+    [line] = done.stderr.splitlines()
+    assert line.startswith("bin/run: serves the embedded default only, and DATABASE_URL or REDIS_URL is set")
+    assert done.stdout == ""
+    assert not database.exists()
+    assert not (tmp_path / "var").exists()

@@ -3,12 +3,16 @@ with the admin as actor; validation errors come back on the form; secrets are sh
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
+from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from django.contrib.auth.hashers import check_password
+from django.db import connection
 from django.test import Client as HttpClient
 from django.utils import timezone
 
@@ -393,23 +397,104 @@ def test_signing_in_without_a_destination_takes_staff_to_the_console_and_others_
     assert sent_on["Location"] == "/oauth/authorize/?client_id=x"  # a flow's own destination comes first
 
 
+def session_cookie(user: Any) -> tuple[bytes, bytes]:
+    """A ``Cookie`` header signing ``user`` in, for a request sent to the ASGI handler directly."""
+    http = HttpClient()
+    http.force_login(user)
+    return (b"cookie", f"sessionid={http.cookies['sessionid'].value}".encode())
+
+
 @pytest.mark.django_db(transaction=True)  # Django's ASGI handler runs the view in a thread of its own
-def test_under_asgi_the_csv_export_streams_its_rows_from_an_async_iterator(admin_user):
+def test_under_asgi_the_csv_export_streams_its_rows_from_an_async_iterator(admin_user, monkeypatch):
     from audit.services import audit_record
 
+    monkeypatch.setattr("console.views.audit.EXPORT_CHUNK", 2)
     for n in range(3):
         audit_record(kind="test.row", actor=f"user:row{n}")
-    http = HttpClient()
-    http.force_login(admin_user)
-    session = f"sessionid={http.cookies['sessionid'].value}".encode()
-    start, *bodies = django_asgi_get("/console/audit/export.csv?kind=test.", headers=[(b"cookie", session)])
+    start, *bodies = django_asgi_get(
+        "/console/audit/export.csv?kind=test.", headers=[session_cookie(admin_user)]
+    )
     assert (
         start["status"] == 200
     )  # a synchronous iterator was read whole first, with a warning (an error here)
     parts = [m["body"] for m in bodies if m.get("body")]
-    assert len(parts) == 4  # the header, then a row at a time
+    assert len(parts) == 3  # the header, then a page at a time
     rows = list(csv.reader(io.StringIO(b"".join(parts).decode())))
     assert [row[3] for row in rows] == ["actor", "user:row2", "user:row1", "user:row0"]
+
+
+def test_the_csv_export_pages_through_events_of_the_same_instant_each_once_in_order(as_admin, monkeypatch):
+    from audit.services import audit_record
+
+    monkeypatch.setattr("console.views.audit.EXPORT_CHUNK", 2)
+    instant = timezone.now()
+    recorded = [audit_record(kind="test.tie", actor=f"user:tie{n}", occurred_at=instant) for n in range(5)]
+    audit_record(kind="test.tie", actor="user:older", occurred_at=instant - timedelta(seconds=1))
+    response = as_admin.get("/console/audit/export.csv?kind=test.")  # WSGI: the synchronous pages
+    rows = list(csv.reader(io.StringIO(b"".join(response.streaming_content).decode())))
+    expected = [e.actor for e in sorted(recorded, key=lambda e: e.pk, reverse=True)] + ["user:older"]
+    assert [row[3] for row in rows[1:]] == expected  # a page boundary inside a tie skips or repeats none
+
+
+def open_cursors() -> int:
+    """Server-side cursors open on this thread's database connection (PostgreSQL's ``pg_cursors``)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_cursors")
+        return int(cursor.fetchone()[0])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_client_leaving_mid_export_leaves_no_cursor_open_on_the_connection(admin_user, monkeypatch):
+    from asgiref.sync import sync_to_async
+    from django.core.handlers.asgi import ASGIHandler
+
+    from audit.services import audit_record
+
+    monkeypatch.setattr("console.views.audit.EXPORT_CHUNK", 2)
+    for n in range(5):
+        audit_record(kind="test.row", actor=f"user:row{n}")
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/console/audit/export.csv",
+        "raw_path": b"/console/audit/export.csv",
+        "root_path": "",
+        "query_string": b"kind=test.",
+        "headers": [(b"host", b"testserver"), session_cookie(admin_user)],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+    bodies: list[bytes] = []
+    cursors_between_chunks: list[int] = []
+
+    async def run() -> None:
+        left = asyncio.Event()
+        requests = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if requests:
+                return requests.pop()
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: Mapping[str, Any]) -> None:
+            if message.get("body"):
+                bodies.append(message["body"])
+                # The view's thread (one per request under ASGI): the connection the export reads on.
+                cursors_between_chunks.append(await sync_to_async(open_cursors)())
+                if len(bodies) == 2:  # the header and the first rows: the client goes away
+                    left.set()
+                    await asyncio.sleep(0)
+
+        await ASGIHandler()(scope, receive, send)
+
+    asyncio.run(run())
+    assert set(cursors_between_chunks) == {0}  # aiterator() held a server-side cursor between chunks
+    assert b"user:row4" in bodies[1]
+    assert b"user:row0" not in b"".join(bodies)  # the export stopped when the client left
 
 
 def test_chain_verification_runs_on_request_and_reports_its_result(as_admin, world):
