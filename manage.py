@@ -37,6 +37,10 @@ def main() -> None:
     except ImproperlyConfigured as exc:
         sys.stderr.write(f"manage.py: {' '.join(str(exc).split())}\n")
         sys.exit(EX_CONFIG)
+    except ImportError as exc:  # a mistyped --settings or DJANGO_SETTINGS_MODULE
+        module = os.environ.get("DJANGO_SETTINGS_MODULE")
+        sys.stderr.write(f"manage.py: cannot import the settings module {module!r}: {exc}\n")
+        sys.exit(EX_CONFIG)
     execute_from_command_line(sys.argv)
 
 

@@ -68,8 +68,14 @@ def _deletions_batched() -> Iterator[None]:
     """Record the access tokens deleted in the block (inside its transaction) with a few multi-row INSERTs
     and one push at its end, instead of one INSERT and one push per token (a client's 50k tokens). If the
     block raises, nothing is recorded: its transaction rolls the deletion back."""
-    if getattr(_batch, "tokens", None) is not None:  # nested: the outer block records them
-        yield
+    outer: list[AccessToken] | None = getattr(_batch, "tokens", None)
+    if outer is not None:  # nested: the outer block records them, less what a failing inner block collected
+        mark = len(outer)
+        try:
+            yield
+        except BaseException:
+            del outer[mark:]  # its savepoint (if any) rolled those deletions back
+            raise
         return
     collected: list[AccessToken] = []
     _batch.tokens = collected

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -15,6 +16,7 @@ from authserver.models import AccessToken, RevokedAccessToken
 from authserver.revocation import local_revocations
 from authserver.selectors import revocations_live
 from authserver.services import client_disable, client_enable, revoked_access_tokens_prune, user_lock
+from authserver.services import tokens as tokens_service
 from authserver.tokens import jwt_unverified_claims
 from tests.conftest import basic_auth
 
@@ -97,3 +99,29 @@ def test_disabling_a_client_records_its_tokens_in_one_insert_and_pushes_them_onc
     assert len(inserts) == 1
     assert RevokedAccessToken.objects.count() == 5
     assert [len(p["jtis"]) for p in pushes if p["jtis"]] == [5]  # type: ignore[arg-type]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_deletion_rolled_back_inside_a_batch_is_neither_recorded_nor_pushed(make_client, monkeypatch):
+    client = make_client().client
+    token = AccessToken.objects.create(
+        application=client,
+        token="t" * 40,
+        expires=timezone.now() + timedelta(hours=1),
+        scope="s",
+        jti=uuid.uuid4(),
+    )
+    pushed: list[Any] = []
+    monkeypatch.setattr(tokens_service, "revocation_publish", lambda **kw: pushed.append(kw))
+    with transaction.atomic(), tokens_service._deletions_batched():
+        try:
+            with transaction.atomic(), tokens_service._deletions_batched():  # a savepoint that fails
+                AccessToken.objects.filter(pk=token.pk).delete()
+                raise ValueError
+        except ValueError:
+            pass
+    assert AccessToken.objects.filter(pk=token.pk).exists()  # its deletion was rolled back
+    assert not RevokedAccessToken.objects.filter(jti=token.jti).exists()
+    assert all(str(token.jti) not in str(push) for push in pushed)
+    AccessToken.objects.filter(pk=token.pk).delete()  # and the same deletion, kept, is recorded
+    assert RevokedAccessToken.objects.filter(jti=token.jti).exists()

@@ -61,6 +61,14 @@ def test_the_settings_and_pythonpath_options_choose_the_settings_that_manage_py_
     assert "PORTCULLIS_MARKER = 'elsewhere'" in done.stdout
 
 
+def test_a_settings_module_that_cannot_be_imported_is_one_line():
+    done = manage_py("check", "--settings=nope.settings", env=environ_unconfigured())
+    assert done.returncode == EX_CONFIG  # was a ModuleNotFoundError traceback
+    assert done.stderr.startswith("manage.py: cannot import the settings module 'nope.settings': ")
+    assert done.stderr.count("\n") == 1
+    assert done.stdout == ""
+
+
 def test_a_bad_setting_in_the_settings_module_an_option_names_is_one_line(tmp_path):
     (tmp_path / "broken_settings.py").write_text(
         "from django.core.exceptions import ImproperlyConfigured\n"

@@ -641,3 +641,13 @@ def test_read_only_staff_see_the_pages_without_the_buttons_they_may_not_use(staf
     assert b"Revoke token" not in tokens.content
     plain_user = signed_in(world.user)  # no console at all
     assert plain_user.get("/console/tokens/").status_code == 403
+
+
+def test_an_export_page_after_the_first_starts_where_the_occurred_at_index_can():
+    from console.views.audit import _export_page
+
+    after = AuditEvent(pk=5, occurred_at=timezone.now())  # the last event of the page before
+    sql = str(_export_page(AuditEvent.objects.all(), after).query)
+    # the OR of (earlier) and (same instant, lower id) alone gives the index no bound: every page scanned
+    # every event already exported
+    assert '"occurred_at" <= ' in sql, sql
