@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 LIMITS = ("requests", "tokens", "user_requests", "user_tokens", "concurrency", "daily_tokens")
 # the x-ratelimit-* headers a refusal by each limit speaks for (a user's limit is not the client's)
 REFUSED_DIMENSION = {"requests": "requests", "tokens": "tokens"}
+HEADER_NAMES = tuple(
+    (dimension, tuple(f"x-ratelimit-{part}-{dimension}" for part in ("limit", "remaining", "reset")))
+    for dimension in ("requests", "tokens")
+)
 WINDOW_MS = 60_000
 DAY_TTL_S = 2 * 86_400
 SLOT_TTL_MS = 15 * 60_000  # a slot held longer than any request may run is reclaimed
@@ -215,22 +219,19 @@ def ratelimit_headers(buckets: Buckets, admission: Admission) -> dict[str, str]:
     left is not known, so only its size is given (a concurrency or daily refusal gives both sizes)."""
     headers: dict[str, str] = {}
     refused = None if admission.allowed else REFUSED_DIMENSION.get(admission.limit, "")
-    if buckets.rpm:
-        headers["x-ratelimit-limit-requests"] = str(buckets.rpm)
-        if refused is None:
-            headers["x-ratelimit-remaining-requests"] = str(max(0, admission.remaining_requests))
-            headers["x-ratelimit-reset-requests"] = _fmt_reset(admission.reset_requests_ms)
-        elif refused == "requests":
-            headers["x-ratelimit-remaining-requests"] = "0"
-            headers["x-ratelimit-reset-requests"] = _fmt_reset(admission.retry_after_ms)
-    if buckets.tpm:
-        headers["x-ratelimit-limit-tokens"] = str(buckets.tpm)
-        if refused is None:
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, admission.remaining_tokens))
-            headers["x-ratelimit-reset-tokens"] = _fmt_reset(admission.reset_tokens_ms)
-        elif refused == "tokens":
-            headers["x-ratelimit-remaining-tokens"] = "0"
-            headers["x-ratelimit-reset-tokens"] = _fmt_reset(admission.retry_after_ms)
+    for (dimension, names), limit, remaining, reset_ms in (
+        (HEADER_NAMES[0], buckets.rpm, admission.remaining_requests, admission.reset_requests_ms),
+        (HEADER_NAMES[1], buckets.tpm, admission.remaining_tokens, admission.reset_tokens_ms),
+    ):
+        if not limit:
+            continue
+        headers[names[0]] = str(limit)
+        if refused == dimension:
+            remaining, reset_ms = 0, admission.retry_after_ms
+        elif refused is not None:
+            continue  # the reservation stopped before this limit: what it has left is not known
+        headers[names[1]] = str(max(0, remaining))
+        headers[names[2]] = _fmt_reset(reset_ms)
     if not admission.allowed:
         headers["retry-after"] = str(max(1, math.ceil(admission.retry_after_ms / 1000)))
     return headers

@@ -179,13 +179,10 @@ call_command("migrate", verbosity=0)
 """
 
 
-def django_asgi_get(path: str, *, headers: list[tuple[bytes, bytes]] | None = None) -> list[dict[str, Any]]:
-    """GET ``path`` from Django's own ASGI handler, as uvicorn would (warnings are errors here); return the
-    messages it sent. Its database work runs in threads of its own: the test needs ``transaction=True``."""
-    from django.core.handlers.asgi import ASGIHandler
-
+def asgi_get_scope(path: str, *, headers: list[tuple[bytes, bytes]] | None = None) -> dict[str, Any]:
+    """The ASGI scope of a GET of ``path`` (query included) as uvicorn builds it."""
     path, _, query = path.partition("?")
-    scope = {
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -199,6 +196,14 @@ def django_asgi_get(path: str, *, headers: list[tuple[bytes, bytes]] | None = No
         "client": ("127.0.0.1", 50000),
         "server": ("testserver", 80),
     }
+
+
+def django_asgi_get(path: str, *, headers: list[tuple[bytes, bytes]] | None = None) -> list[dict[str, Any]]:
+    """GET ``path`` from Django's own ASGI handler, as uvicorn would (warnings are errors here); return the
+    messages it sent. Its database work runs in threads of its own: the test needs ``transaction=True``."""
+    from django.core.handlers.asgi import ASGIHandler
+
+    scope = asgi_get_scope(path, headers=headers)
     requests = [{"type": "http.request", "body": b"", "more_body": False}]
     sent: list[dict[str, Any]] = []
 

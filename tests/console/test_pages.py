@@ -20,7 +20,7 @@ from audit.models import AuditEvent, UsageRecord
 from authserver.models import AccessToken, Client, Consent, SigningKey
 from authserver.services import client_register
 from gateway.models import ClientPolicy
-from tests.conftest import OAuthDriver, django_asgi_get
+from tests.conftest import OAuthDriver, asgi_get_scope, django_asgi_get
 from tests.console.conftest import issue_token
 
 pytestmark = pytest.mark.django_db
@@ -453,20 +453,7 @@ def test_a_client_leaving_mid_export_leaves_no_cursor_open_on_the_connection(adm
     monkeypatch.setattr("console.views.audit.EXPORT_CHUNK", 2)
     for n in range(5):
         audit_record(kind="test.row", actor=f"user:row{n}")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/console/audit/export.csv",
-        "raw_path": b"/console/audit/export.csv",
-        "root_path": "",
-        "query_string": b"kind=test.",
-        "headers": [(b"host", b"testserver"), session_cookie(admin_user)],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
+    scope = asgi_get_scope("/console/audit/export.csv?kind=test.", headers=[session_cookie(admin_user)])
     bodies: list[bytes] = []
     cursors_between_chunks: list[int] = []
 
