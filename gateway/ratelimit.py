@@ -35,8 +35,8 @@ logger = logging.getLogger(__name__)
 # Every limit's name: what the admission script returns, the 429's ``code``, the metrics label. The
 # message for each is in gateway.admission; tests/gateway/test_ratelimit.py checks all of them agree.
 LIMITS = ("requests", "tokens", "user_requests", "user_tokens", "concurrency", "daily_tokens")
-# the x-ratelimit-* headers a refusal by each limit speaks for (a user's limit is not the client's)
-REFUSED_DIMENSION = {"requests": "requests", "tokens": "tokens"}
+# the limits whose refusal the x-ratelimit-* headers speak for (a user's limit is not the client's)
+HEADER_LIMITS = frozenset({"requests", "tokens"})
 HEADER_NAMES = tuple(
     (dimension, tuple(f"x-ratelimit-{part}-{dimension}" for part in ("limit", "remaining", "reset")))
     for dimension in ("requests", "tokens")
@@ -218,7 +218,7 @@ def ratelimit_headers(buckets: Buckets, admission: Admission) -> dict[str, str]:
     tokens a minute then show none remaining and reset when ``Retry-After`` says; what the other limit has
     left is not known, so only its size is given (a concurrency or daily refusal gives both sizes)."""
     headers: dict[str, str] = {}
-    refused = None if admission.allowed else REFUSED_DIMENSION.get(admission.limit, "")
+    refused = None if admission.allowed else (admission.limit if admission.limit in HEADER_LIMITS else "")
     for (dimension, names), limit, remaining, reset_ms in (
         (HEADER_NAMES[0], buckets.rpm, admission.remaining_requests, admission.reset_requests_ms),
         (HEADER_NAMES[1], buckets.tpm, admission.remaining_tokens, admission.reset_tokens_ms),
