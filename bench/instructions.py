@@ -31,28 +31,24 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
 
 from bench.loadgen import ProtocolError, Target, build_request, read_answer
 from bench.scenarios import CHAT_PATH, chat_body
-from bench.spawn import ROOT, StackError
+from bench.spawn import RESULTS_DIR, StackError, harness_start
 from bench.stack import Stack, StackOptions
 
 logger = logging.getLogger("bench")
 
-RESULTS_DIR = ROOT / "bench" / "results"
 CONTROL_TIMEOUT_S = 120.0
 POKE_AFTER_S = 1.0  # a control command not taken within this long wakes the server with requests
 STARTUP_TIMEOUT_S = 600.0  # Django and the gateway start under valgrind
@@ -385,17 +381,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
-    raise SystemExit(128 + signum)  # unwinds through the stack's context manager, which stops everything
-
-
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    log_dir = Path(tempfile.mkdtemp(prefix="portcullis-instr-"))
+    log_dir = harness_start("portcullis-instr-")
     try:
         result = execute(args, log_dir)
     except (StackError, CountError, ProtocolError, OSError) as exc:

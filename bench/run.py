@@ -15,15 +15,12 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import uvloop
@@ -31,12 +28,11 @@ import uvloop
 from bench.profile import py_spy_path, py_spy_start, summarize
 from bench.report import against_reference, aggregate, machine_info, print_report, rows
 from bench.scenarios import SCENARIOS, Plan, Scenario, measure, scenarios_select
-from bench.spawn import ROOT
+from bench.spawn import RESULTS_DIR, harness_start
 from bench.stack import Stack, StackError, StackOptions
 
 logger = logging.getLogger("bench")
 
-RESULTS_DIR = ROOT / "bench" / "results"
 PROFILE_MIN_WINDOW_S = 10.0  # enough samples at py-spy's rate to rank the hot spots
 Run = Callable[[Coroutine[Any, Any, Any]], Any]
 
@@ -221,11 +217,6 @@ def metering(stack: Stack, measurements: list[dict[str, Any]], plan: Plan) -> di
     }
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
-    raise SystemExit(128 + signum)  # unwinds through the stack's context manager, which stops everything
-
-
 def _stack_options(args: argparse.Namespace, log_dir: Path, cores: list[int]) -> StackOptions:
     return StackOptions(
         log_dir=log_dir,
@@ -322,11 +313,8 @@ def finish(result: dict[str, Any], json_out: Path | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    log_dir = Path(tempfile.mkdtemp(prefix="portcullis-bench-"))
+    log_dir = harness_start("portcullis-bench-")
     try:
         result = execute(args, log_dir)
     except StackError as exc:

@@ -8,19 +8,23 @@ it exits at start.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 from bench import proc
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"  # git-ignored
 PYTHON = sys.executable
 STARTUP_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -146,3 +150,19 @@ def _tail(path: Path, size: int = 3000) -> str:
         return path.read_text(errors="replace")[-size:]
     except OSError:
         return ""
+
+
+def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM ends a harness run as an exception would: through the stack's context manager, which stops
+    everything it started. A second one must not cut that stop short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def harness_start(log_prefix: str) -> Path:
+    """What every harness command does first: log to stderr, stop its stack on SIGTERM, and make the
+    folder its processes log to (kept when the run fails)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    return Path(tempfile.mkdtemp(prefix=log_prefix))
