@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -79,51 +80,63 @@ def revocation_catch_up(
     }
 
 
-class LocalRevocations:
+class RevokedSet:
+    """Revoked token ids (with their ``exp``) and disabled clients, as pushes and the database's record
+    leave them: this process's store (``LocalRevocations``) and each gateway's watcher hold one each."""
+
+    def __init__(self) -> None:
+        self._jtis: dict[str, float] = {}
+        self._clients: set[str] = set()
+        self._changed_at: dict[str, float] = {}  # when a push last revoked or restored each client
+        self._pruned_at = 0.0
+
+    def _take(self, message: Mapping[str, Any], *, pushed_at: float | None) -> None:
+        """Record a push (``pushed_at``: when it came) or a catch-up's message (None)."""
+        now = time.time()
+        for jti, exp in message.get("jtis", []):
+            self._jtis[str(jti)] = float(exp)
+        for client_id in message.get("clients", []):
+            self._clients.add(str(client_id))
+        for client_id in message.get("restored_clients", []):
+            self._clients.discard(str(client_id))
+        if pushed_at is not None:
+            for client_id in (*message.get("clients", []), *message.get("restored_clients", [])):
+                self._changed_at[str(client_id)] = pushed_at
+        if now - self._pruned_at >= PRUNE_EVERY_S:  # by time: rebuilding on every push cost a core
+            self._jtis = {j: e for j, e in self._jtis.items() if e + REVOKED_PAST_EXP_S > now}
+            self._pruned_at = now
+
+    def _catch_up_message(self, snapshot: RevocationSnapshot) -> dict[str, object]:
+        """The push that brings this set up to the database's record (``revocation_catch_up``)."""
+        return revocation_catch_up(
+            snapshot, jtis=self._jtis, clients=self._clients, changed_at=self._changed_at
+        )
+
+
+class LocalRevocations(RevokedSet):
     """The in-process store for the embedded default (and the listeners of this process)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._lock = threading.Lock()
-        self._jtis: dict[str, float] = {}
-        self.clients: set[str] = set()
-        self._changed_at: dict[str, float] = {}  # when a push last revoked or restored each client
-        self._pruned_at = 0.0
         self.listeners: list[Listener] = []
 
     def add(self, message: dict[str, object]) -> None:
         with self._lock:
-            self._apply(message, pushed_at=time.time())
+            self._take(message, pushed_at=time.time())
         for listener in list(self.listeners):
             listener(message)
 
     def catch_up(self, snapshot: RevocationSnapshot) -> dict[str, object]:
         """Take in what the database records and this store was not told; return what changed."""
         with self._lock:
-            message = revocation_catch_up(
-                snapshot, jtis=self._jtis, clients=self.clients, changed_at=self._changed_at
-            )
-            self._apply(message, pushed_at=None)
+            message = self._catch_up_message(snapshot)
+            self._take(message, pushed_at=None)
         return message
-
-    def _apply(self, message: dict[str, object], *, pushed_at: float | None) -> None:
-        now = time.time()
-        for jti, exp in message.get("jtis", []):  # type: ignore[attr-defined]
-            self._jtis[jti] = float(exp)
-        for client_id in message.get("clients", []):  # type: ignore[attr-defined]
-            self.clients.add(client_id)
-            if pushed_at is not None:
-                self._changed_at[client_id] = pushed_at
-        for client_id in message.get("restored_clients", []):  # type: ignore[attr-defined]
-            self.clients.discard(client_id)
-            if pushed_at is not None:
-                self._changed_at[client_id] = pushed_at
-        if now - self._pruned_at >= PRUNE_EVERY_S:
-            self._jtis = {j: e for j, e in self._jtis.items() if e + REVOKED_PAST_EXP_S > now}
-            self._pruned_at = now
 
     def is_revoked(self, jti: str, client_id: str) -> bool:
         exp = self._jtis.get(jti)
-        return client_id in self.clients or (exp is not None and exp + REVOKED_PAST_EXP_S > time.time())
+        return client_id in self._clients or (exp is not None and exp + REVOKED_PAST_EXP_S > time.time())
 
 
 local_revocations = LocalRevocations()

@@ -15,12 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from authserver.revocation import (
-    PRUNE_EVERY_S,
-    REVOKED_PAST_EXP_S,
-    RevocationSnapshot,
-    revocation_catch_up,
-)
+from authserver.revocation import RevocationSnapshot, RevokedSet
 from gateway.auth import Principal
 
 # How late a process learns from the database what no push told it (a revocation from another process of
@@ -39,47 +34,34 @@ REVOCATION_LATE_S = 60.0
 REVOCATION_FULL_RELOAD_S = 600.0
 
 
-class RevocationWatcher:
+class RevocationWatcher(RevokedSet):
     def __init__(self) -> None:
-        self._jtis: dict[str, float] = {}
-        self._clients: set[str] = set()
+        super().__init__()
         self._by_jti: dict[str, set[Callable[[], None]]] = defaultdict(set)
         self._by_client: dict[str, set[Callable[[], None]]] = defaultdict(set)
-        self._changed_at: dict[str, float] = {}  # when a push last revoked or restored each client
-        self._pruned_at = 0.0
         self.last_push_at: float | None = None
 
     def apply(self, message: dict[str, Any]) -> None:
         """Record a revocation push and cut the streams it concerns."""
-        now = time.time()
-        self.last_push_at = now
-        for client_id in (*message.get("clients", []), *message.get("restored_clients", [])):
-            self._changed_at[str(client_id)] = now
-        self._apply(message, now)
+        self.last_push_at = time.time()
+        self._take(message, pushed_at=self.last_push_at)
+        self._cut(message)
 
     def catch_up(self, snapshot: RevocationSnapshot) -> dict[str, Any]:
         """Take in what the database records and no push told this process; cut the streams it concerns.
         Return what changed."""
-        message = revocation_catch_up(
-            snapshot, jtis=self._jtis, clients=self._clients, changed_at=self._changed_at
-        )
-        self._apply(message, time.time())
+        message = self._catch_up_message(snapshot)
+        self._take(message, pushed_at=None)
+        self._cut(message)
         return message
 
-    def _apply(self, message: dict[str, Any], now: float) -> None:
-        for jti, exp in message.get("jtis", []):
-            self._jtis[str(jti)] = float(exp)
+    def _cut(self, message: dict[str, Any]) -> None:
+        for jti, _exp in message.get("jtis", []):
             for cut in list(self._by_jti.get(str(jti), ())):
                 cut()
         for client_id in message.get("clients", []):
-            self._clients.add(str(client_id))
             for cut in list(self._by_client.get(str(client_id), ())):
                 cut()
-        for client_id in message.get("restored_clients", []):
-            self._clients.discard(str(client_id))
-        if now - self._pruned_at >= PRUNE_EVERY_S:  # by time: rebuilding on every push cost a core
-            self._jtis = {j: e for j, e in self._jtis.items() if e + REVOKED_PAST_EXP_S > now}
-            self._pruned_at = now
 
     def is_revoked(self, principal: Principal) -> bool:
         """Return whether a push (or the database's record) already revoked this token or its client."""
