@@ -15,7 +15,7 @@ from fakevllm.asgi import encode
 from fakevllm.config import MAX_MODEL_LEN
 from fakevllm.errors import bad_request, validation_error
 from fakevllm.request_ids import base_request_id
-from fakevllm.validation import input_tokens, resolve_model, split_inputs
+from fakevllm.validation import check_cache_salt, input_tokens, resolve_model, split_inputs
 
 
 def embedding_body(
@@ -26,6 +26,7 @@ def embedding_body(
     Its id is `embd-` and the X-Request-Id header, else a random id: vLLM's pooling servers pass no body
     field to `_base_request_id` (fakevllm.request_ids).
     """
+    check_cache_salt(req)  # vLLM 0.20 and later take a cache_salt on pooling requests too
     inputs = split_inputs(req.get("input"), "input")
     model = resolve_model(req, served)
     encoding_format = req.get("encoding_format") or "float"
@@ -41,6 +42,7 @@ def embedding_body(
         "total_tokens": prompt,
         "completion_tokens": 0,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,
     }
     response = {
         "id": f"embd-{base_request_id(request_id_header)}",
@@ -80,7 +82,20 @@ def _vector_for_key(key: str, dim: int) -> tuple[float, ...]:
         state = (state * 1103515245 + 12345) & 0x7FFFFFFF
         raw.append(state / 0x7FFFFFFF - 0.5)
     norm = math.sqrt(sum(v * v for v in raw)) or 1.0
-    return tuple(v / norm for v in raw)
+    return tuple(_float32(v / norm) for v in raw)
+
+
+def _float32(value: float) -> float:
+    """The float32 nearest ``value``, as the float whose JSON text is that float32's shortest digits: vLLM
+    0.33 hands orjson the pooler's float32 array, which writes ``0.35355338`` where Python's own float
+    would be ``0.35355339059327373``."""
+    packed = struct.pack("<f", value)
+    exact = struct.unpack("<f", packed)[0]
+    for digits in range(1, 10):  # nine significant digits always read back as the same float32
+        shortest = float(f"{exact:.{digits}g}")
+        if struct.pack("<f", shortest) == packed:
+            return shortest
+    return exact
 
 
 def _encoded(vector: list[float], encoding_format: str) -> list[float] | str:

@@ -77,6 +77,7 @@ def plan(
     The response id is vLLM's: the X-Request-Id header, else the body's request_id, else random, after
     `chatcmpl-` or `cmpl-` (fakevllm.request_ids).
     """
+    check_cache_salt(req)  # a before-validator in vLLM: ahead of every field's own check
     per_prompt, max_tokens = _chat_prompt(req) if kind == "chat" else _completion_prompts(req)
     model = resolve_model(req, model_json)
     n = optional_int(req, "n", 1) or 1
@@ -85,7 +86,6 @@ def plan(
     for count in per_prompt:
         check_context(count, max_tokens)
     stream, include_usage, continuous_usage = stream_flags(req)
-    check_cache_salt(req)
     base_id = base_request_id(request_id_header, req)
     ntok, finish = _length(max_tokens, config.tokens)
     return Generation(

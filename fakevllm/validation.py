@@ -149,12 +149,26 @@ def content_texts(messages: Any) -> list[str]:
     return texts
 
 
+CACHE_SALT_MAX = 128
+CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
+
+
 def check_cache_salt(req: Mapping[str, Any]) -> None:
-    """vLLM's ``cache_salt`` (chat and text completions): absent, null, or a non-empty string. Its model
-    validator (``check_cache_salt_support`` in the chat and completion protocols) raises a ValueError,
-    which FastAPI answers with pydantic's "Value error, ..." 400."""
+    """vLLM 0.33's ``validate_cache_salt``, a before-validator of the chat, completion and pooling requests
+    (so it speaks before any field is checked): absent, null, or a string of 1 to 128 characters without
+    '@', '/', '\\' or NUL. It raises a ``VLLMValidationError``, which is no ValueError: pydantic lets it
+    through, and vLLM's error handler answers a ``BadRequestError`` naming the parameter, the error's text
+    ending in its ``(parameter=cache_salt)``."""
     salt = req.get("cache_salt")
-    if salt is not None and (not isinstance(salt, str) or not salt):
-        raise validation_error(
-            "Value error, Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt"
+    if salt is None:
+        return
+    if not isinstance(salt, str) or not salt:
+        message = "Parameter 'cache_salt' must be a non-empty string if provided."
+    elif len(salt) > CACHE_SALT_MAX or not CACHE_SALT_FORBIDDEN.isdisjoint(salt):
+        message = (
+            "Parameter 'cache_salt' must be at most 128 characters and must not contain "
+            "'@', '/', '\\\\', or NUL."
         )
+    else:
+        return
+    raise bad_request(f"{message} (parameter=cache_salt)", "cache_salt")

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import math
+import re
 import socket
 import struct
 import subprocess
@@ -152,7 +153,7 @@ def test_embeddings_return_one_deterministic_unit_vector_per_input(client: httpx
     assert {item["object"] for item in first["data"]} == {"embedding"}
     vectors = [item["embedding"] for item in first["data"]]
     assert all(len(v) == 8 for v in vectors)
-    assert all(math.isclose(math.sqrt(sum(x * x for x in v)), 1.0) for v in vectors)
+    assert all(math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-6) for v in vectors)  # float32
     assert vectors[0] != vectors[1]
     assert vectors == [item["embedding"] for item in second["data"]]
     assert first["usage"] == {
@@ -160,17 +161,28 @@ def test_embeddings_return_one_deterministic_unit_vector_per_input(client: httpx
         "total_tokens": 3,
         "completion_tokens": 0,
         "prompt_tokens_details": None,
+        "completion_tokens_details": None,  # vLLM 0.33's UsageInfo, dumped whole
     }
 
 
 def test_embeddings_base64_encoding_is_little_endian_float32(client: httpx.Client) -> None:
     configure(client, embedding_dim=4)
-    floats = client.post("/v1/embeddings", json={"model": "alpha", "input": "x"}).json()
+    floats = client.post("/v1/embeddings", json={"model": "alpha", "input": "x"})
     encoded = client.post(
         "/v1/embeddings", json={"model": "alpha", "input": "x", "encoding_format": "base64"}
     )
     decoded = struct.unpack("<4f", base64.b64decode(encoded.json()["data"][0]["embedding"]))
-    assert decoded == pytest.approx(floats["data"][0]["embedding"], rel=1e-6)
+    listed = floats.json()["data"][0]["embedding"]
+    assert struct.unpack("<4f", struct.pack("<4f", *listed)) == decoded  # the same float32s both ways
+    # written as orjson writes vLLM's float32 array: the shortest digits that read back as the float32
+    # (0.35355338), not a double's seventeen (0.35355339059327373)
+    written = re.search(rb'"embedding":\[([^\]]*)\]', floats.content)
+    assert written is not None
+    for text in written.group(1).split(b","):
+        digits = text.lstrip(b"-").replace(b".", b"").lstrip(b"0")
+        assert 1 <= len(digits) <= 9, text
+        shorter = float(f"{float(text):.{len(digits) - 1}g}") if len(digits) > 1 else None
+        assert shorter is None or struct.pack("<f", shorter) != struct.pack("<f", float(text)), text
 
 
 def test_streaming_chat_sends_role_chunk_then_one_chunk_per_token_then_done(client: httpx.Client) -> None:
@@ -622,16 +634,33 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
-def test_a_cache_salt_must_be_a_non_empty_string_as_vllm_checks_it(client: httpx.Client, path: str) -> None:
-    body: dict[str, Any] = {"model": "alpha", "max_tokens": 2}
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+def test_a_cache_salt_is_checked_as_vllm_0_33_checks_it(client: httpx.Client, path: str) -> None:
+    body: dict[str, Any] = {"model": "alpha"}
     if "chat" in path:
         body["messages"] = [{"role": "user", "content": "hi"}]
+    elif "embeddings" in path:
+        body["input"] = "hi"
     else:
         body["prompt"] = "hi"
-    assert client.post(path, json={**body, "cache_salt": "a1b2"}).status_code == 200
-    assert client.post(path, json={**body, "cache_salt": None}).status_code == 200
-    for bad in ("", 7):
+    for good in ("a1b2", None, "x" * 128):
+        assert client.post(path, json={**body, "cache_salt": good}).status_code == 200, good
+    empty = "Parameter 'cache_salt' must be a non-empty string if provided. (parameter=cache_salt)"
+    shape = (
+        "Parameter 'cache_salt' must be at most 128 characters and must not contain '@', '/', '\\\\', "
+        "or NUL. (parameter=cache_salt)"
+    )
+    cases = [("", empty), (7, empty), ("x" * 129, shape), ("a/b", shape), ("a@b", shape), ("a\\b", shape)]
+    cases.append(("a\x00b", shape))
+    for bad, message in cases:
         answer = client.post(path, json={**body, "cache_salt": bad})
-        assert answer.status_code == 400
-        assert "cache_salt" in answer.json()["error"]["message"]
+        assert answer.status_code == 400, bad
+        assert answer.json()["error"] == {
+            "message": message,
+            "type": "BadRequestError",
+            "param": "cache_salt",
+            "code": 400,
+        }
+    # a model validator that runs before the fields are checked: it speaks first
+    answer = client.post(path, json={"cache_salt": "", "max_tokens": "many"})
+    assert answer.json()["error"]["message"] == empty
