@@ -46,10 +46,10 @@ class InferenceConsumer(GatewayConsumer):
             raise errors.ModelNotAllowed(param="model")
         if not self.rt.upstreams.serves(request.model):
             raise errors.ModelNotFound(f"The model '{request.model}' is not served here.", param="model")
-        if self.kind != "embeddings":  # generation only: vLLM caches the prefixes of prompts it continues
-            salt = cache_salt(self.rt.conf.prefix_cache_scope, principal.client_id, principal.user)
-            if salt is not None:
-                request.payload["cache_salt"] = salt
+        # embeddings too: vLLM caches the prefixes a causal embedding model (last-token pooling) reads
+        salt = cache_salt(self.rt.conf.prefix_cache_scope, principal.client_id, principal.user)
+        if salt is not None:
+            request.payload["cache_salt"] = salt
         outbound = OUTBOUND_JSON.encode(request.payload).encode()
         ticket = await admit(self.rt, principal, policy, request, len(outbound))
         used = 0

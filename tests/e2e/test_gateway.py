@@ -247,19 +247,21 @@ def test_sdk_extras_pass_openai_bookkeeping_is_not_sent_on_and_a_completion_defa
     assert text.usage.completion_tokens == 16
 
 
-def test_every_generation_carries_its_tenants_cache_salt_and_a_clients_own_salt_is_refused(stack):
+def test_every_request_carries_its_tenants_cache_salt_and_a_clients_own_salt_is_refused(stack):
     client = stack.sdk()
     client.chat.completions.create(model="m1", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     client.completions.create(model="m1", prompt="hi", max_tokens=2)
     client.embeddings.create(model="embed-1", input="hi")
     chat, text, embedding = stack.fake.state()["last_bodies"][-3:]
     expected = cache_salt("user", stack.client_id, None)  # client credentials: the client's own
-    assert chat["cache_salt"] == text["cache_salt"] == expected
-    assert "cache_salt" not in embedding
+    assert chat["cache_salt"] == text["cache_salt"] == embedding["cache_salt"] == expected
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(
             model="m1", messages=[{"role": "user", "content": "hi"}], extra_body={"cache_salt": expected}
         )
+    assert refused.value.body["param"] == "cache_salt"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model="embed-1", input="hi", extra_body={"cache_salt": expected})
     assert refused.value.body["param"] == "cache_salt"  # type: ignore[index]
 
 
