@@ -23,7 +23,7 @@ from oauthlib.oauth2.rfc6749 import errors
 from audit.services import audit_record
 from authserver.models import GRANT_DEVICE_CODE, AccessToken, Client, Grant, RedeemedCode, RefreshToken
 from authserver.selectors import client_by_client_id
-from authserver.services import access_token_insert
+from authserver.services import access_token_deletions_batched, access_token_insert
 from authserver.tokens import jwt_unverified_claims
 
 logger = logging.getLogger(__name__)
@@ -392,7 +392,7 @@ class PortcullisValidator(OAuth2Validator):
             if tombstone.token_family
             else None
         )
-        with transaction.atomic():
+        with transaction.atomic(), access_token_deletions_batched():
             issued = AccessToken.objects.filter(jti=tombstone.access_token_jti)
             if family is not None:
                 issued = issued | AccessToken.objects.filter(pk__in=family.values("access_token_id"))

@@ -34,6 +34,7 @@ from authserver.services.signing_keys import (
     signing_key_rotate,
 )
 from authserver.services.tokens import (
+    access_token_deletions_batched,
     access_token_insert,
     access_token_revoke,
     access_tokens_deleted,
@@ -53,6 +54,7 @@ __all__ = [
     "SIGNING_KEYS_LOCK",
     "RegisteredClient",
     "RotationResult",
+    "access_token_deletions_batched",
     "access_token_insert",
     "access_token_revoke",
     "access_tokens_deleted",

@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from audit.services import audit_record
 from authserver.models import AccessToken, Client, Consent, RefreshToken
+from authserver.services.tokens import access_token_deletions_batched
 
 
 def consent_grant(*, user: Any, client: Client, scopes: list[str]) -> Consent:
@@ -27,8 +28,9 @@ def consent_grant(*, user: Any, client: Client, scopes: list[str]) -> Consent:
 
 
 def consent_withdraw(*, user: Any, client: Client) -> int:
-    """Withdraw a user's consent for a client and revoke the tokens it holds for them."""
-    with transaction.atomic():
+    """Withdraw a user's consent for a client and revoke the tokens it holds for them (recorded and pushed
+    together)."""
+    with transaction.atomic(), access_token_deletions_batched():
         Consent.objects.filter(user=user, client=client).delete()
         RefreshToken.objects.filter(user=user, application=client, revoked__isnull=True).update(
             revoked=timezone.now()

@@ -20,7 +20,7 @@ from audit.services import audit_record
 from authserver.models import AccessToken, Client, RefreshToken, RevokedAccessToken
 from authserver.revocation import REVOKED_PAST_EXP_S, revocation_publish
 
-_batch = threading.local()  # the access tokens a deletion in this thread collects (``_deletions_batched``)
+_batch = threading.local()  # the access tokens ``access_token_deletions_batched`` collects in this thread
 RECORD_BATCH = 1000  # rows per INSERT of the record: 3 parameters each, well under any driver's limit
 
 
@@ -30,7 +30,7 @@ def _jti_exp(tokens: list[AccessToken]) -> list[tuple[str, int]]:
 
 def tokens_revoke_for_client(*, client: Client, actor: str, reason: str) -> int:
     """Revoke every access and refresh token of a client; push the revocation. Return how many."""
-    with transaction.atomic(), _deletions_batched():
+    with transaction.atomic(), access_token_deletions_batched():
         access = list(AccessToken.objects.filter(application=client))
         RefreshToken.objects.filter(application=client, revoked__isnull=True).update(revoked=timezone.now())
         AccessToken.objects.filter(application=client).delete()
@@ -64,7 +64,7 @@ def access_tokens_deleted(tokens: list[AccessToken]) -> None:
 
 
 @contextmanager
-def _deletions_batched() -> Iterator[None]:
+def access_token_deletions_batched() -> Iterator[None]:
     """Record the access tokens deleted in the block (inside its transaction) with a few multi-row INSERTs
     and one push at its end, instead of one INSERT and one push per token (a client's 50k tokens). If the
     block raises, nothing is recorded: its transaction rolls the deletion back."""
@@ -153,7 +153,7 @@ def tokens_revoke_for_user(*, user: Any, actor: str, reason: str, client: Client
     client's other users, and the user's other clients, keep theirs); return how many. The device codes
     the user entered or approved go too: each was a token waiting for its device's next poll."""
     at = {} if client is None else {"application": client}
-    with transaction.atomic(), _deletions_batched():
+    with transaction.atomic(), access_token_deletions_batched():
         RefreshToken.objects.filter(user=user, revoked__isnull=True, **at).update(revoked=timezone.now())
         count, _ = AccessToken.objects.filter(user=user, **at).delete()
         devices = get_device_grant_model().objects.filter(user=user)

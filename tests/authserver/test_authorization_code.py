@@ -6,15 +6,18 @@ import base64
 import hashlib
 import json
 import re
+import uuid
 from datetime import timedelta
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 from django.conf import settings
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from audit.models import AuditEvent
-from authserver.models import AccessToken, Client, Consent, Grant, RefreshToken
+from authserver.models import AccessToken, Client, Consent, Grant, RefreshToken, RevokedAccessToken
 from authserver.revocation import local_revocations
 from tests.conftest import REDIRECT_URI, pkce_pair
 
@@ -294,6 +297,36 @@ def test_replayed_code_revokes_every_token_issued_from_it(
         (web_app.client.client_id, web_app.client_secret),
     )
     assert again.status_code == 400
+
+
+def test_a_replayed_codes_tokens_are_recorded_in_one_insert_and_pushed_once(
+    oauth, web_app, signed_in, django_capture_on_commit_callbacks
+):
+    code, verifier, _tokens_issued = _tokens(oauth, web_app)
+    family = RefreshToken.objects.get().token_family
+    extra = AccessToken.objects.create(  # a second live token of the family (another device's refresh)
+        user=signed_in,
+        application=web_app.client,
+        token="x" * 40,
+        jti=uuid.uuid4(),
+        expires=timezone.now() + timedelta(minutes=5),
+        scope="openid",
+    )
+    RefreshToken.objects.create(
+        user=signed_in, application=web_app.client, token="r" * 40, access_token=extra, token_family=family
+    )
+    pushes: list[dict[str, object]] = []
+    local_revocations.listeners.append(pushes.append)
+    try:
+        with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=True):
+            assert oauth.code_exchange(web_app, code, verifier).status_code == 400
+    finally:
+        local_revocations.listeners.remove(pushes.append)
+    assert AccessToken.objects.count() == 0
+    table = RevokedAccessToken._meta.db_table
+    assert len([q for q in queries if q["sql"].startswith("INSERT") and table in q["sql"]]) == 1
+    assert RevokedAccessToken.objects.count() == 2
+    assert [len(p["jtis"]) for p in pushes if p["jtis"]] == [2]  # type: ignore[arg-type]
 
 
 def test_refresh_rotates_and_reuse_revokes_the_family(

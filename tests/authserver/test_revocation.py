@@ -15,7 +15,14 @@ from django.utils import timezone
 from authserver.models import AccessToken, RevokedAccessToken
 from authserver.revocation import local_revocations
 from authserver.selectors import revocations_live
-from authserver.services import client_disable, client_enable, revoked_access_tokens_prune, user_lock
+from authserver.services import (
+    client_disable,
+    client_enable,
+    consent_withdraw,
+    revoked_access_tokens_prune,
+    tokens_revoke_for_user,
+    user_lock,
+)
 from authserver.services import tokens as tokens_service
 from authserver.tokens import jwt_unverified_claims
 from tests.conftest import basic_auth
@@ -78,8 +85,18 @@ def test_read_from_a_mark_the_record_holds_only_what_was_revoked_since_and_names
     assert revocations_live(since=newest + timedelta(seconds=1)).revoked_through is None
 
 
-def test_disabling_a_client_records_its_tokens_in_one_insert_and_pushes_them_once(
-    make_client, alice, django_capture_on_commit_callbacks
+MASS_REVOCATIONS = {
+    "client disabled": lambda client, user: client_disable(client=client, actor="user:root"),
+    "consent withdrawn": lambda client, user: consent_withdraw(user=user, client=client),
+    "user's tokens revoked": lambda client, user: tokens_revoke_for_user(
+        user=user, actor="user:root", reason="x"
+    ),
+}
+
+
+@pytest.mark.parametrize("revocation", MASS_REVOCATIONS)
+def test_a_mass_revocation_records_its_tokens_in_one_insert_and_pushes_them_once(
+    make_client, alice, django_capture_on_commit_callbacks, revocation
 ):
     reg = make_client()
     for _ in range(5):
@@ -91,7 +108,7 @@ def test_disabling_a_client_records_its_tokens_in_one_insert_and_pushes_them_onc
     local_revocations.listeners.append(pushes.append)
     try:
         with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=True):
-            client_disable(client=reg.client, actor="user:root")
+            MASS_REVOCATIONS[revocation](reg.client, alice)
     finally:
         local_revocations.listeners.remove(pushes.append)
     table = RevokedAccessToken._meta.db_table
@@ -113,9 +130,12 @@ def test_a_deletion_rolled_back_inside_a_batch_is_neither_recorded_nor_pushed(ma
     )
     pushed: list[Any] = []
     monkeypatch.setattr(tokens_service, "revocation_publish", lambda **kw: pushed.append(kw))
-    with transaction.atomic(), tokens_service._deletions_batched():
+    with transaction.atomic(), tokens_service.access_token_deletions_batched():
         try:
-            with transaction.atomic(), tokens_service._deletions_batched():  # a savepoint that fails
+            with (
+                transaction.atomic(),
+                tokens_service.access_token_deletions_batched(),
+            ):  # a savepoint that fails
                 AccessToken.objects.filter(pk=token.pk).delete()
                 raise ValueError
         except ValueError:
