@@ -17,7 +17,6 @@ start adopts and hands off first (``audit.spool``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
@@ -26,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
+from audit.compact_json import json_compact_dump
 from audit.spool import Adopted, spool_release, spool_write
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,11 @@ RESUME_BELOW = 0.9  # once full, a sink is full until what waits is below this s
 FLUSH_INTERVAL_S = 0.02
 RETRY_S = 1.0  # after a failed hand-off
 MAX_BATCH = 500
-# One encoder for every record: json.dumps builds a new one for each call given separators (~9,000
-# instructions a call; bench/README.md, session 22)
-COMPACT_JSON = json.JSONEncoder(separators=(",", ":"))
 
 
 def usage_entry(record: dict[str, Any]) -> dict[str, str]:
     """Return the stream fields for a usage record."""
-    return {"t": "usage", "v": COMPACT_JSON.encode(record)}
+    return {"t": "usage", "v": json_compact_dump(record).decode()}
 
 
 def event_entry(event: dict[str, Any]) -> dict[str, str]:
@@ -53,7 +50,7 @@ def event_entry(event: dict[str, Any]) -> dict[str, str]:
     event = dict(event)
     event.setdefault("event_id", str(uuid.uuid4()))
     event.setdefault("occurred_at", time.time())
-    return {"t": "event", "v": COMPACT_JSON.encode(event)}
+    return {"t": "event", "v": json_compact_dump(event).decode()}
 
 
 class AuditSink(Protocol):

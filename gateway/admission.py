@@ -68,6 +68,22 @@ def reservation_id() -> str:
 
 
 UNKNOWN_CONTEXT = 4096  # the generation bound assumed when neither request, policy nor upstream says
+_NOT_ASCII = bytes(range(0x80, 0x100))
+_ASCII_OR_CONTINUATION = bytes(range(0xC0))  # what is left is the lead bytes of UTF-8 sequences
+_LEAD_OF_TWO_OR_THREE = bytes(range(0xC0, 0xF0))
+
+
+def escaped_size(body: bytes) -> int:
+    """The size of a UTF-8 JSON body with every non-ASCII character escaped (``\\u00e9``, and a surrogate
+    pair beyond the BMP), which is the size the prompt estimate reads: a body written that way (as Python's
+    ``json`` writes by default) estimates a character of Chinese as 1.5 tokens, where its UTF-8 bytes would
+    give 0.75 and many models spend one, or more."""
+    if body.isascii():
+        return len(body)
+    ascii_bytes = len(body.translate(None, _NOT_ASCII))
+    leads = body.translate(None, _ASCII_OR_CONTINUATION)
+    beyond_bmp = len(leads.translate(None, _LEAD_OF_TWO_OR_THREE))
+    return ascii_bytes + 6 * len(leads) + 6 * beyond_bmp
 
 
 def prompt_estimate(request: Validated, body_len: int) -> int:

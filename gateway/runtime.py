@@ -20,6 +20,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from audit.compact_json import json_parse
 from audit.context import ip_in_networks, trusted_networks
 from audit.sink import AuditSink, LocalSink, RedisStreamSink
 from audit.spool import spool_adopt
@@ -219,7 +220,7 @@ class Runtime:
     def usage_of(data: bytes) -> tuple[int, int]:
         """Return (prompt, completion) tokens from an OpenAI-shaped answer."""
         try:
-            usage = json.loads(data).get("usage") or {}
+            usage = json_parse(data).get("usage") or {}
             return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         except (ValueError, AttributeError, TypeError):
             return 0, 0

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
+from audit.compact_json import json_parse
 from gateway.http1 import Response
 
 ERROR_EVENT = b'data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
@@ -244,7 +245,7 @@ class StreamRelay:
 
     def _read_usage(self, event: bytes) -> bool:
         try:
-            usage = json.loads(event[5:]).get("usage")
+            usage = json_parse(event[5:]).get("usage")
         except (ValueError, AttributeError):
             return False
         if not isinstance(usage, dict):

@@ -4,13 +4,13 @@ streamed, settling the reservation with what vLLM reports."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 
+from audit.compact_json import json_compact_dump
 from gateway import errors
-from gateway.admission import admit, prompt_estimate, settle
+from gateway.admission import admit, escaped_size, prompt_estimate, settle
 from gateway.consumers.base import SCOPE_FOR, ClientGone, GatewayConsumer
 from gateway.metrics import ACTIVE_STREAMS, stream_writes_observe
 from gateway.salt import cache_salt
@@ -26,7 +26,6 @@ UPSTREAM_PATH = {
     "embeddings": "/v1/embeddings",
 }
 FORWARDED_HEADERS = frozenset({b"accept", b"user-agent", b"accept-language"})
-OUTBOUND_JSON = json.JSONEncoder(separators=(",", ":"))  # built once (as audit.sink's): not per request
 
 
 class InferenceConsumer(GatewayConsumer):
@@ -50,8 +49,8 @@ class InferenceConsumer(GatewayConsumer):
         salt = cache_salt(self.rt.conf.prefix_cache_scope, principal.client_id, principal.user)
         if salt is not None:
             request.payload["cache_salt"] = salt
-        outbound = OUTBOUND_JSON.encode(request.payload).encode()
-        ticket = await admit(self.rt, principal, policy, request, len(outbound))
+        outbound = json_compact_dump(request.payload)
+        ticket = await admit(self.rt, principal, policy, request, escaped_size(outbound))
         used = 0
         try:
             if request.stream:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from typing import Any
@@ -10,7 +11,11 @@ from typing import Any
 import pytest
 import redis
 from django.conf import settings
+from hypothesis import given
+from hypothesis import strategies as st
 
+from audit.compact_json import json_compact_dump
+from gateway.admission import escaped_size
 from gateway.auth import Principal
 from gateway.ratelimit import Buckets, LocalLimiter, RedisLimiter, RevokedError, ratelimit_headers
 from gateway.redisbatch import RedisBatcher
@@ -546,3 +551,10 @@ def test_a_batch_too_big_for_a_minute_is_told_about_its_prompts_and_token_ids_ar
     with pytest.raises(errors.InvalidRequest) as refused:
         asyncio.run(admit(rt, SERVICE, policy, ids, 40))  # type: ignore[arg-type]
     assert "its input alone is estimated at more than that" in str(refused.value)
+
+
+@given(st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\x7f")))
+def test_the_prompt_estimates_basis_is_the_size_of_the_body_with_non_ascii_escaped(text):
+    payload = {"model": "m", "messages": [{"role": "user", "content": text}]}
+    escaped = json.dumps(payload, separators=(",", ":"))  # ensure_ascii, as outbound bodies were written
+    assert escaped_size(json_compact_dump(payload)) == len(escaped)
