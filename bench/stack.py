@@ -198,7 +198,7 @@ class Stack:
         port = self.ports[name]
         argv = [*self.options.server_prefix, PYTHON, "-m", "uvicorn", app, "--host", "127.0.0.1"]
         argv += ["--port", str(port), "--loop", "uvloop", "--http", http, "--no-access-log"]
-        argv += ["--no-proxy-headers", "--log-level", "warning"]
+        argv += ["--no-proxy-headers", "--no-server-header", "--log-level", "warning"]
         service = self._spawn(name, argv, self.options.gateway_core, port)
         self._wait_ready(service, "/healthz", self.options.server_startup_timeout_s)
 

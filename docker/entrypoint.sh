@@ -55,7 +55,7 @@ metrics_dir_prepare() {
 serve() {
     metrics_dir_prepare
     exec uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http config.protocol:AuditedHttpToolsProtocol \
-        --workers "${WEB_CONCURRENCY:-4}" --no-proxy-headers "$@"
+        --workers "${WEB_CONCURRENCY:-4}" --no-proxy-headers --no-server-header "$@"
 }
 
 if [ "$#" -eq 0 ]; then

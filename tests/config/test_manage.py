@@ -131,6 +131,13 @@ def test_bin_run_installs_the_openai_sdk_its_banner_runs_with_the_interpreter_th
     assert examples == [".venv/bin/python"]
 
 
+def test_bin_run_serves_without_proxy_headers_and_without_naming_its_server():
+    run = (ROOT / "bin" / "run").read_text()
+    serve = run[run.index("-m uvicorn") :].replace("\\\n", " ").split("\n")[0].split()
+    assert "--no-proxy-headers" in serve  # the client's address is resolved by Portcullis, not uvicorn
+    assert "--no-server-header" in serve  # no "server: uvicorn" on every answer
+
+
 def run_script(
     script: str, env: dict[str, str], *args: str, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:

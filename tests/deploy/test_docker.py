@@ -51,7 +51,7 @@ BUILD_TOOLS |= {"libpq-dev", "pkg-config", "rustc", "cargo", "git"}
 UVICORN = (
     "uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop"
     " --http config.protocol:AuditedHttpToolsProtocol"
-    " --workers 4 --no-proxy-headers"
+    " --workers 4 --no-proxy-headers --no-server-header"
 )
 ROLE_COMMANDS = {
     "web": ["python manage.py migrate --noinput", "python manage.py collectstatic --noinput", UVICORN],
@@ -580,6 +580,7 @@ def test_uvicorn_never_takes_the_client_address_from_proxy_headers(
             if "uvicorn" in words[:3]:
                 serving.add(role)
                 assert "--no-proxy-headers" in words, command
+                assert "--no-server-header" in words, command  # no "server: uvicorn" for a prober
                 assert "--proxy-headers" not in words, command
                 assert not any(word.startswith("--forwarded-allow-ips") for word in words), command
     assert serving == {"web", "gateway"}

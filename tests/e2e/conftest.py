@@ -100,6 +100,7 @@ def _spawn(port: int, base: str, sink: Any, env: dict[str, str]) -> subprocess.P
             "--http",
             "config.protocol:AuditedHttpToolsProtocol",
             "--no-proxy-headers",
+            "--no-server-header",
         ],
         cwd=ROOT,
         env=stack_env(**{"PORTCULLIS_ISSUER": base, **env}),
