@@ -81,7 +81,7 @@ class InferenceConsumer(GatewayConsumer):
         except ClientGone:
             # The upstream connection was closed as the wait was cut, so vLLM aborted the generation.
             # What it did is unknown: the prompt it read is charged (estimated, as it was reserved).
-            prompt = prompt_estimate(request, len(outbound))
+            prompt = prompt_estimate(request, escaped_size(outbound))
             self.record.update(
                 upstream_ms=round((time.perf_counter() - started) * 1000, 3),
                 prompt_tokens=prompt,
@@ -150,7 +150,7 @@ class InferenceConsumer(GatewayConsumer):
             )
         if not relay.usage_seen:
             # cut short (or vLLM sent no usage): the prompt it read is charged too, estimated as reserved
-            relay.prompt_tokens = prompt_estimate(request, len(outbound))
+            relay.prompt_tokens = prompt_estimate(request, escaped_size(outbound))
         self.record.update(
             upstream_ms=round((time.perf_counter() - started) * 1000, 3),
             prompt_tokens=relay.prompt_tokens,

@@ -324,10 +324,11 @@ def test_a_client_leaving_a_call_aborts_the_upstream_request_and_is_charged_its_
     stack.fake.configure(first_chunk_delay_s=5.0)  # vLLM still generating the whole answer
     request_id = "leaves-early-0001"
     headers = {"authorization": f"Bearer {stack.token()}", "x-request-id": request_id}
+    body = {**CHAT, "messages": [{"role": "user", "content": "Grüße, 世界 😀"}], "max_tokens": 50}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{stack.server.base}/v1/chat/completions",
-            json={**CHAT, "max_tokens": 50},
+            json=body,
             headers=headers,
             timeout=httpx.Timeout(10, read=0.5),  # the client gives up after half a second
         )
@@ -339,7 +340,11 @@ def test_a_client_leaving_a_call_aborts_the_upstream_request_and_is_charged_its_
     assert state["running"] == 0
     row = _usage_row(django_db_blocker, request_id)
     assert (row.status, row.outcome, row.completion_tokens) == (499, "client_gone", 0)
-    assert row.prompt_tokens > 0  # the prompt vLLM read, estimated as it was reserved
+    # the prompt vLLM read, estimated as it was reserved: from the size of the body sent upstream with its
+    # non-ASCII characters escaped (its UTF-8 would say 4 bytes less for each of "ü" and "ß", 3 for each of
+    # "世" and "界", 8 for the emoji)
+    sent = json.dumps(state["last_bodies"][-1], separators=(",", ":"))
+    assert row.prompt_tokens == len(sent) // 4 + 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["call", "stream"])
