@@ -49,12 +49,18 @@ def _depth_ok(value: Any) -> bool:
     return True
 
 
+# Built once: ``json.loads`` given hooks builds a decoder (and its scanner) for every call, ~16,000
+# instructions of the ~45,000 it took for the benchmark's chat body (bench/README.md, session 23)
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float
+)
+
+
 def body_parse(body: bytes) -> dict[str, Any]:
     """Parse a JSON object body: no duplicate keys, no NaN/Infinity (nor 1e999), bounded nesting."""
     try:
-        value = json.loads(
-            body, object_pairs_hook=_no_duplicates, parse_constant=_no_constants, parse_float=_finite_float
-        )
+        # as json.loads reads bytes: UTF-8, -16 or -32, told apart as RFC 4627 says
+        value = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except InvalidRequest:
         raise
     except (ValueError, UnicodeDecodeError):

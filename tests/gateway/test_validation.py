@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.validation import request_validate
-from gateway.validation.json_body import MAX_DEPTH
+from gateway.validation.json_body import MAX_DEPTH, body_parse
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -227,6 +227,19 @@ def test_nesting_up_to_the_limit_passes_and_one_level_more_is_refused():
     for body in (too_deep, too_deep.decode().encode("utf-16"), too_deep.decode().encode("utf-32")):
         with pytest.raises(InvalidRequest, match="nested deeper"):
             request_validate("chat", body, max_tokens_cap=None)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-32", "utf-32-le"])
+def test_a_body_is_read_in_the_encodings_json_loads_reads(encoding):
+    text = chat(messages=[{"role": "user", "content": "Grüße 😀"}]).decode()
+    body = text.encode(encoding)
+    assert body_parse(body) == json.loads(body) == json.loads(text)
+
+
+@pytest.mark.parametrize("body", [b"\xff{}", b'{"a": "\xc3"}', b"{} {}", b"", b"[1]"])
+def test_a_body_json_loads_would_refuse_is_an_invalid_request(body):
+    with pytest.raises(InvalidRequest):
+        body_parse(body)
 
 
 def test_brackets_inside_strings_do_not_count_as_nesting():
