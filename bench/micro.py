@@ -38,8 +38,9 @@ from gateway.http1 import HttpClient, url_split
 BODY = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}).encode()
 HEADERS = {"content-type": "application/json", "x-request-id": "0123456789abcdef", "user-agent": "bench"}
 ADMIT_KEYS = [f"portcullis:rl:bench:{i}" for i in range(8)]
-ADMIT_ARGS: list[str | int] = [1_800_000_000_000, "req", 100_000, 900_000, 0, 50, 172_800, 1000]
-ADMIT_ARGS += [100_000_000, 1, 2_000_000_000, 50, 0, 1, 0, 50]
+# the client's limits (gateway.ratelimit.ADMIT_LUA), then the request's: now, reservation, cost, to midnight
+ADMIT_ARGS: list[str | int] = [100_000, 900_000, 0, 172_800, 100_000_000, 2_000_000_000, 0, 0]
+ADMIT_ARGS += [1_800_000_000_000, "req", 50, 1000]
 
 
 async def cpu_per_call(call: Callable[[], Awaitable[Any]], calls: int, concurrency: int) -> float:

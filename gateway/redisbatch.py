@@ -45,6 +45,10 @@ Command = tuple[Any, ...]
 Reply = Any  # a decoded reply, or the redis ResponseError that the command got
 
 
+class Packed(bytes):
+    """A command already in Redis's protocol (RESP), sent as it is: ``call(Packed(...))``."""
+
+
 class Rider(Protocol):
     """A component whose commands ride along with the next batch."""
 
@@ -307,9 +311,8 @@ class RedisBatcher:
             async with asyncio.timeout(BATCH_TIMEOUT_S):
                 connection = self._connect(link)
                 reached = connection.is_connected
-                await connection.send_packed_command(
-                    b"".join([hiredis.pack_command(command) for command in commands]), check_health=False
-                )
+                packed = [c[0] if type(c[0]) is Packed else hiredis.pack_command(c) for c in commands]
+                await connection.send_packed_command(b"".join(packed), check_health=False)
                 reached = True
                 if wait:
                     self._reply_wait(connection)

@@ -558,3 +558,21 @@ def test_the_prompt_estimates_basis_is_the_size_of_the_body_with_non_ascii_escap
     payload = {"model": "m", "messages": [{"role": "user", "content": text}]}
     escaped = json.dumps(payload, separators=(",", ":"))  # ensure_ascii, as outbound bodies were written
     assert escaped_size(json_compact_dump(payload)) == len(escaped)
+
+
+@pytest.mark.parametrize("user", [None, "alice"])
+def test_the_packed_reservation_is_what_hiredis_would_pack(user):
+    import hiredis
+
+    from gateway.ratelimit import ADMIT_SHA, _admit_args, _admit_packed
+
+    principal = Principal(jti="j-1", client_id="app", subject=user or "app", scopes=frozenset(), exp=0)
+    policy = Policy(
+        frozenset({"m"}), rpm=60, tpm=6000, concurrency=4, daily_tokens=9, user_rpm=30, user_tpm=3000
+    )
+    b = Buckets.of(principal, policy)
+    for reservation, cost, now_ms in (("p.1", 17, 1_800_000_000_123), ("p.2", 0, 1_800_086_399_999)):
+        expected = hiredis.pack_command(
+            ("EVALSHA", ADMIT_SHA, 8, *b.keys("j-1"), *_admit_args(b, reservation, cost, now_ms))
+        )
+        assert _admit_packed(b, "j-1", reservation, cost, now_ms) == expected
