@@ -77,13 +77,15 @@ def escaped_size(body: bytes) -> int:
     """The size of a UTF-8 JSON body with every non-ASCII character escaped (``\\u00e9``, and a surrogate
     pair beyond the BMP), which is the size the prompt estimate reads: a body written that way (as Python's
     ``json`` writes by default) estimates a character of Chinese as 1.5 tokens, where its UTF-8 bytes would
-    give 0.75 and many models spend one, or more."""
+    give 0.75 and many models spend one, or more. DEL, which orjson writes as it is (only ever inside a
+    string), was escaped too (``\\u007f``)."""
+    deletes = 5 * body.count(b"\x7f")
     if body.isascii():
-        return len(body)
+        return len(body) + deletes
     ascii_bytes = len(body.translate(None, _NOT_ASCII))
     leads = body.translate(None, _ASCII_OR_CONTINUATION)
     beyond_bmp = len(leads.translate(None, _LEAD_OF_TWO_OR_THREE))
-    return ascii_bytes + 6 * len(leads) + 6 * beyond_bmp
+    return ascii_bytes + deletes + 6 * len(leads) + 6 * beyond_bmp
 
 
 def prompt_estimate(request: Validated, body_len: int) -> int:
