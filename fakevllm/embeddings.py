@@ -26,7 +26,7 @@ def embedding_body(
     Its id is `embd-` and the X-Request-Id header, else a random id: vLLM's pooling servers pass no body
     field to `_base_request_id` (fakevllm.request_ids).
     """
-    check_cache_salt(req)  # vLLM 0.20 and later take a cache_salt on pooling requests too
+    check_cache_salt(req)  # vLLM 0.16 and later take a cache_salt on pooling requests too
     inputs = split_inputs(req.get("input"), "input")
     model = resolve_model(req, served)
     encoding_format = req.get("encoding_format") or "float"

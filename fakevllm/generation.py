@@ -24,6 +24,7 @@ from fakevllm.request_ids import base_request_id
 from fakevllm.validation import (
     check_cache_salt,
     check_context,
+    check_stream_options_need_stream,
     count_words,
     input_tokens,
     optional_int,
@@ -77,7 +78,10 @@ def plan(
     The response id is vLLM's: the X-Request-Id header, else the body's request_id, else random, after
     `chatcmpl-` or `cmpl-` (fakevllm.request_ids).
     """
-    check_cache_salt(req)  # a before-validator in vLLM: ahead of every field's own check
+    # vLLM's before-validators, in the order pydantic runs them (the last defined first), ahead of every
+    # field's own check
+    check_stream_options_need_stream(req)
+    check_cache_salt(req)
     per_prompt, max_tokens = _chat_prompt(req) if kind == "chat" else _completion_prompts(req)
     model = resolve_model(req, model_json)
     n = optional_int(req, "n", 1) or 1

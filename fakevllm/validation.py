@@ -108,9 +108,8 @@ def stream_flags(req: Mapping[str, Any]) -> tuple[bool, bool, bool]:
     Its chat and completion requests refuse options that are set (truthy) without `stream`.
     """
     stream = req.get("stream") in (True, 1)
+    check_stream_options_need_stream(req)
     options = req.get("stream_options")
-    if options and not stream:
-        raise validation_error("Stream options can only be defined when `stream=True`.", "stream_options")
     if options is None:
         return stream, False, False
     if not isinstance(options, dict):
@@ -118,6 +117,13 @@ def stream_flags(req: Mapping[str, Any]) -> tuple[bool, bool, bool]:
     include_usage = _option_flag(options, "include_usage")
     continuous = _option_flag(options, "continuous_usage_stats")
     return stream, include_usage, include_usage and continuous
+
+
+def check_stream_options_need_stream(req: Mapping[str, Any]) -> None:
+    """vLLM's ``validate_stream_options``, a before-validator: stream options set (truthy) without
+    ``stream`` are refused, ahead of any field's own check."""
+    if req.get("stream_options") and req.get("stream") not in (True, 1):
+        raise validation_error("Stream options can only be defined when `stream=True`.", "stream_options")
 
 
 _TRUE_WORDS = frozenset({"1", "on", "t", "true", "y", "yes"})
@@ -155,7 +161,9 @@ CACHE_SALT_FORBIDDEN = frozenset("@/\\\x00")
 
 def check_cache_salt(req: Mapping[str, Any]) -> None:
     """vLLM 0.33's ``validate_cache_salt``, a before-validator of the chat, completion and pooling requests
-    (so it speaks before any field is checked): absent, null, or a string of 1 to 128 characters without
+    (so it speaks before any field is checked, but after the before-validators defined after it, which
+    pydantic runs first: of those the fake has ``check_stream_options_need_stream``): absent, null, or a
+    string of 1 to 128 characters without
     '@', '/', '\\' or NUL. It raises a ``VLLMValidationError``, which is no ValueError: pydantic lets it
     through, and vLLM's error handler answers a ``BadRequestError`` naming the parameter, the error's text
     ending in its ``(parameter=cache_salt)``."""

@@ -664,3 +664,6 @@ def test_a_cache_salt_is_checked_as_vllm_0_33_checks_it(client: httpx.Client, pa
     # a model validator that runs before the fields are checked: it speaks first
     answer = client.post(path, json={"cache_salt": "", "max_tokens": "many"})
     assert answer.json()["error"]["message"] == empty
+    if "embeddings" not in path:  # but after the stream options' own, defined after it (pydantic: last first)
+        answer = client.post(path, json={**body, "stream_options": {"include_usage": True}, "cache_salt": ""})
+        assert answer.json()["error"]["param"] == "stream_options"
