@@ -44,6 +44,7 @@ from gateway.revocation import (
     RevocationWatcher,
 )
 from gateway.services import POLICY_CHANNEL, policy_listener_add, policy_listener_remove
+from gateway.streaming import usage_counts
 from gateway.upstream import UpstreamPool, upstream_client
 
 logger = logging.getLogger(__name__)
@@ -220,10 +221,10 @@ class Runtime:
     def usage_of(data: bytes) -> tuple[int, int]:
         """Return (prompt, completion) tokens from an OpenAI-shaped answer."""
         try:
-            usage = json_parse(data).get("usage") or {}
-            return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-        except (ValueError, AttributeError, TypeError):
+            usage = json_parse(data).get("usage")
+        except (ValueError, AttributeError):
             return 0, 0
+        return usage_counts(usage) or (0, 0)
 
     def redis_available(self, jti: str) -> None:
         """Redis answered for this token: remember when it was cleared; end a fallback period."""

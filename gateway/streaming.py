@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -248,12 +249,26 @@ class StreamRelay:
             usage = json_parse(event[5:]).get("usage")
         except (ValueError, AttributeError):
             return False
-        if not isinstance(usage, dict):
+        counts = usage_counts(usage)
+        if counts is None:
             return False
-        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        self.completion_tokens = int(usage.get("completion_tokens") or 0)
+        self.prompt_tokens, self.completion_tokens = counts
         self.usage_seen = True
         return True
+
+
+def usage_counts(usage: Any) -> tuple[int, int] | None:
+    """The (prompt, completion) tokens of an OpenAI ``usage`` object, or None when it is not an object. A
+    count that is not a number of tokens (text, a negative or infinite number: an upstream's bug) is 0."""
+    if not isinstance(usage, dict):
+        return None
+    return _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens"))
+
+
+def _token_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0
+    return max(0, int(value))
 
 
 def _error_type(event: bytes) -> str:

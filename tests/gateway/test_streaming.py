@@ -14,6 +14,7 @@ from fakevllm.config import FakeConfig
 from fakevllm.generation import plan
 from fakevllm.render import stream_frames
 from gateway.http1 import Disconnected
+from gateway.runtime import Runtime
 from gateway.streaming import UPSTREAM_FAILED, StreamRelay
 from gateway.validation import Validated, request_validate
 
@@ -508,3 +509,25 @@ def test_an_empty_delta_is_not_a_token_though_vllm_counts_reasoning_tokens_in_it
     how, relay = _relay(_Sink(breaks_after=2), _Content(_reasoning_stream(details)))
     assert how == "client_gone"
     assert relay.completion_tokens == 2  # the role chunk and the reasoning; not the empty finish
+
+
+@pytest.mark.parametrize(
+    ("answer", "counts"),
+    [
+        (b'{"usage":{"prompt_tokens":7,"completion_tokens":5}}', (7, 5)),
+        (b'{"usage":{"prompt_tokens":1e400,"completion_tokens":3}}', (0, 3)),  # int(inf) raised OverflowError
+        (b'{"usage":{"prompt_tokens":"7","completion_tokens":-4}}', (0, 0)),  # int("x") raised ValueError
+        (b'{"usage":{"prompt_tokens":NaN,"completion_tokens":true}}', (0, 0)),
+        (b'{"usage":null}', (0, 0)),
+        (b"[1]", (0, 0)),
+        (b"not json", (0, 0)),
+    ],
+)
+def test_an_upstreams_odd_usage_counts_nothing_rather_than_failing_the_request(answer, counts):
+    assert Runtime.usage_of(answer) == counts
+    relay = StreamRelay.__new__(StreamRelay)
+    relay.usage_seen = False
+    if relay._read_usage(b"data: " + answer):  # a usage object: read, its odd counts as nothing
+        assert (relay.prompt_tokens, relay.completion_tokens) == counts
+    else:
+        assert not relay.usage_seen
