@@ -284,7 +284,7 @@ def _admit_client_part(keys: tuple[str, ...], args: tuple[int, ...]) -> bytes:
 
 def _admit_packed(buckets: Buckets, jti: str, reservation: str, cost: int, now_ms: int) -> Packed:
     """The reservation's EVALSHA as RESP: what ``hiredis.pack_command`` would make of it, without packing
-    again, for every request, the 19 arguments a client's requests share (hiredis writes each argument's
+    again, for every request, the 18 arguments a client's requests share (hiredis writes each argument's
     length with ``sprintf``: ~1,400 instructions an argument, bench/README.md, session 23)."""
     seconds_to_midnight = 86_400 - (now_ms // 1000) % 86_400
     key = f"portcullis:revoked:jti:{jti}".encode()
