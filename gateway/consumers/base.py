@@ -27,7 +27,7 @@ from gateway.auth import Principal
 from gateway.deadlines import Deadlines
 from gateway.metrics import METERING_BACKLOG, request_observe
 from gateway.runtime import Runtime, runtime_get
-from gateway.streaming import disconnect_watch
+from gateway.streaming import DisconnectWatch
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -191,7 +191,7 @@ class GatewayConsumer(AsyncHttpConsumer):
                 task.cancel()
 
         told = (self.scope.get("extensions") or {}).get("portcullis.disconnect")
-        with disconnect_watch(told, self._receive, lost) as lost_already:
+        with DisconnectWatch(told, self._receive, lost) as lost_already:
             if lost_already:
                 lost()  # the wait below is cut at once
             try:
