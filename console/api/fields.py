@@ -27,6 +27,10 @@ class StrictCharField(serializers.CharField):
     def to_internal_value(self, data: Any) -> str:
         if not isinstance(data, str):
             self.fail("invalid")
+        # the length as sent, as the schema's maxLength reads it: DRF checks it after trimming whitespace,
+        # so 3,000 characters that trim to 2,000 were taken where the schema says 2,000 at most
+        if self.max_length is not None and len(data) > self.max_length:
+            self.fail("max_length", max_length=self.max_length)
         return str(super().to_internal_value(text_check(data)))
 
 
