@@ -105,6 +105,17 @@ def test_retired_key_is_unpublished_only_after_its_tokens_expired(make_client, o
     assert old.kid not in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
 
 
+def test_a_kid_beginning_with_a_dash_is_revoked_with_revoke_equals_kid(make_client, oauth):
+    # a kid is a base64url thumbprint: one in 64 begins with "-", which argparse takes for an option after
+    # a space ("--revoke -abc": expected one argument); the help and the README write --revoke=KID
+    oauth.client_credentials(make_client())
+    key = SigningKey.objects.get(state="active", algorithm="ES256")
+    SigningKey.objects.filter(pk=key.pk).update(kid="-" + key.kid[1:])
+    out = StringIO()
+    call_command("rotatekeys", f"--revoke=-{key.kid[1:]}", stdout=out)
+    assert f"removed key -{key.kid[1:]}" in out.getvalue()
+
+
 def test_a_leaked_signing_key_is_replaced_and_unpublished_at_once_with_rotatekeys_revoke(
     make_client, oauth, client
 ):
@@ -113,7 +124,7 @@ def test_a_leaked_signing_key_is_replaced_and_unpublished_at_once_with_rotatekey
     leaked = SigningKey.objects.get(state="active", algorithm="ES256")
     id_tokens = SigningKey.objects.get(state="active", algorithm="RS256")
     out = StringIO()
-    call_command("rotatekeys", "--revoke", leaked.kid, stdout=out)
+    call_command("rotatekeys", f"--revoke={leaked.kid}", stdout=out)
     assert f"removed key {leaked.kid}" in out.getvalue()
     leaked.refresh_from_db()
     assert leaked.state == "removed"  # not retired: no waiting for its tokens to expire
@@ -130,7 +141,7 @@ def test_a_leaked_signing_key_is_replaced_and_unpublished_at_once_with_rotatekey
     event = AuditEvent.objects.get(kind="key.revoked")
     assert event.data == {"kid": leaked.kid, "alg": "ES256", "was": "active"}
     with pytest.raises(CommandError, match="no published key"):
-        call_command("rotatekeys", "--revoke", leaked.kid, stdout=StringIO())  # once is all it takes
+        call_command("rotatekeys", f"--revoke={leaked.kid}", stdout=StringIO())  # once is all it takes
 
 
 def test_introspection_answers_inactive_for_a_token_whose_signing_key_was_revoked(make_client, oauth):
@@ -151,7 +162,7 @@ def test_introspection_answers_inactive_for_a_token_whose_signing_key_was_revoke
     active_key_cache_clear()
     assert active(leaked_token)
     leaked = SigningKey.objects.get(kid=json.loads(_b64(leaked_token.split(".")[0]))["kid"])
-    call_command("rotatekeys", "--revoke", leaked.kid, stdout=StringIO())
+    call_command("rotatekeys", f"--revoke={leaked.kid}", stdout=StringIO())
     assert not active(leaked_token)  # as every gateway refuses it: "signed by an unknown key"
     active_key_cache_clear()
     assert active(oauth.client_credentials(reg).json()["access_token"])  # the replacement key's

@@ -15,13 +15,17 @@ class Command(BaseCommand):
         "Publish a new signing key now in every key family in use (the access-token algorithm and "
         "RS256 for ID tokens); each starts signing once it has been published for "
         "PORTCULLIS_KEY_PUBLISH_AHEAD seconds (beat, or running this again, activates it). "
-        "--activate-now switches at once; --revoke KID unpublishes a leaked key at once (replacing it "
+        "--activate-now switches at once; --revoke=KID unpublishes a leaked key at once (replacing it "
         "first if it signs), and gateways drop the tokens it signed."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--activate-now", action="store_true")
-        parser.add_argument("--revoke", metavar="KID", help="unpublish this key at once (it leaked)")
+        parser.add_argument(
+            "--revoke",
+            metavar="KID",
+            help="unpublish this key at once (it leaked); write --revoke=KID, as a kid may begin with '-'",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["revoke"]:
