@@ -317,12 +317,16 @@ class RedisLimiter:
 
     async def admit(self, principal: Principal, buckets: Buckets, reservation: str, cost: int) -> Admission:
         """Check revocation and reserve every limit atomically (raises RevokedError, or ConnectionError)."""
-        command = _admit_packed(buckets, principal.jti, reservation, cost, int(time.time() * 1000))
+        now_ms = int(time.time() * 1000)
         try:
-            result = await self.batcher.call(command)
+            result = await self.batcher.call(_admit_packed(buckets, principal.jti, reservation, cost, now_ms))
         except redis_exceptions.NoScriptError:
-            await self.batcher.call("SCRIPT", "LOAD", ADMIT_LUA)
-            result = await self.batcher.call(command)
+            # Redis lost its scripts (a restart, a SCRIPT FLUSH): EVAL brings the script with the call, so
+            # no flush can come between loading it and running it (with SCRIPT LOAD and a second EVALSHA
+            # one did, and the request got a 500), and Redis keeps it for the EVALSHAs that follow
+            keys = buckets.keys(principal.jti)
+            args = _admit_args(buckets, reservation, cost, now_ms)
+            result = await self.batcher.call("EVAL", ADMIT_LUA, len(keys), *keys, *args)
         if result[0] == -1:
             raise RevokedError()
         if result[0] == 0:

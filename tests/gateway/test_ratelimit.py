@@ -354,6 +354,28 @@ def test_a_redis_that_lost_its_scripts_gets_them_again_for_reservations_and_sett
     assert asyncio.run(run()) == ["ok", "ok", "concurrency"]
 
 
+def test_a_reservation_holds_when_the_scripts_are_flushed_again_while_it_recovers(shared, redis_client):
+    """Another client's SCRIPT FLUSH between the NOSCRIPT and the retry (tests sharing one Redis server did
+    it) must not fail the request: the retry brings the script with it."""
+
+    async def run() -> list[str]:
+        limiter = await shared()
+        real_call = limiter.batcher.call
+
+        async def flushing_call(*command: Any) -> Any:
+            redis_client.script_flush()  # before every command: nothing stays loaded between two
+            return await real_call(*command)
+
+        limiter.batcher.call = flushing_call
+        b = buckets(concurrency=1)
+        outcomes = [(await limiter.admit(SERVICE, b, r, 1)).limit or "ok" for r in ("a", "b")]
+        limiter.batcher.call = real_call
+        await close(limiter)
+        return outcomes
+
+    assert asyncio.run(run()) == ["ok", "concurrency"]
+
+
 def test_the_limit_names_agree_across_the_script_the_messages_and_the_metrics():
     import re
 
