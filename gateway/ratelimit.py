@@ -305,7 +305,8 @@ class RedisLimiter:
     """The shared limiter: one EVALSHA per request to reserve; settlements ride along with later batches.
 
     Both go through the process's ``RedisBatcher``, so concurrent requests share round trips. The scripts
-    are called by their SHA-1; a Redis that lost them (restarted) gets them again in the same pipeline.
+    are called by their SHA-1; a Redis that lost them (restarted) gets the reservation's with an EVAL, and
+    the settlement's loaded ahead of the settlements retried.
     """
 
     def __init__(self, batcher: RedisBatcher) -> None:
