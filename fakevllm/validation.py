@@ -105,10 +105,10 @@ def stream_flags(req: Mapping[str, Any]) -> tuple[bool, bool, bool]:
 
     vLLM's StreamOptions default both to false (include_usage since vllm#36379: `{}` asks for nothing), and
     its `should_include_usage` gives the running counts of `continuous_usage_stats` only with include_usage.
-    Its chat and completion requests refuse options that are set (truthy) without `stream`.
+    Options set (truthy) without `stream` are refused before, by ``check_stream_options_need_stream``, which
+    ``generation.plan`` calls ahead of every field's check, as vLLM's before-validator runs.
     """
     stream = req.get("stream") in (True, 1)
-    check_stream_options_need_stream(req)
     options = req.get("stream_options")
     if options is None:
         return stream, False, False

@@ -286,9 +286,9 @@ def _admit_packed(buckets: Buckets, jti: str, reservation: str, cost: int, now_m
     """The reservation's EVALSHA as RESP: what ``hiredis.pack_command`` would make of it, without packing
     again, for every request, the 18 arguments a client's requests share (hiredis writes each argument's
     length with ``sprintf``: ~1,400 instructions an argument, bench/README.md, session 23)."""
-    seconds_to_midnight = 86_400 - (now_ms // 1000) % 86_400
+    now, reservation, cost, to_midnight_ms = _request_args(reservation, cost, now_ms)
     key = f"portcullis:revoked:jti:{jti}".encode()
-    request = b"%d" % now_ms, reservation.encode(), b"%d" % cost, b"%d" % (seconds_to_midnight * 1000)
+    request = b"%d" % now, reservation.encode(), b"%d" % cost, b"%d" % to_midnight_ms
     return Packed(
         _ADMIT_HEAD
         + _bulk(key)
