@@ -113,7 +113,9 @@ def test_a_short_count_runs_and_leaves_nothing_behind(tmp_path: Path) -> None:
     for m in result["measurements"]:
         assert m["requests"] == [10, 40]
         assert 0 < m["instructions"][0] < m["instructions"][1], m
-        assert 0 < m["seconds"][0] < m["seconds"][1], m
+        # wall-clock time under valgrind on a shared machine: present, not ordered (40 requests can take
+        # less time than 10 when the other xdist worker is busy during the first window)
+        assert all(s > 0 for s in m["seconds"]), m
     for row in result["summary"]:
         # the gateway verifies, validates, admits and meters; the bare proxy only relays
         assert row["gateway"] > row["bare"] > 0, row
