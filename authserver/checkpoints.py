@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 
-from cryptography.fernet import InvalidToken
 from jwcrypto import jwk, jws
 from jwcrypto.common import JWException
 
-from authserver.crypto import ID_TOKEN_ALGORITHM
+from authserver.crypto import ID_TOKEN_ALGORITHM, PrivateKeyUnreadable
 from authserver.models import SigningKey
 from authserver.selectors import signing_key_active
 
@@ -38,7 +37,7 @@ def _public_key_sealed(row: SigningKey) -> jwk.JWK | None:
     """Return the row's public key if the private key sealed with our key-encryption key is its pair."""
     try:
         public, private = jwk.JWK(**row.public_jwk), row.private_jwk()
-    except (InvalidToken, JWException, ValueError, TypeError):
+    except (PrivateKeyUnreadable, JWException, ValueError, TypeError):
         return None
     return public if public.thumbprint() == private.thumbprint() else None
 

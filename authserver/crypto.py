@@ -9,6 +9,7 @@ from cryptography.fernet import Fernet
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from jwcrypto import jwk
 
 RSA_KEY_BITS = 2048  # RS256 with 2048-bit keys: NIST SP 800-57 acceptable through 2030
@@ -18,6 +19,11 @@ RSA_KEY_BITS = 2048  # RS256 with 2048-bit keys: NIST SP 800-57 acceptable throu
 # 45 us here where a 2048-bit RSA one takes 280-300, the largest single cost of a client-credentials token.
 ID_TOKEN_ALGORITHM = "RS256"  # noqa: S105 (an algorithm name, not a secret)
 SIGNING_ALGORITHMS = ("ES256", "RS256")
+
+
+class PrivateKeyUnreadable(ImproperlyConfigured):
+    """A private key the key-encryption key cannot open: sealed under another one (the setting changed, or
+    a replica has another value), or never sealed by this deployment at all (a forged key row)."""
 
 
 @cache

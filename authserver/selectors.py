@@ -59,10 +59,26 @@ def signing_key_active(algorithm: str, *, borrow: bool = False) -> SigningKey:
 
 @lru_cache(maxsize=16)
 def private_jwk_for(kid: str, encrypted: bytes) -> jwk.JWK:
-    """Decrypt a key once per process (decrypting and parsing RSA costs milliseconds)."""
-    from authserver.crypto import private_key_decrypt
+    """Decrypt a key once per process (decrypting and parsing RSA costs milliseconds).
 
-    return jwk.JWK.from_pem(private_key_decrypt(encrypted))
+    A key that ``PORTCULLIS_KEY_ENCRYPTION_KEY`` cannot open was encrypted under another one (the setting
+    changed, or one replica has another value): the error names the key and the two ways out, where
+    Fernet's own says only that a signature did not match.
+    """
+    from cryptography.fernet import InvalidToken
+
+    from authserver.crypto import PrivateKeyUnreadable, private_key_decrypt
+
+    try:
+        pem = private_key_decrypt(encrypted)
+    except InvalidToken:
+        raise PrivateKeyUnreadable(
+            f"the signing key {kid} cannot be decrypted with this PORTCULLIS_KEY_ENCRYPTION_KEY: it was "
+            "encrypted under another one. Set the key-encryption key it was made with, or run "
+            "`bin/manage rotatekeys --activate-now` to sign with new keys (tokens the old keys signed "
+            "still verify until they expire)"
+        ) from None
+    return jwk.JWK.from_pem(pem)
 
 
 @lru_cache(maxsize=16)

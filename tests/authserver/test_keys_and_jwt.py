@@ -8,6 +8,8 @@ from datetime import timedelta
 from io import StringIO
 
 import pytest
+from cryptography.fernet import Fernet
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 from jwcrypto import jwk, jws, jwt
@@ -15,7 +17,7 @@ from jwcrypto import jwk, jws, jwt
 from audit.models import AuditEvent
 from authserver.crypto import private_key_decrypt
 from authserver.models import Client, SigningFamily, SigningKey
-from authserver.selectors import active_key_cache_clear
+from authserver.selectors import active_key_cache_clear, private_jwk_for, private_signing_key_for
 from authserver.services import (
     RotationResult,
     signing_family_notes_forget,
@@ -103,6 +105,28 @@ def test_retired_key_is_unpublished_only_after_its_tokens_expired(make_client, o
     assert old.kid in result.removed
     assert len(result.removed) == 2  # and the RS256 key retired with it
     assert old.kid not in {k["kid"] for k in client.get("/.well-known/jwks.json").json()["keys"]}
+
+
+def test_a_key_encryption_key_that_cannot_open_the_signing_key_names_the_key_and_the_way_out(
+    make_client, oauth, settings
+):
+    reg = make_client()
+    assert oauth.client_credentials(reg).status_code == 200
+    stranded = SigningKey.objects.get(state="active", algorithm="ES256")
+    settings.PORTCULLIS_KEY_ENCRYPTION_KEY = Fernet.generate_key().decode()  # changed, nothing re-encrypted
+    private_jwk_for.cache_clear()  # a process started since: nothing decrypted yet
+    private_signing_key_for.cache_clear()
+    with pytest.raises(ImproperlyConfigured, match=f"signing key {stranded.kid} cannot be decrypted") as err:
+        oauth.client_credentials(reg)
+    assert "rotatekeys --activate-now" in str(err.value)
+    assert settings.PORTCULLIS_KEY_ENCRYPTION_KEY not in str(err.value)
+
+    call_command("rotatekeys", "--activate-now", stdout=StringIO())
+    active_key_cache_clear()  # on commit in production; the test's transaction never commits
+    token = oauth.client_credentials(reg).json()["access_token"]
+    kid = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))["kid"]
+    assert kid != stranded.kid
+    assert SigningKey.objects.get(kid=kid).state == "active"
 
 
 def test_a_kid_beginning_with_a_dash_is_revoked_with_revoke_equals_kid(make_client, oauth):
