@@ -3,8 +3,9 @@
 Each process learns the models from every upstream's ``/v1/models``, checks ``/health`` periodically,
 sends a request to the healthy upstream of the model with the fewest requests in flight, and tries the
 next one when a connection fails before the first byte. An upstream that answers 5xx is checked again at
-once (``suspect``): a vLLM whose engine died still takes connections, answers every request 500, and says
-so only at ``/health`` (503). All failures map to a few gateway errors here.
+once, and goes last until that check concludes (``suspect``): a vLLM whose engine died still takes
+connections, answers every request 500, and says so only at ``/health`` (503). All failures map to a
+few gateway errors here.
 
 Upstream calls go through one ``gateway.http1.HttpClient`` per process (see ``upstream_client``), not
 through ``httpx.AsyncClient`` or an ``aiohttp.ClientSession``: measured on this project's 2-core machine,
@@ -80,13 +81,17 @@ class Upstream:
     healthy: bool = False
     inflight: int = 0
     checked_at: float = 0.0
+    suspect_at: float = 0.0  # when it last answered 5xx, until a health check begun after that concludes
 
     def __str__(self) -> str:
         return self.base
 
 
-def _inflight(upstream: Upstream) -> int:
-    return upstream.inflight
+SUSPECT_LAST = 1 << 40  # added to a suspect's in-flight count: it is tried after every other upstream
+
+
+def _preference(upstream: Upstream) -> int:
+    return upstream.inflight + (SUSPECT_LAST if upstream.suspect_at else 0)
 
 
 class UpstreamPool:
@@ -110,7 +115,8 @@ class UpstreamPool:
     # --- discovery and health --------------------------------------------------------------------
 
     async def check(self, upstream: Upstream) -> None:
-        """Refresh one upstream's health and model list."""
+        """Refresh one upstream's health and model list (and clear a suspicion older than the check)."""
+        begun = time.monotonic()
         headers = self.headers.items()
         busy = self.saturated()  # the check may first wait for a pooled connection, inside its timeout
         try:
@@ -133,18 +139,41 @@ class UpstreamPool:
             logger.warning("upstream %s is now %s", upstream, "healthy" if healthy else "unhealthy")
         upstream.healthy = healthy
         upstream.checked_at = time.monotonic()
+        if upstream.suspect_at <= begun:  # a 5xx answered during the check waits for the next one
+            upstream.suspect_at = 0.0
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(u) for u in self.upstreams))
 
     def suspect(self, upstream: Upstream) -> None:
         """An upstream answered 5xx: check its health now, in the background, rather than at the next round
-        (one check at a time per upstream, and none within ``RECHECK_MIN_S`` of the last)."""
-        if upstream.base in self._rechecks or time.monotonic() - upstream.checked_at < RECHECK_MIN_S:
+        (one check at a time per upstream, and ``RECHECK_MIN_S`` at least after the last), and until a check
+        begun after this answer concludes, send it requests only when no other healthy upstream of the
+        model can take them (``candidates``).
+
+        A vLLM whose engine died answers 500 until its check says so, and the requests that came meanwhile
+        went to it in their turn: every other one failed while the check ran. It is not taken out of
+        rotation on the 5xx alone: a request can make vLLM answer 500, and an upstream that a client could
+        switch off that way would be a lever on everyone's traffic; at worst it moves requests to the other
+        upstreams until the next check concludes (within ``RECHECK_MIN_S`` and the check's own time)."""
+        now = time.monotonic()
+        upstream.suspect_at = now
+        if upstream.base in self._rechecks:
             return
-        task = asyncio.create_task(self.check(upstream), name=f"upstream-recheck {upstream.base}")
+        wait_s = max(0.0, upstream.checked_at + RECHECK_MIN_S - now)
+        task = asyncio.create_task(self._recheck(upstream, wait_s), name=f"upstream-recheck {upstream.base}")
         self._rechecks[upstream.base] = task
         task.add_done_callback(lambda _done: self._rechecks.pop(upstream.base, None))
+
+    async def _recheck(self, upstream: Upstream, wait_s: float) -> None:
+        while True:
+            if wait_s > 0:  # checked moments ago: the next check comes when RECHECK_MIN_S has passed
+                await asyncio.sleep(wait_s)
+            begun = time.monotonic()
+            await self.check(upstream)
+            if upstream.suspect_at <= begun:
+                return
+            wait_s = RECHECK_MIN_S  # a 5xx came while it checked: that one gets a check of its own
 
     async def close(self) -> None:
         """Cancel the checks a 5xx started (before the HTTP client they use is closed)."""
@@ -183,14 +212,15 @@ class UpstreamPool:
         return any(model in u.models for u in self.upstreams)
 
     def candidates(self, model: str) -> list[Upstream]:
-        """Healthy upstreams of the model, fewest in flight first; ties taken in turn (round robin)."""
+        """Healthy upstreams of the model, fewest in flight first (a suspect last, ``suspect``); ties taken in
+        turn (round robin)."""
         found = [u for u in self.upstreams if u.healthy and model in u.models]
         if len(found) < 2:
             return found
         self._turn += 1
         turn = self._turn % len(found)
         found = found[turn:] + found[:turn]  # rotate, then a stable sort keeps the rotation among ties
-        found.sort(key=_inflight)
+        found.sort(key=_preference)
         return found
 
     # --- requests ----------------------------------------------------------------------------------

@@ -705,7 +705,9 @@ def test_an_upstream_whose_engine_died_is_left_after_its_first_500_and_taken_bac
     tmp_path, stack
 ):
     # A vLLM whose engine died still accepts connections and answers every request 500; only /health (503)
-    # says so. The periodic check runs every 3 s: the first 500 checks that upstream at once instead.
+    # says so. The periodic check runs every 3 s: the first 500 checks that upstream at once instead, and
+    # until that check has concluded the other upstream takes the requests (before, every other request
+    # failed while it ran: three of twenty on a busy CI machine).
     dead, alive = start_fakevllm(tmp_path, "m1"), start_fakevllm(tmp_path, "m1")
     server = start_server(tmp_path, VLLM_UPSTREAMS=f"{dead.base},{alive.base}")
     try:
@@ -719,8 +721,8 @@ def test_an_upstream_whose_engine_died_is_left_after_its_first_500_and_taken_bac
         assert dead.served() > 0
         dead.configure(engine_dead=True)
         answered = statuses(20)
-        assert answered.count(502) <= 2, answered  # every other request until the next round, without it
-        assert answered[-10:] == [200] * 10
+        assert answered.count(502) <= 1, answered  # the one that met it first (none if a round came first)
+        assert set(answered) <= {200, 502}, answered
         dead.configure(engine_dead=False)
         before = dead.served()
         time.sleep(3.5)  # the periodic check finds it healthy again

@@ -39,8 +39,8 @@ def test_checks_within_the_keep_alive_keep_one_connection_warm_for_the_next_requ
     assert run(lambda: quiet_spell(0.7)).connections == 4  # each check, and the request, connected anew
 
 
-def test_a_5xx_checks_its_upstream_once_at_a_time_and_not_again_right_after_a_check():
-    async def scenario() -> tuple[int, int, int]:
+def test_a_5xx_checks_its_upstream_once_at_a_time_and_right_after_a_check_when_recheck_min_has_passed():
+    async def scenario() -> tuple[int, int, int, int]:
         server = await serving(answering(*[OK] * 20))
         client = HttpClient()
         pool = UpstreamPool((server.base,), client, "")
@@ -49,20 +49,94 @@ def test_a_5xx_checks_its_upstream_once_at_a_time_and_not_again_right_after_a_ch
             pool.suspect(upstream)
         await asyncio.gather(*pool._rechecks.values())
         first = len(server.requests)
-        pool.suspect(upstream)  # checked a moment ago: no second check yet
-        await asyncio.sleep(0)
+        pool.suspect(upstream)  # checked a moment ago: the next check waits until RECHECK_MIN_S has passed
+        pool.suspect(upstream)
+        await asyncio.sleep(RECHECK_MIN_S / 2)
+        meanwhile = len(server.requests)
+        await asyncio.gather(*pool._rechecks.values())
         second = len(server.requests)
         upstream.checked_at -= RECHECK_MIN_S
         pool.suspect(upstream)
         await pool.close()  # a check still running is cancelled before the client closes
         await client.close()
         await server.__aexit__()
-        return first, second, len(pool._rechecks)
+        return first, meanwhile, second, len(pool._rechecks)
 
-    first, second, left = run(scenario)
+    first, meanwhile, second, left = run(scenario)
     assert first == 2  # /health and /v1/models, once
-    assert second == first
+    assert meanwhile == first
+    assert second == first + 2  # one more check for the two 5xx, when its time came
     assert left == 0
+
+
+def test_a_suspect_upstream_goes_last_until_a_check_begun_after_its_5xx_concludes():
+    async def scenario() -> list[list[str]]:
+        servers = [await serving(answering(*[OK] * 20)) for _ in range(2)]
+        client = HttpClient()
+        pool = UpstreamPool(tuple(s.base for s in servers), client, "")
+        await pool.check_all()
+        first, second = pool.upstreams
+        orders = []
+
+        def order() -> None:
+            for upstream in pool.upstreams:  # the test server's model list is empty; a check rereads it
+                upstream.models = {"m": {"id": "m"}}
+            orders.append([u.base for u in pool.candidates("m")])
+
+        order()
+        order()  # round robin: each goes first in turn
+        pool.suspect(first)
+        order()
+        order()  # while its check runs, the suspect is tried last
+        first.inflight, second.inflight = 0, 5
+        order()  # even when the other one is busier
+        await asyncio.gather(*pool._rechecks.values())
+        first.inflight = second.inflight = 0
+        order()
+        order()  # the check found it healthy: back in turn
+        first.suspect_at = 0.0
+        checking = asyncio.create_task(pool.check(first))
+        await asyncio.sleep(0)  # the check has begun
+        pool.suspect(first)  # a 5xx during the check: that check does not clear it
+        await checking
+        first.inflight = 0
+        order()
+        order()
+        await asyncio.gather(*pool._rechecks.values())  # the one its 5xx started, RECHECK_MIN_S later
+        order()
+        order()
+        await pool.close()
+        await client.close()
+        for server in servers:
+            await server.__aexit__()
+        return orders
+
+    orders = run(scenario)
+    assert orders[1] == orders[0][::-1]  # in turn
+    suspect_last = orders[2]
+    assert orders[3] == orders[4] == suspect_last
+    assert orders[6] == orders[5][::-1]  # in turn again
+    assert orders[7] == orders[8] == suspect_last
+    assert orders[10] == orders[9][::-1]
+
+
+def test_a_5xx_while_its_upstream_is_being_checked_gets_a_check_of_its_own():
+    async def scenario() -> tuple[int, float]:
+        server = await serving(answering(*[OK] * 20))
+        client = HttpClient()
+        pool = UpstreamPool((server.base,), client, "")
+        upstream = pool.upstreams[0]
+        pool.suspect(upstream)
+        await asyncio.sleep(0)  # its check has begun
+        pool.suspect(upstream)  # another 5xx meanwhile
+        await asyncio.gather(*pool._rechecks.values())
+        await client.close()
+        await server.__aexit__()
+        return len(server.requests), upstream.suspect_at
+
+    checks, suspect_at = run(scenario)
+    assert checks == 4  # two checks of /health and /v1/models
+    assert suspect_at == 0.0
 
 
 def test_a_check_that_began_with_every_connection_busy_gives_no_verdict_even_if_they_freed_meanwhile(
