@@ -82,6 +82,7 @@ class Upstream:
     inflight: int = 0
     checked_at: float = 0.0
     suspect_at: float = 0.0  # when it last answered 5xx, until a health check begun after that concludes
+    answered_at: float = 0.0  # when it last answered a request with a status below 500
 
     def __str__(self) -> str:
         return self.base
@@ -130,9 +131,14 @@ class UpstreamPool:
                     c["id"]: c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)
                 }
                 self._known = frozenset(m for u in self.upstreams for m in u.models)
-        except (HttpError, OSError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+        except (HttpError, OSError, TimeoutError, ValueError, KeyError, TypeError, AttributeError) as exc:
             if busy or self.saturated():
                 return  # the check waited for a pooled connection, not for the upstream: no verdict
+            if isinstance(exc, TimeoutError) and upstream.answered_at >= begun:
+                # It answered requests while its check waited: busy, not down. An upstream whose event loop
+                # is behind (1,000 streams at once) answers its /health late too, and a verdict here took
+                # it out of rotation for a round: every request meanwhile got a 503 (bench/README.md).
+                return
             healthy = False
         UPSTREAM_HEALTHY.labels(upstream.base).set(1 if healthy else 0)
         if healthy != upstream.healthy:
@@ -299,6 +305,8 @@ class UpstreamCall:
                 continue
             if response.status >= 500:
                 pool.suspect(upstream)
+            else:
+                upstream.answered_at = time.monotonic()
             self._upstream, self._response = upstream, response
             return upstream, response
         raise UpstreamUnavailable()

@@ -5,6 +5,7 @@ connecting (and, to an https upstream, shaking hands) again."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from gateway.conf import gateway_settings
@@ -169,3 +170,63 @@ def test_a_check_that_began_with_every_connection_busy_gives_no_verdict_even_if_
         return upstream.healthy
 
     assert run(scenario) is True
+
+
+def test_a_check_that_times_out_while_its_upstream_answers_requests_gives_no_verdict(monkeypatch):
+    # An upstream whose event loop is behind (the benchmark's 1,000 streams at once) answers its /health
+    # late too; taken out of rotation for that, every request got a 503 until the next round.
+    import gateway.upstream
+
+    monkeypatch.setattr(gateway.upstream, "HEALTH_TIMEOUT_S", 0.3)
+
+    async def scenario(answers_meanwhile: bool) -> bool:
+        def silent(server: Server) -> Any:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                await server.request(reader)
+                await asyncio.sleep(5)  # reads the check's request, never answers: the check times out
+
+            return handler
+
+        server = await serving(silent)
+        client = HttpClient()
+        pool = UpstreamPool((server.base,), client, "")
+        upstream = pool.upstreams[0]
+        upstream.healthy = True
+        upstream.answered_at = 1.0  # long before the check
+        if answers_meanwhile:  # a request's answer came while the check waited
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.1, lambda: setattr(upstream, "answered_at", time.monotonic()))
+        await pool.check(upstream)
+        await client.close()
+        await server.__aexit__()
+        return upstream.healthy
+
+    assert run(lambda: scenario(True)) is True
+    assert run(lambda: scenario(False)) is False
+
+
+def test_an_answer_below_500_counts_as_answered_and_a_5xx_as_suspect():
+    async def scenario() -> tuple[float, float, float, float]:
+        ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+        failed = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 2\r\n\r\n{}"
+        server = await serving(answering(ok, failed))
+        client = HttpClient()
+        pool = UpstreamPool((server.base,), client, "")
+        upstream = pool.upstreams[0]
+        upstream.healthy, upstream.models = True, {"m": {"id": "m"}}
+        before = time.monotonic()
+        async with pool.request("m", "/v1/chat/completions", b"{}", {}) as (_upstream, response):
+            await response.read()
+        answered = upstream.answered_at
+        suspected = upstream.suspect_at
+        async with pool.request("m", "/v1/chat/completions", b"{}", {}) as (_upstream, response):
+            await response.read()
+        await pool.close()
+        await client.close()
+        await server.__aexit__()
+        return before, answered, suspected, upstream.suspect_at
+
+    before, answered, suspected_after_ok, suspected_after_500 = run(scenario)
+    assert answered >= before
+    assert suspected_after_ok == 0.0
+    assert suspected_after_500 >= answered
