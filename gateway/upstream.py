@@ -120,11 +120,14 @@ class UpstreamPool:
         begun = time.monotonic()
         headers = self.headers.items()
         busy = self.saturated()  # the check may first wait for a pooled connection, inside its timeout
+        why = ""  # what made it unhealthy, for the log
         try:
             status, _ = await self.client.get(f"{upstream.base}/health", headers, HEALTH_TIMEOUT_S)
             healthy = status == 200
+            why = "" if healthy else f"/health answered {status}"
             status, models = await self.client.get(f"{upstream.base}/v1/models", headers, HEALTH_TIMEOUT_S)
-            healthy = healthy and status == 200
+            if healthy and status != 200:
+                healthy, why = False, f"/v1/models answered {status}"
             if healthy:
                 cards = json.loads(models).get("data", [])
                 upstream.models = {
@@ -139,10 +142,11 @@ class UpstreamPool:
                 # is behind (1,000 streams at once) answers its /health late too, and a verdict here took
                 # it out of rotation for a round: every request meanwhile got a 503 (bench/README.md).
                 return
-            healthy = False
+            healthy, why = False, type(exc).__name__
         UPSTREAM_HEALTHY.labels(upstream.base).set(1 if healthy else 0)
         if healthy != upstream.healthy:
-            logger.warning("upstream %s is now %s", upstream, "healthy" if healthy else "unhealthy")
+            state = "healthy" if healthy else f"unhealthy ({why})"
+            logger.warning("upstream %s is now %s", upstream, state)
         upstream.healthy = healthy
         upstream.checked_at = time.monotonic()
         if upstream.suspect_at <= begun:  # a 5xx answered during the check waits for the next one

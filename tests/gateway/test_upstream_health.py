@@ -14,6 +14,16 @@ from gateway.upstream import RECHECK_MIN_S, UPSTREAM_KEEPALIVE_S, UpstreamPool
 from tests.gateway.test_http1 import OK, Server, answering, run, serving
 
 
+def silent(server: Server) -> Any:
+    """A handler that reads a request and never answers it: a check of it times out."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.request(reader)
+        await asyncio.sleep(5)
+
+    return handler
+
+
 def test_the_health_check_runs_more_often_than_an_idle_upstream_connection_is_kept():
     assert gateway_settings().health_interval_s < UPSTREAM_KEEPALIVE_S
 
@@ -150,13 +160,6 @@ def test_a_check_that_began_with_every_connection_busy_gives_no_verdict_even_if_
     monkeypatch.setattr(gateway.upstream, "HEALTH_TIMEOUT_S", 0.3)
 
     async def scenario() -> bool:
-        def silent(server: Server) -> Any:
-            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                await server.request(reader)
-                await asyncio.sleep(5)  # reads the request, never answers: the check times out
-
-            return handler
-
         server = await serving(silent)
         client = HttpClient()
         pool = UpstreamPool((server.base,), client, "", max_connections=1)
@@ -180,13 +183,6 @@ def test_a_check_that_times_out_while_its_upstream_answers_requests_gives_no_ver
     monkeypatch.setattr(gateway.upstream, "HEALTH_TIMEOUT_S", 0.3)
 
     async def scenario(answers_meanwhile: bool) -> bool:
-        def silent(server: Server) -> Any:
-            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                await server.request(reader)
-                await asyncio.sleep(5)  # reads the check's request, never answers: the check times out
-
-            return handler
-
         server = await serving(silent)
         client = HttpClient()
         pool = UpstreamPool((server.base,), client, "")
@@ -230,3 +226,31 @@ def test_an_answer_below_500_counts_as_answered_and_a_5xx_as_suspect():
     assert answered >= before
     assert suspected_after_ok == 0.0
     assert suspected_after_500 >= answered
+
+
+def test_an_upstream_found_unhealthy_is_logged_with_what_the_check_met(monkeypatch, caplog):
+    import gateway.upstream
+
+    monkeypatch.setattr(gateway.upstream, "HEALTH_TIMEOUT_S", 0.3)
+    dead = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n"
+    ok = b'HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\n{"data":[]}'
+
+    async def scenario(answers: tuple[bytes, ...]) -> None:
+        server = await serving(answering(*answers) if answers else silent)
+        client = HttpClient()
+        pool = UpstreamPool((server.base,), client, "")
+        pool.upstreams[0].healthy = True
+        await pool.check(pool.upstreams[0])
+        await client.close()
+        await server.__aexit__()
+
+    with caplog.at_level("WARNING", logger="gateway.upstream"):
+        run(lambda: scenario((dead, ok)))  # an engine that died: /health 503
+        run(lambda: scenario((ok, dead)))
+        run(lambda: scenario(()))  # reads the request, never answers
+    found = [r.getMessage().split(" is now ")[1] for r in caplog.records if r.name == "gateway.upstream"]
+    assert found == [
+        "unhealthy (/health answered 503)",
+        "unhealthy (/v1/models answered 503)",
+        "unhealthy (TimeoutError)",
+    ]
