@@ -163,10 +163,9 @@ def check_cache_salt(req: Mapping[str, Any]) -> None:
     """vLLM 0.33's ``validate_cache_salt``, a before-validator of the chat, completion and pooling requests
     (so it speaks before any field is checked, but after the before-validators defined after it, which
     pydantic runs first: of those the fake has ``check_stream_options_need_stream``): absent, null, or a
-    string of 1 to 128 characters without
-    '@', '/', '\\' or NUL. It raises a ``VLLMValidationError``, which is no ValueError: pydantic lets it
-    through, and vLLM's error handler answers a ``BadRequestError`` naming the parameter, the error's text
-    ending in its ``(parameter=cache_salt)``."""
+    string of 1 to 128 characters without '@', '/', '\\' or NUL. It raises a ``VLLMValidationError``, which
+    is no ValueError: pydantic lets it through, and vLLM's error handler answers a ``BadRequestError`` naming
+    the parameter, the error's text ending in its ``(parameter=cache_salt)``."""
     salt = req.get("cache_salt")
     if salt is None:
         return

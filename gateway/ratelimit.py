@@ -26,6 +26,7 @@ from typing import Any
 
 from redis import exceptions as redis_exceptions
 
+from authserver.revocation import revoked_key_client, revoked_key_jti
 from gateway.auth import Principal
 from gateway.redisbatch import RIDER_RETRY_S, Command, Packed, RedisBatcher
 from gateway.selectors import Policy
@@ -173,7 +174,7 @@ class Buckets:
 
     def keys(self, jti: str) -> list[str]:
         """The script's eight keys: the token's and the client's revocation flags, then the buckets."""
-        return [f"portcullis:revoked:jti:{jti}", *self._bucket_keys]
+        return [revoked_key_jti(jti), *self._bucket_keys]
 
     @functools.cached_property
     def settle_keys(self) -> tuple[str, str, str, str]:
@@ -186,7 +187,7 @@ class Buckets:
         base = f"portcullis:rl:{self.client_id}"
         user = f"{base}:u:{self.user or '-'}"
         return (
-            f"portcullis:revoked:client:{self.client_id}",
+            revoked_key_client(self.client_id),
             f"{base}:conc",
             f"{base}:day:{self.day}",
             f"{base}:rpm",
@@ -287,7 +288,7 @@ def _admit_packed(buckets: Buckets, jti: str, reservation: str, cost: int, now_m
     again, for every request, the 18 arguments a client's requests share (hiredis writes each argument's
     length with ``sprintf``: ~1,400 instructions an argument, bench/README.md, session 23)."""
     now, reservation, cost, to_midnight_ms = _request_args(reservation, cost, now_ms)
-    key = f"portcullis:revoked:jti:{jti}".encode()
+    key = revoked_key_jti(jti).encode()
     request = b"%d" % now, reservation.encode(), b"%d" % cost, b"%d" % to_midnight_ms
     return Packed(
         _ADMIT_HEAD
