@@ -24,6 +24,7 @@ SECURITY_KINDS = (
     "client.secret_rotated",
     "key.activated",
     "key.revoked",
+    "key.resealed",
     "user.locked",
     "gateway.redis_unavailable",
 )

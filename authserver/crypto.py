@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from cryptography.fernet import Fernet
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from django.conf import settings
@@ -27,18 +27,36 @@ class PrivateKeyUnreadable(ImproperlyConfigured):
 
 
 @cache
-def _fernet(kek: str) -> Fernet:
-    return Fernet(kek.encode())
+def _fernet(kek: str, previous: tuple[str, ...]) -> MultiFernet:
+    """The current key-encryption key first (it seals), then the ones it replaced (they only open)."""
+    return MultiFernet([Fernet(key.encode()) for key in (kek, *previous)])
+
+
+def _keks() -> MultiFernet:
+    return _fernet(
+        settings.PORTCULLIS_KEY_ENCRYPTION_KEY, tuple(settings.PORTCULLIS_KEY_ENCRYPTION_KEYS_PREVIOUS)
+    )
 
 
 def private_key_encrypt(pem: bytes) -> bytes:
     """Encrypt a PEM private key with the key-encryption key."""
-    return _fernet(settings.PORTCULLIS_KEY_ENCRYPTION_KEY).encrypt(pem)
+    return _keks().encrypt(pem)
 
 
 def private_key_decrypt(token: bytes) -> bytes:
-    """Decrypt a private key encrypted by :func:`private_key_encrypt`."""
-    return _fernet(settings.PORTCULLIS_KEY_ENCRYPTION_KEY).decrypt(token)
+    """Decrypt a private key encrypted by :func:`private_key_encrypt`, under the current key-encryption key
+    or one it replaced (``PORTCULLIS_KEY_ENCRYPTION_KEY_PREVIOUS``); ``InvalidToken`` if none opens it."""
+    return _keks().decrypt(token)
+
+
+def private_key_reseal(token: bytes) -> bytes | None:
+    """Return a private key sealed under the current key-encryption key, or None if it already is;
+    ``InvalidToken`` if neither the current key nor a previous one opens it."""
+    try:
+        _fernet(settings.PORTCULLIS_KEY_ENCRYPTION_KEY, ()).decrypt(token)
+    except InvalidToken:
+        return _keks().rotate(token)
+    return None
 
 
 def signing_key_generate(algorithm: str) -> tuple[bytes, dict[str, str], str]:

@@ -61,9 +61,9 @@ def signing_key_active(algorithm: str, *, borrow: bool = False) -> SigningKey:
 def private_jwk_for(kid: str, encrypted: bytes) -> jwk.JWK:
     """Decrypt a key once per process (decrypting and parsing RSA costs milliseconds).
 
-    A key that ``PORTCULLIS_KEY_ENCRYPTION_KEY`` cannot open was encrypted under another one (the setting
-    changed, or one replica has another value): the error names the key and the two ways out, where
-    Fernet's own says only that a signature did not match.
+    A key that neither ``PORTCULLIS_KEY_ENCRYPTION_KEY`` nor a previous one opens was encrypted under
+    another one (the setting changed, or one replica has another value): the error names the key and the
+    ways out, where Fernet's own says only that a signature did not match.
     """
     from cryptography.fernet import InvalidToken
 
@@ -74,9 +74,10 @@ def private_jwk_for(kid: str, encrypted: bytes) -> jwk.JWK:
     except InvalidToken:
         raise PrivateKeyUnreadable(
             f"the signing key {kid} cannot be decrypted with this PORTCULLIS_KEY_ENCRYPTION_KEY: it was "
-            "encrypted under another one. Set the key-encryption key it was made with, or run "
-            "`bin/manage rotatekeys --activate-now` to sign with new keys (tokens the old keys signed "
-            "still verify until they expire)"
+            "encrypted under another one. Set the key-encryption key it was made with (to change it, "
+            "the old value goes in PORTCULLIS_KEY_ENCRYPTION_KEY_PREVIOUS and `bin/manage resealkeys` "
+            "moves every key to the new one), or run `bin/manage rotatekeys --activate-now` to sign "
+            "with new keys (tokens the old keys signed still verify until they expire)"
         ) from None
     return jwk.JWK.from_pem(pem)
 

@@ -50,8 +50,25 @@ if not _kek:
     if not DEBUG:
         raise ImproperlyConfigured("PORTCULLIS_KEY_ENCRYPTION_KEY must be set when DJANGO_DEBUG is false")
     _kek = "dev:" + SECRET_KEY
-# Fernet wants 32 url-safe base64 bytes; any secret string is stretched to that with SHA-256.
-PORTCULLIS_KEY_ENCRYPTION_KEY = base64.urlsafe_b64encode(hashlib.sha256(_kek.encode()).digest()).decode()
+
+
+def _fernet_key(secret: str) -> str:
+    """Fernet wants 32 url-safe base64 bytes; any secret string is stretched to that with SHA-256."""
+    return base64.urlsafe_b64encode(hashlib.sha256(secret.encode()).digest()).decode()
+
+
+PORTCULLIS_KEY_ENCRYPTION_KEY = _fernet_key(_kek)
+# Key-encryption keys this one replaced (comma- or newline-separated): signing keys sealed under them still
+# open, until `resealkeys` has sealed every one under the current key (README, "Changing the KEK").
+PORTCULLIS_KEY_ENCRYPTION_KEYS_PREVIOUS = [
+    key
+    for key in dict.fromkeys(
+        _fernet_key(item.strip())
+        for item in env_secret("PORTCULLIS_KEY_ENCRYPTION_KEY_PREVIOUS").replace("\n", ",").split(",")
+        if item.strip()
+    )
+    if key != PORTCULLIS_KEY_ENCRYPTION_KEY
+]
 
 PORTCULLIS_TRUSTED_PROXIES = env_list("PORTCULLIS_TRUSTED_PROXIES")
 REDIS_URL = env_str("REDIS_URL")

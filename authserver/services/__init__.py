@@ -28,10 +28,12 @@ from authserver.services.signing_families import (
 )
 from authserver.services.signing_keys import (
     SIGNING_KEYS_LOCK,
+    ResealResult,
     RotationResult,
     signing_key_bootstrap,
     signing_key_revoke,
     signing_key_rotate,
+    signing_keys_reseal,
 )
 from authserver.services.tokens import (
     access_token_deletions_batched,
@@ -53,6 +55,7 @@ __all__ = [
     "GRANT_ALIASES",
     "SIGNING_KEYS_LOCK",
     "RegisteredClient",
+    "ResealResult",
     "RotationResult",
     "access_token_deletions_batched",
     "access_token_insert",
@@ -75,6 +78,7 @@ __all__ = [
     "signing_key_bootstrap",
     "signing_key_revoke",
     "signing_key_rotate",
+    "signing_keys_reseal",
     "tokens_revoke_for_client",
     "tokens_revoke_for_user",
     "user_lock",

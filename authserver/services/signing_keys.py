@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from cryptography.fernet import InvalidToken
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection, transaction
@@ -13,7 +14,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from audit.services import audit_record
-from authserver.crypto import private_key_encrypt, signing_key_generate
+from authserver.crypto import private_key_encrypt, private_key_reseal, signing_key_generate
 from authserver.models import SigningKey
 from authserver.revocation import keys_changed_publish
 from authserver.selectors import active_key_cache_clear
@@ -233,3 +234,41 @@ def signing_key_revoke(kid: str, *, actor: str, now: datetime | None = None) -> 
     return RotationResult(
         created=(created,) if created else (), activated=(activated,) if activated else (), removed=(kid,)
     )
+
+
+@dataclass(frozen=True)
+class ResealResult:
+    resealed: tuple[str, ...] = ()
+    current: tuple[str, ...] = ()  # already sealed under the current key-encryption key
+    unreadable: tuple[str, ...] = ()  # opened by no key-encryption key this process has
+
+
+def signing_keys_reseal(*, actor: str) -> ResealResult:
+    """Seal every signing key's private part under the current key-encryption key, the step that lets the
+    previous one (``PORTCULLIS_KEY_ENCRYPTION_KEY_PREVIOUS``) be dropped. Every key, removed ones included:
+    audit checkpoints keep verifying only against keys whose sealed private part opens
+    (``authserver.checkpoints``). A key no configured key opens is left as it is and reported."""
+    resealed, current, unreadable = [], [], []
+    with transaction.atomic():
+        _signing_keys_lock()
+        for key in SigningKey.objects.select_for_update().order_by("created_at", "pk"):
+            try:
+                sealed = private_key_reseal(bytes(key.private_key_encrypted))
+            except InvalidToken:
+                unreadable.append(key.kid)
+                continue
+            if sealed is None:
+                current.append(key.kid)
+                continue
+            key.private_key_encrypted = sealed
+            key.save(update_fields=["private_key_encrypted"])
+            resealed.append(key.kid)
+        if resealed or unreadable:
+            audit_record(
+                kind="key.resealed",
+                actor=actor,
+                outcome="success" if not unreadable else "failure",
+                data={"resealed": resealed, "unreadable": unreadable, "current": len(current)},
+            )
+        transaction.on_commit(active_key_cache_clear)
+    return ResealResult(resealed=tuple(resealed), current=tuple(current), unreadable=tuple(unreadable))

@@ -121,6 +121,17 @@ def test_secrets_can_come_from_files(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def test_previous_key_encryption_keys_are_a_list_without_repeats_or_the_current_one(tmp_path):
+    show = "len(settings.PORTCULLIS_KEY_ENCRYPTION_KEYS_PREVIOUS)"
+    assert settings_load(show=show).stdout.strip() == "0"
+    listed = settings_load(show=show, PORTCULLIS_KEY_ENCRYPTION_KEY_PREVIOUS="old-1, old-2,,old-1")
+    assert listed.stdout.strip() == "2", listed.stderr
+    previous = tmp_path / "previous.txt"  # a Docker secret: one value a line, the current one among them
+    previous.write_text("old-1\nold-2\na-real-key-encryption-key\n", encoding="utf-8")
+    from_file = settings_load(show=show, PORTCULLIS_KEY_ENCRYPTION_KEY_PREVIOUS_FILE=str(previous))
+    assert from_file.stdout.strip() == "2", from_file.stderr
+
+
 def test_a_key_may_be_published_as_little_as_two_gateway_key_set_refreshes_ahead():
     shown = "settings.AUTHSERVER['KEY_PUBLISH_AHEAD_S'], settings.GATEWAY['JWKS_MAX_AGE_S']"
     result = settings_load(show=shown, PORTCULLIS_KEY_PUBLISH_AHEAD="120")
