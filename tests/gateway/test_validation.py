@@ -661,6 +661,23 @@ def test_schema_references_must_name_a_definition_and_not_lead_back_to_themselve
             assert (caught.value.param or "").endswith(".$ref"), schema
 
 
+def test_a_chain_of_thousands_of_references_is_checked_without_recursion_and_its_cycle_named():
+    # a chain through $defs adds no JSON nesting, so the depth limit does not bound it: the check recursed
+    # once a link and a chain of 3,000 overflowed Python's stack (a RecursionError, answered 500)
+    links = 5_000
+    chain = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "null"}]} for i in range(links)}
+    chain[f"d{links}"] = {"type": "string"}
+    schema = {"$defs": chain, "$ref": "#/$defs/d0"}
+    assert request_validate("chat", chat(response_format=json_schema_format(schema)), max_tokens_cap=None)
+    chain[f"d{links}"] = {"allOf": [{"$ref": "#/$defs/d2"}]}  # the end leads back
+    with pytest.raises(InvalidRequest) as caught:
+        request_validate("chat", forced(schema), max_tokens_cap=None)
+    assert caught.value.param == "tools[0].function.parameters.$ref"
+    named = "(#/$defs/d2 -> #/$defs/d3 -> #/$defs/d4 -> #/$defs/d5 -> (4992 more) -> "
+    named += f"#/$defs/d{links - 2} -> #/$defs/d{links - 1} -> #/$defs/d{links} -> #/$defs/d2)"
+    assert named in caught.value.detail
+
+
 def test_an_empty_tool_list_takes_an_auto_choice_with_it_and_a_forced_choice_without_tools_is_refused():
     checked = request_validate("chat", chat(tools=[], tool_choice="auto"), max_tokens_cap=None)
     assert "tools" not in checked.payload
