@@ -147,6 +147,8 @@ class GatewayConsumer(AsyncHttpConsumer):
     async def _read_body(self) -> bytes:
         limit = self.rt.conf.max_body_bytes
         declared = self.headers.get(b"content-length")
+        if declared is not None:  # httptools keeps the optional whitespace after a value (RFC 9110 §5.6.3)
+            declared = declared.strip(b" \t")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             raise errors.BodyTooLarge(param="body")
         # One deadline for the whole body, not one per read: a byte now and then must not hold the

@@ -36,6 +36,15 @@ class InferenceConsumer(GatewayConsumer):
         principal = await self.authenticate(SCOPE_FOR[self.kind])
         if content_type != b"application/json":
             raise errors.UnsupportedMediaType(param="content-type")
+        if self.headers.get(b"content-encoding", b"identity").strip().lower() != b"identity":
+            # read as it came, a compressed body would be refused as bad JSON, or a plain one served that
+            # a proxy in front decoded otherwise: either way, refuse the coding (RFC 9110 §15.5.16)
+            refused = errors.UnsupportedMediaType(
+                "The request body must not be content-encoded (Content-Encoding: identity).",
+                param="content-encoding",
+            )
+            refused.headers["accept-encoding"] = "identity"
+            raise refused
         policy = self.rt.policies.get(principal.client_id)
         request = request_validate(
             self.kind, body, max_tokens_cap=policy.max_tokens, strict_tools=self.rt.conf.upstream_strict_tools

@@ -4,6 +4,7 @@ Redis and a Celery worker, driven over HTTP with the official openai SDK and raw
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import re
 import select
@@ -391,6 +392,18 @@ def test_a_request_refused_before_its_body_is_read_closes_the_connection(stack):
         assert b"connection: close" not in head
 
 
+def test_a_content_length_with_whitespace_after_it_is_read_as_its_number(stack):
+    # RFC 9110 §5.6.3 allows whitespace after a field value and httptools keeps it: "100 " was a 413
+    host, port = stack.server.base.removeprefix("http://").split(":")
+    body = json.dumps({**CHAT, "max_tokens": 2}).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {stack.token()}\r\n"
+    head += f"content-type: application/json\r\ncontent-length: {len(body)} \t\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + body)
+        answer = _response_read(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
 def test_an_upstream_error_mid_stream_reaches_the_client_once_without_done(stack, django_db_blocker):
     stack.fake.configure(fail_after_chunks=3)
     token = stack.token()
@@ -560,6 +573,15 @@ def _rejections(stack: Stack, django_db_blocker: Any) -> list[tuple[str, dict[st
         (
             "not json",
             {"content": b"hello", "headers": {**auth(good), "content-type": "text/plain"}},
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "content-encoded",  # refused as bad JSON before; a plain body with the header was served
+            {
+                "content": gzip.compress(json.dumps(CHAT).encode()),
+                "headers": {**auth(good), "content-type": "application/json", "content-encoding": "gzip"},
+            },
             415,
             "unsupported_media_type",
         ),
