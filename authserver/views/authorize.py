@@ -14,19 +14,38 @@ from django.shortcuts import resolve_url
 from oauth2_provider import views as dot_views
 from oauth2_provider.exceptions import FatalClientError, OAuthToolkitError
 from oauth2_provider.settings import oauth2_settings
-from oauthlib.oauth2.rfc6749.errors import ConsentRequired, InvalidClientIdError, LoginRequired
+from oauthlib.oauth2.rfc6749.errors import (
+    ConsentRequired,
+    InvalidClientIdError,
+    InvalidRequestFatalError,
+    LoginRequired,
+)
 
 from audit.services import actor_for_user, audit_record
 from authserver.models import AUTH_TIME_SESSION_KEY, Client, Consent
 from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id
 from authserver.services import consent_grant
+from authserver.views.common import query_refusal
 
 
 class AuthorizationView(dot_views.AuthorizationView):
     """Authorization endpoint with a consent screen whose answer is remembered per user and client."""
 
     template_name = "authserver/consent.html"
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        refusal = query_refusal(request)
+        if refusal is not None:  # oauthlib would raise reading it (a 500): a page, as for a bad client
+            return self.error_response(FatalClientError(InvalidRequestFatalError(description=refusal)), None)
+        response: HttpResponseBase = super().dispatch(request, *args, **kwargs)
+        return response
+
+    def handle_prompt_create(self) -> HttpResponseBase:
+        """prompt=create (OIDC Prompt Create 1.0) is not offered: §4.1.1's invalid_request, as a 400 page
+        the user sees, audited. DOT answered the browser a bare JSON body, and audited nothing."""
+        unsupported = InvalidRequestFatalError(description="prompt=create is not supported")
+        return self.error_response(FatalClientError(unsupported), None)
 
     def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if request.user.is_authenticated and self._signed_in_too_long_ago():

@@ -3,8 +3,11 @@ request that is not one well-formed form by POST before DOT sees it."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any
+from urllib.parse import unquote_plus
 
 from django.core.exceptions import BadRequest, SuspiciousOperation
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
@@ -12,6 +15,7 @@ from django.http.multipartparser import MultiPartParserError
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import csrf_exempt
 from django.views.generic import View
+from oauthlib.common import urldecode
 
 from audit.services import audit_record
 
@@ -42,18 +46,55 @@ FORM_ERRORS = (BadRequest, SuspiciousOperation, MultiPartParserError)  # what re
 REPEATABLE = frozenset({"resource"})  # RFC 8707 §2: one resource parameter per resource
 
 
+def query_refusal(request: HttpRequest) -> str | None:
+    """Why the query string is one oauthlib cannot read, or None. oauthlib decodes it itself, more strictly
+    than Django (only x-www-form-urlencoded characters, every "%" followed by two hex digits): it raised
+    a ValueError, a 500 whose logged message quoted the whole query string, and any secret in it."""
+    try:
+        urldecode(request.META.get("QUERY_STRING", ""))
+    except ValueError:
+        return "The query string is not x-www-form-urlencoded"
+    return None
+
+
+def basic_client_id(request: HttpRequest) -> str | None:
+    """The client id a Basic ``Authorization`` header names, decoded as DOT decodes it (RFC 6749 §2.3.1:
+    form-encoded), or None: no Basic header, or one DOT refuses as unreadable."""
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    if header[:6].lower() != "basic " or not header.isascii():
+        return None
+    try:
+        decoded = base64.b64decode(header[6:]).decode(request.encoding or "utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    client_id, colon, _secret = decoded.partition(":")
+    return unquote_plus(client_id) if colon else None
+
+
 def _form_refusal(request: HttpRequest) -> str | None:
     """Why a readable form is still a malformed request, or None. RFC 6749 §3.2: no parameter more than
     once (DOT passes oauthlib only the last, so ``scope=a&scope=b`` was read as ``b``); §2.3: one client
-    authentication method (Basic credentials and a ``client_secret`` in the body are two)."""
+    authentication method (Basic credentials and a ``client_secret`` in the body are two), and one client:
+    a ``client_id`` in the body other than the client the Basic credentials name was ignored, so that a
+    device authorization was made out to the client named in the body; a query string oauthlib can read
+    (``query_refusal``); Basic credentials in ASCII (RFC 7617), which DOT decoded with a ValueError."""
     repeated = sorted(
         key for key, values in request.POST.lists() if len(values) > 1 and key not in REPEATABLE
     )
     if repeated:
         return f"The parameter {repeated[0][:40]!r} is repeated"
-    basic = request.META.get("HTTP_AUTHORIZATION", "")[:6].lower() == "basic "
+    refusal = query_refusal(request)
+    if refusal is not None:
+        return refusal
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    basic = header[:6].lower() == "basic "
+    if basic and not header.isascii():
+        return "The Basic credentials are not ASCII base64 (RFC 7617)"
     if basic and "client_secret" in request.POST:
         return "The client authenticated twice (Basic credentials and a client_secret in the body)"
+    named = basic_client_id(request)
+    if named is not None and request.POST.get("client_id", named) != named:
+        return "The client_id in the body is not the client the Basic credentials name"
     return None
 
 

@@ -15,10 +15,18 @@ from oauth2_provider.views.device import DeviceGrantForm
 from redis.exceptions import RedisError
 
 from audit.services import actor_for_user, audit_record
+from authserver.models import GRANT_DEVICE_CODE
 from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id
 from authserver.services import consent_grant
-from authserver.views.common import FORM, FormEndpoint, client_id_of, error_code_of, oauth_error
+from authserver.views.common import (
+    FORM,
+    FormEndpoint,
+    basic_client_id,
+    client_id_of,
+    error_code_of,
+    oauth_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +149,7 @@ class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
         media_type = (request.content_type or "").strip().lower()
         if media_type != FORM:
             response: HttpResponse = oauth_error("invalid_request", f"The Content-Type must be {FORM}")
-        elif (refused := self._scope_refused(request)) is not None:
+        elif (refused := self._client_refused(request)) is not None:
             response = refused
         else:
             request.META["CONTENT_TYPE"] = FORM  # the form is read; oauthlib wants the bare media type
@@ -157,12 +165,17 @@ class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
         return response
 
     @staticmethod
-    def _scope_refused(request: HttpRequest) -> HttpResponse | None:
-        scopes = request.POST.get("scope", "").split()
-        client = client_by_client_id(str(request.POST.get("client_id", ""))) if scopes else None
+    def _client_refused(request: HttpRequest) -> HttpResponse | None:
+        """A client registered without the device grant (DOT made it a device code all the same), or
+        scopes it may not ask for. Which client: the one its Basic credentials name, else its client_id
+        (``FormEndpoint`` has refused the two disagreeing)."""
+        client = client_by_client_id(basic_client_id(request) or str(request.POST.get("client_id", "")))
         if client is None:
-            return None  # no scope asked (the client's defaults), or an unknown client: DOT answers
-        if not client.may_ask_for(scopes):
+            return None  # an unknown client: DOT answers invalid_client
+        if not client.allows_grant_type(GRANT_DEVICE_CODE):
+            return oauth_error("unauthorized_client", "The client may not use the device authorization grant")
+        scopes = request.POST.get("scope", "").split()
+        if scopes and not client.may_ask_for(scopes):
             return oauth_error("invalid_scope", "The client may not ask for these scopes")
         return None
 

@@ -13,7 +13,7 @@ from oauthlib.common import Request as OauthlibRequest
 from audit.services import audit_record
 from authserver.models import Client
 from authserver.tokens import jwt_signed_by_published_key
-from authserver.views.common import FormEndpoint, error_code_of, oauth_error
+from authserver.views.common import FormEndpoint, error_code_of, oauth_error, query_refusal
 
 
 class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
@@ -66,6 +66,18 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
 
 class UserInfoView(dot_views.UserInfoView):
     """OIDC userinfo: DOT's, with its answers labelled JSON, kept out of caches, and its refusals audited."""
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        refusal = query_refusal(request)
+        if refusal is None:
+            response: HttpResponseBase = super().dispatch(request, *args, **kwargs)
+            return response
+        refused = oauth_error("invalid_request", refusal)  # oauthlib would raise reading it (a 500)
+        refused["WWW-Authenticate"] = f'Bearer error="invalid_request", error_description="{refusal}"'
+        audit_record(
+            kind="userinfo.denied", outcome="denied", data={"error_code": "invalid_request", "status": 400}
+        )
+        return refused
 
     def _create_userinfo_response(self, request: HttpRequest) -> HttpResponse:
         response: HttpResponse = super()._create_userinfo_response(request)

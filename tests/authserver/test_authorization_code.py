@@ -981,3 +981,65 @@ def test_a_token_request_names_the_redirect_uri_if_the_authorization_request_did
     verifier, params["code_challenge"] = pkce_pair()
     accepted = _code_without_redirect_uri_exchanged(oauth, web_app, params, verifier, remembered)
     assert accepted.status_code == 200, accepted.content
+
+
+@pytest.mark.parametrize("extra", ["x=%zz", "state=%zz", "x=["])
+@pytest.mark.parametrize("who", ["signed in", "anonymous"])
+def test_an_authorization_request_oauthlib_cannot_read_is_a_400_page_audited_not_a_500(
+    client, web_app, alice, extra, who
+):
+    from django.test import Client as DjangoClient
+
+    http = DjangoClient(raise_request_exception=False)
+    if who == "signed in":
+        http.force_login(alice)
+    _v, challenge = pkce_pair()
+    params = {
+        "response_type": "code",
+        "client_id": web_app.client.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "models.read",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+    }
+    response = http.get(f"/oauth/authorize/?{urlencode(params)}&{extra}")
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("text/html")
+    assert b"The query string is not x-www-form-urlencoded" in response.content
+    assert "Location" not in response
+    assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("who", ["signed in", "anonymous"])
+def test_prompt_create_is_an_audited_400_page_not_a_bare_json_body(client, web_app, alice, who):
+    if who == "signed in":
+        client.force_login(alice)
+    _v, challenge = pkce_pair()
+    query = {
+        "response_type": "code",
+        "client_id": web_app.client.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "openid",
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        "prompt": "create",
+    }
+    response = client.get("/oauth/authorize/", query)
+    assert response.status_code == 400
+    assert response["Content-Type"].startswith("text/html")
+    assert b"prompt=create is not supported" in response.content
+    assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_request"
+
+
+def test_userinfo_with_a_query_string_oauthlib_cannot_read_is_an_rfc_6750_invalid_request(
+    oauth, web_app, signed_in
+):
+    from django.test import Client as DjangoClient
+
+    _code, _verifier, tokens = _tokens(oauth, web_app, "openid models.read")
+    http = DjangoClient(raise_request_exception=False)
+    response = http.get("/oauth/userinfo/?x=%zz", HTTP_AUTHORIZATION="Bearer " + tokens["access_token"])
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert response["WWW-Authenticate"].startswith('Bearer error="invalid_request"')
+    assert AuditEvent.objects.get(kind="userinfo.denied").data["error_code"] == "invalid_request"

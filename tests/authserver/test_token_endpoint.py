@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from urllib.parse import urlencode
 
 import pytest
 from django.contrib.auth.hashers import identify_hasher
@@ -14,6 +15,8 @@ from authserver.services import client_disable
 from tests.conftest import basic_auth
 
 pytestmark = pytest.mark.django_db
+
+FORM = "application/x-www-form-urlencoded"
 
 
 def test_client_credentials_returns_a_jwt_with_no_store_and_no_refresh_token(oauth, make_client):
@@ -480,3 +483,91 @@ def test_a_token_for_the_gateway_names_it_as_introspection_reports_it(oauth, mak
     info = oauth.http.post("/oauth/introspect/", {"token": token}, HTTP_AUTHORIZATION=auth).json()
     assert info["active"] is True
     assert info["aud"] in (settings.PORTCULLIS_AUDIENCE, [settings.PORTCULLIS_AUDIENCE])
+
+
+@pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)
+@pytest.mark.parametrize("query", ["x=%zz", "x=[", "client_secret=TOPSECRET&x=]"])
+def test_a_query_string_oauthlib_cannot_read_is_an_audited_invalid_request_and_not_logged(
+    make_client, path, kind, query, caplog
+):
+    # oauthlib decodes the query itself and raised a ValueError (a 500) whose logged message quoted it
+    from django.test import Client as DjangoClient
+
+    reg = make_client(grants=("client-credentials", "device-code"))
+    http = DjangoClient(raise_request_exception=False)
+    response = http.post(
+        f"{path}?{query}",
+        {"grant_type": "client_credentials", "client_id": reg.client.client_id, "token": "x"},
+        HTTP_AUTHORIZATION=basic_auth(reg.client.client_id, reg.client_secret),
+    )
+    _is_rfc_refusal(response, 400)
+    assert response.json()["error_description"] == "The query string is not x-www-form-urlencoded"
+    assert AuditEvent.objects.filter(kind=kind, data__error_code="invalid_request").count() == 1
+    assert "TOPSECRET" not in caplog.text
+
+
+@pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)
+@pytest.mark.parametrize("credentials", ["Basic é", "Basic YWJj\x85"])
+def test_basic_credentials_that_are_not_ascii_are_an_invalid_request_not_a_500(
+    client, path, kind, credentials
+):
+    # Django reads header bytes as Latin-1: b"Basic \xc3\xa9" arrives as "Basic Ã©", which DOT's
+    # base64.b64decode refused with a ValueError it did not catch
+    from django.test import Client as DjangoClient
+
+    http = DjangoClient(raise_request_exception=False)
+    response = http.post(
+        path, {"grant_type": "client_credentials", "token": "x"}, HTTP_AUTHORIZATION=credentials
+    )
+    _is_rfc_refusal(response, 400)
+    assert AuditEvent.objects.filter(kind=kind, data__error_code="invalid_request").count() == 1
+
+
+@pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)
+def test_a_client_id_in_the_body_other_than_the_basic_credentials_name_is_refused(make_client, path, kind):
+    # the token endpoint ignored it; the device endpoint made the device code out to the client it named
+    ours = make_client(grants=("client-credentials", "device-code"))
+    other = make_client(grants=("device-code",), public=True)
+    from django.test import Client as DjangoClient
+
+    http = DjangoClient()
+    body = {"grant_type": "client_credentials", "token": "x", "client_id": other.client.client_id}
+    response = http.post(
+        path,
+        urlencode(body),
+        content_type=FORM,
+        HTTP_AUTHORIZATION=basic_auth(ours.client.client_id, ours.client_secret),
+    )
+    _is_rfc_refusal(response, 400)
+    assert "Basic credentials name" in response.json()["error_description"]
+    assert AuditEvent.objects.filter(kind=kind, data__error_code="invalid_request").count() == 1
+    assert not AccessToken.objects.exists()
+    body["client_id"] = ours.client.client_id  # the same client named twice is one client
+    agreeing = http.post(
+        path,
+        urlencode(body),
+        content_type=FORM,
+        HTTP_AUTHORIZATION=basic_auth(ours.client.client_id, ours.client_secret),
+    )
+    allowed = 403 if path == "/oauth/introspect/" else 200  # a client may introspect only if an admin says
+    assert agreeing.status_code == allowed, agreeing.content
+
+
+@pytest.mark.parametrize("how", ["basic", "body"])
+def test_a_client_registered_without_the_device_grant_gets_no_device_code(oauth, make_client, how):
+    reg = make_client(grants=("client-credentials",))
+    body = {"scope": "models.read"}
+    headers = {}
+    if how == "basic":
+        headers["HTTP_AUTHORIZATION"] = basic_auth(reg.client.client_id, reg.client_secret)
+    else:
+        body.update(client_id=reg.client.client_id, client_secret=reg.client_secret)
+    response = oauth.http.post("/oauth/device-authorization/", urlencode(body), content_type=FORM, **headers)
+    assert response.status_code == 400, response.content
+    assert response.json()["error"] == "unauthorized_client"
+    assert (
+        AuditEvent.objects.filter(kind="device.denied", data__error_code="unauthorized_client").count() == 1
+    )
+    from oauth2_provider.models import get_device_grant_model
+
+    assert not get_device_grant_model().objects.exists()
