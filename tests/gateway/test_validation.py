@@ -665,7 +665,9 @@ def test_a_chain_of_thousands_of_references_is_checked_without_recursion_and_its
     # a chain through $defs adds no JSON nesting, so the depth limit does not bound it: the check recursed
     # once a link and a chain of 3,000 overflowed Python's stack (a RecursionError, answered 500)
     links = 5_000
-    chain = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "null"}]} for i in range(links)}
+    chain: dict[str, Any] = {
+        f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"type": "null"}]} for i in range(links)
+    }
     chain[f"d{links}"] = {"type": "string"}
     schema = {"$defs": chain, "$ref": "#/$defs/d0"}
     assert request_validate("chat", chat(response_format=json_schema_format(schema)), max_tokens_cap=None)
