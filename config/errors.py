@@ -25,6 +25,7 @@ _ERRORS: dict[int, tuple[str, str, str]] = {
     400: ("invalid_request", "Bad request.", "The request was refused before it reached an endpoint"),
     403: ("access_denied", "Permission denied.", "The request is not allowed"),
     404: ("not_found", "Not found.", "No endpoint answers at this path"),
+    405: ("invalid_request", "Method not allowed.", "This endpoint does not take this method"),
     500: ("server_error", "Server error.", "The server met an unexpected condition"),
 }
 
@@ -36,6 +37,9 @@ def _machine_error(request: HttpRequest, status: int) -> HttpResponse | None:
     request_id = getattr(request, "request_id", "")
     if path.startswith(PAGES_UNDER_OAUTH):
         return None
+    if path.lower().lstrip("/").startswith("v1"):  # "//v1/...", "/V1/...": not the gateway's route
+        error = {"message": f"{description}.", "type": "invalid_request_error", "param": None, "code": code}
+        return JsonResponse({"error": error}, status=status)
     if path.startswith(OAUTH_PREFIXES):
         if request_id:
             description = f"{description} (request id {request_id})"
@@ -64,3 +68,23 @@ page_not_found = _with_exception(404, defaults.page_not_found)
 
 def server_error(request: HttpRequest) -> HttpResponse:
     return _machine_error(request, 500) or defaults.server_error(request)
+
+
+class MachineErrorMiddleware:
+    """Give a 405 that a view answered with Django's empty page (``require_GET``, a class-based view's
+    ``http_method_not_allowed``) the JSON error of its path, keeping its ``Allow``. The form endpoints
+    answer their own 405, audited."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        if response.status_code != 405 or response.get("Content-Type", "").startswith("application/json"):
+            return response
+        shaped = _machine_error(request, 405)
+        if shaped is None:
+            return response
+        if "Allow" in response:
+            shaped["Allow"] = response["Allow"]
+        return shaped

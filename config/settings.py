@@ -102,6 +102,7 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "config.staticfiles.AsgiWhiteNoiseMiddleware",  # WhiteNoise, reading files off the event loop
     "authserver.middleware.SecurityHeadersMiddleware",
+    "config.errors.MachineErrorMiddleware",  # a view's empty 405 as JSON on the OAuth and API paths
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

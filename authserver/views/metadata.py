@@ -9,7 +9,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 from oauth2_provider import views as dot_views
 from oauth2_provider.views.metadata import OAuthServerMetadataView
 
@@ -17,7 +17,7 @@ from authserver.selectors import jwks_get
 
 
 @never_cache
-@require_GET
+@require_safe
 def jwks(request: HttpRequest) -> JsonResponse:
     """Publish the signing keys (RFC 7517): pending ones before they sign, retired ones until unused."""
     response = JsonResponse(jwks_get())
@@ -70,7 +70,7 @@ def metadata_extras() -> dict[str, Any]:
     }
 
 
-@require_GET
+@require_safe
 def protected_resource_metadata(request: HttpRequest) -> JsonResponse:
     """RFC 9728 metadata describing the gateway as a protected resource."""
     return JsonResponse(

@@ -92,3 +92,38 @@ def test_an_admin_api_failure_answers_json_with_the_request_id(bearer, monkeypat
     assert response.status_code == 500
     assert response.json() == {"detail": "Server error.", "request_id": "req-500-api"}
     assert response["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("post", "/.well-known/jwks.json", "GET, HEAD"),
+        ("post", "/.well-known/oauth-protected-resource", "GET, HEAD"),
+        ("post", "/.well-known/openid-configuration", "GET, HEAD, OPTIONS"),
+        ("put", "/oauth/userinfo/", "GET, POST, HEAD, OPTIONS"),
+    ],
+)
+def test_a_method_an_oauth_view_does_not_take_is_a_json_405_keeping_allow(client, method, path, allow):
+    response = getattr(client, method)(path)
+    assert response.status_code == 405
+    assert response.json()["error"] == "invalid_request"
+    assert response["Cache-Control"] == "no-store"
+    assert {m.strip() for m in response["Allow"].split(",")} == {m.strip() for m in allow.split(",")}
+
+
+@pytest.mark.parametrize("path", ["/.well-known/jwks.json", "/.well-known/oauth-protected-resource"])
+def test_the_metadata_documents_answer_head(client, path):
+    assert client.head(path).status_code == 200
+
+
+def test_a_path_like_the_gateways_that_django_gets_is_an_openai_shaped_404(client):
+    response = client.get("/V1/models")
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {
+            "message": "No endpoint answers at this path.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "not_found",
+        }
+    }
