@@ -117,6 +117,11 @@ class DeviceConfirmView(dot_views.DeviceConfirmView):
         return context
 
     def form_valid(self, form: Any) -> HttpResponse:
+        if form.cleaned_data["action"] not in ("accept", "deny"):  # DOT answered an empty 400
+            form.add_error("action", "Choose Allow or Deny.")
+            page: HttpResponse = self.form_invalid(form)
+            page.status_code = 400
+            return page
         device = self.get_object()  # before DOT changes its status (it is looked up by that status)
         response: HttpResponse = super().form_valid(form)
         client = client_by_client_id(device.client_id)

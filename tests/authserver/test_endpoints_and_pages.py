@@ -88,6 +88,9 @@ def test_device_flow_from_code_to_token(client, make_client, alice):
     # as the consent page does, it says which models and limits the app would get (none set here)
     assert b"Models it can use" in confirm.content
     assert b"Limits" in confirm.content
+    neither = client.post(entered["Location"], {"action": "maybe"})  # DOT: an empty 400
+    assert neither.status_code == 400
+    assert b"Choose Allow or Deny." in neither.content
     assert client.post(entered["Location"], {"action": "accept"}).status_code == 302
     token = client.post("/oauth/token/", poll)
     assert token.status_code == 200, token.content
