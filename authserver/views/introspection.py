@@ -82,6 +82,10 @@ class UserInfoView(dot_views.UserInfoView):
     def _create_userinfo_response(self, request: HttpRequest) -> HttpResponse:
         response: HttpResponse = super()._create_userinfo_response(request)
         response["Cache-Control"] = "no-store"  # claims about the user
+        sent = "HTTP_AUTHORIZATION" in request.META or "access_token" in request.GET
+        if response.status_code == 401 and not sent and "access_token" not in request.POST:
+            # RFC 6750 §3.1: a request with no credentials at all is told how to send them, with no error
+            response["WWW-Authenticate"] = 'Bearer realm="userinfo"'
         if response.content[:1] == b"{":
             response["Content-Type"] = "application/json"
         if response.status_code >= 400:

@@ -639,7 +639,10 @@ def test_userinfo_refuses_without_a_valid_token_and_the_refusal_is_audited(oauth
     response = oauth.http.get("/oauth/userinfo/", **headers)
     assert response.status_code == 401
     assert response["Cache-Control"] == "no-store"
-    assert "WWW-Authenticate" in response
+    if authorization:
+        assert response["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+    else:  # RFC 6750 §3.1: no credentials, no error code
+        assert response["WWW-Authenticate"] == 'Bearer realm="userinfo"'
     event = AuditEvent.objects.get(kind="userinfo.denied")
     assert event.data["status"] == 401
 
