@@ -144,3 +144,11 @@ class LiveConsumer(AsyncWebsocketConsumer):
             if not can_read(await user_now(self.scope)):
                 await self.close(code=CLOSE_FORBIDDEN)
                 return
+
+
+class NoSuchSocket(AsyncWebsocketConsumer):
+    """Any WebSocket path but the live feed's: refused at the handshake (an HTTP 403), where Channels'
+    router raised a ValueError for each such connect, a traceback in the log that anyone could cause."""
+
+    async def connect(self) -> None:
+        await self.close()

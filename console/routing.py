@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from django.urls import URLPattern, path
+from django.urls import URLPattern, path, re_path
 
-from console.consumers import LiveConsumer
+from console.consumers import LiveConsumer, NoSuchSocket
 
 websocket_urlpatterns: list[URLPattern] = [
     path("ws/console/live/", LiveConsumer.as_asgi(), name="console-live"),
+    re_path(r"", NoSuchSocket.as_asgi()),  # last: any other path is refused, not a ValueError per connect
 ]

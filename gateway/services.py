@@ -41,13 +41,24 @@ def policy_listener_remove(listener: Any) -> None:
         _local_listeners.remove(listener)
 
 
+CIDR_MAX_CHARS = 64  # as the admin API's schema says
+IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
 def _validate(fields: dict[str, Any]) -> None:
     errors: dict[str, list[str]] = {}
     for cidr in fields.get("allow_ips") or []:
+        if not isinstance(cidr, str) or len(cidr) > CIDR_MAX_CHARS:
+            errors.setdefault("allow_ips", []).append(f"an IP network is at most {CIDR_MAX_CHARS} characters")
+            continue
         try:
-            ipaddress.ip_network(cidr, strict=False)
+            network = ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             errors.setdefault("allow_ips", []).append(f"{cidr!r} is not an IP network (CIDR)")
+            continue
+        if network.version == 6 and network.subnet_of(IPV4_MAPPED):
+            # the gateway reads an IPv4-mapped client address as its IPv4 one, which this never matches
+            errors.setdefault("allow_ips", []).append(f"{cidr!r} is IPv4-mapped: write the IPv4 network")
     models = fields.get("allowed_models") or []
     if not all(isinstance(m, str) and 0 < len(m) <= 200 for m in models):
         errors["allowed_models"] = ["model ids are non-empty strings of at most 200 characters"]

@@ -45,7 +45,8 @@ class StrictChoiceField(serializers.ChoiceField):
     def to_internal_value(self, data: Any) -> Any:
         if not isinstance(data, str):
             self.fail("invalid_choice", input=data)
-        return super().to_internal_value(data)
+        # before DRF's refusal, which repeats the input: a lone surrogate in it failed to render (a 500)
+        return super().to_internal_value(text_check(data))
 
 
 class StrictIntegerField(serializers.IntegerField):

@@ -53,6 +53,20 @@ CLIENT_ID_REGEX = r"[!-.0-~]+"  # RFC 6749 §A.1: visible ASCII; minus "/" so it
 REPORT_TYPES = {"html": "text/html", "csv": "text/csv", "json": "application/json"}
 
 
+KID_REGEX = r"[A-Za-z0-9_-]{1,128}"  # a key id: an RFC 7638 thumbprint, base64url (no NUL reaches a query)
+
+
+class NestingSafeJSONParser(JSONParser):
+    """DRF's JSON parser, with JSON nested past Python's recursion limit a 400 like any unreadable body:
+    DRF catches only ``ValueError``, and a body of 100,000 brackets was a 500."""
+
+    def parse(self, stream: Any, media_type: str | None = None, parser_context: Any = None) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise exceptions.ParseError("JSON parse error - nested too deeply") from None
+
+
 class AdminPagination(LimitOffsetPagination):
     """limit/offset paging that refuses a bad number (DRF's default quietly ignores it)."""
 
@@ -83,7 +97,7 @@ class AdminAPIMixin:
     authentication_classes = [AdminBearerAuthentication, StaffSessionAuthentication]
     permission_classes = [AdminAccess]
     renderer_classes = [renderers.JSONRenderer]
-    parser_classes = [JSONParser]
+    parser_classes = [NestingSafeJSONParser]
     pagination_class = AdminPagination
     schema = AutoSchema()
 
@@ -356,6 +370,9 @@ class PassthroughRenderer(renderers.BaseRenderer):
     ) -> bytes:
         if isinstance(data, bytes):
             return data
+        response = (renderer_context or {}).get("response")
+        if response is not None:  # an error: labelled as the JSON it is, not "*/*"
+            response["Content-Type"] = "application/json"
         return json.dumps(data).encode()
 
 
@@ -395,6 +412,7 @@ class KeyViewSet(AdminAPIMixin, viewsets.GenericViewSet):
     serializer_class = s.SigningKeySerializer
     queryset = SigningKey.objects.defer("private_key_encrypted").order_by("-created_at")
     lookup_field = "kid"
+    lookup_value_regex = KID_REGEX
 
     @documented(summary="List signing keys with their lifecycle")
     def list(self, request: Request) -> Response:

@@ -487,3 +487,74 @@ def test_a_request_without_credentials_is_answered_401_and_not_audited(world):
     last = last_event_id()
     assert HttpClient().get("/api/admin/clients/").status_code == 401
     assert events_after(last) == []
+
+
+@pytest.mark.parametrize("body", ["a=1", "csrfmiddlewaretoken=forged"])
+def test_a_cross_site_form_post_to_the_api_fails_its_csrf_check_audited_not_a_415(world, admin_user, body):
+    # Django's check read a form's token from DRF's request.POST, which parses JSON only: a 415 came first
+    admin = HttpClient(enforce_csrf_checks=True)
+    admin.force_login(admin_user)
+    admin.get("/console/keys/rotate/")  # the session holds a CSRF cookie, as a browser would
+    last = last_event_id()
+    path = f"/api/admin/clients/{world.app.client.client_id}/disable/"
+    response = admin.post(path, body, content_type="application/x-www-form-urlencoded")
+    assert response.status_code == 403
+    assert "CSRF" in response.json()["detail"]
+    [event] = events_after(last)
+    assert (event.kind, event.actor) == ("admin_api.denied", "user:root")
+    assert not Client.objects.get(pk=world.app.client.pk).disabled
+
+
+def test_a_read_only_staff_form_post_is_refused_for_its_rights_and_audited(world, staff_user):
+    viewer = HttpClient(enforce_csrf_checks=True)
+    viewer.force_login(staff_user)
+    viewer.get("/console/")
+    csrf = viewer.cookies["csrftoken"].value
+    last = last_event_id()
+    path = f"/api/admin/clients/{world.app.client.client_id}/disable/"
+    response = viewer.post(
+        path, "a=1", content_type="application/x-www-form-urlencoded", HTTP_X_CSRFTOKEN=csrf
+    )
+    assert response.status_code == 403
+    [event] = events_after(last)
+    assert (event.kind, event.actor) == ("admin_api.denied", "user:viewer")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "x", "grant_types": ["\ud800"], "scopes": ["models.read"]},  # a lone surrogate in a choice
+        {"name": "x", "grant_types": ["client-credentials"], "scopes": ["\udfff"]},
+    ],
+)
+def test_a_lone_surrogate_in_a_choice_is_a_400_not_a_500(bearer, body):
+    api = bearer()
+    api.raise_request_exception = False
+    response = api.post("/api/admin/clients/", json.dumps(body), content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert "not valid Unicode" in response.content.decode()
+
+
+def test_json_nested_past_the_recursion_limit_is_a_400_not_a_500(bearer):
+    api = bearer()
+    api.raise_request_exception = False
+    response = api.post("/api/admin/clients/", "[" * 100_000 + "]" * 100_000, content_type="application/json")
+    assert response.status_code == 400
+    assert "nested too deeply" in response.json()["detail"]
+
+
+def test_a_key_id_holding_a_nul_is_a_404_in_the_api_and_the_console(bearer, admin_user):
+    api = bearer()
+    api.raise_request_exception = False
+    assert api.post("/api/admin/keys/%00/revoke/").status_code == 404
+    console = HttpClient(raise_request_exception=False)
+    console.force_login(admin_user)
+    assert console.post("/console/keys/%00/revoke/").status_code == 404
+
+
+def test_a_report_download_error_is_labelled_json_whatever_the_client_accepts(bearer):
+    api = bearer()
+    response = api.get("/api/admin/reports/999/download/", HTTP_ACCEPT="text/html")
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+    assert response.json()["detail"]

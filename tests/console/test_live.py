@@ -104,8 +104,21 @@ async def first_messages(user: Any, count: int) -> tuple[bool, Any, list[dict[st
     return connected, code, messages
 
 
-def test_the_live_route_is_at_ws_console_live():
-    assert [str(p.pattern) for p in websocket_urlpatterns] == ["ws/console/live/"]
+def test_the_live_route_is_at_ws_console_live_and_any_other_path_is_refused():
+    assert [str(p.pattern) for p in websocket_urlpatterns] == ["ws/console/live/", ""]
+
+    async def connect(path: str) -> dict[str, Any]:
+        from channels.routing import URLRouter
+
+        scope = {"type": "websocket", "path": path, "headers": [], "subprotocols": []}
+        socket = ApplicationCommunicator(URLRouter(websocket_urlpatterns), scope)
+        await socket.send_input({"type": "websocket.connect"})
+        answer: dict[str, Any] = await socket.receive_output(timeout=5)
+        await socket.wait(timeout=1)
+        return answer
+
+    for path in ("/ws/console/live/x", "/ws/other/", "/"):  # Channels' router raised a ValueError for each
+        assert asyncio.run(connect(path))["type"] == "websocket.close", path
 
 
 @pytest.mark.django_db

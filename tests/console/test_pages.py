@@ -180,6 +180,15 @@ def test_the_policy_form_saves_a_valid_policy_and_explains_an_invalid_one(as_adm
     assert not ClientPolicy.objects.filter(client=client).exists()
     bad = as_admin.post(url, {"allowed_models": "m1", "allow_ips": "10.0.0.0/8\nnot-a-network"})
     assert "'not-a-network' is not an IP network (CIDR)" in bad.context["form"].errors["allow_ips"]
+    # the admin API's schema caps a network at 64 characters, and the form took 500; an IPv4-mapped
+    # network never matches, as the gateway reads a mapped client address as its IPv4 one
+    for network, error in [
+        ("fe80::1%" + "e" * 500 + "/64", "an IP network is at most 64 characters"),
+        ("::ffff:10.0.0.0/104", "'::ffff:10.0.0.0/104' is IPv4-mapped: write the IPv4 network"),
+    ]:
+        bad = as_admin.post(url, {"allowed_models": "m1", "allow_ips": network})
+        assert error in bad.context["form"].errors["allow_ips"]
+    assert not ClientPolicy.objects.filter(client=client).exists()
     good = as_admin.post(
         url, {"allowed_models": "m1, m2", "rpm": "60", "max_tokens": "512", "allow_ips": "10.0.0.0/8"}
     )
