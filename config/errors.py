@@ -38,7 +38,10 @@ def _machine_error(request: HttpRequest, status: int) -> HttpResponse | None:
     if path.startswith(PAGES_UNDER_OAUTH):
         return None
     if path.lower().lstrip("/").startswith("v1"):  # "//v1/...", "/V1/...": not the gateway's route
-        error = {"message": f"{description}.", "type": "invalid_request_error", "param": None, "code": code}
+        kind = (
+            "not_found_error" if status == 404 else "api_error" if status >= 500 else "invalid_request_error"
+        )
+        error = {"message": f"{description}.", "type": kind, "param": None, "code": code}
         return JsonResponse({"error": error}, status=status)
     if path.startswith(OAUTH_PREFIXES):
         if request_id:

@@ -46,6 +46,9 @@ FORM_ERRORS = (BadRequest, SuspiciousOperation, MultiPartParserError)  # what re
 REPEATABLE = frozenset({"resource"})  # RFC 8707 §2: one resource parameter per resource
 
 
+BASIC_NOT_ASCII = "The Basic credentials are not ASCII base64 (RFC 7617)"
+
+
 def query_refusal(request: HttpRequest) -> str | None:
     """Why the query string is one oauthlib cannot read, or None. oauthlib decodes it itself, more strictly
     than Django (only x-www-form-urlencoded characters, every "%" followed by two hex digits): it raised
@@ -89,7 +92,7 @@ def _form_refusal(request: HttpRequest) -> str | None:
     header = request.META.get("HTTP_AUTHORIZATION", "")
     basic = header[:6].lower() == "basic "
     if basic and not header.isascii():
-        return "The Basic credentials are not ASCII base64 (RFC 7617)"
+        return BASIC_NOT_ASCII
     if basic and "client_secret" in request.POST:
         return "The client authenticated twice (Basic credentials and a client_secret in the body)"
     named = basic_client_id(request)
@@ -104,7 +107,8 @@ class FormEndpoint(View):
 
     Another method is 405 ``invalid_request`` with ``Allow``, and a body Django cannot read as a form (a
     charset other than UTF-8, multipart with no boundary, too many fields) or a malformed one
-    (``_form_refusal``) is 400 ``invalid_request``; each JSON, ``no-store`` and audited as ``denied_kind``.
+    (``_form_refusal``) is 400 ``invalid_request`` (Basic credentials that are not ASCII: 401
+    ``invalid_client``); each JSON, ``no-store`` and audited as ``denied_kind``.
     Django alone answered them with an empty or an HTML page (a 500 in debug), and nothing was audited.
     OPTIONS passes (CORS preflight).
     """
@@ -125,7 +129,10 @@ class FormEndpoint(View):
                 if refusal is None:
                     return self.form_dispatch(request, *args, **kwargs)
                 response = oauth_error("invalid_request", refusal)
-        audit_record(kind=self.denied_kind, outcome="denied", data={"error_code": "invalid_request"})
+                if refusal == BASIC_NOT_ASCII:  # an authentication by the header that failed: §5.2's 401
+                    response = oauth_error("invalid_client", refusal, status=401)
+                    response["WWW-Authenticate"] = 'Basic realm="portcullis"'
+        audit_record(kind=self.denied_kind, outcome="denied", data={"error_code": error_code_of(response)})
         return response
 
     def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:

@@ -508,7 +508,7 @@ def test_a_query_string_oauthlib_cannot_read_is_an_audited_invalid_request_and_n
 
 @pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)
 @pytest.mark.parametrize("credentials", ["Basic é", "Basic YWJj\x85"])
-def test_basic_credentials_that_are_not_ascii_are_an_invalid_request_not_a_500(
+def test_basic_credentials_that_are_not_ascii_are_an_invalid_client_not_a_500(
     client, path, kind, credentials
 ):
     # Django reads header bytes as Latin-1: b"Basic \xc3\xa9" arrives as "Basic Ã©", which DOT's
@@ -519,8 +519,11 @@ def test_basic_credentials_that_are_not_ascii_are_an_invalid_request_not_a_500(
     response = http.post(
         path, {"grant_type": "client_credentials", "token": "x"}, HTTP_AUTHORIZATION=credentials
     )
-    _is_rfc_refusal(response, 400)
-    assert AuditEvent.objects.filter(kind=kind, data__error_code="invalid_request").count() == 1
+    assert response.status_code == 401  # RFC 6749 §5.2: it authenticated by the header, and that failed
+    assert response.json()["error"] == "invalid_client"
+    assert response["WWW-Authenticate"] == 'Basic realm="portcullis"'
+    assert response["Cache-Control"] == "no-store"
+    assert AuditEvent.objects.filter(kind=kind, data__error_code="invalid_client").count() == 1
 
 
 @pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)

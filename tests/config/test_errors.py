@@ -122,7 +122,7 @@ def test_a_path_like_the_gateways_that_django_gets_is_an_openai_shaped_404(clien
     assert response.json() == {
         "error": {
             "message": "No endpoint answers at this path.",
-            "type": "invalid_request_error",
+            "type": "not_found_error",  # as the gateway's own 404 (SECURITY.md's error contract)
             "param": None,
             "code": "not_found",
         }
