@@ -385,8 +385,15 @@ class RedisLimiter:
         member gone when it comes again, and changes nothing."""
         if any(isinstance(r, redis_exceptions.NoScriptError) for r in replies):
             self._load_settle = True  # Redis restarted and lost its scripts: load again, then retry
-        # Refused with an error reply: it did not run, so it goes again as it was. Unanswered: it may have.
-        refused = [c for c, r in zip(sent, replies, strict=False) if c[0] == "EVALSHA" and _is_error(r)]
+        # Refused before it ran (no script, Redis loading, busy, out of memory, read-only): it goes again as
+        # it was. Unanswered: it may have run, and goes again marked so. An error the script itself raised
+        # came after some of its writes, and would come again every time: it was retried every 5 ms for as
+        # long as the process lived (an upstream's usage count past 64 bits did it). Logged and dropped.
+        answered = [(c, r) for c, r in zip(sent, replies, strict=False) if c[0] == "EVALSHA"]
+        refused = [c for c, r in answered if _did_not_run(r)]
+        failed = [r for _c, r in answered if _is_error(r) and not _did_not_run(r)]
+        if failed:
+            logger.error("dropping %d settlements Redis failed to run (%s)", len(failed), failed[0])
         unanswered = [c[:-1] + (RETRY,) for c in sent[len(replies) :] if c[0] == "EVALSHA"]
         retry = refused + unanswered
         if error is not None:
@@ -399,6 +406,22 @@ class RedisLimiter:
 
 def _is_error(reply: Any) -> bool:
     return isinstance(reply, redis_exceptions.ResponseError)
+
+
+NOT_RUN = (
+    redis_exceptions.NoScriptError,
+    redis_exceptions.BusyLoadingError,
+    redis_exceptions.ReadOnlyError,
+    redis_exceptions.OutOfMemoryError,
+    redis_exceptions.TryAgainError,
+    redis_exceptions.MasterDownError,
+    redis_exceptions.ClusterDownError,
+)
+
+
+def _did_not_run(reply: Any) -> bool:
+    """An error reply Redis gives before running a command: it may be sent again as it was."""
+    return isinstance(reply, NOT_RUN) or (_is_error(reply) and str(reply).startswith("BUSY"))
 
 
 class LocalLimiter:

@@ -269,16 +269,21 @@ class StreamRelay:
 
 def usage_counts(usage: Any) -> tuple[int, int] | None:
     """The (prompt, completion) tokens of an OpenAI ``usage`` object, or None when it is not an object. A
-    count that is not a number of tokens (text, a negative or infinite number: an upstream's bug) is 0."""
+    count that is not a number of tokens (text, a negative or infinite number: an upstream's bug) is 0, and
+    one past ``TOKEN_COUNT_MAX`` is that."""
     if not isinstance(usage, dict):
         return None
     return _token_count(usage.get("prompt_tokens")), _token_count(usage.get("completion_tokens"))
 
 
+TOKEN_COUNT_MAX = 2**31 - 1  # what a usage record's column holds; a larger count is an upstream's bug
+
+
 def _token_count(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return 0
-    return max(0, int(value))
+    # capped: a count past 64 bits failed the daily quota's INCRBY, and one past the column lost the record
+    return min(TOKEN_COUNT_MAX, max(0, int(value)))
 
 
 def _error_type(event: bytes) -> str:

@@ -95,6 +95,11 @@ def _preference(upstream: Upstream) -> int:
     return upstream.inflight + (SUSPECT_LAST if upstream.suspect_at else 0)
 
 
+def _no_constant(name: str) -> None:
+    """Refuse NaN and Infinity in a model list: copied into ``/v1/models``, they made it invalid JSON."""
+    raise ValueError(f"{name} is not JSON")
+
+
 class UpstreamPool:
     def __init__(
         self,
@@ -129,12 +134,21 @@ class UpstreamPool:
             if healthy and status != 200:
                 healthy, why = False, f"/v1/models answered {status}"
             if healthy:
-                cards = json.loads(models).get("data", [])
+                cards = json.loads(models, parse_constant=_no_constant).get("data", [])
                 upstream.models = {
                     c["id"]: c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)
                 }
                 self._known = frozenset(m for u in self.upstreams for m in u.models)
-        except (HttpError, OSError, TimeoutError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (
+            HttpError,
+            OSError,
+            TimeoutError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,
+        ) as exc:  # RecursionError: a model list nested past the parser's limit stopped the gateway starting
             if busy or self.saturated():
                 return  # the check waited for a pooled connection, not for the upstream: no verdict
             if isinstance(exc, TimeoutError) and upstream.answered_at >= begun:

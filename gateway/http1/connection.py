@@ -225,8 +225,10 @@ class Connection(asyncio.Protocol):
         response._data_at = self.loop.time()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            response.fail(ProtocolError(f"invalid response from the upstream: {exc}"))
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            # HttpParserUpgrade is no HttpParserError: a 101 (nothing asked to switch) escaped to asyncio's
+            # transport as a fatal error, and the connection's failures took the upstream out of rotation
+            response.fail(ProtocolError(f"invalid response from the upstream: {exc!r}"))
             self.close()
             return
         taker = response.on_data

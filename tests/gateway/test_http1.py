@@ -278,6 +278,26 @@ def test_a_refused_connection_and_a_garbled_answer_are_told_apart():
     assert run(test) == (ConnectFailed, ProtocolError)
 
 
+def test_a_switching_protocols_answer_nothing_asked_for_is_a_protocol_error():
+    # httptools raises HttpParserUpgrade, which is no HttpParserError: it escaped to asyncio's transport
+    switching = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+
+    async def test() -> type[Exception] | None:
+        server = await serving(answering(switching))
+        client = HttpClient()
+        error = None
+        try:
+            response = await client.request("GET", f"{server.base}/")
+            await response.read()
+        except Exception as exc:  # noqa: BLE001
+            error = type(exc)
+        await client.close()
+        await server.__aexit__()
+        return error
+
+    assert run(test) is ProtocolError
+
+
 async def body_error(make: Callable[[Server], Handler]) -> type[Exception] | None:
     """GET from a server that ``make`` scripts and read the body: the error reading it raised, if any."""
     server = await serving(make)

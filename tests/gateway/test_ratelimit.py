@@ -336,6 +336,29 @@ def test_the_days_counter_expires_and_counts_every_reservation_and_settlement(sh
     assert 0 < redis_client.ttl(day) <= 2 * 86_400  # it expires, after the day it counts
 
 
+def test_a_settlement_the_script_fails_to_run_is_dropped_and_logged_not_retried_for_ever(
+    shared, redis_client, caplog
+):
+    # the daily counter past 64 bits (an upstream's usage count did it) fails the script's INCRBY after its
+    # first writes; the error reply was taken for "did not run" and sent again every 5 ms for ever
+    b = buckets(daily_tokens=100_000)
+    day = b.keys(SERVICE.jti)[3]
+
+    async def run() -> list[Any]:
+        limiter = await shared()
+        await limiter.admit(SERVICE, b, "a", 100)
+        redis_client.set(day, "not a number")
+        limiter.settle(SERVICE, b, "a", reserved=100, used=40)
+        await limiter.flush()
+        await asyncio.sleep(0.05)  # a retry would be queued again by now
+        pending = list(limiter._pending)
+        await close(limiter)
+        return pending
+
+    assert asyncio.run(run()) == []
+    assert "dropping 1 settlements Redis failed to run" in caplog.text
+
+
 def test_a_redis_that_lost_its_scripts_gets_them_again_for_reservations_and_settlements(shared, redis_client):
     async def run() -> list[str]:
         limiter = await shared()

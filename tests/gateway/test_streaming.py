@@ -516,6 +516,8 @@ def test_an_empty_delta_is_not_a_token_though_vllm_counts_reasoning_tokens_in_it
     [
         (b'{"usage":{"prompt_tokens":7,"completion_tokens":5}}', (7, 5)),
         (b'{"usage":{"prompt_tokens":1e400,"completion_tokens":3}}', (0, 3)),  # int(inf) raised OverflowError
+        # past 64 bits the daily quota's INCRBY failed (and was retried for ever), past 31 the record was lost
+        (b'{"usage":{"prompt_tokens":100000000000000000000,"completion_tokens":1e300}}', (2**31 - 1,) * 2),
         (b'{"usage":{"prompt_tokens":"7","completion_tokens":-4}}', (0, 0)),  # int("x") raised ValueError
         (b'{"usage":{"prompt_tokens":NaN,"completion_tokens":true}}', (0, 0)),
         (b'{"usage":null}', (0, 0)),

@@ -254,3 +254,32 @@ def test_an_upstream_found_unhealthy_is_logged_with_what_the_check_met(monkeypat
         "unhealthy (/v1/models answered 503)",
         "unhealthy (TimeoutError)",
     ]
+
+
+def test_a_model_list_nested_past_the_parsers_limit_or_holding_nan_is_a_verdict_not_a_crash(caplog):
+    # nested 200,000 deep it raised a RecursionError the check did not catch: at start the gateway never came
+    # up, and later every round logged a traceback while the upstream kept its old list; a NaN in a card was
+    # copied into the gateway's own /v1/models, which was then not JSON
+    def answer(body: bytes) -> bytes:
+        return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+
+    health = answer(b"{}")
+    deep = answer(b"[" * 200_000 + b"]" * 200_000)
+    nan = answer(b'{"data":[{"id":"m1","created":NaN}]}')
+
+    async def scenario(models: bytes) -> tuple[bool, dict[str, Any]]:
+        server = await serving(answering(health, models))
+        client = HttpClient()
+        pool = UpstreamPool((server.base,), client, "")
+        upstream = pool.upstreams[0]
+        upstream.healthy = True
+        await pool.check(upstream)
+        await client.close()
+        await server.__aexit__()
+        return upstream.healthy, upstream.models
+
+    with caplog.at_level("WARNING", logger="gateway.upstream"):
+        assert run(lambda: scenario(deep)) == (False, {})
+        assert run(lambda: scenario(nan)) == (False, {})
+    found = [r.getMessage().split(" is now ")[1] for r in caplog.records if r.name == "gateway.upstream"]
+    assert found == ["unhealthy (RecursionError)", "unhealthy (ValueError)"]
