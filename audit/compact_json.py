@@ -30,9 +30,14 @@ def json_compact_dump(value: Any) -> bytes:
         return _STANDARD.encode(value).encode()
 
 
-def json_parse(data: bytes | str) -> Any:
-    """Parse JSON as ``json.loads`` does (raising a ValueError for what is not JSON)."""
+def json_parse(data: bytes | str, *, constants: bool = True) -> Any:
+    """Parse JSON as ``json.loads`` does (raising a ValueError for what is not JSON); without
+    ``constants``, NaN and Infinity are not JSON either (RFC 8259 has no such values)."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:  # NaN, Infinity, a lone surrogate: the standard library decides
-        return json.loads(data)
+        return json.loads(data) if constants else json.loads(data, parse_constant=_no_constant)
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")

@@ -207,6 +207,10 @@ class Runtime:
             return errors.UpstreamFailed()
         if status == 404:
             return errors.ModelNotFound("The model is not served here.", param="model")
+        if status == 429:  # an upstream (or a router before it) at capacity: to retry, not to change
+            busy = errors.UpstreamBusy("The upstream is at capacity; try again shortly.")
+            busy.headers["retry-after"] = "1"
+            return busy
         if 400 <= status < 500:
             try:
                 message = json.loads(data)["error"]["message"]
@@ -218,13 +222,20 @@ class Runtime:
         return errors.UpstreamFailed()
 
     @staticmethod
+    def answer_parse(data: bytes) -> dict[str, Any] | None:
+        """An upstream's whole answer as a JSON object, or None: not JSON (cut short, an HTML page, NaN,
+        which the standard library reads but no client can), too deeply nested, or not an object."""
+        try:
+            answer = json_parse(data, constants=False)
+        except (ValueError, RecursionError):
+            return None
+        return answer if isinstance(answer, dict) else None
+
+    @staticmethod
     def usage_of(data: bytes) -> tuple[int, int]:
         """Return (prompt, completion) tokens from an OpenAI-shaped answer."""
-        try:
-            usage = json_parse(data).get("usage")
-        except (ValueError, AttributeError):
-            return 0, 0
-        return usage_counts(usage) or (0, 0)
+        answer = Runtime.answer_parse(data)
+        return (usage_counts(answer.get("usage")) if answer is not None else None) or (0, 0)
 
     def redis_available(self, jti: str) -> None:
         """Redis answered for this token: remember when it was cleared; end a fallback period."""

@@ -35,7 +35,17 @@ from audit.compact_json import json_parse
 from gateway.http1 import Response
 
 ERROR_EVENT = b'data: {"error": {"message": "%s", "type": "%s", "param": null, "code": "%s"}}\n\n'
-ERROR_STARTS = (b'data: {"error"', b'data: {"object": "error"', b'data: {"object":"error"')
+# vLLM writes "data: {" exactly; an upstream that writes "data:{" or names its event "error" said the same,
+# and its text (a CUDA error, a node's name, a path) reached the client as it was
+ERROR_STARTS = (
+    b'data: {"error"',
+    b'data: {"object": "error"',
+    b'data: {"object":"error"',
+    b'data:{"error"',
+    b'data:{"object":"error"',
+    b"event: error\n",
+    b"event:error\n",
+)
 UPSTREAM_FAILED = ERROR_EVENT % (b"The upstream failed during the stream.", b"api_error", b"upstream_error")
 
 

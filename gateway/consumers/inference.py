@@ -14,7 +14,7 @@ from gateway.admission import admit, escaped_size, prompt_estimate, settle
 from gateway.consumers.base import SCOPE_FOR, ClientGone, GatewayConsumer
 from gateway.metrics import ACTIVE_STREAMS, stream_writes_observe
 from gateway.salt import cache_salt
-from gateway.streaming import StreamRelay
+from gateway.streaming import StreamRelay, usage_counts
 from gateway.upstream import upstream_read
 from gateway.validation import Validated, request_validate
 
@@ -101,7 +101,13 @@ class InferenceConsumer(GatewayConsumer):
         self.record["upstream_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if status != 200:
             raise self.rt.upstream_error(status, data)
-        usage = self.rt.usage_of(data)
+        answer = self.rt.answer_parse(data)
+        if answer is None:  # relayed, it reached the client labelled JSON, and was charged nothing
+            logger.warning("upstream %s answered 200 with no JSON object", self.record["upstream"])
+            raise errors.UpstreamFailed()
+        usage = usage_counts(answer.get("usage"))
+        if usage is None:  # vLLM always says; without, the prompt is charged as reserved, as for a stream
+            usage = (prompt_estimate(request, escaped_size(outbound)), 0)
         self.record.update(prompt_tokens=usage[0], completion_tokens=usage[1])
         await self.send_json(200, data, extra)
         return 200, usage[0] + usage[1]

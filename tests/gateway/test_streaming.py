@@ -346,7 +346,16 @@ def test_the_upstreams_error_event_is_replaced_by_the_gateways_own_and_nothing_a
 
 
 @pytest.mark.parametrize(
-    "event", [b'data: {"error": "text"}\n\n', b'data: {"error"\n\n', b'data: {"error": {}}\n\n']
+    "event",
+    [
+        b'data: {"error": "text"}\n\n',
+        b'data: {"error"\n\n',
+        b'data: {"error": {}}\n\n',
+        # another writer's spacing, or an event named "error": relayed as they were, CUDA text and all
+        b'data:{"error":{"message":"CUDA OOM on gpu-7.internal"}}\n\n',
+        b'data:{"object":"error","message":"CUDA OOM on gpu-7.internal"}\n\n',
+        b'event: error\ndata: {"message":"CUDA OOM on gpu-7.internal"}\n\n',
+    ],
 )
 def test_an_upstream_error_event_of_any_shape_ends_the_stream_the_same_way(event):
     sink = _Sink()
@@ -354,6 +363,7 @@ def test_an_upstream_error_event_of_any_shape_ends_the_stream_the_same_way(event
     assert how == "upstream_error"
     relayed = b"".join(body for body, _more in sink.sent)
     assert relayed.endswith(UPSTREAM_FAILED)
+    assert b"gpu-7" not in relayed
     assert relay.upstream_error_type == ""
 
 

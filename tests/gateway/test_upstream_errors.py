@@ -40,3 +40,29 @@ def test_an_upstream_5xx_is_a_502_without_its_message():
     mapped = Runtime.upstream_error(500, vllm_error(500, "CUDA out of memory at /opt/vllm/worker.py"))
     assert mapped.status == 502
     assert "CUDA" not in mapped.detail
+
+
+def test_an_upstream_at_capacity_is_a_503_to_retry_without_its_message():
+    # it was the client's 400 upstream_rejected, with the upstream's text: final, where it is to be retried
+    mapped = Runtime.upstream_error(429, vllm_error(429, "engine queue full on node gpu-7.internal"))
+    assert (mapped.status, mapped.code) == (503, "upstream_busy")
+    assert mapped.headers["retry-after"] == "1"
+    assert "gpu-7" not in mapped.detail
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>oops internal at /srv/vllm</html>",
+        b'{"id":"x","object":"',  # cut short: a Content-Length shorter than the answer
+        b'{"usage":{"prompt_tokens":NaN,"completion_tokens":1}}',  # no client can read NaN
+        b"[1]",
+        b"[" * 100_000 + b"]" * 100_000,
+    ],
+)
+def test_an_upstream_200_that_is_no_json_object_is_no_answer(body):
+    assert Runtime.answer_parse(body) is None
+
+
+def test_an_upstream_200_that_is_a_json_object_is_its_answer():
+    assert Runtime.answer_parse(b'{"usage":{"prompt_tokens":3}}') == {"usage": {"prompt_tokens": 3}}
