@@ -543,3 +543,28 @@ def test_an_upstreams_odd_usage_counts_nothing_rather_than_failing_the_request(a
         assert (relay.prompt_tokens, relay.completion_tokens) == counts
     else:
         assert not relay.usage_seen
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_a_stream_split_into_reads_of_any_size_is_relayed_event_for_event(size):
+    whole = _event("a") + _event("b") + USAGE + b"data: [DONE]\n\n"
+    sink = _Sink()
+    how, relay = _relay(sink, _Content([whole[i : i + size] for i in range(0, len(whole), size)]))
+    assert how == "completed"
+    assert b"".join(body for body, _more in sink.sent) == _event("a") + _event("b") + b"data: [DONE]\n\n"
+    assert (relay.prompt_tokens, relay.completion_tokens) == (7, 3)
+
+
+def test_an_event_with_no_end_in_sight_is_an_upstream_failure_not_held_without_bound(monkeypatch):
+    # held whole and joined again at every read, a 25 MB event cost memory without bound and the event
+    # loop the square of its size
+    import gateway.streaming
+
+    monkeypatch.setattr(gateway.streaming, "EVENT_MAX_BYTES", 1000)
+    sink = _Sink()
+    endless = [_event("a"), b'data: {"choices":[{"delta":{"content":"'] + [b"x" * 100] * 20 + [b'"}}]}\n\n']
+    how, relay = _relay(sink, _Content([*endless, _event("b"), b"data: [DONE]\n\n"]))
+    assert how == "upstream_error"
+    assert relay.upstream_error_type == "event too large"
+    relayed = b"".join(body for body, _more in sink.sent)
+    assert relayed == _event("a") + UPSTREAM_FAILED  # nothing of it, nor after it
