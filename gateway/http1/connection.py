@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HIGH_WATER = 1 << 16  # body bytes buffered for a slow consumer before reading from the upstream pauses
+# An answer's header block past this is no vLLM's: kept whole, 320 MB of header lines had the process hold
+# 636 MB for good. (Servers refuse requests' headers past 8-64 KiB alike.)
+HEADERS_MAX_BYTES = 1 << 16
 
 
 class Response:
@@ -43,6 +46,7 @@ class Response:
         self._connection = connection
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        self._header_bytes = 0
         self.complete = False  # the whole body arrived
         self.keep_alive = False  # the upstream keeps the connection open after it
         self._chunks: deque[bytes] = deque()
@@ -158,6 +162,9 @@ class Response:
             self.keep_alive = False
             return
         self.headers.append((name, value))
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > HEADERS_MAX_BYTES:  # raised in httptools' callback: a parser error, below
+            raise ProtocolError(f"the upstream's headers are over {HEADERS_MAX_BYTES} bytes")
         lowered = name.lower()
         if lowered == b"content-length" or (
             lowered == b"transfer-encoding" and value.lower().find(b"chunked") >= 0
@@ -170,6 +177,7 @@ class Response:
         status = self._connection.parser.get_status_code()
         if status < 200:  # an interim answer (100 Continue, 103 Early Hints): the real one follows
             self.headers = []
+            self._header_bytes = 0
             self._framed = False
             self._interim = True
             return

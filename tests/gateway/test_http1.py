@@ -298,6 +298,31 @@ def test_a_switching_protocols_answer_nothing_asked_for_is_a_protocol_error():
     assert run(test) is ProtocolError
 
 
+def test_an_answer_whose_headers_run_past_64_kib_is_a_protocol_error():
+    # kept whole, 320 MB of header lines had the gateway hold 636 MB for good
+    def lines(count: int) -> bytes:
+        return b"".join(b"x-filler-%d: %s\r\n" % (i, b"v" * 100) for i in range(count))
+
+    huge = b"HTTP/1.1 200 OK\r\n" + lines(1000) + b"content-length: 2\r\n\r\n{}"
+    small = b"HTTP/1.1 200 OK\r\n" + lines(70) + b"content-length: 2\r\n\r\n{}"
+
+    async def test(answer: bytes) -> type[Exception] | None:
+        server = await serving(answering(answer))
+        client = HttpClient()
+        error = None
+        try:
+            response = await client.request("GET", f"{server.base}/")
+            await response.read()
+        except Exception as exc:  # noqa: BLE001
+            error = type(exc)
+        await client.close()
+        await server.__aexit__()
+        return error
+
+    assert run(lambda: test(huge)) is ProtocolError
+    assert run(lambda: test(small)) is None
+
+
 async def body_error(make: Callable[[Server], Handler]) -> type[Exception] | None:
     """GET from a server that ``make`` scripts and read the body: the error reading it raised, if any."""
     server = await serving(make)
