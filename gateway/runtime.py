@@ -44,7 +44,6 @@ from gateway.revocation import (
     RevocationWatcher,
 )
 from gateway.services import POLICY_CHANNEL, policy_listener_add, policy_listener_remove
-from gateway.streaming import usage_counts
 from gateway.upstream import UpstreamPool, upstream_client
 
 logger = logging.getLogger(__name__)
@@ -230,12 +229,6 @@ class Runtime:
         except (ValueError, RecursionError):
             return None
         return answer if isinstance(answer, dict) else None
-
-    @staticmethod
-    def usage_of(data: bytes) -> tuple[int, int]:
-        """Return (prompt, completion) tokens from an OpenAI-shaped answer."""
-        answer = Runtime.answer_parse(data)
-        return (usage_counts(answer.get("usage")) if answer is not None else None) or (0, 0)
 
     def redis_available(self, jti: str) -> None:
         """Redis answered for this token: remember when it was cleared; end a fallback period."""
