@@ -986,6 +986,20 @@ def test_a_token_request_names_the_redirect_uri_if_the_authorization_request_did
     assert accepted.status_code == 200, accepted.content
 
 
+def _code_request(reg, *, scope: str = "models.read", **extra: str) -> dict[str, str]:
+    """An authorization request's parameters, valid but for what ``extra`` adds."""
+    _v, challenge = pkce_pair()
+    return {
+        "response_type": "code",
+        "client_id": reg.client.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": scope,
+        "code_challenge": challenge,
+        "code_challenge_method": "S256",
+        **extra,
+    }
+
+
 @pytest.mark.parametrize("extra", ["x=%zz", "state=%zz", "x=["])
 @pytest.mark.parametrize("who", ["signed in", "anonymous"])
 def test_an_authorization_request_oauthlib_cannot_read_is_a_400_page_audited_not_a_500(
@@ -996,16 +1010,7 @@ def test_an_authorization_request_oauthlib_cannot_read_is_a_400_page_audited_not
     http = DjangoClient(raise_request_exception=False)
     if who == "signed in":
         http.force_login(alice)
-    _v, challenge = pkce_pair()
-    params = {
-        "response_type": "code",
-        "client_id": web_app.client.client_id,
-        "redirect_uri": REDIRECT_URI,
-        "scope": "models.read",
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-    }
-    response = http.get(f"/oauth/authorize/?{urlencode(params)}&{extra}")
+    response = http.get(f"/oauth/authorize/?{urlencode(_code_request(web_app))}&{extra}")
     assert response.status_code == 400
     assert response["Content-Type"].startswith("text/html")
     assert b"The query string is not x-www-form-urlencoded" in response.content
@@ -1017,17 +1022,7 @@ def test_an_authorization_request_oauthlib_cannot_read_is_a_400_page_audited_not
 def test_prompt_create_is_an_audited_400_page_not_a_bare_json_body(client, web_app, alice, who):
     if who == "signed in":
         client.force_login(alice)
-    _v, challenge = pkce_pair()
-    query = {
-        "response_type": "code",
-        "client_id": web_app.client.client_id,
-        "redirect_uri": REDIRECT_URI,
-        "scope": "openid",
-        "code_challenge": challenge,
-        "code_challenge_method": "S256",
-        "prompt": "create",
-    }
-    response = client.get("/oauth/authorize/", query)
+    response = client.get("/oauth/authorize/", _code_request(web_app, scope="openid", prompt="create"))
     assert response.status_code == 400
     assert response["Content-Type"].startswith("text/html")
     assert b"prompt=create is not supported" in response.content

@@ -278,24 +278,25 @@ def test_a_refused_connection_and_a_garbled_answer_are_told_apart():
     assert run(test) == (ConnectFailed, ProtocolError)
 
 
+async def answer_error(answer: bytes) -> type[Exception] | None:
+    """GET from a server that sends ``answer`` and read it whole: the error that raised, if any."""
+    server = await serving(answering(answer))
+    client = HttpClient()
+    error = None
+    try:
+        response = await client.request("GET", f"{server.base}/")
+        await response.read()
+    except Exception as exc:  # noqa: BLE001
+        error = type(exc)
+    await client.close()
+    await server.__aexit__()
+    return error
+
+
 def test_a_switching_protocols_answer_nothing_asked_for_is_a_protocol_error():
     # httptools raises HttpParserUpgrade, which is no HttpParserError: it escaped to asyncio's transport
     switching = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
-
-    async def test() -> type[Exception] | None:
-        server = await serving(answering(switching))
-        client = HttpClient()
-        error = None
-        try:
-            response = await client.request("GET", f"{server.base}/")
-            await response.read()
-        except Exception as exc:  # noqa: BLE001
-            error = type(exc)
-        await client.close()
-        await server.__aexit__()
-        return error
-
-    assert run(test) is ProtocolError
+    assert run(lambda: answer_error(switching)) is ProtocolError
 
 
 def test_an_answer_whose_headers_run_past_64_kib_is_a_protocol_error():
@@ -305,22 +306,8 @@ def test_an_answer_whose_headers_run_past_64_kib_is_a_protocol_error():
 
     huge = b"HTTP/1.1 200 OK\r\n" + lines(1000) + b"content-length: 2\r\n\r\n{}"
     small = b"HTTP/1.1 200 OK\r\n" + lines(70) + b"content-length: 2\r\n\r\n{}"
-
-    async def test(answer: bytes) -> type[Exception] | None:
-        server = await serving(answering(answer))
-        client = HttpClient()
-        error = None
-        try:
-            response = await client.request("GET", f"{server.base}/")
-            await response.read()
-        except Exception as exc:  # noqa: BLE001
-            error = type(exc)
-        await client.close()
-        await server.__aexit__()
-        return error
-
-    assert run(lambda: test(huge)) is ProtocolError
-    assert run(lambda: test(small)) is None
+    assert run(lambda: answer_error(huge)) is ProtocolError
+    assert run(lambda: answer_error(small)) is None
 
 
 async def body_error(make: Callable[[Server], Handler]) -> type[Exception] | None:
