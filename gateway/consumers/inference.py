@@ -138,6 +138,9 @@ class InferenceConsumer(GatewayConsumer):
             if response.status != 200:
                 data = await upstream_read(response)
                 raise self.rt.upstream_error(response.status, data)
+            if not event_stream(response.headers):  # a JSON body or a page was relayed as events
+                logger.warning("upstream %s answered a stream with no event stream", upstream.base)
+                raise errors.UpstreamFailed()
             headers = self._base_headers(b"text/event-stream")
             headers += [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
             headers += [(k.encode(), v.encode()) for k, v in extra.items()]
@@ -173,6 +176,14 @@ class InferenceConsumer(GatewayConsumer):
             outcome=outcome,
         )
         return 200, relay.prompt_tokens + relay.completion_tokens
+
+
+def event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an upstream's answer says it is an event stream (``text/event-stream``, any parameters)."""
+    for name, value in headers:
+        if name.lower() == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
 
 
 class ChatConsumer(InferenceConsumer):

@@ -66,3 +66,19 @@ def test_an_upstream_200_that_is_no_json_object_is_no_answer(body):
 
 def test_an_upstream_200_that_is_a_json_object_is_its_answer():
     assert Runtime.answer_parse(b'{"usage":{"prompt_tokens":3}}') == {"usage": {"prompt_tokens": 3}}
+
+
+@pytest.mark.parametrize(
+    ("headers", "stream"),
+    [
+        ([(b"Content-Type", b"text/event-stream; charset=utf-8")], True),  # vLLM's
+        ([(b"content-type", b"TEXT/EVENT-STREAM")], True),
+        ([(b"content-type", b"application/json")], False),  # an error body, or a whole answer
+        ([(b"content-type", b"text/html")], False),
+        ([], False),
+    ],
+)
+def test_only_an_answer_labelled_an_event_stream_is_relayed_as_one(headers, stream):
+    from gateway.consumers.inference import event_stream
+
+    assert event_stream(headers) is stream
