@@ -18,12 +18,12 @@ requests/s is ~330 µs.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from audit.compact_json import json_parse
 from gateway.errors import UpstreamBusy, UpstreamFailed, UpstreamTimeout, UpstreamUnavailable
 from gateway.http1 import (
     ConnectFailed,
@@ -95,11 +95,6 @@ def _preference(upstream: Upstream) -> int:
     return upstream.inflight + (SUSPECT_LAST if upstream.suspect_at else 0)
 
 
-def _no_constant(name: str) -> None:
-    """Refuse NaN and Infinity in a model list: copied into ``/v1/models``, they made it invalid JSON."""
-    raise ValueError(f"{name} is not JSON")
-
-
 class UpstreamPool:
     def __init__(
         self,
@@ -134,7 +129,8 @@ class UpstreamPool:
             if healthy and status != 200:
                 healthy, why = False, f"/v1/models answered {status}"
             if healthy:
-                cards = json.loads(models, parse_constant=_no_constant).get("data", [])
+                # no NaN or Infinity: copied into the gateway's own /v1/models, they made it invalid JSON
+                cards = json_parse(models, constants=False).get("data", [])
                 upstream.models = {
                     c["id"]: c for c in cards if isinstance(c, dict) and isinstance(c.get("id"), str)
                 }

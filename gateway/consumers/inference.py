@@ -32,7 +32,7 @@ class InferenceConsumer(GatewayConsumer):
     """POST /v1/chat/completions, /v1/completions, /v1/embeddings."""
 
     async def handle(self, body: bytes) -> int:
-        content_type = self.headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        content_type = media_type(self.headers.get(b"content-type", b""))
         principal = await self.authenticate(SCOPE_FOR[self.kind])
         if content_type != b"application/json":
             raise errors.UnsupportedMediaType(param="content-type")
@@ -178,11 +178,16 @@ class InferenceConsumer(GatewayConsumer):
         return 200, relay.prompt_tokens + relay.completion_tokens
 
 
+def media_type(content_type: bytes) -> bytes:
+    """A Content-Type value's media type, lower case, without its parameters (RFC 9110 §8.3.1)."""
+    return content_type.split(b";", 1)[0].strip().lower()
+
+
 def event_stream(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether an upstream's answer says it is an event stream (``text/event-stream``, any parameters)."""
     for name, value in headers:
         if name.lower() == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+            return media_type(value) == b"text/event-stream"
     return False
 
 
