@@ -122,7 +122,6 @@ class StreamRelay:
         self.usage_seen = False
         self.upstream_error = False
         self.upstream_error_type = ""  # the type the upstream gave its error event, for the log
-        self._buffer = b""
         self._held: list[bytes] = []  # the reads of an event whose end has not come yet
         self._held_bytes = 0
         self.ended: str | None = None  # why the relay was cut short: client_gone or revoked
@@ -207,7 +206,7 @@ class StreamRelay:
             out = self._events(chunk)
             if out:
                 await self._send(out)
-        rest = b"".join(self._held) + self._buffer
+        rest = b"".join(self._held)
         if rest.strip() and not self.upstream_error:
             await self._send(self._filter(rest))
 
@@ -240,23 +239,20 @@ class StreamRelay:
                 return b""
             self._held_bytes += len(chunk)
             if self._held_bytes > EVENT_MAX_BYTES:  # no end in sight: an upstream's failure, not memory's
-                self._held, self._buffer = [], b""
+                self._held = []
                 self.upstream_error, self.upstream_error_type = True, "event too large"
                 return UPSTREAM_FAILED
             if chunk.find(b"\n\n") < 0 and not (chunk[:1] == b"\n" and self._held[-1][-1:] == b"\n"):
                 self._held.append(chunk)
                 return b""
             chunk, self._held = b"".join(self._held) + chunk, []
-        self._buffer += chunk
         out = []
-        while True:
-            end = self._buffer.find(b"\n\n")
-            if end < 0:
-                break
-            event, self._buffer = self._buffer[: end + 2], self._buffer[end + 2 :]
-            out.append(self._filter(event))
-        if self._buffer:  # the start of an event: held apart until its end comes
-            self._held, self._held_bytes, self._buffer = [self._buffer], len(self._buffer), b""
+        start, end = 0, chunk.find(b"\n\n")
+        while end >= 0:
+            out.append(self._filter(chunk[start : end + 2]))
+            start, end = end + 2, chunk.find(b"\n\n", end + 2)
+        if start < len(chunk):  # the start of an event: held apart until its end comes
+            self._held, self._held_bytes = [chunk[start:]], len(chunk) - start
         return b"".join(out)
 
     def _filter(self, event: bytes) -> bytes:
