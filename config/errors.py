@@ -16,6 +16,8 @@ from collections.abc import Callable
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 
+from authserver.views.common import oauth_error
+
 OAUTH_PREFIXES = ("/oauth/", "/.well-known/")
 PAGES_UNDER_OAUTH = ("/oauth/authorize/", "/oauth/device/")  # the consent screen and the device pages
 API_PREFIX = "/api/"
@@ -46,12 +48,11 @@ def _machine_error(request: HttpRequest, status: int) -> HttpResponse | None:
     if path.startswith(OAUTH_PREFIXES):
         if request_id:
             description = f"{description} (request id {request_id})"
-        response = JsonResponse({"error": code, "error_description": description}, status=status)
-    elif path.startswith(API_PREFIX):
-        response = JsonResponse({"detail": detail, "request_id": request_id}, status=status)
-    else:
+        return oauth_error(code, description, status=status)
+    if not path.startswith(API_PREFIX):
         return None
-    response["Cache-Control"] = "no-store"  # as every other answer of both
+    response = JsonResponse({"detail": detail, "request_id": request_id}, status=status)
+    response["Cache-Control"] = "no-store"  # as every other answer of the admin API
     response["Pragma"] = "no-cache"
     return response
 
