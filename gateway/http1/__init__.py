@@ -19,6 +19,8 @@ call, with the same guarantees:
   ``HIGH_WATER`` bytes wait for a slow consumer (back pressure, as aiohttp's stream reader applies); a
   consumer may also take it in the read that brought it (``Response.on_data``), with no task switch;
 - a response not read to its end is closed with its connection (vLLM then aborts the generation);
+- a body read whole is bounded (``BODY_MAX_BYTES``, and ``DOCUMENT_MAX_BYTES`` for ``get``): past it the
+  read fails as a protocol error;
 - https origins use the system's default TLS context (``SSL_CERT_FILE`` names a private CA), with the
   host name checked.
 
@@ -38,7 +40,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from gateway.http1.connection import HIGH_WATER, Connection, Response
+from gateway.http1.connection import BODY_MAX_BYTES, HIGH_WATER, Connection, Response
 from gateway.http1.wire import (
     ClientClosed,
     ConnectFailed,
@@ -54,9 +56,11 @@ from gateway.http1.wire import (
 )
 
 __all__ = [  # the client's whole vocabulary, importable from here
+    "BODY_MAX_BYTES",
     "HIGH_WATER",
     "ClientClosed",
     "ConnectFailed",
+    "DOCUMENT_MAX_BYTES",
     "ConnectTimeout",
     "Disconnected",
     "HttpClient",
@@ -69,6 +73,9 @@ __all__ = [  # the client's whole vocabulary, importable from here
     "request_head",
     "url_split",
 ]
+
+
+DOCUMENT_MAX_BYTES = 16 << 20  # a health answer, a model list, a key set: small documents
 
 
 class HttpClient:
@@ -115,11 +122,12 @@ class HttpClient:
     async def get(
         self, url: str, headers: Iterable[tuple[str, str]] = (), timeout_s: float = 5.0
     ) -> tuple[int, bytes]:
-        """GET a small document whole within ``timeout_s``: return its status and body."""
+        """GET a small document whole within ``timeout_s``: return its status and body (a body past
+        ``DOCUMENT_MAX_BYTES`` is a ``ProtocolError``)."""
         async with asyncio.timeout(timeout_s):
             response = await self.request("GET", url, headers)
             try:
-                return response.status, await response.read()
+                return response.status, await response.read(DOCUMENT_MAX_BYTES)
             finally:
                 response.release()
 

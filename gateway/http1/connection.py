@@ -29,6 +29,10 @@ HIGH_WATER = 1 << 16  # body bytes buffered for a slow consumer before reading f
 # An answer's header block past this is no vLLM's: kept whole, 320 MB of header lines had the process hold
 # 636 MB for good. (Servers refuse requests' headers past 8-64 KiB alike.)
 HEADERS_MAX_BYTES = 1 << 16
+# A whole answer read past this is no vLLM's either: a non-streamed completion with every logprob of a long
+# prompt echoed runs to tens of MB (a stream's events are capped one by one, ``gateway.streaming``).
+# Unbounded, an upstream's endless body took the process's memory with it.
+BODY_MAX_BYTES = 256 << 20
 
 
 class Response:
@@ -83,10 +87,16 @@ class Response:
         self._connection.reading_resume()
         return data
 
-    async def read(self) -> bytes:
-        """Return the whole (rest of the) body."""
+    async def read(self, max_bytes: int = BODY_MAX_BYTES) -> bytes:
+        """Return the whole (rest of the) body; past ``max_bytes`` the connection is closed and the read
+        fails (``ProtocolError``)."""
         parts = []
+        size = 0
         while chunk := await self.chunk():
+            size += len(chunk)
+            if size > max_bytes:
+                self.close()
+                raise ProtocolError(f"the answer's body runs past {max_bytes} bytes")
             parts.append(chunk)
         return b"".join(parts)
 

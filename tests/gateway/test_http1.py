@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.http1 import (
+    DOCUMENT_MAX_BYTES,
     HIGH_WATER,
     ConnectFailed,
     Disconnected,
@@ -648,3 +649,45 @@ def test_the_read_timeout_counts_the_silence_even_while_a_taker_takes_the_parts(
     assert len(taken) == 6  # every part came in while the stream flowed: no timeout then
     assert handed == []
     assert error is ReadTimeout
+
+
+def test_a_body_read_whole_past_its_bound_is_a_protocol_error_and_its_connection_closed():
+    """An upstream's endless body took the process's memory: ``read`` stops at ``max_bytes``, and ``get``
+    at ``DOCUMENT_MAX_BYTES``."""
+
+    async def test() -> tuple[str, bool, str, bytes]:
+        def make(server: Server) -> Handler:
+            async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                while await server.request(reader):
+                    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    part = b"%x\r\n%s\r\n" % (1 << 20, b"x" * (1 << 20))
+                    try:
+                        while True:  # no end: the reader must stop it
+                            writer.write(part)
+                            await writer.drain()
+                    except ConnectionError:
+                        return
+
+            return handler
+
+        server = await serving(make)
+        client = HttpClient()
+        response = await client.request("GET", f"{server.base}/")
+        with pytest.raises(ProtocolError) as endless:
+            await response.read(max_bytes=3 << 20)
+        closed = response._connection.closed
+        with pytest.raises(ProtocolError) as document:
+            await client.get(f"{server.base}/models")
+        within = answering(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nsmall")
+        small = await serving(within)
+        _, body = await client.get(f"{small.base}/")
+        await client.close()
+        await server.__aexit__()
+        await small.__aexit__()
+        return str(endless.value), closed, str(document.value), body
+
+    endless, closed, document, body = run(test)
+    assert endless == f"the answer's body runs past {3 << 20} bytes"
+    assert closed
+    assert document == f"the answer's body runs past {DOCUMENT_MAX_BYTES} bytes"
+    assert body == b"small"
