@@ -8,7 +8,8 @@ comes first: the upstream finishes, the client goes away (the upstream request i
 vLLM aborts the generation), or the token is revoked (the client gets one error event; the revocation
 watcher calls ``revoked``). An upstream failure mid-stream ends the stream with one error event and no
 ``[DONE]``: the gateway's own, in place of the upstream's (vLLM's carries the exception's text, which is its
-business, not the client's; its ``type`` is kept in ``upstream_error_type`` for the log).
+business, not the client's; its ``type`` is kept in ``upstream_error_type`` for the log). Nothing after
+``[DONE]`` is relayed or counted, and CRLF line ends (which SSE allows; vLLM writes LF) are read as LF.
 
 Once the response headers are out (the relay starts after them), and when the server offers ``write_now`` (the
 ``portcullis.body_write`` extension of ``config.protocol``), the events are passed on in the upstream read
@@ -46,6 +47,8 @@ ERROR_STARTS = (
     b"event: error\n",
     b"event:error\n",
 )
+DONE_STARTS = (b"data: [DONE]", b"data:[DONE]")
+ENDS = DONE_STARTS + ERROR_STARTS  # one test an event for either: ~500 instructions less an event than two
 UPSTREAM_FAILED = ERROR_EVENT % (b"The upstream failed during the stream.", b"api_error", b"upstream_error")
 # An event this large is an upstream's failure: held whole until its end, it cost memory without bound, and
 # joining it again at every read cost the event loop the square of its size (25 MB held /healthz 1.5 s).
@@ -124,6 +127,8 @@ class StreamRelay:
         self.upstream_error_type = ""  # the type the upstream gave its error event, for the log
         self._held: list[bytes] = []  # the reads of an event whose end has not come yet
         self._held_bytes = 0
+        self._cr = False  # a read ended in CR: its LF may open the next read (CRLF framing)
+        self.done = False  # the upstream said [DONE]: the stream is over, whatever else it sends
         self.ended: str | None = None  # why the relay was cut short: client_gone or revoked
         self._finished = False
         self._sending = False  # the task is in a send: a write now would overtake what it sends
@@ -207,7 +212,7 @@ class StreamRelay:
             if out:
                 await self._send(out)
         rest = b"".join(self._held)
-        if rest.strip() and not self.upstream_error:
+        if rest.strip() and not (self.upstream_error or self.done):
             await self._send(self._filter(rest))
 
     def _take_now(self, response: Response) -> bool:
@@ -234,6 +239,12 @@ class StreamRelay:
             self._sending = False
 
     def _events(self, chunk: bytes) -> bytes:
+        # SSE may end its lines with CRLF (vLLM writes LF): unsplit, such a stream was held whole until its
+        # end, or until it ran past EVENT_MAX_BYTES. A CR is never inside an event's JSON (it is escaped).
+        if self._cr or chunk.find(b"\r") >= 0:
+            chunk = self._lf(chunk)
+            if not chunk:  # a lone CR, kept for the next read: nothing held may be empty (below)
+                return b""
         if self._held:  # reads of an event not yet whole: joined once its end comes, not at every read
             if self.upstream_error:
                 return b""
@@ -255,10 +266,24 @@ class StreamRelay:
             self._held, self._held_bytes = [chunk[start:]], len(chunk) - start
         return b"".join(out)
 
+    def _lf(self, chunk: bytes) -> bytes:
+        """The read with its CRLF line ends made LF; a CR that ends it waits for the next read."""
+        if self._cr:
+            chunk, self._cr = b"\r" + chunk, False
+        if chunk[-1:] == b"\r":
+            chunk, self._cr = chunk[:-1], True
+        return chunk.replace(b"\r\n", b"\n")
+
     def _filter(self, event: bytes) -> bytes:
-        if self.upstream_error:
-            return b""  # after the one error event nothing more: no [DONE], no second error
-        if event.startswith(ERROR_STARTS):  # {"error": {...}}, or an older vLLM's flat {"object": "error"}
+        if self.upstream_error or self.done:
+            # after the one error event nothing more: no [DONE], no second error; after [DONE], nothing
+            # (an upstream's bug: a client has stopped reading, and it was counted and charged)
+            return b""
+        if event.startswith(ENDS):
+            if event.startswith(DONE_STARTS):
+                self.done = True
+                return event
+            # {"error": {...}}, or an older vLLM's flat {"object": "error"}
             self.upstream_error = True
             self.upstream_error_type = _error_type(event)
             return UPSTREAM_FAILED
@@ -289,6 +314,8 @@ class StreamRelay:
         counts = usage_counts(usage)
         if counts is None:
             return False
+        if self.usage_seen:  # vLLM sends one; of an upstream's two, the larger counts are charged
+            counts = max(counts[0], self.prompt_tokens), max(counts[1], self.completion_tokens)
         self.prompt_tokens, self.completion_tokens = counts
         self.usage_seen = True
         return True

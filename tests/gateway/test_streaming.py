@@ -569,3 +569,39 @@ def test_an_event_with_no_end_in_sight_is_an_upstream_failure_not_held_without_b
     assert relay.upstream_error_type == "event too large"
     relayed = b"".join(body for body, _more in sink.sent)
     assert relayed == _event("a") + UPSTREAM_FAILED  # nothing of it, nor after it
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 1000])
+def test_a_crlf_framed_stream_is_relayed_event_for_event_however_its_reads_split_it(size):
+    # unsplit, such a stream was held whole until its end (or EVENT_MAX_BYTES), and its usage was not read
+    lf = _event("a") + _event("b") + USAGE + b"data: [DONE]\n\n"
+    crlf = lf.replace(b"\n", b"\r\n")
+    sink = _Sink()
+    how, relay = _relay(sink, _Content([crlf[i : i + size] for i in range(0, len(crlf), size)]))
+    assert how == "completed"
+    relayed = [body for body, more in sink.sent if more]
+    assert b"".join(relayed) == _event("a") + _event("b") + b"data: [DONE]\n\n"
+    if size == 1000:  # one read: its events go together, as an LF stream's do
+        assert relayed == [_event("a") + _event("b") + b"data: [DONE]\n\n"]
+    else:  # no event waited for the stream's end
+        assert len(relayed) >= 3
+    assert (relay.prompt_tokens, relay.completion_tokens) == (7, 3)
+
+
+def test_nothing_after_done_is_relayed_or_counted_and_of_two_usage_events_the_larger_counts_are_charged():
+    sink = _Sink()
+    more_usage = b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":9}}\n\n'
+    after = _event("late") + b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1}}\n\n'
+    how, relay = _relay(
+        sink, _Content([_event("a"), USAGE + more_usage, b"data: [DONE]\n\n" + after, _event("tail")])
+    )
+    assert how == "completed"
+    assert b"".join(body for body, _more in sink.sent) == _event("a") + b"data: [DONE]\n\n"
+    assert (relay.prompt_tokens, relay.completion_tokens) == (7, 9)
+    assert relay.content_events == 1
+
+    cut = _Sink()  # cut short after [DONE] with no usage: the late events are not charged either
+    how, relay = _relay(cut, _Content([_event("a"), b"data:[DONE]\n\n", _event("b"), _event("c")]))
+    assert how == "completed"
+    assert relay.completion_tokens == 1
+    assert b"".join(body for body, _more in cut.sent) == _event("a") + b"data:[DONE]\n\n"
