@@ -1,9 +1,11 @@
 """Revocation push: tell every gateway process, at once, which tokens and clients are no longer valid.
 
 With Redis, a revoked ``jti`` is written as a key that lives until the token would have expired, and a
-message on one channel tells every subscribed gateway process to drop it now. A disabled client is a key
-without expiry. In the embedded default the same happens inside the one process. The gateway reads the
-same keys (``revoked_key_jti``/``revoked_key_client``) so a process that missed a message still refuses.
+message on one channel tells every subscribed gateway process to drop it now. A disabled client is only
+a message: disabling it revokes every token it holds, each a key, and a key of its own, without expiry,
+had locked the client out for good when its re-enabling did not reach Redis (Redis down at that moment, or
+``disabled`` changed past the services). In the embedded default the same happens inside the one process.
+The gateway reads the same keys (``revoked_key_jti``) so a process that missed a message still refuses.
 
 Pushes and Redis keys are not a record: a process that starts later was told nothing, and a Redis restarted
 empty has no keys. The database is the record (a ``RevokedAccessToken`` row per revoked token until it
@@ -43,11 +45,6 @@ PRUNE_EVERY_S = 10.0
 def revoked_key_jti(jti: str) -> str:
     """Return the Redis key that marks one access token revoked."""
     return f"portcullis:revoked:jti:{jti}"
-
-
-def revoked_key_client(client_id: str) -> str:
-    """Return the Redis key that marks every token of a client revoked."""
-    return f"portcullis:revoked:client:{client_id}"
 
 
 @dataclass(frozen=True)
@@ -179,10 +176,6 @@ def revocation_publish(
     pipe = client.pipeline(transaction=False)
     for jti, exp in live:
         pipe.set(revoked_key_jti(jti), 1, ex=max(1, exp - now + REVOKED_PAST_EXP_S))
-    for client_id in message["clients"]:  # type: ignore[attr-defined]
-        pipe.set(revoked_key_client(client_id), 1)
-    for client_id in message["restored_clients"]:  # type: ignore[attr-defined]
-        pipe.delete(revoked_key_client(client_id))
     pipe.publish(CHANNEL, json.dumps(message))
     try:
         pipe.execute()

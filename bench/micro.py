@@ -37,7 +37,7 @@ from gateway.http1 import HttpClient, url_split
 
 BODY = json.dumps({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}).encode()
 HEADERS = {"content-type": "application/json", "x-request-id": "0123456789abcdef", "user-agent": "bench"}
-ADMIT_KEYS = [f"portcullis:rl:bench:{i}" for i in range(8)]
+ADMIT_KEYS = [f"portcullis:rl:bench:{i}" for i in range(7)]
 # the client's limits (gateway.ratelimit.ADMIT_LUA), then the request's: now, reservation, cost, to midnight
 ADMIT_ARGS: list[str | int] = [100_000, 900_000, 0, 172_800, 100_000_000, 2_000_000_000, 0, 0]
 ADMIT_ARGS += [1_800_000_000_000, "req", 50, 1000]
@@ -134,7 +134,7 @@ async def redis_calls(url: str, calls: int) -> list[tuple[str, float]]:
         ),
         (
             "redis-py evalsha",
-            await cpu_per_call(lambda: client.evalsha(sha, 8, *ADMIT_KEYS, *ADMIT_ARGS), calls, 32),
+            await cpu_per_call(lambda: client.evalsha(sha, 7, *ADMIT_KEYS, *ADMIT_ARGS), calls, 32),
         ),
     ]
     for size in (1, 8, 16):
@@ -142,7 +142,7 @@ async def redis_calls(url: str, calls: int) -> list[tuple[str, float]]:
         async def pipelined(size: int = size) -> None:
             pipe = client.pipeline(transaction=False)
             for _ in range(size):
-                pipe.evalsha(sha, 8, *ADMIT_KEYS, *ADMIT_ARGS)
+                pipe.evalsha(sha, 7, *ADMIT_KEYS, *ADMIT_ARGS)
             await pipe.execute()
 
         rows.append(
@@ -151,7 +151,7 @@ async def redis_calls(url: str, calls: int) -> list[tuple[str, float]]:
                 await cpu_per_call(pipelined, calls // size, 1) / size,
             )
         )
-    command: tuple[Any, ...] = ("EVALSHA", sha, 8, *ADMIT_KEYS, *ADMIT_ARGS)
+    command: tuple[Any, ...] = ("EVALSHA", sha, 7, *ADMIT_KEYS, *ADMIT_ARGS)
     connection = client.connection_pool.make_connection()
     for name, pack in (
         ("pack: redis-py", lambda: connection.pack_command(*command)),

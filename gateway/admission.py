@@ -1,6 +1,6 @@
 """Admission: the hot path's one Redis round trip, and the settlement after the call.
 
-The Lua reservation also checks the revocation keys, so revocation and every limit cost one EVALSHA.
+The Lua reservation also checks the token's revocation key, so revocation and every limit cost one EVALSHA.
 When Redis is unreachable the gateway keeps serving within a conservative per-process limit (counted and
 audited once per outage), and it serves only tokens whose revocation state Redis cleared in the last
 ``REVOCATION_STALE_S`` seconds: the rest get a 503 (fail closed).

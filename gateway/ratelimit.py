@@ -7,7 +7,7 @@ for ever: the set's size is the concurrency. A settlement sent again (its batch 
 have been lost) applies only if it still removes its member, so it settles once; a first try always
 applies, even for a request that outlived its slot. The member is the gateway's own reservation id,
 never the client's ``X-Request-ID``, or requests sharing one id would share one slot. A daily token quota
-is a counter per UTC day. With Redis, one Lua script checks the revocation keys and every bucket and
+is a counter per UTC day. With Redis, one Lua script checks the token's revocation key and every bucket and
 commits all or nothing in one round trip; settlements ride along with later round trips. Without Redis
 (the embedded default, or Redis down) the same arithmetic runs in process; when Redis is down the limits
 are divided by ``FALLBACK_DIVISOR`` so that several replicas falling back together stay under the shared
@@ -26,7 +26,7 @@ from typing import Any
 
 from redis import exceptions as redis_exceptions
 
-from authserver.revocation import revoked_key_client, revoked_key_jti
+from authserver.revocation import revoked_key_jti
 from gateway.auth import Principal
 from gateway.redisbatch import RIDER_RETRY_S, Command, Packed, RedisBatcher
 from gateway.selectors import Policy
@@ -52,16 +52,16 @@ FALLBACK_DIVISOR = 4  # Redis down: each process allows a quarter of each limit
 # request brings (9 now in ms, 10 the reservation id, 11 its token cost, 12 ms to midnight UTC): the first
 # part, with the client's keys before it, is packed once a day (``_admit_packed``)
 ADMIT_LUA = """
-if redis.call('EXISTS', KEYS[1], KEYS[2]) > 0 then return {-1} end
+if redis.call('EXISTS', KEYS[1]) > 0 then return {-1} end
 local now = tonumber(ARGV[9])
 local cost = tonumber(ARGV[11])
 local conc = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-if conc > 0 and redis.call('ZCARD', KEYS[3]) >= conc then return {0, 'concurrency', 1000} end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if conc > 0 and redis.call('ZCARD', KEYS[2]) >= conc then return {0, 'concurrency', 1000} end
 local quota = tonumber(ARGV[3])
 local spent = 0
 if quota > 0 then
-  spent = tonumber(redis.call('GET', KEYS[4]) or '0')
+  spent = tonumber(redis.call('GET', KEYS[3]) or '0')
   if spent + cost > quota then return {0, 'daily_tokens', tonumber(ARGV[12])} end
 end
 local names = {'requests', 'tokens', 'user_requests', 'user_tokens'}
@@ -72,7 +72,7 @@ for i = 1, 4 do
   local limit = tonumber(ARGV[4 + i])
   if limit > 0 then
     local step = 60000 / limit
-    local tat = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
+    local tat = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
     if tat < now then tat = now end
     local new_tat = tat + costs[i] * step
     local excess = new_tat - now - 60000
@@ -80,15 +80,15 @@ for i = 1, 4 do
     tats[i] = new_tat
   end
 end
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), ARGV[10])
-redis.call('PEXPIRE', KEYS[3], tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[10])
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]))
 if quota > 0 then
-  redis.call('INCRBY', KEYS[4], cost)
-  redis.call('EXPIRE', KEYS[4], tonumber(ARGV[4]))
+  redis.call('INCRBY', KEYS[3], cost)
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[4]))
 end
 for i = 1, 4 do
   if tats[i] then
-    redis.call('SET', KEYS[4 + i], tats[i], 'PX', math.ceil(tats[i] - now) + 1000)
+    redis.call('SET', KEYS[3 + i], tats[i], 'PX', math.ceil(tats[i] - now) + 1000)
     table.insert(out, math.floor((60000 - (tats[i] - now)) / (60000 / tonumber(ARGV[4 + i]))))
     table.insert(out, math.ceil(tats[i] - now))
   else
@@ -173,21 +173,20 @@ class Buckets:
         )
 
     def keys(self, jti: str) -> list[str]:
-        """The script's eight keys: the token's and the client's revocation flags, then the buckets."""
+        """The script's seven keys: the token's revocation flag, then the buckets."""
         return [revoked_key_jti(jti), *self._bucket_keys]
 
     @functools.cached_property
     def settle_keys(self) -> tuple[str, str, str, str]:
         """The settlement script's four keys: the in-flight set, the day's counter, the two token buckets."""
         keys = self._bucket_keys
-        return keys[1], keys[2], keys[4], keys[6]
+        return keys[0], keys[1], keys[3], keys[5]
 
     @functools.cached_property
     def _bucket_keys(self) -> tuple[str, ...]:
         base = f"portcullis:rl:{self.client_id}"
         user = f"{base}:u:{self.user or '-'}"
         return (
-            revoked_key_client(self.client_id),
             f"{base}:conc",
             f"{base}:day:{self.day}",
             f"{base}:rpm",
@@ -271,21 +270,21 @@ def _bulk(value: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(value), value)
 
 
-_ADMIT_HEAD = b"*%d\r\n" % (3 + 8 + 12) + b"".join(
-    _bulk(part) for part in (b"EVALSHA", ADMIT_SHA.encode(), b"8")
+_ADMIT_HEAD = b"*%d\r\n" % (3 + 7 + 12) + b"".join(
+    _bulk(part) for part in (b"EVALSHA", ADMIT_SHA.encode(), b"7")
 )
 
 
 @functools.lru_cache(maxsize=4096)
 def _admit_client_part(keys: tuple[str, ...], args: tuple[int, ...]) -> bytes:
-    """The client's seven keys and its limits, packed: the same for every request of a client (a user) on
+    """The client's six keys and its limits, packed: the same for every request of a client (a user) on
     one day."""
     return b"".join(_bulk(key.encode()) for key in keys) + b"".join(_bulk(b"%d" % arg) for arg in args)
 
 
 def _admit_packed(buckets: Buckets, jti: str, reservation: str, cost: int, now_ms: int) -> Packed:
     """The reservation's EVALSHA as RESP: what ``hiredis.pack_command`` would make of it, without packing
-    again, for every request, the 18 arguments a client's requests share (hiredis writes each argument's
+    again, for every request, the 17 arguments a client's requests share (hiredis writes each argument's
     length with ``sprintf``: ~1,400 instructions an argument, bench/README.md, session 23)."""
     now, reservation, cost, to_midnight_ms = _request_args(reservation, cost, now_ms)
     key = revoked_key_jti(jti).encode()
@@ -299,7 +298,7 @@ def _admit_packed(buckets: Buckets, jti: str, reservation: str, cost: int, now_m
 
 
 class RevokedError(Exception):
-    """The shared store says the token or its client is revoked."""
+    """The shared store says the token is revoked."""
 
 
 class RedisLimiter:
@@ -437,20 +436,20 @@ class LocalLimiter:
     ) -> Admission:
         now_ms = (now if now is not None else time.time()) * 1000
         keys = buckets.keys(principal.jti)
-        slots = self._slots.setdefault(keys[2], {})
+        slots = self._slots.setdefault(keys[1], {})
         for member in [m for m, expiry in slots.items() if expiry <= now_ms]:
             del slots[member]
         if buckets.concurrency and len(slots) >= buckets.concurrency:
             return Admission(allowed=False, limit="concurrency", retry_after_ms=1000)
-        if buckets.daily_tokens and self._daily.get(keys[3], 0) + cost > buckets.daily_tokens:
+        if buckets.daily_tokens and self._daily.get(keys[2], 0) + cost > buckets.daily_tokens:
             return Admission(
                 allowed=False, limit="daily_tokens", retry_after_ms=int(86_400_000 - now_ms % 86_400_000)
             )
         plan = [
-            ("requests", keys[4], buckets.rpm, 1),
-            ("tokens", keys[5], buckets.tpm, cost),
-            ("user_requests", keys[6], buckets.user_rpm, 1),
-            ("user_tokens", keys[7], buckets.user_tpm, cost),
+            ("requests", keys[3], buckets.rpm, 1),
+            ("tokens", keys[4], buckets.tpm, cost),
+            ("user_requests", keys[5], buckets.user_rpm, 1),
+            ("user_tokens", keys[6], buckets.user_tpm, cost),
         ]
         new_tats: dict[str, float] = {}
         for name, key, limit, units in plan:
@@ -465,7 +464,7 @@ class LocalLimiter:
         if buckets.concurrency:
             slots[reservation] = now_ms + SLOT_TTL_MS
         if buckets.daily_tokens:
-            self._daily[keys[3]] = self._daily.get(keys[3], 0) + cost
+            self._daily[keys[2]] = self._daily.get(keys[2], 0) + cost
         return self._admitted(buckets, keys, new_tats, now_ms, cost)
 
     @staticmethod
@@ -473,12 +472,12 @@ class LocalLimiter:
         buckets: Buckets, keys: list[str], tats: dict[str, float], now_ms: float, cost: int
     ) -> Admission:
         admission = Admission(allowed=True, reserved_tokens=cost)
-        if keys[4] in tats:
-            used = tats[keys[4]] - now_ms
+        if keys[3] in tats:
+            used = tats[keys[3]] - now_ms
             admission.remaining_requests = int((WINDOW_MS - used) // (WINDOW_MS / buckets.rpm))
             admission.reset_requests_ms = math.ceil(used)
-        if keys[5] in tats:
-            used = tats[keys[5]] - now_ms
+        if keys[4] in tats:
+            used = tats[keys[4]] - now_ms
             admission.remaining_tokens = int((WINDOW_MS - used) // (WINDOW_MS / buckets.tpm))
             admission.reset_tokens_ms = math.ceil(used)
         return admission
@@ -487,10 +486,10 @@ class LocalLimiter:
         self, principal: Principal, buckets: Buckets, reservation: str, reserved: int, used: int
     ) -> None:
         keys = buckets.keys(principal.jti)
-        self._slots.get(keys[2], {}).pop(reservation, None)
+        self._slots.get(keys[1], {}).pop(reservation, None)
         delta = used - reserved
-        if delta and keys[3] in self._daily:
-            self._daily[keys[3]] += delta
-        for key, limit in ((keys[5], buckets.tpm), (keys[7], buckets.user_tpm)):
+        if delta and keys[2] in self._daily:
+            self._daily[keys[2]] += delta
+        for key, limit in ((keys[4], buckets.tpm), (keys[6], buckets.user_tpm)):
             if delta and limit and key in self._tat:
                 self._tat[key] += delta * WINDOW_MS / limit

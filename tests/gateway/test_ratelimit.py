@@ -211,8 +211,8 @@ def test_a_settlement_sent_again_after_its_reply_was_lost_changes_nothing(shared
     remaining, took = asyncio.run(run())
     settled = 10_000 - 100 - 700  # refunded once: 600 of the 700 reserved
     assert settled <= remaining <= settled + refilled(10_000, took)
-    assert int(redis_client.get(b.keys(SERVICE.jti)[3])) == 100 + 700  # the daily quota charged once
-    assert redis_client.zrange(b.keys(SERVICE.jti)[2], 0, -1) == [b"after"]  # r1's slot is gone
+    assert int(redis_client.get(b.keys(SERVICE.jti)[2])) == 100 + 700  # the daily quota charged once
+    assert redis_client.zrange(b.keys(SERVICE.jti)[1], 0, -1) == [b"after"]  # r1's slot is gone
 
 
 def test_give_backs_waiting_for_redis_are_capped_and_the_cap_frees_as_they_go(shared, monkeypatch):
@@ -249,7 +249,7 @@ def test_a_request_that_outlived_its_slot_is_still_settled(shared, redis_client,
         limiter.settle(SERVICE, b, "first", reserved=1, used=0)  # loads the settlement script
         await limiter.flush()
         await limiter.admit(SERVICE, b, "long", 5_000)
-        redis_client.zrem(b.keys(SERVICE.jti)[2], "long")  # reclaimed after SLOT_TTL_MS, the stream still on
+        redis_client.zrem(b.keys(SERVICE.jti)[1], "long")  # reclaimed after SLOT_TTL_MS, the stream still on
         if scripts_lost:  # refused with NOSCRIPT: it did not run, and goes again still as a first try
             redis_client.script_flush()
         limiter.settle(SERVICE, b, "long", reserved=5_000, used=200)
@@ -258,7 +258,7 @@ def test_a_request_that_outlived_its_slot_is_still_settled(shared, redis_client,
         await close(limiter)
 
     asyncio.run(run())
-    assert int(redis_client.get(b.keys(SERVICE.jti)[3])) == 200  # charged what it used, not the reservation
+    assert int(redis_client.get(b.keys(SERVICE.jti)[2])) == 200  # charged what it used, not the reservation
 
 
 def test_the_script_refuses_a_revoked_token_in_the_same_round_trip(shared, redis_client):
@@ -292,7 +292,7 @@ def test_concurrency_slots_in_redis_are_released_by_settlement(shared, redis_cli
 
 def test_a_slot_left_by_a_crashed_process_is_reclaimed_when_it_would_refuse_a_request(shared, redis_client):
     b = buckets(concurrency=1)
-    in_flight = b.keys(SERVICE.jti)[2]
+    in_flight = b.keys(SERVICE.jti)[1]
     redis_client.zadd(in_flight, {"crashed": int(time.time() * 1000) - 1})  # its expiry has passed
 
     async def run() -> list[str]:
@@ -309,19 +309,19 @@ def test_expired_slots_do_not_pile_up_where_no_concurrency_limit_applies(redis_c
     from gateway.ratelimit import ADMIT_LUA, _admit_args
 
     b = buckets(rpm=1_000_000)
-    in_flight = b.keys(SERVICE.jti)[2]
+    in_flight = b.keys(SERVICE.jti)[1]
     start = 1_800_000_000_000
     redis_client.zadd(in_flight, {f"crashed{i}": start - 1 for i in range(3)})
     for i in range(16):  # a busy client's reservations, one a millisecond
         args = _admit_args(b, f"r{i}", 1, start + i)
-        assert redis_client.eval(ADMIT_LUA, 8, *b.keys(SERVICE.jti), *args)[0] == 1
+        assert redis_client.eval(ADMIT_LUA, 7, *b.keys(SERVICE.jti), *args)[0] == 1
     assert not any(m.startswith(b"crashed") for m in redis_client.zrange(in_flight, 0, -1))
     assert redis_client.zcard(in_flight) == 16
 
 
 def test_the_days_counter_expires_and_counts_every_reservation_and_settlement(shared, redis_client):
     b = buckets(daily_tokens=100_000)
-    day = b.keys(SERVICE.jti)[3]
+    day = b.keys(SERVICE.jti)[2]
 
     async def run() -> None:
         limiter = await shared()
@@ -342,7 +342,7 @@ def test_a_settlement_the_script_fails_to_run_is_dropped_and_logged_not_retried_
     # the daily counter past 64 bits (an upstream's usage count did it) fails the script's INCRBY after its
     # first writes; the error reply was taken for "did not run" and sent again every 5 ms for ever
     b = buckets(daily_tokens=100_000)
-    day = b.keys(SERVICE.jti)[3]
+    day = b.keys(SERVICE.jti)[2]
 
     async def run() -> list[Any]:
         limiter = await shared()
@@ -451,7 +451,7 @@ def test_a_reservation_whose_reply_was_lost_is_given_back_once_redis_answers(red
         with pytest.raises(RedisUnanswered):
             await limiter.admit(SERVICE, b, "lost", 700)
         monkeypatch.setattr(connection_class, "read_response", answer)
-        held = [m.decode() for m in redis_client.zrange(b.keys(SERVICE.jti)[2], 0, -1)]
+        held = [m.decode() for m in redis_client.zrange(b.keys(SERVICE.jti)[1], 0, -1)]
         limiter.release(SERVICE, b, "lost", 700)
         limiter.release(SERVICE, b, "never-made", 700)  # one Redis did not make changes nothing
         await limiter.flush()
@@ -460,7 +460,7 @@ def test_a_reservation_whose_reply_was_lost_is_given_back_once_redis_answers(red
         return [*held, str(admitted)]
 
     assert asyncio.run(run()) == ["lost", "True"]  # it was held, then given back: the slot is free
-    assert int(redis_client.get(b.keys(SERVICE.jti)[3])) == 1  # and the daily quota refunded
+    assert int(redis_client.get(b.keys(SERVICE.jti)[2])) == 1  # and the daily quota refunded
 
 
 def test_the_fallback_gives_back_what_redis_may_have_reserved(settings):
@@ -619,6 +619,6 @@ def test_the_packed_reservation_is_what_hiredis_would_pack(user):
     b = Buckets.of(principal, policy)
     for reservation, cost, now_ms in (("p.1", 17, 1_800_000_000_123), ("p.2", 0, 1_800_086_399_999)):
         expected = hiredis.pack_command(
-            ("EVALSHA", ADMIT_SHA, 8, *b.keys("j-1"), *_admit_args(b, reservation, cost, now_ms))
+            ("EVALSHA", ADMIT_SHA, 7, *b.keys("j-1"), *_admit_args(b, reservation, cost, now_ms))
         )
         assert _admit_packed(b, "j-1", reservation, cost, now_ms) == expected

@@ -233,3 +233,48 @@ def test_expired_ids_are_dropped_on_a_timer_not_rebuilt_on_every_push(monkeypatc
     push({"jtis": [("last", clock[0] + 300)]})
     assert "expiring" not in jtis()
     assert len(jtis()) == 20_051
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("how", ["redis_down_at_enable", "saved_past_the_services"])
+def test_a_client_re_enabled_without_a_push_is_admitted_again_once_the_gateway_catches_up(
+    oauth, make_client, redis_client, settings, how
+):
+    # A disabled client was a Redis key without expiry, checked by the reservation script, and deleted only
+    # by the re-enabling's push: Redis down at that moment, or `disabled` saved in /admin/, left the client
+    # refused by every gateway for good. Disabling revokes each of its tokens by id; the client is a push.
+    from authserver.services import client_enable
+    from gateway.ratelimit import Buckets, RedisLimiter, RevokedError
+    from gateway.redisbatch import RedisBatcher
+    from gateway.runtime import redis_pool_open
+    from gateway.selectors import Policy
+
+    reg = make_client()
+    old = principal(oauth.client_credentials(reg).json()["access_token"])
+    client_disable(client=reg.client, actor="user:root")
+    redis_client.set(f"portcullis:revoked:client:{reg.client.client_id}", 1)  # what an older version left
+    if how == "redis_down_at_enable":
+        url, settings.REDIS_URL = settings.REDIS_URL, "redis://127.0.0.1:1/0"
+        client_enable(client=reg.client, actor="user:root")  # the push fails (logged)
+        settings.REDIS_URL = url
+    else:
+        reg.client.disabled = False
+        reg.client.save()
+    fresh = principal(oauth.client_credentials(reg).json()["access_token"])
+
+    async def admitted(who: Principal) -> bool:
+        limiter = RedisLimiter(RedisBatcher(redis_pool_open(settings.REDIS_URL)))
+        try:
+            buckets = Buckets.of(who, Policy(models=frozenset(), rpm=100))
+            return (await limiter.admit(who, buckets, uuid.uuid4().hex, 1)).allowed
+        except RevokedError:
+            return False
+        finally:
+            await limiter.batcher.stop()
+            await limiter.batcher.redis.aclose()
+
+    watcher = RevocationWatcher()
+    watcher.catch_up(revocations_live())
+    assert not watcher.is_revoked(fresh)
+    assert asyncio.run(admitted(fresh))
+    assert not asyncio.run(admitted(old))  # its tokens stay revoked, each by its id
