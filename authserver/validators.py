@@ -19,6 +19,7 @@ from django.utils import timezone
 from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauth2_provider.settings import oauth2_settings
 from oauthlib.oauth2.rfc6749 import errors
+from oauthlib.oauth2.rfc6749.utils import scope_to_list
 
 from audit.services import audit_record
 from authserver.models import GRANT_DEVICE_CODE, AccessToken, Client, Grant, RedeemedCode, RefreshToken
@@ -206,6 +207,14 @@ class PortcullisValidator(OAuth2Validator):
         if not super().validate_scopes(client_id, scopes, client, request, *a, **k):
             return False
         return bool(client.may_ask_for(scopes))
+
+    def get_original_scopes(self, refresh_token: str, request: Any, *args: Any, **kwargs: Any) -> list[str]:
+        # A refresh renews only the scopes the client may still ask for: oauthlib's refresh grant never asks
+        # validate_scopes, so a scope an admin took from the client lived on in every refreshed token for
+        # the refresh token's lifetime. Asking for a removed one is then invalid_scope (RFC 6749 §6).
+        original = super().get_original_scopes(refresh_token, request, *args, **kwargs)
+        client = request.client
+        return [scope for scope in scope_to_list(original) or [] if client.may_ask_for([scope])]
 
     def get_default_scopes(self, client_id: str, request: Any, *args: Any, **kwargs: Any) -> list[str]:
         defaults = super().get_default_scopes(client_id, request, *args, **kwargs)
@@ -435,7 +444,9 @@ class PortcullisValidator(OAuth2Validator):
             # user's access) and nothing more to revoke
             return False
         valid = super().validate_refresh_token(refresh_token, client, request, *args, **kwargs)
-        valid = valid and _user_active(request)
+        # a client an admin no longer lets hold refresh tokens refreshes nothing more (client_update revokes
+        # them too; this holds for a change saved past the services)
+        valid = valid and _user_active(request) and request.client.may_ask_for([OFFLINE_ACCESS])
         signed_in = getattr(vars(request).get("refresh_token_instance"), "auth_time", None)
         # the family's sign-in, for the ID token and the next rotation (None: DOT's last_login)
         request.auth_time = int(signed_in.timestamp()) if valid and signed_in is not None else None

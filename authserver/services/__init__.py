@@ -42,9 +42,10 @@ from authserver.services.tokens import (
     access_tokens_deleted,
     revoked_access_tokens_prune,
     tokens_revoke_for_client,
+    tokens_revoke_for_scopes,
     tokens_revoke_for_user,
 )
-from authserver.services.users import user_lock, user_unlock
+from authserver.services.users import user_deactivated, user_lock, user_unlock
 
 __all__ = [
     "ADMIN_SCOPES",
@@ -80,7 +81,9 @@ __all__ = [
     "signing_key_rotate",
     "signing_keys_reseal",
     "tokens_revoke_for_client",
+    "tokens_revoke_for_scopes",
     "tokens_revoke_for_user",
+    "user_deactivated",
     "user_lock",
     "user_unlock",
 ]

@@ -14,7 +14,7 @@ from oauth2_provider.generators import generate_client_id
 from audit.services import audit_record
 from authserver.models import ADMIN_SCOPES, Client
 from authserver.revocation import revocation_publish
-from authserver.services.tokens import tokens_revoke_for_client
+from authserver.services.tokens import tokens_revoke_for_client, tokens_revoke_for_scopes
 
 CLIENT_SECRET_LENGTH = 128
 GRANT_ALIASES = {
@@ -154,7 +154,8 @@ CLIENT_EDITABLE = (
 
 
 def client_update(*, client: Client, actor: str, **fields: Any) -> Client:
-    """Change a client's editable fields (validated like a new client) and audit what changed."""
+    """Change a client's editable fields (validated like a new client) and audit what changed. Tokens that
+    carry a scope the client may no longer ask for are revoked at once (a refresh renews only the rest)."""
     unknown = set(fields) - set(CLIENT_EDITABLE)
     if unknown:
         raise ValidationError({"client": [f"unknown fields: {', '.join(sorted(unknown))}"]})
@@ -163,6 +164,7 @@ def client_update(*, client: Client, actor: str, **fields: Any) -> Client:
         if not fields["grant_types"]:
             raise ValidationError({"grant_types": ["choose at least one grant type"]})
     changed = [name for name, value in fields.items() if getattr(client, name) != value]
+    before = _scopes_held(client)
     for name in changed:
         setattr(client, name, fields[name])
     if "grant_types" in changed:
@@ -170,11 +172,20 @@ def client_update(*, client: Client, actor: str, **fields: Any) -> Client:
     _scopes_check(client.scope_list(), is_admin_client=client.is_admin_client)
     client.full_clean(exclude=["client_secret"])
     if changed:
-        client.save()
-        audit_record(
-            kind="client.changed", actor=actor, client_id=client.client_id, data={"changed": changed}
-        )
+        removed = before - _scopes_held(client)
+        with transaction.atomic():
+            client.save()
+            audit_record(
+                kind="client.changed", actor=actor, client_id=client.client_id, data={"changed": changed}
+            )
+            if removed:
+                tokens_revoke_for_scopes(client=client, scopes=removed, actor=actor)
     return client
+
+
+def _scopes_held(client: Client) -> set[str]:
+    """The scopes a client's tokens may carry: its own, and admin scopes only while it is administrative."""
+    return {scope for scope in client.scope_list() if client.may_ask_for([scope])}
 
 
 def client_secret_rotate(*, client: Client, actor: str) -> str:

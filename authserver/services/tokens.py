@@ -148,6 +148,38 @@ def access_token_revoke(*, token: AccessToken, actor: str) -> None:
     )
 
 
+def tokens_revoke_for_scopes(*, client: Client, scopes: set[str], actor: str) -> int:
+    """Revoke a client's access tokens that carry any of ``scopes`` (the scopes an admin took from it), and
+    every refresh token it holds if ``offline_access`` is among them; return how many access tokens. A
+    refresh of the rest renews only what the client may still ask for (the validator)."""
+    now = timezone.now()
+    with transaction.atomic(), access_token_deletions_batched():
+        live = AccessToken.objects.filter(application=client, expires__gt=now).values_list("pk", "scope")
+        carrying = [pk for pk, scope in live.iterator() if scopes.intersection(scope.split())]
+        count = 0
+        for start in range(0, len(carrying), RECORD_BATCH):
+            deleted, _ = AccessToken.objects.filter(pk__in=carrying[start : start + RECORD_BATCH]).delete()
+            count += deleted
+        refreshes = 0
+        if "offline_access" in scopes:
+            refreshes = RefreshToken.objects.filter(application=client, revoked__isnull=True).update(
+                revoked=now
+            )
+    if count or refreshes:
+        audit_record(
+            kind="token.revoked",
+            actor=actor,
+            client_id=client.client_id,
+            data={
+                "reason": "scopes removed from the client",
+                "scopes": sorted(scopes),
+                "tokens_revoked": count,
+                "refreshes_revoked": refreshes,
+            },
+        )
+    return count
+
+
 def tokens_revoke_for_user(*, user: Any, actor: str, reason: str, client: Client | None = None) -> int:
     """Revoke every access and refresh token a user holds, across clients or at ``client`` only (the
     client's other users, and the user's other clients, keep theirs); return how many. The device codes

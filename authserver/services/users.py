@@ -16,9 +16,18 @@ def user_lock(*, user: Any, actor: str) -> None:
     if actor == f"user:{user.get_username()}":
         raise ValidationError({"user": ["you cannot lock yourself out"]})
     user.is_active = False
+    user.deactivated_by = actor, "user locked"  # the save's receiver revokes their tokens, as this actor
     user.save(update_fields=["is_active"])
     audit_record(kind="user.locked", actor=actor, data={"user": user.get_username()})
-    tokens_revoke_for_user(user=user, actor=actor, reason="user locked")
+
+
+def user_deactivated(*, user: Any) -> None:
+    """A user's ``is_active`` went from true to false, by whatever path (``user_lock``, the Django admin, a
+    shell): every token they hold is revoked at once. Only ``user_lock`` said who; otherwise it was saved
+    past the services, and the revocation's actor is ``system``."""
+    actor, reason = getattr(user, "deactivated_by", None) or ("system", "user deactivated")
+    user.deactivated_by = None
+    tokens_revoke_for_user(user=user, actor=actor, reason=reason)
 
 
 def user_unlock(*, user: Any, actor: str) -> None:

@@ -1041,3 +1041,63 @@ def test_userinfo_with_a_query_string_oauthlib_cannot_read_is_an_rfc_6750_invali
     assert response.json()["error"] == "invalid_request"
     assert response["WWW-Authenticate"].startswith('Bearer error="invalid_request"')
     assert AuditEvent.objects.get(kind="userinfo.denied").data["error_code"] == "invalid_request"
+
+
+def _refresh(oauth, reg, refresh_token, **extra):
+    body = {"grant_type": "refresh_token", "refresh_token": refresh_token, **extra}
+    return oauth.token(body, (reg.client.client_id, reg.client_secret))
+
+
+def test_a_scope_taken_from_the_client_revokes_the_tokens_carrying_it_and_is_not_renewed_by_a_refresh(
+    oauth, web_app, signed_in
+):
+    # oauthlib's refresh grant never asks validate_scopes: a removed scope lived on in every refreshed token
+    from authserver.services import client_update
+
+    _c, _v, live = _tokens(oauth, web_app)  # models.read completions offline_access
+    _c, _v, lapsed = _tokens(oauth, web_app)
+    _c, _v, narrow = _tokens(oauth, web_app, scope="models.read offline_access")
+    AccessToken.objects.filter(jti=jwt_jti(lapsed["access_token"])).update(expires=timezone.now())
+    client_update(
+        client=web_app.client, actor="user:root", allowed_scopes="models.read offline_access openid"
+    )
+    carrying = jwt_jti(live["access_token"])
+    assert not AccessToken.objects.filter(jti=carrying).exists()  # revoked at once, and recorded
+    assert RevokedAccessToken.objects.filter(jti=carrying).exists()
+    assert AccessToken.objects.filter(jti=jwt_jti(narrow["access_token"])).exists()  # it had no completions
+    event = AuditEvent.objects.filter(kind="token.revoked").latest("seq")
+    assert event.data["scopes"] == ["completions", "profile"]
+    assert (event.data["tokens_revoked"], event.data["refreshes_revoked"]) == (1, 0)
+    # DOT refuses a refresh token whose access token was deleted: that grant is over, its user asks again
+    assert _refresh(oauth, web_app, live["refresh_token"]).json()["error"] == "invalid_grant"
+
+    refreshed = _refresh(oauth, web_app, lapsed["refresh_token"])  # its access token had expired
+    assert refreshed.status_code == 200, refreshed.content
+    assert _claims(refreshed.json()["access_token"])["scope"].split() == ["models.read", "offline_access"]
+    asked = _refresh(oauth, web_app, refreshed.json()["refresh_token"], scope="models.read completions")
+    assert asked.status_code == 400
+    assert asked.json()["error"] == "invalid_scope"
+
+
+def test_offline_access_taken_from_the_client_ends_its_refresh_tokens_even_past_the_services(
+    oauth, web_app, signed_in
+):
+    from authserver.services import client_update
+
+    _c, _v, first = _tokens(oauth, web_app)
+    _c, _v, second = _tokens(oauth, web_app)
+    client_update(client=web_app.client, actor="user:root", allowed_scopes="models.read completions")
+    assert not RefreshToken.objects.filter(application=web_app.client, revoked__isnull=True).exists()
+    assert _refresh(oauth, web_app, first["refresh_token"]).json()["error"] == "invalid_grant"
+
+    Client.objects.filter(pk=web_app.client.pk).update(allowed_scopes=SCOPES)  # given back: a new grant
+    _c, _v, third = _tokens(oauth, web_app)
+    Client.objects.filter(pk=web_app.client.pk).update(allowed_scopes="models.read")  # as /admin/ saves
+    response = _refresh(oauth, web_app, third["refresh_token"])
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_grant"
+    assert second["refresh_token"] != third["refresh_token"]
+
+
+def jwt_jti(token: str) -> str:
+    return _claims(token)["jti"]

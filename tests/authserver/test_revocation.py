@@ -12,6 +12,7 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
+from audit.models import AuditEvent
 from authserver.models import AccessToken, RevokedAccessToken
 from authserver.revocation import local_revocations
 from authserver.selectors import revocations_live
@@ -58,6 +59,34 @@ def test_a_locked_users_tokens_are_recorded_and_an_expired_token_deleted_is_not(
         )
     user_lock(user=alice, actor="user:root")
     assert list(RevokedAccessToken.objects.values_list("jti", flat=True)) == [live]
+    revoked = AuditEvent.objects.get(kind="token.revoked")  # one revocation, said to be the locking admin's
+    assert (revoked.actor, revoked.data["reason"]) == ("user:root", "user locked")
+
+
+def test_a_user_deactivated_past_the_services_has_their_tokens_revoked_too(make_client, alice):
+    # the Django admin's checkbox (a full save) revoked nothing: their tokens worked until they expired
+    bob = type(alice).objects.create_user("bob", "bob@example.com", "another horse battery")
+    reg = make_client()
+    for user in (alice, bob):
+        AccessToken.objects.create(
+            user=user,
+            application=reg.client,
+            token=uuid.uuid4().hex,
+            jti=uuid.uuid4(),
+            expires=timezone.now() + timedelta(minutes=5),
+        )
+    alice.first_name = "Alice"
+    alice.save()  # saved while active: nothing revoked
+    assert AccessToken.objects.filter(user=alice).exists()
+    alice.is_active = False
+    alice.save()
+    assert not AccessToken.objects.filter(user=alice).exists()
+    assert AccessToken.objects.filter(user=bob).exists()
+    assert RevokedAccessToken.objects.count() == 1
+    revoked = AuditEvent.objects.get(kind="token.revoked")
+    assert (revoked.actor, revoked.data["reason"]) == ("system", "user deactivated")
+    alice.save()  # saved again while inactive: no second revocation
+    assert AuditEvent.objects.filter(kind="token.revoked").count() == 1
 
 
 def test_the_record_names_the_disabled_clients_until_they_are_enabled_again(make_client):
