@@ -19,7 +19,15 @@ import redis
 from authserver.revocation import local_revocations
 from gateway import errors
 from gateway.auth import Principal
-from gateway.ratelimit import FALLBACK_DIVISOR, Admission, Buckets, RevokedError, ratelimit_headers
+from gateway.deadlines import Deadlines
+from gateway.ratelimit import (
+    FALLBACK_DIVISOR,
+    SLOT_RENEW_S,
+    Admission,
+    Buckets,
+    RevokedError,
+    ratelimit_headers,
+)
 from gateway.redisbatch import RedisUnanswered
 from gateway.selectors import Policy
 from gateway.validation import Validated
@@ -45,6 +53,27 @@ class Ticket:
     headers: dict[str, str]
     shared: bool  # reserved in Redis (settle there) or in process
     reservation: str  # the limiter's id of this reservation: the gateway's own, unique in every process
+    hold: SlotHold | None = None  # renews its concurrency slot while the request runs
+
+
+class SlotHold:
+    """A running request's concurrency slot, renewed every SLOT_RENEW_S until it is settled: a slot lives
+    SLOT_TTL_MS unless renewed (a crashed process's are reclaimed), and a stream running longer had given
+    its client one more slot every 15 minutes. One sweeping task per process, not a timer per request."""
+
+    __slots__ = ("rt", "ticket")
+
+    def __init__(self, rt: Runtime, ticket: Ticket) -> None:
+        self.rt, self.ticket = rt, ticket
+
+    def late(self) -> None:
+        rt, ticket = self.rt, self.ticket
+        limiter = rt.limiter_redis if ticket.shared and rt.limiter_redis is not None else rt.limiter_local
+        limiter.hold(ticket.buckets, ticket.reservation)
+        SLOT_HOLDS.add(self, time.monotonic() + SLOT_RENEW_S)
+
+
+SLOT_HOLDS: Deadlines[SlotHold] = Deadlines(sweep_s=10.0, idle_s=SLOT_RENEW_S)
 
 
 # Reservation ids: this process's random prefix and a counter (no system call per request). Not the
@@ -153,9 +182,13 @@ async def admit(
         exc.code = admission.limit  # type: ignore[misc]
         exc.headers.update(headers)
         raise exc
-    return Ticket(
+    ticket = Ticket(
         buckets=buckets, admission=admission, headers=headers, shared=shared, reservation=reservation
     )
+    if buckets.concurrency:
+        ticket.hold = SlotHold(rt, ticket)
+        SLOT_HOLDS.add(ticket.hold, time.monotonic() + SLOT_RENEW_S)
+    return ticket
 
 
 def _never_admitted(
@@ -209,5 +242,7 @@ def _buckets(principal: Principal, policy: Policy) -> Buckets:
 
 def settle(rt: Runtime, principal: Principal, ticket: Ticket, used: int) -> None:
     """Release the slot and refund (or charge) the difference between reserved and used tokens."""
+    if ticket.hold is not None:
+        SLOT_HOLDS.remove(ticket.hold)
     limiter = rt.limiter_redis if ticket.shared and rt.limiter_redis is not None else rt.limiter_local
     limiter.settle(principal, ticket.buckets, ticket.reservation, ticket.admission.reserved_tokens, used)

@@ -64,6 +64,8 @@ class KeySet:
         self._refetch_interval_s = refetch_interval_s
         self._keys: dict[str, PyJWK] = {}
         self._last_attempt = float("-inf")
+        self._begun = 0  # fetches begun, numbered: the one begun last wins, whichever ends last (an older
+        self._applied = 0  # one applied after a push's had trusted a revoked key again, until the next)
         self.loaded_at = float("-inf")
         self.on_removed: Callable[[set[str]], None] | None = None  # told the kids a load took away
 
@@ -87,8 +89,14 @@ class KeySet:
     async def refresh(self) -> bool:
         """Fetch the key set now; on failure keep serving the keys we have (stale beats none)."""
         self._last_attempt = time.monotonic()
+        self._begun += 1
+        ticket = self._begun
         try:
-            self.load(await self._fetch())
+            document = await self._fetch()
+            if ticket < self._applied:
+                return True  # a fetch begun later was loaded: this older one would undo it
+            self.load(document)
+            self._applied = ticket
         except Exception:  # any fetch failure keeps the previous keys; the reason is logged
             logger.exception("key set refresh failed; serving the %d cached keys", len(self._keys))
             return False

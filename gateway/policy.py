@@ -1,6 +1,9 @@
 """The per-process policy snapshot: loaded at start, replaced on a push, refreshed every 30 s.
 
 The hot path reads a dict; it never touches the database. A missed push is healed by the periodic reload.
+Reloads may overlap (the timer's, a push's): the one begun last wins, whichever ends last. Applied in the
+order they ended, a read begun before an admin's change but slow to return undid the push's, until the
+next reload 30 s later.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ class PolicyCache:
     def __init__(self) -> None:
         self._snapshot: dict[str, Policy] = {}
         self.loaded = False
+        self._begun = 0  # reloads begun, numbered
+        self._applied = 0  # the number of the reload whose snapshot is served
 
     def get(self, client_id: str) -> Policy:
         """Return the client's policy, else the default policy, else no access."""
@@ -30,11 +35,16 @@ class PolicyCache:
         self.loaded = True
 
     async def reload(self) -> bool:
-        """Reload every policy from the database (off the hot path); keep the old snapshot on failure."""
+        """Reload every policy from the database (off the hot path); keep the old snapshot on failure, and
+        drop one older than the snapshot served."""
+        self._begun += 1
+        ticket = self._begun
         try:
             snapshot = await db_read(policies_snapshot)
         except Exception:  # database down: keep serving the last snapshot; the reason is logged
             logger.exception("policy reload failed; serving the last snapshot")
             return False
-        self.replace(snapshot)
+        if ticket > self._applied:
+            self._applied = ticket
+            self.replace(snapshot)
         return True

@@ -44,7 +44,8 @@ HEADER_NAMES = tuple(
 )
 WINDOW_MS = 60_000
 DAY_TTL_S = 2 * 86_400
-SLOT_TTL_MS = 15 * 60_000  # a slot held longer than any request may run is reclaimed
+SLOT_TTL_MS = 15 * 60_000  # a slot not renewed for this long is a crashed process's, and is reclaimed
+SLOT_RENEW_S = SLOT_TTL_MS / 3000  # a request still running renews its slot this often (``hold``)
 FALLBACK_DIVISOR = 4  # Redis down: each process allows a quarter of each limit
 
 # ARGV: the client's limits first (1 concurrency, 2 a slot's lifetime in ms, 3 the daily quota, 4 the day
@@ -349,6 +350,13 @@ class RedisLimiter:
         self._queue(buckets, reservation, used - reserved, FIRST_TRY)
         self.batcher.nudge(SETTLE_LINGER_S)
 
+    def hold(self, buckets: Buckets, reservation: str) -> None:
+        """Renew a running request's slot for another SLOT_TTL_MS, if it is still held (sent with a batch;
+        a renewal lost with its batch is sent again at the next, SLOT_RENEW_S later)."""
+        expiry = int(time.time() * 1000) + SLOT_TTL_MS
+        self._pending.append(("ZADD", buckets.settle_keys[0], "XX", expiry, reservation))
+        self.batcher.nudge(SETTLE_LINGER_S)
+
     def release(self, principal: Principal, buckets: Buckets, reservation: str, reserved: int) -> None:
         """Give back a reservation whose reply was lost (the request was then served by the fallback):
         Redis may have made it. Sent as a retry, it changes nothing unless the reservation is held."""
@@ -466,6 +474,11 @@ class LocalLimiter:
         if buckets.daily_tokens:
             self._daily[keys[2]] = self._daily.get(keys[2], 0) + cost
         return self._admitted(buckets, keys, new_tats, now_ms, cost)
+
+    def hold(self, buckets: Buckets, reservation: str, *, now: float | None = None) -> None:
+        slots = self._slots.get(buckets.settle_keys[0])
+        if slots is not None and reservation in slots:
+            slots[reservation] = (now if now is not None else time.time()) * 1000 + SLOT_TTL_MS
 
     @staticmethod
     def _admitted(

@@ -261,3 +261,49 @@ def test_the_cache_is_bounded(verifier):
     for i in range(10):
         verify(v, token(claims(jti=f"j{i}")))
     assert len(v._cache) <= 3
+
+
+def test_of_overlapping_reloads_the_one_begun_last_wins_whichever_ends_last(monkeypatch):
+    # applied in the order they ended, a timer's read begun before `rotatekeys --revoke` but slow to return
+    # trusted the revoked key again after the push's read had dropped it (and a policy the same way)
+    from gateway.policy import PolicyCache
+    from gateway.selectors import Policy
+
+    async def run() -> tuple[bool, frozenset[str]]:
+        gate = asyncio.Event()
+        documents: list[dict[str, Any]] = [
+            {"keys": [EC_PUBLIC]},
+            {"keys": []},
+        ]  # read before the revocation, and after
+
+        async def fetch() -> dict[str, Any]:
+            document = documents.pop(0)
+            if document["keys"]:
+                await gate.wait()
+            return document
+
+        keys = KeySet(fetch, refetch_interval_s=30)
+        older = asyncio.ensure_future(keys.refresh())
+        await asyncio.sleep(0)
+        assert await keys.refresh()
+        gate.set()
+        assert await older  # a successful read, not applied
+        snapshots = [{"c1": Policy(models=frozenset({"m"}))}, {"c1": Policy(models=frozenset())}]
+        gate.clear()
+
+        async def db_read(_read: Any) -> dict[str, Policy]:
+            snapshot = snapshots.pop(0)
+            if snapshot["c1"].models:
+                await gate.wait()
+            return snapshot
+
+        monkeypatch.setattr("gateway.policy.db_read", db_read)
+        policies = PolicyCache()
+        older = asyncio.ensure_future(policies.reload())
+        await asyncio.sleep(0)
+        await policies.reload()
+        gate.set()
+        await older
+        return EC_PUBLIC["kid"] in keys._keys, policies.get("c1").models
+
+    assert asyncio.run(run()) == (False, frozenset())

@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 from audit.compact_json import json_compact_dump
 from gateway.admission import escaped_size
 from gateway.auth import Principal
-from gateway.ratelimit import Buckets, LocalLimiter, RedisLimiter, RevokedError, ratelimit_headers
+from gateway.ratelimit import (
+    Admission,
+    Buckets,
+    LocalLimiter,
+    RedisLimiter,
+    RevokedError,
+    ratelimit_headers,
+)
 from gateway.redisbatch import RedisBatcher
 from gateway.runtime import redis_pool_open
 from gateway.selectors import Policy
@@ -622,3 +629,86 @@ def test_the_packed_reservation_is_what_hiredis_would_pack(user):
             ("EVALSHA", ADMIT_SHA, 7, *b.keys("j-1"), *_admit_args(b, reservation, cost, now_ms))
         )
         assert _admit_packed(b, "j-1", reservation, cost, now_ms) == expected
+
+
+def test_a_running_request_renews_its_slot_so_a_long_stream_gives_its_client_no_extra_one(
+    shared, redis_client
+):
+    # a slot lived 15 minutes whatever ran in it: a stream running longer gave its client one more slot
+    # every 15 minutes. A renewal keeps it; only a crashed process's slot is reclaimed.
+    from gateway.ratelimit import SLOT_TTL_MS
+
+    local, b = LocalLimiter(), buckets(concurrency=1)
+    start = 1_800_000_000.0
+    assert local.admit(SERVICE, b, "long", 1, now=start).allowed
+    local.hold(b, "long", now=start + SLOT_TTL_MS / 2000)
+    assert local.admit(SERVICE, b, "second", 1, now=start + SLOT_TTL_MS / 1000 + 1).limit == "concurrency"
+    local.settle(SERVICE, b, "long", reserved=1, used=1)
+    local.hold(b, "long", now=start + SLOT_TTL_MS / 1000 + 2)  # settled: a late renewal brings nothing back
+    assert local.admit(SERVICE, b, "third", 1, now=start + SLOT_TTL_MS / 1000 + 3).allowed
+
+    async def run() -> tuple[float, float, list[bytes]]:
+        limiter = await shared()
+        await limiter.admit(SERVICE, b, "long", 1)
+        in_flight = b.keys(SERVICE.jti)[1]
+        redis_client.zadd(in_flight, {"long": 1})  # its 15 minutes all but over
+        limiter.hold(b, "long")
+        limiter.hold(b, "gone")  # never admitted, or settled: not added
+        await limiter.flush()
+        renewed = redis_client.zscore(in_flight, "long")
+        await close(limiter)
+        return time.time() * 1000, renewed, redis_client.zrange(in_flight, 0, -1)
+
+    now_ms, renewed, held = asyncio.run(run())
+    assert now_ms + SLOT_TTL_MS - 5_000 < renewed <= now_ms + SLOT_TTL_MS
+    assert held == [b"long"]
+
+
+def test_a_ticket_with_a_concurrency_limit_is_renewed_until_it_is_settled(monkeypatch):
+    from types import SimpleNamespace
+
+    from gateway import admission
+
+    renewed: list[str] = []
+    local = SimpleNamespace(hold=lambda buckets, reservation: renewed.append(reservation))
+    rt = SimpleNamespace(limiter_redis=None, limiter_local=local)
+    ticket = admission.Ticket(
+        buckets=buckets(concurrency=1),
+        admission=Admission(allowed=True, reserved_tokens=1),
+        headers={},
+        shared=False,
+        reservation="r1",
+    )
+    hold = admission.SlotHold(rt, ticket)  # type: ignore[arg-type]
+
+    async def run() -> tuple[bool, bool]:
+        monkeypatch.setattr(admission, "SLOT_RENEW_S", 0.0)
+        hold.late()  # the sweeper calls it once SLOT_RENEW_S has passed: renewed, and due again
+        due_again = hold in admission.SLOT_HOLDS.pending
+        ticket.hold = hold
+        settled = SimpleNamespace(settle=lambda *args: None)
+        admission.settle(SimpleNamespace(limiter_redis=None, limiter_local=settled), SERVICE, ticket, 0)  # type: ignore[arg-type]
+        return due_again, hold in admission.SLOT_HOLDS.pending
+
+    assert asyncio.run(run()) == (True, False)
+    assert renewed == ["r1"]
+
+    from gateway.validation import request_validate
+
+    rt = SimpleNamespace(
+        upstreams=SimpleNamespace(context_length=lambda model: 4096),
+        limiter_redis=None,
+        limiter_local=LocalLimiter(),
+    )
+    chat = request_validate(
+        "chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}', max_tokens_cap=None
+    )
+
+    async def admitted(policy: Policy) -> tuple[bool, bool]:
+        ticket = await admission.admit(rt, SERVICE, policy, chat, 60)  # type: ignore[arg-type]
+        held = ticket.hold is not None and ticket.hold in admission.SLOT_HOLDS.pending
+        admission.settle(rt, SERVICE, ticket, 1)  # type: ignore[arg-type]
+        return held, ticket.hold is not None and ticket.hold in admission.SLOT_HOLDS.pending
+
+    assert asyncio.run(admitted(Policy(models=frozenset({"m"}), concurrency=2))) == (True, False)
+    assert asyncio.run(admitted(Policy(models=frozenset({"m"})))) == (False, False)  # no slot to renew
