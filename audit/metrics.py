@@ -15,6 +15,7 @@ import redis
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.utils.crypto import constant_time_compare
+from django.views.decorators.http import require_safe
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -72,8 +73,9 @@ def _allowed(request: HttpRequest) -> bool:
     return ip_in_networks(getattr(request, "client_ip", None), allowed)
 
 
+@require_safe
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    """Serve the metrics in Prometheus text format."""
+    """Serve the metrics in Prometheus text format (GET and HEAD: a scrape changes nothing)."""
     if not _allowed(request):
         return HttpResponse("forbidden\n", status=403, content_type="text/plain")
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

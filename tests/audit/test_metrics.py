@@ -36,3 +36,11 @@ def test_a_redis_that_does_not_answer_leaves_the_backlog_unknown_not_the_scrape_
 def test_without_redis_there_is_no_stream_to_wait_in(settings):
     settings.REDIS_URL = ""
     assert backlog_series(Client().get("/metrics").content.decode()) == 0
+
+
+def test_a_scrape_is_a_get_or_a_head_and_any_other_method_a_405(settings):
+    settings.REDIS_URL = ""
+    assert Client().head("/metrics").status_code == 200
+    refused = Client().post("/metrics")
+    assert refused.status_code == 405
+    assert refused["Allow"] == "GET, HEAD"
