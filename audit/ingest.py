@@ -2,7 +2,13 @@
 
 Entries come from the Redis stream (a consumer group, so a restarted worker resumes where it stopped and
 another worker claims what a dead one left) or from the embedded in-process queue. Usage rows are unique
-by request id and events by event id, so an entry delivered twice is stored once.
+by record id and events by event id, so an entry delivered twice is stored once.
+
+An entry the ingest cannot store never holds back its batch: one that cannot be read (not JSON, not a JSON
+object, of no known type, bytes that are not UTF-8), an event whose fields are not of the types a gateway
+writes, and a record or event the database refuses are each set aside, acknowledged with the rest, logged,
+and recorded by an ``audit.event_refused`` event that names its stream id and the error's class (never its
+content). Only a database that is down makes a batch wait, unacknowledged, for the next run.
 """
 
 from __future__ import annotations
@@ -12,12 +18,16 @@ import logging
 import os
 import socket
 import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db import DatabaseError, DataError, IntegrityError, connections, router, transaction
+from django.db import InterfaceError, OperationalError, connections, router, transaction
+from django.db.transaction import TransactionManagementError
 
-from audit.chain import storable
+from audit.chain import normalise_ip, storable
 from audit.models import UsageRecord
 from audit.services import audit_record
 from audit.sink import STREAM
@@ -28,9 +38,11 @@ GROUP = "ingest"
 CLAIM_IDLE_MS = 30_000  # entries a dead consumer held this long are claimed by a live one
 BUDGET_S = 1.0  # one ingest run stops reading after this long (beat starts one every second)
 
-# What a database that is up says of one event it will never store (a database that is down raises other
-# errors, and the batch waits for it).
-REFUSED = (DataError, IntegrityError, ValueError, TypeError, KeyError, OverflowError)
+# What a database that is down, or a connection lost mid-batch, raises: the batch waits, unacknowledged, and
+# is read again. Any other error is the entry's own (a value the database or the ORM refuses, a field of the
+# wrong type), and the entry is set aside. A database that is down cannot store the stand-in either: that
+# write raises one of these, so a batch is never acknowledged on a wrong guess.
+UNAVAILABLE = (OperationalError, InterfaceError, TransactionManagementError)
 
 _USAGE_FIELDS = {f.name for f in UsageRecord._meta.get_fields()} - {"id"}
 _USAGE_COLUMNS = [f for f in UsageRecord._meta.concrete_fields if f.name in _USAGE_FIELDS]
@@ -64,21 +76,21 @@ def _usage_tuple(record: dict[str, Any]) -> tuple[Any, ...]:
     )
 
 
-def _usage_store(records: list[dict[str, Any]]) -> None:
-    """Insert a batch of usage records, skipping any stored already (a replayed hand-off).
+def _usage_store(records: list[dict[str, Any]]) -> list[tuple[int, Exception]]:
+    """Insert a batch of usage records, skipping any stored already (a replayed hand-off); return the
+    records the database refuses, by their place in the batch, with the error.
 
     On PostgreSQL the batch is COPYed in: a quarter of the worker's CPU per row that ``bulk_create``
     takes (its arrays are built in Python), and less work for the server. COPY takes the values as they
     are, so a batch it refuses (a record stored before, a value the ORM would have prepared first, such
     as an IPv6 zone, or text PostgreSQL cannot hold, which ``_usage_row`` replaces) goes through
-    ``bulk_create(ignore_conflicts=True)``, the ORM's own path. A record even that refuses is dropped
-    with a log line rather than hold back its batch for ever.
+    ``bulk_create(ignore_conflicts=True)``, the ORM's own path. A record even that refuses (a value out of
+    range, a record id that is not a UUID, a time no datetime holds) is dropped with a log line rather than
+    hold back its batch for ever.
     """
     alias = router.db_for_write(UsageRecord)
     db = connections[alias]
     if db.vendor == "postgresql":  # psycopg 3, which the project requires: its cursors COPY
-        from psycopg import Error as PsycopgError  # Django's cursor does not translate COPY's errors
-
         table = db.ops.quote_name(UsageRecord._meta.db_table)
         columns = ", ".join(db.ops.quote_name(f.column) for f in _USAGE_COLUMNS)
         try:
@@ -86,97 +98,168 @@ def _usage_store(records: list[dict[str, Any]]) -> None:
                 with cursor.copy(f"COPY {table} ({columns}) FROM STDIN") as copy:
                     for record in records:
                         copy.write_row(_usage_tuple(record))
-            return
-        except (DatabaseError, PsycopgError, ValueError, TypeError, KeyError):
-            pass  # the ORM's path below decides
+            return []
+        except Exception:  # noqa: S110 - psycopg's own too: Django's cursor does not translate COPY's errors
+            pass  # the ORM's path below decides, and raises what says the database is down
     try:
         with transaction.atomic(using=alias):
             UsageRecord.objects.using(alias).bulk_create(
                 [_usage_row(r) for r in records], ignore_conflicts=True
             )
-        return
-    except (DatabaseError, ValueError, TypeError, KeyError):
+        return []
+    except UNAVAILABLE:
+        raise
+    except Exception:  # noqa: S110
         pass  # one of them is refused: store the others one by one
-    for record in records:
+    refused: list[tuple[int, Exception]] = []
+    for index, record in enumerate(records):
         try:
             with transaction.atomic(using=alias):
                 UsageRecord.objects.using(alias).bulk_create([_usage_row(record)], ignore_conflicts=True)
-        except (DatabaseError, ValueError, TypeError, KeyError) as exc:
+        except UNAVAILABLE:
+            raise
+        except Exception as exc:
             logger.error(
                 "dropping a usage record the database refuses (request %s): %s",
-                str(record.get("request_id", ""))[:64],
+                storable(str(record.get("request_id", "")))[:64],
                 type(exc).__name__,
             )
+            refused.append((index, exc))
+    return refused
 
 
 def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def entries_store(entries: list[dict[Any, Any]]) -> tuple[int, int]:
-    """Store a batch of stream entries; return (usage records, events) in the batch."""
-    usage: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
-    for raw_entry in entries:
-        entry = {_text(k): v for k, v in raw_entry.items()}  # Redis gives bytes, the local queue str
-        kind, raw = _text(entry.get("t")), entry.get("v") or b""
+def _entry_read(entry: Mapping[Any, Any]) -> tuple[str, dict[str, Any]]:
+    """An entry's type and its JSON object; raise on anything else."""
+    fields = {_text(k): v for k, v in entry.items()}  # Redis gives bytes, the local queue str
+    kind = _text(fields.get("t"))
+    if kind not in ("usage", "event"):
+        raise ValueError("an entry is a usage record or an event")
+    value = json.loads(fields.get("v") or b"")  # deep nesting is a RecursionError, caught as any other
+    if not isinstance(value, dict):
+        raise TypeError(f"an entry holds a JSON object, not {type(value).__name__}")
+    return kind, value
+
+
+def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
+    """The ``audit_record`` arguments of an event entry, each of the type a gateway writes; raise on any
+    other (a text column stores the number 5 as "5", and the chain had hashed the number)."""
+    fields: dict[str, Any] = {"kind": _str(event["kind"], "kind")}
+    for name, default in (("outcome", "denied"), ("actor", ""), ("client_id", ""), ("request_id", "")):
+        value = event.get(name)
+        fields[name] = default if value is None else _str(value, name)
+    fields["ip"] = normalise_ip(event.get("ip"))
+    data = event.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise TypeError(f"an event's data is a JSON object, not {type(data).__name__}")
+    fields["data"] = data or {}
+    fields["occurred_at"] = _when(event["occurred_at"])
+    fields["event_id"] = uuid.UUID(_str(event["event_id"], "event_id"))
+    return fields
+
+
+def _str(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"an event's {name} is text, not {type(value).__name__}")
+    return value
+
+
+@dataclass
+class _Batch:
+    """A batch of entries, read one by one: its usage records, and what goes into the chain in the batch's
+    order, each as ``audit_record``'s arguments: its events, and a stand-in for each entry set aside."""
+
+    usage: list[dict[str, Any]] = field(default_factory=list)
+    usage_ids: list[str | None] = field(default_factory=list)
+    events: list[tuple[str | None, dict[str, Any] | None, dict[str, Any]]] = field(default_factory=list)
+    event_count: int = 0  # the events' entries, those set aside too
+
+    def read(self, entry: Any, stream_id: str | None) -> None:
         try:
-            value = json.loads(raw)
-        except (TypeError, ValueError):
-            logger.error("dropping a malformed audit stream entry")
-            continue
-        (usage if kind == "usage" else events).append(value)
+            kind, value = _entry_read(entry)
+        except Exception as exc:  # anything at all: one entry must not stop the ingest
+            logger.error("a malformed audit stream entry (%s): %s", stream_id or "-", type(exc).__name__)
+            self.events.append((stream_id, None, _stand_in(_refusal(stream_id, exc))))
+            return
+        if kind == "usage":
+            self.usage.append(value)
+            self.usage_ids.append(stream_id)
+            return
+        self.event_count += 1
+        try:
+            self.events.append((stream_id, value, _event_fields(value)))
+        except Exception as exc:
+            self.events.append((stream_id, None, _stand_in(_event_refused(stream_id, value, exc))))
+
+    def usage_store(self) -> None:
+        """Store the usage records, and a stand-in for each the database refuses."""
+        for index, exc in _usage_store(self.usage) if self.usage else []:
+            record_id = self.usage[index].get("record_id")
+            audit_record(**_stand_in(_refusal(self.usage_ids[index], exc, type="usage", record_id=record_id)))
+
+
+def _refusal(stream_id: str | None, exc: BaseException, **names: Any) -> dict[str, str]:
+    """The data of the ``audit.event_refused`` event that stands in for an entry set aside."""
+    data = {name: storable(value)[:64] for name, value in names.items() if isinstance(value, str)}
+    if stream_id is not None:
+        data["stream_id"] = stream_id
+    data["error"] = type(exc).__name__
+    return data
+
+
+def _event_refused(stream_id: str | None, event: dict[str, Any], exc: BaseException) -> dict[str, str]:
+    data = _refusal(stream_id, exc, kind=event.get("kind"), event_id=event.get("event_id"))
+    logger.error(
+        "an audit event the database refuses (%s, %s): %s",
+        data.get("kind", ""),
+        data.get("event_id", ""),
+        data["error"],
+    )
+    return data
+
+
+def _stand_in(data: dict[str, str]) -> dict[str, Any]:
+    return {"kind": "audit.event_refused", "outcome": "failure", "actor": "system", "data": data}
+
+
+def entries_store(entries: list[Any], ids: list[Any] | None = None) -> tuple[int, int]:
+    """Store a batch of stream entries (``ids``, their stream ids, name those set aside); return how many
+    usage records and events it held (an entry that cannot be read as either is neither)."""
+    batch = _Batch()
+    for index, entry in enumerate(entries):
+        batch.read(entry, None if ids is None else str(_text(ids[index])))
     try:
         with transaction.atomic():
-            if usage:
-                _usage_store(usage)
-            for event in events:
-                _event_store(event)
-    except REFUSED:
-        if not events:
-            raise
-        _events_one_by_one(usage, events)
-    return len(usage), len(events)
+            batch.usage_store()
+            for _stream_id, _event, fields in batch.events:
+                audit_record(**fields)
+    except UNAVAILABLE:
+        raise
+    except Exception:  # an event the database refuses: each on its own
+        _events_one_by_one(batch)
+    return len(batch.usage), batch.event_count
 
 
-def _event_store(event: dict[str, Any]) -> None:
-    audit_record(
-        kind=event["kind"],
-        outcome=event.get("outcome", "denied"),
-        actor=event.get("actor", ""),
-        client_id=event.get("client_id", ""),
-        ip=event.get("ip"),
-        request_id=event.get("request_id", ""),
-        data=event.get("data") or {},
-        occurred_at=_when(event["occurred_at"]),
-        event_id=event["event_id"],
-    )
-
-
-def _events_one_by_one(usage: list[dict[str, Any]], events: list[dict[str, Any]]) -> None:
+def _events_one_by_one(batch: _Batch) -> None:
     """A batch whose events the database refused: store its usage records, then each event on its own. One
     the database still refuses cannot hold back its batch (and every later one: the gateways would end up
     refusing requests on a full backlog), nor go unrecorded: an ``audit.event_refused`` event stands in its
     place in the chain, with its kind, its id and the error's class."""
-    if usage:
-        with transaction.atomic():
-            _usage_store(usage)
-    for event in events:
+    with transaction.atomic():
+        batch.usage_store()
+    for stream_id, event, fields in batch.events:
         try:
             with transaction.atomic():
-                _event_store(event)
-        except REFUSED as exc:
-            kind = storable(str(event.get("kind", "")))[:100]
-            event_id = storable(str(event.get("event_id", "")))[:64]
-            logger.error(
-                "an audit event the database refuses (%s, %s): %s", kind, event_id, type(exc).__name__
-            )
-            audit_record(
-                kind="audit.event_refused",
-                outcome="failure",
-                actor="system",
-                data={"kind": kind, "event_id": event_id, "error": type(exc).__name__},
-            )
+                audit_record(**fields)
+        except UNAVAILABLE:
+            raise
+        except Exception as exc:
+            if event is None:  # a stand-in the database refuses: nothing is acknowledged
+                raise
+            audit_record(**_stand_in(_event_refused(stream_id, event, exc)))
 
 
 def _consumer_name() -> str:
@@ -216,8 +299,8 @@ def stream_ingest(redis: Any, *, count: int = 500, block_ms: int = 200, budget_s
 def _store_and_ack(redis: Any, messages: list[tuple[Any, dict[Any, Any]]]) -> int:
     if not messages:
         return 0
-    entries_store([fields for _id, fields in messages])
     ids = [message_id for message_id, _fields in messages]
+    entries_store([fields for _id, fields in messages], ids)
     pipe = redis.pipeline(transaction=False)
     pipe.xack(STREAM, GROUP, *ids)
     pipe.xdel(STREAM, *ids)

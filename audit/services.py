@@ -1,7 +1,9 @@
 """The one way to write to the audit log.
 
 Callers name the event; the request context (request id, true client IP) is taken from the current
-request unless given. Data keys that could hold a credential are dropped, never stored.
+request unless given. Data keys that could hold a credential are dropped, never stored. A text field that
+is not text, or data that is not a dict, is refused (a TypeError): a text column stores ``5`` as "5" while
+the chain hashed the number, and the record then failed verification.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from django.utils import timezone
@@ -49,10 +51,19 @@ def audit_record(
 ) -> AuditEvent:
     """Record one audit event (an ``event_id`` makes a retried record idempotent)."""
     rid = request_id or request_id_var.get()
+    _text_check(kind=kind, outcome=outcome, actor=actor, client_id=client_id, request_id=rid)
+    if data is not None and not isinstance(data, dict):
+        raise TypeError(f"audit data is a dict, not {type(data).__name__}")
+    if isinstance(event_id, str):
+        event_id = uuid.UUID(event_id)  # hashed as the database gives it back: lower case, with hyphens
+    elif event_id is not None and not isinstance(event_id, uuid.UUID):
+        raise TypeError(f"an event id is a UUID, not {type(event_id).__name__}")
     if event_id is not None:
         existing = AuditEvent.objects.filter(event_id=event_id).first()
         if existing is not None:
             return existing
+    if occurred_at is not None and occurred_at.tzinfo is not None:
+        occurred_at = occurred_at.astimezone(UTC)  # as the database gives it back: hashed so, it verifies
     event = AuditEvent(
         event_id=event_id,
         occurred_at=occurred_at or timezone.now(),
@@ -65,6 +76,12 @@ def audit_record(
         data=_scrub(data or {}),
     )
     return event_append(event)
+
+
+def _text_check(**fields: Any) -> None:
+    for name, value in fields.items():
+        if not isinstance(value, str):
+            raise TypeError(f"audit field {name} is text, not {type(value).__name__}")
 
 
 def actor_for_user(user: Any) -> str:
