@@ -16,11 +16,14 @@ sign-in spread once an hour per account.
 Each finding is one ``anomaly.detected`` audit event with its evidence. A finding names the one end user it
 is attributable to when its records do (``user``: the tokens' subject), so a handler can act on that user
 rather than on every user of a shared client. Handlers registered by other apps act on findings (the
-gateway quarantines what a client's policy says to), since the audit app imports no other app.
+gateway quarantines what a client's policy says to), since the audit app imports no other app. A finding
+is recorded in the transaction its handlers run in: when one fails, neither its record nor its action is
+kept, and the next run (the marks did not move) finds it again and tries again.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +38,8 @@ from django.utils import timezone
 
 from audit.models import AnomalyScan, AuditEvent, UsageRecord
 from audit.services import audit_record
+
+logger = logging.getLogger(__name__)
 
 WINDOW = timedelta(minutes=1)
 BASELINE = timedelta(minutes=60)
@@ -287,9 +292,23 @@ def _record(finding: Finding, now: datetime) -> None:
     )
 
 
+def _handle_and_record(finding: Finding, now: datetime) -> None:
+    """Hand the finding to every handler and record it, in one transaction: a handler that fails rolls its
+    finding's record back with its own work, so the next run (which skips what is recorded) tries again.
+
+    The record is chained inside the transaction (``audit.chain.append``: it exists only if the transaction
+    commits). It goes last: appending holds the chain head's row lock until the commit, and every audit
+    writer waits on it, so not while a handler revokes a client's tokens."""
+    with transaction.atomic():
+        for handler in list(_handlers):
+            handler(finding)
+        _record(finding, now)
+
+
 def anomalies_detect(*, now: datetime | None = None) -> list[Finding]:
     """Examine what was stored since the last run: evaluate every minute it falls in (every hour, for
-    sign-ins), record and hand on each new finding, then move the marks past what was read."""
+    sign-ins), hand on and record each new finding, then move the marks past what was read. When a handler
+    fails, the other findings go on, the marks stay, and the first error is raised."""
     now = now or timezone.now()
     scan = AnomalyScan.objects.filter(pk=1).first()  # the one row
     settled = _usage_settled()  # read before the rows: a row committed after it is read again next run
@@ -306,14 +325,20 @@ def anomalies_detect(*, now: datetime | None = None) -> list[Finding]:
         for f in _rate_findings(start) + _denial_findings(start) + _token_ip_findings(start)
     ]
     findings += _event_findings(events) + _login_spread_findings(events)
-    fresh = []
+    fresh: list[Finding] = []
+    failed: list[Exception] = []
     for finding in findings:
         if _recorded_before(finding, now):
-            continue  # already recorded for this window
-        _record(finding, now)
+            continue  # already recorded (and handled) for this window
+        try:
+            _handle_and_record(finding, now)
+        except Exception as exc:  # one finding's failure must not hold back the others' quarantines
+            logger.exception("anomaly %s: a handler failed; the next run tries again", finding.key)
+            failed.append(exc)
+            continue
         fresh.append(finding)
-        for handler in list(_handlers):
-            handler(finding)
+    if failed:  # the marks stay, so the next run reads the same records and finds what failed again
+        raise failed[0]
     # Without a settled id the usage mark stays, and what was read is read again (the dedupe holds); with
     # no mark yet either, the next run is a first run again.
     usage_id = settled if settled is not None else scan.usage_id if scan is not None else None

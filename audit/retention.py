@@ -31,6 +31,10 @@ from audit.models import AuditCheckpoint, AuditEvent, UsageRecord
 from audit.services import audit_record
 
 
+class PruneRefused(Exception):
+    """The prune was rolled back: its own record could not be signed."""
+
+
 @dataclass(frozen=True)
 class PruneResult:
     events: int
@@ -100,7 +104,13 @@ def audit_archive_and_prune(*, before: datetime, archive: Path, actor: str) -> P
                 "base_hash": base_hash,
             },
         )
-        checkpoint_sign()  # no signer registered (the audit app alone): beat's next run signs it
+        if checkpoint_sign() is None:
+            # Unsigned, its record could never be: beat signs a head only when no pruning record after the
+            # newest checkpoint is one it did not sign itself (a forged one would erase signed history)
+            raise PruneRefused(
+                "the pruning record could not be signed (no signing key, or the chain does not verify: "
+                "see the log); nothing was pruned"
+            )
     return PruneResult(counts[0], counts[1], archive, sha256, base_seq)
 
 

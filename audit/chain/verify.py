@@ -4,7 +4,10 @@
 archive-and-prune run moved only when the chain itself vouches for that base (its ``audit.pruned``
 record, covered by a signed checkpoint), verifies any record still present below it rather than skipping
 it, and says how many of the newest records no signature covers yet (those could be cut off unseen) and
-when the newest checkpoint was signed. ``checkpoint_age_problem`` says when that is too long ago.
+when the newest checkpoint was signed. ``checkpoint_age_problem`` says when that is too long ago. It
+keeps the hashes of the records checkpoints name and of the last one only, so its memory does not grow
+with the chain. ``chain_tail_verify`` is what beat runs before it signs: only the records after the newest
+checkpoint, and no pruning record among them but the one a prune is signing in its own transaction.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 
 from audit.chain.checkpoints import Verifier, checkpoint_verifier
@@ -45,30 +48,39 @@ class ChainReport:
 
 @dataclass
 class _Walk:
-    """What recomputing the chain found: each record's hash, and the pruning records that name the base."""
+    """What recomputing the chain found: how far it got, the hashes of the records the checkpoints name,
+    and the pruning records. Only those hashes are kept (and the last one), so memory does not grow with the
+    chain's length."""
 
     start_seq: int
     start_hash: str
+    last_seq: int
+    last_hash: str
     hashes: dict[int, str] = field(default_factory=dict)
-    pruned: list[int] = field(default_factory=list)
+    pruning: list[AuditEvent] = field(default_factory=list)  # every audit.pruned record: one per prune
     newest_at: datetime | None = None
     oldest_at: datetime | None = None
 
     @property
-    def last_seq(self) -> int:
-        return self.start_seq + len(self.hashes)
+    def checked(self) -> int:
+        return self.last_seq - self.start_seq
 
-    @property
-    def last_hash(self) -> str:
-        return self.hashes.get(self.last_seq, self.start_hash)
+    def pruned(self, base_seq: int) -> list[int]:
+        """The pruning records that name ``base_seq`` as the base they moved the chain to."""
+        return [
+            e.seq
+            for e in self.pruning
+            if e.seq is not None and isinstance(e.data, dict) and e.data.get("base_seq") == base_seq
+        ]
 
 
-def _events(after: int = 0, batch: int = 2000) -> Iterator[AuditEvent]:
-    """The records after ``after`` in order, in batches by seq (no server-side cursor): inside the
-    verification's snapshot every batch sees the same records."""
+def _events(after: int = 0, batch: int = 2000, upto: int | None = None) -> Iterator[AuditEvent]:
+    """The records after ``after`` (up to ``upto``) in order, in batches by seq (no server-side cursor):
+    inside the verification's snapshot every batch sees the same records."""
     last = after
+    records = AuditEvent.objects.all() if upto is None else AuditEvent.objects.filter(seq__lte=upto)
     while True:
-        rows = list(AuditEvent.objects.filter(seq__gt=last).order_by("seq")[:batch])
+        rows = list(records.filter(seq__gt=last).order_by("seq")[:batch])
         if not rows:
             return
         yield from rows
@@ -87,26 +99,31 @@ def _walk_start(base_seq: int, base_hash: str) -> tuple[int, str]:
     return first.seq - 1, GENESIS if first.seq == 1 else first.prev_hash
 
 
-def _walk(start_seq: int, start_hash: str, base_seq: int) -> _Walk | ChainReport:
-    """Recompute the chain after ``start_seq``; a report when a record is missing or does not match."""
-    walk = _Walk(start_seq, start_hash)
-    prev, expected = start_hash, start_seq + 1
-    for event in _events(after=start_seq):
-        checked = len(walk.hashes)
+def _walk(start_seq: int, start_hash: str, keep: frozenset[int]) -> _Walk | ChainReport:
+    """Recompute the whole chain after ``start_seq``, keeping the hashes at the seqs in ``keep``."""
+    return _recompute(start_seq, start_hash, keep=keep)
+
+
+def _recompute(
+    start_seq: int, start_hash: str, *, keep: frozenset[int] = frozenset(), upto: int | None = None
+) -> _Walk | ChainReport:
+    """Recompute the chain after ``start_seq`` (up to ``upto``); a report when a record is missing or does
+    not match."""
+    walk = _Walk(start_seq, start_hash, start_seq, start_hash)
+    for event in _events(after=start_seq, upto=upto):
+        expected = walk.last_seq + 1
         if event.seq != expected:
             reason = f"record {expected} is missing (found {event.seq})"
-            return ChainReport(False, checked, 0, expected, event.pk, reason)
-        if event.prev_hash != prev or event.hash != link_hash(prev, event):
+            return ChainReport(False, walk.checked, 0, expected, event.pk, reason)
+        if event.prev_hash != walk.last_hash or event.hash != link_hash(walk.last_hash, event):
             reason = f"record {event.seq} does not match its hash"
-            return ChainReport(False, checked, 0, event.seq, event.pk, reason)
-        if (
-            event.kind == PRUNED_KIND
-            and isinstance(event.data, dict)
-            and event.data.get("base_seq") == base_seq
-        ):
-            walk.pruned.append(event.seq)
-        walk.hashes[event.seq] = prev = event.hash
-        walk.newest_at, expected = event.occurred_at, expected + 1
+            return ChainReport(False, walk.checked, 0, event.seq, event.pk, reason)
+        if event.kind == PRUNED_KIND:
+            walk.pruning.append(event)
+        if expected in keep:
+            walk.hashes[expected] = event.hash
+        walk.last_seq, walk.last_hash = expected, event.hash
+        walk.newest_at = event.occurred_at
         walk.oldest_at = walk.oldest_at or event.occurred_at
     return walk
 
@@ -147,10 +164,10 @@ def _verify() -> ChainReport:
     checkpoints = list(AuditCheckpoint.objects.order_by("seq", "pk"))
     head = ChainHead.objects.order_by("pk").first()
     base_seq, base_hash = (head.base_seq, head.base_hash) if head is not None else (0, GENESIS)
-    walk = _walk(*_walk_start(base_seq, base_hash), base_seq)
+    walk = _walk(*_walk_start(base_seq, base_hash), frozenset(c.seq for c in checkpoints))
     if isinstance(walk, ChainReport):
         return walk
-    checked = len(walk.hashes)
+    checked = walk.checked
     outside = AuditEvent.objects.filter(seq__isnull=True).order_by("pk").first()
     if outside is not None:
         return ChainReport(
@@ -181,26 +198,36 @@ def _base_problem(base_seq: int, walk: _Walk, signed_seq: int | None) -> str:
             f"records {walk.start_seq + 1} to {base_seq} are still there, but the chain's base says they "
             "were pruned"
         )
-    if not walk.pruned:
+    pruned = walk.pruned(base_seq)
+    if not pruned:
         return f"the chain starts after record {base_seq}, but no {PRUNED_KIND} record names that base"
-    if signed_seq is not None and signed_seq < walk.pruned[0]:
+    if signed_seq is not None and signed_seq < pruned[0]:
         return (
-            f"the {PRUNED_KIND} record {walk.pruned[0]} that moved the chain's base to {base_seq} is not "
-            "covered by a signed checkpoint yet (beat signs one every few minutes; verify again after it)"
+            f"the {PRUNED_KIND} record {pruned[0]} that moved the chain's base to {base_seq} is not "
+            "covered by a signed checkpoint (an archive-and-prune run signs its own as it writes it; beat "
+            "signs no head past one that is not signed)"
         )
     return ""
 
 
-def _checkpoint_problem(
-    checkpoint: AuditCheckpoint, verifier: Verifier | None, walk: _Walk
-) -> tuple[str, dict[str, Any]]:
-    """Return why a checkpoint fails ("" when it holds), and what it signed."""
+def _signature_problem(checkpoint: AuditCheckpoint, verifier: Verifier | None) -> tuple[str, dict[str, Any]]:
+    """Return why a checkpoint's signature fails ("" when it holds), and what it signed."""
     payload = verifier(checkpoint.signature) if verifier is not None else None
     if payload is None:
         return f"checkpoint at record {checkpoint.seq} has no valid signature", {}
     signed = json.loads(payload)
     if (signed.get("seq"), signed.get("hash")) != (checkpoint.seq, checkpoint.head_hash):
         return f"checkpoint at record {checkpoint.seq} does not match what was signed", signed
+    return "", signed
+
+
+def _checkpoint_problem(
+    checkpoint: AuditCheckpoint, verifier: Verifier | None, walk: _Walk
+) -> tuple[str, dict[str, Any]]:
+    """Return why a checkpoint fails ("" when it holds), and what it signed."""
+    problem, signed = _signature_problem(checkpoint, verifier)
+    if problem:
+        return problem, signed
     if checkpoint.seq > walk.last_seq:
         return (
             f"the chain ends at record {walk.last_seq}, before the signed checkpoint at record "
@@ -216,7 +243,7 @@ def _checkpoint_problem(
 
 def _checkpoints_verify(checkpoints: list[AuditCheckpoint], walk: _Walk) -> ChainReport:
     verifier = checkpoint_verifier()
-    checked = len(walk.hashes)
+    checked = walk.checked
     # The newest signature is the latest signed time of any checkpoint: beat signs an unmoved head again,
     # so several checkpoints can share the newest seq.
     signed_times: list[datetime] = []
@@ -232,6 +259,123 @@ def _checkpoints_verify(checkpoints: list[AuditCheckpoint], walk: _Walk) -> Chai
         report.signed_seq, report.unsigned = checkpoints[-1].seq, walk.last_seq - checkpoints[-1].seq
         report.signed_at = max(signed_times, default=None)
     return report
+
+
+# --- before a checkpoint is signed ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TailCheck:
+    """What a new checkpoint may sign: the head, unless ``problem`` says why not."""
+
+    seq: int
+    hash: str
+    problem: str = ""
+
+
+def chain_tail_verify() -> TailCheck:
+    """Verify what a new checkpoint would vouch for beyond the newest one (``checkpoint_sign`` runs this).
+
+    A signature makes what it covers evidence, so the head is signed only once the records after the newest
+    checkpoint (after the chain's base, before the first one) recompute and end at the head. Only those are
+    read, so beat's job stays cheap however long the chain. And none of them may be an ``audit.pruned``
+    record, but one the calling transaction wrote that names the base the head holds: an archive-and-prune
+    run signs its own record in the transaction that writes it. A committed one that no signature covers
+    moved the base some other way (a database writer who deleted signed history from the chain's start, and
+    appended a record that names a base), and signing it would make that erasure verify."""
+    with _snapshot():
+        return _tail_verify()
+
+
+def _tail_verify() -> TailCheck:
+    head = ChainHead.objects.order_by("pk").first()
+    if head is None:
+        return TailCheck(0, GENESIS)
+    start = _tail_start(head)
+    if isinstance(start, str):
+        return TailCheck(head.seq, head.hash, start)
+    start_seq, start_hash, signed = start
+    walk = _recompute(start_seq, start_hash, upto=head.seq)
+    if isinstance(walk, ChainReport):
+        return TailCheck(head.seq, head.hash, walk.reason)
+    problem = ""
+    if (walk.last_seq, walk.last_hash) != (head.seq, head.hash):
+        problem = f"the chain head says it ends at record {head.seq}, but the records end at {walk.last_seq}"
+    elif not signed:  # walked from the chain's base: is the base itself vouched for, as verify asks
+        problem = _base_problem(head.base_seq, walk, None)
+    return TailCheck(head.seq, head.hash, problem or _unsigned_pruning_problem(walk.pruning, head))
+
+
+def _unsigned_pruning_problem(pruning: list[AuditEvent], head: ChainHead) -> str:
+    """Why a pruning record after the newest checkpoint cannot be signed, or "" (there is none, or it is
+    the one an archive-and-prune run is signing: written by this transaction, naming the head's base)."""
+    for record in pruning:
+        data = record.data if isinstance(record.data, dict) else {}
+        names_base = (data.get("base_seq"), data.get("base_hash")) == (head.base_seq, head.base_hash)
+        if not (names_base and _written_by_this_transaction(record)):
+            return (
+                f"the {PRUNED_KIND} record {record.seq} after the newest checkpoint was not written by an "
+                "archive-and-prune run (a run signs its own record as it writes it): the chain's base was "
+                "moved some other way"
+            )
+    return ""
+
+
+def _tail_start(head: ChainHead) -> tuple[int, str, bool] | str:
+    """Where the tail starts (seq, hash, whether a checkpoint signs it): the newest checkpoint once its
+    signature and its record hold, the chain's base when none is signed yet; or why it cannot start."""
+    checkpoint = AuditCheckpoint.objects.order_by("-seq", "-pk").first()
+    if checkpoint is None:
+        return (*_walk_start(head.base_seq, head.base_hash), False)
+    problem, _signed = _signature_problem(checkpoint, checkpoint_verifier())
+    if problem:
+        return problem
+    if checkpoint.seq > head.seq:
+        return (
+            f"the chain head says it ends at record {head.seq}, before the signed checkpoint at record "
+            f"{checkpoint.seq}: records were cut from its end"
+        )
+    record = AuditEvent.objects.filter(seq=checkpoint.seq).first()
+    if record is None or record.hash != checkpoint.head_hash:
+        return f"record {checkpoint.seq} differs from the signed checkpoint"
+    return checkpoint.seq, checkpoint.head_hash, True
+
+
+_XID_SPAN = 2**32  # a row's xmin holds the low 32 bits of the (sub)transaction id that wrote it
+
+
+def _written_by_this_transaction(record: AuditEvent) -> bool:
+    """Whether the calling transaction wrote the record (it is not committed yet).
+
+    On PostgreSQL a visible row whose writer is still in progress is our own: another transaction's rows
+    show only once committed. The row's xmin may name a subtransaction of ours (a savepoint), which began
+    after the top-level transaction id, so the full id is that one plus the 32-bit distance to the xmin.
+    SQLite (the embedded default, one process) cannot tell: there it is any record read inside a
+    transaction, which beat's job never runs in."""
+    if not connection.in_atomic_block:
+        return False  # autocommit: whatever was read was committed
+    if connection.vendor != "postgresql":
+        return True
+    table = connection.ops.quote_name(AuditEvent._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT xmin::text, pg_current_xact_id_if_assigned()::text FROM {table} WHERE id = %s",  # noqa: S608
+            [record.pk],
+        )
+        row = cursor.fetchone()
+        if row is None or row[1] is None:  # gone, or this transaction has written nothing
+            return False
+        top = int(row[1])
+        after_top = (int(row[0]) - top) % _XID_SPAN
+        if after_top >= _XID_SPAN // 2:  # began before this transaction: another one's, committed
+            return False
+        try:  # a row left from 2**32 transactions ago can map to an id not handed out yet: an error
+            with transaction.atomic():
+                cursor.execute("SELECT pg_xact_status(%s::text::xid8)", [str(top + after_top)])
+                status = cursor.fetchone()[0]
+        except DatabaseError:
+            return False
+        return bool(status == "in progress")
 
 
 def checkpoint_age_problem(report: ChainReport, *, max_age_s: int, now: datetime | None = None) -> str:

@@ -13,9 +13,14 @@ over the half-open period ``[since, until)`` by the record's ``occurred_at``:
   401s would otherwise hide the real latency); p50/p95 by linear interpolation, PostgreSQL's
   ``percentile_cont`` computed in the database there and the same formula in Python elsewhere (SQLite).
 
-Security events: every ``key.*``, token.revoked, token.refresh_reuse, code.replayed, login.locked_out and
-anomaly.detected event in the period, counted exactly and listed up to ``EVENT_LIST_LIMIT``. The chain
-head is read after the events, so it covers every listed event (``verifyaudit`` can check them against it).
+Security events: every ``key.*``, token.revoked, token.refresh_reuse, code.replayed, login.locked_out,
+anomaly.detected and audit.checkpoint_refused event in the period, counted exactly and listed up to
+``EVENT_LIST_LIMIT``. The chain head is read after the events, so it covers every listed event
+(``verifyaudit`` can check them against it).
+
+The client and model tables list the ``TABLE_ROWS`` busiest keys, cut in the database (model names are
+what clients sent: a period can hold any number); the totals, the denial reasons and the omitted counts
+still count every request.
 """
 
 from audit.reports.build import latency_percentiles, period_check, report_build

@@ -8,9 +8,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.db import connections
-from django.db.models import Aggregate, Count, Exists, F, FloatField, OuterRef, Q, QuerySet, Subquery, Sum
+from django.db.models import (
+    Aggregate,
+    Case,
+    CharField,
+    Count,
+    Exists,
+    F,
+    FloatField,
+    OuterRef,
+    Q,
+    QuerySet,
+    Subquery,
+    Sum,
+    Value,
+    When,
+)
 from django.db.models.fields.json import KT
-from django.db.models.functions import TruncDay, TruncHour, TruncWeek
+from django.db.models.functions import Collate, TruncDay, TruncHour, TruncWeek
 from django.utils import timezone
 
 from audit.models import AuditEvent, AuditReport, ChainHead, UsageRecord
@@ -38,7 +53,7 @@ from audit.reports.data import (
 
 TOP_USERS = 10
 # Model names are what clients sent (before the allowlist check): a client could make thousands. The
-# tables list the busiest rows; the totals still count every request.
+# tables list the busiest rows, cut in the database; the totals still count every request.
 TABLE_ROWS = 100
 EVENT_LIST_LIMIT = 1000  # counts stay exact; a period with more events lists the first ones
 
@@ -52,9 +67,8 @@ def report_build(
         raise ValueError(f"unknown report kind {kind!r}")
     since, until = since.astimezone(UTC), until.astimezone(UTC)
     usage = UsageRecord.objects.filter(occurred_at__gte=since, occurred_at__lt=until)
-    denials = _denials(usage, since, until)
-    clients = _stats_by(usage, "client_id", denials)
-    models = _stats_by(usage, "model", denials)
+    clients, models = _busiest(usage, "client_id"), _busiest(usage, "model")
+    denials = _denials(usage, since, until, list(models))
     bucket = bucket_size(since, until)
     events, event_counts = _security_events(since, until)
     head = ChainHead.objects.order_by("pk").first()  # read after the events, so it covers every one listed
@@ -67,16 +81,16 @@ def report_build(
         chain_seq=head.seq if head else 0,
         chain_head=head.hash if head else GENESIS,
         bucket=bucket,
-        totals=_stats_by(usage, None, denials)[0],
-        clients=clients[:TABLE_ROWS],
-        models=models[:TABLE_ROWS],
+        totals=_stats_by(usage, None, {"": usage.aggregate(**_traffic())}, denials)[0],
+        clients=_stats_by(usage, "client_id", clients, denials),
+        models=_stats_by(usage, "model", models, denials),
         denial_reasons=_denial_reasons(denials),
         top_users=_top_users(usage),
         series=_series(usage, since, until, bucket),
         event_counts=event_counts,
         events=events,
-        clients_omitted=max(len(clients) - TABLE_ROWS, 0),
-        models_omitted=max(len(models) - TABLE_ROWS, 0),
+        clients_omitted=_omitted(usage, "client_id", clients),
+        models_omitted=_omitted(usage, "model", models),
     )
 
 
@@ -104,32 +118,73 @@ def _traffic() -> dict[str, Aggregate]:
     }
 
 
-def _stats_by(usage: QuerySet[UsageRecord], key: str | None, denials: list[Denials]) -> list[Stats]:
-    if key is None:
-        rows = [{"key": "", **usage.aggregate(**_traffic())}]
-    else:
-        rows = [{"key": row.pop(key), **row} for row in usage.values(key).annotate(**_traffic()).order_by()]
-    stats = {row["key"]: Stats(**row) for row in rows}
-    for key_value, (p50, p95) in latency_percentiles(usage, key).items():
+def _busiest(usage: QuerySet[UsageRecord], key: str) -> dict[str, dict[str, Any]]:
+    """The traffic of the ``TABLE_ROWS`` keys with the most requests, by key, busiest first.
+
+    Cut in the database: model names are what clients sent, so a period can hold any number of them, and
+    only the rows listed are read. Ties go by key in code-point order, as Python sorts the rows after."""
+    ordered = usage.values(key).annotate(**_traffic()).order_by("-requests", _code_points(usage, key))
+    return {row.pop(key): row for row in ordered[:TABLE_ROWS]}
+
+
+def _code_points(usage: QuerySet[UsageRecord], key: str) -> F | Collate:
+    # PostgreSQL's "C" collation orders by bytes, which in UTF-8 is code-point order; SQLite's default
+    # (BINARY) already does, and knows no collation named "C".
+    return Collate(F(key), "C") if connections[usage.db].vendor == "postgresql" else F(key)
+
+
+def _omitted(usage: QuerySet[UsageRecord], key: str, listed: dict[str, dict[str, Any]]) -> int:
+    """How many keys the table leaves out (counted in the database only when the table is full)."""
+    if len(listed) < TABLE_ROWS:
+        return 0
+    return max(usage.values(key).distinct().count() - len(listed), 0)
+
+
+def _stats_by(
+    usage: QuerySet[UsageRecord], key: str | None, rows: dict[str, dict[str, Any]], denials: list[Denials]
+) -> list[Stats]:
+    """The rows' stats (their traffic, latency and denials), busiest first; key None: the period's totals."""
+    stats = {key_value: Stats(key=key_value, **row) for key_value, row in rows.items()}
+    listed = usage if key is None else usage.filter(**{f"{key}__in": list(stats)})
+    for key_value, (p50, p95) in latency_percentiles(listed, key).items():
         stats[key_value].p50_ms, stats[key_value].p95_ms = p50, p95
     for denial in denials:
-        row_stats = stats[getattr(denial, key) if key else ""]
-        row_stats.denials[denial.group] += denial.requests
+        row_stats = stats.get(getattr(denial, key) if key else "")
+        if row_stats is not None:  # None: a key the table leaves out
+            row_stats.denials[denial.group] += denial.requests
     return sorted(stats.values(), key=lambda s: (-s.requests, s.key))
 
 
-def _denials(usage: QuerySet[UsageRecord], since: datetime, until: datetime) -> list[Denials]:
-    """Count the denied requests by client, model and reason (the reason from their gateway.denied event)."""
+def _denials(
+    usage: QuerySet[UsageRecord], since: datetime, until: datetime, models: list[str]
+) -> list[Denials]:
+    """Count the denied requests by client, model and reason (the reason from their gateway.denied event).
+
+    Only the ``models`` the table lists are told apart; the others count as model None, one group however
+    many names clients made up. The totals, clients and reasons count them all the same: their events'
+    reasons are shared out over the group as a whole, which is the sum of sharing them per model unless a
+    client reused a request id (then a group can hold more events than requests, and the excess is cut)."""
+    listed = _listed_model(models)
     denied = (
-        usage.filter(DENIED).values_list("client_id", "model", "status", "outcome").annotate(n=Count("id"))
+        usage.filter(DENIED)
+        .annotate(listed=listed)
+        .values_list("client_id", "listed", "status", "outcome")
+        .annotate(n=Count("id"))
     )
-    explained = _denial_events(since, until)
-    counts: dict[tuple[str, str, str, str], int] = defaultdict(int)
+    explained = _denial_events(since, until, listed)
+    counts: dict[tuple[str, str | None, str, str], int] = defaultdict(int)
     for client_id, model, status, outcome, total in denied.order_by():
         for found, count in _allot(total, explained.get((client_id, model, status, outcome), {})):
             reason = found or _fallback_reason(outcome, status)
             counts[(client_id, model, reason, denial_group(reason, status))] += count
-    return [Denials(*key, count) for key, count in sorted(counts.items())]
+    return [Denials(*key, count) for key, count in counts.items()]
+
+
+def _listed_model(models: list[str]) -> Case | Value:
+    """A usage record's model if the table lists it, else NULL."""
+    if not models:
+        return Value(None, output_field=CharField())
+    return Case(When(model__in=models, then=F("model")), default=Value(None), output_field=CharField())
 
 
 def _allot(total: int, reasons: dict[str, int]) -> list[tuple[str, int]]:
@@ -148,14 +203,16 @@ def _fallback_reason(outcome: str, status: int) -> str:
     return code if code and not code.isdigit() else f"http_{status}"
 
 
-def _denial_events(since: datetime, until: datetime) -> dict[tuple[Any, ...], dict[str, int]]:
-    """Count gateway.denied reasons by the (client, model, status, outcome) of their usage record."""
+def _denial_events(
+    since: datetime, until: datetime, listed: Case | Value
+) -> dict[tuple[Any, ...], dict[str, int]]:
+    """Count gateway.denied reasons by the (client, listed model, status, outcome) of their usage record."""
     # request_id is unique on usage records: each subquery is one index lookup per denial event
     usage_of = UsageRecord.objects.filter(request_id=OuterRef("request_id")).order_by()
     in_period = usage_of.filter(occurred_at__gte=since, occurred_at__lt=until)
 
     def column(name: str) -> Subquery:
-        return Subquery(usage_of.values(name)[:1])
+        return Subquery(usage_of.annotate(listed=listed).values(name)[:1])
 
     rows = (
         AuditEvent.objects.filter(
@@ -165,7 +222,7 @@ def _denial_events(since: datetime, until: datetime) -> dict[tuple[Any, ...], di
             occurred_at__lt=until + DENIAL_EVENT_LAG,
         )
         .exclude(request_id="")
-        .annotate(u_client=column("client_id"), u_model=column("model"), reason=KT("data__reason"))
+        .annotate(u_client=column("client_id"), u_model=column("listed"), reason=KT("data__reason"))
         .annotate(u_status=column("status"), u_outcome=column("outcome"))
         .values_list("u_client", "u_model", "u_status", "u_outcome", "reason")
         .annotate(n=Count("id"))

@@ -59,6 +59,7 @@ SECURITY_EVENT_KINDS = (
     "code.replayed",
     "login.locked_out",
     "anomaly.detected",
+    "audit.checkpoint_refused",  # beat would not sign the chain head: the chain does not verify
 )  # and every key.* event
 
 DENIED = Q(status__gte=400, status__lt=500) & ~Q(status=499)
@@ -192,7 +193,7 @@ class ReportData:
 
 class Denials(NamedTuple):
     client_id: str
-    model: str
+    model: str | None  # None: a model the report's table does not list
     reason: str
     group: str
     requests: int

@@ -196,3 +196,19 @@ def test_old_usage_records_that_arrive_after_the_archive_is_written_are_kept_for
     assert UsageRecord.objects.count() == 1
     report = chain_verify()
     assert report.ok, report.reason
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_prune_whose_record_cannot_be_signed_is_rolled_back_not_left_for_beat_to_refuse(
+    tmp_path, monkeypatch
+):
+    # beat signs a head only when no pruning record after the newest checkpoint is one it did not sign
+    # itself: a prune that committed unsigned (no signer, or a chain that does not verify) stayed so
+    _old_and_new()
+    before = _state()
+    monkeypatch.setattr(retention, "checkpoint_sign", lambda: None)
+    with pytest.raises(retention.PruneRefused, match="nothing was pruned"):
+        _prune(tmp_path / "old.jsonl")
+    assert _state() == before
+    assert not AuditEvent.objects.filter(kind="audit.pruned").exists()
+    assert chain_verify().ok
