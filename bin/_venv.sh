@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared by bin/run and bin/test: create .venv and install the project when pyproject.toml changed.
 # usage: . bin/_venv.sh EXTRA   (EXTRA is "[demo]" or "[test]"; each has its own .venv/.installed stamp, and
 # neither install removes what the other added, so bin/run and bin/test never undo each other)

@@ -8,7 +8,11 @@ development run, the only kind that may use generated secrets and an ``http`` is
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import os
+import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +26,46 @@ VAR_DIR = Path(env_str("PORTCULLIS_VAR_DIR", str(BASE_DIR / "var")))
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
 _DEV_SECRET = "portcullis-development-only-secret-key-not-for-production"  # noqa: S105
+SECRET_KEY_MIN_CHARS = 50  # as Django's check_deploy asks (security.W009)
+
+
+def _embedded_secret_key(var_dir: Path) -> str:
+    """The embedded default's secret key: random, made on its first start, kept in ``var/secret-key``,
+    readable by this user alone (the key-encryption key derives from it).
+
+    An install made before that file existed has its database and no key file: it keeps the development
+    key, under which its signing keys are sealed (README: "Giving an older install a key of its own")."""
+    path = var_dir / "secret-key"
+    if not path.exists():
+        if (var_dir / "portcullis.sqlite3").exists():
+            return _DEV_SECRET
+        var_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, made = tempfile.mkstemp(dir=var_dir, prefix=".secret-key-")  # mode 0600
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as out:
+                out.write(secrets.token_urlsafe(SECRET_KEY_MIN_CHARS) + "\n")
+            with contextlib.suppress(FileExistsError):  # a process starting at the same moment made it
+                os.link(made, path)  # whole, or not at all: a reader never sees half a key
+        finally:
+            os.unlink(made)
+    try:
+        key = path.read_text(encoding="ascii").strip()
+    except (OSError, ValueError) as exc:
+        raise ImproperlyConfigured(f"{path} cannot be read: {exc}") from None
+    if len(key) < SECRET_KEY_MIN_CHARS:
+        raise ImproperlyConfigured(
+            f"{path} holds no secret key; restore it from a backup: the signing keys are sealed under it"
+        )
+    return key
+
 
 SECRET_KEY = env_secret("DJANGO_SECRET_KEY")
 if not SECRET_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG is false")
-    SECRET_KEY = _DEV_SECRET
+    # The embedded default (its SQLite database in VAR_DIR) has a key of its own: with a fixed one, whoever
+    # reads the database could open its signing keys. A development run on a database it names keeps it.
+    SECRET_KEY = _DEV_SECRET if env_str("DATABASE_URL") else _embedded_secret_key(VAR_DIR)
 elif SECRET_KEY == _DEV_SECRET and not DEBUG:
     raise ImproperlyConfigured("DJANGO_SECRET_KEY is the development default; set a real secret")
 

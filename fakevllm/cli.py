@@ -14,10 +14,21 @@ from fakevllm.config import FakeConfig
 logger = logging.getLogger(__name__)
 
 
+def _port(value: str) -> int:
+    """A TCP port, 1-65535: uvicorn would bind 70000 modulo 65536 (4464), without a word."""
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: give one from 1 to 65535")
+    return port
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the command-line options shared by `manage.py fakevllm` and `python -m fakevllm`."""
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8001, help="port to bind (default 8001)")
+    parser.add_argument("--port", type=_port, default=8001, help="port to bind, 1-65535 (default 8001)")
     parser.add_argument("--models", default="fake-model", help="comma-separated served model names")
     parser.add_argument(
         "--api-key",

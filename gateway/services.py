@@ -6,13 +6,15 @@ import ipaddress
 import json
 import logging
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.backends.base.operations import BaseDatabaseOperations
+from django.db.models import Field
 
 from audit.redisconn import redis_sync
 from audit.services import audit_record
@@ -45,6 +47,21 @@ CIDR_MAX_CHARS = 64  # as the admin API's schema says
 IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
+def _is_utf8(value: str) -> bool:
+    """False for a string holding a lone surrogate (bytes that were not UTF-8): no page could show it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _limit_max(name: str) -> int:
+    """The largest value the limit's column holds on every database Django supports."""
+    field = cast("Field[Any, Any]", ClientPolicy._meta.get_field(name))  # a column, not a relation
+    return BaseDatabaseOperations.integer_field_ranges[field.get_internal_type()][1]
+
+
 def _validate(fields: dict[str, Any]) -> None:
     errors: dict[str, list[str]] = {}
     for cidr in fields.get("allow_ips") or []:
@@ -60,14 +77,16 @@ def _validate(fields: dict[str, Any]) -> None:
             # the gateway reads an IPv4-mapped client address as its IPv4 one, which this never matches
             errors.setdefault("allow_ips", []).append(f"{cidr!r} is IPv4-mapped: write the IPv4 network")
     models = fields.get("allowed_models") or []
-    if not all(isinstance(m, str) and 0 < len(m) <= 200 for m in models):
-        errors["allowed_models"] = ["model ids are non-empty strings of at most 200 characters"]
+    if not all(isinstance(m, str) and 0 < len(m) <= 200 and _is_utf8(m) for m in models):
+        errors["allowed_models"] = ["model ids are non-empty UTF-8 strings of at most 200 characters"]
     if not isinstance(fields.get("quarantine_on_anomaly", False), bool):
         errors["quarantine_on_anomaly"] = ["must be true or false"]
     for name in LIMIT_FIELDS:
-        value = fields.get(name)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            errors[name] = ["must be a whole number, 0 or more, or empty for no limit"]
+        value, most = fields.get(name), _limit_max(name)
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= most
+        ):
+            errors[name] = [f"must be a whole number from 0 to {most}, or empty for no limit"]
     if errors:
         raise ValidationError(errors)
 

@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from audit.management.commands._arguments import file_to_write_check, moment_parse, text
 from audit.reports import FORMATS, ReportPeriodError, period_check, report_build, report_render, report_save
 
 ACTOR = "system"  # a shell on the server: there is no signed-in user to name
-
-
-def moment_parse(text: str, option: str) -> datetime:
-    """Parse YYYY-MM-DD or an ISO 8601 datetime; without an offset it is UTC. Return it in UTC."""
-    try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise CommandError(
-            f"{option}: {text!r} is not a date (YYYY-MM-DD) or an ISO 8601 datetime (2026-11-01T06:00:00Z)"
-        ) from None
-    if timezone.is_naive(moment):
-        return moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC)
 
 
 class Command(BaseCommand):
@@ -37,7 +24,7 @@ class Command(BaseCommand):
         parser.add_argument("--since", required=True, help="start, included: YYYY-MM-DD or ISO 8601")
         parser.add_argument("--until", help="end, excluded: YYYY-MM-DD or ISO 8601 (default: now)")
         parser.add_argument("--format", choices=FORMATS, default="html", help="html (default), csv or json")
-        parser.add_argument("--out", metavar="FILE", help="write the report to FILE instead of stdout")
+        parser.add_argument("--out", metavar="FILE", type=text, help="write the report to FILE, not stdout")
         parser.add_argument("--store", action="store_true", help="also save it (listed in the console)")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -49,14 +36,20 @@ class Command(BaseCommand):
             raise CommandError(
                 f"--since ({since.isoformat()}) must be before --until ({until.isoformat()})"
             ) from None
+        out = Path(options["out"]) if options["out"] else None
+        if out is not None:  # before --store saves a report that the write would then fail to deliver
+            file_to_write_check(out, "--out")
         data = report_build(since=since, until=until, kind="custom", created_by=ACTOR)
         content = report_render(data, options["format"])
         if options["store"]:
             report = report_save(data=data, fmt=options["format"], created_by=ACTOR)
             # stderr, so a report printed to stdout stays clean for a pipe
             self.stderr.write(f"Stored report {report.pk} ({report.filename()}).", style_func=str)
-        if options["out"]:
-            Path(options["out"]).write_text(content, encoding="utf-8")
-            self.stdout.write(f"Wrote the {options['format']} report to {options['out']}.")
-        else:
+        if out is None:
             self.stdout.write(content, ending="" if content.endswith("\n") else "\n")
+            return
+        try:
+            out.write_text(content, encoding="utf-8")
+        except OSError as exc:
+            raise CommandError(f"--out: {out} cannot be written: {exc.strerror}") from None
+        self.stdout.write(f"Wrote the {options['format']} report to {out}.")

@@ -8,24 +8,27 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from authserver.services import GRANT_ALIASES, client_register
+from audit.management.commands._arguments import text
+from authserver.services import GRANT_ALIASES, client_create
 
 
 class Command(BaseCommand):
     help = "Register an OAuth client; prints the client id and, once, the client secret."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--name", required=True)
+        parser.add_argument("--name", required=True, type=text)
         parser.add_argument("--grant", action="append", required=True, choices=sorted(GRANT_ALIASES))
         parser.add_argument("--public", action="store_true", help="a public client (no secret; PKCE)")
-        parser.add_argument("--redirect-uri", action="append", default=[], dest="redirect_uris")
-        parser.add_argument("--scope", default="models.read completions embeddings")
+        parser.add_argument("--redirect-uri", action="append", default=[], dest="redirect_uris", type=text)
+        parser.add_argument("--scope", default="models.read completions embeddings", type=text)
         parser.add_argument("--introspect", action="store_true", help="may call the introspection endpoint")
         parser.add_argument("--json", action="store_true", help="print only a JSON object")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        try:
-            registered = client_register(
+        if not options["name"].strip():  # the console's form requires a name too: it is what users see
+            raise CommandError("--name: give the client a name")
+        try:  # client_create, as the console and the admin API: known scopes only, no admin scope
+            registered = client_create(
                 name=options["name"],
                 grant_types=options["grant"],
                 public=options["public"],

@@ -10,10 +10,32 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 
 from authserver.models import Client
 from authserver.services import client_register
+
+
+def _credentials_read(path: Path) -> dict[str, str]:
+    """The credentials an earlier run kept (none on the first): a file that is not them stops the command."""
+    try:
+        creds = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # ValueError: not UTF-8, or not JSON
+        raise CommandError(f"{path} cannot be read ({exc}); move it away to make new demo clients") from None
+    if not isinstance(creds, dict) or not all(isinstance(v, str) for v in creds.values()):
+        raise CommandError(f"{path} is not the demo's credentials; move it away to make new demo clients")
+    return creds
+
+
+def _credentials_write(path: Path, creds: dict[str, str]) -> None:
+    """Write the credentials readable by this user alone, from the first byte (not chmod-ed after)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        os.fchmod(fd, 0o600)  # a file an older version left 0644 is made private before it is rewritten
+        out.write(json.dumps(creds, indent=2))
 
 
 class Command(BaseCommand):
@@ -21,7 +43,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         path = Path(settings.VAR_DIR) / "demo-credentials.json"
-        creds: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        creds = _credentials_read(path)
         user_model = get_user_model()
         if not user_model.objects.filter(username="admin").exists():
             creds["admin_password"] = secrets.token_urlsafe(12)
@@ -42,9 +64,7 @@ class Command(BaseCommand):
                 actor="cli:demo",
             )
             creds["cli_client_id"] = cli.client.client_id
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(creds, indent=2))
-        os.chmod(path, 0o600)
+        _credentials_write(path, creds)
         self._print(creds)
 
     def _print(self, creds: dict[str, str]) -> None:
@@ -59,7 +79,7 @@ class Command(BaseCommand):
             f"  Demo CLI client (public, device flow): {creds['cli_client_id']}",
             "",
             "Get an access token (client credentials):",
-            f"  curl -s -u '{creds['service_client_id']}:{creds['service_client_secret']}' \\",
+            f"  curl -s -u '{creds['service_client_id']}:{creds.get('service_client_secret', '')}' \\",
             f"       -d grant_type=client_credentials -d 'scope=models.read completions' {base}/oauth/token/",
             "",
             f"(credentials are kept in {Path(settings.VAR_DIR) / 'demo-credentials.json'}; demo use only)",

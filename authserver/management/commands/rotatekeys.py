@@ -7,6 +7,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from audit.management.commands._arguments import text
 from authserver.services import signing_key_revoke, signing_key_rotate
 
 
@@ -20,17 +21,24 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--activate-now", action="store_true")
-        parser.add_argument(
+        action = parser.add_mutually_exclusive_group()
+        action.add_argument("--activate-now", action="store_true")
+        action.add_argument(
             "--revoke",
             metavar="KID",
+            type=text,
             help="unpublish this key at once (it leaked); write --revoke=KID, as a kid may begin with '-'",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["revoke"]:
+        revoke: str | None = options["revoke"]
+        if revoke is not None and options["activate_now"]:  # call_command(...) skips the parser's group
+            raise CommandError("--activate-now and --revoke exclude each other")
+        if revoke is not None:  # "" is a mistake (an empty variable), not a request for a plain rotation
+            if not revoke.strip():
+                raise CommandError("--revoke needs the kid of the key to revoke")
             try:
-                result = signing_key_revoke(options["revoke"], actor="cli:rotatekeys")
+                result = signing_key_revoke(revoke, actor="cli:rotatekeys")
             except ValidationError as exc:
                 raise CommandError("; ".join(exc.messages)) from None
         else:
@@ -44,6 +52,6 @@ class Command(BaseCommand):
         for kid in result.retired:
             self.stdout.write(f"retired key {kid} (its algorithm no longer signs)")
         for kid in result.removed:
-            self.stdout.write(f"removed key {kid}" if options["revoke"] else f"removed retired key {kid}")
+            self.stdout.write(f"removed key {kid}" if revoke is not None else f"removed retired key {kid}")
         if not (result.created or result.activated or result.retired or result.removed):
             self.stdout.write("a pending key is already published; it activates when due")
