@@ -7,8 +7,6 @@ A signature makes what it covers evidence: signing a head over records that do n
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from audit.chain import chain_verify, checkpoint_sign
@@ -26,6 +24,7 @@ from audit.models import AuditCheckpoint, AuditEvent, ChainHead, UsageRecord
 from audit.retention import audit_archive_and_prune
 from audit.services import audit_record
 from tests.audit.test_chain import _behind_the_apps_back, _delete_as_pruning_does, _events, _head_set, _record
+from tests.audit.test_chain_verify import _committed_elsewhere
 
 NOT_BY_A_PRUNE = "was not written by an archive-and-prune run"
 
@@ -81,25 +80,6 @@ def test_beat_does_not_sign_a_pruning_record_written_after_signed_history_was_er
             call_command("verifyaudit", "--max-checkpoint-age", "3600", stdout=StringIO())
 
 
-def _commit_in_another_connection(write: Callable[[], object]) -> None:
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            write()
-        except BaseException as exc:  # noqa: BLE001 (raised again in the test's thread)
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(30)
-    assert not thread.is_alive()
-    if errors:
-        raise errors[0]
-
-
 @pytest.mark.parametrize("written", ["before-the-transaction", "by-another-transaction-meanwhile"])
 @pytest.mark.django_db(transaction=True)
 def test_a_pruning_record_the_signing_transaction_did_not_write_is_not_signed(written):
@@ -112,7 +92,7 @@ def test_a_pruning_record_the_signing_transaction_did_not_write_is_not_signed(wr
             request_id="r1", occurred_at=timezone.now(), client_id="c", endpoint="chat", status=200
         )
         if forged is None:
-            _commit_in_another_connection(_forged_pruning_record)
+            _committed_elsewhere(_forged_pruning_record)
             forged = AuditEvent.objects.get(kind="audit.pruned")
         assert checkpoint_sign() is None
     assert _refusals()[0].data["head_seq"] == forged.seq
