@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.db import DatabaseError, connection, transaction
+from django.db.migrations.recorder import MigrationRecorder
 from django.utils import timezone
 
 from audit.chain.checkpoints import Verifier, checkpoint_verifier
@@ -378,16 +379,38 @@ def _written_by_this_transaction(record: AuditEvent) -> bool:
         return bool(status == "in progress")
 
 
+def _audit_tables_made() -> datetime | None:
+    """When the audit app's first migration was applied: the install's age, which a log emptied whole
+    cannot take with it (it lives in Django's own table)."""
+    applied: datetime | None = (
+        MigrationRecorder.Migration.objects.filter(app="audit")
+        .order_by("applied")
+        .values_list("applied", flat=True)
+        .first()
+    )
+    return applied
+
+
 def checkpoint_age_problem(report: ChainReport, *, max_age_s: int, now: datetime | None = None) -> str:
     """Say why the newest signature is too old to vouch for the chain's end, or return "".
 
     Beat signs the head every ten minutes even when it has not moved, so the newest signature is never much
     older than that while beat runs. An older one means beat stopped, or the newest checkpoints were deleted
     and the records after the one left cut off: nothing else shows that. With no checkpoint at all, the age
-    is that of the oldest record, so a fresh install passes until beat has had time to sign."""
+    is that of the oldest record, so a fresh install passes until beat has had time to sign; with no record
+    either, that of the audit tables (an emptied log, checkpoints and all, had passed as a fresh one)."""
     now = now or timezone.now()
     if report.signed_seq is None:
-        age = int((now - report.oldest_at).total_seconds()) if report.oldest_at is not None else 0
+        if report.oldest_at is None:
+            made = _audit_tables_made()
+            age = int((now - made).total_seconds()) if made is not None else 0
+            if age <= max_age_s:
+                return ""
+            return (
+                f"no checkpoint is signed and the log holds no record, though its tables were made {age} s "
+                f"ago, more than the {max_age_s} s allowed: the log was emptied, or beat never ran"
+            )
+        age = int((now - report.oldest_at).total_seconds())
         if age <= max_age_s:
             return ""
         return (

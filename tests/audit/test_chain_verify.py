@@ -165,8 +165,16 @@ def test_with_no_checkpoint_the_oldest_records_age_counts():
 
 
 @pytest.mark.django_db
-def test_an_empty_chain_has_nothing_to_sign_and_passes():
-    assert "audit chain OK: 0 records" in _verifyaudit("--max-checkpoint-age", "1")
+def test_an_empty_chain_passes_on_a_fresh_install_but_not_on_one_whose_log_was_emptied():
+    # TRUNCATE passes the append-only trigger: an emptied log (checkpoints and all) had passed as a new one
+    from django.db.migrations.recorder import MigrationRecorder
+
+    assert "audit chain OK: 0 records" in _verifyaudit("--max-checkpoint-age", "3600")
+    made = MigrationRecorder.Migration.objects.filter(app="audit")
+    made.update(applied=timezone.now() - timedelta(days=30))
+    assert "audit chain OK: 0 records" in _verifyaudit()  # without the option: reported, never failed on
+    with pytest.raises(CommandError, match=r"the log holds no record, though its tables were made 2592"):
+        _verifyaudit("--max-checkpoint-age", "3600")
 
 
 @pytest.mark.parametrize("value", ["0", "-5"])
