@@ -29,7 +29,7 @@ from django.db.transaction import TransactionManagementError
 
 from audit.chain import normalise_ip, storable
 from audit.models import UsageRecord
-from audit.services import audit_record
+from audit.services import audit_fields_check, audit_record
 from audit.sink import STREAM
 
 logger = logging.getLogger(__name__)
@@ -147,24 +147,17 @@ def _entry_read(entry: Mapping[Any, Any]) -> tuple[str, dict[str, Any]]:
 def _event_fields(event: dict[str, Any]) -> dict[str, Any]:
     """The ``audit_record`` arguments of an event entry, each of the type a gateway writes; raise on any
     other (a text column stores the number 5 as "5", and the chain had hashed the number)."""
-    fields: dict[str, Any] = {"kind": _str(event["kind"], "kind")}
+    fields: dict[str, Any] = {"kind": event["kind"]}
     for name, default in (("outcome", "denied"), ("actor", ""), ("client_id", ""), ("request_id", "")):
         value = event.get(name)
-        fields[name] = default if value is None else _str(value, name)
+        fields[name] = default if value is None else value
+    audit_fields_check(**fields, data=event.get("data"))
     fields["ip"] = normalise_ip(event.get("ip"))
-    data = event.get("data")
-    if data is not None and not isinstance(data, dict):
-        raise TypeError(f"an event's data is a JSON object, not {type(data).__name__}")
-    fields["data"] = data or {}
+    fields["data"] = event.get("data") or {}
     fields["occurred_at"] = _when(event["occurred_at"])
-    fields["event_id"] = uuid.UUID(_str(event["event_id"], "event_id"))
+    audit_fields_check(event_id=event["event_id"])
+    fields["event_id"] = uuid.UUID(event["event_id"])
     return fields
-
-
-def _str(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"an event's {name} is text, not {type(value).__name__}")
-    return value
 
 
 @dataclass

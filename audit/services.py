@@ -51,9 +51,9 @@ def audit_record(
 ) -> AuditEvent:
     """Record one audit event (an ``event_id`` makes a retried record idempotent)."""
     rid = request_id or request_id_var.get()
-    _text_check(kind=kind, outcome=outcome, actor=actor, client_id=client_id, request_id=rid)
-    if data is not None and not isinstance(data, dict):
-        raise TypeError(f"audit data is a dict, not {type(data).__name__}")
+    audit_fields_check(
+        kind=kind, outcome=outcome, actor=actor, client_id=client_id, request_id=rid, data=data
+    )
     if isinstance(event_id, str):
         event_id = uuid.UUID(event_id)  # hashed as the database gives it back: lower case, with hyphens
     elif event_id is not None and not isinstance(event_id, uuid.UUID):
@@ -78,10 +78,15 @@ def audit_record(
     return event_append(event)
 
 
-def _text_check(**fields: Any) -> None:
-    for name, value in fields.items():
+def audit_fields_check(*, data: Any = None, **text: Any) -> None:
+    """Raise TypeError for a field stored as text that is not text, or data that is not a dict: a text
+    column stores ``5`` as "5" while the chain hashed the number. ``audit_record`` asks, and the ingest asks
+    first of a gateway's event, so that one of the wrong types is set aside before its batch is written."""
+    for name, value in text.items():
         if not isinstance(value, str):
             raise TypeError(f"audit field {name} is text, not {type(value).__name__}")
+    if data is not None and not isinstance(data, dict):
+        raise TypeError(f"audit data is a dict, not {type(data).__name__}")
 
 
 def actor_for_user(user: Any) -> str:
