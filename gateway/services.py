@@ -16,6 +16,7 @@ from django.db import transaction
 from django.db.backends.base.operations import BaseDatabaseOperations
 from django.db.models import Field
 
+from audit.chain import unicode_valid
 from audit.redisconn import redis_sync
 from audit.services import audit_record
 from authserver.models import Client, RedeemedCode, RefreshToken
@@ -47,15 +48,6 @@ CIDR_MAX_CHARS = 64  # as the admin API's schema says
 IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
-def _is_utf8(value: str) -> bool:
-    """False for a string holding a lone surrogate (bytes that were not UTF-8): no page could show it."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _limit_max(name: str) -> int:
     """The largest value the limit's column holds on every database Django supports."""
     field = cast("Field[Any, Any]", ClientPolicy._meta.get_field(name))  # a column, not a relation
@@ -77,7 +69,7 @@ def _validate(fields: dict[str, Any]) -> None:
             # the gateway reads an IPv4-mapped client address as its IPv4 one, which this never matches
             errors.setdefault("allow_ips", []).append(f"{cidr!r} is IPv4-mapped: write the IPv4 network")
     models = fields.get("allowed_models") or []
-    if not all(isinstance(m, str) and 0 < len(m) <= 200 and _is_utf8(m) for m in models):
+    if not all(isinstance(m, str) and 0 < len(m) <= 200 and unicode_valid(m) for m in models):
         errors["allowed_models"] = ["model ids are non-empty UTF-8 strings of at most 200 characters"]
     if not isinstance(fields.get("quarantine_on_anomaly", False), bool):
         errors["quarantine_on_anomaly"] = ["must be true or false"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 from audit.chain.append import GroupAppender, event_append
 from audit.chain.checkpoints import Signer, Verifier, checkpoint_keys_register, checkpoint_sign
 from audit.chain.head import chain_head, chain_prune
-from audit.chain.links import GENESIS, canonical, link_hash, normalise_ip, storable
+from audit.chain.links import GENESIS, canonical, link_hash, normalise_ip, storable, unicode_valid
 from audit.chain.verify import PRUNED_KIND, ChainReport, chain_verify, checkpoint_age_problem
 
 __all__ = [
@@ -44,4 +44,5 @@ __all__ = [
     "link_hash",
     "normalise_ip",
     "storable",
+    "unicode_valid",
 ]

@@ -74,6 +74,16 @@ def normalise_ip(ip: str | None) -> str | None:
     return str(mapped or address)
 
 
+def unicode_valid(value: str) -> bool:
+    """Whether text holds no lone surrogate: what a byte that was not UTF-8 becomes when Python decodes it
+    with ``surrogateescape`` (a command line), or JSON's ``\ud800`` escapes. No database or page takes one."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def storable(value: Any) -> Any:
     """The value with what PostgreSQL cannot store in text or JSON (NUL, lone surrogates) replaced, and
     numbers as its ``jsonb`` gives them back.
@@ -87,9 +97,7 @@ def storable(value: Any) -> Any:
     if isinstance(value, str):
         if "\x00" in value:
             value = value.replace("\x00", "\ufffd")
-        try:
-            value.encode()
-        except UnicodeEncodeError:
+        if not unicode_valid(value):
             value = value.encode(errors="replace").decode()
         return value
     if isinstance(value, float):

@@ -11,15 +11,15 @@ from typing import Any
 
 from rest_framework import serializers
 
+from audit.chain import unicode_valid
+
 
 def text_check(value: str) -> str:
     """Refuse text with NUL characters or lone surrogates (not storable, never meaningful here)."""
     if "\x00" in value:
         raise serializers.ValidationError("Null characters are not allowed.")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise serializers.ValidationError("The text is not valid Unicode.") from None
+    if not unicode_valid(value):
+        raise serializers.ValidationError("The text is not valid Unicode.")
     return value
 
 

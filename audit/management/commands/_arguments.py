@@ -16,6 +16,8 @@ from pathlib import Path
 from django.core.management.base import CommandError
 from django.utils import timezone
 
+from audit.chain import unicode_valid
+
 # Nothing Portcullis records is older than the Unix epoch; the end leaves room for the minutes a report
 # reads on either side of its period. Outside these, datetime arithmetic overflows.
 MOMENT_MIN = datetime(1970, 1, 1, tzinfo=UTC)
@@ -24,10 +26,8 @@ MOMENT_MAX = datetime(9999, 1, 1, tzinfo=UTC)
 
 def text(value: str) -> str:
     """An argparse type: the argument as given, refused when it holds bytes that are not UTF-8."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError("not valid UTF-8 text") from None
+    if not unicode_valid(value):
+        raise argparse.ArgumentTypeError("not valid UTF-8 text")
     return value
 
 
