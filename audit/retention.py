@@ -92,7 +92,7 @@ def audit_archive_and_prune(*, before: datetime, archive: Path, actor: str) -> P
         with _deletes_allowed():
             counts = (events.delete()[0], usage_archived.delete(usage))
             AuditCheckpoint.objects.filter(seq__lte=base_seq).delete()
-        audit_record(
+        pruning = audit_record(
             kind=PRUNED_KIND,
             actor=actor,
             data={
@@ -104,9 +104,9 @@ def audit_archive_and_prune(*, before: datetime, archive: Path, actor: str) -> P
                 "base_hash": base_hash,
             },
         )
-        if checkpoint_sign() is None:
-            # Unsigned, its record could never be: beat signs a head only when no pruning record after the
-            # newest checkpoint is one it did not sign itself (a forged one would erase signed history)
+        if checkpoint_sign(pruning=pruning) is None:
+            # Unsigned, its record could never be: beat signs no head past a pruning record no checkpoint
+            # covers (a forged one would erase signed history)
             raise PruneRefused(
                 "the pruning record could not be signed (no signing key, or the chain does not verify: "
                 "see the log); nothing was pruned"

@@ -35,15 +35,17 @@ def checkpoint_verifier() -> Verifier | None:
     return verifier
 
 
-def checkpoint_sign(*, now: float | None = None) -> AuditCheckpoint | None:
+def checkpoint_sign(*, now: float | None = None, pruning: AuditEvent | None = None) -> AuditCheckpoint | None:
     """Sign the current chain head with the active key (beat runs this) once what it vouches for verifies;
-    None when there is nothing to sign, or when the chain does not verify (logged and recorded)."""
+    None when there is nothing to sign, or when the chain does not verify (logged and recorded).
+    ``pruning``: the ``audit.pruned`` record an archive-and-prune run just wrote, the one such record past
+    the newest checkpoint that may be signed."""
     from audit.chain.verify import chain_tail_verify  # verify imports this module (the verifier)
 
     signer: Signer | None = _keys.get("signer")
     if signer is None:
         return None
-    tail = chain_tail_verify()
+    tail = chain_tail_verify(pruning=pruning)
     if tail.problem:
         _refused(tail.seq, tail.problem)
         return None

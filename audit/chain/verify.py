@@ -7,7 +7,7 @@ it, and says how many of the newest records no signature covers yet (those could
 when the newest checkpoint was signed. ``checkpoint_age_problem`` says when that is too long ago. It
 keeps the hashes of the records checkpoints name and of the last one only, so its memory does not grow
 with the chain. ``chain_tail_verify`` is what beat runs before it signs: only the records after the newest
-checkpoint, and no pruning record among them but the one a prune is signing in its own transaction.
+checkpoint, and no pruning record among them but the one a prune is signing as it writes it.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from django.db import DatabaseError, connection, transaction
+from django.db import connection, transaction
 from django.db.migrations.recorder import MigrationRecorder
 from django.utils import timezone
 
@@ -101,7 +101,8 @@ def _walk_start(base_seq: int, base_hash: str) -> tuple[int, str]:
 
 
 def _walk(start_seq: int, start_hash: str, keep: frozenset[int]) -> _Walk | ChainReport:
-    """Recompute the whole chain after ``start_seq``, keeping the hashes at the seqs in ``keep``."""
+    """Recompute the whole chain after ``start_seq``, keeping the hashes at the seqs in ``keep`` (verify's
+    walk; the tail check before signing recomputes a part of it)."""
     return _recompute(start_seq, start_hash, keep=keep)
 
 
@@ -274,21 +275,21 @@ class TailCheck:
     problem: str = ""
 
 
-def chain_tail_verify() -> TailCheck:
+def chain_tail_verify(*, pruning: AuditEvent | None = None) -> TailCheck:
     """Verify what a new checkpoint would vouch for beyond the newest one (``checkpoint_sign`` runs this).
 
     A signature makes what it covers evidence, so the head is signed only once the records after the newest
     checkpoint (after the chain's base, before the first one) recompute and end at the head. Only those are
     read, so beat's job stays cheap however long the chain. And none of them may be an ``audit.pruned``
-    record, but one the calling transaction wrote that names the base the head holds: an archive-and-prune
-    run signs its own record in the transaction that writes it. A committed one that no signature covers
-    moved the base some other way (a database writer who deleted signed history from the chain's start, and
+    record, but ``pruning`` when it names the base the head holds: an archive-and-prune run signs its own
+    record in the transaction that writes it, and says which it is. Any other that no signature covers moved
+    the base some other way (a database writer who deleted signed history from the chain's start, and
     appended a record that names a base), and signing it would make that erasure verify."""
     with _snapshot():
-        return _tail_verify()
+        return _tail_verify(pruning)
 
 
-def _tail_verify() -> TailCheck:
+def _tail_verify(pruning: AuditEvent | None) -> TailCheck:
     head = ChainHead.objects.order_by("pk").first()
     if head is None:
         return TailCheck(0, GENESIS)
@@ -304,16 +305,16 @@ def _tail_verify() -> TailCheck:
         problem = f"the chain head says it ends at record {head.seq}, but the records end at {walk.last_seq}"
     elif not signed:  # walked from the chain's base: is the base itself vouched for, as verify asks
         problem = _base_problem(head.base_seq, walk, None)
-    return TailCheck(head.seq, head.hash, problem or _unsigned_pruning_problem(walk.pruning, head))
+    return TailCheck(head.seq, head.hash, problem or _unsigned_pruning_problem(walk.pruning, head, pruning))
 
 
-def _unsigned_pruning_problem(pruning: list[AuditEvent], head: ChainHead) -> str:
+def _unsigned_pruning_problem(records: list[AuditEvent], head: ChainHead, own: AuditEvent | None) -> str:
     """Why a pruning record after the newest checkpoint cannot be signed, or "" (there is none, or it is
-    the one an archive-and-prune run is signing: written by this transaction, naming the head's base)."""
-    for record in pruning:
+    ``own``, the one an archive-and-prune run is signing as it writes it, naming the head's base)."""
+    for record in records:
         data = record.data if isinstance(record.data, dict) else {}
         names_base = (data.get("base_seq"), data.get("base_hash")) == (head.base_seq, head.base_hash)
-        if not (names_base and _written_by_this_transaction(record)):
+        if not (names_base and own is not None and record.pk == own.pk):
             return (
                 f"the {PRUNED_KIND} record {record.seq} after the newest checkpoint was not written by an "
                 "archive-and-prune run (a run signs its own record as it writes it): the chain's base was "
@@ -340,43 +341,6 @@ def _tail_start(head: ChainHead) -> tuple[int, str, bool] | str:
     if record is None or record.hash != checkpoint.head_hash:
         return f"record {checkpoint.seq} differs from the signed checkpoint"
     return checkpoint.seq, checkpoint.head_hash, True
-
-
-_XID_SPAN = 2**32  # a row's xmin holds the low 32 bits of the (sub)transaction id that wrote it
-
-
-def _written_by_this_transaction(record: AuditEvent) -> bool:
-    """Whether the calling transaction wrote the record (it is not committed yet).
-
-    On PostgreSQL a visible row whose writer is still in progress is our own: another transaction's rows
-    show only once committed. The row's xmin may name a subtransaction of ours (a savepoint), which began
-    after the top-level transaction id, so the full id is that one plus the 32-bit distance to the xmin.
-    SQLite (the embedded default, one process) cannot tell: there it is any record read inside a
-    transaction, which beat's job never runs in."""
-    if not connection.in_atomic_block:
-        return False  # autocommit: whatever was read was committed
-    if connection.vendor != "postgresql":
-        return True
-    table = connection.ops.quote_name(AuditEvent._meta.db_table)
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"SELECT xmin::text, pg_current_xact_id_if_assigned()::text FROM {table} WHERE id = %s",  # noqa: S608
-            [record.pk],
-        )
-        row = cursor.fetchone()
-        if row is None or row[1] is None:  # gone, or this transaction has written nothing
-            return False
-        top = int(row[1])
-        after_top = (int(row[0]) - top) % _XID_SPAN
-        if after_top >= _XID_SPAN // 2:  # began before this transaction: another one's, committed
-            return False
-        try:  # a row left from 2**32 transactions ago can map to an id not handed out yet: an error
-            with transaction.atomic():
-                cursor.execute("SELECT pg_xact_status(%s::text::xid8)", [str(top + after_top)])
-                status = cursor.fetchone()[0]
-        except DatabaseError:
-            return False
-        return bool(status == "in progress")
 
 
 def _audit_tables_made() -> datetime | None:

@@ -206,7 +206,7 @@ def test_a_prune_whose_record_cannot_be_signed_is_rolled_back_not_left_for_beat_
     # itself: a prune that committed unsigned (no signer, or a chain that does not verify) stayed so
     _old_and_new()
     before = _state()
-    monkeypatch.setattr(retention, "checkpoint_sign", lambda: None)
+    monkeypatch.setattr(retention, "checkpoint_sign", lambda **_kwargs: None)
     with pytest.raises(retention.PruneRefused, match="nothing was pruned"):
         _prune(tmp_path / "old.jsonl")
     assert _state() == before
