@@ -12,6 +12,7 @@ import threading
 from django.db import connection, transaction
 
 from audit.chain.links import GENESIS
+from audit.locks import advisory_xact_lock
 from audit.models import AuditEvent, ChainHead
 
 HEAD_CREATE_LOCK = 0x61756469  # PostgreSQL advisory lock id ("audi") taken only to create the head
@@ -21,8 +22,7 @@ process_lock = threading.Lock()  # SQLite has no row locks; the embedded default
 def chain_head_create() -> ChainHead:
     """Create the chain head of a fresh install, once, even when its first writers race."""
     if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:  # held until the transaction ends, so the loser sees the head
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [HEAD_CREATE_LOCK])
+        advisory_xact_lock(HEAD_CREATE_LOCK)  # held until the transaction ends, so the loser sees the head
         existing = ChainHead.objects.select_for_update().order_by("pk").first()
         if existing is not None:
             return existing

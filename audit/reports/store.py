@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
+from audit.locks import advisory_xact_lock
 from audit.models import AuditReport
 from audit.reports.build import report_build
 from audit.reports.data import (
@@ -125,6 +126,4 @@ def _scheduled_reports_lock() -> None:
     A PostgreSQL advisory lock. SQLite needs none: there a transaction takes the database's write lock
     when it begins (``transaction_mode`` IMMEDIATE), so a second run's transaction starts only once the
     first committed, and its second look sees what that one stored."""
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SCHEDULED_REPORTS_LOCK])
+    advisory_xact_lock(SCHEDULED_REPORTS_LOCK)

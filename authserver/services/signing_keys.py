@@ -9,10 +9,11 @@ from datetime import datetime, timedelta
 from cryptography.fernet import InvalidToken
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from audit.locks import advisory_xact_lock
 from audit.services import audit_record
 from authserver.crypto import private_key_encrypt, private_key_reseal, signing_key_generate
 from authserver.models import SigningKey
@@ -82,9 +83,7 @@ def _signing_keys_lock() -> None:
     Without it, every concurrent first token request of a fresh install created and activated a key of
     its own: the row locks taken on the active key lock nothing while there is none.
     """
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [SIGNING_KEYS_LOCK])
+    advisory_xact_lock(SIGNING_KEYS_LOCK)
 
 
 def signing_key_bootstrap(algorithm: str, *, borrow: bool = False) -> SigningKey:
