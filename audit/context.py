@@ -22,6 +22,7 @@ from django.http import HttpRequest, HttpResponse
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 client_ip_var: ContextVar[str | None] = ContextVar("client_ip", default=None)
+request_var: ContextVar[HttpRequest | None] = ContextVar("request", default=None)
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 
@@ -83,6 +84,15 @@ def client_ip_resolve(peer: str | None, forwarded_for: str | None, trusted: Iter
     return str(current)
 
 
+def request_actor(default: str = "system") -> str:
+    """Who acts in a change that a receiver, not a service, sees (a save in the Django admin): the signed-in
+    user of the request being served, else ``default`` (a shell, a command, a task)."""
+    user = getattr(request_var.get(), "user", None)
+    if user is None or not user.is_authenticated:
+        return default
+    return f"user:{user.get_username()}"
+
+
 def request_id_from(header: str | None) -> str:
     """Keep a well-formed client request id, else make a new one."""
     if header and _REQUEST_ID_RE.match(header):
@@ -134,13 +144,21 @@ class RequestContextMiddleware:
         if self.is_async:
             return self._acall(request)
         self._enter(request)
-        response: HttpResponse = self.get_response(request)
+        serving = request_var.set(request)
+        try:
+            response: HttpResponse = self.get_response(request)
+        finally:
+            request_var.reset(serving)  # a thread serves one request after another: no actor outlives its own
         response["X-Request-ID"] = request.request_id  # type: ignore[attr-defined]
         return response
 
     async def _acall(self, request: HttpRequest) -> HttpResponse:
         self._enter(request)
-        response: HttpResponse = await self.get_response(request)
+        serving = request_var.set(request)
+        try:
+            response: HttpResponse = await self.get_response(request)
+        finally:
+            request_var.reset(serving)
         response["X-Request-ID"] = request.request_id  # type: ignore[attr-defined]
         return response
 

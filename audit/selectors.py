@@ -26,6 +26,10 @@ SECURITY_KINDS = (
     "key.revoked",
     "key.resealed",
     "user.locked",
+    "user.changed",  # rights given or taken past the console's lock (the Django admin, a shell)
+    "user.groups_changed",
+    "user.permissions_changed",
+    "group.permissions_changed",
     "gateway.redis_unavailable",
 )
 

@@ -7,13 +7,23 @@ from typing import Any
 
 from axes.signals import user_locked_out
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_in, user_login_failed
-from django.db.models.signals import post_delete, post_save, pre_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
 from django.dispatch import receiver
 
 from audit.services import audit_record
 from authserver.models import AUTH_TIME_SESSION_KEY, AccessToken
 from authserver.services import access_tokens_deleted, user_deactivated
+from authserver.services.users import (
+    user_deleted_audit,
+    user_memberships_audit,
+    user_rights_before,
+    user_saved_audit,
+)
+
+User = get_user_model()
 
 
 @receiver(post_delete, sender=AccessToken)
@@ -25,20 +35,63 @@ def access_token_deleted(sender: Any, instance: AccessToken, **kwargs: Any) -> N
 
 @receiver(pre_save, sender=settings.AUTH_USER_MODEL)
 def user_saving(sender: Any, instance: Any, update_fields: Any = None, **kwargs: Any) -> None:
+    instance.rights_before = before = user_rights_before(user=instance, update_fields=update_fields)
     # is_active going from true to false by any path: the Django admin's checkbox revoked nothing before
-    instance.deactivating = (
-        instance.pk is not None
-        and not instance.is_active
-        and (update_fields is None or "is_active" in update_fields)
-        and sender.objects.filter(pk=instance.pk, is_active=True).exists()
-    )
+    instance.deactivating = bool(before and before.get("is_active") and not instance.is_active)
 
 
 @receiver(post_save, sender=settings.AUTH_USER_MODEL)
-def user_saved(sender: Any, instance: Any, **kwargs: Any) -> None:
+def user_saved(sender: Any, instance: Any, created: bool, raw: bool = False, **kwargs: Any) -> None:
     if getattr(instance, "deactivating", False):
         instance.deactivating = False
         user_deactivated(user=instance)
+    if not raw:  # a fixture's rows are data being loaded, not changes anyone made
+        user_saved_audit(user=instance, created=created, before=getattr(instance, "rights_before", None))
+
+
+@receiver(post_delete, sender=settings.AUTH_USER_MODEL)
+def user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    user_deleted_audit(user=instance)
+
+
+# Groups and permissions given or taken, from either side (a user's groups, or a group's users): the
+# record kind, and the accessor from each side to the other for a clear.
+_MEMBERSHIPS = {
+    User.groups.through: ("user.groups_changed", "groups", "user_set"),
+    User.user_permissions.through: ("user.permissions_changed", "user_permissions", "user_set"),
+    Group.permissions.through: ("group.permissions_changed", "permissions", "group_set"),
+}
+_ACTIONS = {"post_add": "add", "post_remove": "remove", "pre_clear": "clear"}
+
+
+def _label(obj: Any) -> str:
+    if isinstance(obj, Permission):
+        return f"{obj.content_type.app_label}.{obj.codename}"
+    return str(obj.get_username() if isinstance(obj, User) else obj.name)
+
+
+def memberships_changed(
+    sender: Any, instance: Any, action: str, reverse: bool, model: Any, pk_set: Any, **kwargs: Any
+) -> None:
+    if action not in _ACTIONS:
+        return
+    kind, forward, backward = _MEMBERSHIPS[sender]
+    if pk_set is None:  # a clear: everything on the other side, read before it goes
+        other_side = getattr(instance, backward if reverse else forward).all()
+    else:
+        other_side = model.objects.filter(pk__in=pk_set)
+    if model is Permission:
+        other_side = other_side.select_related("content_type")
+    others = list(other_side)
+    if not others:
+        return
+    labels = [_label(o) for o in others]
+    holders, names = (labels, [_label(instance)]) if reverse else ([_label(instance)], labels)
+    user_memberships_audit(kind=kind, holders=holders, action=_ACTIONS[action], names=names)
+
+
+for _through in _MEMBERSHIPS:
+    m2m_changed.connect(memberships_changed, sender=_through, dispatch_uid=f"audit-{_through._meta.label}")
 
 
 @receiver(user_logged_in)

@@ -217,6 +217,9 @@ AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_CLIENT_IP_CALLABLE = "audit.context.axes_client_ip"
 AXES_VERBOSE = False
+# The Django admin's axes pages lifted a lockout by deleting an attempt, unrecorded; the console's unlock
+# records it.
+AXES_ENABLE_ADMIN = False
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
@@ -276,6 +279,12 @@ OAUTH2_PROVIDER_GRANT_MODEL = "authserver.Grant"
 
 OAUTH2_PROVIDER = {
     "OAUTH2_VALIDATOR_CLASS": "authserver.validators.PortcullisValidator",
+    # The Django admin shows OAuth records and changes none: changes go through the audited services.
+    "APPLICATION_ADMIN_CLASS": "authserver.admin_classes.ClientAdmin",
+    "ACCESS_TOKEN_ADMIN_CLASS": "authserver.admin_classes.AccessTokenAdmin",
+    "REFRESH_TOKEN_ADMIN_CLASS": "authserver.admin_classes.RefreshTokenAdmin",
+    "GRANT_ADMIN_CLASS": "authserver.admin_classes.GrantAdmin",
+    "ID_TOKEN_ADMIN_CLASS": "authserver.admin_classes.IDTokenAdmin",
     "OAUTH2_SERVER_CLASS": "authserver.server.PortcullisServer",
     "OIDC_SERVER_CLASS": "authserver.server.PortcullisServer",
     "SCOPES": SCOPES,

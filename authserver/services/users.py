@@ -1,4 +1,5 @@
-"""Users, as administrators lock and unlock them."""
+"""Users: administrators lock and unlock them, and every change to who may sign in and with what rights is
+recorded, whichever path made it (the console, the Django admin, ``createsuperuser``, a shell)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 from axes.utils import reset as axes_reset
 from django.core.exceptions import ValidationError
 
+from audit.context import request_actor
 from audit.services import audit_record
 from authserver.services.tokens import tokens_revoke_for_user
 
@@ -17,15 +19,16 @@ def user_lock(*, user: Any, actor: str) -> None:
         raise ValidationError({"user": ["you cannot lock yourself out"]})
     user.is_active = False
     user.deactivated_by = actor, "user locked"  # the save's receiver revokes their tokens, as this actor
+    user.activity_audited = True  # recorded below as user.locked, not again as user.changed
     user.save(update_fields=["is_active"])
     audit_record(kind="user.locked", actor=actor, data={"user": user.get_username()})
 
 
 def user_deactivated(*, user: Any) -> None:
     """A user's ``is_active`` went from true to false, by whatever path (``user_lock``, the Django admin, a
-    shell): every token they hold is revoked at once. Only ``user_lock`` said who; otherwise it was saved
-    past the services, and the revocation's actor is ``system``."""
-    actor, reason = getattr(user, "deactivated_by", None) or ("system", "user deactivated")
+    shell): every token they hold is revoked at once. ``user_lock`` says who; otherwise the actor is the
+    signed-in user of the request that saved it (the Django admin), or ``system``."""
+    actor, reason = getattr(user, "deactivated_by", None) or (request_actor(), "user deactivated")
     user.deactivated_by = None
     tokens_revoke_for_user(user=user, actor=actor, reason=reason)
 
@@ -33,6 +36,57 @@ def user_deactivated(*, user: Any) -> None:
 def user_unlock(*, user: Any, actor: str) -> None:
     """Unlock a user: allow sign-in again and clear their failed-login lockouts (django-axes)."""
     user.is_active = True
+    user.activity_audited = True
     user.save(update_fields=["is_active"])
     axes_reset(username=user.get_username())
     audit_record(kind="user.unlocked", actor=actor, data={"user": user.get_username()})
+
+
+# The fields that decide who may sign in and what they may do: the console reads is_staff (look) and
+# is_superuser (change); the Django admin reads both and the permissions below.
+USER_RIGHTS = ("is_active", "is_staff", "is_superuser")
+
+
+def user_rights_before(*, user: Any, update_fields: Any) -> dict[str, bool] | None:
+    """The rights a user held before this save (None for a new user or a save that changes none of them).
+
+    Read only when the save may change them: a sign-in's save of ``last_login`` alone reads nothing."""
+    fields = [f for f in USER_RIGHTS if update_fields is None or f in update_fields]
+    if user.pk is None or not fields:
+        return None
+    before: dict[str, bool] | None = type(user).objects.filter(pk=user.pk).values(*fields).first()
+    return before
+
+
+def user_saved_audit(*, user: Any, created: bool, before: dict[str, bool] | None) -> None:
+    """Record a user's creation, a change of their rights, or a new password, by whatever path it came.
+
+    A password is never recorded, only that it changed (Django's ``set_password`` marks it; the hash
+    upgrade at sign-in does not)."""
+    actor, name = request_actor(), user.get_username()
+    if created:
+        rights = {f: bool(getattr(user, f)) for f in USER_RIGHTS}
+        audit_record(kind="user.created", actor=actor, data={"user": name, **rights})
+        return
+    changed = {f: bool(getattr(user, f)) for f, old in (before or {}).items() if old != getattr(user, f)}
+    if getattr(user, "activity_audited", False):
+        user.activity_audited = False
+        changed.pop("is_active", None)  # user_lock and user_unlock record it as user.locked or user.unlocked
+    if changed:
+        audit_record(kind="user.changed", actor=actor, data={"user": name, "changed": changed})
+    if getattr(user, "_password", None) is not None:
+        audit_record(kind="user.password_changed", actor=actor, data={"user": name})
+
+
+def user_deleted_audit(*, user: Any) -> None:
+    """Record a user's deletion (their tokens go with them: each deletion is a revocation)."""
+    audit_record(kind="user.deleted", actor=request_actor(), data={"user": user.get_username()})
+
+
+def user_memberships_audit(*, kind: str, holders: list[str], action: str, names: list[str]) -> None:
+    """Record groups or permissions given to or taken from users or groups (``holders``), one record each."""
+    key = "user" if kind.startswith("user.") else "group"
+    for holder in holders:
+        audit_record(
+            kind=kind, actor=request_actor(), data={key: holder, "action": action, "names": sorted(names)}
+        )

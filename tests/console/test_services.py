@@ -136,6 +136,7 @@ def test_locking_and_unlocking_a_user_is_audited_and_unlocking_clears_failed_sig
     assert [
         (e.kind, e.actor) for e in AuditEvent.objects.filter(kind__startswith="user.").order_by("id")
     ] == [
+        ("user.created", "system"),  # the fixture's
         ("user.locked", ADMIN),
         ("user.unlocked", ADMIN),
     ]
