@@ -189,3 +189,35 @@ def test_strict_tool_checking_follows_the_upstreams_setting_off_by_default():
     shown = "settings.GATEWAY['UPSTREAM_STRICT_TOOLS']"
     assert settings_load(show=shown).stdout.strip() == "False"
     assert settings_load(show=shown, PORTCULLIS_UPSTREAM_STRICT_TOOLS="true").stdout.strip() == "True"
+
+
+LAYER_WAIT = """
+import asyncio, django
+django.setup()
+from channels.layers import get_channel_layer
+
+async def wait() -> str:
+    layer = get_channel_layer()
+    channel = await layer.new_channel()
+    try:
+        await asyncio.wait_for(layer.receive(channel), 6.5)  # longer than the layer's own 5 s wait
+    except asyncio.TimeoutError:
+        return "still waiting"
+    except Exception as exc:
+        return type(exc).__name__
+    return "a message"
+
+print(asyncio.run(wait()))
+"""
+
+
+def test_a_consumer_waiting_on_the_redis_channel_layer_is_not_cut_by_the_clients_socket_timeout(settings):
+    # redis-py 8 gives every socket a 5 s timeout, and channels-redis waits 5 s in BZPOPMIN: the console's
+    # live feed died with a TimeoutError every 5 s
+    env = environ_unconfigured() | PRODUCTION | {"REDIS_URL": settings.REDIS_URL}
+    env["DJANGO_SETTINGS_MODULE"] = "config.settings"
+    result = subprocess.run(
+        [sys.executable, "-c", LAYER_WAIT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "still waiting"
