@@ -113,6 +113,19 @@ def test_the_database_refuses_updates_and_deletes_of_audit_rows():
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize("table", ["audit_auditevent", "audit_usagerecord", "audit_auditcheckpoint"])
+def test_the_database_refuses_to_empty_an_audit_table_whole(table):
+    # TRUNCATE is not a row operation: it passed the row triggers, and emptied the log checkpoints and all
+    _events(1)
+    refused = pytest.raises(DatabaseError, match=rf"append-only \(TRUNCATE on {table}\)")
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL portcullis.audit_truncate = 'off'")  # as in every session but the suite's
+        with refused, transaction.atomic():
+            cursor.execute(f"TRUNCATE {table} CASCADE")
+    assert AuditEvent.objects.count() == 1
+
+
+@pytest.mark.django_db
 def test_a_row_edited_behind_the_apps_back_is_named():
     _events(6)
     target = AuditEvent.objects.get(seq=4)

@@ -166,7 +166,7 @@ def test_with_no_checkpoint_the_oldest_records_age_counts():
 
 @pytest.mark.django_db
 def test_an_empty_chain_passes_on_a_fresh_install_but_not_on_one_whose_log_was_emptied():
-    # TRUNCATE passes the append-only trigger: an emptied log (checkpoints and all) had passed as a new one
+    # a role past the triggers empties the log (checkpoints and all): it had passed as a new one
     from django.db.migrations.recorder import MigrationRecorder
 
     assert "audit chain OK: 0 records" in _verifyaudit("--max-checkpoint-age", "3600")
