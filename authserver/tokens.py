@@ -21,6 +21,8 @@ from oauth2_provider.settings import oauth2_settings
 
 from authserver.selectors import signing_key_active, signing_keys_published
 
+ID_TOKEN_HINT_MAX = 8192  # characters: one of our ID tokens is under 2 KB; a longer hint is not ours
+
 
 def access_token_claims(request: Any, *, now: int, lifetime_s: int, jti: str) -> dict[str, Any]:
     """Return the RFC 9068 §2.2 claims for the token being issued on this oauthlib request."""
@@ -82,3 +84,18 @@ def jwt_signed_by_published_key(token: str) -> bool:
     except (jwt.PyJWTError, ValueError, TypeError):
         return False
     return True
+
+
+def id_token_hint_subject(token: str) -> str | None:
+    """The ``sub`` of an ID token this server issued, or None: signed under a published key (as
+    ``jwt_signed_by_published_key``), with our ``iss``, and not an access token. Its ``exp`` is not
+    checked: OIDC Core §3.1.2.1 lets a client send an expired ID token as ``id_token_hint``."""
+    if len(token) > ID_TOKEN_HINT_MAX or not jwt_signed_by_published_key(token):
+        return None
+    if jwt.get_unverified_header(token).get("typ") == "at+jwt":  # verified above; RFC 9068 §2.1
+        return None
+    claims = jwt_unverified_claims(token)  # verified above
+    subject = claims.get("sub")
+    if claims.get("iss") != settings.PORTCULLIS_ISSUER or not isinstance(subject, str):
+        return None
+    return subject

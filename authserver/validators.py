@@ -25,18 +25,22 @@ from audit.services import audit_record
 from authserver.models import GRANT_DEVICE_CODE, AccessToken, Client, Grant, RedeemedCode, RefreshToken
 from authserver.selectors import client_by_client_id
 from authserver.services import access_token_deletions_batched, access_token_insert
-from authserver.tokens import jwt_unverified_claims
+from authserver.tokens import id_token_hint_subject, jwt_unverified_claims
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 OFFLINE_ACCESS = "offline_access"
+# Scopes about an end-user (OIDC Core §5.4, §11): a client-credentials token has none to describe or to
+# stay connected for, and userinfo answered one carrying openid with a 500
+END_USER_SCOPES = frozenset({"openid", "profile", OFFLINE_ACCESS})
 TOMBSTONE_LIFETIME = timedelta(days=1)  # replays after a day are refused as unknown codes anyway
 
 
 _issued_access_tokens: ContextVar[list[AccessToken] | None] = ContextVar("issued_access_tokens", default=None)
 _revocation_found: ContextVar[list[bool] | None] = ContextVar("revocation_found", default=None)
+_session_user: ContextVar[Any] = ContextVar("session_user", default=None)
 
 
 @contextmanager
@@ -52,6 +56,18 @@ def _collected(var: ContextVar[list[T] | None]) -> Iterator[list[T]]:
 def access_tokens_issued() -> AbstractContextManager[list[AccessToken]]:
     """Collect the access-token rows the validator saves inside the block, so nobody reads them back."""
     return _collected(_issued_access_tokens)
+
+
+@contextmanager
+def session_user_known(user: Any) -> Iterator[None]:
+    """Tell the validator, inside the block, who is signed in to the session an authorization request
+    comes with: oauthlib's request knows it only once a code is issued, and the id_token_hint is then
+    checked too late to spare the user a consent page for a request that will be refused."""
+    token = _session_user.set(user)
+    try:
+        yield
+    finally:
+        _session_user.reset(token)
 
 
 def revocations_found() -> AbstractContextManager[list[bool]]:
@@ -206,7 +222,36 @@ class PortcullisValidator(OAuth2Validator):
     ) -> bool:
         if not super().validate_scopes(client_id, scopes, client, request, *a, **k):
             return False
+        if request.grant_type == "client_credentials" and END_USER_SCOPES.intersection(scopes):
+            return False  # RFC 6749 §4.4: the client acts for itself, with no end-user
         return bool(client.may_ask_for(scopes))
+
+    def validate_user_match(self, id_token_hint: Any, scopes: Any, claims: Any, request: Any) -> bool:
+        """OIDC Core §3.1.2.1: an id_token_hint names the user the client expects to be signed in. One this
+        server did not issue is ``invalid_request``; one for another user than the session's is
+        ``login_required`` (oauthlib raises it on False), with prompt=none or without: the client then
+        asks the user to sign in as whom it expects (prompt=login). Signing the user out here instead
+        would hand any site that holds one of its own users' ID tokens a way to end a session by a GET."""
+        if not id_token_hint:
+            return True
+        subject = id_token_hint_subject(str(id_token_hint))
+        if subject is None:
+            raise errors.InvalidRequestError(
+                description="id_token_hint is not an ID token this server issued", request=request
+            )
+        user = getattr(request, "user", None) or _session_user.get()
+        if user is None:
+            return True  # not known yet: asked again, with the user, before any code is issued
+        return subject == str(user.pk)
+
+    def get_userinfo_claims(self, request: Any) -> Any:
+        if request.user is None:
+            # A client's own token (client credentials, issued before openid was refused to them) has no
+            # end-user: the same 403 as a token without openid, not DOT's AttributeError (a 500)
+            raise errors.InsufficientScopeError(
+                description="The token was issued to a client for itself, not for a user", request=request
+            )
+        return super().get_userinfo_claims(request)
 
     def get_original_scopes(self, refresh_token: str, request: Any, *args: Any, **kwargs: Any) -> list[str]:
         # A refresh renews only the scopes the client may still ask for: oauthlib's refresh grant never asks

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import transaction
-from django.utils import timezone
 
 from audit.services import audit_record
-from authserver.models import AccessToken, Client, Consent, RefreshToken
-from authserver.services.tokens import access_token_deletions_batched
+from authserver.models import Client, Consent
+from authserver.services.tokens import access_token_deletions_batched, tokens_delete_for_user
 
 
 def consent_grant(*, user: Any, client: Client, scopes: list[str]) -> Consent:
@@ -28,13 +27,11 @@ def consent_grant(*, user: Any, client: Client, scopes: list[str]) -> Consent:
 
 
 def consent_withdraw(*, user: Any, client: Client) -> int:
-    """Withdraw a user's consent for a client and revoke the tokens it holds for them (recorded and pushed
-    together)."""
+    """Withdraw a user's consent for a client and revoke the tokens, codes and device codes it holds for them
+    (recorded and pushed together)."""
     with transaction.atomic(), access_token_deletions_batched():
         Consent.objects.filter(user=user, client=client).delete()
-        RefreshToken.objects.filter(user=user, application=client, revoked__isnull=True).update(
-            revoked=timezone.now()
-        )
-        count, _ = AccessToken.objects.filter(user=user, application=client).delete()
+        # the codes and device codes approved and not yet redeemed go too: each would still give a token
+        count = tokens_delete_for_user(user=user, client=client)
     audit_record(kind="consent.withdrawn", actor=f"user:{user.get_username()}", client_id=client.client_id)
     return count

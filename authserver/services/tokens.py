@@ -17,7 +17,7 @@ from django.utils import timezone
 from oauth2_provider.models import get_device_grant_model
 
 from audit.services import audit_record
-from authserver.models import AccessToken, Client, RefreshToken, RevokedAccessToken
+from authserver.models import AccessToken, Client, Grant, RefreshToken, RevokedAccessToken
 from authserver.revocation import REVOKED_PAST_EXP_S, revocation_publish
 
 _batch = threading.local()  # the access tokens ``access_token_deletions_batched`` collects in this thread
@@ -28,12 +28,26 @@ def _jti_exp(tokens: list[AccessToken]) -> list[tuple[str, int]]:
     return [(str(t.jti), calendar.timegm(t.expires.utctimetuple())) for t in tokens if t.jti]
 
 
+def _unredeemed_grants_delete(*, client: Client | None = None, user: Any = None) -> None:
+    """Delete the grants not yet redeemed for tokens, of a client or a user or both: the authorization codes
+    (Grant) and the device codes a user entered or approved. Each is a token waiting for its redemption (a
+    code's exchange, a device's next poll): a revocation that left them let the client redeem them after."""
+    codes, devices = Grant.objects.all(), get_device_grant_model().objects.all()
+    if client is not None:
+        codes, devices = codes.filter(application=client), devices.filter(client_id=client.client_id)
+    if user is not None:
+        codes, devices = codes.filter(user=user), devices.filter(user=user)
+    codes.delete()
+    devices.delete()
+
+
 def tokens_revoke_for_client(*, client: Client, actor: str, reason: str) -> int:
     """Revoke every access and refresh token of a client; push the revocation. Return how many."""
     with transaction.atomic(), access_token_deletions_batched():
         access = list(AccessToken.objects.filter(application=client))
         RefreshToken.objects.filter(application=client, revoked__isnull=True).update(revoked=timezone.now())
         AccessToken.objects.filter(application=client).delete()
+        _unredeemed_grants_delete(client=client)
     audit_record(
         kind="token.revoked",
         actor=actor,
@@ -182,18 +196,24 @@ def tokens_revoke_for_scopes(*, client: Client, scopes: set[str], actor: str) ->
 
 def tokens_revoke_for_user(*, user: Any, actor: str, reason: str, client: Client | None = None) -> int:
     """Revoke every access and refresh token a user holds, across clients or at ``client`` only (the
-    client's other users, and the user's other clients, keep theirs); return how many. The device codes
-    the user entered or approved go too: each was a token waiting for its device's next poll."""
-    at = {} if client is None else {"application": client}
+    client's other users, and the user's other clients, keep theirs), recorded; return how many."""
     with transaction.atomic(), access_token_deletions_batched():
-        RefreshToken.objects.filter(user=user, revoked__isnull=True, **at).update(revoked=timezone.now())
-        count, _ = AccessToken.objects.filter(user=user, **at).delete()
-        devices = get_device_grant_model().objects.filter(user=user)
-        (devices if client is None else devices.filter(client_id=client.client_id)).delete()
+        count = tokens_delete_for_user(user=user, client=client)
     audit_record(
         kind="token.revoked",
         actor=actor,
         client_id=client.client_id if client is not None else "",
         data={"reason": reason, "user": user.get_username(), "tokens_revoked": count},
     )
+    return count
+
+
+def tokens_delete_for_user(*, user: Any, client: Client | None = None) -> int:
+    """Revoke a user's access and refresh tokens and delete their unredeemed codes and device codes, across
+    clients or at ``client`` only, inside the caller's transaction and unrecorded (the caller records why:
+    a revocation, a withdrawn consent); return how many access tokens."""
+    at = {} if client is None else {"application": client}
+    RefreshToken.objects.filter(user=user, revoked__isnull=True, **at).update(revoked=timezone.now())
+    count, _ = AccessToken.objects.filter(user=user, **at).delete()
+    _unredeemed_grants_delete(client=client, user=user)
     return count

@@ -4,6 +4,7 @@ client, OIDC ``prompt`` and ``max_age`` honoured, every outcome audited, ``iss``
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -26,6 +27,7 @@ from authserver.models import AUTH_TIME_SESSION_KEY, Client, Consent
 from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id
 from authserver.services import consent_grant
+from authserver.validators import session_user_known
 from authserver.views.common import query_refusal
 
 
@@ -68,7 +70,11 @@ class AuthorizationView(dot_views.AuthorizationView):
             query = request.GET.copy()
             query.pop("approval_prompt")
             request.GET = query  # type: ignore[assignment]  # django-stubs: GET is typed immutable
-        response: HttpResponseBase = super().get(request, *args, **kwargs)
+        # The id_token_hint is checked against the session's user (validators.validate_user_match); with
+        # prompt=login, against the user who signs in next, when the request comes back without it.
+        signing_in_again = "login" in self._prompt()
+        with nullcontext() if signing_in_again else session_user_known(request.user):
+            response: HttpResponseBase = super().get(request, *args, **kwargs)
         return response
 
     def _prompt(self) -> set[str]:

@@ -15,9 +15,11 @@ from django.http.multipartparser import MultiPartParserError
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import csrf_exempt
 from django.views.generic import View
+from oauthlib.common import Request as OauthlibRequest
 from oauthlib.common import urldecode
 
 from audit.services import audit_record
+from authserver.models import Client
 
 
 def oauth_error(error: str, description: str, status: int = 400) -> JsonResponse:
@@ -25,6 +27,25 @@ def oauth_error(error: str, description: str, status: int = 400) -> JsonResponse
     response = JsonResponse({"error": error, "error_description": description}, status=status)
     response["Cache-Control"] = "no-store"
     response["Pragma"] = "no-cache"
+    return response
+
+
+def client_authenticated(core: Any, request: HttpRequest) -> Client | None:
+    """Authenticate the calling client as the token endpoint does (RFC 6749 §2.3: Basic credentials or the
+    body's; a public client by its id, for the device grant only) and return it, or None. ``core`` is the
+    view's oauthlib core (``get_oauthlib_core()``)."""
+    uri, http_method, body, headers = core._extract_params(request)
+    oauthlib_request = OauthlibRequest(uri, http_method, body, headers)
+    if not core.server.request_validator.authenticate_client(oauthlib_request):
+        return None
+    client = getattr(oauthlib_request, "client", None)
+    return client if isinstance(client, Client) else None
+
+
+def client_refused() -> JsonResponse:
+    """RFC 6749 §5.2 ``invalid_client``: 401, with the challenge of the scheme clients authenticate by."""
+    response = oauth_error("invalid_client", "Client authentication failed", status=401)
+    response["WWW-Authenticate"] = 'Basic realm="portcullis"'
     return response
 
 

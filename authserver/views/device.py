@@ -8,14 +8,17 @@ from typing import Any
 
 from django.core.cache import cache
 from django.core.exceptions import MultipleObjectsReturned, ValidationError
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
 from oauth2_provider import views as dot_views
 from oauth2_provider.models import get_device_grant_model
+from oauth2_provider.settings import oauth2_settings
+from oauth2_provider.utils import user_code_generator
 from oauth2_provider.views.device import DeviceGrantForm
 from redis.exceptions import RedisError
 
 from audit.services import actor_for_user, audit_record
-from authserver.models import GRANT_DEVICE_CODE
+from authserver.models import GRANT_DEVICE_CODE, Client
 from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id
 from authserver.services import consent_grant
@@ -34,12 +37,23 @@ USER_CODE_WRONG_MAX = 10  # wrong user codes a user may enter within the window,
 USER_CODE_WINDOW_S = 900
 
 
+def user_code_normalised(entered: str) -> str:
+    """The user code as DOT's generator writes it (RFC 8628 §6.1: upper case, no separators), from what a
+    user typed: ``0ief-6t6h`` is ``0IEF6T6H``. DOT's lookup is exact, so a code typed in lower case, or
+    grouped as a device may show it, was a wrong code (and counted toward the pause). Another generator's
+    codes are taken as typed: its alphabet may hold lower-case letters."""
+    if oauth2_settings.OAUTH_DEVICE_USER_CODE_GENERATOR is not user_code_generator:
+        return entered
+    return "".join(entered.split()).replace("-", "").upper()
+
+
 class DeviceUserCodeForm(DeviceGrantForm):
     """DOT's form, for a code several grants share (DOT's user codes are not unique, and old grants keep
     theirs): its lookup raised MultipleObjectsReturned, a 500. The one pending grant among them is the one
     meant; with none, or several, the code is wrong. (A NUL is refused by the form field itself.)"""
 
     def clean_user_code(self) -> Any:
+        self.cleaned_data["user_code"] = user_code_normalised(self.cleaned_data["user_code"])
         try:
             return super().clean_user_code()
         except MultipleObjectsReturned:
@@ -73,6 +87,22 @@ class DeviceUserCodeView(dot_views.DeviceUserCodeView):
             form.add_error(None, "Too many wrong codes. Wait a few minutes, then try again.")
             return self.render_to_response(self.get_context_data(form=form), status=429)
         response: HttpResponse = super().post(request, *args, **kwargs)
+        return response
+
+    def form_valid(self, form: Any) -> HttpResponse:
+        """Bind the grant to this user, unless another user entered its code first (DOT moved it to whoever
+        entered the code last: a code seen over Alice's shoulder let Bob take her device's grant away, or
+        her approval page then answered 404). To this user, such a code is a wrong one: counted toward the
+        pause like any guess, so the page tells no one that the code exists."""
+        grant = form.cleaned_data["device_grant"]
+        model = get_device_grant_model()
+        claimed = model.objects.filter(
+            Q(user__isnull=True) | Q(user=self.request.user), pk=grant.pk, status=model.AUTHORIZATION_PENDING
+        ).update(user=self.request.user)
+        if not claimed:
+            form.add_error("user_code", ValidationError("Incorrect user code", code="incorrect_user_code"))
+            return self.form_invalid(form)
+        response: HttpResponse = super().form_valid(form)  # DOT's: binds it to this user, as it now is
         return response
 
     def form_invalid(self, form: Any) -> HttpResponse:
@@ -123,8 +153,22 @@ class DeviceConfirmView(dot_views.DeviceConfirmView):
             page.status_code = 400
             return page
         device = self.get_object()  # before DOT changes its status (it is looked up by that status)
-        response: HttpResponse = super().form_valid(form)
         client = client_by_client_id(device.client_id)
+        refusal = _confirm_refusal(device, client)
+        if refusal is not None:
+            # DOT approved it all the same, and the approval was recorded as consent: an expired code then
+            # gave nothing, but the app was listed as connected; a disabled client's code gave tokens once
+            # the client was enabled again
+            status, reason, message = refusal
+            audit_record(
+                kind="device.confirm_refused",
+                outcome="denied",
+                actor=actor_for_user(self.request.user),
+                client_id=device.client_id,
+                data={"reason": reason},
+            )
+            return self.render_to_response(self.get_context_data(form=form, refused=message), status=status)
+        response: HttpResponse = super().form_valid(form)
         if client is None:
             return response
         if form.cleaned_data["action"] == "accept":
@@ -138,6 +182,15 @@ class DeviceConfirmView(dot_views.DeviceConfirmView):
                 data={"scope": device.scope, "flow": "device"},
             )
         return response
+
+
+def _confirm_refusal(device: Any, client: Client | None) -> tuple[int, str, str] | None:
+    """Why a device grant may no longer be approved or denied (its status, reason and message), or None."""
+    if device.is_expired():  # RFC 8628 §3.5: dead past ``expires``; DOT checked this on entry only
+        return 410, "expired", "This code has expired. Start again on your device to get a new one."
+    if client is None or client.disabled:
+        return 400, "client disabled", "This app has been disabled. It can no longer be connected."
+    return None
 
 
 class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):

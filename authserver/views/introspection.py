@@ -8,12 +8,17 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views.generic import View
 from oauth2_provider import views as dot_views
-from oauthlib.common import Request as OauthlibRequest
+from oauth2_provider.settings import oauth2_settings
 
 from audit.services import audit_record
-from authserver.models import Client
 from authserver.tokens import jwt_signed_by_published_key
-from authserver.views.common import FormEndpoint, error_code_of, oauth_error, query_refusal
+from authserver.views.common import (
+    FormEndpoint,
+    client_authenticated,
+    error_code_of,
+    oauth_error,
+    query_refusal,
+)
 
 
 class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
@@ -27,7 +32,7 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
         return View.dispatch(self, request, *args, **kwargs)
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        client = self._authenticated_client(request)
+        client = client_authenticated(self.get_oauthlib_core(), request)
         if client is None:
             response = self._denied("", "invalid_client", "Client authentication failed", 401)
             response["WWW-Authenticate"] = 'Basic realm="portcullis"'
@@ -53,39 +58,36 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
         audit_record(kind=self.denied_kind, outcome="denied", client_id=client_id, data={"error_code": error})
         return oauth_error(error, description, status=status)
 
-    def _authenticated_client(self, request: HttpRequest) -> Client | None:
-        """Authenticate the calling client (RFC 7662 §2.1) and return it, or None."""
-        core = self.get_oauthlib_core()
-        uri, http_method, body, headers = core._extract_params(request)
-        oauthlib_request = OauthlibRequest(uri, http_method, body, headers)
-        if not core.server.request_validator.authenticate_client(oauthlib_request):
-            return None
-        client = getattr(oauthlib_request, "client", None)
-        return client if isinstance(client, Client) else None
-
 
 class UserInfoView(dot_views.UserInfoView):
-    """OIDC userinfo: DOT's, with its answers labelled JSON, kept out of caches, and its refusals audited."""
+    """OIDC userinfo: DOT's, with its answers labelled JSON, kept out of caches, and its refusals audited;
+    and with what DOT lets through refused: a token in the query string (RFC 9700 §4.3.2, which DOT's
+    ``COMPLIANT_BCP_RFC9700_ACCESS_TOKEN_TRANSPORT`` gate checks for protected resources, not here) and a
+    token under a key no longer published (revoked: every gateway refuses it, introspection says
+    inactive, while DOT found its row and answered)."""
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         refusal = query_refusal(request)
         if refusal is None:
             response: HttpResponseBase = super().dispatch(request, *args, **kwargs)
             return response
-        refused = oauth_error("invalid_request", refusal)  # oauthlib would raise reading it (a 500)
-        refused["WWW-Authenticate"] = f'Bearer error="invalid_request", error_description="{refusal}"'
-        audit_record(
-            kind="userinfo.denied", outcome="denied", data={"error_code": "invalid_request", "status": 400}
-        )
-        return refused
+        return _userinfo_denied("invalid_request", refusal, 400)  # oauthlib would raise reading it (a 500)
 
     def _create_userinfo_response(self, request: HttpRequest) -> HttpResponse:
+        if "access_token" in request.GET and oauth2_settings.COMPLIANT_BCP_RFC9700_ACCESS_TOKEN_TRANSPORT:
+            # RFC 6750 §3.1: a request with an unsupported parameter (a token where none may be) is 400
+            return _userinfo_denied("invalid_request", "No access token may be sent in the query", 400)
+        token = _bearer_token(request)
+        if token and not jwt_signed_by_published_key(token):
+            return _userinfo_denied("invalid_token", "The access token is not valid", 401)
         response: HttpResponse = super()._create_userinfo_response(request)
         response["Cache-Control"] = "no-store"  # claims about the user
         sent = "HTTP_AUTHORIZATION" in request.META or "access_token" in request.GET
         if response.status_code == 401 and not sent and "access_token" not in request.POST:
             # RFC 6750 §3.1: a request with no credentials at all is told how to send them, with no error
             response["WWW-Authenticate"] = 'Bearer realm="userinfo"'
+        if response.status_code == 403 and not response.has_header("WWW-Authenticate"):
+            response["WWW-Authenticate"] = 'Bearer error="insufficient_scope"'  # RFC 6750 §3
         if response.content[:1] == b"{":
             response["Content-Type"] = "application/json"
         if response.status_code >= 400:
@@ -95,3 +97,20 @@ class UserInfoView(dot_views.UserInfoView):
                 data={"error_code": error_code_of(response), "status": response.status_code},
             )
         return response
+
+
+def _bearer_token(request: HttpRequest) -> str:
+    """The access token as oauthlib reads it: an ``Authorization: Bearer`` header, else the form body."""
+    header = request.META.get("HTTP_AUTHORIZATION")
+    if header is None:
+        return str(request.POST.get("access_token", ""))
+    parts = header.split()
+    return parts[1] if len(parts) == 2 and parts[0].lower() == "bearer" else ""
+
+
+def _userinfo_denied(error: str, description: str, status: int) -> JsonResponse:
+    """An RFC 6750 §3 refusal: the §5.2-style body, its challenge, and the audit record."""
+    refused = oauth_error(error, description, status=status)
+    refused["WWW-Authenticate"] = f'Bearer error="{error}", error_description="{description}"'
+    audit_record(kind="userinfo.denied", outcome="denied", data={"error_code": error, "status": status})
+    return refused

@@ -20,7 +20,14 @@ from redis.exceptions import RedisError
 
 from audit.services import audit_record
 from authserver.validators import access_tokens_issued, holds_nul, revocations_found
-from authserver.views.common import FormEndpoint, client_id_of, error_code_of, oauth_error
+from authserver.views.common import (
+    FormEndpoint,
+    client_authenticated,
+    client_id_of,
+    client_refused,
+    error_code_of,
+    oauth_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +77,19 @@ class TokenView(FormEndpoint, dot_views.TokenView):
         locked while it is redeemed, a token the validator issued to a client other than the one the code
         was issued to is rolled back, and a code that gave its token is deleted (a replay is then an
         unknown code: ``invalid_grant``). A pending code polled again within its interval is ``slow_down``
-        (DOT leaves that as a to-do)."""
+        (DOT leaves that as a to-do). The client authenticates first (RFC 8628 §3.4, RFC 6749 §3.2.1), and
+        only the code's own client is answered about it: DOT answered a pending code's poll before it
+        authenticated anyone, so an unknown client, or a confidential one without its secret, was told
+        ``authorization_pending`` and took the client's pacing slot."""
+        client = client_authenticated(self.get_oauthlib_core(), request)
+        if client is None:
+            return client_refused()
         with transaction.atomic():
             grant = (
                 get_device_grant_model().objects.select_for_update().filter(device_code=device_code).first()
             )
+            if grant is not None and grant.client_id != client.client_id:
+                return oauth_error("invalid_grant", "The device code was issued to another client")
             if grant is not None:
                 grant.is_expired()  # marks it expired once past ``expires``; DOT then answers expired_token
                 if grant.status == grant.AUTHORIZATION_PENDING and _polled_too_soon(
