@@ -12,6 +12,8 @@ from django.core.exceptions import ValidationError
 from audit.models import AuditEvent
 from authserver.models import redirect_uri_errors
 from authserver.services import ADMIN_SCOPES, GRANT_ALIASES
+from gateway.models import ClientPolicy
+from gateway.services import POLICY_FIELDS
 
 GRANT_CHOICES = [
     ("authorization-code", "Authorization code + PKCE (web and native apps)"),
@@ -36,6 +38,15 @@ def scope_choices() -> list[tuple[str, str]]:
 def split_lines(text: str) -> list[str]:
     """Split a textarea or comma list into its non-empty entries."""
     return [part for part in text.replace(",", " ").split() if part]
+
+
+def lines_of(text: str) -> list[str]:
+    """Split a textarea into its lines, each stripped, empty ones dropped.
+
+    Only a line break separates entries (a browser posts CRLF; strip takes the CR): a model id may hold
+    spaces and commas, as the API and the gateway allow.
+    """
+    return [line.strip() for line in text.split("\n") if line.strip()]
 
 
 def errors_to_form(form: forms.Form, exc: ValidationError) -> None:
@@ -108,7 +119,8 @@ class PolicyForm(forms.Form):
     allowed_models = forms.CharField(
         required=False,
         label="Models",
-        help_text="Model ids, separated by spaces or commas. Empty: no model at all.",
+        help_text="Model ids, one per line. Empty: no model at all.",
+        widget=forms.Textarea(attrs={"rows": 3}),
     )
     rpm = forms.IntegerField(required=False, min_value=0, max_value=LIMIT_MAX, label="Requests per minute")
     tpm = forms.IntegerField(required=False, min_value=0, max_value=LIMIT_MAX, label="LLM tokens per minute")
@@ -138,10 +150,20 @@ class PolicyForm(forms.Form):
         label="On an anomaly: revoke the tokens of the one user it is about, else disable the client",
     )
 
+    @staticmethod
+    def initial_for(policy: ClientPolicy | None) -> dict[str, Any]:
+        """Return a stored policy as the form shows it, so that posting it back unchanged keeps it."""
+        if policy is None:
+            return {}
+        initial = {name: getattr(policy, name) for name in POLICY_FIELDS}
+        initial["allowed_models"] = "\n".join(policy.allowed_models)
+        initial["allow_ips"] = "\n".join(policy.allow_ips)
+        return initial
+
     def policy_fields(self) -> dict[str, Any]:
         """Return the cleaned data as ``gateway.services.policy_set`` takes it."""
         data = dict(self.cleaned_data)
-        data["allowed_models"] = split_lines(data["allowed_models"])
+        data["allowed_models"] = lines_of(data["allowed_models"])
         data["allow_ips"] = split_lines(data["allow_ips"])
         return data
 

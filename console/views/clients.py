@@ -29,7 +29,7 @@ from console.access import actor, console_view
 from console.forms import GRANT_ALIAS_OF, ClientForm, PolicyForm, errors_to_form
 from console.views.common import confirm_page, next_url, paginate, query_text
 from gateway.models import ClientPolicy
-from gateway.services import POLICY_FIELDS, policy_set
+from gateway.services import policy_set
 
 USAGE_UNITS = {"minute": timedelta(hours=1), "hour": timedelta(hours=24)}
 
@@ -228,11 +228,7 @@ def client_policy(request: HttpRequest, client_id: str | None = None) -> HttpRes
     """Edit a client's gateway policy (or the default policy); the gateways get it within a second."""
     client = _client(client_id) if client_id else None
     row = ClientPolicy.objects.filter(client=client).first()
-    initial = {name: getattr(row, name) for name in POLICY_FIELDS} if row else {}
-    if row:
-        initial["allowed_models"] = " ".join(row.allowed_models)
-        initial["allow_ips"] = "\n".join(row.allow_ips)
-    form = PolicyForm(request.POST or None, initial=initial)
+    form = PolicyForm(request.POST or None, initial=PolicyForm.initial_for(row))
     if request.method == "POST" and form.is_valid():
         try:
             policy_set(client=client, actor=actor(request), **form.policy_fields())

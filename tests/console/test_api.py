@@ -18,6 +18,7 @@ from audit.models import AuditEvent
 from authserver.models import AccessToken, Client, SigningKey
 from authserver.selectors import signing_key_active
 from authserver.services import RegisteredClient, client_create
+from console.api.urls import router
 from gateway.models import ClientPolicy
 from tests.conftest import OAuthDriver
 
@@ -184,6 +185,22 @@ def test_policies_are_read_and_set_through_the_api_with_validation(bearer, world
     assert default.json()["client_id"] is None
     listed = api.get("/api/admin/policies/").json()["results"]
     assert {p["client_id"] for p in listed} == {None, world.app.client.client_id}
+
+
+# Every resource the router publishes (clients, policies, tokens, users, audit-events, reports, keys).
+LIST_URLS = [f"/api/admin/{prefix}/" for prefix, viewset, _ in router.registry if hasattr(viewset, "list")]
+
+
+@pytest.mark.parametrize("name", ["limit", "offset"])
+@pytest.mark.parametrize("url", LIST_URLS)
+def test_a_page_number_too_long_to_be_one_is_a_400_on_every_list_not_a_500(as_admin, url, name):
+    before = AuditEvent.objects.count()
+    for digits in (13, 5000):  # int() raised a ValueError past 4,300 digits: a 500
+        response = as_admin.get(url, {name: "1" * digits})
+        assert response.status_code == 400, (digits, response.content[:200])
+        assert response.json() == {name: [f"must be a whole number, at least {1 if name == 'limit' else 0}"]}
+    assert as_admin.get(url, {name: "1" * 12}).status_code == 200
+    assert AuditEvent.objects.count() == before  # a bad page number is the caller's typo, not an event
 
 
 def test_tokens_are_listed_filtered_and_revoked_one_at_a_time(bearer, world):

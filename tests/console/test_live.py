@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from datetime import timedelta
 from importlib import import_module
 from typing import Any
@@ -19,6 +21,7 @@ from django.utils import timezone
 
 from audit.models import UsageRecord
 from audit.selectors import usage_live_figures
+from console import consumers
 from console.consumers import LiveConsumer
 from console.routing import websocket_urlpatterns
 
@@ -313,3 +316,151 @@ def test_only_a_trusted_proxy_may_say_the_browser_used_https(staff_user, setting
         return connected
 
     assert not asyncio.run(scenario())
+
+
+def asgi_feed_scope(user: Any) -> dict[str, Any]:
+    """A feed handshake as a browser on the dashboard sends it to the project's ASGI application."""
+    http = HttpClient()
+    http.force_login(user)
+    cookie = f"{settings.SESSION_COOKIE_NAME}={http.session.session_key}".encode()
+    return {
+        "type": "websocket",
+        "scheme": "ws",
+        "path": "/ws/console/live/",
+        "raw_path": b"/ws/console/live/",
+        "query_string": b"",
+        "subprotocols": [],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "headers": [(b"host", b"127.0.0.1:8000"), (b"origin", b"http://127.0.0.1:8000"), (b"cookie", cookie)],
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_feed_socket_through_the_asgi_application_outlives_redis_clients_5_s_timeout(
+    staff_user, monkeypatch
+):
+    """Each socket held a receive on a Redis channel layer (BZPOPMIN, 5 s) that redis-py's 5 s socket
+    timeout cut: every feed died after 5 s. Real time, as the timeout is Redis's own."""
+    from config.asgi import application
+
+    monkeypatch.setattr(LiveConsumer, "interval_s", 0.5)
+    monkeypatch.setitem(settings.GATEWAY, "UPSTREAMS", [])
+    scope = asgi_feed_scope(staff_user)
+
+    async def scenario() -> tuple[float, list[str]]:
+        socket = ApplicationCommunicator(application, scope)
+        await socket.send_input({"type": "websocket.connect"})
+        assert (await socket.receive_output(timeout=5))["type"] == "websocket.accept"
+        started, kinds = time.monotonic(), []
+        while time.monotonic() - started < 6.5:
+            kinds.append((await socket.receive_output(timeout=5))["type"])
+        await socket.send_input({"type": "websocket.disconnect", "code": 1000})
+        await socket.wait(timeout=5)
+        await database_sync_to_async(connections.close_all)()
+        return time.monotonic() - started, kinds
+
+    lasted, kinds = asyncio.run(scenario())
+    assert lasted > 6.5
+    assert set(kinds) == {"websocket.send"}  # figures all along, and no close
+    assert len(kinds) >= 10
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_feed_takes_no_channel_even_when_a_channel_layer_is_configured(staff_user, settings, monkeypatch):
+    from channels_redis.core import RedisChannelLayer
+
+    settings.CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [settings.REDIS_URL]},
+        }
+    }
+    settings.GATEWAY = {**settings.GATEWAY, "UPSTREAMS": []}
+    channels_made: list[str] = []
+
+    async def new_channel(self: Any, prefix: str = "specific.") -> str:
+        channels_made.append(prefix)
+        return f"{prefix}test"
+
+    monkeypatch.setattr(RedisChannelLayer, "new_channel", new_channel)
+    connected, _, messages = asyncio.run(first_messages(staff_user, 1))
+    assert connected
+    assert len(messages) == 1
+    assert channels_made == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_user_may_hold_five_feed_sockets_and_one_more_is_refused_at_the_handshake(
+    staff_user, admin_user, monkeypatch, caplog
+):
+    monkeypatch.setitem(settings.GATEWAY, "UPSTREAMS", [])
+    assert LiveConsumer.max_sockets_per_user == 5
+
+    async def connected(user: Any) -> tuple[Socket, bool]:
+        socket = Socket(user)
+        accepted, code = await socket.connect()
+        assert accepted or code == 4403
+        return socket, accepted
+
+    async def scenario() -> list[bool]:
+        held = [await connected(staff_user) for _ in range(5)]
+        assert all(accepted for _, accepted in held)
+        outcomes = []
+        sixth, accepted = await connected(staff_user)
+        outcomes.append(accepted)
+        await sixth.disconnect()
+        other, accepted = await connected(admin_user)  # a cap per user, not for everyone
+        outcomes.append(accepted)
+        await held.pop()[0].disconnect()  # the browser closes one: its place is free
+        again, accepted = await connected(staff_user)
+        outcomes.append(accepted)
+        cancelled = held.pop()[0]  # the server ends one without a disconnect (a shutdown, a timeout)
+        await cancelled.communicator.wait(timeout=0.05)  # still running then: cancelled
+        after_cancel, accepted = await connected(staff_user)
+        outcomes.append(accepted)
+        for socket in [other, again, after_cancel, *(socket for socket, _ in held)]:
+            await socket.disconnect()
+        return outcomes
+
+    assert asyncio.run(scenario()) == [False, True, True, True]
+    refusals = [r.getMessage() for r in caplog.records if "one more refused" in r.getMessage()]
+    assert refusals == [f"console live feed: user {staff_user.pk} already holds 5 sockets; one more refused"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_every_socket_sends_one_computation_of_the_figures_an_interval_and_one_ended_mid_way_stops_none(
+    staff_user, admin_user, monkeypatch
+):
+    """The figures are the same for all: computed once an interval in a process, not once per socket."""
+    monkeypatch.setattr(LiveConsumer, "interval_s", 0.5)
+    monkeypatch.setitem(settings.GATEWAY, "UPSTREAMS", [])
+    computations: list[float] = []
+    started, finish = threading.Event(), threading.Event()
+
+    def figures(window_s: float) -> dict[str, Any]:
+        computations.append(window_s)
+        started.set()
+        finish.wait(5)  # the aggregate runs until the test lets it finish
+        return {"computation": len(computations)}
+
+    monkeypatch.setattr(consumers, "usage_live_figures", figures)
+
+    async def scenario() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        leaver = Socket(staff_user)
+        assert (await leaver.connect())[0]
+        assert await asyncio.to_thread(started.wait, 5)  # its computation is under way
+        await leaver.communicator.wait(timeout=0.05)  # and the server ends the socket (it is cancelled)
+        finish.set()
+        sockets = [Socket(user) for user in (staff_user, admin_user) for _ in range(3)]
+        for socket in sockets:
+            assert (await socket.connect())[0]
+        first = [await socket.receive_json() for socket in sockets]
+        second = [await socket.receive_json() for socket in sockets]
+        for socket in sockets:
+            await socket.disconnect()
+        return first, second
+
+    first, second = asyncio.run(scenario())
+    assert first == [first[0]] * 6
+    assert second == [{"computation": first[0]["computation"] + 1}] * 6

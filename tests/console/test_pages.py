@@ -8,6 +8,7 @@ import csv
 import io
 from collections.abc import Mapping
 from datetime import timedelta
+from html.parser import HTMLParser
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from audit.models import AuditEvent, UsageRecord
 from authserver.models import AccessToken, Client, Consent, SigningKey
 from authserver.services import client_register
 from gateway.models import ClientPolicy
+from gateway.services import POLICY_FIELDS, policy_set
 from tests.conftest import OAuthDriver, asgi_get_scope, django_asgi_get
 from tests.console.conftest import issue_token
 
@@ -190,7 +192,8 @@ def test_the_policy_form_saves_a_valid_policy_and_explains_an_invalid_one(as_adm
         assert error in bad.context["form"].errors["allow_ips"]
     assert not ClientPolicy.objects.filter(client=client).exists()
     good = as_admin.post(
-        url, {"allowed_models": "m1, m2", "rpm": "60", "max_tokens": "512", "allow_ips": "10.0.0.0/8"}
+        url,
+        {"allowed_models": "m1\r\n m2 \r\n\r\n", "rpm": "60", "max_tokens": "512", "allow_ips": "10.0.0.0/8"},
     )
     assert good.status_code == 302
     policy = ClientPolicy.objects.get(client=client)
@@ -199,7 +202,68 @@ def test_the_policy_form_saves_a_valid_policy_and_explains_an_invalid_one(as_adm
     assert policy.allow_ips == ["10.0.0.0/8"]
     assert last_event("policy.changed").actor == ADMIN
     page = as_admin.get(url)
-    assert page.context["form"].initial["allowed_models"] == "m1 m2"
+    assert page.context["form"].initial["allowed_models"] == "m1\nm2"
+
+
+class PostedForms(HTMLParser):
+    """The fields a browser posts from each form of a page, as the page shows them (a checkbox if checked)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.forms: list[dict[str, list[str]]] = []
+        self._textarea: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = {key: value or "" for key, value in attrs}
+        if tag == "form":
+            self.forms.append({})
+        elif tag == "textarea":
+            self._textarea = attr["name"]
+            self.forms[-1][self._textarea] = [""]
+        elif tag == "input" and "name" in attr:
+            checkbox = attr.get("type") == "checkbox"
+            if not checkbox or "checked" in attr:
+                default = "on" if checkbox else ""
+                self.forms[-1].setdefault(attr["name"], []).append(attr.get("value", default))
+
+    def handle_data(self, data: str) -> None:
+        if self._textarea is not None:
+            self.forms[-1][self._textarea][0] += data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "textarea" and self._textarea is not None:
+            text = self.forms[-1][self._textarea][0]  # HTML: a newline right after <textarea> is not content
+            self.forms[-1][self._textarea][0] = text[1:] if text.startswith("\n") else text
+            self._textarea = None
+
+
+def form_with(field: str, page: str) -> dict[str, list[str]]:
+    """Return what the browser posts from the one form of this page that has this field."""
+    parser = PostedForms()
+    parser.feed(page)
+    [form] = [form for form in parser.forms if field in form]
+    return form
+
+
+def test_the_policy_form_posted_back_as_shown_leaves_the_policy_as_it_was(as_admin, world):
+    client = world.app.client
+    stored = policy_set(
+        client=client,
+        actor="test",
+        allowed_models=["My Model", "org/m,v2", "m1"],  # the API and the gateway take spaces and commas
+        rpm=10,
+        daily_tokens=2**40,
+        allow_ips=["10.0.0.0/8", "2001:db8::/32"],
+        quarantine_on_anomaly=True,
+    )
+    before = {name: getattr(stored, name) for name in POLICY_FIELDS}
+    url = f"/console/clients/{client.client_id}/policy/"
+    fields = form_with("allowed_models", as_admin.get(url).content.decode())
+    assert fields["allowed_models"] == ["My Model\norg/m,v2\nm1"]
+    assert as_admin.post(url, fields).status_code == 302
+    after = ClientPolicy.objects.get(client=client)
+    assert {name: getattr(after, name) for name in POLICY_FIELDS} == before
+    assert last_event("policy.changed").data == {"changed": {}}
 
 
 @pytest.mark.parametrize(
