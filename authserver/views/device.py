@@ -27,6 +27,7 @@ from authserver.views.common import (
     FormEndpoint,
     basic_client_id,
     client_id_of,
+    client_refused,
     error_code_of,
     oauth_error,
 )
@@ -224,12 +225,12 @@ class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
 
     @staticmethod
     def _client_refused(request: HttpRequest) -> HttpResponse | None:
-        """A client registered without the device grant (DOT made it a device code all the same), or
-        scopes it may not ask for. Which client: the one its Basic credentials name, else its client_id
-        (``FormEndpoint`` has refused the two disagreeing)."""
+        """An unknown or disabled client, a client registered without the device grant (DOT made it a device
+        code all the same), or scopes it may not ask for. Which client: the one its Basic credentials name,
+        else its client_id (``FormEndpoint`` has refused the two disagreeing)."""
         client = client_by_client_id(basic_client_id(request) or str(request.POST.get("client_id", "")))
-        if client is None:
-            return None  # an unknown client: DOT answers invalid_client
+        if client is None or client.disabled:
+            return client_refused()  # RFC 8628 §3.2, RFC 6749 §5.2 (oauthlib: 400 invalid_request)
         if not client.allows_grant_type(GRANT_DEVICE_CODE):
             return oauth_error("unauthorized_client", "The client may not use the device authorization grant")
         scopes = request.POST.get("scope", "").split()

@@ -136,6 +136,18 @@ def test_a_disabled_clients_device_codes_and_codes_stay_void_once_it_is_enabled_
     assert not AuditEvent.objects.filter(kind="token.issued").exists()
 
 
+def test_an_unknown_or_disabled_client_is_refused_a_device_code_as_invalid_client(client, device_app):
+    from authserver.services import client_disable
+
+    client_disable(client=device_app.client, actor="user:admin")
+    for client_id in (device_app.client.client_id, "no-such-client"):
+        body = urlencode({"client_id": client_id, "scope": "models.read"})
+        refused = client.post("/oauth/device-authorization/", body, content_type=FORM)
+        assert (refused.status_code, refused.json()["error"]) == (401, "invalid_client"), refused.content
+        assert refused["WWW-Authenticate"].startswith("Basic")
+    assert AuditEvent.objects.filter(kind="device.denied", data__error_code="invalid_client").count() == 2
+
+
 # ---------------------------------------------------------------- device polls: the client first
 
 
