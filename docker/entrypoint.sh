@@ -52,10 +52,18 @@ metrics_dir_prepare() {
     export PROMETHEUS_MULTIPROC_DIR
 }
 
+# After SIGTERM uvicorn stops accepting, then waits for the responses still open (a long stream lasts
+# minutes) at most UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN seconds before it cancels them; only then does the
+# application's shutdown hand its buffered usage and audit records to Redis (up to 10 s,
+# gateway/redisbatch.py STOP_BUDGET_S) or spool them. Without a bound the wait never ends, and the
+# orchestrator's SIGKILL (compose's stop_grace_period, Kubernetes' terminationGracePeriodSeconds: 30 s)
+# takes those records with it. 15 s + 10 s leaves 5 s of those 30 for spooling and exit; raise the grace
+# period with this timeout (docker/README.md, "Stopping").
 serve() {
     metrics_dir_prepare
     exec uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop --http config.protocol:AuditedHttpToolsProtocol \
-        --workers "${WEB_CONCURRENCY:-4}" --no-proxy-headers --no-server-header "$@"
+        --workers "${WEB_CONCURRENCY:-4}" --no-proxy-headers --no-server-header \
+        --timeout-graceful-shutdown "${UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN:-15}" "$@"
 }
 
 if [ "$#" -eq 0 ]; then

@@ -8,9 +8,11 @@ well; where they are not, every structural assertion still runs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -36,6 +38,7 @@ COMPOSE_PATH = DOCKER / "compose.yaml"
 DOCKERFILE_PATH = DOCKER / "Dockerfile"
 ENTRYPOINT = DOCKER / "entrypoint.sh"
 HEALTHCHECK = DOCKER / "healthcheck.py"
+CADDY_START = DOCKER / "caddy-start.sh"
 
 DEPLOY_ENV = {"PORTCULLIS_ISSUER": "https://auth.example.com", "DJANGO_ALLOWED_HOSTS": "auth.example.com"}
 SERVICES = {"postgres", "redis", "migrate", "web", "gateway", "worker", "beat", "vllm", "fakevllm", "proxy"}
@@ -45,13 +48,16 @@ ROLES = ("web", "gateway", "worker", "beat", "fakevllm", "migrate")
 SECRET_VARIABLES = {"DJANGO_SECRET_KEY", "PORTCULLIS_KEY_ENCRYPTION_KEY", "VLLM_API_KEY", "PGPASSWORD"}
 SECRET_VARIABLES |= {"POSTGRES_PASSWORD", "HF_TOKEN"}
 WRITABLE_TMPFS = {"/tmp", "/var/lib/portcullis"}  # noqa: S108 (paths inside the container)
-APP_SECRET_FILES = {"DJANGO_SECRET_KEY_FILE", "PORTCULLIS_KEY_ENCRYPTION_KEY_FILE", "VLLM_API_KEY_FILE"}
+APP_SECRET_FILES = {"DJANGO_SECRET_KEY_FILE", "PORTCULLIS_KEY_ENCRYPTION_KEY_FILE"}  # the settings need both
+SERVERS = ("web", "gateway")  # the uvicorn roles: they forward upstream, sign tokens, spool audit records
+# Who opens sealed signing keys (to sign tokens, audit checkpoints, rotate): only they get the previous KEK.
+KEY_OPENERS = {"web", "gateway", "worker"}
 BUILD_TOOLS = {"build-essential", "gcc", "g++", "cc", "clang", "make", "cmake", "libc6-dev", "python3-dev"}
 BUILD_TOOLS |= {"libpq-dev", "pkg-config", "rustc", "cargo", "git"}
 UVICORN = (
     "uvicorn config.asgi:application --host 0.0.0.0 --port 8000 --loop uvloop"
     " --http config.protocol:AuditedHttpToolsProtocol"
-    " --workers 4 --no-proxy-headers --no-server-header"
+    " --workers 4 --no-proxy-headers --no-server-header --timeout-graceful-shutdown 15"
 )
 ROLE_COMMANDS = {
     "web": ["python manage.py migrate --noinput", "python manage.py collectstatic --noinput", UVICORN],
@@ -291,6 +297,32 @@ def test_every_secret_is_read_from_a_mounted_secret_file() -> None:
         assert service(name)["env_file"] == [{"path": ".env", "required": False}]
 
 
+def test_each_app_service_mounts_only_the_secrets_it_uses() -> None:
+    # The upstream key only where requests are forwarded; the previous key-encryption key only where sealed
+    # signing keys are opened. Every Django process needs the secret key and the current KEK to start.
+    for name in APP_SERVICES:
+        svc = service(name)
+        expected = {"postgres_password", "django_secret_key", "key_encryption_key"}
+        if name in KEY_OPENERS:
+            expected.add("key_encryption_key_previous")
+            assert svc["environment"]["PORTCULLIS_KEY_ENCRYPTION_KEY_PREVIOUS_FILE"] == (
+                "/run/secrets/key_encryption_key_previous"
+            ), name
+        if name in SERVERS:
+            expected.add("vllm_api_key")
+            assert svc["environment"]["VLLM_API_KEY_FILE"] == "/run/secrets/vllm_api_key", name
+        assert set(svc["secrets"]) == expected, name
+        assert {variable for variable in svc["environment"] if variable.endswith("_FILE")} == {
+            "PGPASSWORD_FILE",
+            "DJANGO_SECRET_KEY_FILE",
+            "PORTCULLIS_KEY_ENCRYPTION_KEY_FILE",
+            *(["PORTCULLIS_KEY_ENCRYPTION_KEY_PREVIOUS_FILE"] if name in KEY_OPENERS else []),
+            *(["VLLM_API_KEY_FILE"] if name in SERVERS else []),
+        }, name
+    users = {name for name, svc in compose()["services"].items() if "vllm_api_key" in svc.get("secrets", [])}
+    assert users == {*SERVERS, "vllm", "fakevllm"}
+
+
 def test_no_secret_value_is_written_in_the_deployment_files() -> None:
     web = service("web")["environment"]
     for variable in ("DATABASE_URL", "REDIS_URL"):
@@ -333,17 +365,121 @@ def test_env_example_documents_every_variable_the_compose_file_reads() -> None:
         "CELERY_CONCURRENCY",
         "FAKEVLLM_MODELS",
         "PORTCULLIS_TRUSTED_PROXIES",
+        "PORTCULLIS_PROXY_TRUSTED_PROXIES",
+        "UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN",
     } <= documented
 
 
-def test_compose_file_validates_with_docker_compose_where_the_plugin_is_installed(tmp_path: Path) -> None:
-    assert yaml.safe_load(COMPOSE_PATH.read_text(encoding="utf-8"))["services"]  # parses, always
+def test_env_example_names_every_service_that_reads_it() -> None:
+    example = (DOCKER / "env.example").read_text(encoding="utf-8")
+    listed = re.search(r"Portcullis containers \(([a-z, ]+)\)", example)
+    assert listed, "env.example no longer says which containers read it"
+    readers = {name for name, svc in compose()["services"].items() if "env_file" in svc}
+    assert set(listed[1].split(", ")) == readers
+
+
+def test_an_empty_trusted_proxies_setting_trusts_no_proxy() -> None:
+    # `-`, not `:-`: PORTCULLIS_TRUSTED_PROXIES= (uvicorn serving TLS itself) must not fall back to the edge
+    # subnet, through whose gateway address Docker may forward every client's connection.
+    raw = yaml.safe_load(COMPOSE_PATH.read_text(encoding="utf-8"))
+
+    def trusted(**env: str) -> set[str]:
+        services = resolved(raw, {**DEPLOY_ENV, **env})["services"]
+        return {services[name]["environment"]["PORTCULLIS_TRUSTED_PROXIES"] for name in APP_SERVICES}
+
+    assert trusted() == {"172.31.250.0/24"}
+    assert trusted(PORTCULLIS_EDGE_SUBNET="10.9.0.0/24") == {"10.9.0.0/24"}
+    assert trusted(PORTCULLIS_TRUSTED_PROXIES="") == {""}
+    assert trusted(PORTCULLIS_TRUSTED_PROXIES="10.0.0.0/8") == {"10.0.0.0/8"}
+
+
+def test_servers_spool_audit_records_to_a_shared_named_volume_the_service_user_owns() -> None:
+    # The settings say it: not on a tmpfs, or a restart during a Redis outage loses the records.
+    spools = set()
+    for name in SERVERS:
+        svc = service(name)
+        spool = svc["environment"]["PORTCULLIS_AUDIT_SPOOL_DIR"]
+        assert not any(spool == tmpfs or spool.startswith(f"{tmpfs}/") for tmpfs in svc["tmpfs"]), name
+        mounts = [volume.split(":") for volume in svc["volumes"]]
+        (source,) = [mount[0] for mount in mounts if mount[1] == spool]
+        assert source in compose()["volumes"], f"{name}: {source} is not a named volume"
+        spools.add((source, spool))
+    # One for every replica: audit/spool.py names each file per process and locks it while it is adopted.
+    assert len(spools) == 1
+    for name in set(APP_SERVICES) - set(SERVERS):  # no gateway runtime there: nothing to spool
+        assert "PORTCULLIS_AUDIT_SPOOL_DIR" not in service(name)["environment"], name
+        assert "volumes" not in service(name), name
+    # A new named volume takes the owner and mode of the image's directory at its mount point.
+    ((_, spool),) = spools
+    owned = rf"install -d -o 10001 -g 10001 -m 0700 (\S+ )*{re.escape(spool)}( |$)"
+    assert any(re.search(owned, run) for run in stages()[-1].args("RUN")), spool
+
+
+def test_postgres_accepts_every_connection_the_pools_can_ask_for(
+    run_entrypoint: Callable[..., EntrypointRun],
+) -> None:
+    # docker/README.md ("Scaling"): pool x (uvicorn processes x server replicas + worker processes + 1
+    # + beat and a one-off) + PostgreSQL's own reserve, for the four server replicas it says fit.
+    command = service("postgres")["command"]
+    assert command[0] == "postgres"
+    flags = zip(command[1::2], command[2::2], strict=True)
+    options = dict(value.split("=", 1) for flag, value in flags if flag == "-c")
+    (pool,) = {int(service(name)["environment"]["PORTCULLIS_DB_POOL_SIZE"]) for name in APP_SERVICES}
+    workers = re.search(r"--workers (\d+)", run_entrypoint("web").commands[-1])
+    celery = re.search(r"--concurrency (\d+)", run_entrypoint("worker").commands[0])
+    assert workers
+    assert celery
+    server_replicas = 4
+    demand = pool * (int(workers[1]) * server_replicas + int(celery[1]) + 1 + 2) + 10
+    assert demand <= int(options["max_connections"])
+    guide = (DOCKER / "README.md").read_text(encoding="utf-8")
+    assert "up to four web (or gateway) replicas fit" in guide
+    assert "PORTCULLIS_DB_POOL_SIZE ×" in guide
+
+
+def duration_s(value: str) -> float:
+    """Seconds in a Compose duration (``30s``, ``1m30s``, ``500ms``)."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", value)
+    assert parts, value
+    assert "".join(number + unit for number, unit in parts) == value, value
+    scale = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    return sum(float(number) * scale[unit] for number, unit in parts)
+
+
+def test_compose_file_references_only_what_it_declares_and_validates_where_the_plugin_is(
+    tmp_path: Path,
+) -> None:
+    # What `docker compose config` would refuse, checked without it: names that are not declared, a bind
+    # mount of a file that is not there, a dependency on a service another profile may leave out, a
+    # duration it cannot read, and a merge key left unresolved.
+    top = compose()
+    services = top["services"]
+    used: dict[str, set[str]] = {"secrets": set(), "volumes": set(), "networks": set()}
+    for name, svc in services.items():
+        assert not [key for key in svc if key.startswith(("<<", "x-"))], name
+        used["networks"] |= set(svc["networks"])
+        used["secrets"] |= set(svc.get("secrets", []))
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (DOCKER / source).is_file(), f"{name} mounts {source}, which is not there"
+            else:
+                used["volumes"].add(source)
+        for dependency in svc.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on {dependency}"
+            if "profiles" not in svc:
+                assert "profiles" not in services[dependency], f"{name} always needs {dependency}"
+        for duration in [svc.get("stop_grace_period"), *svc.get("healthcheck", {}).values()]:
+            if isinstance(duration, str) and duration[:1].isdigit():
+                assert duration_s(duration) > 0, f"{name}: {duration}"
+    for kind, names in used.items():
+        assert names == set(top[kind]), kind  # every reference declared, every declaration used
     docker = shutil.which("docker")
     if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode:
-        return  # only the docker CLI client, or none: the structural tests above are the check here
+        return  # only the docker CLI client, or none: the checks above are what runs here
     # A hermetic copy: dummy secret files, and no developer's docker/.env.
     (tmp_path / "docker" / "secrets").mkdir(parents=True)
-    for name in ("compose.yaml", "Caddyfile"):
+    for name in ("compose.yaml", "Caddyfile", "caddy-start.sh"):
         shutil.copy(DOCKER / name, tmp_path / "docker" / name)
     for name in compose()["secrets"]:
         (tmp_path / "docker" / "secrets" / f"{name}.txt").write_text("dummy\n", encoding="utf-8")
@@ -645,6 +781,239 @@ def test_fakevllm_requires_the_upstream_key_from_its_file(
     assert empty.commands == []
 
 
+# ---- stopping ---------------------------------------------------------------------------------------
+
+# An application that streams until it is cancelled or its client goes, and records its lifespan shutdown
+# (where Portcullis hands its buffered usage and audit records to Redis). Django is set up, as
+# config.asgi does, for the entrypoint's --http config.protocol:AuditedHttpToolsProtocol.
+STREAMING_APP = """
+import asyncio, os
+import django
+
+django.setup()
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        with open(os.environ["SHUTDOWN_LOG"], "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def disconnected():
+        while (await receive())["type"] != "http.disconnect":  # the request's body comes first
+            pass
+
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        while not gone.done():
+            await send({"type": "http.response.body", "body": b"data: tick\\n\\n", "more_body": True})
+            await asyncio.sleep(0.1)
+    except asyncio.CancelledError:
+        pass
+"""
+
+
+def hand_off_budget_s() -> float:
+    source = (ROOT / "gateway" / "redisbatch.py").read_text(encoding="utf-8")
+    budget = re.search(r"^STOP_BUDGET_S = (\d+(?:\.\d+)?)\b", source, re.MULTILINE)
+    assert budget, "gateway/redisbatch.py has no STOP_BUDGET_S"
+    return float(budget[1])
+
+
+def graceful_timeout_s(command: str) -> int:
+    timeout = re.search(r" --timeout-graceful-shutdown (\d+)(?: |$)", command)
+    assert timeout, f"uvicorn would wait for open responses for ever: {command}"
+    return int(timeout[1])
+
+
+def test_servers_are_killed_only_after_the_graceful_timeout_and_the_hand_off(
+    run_entrypoint: Callable[..., EntrypointRun],
+) -> None:
+    for role in SERVERS:
+        (serve,) = [command for command in run_entrypoint(role).commands if command.startswith("uvicorn ")]
+        grace = duration_s(service(role)["stop_grace_period"])
+        assert grace > graceful_timeout_s(serve) + hand_off_budget_s(), role
+    (longer,) = run_entrypoint("gateway", env={"UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN": "45"}).commands
+    assert graceful_timeout_s(longer) == 45
+    guide = (DOCKER / "README.md").read_text(encoding="utf-8")
+    for phrase in ("## Stopping", "terminationGracePeriodSeconds", "UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN"):
+        assert phrase in guide, phrase
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_served_command_cuts_an_open_stream_at_sigterm_and_then_shuts_the_application_down(
+    run_entrypoint: Callable[..., EntrypointRun], tmp_path: Path
+) -> None:
+    # The entrypoint's own uvicorn command line, run for real with two workers: only the application and
+    # the address differ. A stream that never ends must not hold the stop past the graceful timeout.
+    graceful = 1
+    env = {"UVICORN_TIMEOUT_GRACEFUL_SHUTDOWN": str(graceful), "WEB_CONCURRENCY": "2"}
+    (serve,) = run_entrypoint("gateway", env=env).commands
+    args = serve.split()
+    assert args[:2] == ["uvicorn", "config.asgi:application"]
+    port = free_port()
+    args[1] = "streaming_app:app"
+    args[args.index("--host") + 1] = "127.0.0.1"
+    args[args.index("--port") + 1] = str(port)
+    (tmp_path / "streaming_app.py").write_text(STREAMING_APP, encoding="utf-8")
+    shutdown_log = tmp_path / "shutdown.log"
+    server_env = {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin{os.pathsep}/bin",
+        "HOME": str(tmp_path),
+        "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}",
+        "DJANGO_SETTINGS_MODULE": "config.settings",
+        "DJANGO_DEBUG": "true",
+        "PORTCULLIS_VAR_DIR": str(tmp_path / "var"),
+        "SHUTDOWN_LOG": str(shutdown_log),
+    }  # and no UVICORN_* variable: only the command line may set the timeout
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "uvicorn"), *args[1:]],
+        cwd=ROOT,
+        env=server_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its workers share its process group, to be ended together if need be
+    )
+    try:
+        stream = None
+        for _ in range(300):  # the workers set Django up first
+            try:
+                stream = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+                threading.Event().wait(0.1)
+        assert stream is not None, "uvicorn did not listen"
+        with stream:
+            stream.sendall(b"GET /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert b"200" in stream.recv(4096).split(b"\r\n", 1)[0]  # the response is under way
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=graceful + 8)
+            except subprocess.TimeoutExpired:
+                pytest.fail("after SIGTERM uvicorn still waits for the open stream: no graceful timeout")
+        assert server.returncode == 0
+        assert len(lines_of(shutdown_log)) == 2  # each worker ran the application's shutdown after the cut
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+        if server.stderr is not None:
+            server.stderr.close()
+
+
+# ---- the TLS proxy ----------------------------------------------------------------------------------
+
+
+def proxy_start(tmp_path: Path, issuer: str, publish: str | None = None) -> tuple[int, str, str]:
+    """Run docker/caddy-start.sh with a stand-in for caddy; return its status, the site host, stderr."""
+    seen = tmp_path / "site"
+    seen.unlink(missing_ok=True)
+    env = {"PATH": f"/usr/bin{os.pathsep}/bin", "PORTCULLIS_ISSUER": issuer}
+    if publish is not None:
+        env["PORTCULLIS_HTTPS_PUBLISH"] = publish
+    script = 'printf %s "$PORTCULLIS_SITE_HOST" > "$0"'
+    result = subprocess.run(
+        ["sh", str(CADDY_START), "sh", "-c", script, str(seen)], capture_output=True, text=True, env=env
+    )
+    site = seen.read_text(encoding="utf-8") if seen.exists() else ""
+    return result.returncode, site, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("issuer", "publish", "host"),
+    [
+        ("https://localhost", None, "localhost"),
+        ("https://localhost/", None, "localhost"),  # as a site address: a path matcher, empty 200s elsewhere
+        ("https://auth.example.com//", "443", "auth.example.com"),
+        ("https://auth.example.com:8443", "8443", "auth.example.com"),
+        ("https://auth.example.com:8443/", "0.0.0.0:8443", "auth.example.com"),
+    ],
+)
+def test_the_proxy_serves_the_issuers_host_alone(
+    tmp_path: Path, issuer: str, publish: str | None, host: str
+) -> None:
+    status, site, stderr = proxy_start(tmp_path, issuer, publish)
+    assert status == 0, stderr
+    assert site == host
+
+
+@pytest.mark.parametrize(
+    ("issuer", "publish"),
+    [
+        ("https://auth.example.com/portcullis", None),  # a path Portcullis does not serve under
+        ("https://auth.example.com:8443", None),  # published on 443: the issuer would point at nothing
+        ("https://auth.example.com", "8443"),
+        ("http://auth.example.com", None),
+        ("https://user@auth.example.com", None),
+        ("https://auth.example.com:https", None),
+        ("", None),
+    ],
+)
+def test_the_proxy_refuses_an_issuer_it_cannot_serve(
+    tmp_path: Path, issuer: str, publish: str | None
+) -> None:
+    status, site, stderr = proxy_start(tmp_path, issuer, publish)
+    assert status == 78
+    assert "PORTCULLIS_ISSUER" in stderr
+    assert site == ""  # caddy never ran
+
+
+def caddy_version(caddy: str) -> tuple[int, ...]:
+    shown = subprocess.run([caddy, "version"], capture_output=True, text=True).stdout
+    found = re.match(r"v(\d+)\.(\d+)", shown)
+    return (int(found[1]), int(found[2])) if found else ()
+
+
+def test_caddy_serves_one_host_on_443_and_trusts_only_the_proxies_it_is_given(tmp_path: Path) -> None:
+    proxy = service("proxy")
+    assert proxy["entrypoint"] == ["/bin/sh", "/etc/caddy/start.sh"]
+    assert proxy["command"] == ["caddy", "run", "--config", "/etc/caddy/Caddyfile", "--adapter", "caddyfile"]
+    assert {"./Caddyfile:/etc/caddy/Caddyfile:ro", "./caddy-start.sh:/etc/caddy/start.sh:ro"} <= set(
+        proxy["volumes"]
+    )
+    raw = yaml.safe_load(COMPOSE_PATH.read_text(encoding="utf-8"))
+    for publish in ("8443", "127.0.0.1:8443"):  # what caddy-start.sh checks is what is published
+        moved = resolved(raw, {**DEPLOY_ENV, "PORTCULLIS_HTTPS_PUBLISH": publish})["services"]["proxy"]
+        assert moved["environment"]["PORTCULLIS_HTTPS_PUBLISH"] == publish
+        assert f"{publish}:443" in moved["ports"]
+    assert proxy["environment"]["PORTCULLIS_PROXY_TRUSTED_PROXIES"] == ""  # nothing in front, by default
+    caddyfile = (DOCKER / "Caddyfile").read_text(encoding="utf-8")
+    blocks = [line for line in caddyfile.splitlines() if line.endswith("{") and not line[:1].isspace()]
+    assert blocks == ["{", "https://{$PORTCULLIS_SITE_HOST}:443 {"]
+    assert "trusted_proxies static {$PORTCULLIS_PROXY_TRUSTED_PROXIES}" in caddyfile
+    shellcheck = tool("shellcheck")
+    if shellcheck is not None:
+        result = subprocess.run([shellcheck, str(CADDY_START)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout
+    caddy = tool("caddy")
+    if caddy is None or caddy_version(caddy) < (2, 7):  # trusted_proxies came in Caddy 2.6.3
+        return  # no Caddy like the image's here: the checks above are what runs
+    env = {
+        "PATH": f"/usr/bin{os.pathsep}/bin",
+        "HOME": str(tmp_path),
+        "PORTCULLIS_ISSUER": "https://auth.example.com/",
+        "PORTCULLIS_PROXY_TRUSTED_PROXIES": "10.0.0.0/8 192.0.2.1",
+    }
+    adapt = [caddy, "adapt", "--config", str(DOCKER / "Caddyfile"), "--adapter", "caddyfile"]
+    result = subprocess.run(["sh", str(CADDY_START), *adapt], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    (server,) = json.loads(result.stdout)["apps"]["http"]["servers"].values()
+    assert server["listen"] == [":443"]
+    (route,) = server["routes"]
+    assert route["match"] == [{"host": ["auth.example.com"]}]  # no path matcher
+    assert server["trusted_proxies"] == {"source": "static", "ranges": ["10.0.0.0/8", "192.0.2.1"]}
+
+
 # ---- health check -----------------------------------------------------------------------------------
 
 
@@ -776,8 +1145,27 @@ def test_deploy_guide_covers_first_run_upgrades_backups_scaling_tls_and_kubernet
         "GET /healthz",
         "*_FILE",
         "--no-proxy-headers",
+        "docker compose ps -a",  # migrate has exited: plain `ps` would not list it
+        "PORTCULLIS_TRUSTED_PROXIES=` (empty",  # TLS option 3, with no proxy to trust
+        "PORTCULLIS_PROXY_TRUSTED_PROXIES",  # a load balancer in front of Caddy
     ):
         assert phrase in guide, phrase
+    assert not re.search(r"docker compose ps(?! -a)", guide)
+    assert "once the console ships" not in guide
+
+
+def test_documented_one_off_commands_go_through_the_entrypoint() -> None:
+    # It sets PGPASSWORD from PGPASSWORD_FILE: `docker compose exec web python ...` has no database password.
+    (entrypoint,) = (json.loads(args)[0] for args in stages()[-1].args("ENTRYPOINT"))
+    documents = [ROOT / "README.md", *sorted(DOCKER.rglob("*.md"))]
+    pattern = re.compile(r"docker compose exec(?:\s+-\S+)*\s+(\S+)\s+(\S+)")
+    checked = 0
+    for document in documents:
+        for match in pattern.finditer(document.read_text(encoding="utf-8")):
+            if match[1] in APP_SERVICES:
+                checked += 1
+                assert match[2] == entrypoint, f"{document.relative_to(ROOT)}: {match[0]}"
+    assert checked  # the runbooks do run commands in the app containers
 
 
 @pytest.mark.parametrize("role", ["web", "gateway"])
