@@ -23,6 +23,11 @@ class AuthenticationError(GatewayError):
     message = "The access token is missing, malformed, expired or revoked."
 
 
+class TokenRevoked(AuthenticationError):
+    code = "token_revoked"
+    message = "The access token was revoked."
+
+
 class MissingCredentials(AuthenticationError):
     code = "missing_token"
     message = "An access token is required: send 'Authorization: Bearer <token>'."

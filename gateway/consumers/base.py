@@ -51,6 +51,10 @@ class ClientGone(Exception):
     """The client went away while the gateway waited for the upstream's whole answer."""
 
 
+class RevokedMeanwhile(Exception):
+    """The token (or its client) was revoked while the gateway waited for the upstream's whole answer."""
+
+
 # a body read is cut at most a quarter of a second after its deadline
 BODY_DEADLINES: Deadlines[GatewayConsumer] = Deadlines(sweep_s=0.25)
 
@@ -176,31 +180,45 @@ class GatewayConsumer(AsyncHttpConsumer):
         self._body_read = True
         return b"".join(chunks)
 
-    async def _unless_gone(self, work: Awaitable[T]) -> T:
-        """Await ``work``, cut as soon as the client disconnects (``ClientGone``): a client that left must
-        not keep vLLM generating an answer nobody will read, nor hold its concurrency slot meanwhile.
+    async def _unless_cut(self, work: Awaitable[T]) -> T:
+        """Await ``work``, cut as soon as the client disconnects (``ClientGone``) or the token or its client
+        is revoked (``RevokedMeanwhile``), whichever comes first. A client that left must not keep vLLM
+        generating an answer nobody will read, nor hold its concurrency slot meanwhile; a whole answer must
+        not reach a client whose token was revoked while vLLM wrote it (a long one takes minutes), as a
+        stream is cut then too.
 
         The server's ``portcullis.disconnect`` extension (``config.protocol``) calls back when the connection
-        is lost; without it a task listens on ``receive`` for ``http.disconnect``, as ASGI provides."""
+        is lost; without it a task listens on ``receive`` for ``http.disconnect``, as ASGI provides. The
+        revocation watcher calls back on a push or a catch-up; nothing is polled."""
+        assert self.principal is not None  # noqa: S101  (authenticate ran)
         task = asyncio.current_task()
         assert task is not None  # noqa: S101  (called from a coroutine)
-        gone = False
+        why: type[Exception] | None = None
 
         def lost() -> None:
-            nonlocal gone
-            if not gone:
-                gone = True
+            nonlocal why
+            if why is None:
+                why = ClientGone
+                task.cancel()
+
+        def revoked() -> None:
+            nonlocal why
+            if why is None:
+                why = RevokedMeanwhile
                 task.cancel()
 
         told = (self.scope.get("extensions") or {}).get("portcullis.disconnect")
-        with DisconnectWatch(told, self._receive, lost) as lost_already:
+        with (
+            DisconnectWatch(told, self._receive, lost) as lost_already,
+            self.rt.watcher.watch(self.principal, revoked),
+        ):
             if lost_already:
                 lost()  # the wait below is cut at once
             try:
                 return await work
             except asyncio.CancelledError:
-                if gone and task.uncancel() == 0:
-                    raise ClientGone() from None
+                if why is not None and task.uncancel() == 0:
+                    raise why() from None
                 raise  # cancelled by someone else (the server shutting down) too
 
     def late(self) -> None:

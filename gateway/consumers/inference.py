@@ -11,7 +11,7 @@ import time
 from audit.compact_json import json_compact_dump
 from gateway import errors
 from gateway.admission import admit, escaped_size, prompt_estimate, settle
-from gateway.consumers.base import SCOPE_FOR, ClientGone, GatewayConsumer
+from gateway.consumers.base import SCOPE_FOR, ClientGone, GatewayConsumer, RevokedMeanwhile
 from gateway.metrics import ACTIVE_STREAMS, stream_writes_observe
 from gateway.salt import cache_salt
 from gateway.streaming import StreamRelay, usage_counts
@@ -86,8 +86,8 @@ class InferenceConsumer(GatewayConsumer):
     ) -> tuple[int, int]:
         started = time.perf_counter()
         try:
-            status, data = await self._unless_gone(self._call(request, outbound))
-        except ClientGone:
+            status, data = await self._unless_cut(self._call(request, outbound))
+        except (ClientGone, RevokedMeanwhile) as cut:
             # The upstream connection was closed as the wait was cut, so vLLM aborted the generation.
             # What it did is unknown: the prompt it read is charged (estimated, as it was reserved).
             prompt = prompt_estimate(request, escaped_size(outbound))
@@ -95,9 +95,12 @@ class InferenceConsumer(GatewayConsumer):
                 upstream_ms=round((time.perf_counter() - started) * 1000, 3),
                 prompt_tokens=prompt,
                 completion_tokens=0,
-                outcome="client_gone",
+                outcome="client_gone" if isinstance(cut, ClientGone) else "revoked",
             )
-            return 499, prompt
+            if isinstance(cut, ClientGone):
+                return 499, prompt
+            await self._deny(errors.TokenRevoked())  # the one answer, and a gateway.denied record
+            return errors.TokenRevoked.status, prompt
         self.record["upstream_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if status != 200:
             raise self.rt.upstream_error(status, data)

@@ -461,6 +461,52 @@ def test_a_token_revoked_while_streaming_ends_the_stream_within_a_second(stack):
     assert after.status_code == 401
 
 
+def test_a_token_revoked_while_a_call_waits_for_its_answer_is_answered_401_within_a_second(
+    stack, django_db_blocker
+):
+    # a whole answer that vLLM took minutes to write had reached a client whose token was revoked meanwhile
+    stack.fake.configure(first_chunk_delay_s=20.0)
+    token = stack.token()
+    request_id = "revoked-in-call-01"
+    answer: dict[str, Any] = {}
+
+    def call() -> None:
+        answer["response"] = httpx.post(
+            f"{stack.server.base}/v1/chat/completions",
+            json={**CHAT, "max_tokens": 50},
+            headers={"authorization": f"Bearer {token}", "x-request-id": request_id},
+            timeout=30,
+        )
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    waited = time.monotonic()
+    while stack.fake.state()["running"] < 1 and time.monotonic() - waited < 10:
+        time.sleep(0.02)
+    revoked = httpx.post(
+        f"{stack.server.base}/oauth/revoke/",
+        data={"token": token},
+        auth=(stack.client_id, stack.secret),
+        timeout=10,
+    )
+    assert revoked.status_code == 200
+    cut_at = time.monotonic()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert time.monotonic() - cut_at < 1.0
+    response = answer["response"]
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "token_revoked"
+    assert response.headers["www-authenticate"].startswith("Bearer ")
+    while stack.fake.state()["aborted"] < 1 and time.monotonic() - cut_at < 2:
+        time.sleep(0.02)
+    assert stack.fake.state()["aborted"] == 1  # vLLM stopped generating it
+    row = _usage_row(django_db_blocker, request_id)
+    assert (row.status, row.outcome, row.completion_tokens) == (401, "revoked", 0)
+    assert row.prompt_tokens > 0  # the prompt vLLM read, as reserved
+    assert _denial_reason(django_db_blocker, request_id) == "token_revoked"
+
+
 def _forge(claims: dict[str, Any], header: dict[str, Any] | None = None, *, django_db_blocker: Any) -> str:
     """Sign claims with the real active access-token key (or, for HS*, with a shared secret), with any
     header."""

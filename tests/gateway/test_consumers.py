@@ -1,5 +1,5 @@
 """Parts of the /v1 consumer that need no server: how the client's address is read, and how a wait for the
-upstream is cut when the client leaves."""
+upstream is cut when the client leaves or its token is revoked."""
 
 from __future__ import annotations
 
@@ -9,7 +9,18 @@ from typing import Any
 
 import pytest
 
+from gateway.auth import Principal
 from gateway.consumers import ClientGone, GatewayConsumer
+from gateway.consumers.base import RevokedMeanwhile
+from gateway.revocation import RevocationWatcher
+
+
+def quiet() -> dict[str, Any]:
+    """The server's extension for a client that stays."""
+    return {"portcullis.disconnect": {"lost": False, "on_lost": None}}
+
+
+WHO = Principal(jti="jti-1", client_id="client-1", subject="client-1", scopes=frozenset(), exp=0)
 
 
 def client_ip(headers: list[tuple[bytes, bytes]], trusted: tuple[str, ...]) -> str | None:
@@ -35,10 +46,14 @@ def test_forwarded_for_lines_are_read_as_one_list_through_a_chain_of_trusted_pro
     assert client_ip(headers, ("127.0.0.0/8",)) == expected
 
 
-def waiting_consumer(extensions: dict[str, Any] | None, receive: Any = None) -> GatewayConsumer:
+def waiting_consumer(
+    extensions: dict[str, Any] | None, receive: Any = None, watcher: RevocationWatcher | None = None
+) -> GatewayConsumer:
     consumer = GatewayConsumer.__new__(GatewayConsumer)
     consumer.scope = {"extensions": extensions} if extensions is not None else {}
     consumer._receive = receive
+    consumer.principal = WHO
+    consumer.rt = SimpleNamespace(watcher=watcher or RevocationWatcher())  # type: ignore[assignment]
     return consumer
 
 
@@ -59,7 +74,7 @@ def test_a_wait_for_the_upstream_is_cut_when_the_server_says_the_client_has_gone
         loop.call_later(0.05, lambda: (told.update(lost=True), told["on_lost"]()))  # as connection_lost does
         started = loop.time()
         with pytest.raises(ClientGone):
-            await consumer._unless_gone(upstream_answer(cut))
+            await consumer._unless_cut(upstream_answer(cut))
         return cut, loop.time() - started, told
 
     cut, waited, told = asyncio.run(scenario())
@@ -75,7 +90,7 @@ def test_a_client_gone_before_the_wait_began_cuts_it_at_once():
             list[str](),
         )
         with pytest.raises(ClientGone):
-            await consumer._unless_gone(upstream_answer(cut))
+            await consumer._unless_cut(upstream_answer(cut))
         return cut
 
     assert asyncio.run(scenario()) == ["cut"]
@@ -89,9 +104,9 @@ def test_without_the_servers_extension_the_wait_listens_for_http_disconnect():
 
         consumer, cut = waiting_consumer(None, receive), list[str]()
         with pytest.raises(ClientGone):
-            await consumer._unless_gone(upstream_answer(cut))
+            await consumer._unless_cut(upstream_answer(cut))
         quiet = waiting_consumer(None, lambda: asyncio.sleep(5))  # the client stays: the answer comes
-        answer = await quiet._unless_gone(asyncio.sleep(0.01, result="answer"))
+        answer = await quiet._unless_cut(asyncio.sleep(0.01, result="answer"))
         return cut, answer
 
     assert asyncio.run(scenario()) == (["cut"], "answer")
@@ -100,7 +115,7 @@ def test_without_the_servers_extension_the_wait_listens_for_http_disconnect():
 def test_a_wait_cancelled_by_someone_else_stays_cancelled():
     async def scenario() -> None:
         consumer = waiting_consumer({"portcullis.disconnect": {"lost": False, "on_lost": None}})
-        task = asyncio.create_task(consumer._unless_gone(upstream_answer([])))
+        task = asyncio.create_task(consumer._unless_cut(upstream_answer([])))
         await asyncio.sleep(0.01)
         task.cancel()  # the server shutting down
         with pytest.raises(asyncio.CancelledError):
@@ -147,3 +162,62 @@ def test_a_request_is_secure_over_tls_or_when_a_trusted_proxy_says_its_client_us
 
 def test_no_trusted_proxy_means_forwarded_proto_is_never_believed():
     assert secure([(b"x-forwarded-proto", b"https")], trusted=()) is False
+
+
+@pytest.mark.parametrize("revoked", ["token", "client"])
+def test_a_wait_for_the_upstream_is_cut_when_its_token_or_client_is_revoked(revoked):
+    # a whole answer had reached a client whose token was revoked while vLLM wrote it
+    async def scenario() -> tuple[list[str], float, RevocationWatcher]:
+        watcher = RevocationWatcher()
+        consumer, cut = waiting_consumer(quiet(), watcher=watcher), list[str]()
+        push: dict[str, Any] = (
+            {"jtis": [[WHO.jti, 2**31]]} if revoked == "token" else {"clients": [WHO.client_id]}
+        )
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, watcher.apply, push)
+        started = loop.time()
+        with pytest.raises(RevokedMeanwhile):
+            await consumer._unless_cut(upstream_answer(cut))
+        return cut, loop.time() - started, watcher
+
+    cut, waited, watcher = asyncio.run(scenario())
+    assert cut == ["cut"]
+    assert waited < 1
+    assert watcher._watching == {}  # nothing is called back once the wait is over
+
+
+def test_a_wait_under_a_token_revoked_before_it_began_is_cut_at_once_and_others_are_not():
+    async def scenario() -> tuple[list[str], str]:
+        watcher = RevocationWatcher()
+        watcher.apply({"jtis": [[WHO.jti, 2**31]]})
+        consumer, cut = waiting_consumer(quiet(), watcher=watcher), list[str]()
+        with pytest.raises(RevokedMeanwhile):
+            await consumer._unless_cut(upstream_answer(cut))
+        other = waiting_consumer(quiet(), watcher=watcher)
+        other.principal = Principal(jti="jti-2", client_id="client-2", subject="c", scopes=frozenset(), exp=0)
+        watcher.apply({"jtis": [[WHO.jti, 2**31]]})  # another push for the first token, mid-wait
+        answer = await other._unless_cut(asyncio.sleep(0.01, result="answer"))
+        return cut, answer
+
+    assert asyncio.run(scenario()) == (["cut"], "answer")
+
+
+def test_whichever_cut_comes_first_is_the_one_reported():
+    async def scenario() -> type[Exception]:
+        watcher = RevocationWatcher()
+        told: dict[str, Any] = {"lost": False, "on_lost": None}
+        consumer = waiting_consumer({"portcullis.disconnect": told}, watcher=watcher)
+
+        def both() -> None:
+            told.update(lost=True)
+            told["on_lost"]()  # the client left, and then its token was revoked, in one turn of the loop
+            watcher.apply({"jtis": [[WHO.jti, 2**31]]})
+
+        asyncio.get_running_loop().call_later(0.05, both)
+        try:
+            await consumer._unless_cut(upstream_answer([]))
+        except (ClientGone, RevokedMeanwhile) as exc:
+            return type(exc)
+        raise AssertionError("the wait was not cut")
+
+    assert asyncio.run(scenario()) is ClientGone
