@@ -425,6 +425,18 @@ def test_an_upstream_error_mid_stream_reaches_the_client_once_without_done(stack
     assert row.outcome == "upstream_error"
 
 
+def _revoke(stack: Stack, token: str) -> float:
+    """Revoke the token at the revocation endpoint (RFC 7009); return when it answered."""
+    revoked = httpx.post(
+        f"{stack.server.base}/oauth/revoke/",
+        data={"token": token},
+        auth=(stack.client_id, stack.secret),
+        timeout=10,
+    )
+    assert revoked.status_code == 200
+    return time.monotonic()
+
+
 def test_a_token_revoked_while_streaming_ends_the_stream_within_a_second(stack):
     stack.fake.configure(chunk_delay_s=0.05, tokens=400)
     token = stack.token()
@@ -442,14 +454,7 @@ def test_a_token_revoked_while_streaming_ends_the_stream_within_a_second(stack):
     thread.start()
     while len(events) < 3:
         time.sleep(0.01)
-    revoked = httpx.post(
-        f"{stack.server.base}/oauth/revoke/",
-        data={"token": token},
-        auth=(stack.client_id, stack.secret),
-        timeout=10,
-    )
-    assert revoked.status_code == 200
-    cut_at = time.monotonic()
+    cut_at = _revoke(stack, token)
     assert finished.wait(5)
     assert time.monotonic() - cut_at < 1.0
     thread.join()
@@ -483,14 +488,7 @@ def test_a_token_revoked_while_a_call_waits_for_its_answer_is_answered_401_withi
     waited = time.monotonic()
     while stack.fake.state()["running"] < 1 and time.monotonic() - waited < 10:
         time.sleep(0.02)
-    revoked = httpx.post(
-        f"{stack.server.base}/oauth/revoke/",
-        data={"token": token},
-        auth=(stack.client_id, stack.secret),
-        timeout=10,
-    )
-    assert revoked.status_code == 200
-    cut_at = time.monotonic()
+    cut_at = _revoke(stack, token)
     thread.join(5)
     assert not thread.is_alive()
     assert time.monotonic() - cut_at < 1.0
