@@ -14,6 +14,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_http_methods
 
+from audit.locks import advisory_lock_tried
 from audit.models import AuditEvent, AuditReport
 from audit.selectors import audit_events_filter, audit_kinds, reports_list
 from console.access import console_view
@@ -118,13 +119,22 @@ def audit_export(request: HttpRequest) -> StreamingHttpResponse:
     return response
 
 
+# PostgreSQL advisory lock id ("audv") held while the console verifies the chain: one verification at a
+# time across the deployment. It reads every record; any staff user may ask, and asking again and again
+# had run as many at once.
+CONSOLE_VERIFY_LOCK = 0x61756476
+
+
 def chain_verification() -> dict[str, Any]:
-    """Run the audit chain verification if this build has it; say so when it does not."""
+    """Run the audit chain verification if this build has it and none is running; say so otherwise."""
     try:
         from audit.chain import chain_verify
     except ImportError:
         return {"available": False}
-    report = chain_verify()
+    with advisory_lock_tried(CONSOLE_VERIFY_LOCK) as mine:
+        if not mine:
+            return {"available": True, "busy": True}
+        report = chain_verify()
     return {
         "available": True,
         "ok": bool(report.ok),
@@ -139,7 +149,8 @@ def chain_verification() -> dict[str, Any]:
 def audit_verify(request: HttpRequest) -> HttpResponse:
     """Verify the audit hash chain on request (POST) and show the result."""
     result = chain_verification() if request.method == "POST" else None
-    return render(request, "console/audit/verify.html", {"result": result})
+    status = 409 if result is not None and result.get("busy") else 200
+    return render(request, "console/audit/verify.html", {"result": result}, status=status)
 
 
 @console_view()

@@ -573,6 +573,35 @@ def test_chain_verification_runs_on_request_and_reports_its_result(as_admin, wor
         assert b'id="verify-result"' in response.content
 
 
+def test_one_chain_verification_runs_at_a_time_across_processes(as_admin, world, settings):
+    # any staff user may ask, and asking again and again had run as many full reads of the log at once
+    import psycopg
+
+    from console.views.audit import CONSOLE_VERIFY_LOCK
+
+    params = settings.DATABASES["default"]
+    other = psycopg.connect(  # another process's session, holding the lock as a running verification does
+        host=params["HOST"],
+        port=params["PORT"] or 5432,
+        user=params["USER"],
+        dbname=params["NAME"],
+        password=params["PASSWORD"] or None,
+        autocommit=True,
+    )
+    with other:
+        other.execute("SELECT pg_advisory_lock(%s)", [CONSOLE_VERIFY_LOCK])
+        busy = as_admin.post("/console/audit/verify/")
+        assert busy.status_code == 409
+        assert busy.context["result"] == {"available": True, "busy": True}
+        assert b"A verification is running already" in busy.content
+        other.execute("SELECT pg_advisory_unlock(%s)", [CONSOLE_VERIFY_LOCK])
+        done = as_admin.post("/console/audit/verify/")
+    assert done.status_code == 200
+    assert done.context["result"]["ok"] is True
+    again = as_admin.post("/console/audit/verify/")  # the lock was given back after the first
+    assert again.status_code == 200
+
+
 def test_a_stored_report_downloads_as_an_attachment(as_admin, world):
     listing = as_admin.get("/console/reports/")
     assert world.report.filename().encode() in listing.content
