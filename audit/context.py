@@ -84,15 +84,6 @@ def client_ip_resolve(peer: str | None, forwarded_for: str | None, trusted: Iter
     return str(current)
 
 
-def request_actor(default: str = "system") -> str:
-    """Who acts in a change that a receiver, not a service, sees (a save in the Django admin): the signed-in
-    user of the request being served, else ``default`` (a shell, a command, a task)."""
-    user = getattr(request_var.get(), "user", None)
-    if user is None or not user.is_authenticated:
-        return default
-    return f"user:{user.get_username()}"
-
-
 def request_id_from(header: str | None) -> str:
     """Keep a well-formed client request id, else make a new one."""
     if header and _REQUEST_ID_RE.match(header):

@@ -17,7 +17,7 @@ from typing import Any
 from django.utils import timezone
 
 from audit.chain import event_append, normalise_ip
-from audit.context import client_ip_var, request_id_var
+from audit.context import client_ip_var, request_id_var, request_var
 from audit.models import AuditEvent
 
 logger = logging.getLogger(__name__)
@@ -94,3 +94,10 @@ def actor_for_user(user: Any) -> str:
     if user is None or not getattr(user, "is_authenticated", False):
         return "anonymous"
     return f"user:{user.get_username()}"
+
+
+def request_actor(default: str = "system") -> str:
+    """Who acts in a change that a receiver, not a service, sees (a save in the Django admin): the signed-in
+    user of the request being served, else ``default`` (a shell, a command, a task)."""
+    actor = actor_for_user(getattr(request_var.get(), "user", None))
+    return default if actor == "anonymous" else actor

@@ -10,13 +10,14 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
 from django.contrib.auth.signals import user_logged_in, user_login_failed
-from django.db.models.signals import m2m_changed, post_delete, post_save, pre_save
+from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
 from audit.services import audit_record
 from authserver.models import AUTH_TIME_SESSION_KEY, AccessToken
 from authserver.services import access_tokens_deleted, user_deactivated
 from authserver.services.users import (
+    group_deleted_audit,
     user_deleted_audit,
     user_memberships_audit,
     user_rights_before,
@@ -52,6 +53,14 @@ def user_saved(sender: Any, instance: Any, created: bool, raw: bool = False, **k
 @receiver(post_delete, sender=settings.AUTH_USER_MODEL)
 def user_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
     user_deleted_audit(user=instance)
+
+
+@receiver(pre_delete, sender=Group)
+def group_deleting(sender: Any, instance: Group, **kwargs: Any) -> None:
+    # read before the cascade takes them: it sends no m2m_changed for the users and permissions it removes
+    users = [u.get_username() for u in instance.user_set.all()]
+    permissions = [_label(p) for p in instance.permissions.select_related("content_type")]
+    group_deleted_audit(name=instance.name, users=users, permissions=permissions)
 
 
 # Groups and permissions given or taken, from either side (a user's groups, or a group's users): the

@@ -239,7 +239,8 @@ class PortcullisValidator(OAuth2Validator):
             raise errors.InvalidRequestError(
                 description="id_token_hint is not an ID token this server issued", request=request
             )
-        user = getattr(request, "user", None) or _session_user.get()
+        # only what DOT set: oauthlib's request answers any other name from the query (``&user=x``)
+        user = vars(request).get("user") or _session_user.get()
         if user is None:
             return True  # not known yet: asked again, with the user, before any code is issued
         return subject == str(user.pk)

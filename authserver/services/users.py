@@ -8,8 +8,7 @@ from typing import Any
 from axes.utils import reset as axes_reset
 from django.core.exceptions import ValidationError
 
-from audit.context import request_actor
-from audit.services import audit_record
+from audit.services import audit_record, request_actor
 from authserver.services.tokens import tokens_revoke_for_user
 
 
@@ -90,3 +89,13 @@ def user_memberships_audit(*, kind: str, holders: list[str], action: str, names:
         audit_record(
             kind=kind, actor=request_actor(), data={key: holder, "action": action, "names": sorted(names)}
         )
+
+
+def group_deleted_audit(*, name: str, users: list[str], permissions: list[str]) -> None:
+    """Record a group's deletion with the users it held and the permissions it gave them: the deletion's
+    cascade takes both without a word (no ``m2m_changed``), so this is the record of the rights taken."""
+    audit_record(
+        kind="group.deleted",
+        actor=request_actor(),
+        data={"group": name, "users": sorted(users), "permissions": sorted(permissions)},
+    )

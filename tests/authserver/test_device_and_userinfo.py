@@ -427,3 +427,17 @@ def test_an_id_token_hint_this_server_did_not_issue_is_invalid_request(
     assert answer["error"] == "invalid_request"
     assert "code" not in answer
     assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("prompt", ["none", "", "login"])
+def test_a_user_named_in_the_query_is_not_taken_for_the_signed_in_one(oauth, web_app, alice, bob, prompt):
+    # oauthlib's request answers any name from the query: ``&user=x`` was read as the user (a 500)
+    hint = _id_token(OAuthDriver(http=HttpClient()), web_app, bob)
+    _id_token(oauth, web_app, alice)
+    extra = {"prompt": prompt, "id_token_hint": hint, "user": str(bob.pk)}
+    response = _authorize(oauth.http, web_app, **extra)
+    if prompt == "login":  # to the sign-in page first, as any prompt=login
+        assert response.status_code == 302
+        assert response["Location"].startswith("/accounts/login/")
+        return
+    assert _query(response)["error"] == "login_required"

@@ -217,3 +217,15 @@ def test_the_django_admin_shows_clients_and_tokens_and_changes_none(
     listing = as_root.get("/admin/")
     assert b"/admin/axes/" not in listing.content  # lockouts are lifted by the console's audited unlock
     assert not AuditEvent.objects.filter(kind__startswith="client.").exclude(kind="client.created").exists()
+
+
+def test_a_deleted_group_is_recorded_with_the_users_and_rights_it_took(alice: Any, as_root: Any) -> None:
+    # the deletion's cascade removes the memberships and the group's permissions with no m2m_changed
+    admins = Group.objects.create(name="admins")
+    admins.permissions.add(Permission.objects.get(codename="change_user"))
+    alice.groups.add(admins)
+    assert as_root.post(f"/admin/auth/group/{admins.pk}/delete/", {"post": "yes"}).status_code == 302
+    assert not type(alice).objects.get(pk=alice.pk).has_perm("auth.change_user")
+    assert records("group.deleted") == [
+        ("user:root", {"group": "admins", "users": ["alice"], "permissions": ["auth.change_user"]})
+    ]
