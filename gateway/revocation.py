@@ -36,11 +36,12 @@ REVOCATION_FULL_RELOAD_S = 600.0
 class RevocationWatcher(RevokedSet):
     def __init__(self) -> None:
         super().__init__()
-        # What runs under a token: each request or stream waiting on vLLM, by the callable that cuts it. One
-        # flat dict, not an index by token and client: registering and forgetting a request is then one
-        # dict insertion and one deletion (an index of sets cost ~3 µs a request), and a push, which is
-        # rare, looks through what is running (a few µs for a thousand streams).
+        # What runs under a token: each request or stream waiting on vLLM, by the callable that cuts it, and
+        # how many run under each token. Flat dicts, not an index of sets by token and by client (~3 µs a
+        # request to register and forget): a push looks through what is running only when it names a token
+        # in use (every refresh pushes the token it replaced, seldom one in use) or a client (rare).
         self._watching: dict[Callable[[], None], Principal] = {}
+        self._watched_jtis: dict[str, int] = {}
         self.last_push_at: float | None = None
 
     def apply(self, message: dict[str, Any]) -> None:
@@ -60,7 +61,8 @@ class RevocationWatcher(RevokedSet):
     def _cut(self, message: dict[str, Any]) -> None:
         if not self._watching:
             return
-        jtis = {str(jti) for jti, _exp in message.get("jtis", [])}
+        watched = self._watched_jtis
+        jtis = {str(jti) for jti, _exp in message.get("jtis", []) if str(jti) in watched}
         clients = {str(client_id) for client_id in message.get("clients", [])}
         if not jtis and not clients:
             return
@@ -90,6 +92,8 @@ class Watch:
     def __enter__(self) -> None:
         watcher, principal, cut = self._watcher, self._principal, self._cut
         watcher._watching[cut] = principal
+        jtis = watcher._watched_jtis
+        jtis[principal.jti] = jtis.get(principal.jti, 0) + 1
         if watcher.is_revoked(principal):
             try:
                 cut()
@@ -98,4 +102,11 @@ class Watch:
                 raise
 
     def __exit__(self, *exc_info: object) -> None:
-        self._watcher._watching.pop(self._cut, None)
+        watcher, jti = self._watcher, self._principal.jti
+        if watcher._watching.pop(self._cut, None) is None:
+            return  # left already
+        running = watcher._watched_jtis[jti] - 1
+        if running:
+            watcher._watched_jtis[jti] = running
+        else:
+            del watcher._watched_jtis[jti]

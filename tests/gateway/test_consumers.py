@@ -186,20 +186,40 @@ def test_a_wait_for_the_upstream_is_cut_when_its_token_or_client_is_revoked(revo
     assert watcher._watching == {}  # nothing is called back once the wait is over
 
 
-def test_a_wait_under_a_token_revoked_before_it_began_is_cut_at_once_and_others_are_not():
-    async def scenario() -> tuple[list[str], str]:
+def test_a_wait_under_a_token_revoked_before_it_began_is_cut_at_once():
+    async def scenario() -> list[str]:
         watcher = RevocationWatcher()
         watcher.apply({"jtis": [[WHO.jti, 2**31]]})
         consumer, cut = waiting_consumer(quiet(), watcher=watcher), list[str]()
         with pytest.raises(RevokedMeanwhile):
             await consumer._unless_cut(upstream_answer(cut))
+        return cut
+
+    assert asyncio.run(scenario()) == ["cut"]
+
+
+@pytest.mark.parametrize("revoked", ["token", "client"])
+def test_a_push_cuts_the_waits_under_its_token_or_client_and_no_other(revoked):
+    async def scenario() -> tuple[list[str], list[str], dict[str, int]]:
+        watcher = RevocationWatcher()
+        mine, cut = waiting_consumer(quiet(), watcher=watcher), list[str]()
         other = waiting_consumer(quiet(), watcher=watcher)
         other.principal = Principal(jti="jti-2", client_id="client-2", subject="c", scopes=frozenset(), exp=0)
-        watcher.apply({"jtis": [[WHO.jti, 2**31]]})  # another push for the first token, mid-wait
-        answer = await other._unless_cut(asyncio.sleep(0.01, result="answer"))
-        return cut, answer
+        same_token = waiting_consumer(quiet(), watcher=watcher)  # a second request under the first token
+        waits = [
+            asyncio.create_task(mine._unless_cut(upstream_answer(cut))),
+            asyncio.create_task(other._unless_cut(asyncio.sleep(0.2, result="answer"))),
+            asyncio.create_task(same_token._unless_cut(upstream_answer(cut))),
+        ]
+        await asyncio.sleep(0.01)  # all three are waiting, registered
+        watcher.apply({"jtis": [[WHO.jti, 2**31]]} if revoked == "token" else {"clients": [WHO.client_id]})
+        outcomes = await asyncio.gather(*waits, return_exceptions=True)
+        return [type(o).__name__ for o in outcomes], cut, watcher._watched_jtis
 
-    assert asyncio.run(scenario()) == (["cut"], "answer")
+    outcomes, cut, watched = asyncio.run(scenario())
+    assert outcomes == ["RevokedMeanwhile", "str", "RevokedMeanwhile"]  # the other token's wait answered
+    assert cut == ["cut", "cut"]
+    assert watched == {}  # every wait, cut or answered, was forgotten
 
 
 def test_whichever_cut_comes_first_is_the_one_reported():
