@@ -28,8 +28,8 @@ def advisory_lock_tried(lock_id: int) -> Iterator[bool]:
 
     On PostgreSQL, its session advisory lock, so across processes and threads (each thread has its own
     session; one session may take it again: PostgreSQL's are re-entrant), released at the block's end
-    whatever the block's transactions did; elsewhere (SQLite, the embedded default: one process) a lock of this
-    process."""
+    whatever the block's transactions did; elsewhere (SQLite, the embedded default: one process) a lock of
+    this process."""
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_try_advisory_lock(%s)", [lock_id])

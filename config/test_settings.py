@@ -28,4 +28,5 @@ CELERY_TASK_ALWAYS_EAGER = True
 if DATABASES["default"]["ENGINE"].endswith("postgresql"):  # noqa: F405
     # Transactional tests empty the database with TRUNCATE between tests, which the audit tables refuse
     # unless the session says so (audit migration 0010); production sessions never do.
-    DATABASES["default"].setdefault("OPTIONS", {})["options"] = "-c portcullis.audit_truncate=on"  # noqa: F405
+    _options = DATABASES["default"].setdefault("OPTIONS", {})  # noqa: F405
+    _options["options"] = f"{_options.get('options', '')} -c portcullis.audit_truncate=on".strip()
