@@ -147,6 +147,17 @@ class DeviceConfirmView(dot_views.DeviceConfirmView):
         context["extra_details"] = consent_details_for(context["application"])
         return context
 
+    def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        """DOT's page, or, for a code that may no longer be approved, why (no Allow or Deny to press: the
+        page offered them for an expired code, and refused only once one was pressed)."""
+        response: HttpResponse = super().get(request, *args, **kwargs)
+        device = self.get_object()
+        refusal = _confirm_refusal(device, client_by_client_id(device.client_id))
+        if refusal is None:
+            return response
+        status, _reason, message = refusal
+        return self.render_to_response(self.get_context_data(refused=message), status=status)
+
     def form_valid(self, form: Any) -> HttpResponse:
         if form.cleaned_data["action"] not in ("accept", "deny"):  # DOT answered an empty 400
             form.add_error("action", "Choose Allow or Deny.")

@@ -228,6 +228,21 @@ def test_the_device_confirm_page_refuses_an_expired_code_or_a_disabled_client_an
     assert model.objects.get(device_code=started["device_code"]).status != model.AUTHORIZED
 
 
+@pytest.mark.parametrize("how", ["expired", "client disabled"])
+def test_the_device_confirm_page_says_so_before_anything_is_pressed(client, device_app, alice, how):
+    # it offered Allow and Deny for an expired code, and refused only once one was pressed
+    started = _device_start(client, device_app)
+    entered = _device_entered(client, alice, started["user_code"])
+    if how == "expired":
+        get_device_grant_model().objects.update(expires=timezone.now() - timedelta(seconds=1))
+    else:
+        type(device_app.client).objects.filter(pk=device_app.client.pk).update(disabled=True)
+    shown = client.get(entered["Location"])
+    assert shown.status_code == (410 if how == "expired" else 400)
+    assert (b"has expired" if how == "expired" else b"has been disabled") in shown.content
+    assert b'value="accept"' not in shown.content
+
+
 def test_a_code_another_user_entered_first_is_a_wrong_code_to_the_second(device_app, alice, bob):
     alices, bobs = HttpClient(), HttpClient()
     started = _device_start(alices, device_app)
