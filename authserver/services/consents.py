@@ -8,7 +8,7 @@ from django.db import transaction
 
 from audit.services import audit_record
 from authserver.models import Client, Consent
-from authserver.services.tokens import access_token_deletions_batched, tokens_delete_for_user
+from authserver.services.tokens import access_token_deletions_batched, tokens_delete
 
 
 def consent_grant(*, user: Any, client: Client, scopes: list[str]) -> Consent:
@@ -32,6 +32,6 @@ def consent_withdraw(*, user: Any, client: Client) -> int:
     with transaction.atomic(), access_token_deletions_batched():
         Consent.objects.filter(user=user, client=client).delete()
         # the codes and device codes approved and not yet redeemed go too: each would still give a token
-        count = tokens_delete_for_user(user=user, client=client)
+        count = tokens_delete(user=user, client=client)
     audit_record(kind="consent.withdrawn", actor=f"user:{user.get_username()}", client_id=client.client_id)
     return count

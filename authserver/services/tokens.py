@@ -44,17 +44,14 @@ def _unredeemed_grants_delete(*, client: Client | None = None, user: Any = None)
 def tokens_revoke_for_client(*, client: Client, actor: str, reason: str) -> int:
     """Revoke every access and refresh token of a client; push the revocation. Return how many."""
     with transaction.atomic(), access_token_deletions_batched():
-        access = list(AccessToken.objects.filter(application=client))
-        RefreshToken.objects.filter(application=client, revoked__isnull=True).update(revoked=timezone.now())
-        AccessToken.objects.filter(application=client).delete()
-        _unredeemed_grants_delete(client=client)
+        count = tokens_delete(client=client)
     audit_record(
         kind="token.revoked",
         actor=actor,
         client_id=client.client_id,
-        data={"reason": reason, "tokens_revoked": len(access)},
+        data={"reason": reason, "tokens_revoked": count},
     )
-    return len(access)
+    return count
 
 
 def access_tokens_deleted(tokens: list[AccessToken]) -> None:
@@ -198,7 +195,7 @@ def tokens_revoke_for_user(*, user: Any, actor: str, reason: str, client: Client
     """Revoke every access and refresh token a user holds, across clients or at ``client`` only (the
     client's other users, and the user's other clients, keep theirs), recorded; return how many."""
     with transaction.atomic(), access_token_deletions_batched():
-        count = tokens_delete_for_user(user=user, client=client)
+        count = tokens_delete(user=user, client=client)
     audit_record(
         kind="token.revoked",
         actor=actor,
@@ -208,12 +205,15 @@ def tokens_revoke_for_user(*, user: Any, actor: str, reason: str, client: Client
     return count
 
 
-def tokens_delete_for_user(*, user: Any, client: Client | None = None) -> int:
-    """Revoke a user's access and refresh tokens and delete their unredeemed codes and device codes, across
-    clients or at ``client`` only, inside the caller's transaction and unrecorded (the caller records why:
-    a revocation, a withdrawn consent); return how many access tokens."""
-    at = {} if client is None else {"application": client}
-    RefreshToken.objects.filter(user=user, revoked__isnull=True, **at).update(revoked=timezone.now())
-    count, _ = AccessToken.objects.filter(user=user, **at).delete()
+def tokens_delete(*, client: Client | None = None, user: Any = None) -> int:
+    """Revoke the access and refresh tokens of a client, of a user (across clients), or of a user at one
+    client, and delete their unredeemed codes and device codes, inside the caller's transaction and
+    unrecorded (the caller records why: a revocation, a withdrawn consent); return how many access tokens."""
+    if client is None and user is None:
+        raise ValueError("tokens_delete needs a client, a user or both")  # not every token there is
+    held = {"application": client, "user": user}
+    held = {field: value for field, value in held.items() if value is not None}
+    RefreshToken.objects.filter(revoked__isnull=True, **held).update(revoked=timezone.now())
+    _total, deleted = AccessToken.objects.filter(**held).delete()
     _unredeemed_grants_delete(client=client, user=user)
-    return count
+    return deleted.get(AccessToken._meta.label, 0)

@@ -42,9 +42,9 @@ def client_authenticated(core: Any, request: HttpRequest) -> Client | None:
     return client if isinstance(client, Client) else None
 
 
-def client_refused() -> JsonResponse:
+def client_refused(description: str = "Client authentication failed") -> JsonResponse:
     """RFC 6749 §5.2 ``invalid_client``: 401, with the challenge of the scheme clients authenticate by."""
-    response = oauth_error("invalid_client", "Client authentication failed", status=401)
+    response = oauth_error("invalid_client", description, status=401)
     response["WWW-Authenticate"] = 'Basic realm="portcullis"'
     return response
 
@@ -149,10 +149,12 @@ class FormEndpoint(View):
                 refusal = _form_refusal(request)
                 if refusal is None:
                     return self.form_dispatch(request, *args, **kwargs)
-                response = oauth_error("invalid_request", refusal)
-                if refusal == BASIC_NOT_ASCII:  # an authentication by the header that failed: §5.2's 401
-                    response = oauth_error("invalid_client", refusal, status=401)
-                    response["WWW-Authenticate"] = 'Basic realm="portcullis"'
+                # Basic credentials that are not ASCII: an authentication by the header that failed
+                response = (
+                    client_refused(refusal)
+                    if refusal == BASIC_NOT_ASCII
+                    else oauth_error("invalid_request", refusal)
+                )
         audit_record(kind=self.denied_kind, outcome="denied", data={"error_code": error_code_of(response)})
         return response
 

@@ -15,6 +15,7 @@ from authserver.tokens import jwt_signed_by_published_key
 from authserver.views.common import (
     FormEndpoint,
     client_authenticated,
+    client_refused,
     error_code_of,
     oauth_error,
     query_refusal,
@@ -34,9 +35,8 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         client = client_authenticated(self.get_oauthlib_core(), request)
         if client is None:
-            response = self._denied("", "invalid_client", "Client authentication failed", 401)
-            response["WWW-Authenticate"] = 'Basic realm="portcullis"'
-            return response
+            audit_record(kind=self.denied_kind, outcome="denied", data={"error_code": "invalid_client"})
+            return client_refused()
         if not client.can_introspect:
             return self._denied(
                 client.client_id, "unauthorized_client", "This client may not introspect", 403

@@ -91,13 +91,14 @@ class InferenceConsumer(GatewayConsumer):
             # The upstream connection was closed as the wait was cut, so vLLM aborted the generation.
             # What it did is unknown: the prompt it read is charged (estimated, as it was reserved).
             prompt = prompt_estimate(request, escaped_size(outbound))
+            gone = isinstance(cut, ClientGone)
             self.record.update(
                 upstream_ms=round((time.perf_counter() - started) * 1000, 3),
                 prompt_tokens=prompt,
                 completion_tokens=0,
-                outcome="client_gone" if isinstance(cut, ClientGone) else "revoked",
+                outcome="client_gone" if gone else "revoked",
             )
-            if isinstance(cut, ClientGone):
+            if gone:
                 return 499, prompt
             await self._deny(errors.TokenRevoked())  # the one answer, and a gateway.denied record
             return errors.TokenRevoked.status, prompt
