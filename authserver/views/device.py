@@ -150,10 +150,10 @@ class DeviceConfirmView(dot_views.DeviceConfirmView):
     def get(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         """DOT's page, or, for a code that may no longer be approved, why (no Allow or Deny to press: the
         page offered them for an expired code, and refused only once one was pressed)."""
-        response: HttpResponse = super().get(request, *args, **kwargs)
-        device = self.get_object()
+        device = self.get_object()  # a 404 for a code not pending for this user, as DOT's page
         refusal = _confirm_refusal(device, client_by_client_id(device.client_id))
         if refusal is None:
+            response: HttpResponse = super().get(request, *args, **kwargs)
             return response
         status, _reason, message = refusal
         return self.render_to_response(self.get_context_data(refused=message), status=status)
