@@ -6,9 +6,10 @@ from typing import Any
 
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
 
 from audit.services import actor_for_user, audit_record
+from authserver.views.authorize import asks_for_a_new_sign_in
 
 
 def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
@@ -33,8 +34,27 @@ def csrf_failure(request: HttpRequest, reason: str = "") -> HttpResponse:
 
 
 class LoginView(auth_views.LoginView):
+    """Django's sign-in page. A signed-in user is sent straight on to ``next``, unless ``next`` is an
+    authorization request that asks for a new sign-in (prompt=login, max_age): then the page asks."""
+
     template_name = "registration/login.html"
     redirect_authenticated_user = True
+
+    signing_in_again = False
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        self.signing_in_again = request.user.is_authenticated and asks_for_a_new_sign_in(
+            self.get_redirect_url()
+        )
+        if self.signing_in_again:
+            self.redirect_authenticated_user = False
+        response: HttpResponseBase = super().dispatch(request, *args, **kwargs)
+        return response
+
+    def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
+        context: dict[str, Any] = super().get_context_data(**kwargs)
+        context["signing_in_again"] = self.signing_in_again
+        return context
 
 
 class LogoutView(auth_views.LogoutView):

@@ -8,10 +8,11 @@ from contextlib import nullcontext
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from django.contrib.auth import logout
 from django.contrib.auth.views import redirect_to_login
+from django.core.signing import BadSignature, Signer
 from django.http import HttpRequest, HttpResponse, HttpResponseBase
 from django.shortcuts import resolve_url
+from django.urls import reverse
 from oauth2_provider import views as dot_views
 from oauth2_provider.exceptions import FatalClientError, OAuthToolkitError
 from oauth2_provider.settings import oauth2_settings
@@ -30,6 +31,19 @@ from authserver.services import consent_grant
 from authserver.validators import session_user_known
 from authserver.views.common import query_refusal
 
+# prompt=login or an exceeded max_age sends the user to sign in again, and the request comes back with this
+# parameter: the moment (Unix seconds, signed by this server) the session's sign-in must not be older than.
+SIGN_IN_AFTER = "sign_in_after"
+_sign_in_after = Signer(salt="authserver.authorize.sign_in_after")
+
+
+def asks_for_a_new_sign_in(url: str) -> bool:
+    """Whether ``url`` (the sign-in page's next URL) is an authorization request waiting for a new sign-in:
+    the sign-in page then asks a signed-in user too, instead of sending them straight back."""
+    parts = urlsplit(url)
+    authorize = reverse("oauth2_provider:authorize")
+    return parts.path == authorize and SIGN_IN_AFTER in dict(parse_qsl(parts.query))
+
 
 class AuthorizationView(dot_views.AuthorizationView):
     """Authorization endpoint with a consent screen whose answer is remembered per user and client."""
@@ -40,6 +54,10 @@ class AuthorizationView(dot_views.AuthorizationView):
         refusal = query_refusal(request)
         if refusal is not None:  # oauthlib would raise reading it (a 500): a page, as for a bad client
             return self.error_response(FatalClientError(InvalidRequestFatalError(description=refusal)), None)
+        if SIGN_IN_AFTER in request.GET and request.user.is_authenticated and not self._signed_in_since():
+            # Back from the sign-in page without signing in (or with a marker this server did not sign):
+            # to the sign-in page again, for the consent page's GET and its POST alike
+            return self.handle_prompt_login()
         response: HttpResponseBase = super().dispatch(request, *args, **kwargs)
         return response
 
@@ -81,6 +99,16 @@ class AuthorizationView(dot_views.AuthorizationView):
         """The request's ``prompt`` values (OIDC Core §3.1.2.1: space-delimited)."""
         return set(self.request.GET.get("prompt", "").split())
 
+    def _signed_in_since(self) -> bool:
+        """Whether the session's sign-in is no older than the request's ``sign_in_after`` (seconds, as the
+        ID token's auth_time: a sign-in in the same second counts)."""
+        try:
+            after = int(_sign_in_after.unsign(self.request.GET[SIGN_IN_AFTER]))
+        except (BadSignature, ValueError):
+            return False
+        signed_in = self.request.session.get(AUTH_TIME_SESSION_KEY)
+        return isinstance(signed_in, int) and signed_in >= after
+
     def _signed_in_too_long_ago(self) -> bool:
         raw = self.request.GET.get("max_age", "")
         if not raw.isdigit() or not raw.isascii():
@@ -97,12 +125,17 @@ class AuthorizationView(dot_views.AuthorizationView):
     def handle_prompt_login(self) -> HttpResponseBase:
         """prompt=login, or a max_age the session's sign-in is older than: the user signs in again.
         DOT only sent a signed-in user to the login page, which sends a signed-in user straight back, so a
-        code was issued without the fresh sign-in the client asked for. (oauthlib refuses prompt=login
-        with prompt=none before this; a max_age with prompt=none is answered in ``get``.)"""
-        logout(self.request)
+        code was issued without the fresh sign-in the client asked for. Signing the user out first (as
+        this did before) let any page end the session with a GET; instead the request comes back with
+        ``sign_in_after`` = now, signed, and is sent to sign in again until the session's sign-in is that
+        recent. (oauthlib refuses prompt=login with prompt=none before this; a max_age with prompt=none is
+        answered in ``get``.)"""
         query = self.request.GET.copy()
-        for satisfied in ("prompt", "max_age"):  # by the sign-in it leads to; kept, they would loop
-            query.pop(satisfied, None)
+        query.pop("max_age", None)  # satisfied by the sign-in this leads to; kept, max_age=0 would loop
+        others = [value for value in query.pop("prompt", [""])[-1].split() if value != "login"]
+        if others:  # prompt=consent still shows the consent page after the sign-in
+            query["prompt"] = " ".join(others)
+        query[SIGN_IN_AFTER] = _sign_in_after.sign(str(int(time.time())))
         target = f"{self.request.path}?{query.urlencode()}"
         return redirect_to_login(target, resolve_url(self.get_login_url()), self.get_redirect_field_name())
 

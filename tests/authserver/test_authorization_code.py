@@ -889,6 +889,11 @@ def _login_next(response) -> dict[str, list[str]]:
     return parse_qs(urlsplit(parse_qs(location.query)["next"][0]).query)
 
 
+def _next_url(response) -> str:
+    assert response.status_code == 302, response.content
+    return parse_qs(urlsplit(response["Location"]).query)["next"][0]
+
+
 @pytest.mark.parametrize("extra", [{"prompt": "login"}, {"max_age": "60"}, {"max_age": "0"}])
 def test_prompt_login_and_an_exceeded_max_age_make_a_signed_in_user_sign_in_again(
     client, web_app, signed_in, extra
@@ -899,10 +904,52 @@ def test_prompt_login_and_an_exceeded_max_age_make_a_signed_in_user_sign_in_agai
     assert "prompt" not in following  # satisfied by the sign-in it leads to: kept, it would loop
     assert "max_age" not in following
     assert following["client_id"] == [web_app.client.client_id]
-    assert "_auth_user_id" not in client.session  # signed out: the login page asks again
-    again = client.get("/oauth/authorize/", _authorize_params(web_app.client))
-    assert again.status_code == 302
-    assert urlsplit(again["Location"]).path == settings.LOGIN_URL
+    assert "sign_in_after" in following
+    # Not signed out: a GET from any page must not end the session (logout CSRF); the sign-in page asks
+    assert client.session["_auth_user_id"] == str(signed_in.pk)
+    page = client.get(response["Location"])
+    assert page.status_code == 200
+    assert "Sign in again" in page.content.decode()
+    # Coming back without signing in (the next URL typed in) is sent to sign in again
+    assert urlsplit(client.get(_next_url(response))["Location"]).path == settings.LOGIN_URL
+    # Signing in on that page satisfies it: the consent page
+    signed = client.post(
+        settings.LOGIN_URL,
+        {"username": "alice", "password": "correct horse battery", "next": _next_url(response)},
+    )
+    assert signed.status_code == 302
+    assert signed["Location"] == _next_url(response)
+    assert client.get(signed["Location"]).status_code == 200
+
+
+def test_a_sign_in_after_marker_this_server_did_not_sign_asks_for_a_sign_in(client, web_app, signed_in):
+    assert client.get("/oauth/authorize/", _authorize_params(web_app.client)).status_code == 200
+    forged = _authorize_params(web_app.client, sign_in_after="1:forged")
+    response = client.get("/oauth/authorize/", forged)
+    assert _login_next(response)["sign_in_after"] != ["1:forged"]
+    assert client.session["_auth_user_id"] == str(signed_in.pk)
+
+
+def test_a_consent_posted_before_the_new_sign_in_issues_no_code(client, web_app, signed_in):
+    _signed_in_ago(client, 120)
+    following = _next_url(client.get("/oauth/authorize/", _authorize_params(web_app.client, prompt="login")))
+    form = {**{k: v[0] for k, v in parse_qs(urlsplit(following).query).items()}, "allow": "Allow"}
+    answer = client.post(following, form)
+    assert urlsplit(answer["Location"]).path == settings.LOGIN_URL
+    assert not Grant.objects.exists()
+
+
+def test_prompt_login_with_consent_still_shows_the_consent_page_after_the_sign_in(oauth, web_app, signed_in):
+    _tokens(oauth, web_app, scope="models.read")  # consent remembered: without prompt=consent, no page
+    params = _authorize_params(web_app.client, scope="models.read", prompt="login consent")
+    following = _login_next(oauth.http.get("/oauth/authorize/", params))
+    assert following["prompt"] == ["consent"]
+
+
+def test_the_sign_in_page_still_sends_a_signed_in_user_on_to_other_pages(client, signed_in):
+    response = client.get(settings.LOGIN_URL, {"next": "/oauth/authorize/?client_id=x"})
+    assert response.status_code == 302
+    assert response["Location"] == "/oauth/authorize/?client_id=x"
 
 
 def test_a_sign_in_within_max_age_is_enough(client, web_app, signed_in):
