@@ -70,7 +70,8 @@ _MEMBERSHIPS = {
     User.user_permissions.through: ("user.permissions_changed", "user_permissions", "user_set"),
     Group.permissions.through: ("group.permissions_changed", "permissions", "group_set"),
 }
-_ACTIONS = {"post_add": "add", "post_remove": "remove", "pre_clear": "clear"}
+# A removal is read before it happens, as a clear is: remove() reports every id it was given, held or not.
+_ACTIONS = {"post_add": "add", "pre_remove": "remove", "pre_clear": "clear"}
 
 
 def _label(obj: Any) -> str:
@@ -85,9 +86,12 @@ def memberships_changed(
     if action not in _ACTIONS:
         return
     kind, forward, backward = _MEMBERSHIPS[sender]
+    held = getattr(instance, backward if reverse else forward)
     if pk_set is None:  # a clear: everything on the other side, read before it goes
-        other_side = getattr(instance, backward if reverse else forward).all()
-    else:
+        other_side = held.all()
+    elif action == "pre_remove":  # only what is held: removing what is not changes nothing
+        other_side = held.filter(pk__in=pk_set)
+    else:  # added: Django reports only the ids that were not held
         other_side = model.objects.filter(pk__in=pk_set)
     if model is Permission:
         other_side = other_side.select_related("content_type")

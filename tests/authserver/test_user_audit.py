@@ -161,8 +161,17 @@ def test_groups_and_permissions_are_recorded_from_either_side(alice: Any, django
     alice.user_permissions.clear()
     alice.user_permissions.clear()  # nothing left to take
     operators.user_set.remove(alice, bob)
-    removed = sorted(records("user.groups_changed")[2:], key=lambda r: r[1]["user"])
-    assert records("user.groups_changed")[:2] + removed == [
+    operators.user_set.remove(alice)  # no longer held: nothing taken, nothing recorded
+    editors = Group.objects.create(name="editors")
+    bob.groups.add(editors)
+    alice.groups.remove(operators, editors)  # neither held
+    bob.groups.remove(operators, editors)  # editors held, operators no longer
+    assert records("user.groups_changed")[-2:] == [
+        ("system", {"user": "bob", "action": "add", "names": ["editors"]}),
+        ("system", {"user": "bob", "action": "remove", "names": ["editors"]}),
+    ]
+    removed = sorted(records("user.groups_changed")[2:4], key=lambda r: r[1]["user"])
+    assert records("user.groups_changed")[:2] + removed[:2] == [
         ("system", {"user": "alice", "action": "add", "names": ["operators"]}),
         ("system", {"user": "bob", "action": "add", "names": ["operators"]}),
         ("system", {"user": "alice", "action": "remove", "names": ["operators"]}),
