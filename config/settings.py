@@ -117,7 +117,7 @@ PORTCULLIS_METRICS_ALLOW = env_list("PORTCULLIS_METRICS_ALLOW", ["127.0.0.1/32",
 PORTCULLIS_METRICS_TOKEN = env_secret("PORTCULLIS_METRICS_TOKEN")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "config.admin_site.SuperuserAdminConfig",  # django.contrib.admin, for superusers alone
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

@@ -92,6 +92,32 @@ def test_rights_given_in_the_django_admin_are_recorded_as_the_admin_who_gave_the
     assert event.ip == "127.0.0.1"
 
 
+def test_the_django_admin_is_for_superusers_whatever_permissions_staff_hold(
+    root: Any, django_user_model: Any
+) -> None:
+    helper = django_user_model.objects.create_user("helper", "helper@example.com", PASSWORD, is_staff=True)
+    helper.user_permissions.add(
+        *Permission.objects.filter(codename__in=["change_user", "delete_user", "change_group", "view_user"])
+    )
+    http = HttpClient()
+    http.force_login(helper)
+    assert http.get("/admin/").status_code == 302  # to the admin's sign-in page, as anyone it refuses
+    raised = http.post(
+        f"/admin/auth/user/{helper.pk}/change/", user_form(helper, is_superuser=True, is_staff=True)
+    )
+    assert raised.status_code == 302
+    assert raised["Location"].startswith("/admin/login/")
+    password = {"password1": "taken over and over", "password2": "taken over and over"}
+    taken = http.post(f"/admin/auth/user/{root.pk}/password/", password)
+    assert taken["Location"].startswith("/admin/login/")
+    helper.refresh_from_db()
+    root.refresh_from_db()
+    assert not helper.is_superuser
+    assert root.check_password(PASSWORD)
+    assert not records("user.changed")
+    assert not records("user.password_changed")
+
+
 def test_a_user_deactivated_in_the_django_admin_has_their_tokens_revoked_as_that_admin(
     as_root: HttpClient, alice: Any, make_client: Any
 ) -> None:
