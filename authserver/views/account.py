@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
@@ -50,6 +51,12 @@ class LoginView(auth_views.LoginView):
             self.redirect_authenticated_user = False
         response: HttpResponseBase = super().dispatch(request, *args, **kwargs)
         return response
+
+    def get_redirect_url(self) -> str:
+        """``next`` as Django checks it, unless it is this page itself: for a signed-in user that was a 500
+        (Django's redirect-loop check) or, with a query, a redirect to itself for ever."""
+        url: str = super().get_redirect_url()
+        return "" if urlsplit(url).path == self.request.path else url
 
     def get_context_data(self, **kwargs: Any) -> dict[str, Any]:
         context: dict[str, Any] = super().get_context_data(**kwargs)

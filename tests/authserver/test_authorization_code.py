@@ -952,6 +952,13 @@ def test_the_sign_in_page_still_sends_a_signed_in_user_on_to_other_pages(client,
     assert response["Location"] == "/oauth/authorize/?client_id=x"
 
 
+@pytest.mark.parametrize("target", ["/accounts/login/", "/accounts/login/?x=1"])
+def test_a_next_url_naming_the_sign_in_page_itself_sends_a_signed_in_user_home(client, signed_in, target):
+    response = client.get(settings.LOGIN_URL, {"next": target})
+    assert response.status_code == 302  # was a 500 (Django's loop check), or a redirect to itself
+    assert urlsplit(response["Location"]).path != settings.LOGIN_URL
+
+
 def test_a_sign_in_within_max_age_is_enough(client, web_app, signed_in):
     _signed_in_ago(client, 120)
     response = client.get("/oauth/authorize/", _authorize_params(web_app.client, max_age="3600"))
