@@ -47,10 +47,24 @@ def _parses(uri: str) -> bool:
 
 
 def redirect_uri_errors(uris: list[str]) -> list[str]:
-    """Name the redirect URIs that cannot even be parsed (a broken IPv6 literal, a port out of range): the
-    model, the console's form and the admin API refuse them with this message, where reading them later
-    raised (one stored made every authorization request of its client a 500)."""
-    return [f"{uri}: not a valid URL (check the host and the port)" for uri in uris if not _parses(uri)]
+    """Name the redirect URIs that hold whitespace, cannot even be parsed, or are listed twice: the model,
+    the console's form, the admin API and ``client_register`` refuse them with these messages.
+
+    Unparsable ones (a broken IPv6 literal, a port out of range) raised when read later: one stored made
+    every authorization request of its client a 500. The list is stored joined with spaces and read back
+    split on any whitespace (``str.split``), so one item holding whitespace, U+00A0 or U+2028 included,
+    became several URIs (past the API's cap of 50): only a list the caller gave can show it.
+    """
+    errors, seen = [], set()
+    for uri in uris:
+        if any(c.isspace() for c in uri):
+            errors.append(f"{uri!r}: a redirect URI holds no whitespace; give each URI as its own item")
+        elif not _parses(uri):
+            errors.append(f"{uri}: not a valid URL (check the host and the port)")
+        elif uri in seen:
+            errors.append(f"{uri}: listed twice")
+        seen.add(uri)
+    return errors
 
 
 def _same_redirect_uri(uri: str, registered: str) -> bool:

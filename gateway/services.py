@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import unicodedata
 import uuid
 from typing import TYPE_CHECKING, Any, cast
 
@@ -45,6 +46,11 @@ def policy_listener_remove(listener: Any) -> None:
 
 
 CIDR_MAX_CHARS = 64  # as the admin API's schema says
+MODEL_ID_CHARS = 200  # as the gateway's model_name takes it: the usage record's column
+# Unicode control (Cc) and format (Cf) characters: the gateway refuses a model holding a control character,
+# so such an id never matched, and the console's form split it at a line break; a format character
+# (U+202E, a zero-width space) shows one id as another.
+MODEL_ID_REFUSED_CATEGORIES = frozenset({"Cc", "Cf"})
 IPV4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
@@ -68,9 +74,8 @@ def _validate(fields: dict[str, Any]) -> None:
         if network.version == 6 and network.subnet_of(IPV4_MAPPED):
             # the gateway reads an IPv4-mapped client address as its IPv4 one, which this never matches
             errors.setdefault("allow_ips", []).append(f"{cidr!r} is IPv4-mapped: write the IPv4 network")
-    models = fields.get("allowed_models") or []
-    if not all(isinstance(m, str) and 0 < len(m) <= 200 and unicode_valid(m) for m in models):
-        errors["allowed_models"] = ["model ids are non-empty UTF-8 strings of at most 200 characters"]
+    if model_errors := _model_id_errors(fields.get("allowed_models") or []):
+        errors["allowed_models"] = model_errors
     if not isinstance(fields.get("quarantine_on_anomaly", False), bool):
         errors["quarantine_on_anomaly"] = ["must be true or false"]
     for name in LIMIT_FIELDS:
@@ -81,6 +86,20 @@ def _validate(fields: dict[str, Any]) -> None:
             errors[name] = [f"must be a whole number from 0 to {most}, or empty for no limit"]
     if errors:
         raise ValidationError(errors)
+
+
+def _model_id_errors(models: list[Any]) -> list[str]:
+    """Name what is wrong with the model ids: each must be 1 to 200 characters of valid Unicode text, with
+    no control or format character (shown escaped, as the id's repr)."""
+    errors: list[str] = []
+    for model in models:
+        if not isinstance(model, str) or not 0 < len(model) <= MODEL_ID_CHARS or not unicode_valid(model):
+            message = f"model ids are non-empty UTF-8 strings of at most {MODEL_ID_CHARS} characters"
+            if message not in errors:
+                errors.append(message)
+        elif any(unicodedata.category(c) in MODEL_ID_REFUSED_CATEGORIES for c in model):
+            errors.append(f"{model!r}: a model id holds no control or format characters")
+    return errors
 
 
 def policy_set(*, client: Client | None, actor: str, **fields: Any) -> ClientPolicy:

@@ -12,7 +12,7 @@ from django.db import transaction
 from oauth2_provider.generators import generate_client_id
 
 from audit.services import audit_record
-from authserver.models import ADMIN_SCOPES, Client
+from authserver.models import ADMIN_SCOPES, Client, redirect_uri_errors
 from authserver.revocation import revocation_publish
 from authserver.services.tokens import tokens_revoke_for_client, tokens_revoke_for_scopes
 
@@ -45,6 +45,8 @@ def client_register(
 ) -> RegisteredClient:
     """Create a client; return it with its secret in clear (the only time it exists in clear)."""
     grants = [GRANT_ALIASES.get(g, g) for g in grant_types]
+    if uri_errors := redirect_uri_errors(redirect_uris or []):  # before they are joined with spaces
+        raise ValidationError({"redirect_uris": uri_errors})
     secret = None if public else secrets.token_urlsafe(96)[:CLIENT_SECRET_LENGTH]
     client = Client(
         name=name,

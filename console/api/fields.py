@@ -1,13 +1,15 @@
-"""Strict serializer fields: a value of the wrong JSON type is an error, never silently converted.
+"""Strict serializer fields: a value of the wrong JSON type is an error, never silently converted; and a
+strict serializer: a key it does not take is an error, never silently dropped.
 
-DRF by default turns ``"5"`` into 5, ``"yes"`` into True and 5 into ``"5"``; the admin API says what it
-takes in its schema and holds callers to it. Text that PostgreSQL cannot store (NUL, lone surrogates)
-is refused as a 400 instead of failing as a 500 at the database.
+DRF by default turns ``"5"`` into 5, ``"yes"`` into True and 5 into ``"5"``, and ignores unknown keys; the
+admin API says what it takes in its schema and holds callers to it. Text that PostgreSQL cannot store (NUL,
+lone surrogates) is refused as a 400 instead of failing as a 500 at the database.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from rest_framework import serializers
 
@@ -61,3 +63,50 @@ class StrictBooleanField(serializers.BooleanField):
         if not isinstance(data, bool):
             self.fail("invalid", input=data)
         return data
+
+
+UNKNOWN_NAME_CHARS = 100  # an unknown key is named back in the error; a huge one is cut short
+
+
+class StrictSerializer(serializers.Serializer):
+    """A request body that holds only the fields this serializer writes: any other key is a 400 naming it.
+
+    DRF drops unknown keys, so a misspelled ``RPM`` in a policy PUT read as "no limit", and a PATCH of
+    ``disabled`` answered 200 having done nothing. A read-only field is refused too, unless ``echoed``: a
+    body read with GET may then be sent back as it is, its read-only fields ignored. ``not_writable`` says
+    where to do what a field would have.
+    """
+
+    not_writable: ClassVar[dict[str, str]] = {}
+    echoed: ClassVar[bool] = False
+
+    def to_internal_value(self, data: Any) -> Any:
+        unknown = self._unknown_keys(data) if isinstance(data, Mapping) else {}
+        try:
+            value = super().to_internal_value(data)
+        except serializers.ValidationError as exc:
+            if unknown and isinstance(exc.detail, dict):
+                raise serializers.ValidationError({**exc.detail, **unknown}) from None
+            raise
+        if unknown:
+            raise serializers.ValidationError(unknown)
+        return value
+
+    def _unknown_keys(self, data: Mapping[Any, Any]) -> dict[str, list[str]]:
+        writable = [name for name, field in self.fields.items() if not field.read_only]
+        unknown = "unknown field; this takes " + ", ".join(writable)
+        errors: dict[str, list[str]] = {}
+        for key in data:
+            if key in writable or (self.echoed and key in self.fields):
+                continue
+            message = self.not_writable.get(key, unknown)
+            errors.setdefault(_key_shown(key), []).append(message)
+        return errors
+
+
+def _key_shown(key: Any) -> str:
+    """A key as the error names it: text the JSON answer can carry (a lone surrogate escaped), cut short."""
+    text = str(key)
+    if not unicode_valid(text):
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= UNKNOWN_NAME_CHARS else text[:UNKNOWN_NAME_CHARS] + "…"

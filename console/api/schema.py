@@ -1,11 +1,12 @@
-"""OpenAPI descriptions of the admin API's two ways in (drf-spectacular authentication extensions)."""
+"""OpenAPI descriptions of the admin API's two ways in (drf-spectacular authentication extensions), of
+request bodies that take no other fields, and of the errors every operation can answer."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from django.conf import settings
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerExtension
 
 
 class AdminBearerScheme(OpenApiAuthenticationExtension):
@@ -33,6 +34,20 @@ class StaffSessionScheme(OpenApiAuthenticationExtension):
             "name": settings.SESSION_COOKIE_NAME,
             "description": "A console session of a staff user; changes also need the X-CSRFToken header.",
         }
+
+
+class StrictSerializerScheme(OpenApiSerializerExtension):
+    """A strict serializer's request body is a closed object (``additionalProperties: false``): the API
+    answers any other key with a 400 naming it. Answers stay open, so they may grow fields."""
+
+    target_class = "console.api.fields.StrictSerializer"
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        schema: dict[str, Any] = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        if direction == "request":
+            schema["additionalProperties"] = False
+        return schema
 
 
 ERROR_SCHEMA = {

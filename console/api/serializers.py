@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from rest_framework import serializers
 
@@ -13,6 +13,7 @@ from console.api.fields import (
     StrictCharField,
     StrictChoiceField,
     StrictIntegerField,
+    StrictSerializer,
     StrictURLField,
 )
 from console.forms import (
@@ -69,8 +70,16 @@ class ClientSerializer(serializers.ModelSerializer):
         return client.scope_list()
 
 
-class ClientWriteSerializer(serializers.Serializer):
+class ClientWriteSerializer(StrictSerializer):
     """Fields to create a client (all of them) or change one (any of them; ``public`` is fixed)."""
+
+    not_writable: ClassVar[dict[str, str]] = {
+        "disabled": "not written here: POST /api/admin/clients/{client_id}/disable/ disables a client and "
+        "revokes its tokens, enable/ enables it again",
+        "client_secret": "not written here: POST /api/admin/clients/{client_id}/rotate-secret/ gives a "
+        "confidential client a new secret (shown once)",
+        "client_id": "set by the server when the client is created; it never changes",
+    }
 
     name = StrictCharField(max_length=255)
     description = StrictCharField(required=False, allow_blank=True, default="", max_length=2000)
@@ -79,8 +88,11 @@ class ClientWriteSerializer(serializers.Serializer):
     grant_types = serializers.ListField(
         child=StrictChoiceField(choices=GRANT_ALIASES), min_length=1, max_length=3
     )
-    redirect_uris = serializers.ListField(
-        child=StrictCharField(max_length=2000), required=False, default=list, max_length=50
+    redirect_uris = serializers.ListField(  # untrimmed: whitespace anywhere in one is refused, not cut off
+        child=StrictCharField(max_length=2000, trim_whitespace=False),
+        required=False,
+        default=list,
+        max_length=50,
     )
     scopes = serializers.ListField(
         child=StrictChoiceField(choices=[s for s, _ in scope_choices()]), min_length=1, max_length=20
@@ -122,8 +134,10 @@ def _limit(maximum: int = LIMIT_MAX) -> StrictIntegerField:
     return StrictIntegerField(min_value=0, max_value=maximum, required=False, allow_null=True)
 
 
-class PolicySerializer(serializers.ModelSerializer):
+class PolicySerializer(StrictSerializer, serializers.ModelSerializer):
     """A gateway policy; null numbers mean no limit, an empty model list means no model."""
+
+    echoed = True  # a policy read with GET may be PUT back as it is: its client_id and updated_at are ignored
 
     client_id = serializers.SerializerMethodField()
     allowed_models = serializers.ListField(
@@ -284,7 +298,7 @@ class SigningKeySerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class KeyRotateSerializer(serializers.Serializer):
+class KeyRotateSerializer(StrictSerializer):
     """Rotate now; ``activate_now`` makes the new key sign at once (for a compromised key)."""
 
     activate_now = StrictBooleanField(required=False, default=False)

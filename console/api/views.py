@@ -109,6 +109,12 @@ class AdminAPIMixin:
         response.headers.setdefault("Cache-Control", "no-store")
         return response
 
+    def options(self, request: Any, *args: Any, **kwargs: Any) -> Response:
+        """``OPTIONS`` answers with the ``Allow`` header alone, as Django's own views do: the OpenAPI schema
+        describes the fields. DRF's metadata called ``get_object()`` to describe a ``PUT`` on a list route
+        (``policies/default/``), a 500 for every caller allowed to write."""
+        return Response(status=status.HTTP_200_OK)
+
     def handle_exception(self, exc: Exception) -> Response:
         """Answer as DRF does; a refused credential or permission is also an audit event."""
         response: Response = super().handle_exception(exc)  # type: ignore[misc]  # a mixin of APIView

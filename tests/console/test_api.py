@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from django.test import Client as HttpClient
+from django.urls import reverse
 from jwcrypto import jwk, jwt
 
 from audit.models import AuditEvent
@@ -21,6 +22,7 @@ from authserver.services import RegisteredClient, client_create
 from console.api.urls import router
 from gateway.models import ClientPolicy
 from tests.conftest import OAuthDriver
+from tests.console.test_access import api_patterns
 
 pytestmark = pytest.mark.django_db
 
@@ -575,3 +577,191 @@ def test_a_report_download_error_is_labelled_json_whatever_the_client_accepts(be
     assert response.status_code == 404
     assert response["Content-Type"] == "application/json"
     assert response.json()["detail"]
+
+
+def test_a_policy_put_with_misspelled_fields_is_a_400_naming_them_and_the_policy_stays(bearer, world):
+    # the fields were dropped, and PUT reads a field left out as empty: no limit, any address
+    api = bearer()
+    url = f"/api/admin/clients/{world.app.client.client_id}/policy/"
+    stored = {"allowed_models": ["m1"], "rpm": 10, "tpm": 1000, "allow_ips": ["10.0.0.0/8"]}
+    assert api.put(url, stored, content_type="application/json").status_code == 200
+    last = last_event_id()
+    body = {"allowed_models": ["m1"], "RPM": 10, "tokens_per_minute": 1000, "allowed_ips": ["10.0.0.0/8"]}
+    response = api.put(url, body, content_type="application/json")
+    assert response.status_code == 400
+    errors = response.json()
+    assert set(errors) == {"RPM", "tokens_per_minute", "allowed_ips"}
+    assert all(isinstance(messages, list) and messages for messages in errors.values())
+    assert "unknown field" in errors["RPM"][0]
+    assert "rpm" in errors["RPM"][0]  # it lists the fields this takes
+    policy = ClientPolicy.objects.get(client=world.app.client)
+    assert (policy.rpm, policy.tpm, policy.allow_ips) == (10, 1000, ["10.0.0.0/8"])
+    assert not events_after(last)  # neither a policy.changed record nor a push
+
+
+def test_a_policy_read_with_get_may_be_put_back_as_it_is_its_read_only_fields_ignored(bearer, world):
+    api = bearer()
+    url = "/api/admin/policies/default/"
+    first = {"allowed_models": ["m0"], "rpm": 5}
+    assert api.put(url, first, content_type="application/json").status_code == 200
+    body = {**api.get(url).json(), "allowed_models": ["m1"], "client_id": "someone-else"}
+    body["updated_at"] = "2020-01-01T00:00:00Z"
+    response = api.put(url, body, content_type="application/json")
+    assert response.status_code == 200, response.content
+    assert response.json()["client_id"] is None
+    assert response.json()["updated_at"] != "2020-01-01T00:00:00Z"
+    assert ClientPolicy.objects.get(client=None).allowed_models == ["m1"]
+    assert ClientPolicy.objects.get(client=None).rpm == 5
+    misspelled = api.put(url, {**body, "RPM": 10}, content_type="application/json")
+    assert misspelled.status_code == 400
+    assert set(misspelled.json()) == {"RPM"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "hint"),
+    [
+        ("disabled", True, "/disable/"),
+        ("client_secret", "s3cret", "/rotate-secret/"),
+        ("client_id", "other-id", "never changes"),
+    ],
+)
+def test_a_client_patch_of_a_field_it_cannot_write_is_a_400_saying_where_to_do_it(
+    bearer, world, field, value, hint
+):
+    # it answered 200 and changed nothing: a script believed it had disabled a compromised client
+    api = bearer()
+    cid = world.app.client.client_id
+    last = last_event_id()
+    response = api.patch(f"/api/admin/clients/{cid}/", {field: value}, content_type="application/json")
+    assert response.status_code == 400
+    assert list(response.json()) == [field]
+    assert hint in response.json()[field][0]
+    client = Client.objects.get(pk=world.app.client.pk)
+    assert (client.client_id, client.disabled) == (cid, False)
+    assert client.client_secret == world.app.client.client_secret
+    assert not events_after(last)
+
+
+def test_creating_a_client_or_rotating_keys_with_an_unknown_field_is_a_400_that_does_nothing(bearer):
+    api = bearer()
+    body = {"name": "Typo", "grant_types": ["client-credentials"], "scopes": ["models.read"], "scope": "x"}
+    created = api.post("/api/admin/clients/", body, content_type="application/json")
+    assert created.status_code == 400
+    assert set(created.json()) == {"scope"}
+    assert not Client.objects.filter(name="Typo").exists()
+    both = api.post("/api/admin/clients/", {"scope": "x"}, content_type="application/json")
+    assert {"name", "grant_types", "scopes", "scope"} <= set(both.json())  # every error at once
+    keys = SigningKey.objects.count()
+    rotated = api.post("/api/admin/keys/rotate/", {"activate": True}, content_type="application/json")
+    assert rotated.status_code == 400
+    assert set(rotated.json()) == {"activate"}
+    assert SigningKey.objects.count() == keys
+
+
+def test_an_unknown_field_that_is_not_valid_unicode_is_named_without_a_500(bearer):
+    api = bearer()
+    api.raise_request_exception = False
+    body = json.dumps({"activate_now": False, "\ud800" + "x" * 500: 1})
+    response = api.post("/api/admin/keys/rotate/", body, content_type="application/json")
+    assert response.status_code == 400, response.content
+    [name] = response.json()
+    assert name.startswith("\\ud800x")  # named, escaped
+    assert len(name) <= 110  # and cut short
+
+
+def test_the_schema_says_request_bodies_take_no_other_fields(as_admin):
+    components = as_admin.get("/api/admin/schema/").json()["components"]["schemas"]
+    requests = {name for name in components if name.endswith("Request")}
+    assert requests == {
+        "ClientWriteRequest",
+        "PatchedClientWriteRequest",
+        "PolicyRequest",
+        "KeyRotateRequest",
+    }
+    for name in requests:
+        assert components[name]["additionalProperties"] is False, name
+    assert "additionalProperties" not in components["Policy"]  # answers may grow fields
+
+
+def _api_urls(world: Any) -> list[str]:
+    """Every admin API URL, with the world's objects for its arguments."""
+    samples = {"client_id": world.app.client.client_id, "pk": str(world.token.pk), "kid": "k1"}
+    urls = []
+    for _route, pattern in api_patterns():
+        kwargs = {name: samples[name] for name in pattern.pattern.regex.groupindex}
+        urls.append(reverse(f"console:{pattern.name}", kwargs=kwargs))
+    return urls
+
+
+def test_options_on_every_api_url_answers_with_allow_and_never_a_500(bearer, world, as_admin):
+    # DRF's metadata called get_object() for a PUT on policies/default/ (a list route): a 500 for writers
+    for who, http in {"superuser session": as_admin, "admin.write token": bearer()}.items():
+        http.raise_request_exception = False
+        for url in _api_urls(world):
+            response = http.options(url)
+            assert response.status_code < 500, (who, url, response.status_code)
+            assert response.status_code == 200, (who, url, response.status_code)
+            assert "OPTIONS" in response["Allow"], (who, url)
+    default = as_admin.options("/api/admin/policies/default/")
+    assert {"GET", "PUT"} <= {method.strip() for method in default["Allow"].split(",")}
+    assert default.content == b""  # the schema describes the fields
+
+
+@pytest.mark.parametrize(
+    "model", ["a\nb", "tab\there", "bell\u0007", "rtl\u202emodel", "c1\u009bx", "bom\ufeff"]
+)
+def test_a_model_id_with_a_control_or_format_character_is_a_400(bearer, world, model):
+    # the console form split "a\nb" into two ids, and the gateway refuses such a model: it never matched
+    api = bearer()
+    url = f"/api/admin/clients/{world.app.client.client_id}/policy/"
+    response = api.put(url, {"allowed_models": ["m1", model]}, content_type="application/json")
+    assert response.status_code == 400
+    [message] = response.json()["allowed_models"]
+    assert repr(model) in message
+    assert not ClientPolicy.objects.exists()
+    fine = api.put(url, {"allowed_models": ["m1", "My Model, v2"]}, content_type="application/json")
+    assert fine.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "https://a.example/cb https://evil.example/cb",
+        "https://a.example/cb\thttps://evil.example/cb",
+        "https://a.example/cb\u00a0https://evil.example/cb",
+        "https://a.example/cb\u2028https://evil.example/cb",
+        "https://a.example/cb\n",
+    ],
+)
+def test_a_redirect_uri_holding_whitespace_is_a_400_naming_it(bearer, world, item):
+    # the service joins the list with spaces and the model splits on whitespace: one item became two URIs
+    api = bearer()
+    cid = world.app.client.client_id
+    response = api.patch(
+        f"/api/admin/clients/{cid}/", {"redirect_uris": [item]}, content_type="application/json"
+    )
+    assert response.status_code == 400
+    [message] = response.json()["redirect_uris"]
+    assert repr(item) in message
+    world.app.client.refresh_from_db()
+    assert world.app.client.redirect_uris == "https://acme.example.com/cb"
+    fields = {"name": "Split", "grant_types": ["authorization-code"], "scopes": ["models.read"]}
+    created = api.post(
+        "/api/admin/clients/", {**fields, "redirect_uris": [item]}, content_type="application/json"
+    )
+    assert created.status_code == 400
+    assert not Client.objects.filter(name="Split").exists()
+
+
+def test_a_redirect_uri_listed_twice_is_a_400(bearer, world):
+    api = bearer()
+    uri = "https://acme.example.com/cb"
+    response = api.patch(
+        f"/api/admin/clients/{world.app.client.client_id}/",
+        {"redirect_uris": [uri, "https://acme.example.com/other", uri]},
+        content_type="application/json",
+    )
+    assert response.status_code == 400
+    assert response.json()["redirect_uris"] == [f"{uri}: listed twice"]
+    world.app.client.refresh_from_db()
+    assert world.app.client.redirect_uris == uri

@@ -16,6 +16,7 @@ from django.contrib.auth.hashers import check_password
 from django.db import connection
 from django.test import Client as HttpClient
 from django.utils import timezone
+from django.utils.html import escape
 
 from audit.models import AuditEvent, UsageRecord
 from authserver.models import AccessToken, Client, Consent, SigningKey
@@ -109,6 +110,25 @@ def test_a_redirect_uri_that_cannot_be_parsed_is_a_form_error_not_a_server_error
     assert "redirect_uris" in edited.context["form"].errors
     client.refresh_from_db()
     assert client.redirect_uris == "https://acme.example.com/cb"
+
+
+def test_a_redirect_uri_given_twice_is_a_form_error(as_admin, world):
+    client = world.app.client
+    uri = "https://acme.example.com/cb"
+    fields = {"grant_types": ["authorization-code"], "scopes": ["models.read"]}
+    edited = as_admin.post(
+        f"/console/clients/{client.client_id}/edit/",
+        {"name": client.name, **fields, "redirect_uris": f"{uri}\r\nhttps://acme.example.com/b\r\n{uri}"},
+    )
+    assert edited.status_code == 200
+    assert edited.context["form"].errors["redirect_uris"] == [f"{uri}: listed twice"]
+    client.refresh_from_db()
+    assert client.redirect_uris == uri
+    saved = as_admin.post(
+        f"/console/clients/{client.client_id}/edit/",
+        {"name": client.name, **fields, "redirect_uris": f"{uri}\r\nhttps://acme.example.com/b"},
+    )
+    assert saved.status_code == 302
 
 
 def test_editing_a_client_changes_it_and_audits_which_fields_changed(as_admin, world):
@@ -264,6 +284,17 @@ def test_the_policy_form_posted_back_as_shown_leaves_the_policy_as_it_was(as_adm
     after = ClientPolicy.objects.get(client=client)
     assert {name: getattr(after, name) for name in POLICY_FIELDS} == before
     assert last_event("policy.changed").data == {"changed": {}}
+
+
+@pytest.mark.parametrize("model", ["bell\u0007", "tab\there", "rtl\u202emodel"])
+def test_a_model_id_with_a_control_or_format_character_is_a_policy_form_error(as_admin, world, model):
+    url = f"/console/clients/{world.app.client.client_id}/policy/"
+    response = as_admin.post(url, {"allowed_models": f"m1\r\n{model}\r\n"})
+    assert response.status_code == 200
+    [error] = response.context["form"].errors["allowed_models"]
+    assert repr(model) in error
+    assert escape(repr(model)).encode() in response.content  # shown on the page, escaped
+    assert not ClientPolicy.objects.exists()
 
 
 @pytest.mark.parametrize(

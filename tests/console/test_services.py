@@ -8,6 +8,8 @@ from datetime import timedelta
 import pytest
 from axes.models import AccessAttempt
 from django.core.exceptions import ValidationError
+from django.core.management import call_command
+from django.core.management.base import CommandError
 from django.utils import timezone
 
 from audit.models import AuditEvent, UsageRecord
@@ -23,6 +25,8 @@ from authserver.services import (
     user_lock,
     user_unlock,
 )
+from gateway.models import ClientPolicy
+from gateway.services import policy_set
 from tests.console.conftest import issue_token
 
 pytestmark = pytest.mark.django_db
@@ -181,3 +185,55 @@ def test_audit_filters_combine_and_security_events_include_denials_and_anomalies
     assert "token.issued" not in kinds
     assert [e.kind for e in audit_events_filter(client_id="x", outcome="denied")] == ["gateway.denied"]
     assert not audit_events_filter(since=timezone.now() + timedelta(minutes=1)).exists()
+
+
+@pytest.mark.parametrize(
+    "model", ["a\nb", "bell\u0007", "del\u007f", "c1\u0085", "rtl\u202emodel", "zw\u200b"]
+)
+def test_policy_set_refuses_a_model_id_with_a_control_or_format_character(world, model):
+    with pytest.raises(ValidationError) as caught:
+        policy_set(client=world.app.client, actor=ADMIN, allowed_models=["m1", model])
+    [message] = caught.value.message_dict["allowed_models"]
+    assert repr(model) in message
+    assert not ClientPolicy.objects.exists()
+    assert not events("policy.changed")
+
+
+def test_policy_set_takes_any_other_model_id_of_up_to_200_characters(world):
+    models = ["My Model, v2", "org/m:q4", "é" * 200, "模型"]
+    assert policy_set(client=None, actor=ADMIN, allowed_models=models).allowed_models == models
+    with pytest.raises(ValidationError):
+        policy_set(client=None, actor=ADMIN, allowed_models=["x" * 201])
+
+
+def test_setpolicy_fails_with_a_message_for_a_model_id_with_a_control_character(world):
+    with pytest.raises(CommandError, match=r"allowed_models: .*'bell\\x07'"):
+        call_command("setpolicy", world.app.client.client_id, "--models", "m1,bell\u0007")
+    assert not ClientPolicy.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "uri", ["https://a.example/cb https://evil.example/cb", "https://a.example/\u00a0cb"]
+)
+def test_registering_a_client_refuses_a_redirect_uri_holding_whitespace(uri):
+    # client_register joins the list with spaces, and the model splits on whitespace: one became two
+    with pytest.raises(ValidationError) as caught:
+        client_create(
+            name="Split", grant_types=["authorization-code"], redirect_uris=[uri], scopes=["models.read"],
+            actor=ADMIN,
+        )  # fmt: skip
+    assert caught.value.message_dict["redirect_uris"] == [
+        f"{uri!r}: a redirect URI holds no whitespace; give each URI as its own item"
+    ]
+    with pytest.raises(CommandError, match="redirect_uris: .*no whitespace"):
+        call_command(
+            "createclient", "--name", "Split", "--grant", "authorization-code", "--redirect-uri", uri
+        )
+    assert not Client.objects.exists()
+
+
+def test_a_client_cannot_register_the_same_redirect_uri_twice(world):
+    uri = "https://acme.example.com/cb"
+    with pytest.raises(ValidationError) as caught:
+        client_update(client=world.app.client, actor=ADMIN, redirect_uris=f"{uri} {uri}")
+    assert caught.value.message_dict["redirect_uris"] == [f"{uri}: listed twice"]
