@@ -26,6 +26,24 @@ UPSTREAM_PATH = {
     "embeddings": "/v1/embeddings",
 }
 FORWARDED_HEADERS = frozenset({b"accept", b"user-agent", b"accept-language"})
+# What a chat's /tokenize takes of the request besides its messages: what shapes the prompt vLLM renders
+PROMPT_SHAPING = ("tools", "chat_template_kwargs", "add_generation_prompt", "continue_final_message")
+
+
+class CapOverflow(Exception):
+    """vLLM refused a chat for its context (prompt + max_tokens beyond it), and that max_tokens was the
+    client's cap, filled in by the gateway because the request set none."""
+
+    def __init__(self, status: int, data: bytes) -> None:
+        super().__init__(status)
+        self.status, self.data = status, data
+
+
+def cap_overflowed(request: Validated, status: int, data: bytes) -> bool:
+    """Whether an upstream's refusal is vLLM's context overflow of a max_tokens the gateway filled in. Every
+    wording vLLM has used says "context length" ("maximum context length is N tokens", "the model's context
+    length is only N tokens")."""
+    return status == 400 and request.cap_filled and b"context length" in data
 
 
 class InferenceConsumer(GatewayConsumer):
@@ -104,7 +122,7 @@ class InferenceConsumer(GatewayConsumer):
             return errors.TokenRevoked.status, prompt
         self.record["upstream_ms"] = round((time.perf_counter() - started) * 1000, 3)
         if status != 200:
-            raise self.rt.upstream_error(status, data)
+            raise self._upstream_error(request, status, data)
         answer = self.rt.answer_parse(data)
         if answer is None:  # relayed, it reached the client labelled JSON, and was charged nothing
             logger.warning("upstream %s answered 200 with no JSON object", self.record["upstream"])
@@ -117,7 +135,16 @@ class InferenceConsumer(GatewayConsumer):
         return 200, usage[0] + usage[1]
 
     async def _call(self, request: Validated, outbound: bytes) -> tuple[int, bytes]:
-        """Send the request upstream and read its whole answer (a cancel closes the upstream connection)."""
+        """Send the request upstream and read its whole answer (a cancel closes the upstream connection);
+        once more with a max_tokens that fits, when the client's cap filled in did not (``_fitted``)."""
+        status, data = await self._call_once(request, outbound)
+        if cap_overflowed(request, status, data):
+            fitted = await self._fitted(request)
+            if fitted is not None:
+                status, data = await self._call_once(request, fitted)
+        return status, data
+
+    async def _call_once(self, request: Validated, outbound: bytes) -> tuple[int, bytes]:
         async with self.rt.upstreams.request(
             request.model, UPSTREAM_PATH[self.kind], outbound, self._forward_headers()
         ) as (
@@ -130,6 +157,59 @@ class InferenceConsumer(GatewayConsumer):
     async def _relay_stream(
         self, request: Validated, outbound: bytes, extra: dict[str, str]
     ) -> tuple[int, int]:
+        try:
+            return await self._stream(request, outbound, extra, refit=True)
+        except CapOverflow as overflow:
+            fitted = await self._fitted(request)
+            if fitted is None:
+                raise self._upstream_error(request, overflow.status, overflow.data) from None
+            return await self._stream(request, fitted, extra, refit=False)
+
+    async def _fitted(self, request: Validated) -> bytes | None:
+        """The chat again, its max_tokens lowered to what the model's context leaves after the prompt, or
+        None when the upstream cannot say or leaves nothing.
+
+        The client's cap is filled in as max_tokens when a chat sets none (gateway.validation), and vLLM
+        refuses a max_tokens that, with the prompt, overflows the context; without one, vLLM would have
+        generated up to the context's end. So the gateway asks the model's upstream to count the prompt
+        (vLLM's ``POST /tokenize``, which renders the chat as a generation would) and sends the chat once
+        more with the smaller of the cap and the room left. The gateway has no tokenizer; vLLM's own
+        message is no count to trust (its newer wording gives a lower bound). Only a refused chat pays."""
+        payload = request.payload
+        ask = {"model": request.model, "messages": payload["messages"]}
+        ask.update((key, payload[key]) for key in PROMPT_SHAPING if key in payload)
+        try:
+            async with self.rt.upstreams.request(
+                request.model, "/tokenize", json_compact_dump(ask), self._forward_headers()
+            ) as (_upstream, response):
+                answer = self.rt.answer_parse(await upstream_read(response))
+                status = response.status
+        except errors.GatewayError:
+            return None
+        if status != 200 or answer is None:
+            return None
+        count, context = answer.get("count"), answer.get("max_model_len")
+        if type(count) is not int or type(context) is not int or request.max_tokens is None:
+            return None
+        room = min(context - count, request.max_tokens)
+        if room < 1:
+            return None
+        return json_compact_dump({**payload, "max_tokens": room})
+
+    def _upstream_error(self, request: Validated, status: int, data: bytes) -> errors.GatewayError:
+        """The upstream's refusal as the client gets it; one of a max_tokens the client never sent says
+        where it came from."""
+        error = self.rt.upstream_error(status, data)
+        if request.cap_filled and status == 400 and isinstance(error, errors.InvalidRequest):
+            error.detail = (
+                f"{error.detail} (The request set no max_tokens, so this client's cap of "
+                f"{request.max_tokens} was sent; set a smaller max_tokens.)"
+            )
+        return error
+
+    async def _stream(
+        self, request: Validated, outbound: bytes, extra: dict[str, str], *, refit: bool
+    ) -> tuple[int, int]:
         assert self.principal is not None  # noqa: S101  (authenticate ran)
         started = time.perf_counter()
         async with self.rt.upstreams.request(
@@ -141,7 +221,9 @@ class InferenceConsumer(GatewayConsumer):
             self.record["upstream"] = upstream.base
             if response.status != 200:
                 data = await upstream_read(response)
-                raise self.rt.upstream_error(response.status, data)
+                if refit and cap_overflowed(request, response.status, data):
+                    raise CapOverflow(response.status, data)  # the call closed, then _fitted
+                raise self._upstream_error(request, response.status, data)
             if not event_stream(response.headers):  # a JSON body or a page was relayed as events
                 logger.warning("upstream %s answered a stream with no event stream", upstream.base)
                 raise errors.UpstreamFailed()

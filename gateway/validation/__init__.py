@@ -6,7 +6,10 @@ media or guided-decoding grammars are refused (they have crashed or compromised 
 keys, NaN, numbers beyond a float's range, deep nesting and anything but a JSON object. An optional field
 sent as ``null`` means what leaving it out means (OpenAI's API, and the SDKs, send ``null`` for "not set"),
 so it is left out of what goes upstream; so are the response-only fields of an assistant message that the
-SDKs send back when a reply is appended to the conversation.
+SDKs send back when a reply is appended to the conversation. A few values go on in the form vLLM reads them
+in: an integral float where an integer is expected as that integer, a tool (or a named tool choice) without
+a ``type`` as a function. A field of several shapes is checked as the one its JSON type picks, so an error
+names the real fault.
 
 The endpoints' tables and ``request_validate`` are here; the parsing is in
 ``gateway.validation.json_body``, the checkers they are built of in ``gateway.validation.checks``, and what a
@@ -24,6 +27,7 @@ from gateway.validation.checks import (
     Check,
     absent,
     any_json,
+    any_object,
     boolean,
     dropped,
     empty_list,
@@ -66,13 +70,16 @@ MAX_TOKEN_ID = 2**31  # stop_token_ids and logit_bias keys share one bound
 TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")  # ASCII only: str.isdigit() also takes "²" and "١٢"
 
 
+_bias = number(-100, 100)
+
+
 def logit_bias(value: Any, path: str) -> None:
     if not isinstance(value, dict) or len(value) > 300:
         reject(path, "must be an object of at most 300 token ids")
     for key, bias in value.items():
         if TOKEN_ID_KEY.fullmatch(key) is None or int(key) > MAX_TOKEN_ID:
             reject(f"{path}.{key}", f"keys must be token ids from 0 to {MAX_TOKEN_ID}")
-        number(-100, 100)(bias, f"{path}.{key}")
+        _bias(bias, f"{path}.{key}")
 
 
 def metadata(value: Any, path: str) -> None:
@@ -97,6 +104,12 @@ RESPONSE_FORMAT = obj(
 )
 
 
+def modalities(value: Any, path: str) -> None:
+    """OpenAI's output modalities: text only (the gateway serves text models)."""
+    if value != ["text"]:
+        reject(path, 'must be ["text"]')
+
+
 def response_format(value: Any, path: str) -> None:
     """Text, any JSON object, or JSON following a schema: vLLM compiles that schema into a grammar, so it
     keeps to what a forced tool_choice's schemas may hold (``gateway.validation.schema``)."""
@@ -113,23 +126,63 @@ def texts_or_token_ids(max_items: int, message: str) -> Check:
     ``max_items`` lists of token ids."""
     token_ids = integer(0, 2**31)
     return one_of(
-        string(MAX_CONTENT_CHARS),
-        list_of(string(MAX_CONTENT_CHARS), max_items, min_items=1),
-        list_of(token_ids, 1_000_000, min_items=1),
-        list_of(list_of(token_ids, 100_000, min_items=1), max_items, min_items=1),
+        {
+            "string": string(MAX_CONTENT_CHARS),
+            "list of strings": list_of(string(MAX_CONTENT_CHARS), max_items),
+            "list of integers": list_of(token_ids, 1_000_000),
+            "list of lists": list_of(list_of(token_ids, 100_000, min_items=1), max_items),
+        },
         message=message,
     )
 
 
 TRUNCATE = integer(-1, 10**7)  # vLLM keeps the prompt's last N tokens (-1: as many as the model takes)
-STOP = one_of(string(1024), list_of(string(1024), MAX_STOP), message="must be a string or a list of strings")
-TEXT_PART = obj(
-    {"type": string(16, frozenset({"text"})), "text": string(MAX_CONTENT_CHARS)}, frozenset({"type", "text"})
+_stops = list_of(string(1024), MAX_STOP)
+STOP = one_of(
+    {"string": string(1024), "list of strings": _stops, "list": _stops},
+    message="must be a string or a list of strings",
 )
+# A text part may carry Anthropic-style prompt caching hints (Cline, Roo Code and LiteLLM-style clients add
+# them); vLLM ignores them (its parts are TypedDicts), so they are checked as objects and not sent on.
+TEXT_PART = obj(
+    {
+        "type": string(16, frozenset({"text"})),
+        "text": string(MAX_CONTENT_CHARS),
+        "cache_control": dropped(any_object),
+    },
+    frozenset({"type", "text"}),
+)
+# A reply's refusal, as a part: vLLM reads it as text (chat_utils' MM_PARSER_MAP); OpenAI allows it in an
+# assistant message only, and so does ``message`` below.
+REFUSAL_PART = obj(
+    {"type": string(16, frozenset({"refusal"})), "refusal": string(MAX_CONTENT_CHARS)},
+    frozenset({"type", "refusal"}),
+)
+CONTENT_PARTS: dict[str, Check] = {"text": TEXT_PART, "refusal": REFUSAL_PART}
+NOT_TEXT = "must be text (or, in an assistant message, refusal): no images, audio or video, by URL or inline"
+
+
+def content_part(value: Any, path: str) -> Any:
+    """A part of a message's content: text, or a reply's refusal. Media parts (and anything else) are
+    refused by name, whatever else they hold."""
+    if type(value) is not dict:
+        reject(path, "must be a content part object")
+    kind = value.get("type")
+    part = CONTENT_PARTS.get(kind) if type(kind) is str else None
+    if part is None:
+        reject(f"{path}.type", NOT_TEXT)
+    return part(value, path)
+
+
+_parts = list_of(content_part, 256)
 CONTENT = one_of(
-    string(MAX_CONTENT_CHARS),
-    list_of(TEXT_PART, 256),
+    {"string": string(MAX_CONTENT_CHARS), "list of objects": _parts, "list": _parts},
     message="must be text or a list of text parts (no images, audio or video, by URL or inline)",
+)
+_text_parts = list_of(TEXT_PART, 256)
+TEXT_CONTENT = one_of(  # text only: a predicted output
+    {"string": string(MAX_CONTENT_CHARS), "list of objects": _text_parts, "list": _text_parts},
+    message="must be text or a list of text parts",
 )
 TOOL_CALLS = "an assistant message's tool calls, empty in a reply that called none"
 TOOL_CALL = obj(
@@ -144,17 +197,19 @@ TOOL_CALL = obj(
             },
             frozenset({"name", "arguments"}),
         ),
+        # A streamed reply's position of the call (the SDK's stream helper, and accumulated
+        # ChoiceDeltaToolCalls, keep it): not part of a request's tool call, so not sent on.
+        "index": dropped(integer(0, 2**31 - 1)),
     },
     frozenset({"type", "function"}),
 )
-MESSAGE = obj(
+_MESSAGE = obj(
     {
         "role": string(16, frozenset({"system", "developer", "user", "assistant", "tool"})),
         "content": nullable(CONTENT),
         "name": string(256),
         "tool_calls": one_of(
-            empty_list(TOOL_CALLS),
-            list_of(TOOL_CALL, 128, min_items=1),
+            {"list": empty_list(TOOL_CALLS), "list of objects": list_of(TOOL_CALL, 128)},
             message="must be a list of tool calls",
         ),
         "tool_call_id": string(256),
@@ -170,7 +225,19 @@ MESSAGE = obj(
     },
     frozenset({"role"}),
 )
-TOOL = obj(
+
+
+def message(value: Any, path: str) -> None:
+    """A message of the conversation; a refusal part only in an assistant's."""
+    _MESSAGE(value, path)
+    content = value.get("content")
+    if type(content) is list and value["role"] != "assistant":
+        for index, part in enumerate(content):
+            if part["type"] == "refusal":
+                reject(f"{path}.content[{index}].type", "may be refusal only in an assistant message")
+
+
+_TOOL = obj(
     {
         "type": string(16, frozenset({"function"})),
         "function": obj(
@@ -178,9 +245,23 @@ TOOL = obj(
             frozenset({"name"}),
         ),
     },
-    frozenset({"type", "function"}),
+    frozenset({"function"}),
 )
-_TOOLS = list_of(TOOL, MAX_TOOLS)
+
+
+def function_typed(check: Check) -> Check:
+    """A tool, or a named tool choice, whose ``type`` defaults to ``function`` as in vLLM's models
+    (ChatCompletionToolsParam, ChatCompletionNamedToolChoiceParam): it is written in before the body goes
+    on, so vLLM reads what was checked here."""
+
+    def typed(value: Any, path: str) -> None:
+        check(value, path)
+        value.setdefault("type", "function")
+
+    return typed
+
+
+_TOOLS = list_of(function_typed(_TOOL), MAX_TOOLS)
 
 
 def tools(value: Any, path: str) -> Any:
@@ -195,6 +276,7 @@ SAMPLING: dict[str, Check] = {
     "stream": boolean,
     # continuous_usage_stats: vLLM's running counts in every chunk (request_validate says when they go on);
     # include_obfuscation: OpenAI's padding of stream events, which vLLM does not do
+    # (and request_validate leaves out options with nothing set when stream is not true)
     "stream_options": obj(
         {"include_usage": boolean, "continuous_usage_stats": boolean, "include_obfuscation": dropped(boolean)}
     ),
@@ -213,11 +295,14 @@ SAMPLING: dict[str, Check] = {
     "repetition_penalty": number(0.01, 2),
     "stop_token_ids": list_of(integer(0, MAX_TOKEN_ID), 64),
     "skip_special_tokens": boolean,
+    "spaces_between_special_tokens": boolean,
     "include_stop_str_in_output": boolean,
+    "ignore_eos": boolean,  # benchmarks' fixed-length outputs; still bounded by max_tokens and the context
+    "thinking_token_budget": integer(-1, 10**7),  # of the reasoning's tokens (-1: no budget)
 }
 CHAT_FIELDS: dict[str, Check] = {
     **SAMPLING,
-    "messages": list_of(MESSAGE, MAX_MESSAGES, min_items=1),
+    "messages": list_of(message, MAX_MESSAGES, min_items=1),
     "max_tokens": integer(1, 10**7),
     "max_completion_tokens": integer(1, 10**7),
     "min_tokens": integer(0, 10**7),
@@ -225,6 +310,7 @@ CHAT_FIELDS: dict[str, Check] = {
     "top_logprobs": integer(0, MAX_TOP_LOGPROBS),
     "response_format": response_format,
     "reasoning_effort": string(16, frozenset({"none", "minimal", "low", "medium", "high", "xhigh", "max"})),
+    "include_reasoning": boolean,  # vLLM's: false leaves the reasoning out of the reply
     # Variables for the model's own chat template: only the thinking switches (Qwen3's enable_thinking,
     # DeepSeek's thinking), as booleans; the template itself, or anything else it might read, is refused.
     "chat_template_kwargs": obj({"enable_thinking": boolean, "thinking": boolean}),
@@ -233,14 +319,18 @@ CHAT_FIELDS: dict[str, Check] = {
     "truncate_prompt_tokens": TRUNCATE,
     "tools": tools,
     "tool_choice": one_of(
-        string(16, frozenset({"none", "auto", "required"})),
-        obj(
-            {
-                "type": string(16, frozenset({"function"})),
-                "function": obj({"name": string(256)}, frozenset({"name"})),
-            },
-            frozenset({"type", "function"}),  # OpenAI: a named tool choice names its function
-        ),
+        {
+            "string": string(16, frozenset({"none", "auto", "required"})),
+            "object": function_typed(
+                obj(
+                    {
+                        "type": string(16, frozenset({"function"})),
+                        "function": obj({"name": string(256)}, frozenset({"name"})),
+                    },
+                    frozenset({"function"}),  # OpenAI: a named tool choice names its function
+                )
+            ),
+        },
         message="must be none, auto, required or a function",
     ),
     "parallel_tool_calls": boolean,
@@ -250,13 +340,21 @@ CHAT_FIELDS: dict[str, Check] = {
     "service_tier": dropped(string(32)),
     "prompt_cache_key": dropped(string(1024)),
     "safety_identifier": dropped(string(256)),
+    "modalities": dropped(modalities),
+    "verbosity": dropped(string(16, frozenset({"low", "medium", "high"}))),
+    "prediction": dropped(
+        obj(
+            {"type": string(16, frozenset({"content"})), "content": TEXT_CONTENT},
+            frozenset({"type", "content"}),
+        )
+    ),
 }
 COMPLETION_FIELDS: dict[str, Check] = {
     **SAMPLING,
     "prompt": texts_or_token_ids(
         MAX_PROMPTS, "must be text, a list of texts, token ids or a list of token id lists"
     ),
-    "max_tokens": integer(1, 10**7),
+    "max_tokens": integer(0, 10**7),  # 0 only with echo (request_validate): the prompt scored, nothing more
     "min_tokens": integer(0, 10**7),
     "echo": boolean,
     "logprobs": integer(0, 5),
@@ -269,6 +367,7 @@ EMBEDDING_FIELDS: dict[str, Check] = {
     "dimensions": integer(1, 65_536),
     "user": string(256),
     "truncate_prompt_tokens": TRUNCATE,
+    "add_special_tokens": boolean,  # vLLM's: false leaves out the tokenizer's BOS/EOS
 }
 
 
@@ -285,6 +384,7 @@ class Validated:
     prompt_token_ids: int | None = None  # a prompt (or input) sent as token ids: how many, exactly
     prompts: int = 1  # a completions batch: how many prompts, each generating n answers
     truncate: int | None = None  # truncate_prompt_tokens: vLLM keeps at most this many of the prompt's
+    cap_filled: bool = False  # max_tokens is the client's cap, written in for a chat that set none
 
 
 ENDPOINT_FIELDS: dict[str, tuple[dict[str, Check], frozenset[str]]] = {
@@ -312,16 +412,24 @@ def request_validate(
         reject("continue_final_message", "cannot be true together with add_generation_prompt")
     stream = payload.get("stream") is True
     if "stream_options" in payload and not stream:
-        reject("stream_options", "is only allowed with stream: true")
+        if payload["stream_options"]:  # vLLM refuses options with stream off only when they set something
+            reject("stream_options", "is only allowed with stream: true")
+        del payload["stream_options"]
     if kind == "embeddings":
         return Validated(payload, payload["model"], False, False, 0, 1, _token_ids(payload["input"]))
     key = "max_completion_tokens" if "max_completion_tokens" in payload else "max_tokens"
     requested = payload.get(key)
+    if requested == 0 and payload.get("echo") is not True:  # completions: vLLM echoes the prompt for 0
+        reject(key, "must be at least 1, or 0 with echo: true (the prompt scored, nothing generated)")
+    cap_filled = False
     if max_tokens_cap is not None:
         if requested is not None and requested > max_tokens_cap:
             reject(key, f"must be at most {max_tokens_cap} for this client")
         if requested is None and kind == "chat":
-            requested = payload["max_tokens"] = max_tokens_cap  # the client's cap bounds every generation
+            # the client's cap bounds every generation; where prompt and cap overflow the model's context,
+            # the chat is sent again with what the context leaves (gateway.consumers.inference._fitted)
+            requested = payload["max_tokens"] = max_tokens_cap
+            cap_filled = True
     if requested is None and kind == "completions":  # said here, so the reservation is what vLLM writes
         default = COMPLETION_DEFAULT_MAX_TOKENS
         requested = payload["max_tokens"] = (
@@ -347,6 +455,7 @@ def request_validate(
         _token_ids(payload["prompt"]) if kind == "completions" else None,
         _prompts(payload["prompt"]) if kind == "completions" else 1,
         payload.get("truncate_prompt_tokens"),
+        cap_filled,
     )
 
 

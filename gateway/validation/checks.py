@@ -2,8 +2,9 @@
 against an allowlist, composed into the endpoints' tables in ``gateway.validation``.
 
 A checker raises ``InvalidRequest`` naming the field's path, and returns ``DROP`` for a value it accepts
-but that is not sent upstream. A field sent as ``null`` is left out, unless its checker keeps null as a
-value of its own (``nullable``).
+but that is not sent upstream, or a ``Replace`` for one it accepts in another form (an integral float where
+an integer is expected goes upstream as the integer). A field sent as ``null`` is left out, unless its
+checker keeps null as a value of its own (``nullable``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, NoReturn
 
 from gateway.errors import InvalidRequest
 
-Check = Callable[[Any, str], Any]  # raises InvalidRequest; returns DROP for a value not to send upstream
+Check = Callable[[Any, str], Any]  # raises InvalidRequest; returns DROP, a Replace, or None (sent as is)
 
 
 def reject(path: str, message: str) -> NoReturn:
@@ -33,12 +34,29 @@ def string(max_len: int = 256, choices: frozenset[str] | None = None) -> Check:
     return check
 
 
+class Replace:
+    """What a checker returns for a value it accepts in another form: the form sent upstream."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 def integer(low: int, high: int) -> Check:
-    def check(value: Any, path: str) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
+    """An integer from ``low`` to ``high``; an integral float (``256.0``) is taken as the integer and sent
+    upstream as one, as vLLM's pydantic models read it (lax mode), and ``256.5`` is refused."""
+
+    def check(value: Any, path: str) -> Replace | None:
+        if type(value) is int:  # not a bool
+            if not low <= value <= high:
+                reject(path, f"must be between {low} and {high}")
+            return None
+        if type(value) is not float or not value.is_integer():
             reject(path, "must be an integer")
         if not low <= value <= high:
             reject(path, f"must be between {low} and {high}")
+        return Replace(int(value))
 
     return check
 
@@ -64,9 +82,8 @@ KEEPS_NULL: set[Check] = set()  # checkers for which null is a value of its own 
 def nullable(inner: Check) -> Check:
     """Null is a value of its own here (a message's content: an assistant turn that only calls tools)."""
 
-    def check(value: Any, path: str) -> None:
-        if value is not None:
-            inner(value, path)
+    def check(value: Any, path: str) -> Any:
+        return None if value is None else inner(value, path)
 
     KEEPS_NULL.add(check)
     return check
@@ -103,6 +120,12 @@ def any_json(value: Any, path: str) -> None:
     """Accept any JSON value (depth and size are bounded for the whole body)."""
 
 
+def any_object(value: Any, path: str) -> None:
+    """Accept any JSON object (depth and size are bounded for the whole body)."""
+    if type(value) is not dict:
+        reject(path, "must be an object")
+
+
 def dropped(inner: Check) -> Check:
     """A field accepted (as ``inner`` checks it) but never sent upstream: one vLLM would ignore, sent by
     OpenAI SDKs (``store``, ``metadata``, a parsed reply's ``parsed``)."""
@@ -118,22 +141,45 @@ def list_of(item: Check, max_items: int, min_items: int = 0) -> Check:
     def check(value: Any, path: str) -> None:
         if not isinstance(value, list):
             reject(path, "must be a list")
-        if not min_items <= len(value) <= max_items:
-            reject(path, f"must have between {min_items} and {max_items} items")
+        if len(value) > max_items:
+            reject(path, f"must have at most {max_items} items")
+        if len(value) < min_items:
+            reject(path, f"must have at least {min_items} item{'s' if min_items > 1 else ''}")
         for index, element in enumerate(value):
-            item(element, f"{path}[{index}]")
+            replaced = item(element, f"{path}[{index}]")
+            if type(replaced) is Replace:
+                value[index] = replaced.value
 
     return check
 
 
-def one_of(*checks: Check, message: str) -> Check:
+JSON_TYPES: dict[type, str] = {
+    str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "list"
+}  # fmt: skip
+# A list that is not empty, by the type of its first item: a list of several shapes is then checked item by
+# item against the one its first item picked, and an error names the item that breaks it.
+JSON_LISTS: dict[type, str] = {kind: f"list of {name}s" for kind, name in JSON_TYPES.items()}
+
+
+def json_type(value: Any) -> str:
+    """A value's JSON type as ``one_of`` tells branches apart: ``string``, ``object``, ``list`` (an empty
+    one), ``list of strings``, ``list of integers``, ``list of objects``, ``list of lists``..."""
+    kind = type(value)
+    if kind is list and value:
+        return JSON_LISTS.get(type(value[0]), "list of nulls")
+    return JSON_TYPES.get(kind, "null")
+
+
+def one_of(branches: dict[str, Check], *, message: str) -> Check:
+    """A value of one of several shapes, told apart by its JSON type (``json_type``): the branch of that
+    type checks it, so an error names the real cause (a string too long, an unknown key in the third part),
+    and ``message`` says what was expected only when no branch takes a value of that type."""
+
     def check(value: Any, path: str) -> Any:
-        for candidate in checks:
-            try:
-                return candidate(value, path)
-            except InvalidRequest:
-                continue
-        reject(path, message)
+        branch = branches.get(json_type(value))
+        if branch is None:
+            reject(path, message)
+        return branch(value, path)
 
     return check
 
@@ -160,8 +206,14 @@ def fields_check(
             reject(where, "is not a supported field")
         if element is None and checker not in KEEPS_NULL:
             dropped.append(key)
-        elif checker(element, where) is DROP:
+            continue
+        result = checker(element, where)
+        if result is None:
+            continue
+        if result is DROP:
             dropped.append(key)
+        elif type(result) is Replace:
+            value[key] = result.value  # an existing key: the dict's size, and so the iteration, is unchanged
     for key in dropped:
         del value[key]
     for key in required - value.keys():

@@ -1,13 +1,23 @@
 """The JSON-schema allowlist for what vLLM compiles into a grammar: the tools' parameters under a forced
 ``tool_choice`` or a ``strict`` tool, and a ``json_schema`` response format must keep to plain structure
-(``SCHEMA_KEYWORDS``)."""
+(``SCHEMA_KEYWORDS``); keywords that only annotate (``SCHEMA_ANNOTATIONS``) are checked and left out."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from gateway.validation.checks import integer, list_of, number, one_of, reject, string
+from gateway.validation.checks import (
+    Check,
+    Replace,
+    boolean,
+    integer,
+    list_of,
+    number,
+    one_of,
+    reject,
+    string,
+)
 
 # A forced tool choice ("required", or a named function) makes vLLM constrain the output with the tools'
 # parameter schemas: guided decoding by another door, and schemas have crashed vLLM's engine when compiled
@@ -28,14 +38,57 @@ SCHEMA_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 SCHEMA_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
 SCHEMA_TYPES = frozenset({"object", "array", "string", "number", "integer", "boolean", "null"})
 SCHEMA_TYPE = one_of(
-    string(16, SCHEMA_TYPES),
-    list_of(string(16, SCHEMA_TYPES), 7, min_items=1),
+    {"string": string(16, SCHEMA_TYPES), "list of strings": list_of(string(16, SCHEMA_TYPES), 7)},
     message="must be a JSON type or a list of them",
 )
 SCHEMA_BOUND = 2**31 - 1
 SCHEMA_MAX_COUNT = 4096
 CYCLE_SHOWN = 8  # links of a reference cycle an error names
 LOCAL_REF = re.compile(r"#/(\$defs|definitions)/[A-Za-z0-9_.-]{1,128}")
+_bound = number(-SCHEMA_BOUND, SCHEMA_BOUND)
+_count = integer(0, SCHEMA_MAX_COUNT)
+_required = list_of(string(256), 1024)
+_property_name = string(256)
+
+
+def _local_ref(value: Any, path: str) -> None:
+    if not isinstance(value, str) or LOCAL_REF.fullmatch(value) is None:
+        reject(path, "must be a local reference (#/$defs/<name>)")
+
+
+def _discriminator(value: Any, path: str) -> None:
+    """OpenAPI's discriminator (pydantic's discriminated unions): the property naming the branch, and
+    optionally which definition each of its values picks."""
+    if not isinstance(value, dict):
+        reject(path, "must be an object")
+    for key, item in value.items():
+        if key == "propertyName":
+            _property_name(item, f"{path}.{key}")
+        elif key == "mapping":
+            if not isinstance(item, dict) or len(item) > 1024:
+                reject(f"{path}.{key}", "must map at most 1024 values to local references")
+            for name, ref in item.items():
+                _local_ref(ref, f"{path}.{key}.{name}")
+        else:
+            reject(f"{path}.{key}", "is not a supported field")
+    if "propertyName" not in value:
+        reject(f"{path}.propertyName", "is required")
+
+
+# Keywords that only annotate a schema (pydantic's Field(deprecated=True), discriminated unions, the
+# "$schema" that zod-to-json-schema writes): accepted, checked, and left out of the schema vLLM compiles.
+# They never change which outputs match, but not every backend ignores them: llguidance (vLLM's
+# "guidance" backend, and "auto"'s fallback from xgrammar) refuses a key it does not know ("Unimplemented
+# keys"), and knows neither "deprecated" nor "discriminator", and "$schema" steers its draft detection.
+# Left out, the grammar is the same on every backend and nothing new reaches the compiler.
+SCHEMA_ANNOTATIONS: dict[str, Check] = {
+    "$schema": string(256),
+    "$comment": string(4096),
+    "deprecated": boolean,
+    "readOnly": boolean,
+    "writeOnly": boolean,
+    "discriminator": _discriminator,
+}
 
 
 def forced_schema(value: Any, path: str) -> None:
@@ -44,11 +97,16 @@ def forced_schema(value: Any, path: str) -> None:
         return
     if not isinstance(value, dict):
         reject(path, "must be a JSON schema object")
+    annotations: list[str] = []
     for key, item in value.items():
         where = f"{path}.{key}"
         if key not in SCHEMA_KEYWORDS:
-            reject(where, "is not accepted in a schema that vLLM compiles into a grammar")
-        if key in SCHEMA_SUBSCHEMAS:
+            annotation = SCHEMA_ANNOTATIONS.get(key)
+            if annotation is None:
+                reject(where, "is not accepted in a schema that vLLM compiles into a grammar")
+            annotation(item, where)
+            annotations.append(key)
+        elif key in SCHEMA_SUBSCHEMAS:
             forced_schema(item, where)
         elif key in SCHEMA_MAPS:
             if not isinstance(item, dict):
@@ -56,17 +114,24 @@ def forced_schema(value: Any, path: str) -> None:
             for name, sub in item.items():
                 forced_schema(sub, f"{where}.{name}")
         elif key in SCHEMA_LISTS:
-            list_of(forced_schema, 64, min_items=1)(item, where)
+            _subschemas(item, where)
         elif key in SCHEMA_BOUNDS:
-            number(-SCHEMA_BOUND, SCHEMA_BOUND)(item, where)
+            _bound(item, where)
         elif key in SCHEMA_COUNTS:
-            integer(0, SCHEMA_MAX_COUNT)(item, where)
-        elif key == "$ref" and (not isinstance(item, str) or LOCAL_REF.fullmatch(item) is None):
-            reject(where, "must be a local reference (#/$defs/<name>)")
+            replaced = _count(item, where)
+            if type(replaced) is Replace:  # 5.0: compiled as the integer it is
+                value[key] = replaced.value
+        elif key == "$ref":
+            _local_ref(item, where)
         elif key == "type":
             SCHEMA_TYPE(item, where)
         elif key == "required":
-            list_of(string(256), 1024)(item, where)
+            _required(item, where)
+    for key in annotations:
+        del value[key]
+
+
+_subschemas = list_of(forced_schema, 64, min_items=1)
 
 
 def compiled_schema(value: Any, path: str) -> None:

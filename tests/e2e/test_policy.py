@@ -46,6 +46,7 @@ POLICIES: dict[str, dict[str, Any]] = {
     "ip": {"allow_ips": ["10.1.2.3/32"]},
     "fallback": {"rpm": 40},
     "open": {},  # no limit for other tests to spend
+    "capped": {"max_tokens": 3500},  # against fakevllm's 4,096-token context
 }
 
 
@@ -538,3 +539,38 @@ def test_records_held_for_a_redis_that_is_down_survive_a_restart_of_the_gateway_
         assert AuditEvent.objects.get(kind="gateway.audit_spooled").data["records"] >= 5
     finally:
         stop(redis_process)
+
+
+def capped_chat(words: int, **extra: Any) -> dict[str, Any]:
+    """A chat of ``words`` prompt tokens as fakevllm counts them (one a word), with no max_tokens."""
+    return {"model": "m1", "messages": [{"role": "user", "content": "word " * words}], **extra}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_cap_filled_in_that_overflows_the_context_is_lowered_to_what_the_context_leaves(stack, stream):
+    # vLLM refuses a max_tokens that overflows the context with the prompt; the client set none, so the
+    # gateway's own fill must not turn "until the context ends" into a refusal
+    server, fake, clients = stack
+    fake.reset()
+    token = client_token(server, clients["capped"], "completions models.read")
+    wait_policy(server, token)
+    headers = {"authorization": f"Bearer {token}"}
+    url = f"{server.base}/v1/chat/completions"
+    answer = httpx.post(url, json=capped_chat(1000, stream=stream), headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    if stream:
+        assert answer.text.rstrip().endswith("data: [DONE]")
+    sent = [body for body in fake.state()["last_bodies"] if "messages" in body]
+    assert [body.get("max_tokens") for body in sent] == [3500, None, 3096]  # the chat, /tokenize, again
+    # a chat whose prompt alone fills the context: vLLM's refusal, saying where the max_tokens came from
+    fake.reset()
+    refused = httpx.post(url, json=capped_chat(4200, stream=stream), headers=headers, timeout=10)
+    assert refused.status_code == 400
+    assert "maximum context length" in refused.json()["error"]["message"]
+    assert "this client's cap of 3500 was sent" in refused.json()["error"]["message"]
+    # a client's own max_tokens is its own: refused as vLLM refuses it, and not sent again
+    fake.reset()
+    own = httpx.post(url, json=capped_chat(1000, stream=stream, max_tokens=3500), headers=headers, timeout=10)
+    assert own.status_code == 400
+    assert "cap of" not in own.json()["error"]["message"]
+    assert fake.served() == 1

@@ -64,7 +64,7 @@ CASES = [
         chat(
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/"}}]}]
         ),
-        "messages[0].content",
+        "messages[0].content[0].type",
     ),
     (
         "inline image",
@@ -79,7 +79,7 @@ CASES = [
                 }
             ]
         ),
-        "messages[0].content",
+        "messages[0].content[0].type",
     ),
     ("bad role", "chat", chat(messages=[{"role": "root", "content": "x"}]), "messages[0].role"),
     (
@@ -169,8 +169,18 @@ CASES = [
     ),
     ("logit bias key of 5000 digits", "chat", chat(logit_bias={"9" * 5000: 1}), "logit_bias." + "9" * 5000),
     ("logit bias key past 2**31", "chat", chat(logit_bias={"2147483649": 1}), "logit_bias.2147483649"),
-    ("tool choice without its function", "chat", chat(tool_choice={"type": "function"}), "tool_choice"),
-    ("tool choice without its type", "chat", chat(tool_choice={"function": {"name": "f"}}), "tool_choice"),
+    (
+        "tool choice without its function",
+        "chat",
+        chat(tool_choice={"type": "function"}),
+        "tool_choice.function",
+    ),
+    (
+        "tool choice naming a function, without tools",
+        "chat",
+        chat(tool_choice={"function": {"name": "f"}}),
+        "tool_choice",
+    ),
     ("too many messages", "chat", chat(messages=MSG * 2000), "messages"),
     (
         "completion logprobs",
