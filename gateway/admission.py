@@ -1,9 +1,9 @@
 """Admission: the hot path's one Redis round trip, and the settlement after the call.
 
 The Lua reservation also checks the token's revocation key, so revocation and every limit cost one EVALSHA.
-When Redis is unreachable the gateway keeps serving within a conservative per-process limit (counted and
-audited once per outage), and it serves only tokens whose revocation state Redis cleared in the last
-``REVOCATION_STALE_S`` seconds: the rest get a 503 (fail closed).
+When Redis is unreachable, or refuses writes, the gateway keeps serving within a conservative per-process
+limit (counted and audited once per outage), and it serves only tokens whose revocation state Redis cleared
+in the last ``REVOCATION_STALE_S`` seconds: the rest get a 503 (fail closed).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ LIMIT_MESSAGES = {
     "concurrency": "Too many requests in flight for this client.",
     "daily_tokens": "The daily token quota of this client is used up.",
 }
+# Redis down, or refusing writes (ratelimit.RedisRefused, a ConnectionError: a read-only replica, MISCONF)
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 

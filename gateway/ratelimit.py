@@ -302,6 +302,11 @@ class RevokedError(Exception):
     """The shared store says the token is revoked."""
 
 
+class RedisRefused(redis_exceptions.ConnectionError):
+    """Redis refused the reservation before running it (a read-only replica after a failover, a failed
+    disk write, too few replicas, busy, out of memory, loading): to admission, Redis is unavailable."""
+
+
 class RedisLimiter:
     """The shared limiter: one EVALSHA per request to reserve; settlements ride along with later batches.
 
@@ -318,17 +323,27 @@ class RedisLimiter:
         batcher.rider_add(self)
 
     async def admit(self, principal: Principal, buckets: Buckets, reservation: str, cost: int) -> Admission:
-        """Check revocation and reserve every limit atomically (raises RevokedError, or ConnectionError)."""
+        """Check revocation and reserve every limit atomically (raises RevokedError, or ConnectionError,
+        RedisRefused included)."""
         now_ms = int(time.time() * 1000)
         try:
-            result = await self.batcher.call(_admit_packed(buckets, principal.jti, reservation, cost, now_ms))
-        except redis_exceptions.NoScriptError:
-            # Redis lost its scripts (a restart, a SCRIPT FLUSH): EVAL brings the script with the call, so
-            # no flush can come between loading it and running it (with SCRIPT LOAD and a second EVALSHA
-            # one did, and the request got a 500), and Redis keeps it for the EVALSHAs that follow
-            keys = buckets.keys(principal.jti)
-            args = _admit_args(buckets, reservation, cost, now_ms)
-            result = await self.batcher.call("EVAL", ADMIT_LUA, len(keys), *keys, *args)
+            try:
+                packed = _admit_packed(buckets, principal.jti, reservation, cost, now_ms)
+                result = await self.batcher.call(packed)
+            except redis_exceptions.NoScriptError:
+                # Redis lost its scripts (a restart, a SCRIPT FLUSH): EVAL brings the script with the call,
+                # so no flush can come between loading it and running it (with SCRIPT LOAD and a second
+                # EVALSHA one did, and the request got a 500), and Redis keeps it for the EVALSHAs after
+                keys = buckets.keys(principal.jti)
+                args = _admit_args(buckets, reservation, cost, now_ms)
+                result = await self.batcher.call("EVAL", ADMIT_LUA, len(keys), *keys, *args)
+        except redis_exceptions.ResponseError as exc:
+            # Refused before it ran: the same as Redis down (the fallback, audited once, counted), not a
+            # 500 for every request while a replica is read-only or the disk is full. An error the script
+            # itself raised is a bug, and stays one.
+            if _did_not_run(exc):
+                raise RedisRefused(f"Redis refused the reservation: {exc}") from exc
+            raise
         if result[0] == -1:
             raise RevokedError()
         if result[0] == 0:
@@ -390,12 +405,15 @@ class RedisLimiter:
     def done(self, sent: list[Command], replies: list[Any], error: BaseException | None) -> None:
         """Retry what failed or got no reply: a settlement that ran before its reply was lost finds its
         member gone when it comes again, and changes nothing."""
-        if any(isinstance(r, redis_exceptions.NoScriptError) for r in replies):
+        if any(_is_lost_script(r) for r in replies):
             self._load_settle = True  # Redis restarted and lost its scripts: load again, then retry
-        # Refused before it ran (no script, Redis loading, busy, out of memory, read-only): it goes again as
-        # it was. Unanswered: it may have run, and goes again marked so. An error the script itself raised
-        # came after some of its writes, and would come again every time: it was retried every 5 ms for as
-        # long as the process lived (an upstream's usage count past 64 bits did it). Logged and dropped.
+        # Refused before it ran (no script, Redis loading, busy, out of memory, read-only, a failed disk
+        # write, too few replicas): it goes again as it was, at once after a lost script, else after
+        # RIDER_RETRY_S rather than every 5 ms while Redis refuses (it rides with requests' batches
+        # meanwhile). Dropped, it had leaked its slot for 15 minutes and never refunded the reservation.
+        # Unanswered: it may have run, and goes again marked so. An error the script itself raised came
+        # after some of its writes, and would come again every time: it was retried every 5 ms for as long
+        # as the process lived (an upstream's usage count past 64 bits did it). Logged and dropped.
         answered = [(c, r) for c, r in zip(sent, replies, strict=False) if c[0] == "EVALSHA"]
         refused = [c for c, r in answered if _did_not_run(r)]
         failed = [r for _c, r in answered if _is_error(r) and not _did_not_run(r)]
@@ -403,18 +421,32 @@ class RedisLimiter:
             logger.error("dropping %d settlements Redis failed to run (%s)", len(failed), failed[0])
         unanswered = [c[:-1] + (RETRY,) for c in sent[len(replies) :] if c[0] == "EVALSHA"]
         retry = refused + unanswered
+        refusal = None
+        if refused:
+            refusal = next((r for _c, r in answered if _did_not_run(r) and not _is_lost_script(r)), None)
+        if refusal is not None:
+            logger.warning("Redis refused %d settlements (%s); will retry", len(refused), refusal)
         if error is not None:
             logger.warning("settling %d reservations failed (%s); will retry", len(unanswered), error)
         if retry:
             self._pending[:0] = retry
             self._releases += sum(1 for c in retry if c[-1] == RETRY)
-            self.batcher.nudge(RIDER_RETRY_S if error is not None else SETTLE_LINGER_S)
+            later = error is not None or refusal is not None
+            self.batcher.nudge(RIDER_RETRY_S if later else SETTLE_LINGER_S)
 
 
 def _is_error(reply: Any) -> bool:
     return isinstance(reply, redis_exceptions.ResponseError)
 
 
+def _is_lost_script(reply: Any) -> bool:
+    return isinstance(reply, redis_exceptions.NoScriptError)
+
+
+# The error replies of a Redis that refused a command before it ran (for the scripts, at their first write,
+# which comes before any other: nothing was written). redis-py has classes for some; others arrive as a
+# plain ResponseError whose message starts with Redis's code: BUSY (a script running too long), MISCONF (a
+# snapshot failed to reach the disk, with stop-writes-on-bgsave-error), NOREPLICAS (min-replicas-to-write).
 NOT_RUN = (
     redis_exceptions.NoScriptError,
     redis_exceptions.BusyLoadingError,
@@ -424,11 +456,12 @@ NOT_RUN = (
     redis_exceptions.MasterDownError,
     redis_exceptions.ClusterDownError,
 )
+NOT_RUN_CODES = ("BUSY ", "MISCONF ", "NOREPLICAS ")
 
 
 def _did_not_run(reply: Any) -> bool:
     """An error reply Redis gives before running a command: it may be sent again as it was."""
-    return isinstance(reply, NOT_RUN) or (_is_error(reply) and str(reply).startswith("BUSY"))
+    return isinstance(reply, NOT_RUN) or (_is_error(reply) and str(reply).startswith(NOT_RUN_CODES))
 
 
 class LocalLimiter:

@@ -13,7 +13,8 @@ commands that got no reply, to retry. hiredis packs the commands and parses the 
 connection; this module only decides what travels together, and bounds each batch with one timeout rather
 than one per reply. Measured on the project's 2-core machine, a lone EVALSHA through redis-py costs ~75 µs
 of the gateway's CPU, one of eight in a pipeline ~30 µs, and redis-py's pure-Python packing alone ~14 µs
-per command against hiredis's ~2 µs (bench/README.md).
+per command against hiredis's ~2 µs (bench/README.md). A link the other end closed while idle is made
+again before the next batch goes on it (``_closed_by_peer``).
 """
 
 from __future__ import annotations
@@ -92,6 +93,25 @@ def _read_within(fd: int, timeout_s: float) -> bytes:
         except BlockingIOError:
             if time.perf_counter() >= deadline:
                 return b""
+
+
+def _closed_by_peer(connection: Connection) -> bool:
+    """Whether the other end closed (or reset) a link's connection while it was idle: Redis's ``timeout``,
+    or a proxy's or load balancer's idle limit.
+
+    The next batch then fails on its first read, as if Redis were down (the fallback, a 503 for a token not
+    cleared in the last minute, an outage audited), although Redis is up. Checked before the batch is written,
+    the link is simply made again: the old connection took nothing of the batch, so nothing can run twice.
+    Resending after a failure could not tell a close that came before the write from one after Redis ran it (a
+    close that reaches the event loop only after the write still fails its batch as unanswered, as before).
+    redis-py's ``health_check_interval`` would PING (a round trip) before the first batch after each interval,
+    which must be shorter than a timeout the gateway does not know. The check costs ~0.2 µs a batch (a call,
+    two method calls; one batch a request when traffic is light) against the ~75 µs a lone EVALSHA costs. TCP
+    keepalive (redis-py's default, probes after 30 s idle) keeps a NAT's or a load balancer's state alive, and
+    shows a peer gone silently as a reset here.
+    """
+    reader = connection._reader
+    return reader is not None and (reader.at_eof() or reader.exception() is not None)
 
 
 class RedisBatcher:
@@ -311,6 +331,9 @@ class RedisBatcher:
             async with asyncio.timeout(BATCH_TIMEOUT_S):
                 connection = self._connect(link)
                 reached = connection.is_connected
+                if reached and _closed_by_peer(connection):  # while idle: nothing of this batch was sent
+                    await self._drop(link)
+                    connection, reached = self._connect(link), False
                 packed = [c[0] if type(c[0]) is Packed else hiredis.pack_command(c) for c in commands]
                 await connection.send_packed_command(b"".join(packed), check_health=False)
                 reached = True
