@@ -8,7 +8,8 @@ An entry the ingest cannot store never holds back its batch: one that cannot be 
 object, of no known type, bytes that are not UTF-8), an event whose fields are not of the types a gateway
 writes, and a record or event the database refuses are each set aside, acknowledged with the rest, logged,
 and recorded by an ``audit.event_refused`` event that names its stream id and the error's class (never its
-content). Only a database that is down makes a batch wait, unacknowledged, for the next run.
+content). Only a database that is down, or cannot write now (read-only after a failover, shutting
+down), makes a batch wait, unacknowledged, for the next run.
 """
 
 from __future__ import annotations
@@ -43,6 +44,27 @@ BUDGET_S = 1.0  # one ingest run stops reading after this long (beat starts one 
 # wrong type), and the entry is set aside. A database that is down cannot store the stand-in either: that
 # write raises one of these, so a batch is never acknowledged on a wrong guess.
 UNAVAILABLE = (OperationalError, InterfaceError, TransactionManagementError)
+# The same, said by a SQLSTATE psycopg gives another class: a database that is read-only (25006, a standby
+# after a failover: an InternalError), shutting down or starting (57P01-57P03), that closed an idle session
+# (57P05), or a lost connection (class 08). Such a batch is not the entry's fault: it waits, and is retried.
+UNAVAILABLE_SQLSTATES = frozenset({"25006", "57P01", "57P02", "57P03", "57P05"})
+
+
+def sqlstate_unavailable(exc: BaseException) -> bool:
+    """Whether the database's SQLSTATE for an error (Django's, or psycopg's it wraps) says it cannot take
+    the work now, whatever the error's class."""
+    for error in (exc, exc.__cause__):
+        state = getattr(error, "sqlstate", None)
+        if isinstance(state, str) and (state in UNAVAILABLE_SQLSTATES or state.startswith("08")):
+            return True
+    return False
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether an error says the database is down or cannot write now (the batch waits), rather than that
+    it refuses the entry (the entry is set aside)."""
+    return isinstance(exc, UNAVAILABLE) or sqlstate_unavailable(exc)
+
 
 _USAGE_FIELDS = {f.name for f in UsageRecord._meta.get_fields()} - {"id"}
 _USAGE_COLUMNS = [f for f in UsageRecord._meta.concrete_fields if f.name in _USAGE_FIELDS]
@@ -107,18 +129,18 @@ def _usage_store(records: list[dict[str, Any]]) -> list[tuple[int, Exception]]:
                 [_usage_row(r) for r in records], ignore_conflicts=True
             )
         return []
-    except UNAVAILABLE:
-        raise
-    except Exception:  # noqa: S110
-        pass  # one of them is refused: store the others one by one
+    except Exception as exc:
+        if database_unavailable(exc):
+            raise
+        # one of them is refused: store the others one by one
     refused: list[tuple[int, Exception]] = []
     for index, record in enumerate(records):
         try:
             with transaction.atomic(using=alias):
                 UsageRecord.objects.using(alias).bulk_create([_usage_row(record)], ignore_conflicts=True)
-        except UNAVAILABLE:
-            raise
         except Exception as exc:
+            if database_unavailable(exc):
+                raise
             logger.error(
                 "dropping a usage record the database refuses (request %s): %s",
                 storable(str(record.get("request_id", "")))[:64],
@@ -229,10 +251,10 @@ def entries_store(entries: list[Any], ids: list[Any] | None = None) -> tuple[int
             batch.usage_store()
             for _stream_id, _event, fields in batch.events:
                 audit_record(**fields)
-    except UNAVAILABLE:
-        raise
-    except Exception:  # an event the database refuses: each on its own
-        _events_one_by_one(batch)
+    except Exception as exc:
+        if database_unavailable(exc):
+            raise
+        _events_one_by_one(batch)  # an event the database refuses: each on its own
     return len(batch.usage), batch.event_count
 
 
@@ -247,9 +269,9 @@ def _events_one_by_one(batch: _Batch) -> None:
         try:
             with transaction.atomic():
                 audit_record(**fields)
-        except UNAVAILABLE:
-            raise
         except Exception as exc:
+            if database_unavailable(exc):
+                raise
             if event is None:  # a stand-in the database refuses: nothing is acknowledged
                 raise
             audit_record(**_stand_in(_event_refused(stream_id, event, exc)))

@@ -26,17 +26,23 @@ from config.embedded import EmbeddedBeat  # noqa: E402
 from config.threadpool import POOLED_PATHS, ThreadPoolDjango  # noqa: E402
 from console.routing import websocket_urlpatterns  # noqa: E402
 from gateway.routing import gateway_application, is_gateway_path  # noqa: E402
-from gateway.runtime import runtime_get, runtime_stop  # noqa: E402
+from gateway.runtime import runtime_current, runtime_get, runtime_stop  # noqa: E402
 
 HEALTHZ_BODY = b'{"status":"ok"}'
+STARTING_BODY = b'{"status":"starting"}'
 oauth_pool = ThreadPoolDjango()  # token, revocation, introspection: see config/threadpool.py
 
 
 async def healthz(send: Any) -> None:
-    """Liveness, answered before Django: no host check, no HTTPS redirect, so any probe can use it."""
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(HEALTHZ_BODY)).encode())]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": HEALTHZ_BODY})
+    """Liveness and readiness, answered before Django: no host check, no HTTPS redirect, so any probe can
+    use it. A 503 while the gateway's runtime has not loaded the signing keys and policies once (a process
+    started while PostgreSQL was down: its /v1 answers 503 ``gateway_not_ready`` meanwhile), a 200 after."""
+    runtime = runtime_current()
+    ready = runtime is None or runtime.ready  # no runtime: lifespan has not started one (nothing to wait for)
+    body = HEALTHZ_BODY if ready else STARTING_BODY
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200 if ready else 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -183,8 +183,17 @@ elif DATABASES["default"]["ENGINE"].endswith("postgresql"):
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
         "max_size": env_int("PORTCULLIS_DB_POOL_SIZE", 16, minimum=1),
-        "timeout": 10,
+        # Seconds a request waits for a pooled connection, then a 503 (config/errors.py). Busy, the pool
+        # hands one back within milliseconds (requests hold one for a few; a new one connects in tens), so
+        # a longer wait only happens with the database down: 10 s held each of the token endpoint's 12
+        # threads that long, ~1 answer a second, while callers queued behind them.
+        "timeout": 2,
     }
+    # The pool checks a connection before handing it out (psycopg_pool's check_connection: one round trip,
+    # ~40 µs on loopback): one the server closed (a restart, a failover, pg_terminate_backend, an idle
+    # killer) is replaced rather than failing its request. Django passes the pool its ``check`` from this
+    # setting; a "check" among the pool's OPTIONS as well is a TypeError at the first connection.
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 if REDIS_URL:

@@ -51,6 +51,21 @@ logger = logging.getLogger(__name__)
 AUDIT_FULL_CHECK_S = 1.0  # how often an idle gateway looks whether a full audit backlog has drained
 SPOOL_SCAN_S = 5.0  # how often a gateway looks for spool files that stopped processes left
 REDIS_POOL_SIZE = 128  # requests beyond this wait (up to 10 s) for a connection: a busy pool is not an outage
+FIRST_LOAD_RETRY_S = 1.0  # until the key set and the policies have loaded once, tried again this often
+FIRST_LOAD_WAIT_S = 1.0  # a request waits at most this long for such a load under way, then a 503
+
+
+class NotReady(errors.GatewayError):
+    """The process has not loaded the signing keys or the policies since it started (the database or the
+    JWKS URL was unreachable): it cannot judge a token, so a 503, not a 401 saying the token is invalid
+    (clients throw those away; OpenAI SDKs retry a 503)."""
+
+    status, type, code = 503, "api_error", "gateway_not_ready"
+    message = "The gateway has not loaded its signing keys and policies yet; try again shortly."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers["retry-after"] = "1"
 
 
 def redis_pool_open(url: str) -> aioredis.Redis:
@@ -105,6 +120,8 @@ class Runtime:
         self._revocations_full_at: float | None = None  # when (monotonic) every row was last read
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = False  # the key set and the policies have loaded once (never false again)
+        self._first_load: asyncio.Task[None] | None = None  # the one load attempt under way, until ready
 
     async def _fetch_jwks(self) -> dict[str, Any]:
         if self.conf.jwks_url:
@@ -140,6 +157,47 @@ class Runtime:
         self._every(AUDIT_FULL_CHECK_S, self._audit_full_check)
         if self.redis is not None:
             self._tasks.append(asyncio.create_task(self._subscribe(), name="gateway-pubsub"))
+        if not self.ready:  # started while the database (or the JWKS URL) was unreachable
+            self._tasks.append(asyncio.create_task(self._first_load_loop(), name="gateway-first-load"))
+
+    @property
+    def ready(self) -> bool:
+        """Whether the key set and the policies have loaded once: until then no token can be judged."""
+        if not self._ready:
+            self._ready = self.keys.loaded_at != float("-inf") and self.policies.loaded
+        return self._ready
+
+    async def ready_wait(self) -> None:
+        """Before a request's token is judged by a process not ready yet: wait for the one load attempt
+        under way, at most FIRST_LOAD_WAIT_S, or not at all between attempts; raise NotReady if still not
+        ready. One attempt at a time, in the background: requests neither start their own (each waited
+        for the database pool's timeout, queued for the loop's few threads) nor wait for long."""
+        attempt = self._first_load
+        if attempt is not None and not attempt.done():
+            await asyncio.wait([attempt], timeout=FIRST_LOAD_WAIT_S)  # neither cancels it nor raises
+        if not self.ready:
+            raise NotReady()
+
+    async def _first_load_loop(self) -> None:
+        """Until ready: load what is missing (the key set, the policies), one attempt at a time, every
+        FIRST_LOAD_RETRY_S after the last one ended. Their own refreshers log each failure."""
+        started = time.monotonic()
+        while not self.ready:
+            await asyncio.sleep(FIRST_LOAD_RETRY_S)
+            self._first_load = asyncio.create_task(self._load_missing())
+            await self._first_load  # cancelled with it at stop
+        logger.warning(
+            "the key set and the policies loaded %.1f s after start: tokens are judged again",
+            time.monotonic() - started,
+        )
+
+    async def _load_missing(self) -> None:
+        jobs: list[Awaitable[bool]] = []
+        if self.keys.loaded_at == float("-inf"):
+            jobs.append(self.keys.refresh())
+        if not self.policies.loaded:
+            jobs.append(self.policies.reload())
+        await asyncio.gather(*jobs)
 
     def reload_intervals(self) -> tuple[float, float]:
         """How often the key set and the policies are read again. With Redis, every change is also pushed

@@ -241,6 +241,8 @@ class GatewayConsumer(AsyncHttpConsumer):
         scheme, _, token = raw.decode("latin-1").strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise errors.AuthenticationError("The Authorization header must be 'Bearer <token>'.")
+        if not self.rt.ready:  # no key set loaded since start: a 503, not "signed by an unknown key"
+            await self.rt.ready_wait()
         principal = await self.rt.verifier.verify(token.strip())
         self.principal = principal
         if self.rt.watcher.is_revoked(principal):
