@@ -281,12 +281,18 @@ class Runtime:
     @staticmethod
     def answer_parse(data: bytes) -> dict[str, Any] | None:
         """An upstream's whole answer as a JSON object, or None: not JSON (cut short, an HTML page, NaN,
-        which the standard library reads but no client can), too deeply nested, or not an object."""
+        which the standard library reads but no client can), too deeply nested, not an object, or an error
+        object said with a 200 (vLLM gives an error its status; a router or proxy before it may not, and
+        relayed, the client got the upstream's internals as a success)."""
         try:
             answer = json_parse(data, constants=False)
         except (ValueError, RecursionError):
             return None
-        return answer if isinstance(answer, dict) else None
+        if not isinstance(answer, dict):
+            return None
+        if "error" in answer and "choices" not in answer and "data" not in answer:
+            return None
+        return answer
 
     def redis_available(self, jti: str) -> None:
         """Redis answered for this token: remember when it was cleared; end a fallback period."""

@@ -160,7 +160,10 @@ class StreamRelay:
             return "revoked"
         if self.ended == "client_gone":
             return "client_gone"
-        if failed:
+        if failed or not (self.done or self.upstream_error):
+            # Failed mid-stream, or ended without [DONE], which vLLM sends at the end of every stream: an
+            # upstream gone with a FIN on an answer framed by its close, or a chunked one ended between
+            # events, had been relayed as a whole stream and recorded as completed
             await self._end(b"" if self.upstream_error else UPSTREAM_FAILED)  # one error event, not two
             return "upstream_error"
         await self.sink.send_body(b"", more_body=False)

@@ -125,7 +125,7 @@ class InferenceConsumer(GatewayConsumer):
             raise self._upstream_error(request, status, data)
         answer = self.rt.answer_parse(data)
         if answer is None:  # relayed, it reached the client labelled JSON, and was charged nothing
-            logger.warning("upstream %s answered 200 with no JSON object", self.record["upstream"])
+            logger.warning("upstream %s answered 200 with no answer object", self.record["upstream"])
             raise errors.UpstreamFailed()
         usage = usage_counts(answer.get("usage"))
         if usage is None:  # vLLM always says; without, the prompt is charged as reserved, as for a stream

@@ -219,6 +219,24 @@ def test_the_first_event_too_is_written_in_its_read_when_the_relay_is_waiting_fo
     assert out == [("now", _event("a")), ("now", b"data: [DONE]\n\n"), ("send", b"")]
 
 
+@pytest.mark.parametrize("last", [b"", b'data: {"choices":[{"delta":{},"finish_reason":"stop"}]}\n\n'])
+def test_a_stream_that_ends_without_done_ends_with_an_error_event_and_is_no_completed_stream(last):
+    # an upstream gone with a FIN on an answer its close frames, or a chunked one ended between events:
+    # it was relayed as a whole stream and recorded as completed
+    async def test() -> tuple[str, list[tuple[str, bytes]]]:
+        live, client, _relay, running = await _started()
+        live.feed(_event("b") + last)
+        live.end()
+        return await running, client.out
+
+    how, out = asyncio.run(test())
+    assert how == "upstream_error"
+    body = b"".join(body for _how, body in out)
+    assert body.startswith(_event("a") + _event("b") + last)
+    assert b'"type": "api_error"' in body.removeprefix(_event("a") + _event("b") + last)
+    assert b"[DONE]" not in body
+
+
 def test_a_paused_client_gets_its_events_through_send_in_order_and_no_write_overtakes_a_send():
     async def test() -> list[tuple[str, bytes]]:
         live, client, relay, running = await _started()
@@ -231,13 +249,15 @@ def test_a_paused_client_gets_its_events_through_send_in_order_and_no_write_over
         client.send_gate.set()
         await _settle()
         live.feed(_event("d"))
+        live.feed(b"data: [DONE]\n\n")
         live.end()
         await running
         assert relay.sent == 3  # a, b while paused, and c behind b's send
         return client.out
 
     out = asyncio.run(test())
-    assert b"".join(body for _how, body in out) == _event("a") + _event("b") + _event("c") + _event("d")
+    events = _event("a") + _event("b") + _event("c") + _event("d") + b"data: [DONE]\n\n"
+    assert b"".join(body for _how, body in out) == events
     assert ("send", _event("b")) in out
     assert ("now", _event("d")) in out
 
@@ -269,12 +289,13 @@ def test_a_write_now_that_fails_is_dropped_for_good_and_the_stream_completes_thr
         for text in "bcd":
             live.feed(_event(text))
             await _settle()
+        live.feed(b"data: [DONE]\n\n")
         live.end()
         return await running, client.out
 
     how, out = asyncio.run(test())
     assert how == "completed"
-    assert b"".join(body for _how, body in out) == b"".join(_event(t) for t in "abcd")
+    assert b"".join(body for _how, body in out) == b"".join(_event(t) for t in "abcd") + b"data: [DONE]\n\n"
     assert len(calls) == 1  # tried once, not once a read
 
 

@@ -64,6 +64,15 @@ def test_an_upstream_200_that_is_no_json_object_is_no_answer(body):
     assert Runtime.answer_parse(body) is None
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b'{"error": {"message": "internal /opt/vllm/x.py", "type": "x"}}', b'{"object": "error", "error": "x"}'],
+)
+def test_an_upstream_200_that_is_an_error_object_is_no_answer(body):
+    # a router or proxy before vLLM may say an error with a 200: relayed, the client got its internals
+    assert Runtime.answer_parse(body) is None
+
+
 def test_an_upstream_200_that_is_a_json_object_is_its_answer():
     assert Runtime.answer_parse(b'{"usage":{"prompt_tokens":3}}') == {"usage": {"prompt_tokens": 3}}
 
