@@ -393,6 +393,10 @@ class RedisLimiter:
         """Send the queued settlements now (tests, shutdown)."""
         return await self.batcher.flush()
 
+    def unsettled(self) -> int:
+        """Settlements and give-backs still queued: at stop, those Redis never took (they are lost)."""
+        return sum(1 for command in self._pending if command[0] == "EVALSHA")
+
     # --- the batcher's rider interface ---------------------------------------------------------------
 
     def take(self) -> list[Command]:

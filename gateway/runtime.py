@@ -221,6 +221,13 @@ class Runtime:
         await self.sink.stop()
         if self.batcher is not None:
             await self.batcher.stop()
+        unsettled = self.limiter_redis.unsettled() if self.limiter_redis is not None else 0
+        if unsettled:
+            # Not spooled as the audit records are (a settlement applies once, so another process could send
+            # them: not built yet): their slots expire after 15 minutes, their reservations are never
+            # refunded. Said, and audited with the records spooled next, not left as "will retry".
+            logger.error("%d settlements could not reach Redis before stopping; they are lost", unsettled)
+            self._system_event("gateway.settlements_lost", "failure", {"settlements": unsettled})
         self._spool()
         await self.upstreams.close()
         await self.http.close()

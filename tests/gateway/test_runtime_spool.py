@@ -112,3 +112,23 @@ def test_spool_files_set_aside_cut_short_or_left_by_a_dead_writer_are_audited(tm
     assert events["gateway.audit_spool_cut_short"]["data"] == {"files": [cut.name]}
     assert events["gateway.audit_spool_adopted"]["data"] == {"records": 1}
     assert [r["record_id"] for r in held if "record_id" in r and "kind" not in r] == [f"{1:032x}"]
+
+
+def test_settlements_redis_never_took_are_said_lost_at_stop_with_an_event(tmp_path, caplog, settings):
+    # they were left to a "will retry" log by a process about to end; their slots expire after 15 minutes
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens: Redis takes nothing
+
+    async def run() -> None:
+        runtime = Runtime(dataclasses.replace(gateway_settings(), audit_spool_dir=tmp_path))
+        assert runtime.limiter_redis is not None
+        unsettled = [("EVALSHA", "sha", 0, 1, "r1", -5), ("EVALSHA", "sha", 0, 1, "r2", 0)]
+        runtime.limiter_redis._pending += unsettled
+        await runtime.stop()
+
+    with caplog.at_level(logging.ERROR, logger="gateway.runtime"):
+        asyncio.run(run())
+    assert "2 settlements could not reach Redis before stopping; they are lost" in caplog.text
+    (spooled,) = spool_adopt(tmp_path, 100).adopted
+    events = [json.loads(r["v"]) for r in spooled.records]
+    assert {"kind": "gateway.settlements_lost", "data": {"settlements": 2}}.items() <= events[0].items()
+    spool_release(spooled)
