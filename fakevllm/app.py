@@ -202,9 +202,10 @@ class FakeVLLM:
     async def _answer_embeddings(self, scope: Scope, req: dict[str, Any], send: Send) -> bool:
         """Answer a parsed embeddings request."""
         try:
-            payload = embedding_body(
-                req, self._model_json, self.config.embedding_dim, request_id_header(scope)
-            )
+            config = self.config
+            header = request_id_header(scope)
+            matryoshka = config.matryoshka_models
+            payload = embedding_body(req, self._model_json, config.embedding_dim, header, matryoshka)
             self._check_engine()
         except ApiError as err:
             return await send_bytes(send, err.status, err.body())

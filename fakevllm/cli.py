@@ -56,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="end the injected error without the data: [DONE] that vLLM sends after it",
     )
     parser.add_argument("--embedding-dim", type=int, default=8, help="embedding vector size (default 8)")
+    parser.add_argument(
+        "--matryoshka-models",
+        default="",
+        help="comma-separated served models that honour an embeddings `dimensions` (others refuse it)",
+    )
     parser.add_argument("--refuse", action="store_true", help="start in refuse mode (close every connection)")
     parser.add_argument(
         "--engine-dead",
@@ -71,9 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_options(options: Mapping[str, Any]) -> FakeConfig:
     """Build a FakeConfig from parsed command-line options (raises ValueError when invalid)."""
-    models = [name.strip() for name in str(options["models"]).split(",") if name.strip()]
     return FakeConfig(
-        models=models,
+        models=_names(options["models"]),
         # as vLLM: the option, else the environment variable (a key on the command line is any user's to read)
         api_key=options.get("api_key") or os.environ.get("VLLM_API_KEY") or None,
         tokens=options["tokens"],
@@ -81,11 +85,17 @@ def config_from_options(options: Mapping[str, Any]) -> FakeConfig:
         first_chunk_delay_s=options["first_chunk_delay_ms"] / 1000.0,
         fail_after_chunks=options.get("fail_after_chunks"),
         embedding_dim=options["embedding_dim"],
+        matryoshka_models=_names(options.get("matryoshka_models")),
         refuse=bool(options.get("refuse")),
         fail_sends_done=bool(options.get("fail_sends_done", True)),
         engine_dead=bool(options.get("engine_dead")),
         enable_request_id_headers=bool(options.get("enable_request_id_headers")),
     )
+
+
+def _names(option: object) -> list[str]:
+    """Split a comma-separated option into names, dropping blanks."""
+    return [name.strip() for name in str(option or "").split(",") if name.strip()]
 
 
 def serve(config: FakeConfig, host: str, port: int) -> None:

@@ -23,6 +23,9 @@ class FakeConfig:
     first_chunk_delay_s: float = 0.0
     fail_after_chunks: int | None = None
     embedding_dim: int = 8
+    # the served models whose config says is_matryoshka: only they honour an embeddings request's
+    # `dimensions`, which vLLM refuses for any other model (most embedding models: see fakevllm.embeddings)
+    matryoshka_models: list[str] = field(default_factory=list)
     refuse: bool = False
     # vLLM ends a stream that fails half-way with an error event and then `data: [DONE]` (the except clauses
     # of chat_completion_stream_generator and completion_stream_generator: see fakevllm.render)
@@ -37,6 +40,10 @@ class FakeConfig:
         if not all(isinstance(m, str) and m for m in self.models):
             raise ValueError("models must be non-empty strings")
         self.models = list(dict.fromkeys(self.models))
+        if not isinstance(self.matryoshka_models, list) or not all(
+            isinstance(m, str) for m in self.matryoshka_models
+        ):
+            raise ValueError("matryoshka_models must be a list of model names")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ValueError("api_key must be a non-empty string or null")
         self.tokens = checked_int("tokens", self.tokens, 0, MAX_MODEL_LEN)

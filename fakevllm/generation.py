@@ -22,10 +22,16 @@ from fakevllm.config import VERSION, FakeConfig
 from fakevllm.errors import bad_request, validation_error
 from fakevllm.request_ids import base_request_id
 from fakevllm.validation import (
+    chat_logprobs,
     check_cache_salt,
     check_context,
+    check_generation_prompt,
+    check_prompt_list_length,
     check_stream_options_need_stream,
+    check_tool_usage,
+    completion_logprobs,
     count_words,
+    echo_requested,
     input_tokens,
     optional_int,
     resolve_model,
@@ -59,6 +65,8 @@ class Generation:
     chunk_delay: float
     fail_after: int | None
     fail_sends_done: bool
+    logprobs: int | None = None  # top alternatives per token when logprobs are asked for (fakevllm.logprobs)
+    echo: tuple[str, ...] | None = None  # a text completion's echoed prompt text, per prompt
 
     @property
     def completion_tokens(self) -> int:
@@ -82,7 +90,17 @@ def plan(
     # field's own check
     check_stream_options_need_stream(req)
     check_cache_salt(req)
-    per_prompt, max_tokens = _chat_prompt(req) if kind == "chat" else _completion_prompts(req)
+    if kind == "chat":
+        check_generation_prompt(req)
+        check_tool_usage(req)
+        logprobs = chat_logprobs(req)
+        per_prompt, max_tokens = _chat_prompt(req)
+        echo = None
+    else:
+        check_prompt_list_length(req)
+        logprobs = completion_logprobs(req)
+        per_prompt, max_tokens = _completion_prompts(req)
+        echo = _echo_texts(req) if echo_requested(req) else None
     model = resolve_model(req, model_json)
     n = optional_int(req, "n", 1) or 1
     if n * len(per_prompt) > MAX_CHOICES:
@@ -111,6 +129,8 @@ def plan(
         chunk_delay=config.chunk_delay_s,
         fail_after=config.fail_after_chunks,
         fail_sends_done=config.fail_sends_done,
+        logprobs=logprobs,
+        echo=echo,
     )
 
 
@@ -133,6 +153,13 @@ def _completion_prompts(req: Mapping[str, Any]) -> tuple[list[int], int]:
     per_prompt = [input_tokens(p) for p in split_inputs(req.get("prompt"), "prompt")]
     max_tokens = optional_int(req, "max_tokens", 0)
     return per_prompt, COMPLETION_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+
+
+def _echo_texts(req: Mapping[str, Any]) -> tuple[str, ...]:
+    """Return the text `echo` prepends for each prompt: the prompt itself, or its token ids detokenized as
+    POST /detokenize does."""
+    prompts = split_inputs(req.get("prompt"), "prompt")
+    return tuple(p if isinstance(p, str) else " ".join(f"tok{t}" for t in p) for p in prompts)
 
 
 def _chat_prompt(req: Mapping[str, Any]) -> tuple[list[int], int | None]:

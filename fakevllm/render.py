@@ -34,6 +34,7 @@ from collections.abc import Iterator
 
 from fakevllm.asgi import Message, encode
 from fakevllm.generation import Generation
+from fakevllm.logprobs import chat_logprobs_json, completion_logprobs_json, generated_token
 
 SSE_START: Message = {
     "type": "http.response.start",
@@ -63,7 +64,7 @@ CHAT_BODY = (
 )
 CHAT_CHOICE = (
     '{"index":%d,"message":{"role":"assistant","content":%s,"refusal":null,"annotations":null,"audio":null,'
-    '"function_call":null,"reasoning":null},"logprobs":null,"finish_reason":"%s","stop_reason":null,'
+    '"function_call":null,"reasoning":null},"logprobs":%s,"finish_reason":"%s","stop_reason":null,'
     '"token_ids":null,"routed_experts":null,"weight_versions":null}'
 )
 COMPLETION_BODY = (
@@ -71,15 +72,15 @@ COMPLETION_BODY = (
     '"system_fingerprint":%s,"usage":%s,"kv_transfer_params":null,"ec_transfer_params":null,"metrics":null}'
 )
 COMPLETION_CHOICE = (
-    '{"index":%d,"text":%s,"logprobs":null,"finish_reason":"%s","stop_reason":null,"token_ids":null,'
+    '{"index":%d,"text":%s,"logprobs":%s,"finish_reason":"%s","stop_reason":null,"token_ids":null,'
     '"prompt_logprobs":null,"prompt_token_ids":null,"routed_experts":null,"weight_versions":null}'
 )
 CHAT_HEAD = 'data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,"choices":['
 COMPLETION_HEAD = 'data: {"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":['
 CHAT_ROLE = '{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}'
-CHAT_DELTA = '{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":null,"token_ids":null}'
+CHAT_DELTA = '{"index":%d,"delta":{"content":%s},"logprobs":%s,"finish_reason":null,"token_ids":null}'
 CHAT_LAST = (
-    '{"index":%d,"delta":{"content":%s},"logprobs":null,"finish_reason":"%s","stop_reason":null,'
+    '{"index":%d,"delta":{"content":%s},"logprobs":%s,"finish_reason":"%s","stop_reason":null,'
     '"token_ids":null,"weight_versions":null}'
 )
 CHAT_EMPTY_LAST = (  # ChatStreamProcessor.step: "Finished without output", an empty DeltaMessage
@@ -87,11 +88,11 @@ CHAT_EMPTY_LAST = (  # ChatStreamProcessor.step: "Finished without output", an e
     '"weight_versions":null}'
 )
 COMPLETION_DELTA = (
-    '{"index":%d,"text":%s,"logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+    '{"index":%d,"text":%s,"logprobs":%s,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
     '"token_ids":null,"weight_versions":null}'
 )
 COMPLETION_LAST = (
-    '{"index":%d,"text":%s,"logprobs":null,"finish_reason":"%s","stop_reason":null,"prompt_token_ids":null,'
+    '{"index":%d,"text":%s,"logprobs":%s,"finish_reason":"%s","stop_reason":null,"prompt_token_ids":null,'
     '"token_ids":null,"weight_versions":null}'
 )
 # What follows a chunk's choices: its running usage (continuous_usage_stats) if any, then one of the ends
@@ -126,7 +127,28 @@ def _choices_json(kind: str, count: int, ntok: int, finish: str) -> str:
     """Return the JSON of the choices array content of a non-streaming response."""
     template = CHAT_CHOICE if kind == "chat" else COMPLETION_CHOICE
     content = encode(_content(ntok))
-    return ",".join(template % (i, content, finish) for i in range(count))
+    return ",".join(template % (i, content, "null", finish) for i in range(count))
+
+
+def _choice_json(gen: Generation, choice: int) -> str:
+    """Return one choice of a non-streaming response with logprobs or an echoed prompt."""
+    if gen.kind == "chat":
+        logprobs = "null" if gen.logprobs is None else chat_logprobs_json(0, gen.ntok, gen.logprobs)
+        return CHAT_CHOICE % (choice, encode(_content(gen.ntok)), logprobs, gen.finish)
+    echo = _echo(gen, choice)
+    top = gen.logprobs
+    logprobs = "null" if top is None else completion_logprobs_json(echo, 0, gen.ntok, top, 0)
+    return COMPLETION_CHOICE % (choice, encode(echo + _content(gen.ntok)), logprobs, gen.finish)
+
+
+def _echo(gen: Generation, choice: int) -> str:
+    """Return the prompt text a text completion's choice echoes ("" without echo)."""
+    return "" if gen.echo is None else gen.echo[_prompt_index(gen, choice)]
+
+
+def _prompt_index(gen: Generation, choice: int) -> int:
+    """Return the prompt of a choice: choice i of prompt p is p * n + i (vLLM)."""
+    return choice // (gen.choices // len(gen.prompt_tokens_each))
 
 
 def render_body(gen: Generation) -> bytes:
@@ -134,7 +156,10 @@ def render_body(gen: Generation) -> bytes:
     completion = gen.completion_tokens
     usage = USAGE % (gen.prompt_tokens, gen.prompt_tokens + completion, completion)
     template = CHAT_BODY if gen.kind == "chat" else COMPLETION_BODY
-    choices = _choices_json(gen.kind, gen.choices, gen.ntok, gen.finish)
+    if gen.logprobs is None and gen.echo is None:
+        choices = _choices_json(gen.kind, gen.choices, gen.ntok, gen.finish)
+    else:
+        choices = ",".join(_choice_json(gen, i) for i in range(gen.choices))
     body = template % (gen.id_json, gen.created, gen.model_json, choices, gen.fingerprint_json, usage)
     return body.encode()
 
@@ -146,6 +171,7 @@ def stream_frames(gen: Generation) -> Iterator[bytes | float]:
     delta, last = (CHAT_DELTA, CHAT_LAST) if chat else (COMPLETION_DELTA, COMPLETION_LAST)
     last_tail = _last_tail(gen)
     running = gen.continuous_usage
+    plain = gen.logprobs is None and gen.echo is None
     if gen.first_delay:
         yield gen.first_delay
     if chat:
@@ -163,13 +189,38 @@ def stream_frames(gen: Generation) -> Iterator[bytes | float]:
             if gen.fail_after is not None and sent >= gen.fail_after:
                 yield from _failure_frames(gen)
                 return
-            piece = last % (i, text, gen.finish) if k == final else delta % (i, text)
+            if not plain:
+                piece = _token_piece(gen, i, k, k == final)
+            else:
+                piece = last % (i, text, "null", gen.finish) if k == final else delta % (i, text, "null")
             yield (head + piece + (_running_usage(gen, i, k + 1) + CHUNK_END if running else tail)).encode()
             sent += 1
     if gen.fail_after is not None:
         yield from _failure_frames(gen)
         return
     yield from _closing_frames(gen, head, last_tail)
+
+
+def _token_piece(gen: Generation, choice: int, k: int, is_last: bool) -> str:
+    """Return a choice's chunk of token k with its logprobs, a text completion's first chunk also carrying
+    the echoed prompt (vLLM's `has_echoed`), the text offsets running on from it."""
+    text = generated_token(k)
+    logprobs = "null"
+    if gen.kind == "chat":
+        if gen.logprobs is not None:
+            logprobs = chat_logprobs_json(k, k + 1, gen.logprobs)
+        template = CHAT_LAST if is_last else CHAT_DELTA
+    else:
+        echo = _echo(gen, choice)
+        offset = len(echo) + len(_content(k)) if k else 0
+        echo = "" if k else echo
+        text = echo + text
+        if gen.logprobs is not None:
+            logprobs = completion_logprobs_json(echo, k, k + 1, gen.logprobs, offset)
+        template = COMPLETION_LAST if is_last else COMPLETION_DELTA
+    if is_last:
+        return template % (choice, encode(text), logprobs, gen.finish)
+    return template % (choice, encode(text), logprobs)
 
 
 def _last_tail(gen: Generation) -> str:
@@ -190,7 +241,7 @@ def _closing_frames(gen: Generation, head: str, last_tail: str) -> Iterator[byte
     if gen.ntok == 0:
         chat = gen.kind == "chat"
         for i in range(gen.choices):
-            piece = CHAT_EMPTY_LAST % (i, gen.finish) if chat else COMPLETION_LAST % (i, '""', gen.finish)
+            piece = CHAT_EMPTY_LAST % (i, gen.finish) if chat else _empty_completion_last(gen, i)
             end = _running_usage(gen, i, 0) + CHUNK_END if gen.continuous_usage else last_tail
             yield (head + piece + end).encode()
     if gen.include_usage:
@@ -201,11 +252,17 @@ def _closing_frames(gen: Generation, head: str, last_tail: str) -> Iterator[byte
     yield DONE_FRAME
 
 
+def _empty_completion_last(gen: Generation, choice: int) -> str:
+    """Return the finish chunk of a text completion choice without tokens: its echoed prompt, if any."""
+    echo = _echo(gen, choice)
+    logprobs = "null" if gen.logprobs is None else completion_logprobs_json(echo, 0, 0, gen.logprobs, 0)
+    return COMPLETION_LAST % (choice, encode(echo), logprobs, gen.finish)
+
+
 def _running_usage(gen: Generation, choice: int, generated: int) -> str:
     """Return the running usage of a choice that follows its chunk's choices (continuous_usage_stats): vLLM
     counts each choice apart, and in a completions batch takes the prompt tokens of the choice's prompt."""
     if gen.kind == "chat":
         return CHAT_RUNNING % (gen.prompt_tokens, gen.prompt_tokens + generated, generated)
-    prompts = gen.prompt_tokens_each
-    prompt = prompts[choice // (gen.choices // len(prompts))]  # choice i of prompt p is p * n + i (vLLM)
+    prompt = gen.prompt_tokens_each[_prompt_index(gen, choice)]
     return COMPLETION_RUNNING % (prompt, prompt + generated, generated)

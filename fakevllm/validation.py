@@ -179,3 +179,136 @@ def check_cache_salt(req: Mapping[str, Any]) -> None:
     else:
         return
     raise bad_request(f"{message} (parameter=cache_salt)", "cache_salt")
+
+
+def vllm_validation_error(message: str, parameter: str, value: Any = None) -> ApiError:
+    """Return the 400 of a ``VLLMValidationError`` raised by a before-validator: no ValueError in vLLM 0.33,
+    pydantic lets it through and vLLM answers a BadRequestError whose text ends in the error's
+    ``(parameter=..., value=...)`` (see ``check_cache_salt``)."""
+    extras = f"parameter={parameter}" if value is None else f"parameter={parameter}, value={value}"
+    return bad_request(f"{message} ({extras})", parameter)
+
+
+FULL_VOCABULARY_LOGPROBS = 20  # what top_logprobs=-1 ("the whole vocabulary") lists: the fake's vocabulary
+
+
+def chat_logprobs(req: Mapping[str, Any]) -> int | None:
+    """Check a chat request's `logprobs` and `top_logprobs` as vLLM's ``check_logprobs`` before-validator
+    does; return how many top alternatives each token lists, or None when logprobs are off."""
+    top = req.get("top_logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int):
+            raise validation_error("top_logprobs: Input should be a valid integer", "top_logprobs")
+        if top < -1:
+            raise vllm_validation_error("`top_logprobs` must be a positive value or -1.", "top_logprobs", top)
+        if top != 0 and not req.get("logprobs"):
+            message = "when using `top_logprobs`, `logprobs` must be set to true."
+            raise vllm_validation_error(message, "top_logprobs")
+    if not _optional_bool(req, "logprobs"):
+        return None
+    return FULL_VOCABULARY_LOGPROBS if top == -1 else top or 0
+
+
+def completion_logprobs(req: Mapping[str, Any]) -> int | None:
+    """Check a text completion's `logprobs` (how many top alternatives per token) as vLLM's
+    ``check_logprobs`` before-validator does; return it, or None when logprobs are off."""
+    value = req.get("logprobs")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise vllm_validation_error("`logprobs` must be an integer.", "logprobs", value)
+    if value < 0:
+        raise vllm_validation_error("`logprobs` must be a positive value.", "logprobs", value)
+    if not isinstance(value, int):
+        raise validation_error("logprobs: Input should be a valid integer", "logprobs")
+    return value
+
+
+def _optional_bool(req: Mapping[str, Any], name: str) -> bool:
+    """Return an optional boolean field (null is false), raising vLLM's 400 for another type."""
+    value = req.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise validation_error(f"{name}: Input should be a valid boolean", name)
+    return bool(value)
+
+
+def echo_requested(req: Mapping[str, Any]) -> bool:
+    """Return a text completion's `echo` (prepend the prompt to each choice's text)."""
+    return _optional_bool(req, "echo")
+
+
+TOOL_CHOICE_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
+
+
+def check_tool_usage(req: Mapping[str, Any]) -> None:
+    """vLLM's ``ChatCompletionRequest.check_tool_usage`` before-validator: its ValueErrors become pydantic
+    validation errors. `tools: []` is refused; a `tool_choice` other than "none" needs `tools` (vLLM lets
+    "required" with an empty list pass as "none", but the empty list is refused first); a named choice must
+    name one of the tools."""
+    tools = req.get("tools")
+    if tools == []:
+        raise validation_error(
+            "`tools` must not be an empty array. Either provide at least one tool or omit the field "
+            "entirely.",
+            "tools",
+        )
+    choice = req.get("tool_choice")
+    if choice is None or choice == "none":
+        return
+    if tools is None:
+        raise validation_error("When using `tool_choice`, `tools` must be set.", "tool_choice")
+    if not isinstance(choice, dict):
+        if choice in ("auto", "required"):
+            return
+        raise validation_error(
+            f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", "auto" or "required" are '
+            "supported.",
+            "tool_choice",
+        )
+    function = choice.get("function")
+    if not isinstance(function, dict):
+        message = f"Invalid value for `function`: `{function}` in `tool_choice`! {TOOL_CHOICE_USAGE}"
+    elif "name" not in function:
+        message = f"Expected field `name` in `function` in `tool_choice`! {TOOL_CHOICE_USAGE}"
+    elif not isinstance(function["name"], str) or not function["name"]:
+        message = f"Invalid `name` in `function`: `{function['name']}` in `tool_choice`! {TOOL_CHOICE_USAGE}"
+    elif any(_tool_name(tool) == function["name"] for tool in tools if isinstance(tools, list)):
+        return
+    else:
+        message = "The tool specified in `tool_choice` does not match any of the specified `tools`"
+    raise validation_error(message, "tool_choice")
+
+
+def _tool_name(tool: Any) -> Any:
+    """Return a tool's function name, if it has one."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    return function.get("name") if isinstance(function, dict) else None
+
+
+def check_generation_prompt(req: Mapping[str, Any]) -> None:
+    """vLLM's ``check_generation_prompt`` before-validator (a ValueError): both set explicitly and truthy."""
+    if req.get("continue_final_message") and req.get("add_generation_prompt"):
+        raise validation_error(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            "continue_final_message",
+        )
+
+
+MAX_COMPLETION_PROMPTS = 1024  # vLLM's VLLM_MAX_COMPLETION_PROMPTS default
+
+
+def check_prompt_list_length(req: Mapping[str, Any]) -> None:
+    """vLLM's ``validate_prompt_list_length`` before-validator: a list of prompts (not one prompt's token
+    ids) longer than VLLM_MAX_COMPLETION_PROMPTS is refused."""
+    prompt = req.get("prompt")
+    if (
+        isinstance(prompt, list)
+        and len(prompt) > MAX_COMPLETION_PROMPTS
+        and not all(type(item) is int for item in prompt)
+    ):
+        raise vllm_validation_error(
+            f"prompt list length {len(prompt)} exceeds the maximum allowed count of "
+            f"{MAX_COMPLETION_PROMPTS}. To increase this limit, set the VLLM_MAX_COMPLETION_PROMPTS "
+            "environment variable.",
+            "prompt",
+        )

@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "first_chunk_delay_s": 0.0,
     "fail_after_chunks": None,
     "embedding_dim": 8,
+    "matryoshka_models": [],
     "refuse": False,
     "fail_sends_done": True,
     "engine_dead": False,
