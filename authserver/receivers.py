@@ -18,6 +18,7 @@ from authserver.models import AUTH_TIME_SESSION_KEY, AccessToken
 from authserver.services import access_tokens_deleted, user_deactivated
 from authserver.services.users import (
     group_deleted_audit,
+    sign_in_name,
     user_deleted_audit,
     user_memberships_audit,
     user_rights_before,
@@ -116,14 +117,14 @@ def login_succeeded(sender: Any, request: Any, user: Any, **kwargs: Any) -> None
 
 @receiver(user_login_failed)
 def login_failed(sender: Any, credentials: dict[str, Any], request: Any = None, **kwargs: Any) -> None:
-    username = str(credentials.get("username", ""))[:150]
-    audit_record(kind="login.failed", outcome="failure", actor=f"user:{username}")
+    audit_record(
+        kind="login.failed", outcome="failure", actor=f"user:{sign_in_name(credentials.get('username'))}"
+    )
 
 
 @receiver(user_locked_out)
 def login_locked_out(
     sender: Any, request: Any, username: str | None = None, ip_address: str | None = None, **kwargs: Any
 ) -> None:
-    audit_record(
-        kind="login.locked_out", outcome="denied", actor=f"user:{(username or '')[:150]}", ip=ip_address
-    )
+    # axes passes the name its AXES_USERNAME_CALLABLE gave (sign_in_name's), which stays as it is
+    audit_record(kind="login.locked_out", outcome="denied", actor=f"user:{username or ''}", ip=ip_address)

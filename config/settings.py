@@ -231,6 +231,11 @@ AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_CLIENT_IP_CALLABLE = "audit.context.axes_client_ip"
 AXES_VERBOSE = False
+# What a failed sign-in is kept under: a user's name, or a keyed hash of what was typed (which is sometimes a
+# password); and what of its request axes keeps and logs: not the name as typed (the audit log has who), the
+# CSRF token, or a next URL (a device's user code)
+AXES_USERNAME_CALLABLE = "authserver.services.users.axes_username"
+AXES_SENSITIVE_PARAMETERS = ["username", "csrfmiddlewaretoken", "next", "user_code"]
 # The Django admin's axes pages lifted a lockout by deleting an attempt, unrecorded; the console's unlock
 # records it.
 AXES_ENABLE_ADMIN = False

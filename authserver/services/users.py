@@ -6,10 +6,38 @@ from __future__ import annotations
 from typing import Any
 
 from axes.utils import reset as axes_reset
+from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
+from django.utils.crypto import salted_hmac
 
 from audit.services import audit_record, request_actor
 from authserver.services.tokens import tokens_revoke_for_user
+
+SIGN_IN_NAME_CHARS = 150  # Django's user name column
+
+
+def sign_in_name(typed: Any) -> str:
+    """The user name a sign-in was tried with, as the audit log and django-axes keep it: the name of a user
+    who exists, else ``?`` and a keyed hash of what was typed (16 hex digits).
+
+    What is typed there is sometimes a password (in the wrong field, or the line after the user name), and
+    the audit log is append-only: kept as typed, it stayed for the retention period, on the console, in
+    exports and in the live feed. A hash under the server's key still tells repeated guesses at one name
+    apart from guesses at many (the lockout, the anomaly scan's login_spread), and no user name can begin
+    with ``?`` (Django's user name characters are letters, digits and ``@.+-_``)."""
+    name = str(typed or "")[:SIGN_IN_NAME_CHARS]
+    users = get_user_model()
+    if name and users._default_manager.filter(**{users.USERNAME_FIELD: name}).exists():
+        return name
+    return "?" + salted_hmac("authserver.sign_in_name", name).hexdigest()[:16]
+
+
+def axes_username(request: Any, credentials: dict[str, Any] | None) -> str:
+    """django-axes' ``AXES_USERNAME_CALLABLE``: the name its lockouts and attempts are kept under."""
+    typed = (credentials or {}).get("username")
+    if typed is None and request is not None:
+        typed = request.POST.get("username")
+    return sign_in_name(typed)
 
 
 def user_lock(*, user: Any, actor: str) -> None:

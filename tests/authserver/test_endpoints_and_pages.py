@@ -366,6 +366,36 @@ def test_repeated_login_failures_lock_the_account_out(client, alice, settings):
     assert AuditEvent.objects.filter(kind="login.locked_out", ip="10.9.9.9").exists()
 
 
+def test_a_name_typed_that_is_no_user_is_kept_as_a_keyed_hash_not_as_typed(client, alice, settings):
+    # sometimes a password typed in the wrong field: the audit log is append-only, and axes keeps it too
+    from axes.models import AccessAttempt
+
+    typed = "Tr0ub4dor&3-in-the-wrong-field"
+    device_next = "/oauth/device/?user_code=WXYZABCD"
+    for _ in range(settings.AXES_FAILURE_LIMIT):
+        client.post(
+            f"/accounts/login/?next={device_next}",
+            {"username": typed, "password": "x", "next": device_next},
+            REMOTE_ADDR="10.8.8.8",
+        )
+    client.post("/accounts/login/", {"username": "alice", "password": "nope"}, REMOTE_ADDR="10.8.8.8")
+    failed = list(
+        AuditEvent.objects.filter(kind="login.failed").order_by("id").values_list("actor", flat=True)
+    )
+    hashed = failed[0]
+    assert hashed.startswith("user:?")
+    assert len(hashed) == len("user:?") + 16
+    assert failed == [hashed] * settings.AXES_FAILURE_LIMIT + ["user:alice"]  # the same name, the same hash
+    locked = AuditEvent.objects.get(kind="login.locked_out")
+    assert locked.actor == hashed
+    stored = json.dumps(list(AuditEvent.objects.values("actor", "data")))
+    stored += json.dumps(list(AccessAttempt.objects.values("username", "get_data", "post_data")))
+    assert typed not in stored
+    assert "WXYZABCD" not in stored
+    assert "csrfmiddlewaretoken=" not in stored or "csrfmiddlewaretoken=********" in stored
+    assert AccessAttempt.objects.filter(username="alice").exists()  # a user's own name, as before
+
+
 def test_signing_out_lands_on_the_sign_in_page_which_says_so(client, alice):
     client.force_login(alice)
     page = client.post("/accounts/logout/", follow=True)
