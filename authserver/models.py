@@ -219,6 +219,12 @@ class RefreshToken(dot.AbstractRefreshToken):
     # The user's sign-in that the code this family came from was approved in: an ID token a refresh gives
     # keeps it (OIDC Core §12.2), where DOT put the user's last sign-in anywhere.
     auth_time = models.DateTimeField(null=True, blank=True)
+    # The scope its family was granted (RFC 6749 §6: a refresh token's scope is the one originally granted,
+    # and a rotation keeps it, whatever narrower scope the refresh asked for). DOT keeps none and reads the
+    # scope of the family's latest access token, which one narrowed refresh narrowed for good. Empty on a
+    # token issued before this column (or by a replica still on the code before it: the database default):
+    # DOT's reading then holds.
+    scope = models.TextField(blank=True, default="", db_default="")
 
     class Meta(dot.AbstractRefreshToken.Meta):
         swappable = "OAUTH2_PROVIDER_REFRESH_TOKEN_MODEL"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from dataclasses import dataclass
@@ -166,6 +167,18 @@ def revocations_live(*, since: datetime | None = None) -> RevocationSnapshot:
         read_at=read_at,
         revoked_through=newest,
     )
+
+
+def access_token_live_scopes(*, token: str, now: datetime | None = None) -> list[str] | None:
+    """Return the scopes of a live access token this server issued, by the token itself (its row keeps a
+    SHA-256 checksum), or None: unknown, revoked or expired."""
+    checksum = hashlib.sha256(token.encode()).hexdigest()
+    scope = (
+        AccessToken.objects.filter(token_checksum=checksum, expires__gt=now or timezone.now())
+        .values_list("scope", flat=True)
+        .first()
+    )
+    return None if scope is None else scope.split()
 
 
 # --- administration reads (the console and the admin API) -------------------------------------------

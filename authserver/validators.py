@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
@@ -20,6 +21,7 @@ from oauth2_provider.oauth2_validators import OAuth2Validator
 from oauth2_provider.settings import oauth2_settings
 from oauthlib.oauth2.rfc6749 import errors
 from oauthlib.oauth2.rfc6749.utils import scope_to_list
+from oauthlib.openid.connect.core.exceptions import RequestNotSupported, RequestURINotSupported
 
 from audit.services import audit_record
 from authserver.models import GRANT_DEVICE_CODE, AccessToken, Client, Grant, RedeemedCode, RefreshToken
@@ -91,6 +93,7 @@ def _locked(rows: QuerySet[Any], *fields: str) -> list[tuple[Any, ...]]:
 S256_CHALLENGE = re.compile(r"[A-Za-z0-9_-]{43}")  # RFC 7636 §4.2: BASE64URL(SHA-256), 32 bytes, unpadded
 CODE_VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")  # RFC 7636 §4.1
 NONCE_MAX = 255  # the grant's nonce column; a longer one was a database error (a 500) on PostgreSQL
+REPEATABLE = frozenset({"resource"})  # RFC 8707 §2: one resource parameter per resource
 
 
 def holds_nul(values: Iterable[Any]) -> bool:
@@ -113,19 +116,46 @@ def resources_check(request: Any, resources: Iterable[Any]) -> None:
         )
 
 
+def repeated_parameter(names: Iterable[str]) -> str | None:
+    """The first name (in sorted order) of a parameter sent more than once that may not be, or None
+    (RFC 6749 §3.1, §3.2: "Request and response parameters MUST NOT be included more than once")."""
+    counted = Counter(names)
+    repeated = sorted(name for name, count in counted.items() if count > 1 and name not in REPEATABLE)
+    return repeated[0] if repeated else None
+
+
 def authorization_request_check(request: Any) -> dict[str, Any]:
     """Refuse what oauthlib lets through to the grant (an oauthlib ``post_auth`` validator, run once the
     client and its redirect URI are known, so the error goes back to the client with its ``state``):
-    a NUL character in any parameter, a resource other than the gateway, a PKCE method other than S256,
-    a challenge that is no S256 value (one longer than the grant's column was a 500 on PostgreSQL, a
-    shorter one a code nobody can redeem) and a nonce the grant cannot hold."""
+    a NUL character in any parameter, a request object (OIDC Core §6: not supported), a repeated
+    parameter, a response mode other than ``query``, a resource other than the gateway, a PKCE method
+    other than S256, a challenge that is no S256 value (one longer than the grant's column was a 500 on
+    PostgreSQL, a shorter one a code nobody can redeem) and a nonce the grant cannot hold."""
     # Every parameter as sent (a repeated one too) and what the authorization view passes along (its
     # credentials: the consent form's fields, the resource list). PostgreSQL text and jsonb cannot hold a
     # NUL: a nonce or a resource stored on the grant was a 500 (the token endpoint refuses them too).
     sent = [*request.uri_query_params, *(request.decoded_body or [])]
     passed = vars(request)
+    # Whatever is refused below is answered in the query, the one response mode served: oauthlib put an
+    # error found as the consent form was answered in the fragment of response_mode=fragment.
+    mode, request.response_mode = request.response_mode, None
     if holds_nul([*sent, *passed.values()]):
         raise errors.InvalidRequestError(description="A parameter holds a NUL character", request=request)
+    names = [name for name, _value in request.uri_query_params]
+    # OIDC Core §6.1, §6.2: an OP that does not take request objects MUST say so; oauthlib ignored them, so
+    # the parameters a relying party signed were silently replaced by the unsigned ones beside them
+    if "request" in names:
+        raise RequestNotSupported(request=request)
+    if "request_uri" in names:
+        raise RequestURINotSupported(request=request)
+    if (repeated := repeated_parameter(names)) is not None:  # oauthlib checks five of them only
+        raise errors.InvalidRequestError(
+            description=f"The parameter {repeated[:40]!r} is repeated", request=request
+        )
+    if mode not in (None, "query"):
+        # The metadata's response_modes_supported says query; oauthlib also honoured fragment, whose
+        # redirect then carried the RFC 9207 iss appended after the fragment, corrupted
+        raise errors.InvalidRequestError(description="response_mode must be query", request=request)
     listed = passed.get("resource") or []  # DOT's list; a string is checked whole (never split into letters)
     listed = [listed] if isinstance(listed, str) else list(listed)
     resources_check(request, [value for key, value in sent if key == "resource"] + listed)
@@ -255,12 +285,18 @@ class PortcullisValidator(OAuth2Validator):
         return super().get_userinfo_claims(request)
 
     def get_original_scopes(self, refresh_token: str, request: Any, *args: Any, **kwargs: Any) -> list[str]:
+        # RFC 6749 §6: the scope originally granted is the family's, which the refresh token holds; DOT read
+        # the family's latest access token, so one refresh that narrowed the scope narrowed every later
+        # one. A token issued before the column holds none: DOT's reading, as before.
+        stored = getattr(vars(request).get("refresh_token_instance"), "scope", "")
+        original = stored or super().get_original_scopes(refresh_token, request, *args, **kwargs)
         # A refresh renews only the scopes the client may still ask for: oauthlib's refresh grant never asks
         # validate_scopes, so a scope an admin took from the client lived on in every refreshed token for
         # the refresh token's lifetime. Asking for a removed one is then invalid_scope (RFC 6749 §6).
-        original = super().get_original_scopes(refresh_token, request, *args, **kwargs)
         client = request.client
-        return [scope for scope in scope_to_list(original) or [] if client.may_ask_for([scope])]
+        renewed = [scope for scope in scope_to_list(original) or [] if client.may_ask_for([scope])]
+        request.refresh_token_scope = " ".join(renewed)  # the rotated refresh token's (_create_refresh_token)
+        return renewed
 
     def get_default_scopes(self, client_id: str, request: Any, *args: Any, **kwargs: Any) -> list[str]:
         defaults = super().get_default_scopes(client_id, request, *args, **kwargs)
@@ -364,10 +400,18 @@ class PortcullisValidator(OAuth2Validator):
     def _create_refresh_token(self, request: Any, code: Any, access_token: Any, previous: Any) -> Any:
         refresh_token = super()._create_refresh_token(request, code, access_token, previous)
         request.issued_token_family = refresh_token.token_family
+        # RFC 6749 §6: a rotated refresh token has the scope of the one presented (get_original_scopes), not
+        # the narrower one this refresh may have asked for; a code's or device code's has the grant's.
+        family_scope = (
+            vars(request).get("refresh_token_scope") if request.grant_type == "refresh_token" else None
+        )
+        recorded: dict[str, Any] = {"scope": family_scope or access_token.scope}
         signed_in = _auth_time(request)
-        if signed_in is not None:  # a code flow's sign-in, or the one its family carried (DOT saved the row)
-            refresh_token.auth_time = datetime.fromtimestamp(signed_in, tz=UTC)
-            RefreshToken.objects.filter(pk=refresh_token.pk).update(auth_time=refresh_token.auth_time)
+        if signed_in is not None:  # a code flow's sign-in, or the one its family carried
+            recorded["auth_time"] = datetime.fromtimestamp(signed_in, tz=UTC)
+        for field, value in recorded.items():
+            setattr(refresh_token, field, value)
+        RefreshToken.objects.filter(pk=refresh_token.pk).update(**recorded)  # DOT has saved the row
         return refresh_token
 
     def _create_authorization_code(self, request: Any, code: dict[str, Any], expires: Any = None) -> Any:
@@ -393,11 +437,18 @@ class PortcullisValidator(OAuth2Validator):
         # RFC 6749 §4.1.3: the redirect URI is REQUIRED in the token request if the authorization request
         # named it. oauthlib fills in the client's only URI when it is missing (using_default_redirect_uri)
         # and DOT then compared that with the code's, which it always matched.
-        if getattr(request, "using_default_redirect_uri", False) and vars(request).get(
-            "code_redirect_uri_given"
-        ):
+        defaulted = getattr(request, "using_default_redirect_uri", False)
+        if defaulted and vars(request).get("code_redirect_uri_given"):
+            return False  # a required parameter missing: oauthlib's invalid_request
+        if super().confirm_redirect_uri(client_id, code, redirect_uri, client, request, *a, **k):
+            return True
+        if defaulted:
             return False
-        return bool(super().confirm_redirect_uri(client_id, code, redirect_uri, client, request, *a, **k))
+        # RFC 6749 §5.2: a grant that "does not match the redirection URI used in the authorization request"
+        # is invalid_grant; oauthlib answered invalid_request
+        raise errors.InvalidGrantError(
+            description="redirect_uri is not the one the authorization request used", request=request
+        )
 
     def get_id_token_dictionary(
         self, token: Any, token_handler: Any, request: Any

@@ -20,6 +20,7 @@ from oauthlib.common import urldecode
 
 from audit.services import audit_record
 from authserver.models import Client
+from authserver.validators import repeated_parameter
 
 
 def oauth_error(error: str, description: str, status: int = 400) -> JsonResponse:
@@ -64,7 +65,6 @@ def client_id_of(request: HttpRequest) -> str:
 
 FORM = "application/x-www-form-urlencoded"
 FORM_ERRORS = (BadRequest, SuspiciousOperation, MultiPartParserError)  # what reading request.POST raises
-REPEATABLE = frozenset({"resource"})  # RFC 8707 §2: one resource parameter per resource
 
 
 BASIC_NOT_ASCII = "The Basic credentials are not ASCII base64 (RFC 7617)"
@@ -102,11 +102,9 @@ def _form_refusal(request: HttpRequest) -> str | None:
     a ``client_id`` in the body other than the client the Basic credentials name was ignored, so that a
     device authorization was made out to the client named in the body; a query string oauthlib can read
     (``query_refusal``); Basic credentials in ASCII (RFC 7617), which DOT decoded with a ValueError."""
-    repeated = sorted(
-        key for key, values in request.POST.lists() if len(values) > 1 and key not in REPEATABLE
-    )
-    if repeated:
-        return f"The parameter {repeated[0][:40]!r} is repeated"
+    repeated = repeated_parameter([key for key, values in request.POST.lists() for _value in values])
+    if repeated is not None:
+        return f"The parameter {repeated[:40]!r} is repeated"
     refusal = query_refusal(request)
     if refusal is not None:
         return refusal
@@ -122,6 +120,20 @@ def _form_refusal(request: HttpRequest) -> str | None:
     return None
 
 
+def _answer_completed(response: HttpResponseBase) -> HttpResponseBase:
+    """An answer of a form endpoint with what each must carry, whoever built it (DOT, oauthlib, this
+    package): RFC 6749 §5.1's ``Cache-Control: no-store`` and ``Pragma: no-cache`` (the answers hold tokens,
+    device codes, what a token stands for), and on a 401, which is ``invalid_client`` at each of them, the
+    challenge of the scheme clients authenticate by (RFC 6749 §5.2), as ``client_refused`` gives it:
+    oauthlib gave every 401 RFC 6750's ``Bearer`` challenge, a resource server's, whether or not the
+    client had sent an ``Authorization`` header."""
+    response["Cache-Control"] = "no-store"
+    response["Pragma"] = "no-cache"
+    if response.status_code == 401:
+        response["WWW-Authenticate"] = 'Basic realm="portcullis"'
+    return response
+
+
 @method_decorator(csrf_exempt, name="dispatch")  # clients authenticate themselves, not with a cookie
 class FormEndpoint(View):
     """An RFC endpoint that takes a form by POST (token, revocation, introspection, device authorization).
@@ -129,7 +141,8 @@ class FormEndpoint(View):
     Another method is 405 ``invalid_request`` with ``Allow``, and a body Django cannot read as a form (a
     charset other than UTF-8, multipart with no boundary, too many fields) or a malformed one
     (``_form_refusal``) is 400 ``invalid_request`` (Basic credentials that are not ASCII: 401
-    ``invalid_client``); each JSON, ``no-store`` and audited as ``denied_kind``.
+    ``invalid_client``); each JSON, ``no-store`` and audited as ``denied_kind``. Every answer is kept out
+    of caches, and a 401 challenges ``Basic`` (``_answer_completed``).
     Django alone answered them with an empty or an HTML page (a 500 in debug), and nothing was audited.
     OPTIONS passes (CORS preflight).
     """
@@ -148,7 +161,7 @@ class FormEndpoint(View):
             else:
                 refusal = _form_refusal(request)
                 if refusal is None:
-                    return self.form_dispatch(request, *args, **kwargs)
+                    return _answer_completed(self.form_dispatch(request, *args, **kwargs))
                 # Basic credentials that are not ASCII: an authentication by the header that failed
                 response = (
                     client_refused(refusal)

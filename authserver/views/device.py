@@ -224,7 +224,6 @@ class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
         else:
             request.META["CONTENT_TYPE"] = FORM  # the form is read; oauthlib wants the bare media type
             response = super().post(request, *args, **kwargs)
-        response["Cache-Control"] = "no-store"  # it holds the device code
         if response.status_code >= 400:
             audit_record(
                 kind=self.denied_kind,

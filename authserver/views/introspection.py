@@ -11,6 +11,7 @@ from oauth2_provider import views as dot_views
 from oauth2_provider.settings import oauth2_settings
 
 from audit.services import audit_record
+from authserver.selectors import access_token_live_scopes
 from authserver.tokens import jwt_signed_by_published_key
 from authserver.views.common import (
     FormEndpoint,
@@ -51,7 +52,6 @@ class IntrospectView(FormEndpoint, dot_views.IntrospectTokenView):
             if jwt_signed_by_published_key(token)
             else JsonResponse({"active": False})
         )
-        answer["Cache-Control"] = "no-store"
         return answer
 
     def _denied(self, client_id: str, error: str, description: str, status: int) -> JsonResponse:
@@ -77,10 +77,22 @@ class UserInfoView(dot_views.UserInfoView):
         if "access_token" in request.GET and oauth2_settings.COMPLIANT_BCP_RFC9700_ACCESS_TOKEN_TRANSPORT:
             # RFC 6750 §3.1: a request with an unsupported parameter (a token where none may be) is 400
             return _userinfo_denied("invalid_request", "No access token may be sent in the query", 400)
+        if "HTTP_AUTHORIZATION" in request.META and "access_token" in request.POST:
+            # RFC 6750 §3.1: a request that "uses more than one method for including an access token" is
+            # invalid_request; oauthlib read the header and let the body's pass unseen
+            return _userinfo_denied("invalid_request", "Send the access token by one method only", 400)
         token = _bearer_token(request)
         if token and not jwt_signed_by_published_key(token):
             return _userinfo_denied("invalid_token", "The access token is not valid", 401)
         response: HttpResponse = super()._create_userinfo_response(request)
+        granted = access_token_live_scopes(token=token) if response.status_code == 401 and token else None
+        if granted is not None and "openid" not in granted:
+            # RFC 6750 §3.1: a live token without the scope userinfo needs is insufficient_scope, 403, with
+            # the scope it needs. DOT checked the token and the scope in one, and answered invalid_token:
+            # a client then refreshed a good token, and was refused again.
+            return _userinfo_denied(
+                "insufficient_scope", "The access token was not granted openid", 403, scope="openid"
+            )
         response["Cache-Control"] = "no-store"  # claims about the user
         sent = "HTTP_AUTHORIZATION" in request.META or "access_token" in request.GET
         if response.status_code == 401 and not sent and "access_token" not in request.POST:
@@ -108,9 +120,11 @@ def _bearer_token(request: HttpRequest) -> str:
     return parts[1] if len(parts) == 2 and parts[0].lower() == "bearer" else ""
 
 
-def _userinfo_denied(error: str, description: str, status: int) -> JsonResponse:
-    """An RFC 6750 §3 refusal: the §5.2-style body, its challenge, and the audit record."""
+def _userinfo_denied(error: str, description: str, status: int, *, scope: str = "") -> JsonResponse:
+    """An RFC 6750 §3 refusal: the §5.2-style body, its challenge, and the audit record. With ``scope``
+    (insufficient_scope: the scope the request needs), the challenge names it instead of the description."""
     refused = oauth_error(error, description, status=status)
-    refused["WWW-Authenticate"] = f'Bearer error="{error}", error_description="{description}"'
+    detail = f'scope="{scope}"' if scope else f'error_description="{description}"'
+    refused["WWW-Authenticate"] = f'Bearer error="{error}", {detail}'
     audit_record(kind="userinfo.denied", outcome="denied", data={"error_code": error, "status": status})
     return refused

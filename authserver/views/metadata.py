@@ -46,6 +46,14 @@ class OIDCDiscoveryView(dot_views.ConnectDiscoveryInfoView):
         # Absent, OIDC Discovery §3 reads it as authorization code and implicit; implicit is not served here.
         rfc8414 = json.loads(OAuthServerMetadataView().get(request).content)
         data["grant_types_supported"] = rfc8414["grant_types_supported"]
+        # Absent, both read as true (OIDC Discovery §3), and a relying party sent parameters in request
+        # objects that were ignored: the authorization endpoint answers them request(_uri)_not_supported
+        data["request_parameter_supported"] = False
+        data["request_uri_parameter_supported"] = False
+        # prompt=consent shows the consent page even for remembered consent (AuthorizationView)
+        prompts = data.get("prompt_values_supported", [])
+        if "consent" not in prompts:
+            data["prompt_values_supported"] = [*prompts, "consent"]
         return JsonResponse(data, headers={"Access-Control-Allow-Origin": "*"})
 
 

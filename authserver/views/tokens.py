@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from audit.services import audit_record
 from authserver.validators import access_tokens_issued, holds_nul, revocations_found
 from authserver.views.common import (
+    FORM,
     FormEndpoint,
     client_authenticated,
     client_id_of,
@@ -113,13 +114,14 @@ class TokenView(FormEndpoint, dot_views.TokenView):
         if holds_nul(request.POST.lists()):  # a form field's name or value
             # No code, token or id holds one, and PostgreSQL answers a lookup of one with an error (a 500).
             response: HttpResponse = oauth_error("invalid_request", "A parameter holds a NUL character")
+        elif not grant_type:  # oauthlib fell back to the code grant: unsupported_grant_type (RFC 6749 §5.2)
+            response = oauth_error("invalid_request", f"grant_type is required, in an {FORM} body")
         elif grant_type == DEVICE_GRANT and not request.POST.get("device_code"):
             response = oauth_error("invalid_request", "device_code is required")
         else:
             response = super().post(request, *args, **kwargs)
         if response.status_code == 404:  # DOT answers an unknown device code with a non-RFC 404
             response = oauth_error("invalid_grant", "The device code is unknown or expired")
-        response["Cache-Control"] = "no-store"
         response["Content-Type"] = "application/json"  # DOT's own refusals (a bad resource) said text/html
         if response.status_code >= 400:
             error = error_code_of(response)
@@ -141,13 +143,20 @@ class RevokeTokenView(FormEndpoint, dot_views.RevokeTokenView):
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         with revocations_found() as found:
             response: HttpResponse = super().post(request, *args, **kwargs)
-        response["Cache-Control"] = "no-store"
         ok = response.status_code == 200
+        if ok and not response.content:
+            # RFC 7009 §2.2: the status says it all and the body is ignored; oauthlib's empty one was
+            # labelled Django's default text/html
+            del response["Content-Type"]
         revoked = ok and any(found)  # RFC 7009 §2.2: 200 also for an unknown token or another client's
         audit_record(
             kind="token.revoked" if revoked else ("token.revoke_unknown" if ok else "token.revoke_denied"),
             outcome="success" if revoked else "denied",
             client_id=client_id_of(request),
-            data={"token_type_hint": request.POST.get("token_type_hint", "")[:20], "via": "rfc7009"},
+            data={
+                "token_type_hint": request.POST.get("token_type_hint", "")[:20],
+                "via": "rfc7009",
+                **({} if ok else {"error_code": error_code_of(response)}),  # as the endpoint's other refusals
+            },
         )
         return response

@@ -398,28 +398,53 @@ def test_a_refresh_token_rotated_generations_ago_is_still_a_reuse_that_revokes_t
     assert not RefreshToken.objects.filter(revoked__isnull=True).exists()
 
 
-def test_a_refresh_that_narrows_the_scope_without_offline_access_still_rotates(
+def test_a_refresh_that_narrows_the_scope_rotates_and_the_new_refresh_token_keeps_the_original_scope(
     oauth, web_app, signed_in, django_capture_on_commit_callbacks
 ):
+    # RFC 6749 §6: "the refresh token scope MUST be identical to that of the refresh token included by the
+    # client in the request", and an omitted scope "is treated as equal to the scope originally granted".
+    # DOT reads a refresh token's scope from the family's latest access token: the family kept the narrower.
     _c, _v, tokens = _tokens(oauth, web_app)
     narrowed = _refreshed(oauth, web_app, tokens["refresh_token"], scope="models.read")
     assert narrowed.status_code == 200, narrowed.content
     body = narrowed.json()
-    assert body["scope"] == "models.read"
-    assert body["refresh_token"] != tokens["refresh_token"]
+    assert body["scope"] == "models.read"  # the access token has what was asked for
+    assert body["refresh_token"] != tokens["refresh_token"]  # rotated, though offline_access was left out
     minted = AccessToken.objects.get(jti=_claims(body["access_token"])["jti"])
     assert minted.source_refresh_token is not None  # linked to what it came from: family revocation finds it
-    again = _refreshed(oauth, web_app, body["refresh_token"])  # the new one works, with the narrowed scope
+    again = _refreshed(oauth, web_app, body["refresh_token"])  # no scope: the one originally granted
     assert again.status_code == 200, again.content
-    assert again.json()["scope"] == "models.read"
+    assert again.json()["scope"] == SCOPES
+    assert "refresh_token" in again.json()
+    narrowed_twice = _refreshed(oauth, web_app, again.json()["refresh_token"], scope="models.read")
+    widened_back = _refreshed(
+        oauth, web_app, narrowed_twice.json()["refresh_token"], scope="models.read completions"
+    )
+    assert widened_back.status_code == 200, widened_back.content  # within what was originally granted
+    assert widened_back.json()["scope"] == "models.read completions"
+    assert set(RefreshToken.objects.values_list("scope", flat=True)) == {SCOPES}
     with django_capture_on_commit_callbacks(execute=True):
         reuse = _refreshed(oauth, web_app, tokens["refresh_token"])
     assert reuse.status_code == 400
     assert reuse.json()["error"] == "invalid_grant"
     assert AuditEvent.objects.filter(kind="token.refresh_reuse", outcome="denied").count() == 1
-    assert local_revocations.is_revoked(_claims(again.json()["access_token"])["jti"], "-")
+    assert local_revocations.is_revoked(_claims(widened_back.json()["access_token"])["jti"], "-")
     assert not AccessToken.objects.exists()
     assert not RefreshToken.objects.filter(revoked__isnull=True).exists()
+
+
+def test_a_refresh_token_issued_before_it_recorded_its_scope_still_refreshes_with_its_access_tokens_scope(
+    oauth, web_app, signed_in
+):
+    _c, _v, tokens = _tokens(oauth, web_app, scope="models.read offline_access")
+    RefreshToken.objects.update(scope="")  # as the migration leaves the rows it found
+    refreshed = _refreshed(oauth, web_app, tokens["refresh_token"])
+    assert refreshed.status_code == 200, refreshed.content
+    assert refreshed.json()["scope"] == "models.read offline_access"
+    rotated = RefreshToken.objects.get(revoked__isnull=True)
+    assert rotated.scope == "models.read offline_access"  # recorded from then on
+    widened = _refreshed(oauth, web_app, refreshed.json()["refresh_token"], scope="models.read completions")
+    assert widened.json()["error"] == "invalid_scope"
 
 
 @pytest.mark.parametrize("grant", ["authorization_code", "refresh_token"])
@@ -1155,3 +1180,107 @@ def test_offline_access_taken_from_the_client_ends_its_refresh_tokens_even_past_
 
 def jwt_jti(token: str) -> str:
     return _claims(token)["jti"]
+
+
+# ---------------------------------------------------------------- authorization requests (RFC 6749, OIDC)
+
+
+def _refused_everywhere(oauth, web_app, consent: str, **changes) -> dict[str, str]:
+    """Send an authorization request with ``changes`` (remembered consent: it would give a code at once;
+    asked: the page, then the consent form posted anyway); check it is redirected as an error in the query,
+    with ``iss``, and issues no code; return the redirect's query."""
+    if consent == "remembered":
+        params = _remembered(oauth, web_app, **changes)
+    else:
+        params = _authorize_params(web_app.client, **changes)
+    redirect = oauth.http.get("/oauth/authorize/", params)
+    assert "#" not in redirect["Location"]
+    query = _query(redirect)
+    assert query["state"] == params["state"]
+    assert query["iss"] == settings.PORTCULLIS_ISSUER  # RFC 9207, whole
+    assert "code" not in query
+    if consent == "asked":
+        answer = oauth.http.post(
+            f"/oauth/authorize/?{urlencode(params, doseq=True)}", {**params, "allow": "Allow"}
+        )
+        assert "#" not in answer["Location"]
+        assert _query(answer)["error"] == query["error"]
+    assert not Grant.objects.exists()
+    return query
+
+
+@pytest.mark.parametrize("mode", ["fragment", "form_post", "nonsense"])
+@pytest.mark.parametrize("consent", ["remembered", "asked"])
+def test_a_response_mode_other_than_query_is_redirected_invalid_request_in_the_query(
+    oauth, web_app, signed_in, mode, consent
+):
+    # The metadata says response_modes_supported ["query"]; oauthlib honoured fragment, and the RFC 9207
+    # iss was then appended after the fragment: "http://...?iss=http://...", which a client MUST reject
+    query = _refused_everywhere(oauth, web_app, consent, response_mode=mode)
+    assert query["error"] == "invalid_request"
+    assert "response_mode" in query["error_description"]
+    denied = AuditEvent.objects.filter(kind="authorize.denied").values_list("data__error_code", flat=True)
+    assert set(denied) == {"invalid_request"}
+
+
+def test_response_mode_query_is_served(oauth, web_app, signed_in):
+    params = _remembered(oauth, web_app, response_mode="query")
+    assert "code" in _query(oauth.http.get("/oauth/authorize/", params))
+
+
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [("request", "request_not_supported"), ("request_uri", "request_uri_not_supported")],
+)
+@pytest.mark.parametrize("consent", ["remembered", "asked"])
+def test_a_request_object_is_refused_as_not_supported_not_ignored(
+    oauth, web_app, signed_in, name, error, consent
+):
+    # OIDC Core §6.1, §6.2: an OP that does not support the parameter MUST say so; the code was issued
+    # for the unsigned parameters beside it
+    value = "https://rp.example/request.jwt" if name == "request_uri" else "eyJhbGciOiJub25lIn0.e30."
+    query = _refused_everywhere(oauth, web_app, consent, **{name: value})
+    assert query["error"] == error
+    assert AuditEvent.objects.filter(kind="authorize.denied", data__error_code=error).exists()
+
+
+def test_openid_discovery_says_request_objects_are_not_supported_and_lists_prompt_consent(client):
+    oidc = client.get("/.well-known/openid-configuration").json()
+    assert oidc["request_parameter_supported"] is False  # absent, OIDC Discovery §3 reads it as true
+    assert oidc["request_uri_parameter_supported"] is False
+    assert {"none", "login", "consent"} <= set(oidc["prompt_values_supported"])
+    assert "create" not in oidc["prompt_values_supported"]  # refused (prompt=create)
+
+
+@pytest.mark.parametrize("name", ["code_challenge", "nonce", "prompt", "max_age", "response_mode", "x_ext"])
+@pytest.mark.parametrize("consent", ["remembered", "asked"])
+def test_a_repeated_authorization_parameter_is_redirected_invalid_request(
+    oauth, web_app, signed_in, name, consent
+):
+    # RFC 6749 §3.1: parameters "MUST NOT be included more than once"; oauthlib checked five of them, and
+    # a code was issued for whichever of two challenges or nonces it read
+    _v, other = pkce_pair()
+    values = {"code_challenge": [other, other], "max_age": ["600", "600"], "response_mode": ["query"] * 2}
+    query = _refused_everywhere(oauth, web_app, consent, **{name: values.get(name, ["a", "b"])})
+    assert query["error"] == "invalid_request"
+    assert name in query["error_description"]
+    assert AuditEvent.objects.filter(kind="authorize.denied", data__error_code="invalid_request").exists()
+
+
+def test_a_repeated_resource_is_still_taken(oauth, web_app, signed_in):
+    # RFC 8707 §2: resource may appear more than once, one per resource
+    gateway = settings.PORTCULLIS_AUDIENCE
+    params = {**_remembered(oauth, web_app), "resource": [gateway, gateway]}
+    assert "code" in _query(oauth.http.get("/oauth/authorize/", params))
+
+
+def test_a_redirect_uri_other_than_the_authorization_requests_is_invalid_grant(oauth, web_app, signed_in):
+    # RFC 6749 §5.2: invalid_grant is a grant that "does not match the redirection URI used in the
+    # authorization request" (oauthlib: invalid_request)
+    verifier, challenge = pkce_pair()
+    code = oauth.code_from(oauth.authorize(web_app.client, challenge=challenge))
+    refused = oauth.code_exchange(web_app, code, verifier, redirect_uri=REDIRECT_URI + "x")
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_grant"
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_grant"
+    assert oauth.code_exchange(web_app, code, verifier).status_code == 200  # refused before it was used

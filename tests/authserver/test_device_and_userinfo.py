@@ -456,3 +456,50 @@ def test_a_user_named_in_the_query_is_not_taken_for_the_signed_in_one(oauth, web
         assert response["Location"].startswith("/accounts/login/")
         return
     assert _query(response)["error"] == "login_required"
+
+
+@pytest.mark.parametrize("grant", ["authorization_code", "client_credentials"])
+def test_userinfo_answers_a_live_token_without_openid_with_insufficient_scope_naming_it(
+    oauth, web_app, make_client, alice, grant
+):
+    # RFC 6750 §3.1: the token is good, its scope is not: 403 insufficient_scope with the scope needed.
+    # DOT checked both in one and answered 401 invalid_token, which tells a client to get a new token.
+    if grant == "authorization_code":
+        code, verifier = _code(oauth, web_app, alice, scope="models.read")
+        token = oauth.code_exchange(web_app, code, verifier).json()["access_token"]
+    else:
+        token = oauth.client_credentials(make_client(scopes="models.read"), scope="models.read").json()[
+            "access_token"
+        ]
+    refused = oauth.http.get("/oauth/userinfo/", HTTP_AUTHORIZATION="Bearer " + token)
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "insufficient_scope"
+    assert refused["WWW-Authenticate"] == 'Bearer error="insufficient_scope", scope="openid"'
+    assert refused["Cache-Control"] == "no-store"
+    assert AuditEvent.objects.get(kind="userinfo.denied").data == {
+        "error_code": "insufficient_scope",
+        "status": 403,
+    }
+    # expired, it is no good at all: invalid_token, as before
+    AccessToken.objects.update(expires=timezone.now() - timedelta(seconds=1))
+    expired = oauth.http.get("/oauth/userinfo/", HTTP_AUTHORIZATION="Bearer " + token)
+    assert expired.status_code == 401
+    assert expired["WWW-Authenticate"].startswith('Bearer error="invalid_token"')
+
+
+def test_userinfo_refuses_a_token_sent_in_the_header_and_the_body_at_once(oauth, web_app, alice):
+    # RFC 6750 §3.1 invalid_request: a request that "uses more than one method for including an access
+    # token"; oauthlib read the header and never looked at the body
+    token = _userinfo_tokens(oauth, web_app, alice)["access_token"]
+    header = {"HTTP_AUTHORIZATION": "Bearer " + token}
+    refused = oauth.http.post("/oauth/userinfo/", {"access_token": token}, **header)
+    assert refused.status_code == 400
+    assert refused.json()["error"] == "invalid_request"
+    assert refused["WWW-Authenticate"].startswith('Bearer error="invalid_request"')
+    assert b"sub" not in refused.content
+    assert AuditEvent.objects.get(kind="userinfo.denied").data == {
+        "error_code": "invalid_request",
+        "status": 400,
+    }
+    assert oauth.http.post("/oauth/userinfo/", **header).status_code == 200  # each method alone is answered
+    assert oauth.http.post("/oauth/userinfo/", {"access_token": token}).status_code == 200

@@ -53,6 +53,9 @@ def test_wrong_secret_is_invalid_client_401_and_audited(oauth, make_client):
     assert response.status_code == 401
     assert response.json()["error"] == "invalid_client"
     assert response["Cache-Control"] == "no-store"
+    assert response["Pragma"] == "no-cache"
+    # RFC 6749 §5.2: the challenge of the scheme the client used (oauthlib's was Bearer)
+    assert response["WWW-Authenticate"] == 'Basic realm="portcullis"'
     event = AuditEvent.objects.get(kind="token.denied")
     assert event.data["error_code"] == "invalid_client"
     assert "wrong" not in json.dumps(event.data)
@@ -574,3 +577,104 @@ def test_a_client_registered_without_the_device_grant_gets_no_device_code(oauth,
     from oauth2_provider.models import get_device_grant_model
 
     assert not get_device_grant_model().objects.exists()
+
+
+# ---------------------------------------------------------------- RFC 6749 §5: what every answer says
+
+
+@pytest.mark.parametrize(
+    ("path", "kind", "how"),
+    [
+        ("/oauth/token/", "token.denied", "basic"),
+        ("/oauth/token/", "token.denied", "body"),
+        ("/oauth/token/", "token.denied", "none"),
+        ("/oauth/revoke/", "token.revoke_denied", "basic"),
+        ("/oauth/revoke/", "token.revoke_denied", "body"),
+        ("/oauth/device-authorization/", "device.denied", "basic"),
+        ("/oauth/device-authorization/", "device.denied", "body"),
+        ("/oauth/introspect/", "introspect.denied", "basic"),
+    ],
+)
+def test_a_failed_client_authentication_is_challenged_basic_as_clients_authenticate_not_bearer(
+    client, make_client, path, kind, how
+):
+    # RFC 6749 §5.2: 401 with "the WWW-Authenticate response header field matching the authentication
+    # scheme used by the client"; oauthlib answered every 401 with RFC 6750's Bearer, a resource server's
+    reg = make_client(grants=("client-credentials", "device-code"), can_introspect=True)
+    cid = reg.client.client_id
+    form = {"grant_type": "client_credentials", "token": "x", "client_id": cid, "scope": "models.read"}
+    headers = {}
+    if how == "basic":
+        headers["HTTP_AUTHORIZATION"] = basic_auth(cid, "wrong")
+    elif how == "body":
+        form["client_secret"] = "wrong"
+    response = client.post(path, urlencode(form), content_type=FORM, **headers)
+    assert response.status_code == 401, response.content
+    assert response.json()["error"] == "invalid_client"
+    assert response["WWW-Authenticate"] == 'Basic realm="portcullis"'
+    assert (response["Cache-Control"], response["Pragma"]) == ("no-store", "no-cache")
+    assert AuditEvent.objects.get(kind=kind).data["error_code"] == "invalid_client"
+    assert "wrong" not in json.dumps(list(AuditEvent.objects.values_list("data", flat=True)))
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (FORM, "scope=models.read"),
+        (FORM, "grant_type=&scope=models.read"),
+        ("application/json", json.dumps({"grant_type": "client_credentials"})),
+    ],
+    ids=["missing", "empty", "json"],
+)
+def test_a_token_request_without_a_grant_type_is_invalid_request(client, make_client, content_type, body):
+    # RFC 6749 §5.2: "missing a required parameter" is invalid_request (oauthlib: unsupported_grant_type)
+    reg = make_client()
+    auth = basic_auth(reg.client.client_id, reg.client_secret)
+    response = client.generic(
+        "POST", "/oauth/token/", body, content_type=content_type, HTTP_AUTHORIZATION=auth
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert "grant_type" in response.json()["error_description"]
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_request"
+    assert not AccessToken.objects.exists()
+
+
+def test_answers_holding_a_device_code_or_a_tokens_description_are_kept_out_of_every_cache(
+    client, make_client
+):
+    # RFC 6749 §5.1: Cache-Control: no-store and Pragma: no-cache; some answers had only the first
+    reg = make_client(grants=("client-credentials", "device-code"), can_introspect=True)
+    auth = {"HTTP_AUTHORIZATION": basic_auth(reg.client.client_id, reg.client_secret)}
+    started = client.post(
+        "/oauth/device-authorization/",
+        urlencode({"client_id": reg.client.client_id, "scope": "models.read"}),
+        content_type=FORM,
+        **auth,
+    )
+    polled = client.post(
+        "/oauth/token/",
+        {"grant_type": GRANT_DEVICE_CODE, "device_code": started.json()["device_code"]},
+        **auth,
+    )
+    assert polled.json()["error"] == "authorization_pending"
+    token = client.post("/oauth/token/", {"grant_type": "client_credentials"}, **auth).json()["access_token"]
+    introspected = client.post("/oauth/introspect/", {"token": token}, **auth)
+    assert introspected.json()["active"] is True
+    for answer in (started, polled, introspected):
+        assert (answer["Cache-Control"], answer["Pragma"]) == ("no-store", "no-cache")
+
+
+def test_a_revocation_answers_an_empty_body_with_no_media_type(client, make_client):
+    # RFC 7009 §2.2: the status says it all and the body is ignored; the empty body was labelled text/html
+    reg = make_client()
+    auth = {"HTTP_AUTHORIZATION": basic_auth(reg.client.client_id, reg.client_secret)}
+    token = client.post("/oauth/token/", {"grant_type": "client_credentials"}, **auth).json()["access_token"]
+    for revoked in (token, "not-a-token"):
+        response = client.post("/oauth/revoke/", {"token": revoked}, **auth)
+        assert response.status_code == 200
+        assert response.content == b""
+        assert "Content-Type" not in response
+        assert response["Cache-Control"] == "no-store"
+    assert AuditEvent.objects.filter(kind="token.revoked").count() == 1
+    assert AuditEvent.objects.filter(kind="token.revoke_unknown").count() == 1
