@@ -46,23 +46,34 @@ BUDGET_S = 1.0  # one ingest run stops reading after this long (beat starts one 
 UNAVAILABLE = (OperationalError, InterfaceError, TransactionManagementError)
 # The same, said by a SQLSTATE psycopg gives another class: a database that is read-only (25006, a standby
 # after a failover: an InternalError), shutting down or starting (57P01-57P03), that closed an idle session
-# (57P05), or a lost connection (class 08). Such a batch is not the entry's fault: it waits, and is retried.
+# (57P05), out of connections or other resources (class 53), or a lost connection (class 08). Such a batch
+# is not the entry's fault: it waits, and is retried.
 UNAVAILABLE_SQLSTATES = frozenset({"25006", "57P01", "57P02", "57P03", "57P05"})
+UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53")
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The database's SQLSTATE for an error (Django's, or psycopg's it wraps), or None: none came from the
+    server (a connection that could not be made, or a pool's timeout)."""
+    for error in (exc, exc.__cause__):
+        state = getattr(error, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return None
 
 
 def sqlstate_unavailable(exc: BaseException) -> bool:
-    """Whether the database's SQLSTATE for an error (Django's, or psycopg's it wraps) says it cannot take
-    the work now, whatever the error's class."""
-    for error in (exc, exc.__cause__):
-        state = getattr(error, "sqlstate", None)
-        if isinstance(state, str) and (state in UNAVAILABLE_SQLSTATES or state.startswith("08")):
-            return True
-    return False
+    """Whether an error's SQLSTATE says the database cannot take the work now, whatever the error's class."""
+    state = sqlstate(exc)
+    return state is not None and (
+        state in UNAVAILABLE_SQLSTATES or state.startswith(UNAVAILABLE_SQLSTATE_CLASSES)
+    )
 
 
-def database_unavailable(exc: BaseException) -> bool:
-    """Whether an error says the database is down or cannot write now (the batch waits), rather than that
-    it refuses the entry (the entry is set aside)."""
+def batch_must_wait(exc: BaseException) -> bool:
+    """Whether an error says the database is down or cannot write now (the batch waits, and is read again),
+    rather than that it refuses the entry (the entry is set aside). Any OperationalError waits: a deadlock or
+    a timeout passes too, and an entry set aside on a wrong guess would be lost."""
     return isinstance(exc, UNAVAILABLE) or sqlstate_unavailable(exc)
 
 
@@ -130,7 +141,7 @@ def _usage_store(records: list[dict[str, Any]]) -> list[tuple[int, Exception]]:
             )
         return []
     except Exception as exc:
-        if database_unavailable(exc):
+        if batch_must_wait(exc):
             raise
         # one of them is refused: store the others one by one
     refused: list[tuple[int, Exception]] = []
@@ -139,7 +150,7 @@ def _usage_store(records: list[dict[str, Any]]) -> list[tuple[int, Exception]]:
             with transaction.atomic(using=alias):
                 UsageRecord.objects.using(alias).bulk_create([_usage_row(record)], ignore_conflicts=True)
         except Exception as exc:
-            if database_unavailable(exc):
+            if batch_must_wait(exc):
                 raise
             logger.error(
                 "dropping a usage record the database refuses (request %s): %s",
@@ -252,7 +263,7 @@ def entries_store(entries: list[Any], ids: list[Any] | None = None) -> tuple[int
             for _stream_id, _event, fields in batch.events:
                 audit_record(**fields)
     except Exception as exc:
-        if database_unavailable(exc):
+        if batch_must_wait(exc):
             raise
         _events_one_by_one(batch)  # an event the database refuses: each on its own
     return len(batch.usage), batch.event_count
@@ -270,7 +281,7 @@ def _events_one_by_one(batch: _Batch) -> None:
             with transaction.atomic():
                 audit_record(**fields)
         except Exception as exc:
-            if database_unavailable(exc):
+            if batch_must_wait(exc):
                 raise
             if event is None:  # a stand-in the database refuses: nothing is acknowledged
                 raise

@@ -34,21 +34,32 @@ oauth_pool = ThreadPoolDjango()  # token, revocation, introspection: see config/
 
 
 async def healthz(send: Any) -> None:
-    """Liveness and readiness, answered before Django: no host check, no HTTPS redirect, so any probe can
-    use it. A 503 while the gateway's runtime has not loaded the signing keys and policies once (a process
-    started while PostgreSQL was down: its /v1 answers 503 ``gateway_not_ready`` meanwhile), a 200 after."""
+    """Liveness, answered before Django: no host check, no HTTPS redirect, so any probe can use it."""
+    await _probe_answer(send, 200, HEALTHZ_BODY)
+
+
+async def readyz(send: Any) -> None:
+    """Readiness, answered as /healthz is: a 503 while the gateway's runtime has not loaded the signing keys
+    and policies once (a process started while PostgreSQL was down: its /v1 answers 503
+    ``gateway_not_ready`` meanwhile), a 200 after. Not liveness: a process waiting for its database is not
+    one to restart."""
     runtime = runtime_current()
     ready = runtime is None or runtime.ready  # no runtime: lifespan has not started one (nothing to wait for)
-    body = HEALTHZ_BODY if ready else STARTING_BODY
+    await _probe_answer(send, 200 if ready else 503, HEALTHZ_BODY if ready else STARTING_BODY)
+
+
+async def _probe_answer(send: Any, status: int, body: bytes) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 200 if ready else 503, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """Route /healthz and /v1 to their handlers and the rest to Django."""
+    """Route /healthz, /readyz and /v1 to their handlers and the rest to Django."""
     if scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
         await healthz(send)
+    elif scope["path"] == "/readyz" and scope["method"] in ("GET", "HEAD"):
+        await readyz(send)
     elif is_gateway_path(scope["path"]):
         await gateway_application(scope, receive, send)
     elif scope["path"] in POOLED_PATHS:

@@ -26,7 +26,7 @@ from django.db import InterfaceError, OperationalError
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views import defaults
 
-from audit.ingest import sqlstate_unavailable
+from audit.ingest import sqlstate, sqlstate_unavailable
 from authserver.views.common import oauth_error
 
 logger = logging.getLogger(__name__)
@@ -57,15 +57,22 @@ UNAVAILABLE_PAGE = (
     "<p>The service cannot reach its database right now. Try again in a moment.</p>"
 )
 # What says the database cannot be used now rather than that a query is wrong: Django's OperationalError
-# (a connection refused or closed by the server, psycopg_pool's PoolTimeout when no pooled connection was
-# free in time, a server shutting down) and InterfaceError (a connection already closed), and psycopg's own
-# where Django does not translate them (COPY).
+# and InterfaceError, and psycopg's own where Django does not translate them (COPY), with no SQLSTATE (no
+# server answered: a connection refused or closed, psycopg_pool's PoolTimeout when no pooled connection was
+# free in time); any error whose SQLSTATE says the server cannot take work now (``sqlstate_unavailable``:
+# shutting down, read-only, out of connections, a lost connection); and the refusals a retry gets past (a
+# serialization failure, a deadlock, a lock or statement timeout). An OperationalError that is a query's own
+# fault (a value past a program limit, 54xxx) stays a 500 with its traceback: a bug, not an outage.
 UNAVAILABLE = (OperationalError, InterfaceError, psycopg.OperationalError, psycopg.InterfaceError)
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
 
 
 def database_unavailable(exc: BaseException) -> bool:
     """Whether an exception says the database cannot be used right now (a 503), not that a query failed."""
-    return isinstance(exc, UNAVAILABLE) or sqlstate_unavailable(exc)
+    state = sqlstate(exc)
+    if state is None:
+        return isinstance(exc, UNAVAILABLE)
+    return sqlstate_unavailable(exc) or state in TRANSIENT_SQLSTATES
 
 
 def _machine_error(request: HttpRequest, status: int) -> HttpResponse | None:

@@ -235,7 +235,7 @@ AXES_VERBOSE = False
 # password); and what of its request axes keeps and logs: not the name as typed (the audit log has who), the
 # CSRF token, or a next URL (a device's user code)
 AXES_USERNAME_CALLABLE = "authserver.services.users.axes_username"
-AXES_SENSITIVE_PARAMETERS = ["username", "csrfmiddlewaretoken", "next", "user_code"]
+AXES_SENSITIVE_PARAMETERS = ["username", "ip_address", "csrfmiddlewaretoken", "next", "user_code"]
 # The Django admin's axes pages lifted a lockout by deleting an attempt, unrecorded; the console's unlock
 # records it.
 AXES_ENABLE_ADMIN = False

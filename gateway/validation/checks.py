@@ -158,7 +158,11 @@ JSON_TYPES: dict[type, str] = {
 }  # fmt: skip
 # A list that is not empty, by the type of its first item: a list of several shapes is then checked item by
 # item against the one its first item picked, and an error names the item that breaks it.
-JSON_LISTS: dict[type, str] = {kind: f"list of {name}s" for kind, name in JSON_TYPES.items()}
+# A number first is read as an integer (``integer`` takes an integral float), so [1.0, 2] is token ids as
+# [1, 2.0] is; no branch takes a list of other numbers.
+JSON_LISTS: dict[type, str] = {kind: f"list of {name}s" for kind, name in JSON_TYPES.items()} | {
+    float: "list of integers"
+}
 
 
 def json_type(value: Any) -> str:

@@ -10,9 +10,10 @@ import psycopg
 import pytest
 from django.db import DatabaseError, IntegrityError, InternalError, OperationalError, connection
 
-from audit.ingest import database_unavailable, entries_store
+from audit.ingest import batch_must_wait, entries_store
 from audit.models import AuditEvent, UsageRecord
 from tests.audit.test_ingest import entry, record
+from tests.config.test_database_unavailable import _wrapped
 
 
 @pytest.mark.skipif(connection.vendor != "postgresql", reason="PostgreSQL's read-only transactions")
@@ -37,13 +38,6 @@ def test_a_read_only_database_makes_the_batch_wait_without_a_dropping_line_and_i
     assert not AuditEvent.objects.filter(kind="audit.event_refused").exists()
 
 
-def _wrapped(django_class: type[DatabaseError], psycopg_error: psycopg.Error) -> DatabaseError:
-    try:
-        raise django_class(str(psycopg_error)) from psycopg_error
-    except DatabaseError as exc:
-        return exc
-
-
 @pytest.mark.parametrize(
     ("exc", "unavailable"),
     [
@@ -60,4 +54,4 @@ def _wrapped(django_class: type[DatabaseError], psycopg_error: psycopg.Error) ->
 def test_read_only_shutting_down_and_lost_connections_are_unavailable_and_a_refused_value_is_not(
     exc, unavailable
 ):
-    assert database_unavailable(exc) is unavailable
+    assert batch_must_wait(exc) is unavailable

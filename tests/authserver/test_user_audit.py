@@ -116,6 +116,10 @@ def test_the_django_admin_is_for_superusers_whatever_permissions_staff_hold(
     assert root.check_password(PASSWORD)
     assert not records("user.changed")
     assert not records("user.password_changed")
+    root.is_staff = False  # a superuser no longer staff: refused, as by Django's own check and the console
+    root.save()
+    http.force_login(root)
+    assert http.get("/admin/").status_code == 302
 
 
 def test_a_user_deactivated_in_the_django_admin_has_their_tokens_revoked_as_that_admin(

@@ -190,7 +190,7 @@ def test_the_token_endpoint_waits_for_a_connection_about_the_pools_two_seconds_n
         )
         waited = time.monotonic() - started
     assert_temporarily_unavailable(response, "req-db-wait")
-    assert timeout - 0.1 < waited < timeout + 1.5
+    assert timeout - 0.1 < waited < timeout + 5  # the pool's wait, not the 10 s it was
 
 
 def _terminate_connections_to_the_test_database() -> int:
@@ -264,6 +264,11 @@ def _wrapped(django_class: type[DatabaseError], psycopg_error: psycopg.Error) ->
         (_wrapped(OperationalError, psycopg.errors.AdminShutdown("terminating connection")), True),
         (_wrapped(IntegrityError, psycopg.errors.UniqueViolation("duplicate key")), False),
         (_wrapped(ProgrammingError, psycopg.errors.UndefinedTable("no such table")), False),
+        (_wrapped(OperationalError, psycopg.errors.TooManyConnections("too many clients")), True),
+        (_wrapped(OperationalError, psycopg.errors.DeadlockDetected("deadlock detected")), True),
+        (_wrapped(OperationalError, psycopg.errors.QueryCanceled("statement timeout")), True),
+        # a query's own fault, which an attacker's input may cause: a 500 with its traceback, not an outage
+        (_wrapped(OperationalError, psycopg.errors.ProgramLimitExceeded("index row size exceeds")), False),
         (ValueError("not a database error"), False),
     ],
 )

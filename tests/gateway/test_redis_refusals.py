@@ -24,7 +24,7 @@ from gateway.admission import admit, cost_estimate
 from gateway.auth import Principal
 from gateway.conf import gateway_settings
 from gateway.ratelimit import Buckets, RedisLimiter
-from gateway.redisbatch import RIDER_RETRY_S, RedisBatcher
+from gateway.redisbatch import RIDER_RETRY_S, RedisBatcher, _closed_by_peer
 from gateway.runtime import Runtime, redis_pool_open
 from gateway.selectors import Policy
 from gateway.validation import Validated
@@ -102,6 +102,15 @@ def refuse(kind: str, client: redis.Redis, directory: Path) -> Callable[[], obje
 
 
 events: list[str] = []  # the kinds of the audit events a runtime recorded of its own
+
+
+async def close_seen(batcher: RedisBatcher) -> None:
+    """Wait until the event loop has seen a link's connection closed by its peer (at most 5 s)."""
+    for _ in range(250):
+        if any(c is not None and _closed_by_peer(c) for c in batcher._links):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the close never reached the event loop")
 
 
 def runtime_on(url: str, settings: Any) -> Runtime:
@@ -237,7 +246,8 @@ def test_a_link_redis_closed_while_idle_is_made_again_and_the_next_request_is_no
         while len(client.client_list()) > 1:  # until only this client is left: the link was closed
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
-        await asyncio.sleep(0.05)  # the close reaches the event loop
+        assert runtime.batcher is not None
+        await close_seen(runtime.batcher)
         ticket = await admit(runtime, UNSEEN, POLICY, REQUEST, 40)  # a token never cleared: else a 503
         seen += [ticket.shared, runtime.redis_fallbacks]
         await runtime_close(runtime)
@@ -257,7 +267,7 @@ def test_a_batcher_link_closed_by_its_peer_is_made_again_before_the_batch_is_wri
         batcher = RedisBatcher(redis_pool_open(url), links=1)
         replies = [await batcher.call("INCR", "n")]
         client.client_kill_filter(_type="normal", skipme=True)  # as Redis's timeout or a proxy does
-        await asyncio.sleep(0.05)  # the close reaches the event loop
+        await close_seen(batcher)
         replies.append(await batcher.call("INCR", "n"))
         await batcher.stop()
         await batcher.redis.aclose()

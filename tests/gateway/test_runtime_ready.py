@@ -56,16 +56,16 @@ async def authenticate(rt: Runtime, raw: str) -> Any:
     return await GatewayConsumer.authenticate(consumer, "completions")
 
 
-async def healthz_answer() -> tuple[int, bytes]:
-    """What /healthz answers (config.asgi, before Django) in this process."""
-    from config.asgi import healthz
+async def probe_answer(path: str) -> tuple[int, bytes]:
+    """What a probe path answers (config.asgi, before Django) in this process."""
+    from config.asgi import http
 
     sent: list[dict[str, Any]] = []
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    await healthz(send)
+    await http({"type": "http", "path": path, "method": "GET"}, None, send)
     return sent[0]["status"], sent[1]["body"]
 
 
@@ -86,8 +86,12 @@ def test_a_process_that_never_loaded_its_keys_answers_a_fast_503_and_loads_them_
         rt.policies.replace({})  # the policies loaded; the key set did not (at start: down)
         assert not await rt.keys.refresh()
         assert not rt.ready
+        source.wait_s = 3.0  # the attempt under way outlasts every bound below, however slow the machine
         rt._tasks.append(asyncio.create_task(rt._first_load_loop()))
-        await asyncio.sleep(0.05)  # a load attempt is under way (it takes 0.5 s, as a pool's wait)
+        for _ in range(500):  # until a load attempt is under way (it takes 3 s, as a pool's wait)
+            if rt._first_load is not None:
+                break
+            await asyncio.sleep(0.01)
         raw = token(claims())
         started = time.monotonic()
         answers = await asyncio.gather(*(authenticate(rt, raw) for _ in range(12)), return_exceptions=True)
@@ -98,10 +102,10 @@ def test_a_process_that_never_loaded_its_keys_answers_a_fast_503_and_loads_them_
         assert (refused.status, refused.type, refused.code) == (503, "api_error", "gateway_not_ready")
         assert refused.headers == {"retry-after": "1"}
         assert not any(isinstance(a, AuthenticationError) for a in answers)
-        assert waited < 0.3  # at most FIRST_LOAD_WAIT_S, not the attempt's 0.5 s, nor 12 of them
+        assert waited < 1.5  # about FIRST_LOAD_WAIT_S (0.05 s), not the attempt's 3 s, nor 12 of them
         assert source.fetches == 2  # the one at start, and the one attempt under way that all shared
-        source.up = True
-        for _ in range(100):
+        source.up, source.wait_s = True, 0
+        for _ in range(500):  # the attempt under way ends (3 s), then the next one loads
             if rt.ready:
                 break
             await asyncio.sleep(0.02)
@@ -149,11 +153,12 @@ def test_the_process_is_ready_once_keys_and_policies_have_both_loaded(quick, mon
         monkeypatch.setattr(runtime_module, "_runtime", rt)
         assert await rt.keys.refresh()
         assert not rt.ready
-        assert await healthz_answer() == (503, b'{"status":"starting"}')
+        assert await probe_answer("/readyz") == (503, b'{"status":"starting"}')
+        assert await probe_answer("/healthz") == (200, b'{"status":"ok"}')  # alive: not one to restart
         loop = asyncio.create_task(rt._first_load_loop())
         await asyncio.wait_for(loop, timeout=2)  # it ends once ready
         assert rt.ready
-        assert await healthz_answer() == (200, b'{"status":"ok"}')
+        assert await probe_answer("/readyz") == (200, b'{"status":"ok"}')
         assert len(policy_reads) == 3
         await close(rt)
 

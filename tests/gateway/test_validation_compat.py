@@ -376,6 +376,9 @@ def test_an_integral_float_is_taken_as_the_integer_and_sent_upstream_as_one():
     prompt = passed("completions", completions(prompt=[1, 2.0], max_tokens=1e2))
     assert (prompt["prompt"], prompt["max_tokens"]) == ([1, 2], 100)
     assert type(prompt["prompt"][1]) is int
+    first = passed("completions", completions(prompt=[1.0, 2], max_tokens=1))  # a float first, too
+    assert first["prompt"] == [1, 2]
+    assert type(first["prompt"][0]) is int
     schema = passed(
         "chat",
         chat(
