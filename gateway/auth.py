@@ -86,6 +86,11 @@ class KeySet:
         if removed and self.on_removed is not None:
             self.on_removed(removed)
 
+    @property
+    def loaded(self) -> bool:
+        """Whether a key set has been loaded since start (as ``PolicyCache.loaded`` says of the policies)."""
+        return self.loaded_at != float("-inf")
+
     async def refresh(self) -> bool:
         """Fetch the key set now; on failure keep serving the keys we have (stale beats none)."""
         self._last_attempt = time.monotonic()

@@ -164,7 +164,7 @@ class Runtime:
     def ready(self) -> bool:
         """Whether the key set and the policies have loaded once: until then no token can be judged."""
         if not self._ready:
-            self._ready = self.keys.loaded_at != float("-inf") and self.policies.loaded
+            self._ready = self.keys.loaded and self.policies.loaded
         return self._ready
 
     async def ready_wait(self) -> None:
@@ -193,7 +193,7 @@ class Runtime:
 
     async def _load_missing(self) -> None:
         jobs: list[Awaitable[bool]] = []
-        if self.keys.loaded_at == float("-inf"):
+        if not self.keys.loaded:
             jobs.append(self.keys.refresh())
         if not self.policies.loaded:
             jobs.append(self.policies.reload())

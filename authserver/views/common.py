@@ -43,10 +43,13 @@ def client_authenticated(core: Any, request: HttpRequest) -> Client | None:
     return client if isinstance(client, Client) else None
 
 
+BASIC_CHALLENGE = 'Basic realm="portcullis"'  # clients authenticate by Basic (RFC 6749 §2.3.1)
+
+
 def client_refused(description: str = "Client authentication failed") -> JsonResponse:
     """RFC 6749 §5.2 ``invalid_client``: 401, with the challenge of the scheme clients authenticate by."""
     response = oauth_error("invalid_client", description, status=401)
-    response["WWW-Authenticate"] = 'Basic realm="portcullis"'
+    response["WWW-Authenticate"] = BASIC_CHALLENGE
     return response
 
 
@@ -130,7 +133,7 @@ def _answer_completed(response: HttpResponseBase) -> HttpResponseBase:
     response["Cache-Control"] = "no-store"
     response["Pragma"] = "no-cache"
     if response.status_code == 401:
-        response["WWW-Authenticate"] = 'Basic realm="portcullis"'
+        response["WWW-Authenticate"] = BASIC_CHALLENGE
     return response
 
 

@@ -69,15 +69,6 @@ async def probe_answer(path: str) -> tuple[int, bytes]:
     return sent[0]["status"], sent[1]["body"]
 
 
-async def close(rt: Runtime) -> None:
-    for task in rt._tasks:
-        task.cancel()
-    await asyncio.gather(*rt._tasks, return_exceptions=True)
-    await rt.http.close()
-    if rt.redis is not None:
-        await rt.redis.aclose()
-
-
 def test_a_process_that_never_loaded_its_keys_answers_a_fast_503_and_loads_them_once_at_a_time(quick):
     async def scenario() -> None:
         rt = Runtime(gateway_settings())
@@ -112,7 +103,7 @@ def test_a_process_that_never_loaded_its_keys_answers_a_fast_503_and_loads_them_
         assert rt.ready
         principal = await authenticate(rt, raw)
         assert principal.client_id == "c1"
-        await close(rt)
+        await rt.stop()
 
     asyncio.run(scenario())
 
@@ -129,7 +120,7 @@ def test_between_attempts_a_request_is_refused_at_once_without_starting_a_load(q
             await authenticate(rt, raw)
         assert time.monotonic() - started < 0.05
         assert source.fetches == 0  # the background loop's to try, not each request's
-        await close(rt)
+        await rt.stop()
 
     asyncio.run(scenario())
 
@@ -160,6 +151,6 @@ def test_the_process_is_ready_once_keys_and_policies_have_both_loaded(quick, mon
         assert rt.ready
         assert await probe_answer("/readyz") == (200, b'{"status":"ok"}')
         assert len(policy_reads) == 3
-        await close(rt)
+        await rt.stop()
 
     asyncio.run(scenario())
