@@ -67,6 +67,60 @@ def redirect_uri_errors(uris: list[str]) -> list[str]:
     return errors
 
 
+def origin_errors(origins: list[str]) -> list[str]:
+    """Name the web origins a client may not list (``allowed_origins``: the pages whose scripts may call the
+    token endpoint and the gateway, CORS): each must be written exactly as a browser sends its ``Origin``
+    header, ``https://host[:port]``, lowercase, without a path or the default port, for the gateway and
+    DOT compare that header with what is stored. Not https (oauthlib gives CORS to https origins only), a
+    wildcard, ``null`` (a sandboxed or local page, any site can be one), a path or a user, or one listed
+    twice: refused, with the spelling to use where there is one.
+    """
+    errors, seen = [], set()
+    for origin in origins:
+        if any(c.isspace() for c in origin):
+            errors.append(f"{origin!r}: an origin holds no whitespace; give each origin as its own item")
+            continue
+        canonical = _origin_canonical(origin)
+        if canonical is None and origin.lower().startswith("http://"):
+            errors.append(f"{origin}: an origin must be https (CORS is given to https pages only)")
+        elif canonical is None:
+            errors.append(f"{origin}: not a web origin; write https://host or https://host:port")
+        elif canonical != origin:
+            errors.append(f"{origin}: write it as a browser sends it: {canonical}")
+        elif origin in seen:
+            errors.append(f"{origin}: listed twice")
+        seen.add(origin)
+    return errors
+
+
+def _origin_canonical(origin: str) -> str | None:
+    """The serialized origin (the Fetch standard's) a browser would send for this https URL, or None when it
+    is not one: another scheme, a user, a query or a fragment, a path other than "/", an unparsable port,
+    no host, or a wildcard."""
+    if not origin.isascii():
+        return None  # a browser sends an IDN host in its ASCII form (xn--)
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return None
+    host = parts.hostname
+    if (
+        parts.scheme.lower() != "https"
+        or not host
+        or "*" in host
+        or "@" in parts.netloc
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or origin.endswith(("?", "#"))
+    ):
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"https://{host}" + (f":{port}" if port not in (None, 443) else "")
+
+
 def _same_redirect_uri(uri: str, registered: str) -> bool:
     """The same string; for a loopback IP, the same string but for the port (RFC 8252 §7.3)."""
     if uri == registered:
@@ -151,6 +205,8 @@ class Client(dot.AbstractApplication):
                 errors.setdefault("redirect_uris", []).append(
                     f"{uri}: redirect URIs must use https (http only for a loopback IP, RFC 8252)"
                 )
+        if bad_origins := origin_errors(self.allowed_origins.split()):
+            errors["allowed_origins"] = bad_origins
         bad = set(self.grant_types) - ALLOWED_GRANT_TYPES
         if bad:
             errors["grant_types"] = [f"unsupported grant types: {', '.join(sorted(bad))}"]

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from audit.models import AuditEvent
-from authserver.models import redirect_uri_errors
+from authserver.models import origin_errors, redirect_uri_errors
 from authserver.services import ADMIN_SCOPES, GRANT_ALIASES
 from gateway.models import ClientPolicy
 from gateway.services import POLICY_FIELDS
@@ -74,6 +74,13 @@ class ClientForm(forms.Form):
         help_text="One per line; https, or http only for a loopback IP (RFC 8252).",
         widget=forms.Textarea(attrs={"rows": 3}),
     )
+    allowed_origins = forms.CharField(
+        required=False,
+        label="Allowed web origins",
+        help_text="One per line, as https://host or https://host:port: pages there may call the token "
+        "endpoint and /v1 from a browser (CORS). Empty: no web page may.",
+        widget=forms.Textarea(attrs={"rows": 2}),
+    )
     scopes = forms.MultipleChoiceField(choices=scope_choices, widget=forms.CheckboxSelectMultiple)
     can_introspect = forms.BooleanField(required=False, label="May introspect tokens (RFC 7662)")
     is_admin_client = forms.BooleanField(
@@ -88,6 +95,13 @@ class ClientForm(forms.Form):
     def clean_redirect_uris(self) -> str:
         text = str(self.cleaned_data["redirect_uris"])
         errors = redirect_uri_errors(split_lines(text))
+        if errors:
+            raise ValidationError(errors)
+        return text
+
+    def clean_allowed_origins(self) -> str:
+        text = str(self.cleaned_data["allowed_origins"])
+        errors = origin_errors(split_lines(text))
         if errors:
             raise ValidationError(errors)
         return text
@@ -107,6 +121,7 @@ class ClientForm(forms.Form):
             "logo_url": data["logo_url"],
             "grant_types": list(data["grant_types"]),
             "redirect_uris": split_lines(data["redirect_uris"]),
+            "allowed_origins": split_lines(data["allowed_origins"]),
             "scopes": list(data["scopes"]),
             "can_introspect": data["can_introspect"],
             "is_admin_client": data["is_admin_client"],

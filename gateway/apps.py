@@ -20,3 +20,11 @@ class GatewayConfig(AppConfig):
         from gateway.services import anomaly_quarantine
 
         anomaly_handler_register(anomaly_quarantine)
+
+        from django.db.models.signals import post_delete, post_save
+
+        from authserver.models import Client
+        from gateway.receivers import client_changed
+
+        post_save.connect(client_changed, sender=Client, dispatch_uid="gateway.client_changed")
+        post_delete.connect(client_changed, sender=Client, dispatch_uid="gateway.client_deleted")

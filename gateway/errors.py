@@ -48,6 +48,11 @@ class IpNotAllowed(PermissionDenied):
     message = "Requests from this address are not allowed for this client."
 
 
+class OriginNotAllowed(PermissionDenied):
+    code = "origin_not_allowed"
+    message = "This client may not be called from this web page's origin."
+
+
 class NotFound(GatewayError):
     status, type, code = 404, "not_found_error", "not_found"
     message = "No such endpoint."

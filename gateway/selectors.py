@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from audit.context import ip_in_networks
+from authserver.models import Client
 from gateway.models import ClientPolicy
 
 DEFAULT = "*"  # the snapshot key of the default policy
@@ -57,6 +58,21 @@ def policies_snapshot() -> dict[str, Policy]:
     for row in ClientPolicy.objects.select_related("client"):
         key = row.client.client_id if row.client is not None else DEFAULT
         snapshot[key] = policy_from_row(row)
+    return snapshot
+
+
+def origins_snapshot() -> dict[str, frozenset[bytes]]:
+    """Return the web origins each client lists (its ``allowed_origins``, the field DOT's token endpoint reads
+    for CORS too), keyed by client id: the browser pages that may call /v1 with its tokens. As bytes, the
+    form the hot path compares a request's ``Origin`` header in (a browser sends the serialized origin,
+    ``scheme://host[:port]``, which is the only form ``authserver.models.origin_errors`` lets be saved)."""
+    snapshot: dict[str, frozenset[bytes]] = {}
+    for client_id, origins in Client.objects.exclude(allowed_origins="").values_list(
+        "client_id", "allowed_origins"
+    ):
+        listed = frozenset(origin.encode("ascii", "replace") for origin in origins.split())
+        if listed:
+            snapshot[client_id] = listed
     return snapshot
 
 

@@ -12,7 +12,7 @@ from django.db import transaction
 from oauth2_provider.generators import generate_client_id
 
 from audit.services import audit_record
-from authserver.models import ADMIN_SCOPES, Client, redirect_uri_errors
+from authserver.models import ADMIN_SCOPES, Client, origin_errors, redirect_uri_errors
 from authserver.revocation import revocation_publish
 from authserver.services.tokens import tokens_revoke_for_client, tokens_revoke_for_scopes
 
@@ -36,6 +36,7 @@ def client_register(
     grant_types: list[str],
     public: bool = False,
     redirect_uris: list[str] | None = None,
+    allowed_origins: list[str] | None = None,
     scopes: list[str] | None = None,
     owner: Any = None,
     description: str = "",
@@ -47,6 +48,8 @@ def client_register(
     grants = [GRANT_ALIASES.get(g, g) for g in grant_types]
     if uri_errors := redirect_uri_errors(redirect_uris or []):  # before they are joined with spaces
         raise ValidationError({"redirect_uris": uri_errors})
+    if bad_origins := origin_errors(allowed_origins or []):
+        raise ValidationError({"allowed_origins": bad_origins})
     secret = None if public else secrets.token_urlsafe(96)[:CLIENT_SECRET_LENGTH]
     client = Client(
         name=name,
@@ -55,6 +58,7 @@ def client_register(
         authorization_grant_type=grants[0] if grants else "",
         grant_types=grants,
         redirect_uris=" ".join(redirect_uris or []),
+        allowed_origins=" ".join(allowed_origins or []),
         allowed_scopes=" ".join(scopes or ["models.read", "completions", "embeddings"]),
         user=owner,
         description=description,
@@ -107,6 +111,7 @@ def client_create(
     grant_types: list[str],
     public: bool = False,
     redirect_uris: list[str] | None = None,
+    allowed_origins: list[str] | None = None,
     scopes: list[str] | None = None,
     description: str = "",
     logo_url: str = "",
@@ -124,6 +129,7 @@ def client_create(
             grant_types=grant_types,
             public=public,
             redirect_uris=redirect_uris,
+            allowed_origins=allowed_origins,
             scopes=scopes or None,
             description=description,
             logo_url=logo_url,
@@ -148,6 +154,7 @@ CLIENT_EDITABLE = (
     "description",
     "logo_url",
     "redirect_uris",
+    "allowed_origins",
     "allowed_scopes",
     "grant_types",
     "can_introspect",

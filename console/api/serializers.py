@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 from rest_framework import serializers
 
 from audit.models import AuditEvent, AuditReport
-from authserver.models import AccessToken, Client, SigningKey, redirect_uri_errors
+from authserver.models import AccessToken, Client, SigningKey, origin_errors, redirect_uri_errors
 from console.api.fields import (
     StrictBooleanField,
     StrictCharField,
@@ -36,6 +36,7 @@ class ClientSerializer(serializers.ModelSerializer):
     logo_url = serializers.CharField(read_only=True, help_text="A URL, or empty")
     grant_types = serializers.SerializerMethodField()
     redirect_uris = serializers.SerializerMethodField()
+    allowed_origins = serializers.SerializerMethodField()
     scopes = serializers.SerializerMethodField()
 
     class Meta:
@@ -48,6 +49,7 @@ class ClientSerializer(serializers.ModelSerializer):
             "public",
             "grant_types",
             "redirect_uris",
+            "allowed_origins",
             "scopes",
             "can_introspect",
             "is_admin_client",
@@ -65,6 +67,9 @@ class ClientSerializer(serializers.ModelSerializer):
 
     def get_redirect_uris(self, client: Client) -> list[str]:
         return list(client.redirect_uris.split())
+
+    def get_allowed_origins(self, client: Client) -> list[str]:
+        return list(client.allowed_origins.split())
 
     def get_scopes(self, client: Client) -> list[str]:
         return client.scope_list()
@@ -94,6 +99,13 @@ class ClientWriteSerializer(StrictSerializer):
         default=list,
         max_length=50,
     )
+    allowed_origins = serializers.ListField(
+        child=StrictCharField(max_length=300, trim_whitespace=False),
+        required=False,
+        default=list,
+        max_length=50,
+        help_text="Web origins (https://host[:port]) whose pages may call the token endpoint and /v1 (CORS)",
+    )
     scopes = serializers.ListField(
         child=StrictChoiceField(choices=[s for s, _ in scope_choices()]), min_length=1, max_length=20
     )
@@ -105,6 +117,12 @@ class ClientWriteSerializer(StrictSerializer):
         if errors:
             raise serializers.ValidationError(errors)
         return uris
+
+    def validate_allowed_origins(self, origins: list[str]) -> list[str]:
+        errors = origin_errors(origins)
+        if errors:
+            raise serializers.ValidationError(errors)
+        return origins
 
 
 class ClientCreatedSerializer(ClientSerializer):

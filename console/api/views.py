@@ -186,8 +186,9 @@ class ClientViewSet(AdminAPIMixin, viewsets.GenericViewSet):
         data = _valid(s.ClientWriteSerializer, request.data, partial=True)
         if "public" in data:
             raise ValidationError({"public": ["a client's type cannot change; create a new client"]})
-        if "redirect_uris" in data:
-            data["redirect_uris"] = " ".join(data["redirect_uris"])
+        for listed in ("redirect_uris", "allowed_origins"):
+            if listed in data:
+                data[listed] = " ".join(data[listed])
         if "scopes" in data:
             data["allowed_scopes"] = " ".join(data.pop("scopes"))
         _service_call(client_update, client=client, actor=api_actor(request), **data)

@@ -26,6 +26,7 @@ from gateway import errors
 from gateway.auth import Principal
 from gateway.deadlines import Deadlines
 from gateway.metrics import METERING_BACKLOG, request_observe
+from gateway.ratelimit import HEADER_NAMES
 from gateway.runtime import Runtime, runtime_get
 from gateway.streaming import DisconnectWatch
 
@@ -41,6 +42,13 @@ SCOPE_FOR = {
 # Headers a request may carry once: with two, a proxy that reads the first and the gateway (whose header
 # dict keeps the last) would judge different requests.
 SINGLE_HEADERS = (b"authorization", b"content-type")
+# CORS (the Fetch standard): what a page's script may read of an answer besides the CORS-safelisted headers,
+# and how long a browser may keep a preflight's answer (600 s is Chromium's cap; Firefox keeps a day)
+CORS_EXPOSED = b", ".join(
+    [b"x-request-id", b"retry-after", *(name.encode() for _dim, names in HEADER_NAMES for name in names)]
+)
+PREFLIGHT_MAX_AGE = b"600"
+PREFLIGHT_HEADERS_MAX = 2048  # a longer Access-Control-Request-Headers is refused (a browser sends dozens)
 
 
 class ClientDisconnected(Exception):
@@ -74,6 +82,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.record: dict[str, Any] = {"endpoint": self.kind, "model": "", "stream": False, "upstream": ""}
         self.response_started = False
         self.unrecorded = False  # refused because the audit log is full: counted there, not recorded here
+        self.cors_origin: bytes | None = None  # a web page's origin a client lists: its answers say so (CORS)
         self._task: asyncio.Task[Any] | None = None
         self._body_late = False
         self._body_read = False
@@ -81,6 +90,9 @@ class GatewayConsumer(AsyncHttpConsumer):
         try:
             self.rt = await runtime_get()
             self.client_ip = self._client_ip()
+            origin = self.headers.get(b"origin")
+            if origin is not None and self.rt.policies.origin_listed(origin):
+                self.cors_origin = origin
             status = await self._dispatch()
         except errors.GatewayError as exc:
             status = exc.status
@@ -99,16 +111,55 @@ class GatewayConsumer(AsyncHttpConsumer):
         if self.rt.audit_full():
             self.unrecorded = True
             raise errors.AuditBacklogFull()
-        if self.scope["method"] not in self.methods:
-            refused = errors.MethodNotAllowed()
-            refused.headers["allow"] = ", ".join(sorted(self.methods))  # RFC 9110 §15.5.6
-            raise refused
+        preflight = self.scope["method"] == "OPTIONS" and b"access-control-request-method" in self.headers
+        if self.scope["method"] not in self.methods and not preflight:
+            raise self._method_refused()
         self.rt.check_ip_denylist(self.client_ip)
         if self.rt.conf.require_https and not self._secure():
             raise errors.HttpsRequired()
         if self.repeated_headers:  # looked at only then
             self._refuse_repeated_headers()
+        if preflight:
+            return await self._preflight()
         return await self.handle(await self._read_body())
+
+    def _method_refused(self) -> errors.MethodNotAllowed:
+        refused = errors.MethodNotAllowed()
+        refused.headers["allow"] = ", ".join(sorted(self.methods))  # RFC 9110 §15.5.6
+        return refused
+
+    async def _preflight(self) -> int:
+        """Answer a browser's CORS preflight (the Fetch standard's ``OPTIONS`` with
+        ``Access-Control-Request-Method``), which carries no token: a page of an origin some client lists
+        (``allowed_origins``) may send the method and the headers it asks for (Authorization among them;
+        the ``openai`` SDK adds its own ``x-stainless-*`` ones, so they are not a fixed list). Which
+        client's token follows is judged with the request itself: a page of an origin its client does not
+        list is refused then (``authenticate``). A page of an origin no client lists gets a 403 without
+        CORS headers, which the browser turns into a network error for the script."""
+        if self.cors_origin is None:
+            raise errors.OriginNotAllowed("No client of this gateway lists this web page's origin.")
+        method = self.headers[b"access-control-request-method"]
+        if method.decode("latin-1") not in self.methods:
+            raise self._method_refused()
+        asked = self.headers.get(b"access-control-request-headers", b"")
+        names = [name.strip() for name in asked.split(b",") if name.strip()]
+        if len(asked) > PREFLIGHT_HEADERS_MAX or not all(_token(name) for name in names):
+            raise errors.InvalidRequest(
+                "Access-Control-Request-Headers must be a list of header names.",
+                param="access-control-request-headers",
+            )
+        headers = self._cors_headers()
+        headers += [
+            (b"access-control-allow-methods", ", ".join(sorted(self.methods)).encode()),
+            (b"access-control-max-age", PREFLIGHT_MAX_AGE),
+            (b"content-length", b"0"),
+        ]
+        if names:
+            headers.append((b"access-control-allow-headers", b", ".join(names).lower()))
+        self.record["outcome"] = "preflight"
+        self.response_started = True
+        await self.send_response(204, b"", headers=headers)
+        return 204
 
     def _refuse_repeated_headers(self) -> None:
         names = [name for name, _value in self.scope["headers"]]
@@ -254,12 +305,29 @@ class GatewayConsumer(AsyncHttpConsumer):
             )
             raise exc
         self.rt.check_ip_allowlist(principal, self.client_ip)
+        origin = self.headers.get(b"origin")
+        if origin is not None and not self.rt.policies.origin_allowed(principal.client_id, origin):
+            # A browser sends Origin with every cross-origin request: this token's client does not list the
+            # page's origin, so it is not the client's own page (a token taken elsewhere, or a server-side
+            # secret put in a browser). A client without listed origins is never called from a web page.
+            raise errors.OriginNotAllowed()
         return principal
 
     # --- responses ------------------------------------------------------------------------------------
 
     def _base_headers(self, content_type: bytes) -> list[tuple[bytes, bytes]]:
-        return [(b"content-type", content_type), (b"x-request-id", self.request_id.encode())]
+        headers = [(b"content-type", content_type), (b"x-request-id", self.request_id.encode())]
+        if self.cors_origin is not None:
+            headers += self._cors_headers()
+            headers.append((b"access-control-expose-headers", CORS_EXPOSED))
+        return headers
+
+    def _cors_headers(self) -> list[tuple[bytes, bytes]]:
+        """The page's origin, which a client lists, may read this answer (no cookies are involved: no
+        ``Allow-Credentials``). Every answer to it says so, errors too, so that a page can read a 401 (and
+        refresh its token) or a 429 (and wait)."""
+        assert self.cors_origin is not None  # noqa: S101  (set only for a listed origin)
+        return [(b"access-control-allow-origin", self.cors_origin), (b"vary", b"Origin")]
 
     async def send_json(self, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
         headers = self._base_headers(b"application/json")
@@ -345,3 +413,11 @@ class GatewayConsumer(AsyncHttpConsumer):
             rt.sink.usage(record)
         request_observe(record, rt.upstreams.known_models())
         METERING_BACKLOG.set(rt.sink.backlog)
+
+
+def _token(name: bytes) -> bool:
+    """Whether a header name is an RFC 9110 token (visible ASCII but delimiters)."""
+    return bool(name) and all(c in TCHARS for c in name)
+
+
+TCHARS = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")

@@ -765,3 +765,61 @@ def test_a_redirect_uri_listed_twice_is_a_400(bearer, world):
     assert response.json()["redirect_uris"] == [f"{uri}: listed twice"]
     world.app.client.refresh_from_db()
     assert world.app.client.redirect_uris == uri
+
+
+def test_a_clients_allowed_origins_are_set_shown_and_audited(bearer, world):
+    api = bearer()
+    cid = world.app.client.client_id
+    origins = ["https://app.example", "https://[::1]:8443"]
+    response = api.patch(
+        f"/api/admin/clients/{cid}/", {"allowed_origins": origins}, content_type="application/json"
+    )
+    assert response.status_code == 200
+    assert response.json()["allowed_origins"] == origins
+    world.app.client.refresh_from_db()
+    assert world.app.client.allowed_origins == " ".join(origins)
+    changed = AuditEvent.objects.filter(kind="client.changed", client_id=cid).latest("id")
+    assert changed.data["changed"] == ["allowed_origins"]
+    fields = {"name": "Spa", "grant_types": ["authorization-code"], "scopes": ["models.read"], "public": True}
+    created = api.post(
+        "/api/admin/clients/",
+        {**fields, "redirect_uris": ["https://spa.example/cb"], "allowed_origins": ["https://spa.example"]},
+        content_type="application/json",
+    )
+    assert created.status_code == 201
+    assert created.json()["allowed_origins"] == ["https://spa.example"]
+    assert Client.objects.get(name="Spa").allowed_origins == "https://spa.example"
+
+
+@pytest.mark.parametrize(
+    ("origin", "says"),
+    [
+        ("https://App.example", "write it as a browser sends it: https://app.example"),
+        ("https://app.example/", "write it as a browser sends it: https://app.example"),
+        ("https://app.example:443", "write it as a browser sends it: https://app.example"),
+        ("http://app.example", "an origin must be https"),
+        ("https://app.example/spa", "not a web origin"),
+        ("https://*.example", "not a web origin"),
+        ("null", "not a web origin"),
+        ("https://user@app.example", "not a web origin"),
+        ("https://b\u00fccher.example", "not a web origin"),
+        ("https://app.example https://evil.example", "holds no whitespace"),
+    ],
+)
+def test_an_origin_a_browser_would_never_send_is_a_400_naming_it(bearer, world, origin, says):
+    api = bearer()
+    cid = world.app.client.client_id
+    response = api.patch(
+        f"/api/admin/clients/{cid}/", {"allowed_origins": [origin]}, content_type="application/json"
+    )
+    assert response.status_code == 400
+    [message] = response.json()["allowed_origins"]
+    assert says in message
+    world.app.client.refresh_from_db()
+    assert world.app.client.allowed_origins == ""
+    twice = api.patch(
+        f"/api/admin/clients/{cid}/",
+        {"allowed_origins": ["https://a.example", "https://a.example"]},
+        content_type="application/json",
+    )
+    assert twice.json()["allowed_origins"] == ["https://a.example: listed twice"]

@@ -771,3 +771,30 @@ def test_an_export_page_after_the_first_starts_where_the_occurred_at_index_can()
     # the OR of (earlier) and (same instant, lower id) alone gives the index no bound: every page scanned
     # every event already exported
     assert '"occurred_at" <= ' in sql, sql
+
+
+def test_a_clients_allowed_origins_are_edited_one_per_line_and_checked(as_admin, world):
+    client = world.app.client
+    fields = {
+        "name": client.name,
+        "grant_types": ["authorization-code"],
+        "scopes": ["models.read"],
+        "redirect_uris": client.redirect_uris,
+    }
+    url = f"/console/clients/{client.client_id}/edit/"
+    refused = as_admin.post(url, {**fields, "allowed_origins": "https://app.example/\r\nhttp://x.example"})
+    assert refused.status_code == 200
+    assert refused.context["form"].errors["allowed_origins"] == [
+        "https://app.example/: write it as a browser sends it: https://app.example",
+        "http://x.example: an origin must be https (CORS is given to https pages only)",
+    ]
+    client.refresh_from_db()
+    assert client.allowed_origins == ""
+    saved = as_admin.post(url, {**fields, "allowed_origins": "https://app.example\r\nhttps://b.example:8443"})
+    assert saved.status_code == 302
+    client.refresh_from_db()
+    assert client.allowed_origins == "https://app.example https://b.example:8443"
+    page = as_admin.get(f"/console/clients/{client.client_id}/")
+    assert b"<code>https://b.example:8443</code>" in page.content
+    form = as_admin.get(url)
+    assert "https://app.example\nhttps://b.example:8443" in form.content.decode()
