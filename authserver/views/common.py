@@ -12,6 +12,7 @@ from urllib.parse import unquote_plus
 from django.core.exceptions import BadRequest, SuspiciousOperation
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.http.multipartparser import MultiPartParserError
+from django.utils.cache import patch_vary_headers
 from django.utils.decorators import method_decorator
 from django.views.decorators.csrf import csrf_exempt
 from django.views.generic import View
@@ -151,6 +152,7 @@ class FormEndpoint(View):
     """
 
     denied_kind = "token.denied"
+    cors = False  # whether a page of an origin the client lists may read the answers (``cors_completed``)
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         if request.method not in ("POST", "OPTIONS"):
@@ -164,7 +166,8 @@ class FormEndpoint(View):
             else:
                 refusal = _form_refusal(request)
                 if refusal is None:
-                    return _answer_completed(self.form_dispatch(request, *args, **kwargs))
+                    answer = _answer_completed(self.form_dispatch(request, *args, **kwargs))
+                    return cors_completed(request, answer) if self.cors else answer
                 # Basic credentials that are not ASCII: an authentication by the header that failed
                 response = (
                     client_refused(refusal)
@@ -176,3 +179,29 @@ class FormEndpoint(View):
 
     def form_dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         return super().dispatch(request, *args, **kwargs)
+
+
+def cors_completed(request: HttpRequest, response: HttpResponseBase) -> HttpResponseBase:
+    """Let a page of an origin the calling client lists (``allowed_origins``) read the answer, whatever it
+    is: oauthlib gives ``Access-Control-Allow-Origin`` to an authorization code's exchange alone, so a
+    single-page app could get its first tokens but not read a refresh's, a revocation's, or any error (an
+    ``invalid_grant`` that tells it to sign in again). The client is the one the request names (its Basic
+    credentials or its ``client_id``), whether or not it authenticated: the header lets a listed page read
+    what it was answered, and grants nothing. The origin is compared as it was stored, which is as a browser
+    sends it (``authserver.models.origin_errors``), as the gateway compares it. No simple form POST needs a
+    preflight, so none is answered."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return response
+    patch_vary_headers(response, ["Origin"])
+    client_id = basic_client_id(request) or request.POST.get("client_id", "")
+    listed = (
+        Client.objects.filter(client_id=client_id[:100]).values_list("allowed_origins", flat=True).first()
+        if client_id
+        else None
+    )
+    if listed and origin in listed.split():
+        response["Access-Control-Allow-Origin"] = origin
+    elif response.has_header("Access-Control-Allow-Origin"):
+        del response["Access-Control-Allow-Origin"]
+    return response

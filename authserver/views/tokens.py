@@ -50,6 +50,8 @@ def _polled_too_soon(device_code: str, interval: int) -> bool:
 class TokenView(FormEndpoint, dot_views.TokenView):
     """RFC 6749 §3.2 token endpoint; every refusal is audited with its RFC error code."""
 
+    cors = True
+
     @method_decorator(sensitive_post_parameters("password", "client_secret"))
     def authorization_flow_token_response(
         self, request: HttpRequest, *args: Any, **kwargs: Any
@@ -137,6 +139,8 @@ class TokenView(FormEndpoint, dot_views.TokenView):
 
 class RevokeTokenView(FormEndpoint, dot_views.RevokeTokenView):
     """RFC 7009 revocation; revoking a refresh token revokes its whole family's access tokens."""
+
+    cors = True
 
     denied_kind = "token.revoke_denied"
 
