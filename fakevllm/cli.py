@@ -98,11 +98,18 @@ def _names(option: object) -> list[str]:
     return [name.strip() for name in str(option or "").split(",") if name.strip()]
 
 
+def serving_line(config: FakeConfig, host: str, port: int) -> str:
+    """Return the line that announces the server: its models and address, and whether /v1 needs a key (never
+    the key itself, which must stay out of logs)."""
+    guard = "an API key is required on /v1" if config.api_key is not None else "no API key"
+    return f"fakevllm: serving {', '.join(config.models)} on http://{host}:{port} ({guard})"
+
+
 def serve(config: FakeConfig, host: str, port: int) -> None:
     """Run the app with uvicorn (httptools + uvloop, quiet) until interrupted."""
     import uvicorn
 
-    logger.info("fakevllm: serving %s on %s:%d", ",".join(config.models), host, port)
+    logger.info("%s", serving_line(config, host, port))
     uvicorn.run(
         create_app(config),
         host=host,

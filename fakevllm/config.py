@@ -17,7 +17,7 @@ class FakeConfig:
     """Behaviour of the fake server; every field can also be changed at runtime via POST /_fake/config."""
 
     models: list[str] = field(default_factory=lambda: ["fake-model"])
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # a secret: kept out of reprs, so out of logs
     tokens: int = 16
     chunk_delay_s: float = 0.0
     first_chunk_delay_s: float = 0.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, fields, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fakevllm.asgi import Receive, Scope, Send, encode, read_body, send_bytes
 from fakevllm.config import FakeConfig
@@ -40,6 +40,14 @@ async def fake_endpoint(app: FakeVLLM, path: str, scope: Scope, receive: Receive
         await send_bytes(send, 404, NOT_FOUND.body())
 
 
+def loggable(update: dict[str, Any]) -> dict[str, Any]:
+    """Return a configuration change fit for a log: a new API key only said to be required (or not)."""
+    if "api_key" not in update:
+        return update
+    key = update["api_key"]
+    return {**update, "api_key": "<required>" if key is not None else None}
+
+
 async def _update_config(app: FakeVLLM, body: bytes, send: Send) -> None:
     """Apply a partial FakeConfig given as a JSON object; answer the resulting config."""
     try:
@@ -55,5 +63,5 @@ async def _update_config(app: FakeVLLM, body: bytes, send: Send) -> None:
         await send_bytes(send, err.status, err.body())
         return
     app.configure(new_config)
-    logger.info("fakevllm: configuration changed: %s", update)
+    logger.info("fakevllm: configuration changed: %s", loggable(update))
     await send_bytes(send, 200, encode(asdict(new_config)).encode())

@@ -21,12 +21,15 @@ from fakevllm.asgi import encode
 from fakevllm.config import VERSION, FakeConfig
 from fakevllm.errors import bad_request, validation_error
 from fakevllm.request_ids import base_request_id
+from fakevllm.tools import ForcedCall, forced_call
 from fakevllm.validation import (
     chat_logprobs,
     check_cache_salt,
     check_context,
     check_generation_prompt,
     check_prompt_list_length,
+    check_stop,
+    check_stop_strings,
     check_stream_options_need_stream,
     check_tool_usage,
     completion_logprobs,
@@ -67,6 +70,7 @@ class Generation:
     fail_sends_done: bool
     logprobs: int | None = None  # top alternatives per token when logprobs are asked for (fakevllm.logprobs)
     echo: tuple[str, ...] | None = None  # a text completion's echoed prompt text, per prompt
+    tool: ForcedCall | None = None  # the tool call a chat's tool_choice forces (fakevllm.tools)
 
     @property
     def completion_tokens(self) -> int:
@@ -101,12 +105,16 @@ def plan(
         logprobs = completion_logprobs(req)
         per_prompt, max_tokens = _completion_prompts(req)
         echo = _echo_texts(req) if echo_requested(req) else None
+    # two membership tests, not calls, on the benchmark's plain requests
+    stop = check_stop(req) if "stop" in req or "include_stop_str_in_output" in req else ()
     model = resolve_model(req, model_json)
     n = optional_int(req, "n", 1) or 1
     if n * len(per_prompt) > MAX_CHOICES:
         raise bad_request(f"n * number of prompts must be at most {MAX_CHOICES}.", "n")
     for count in per_prompt:
         check_context(count, max_tokens)
+    if stop:
+        check_stop_strings(stop)  # vLLM's SamplingParams, made once the prompt is rendered
     stream, include_usage, continuous_usage = stream_flags(req)
     base_id = base_request_id(request_id_header, req)
     ntok, finish = _length(max_tokens, config.tokens)
@@ -131,6 +139,7 @@ def plan(
         fail_sends_done=config.fail_sends_done,
         logprobs=logprobs,
         echo=echo,
+        tool=forced_call(req, n) if kind == "chat" and "tool_choice" in req else None,
     )
 
 

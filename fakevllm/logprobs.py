@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 
 from fakevllm.asgi import encode
 
@@ -46,9 +47,9 @@ def _top(token: str, logprob: float, count: int) -> list[tuple[str, float]]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _chat_item(k: int, top: int) -> str:
-    """Return the ChatCompletionLogProbsContent of generated token k with `top` alternatives, as JSON."""
-    token = generated_token(k)
+def _chat_item(token: str, k: int, top: int) -> str:
+    """Return the ChatCompletionLogProbsContent of generated token k, `token`, with `top` alternatives, as
+    JSON."""
     logprob = _logprob(k, prompt=False)
     alternatives = [
         {"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in _top(token, logprob, top)
@@ -57,9 +58,9 @@ def _chat_item(k: int, top: int) -> str:
     return encode(item)
 
 
-def chat_logprobs_json(first: int, stop: int, top: int) -> str:
-    """Return the ChatCompletionLogProbs of generated tokens first..stop-1, as JSON."""
-    return '{"content":[' + ",".join(_chat_item(k, top) for k in range(first, stop)) + "]}"
+def chat_logprobs_json(first: int, stop: int, top: int, token: Callable[[int], str] = generated_token) -> str:
+    """Return the ChatCompletionLogProbs of generated tokens first..stop-1 (token(k) is the k-th), as JSON."""
+    return '{"content":[' + ",".join(_chat_item(token(k), k, top) for k in range(first, stop)) + "]}"
 
 
 def completion_logprobs_json(echo: str, first: int, stop: int, top: int, offset: int) -> str:

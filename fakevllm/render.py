@@ -15,8 +15,9 @@ what the server set, None too:
 - every other chunk `"kv_transfer_params":null`; a chat choice `"token_ids":null`, on its last chunk also
   `"stop_reason":null` and `"weight_versions":null`; a text completion choice `"stop_reason":null,
   "prompt_token_ids":null,"token_ids":null,"weight_versions":null` on every chunk;
-- a delta only what is set: `content` here, `reasoning` only from a reasoning parser; a chat choice that
-  ends without output sends `"delta":{}` (`ChatStreamProcessor.step`);
+- a delta only what is set: `content` here, `reasoning` only from a reasoning parser, `tool_calls` for a
+  forced tool call (fakevllm.tools); a chat choice that ends without output sends `"delta":{}`
+  (`ChatStreamProcessor.step`);
 - `usage` only when set, never as null: on the final usage chunk of `stream_options.include_usage`;
 - `system_fingerprint` on a choice's last chunk when no usage chunk follows, else on the usage chunk.
 Usage chunks drop None (`exclude_none`), hence no `prompt_tokens_details`. With
@@ -35,6 +36,13 @@ from collections.abc import Iterator
 from fakevllm.asgi import Message, encode
 from fakevllm.generation import Generation
 from fakevllm.logprobs import chat_logprobs_json, completion_logprobs_json, generated_token
+from fakevllm.tools import (
+    ForcedCall,
+    delta_tool_calls_json,
+    finish_reason,
+    message_tool_calls_json,
+    output_token,
+)
 
 SSE_START: Message = {
     "type": "http.response.start",
@@ -67,6 +75,11 @@ CHAT_CHOICE = (
     '"function_call":null,"reasoning":null},"logprobs":%s,"finish_reason":"%s","stop_reason":null,'
     '"token_ids":null,"routed_experts":null,"weight_versions":null}'
 )
+CHAT_TOOL_CHOICE = (  # a forced call's content is "" (assemble_chat_message_fields), its tool_calls set
+    '{"index":%d,"message":{"role":"assistant","content":"","refusal":null,"annotations":null,"audio":null,'
+    '"function_call":null,"tool_calls":[%s],"reasoning":null},"logprobs":%s,"finish_reason":"%s",'
+    '"stop_reason":null,"token_ids":null,"routed_experts":null,"weight_versions":null}'
+)
 COMPLETION_BODY = (
     '{"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":[%s],"service_tier":null,'
     '"system_fingerprint":%s,"usage":%s,"kv_transfer_params":null,"ec_transfer_params":null,"metrics":null}'
@@ -81,6 +94,13 @@ CHAT_ROLE = '{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":nu
 CHAT_DELTA = '{"index":%d,"delta":{"content":%s},"logprobs":%s,"finish_reason":null,"token_ids":null}'
 CHAT_LAST = (
     '{"index":%d,"delta":{"content":%s},"logprobs":%s,"finish_reason":"%s","stop_reason":null,'
+    '"token_ids":null,"weight_versions":null}'
+)
+CHAT_TOOL_DELTA = (
+    '{"index":%d,"delta":{"tool_calls":[%s]},"logprobs":%s,"finish_reason":null,"token_ids":null}'
+)
+CHAT_TOOL_LAST = (
+    '{"index":%d,"delta":{"tool_calls":[%s]},"logprobs":%s,"finish_reason":"%s","stop_reason":null,'
     '"token_ids":null,"weight_versions":null}'
 )
 CHAT_EMPTY_LAST = (  # ChatStreamProcessor.step: "Finished without output", an empty DeltaMessage
@@ -131,14 +151,33 @@ def _choices_json(kind: str, count: int, ntok: int, finish: str) -> str:
 
 
 def _choice_json(gen: Generation, choice: int) -> str:
-    """Return one choice of a non-streaming response with logprobs or an echoed prompt."""
+    """Return one choice of a non-streaming response with logprobs, an echoed prompt or a tool call."""
     if gen.kind == "chat":
+        if gen.tool is not None:
+            return _tool_choice_json(gen, gen.tool, choice)
         logprobs = "null" if gen.logprobs is None else chat_logprobs_json(0, gen.ntok, gen.logprobs)
         return CHAT_CHOICE % (choice, encode(_content(gen.ntok)), logprobs, gen.finish)
     echo = _echo(gen, choice)
     top = gen.logprobs
     logprobs = "null" if top is None else completion_logprobs_json(echo, 0, gen.ntok, top, 0)
     return COMPLETION_CHOICE % (choice, encode(echo + _content(gen.ntok)), logprobs, gen.finish)
+
+
+def _tool_choice_json(gen: Generation, call: ForcedCall, choice: int) -> str:
+    """Return a whole chat choice of a forced tool call (fakevllm.tools): content "" and the call, or no call
+    when a "required" array was cut short."""
+    closed = gen.finish == "stop"
+    logprobs = "null"
+    if gen.logprobs is not None:
+        last = gen.ntok - 1
+        logprobs = chat_logprobs_json(
+            0, gen.ntok, gen.logprobs, lambda k: output_token(call, k, last, closed)
+        )
+    calls = message_tool_calls_json(call, choice, gen.ntok, closed)
+    finish = finish_reason(call, gen.finish, calls is not None)
+    if calls is None:
+        return CHAT_CHOICE % (choice, '""', logprobs, finish)
+    return CHAT_TOOL_CHOICE % (choice, calls, logprobs, finish)
 
 
 def _echo(gen: Generation, choice: int) -> str:
@@ -156,7 +195,7 @@ def render_body(gen: Generation) -> bytes:
     completion = gen.completion_tokens
     usage = USAGE % (gen.prompt_tokens, gen.prompt_tokens + completion, completion)
     template = CHAT_BODY if gen.kind == "chat" else COMPLETION_BODY
-    if gen.logprobs is None and gen.echo is None:
+    if gen.logprobs is None and gen.echo is None and gen.tool is None:
         choices = _choices_json(gen.kind, gen.choices, gen.ntok, gen.finish)
     else:
         choices = ",".join(_choice_json(gen, i) for i in range(gen.choices))
@@ -171,7 +210,7 @@ def stream_frames(gen: Generation) -> Iterator[bytes | float]:
     delta, last = (CHAT_DELTA, CHAT_LAST) if chat else (COMPLETION_DELTA, COMPLETION_LAST)
     last_tail = _last_tail(gen)
     running = gen.continuous_usage
-    plain = gen.logprobs is None and gen.echo is None
+    plain = gen.logprobs is None and gen.echo is None and gen.tool is None
     if gen.first_delay:
         yield gen.first_delay
     if chat:
@@ -202,8 +241,10 @@ def stream_frames(gen: Generation) -> Iterator[bytes | float]:
 
 
 def _token_piece(gen: Generation, choice: int, k: int, is_last: bool) -> str:
-    """Return a choice's chunk of token k with its logprobs, a text completion's first chunk also carrying
-    the echoed prompt (vLLM's `has_echoed`), the text offsets running on from it."""
+    """Return a choice's chunk of token k with its logprobs (or of a forced tool call), a text completion's
+    first chunk also carrying the echoed prompt (vLLM's `has_echoed`), the text offsets running on from it."""
+    if gen.tool is not None:
+        return _tool_piece(gen, gen.tool, choice, k, is_last)
     text = generated_token(k)
     logprobs = "null"
     if gen.kind == "chat":
@@ -221,6 +262,19 @@ def _token_piece(gen: Generation, choice: int, k: int, is_last: bool) -> str:
     if is_last:
         return template % (choice, encode(text), logprobs, gen.finish)
     return template % (choice, encode(text), logprobs)
+
+
+def _tool_piece(gen: Generation, call: ForcedCall, choice: int, k: int, is_last: bool) -> str:
+    """Return a choice's chunk of token k of a forced tool call: its tool_calls delta (fakevllm.tools)."""
+    closed = gen.finish == "stop"
+    last = gen.ntok - 1
+    delta = delta_tool_calls_json(call, choice, k, last, closed)
+    logprobs = "null"
+    if gen.logprobs is not None:
+        logprobs = chat_logprobs_json(k, k + 1, gen.logprobs, lambda j: output_token(call, j, last, closed))
+    if is_last:  # vLLM's tools_streamed: every token of a forced call streams some of its arguments
+        return CHAT_TOOL_LAST % (choice, delta, logprobs, finish_reason(call, gen.finish, True))
+    return CHAT_TOOL_DELTA % (choice, delta, logprobs)
 
 
 def _last_tail(gen: Generation) -> str:

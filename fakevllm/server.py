@@ -8,10 +8,19 @@ code lives in the package's modules: the app and its endpoints in `fakevllm.app`
 from __future__ import annotations
 
 from fakevllm.app import FakeVLLM, create_app
-from fakevllm.cli import add_arguments, config_from_options, main, serve
+from fakevllm.cli import add_arguments, config_from_options, main, serve, serving_line
 from fakevllm.config import FakeConfig
 
-__all__ = ["FakeConfig", "FakeVLLM", "add_arguments", "config_from_options", "create_app", "main", "serve"]
+__all__ = [
+    "FakeConfig",
+    "FakeVLLM",
+    "add_arguments",
+    "config_from_options",
+    "create_app",
+    "main",
+    "serve",
+    "serving_line",
+]
 
 if __name__ == "__main__":
     main()

@@ -7,11 +7,11 @@ tokenizer, but it rejects what overflows the context window exactly where vLLM w
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fakevllm.config import MAX_MODEL_LEN
-from fakevllm.errors import ApiError, bad_request, validation_error
+from fakevllm.errors import ApiError, bad_request, pydantic_errors, validation_error
 
 
 def parse_object(body: bytes) -> dict[str, Any]:
@@ -241,13 +241,13 @@ TOOL_CHOICE_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "
 
 
 def check_tool_usage(req: Mapping[str, Any]) -> None:
-    """vLLM's ``ChatCompletionRequest.check_tool_usage`` before-validator: its ValueErrors become pydantic
-    validation errors. `tools: []` is refused; a `tool_choice` other than "none" needs `tools` (vLLM lets
-    "required" with an empty list pass as "none", but the empty list is refused first); a named choice must
-    name one of the tools."""
+    """vLLM's ``ChatCompletionRequest.check_tool_usage`` before-validator. In 0.33 it raises
+    ``VLLMValidationError``s, which pydantic lets through: BadRequestErrors whose text ends in their
+    parameter (``vllm_validation_error``). `tools: []` is refused; a `tool_choice` other than "none" needs
+    `tools`; a named choice must name one of the tools."""
     tools = req.get("tools")
     if tools == []:
-        raise validation_error(
+        raise vllm_validation_error(
             "`tools` must not be an empty array. Either provide at least one tool or omit the field "
             "entirely.",
             "tools",
@@ -256,18 +256,20 @@ def check_tool_usage(req: Mapping[str, Any]) -> None:
     if choice is None or choice == "none":
         return
     if tools is None:
-        raise validation_error("When using `tool_choice`, `tools` must be set.", "tool_choice")
+        raise vllm_validation_error("When using `tool_choice`, `tools` must be set.", "tool_choice")
     if not isinstance(choice, dict):
         if choice in ("auto", "required"):
             return
-        raise validation_error(
+        raise vllm_validation_error(
             f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", "auto" or "required" are '
             "supported.",
             "tool_choice",
         )
     function = choice.get("function")
+    parameter = "tool_choice.function.name"
     if not isinstance(function, dict):
         message = f"Invalid value for `function`: `{function}` in `tool_choice`! {TOOL_CHOICE_USAGE}"
+        parameter = "tool_choice.function"
     elif "name" not in function:
         message = f"Expected field `name` in `function` in `tool_choice`! {TOOL_CHOICE_USAGE}"
     elif not isinstance(function["name"], str) or not function["name"]:
@@ -276,7 +278,8 @@ def check_tool_usage(req: Mapping[str, Any]) -> None:
         return
     else:
         message = "The tool specified in `tool_choice` does not match any of the specified `tools`"
-    raise validation_error(message, "tool_choice")
+        parameter = "tool_choice"
+    raise vllm_validation_error(message, parameter)
 
 
 def _tool_name(tool: Any) -> Any:
@@ -286,12 +289,10 @@ def _tool_name(tool: Any) -> Any:
 
 
 def check_generation_prompt(req: Mapping[str, Any]) -> None:
-    """vLLM's ``check_generation_prompt`` before-validator (a ValueError): both set explicitly and truthy."""
+    """vLLM's ``check_generation_prompt`` before-validator: both set explicitly and truthy. Its
+    ``VLLMValidationError`` names no parameter: a BadRequestError without param or suffix."""
     if req.get("continue_final_message") and req.get("add_generation_prompt"):
-        raise validation_error(
-            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-            "continue_final_message",
-        )
+        raise bad_request("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
 
 
 MAX_COMPLETION_PROMPTS = 1024  # vLLM's VLLM_MAX_COMPLETION_PROMPTS default
@@ -312,3 +313,76 @@ def check_prompt_list_length(req: Mapping[str, Any]) -> None:
             "environment variable.",
             "prompt",
         )
+
+
+MAX_STOP_STRINGS = 4  # vLLM's VLLM_MAX_STOP_STRINGS default, the max_length of StopParam's list
+_STRING_TYPE = "Input should be a valid string"
+
+
+def check_stop(req: Mapping[str, Any]) -> Sequence[str]:
+    """Check `stop` and `include_stop_str_in_output` as pydantic checks vLLM's fields; return the stop
+    strings (none: empty).
+
+    vLLM's StopParam is `str | list[str] (at most VLLM_MAX_STOP_STRINGS) | None`: a value of neither kind
+    fails both branches of the union, a list too long fails only its length, and a list of up to four fails
+    on each item that is no string. The rendered 400 is ``fakevllm.errors.pydantic_errors``'s.
+    """
+    stop = req.get("stop")
+    flag = req.get("include_stop_str_in_output", False)
+    if flag is not False and not _is_lax_bool(flag):
+        raise pydantic_errors([_bool_error("body.include_stop_str_in_output", flag)])
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    root = {"type": "string_type", "loc": "body.stop", "msg": _STRING_TYPE, "input": stop}
+    if not isinstance(stop, list):
+        not_list = {
+            "type": "list_type",
+            "loc": "body.stop",
+            "msg": "Input should be a valid list",
+            "input": stop,
+        }
+        raise pydantic_errors([root, not_list])
+    if len(stop) > MAX_STOP_STRINGS:
+        too_long = {
+            "type": "too_long",
+            "loc": "body.stop",
+            "msg": f"List should have at most {MAX_STOP_STRINGS} items after validation, not {len(stop)}",
+            "input": stop,
+            "ctx": {"field_type": "List", "max_length": MAX_STOP_STRINGS, "actual_length": len(stop)},
+        }
+        raise pydantic_errors([root, too_long])
+    items = [
+        {"type": "string_type", "loc": f"body.stop.{i}", "msg": _STRING_TYPE, "input": item}
+        for i, item in enumerate(stop)
+        if not isinstance(item, str)
+    ]
+    if items:
+        raise pydantic_errors([root, *items])
+    return stop
+
+
+def _bool_error(loc: str, value: Any) -> dict[str, Any]:
+    """Return pydantic's error for a value its lax mode does not take for a `bool`: text or a whole number
+    other than 0 or 1 "unable to interpret", anything else (1.5 too) not a boolean."""
+    if isinstance(value, str | int) or (isinstance(value, float) and value.is_integer()):
+        message = "Input should be a valid boolean, unable to interpret input"
+        return {"type": "bool_parsing", "loc": loc, "msg": message, "input": value}
+    return {"type": "bool_type", "loc": loc, "msg": "Input should be a valid boolean", "input": value}
+
+
+def _is_lax_bool(value: Any) -> bool:
+    """Tell whether pydantic's lax mode takes value for a `bool`: a boolean, 0 or 1, or a word for one."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int | float):
+        return value in (0, 1)
+    return isinstance(value, str) and value.lower() in _TRUE_WORDS | _FALSE_WORDS
+
+
+def check_stop_strings(stop: Sequence[str]) -> None:
+    """vLLM's ``SamplingParams._verify_args``, once the request passed its model and context checks: an
+    empty stop string is refused (a ``VLLMValidationError`` without a parameter, so no param)."""
+    if any(not string for string in stop):
+        raise bad_request("stop cannot contain an empty string.")

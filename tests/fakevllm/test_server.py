@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
+import logging
 import math
 import re
 import socket
@@ -667,3 +669,35 @@ def test_a_cache_salt_is_checked_as_vllm_0_33_checks_it(client: httpx.Client, pa
     if "embeddings" not in path:  # but after the stream options' own, defined after it (pydantic: last first)
         answer = client.post(path, json={**body, "stream_options": {"include_usage": True}, "cache_salt": ""})
         assert answer.json()["error"]["param"] == "stream_options"
+
+
+def test_a_configured_api_key_is_never_logged_only_said_to_be_required(
+    client: httpx.Client, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+    from django.core.management import call_command
+
+    from fakevllm import server
+
+    secret = "sekrit-key-4f1a"
+    with caplog.at_level(logging.INFO, logger="fakevllm"):
+        configure(client, api_key=secret, tokens=3)  # logged by the server's thread, in this process
+        configure(client, api_key=None)
+        monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+        server.serve(FakeConfig(api_key=secret), "127.0.0.1", 8001)
+    assert secret not in caplog.text
+    assert "'api_key': '<required>', 'tokens': 3" in caplog.text
+    assert "'api_key': None" in caplog.text
+    assert (
+        "fakevllm: serving fake-model on http://127.0.0.1:8001 (an API key is required on /v1)" in caplog.text
+    )
+    assert secret not in repr(FakeConfig(api_key=secret))
+    printed = io.StringIO()
+    monkeypatch.setattr(server, "serve", lambda *args: None)
+    call_command("fakevllm", "--api-key", secret, stdout=printed)
+    assert printed.getvalue() == (
+        "fakevllm: serving fake-model on http://127.0.0.1:8001 (an API key is required on /v1)\n"
+    )
+    printed = io.StringIO()
+    call_command("fakevllm", stdout=printed)
+    assert printed.getvalue().endswith("(no API key)\n")

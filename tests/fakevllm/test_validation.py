@@ -54,16 +54,8 @@ def test_negative_completion_logprobs_are_refused(client: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("extra", "param", "message"),
     [
-        (
-            {"tools": []},
-            "tools",
-            EMPTY_TOOLS,
-        ),
-        (
-            {"tools": [], "tool_choice": "required"},
-            "tools",
-            EMPTY_TOOLS,
-        ),
+        ({"tools": []}, "tools", EMPTY_TOOLS),
+        ({"tools": [], "tool_choice": "required"}, "tools", EMPTY_TOOLS),
         ({"tool_choice": "required"}, "tool_choice", "When using `tool_choice`, `tools` must be set."),
         ({"tool_choice": "auto"}, "tool_choice", "When using `tool_choice`, `tools` must be set."),
         (
@@ -78,8 +70,18 @@ def test_negative_completion_logprobs_are_refused(client: httpx.Client) -> None:
         ),
         (
             {"tools": [TOOL], "tool_choice": {"type": "function"}},
-            "tool_choice",
+            "tool_choice.function",
             f"Invalid value for `function`: `None` in `tool_choice`! {USAGE}",
+        ),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {}}},
+            "tool_choice.function.name",
+            f"Expected field `name` in `function` in `tool_choice`! {USAGE}",
+        ),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": ""}}},
+            "tool_choice.function.name",
+            f"Invalid `name` in `function`: `` in `tool_choice`! {USAGE}",
         ),
         (
             {"tools": [TOOL], "tool_choice": "sometimes"},
@@ -87,20 +89,29 @@ def test_negative_completion_logprobs_are_refused(client: httpx.Client) -> None:
             'Invalid value for `tool_choice`: sometimes! Only named tools, "none", "auto" or "required" are '
             "supported.",
         ),
-        (
-            {"continue_final_message": True, "add_generation_prompt": True},
-            "continue_final_message",
-            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-        ),
     ],
 )
-def test_chat_requests_vllm_refuses_are_refused_with_its_message(
+def test_tool_usage_vllm_refuses_is_refused_with_its_message_and_parameter(
     client: httpx.Client, extra: dict[str, Any], param: str, message: str
 ) -> None:
+    # vLLM 0.33's check_tool_usage raises VLLMValidationErrors, which pydantic lets through: BadRequestErrors
+    # whose text ends in their parameter
     assert _refusal(client, "/v1/chat/completions", chat_body(**extra)) == {
-        "message": message,
-        "type": "Bad Request",
+        "message": f"{message} (parameter={param})",
+        "type": "BadRequestError",
         "param": param,
+        "code": 400,
+    }
+
+
+def test_continue_final_message_with_add_generation_prompt_is_refused_naming_no_parameter(
+    client: httpx.Client,
+) -> None:
+    body = chat_body(continue_final_message=True, add_generation_prompt=True)
+    assert _refusal(client, "/v1/chat/completions", body) == {
+        "message": "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+        "type": "BadRequestError",
+        "param": None,
         "code": 400,
     }
 
@@ -133,3 +144,105 @@ def test_more_prompts_than_vllm_allows_are_refused(client: httpx.Client) -> None
     # one prompt of 1025 token ids is one prompt
     assert client.post("/v1/completions", json={"prompt": [5] * 1025, "max_tokens": 1}).status_code == 200
     assert client.post("/v1/completions", json={"prompt": ["x"] * 1024, "max_tokens": 1}).status_code == 200
+
+
+STRING = "'msg': 'Input should be a valid string'"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize(
+    ("stop", "lines"),
+    [
+        (  # StopParam's list has at most VLLM_MAX_STOP_STRINGS (4) items
+            ["a", "b", "c", "d", "e"],
+            [
+                f"{{'type': 'string_type', 'loc': 'body.stop', {STRING}, 'input': '<list of 5 items>'}}",
+                "{'type': 'too_long', 'loc': 'body.stop', 'msg': 'List should have at most 4 items after "
+                "validation, not 5', 'input': '<list of 5 items>', 'ctx': {'field_type': 'List', "
+                "'max_length': 4, 'actual_length': 5}}",
+            ],
+        ),
+        (
+            5,
+            [
+                f"{{'type': 'string_type', 'loc': 'body.stop', {STRING}, 'input': '5'}}",
+                "{'type': 'list_type', 'loc': 'body.stop', 'msg': 'Input should be a valid list', "
+                "'input': '5'}",
+            ],
+        ),
+        (
+            ["a", 1, None],
+            [
+                f"{{'type': 'string_type', 'loc': 'body.stop', {STRING}, 'input': '<list of 3 items>'}}",
+                f"{{'type': 'string_type', 'loc': 'body.stop.1', {STRING}, 'input': '1'}}",
+                f"{{'type': 'string_type', 'loc': 'body.stop.2', {STRING}, 'input': 'None'}}",
+            ],
+        ),
+    ],
+)
+def test_a_stop_that_is_not_up_to_four_strings_is_refused_as_pydantic_refuses_it_in_vllm(
+    client: httpx.Client, path: str, stop: Any, lines: list[str]
+) -> None:
+    body = chat_body(stop=stop) if "chat" in path else {"prompt": "x", "stop": stop}
+    assert _refusal(client, path, body) == {
+        "message": f"{len(lines)} validation errors:\n  " + "\n  ".join(lines),
+        "type": "Bad Request",
+        "param": "body.stop",
+        "code": 400,
+    }
+
+
+@pytest.mark.parametrize(
+    ("flag", "kind", "message"),
+    [
+        (None, "bool_type", "Input should be a valid boolean"),
+        (1.5, "bool_type", "Input should be a valid boolean"),
+        (2, "bool_parsing", "Input should be a valid boolean, unable to interpret input"),
+        ("maybe", "bool_parsing", "Input should be a valid boolean, unable to interpret input"),
+    ],
+)
+def test_include_stop_str_in_output_must_be_a_boolean_in_pydantics_lax_sense(
+    client: httpx.Client, flag: Any, kind: str, message: str
+) -> None:
+    error = _refusal(client, "/v1/chat/completions", chat_body(stop="x", include_stop_str_in_output=flag))
+    assert error["message"] == (
+        f"1 validation error:\n  {{'type': '{kind}', 'loc': 'body.include_stop_str_in_output', "
+        f"'msg': '{message}', 'input': '{flag}'}}"
+    )
+    assert error["param"] == "body.include_stop_str_in_output"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("stop", ["", ["a", ""]])
+def test_an_empty_stop_string_is_refused_with_vllms_sampling_params_error(
+    client: httpx.Client, path: str, stop: Any
+) -> None:
+    body = chat_body(stop=stop) if "chat" in path else {"prompt": "x", "stop": stop}
+    assert _refusal(client, path, body) == {
+        "message": "stop cannot contain an empty string.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+    # SamplingParams are made after the model and context checks, so those speak first
+    unknown = client.post(path, json={**body, "model": "gamma"})
+    assert unknown.status_code == 404
+    overflow = _refusal(client, path, {**body, "max_tokens": 5000})
+    assert overflow["message"].startswith("'max_tokens' or 'max_completion_tokens' is too large: 5000.")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"stop": None},
+        {"stop": []},
+        {"stop": "tok9"},
+        {"stop": ["a", "b", "c", "d"]},
+        {"stop": "x", "include_stop_str_in_output": True},
+        {"include_stop_str_in_output": "yes"},
+        {"include_stop_str_in_output": 0},
+    ],
+)
+def test_stops_vllm_takes_are_answered(client: httpx.Client, extra: dict[str, Any]) -> None:
+    assert client.post("/v1/chat/completions", json=chat_body(**extra)).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "x", **extra}).status_code == 200

@@ -31,5 +31,5 @@ class Command(BaseCommand):
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         host, port = options["host"], options["port"]
-        self.stdout.write(f"fakevllm: serving {', '.join(config.models)} on http://{host}:{port}")
+        self.stdout.write(server.serving_line(config, host, port))
         server.serve(config, host, port)
