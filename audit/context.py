@@ -23,6 +23,9 @@ from django.http import HttpRequest, HttpResponse
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 client_ip_var: ContextVar[str | None] = ContextVar("client_ip", default=None)
 request_var: ContextVar[HttpRequest | None] = ContextVar("request", default=None)
+# Set on a request (``request_var``'s) made with a user's delegated token by the app holding it: the client
+# id of that app, which every audit record of the request names as ``via_client`` (``audit_record``)
+VIA_CLIENT_ATTR = "portcullis_via_client"
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 

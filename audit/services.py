@@ -17,7 +17,7 @@ from typing import Any
 from django.utils import timezone
 
 from audit.chain import event_append, normalise_ip
-from audit.context import client_ip_var, request_id_var, request_var
+from audit.context import VIA_CLIENT_ATTR, client_ip_var, request_id_var, request_var
 from audit.models import AuditEvent
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,13 @@ def audit_record(
     occurred_at: datetime | None = None,
     event_id: uuid.UUID | str | None = None,
 ) -> AuditEvent:
-    """Record one audit event (an ``event_id`` makes a retried record idempotent)."""
+    """Record one audit event (an ``event_id`` makes a retried record idempotent). Made while serving a
+    request that a user's delegated token authorized, it names the app that held the token as
+    ``via_client`` (the actor is the user): "alice changed this client" left out which of her apps did."""
     rid = request_id or request_id_var.get()
+    via = getattr(request_var.get(), VIA_CLIENT_ATTR, "")
+    if via and "via_client" not in (data or {}):
+        data = {**(data or {}), "via_client": via}
     audit_fields_check(
         kind=kind, outcome=outcome, actor=actor, client_id=client_id, request_id=rid, data=data
     )

@@ -17,6 +17,7 @@ from django.conf import settings
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
+from audit.context import VIA_CLIENT_ATTR
 from authserver.crypto import SIGNING_ALGORITHMS
 from authserver.models import AccessToken
 from authserver.selectors import jwks_get
@@ -119,6 +120,8 @@ class AdminBearerAuthentication(authentication.BaseAuthentication):
         if not raw:
             raise _invalid("empty bearer token")
         token = access_token_verify(raw)
+        if token.user is not None:  # the user acts, through this app: the audit records name both
+            setattr(request._request, VIA_CLIENT_ATTR, token.client_id)
         return (token.user or ClientPrincipal(token.client_id)), token
 
     def authenticate_header(self, request: Any) -> str:

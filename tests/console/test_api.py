@@ -823,3 +823,33 @@ def test_an_origin_a_browser_would_never_send_is_a_400_naming_it(bearer, world, 
         content_type="application/json",
     )
     assert twice.json()["allowed_origins"] == ["https://a.example: listed twice"]
+
+
+def test_a_change_made_with_a_users_token_names_the_app_that_held_it(bearer, admin_app, admin_user, world):
+    api = bearer()
+    cid = world.app.client.client_id
+    own = api.patch(f"/api/admin/clients/{cid}/", {"name": "By the app"}, content_type="application/json")
+    assert own.status_code == 200
+    by_app = AuditEvent.objects.filter(kind="client.changed", client_id=cid).latest("id")
+    assert by_app.actor == f"client:{admin_app.client.client_id}"
+    assert "via_client" not in by_app.data  # the app acted for itself: it is the actor
+    AccessToken.objects.filter(application=admin_app.client).update(user=admin_user)
+    delegated = api.patch(
+        f"/api/admin/clients/{cid}/", {"name": "By a user"}, content_type="application/json"
+    )
+    assert delegated.status_code == 200
+    revoked = api.post(f"/api/admin/clients/{cid}/disable/")
+    assert revoked.status_code == 200
+    for kind in ("client.changed", "client.disabled"):
+        event = AuditEvent.objects.filter(kind=kind, client_id=cid).latest("id")
+        assert event.actor == f"user:{admin_user.get_username()}", kind
+        assert event.data["via_client"] == admin_app.client.client_id, kind
+    session = HttpClient()
+    session.force_login(admin_user)
+    by_session = session.patch(
+        f"/api/admin/clients/{cid}/", {"name": "By a session"}, content_type="application/json"
+    )
+    assert by_session.status_code == 200
+    assert (
+        "via_client" not in AuditEvent.objects.filter(kind="client.changed", client_id=cid).latest("id").data
+    )
