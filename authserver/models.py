@@ -17,6 +17,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from jwcrypto import jwk
 from oauth2_provider import models as dot
+from oauth2_provider.validators import AllowedURIValidator
 
 GRANT_DEVICE_CODE = "urn:ietf:params:oauth:grant-type:device_code"
 GRANT_TYPE_CHOICES = [
@@ -121,6 +122,18 @@ def _origin_canonical(origin: str) -> str | None:
     return f"https://{host}" + (f":{port}" if port not in (None, 443) else "")
 
 
+def _uri_registered(uri: str, registered_text: str) -> bool:
+    """Whether ``uri`` is one of the URIs registered in ``registered_text`` (space-separated): DOT's check,
+    and the registered string itself, or for a loopback IP the same string but for the port."""
+    # A URI that does not parse (a port out of range, a broken IPv6 literal: stored before clean()
+    # refused them) matches nothing, and must not make DOT's check raise for the others.
+    registered = [r for r in registered_text.split() if _parses(r)]
+    if not _parses(uri):
+        return False
+    allowed, _reasons = dot.check_redirect_to_uri_allowed(uri, registered)
+    return allowed and any(_same_redirect_uri(uri, r) for r in registered)
+
+
 def _same_redirect_uri(uri: str, registered: str) -> bool:
     """The same string; for a loopback IP, the same string but for the port (RFC 8252 §7.3)."""
     if uri == registered:
@@ -140,6 +153,9 @@ def _without_port(netloc: str) -> str:
 
 ADMIN_SCOPES = frozenset({"admin.read", "admin.write"})  # the admin API's scopes
 AUTH_TIME_SESSION_KEY = "portcullis_auth_time"  # when the session's user signed in (Unix seconds): max_age
+# A request attribute: what the RP-initiated logout that ends the session knows (the client that asked), for
+# the sign-out's audit record (receivers.logout_succeeded)
+SIGN_OUT_DETAILS = "portcullis_sign_out"
 
 
 class Client(dot.AbstractApplication):
@@ -182,13 +198,13 @@ class Client(dot.AbstractApplication):
         """DOT's check, and the registered string itself (OpenID Connect Core §3.1.2.1: simple string
         comparison): DOT compares the host without regard to case, and sent a code to a spelling that was
         never registered. A loopback IP redirect may differ in its port alone (RFC 8252 §7.3)."""
-        # A URI that does not parse (a port out of range, a broken IPv6 literal: stored before clean()
-        # refused them) matches nothing, and must not make DOT's check raise for the others.
-        registered = [r for r in self.redirect_uris.split() if _parses(r)]
-        if not _parses(uri):
-            return False
-        allowed, _reasons = dot.check_redirect_to_uri_allowed(uri, registered)
-        return allowed and any(_same_redirect_uri(uri, r) for r in registered)
+        return _uri_registered(uri, self.redirect_uris)
+
+    def post_logout_redirect_uri_allowed(self, uri: str) -> bool:
+        """Where RP-initiated logout may send the user: one of ``post_logout_redirect_uris`` (RP-Initiated
+        Logout §2: it MUST have been registered), compared as ``redirect_uri_allowed`` compares. Anything
+        else is refused, never followed: an endpoint that redirects anywhere is an open redirect."""
+        return _uri_registered(uri, self.post_logout_redirect_uris)
 
     def get_allowed_schemes(self) -> list[str]:
         # http is let through to DOT's validator only so that clean() can accept loopback redirect
@@ -197,14 +213,24 @@ class Client(dot.AbstractApplication):
 
     def clean(self) -> None:
         errors: dict[str, list[str]] = {}
-        uris = self.redirect_uris.split()
-        if unparsable := redirect_uri_errors(uris):
-            errors["redirect_uris"] = unparsable
-        for uri in filter(_parses, uris):
-            if uri.startswith("http:") and not _is_loopback_http(uri):
-                errors.setdefault("redirect_uris", []).append(
-                    f"{uri}: redirect URIs must use https (http only for a loopback IP, RFC 8252)"
-                )
+        for field, what in (("redirect_uris", "redirect"), ("post_logout_redirect_uris", "post-logout")):
+            uris = getattr(self, field).split()
+            if unparsable := redirect_uri_errors(uris):
+                errors[field] = unparsable
+            for uri in filter(_parses, uris):
+                if uri.startswith("http:") and not _is_loopback_http(uri):
+                    errors.setdefault(field, []).append(
+                        f"{uri}: {what} URIs must use https (http only for a loopback IP, RFC 8252)"
+                    )
+        # DOT checks the redirect URIs' form (a scheme it allows, a host, no fragment); not these
+        check = AllowedURIValidator(
+            self.get_allowed_schemes(), "post logout redirect uri", allow_path=True, allow_query=True
+        )
+        for uri in filter(_parses, self.post_logout_redirect_uris.split()):
+            try:
+                check(uri)
+            except ValidationError as exc:
+                errors.setdefault("post_logout_redirect_uris", []).extend(exc.messages)
         if bad_origins := origin_errors(self.allowed_origins.split()):
             errors["allowed_origins"] = bad_origins
         bad = set(self.grant_types) - ALLOWED_GRANT_TYPES

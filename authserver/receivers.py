@@ -9,12 +9,12 @@ from axes.signals import user_locked_out
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group, Permission
-from django.contrib.auth.signals import user_logged_in, user_login_failed
+from django.contrib.auth.signals import user_logged_in, user_logged_out, user_login_failed
 from django.db.models.signals import m2m_changed, post_delete, post_save, pre_delete, pre_save
 from django.dispatch import receiver
 
 from audit.services import audit_record
-from authserver.models import AUTH_TIME_SESSION_KEY, AccessToken
+from authserver.models import AUTH_TIME_SESSION_KEY, SIGN_OUT_DETAILS, AccessToken
 from authserver.services import access_tokens_deleted, user_deactivated
 from authserver.services.users import (
     group_deleted_audit,
@@ -113,6 +113,21 @@ def login_succeeded(sender: Any, request: Any, user: Any, **kwargs: Any) -> None
     if request is not None and hasattr(request, "session"):
         request.session[AUTH_TIME_SESSION_KEY] = int(time.time())  # this session's sign-in, for max_age
     audit_record(kind="login.succeeded", actor=f"user:{user.get_username()}")
+
+
+@receiver(user_logged_out)
+def logout_succeeded(sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+    # Every session's end by any path (the sign-out button, RP-initiated logout), which audited nothing
+    # before; with the client that asked, when one did (views.logout sets it on the request)
+    if user is None:
+        return  # no one was signed in: no session ended
+    asked_by = getattr(request, SIGN_OUT_DETAILS, None)
+    audit_record(
+        kind="logout.succeeded",
+        actor=f"user:{user.get_username()}",
+        client_id=asked_by["client_id"] if asked_by else "",
+        data={"via": "rp_initiated_logout" if asked_by is not None else "sign_out"},
+    )
 
 
 @receiver(user_login_failed)

@@ -169,6 +169,17 @@ def revocations_live(*, since: datetime | None = None) -> RevocationSnapshot:
     )
 
 
+def access_token_live(*, token: str, now: datetime | None = None) -> AccessToken | None:
+    """Return the row of a live access token this server issued, found by the token itself (its row keeps
+    a SHA-256 checksum), with its user and client, or None: unknown, revoked or expired."""
+    checksum = hashlib.sha256(token.encode()).hexdigest()
+    return (
+        AccessToken.objects.select_related("user", "application")
+        .filter(token_checksum=checksum, expires__gt=now or timezone.now())
+        .first()
+    )
+
+
 def access_token_live_scopes(*, token: str, now: datetime | None = None) -> list[str] | None:
     """Return the scopes of a live access token this server issued, by the token itself (its row keeps a
     SHA-256 checksum), or None: unknown, revoked or expired."""

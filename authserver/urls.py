@@ -15,6 +15,7 @@ urlpatterns = [
     path("revoke/", views.RevokeTokenView.as_view(), name="revoke-token"),
     path("introspect/", views.IntrospectView.as_view(), name="introspect"),
     path("userinfo/", views.UserInfoView.as_view(), name="user-info"),
+    path("logout/", views.RPInitiatedLogoutView.as_view(), name="rp-initiated-logout"),
     path("device-authorization/", views.DeviceAuthorizationView.as_view(), name="device-authorization"),
     path("device/", views.DeviceUserCodeView.as_view(), name="device"),
     path(

@@ -38,6 +38,11 @@ OFFLINE_ACCESS = "offline_access"
 # stay connected for, and userinfo answered one carrying openid with a 500
 END_USER_SCOPES = frozenset({"openid", "profile", OFFLINE_ACCESS})
 TOMBSTONE_LIFETIME = timedelta(days=1)  # replays after a day are refused as unknown codes anyway
+# The claims an ID token carries (oauthlib: aud, iat, at_hash, and nonce when the request sent one; DOT: iss,
+# exp, auth_time, jti; get_claim_dict: sub) and userinfo answers (sub alone: no profile claim is served,
+# whatever the scope). OIDC Discovery §3's claims_supported names these and no more: c_hash and s_hash
+# belong to the hybrid flow, which is not served.
+OIDC_CLAIMS = ("aud", "at_hash", "auth_time", "exp", "iat", "iss", "jti", "nonce", "sub")
 
 
 _issued_access_tokens: ContextVar[list[AccessToken] | None] = ContextVar("issued_access_tokens", default=None)
@@ -274,6 +279,10 @@ class PortcullisValidator(OAuth2Validator):
         if user is None:
             return True  # not known yet: asked again, with the user, before any code is issued
         return subject == str(user.pk)
+
+    def get_discovery_claims(self, request: Any) -> list[str]:
+        # DOT's listed ``sub`` alone, as if an ID token carried nothing else
+        return list(OIDC_CLAIMS)
 
     def get_userinfo_claims(self, request: Any) -> Any:
         if request.user is None:

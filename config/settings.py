@@ -329,6 +329,16 @@ OAUTH2_PROVIDER = {
     "OIDC_ISS_ENDPOINT": PORTCULLIS_ISSUER,
     "OIDC_RSA_PRIVATE_KEY": "managed-by-authserver-signing-keys",  # see Client.jwk_key
     "OIDC_RESPONSE_TYPES_SUPPORTED": ["code"],
+    # OpenID Connect RP-Initiated Logout 1.0 at /oauth/logout/ (authserver.views.RPInitiatedLogoutView): a
+    # hint from the session being ended signs out at once, any other request asks the user (§2's MUST).
+    "OIDC_RP_INITIATED_LOGOUT_ENABLED": True,
+    "OIDC_RP_INITIATED_LOGOUT_ALWAYS_PROMPT": False,
+    "OIDC_RP_INITIATED_LOGOUT_ACCEPT_EXPIRED_TOKENS": True,  # §2: an expired ID token SHOULD be a hint
+    # Client.clean allows http post-logout URIs for loopback IPs only, for native apps, as redirect URIs
+    # (RFC 8252 §7.3); DOT's strict mode would refuse them to public clients, which native apps are.
+    "OIDC_RP_INITIATED_LOGOUT_STRICT_REDIRECT_URIS": False,
+    # The signed-out user's tokens at the client that asked, and there only (see do_logout)
+    "OIDC_RP_INITIATED_LOGOUT_DELETE_TOKENS": True,
     "OAUTH2_RESPONSE_TYPES_SUPPORTED": ["code"],
     "OAUTH2_GRANT_TYPES_SUPPORTED": [
         "authorization_code",

@@ -74,6 +74,13 @@ class ClientForm(forms.Form):
         help_text="One per line; https, or http only for a loopback IP (RFC 8252).",
         widget=forms.Textarea(attrs={"rows": 3}),
     )
+    post_logout_redirect_uris = forms.CharField(
+        required=False,
+        label="Post-logout redirect URIs",
+        help_text="One per line: where OpenID Connect logout may send the user back; https, or http only for "
+        "a loopback IP.",
+        widget=forms.Textarea(attrs={"rows": 2}),
+    )
     allowed_origins = forms.CharField(
         required=False,
         label="Allowed web origins",
@@ -94,6 +101,13 @@ class ClientForm(forms.Form):
 
     def clean_redirect_uris(self) -> str:
         text = str(self.cleaned_data["redirect_uris"])
+        errors = redirect_uri_errors(split_lines(text))
+        if errors:
+            raise ValidationError(errors)
+        return text
+
+    def clean_post_logout_redirect_uris(self) -> str:
+        text = str(self.cleaned_data["post_logout_redirect_uris"])
         errors = redirect_uri_errors(split_lines(text))
         if errors:
             raise ValidationError(errors)
@@ -121,6 +135,7 @@ class ClientForm(forms.Form):
             "logo_url": data["logo_url"],
             "grant_types": list(data["grant_types"]),
             "redirect_uris": split_lines(data["redirect_uris"]),
+            "post_logout_redirect_uris": split_lines(data["post_logout_redirect_uris"]),
             "allowed_origins": split_lines(data["allowed_origins"]),
             "scopes": list(data["scopes"]),
             "can_introspect": data["can_introspect"],

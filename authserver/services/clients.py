@@ -37,6 +37,7 @@ def client_register(
     public: bool = False,
     redirect_uris: list[str] | None = None,
     allowed_origins: list[str] | None = None,
+    post_logout_redirect_uris: list[str] | None = None,
     scopes: list[str] | None = None,
     owner: Any = None,
     description: str = "",
@@ -48,6 +49,8 @@ def client_register(
     grants = [GRANT_ALIASES.get(g, g) for g in grant_types]
     if uri_errors := redirect_uri_errors(redirect_uris or []):  # before they are joined with spaces
         raise ValidationError({"redirect_uris": uri_errors})
+    if uri_errors := redirect_uri_errors(post_logout_redirect_uris or []):
+        raise ValidationError({"post_logout_redirect_uris": uri_errors})
     if bad_origins := origin_errors(allowed_origins or []):
         raise ValidationError({"allowed_origins": bad_origins})
     secret = None if public else secrets.token_urlsafe(96)[:CLIENT_SECRET_LENGTH]
@@ -59,6 +62,7 @@ def client_register(
         grant_types=grants,
         redirect_uris=" ".join(redirect_uris or []),
         allowed_origins=" ".join(allowed_origins or []),
+        post_logout_redirect_uris=" ".join(post_logout_redirect_uris or []),
         allowed_scopes=" ".join(scopes or ["models.read", "completions", "embeddings"]),
         user=owner,
         description=description,
@@ -112,6 +116,7 @@ def client_create(
     public: bool = False,
     redirect_uris: list[str] | None = None,
     allowed_origins: list[str] | None = None,
+    post_logout_redirect_uris: list[str] | None = None,
     scopes: list[str] | None = None,
     description: str = "",
     logo_url: str = "",
@@ -130,6 +135,7 @@ def client_create(
             public=public,
             redirect_uris=redirect_uris,
             allowed_origins=allowed_origins,
+            post_logout_redirect_uris=post_logout_redirect_uris,
             scopes=scopes or None,
             description=description,
             logo_url=logo_url,
@@ -155,6 +161,7 @@ CLIENT_EDITABLE = (
     "logo_url",
     "redirect_uris",
     "allowed_origins",
+    "post_logout_redirect_uris",  # where RP-initiated logout may send the user back (space-separated)
     "allowed_scopes",
     "grant_types",
     "can_introspect",

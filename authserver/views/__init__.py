@@ -16,6 +16,7 @@ from authserver.views.device import (
     device_entry,
 )
 from authserver.views.introspection import IntrospectView, UserInfoView
+from authserver.views.logout import RPInitiatedLogoutView
 from authserver.views.metadata import (
     OIDCDiscoveryView,
     ServerMetadataView,
@@ -36,6 +37,7 @@ __all__ = [
     "LoginView",
     "LogoutView",
     "OIDCDiscoveryView",
+    "RPInitiatedLogoutView",
     "RevokeTokenView",
     "ServerMetadataView",
     "TokenView",

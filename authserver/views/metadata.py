@@ -11,6 +11,7 @@ from django.http import HttpRequest, JsonResponse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_safe
 from oauth2_provider import views as dot_views
+from oauth2_provider.settings import oauth2_settings
 from oauth2_provider.views.metadata import OAuthServerMetadataView
 
 from authserver.selectors import jwks_get
@@ -43,6 +44,8 @@ class OIDCDiscoveryView(dot_views.ConnectDiscoveryInfoView):
         data = json.loads(response.content)
         data.update(metadata_extras())
         data["id_token_signing_alg_values_supported"] = ["RS256"]
+        # validators.OIDC_CLAIMS: what ID tokens and userinfo hold (DOT listed sub alone), unordered by DOT
+        data["claims_supported"] = sorted(data["claims_supported"])
         # Absent, OIDC Discovery §3 reads it as authorization code and implicit; implicit is not served here.
         rfc8414 = json.loads(OAuthServerMetadataView().get(request).content)
         data["grant_types_supported"] = rfc8414["grant_types_supported"]
@@ -60,7 +63,7 @@ class OIDCDiscoveryView(dot_views.ConnectDiscoveryInfoView):
 def metadata_extras() -> dict[str, Any]:
     """Return the endpoints DOT's metadata does not know about."""
     base = settings.PORTCULLIS_ISSUER
-    return {
+    extras: dict[str, Any] = {
         "issuer": base,
         "jwks_uri": f"{base}/.well-known/jwks.json",
         "device_authorization_endpoint": f"{base}/oauth/device-authorization/",
@@ -76,6 +79,11 @@ def metadata_extras() -> dict[str, Any]:
         "revocation_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "none"],
         "protected_resources": [settings.PORTCULLIS_AUDIENCE],
     }
+    if oauth2_settings.OIDC_RP_INITIATED_LOGOUT_ENABLED:
+        # OpenID Connect RP-Initiated Logout §2.1. DOT names it in its OIDC document only; IANA registers it
+        # for RFC 8414 documents too, and both documents name every endpoint alike
+        extras["end_session_endpoint"] = f"{base}/oauth/logout/"
+    return extras
 
 
 @require_safe

@@ -37,6 +37,7 @@ class ClientSerializer(serializers.ModelSerializer):
     grant_types = serializers.SerializerMethodField()
     redirect_uris = serializers.SerializerMethodField()
     allowed_origins = serializers.SerializerMethodField()
+    post_logout_redirect_uris = serializers.SerializerMethodField()
     scopes = serializers.SerializerMethodField()
 
     class Meta:
@@ -50,6 +51,7 @@ class ClientSerializer(serializers.ModelSerializer):
             "grant_types",
             "redirect_uris",
             "allowed_origins",
+            "post_logout_redirect_uris",
             "scopes",
             "can_introspect",
             "is_admin_client",
@@ -70,6 +72,9 @@ class ClientSerializer(serializers.ModelSerializer):
 
     def get_allowed_origins(self, client: Client) -> list[str]:
         return list(client.allowed_origins.split())
+
+    def get_post_logout_redirect_uris(self, client: Client) -> list[str]:
+        return list(client.post_logout_redirect_uris.split())
 
     def get_scopes(self, client: Client) -> list[str]:
         return client.scope_list()
@@ -99,6 +104,13 @@ class ClientWriteSerializer(StrictSerializer):
         default=list,
         max_length=50,
     )
+    post_logout_redirect_uris = serializers.ListField(
+        child=StrictCharField(max_length=2000, trim_whitespace=False),
+        required=False,
+        default=list,
+        max_length=50,
+        help_text="Where OpenID Connect RP-initiated logout may send the user back (each matched exactly)",
+    )
     allowed_origins = serializers.ListField(
         child=StrictCharField(max_length=300, trim_whitespace=False),
         required=False,
@@ -117,6 +129,9 @@ class ClientWriteSerializer(StrictSerializer):
         if errors:
             raise serializers.ValidationError(errors)
         return uris
+
+    def validate_post_logout_redirect_uris(self, uris: list[str]) -> list[str]:
+        return self.validate_redirect_uris(uris)
 
     def validate_allowed_origins(self, origins: list[str]) -> list[str]:
         errors = origin_errors(origins)

@@ -186,7 +186,7 @@ class ClientViewSet(AdminAPIMixin, viewsets.GenericViewSet):
         data = _valid(s.ClientWriteSerializer, request.data, partial=True)
         if "public" in data:
             raise ValidationError({"public": ["a client's type cannot change; create a new client"]})
-        for listed in ("redirect_uris", "allowed_origins"):
+        for listed in ("redirect_uris", "post_logout_redirect_uris", "allowed_origins"):
             if listed in data:
                 data[listed] = " ".join(data[listed])
         if "scopes" in data:

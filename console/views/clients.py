@@ -118,6 +118,7 @@ def client_edit(request: HttpRequest, client_id: str) -> HttpResponse:
         "logo_url": client.logo_url,
         "grant_types": [GRANT_ALIAS_OF.get(g, g) for g in client.grant_types],
         "redirect_uris": "\n".join(client.redirect_uris.split()),
+        "post_logout_redirect_uris": "\n".join(client.post_logout_redirect_uris.split()),
         "allowed_origins": "\n".join(client.allowed_origins.split()),
         "scopes": client.scope_list(),
         "can_introspect": client.can_introspect,
@@ -127,6 +128,7 @@ def client_edit(request: HttpRequest, client_id: str) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         fields = form.service_fields()
         fields["redirect_uris"] = " ".join(fields["redirect_uris"])
+        fields["post_logout_redirect_uris"] = " ".join(fields["post_logout_redirect_uris"])
         fields["allowed_origins"] = " ".join(fields["allowed_origins"])
         fields["allowed_scopes"] = " ".join(fields.pop("scopes"))
         try:

@@ -853,3 +853,21 @@ def test_a_change_made_with_a_users_token_names_the_app_that_held_it(bearer, adm
     assert (
         "via_client" not in AuditEvent.objects.filter(kind="client.changed", client_id=cid).latest("id").data
     )
+
+
+def test_post_logout_redirect_uris_are_set_shown_and_held_to_the_redirect_uri_rules(bearer, world):
+    api = bearer()
+    cid = world.app.client.client_id
+    url = f"/api/admin/clients/{cid}/"
+    uris = ["https://acme.example.com/bye", "http://127.0.0.1/bye"]
+    response = api.patch(url, {"post_logout_redirect_uris": uris}, content_type="application/json")
+    assert response.status_code == 200
+    assert response.json()["post_logout_redirect_uris"] == uris
+    world.app.client.refresh_from_db()
+    assert world.app.client.post_logout_redirect_uri_allowed("https://acme.example.com/bye")
+    for refused in (["http://acme.example.com/bye"], ["https://a.example/x https://evil.example/"]):
+        answer = api.patch(url, {"post_logout_redirect_uris": refused}, content_type="application/json")
+        assert answer.status_code == 400, refused
+        assert "post_logout_redirect_uris" in answer.json()
+    world.app.client.refresh_from_db()
+    assert world.app.client.post_logout_redirect_uris == " ".join(uris)

@@ -798,3 +798,28 @@ def test_a_clients_allowed_origins_are_edited_one_per_line_and_checked(as_admin,
     assert b"<code>https://b.example:8443</code>" in page.content
     form = as_admin.get(url)
     assert "https://app.example\nhttps://b.example:8443" in form.content.decode()
+
+
+def test_a_clients_post_logout_redirect_uris_are_edited_one_per_line(as_admin, world):
+    client = world.app.client
+    fields = {
+        "name": client.name,
+        "grant_types": ["authorization-code"],
+        "scopes": ["models.read"],
+        "redirect_uris": client.redirect_uris,
+    }
+    url = f"/console/clients/{client.client_id}/edit/"
+    refused = as_admin.post(url, {**fields, "post_logout_redirect_uris": "http://acme.example.com/bye"})
+    assert refused.status_code == 200
+    assert "post_logout_redirect_uris" in refused.context["form"].errors
+    saved = as_admin.post(
+        url,
+        {**fields, "post_logout_redirect_uris": "https://acme.example.com/bye\r\nhttps://acme.example.com/b"},
+    )
+    assert saved.status_code == 302
+    client.refresh_from_db()
+    assert client.post_logout_redirect_uris == "https://acme.example.com/bye https://acme.example.com/b"
+    assert (
+        b"<code>https://acme.example.com/bye</code>"
+        in as_admin.get(f"/console/clients/{client.client_id}/").content
+    )

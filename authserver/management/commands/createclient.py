@@ -20,6 +20,14 @@ class Command(BaseCommand):
         parser.add_argument("--grant", action="append", required=True, choices=sorted(GRANT_ALIASES))
         parser.add_argument("--public", action="store_true", help="a public client (no secret; PKCE)")
         parser.add_argument("--redirect-uri", action="append", default=[], dest="redirect_uris", type=text)
+        parser.add_argument(
+            "--post-logout-redirect-uri",
+            action="append",
+            default=[],
+            dest="post_logout_redirect_uris",
+            type=text,
+            help="where OIDC RP-initiated logout (/oauth/logout/) may send the user back; repeatable",
+        )
         parser.add_argument("--scope", default="models.read completions embeddings", type=text)
         parser.add_argument("--introspect", action="store_true", help="may call the introspection endpoint")
         parser.add_argument("--json", action="store_true", help="print only a JSON object")
@@ -33,6 +41,7 @@ class Command(BaseCommand):
                 grant_types=options["grant"],
                 public=options["public"],
                 redirect_uris=options["redirect_uris"],
+                post_logout_redirect_uris=options["post_logout_redirect_uris"],
                 scopes=options["scope"].split(),
                 can_introspect=options["introspect"],
                 actor="cli:createclient",
