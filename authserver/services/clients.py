@@ -14,7 +14,11 @@ from oauth2_provider.generators import generate_client_id
 from audit.services import audit_record
 from authserver.models import ADMIN_SCOPES, Client, origin_errors, redirect_uri_errors
 from authserver.revocation import revocation_publish
-from authserver.services.tokens import tokens_revoke_for_client, tokens_revoke_for_scopes
+from authserver.services.tokens import (
+    tokens_revoke_by_holder,
+    tokens_revoke_for_client,
+    tokens_revoke_for_scopes,
+)
 
 CLIENT_SECRET_LENGTH = 128
 GRANT_ALIASES = {
@@ -171,7 +175,8 @@ CLIENT_EDITABLE = (
 
 def client_update(*, client: Client, actor: str, **fields: Any) -> Client:
     """Change a client's editable fields (validated like a new client) and audit what changed. Tokens that
-    carry a scope the client may no longer ask for are revoked at once (a refresh renews only the rest)."""
+    carry a scope the client may no longer ask for are revoked at once (a refresh renews only the rest), and
+    so are the tokens of a grant it may no longer use (``_grants_lost``)."""
     unknown = set(fields) - set(CLIENT_EDITABLE)
     if unknown:
         raise ValidationError({"client": [f"unknown fields: {', '.join(sorted(unknown))}"]})
@@ -181,6 +186,7 @@ def client_update(*, client: Client, actor: str, **fields: Any) -> Client:
             raise ValidationError({"grant_types": ["choose at least one grant type"]})
     changed = [name for name, value in fields.items() if getattr(client, name) != value]
     before = _scopes_held(client)
+    grants_before = _grants_of(client)
     for name in changed:
         setattr(client, name, fields[name])
     if "grant_types" in changed:
@@ -196,7 +202,31 @@ def client_update(*, client: Client, actor: str, **fields: Any) -> Client:
             )
             if removed:
                 tokens_revoke_for_scopes(client=client, scopes=removed, actor=actor)
+            users, own = _grants_lost(grants_before, _grants_of(client))
+            if users or own:
+                tokens_revoke_by_holder(
+                    client=client, users=users, own=own, actor=actor, reason="grant types narrowed"
+                )
     return client
+
+
+USER_GRANTS = frozenset({Client.GRANT_AUTHORIZATION_CODE, GRANT_ALIASES["device-code"]})
+
+
+def _grants_of(client: Client) -> frozenset[str]:
+    """The grants a client may use, as ``Client.allows_grant_type`` reads them."""
+    return frozenset(client.grant_types or [client.authorization_grant_type])
+
+
+def _grants_lost(before: frozenset[str], after: frozenset[str]) -> tuple[bool, bool]:
+    """Whether a change of grant types takes away every grant a user delegates by (the authorization code
+    and the device flow: their users' tokens go, refresh tokens included, which a remaining client-credentials
+    grant would otherwise have let be refreshed for ever), and whether it takes away client credentials (the
+    client's own tokens go). Taking one user grant while the other stays revokes nothing: a token does not
+    say which of the two issued it."""
+    users = bool(before & USER_GRANTS) and not after & USER_GRANTS
+    own = Client.GRANT_CLIENT_CREDENTIALS in before and Client.GRANT_CLIENT_CREDENTIALS not in after
+    return users, own
 
 
 def _scopes_held(client: Client) -> set[str]:
