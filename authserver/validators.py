@@ -39,10 +39,13 @@ OFFLINE_ACCESS = "offline_access"
 END_USER_SCOPES = frozenset({"openid", "profile", OFFLINE_ACCESS})
 TOMBSTONE_LIFETIME = timedelta(days=1)  # replays after a day are refused as unknown codes anyway
 # The claims an ID token carries (oauthlib: aud, iat, at_hash, and nonce when the request sent one; DOT: iss,
-# exp, auth_time, jti; get_claim_dict: sub) and userinfo answers (sub alone: no profile claim is served,
-# whatever the scope). OIDC Discovery §3's claims_supported names these and no more: c_hash and s_hash
-# belong to the hybrid flow, which is not served.
-OIDC_CLAIMS = ("aud", "at_hash", "auth_time", "exp", "iat", "iss", "jti", "nonce", "sub")
+# exp, auth_time, jti; get_claim_dict: sub; with the profile scope, PROFILE_CLAIMS) and userinfo answers (sub,
+# and PROFILE_CLAIMS with the profile scope). OIDC Discovery §3's claims_supported names these and no more:
+# c_hash and s_hash belong to the hybrid flow, which is not served.
+PROFILE_CLAIMS = ("family_name", "given_name", "name", "preferred_username")
+OIDC_CLAIMS = tuple(
+    sorted(("aud", "at_hash", "auth_time", "exp", "iat", "iss", "jti", "nonce", "sub", *PROFILE_CLAIMS))
+)
 
 
 _issued_access_tokens: ContextVar[list[AccessToken] | None] = ContextVar("issued_access_tokens", default=None)
@@ -283,6 +286,19 @@ class PortcullisValidator(OAuth2Validator):
     def get_discovery_claims(self, request: Any) -> list[str]:
         # DOT's listed ``sub`` alone, as if an ID token carried nothing else
         return list(OIDC_CLAIMS)
+
+    def get_additional_claims(self, request: Any) -> dict[str, Any]:
+        """OIDC Core §5.4's ``profile`` claims the user model holds (DOT's ``oidc_claim_scope`` gives them
+        only with that scope): the consent page promised "your user name and profile details" while userinfo
+        answered ``sub`` alone. A name the user has not set is left out, not sent empty (§5.3.2)."""
+        user = request.user
+        claims = {
+            "preferred_username": user.get_username(),
+            "name": user.get_full_name().strip(),
+            "given_name": getattr(user, "first_name", ""),
+            "family_name": getattr(user, "last_name", ""),
+        }
+        return {claim: value for claim, value in claims.items() if value}
 
     def get_userinfo_claims(self, request: Any) -> Any:
         if request.user is None:

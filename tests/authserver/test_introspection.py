@@ -127,6 +127,8 @@ def test_an_introspection_by_a_client_not_allowed_stays_refused_and_audited(oaut
 
 def test_discovery_lists_exactly_the_claims_id_tokens_and_userinfo_hold(oauth, make_client, alice):
     reg = make_client(grants=("authorization-code",), scopes="openid profile models.read")
+    alice.first_name, alice.last_name = "Alice", "Liddell"
+    alice.save()
     oauth.http.force_login(alice)
     verifier, challenge = pkce_pair()
     params = {
