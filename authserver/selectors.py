@@ -169,10 +169,16 @@ def revocations_live(*, since: datetime | None = None) -> RevocationSnapshot:
     )
 
 
+def token_checksum(token: str) -> str:
+    """The SHA-256 checksum an access or refresh token's row keeps (DOT's ``token_checksum``): rows are
+    found by it, never by the token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
 def access_token_live(*, token: str, now: datetime | None = None) -> AccessToken | None:
     """Return the row of a live access token this server issued, found by the token itself (its row keeps
     a SHA-256 checksum), with its user and client, or None: unknown, revoked or expired."""
-    checksum = hashlib.sha256(token.encode()).hexdigest()
+    checksum = token_checksum(token)
     return (
         AccessToken.objects.select_related("user", "application")
         .filter(token_checksum=checksum, expires__gt=now or timezone.now())
@@ -183,7 +189,7 @@ def access_token_live(*, token: str, now: datetime | None = None) -> AccessToken
 def access_token_live_scopes(*, token: str, now: datetime | None = None) -> list[str] | None:
     """Return the scopes of a live access token this server issued, by the token itself (its row keeps a
     SHA-256 checksum), or None: unknown, revoked or expired."""
-    checksum = hashlib.sha256(token.encode()).hexdigest()
+    checksum = token_checksum(token)
     scope = (
         AccessToken.objects.filter(token_checksum=checksum, expires__gt=now or timezone.now())
         .values_list("scope", flat=True)

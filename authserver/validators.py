@@ -25,7 +25,7 @@ from oauthlib.openid.connect.core.exceptions import RequestNotSupported, Request
 
 from audit.services import audit_record
 from authserver.models import GRANT_DEVICE_CODE, AccessToken, Client, Grant, RedeemedCode, RefreshToken
-from authserver.selectors import client_by_client_id
+from authserver.selectors import client_by_client_id, token_checksum
 from authserver.services import access_token_deletions_batched, access_token_insert
 from authserver.tokens import id_token_hint_subject, jwt_unverified_claims
 
@@ -376,7 +376,7 @@ class PortcullisValidator(OAuth2Validator):
     def revoke_token(self, token: str, token_type_hint: Any, request: Any, *args: Any, **kwargs: Any) -> None:
         collected = _revocation_found.get()
         if collected is not None:
-            checksum = hashlib.sha256(token.encode()).hexdigest()
+            checksum = token_checksum(token)
             mine = {"token_checksum": checksum, "application_id": getattr(request.client, "pk", None)}
             collected.append(
                 mine["application_id"] is not None
@@ -547,7 +547,7 @@ class PortcullisValidator(OAuth2Validator):
     def validate_refresh_token(
         self, refresh_token: str, client: Any, request: Any, *args: Any, **kwargs: Any
     ) -> bool:
-        checksum = hashlib.sha256(refresh_token.encode()).hexdigest()
+        checksum = token_checksum(refresh_token)
         # Two uses of one refresh token at once: the second waits here until the first has rotated it, then
         # finds it revoked and is a reuse (RFC 9700 §4.14.2). Without the lock both passed this check, and
         # DOT's grace path answered the second with a 200 holding empty tokens, the family left alive.
