@@ -8,6 +8,7 @@ migration knot DOT documents for late swaps.
 from __future__ import annotations
 
 import ipaddress
+import socket
 from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
@@ -85,7 +86,8 @@ def origin_errors(origins: list[str]) -> list[str]:
         if canonical is None and origin.lower().startswith("http://"):
             errors.append(f"{origin}: an origin must be https (CORS is given to https pages only)")
         elif canonical is None:
-            errors.append(f"{origin}: not a web origin; write https://host or https://host:port")
+            shown = origin if origin.isprintable() else repr(origin)
+            errors.append(f"{shown}: not a web origin; write https://host or https://host:port")
         elif canonical != origin:
             errors.append(f"{origin}: write it as a browser sends it: {canonical}")
         elif origin in seen:
@@ -117,9 +119,34 @@ def _origin_canonical(origin: str) -> str | None:
         or origin.endswith(("?", "#"))
     ):
         return None
-    if ":" in host:
-        host = f"[{host}]"
+    host = _origin_host(host)
+    if host is None:
+        return None
     return f"https://{host}" + (f":{port}" if port not in (None, 443) else "")
+
+
+ORIGIN_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
+
+
+def _origin_host(host: str) -> str | None:
+    """A host as a browser serializes it in an origin (the URL Standard's host serializer), or None when no
+    browser would send it: an IPv6 address compressed, in brackets; an IPv4 address in dotted decimal
+    (``127.1`` and ``0x7f.0.0.1`` are 127.0.0.1 to a browser); a name in lowercase letters, digits, dots
+    and hyphens alone (a percent-escape or another character is no host a browser sends)."""
+    if ":" in host:
+        try:
+            return f"[{ipaddress.IPv6Address(host).compressed}]"
+        except ValueError:
+            return None
+    if not set(host) <= ORIGIN_HOST_CHARS:
+        return None
+    last = host.rstrip(".").rsplit(".", 1)[-1]
+    if last.isdigit() or last.startswith("0x"):  # the URL Standard's "ends in a number": an IPv4 address
+        try:
+            return socket.inet_ntoa(socket.inet_aton(host))
+        except OSError:
+            return None
+    return host
 
 
 def _uri_registered(uri: str, registered_text: str) -> bool:

@@ -67,8 +67,10 @@ def origins_snapshot() -> dict[str, frozenset[bytes]]:
     form the hot path compares a request's ``Origin`` header in (a browser sends the serialized origin,
     ``scheme://host[:port]``, which is the only form ``authserver.models.origin_errors`` lets be saved)."""
     snapshot: dict[str, frozenset[bytes]] = {}
-    for client_id, origins in Client.objects.exclude(allowed_origins="").values_list(
-        "client_id", "allowed_origins"
+    for client_id, origins in (
+        Client.objects.filter(disabled=False)
+        .exclude(allowed_origins="")
+        .values_list("client_id", "allowed_origins")
     ):
         listed = frozenset(origin.encode("ascii", "replace") for origin in origins.split())
         if listed:

@@ -195,24 +195,25 @@ def tokens_revoke_by_holder(*, client: Client, users: bool, own: bool, actor: st
     """Revoke a client's tokens held for its users (``users``: the access and refresh tokens a user
     delegated, and the codes and device codes not yet redeemed) and/or its own (``own``: client
     credentials' access tokens, which have no refresh token), recorded; return how many access tokens."""
-    count = 0
+    count = refreshes = 0
     with transaction.atomic(), access_token_deletions_batched():
         if users:
-            RefreshToken.objects.filter(revoked__isnull=True, application=client, user__isnull=False).update(
-                revoked=timezone.now()
-            )
+            refreshes = RefreshToken.objects.filter(
+                revoked__isnull=True, application=client, user__isnull=False
+            ).update(revoked=timezone.now())
             _total, deleted = AccessToken.objects.filter(application=client, user__isnull=False).delete()
             count += deleted.get(AccessToken._meta.label, 0)
             _unredeemed_grants_delete(client=client)
         if own:
             _total, deleted = AccessToken.objects.filter(application=client, user__isnull=True).delete()
             count += deleted.get(AccessToken._meta.label, 0)
-    audit_record(
-        kind="token.revoked",
-        actor=actor,
-        client_id=client.client_id,
-        data={"reason": reason, "tokens_revoked": count},
-    )
+    if count or refreshes:  # nothing held, nothing to record
+        audit_record(
+            kind="token.revoked",
+            actor=actor,
+            client_id=client.client_id,
+            data={"reason": reason, "tokens_revoked": count, "refreshes_revoked": refreshes},
+        )
     return count
 
 

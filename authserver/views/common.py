@@ -21,6 +21,7 @@ from oauthlib.common import urldecode
 
 from audit.services import audit_record
 from authserver.models import Client
+from authserver.selectors import client_by_client_id
 from authserver.validators import repeated_parameter
 
 
@@ -194,13 +195,8 @@ def cors_completed(request: HttpRequest, response: HttpResponseBase) -> HttpResp
     if origin is None:
         return response
     patch_vary_headers(response, ["Origin"])
-    client_id = basic_client_id(request) or request.POST.get("client_id", "")
-    listed = (
-        Client.objects.filter(client_id=client_id[:100]).values_list("allowed_origins", flat=True).first()
-        if client_id
-        else None
-    )
-    if listed and origin in listed.split():
+    client = client_by_client_id(basic_client_id(request) or request.POST.get("client_id"))  # NUL: None
+    if client is not None and origin in client.allowed_origins.split():
         response["Access-Control-Allow-Origin"] = origin
     elif response.has_header("Access-Control-Allow-Origin"):
         del response["Access-Control-Allow-Origin"]

@@ -70,6 +70,7 @@ BODY_DEADLINES: Deadlines[GatewayConsumer] = Deadlines(sweep_s=0.25)
 class GatewayConsumer(AsyncHttpConsumer):
     kind: ClassVar[str] = ""
     methods: ClassVar[frozenset[str]] = frozenset({"POST"})
+    preflights: ClassVar[bool] = True  # a CORS preflight is answered (not on a path that is no endpoint)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scope, self._receive, self.base_send = scope, receive, send
@@ -82,7 +83,8 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.record: dict[str, Any] = {"endpoint": self.kind, "model": "", "stream": False, "upstream": ""}
         self.response_started = False
         self.unrecorded = False  # refused because the audit log is full: counted there, not recorded here
-        self.cors_origin: bytes | None = None  # a web page's origin a client lists: its answers say so (CORS)
+        self.origin: bytes | None = self.headers.get(b"origin")  # a browser's page calling (CORS)
+        self.cors_origin: bytes | None = None  # that origin, when a client lists it: the answers say so
         self._task: asyncio.Task[Any] | None = None
         self._body_late = False
         self._body_read = False
@@ -90,9 +92,8 @@ class GatewayConsumer(AsyncHttpConsumer):
         try:
             self.rt = await runtime_get()
             self.client_ip = self._client_ip()
-            origin = self.headers.get(b"origin")
-            if origin is not None and self.rt.policies.origin_listed(origin):
-                self.cors_origin = origin
+            if self.origin is not None and self.rt.policies.origin_listed(self.origin):
+                self.cors_origin = self.origin
             status = await self._dispatch()
         except errors.GatewayError as exc:
             status = exc.status
@@ -111,7 +112,11 @@ class GatewayConsumer(AsyncHttpConsumer):
         if self.rt.audit_full():
             self.unrecorded = True
             raise errors.AuditBacklogFull()
-        preflight = self.scope["method"] == "OPTIONS" and b"access-control-request-method" in self.headers
+        preflight = (
+            self.preflights
+            and self.scope["method"] == "OPTIONS"
+            and b"access-control-request-method" in self.headers
+        )
         if self.scope["method"] not in self.methods and not preflight:
             raise self._method_refused()
         self.rt.check_ip_denylist(self.client_ip)
@@ -135,7 +140,10 @@ class GatewayConsumer(AsyncHttpConsumer):
         the ``openai`` SDK adds its own ``x-stainless-*`` ones, so they are not a fixed list). Which
         client's token follows is judged with the request itself: a page of an origin its client does not
         list is refused then (``authenticate``). A page of an origin no client lists gets a 403 without
-        CORS headers, which the browser turns into a network error for the script."""
+        CORS headers, which the browser turns into a network error for the script. A process that has not
+        loaded the policies (nor, with them, the origins) since it started answers 503, not that refusal."""
+        if not self.rt.ready:
+            await self.rt.ready_wait()
         if self.cors_origin is None:
             raise errors.OriginNotAllowed("No client of this gateway lists this web page's origin.")
         method = self.headers[b"access-control-request-method"]
@@ -152,7 +160,6 @@ class GatewayConsumer(AsyncHttpConsumer):
         headers += [
             (b"access-control-allow-methods", ", ".join(sorted(self.methods)).encode()),
             (b"access-control-max-age", PREFLIGHT_MAX_AGE),
-            (b"content-length", b"0"),
         ]
         if names:
             headers.append((b"access-control-allow-headers", b", ".join(names).lower()))
@@ -305,11 +312,14 @@ class GatewayConsumer(AsyncHttpConsumer):
             )
             raise exc
         self.rt.check_ip_allowlist(principal, self.client_ip)
-        origin = self.headers.get(b"origin")
-        if origin is not None and not self.rt.policies.origin_allowed(principal.client_id, origin):
-            # A browser sends Origin with every cross-origin request: this token's client does not list the
-            # page's origin, so it is not the client's own page (a token taken elsewhere, or a server-side
-            # secret put in a browser). A client without listed origins is never called from a web page.
+        if self.cors_origin is not None and not self.rt.policies.origin_allowed(
+            principal.client_id, self.cors_origin
+        ):
+            # A browser sends Origin with every cross-origin request, and a page's request follows a preflight
+            # that passes only for an origin some client lists: a page of another client's origin holds this
+            # token (taken from its client, or a server's secret put in a page). An origin no client lists
+            # is no page that passed a preflight (a browser extension, a desktop app, a script): served, and
+            # a browser page of it could not read the answer.
             raise errors.OriginNotAllowed()
         return principal
 
@@ -320,6 +330,8 @@ class GatewayConsumer(AsyncHttpConsumer):
         if self.cors_origin is not None:
             headers += self._cors_headers()
             headers.append((b"access-control-expose-headers", CORS_EXPOSED))
+        elif self.origin is not None:
+            headers.append((b"vary", b"Origin"))  # another origin's request may be answered otherwise
         return headers
 
     def _cors_headers(self) -> list[tuple[bytes, bytes]]:

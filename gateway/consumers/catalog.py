@@ -38,6 +38,7 @@ class NotFoundConsumer(GatewayConsumer):
 
     kind = "unknown"
     methods = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+    preflights = False  # a preflight is a 404 too: no method is allowed on a path that is no endpoint
 
     async def handle(self, body: bytes) -> int:
         raise errors.NotFound()

@@ -50,7 +50,7 @@ def test_taking_every_user_grant_revokes_the_users_tokens_and_keeps_the_clients_
     assert refused.status_code == 400
     assert refused.json()["error"] == "invalid_grant"
     event = AuditEvent.objects.filter(kind="token.revoked", client_id=both.client.client_id).latest("id")
-    assert event.data == {"reason": "grant types narrowed", "tokens_revoked": 1}
+    assert event.data == {"reason": "grant types narrowed", "tokens_revoked": 1, "refreshes_revoked": 1}
     assert event.actor == "user:root"
 
 

@@ -102,3 +102,21 @@ def test_a_request_without_an_origin_gets_no_cors_headers(oauth, spa, alice):
     assert exchanged.status_code == 200
     assert not exchanged.has_header("Access-Control-Allow-Origin")
     assert "Origin" not in exchanged.get("Vary", "")
+
+
+def test_a_client_id_holding_nul_from_a_page_is_refused_as_before_not_a_500(oauth):
+    # the CORS lookup comes after the endpoint answered: PostgreSQL cannot take a NUL in a text parameter
+    body = oauth.http.post(
+        "/oauth/token/", {"grant_type": "client_credentials", "client_id": "a\x00b"}, HTTP_ORIGIN=APP
+    )
+    assert body.status_code == 400
+    assert not body.has_header("Access-Control-Allow-Origin")
+    for path in ("/oauth/token/", "/oauth/revoke/"):
+        basic = oauth.http.post(
+            path,
+            {"grant_type": "client_credentials", "token": "t"},
+            HTTP_AUTHORIZATION=basic_auth("a\x00", "x"),
+            HTTP_ORIGIN=APP,
+        )
+        assert basic.status_code == 401, (path, basic.content)
+        assert not basic.has_header("Access-Control-Allow-Origin")

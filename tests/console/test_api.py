@@ -804,6 +804,12 @@ def test_a_clients_allowed_origins_are_set_shown_and_audited(bearer, world):
         ("https://user@app.example", "not a web origin"),
         ("https://b\u00fccher.example", "not a web origin"),
         ("https://app.example https://evil.example", "holds no whitespace"),
+        ("https://[0::1]", "write it as a browser sends it: https://[::1]"),
+        ("https://127.1", "write it as a browser sends it: https://127.0.0.1"),
+        ("https://0x7f.0.0.1:8443", "write it as a browser sends it: https://127.0.0.1:8443"),
+        ("https://ex%61mple.com", "not a web origin"),
+        ("https://a\x01b.example", "not a web origin"),
+        ("https://1.2.3.4.5", "not a web origin"),
     ],
 )
 def test_an_origin_a_browser_would_never_send_is_a_400_naming_it(bearer, world, origin, says):

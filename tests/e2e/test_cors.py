@@ -15,7 +15,7 @@ from django.db import connection
 
 from audit.models import AuditEvent
 from authserver.models import Client
-from authserver.services import RegisteredClient, client_register, client_update
+from authserver.services import RegisteredClient, client_disable, client_register, client_update
 from gateway.services import policy_set
 from tests.e2e.conftest import (
     FakeVllm,
@@ -104,6 +104,7 @@ def test_a_preflight_from_a_listed_origin_allows_the_method_and_the_headers_aske
     assert answer.headers["access-control-max-age"] == "600"
     assert answer.headers["vary"] == "Origin"
     assert "access-control-allow-credentials" not in answer.headers  # no cookies: a token in a header
+    assert "content-length" not in answer.headers  # RFC 9110 §8.6: not on a 204
     models = httpx.options(
         f"{server.base}/v1/models",
         headers={"origin": APP, "access-control-request-method": "GET"},
@@ -136,6 +137,13 @@ def test_a_preflight_for_another_method_or_with_a_broken_header_list_is_refused(
         assert broken.json()["error"]["param"] == "access-control-request-headers"
     plain_options = httpx.options(f"{server.base}/v1/chat/completions", headers={"origin": APP}, timeout=10)
     assert plain_options.status_code == 405  # not a preflight: OPTIONS is no method of this endpoint
+    nowhere = httpx.options(
+        f"{server.base}/v1/invocations",
+        headers={"origin": APP, "access-control-request-method": "POST"},
+        timeout=10,
+    )
+    assert nowhere.status_code == 404  # no endpoint, no method allowed
+    assert "access-control-allow-methods" not in nowhere.headers
 
 
 def test_a_page_of_its_clients_origin_reads_answers_streams_and_errors(stack):
@@ -174,13 +182,22 @@ def test_a_token_used_from_an_origin_its_client_does_not_list_is_refused(stack, 
     assert elsewhere.json()["error"]["code"] == "origin_not_allowed"
     assert elsewhere.headers["access-control-allow-origin"] == OTHER  # listed: the page may read why
     assert denial_reason(django_db_blocker, elsewhere.headers["x-request-id"]) == "origin_not_allowed"
-    unlisted = chat(server, spa_token, "https://evil.example")
-    assert unlisted.status_code == 403
-    assert "access-control-allow-origin" not in unlisted.headers
     server_token = client_token(server, clients["server"])  # lists no origin: never called from a page
     from_page = chat(server, server_token, APP)
     assert from_page.status_code == 403
     assert from_page.json()["error"]["code"] == "origin_not_allowed"
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "chrome-extension://abcdefghij", "null"])
+def test_a_request_from_an_origin_no_client_lists_is_served_without_cors_headers(stack, origin):
+    # No page of it passed a preflight: a browser extension, a desktop app, a script; a page could not
+    # read the answer anyway
+    server, _fake, clients = stack
+    for name in ("spa", "server"):
+        answer = chat(server, client_token(server, clients[name]), origin)
+        assert answer.status_code == 200, (name, answer.content)
+        assert "access-control-allow-origin" not in answer.headers
+        assert answer.headers["vary"] == "Origin"
 
 
 def test_a_request_without_an_origin_is_served_without_cors_headers(stack):
@@ -213,4 +230,27 @@ def test_a_clients_new_origins_reach_the_gateway_without_a_restart(stack, django
     assert preflight(server, OTHER).status_code == 403
     token = client_token(server, clients["other"])
     assert chat(server, token, moved).status_code == 200
-    assert chat(server, token, OTHER).status_code == 403
+    dropped = chat(server, token, OTHER)  # listed by no client now: no page of it passes a preflight
+    assert dropped.status_code == 200
+    assert "access-control-allow-origin" not in dropped.headers
+    assert chat(server, token, APP).status_code == 403  # a page of another client's origin
+
+
+def test_a_disabled_clients_origins_are_no_longer_listed(stack, django_db_blocker):
+    server, _fake, clients = stack
+    assert preflight(server, APP).status_code == 204  # (the last test: the spa client stays disabled)
+
+    def disable() -> None:
+        try:
+            client_disable(client=clients["spa"].client, actor="test")
+        finally:
+            connection.close()
+
+    with django_db_blocker.unblock():
+        disabling = threading.Thread(target=disable)
+        disabling.start()
+        disabling.join()
+    deadline = time.monotonic() + 3
+    while preflight(server, APP).status_code != 403 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert preflight(server, APP).status_code == 403

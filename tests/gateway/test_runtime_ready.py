@@ -52,6 +52,7 @@ async def authenticate(rt: Runtime, raw: str) -> Any:
         rt=rt,
         principal=None,
         client_ip="127.0.0.1",
+        cors_origin=None,
     )
     return await GatewayConsumer.authenticate(consumer, "completions")
 
@@ -120,6 +121,18 @@ def test_between_attempts_a_request_is_refused_at_once_without_starting_a_load(q
             await authenticate(rt, raw)
         assert time.monotonic() - started < 0.05
         assert source.fetches == 0  # the background loop's to try, not each request's
+        await rt.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_preflight_before_the_origins_have_loaded_is_a_503_not_a_refusal_of_the_origin(quick):
+    async def scenario() -> None:
+        rt = Runtime(gateway_settings())
+        rt.keys._fetch = KeySource(wait_s=0)
+        consumer: Any = SimpleNamespace(rt=rt, cors_origin=None, headers={})
+        with pytest.raises(NotReady):  # the origins load with the policies: a listed one may be refused
+            await GatewayConsumer._preflight(consumer)
         await rt.stop()
 
     asyncio.run(scenario())
