@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -226,3 +227,33 @@ def client_token(server: Server, reg: Any, scope: str = "completions models.read
     )
     response.raise_for_status()
     return str(response.json()["access_token"])
+
+
+def denial_reason(django_db_blocker: Any, request_id: str, timeout: float = 15.0) -> str:
+    """The reason of the gateway.denied event a request left in the audit log (once ingested)."""
+    from audit.models import AuditEvent
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with django_db_blocker.unblock():
+            event = AuditEvent.objects.filter(kind="gateway.denied", request_id=request_id).first()
+        if event is not None:
+            return str(event.data["reason"])
+        time.sleep(0.2)
+    raise AssertionError(f"no gateway.denied event for {request_id} after {timeout} s")
+
+
+def committed(django_db_blocker: Any, change: Any) -> None:
+    """Run a change on a database connection of its own, committed as an admin's change is (so that its
+    on-commit push goes out and the servers see it), outside the test's transaction."""
+
+    def run() -> None:
+        try:
+            change()
+        finally:
+            connection.close()
+
+    with django_db_blocker.unblock():
+        worker = threading.Thread(target=run)
+        worker.start()
+        worker.join()

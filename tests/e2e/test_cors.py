@@ -4,16 +4,13 @@ and the request and read every answer; a page of another origin is refused, and 
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from django.db import connection
 
-from audit.models import AuditEvent
 from authserver.models import Client
 from authserver.services import RegisteredClient, client_disable, client_register, client_update
 from gateway.services import policy_set
@@ -21,6 +18,8 @@ from tests.e2e.conftest import (
     FakeVllm,
     Server,
     client_token,
+    committed,
+    denial_reason,
     stack_stop,
     start_fakevllm,
     start_server,
@@ -79,17 +78,6 @@ def chat(server: Server, token: str, origin: str | None, **extra: Any) -> httpx.
     return httpx.post(
         f"{server.base}/v1/chat/completions", json={**CHAT, **extra}, headers=headers, timeout=10
     )
-
-
-def denial_reason(django_db_blocker: Any, request_id: str, timeout: float = 10) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with django_db_blocker.unblock():
-            event = AuditEvent.objects.filter(kind="gateway.denied", request_id=request_id).first()
-        if event is not None:
-            return str(event.data["reason"])
-        time.sleep(0.2)
-    raise AssertionError(f"no gateway.denied event for {request_id} after {timeout} s")
 
 
 def test_a_preflight_from_a_listed_origin_allows_the_method_and_the_headers_asked_for(stack):
@@ -213,16 +201,10 @@ def test_a_clients_new_origins_reach_the_gateway_without_a_restart(stack, django
     server, _fake, clients = stack
     moved = "https://moved.example"
 
-    def change() -> None:  # committed on a connection of its own, as an admin's change is (the push follows)
-        try:
-            client_update(client=clients["other"].client, actor="test", allowed_origins=moved)
-        finally:
-            connection.close()
-
-    with django_db_blocker.unblock():
-        changing = threading.Thread(target=change)
-        changing.start()
-        changing.join()
+    committed(
+        django_db_blocker,
+        lambda: client_update(client=clients["other"].client, actor="test", allowed_origins=moved),
+    )
     deadline = time.monotonic() + 3
     while preflight(server, moved).status_code != 204 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -240,16 +222,7 @@ def test_a_disabled_clients_origins_are_no_longer_listed(stack, django_db_blocke
     server, _fake, clients = stack
     assert preflight(server, APP).status_code == 204  # (the last test: the spa client stays disabled)
 
-    def disable() -> None:
-        try:
-            client_disable(client=clients["spa"].client, actor="test")
-        finally:
-            connection.close()
-
-    with django_db_blocker.unblock():
-        disabling = threading.Thread(target=disable)
-        disabling.start()
-        disabling.join()
+    committed(django_db_blocker, lambda: client_disable(client=clients["spa"].client, actor="test"))
     deadline = time.monotonic() + 3
     while preflight(server, APP).status_code != 403 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -31,6 +31,7 @@ from tests.e2e.conftest import (
     FakeVllm,
     Server,
     client_token,
+    denial_reason,
     stack_stop,
     start_fakevllm,
     start_server,
@@ -502,7 +503,7 @@ def test_a_token_revoked_while_a_call_waits_for_its_answer_is_answered_401_withi
     row = _usage_row(django_db_blocker, request_id)
     assert (row.status, row.outcome, row.completion_tokens) == (401, "revoked", 0)
     assert row.prompt_tokens > 0  # the prompt vLLM read, as reserved
-    assert _denial_reason(django_db_blocker, request_id) == "token_revoked"
+    assert denial_reason(django_db_blocker, request_id) == "token_revoked"
 
 
 def _forge(claims: dict[str, Any], header: dict[str, Any] | None = None, *, django_db_blocker: Any) -> str:
@@ -1027,17 +1028,6 @@ def test_a_model_name_with_a_lone_surrogate_is_refused_and_its_usage_record_stil
     assert (row.model, row.status, row.outcome) == ("x?", 403, "denied:model_not_allowed")
 
 
-def _denial_reason(django_db_blocker: Any, request_id: str, timeout: float = 15.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with django_db_blocker.unblock():
-            event = AuditEvent.objects.filter(kind="gateway.denied", request_id=request_id).first()
-        if event is not None:
-            return str(event.data["reason"])
-        time.sleep(0.2)
-    raise AssertionError(f"no gateway.denied event for {request_id} after {timeout} s")
-
-
 def test_a_repeated_authorization_or_content_type_header_is_refused_whichever_comes_first(
     stack, django_db_blocker
 ):
@@ -1071,7 +1061,7 @@ def test_a_repeated_authorization_or_content_type_header_is_refused_whichever_co
         assert set(error) == {"message", "type", "param", "code"}
         assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request")
         assert error["param"] == param
-        assert _denial_reason(django_db_blocker, request_id) == "invalid_request"
+        assert denial_reason(django_db_blocker, request_id) == "invalid_request"
         assert _usage_row(django_db_blocker, request_id).status == 400
     assert stack.fake.served() == before
     single = [("authorization", good), json_type, ("accept", "application/json"), ("accept", "*/*")]
@@ -1132,7 +1122,7 @@ def test_a_body_trickled_in_slower_than_the_body_timeout_gets_a_408_and_the_conn
             "request_timeout",
             "body",
         )
-        assert _denial_reason(django_db_blocker, request_id) == "request_timeout"
+        assert denial_reason(django_db_blocker, request_id) == "request_timeout"
         assert _usage_row(django_db_blocker, request_id).status == 408
         assert "Traceback" not in server.log.read_text()
     finally:
