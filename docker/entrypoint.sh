@@ -67,7 +67,7 @@ serve() {
 }
 
 if [ "$#" -eq 0 ]; then
-    echo "usage: entrypoint.sh web|gateway|worker|beat|fakevllm|migrate|COMMAND [ARGS...]" >&2
+    echo "usage: entrypoint.sh web|gateway|worker|beat|ingest|fakevllm|migrate|COMMAND [ARGS...]" >&2
     exit 64  # EX_USAGE
 fi
 
@@ -92,6 +92,12 @@ case "$role" in
     beat)
         shift
         exec celery -A config beat -l info --schedule /tmp/celerybeat-schedule "$@"
+        ;;
+    ingest)
+        shift
+        # the audit stream's ingest without Celery's broker: it keeps draining a Redis at its maxmemory,
+        # which stops Celery (audit/management/commands/ingest.py)
+        exec python manage.py ingest "$@"
         ;;
     fakevllm)
         shift

@@ -41,9 +41,10 @@ HEALTHCHECK = DOCKER / "healthcheck.py"
 CADDY_START = DOCKER / "caddy-start.sh"
 
 DEPLOY_ENV = {"PORTCULLIS_ISSUER": "https://auth.example.com", "DJANGO_ALLOWED_HOSTS": "auth.example.com"}
-SERVICES = {"postgres", "redis", "migrate", "web", "gateway", "worker", "beat", "vllm", "fakevllm", "proxy"}
-APP_SERVICES = ("migrate", "web", "gateway", "worker", "beat")
-ROLES = ("web", "gateway", "worker", "beat", "fakevllm", "migrate")
+SERVICES = {"postgres", "redis", "migrate", "web", "gateway", "worker", "beat", "ingest", "vllm", "fakevllm"}
+SERVICES |= {"proxy"}
+APP_SERVICES = ("migrate", "web", "gateway", "worker", "beat", "ingest")
+ROLES = ("web", "gateway", "worker", "beat", "ingest", "fakevllm", "migrate")
 # Variables that hold a secret themselves: only their *_FILE form may appear in the deployment files.
 SECRET_VARIABLES = {"DJANGO_SECRET_KEY", "PORTCULLIS_KEY_ENCRYPTION_KEY", "VLLM_API_KEY", "PGPASSWORD"}
 SECRET_VARIABLES |= {"POSTGRES_PASSWORD", "HF_TOKEN"}
@@ -64,6 +65,7 @@ ROLE_COMMANDS = {
     "gateway": [UVICORN],
     "worker": ["celery -A config worker -l info --concurrency 2"],
     "beat": ["celery -A config beat -l info --schedule /tmp/celerybeat-schedule"],
+    "ingest": ["python manage.py ingest"],
     "fakevllm": ["python -m fakevllm --host 0.0.0.0 --port 8001 --models demo-model"],
     "migrate": ["python manage.py migrate --noinput"],
 }
