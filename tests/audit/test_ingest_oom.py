@@ -63,7 +63,7 @@ def test_a_redis_at_its_maxmemory_is_drained_by_the_ingest_command(full_redis, s
     settings.REDIS_URL = f"redis://127.0.0.1:{full_redis.connection_pool.connection_kwargs['port']}/0"
     call_command("ingest", runs=1)
     stored = set(UsageRecord.objects.values_list("record_id", flat=True))
-    assert {r.hex for r in stored} == {value["record_id"] for value in records}
+    assert {r.hex for r in stored if r is not None} == {value["record_id"] for value in records}
     assert full_redis.xlen(STREAM) == 0  # acknowledged and deleted: the memory is free again
 
 
