@@ -7,9 +7,12 @@ import base64
 import hashlib
 import os
 import secrets
+import shutil
+import socket
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,6 +58,38 @@ def redis_client() -> redis.Redis:
     client = redis.Redis.from_url(settings.REDIS_URL)
     client.flushdb()
     return client
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis, Path]]:
+    """A Redis server of the test's own: its URL, a client, and its (removable) directory."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    directory = tmp_path / "redis"
+    directory.mkdir()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        + ["--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0", client, directory
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(10)
 
 
 @pytest.fixture

@@ -4,11 +4,6 @@ broker."""
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,36 +18,16 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def full_redis(tmp_path: Any) -> Iterator[redis.Redis]:
-    """A Redis of its own (maxmemory is the whole server's), holding three records in the stream and its
-    consumer group, then set at its maxmemory."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        client.xgroup_create(STREAM, "ingest", id="0", mkstream=True)  # as a first ingest run made it
-        yield client
-    finally:
-        process.terminate()
-        process.wait(10)
+def full_redis(own_redis: Any, settings: Any) -> redis.Redis:
+    """A Redis of the test's own (maxmemory is the whole server's) with the ingest's consumer group, as a
+    first ingest run made it; the settings name it."""
+    url, client, _directory = own_redis
+    client.xgroup_create(STREAM, "ingest", id="0", mkstream=True)
+    settings.REDIS_URL = url
+    return client
 
 
-def test_a_redis_at_its_maxmemory_is_drained_by_the_ingest_command(full_redis, settings):
+def test_a_redis_at_its_maxmemory_is_drained_by_the_ingest_command(full_redis):
     records = [record() for _ in range(3)]
     for value in records:
         full_redis.xadd(STREAM, entry(value))
@@ -60,7 +35,6 @@ def test_a_redis_at_its_maxmemory_is_drained_by_the_ingest_command(full_redis, s
     full_redis.config_set("maxmemory", full_redis.info("memory")["used_memory"])
     with pytest.raises(redis.exceptions.OutOfMemoryError):  # what Celery's broker and lock need is refused
         full_redis.set("celery-lock", "x", nx=True, px=1000)
-    settings.REDIS_URL = f"redis://127.0.0.1:{full_redis.connection_pool.connection_kwargs['port']}/0"
     call_command("ingest", runs=1)
     stored = set(UsageRecord.objects.values_list("record_id", flat=True))
     assert {r.hex for r in stored if r is not None} == {value["record_id"] for value in records}

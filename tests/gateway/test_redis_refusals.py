@@ -7,11 +7,9 @@ server's state, which tests sharing one server must not see), on a port the syst
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,38 +43,6 @@ REFUSALS = [
     "LOADING Redis is loading the dataset in memory",
     "MASTERDOWN Link with MASTER is down and replica-serve-stale-data is set to 'no'.",
 ]
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[str, redis.Redis, Path]]:
-    """A Redis server of the test's own: its URL, a client, and its (removable) directory."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    directory = tmp_path / "redis"
-    directory.mkdir()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(directory)],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0", client, directory
-    finally:
-        client.close()
-        process.terminate()
-        process.wait(10)
 
 
 def refuse(kind: str, client: redis.Redis, directory: Path) -> Callable[[], object]:
