@@ -4,6 +4,7 @@ broker."""
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
@@ -49,3 +50,13 @@ def test_the_ingest_command_refuses_what_it_cannot_run(settings, redis_url, runs
     settings.REDIS_URL = redis_url
     with pytest.raises(CommandError, match=says):
         call_command("ingest", runs=runs)
+
+
+def test_the_ingest_loop_outlives_a_failed_run(settings, caplog):
+    with socket.socket() as probe:  # a port nothing listens on: Redis down
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+    call_command("ingest", runs=2)  # neither run raises out of the loop
+    failed = [r for r in caplog.records if r.getMessage().startswith("ingest run failed (ConnectionError)")]
+    assert len(failed) == 2

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError
+from django.db import DatabaseError, close_old_connections
 
 from audit.ingest import stream_ingest
 from audit.redisconn import redis_sync
@@ -58,4 +58,7 @@ class Command(BaseCommand):
                 stream_ingest(client)  # reads until caught up or a second has passed; waits 0.2 s for entries
             except (redis.RedisError, DatabaseError) as exc:
                 logger.warning("ingest run failed (%s); next in %.0f s", type(exc).__name__, RETRY_S)
+                # as Celery's Django fixup does around each task: a connection PostgreSQL closed (a restart,
+                # a failover) is put away, rather than failing every later run
+                close_old_connections()
                 time.sleep(RETRY_S)
