@@ -49,16 +49,19 @@ class Command(BaseCommand):
             nonlocal stopping
             stopping = True  # the run under way ends (at most a second), then the loop
 
-        signal.signal(signal.SIGTERM, stop)
+        previous = signal.signal(signal.SIGTERM, stop)
         client = redis_sync(settings.REDIS_URL)
         done = 0
-        while not stopping and (runs == 0 or done < runs):
-            done += 1
-            try:
-                stream_ingest(client)  # reads until caught up or a second has passed; waits 0.2 s for entries
-            except (redis.RedisError, DatabaseError) as exc:
-                logger.warning("ingest run failed (%s); next in %.0f s", type(exc).__name__, RETRY_S)
-                # as Celery's Django fixup does around each task: a connection PostgreSQL closed (a restart,
-                # a failover) is put away, rather than failing every later run
-                close_old_connections()
-                time.sleep(RETRY_S)
+        try:
+            while not stopping and (runs == 0 or done < runs):
+                done += 1
+                try:
+                    stream_ingest(client)  # until caught up or a second has passed; waits 0.2 s for entries
+                except (redis.RedisError, DatabaseError) as exc:
+                    logger.warning("ingest run failed (%s); next in %.0f s", type(exc).__name__, RETRY_S)
+                    # as Celery's Django fixup does around each task: a connection PostgreSQL closed (a
+                    # restart, a failover) is put away, rather than failing every later run
+                    close_old_connections()
+                    time.sleep(RETRY_S)
+        finally:
+            signal.signal(signal.SIGTERM, previous)  # called in a process of its own or not (a test)
