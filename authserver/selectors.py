@@ -186,18 +186,6 @@ def access_token_live(*, token: str, now: datetime | None = None) -> AccessToken
     )
 
 
-def access_token_live_scopes(*, token: str, now: datetime | None = None) -> list[str] | None:
-    """Return the scopes of a live access token this server issued, by the token itself (its row keeps a
-    SHA-256 checksum), or None: unknown, revoked or expired."""
-    checksum = token_checksum(token)
-    scope = (
-        AccessToken.objects.filter(token_checksum=checksum, expires__gt=now or timezone.now())
-        .values_list("scope", flat=True)
-        .first()
-    )
-    return None if scope is None else scope.split()
-
-
 # --- administration reads (the console and the admin API) -------------------------------------------
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,26 +100,22 @@ class ClientForm(forms.Form):
         if editing:
             del self.fields["public"]
 
-    def clean_redirect_uris(self) -> str:
-        text = str(self.cleaned_data["redirect_uris"])
-        errors = redirect_uri_errors(split_lines(text))
+    def _lines_checked(self, field: str, errors_of: Callable[[list[str]], list[str]]) -> str:
+        """A field of one item per line, refused with what ``errors_of`` says of its items."""
+        text = str(self.cleaned_data[field])
+        errors = errors_of(split_lines(text))
         if errors:
             raise ValidationError(errors)
         return text
+
+    def clean_redirect_uris(self) -> str:
+        return self._lines_checked("redirect_uris", redirect_uri_errors)
 
     def clean_post_logout_redirect_uris(self) -> str:
-        text = str(self.cleaned_data["post_logout_redirect_uris"])
-        errors = redirect_uri_errors(split_lines(text))
-        if errors:
-            raise ValidationError(errors)
-        return text
+        return self._lines_checked("post_logout_redirect_uris", redirect_uri_errors)
 
     def clean_allowed_origins(self) -> str:
-        text = str(self.cleaned_data["allowed_origins"])
-        errors = origin_errors(split_lines(text))
-        if errors:
-            raise ValidationError(errors)
-        return text
+        return self._lines_checked("allowed_origins", origin_errors)
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}

@@ -11,7 +11,7 @@ from oauth2_provider import views as dot_views
 from oauth2_provider.settings import oauth2_settings
 
 from audit.services import audit_record
-from authserver.selectors import access_token_live_scopes
+from authserver.selectors import access_token_live
 from authserver.tokens import access_token_introspection, jwt_signed_by_published_key
 from authserver.views.common import (
     FormEndpoint,
@@ -80,8 +80,8 @@ class UserInfoView(dot_views.UserInfoView):
         if token and not jwt_signed_by_published_key(token):
             return _userinfo_denied("invalid_token", "The access token is not valid", 401)
         response: HttpResponse = super()._create_userinfo_response(request)
-        granted = access_token_live_scopes(token=token) if response.status_code == 401 and token else None
-        if granted is not None and "openid" not in granted:
+        live = access_token_live(token=token) if response.status_code == 401 and token else None
+        if live is not None and "openid" not in live.scope.split():
             # RFC 6750 §3.1: a live token without the scope userinfo needs is insufficient_scope, 403, with
             # the scope it needs. DOT checked the token and the scope in one, and answered invalid_token:
             # a client then refreshed a good token, and was refused again.
