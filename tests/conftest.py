@@ -138,8 +138,9 @@ class OAuthDriver:
 
     http: HttpClient
 
-    def token(self, data: dict[str, str], auth: tuple[str, str | None] | None = None) -> Any:
-        headers: dict[str, Any] = {"HTTP_AUTHORIZATION": basic_auth(*auth)} if auth else {}
+    def token(self, data: dict[str, str], auth: tuple[str, str | None] | None = None, **headers: Any) -> Any:
+        if auth:
+            headers["HTTP_AUTHORIZATION"] = basic_auth(*auth)
         return self.http.post("/oauth/token/", data, **headers)
 
     def client_credentials(self, reg: RegisteredClient, scope: str = "models.read completions") -> Any:
@@ -181,7 +182,12 @@ class OAuthDriver:
         return query["code"][0]
 
     def code_exchange(
-        self, reg: RegisteredClient, code: str, verifier: str, redirect_uri: str = REDIRECT_URI
+        self,
+        reg: RegisteredClient,
+        code: str,
+        verifier: str,
+        redirect_uri: str = REDIRECT_URI,
+        **headers: Any,
     ) -> Any:
         data = {
             "grant_type": "authorization_code",
@@ -191,8 +197,14 @@ class OAuthDriver:
         }
         if reg.client_secret is None:
             data["client_id"] = reg.client.client_id
-            return self.token(data)
-        return self.token(data, (reg.client.client_id, reg.client_secret))
+            return self.token(data, **headers)
+        return self.token(data, (reg.client.client_id, reg.client_secret), **headers)
+
+    def code_tokens(self, reg: RegisteredClient, scope: str, **headers: Any) -> Any:
+        """The token endpoint's answer to a code issued with PKCE for ``scope`` to the signed-in user."""
+        verifier, challenge = pkce_pair()
+        code = self.code_from(self.authorize(reg.client, challenge=challenge, scope=scope))
+        return self.code_exchange(reg, code, verifier, **headers)
 
 
 @pytest.fixture

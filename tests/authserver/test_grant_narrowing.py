@@ -9,7 +9,6 @@ import pytest
 from audit.models import AuditEvent
 from authserver.models import AccessToken, Client, RevokedAccessToken
 from authserver.services import client_update
-from tests.conftest import pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -24,9 +23,7 @@ def both(make_client):
 
 def user_tokens(oauth, reg, alice) -> dict[str, str]:
     oauth.http.force_login(alice)
-    verifier, challenge = pkce_pair()
-    code = oauth.code_from(oauth.authorize(reg.client, challenge=challenge, scope=SCOPES))
-    answer = oauth.code_exchange(reg, code, verifier)
+    answer = oauth.code_tokens(reg, SCOPES)
     assert answer.status_code == 200, answer.content
     return dict(answer.json())
 

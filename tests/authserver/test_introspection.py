@@ -35,9 +35,7 @@ def introspect(oauth, make_client):
 def _user_tokens(oauth, make_client, user, scope: str = "openid models.read offline_access") -> tuple:
     reg = make_client(grants=("authorization-code",), scopes="openid profile models.read offline_access")
     oauth.http.force_login(user)
-    verifier, challenge = pkce_pair()
-    code = oauth.code_from(oauth.authorize(reg.client, challenge=challenge, scope=scope))
-    response = oauth.code_exchange(reg, code, verifier)
+    response = oauth.code_tokens(reg, scope)
     assert response.status_code == 200, response.content
     return reg, response.json()
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from authserver.tokens import jwt_unverified_claims
-from tests.conftest import pkce_pair
 
 pytestmark = pytest.mark.django_db
 
@@ -14,9 +13,7 @@ pytestmark = pytest.mark.django_db
 def signed_in_tokens(oauth, make_client, user, scope: str) -> dict[str, str]:
     reg = make_client(grants=("authorization-code",), scopes="openid profile models.read")
     oauth.http.force_login(user)
-    verifier, challenge = pkce_pair()
-    code = oauth.code_from(oauth.authorize(reg.client, challenge=challenge, scope=scope))
-    answer = oauth.code_exchange(reg, code, verifier)
+    answer = oauth.code_tokens(reg, scope)
     assert answer.status_code == 200, answer.content
     return dict(answer.json())
 

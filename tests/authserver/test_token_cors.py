@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import basic_auth, pkce_pair
+from tests.conftest import basic_auth
 
 pytestmark = pytest.mark.django_db
 
@@ -20,19 +20,8 @@ def spa(make_client):
 
 def first_tokens(oauth, reg, alice, origin: str | None):
     oauth.http.force_login(alice)
-    verifier, challenge = pkce_pair()
-    code = oauth.code_from(
-        oauth.authorize(reg.client, challenge=challenge, scope="models.read offline_access")
-    )
-    data = {
-        "grant_type": "authorization_code",
-        "code": code,
-        "redirect_uri": "https://app.example.com/callback",
-        "code_verifier": verifier,
-        "client_id": reg.client.client_id,
-    }
     headers = {"HTTP_ORIGIN": origin} if origin else {}
-    return oauth.http.post("/oauth/token/", data, **headers)
+    return oauth.code_tokens(reg, "models.read offline_access", **headers)  # a public client: its client_id
 
 
 def test_a_page_of_a_listed_origin_reads_the_exchange_the_refresh_the_errors_and_the_revocation(

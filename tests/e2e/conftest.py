@@ -257,3 +257,17 @@ def committed(django_db_blocker: Any, change: Any) -> None:
         worker = threading.Thread(target=run)
         worker.start()
         worker.join()
+
+
+def usage_row(django_db_blocker: Any, request_id: str, timeout: float = 15.0) -> Any:
+    """The usage record a request left (once ingested)."""
+    from audit.models import UsageRecord
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with django_db_blocker.unblock():
+            row = UsageRecord.objects.filter(request_id=request_id).first()
+        if row is not None:
+            return row
+        time.sleep(0.2)
+    raise AssertionError(f"no usage record for {request_id} after {timeout} s")

@@ -37,6 +37,7 @@ from tests.e2e.conftest import (
     start_server,
     start_worker,
     stop,
+    usage_row,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
@@ -159,7 +160,7 @@ def test_a_stream_without_include_usage_gets_no_usage_chunk_but_is_still_charged
     assert not any('"choices":[]' in e.replace(" ", "") for e in events)
     sent = stack.fake.state()["last_bodies"][-1]
     assert sent["stream_options"] == {"include_usage": True}
-    row = _usage_row(django_db_blocker, request_id)
+    row = usage_row(django_db_blocker, request_id)
     assert row.completion_tokens == 3
     assert row.stream is True
 
@@ -178,7 +179,7 @@ def test_running_usage_comes_in_every_chunk_only_with_include_usage_and_the_fina
     assert [c["usage"]["completion_tokens"] for c in chunks] == [0, 0, 1, 1, 2, 2, 3, 3]
     assert final["choices"] == []
     assert final["usage"]["completion_tokens"] == 6
-    row = _usage_row(django_db_blocker, request_id)
+    row = usage_row(django_db_blocker, request_id)
     assert (row.prompt_tokens, row.completion_tokens) == (final["usage"]["prompt_tokens"], 6)
     # vLLM gives running counts only with include_usage: the one the gateway forces does not ask for them
     with chat_stream(stack, token, max_tokens=3, stream_options={"continuous_usage_stats": True}) as response:
@@ -204,17 +205,6 @@ def chat_stream(stack: Stack, token: str, *, max_tokens: int, timeout: float = 1
         timeout=timeout,
         headers={"authorization": f"Bearer {token}"},
     )
-
-
-def _usage_row(django_db_blocker: Any, request_id: str, timeout: float = 15.0) -> UsageRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with django_db_blocker.unblock():
-            row = UsageRecord.objects.filter(request_id=request_id).first()
-        if row is not None:
-            return row
-        time.sleep(0.2)
-    raise AssertionError(f"no usage record for {request_id} after {timeout} s")
 
 
 class Order(pydantic.BaseModel):
@@ -340,7 +330,7 @@ def test_a_client_leaving_a_call_aborts_the_upstream_request_and_is_charged_its_
     state = stack.fake.state()
     assert state["aborted"] == 1  # closed at once, not after the 5 s answer
     assert state["running"] == 0
-    row = _usage_row(django_db_blocker, request_id)
+    row = usage_row(django_db_blocker, request_id)
     assert (row.status, row.outcome, row.completion_tokens) == (499, "client_gone", 0)
     # the prompt vLLM read, estimated as it was reserved: from the size of the body sent upstream with its
     # non-ASCII characters escaped (its UTF-8 would say 4 bytes less for each of "ü" and "ß", 3 for each of
@@ -422,7 +412,7 @@ def test_an_upstream_error_mid_stream_reaches_the_client_once_without_done(stack
         }
     }
     assert "data: [DONE]" not in events  # vLLM sends one after its error event
-    row = _usage_row(django_db_blocker, request_id)
+    row = usage_row(django_db_blocker, request_id)
     assert row.outcome == "upstream_error"
 
 
@@ -500,7 +490,7 @@ def test_a_token_revoked_while_a_call_waits_for_its_answer_is_answered_401_withi
     while stack.fake.state()["aborted"] < 1 and time.monotonic() - cut_at < 2:
         time.sleep(0.02)
     assert stack.fake.state()["aborted"] == 1  # vLLM stopped generating it
-    row = _usage_row(django_db_blocker, request_id)
+    row = usage_row(django_db_blocker, request_id)
     assert (row.status, row.outcome, row.completion_tokens) == (401, "revoked", 0)
     assert row.prompt_tokens > 0  # the prompt vLLM read, as reserved
     assert denial_reason(django_db_blocker, request_id) == "token_revoked"
@@ -1024,7 +1014,7 @@ def test_a_model_name_with_a_lone_surrogate_is_refused_and_its_usage_record_stil
     )
     assert response.status_code == 403
     assert response.json()["error"]["code"] == "model_not_allowed"
-    row = _usage_row(django_db_blocker, response.headers["x-request-id"])
+    row = usage_row(django_db_blocker, response.headers["x-request-id"])
     assert (row.model, row.status, row.outcome) == ("x?", 403, "denied:model_not_allowed")
 
 
@@ -1062,7 +1052,7 @@ def test_a_repeated_authorization_or_content_type_header_is_refused_whichever_co
         assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request")
         assert error["param"] == param
         assert denial_reason(django_db_blocker, request_id) == "invalid_request"
-        assert _usage_row(django_db_blocker, request_id).status == 400
+        assert usage_row(django_db_blocker, request_id).status == 400
     assert stack.fake.served() == before
     single = [("authorization", good), json_type, ("accept", "application/json"), ("accept", "*/*")]
     response = httpx.post(
@@ -1123,7 +1113,7 @@ def test_a_body_trickled_in_slower_than_the_body_timeout_gets_a_408_and_the_conn
             "body",
         )
         assert denial_reason(django_db_blocker, request_id) == "request_timeout"
-        assert _usage_row(django_db_blocker, request_id).status == 408
+        assert usage_row(django_db_blocker, request_id).status == 408
         assert "Traceback" not in server.log.read_text()
     finally:
         stop(server.process)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from audit.models import UsageRecord
 from authserver.services import RegisteredClient, client_register
 from gateway.services import policy_set
 from tests.e2e.conftest import (
@@ -24,6 +22,7 @@ from tests.e2e.conftest import (
     start_fakevllm,
     start_server,
     start_worker,
+    usage_row,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db]
@@ -54,17 +53,6 @@ def stack(
         yield Stack(server, fake, app)
     finally:
         stack_stop(django_db_blocker, worker, server.process, fake.process)
-
-
-def _usage_row(django_db_blocker: Any, request_id: str, timeout: float = 15.0) -> UsageRecord:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with django_db_blocker.unblock():
-            row = UsageRecord.objects.filter(request_id=request_id).first()
-        if row is not None:
-            return row
-        time.sleep(0.2)
-    raise AssertionError(f"no usage record for {request_id} after {timeout} s")
 
 
 def test_a_streamed_forced_tool_call_reaches_the_client_chunk_for_chunk_and_its_usage_is_recorded(
@@ -110,6 +98,6 @@ def test_a_streamed_forced_tool_call_reaches_the_client_chunk_for_chunk_and_its_
     assert usage["usage"]["completion_tokens"] == 4
     sent = stack.fake.state()["last_bodies"][-1]
     assert (sent["tools"], sent["tool_choice"]) == ([WEATHER], "required")
-    row = _usage_row(django_db_blocker, request_id)
+    row = usage_row(django_db_blocker, request_id)
     assert (row.prompt_tokens, row.completion_tokens) == (usage["usage"]["prompt_tokens"], 4)
     assert row.stream is True
