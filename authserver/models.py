@@ -73,9 +73,12 @@ def origin_errors(origins: list[str]) -> list[str]:
     """Name the web origins a client may not list (``allowed_origins``: the pages whose scripts may call the
     token endpoint and the gateway, CORS): each must be written exactly as a browser sends its ``Origin``
     header, ``https://host[:port]``, lowercase, without a path or the default port, for the gateway and
-    DOT compare that header with what is stored. Not https (oauthlib gives CORS to https origins only), a
-    wildcard, ``null`` (a sandboxed or local page, any site can be one), a path or a user, or one listed
-    twice: refused, with the spelling to use where there is one.
+    DOT compare that header with what is stored. ``http`` only for a loopback IP literal
+    (``http://127.0.0.1:5173``, ``http://[::1]:3000``), as for redirect URIs (RFC 8252): a single-page app's
+    development server, which can serve its code flow too; ``http://localhost`` is refused as its redirect
+    URIs are, since the name can be made to resolve elsewhere. Any other http origin (its pages can be
+    rewritten on the way), a wildcard, ``null`` (a sandboxed or local page, any site can be one), a path or
+    a user, or one listed twice: refused, with the spelling to use where there is one.
     """
     errors, seen = [], set()
     for origin in origins:
@@ -84,7 +87,9 @@ def origin_errors(origins: list[str]) -> list[str]:
             continue
         canonical = _origin_canonical(origin)
         if canonical is None and origin.lower().startswith("http://"):
-            errors.append(f"{origin}: an origin must be https (CORS is given to https pages only)")
+            errors.append(
+                f"{origin}: an origin must be https (http only for a loopback IP such as http://127.0.0.1:5173)"
+            )
         elif canonical is None:
             shown = origin if origin.isprintable() else repr(origin)
             errors.append(f"{shown}: not a web origin; write https://host or https://host:port")
@@ -97,9 +102,9 @@ def origin_errors(origins: list[str]) -> list[str]:
 
 
 def _origin_canonical(origin: str) -> str | None:
-    """The serialized origin (the Fetch standard's) a browser would send for this https URL, or None when it
-    is not one: another scheme, a user, a query or a fragment, a path other than "/", an unparsable port,
-    no host, or a wildcard."""
+    """The serialized origin (the Fetch standard's) a browser would send for this https URL (or http URL of a
+    loopback IP), or None when it is not one: another scheme, a user, a query or a fragment, a path other
+    than "/", an unparsable port, no host, or a wildcard."""
     if not origin.isascii():
         return None  # a browser sends an IDN host in its ASCII form (xn--)
     try:
@@ -108,8 +113,9 @@ def _origin_canonical(origin: str) -> str | None:
     except ValueError:
         return None
     host = parts.hostname
+    scheme = parts.scheme.lower()
     if (
-        parts.scheme.lower() != "https"
+        scheme not in ("https", "http")
         or not host
         or "*" in host
         or "@" in parts.netloc
@@ -120,9 +126,10 @@ def _origin_canonical(origin: str) -> str | None:
     ):
         return None
     host = _origin_host(host)
-    if host is None:
+    if host is None or (scheme == "http" and not _is_loopback_http(f"http://{host}")):
         return None
-    return f"https://{host}" + (f":{port}" if port not in (None, 443) else "")
+    default = 443 if scheme == "https" else 80
+    return f"{scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 ORIGIN_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789.-")
@@ -270,6 +277,8 @@ class Client(dot.AbstractApplication):
             super().clean()
         except ValidationError as exc:
             for field, messages in exc.message_dict.items():
+                if field == "allowed_origins" and not bad_origins:
+                    continue  # DOT's check is https alone; origin_errors is stricter but for a loopback IP
                 errors.setdefault(field, []).extend(messages)
         if errors:
             raise ValidationError(errors)

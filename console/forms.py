@@ -85,8 +85,9 @@ class ClientForm(forms.Form):
     allowed_origins = forms.CharField(
         required=False,
         label="Allowed web origins",
-        help_text="One per line, as https://host or https://host:port: pages there may call the token "
-        "endpoint and /v1 from a browser (CORS). Empty: no web page may.",
+        help_text="One per line, as https://host or https://host:port (http only for a loopback IP, "
+        "http://127.0.0.1:5173): pages there may call the token endpoint and /v1 from a browser (CORS). "
+        "Empty: no web page may.",
         widget=forms.Textarea(attrs={"rows": 2}),
     )
     scopes = forms.MultipleChoiceField(choices=scope_choices, widget=forms.CheckboxSelectMultiple)

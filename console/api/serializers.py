@@ -116,7 +116,8 @@ class ClientWriteSerializer(StrictSerializer):
         required=False,
         default=list,
         max_length=50,
-        help_text="Web origins (https://host[:port]) whose pages may call the token endpoint and /v1 (CORS)",
+        help_text="Web origins (https://host[:port]; http only for a loopback IP) whose pages may call the "
+        "token endpoint and /v1 (CORS)",
     )
     scopes = serializers.ListField(
         child=StrictChoiceField(choices=[s for s, _ in scope_choices()]), min_length=1, max_length=20

@@ -109,3 +109,16 @@ def test_a_client_id_holding_nul_from_a_page_is_refused_as_before_not_a_500(oaut
         )
         assert basic.status_code == 401, (path, basic.content)
         assert not basic.has_header("Access-Control-Allow-Origin")
+
+
+@pytest.mark.parametrize("dev", ["http://127.0.0.1:5173", "http://[::1]:3000"])
+def test_a_development_page_on_a_loopback_ip_reads_its_tokens_over_http(oauth, make_client, alice, dev):
+    # An SPA's development server: http, as its loopback redirect URIs may be (RFC 8252); oauthlib would
+    # give CORS to https pages alone
+    scopes = "models.read offline_access"
+    spa = make_client(grants=("authorization-code",), public=True, scopes=scopes, allowed_origins=[dev])
+    exchanged = first_tokens(oauth, spa, alice, dev)
+    assert exchanged.status_code == 200
+    assert exchanged["Access-Control-Allow-Origin"] == dev
+    other_port = first_tokens(oauth, spa, alice, dev.rsplit(":", 1)[0] + ":8080")
+    assert not other_port.has_header("Access-Control-Allow-Origin")  # an origin is its port too

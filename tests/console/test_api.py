@@ -770,7 +770,7 @@ def test_a_redirect_uri_listed_twice_is_a_400(bearer, world):
 def test_a_clients_allowed_origins_are_set_shown_and_audited(bearer, world):
     api = bearer()
     cid = world.app.client.client_id
-    origins = ["https://app.example", "https://[::1]:8443"]
+    origins = ["https://app.example", "https://[::1]:8443", "http://127.0.0.1:5173", "http://[::1]"]
     response = api.patch(
         f"/api/admin/clients/{cid}/", {"allowed_origins": origins}, content_type="application/json"
     )
@@ -797,7 +797,11 @@ def test_a_clients_allowed_origins_are_set_shown_and_audited(bearer, world):
         ("https://App.example", "write it as a browser sends it: https://app.example"),
         ("https://app.example/", "write it as a browser sends it: https://app.example"),
         ("https://app.example:443", "write it as a browser sends it: https://app.example"),
-        ("http://app.example", "an origin must be https"),
+        ("http://app.example", "an origin must be https (http only for a loopback IP"),
+        ("http://localhost:5173", "an origin must be https (http only for a loopback IP"),
+        ("http://10.0.0.1", "an origin must be https (http only for a loopback IP"),
+        ("http://127.0.0.1:80", "write it as a browser sends it: http://127.0.0.1"),
+        ("http://[0::1]:3000", "write it as a browser sends it: http://[::1]:3000"),
         ("https://app.example/spa", "not a web origin"),
         ("https://*.example", "not a web origin"),
         ("null", "not a web origin"),

@@ -786,7 +786,7 @@ def test_a_clients_allowed_origins_are_edited_one_per_line_and_checked(as_admin,
     assert refused.status_code == 200
     assert refused.context["form"].errors["allowed_origins"] == [
         "https://app.example/: write it as a browser sends it: https://app.example",
-        "http://x.example: an origin must be https (CORS is given to https pages only)",
+        "http://x.example: an origin must be https (http only for a loopback IP such as http://127.0.0.1:5173)",
     ]
     client.refresh_from_db()
     assert client.allowed_origins == ""

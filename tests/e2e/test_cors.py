@@ -199,11 +199,11 @@ def test_a_request_without_an_origin_is_served_without_cors_headers(stack):
 
 def test_a_clients_new_origins_reach_the_gateway_without_a_restart(stack, django_db_blocker):
     server, _fake, clients = stack
-    moved = "https://moved.example"
+    moved, dev = "https://moved.example", "http://127.0.0.1:5173"  # and its development server's page
 
     committed(
         django_db_blocker,
-        lambda: client_update(client=clients["other"].client, actor="test", allowed_origins=moved),
+        lambda: client_update(client=clients["other"].client, actor="test", allowed_origins=f"{moved} {dev}"),
     )
     deadline = time.monotonic() + 3
     while preflight(server, moved).status_code != 204 and time.monotonic() < deadline:
@@ -212,6 +212,8 @@ def test_a_clients_new_origins_reach_the_gateway_without_a_restart(stack, django
     assert preflight(server, OTHER).status_code == 403
     token = client_token(server, clients["other"])
     assert chat(server, token, moved).status_code == 200
+    assert preflight(server, dev).status_code == 204
+    assert chat(server, token, dev).headers["access-control-allow-origin"] == dev
     dropped = chat(server, token, OTHER)  # listed by no client now: no page of it passes a preflight
     assert dropped.status_code == 200
     assert "access-control-allow-origin" not in dropped.headers
