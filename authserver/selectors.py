@@ -108,6 +108,27 @@ def _client_select(db: Any) -> tuple[str, list[str], list[tuple[int, Any, list[A
     return sql, [f.attname for f in fields], converters
 
 
+def client_lock_shared(client_id: str | None) -> None:
+    """Hold the named client's row, shared, until the transaction ends (PostgreSQL's ``FOR SHARE``): a
+    change to the client (its grant types, scopes, or its disabling, which revoke what the client may no
+    longer hold) waits for the transaction, and one under way holds the transaction here until it commits,
+    so the transaction's reads of the client afterwards see it changed. Taken before a grant that consumes
+    a code or a refresh token reads anything else: a refresh that read the client before such a change
+    committed issued tokens its revocation had not seen (a live refresh token of a grant the client had
+    lost). Many transactions may hold one client's row at once. SQLite has no row locks (and serializes its
+    writers): nothing to take there."""
+    if not isinstance(client_id, str) or "\x00" in client_id:
+        return  # none named, or none PostgreSQL text can hold: the grant is refused as it would be
+    db = connections[router.db_for_write(Client)]
+    if db.vendor != "postgresql":
+        return
+    meta = Client._meta
+    quote = db.ops.quote_name
+    table, key = quote(meta.db_table), quote(meta.get_field("client_id").column)
+    with db.cursor() as cursor:
+        cursor.execute(f"SELECT 1 FROM {table} WHERE {key} = %s FOR SHARE", [client_id])  # noqa: S608
+
+
 def client_by_client_id(client_id: str | None) -> Client | None:
     """Return the client with this client id, or None.
 

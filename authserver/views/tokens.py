@@ -19,10 +19,12 @@ from oauth2_provider.signals import app_authorized
 from redis.exceptions import RedisError
 
 from audit.services import audit_record
+from authserver.selectors import client_lock_shared
 from authserver.validators import access_tokens_issued, holds_nul, revocations_found
 from authserver.views.common import (
     FORM,
     FormEndpoint,
+    basic_client_id,
     client_authenticated,
     client_id_of,
     client_refused,
@@ -62,6 +64,8 @@ class TokenView(FormEndpoint, dot_views.TokenView):
         # credential: a second use at the same moment waits for the first and is then seen as a replay.
         consumes = request.POST.get("grant_type") in CONSUMING_GRANTS
         with transaction.atomic() if consumes else nullcontext(), access_tokens_issued() as issued:
+            if consumes:  # the client first, then its code or refresh token: as a change to it locks them
+                client_lock_shared(basic_client_id(request) or request.POST.get("client_id"))
             _uri, headers, body, status = self.create_token_response(request)
         if status == 200 and issued:
             app_authorized.send(sender=self, request=request, token=issued[-1])
@@ -88,6 +92,7 @@ class TokenView(FormEndpoint, dot_views.TokenView):
         if client is None:
             return client_refused()
         with transaction.atomic():
+            client_lock_shared(client.client_id)  # as for a code (authorization_flow_token_response)
             grant = (
                 get_device_grant_model().objects.select_for_update().filter(device_code=device_code).first()
             )
