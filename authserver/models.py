@@ -39,7 +39,7 @@ def _is_loopback_http(uri: str) -> bool:
         return False
 
 
-def _parses(uri: str) -> bool:
+def uri_parses(uri: str) -> bool:
     """Whether a URI parses with its port (urlsplit raises for a port out of range only when asked)."""
     try:
         urlsplit(uri).port  # noqa: B018 (reading the port is what checks it)
@@ -61,7 +61,7 @@ def redirect_uri_errors(uris: list[str]) -> list[str]:
     for uri in uris:
         if any(c.isspace() for c in uri):
             errors.append(f"{uri!r}: a redirect URI holds no whitespace; give each URI as its own item")
-        elif not _parses(uri):
+        elif not uri_parses(uri):
             errors.append(f"{uri}: not a valid URL (check the host and the port)")
         elif uri in seen:
             errors.append(f"{uri}: listed twice")
@@ -161,8 +161,8 @@ def _uri_registered(uri: str, registered_text: str) -> bool:
     and the registered string itself, or for a loopback IP the same string but for the port."""
     # A URI that does not parse (a port out of range, a broken IPv6 literal: stored before clean()
     # refused them) matches nothing, and must not make DOT's check raise for the others.
-    registered = [r for r in registered_text.split() if _parses(r)]
-    if not _parses(uri):
+    registered = [r for r in registered_text.split() if uri_parses(r)]
+    if not uri_parses(uri):
         return False
     allowed, _reasons = dot.check_redirect_to_uri_allowed(uri, registered)
     return allowed and any(_same_redirect_uri(uri, r) for r in registered)
@@ -251,7 +251,7 @@ class Client(dot.AbstractApplication):
             uris = getattr(self, field).split()
             if unparsable := redirect_uri_errors(uris):
                 errors[field] = unparsable
-            for uri in filter(_parses, uris):
+            for uri in filter(uri_parses, uris):
                 if uri.startswith("http:") and not _is_loopback_http(uri):
                     errors.setdefault(field, []).append(
                         f"{uri}: {what} URIs must use https (http only for a loopback IP, RFC 8252)"
@@ -260,7 +260,7 @@ class Client(dot.AbstractApplication):
         check = AllowedURIValidator(
             self.get_allowed_schemes(), "post logout redirect uri", allow_path=True, allow_query=True
         )
-        for uri in filter(_parses, self.post_logout_redirect_uris.split()):
+        for uri in filter(uri_parses, self.post_logout_redirect_uris.split()):
             try:
                 check(uri)
             except ValidationError as exc:

@@ -13,7 +13,12 @@ from typing import Any
 
 from oauthlib.openid import Server
 
-from authserver.validators import authorization_request_check, code_verifier_check, device_user_check
+from authserver.validators import (
+    authorization_request_check,
+    claims_check,
+    code_verifier_check,
+    device_user_check,
+)
 
 SUPPORTED_RESPONSE_TYPES = {"code"}
 RETIRED_GRANT_TYPES = {"password"}
@@ -30,4 +35,5 @@ class PortcullisServer(Server):
         for grant in (self.auth_grant, self.openid_connect_auth):
             grant.custom_validators.post_auth.append(authorization_request_check)
             grant.custom_validators.pre_token.append(code_verifier_check)
+        self.openid_connect_auth.custom_validators.post_auth.insert(0, claims_check)  # before oauthlib's
         self.device_code_grant.custom_validators.post_token.append(device_user_check)

@@ -4,6 +4,7 @@ JWT ids on token rows, code-replay tombstones and refresh-reuse events."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections import Counter
@@ -181,6 +182,23 @@ def authorization_request_check(request: Any) -> dict[str, Any]:
         raise errors.InvalidRequestError(
             description=f"nonce must be at most {NONCE_MAX} characters", request=request
         )
+    return {}
+
+
+def claims_check(request: Any) -> dict[str, Any]:
+    """Refuse a ``claims`` parameter that is no JSON object (OIDC Core §5.5), back to the client with its
+    ``state``: registered before oauthlib's OpenID check, whose own refusal of one that does not parse
+    names no request, so DOT's redirect to a relative ``?error=`` was refused by Django (a bare 400 page,
+    and an error logged, for every such request)."""
+    claims = request.claims
+    if claims is None or isinstance(claims, dict):
+        return {}
+    try:
+        parsed = json.loads(claims) if isinstance(claims, str | bytes) else None
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise errors.InvalidRequestError(description="claims must be a JSON object", request=request)
     return {}
 
 
@@ -388,9 +406,10 @@ class PortcullisValidator(OAuth2Validator):
         super().revoke_token(token, token_type_hint, request, *args, **kwargs)
 
     def _validate_resource_uris(self, request: Any, resources: list[Any]) -> None:
-        # DOT's check of the token request's resources and of those a code or refresh token carries
-        super()._validate_resource_uris(request, resources)
+        # DOT's check of the token request's resources and of those a code or refresh token carries, after
+        # ours: only the gateway passes ours, and DOT's parse raised on a broken one ("https://[zz]/": a 500)
         resources_check(request, resources)
+        super()._validate_resource_uris(request, resources)
 
     def _set_token_value(self, token_instance: Any, raw_token: str) -> None:
         super()._set_token_value(token_instance, raw_token)

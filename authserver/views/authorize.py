@@ -24,7 +24,7 @@ from oauthlib.oauth2.rfc6749.errors import (
 )
 
 from audit.services import actor_for_user, audit_record
-from authserver.models import AUTH_TIME_SESSION_KEY, Client, Consent
+from authserver.models import AUTH_TIME_SESSION_KEY, Client, Consent, uri_parses
 from authserver.registry import consent_details_for
 from authserver.selectors import client_by_client_id
 from authserver.services import consent_grant
@@ -114,7 +114,9 @@ class AuthorizationView(dot_views.AuthorizationView):
         if not raw.isdigit() or not raw.isascii():
             return False  # none, or not a number of seconds: nothing to enforce
         signed_in = self.request.session.get(AUTH_TIME_SESSION_KEY)
-        return not isinstance(signed_in, int) or time.time() - signed_in > int(raw)
+        # past 19 digits it is longer than any sign-in's age (and int() refuses 4,300 digits: a 500)
+        seconds = int(raw.lstrip("0")[:19] or "0")
+        return not isinstance(signed_in, int) or time.time() - signed_in > seconds
 
     def handle_no_permission(self) -> HttpResponseBase:
         if "max_age" in self.request.GET and not self._prompt() & {"none", "create"}:
@@ -179,6 +181,11 @@ class AuthorizationView(dot_views.AuthorizationView):
         client = client_by_client_id(form.cleaned_data["client_id"])
         if client is None:  # the form's hidden fields are the user's to change (DOT's lookup was a 500)
             return self.error_response(FatalClientError(error=InvalidClientIdError()), None)
+        if not all(map(uri_parses, (form.cleaned_data.get("resource") or "").split())):
+            # the request's own resources passed when the page was shown: a field changed into no URI
+            # (DOT's parse of "https://[zz]/" was a 500; one that parses goes back invalid_target)
+            refused = InvalidRequestFatalError(description="The resource field holds no URI")
+            return self.error_response(FatalClientError(error=refused), None)
         scopes = form.cleaned_data.get("scope", "").split()
         if form.cleaned_data.get("allow"):
             self._consented = (client, scopes)  # remembered once oauthlib has accepted the request

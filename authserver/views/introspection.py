@@ -14,6 +14,8 @@ from audit.services import audit_record
 from authserver.selectors import access_token_live
 from authserver.tokens import access_token_introspection, jwt_signed_by_published_key
 from authserver.views.common import (
+    FORM,
+    FORM_ERRORS,
     FormEndpoint,
     client_authenticated,
     client_refused,
@@ -63,10 +65,15 @@ class UserInfoView(dot_views.UserInfoView):
 
     def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
         refusal = query_refusal(request)
-        if refusal is None:
-            response: HttpResponseBase = super().dispatch(request, *args, **kwargs)
-            return response
-        return _userinfo_denied("invalid_request", refusal, 400)  # oauthlib would raise reading it (a 500)
+        if refusal is not None:
+            return _userinfo_denied("invalid_request", refusal, 400)  # oauthlib raised reading it (a 500)
+        if request.method == "POST":
+            try:
+                request.POST  # noqa: B018 (parsed here, where its failure can be answered and audited)
+            except FORM_ERRORS:  # Django's own bare 400, unaudited (and an error logged for some)
+                return _userinfo_denied("invalid_request", f"The body must be a UTF-8 {FORM} form", 400)
+        response: HttpResponseBase = super().dispatch(request, *args, **kwargs)
+        return response
 
     def _create_userinfo_response(self, request: HttpRequest) -> HttpResponse:
         if "access_token" in request.GET and oauth2_settings.COMPLIANT_BCP_RFC9700_ACCESS_TOKEN_TRANSPORT:

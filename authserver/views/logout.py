@@ -22,6 +22,7 @@ from oauth2_provider.exceptions import (
     ClientIdMissmatch,
     InvalidIDTokenError,
     InvalidOIDCClientError,
+    InvalidOIDCRedirectURIError,
     LogoutDenied,
     OIDCError,
 )
@@ -137,6 +138,12 @@ class RPInitiatedLogoutView(dot_views.RPInitiatedLogoutView):
             raise InvalidOIDCClientError()
         self.validate_post_logout_redirect_uri(self.client, post_logout_redirect_uri)
         return self.client, _user_of(self.hint)
+
+    def validate_post_logout_redirect_uri(self, application: Any, post_logout_redirect_uri: Any) -> None:
+        try:
+            super().validate_post_logout_redirect_uri(application, post_logout_redirect_uri)
+        except ValueError:  # DOT's urlparse of a broken one ("https://[zz]/") was a 500
+            raise InvalidOIDCRedirectURIError("The post_logout_redirect_uri is not a URI.") from None
 
     @staticmethod
     def _hint_in_date(claims: dict[str, Any]) -> bool:

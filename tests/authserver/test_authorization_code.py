@@ -204,6 +204,11 @@ def test_a_resource_other_than_the_gateway_is_redirected_invalid_target(
             f"/oauth/authorize/?{urlencode(valid)}", {**valid, "resource": hidden, "allow": "1"}
         )
         assert _query(answer)["error"] == "invalid_target"
+        broken = oauth.http.post(  # one that does not parse: DOT's own check raised (a 500)
+            f"/oauth/authorize/?{urlencode(valid)}", {**valid, "resource": "https://[zz]/", "allow": "1"}
+        )
+        assert broken.status_code == 400
+        assert b"resource field holds no URI" in broken.content
     assert not Grant.objects.exists()
     assert AuditEvent.objects.filter(kind="authorize.denied", data__error_code="invalid_target").exists()
 
@@ -984,9 +989,10 @@ def test_a_next_url_naming_the_sign_in_page_itself_sends_a_signed_in_user_home(c
     assert urlsplit(response["Location"]).path != settings.LOGIN_URL
 
 
-def test_a_sign_in_within_max_age_is_enough(client, web_app, signed_in):
+@pytest.mark.parametrize("max_age", ["3600", "9" * 5000, "0" * 5000 + "3600"])  # int() refuses 4,300 digits
+def test_a_sign_in_within_max_age_is_enough(client, web_app, signed_in, max_age):
     _signed_in_ago(client, 120)
-    response = client.get("/oauth/authorize/", _authorize_params(web_app.client, max_age="3600"))
+    response = client.get("/oauth/authorize/", _authorize_params(web_app.client, max_age=max_age))
     assert response.status_code == 200  # the consent page, no new sign-in
     assert "_auth_user_id" in client.session
 
@@ -1119,6 +1125,43 @@ def test_userinfo_with_a_query_string_oauthlib_cannot_read_is_an_rfc_6750_invali
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_request"
     assert response["WWW-Authenticate"].startswith('Bearer error="invalid_request"')
+    assert AuditEvent.objects.get(kind="userinfo.denied").data["error_code"] == "invalid_request"
+
+
+@pytest.mark.parametrize("claims", ["nope", "[1]", '"userinfo"', "{"])
+def test_a_claims_parameter_that_is_no_json_object_is_redirected_invalid_request(
+    client, web_app, signed_in, claims
+):
+    # oauthlib's own refusal named no request: DOT redirected to a bare "?error=", which Django refused (a
+    # 400 page and an error logged), and the client never heard
+    query = _query(client.get("/oauth/authorize/", _authorize_params(web_app.client, claims=claims)))
+    assert query["error"] == "invalid_request"
+    assert query["state"] == "s"
+    assert "claims" in query["error_description"]
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("multipart/form-data", b"x"),  # no boundary
+        ("application/x-www-form-urlencoded", "&".join(f"f{i}=1" for i in range(5000)).encode()),  # too many
+    ],
+)
+def test_a_userinfo_post_whose_body_cannot_be_read_is_an_audited_invalid_request(
+    oauth, web_app, signed_in, content_type, body
+):
+    from django.test import Client as DjangoClient
+
+    _code, _verifier, tokens = _tokens(oauth, web_app, "openid models.read")
+    http = DjangoClient(raise_request_exception=False)
+    response = http.post(
+        "/oauth/userinfo/",
+        body,
+        content_type=content_type,
+        HTTP_AUTHORIZATION="Bearer " + tokens["access_token"],
+    )
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
     assert AuditEvent.objects.get(kind="userinfo.denied").data["error_code"] == "invalid_request"
 
 

@@ -116,6 +116,7 @@ def test_without_a_redirect_uri_the_user_lands_on_the_sign_in_page_which_says_so
         f"{BACK}#x",
         "https://app.example.com/callback",  # the client's redirect URI, not a post-logout one
         "//evil.example/",
+        "https://[zz]/",  # no URI: DOT's parse raised (a 500)
     ],
 )
 def test_a_post_logout_redirect_uri_not_registered_is_refused_and_never_followed(browser, rp, alice, uri):

@@ -381,14 +381,16 @@ def test_two_client_authentication_methods_in_one_request_are_refused(oauth, mak
     assert not AccessToken.objects.exists()
 
 
-def test_a_refusal_dot_makes_before_oauthlib_is_labelled_json(oauth, make_client):
+@pytest.mark.parametrize("resource", ["notauri", "https://[zz]/", "https://[::1"])  # DOT's parse raised
+def test_a_refusal_dot_makes_before_oauthlib_is_labelled_json(oauth, make_client, resource):
     reg = make_client()
     response = oauth.token(
-        {"grant_type": "client_credentials", "resource": "notauri"}, (reg.client.client_id, reg.client_secret)
+        {"grant_type": "client_credentials", "resource": resource}, (reg.client.client_id, reg.client_secret)
     )
     assert response.status_code == 400
     assert response["Content-Type"] == "application/json"
     assert response.json()["error"] == "invalid_target"
+    assert AuditEvent.objects.get(kind="token.denied").data["error_code"] == "invalid_target"
 
 
 @pytest.mark.parametrize(("path", "kind"), FORM_ENDPOINTS)
