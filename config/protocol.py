@@ -5,6 +5,9 @@ undone at the connection level. Serve with ``--http config.protocol:AuditedHttpT
   two Content-Length values, or Content-Length with chunked: the shapes request smuggling takes) gets
   uvicorn's plain-text 400 and the connection closes before any view runs, so no view could record it.
   It is recorded here as ``http.malformed``.
+- **Long heads.** httptools holds a request line and headers whole, however long, and uvicorn sets no
+  bound (200 MiB of headers took a process to 1.9 GB). Past ``HEAD_MAX_BYTES`` (64 KiB, within one read) a
+  request gets a plain-text 431, is recorded as ``http.head_too_large``, and the connection closes.
 - **Slow headers.** uvicorn sets no deadline on a request's headers: a connection that sends nothing, or
   trickles a header a byte at a time, is held for ever (slowloris), and a few thousand of them take every
   file descriptor. Here a request's headers must be whole within ``HEADER_READ_TIMEOUT_S`` (the
@@ -77,9 +80,36 @@ def _timeouts_s() -> tuple[float, float]:
     return _timeouts
 
 
+HEAD_MAX_BYTES = 64 * 1024  # a request line and headers, together (the answer's own cap is the same)
+REQUEST_HEAD_TOO_LARGE = b"Request line and headers too large."
+
+
 class AuditedHttpToolsProtocol(HttpToolsProtocol):
     _phase = ""  # what its deadline in DEADLINES is for: "headers", "body" or nothing
     _begun = False  # the current request's first byte has arrived
+    _head_open = True  # a request's head is awaited or being read (from the connection or the last head)
+    _head_bytes = 0  # the reads spent on it, but the one it began in (within one read of exact)
+    _boundary = False  # a head began or ended within the read being parsed
+
+    def data_received(self, data: bytes) -> None:
+        # httptools holds a request line and headers whole, however long, and uvicorn sets no bound:
+        # 200 MiB of headers, sent within the header deadline and without a token, took a gateway process
+        # to 1.9 GB, held after the answer. Past HEAD_MAX_BYTES the request is a 431, and the close.
+        head_open, self._boundary = self._head_open, False
+        super().data_received(data)
+        if not (head_open and self._head_open) or self._boundary:
+            return
+        self._head_bytes += len(data)
+        transport = self.transport
+        if self._head_bytes > HEAD_MAX_BYTES and transport is not None and not transport.is_closing():
+            DEADLINES.remove(self)
+            self._audit("http.head_too_large", 431, self._peer())
+            self._refuse(
+                [(b"content-type", b"text/plain; charset=utf-8")],
+                REQUEST_HEAD_TOO_LARGE,
+                status=b"431 Request Header Fields Too Large",
+            )
+            transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -93,7 +123,12 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         DEADLINES.remove(self)
         super().connection_lost(exc)
-        for _cycle, told in self._told or ():
+        for ref, told in self._told or ():
+            cycle = ref()
+            if cycle is not None and not cycle.response_complete:
+                # uvicorn marks its current request alone: a pipelined one the application then left
+                # unanswered (499) was sent a 500 on the closed connection, with an error and a traceback
+                cycle.disconnected = True
             told["lost"] = True
             on_lost = told.get("on_lost")
             if on_lost is not None:
@@ -105,12 +140,14 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._begun = True
+        self._head_open, self._head_bytes, self._boundary = True, 0, True
         if self not in DEADLINES.pending:  # a kept-alive connection's next request
             self._watch("headers")
 
     def on_headers_complete(self) -> None:
         DEADLINES.remove(self)
         self._phase, self._begun = "", False
+        self._head_open, self._boundary = False, True
         super().on_headers_complete()
         self._disconnect = None
         path = self.scope.get("path", "")
@@ -175,8 +212,10 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._refuse([(b"content-type", b"text/plain; charset=utf-8")], b"Request body timeout.")
 
-    def _refuse(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        content = [b"HTTP/1.1 408 Request Timeout\r\n"]
+    def _refuse(
+        self, headers: list[tuple[bytes, bytes]], body: bytes, status: bytes = b"408 Request Timeout"
+    ) -> None:
+        content = [b"HTTP/1.1 %s\r\n" % status]
         for name, value in [*self.server_state.default_headers, *headers]:
             content.extend([name, b": ", value, b"\r\n"])
         content.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))

@@ -163,6 +163,8 @@ class GatewayConsumer(AsyncHttpConsumer):
         ]
         if names:
             headers.append((b"access-control-allow-headers", b", ".join(names).lower()))
+        if self._body_declared():  # never read: a client trickling it would hold the connection (``_deny``)
+            headers.append((b"connection", b"close"))
         self.record["outcome"] = "preflight"
         self.response_started = True
         await self.send_response(204, b"", headers=headers)

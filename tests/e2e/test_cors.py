@@ -101,6 +101,16 @@ def test_a_preflight_from_a_listed_origin_allows_the_method_and_the_headers_aske
     assert models.status_code == 204
     assert models.headers["access-control-allow-methods"] == "GET"
     assert "access-control-allow-headers" not in models.headers  # none asked for
+    assert "connection" not in models.headers  # kept alive
+    with_body = httpx.request(  # never read: a client trickling it would hold the connection open
+        "OPTIONS",
+        f"{server.base}/v1/chat/completions",
+        headers={"origin": APP, "access-control-request-method": "POST"},
+        content=b"x" * 100,
+        timeout=10,
+    )
+    assert with_body.status_code == 204
+    assert with_body.headers["connection"] == "close"
 
 
 def test_a_preflight_from_an_origin_no_client_lists_is_refused_without_cors_headers(stack, django_db_blocker):

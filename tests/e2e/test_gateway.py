@@ -1302,3 +1302,66 @@ def test_the_access_log_line_of_a_gateway_request_carries_its_request_id(stack):
         time.sleep(0.05)
     assert chat, "no access line names the chat request's id"
     assert models, "no access line names the refused request's id"
+
+
+def _head_sent(sock: socket.socket, head: bytes) -> None:
+    """Send a request head in 16 KiB writes, as a client would over time; stop when the server closes."""
+    try:
+        for start in range(0, len(head), 16384):
+            sock.sendall(head[start : start + 16384])
+            if select.select([sock], [], [], 0.01)[0]:
+                return  # answered (and closing)
+    except OSError:
+        pass  # closed while sending: the answer is read next
+
+
+def test_a_request_head_over_64_kib_gets_a_431_and_the_connection_closed(stack, django_db_blocker):
+    # httptools holds a head whole, however long: 200 MiB of headers took a process to 1.9 GB
+    host, port = stack.server.base.removeprefix("http://").split(":")
+    before = _local_events(django_db_blocker, "http.head_too_large")
+    padding = b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(2048))  # 2 MiB
+    for head in (
+        b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\n" + padding,  # many headers
+        b"GET /v1/models HTTP/1.1\r\nhost: gateway\r\nx-one: " + b"a" * 2_000_000,  # one long value
+        b"GET /v1/models?" + b"q" * 2_000_000,  # a long request line
+    ):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            _head_sent(sock, head)
+            try:
+                received, _took = _read_until_closed(sock, 5)
+            except ConnectionResetError:
+                pytest.fail("reset before the 431 was read")
+        assert received.startswith(b"HTTP/1.1 431 "), received[:200]
+        assert b"connection: close" in received.lower()
+    # A head under the limit is served, and each request of a kept-alive connection has a limit of its own
+    near = b"".join(b"x-pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(40))  # ~40 KiB
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        for _request in range(3):
+            _head_sent(sock, b"GET /healthz HTTP/1.1\r\nhost: gateway\r\n" + near + b"\r\n")
+            assert _response_read(sock).startswith(b"HTTP/1.1 200 ")
+    deadline = time.monotonic() + 15
+    while (
+        _local_events(django_db_blocker, "http.head_too_large") < before + 3 and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    assert _local_events(django_db_blocker, "http.head_too_large") == before + 3
+    assert "Traceback" not in stack.server.log.read_text()
+
+
+def test_pipelined_requests_of_a_client_that_leaves_get_no_500_on_the_closed_connection(stack):
+    host, port = stack.server.base.removeprefix("http://").split(":")
+    body = json.dumps({**CHAT, "max_tokens": 2}).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: gateway\r\nauthorization: Bearer {stack.token()}\r\n"
+    request = (
+        head.encode() + b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    )
+    log = stack.server.log
+    logged = len(log.read_text())
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request * 3)  # three at once: two wait behind the first
+        assert _response_read(sock).startswith(b"HTTP/1.1 200 ")
+    time.sleep(1)  # the two left behind are ended as the connection's loss is heard
+    assert httpx.get(f"{stack.server.base}/healthz", timeout=5).status_code == 200
+    said = log.read_text()[logged:]
+    assert "without starting response" not in said  # uvicorn's 500 for a request it thought still there
+    assert "Traceback" not in said

@@ -745,3 +745,18 @@ def test_a_media_part_is_refused_in_words_that_cover_inline_media_too():
     with pytest.raises(InvalidRequest) as refused:
         request_validate("chat", body, max_tokens_cap=None)
     assert "no images, audio or video, by URL or inline" in str(refused.value)
+
+
+@pytest.mark.parametrize("leaf", [1, "x", [], {}, None])
+@pytest.mark.parametrize("kind", ["lists", "objects", "mixed"])
+def test_nesting_is_counted_to_the_deepest_value_of_any_kind(kind, leaf):
+    def nested(levels: int) -> dict:
+        value: object = leaf
+        for level in range(levels - 2):  # the body itself and the leaf are levels too
+            wrap_in_list = kind == "lists" or (kind == "mixed" and level % 2)
+            value = [value] if wrap_in_list else {"k": value}
+        return {"deep": value, "wide": [[] for _ in range(40)]}  # many brackets: the walk is taken
+
+    assert body_parse(json.dumps(nested(MAX_DEPTH)).encode())["deep"] is not None
+    with pytest.raises(InvalidRequest, match="nested deeper"):
+        body_parse(json.dumps(nested(MAX_DEPTH + 1)).encode())
