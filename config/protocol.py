@@ -5,9 +5,12 @@ undone at the connection level. Serve with ``--http config.protocol:AuditedHttpT
   two Content-Length values, or Content-Length with chunked: the shapes request smuggling takes) gets
   uvicorn's plain-text 400 and the connection closes before any view runs, so no view could record it.
   It is recorded here as ``http.malformed``.
-- **Long heads.** httptools holds a request line and headers whole, however long, and uvicorn sets no
-  bound (200 MiB of headers took a process to 1.9 GB). Past ``HEAD_MAX_BYTES`` (64 KiB, within one read) a
-  request gets a plain-text 431, is recorded as ``http.head_too_large``, and the connection closes.
+- **Long heads.** httptools holds a request line and headers whole, however long, and a chunked body's
+  size lines and trailers, and uvicorn sets no bound (200 MiB of headers took a process to 1.9 GB). Past
+  ``HEAD_MAX_BYTES`` (64 KiB, give or take the reads it begins and ends in, up to 256 KiB each) a request
+  gets a plain-text 431 (unless an answer is under way on the connection: then the close alone), is
+  recorded as ``http.head_too_large``, and the connection closes once what the client still sends for a
+  second has been read and dropped (closed at once, the socket's reset could discard the 431).
 - **Slow headers.** uvicorn sets no deadline on a request's headers: a connection that sends nothing, or
   trickles a header a byte at a time, is held for ever (slowloris), and a few thousand of them take every
   file descriptor. Here a request's headers must be whole within ``HEADER_READ_TIMEOUT_S`` (the
@@ -82,19 +85,26 @@ def _timeouts_s() -> tuple[float, float]:
 
 HEAD_MAX_BYTES = 64 * 1024  # a request line and headers, together (the answer's own cap is the same)
 REQUEST_HEAD_TOO_LARGE = b"Request line and headers too large."
+DISCARD_S = 1.0  # after a 431, what the client still sends is read and dropped this long before the close
 
 
 class AuditedHttpToolsProtocol(HttpToolsProtocol):
     _phase = ""  # what its deadline in DEADLINES is for: "headers", "body" or nothing
     _begun = False  # the current request's first byte has arrived
-    _head_open = True  # a request's head is awaited or being read (from the connection or the last head)
-    _head_bytes = 0  # the reads spent on it, but the one it began in (within one read of exact)
-    _boundary = False  # a head began or ended within the read being parsed
+    # What httptools holds whole, however long (a request's line and headers, a chunked body's size lines
+    # and trailers), is read within a window: open from a head's first byte to its end, and from a chunk's
+    # size line to its data (the last one's, to the message's end: its trailers)
+    _head_open = True
+    _head_bytes = 0  # the reads made while it stayed open, but those it opened or closed in
+    _boundary = False  # it opened or closed within the read being parsed
+    _discarding = False  # a 431 is answered: what still comes is dropped
 
     def data_received(self, data: bytes) -> None:
-        # httptools holds a request line and headers whole, however long, and uvicorn sets no bound:
-        # 200 MiB of headers, sent within the header deadline and without a token, took a gateway process
-        # to 1.9 GB, held after the answer. Past HEAD_MAX_BYTES the request is a 431, and the close.
+        # uvicorn sets no bound on them: 200 MiB of headers (or of a chunked body's trailers), sent within
+        # the deadlines and without a token, took a process to 1.9 GB, held after the answer. Past
+        # HEAD_MAX_BYTES a request is a 431, and the close.
+        if self._discarding:
+            return
         head_open, self._boundary = self._head_open, False
         super().data_received(data)
         if not (head_open and self._head_open) or self._boundary:
@@ -102,14 +112,34 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes += len(data)
         transport = self.transport
         if self._head_bytes > HEAD_MAX_BYTES and transport is not None and not transport.is_closing():
-            DEADLINES.remove(self)
-            self._audit("http.head_too_large", 431, self._peer())
-            self._refuse(
-                [(b"content-type", b"text/plain; charset=utf-8")],
-                REQUEST_HEAD_TOO_LARGE,
-                status=b"431 Request Header Fields Too Large",
-            )
+            self._head_refused(transport)
+
+    def _head_refused(self, transport: asyncio.Transport) -> None:
+        DEADLINES.remove(self)
+        self._audit("http.head_too_large", 431, self._peer())
+        if self.cycle is not None and not self.cycle.response_complete:
+            # an answer is under way (trailers too long, or a pipelined head behind a stream): a 431 would
+            # land inside it; the application hears a disconnect
             transport.close()
+            return
+        self._refuse(
+            [(b"content-type", b"text/plain; charset=utf-8")],
+            REQUEST_HEAD_TOO_LARGE,
+            status=b"431 Request Header Fields Too Large",
+        )
+        # Closed at once with the rest of the head unread, the socket would send a reset, which can discard
+        # the 431 before the client reads it: end the writing side, drop what still comes, then close
+        self._discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(DISCARD_S, transport.close)
+
+    def on_chunk_header(self) -> None:  # httptools calls it when a protocol has it
+        self._head_open, self._head_bytes, self._boundary = True, 0, True
+
+    def on_body(self, body: bytes) -> None:
+        self._head_open, self._boundary = False, True
+        super().on_body(body)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -165,6 +195,7 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
                 self.scope["extensions"] = extensions
 
     def on_message_complete(self) -> None:
+        self._head_open, self._boundary = False, True
         if self._phase == "body":
             DEADLINES.remove(self)
             self._phase = ""

@@ -33,6 +33,12 @@ class _Transport(asyncio.Transport):
     def close(self) -> None:
         self.closing = True
 
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.written += b"<eof>"
+
     def pause_reading(self) -> None:
         pass
 
@@ -173,3 +179,95 @@ def test_a_lost_connection_reaches_the_running_request_not_only_the_last_one_que
     _protocol, told = _pipelined(b"{}")
     assert len(told) == 1  # only the first ran; the queued ones never started
     assert told[0]["lost"] is True
+
+
+def test_a_lost_connection_marks_every_request_queued_behind_as_disconnected():
+    # uvicorn marks its current request alone: a queued one the application then left unanswered (499) was
+    # sent a 500 on the closed connection, with an error and a traceback in the log
+    protocol, _told = _pipelined(b"{}")
+    queued = [cycle for cycle, _app in protocol.pipeline]
+    assert len(queued) == 2
+    assert all(cycle.disconnected for cycle in queued)
+
+
+def _fed(reads: list[bytes], monkeypatch: Any) -> tuple[_Transport, list[tuple[str, int]], bool]:
+    """Feed one connection these reads, with an app that reads the whole body and answers 204; return
+    what was written, what was audited, and whether the connection was closed a moment after."""
+    import config.protocol as protocol_module
+
+    monkeypatch.setattr(protocol_module, "DISCARD_S", 0.05)
+    audited: list[tuple[str, int]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def run() -> tuple[_Transport, bool]:
+        config = Config(app=app, http="httptools", lifespan="off", access_log=False)
+        config.load()
+        protocol = AuditedHttpToolsProtocol(config=config, server_state=ServerState(), app_state={})
+        monkeypatch.setattr(protocol, "_audit", lambda kind, status, _ip: audited.append((kind, status)))
+        transport = _Transport()
+        protocol.connection_made(transport)
+        for data in reads:
+            protocol.data_received(data)
+            await asyncio.sleep(0)
+        closed_at_once = transport.closing
+        await asyncio.sleep(0.2)
+        protocol.connection_lost(None)
+        return transport, closed_at_once
+
+    transport, closed_at_once = asyncio.run(run())
+    assert not closed_at_once or not transport.written.startswith(b"HTTP/1.1 431")  # the 431 is let drain
+    return transport, audited, transport.closing
+
+
+def _in_reads(data: bytes, size: int = 1024) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def test_a_head_over_the_cap_read_a_little_at_a_time_is_a_431_and_then_the_close(monkeypatch):
+    head = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"a" * 100_000 + b"\r\n\r\n"
+    transport, audited, closed = _fed(_in_reads(head), monkeypatch)
+    assert transport.written.startswith(b"HTTP/1.1 431 ")
+    assert transport.written.endswith(b"<eof>")  # the writing side ended; the rest of the head dropped
+    assert closed
+    assert audited == [("http.head_too_large", 431)]
+
+
+def test_a_head_under_the_cap_is_served_however_it_is_read(monkeypatch):
+    head = b"GET /healthz HTTP/1.1\r\nhost: x\r\n" + b"x-pad: " + b"a" * 60_000 + b"\r\n\r\n"
+    for reads in (_in_reads(head), [head]):
+        transport, audited, _closed = _fed(reads, monkeypatch)
+        assert transport.written.startswith(b"HTTP/1.1 204 ")
+        assert audited == []
+
+
+def _chunked(body_chunks: list[bytes], trailers: bytes = b"") -> bytes:
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in body_chunks)
+    return (
+        b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        + framed
+        + b"0\r\n"
+        + trailers
+        + b"\r\n"
+    )
+
+
+def test_a_chunked_bodys_trailers_over_the_cap_end_the_connection_and_are_audited(monkeypatch):
+    # httptools holds trailers as it holds headers: the head's cap covers them (they had none)
+    trailers = b"x-trailer: " + b"a" * 200_000 + b"\r\n"
+    transport, audited, closed = _fed(_in_reads(_chunked([b"{}"], trailers), 4096), monkeypatch)
+    assert audited == [("http.head_too_large", 431)]
+    assert closed
+    assert b"431" not in transport.written  # the request's answer was under way: nothing written into it
+
+
+def test_a_large_chunked_body_is_not_counted_as_a_head(monkeypatch):
+    body = _chunked([b"a" * 8000] * 64 + [b"a" * 300_000] * 3)  # small chunks, and chunks over the cap
+    for size in (1024, 8192, 65536):
+        transport, audited, _closed = _fed(_in_reads(body, size), monkeypatch)
+        assert transport.written.startswith(b"HTTP/1.1 204 "), size
+        assert audited == []
