@@ -277,7 +277,7 @@ class Client(dot.AbstractApplication):
             super().clean()
         except ValidationError as exc:
             for field, messages in exc.message_dict.items():
-                if field == "allowed_origins" and not bad_origins:
+                if field == "allowed_origins":
                     continue  # DOT's check is https alone; origin_errors is stricter but for a loopback IP
                 errors.setdefault(field, []).extend(messages)
         if errors:

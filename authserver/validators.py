@@ -191,8 +191,8 @@ def claims_check(request: Any) -> dict[str, Any]:
     names no request, so DOT's redirect to a relative ``?error=`` was refused by Django (a bare 400 page,
     and an error logged, for every such request)."""
     claims = request.claims
-    if claims is None or isinstance(claims, dict):
-        return {}
+    if not claims or isinstance(claims, dict):
+        return {}  # none, or empty: oauthlib passes over an empty one
     try:
         parsed = json.loads(claims) if isinstance(claims, str | bytes) else None
     except ValueError:

@@ -86,6 +86,12 @@ def query_refusal(request: HttpRequest) -> str | None:
     return None
 
 
+def named_client_id(request: HttpRequest) -> str | None:
+    """The client a form request names, authenticated or not: its Basic credentials', else its
+    ``client_id`` field."""
+    return basic_client_id(request) or request.POST.get("client_id")
+
+
 def basic_client_id(request: HttpRequest) -> str | None:
     """The client id a Basic ``Authorization`` header names, decoded as DOT decodes it (RFC 6749 §2.3.1:
     form-encoded), or None: no Basic header, or one DOT refuses as unreadable."""
@@ -195,7 +201,7 @@ def cors_completed(request: HttpRequest, response: HttpResponseBase) -> HttpResp
     if origin is None:
         return response
     patch_vary_headers(response, ["Origin"])
-    client = client_by_client_id(basic_client_id(request) or request.POST.get("client_id"))  # NUL: None
+    client = client_by_client_id(named_client_id(request))  # NUL: None
     if client is not None and origin in client.allowed_origins.split():
         response["Access-Control-Allow-Origin"] = origin
     elif response.has_header("Access-Control-Allow-Origin"):

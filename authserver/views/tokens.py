@@ -24,11 +24,11 @@ from authserver.validators import access_tokens_issued, holds_nul, revocations_f
 from authserver.views.common import (
     FORM,
     FormEndpoint,
-    basic_client_id,
     client_authenticated,
     client_id_of,
     client_refused,
     error_code_of,
+    named_client_id,
     oauth_error,
 )
 
@@ -65,7 +65,7 @@ class TokenView(FormEndpoint, dot_views.TokenView):
         consumes = request.POST.get("grant_type") in CONSUMING_GRANTS
         with transaction.atomic() if consumes else nullcontext(), access_tokens_issued() as issued:
             if consumes:  # the client first, then its code or refresh token: as a change to it locks them
-                client_lock_shared(basic_client_id(request) or request.POST.get("client_id"))
+                client_lock_shared(named_client_id(request))
             _uri, headers, body, status = self.create_token_response(request)
         if status == 200 and issued:
             app_authorized.send(sender=self, request=request, token=issued[-1])

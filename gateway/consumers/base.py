@@ -163,7 +163,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         ]
         if names:
             headers.append((b"access-control-allow-headers", b", ".join(names).lower()))
-        if self._body_declared():  # never read: a client trickling it would hold the connection (``_deny``)
+        if self._body_unread():
             headers.append((b"connection", b"close"))
         self.record["outcome"] = "preflight"
         self.response_started = True
@@ -360,10 +360,7 @@ class GatewayConsumer(AsyncHttpConsumer):
             {"error": {"message": exc.detail, "type": exc.type, "param": exc.param, "code": exc.code}}
         ).encode()
         extra = dict(exc.headers)
-        if not self._body_read and self._body_declared():
-            # Refused before its body was read (405, https_required, a denied address, the audit log
-            # full): uvicorn drops what arrives after the answer but sets no timer while it does, so a
-            # client sending a byte now and then would hold the connection for ever. Close it instead.
+        if self._body_unread():  # refused before it was read: 405, https_required, a denied address, ...
             extra.setdefault("connection", "close")
         if exc.status == 401 and "www-authenticate" not in extra:
             extra["www-authenticate"] = self._challenge(exc)
@@ -372,6 +369,12 @@ class GatewayConsumer(AsyncHttpConsumer):
                 f'Bearer realm="portcullis", error="insufficient_scope", error_description="{exc.code}"'
             )
         await self.send_json(exc.status, body, extra)
+
+    def _body_unread(self) -> bool:
+        """Whether a body was declared and is answered unread (a refusal before it, a preflight): uvicorn
+        drops what arrives after the answer but sets no timer while it does, so a client sending a byte now
+        and then would hold the connection for ever. Such answers close it."""
+        return not self._body_read and self._body_declared()
 
     def _body_declared(self) -> bool:
         """Whether the request says a body follows (a Content-Length other than 0, or chunked)."""

@@ -209,6 +209,7 @@ def test_a_resource_other_than_the_gateway_is_redirected_invalid_target(
         )
         assert broken.status_code == 400
         assert b"resource field holds no URI" in broken.content
+        assert AuditEvent.objects.filter(kind="authorize.denied", data__error_code="invalid_request").exists()
     assert not Grant.objects.exists()
     assert AuditEvent.objects.filter(kind="authorize.denied", data__error_code="invalid_target").exists()
 
@@ -1138,6 +1139,9 @@ def test_a_claims_parameter_that_is_no_json_object_is_redirected_invalid_request
     assert query["error"] == "invalid_request"
     assert query["state"] == "s"
     assert "claims" in query["error_description"]
+    assert AuditEvent.objects.get(kind="authorize.denied").data["error_code"] == "invalid_request"
+    empty = client.get("/oauth/authorize/", _authorize_params(web_app.client, claims=""))
+    assert empty.status_code == 200  # none asked for: the consent page, as oauthlib passes it over
 
 
 @pytest.mark.parametrize(

@@ -122,3 +122,16 @@ def test_a_development_page_on_a_loopback_ip_reads_its_tokens_over_http(oauth, m
     assert exchanged["Access-Control-Allow-Origin"] == dev
     other_port = first_tokens(oauth, spa, alice, dev.rsplit(":", 1)[0] + ":8080")
     assert not other_port.has_header("Access-Control-Allow-Origin")  # an origin is its port too
+
+
+def test_a_clients_own_check_names_a_bad_origin_alone_beside_a_loopback_one(make_client):
+    from django.core.exceptions import ValidationError
+
+    client = make_client(grants=("authorization-code",), public=True, scopes="models.read").client
+    client.allowed_origins = "http://127.0.0.1:5173 ftp://x.example"  # as the Django admin would save it
+    with pytest.raises(ValidationError) as refused:
+        client.full_clean(exclude=["client_secret"])
+    # DOT's own check (https alone) would name the loopback origin too
+    assert refused.value.message_dict["allowed_origins"] == [
+        "ftp://x.example: not a web origin; write https://host or https://host:port"
+    ]

@@ -833,6 +833,14 @@ def test_an_origin_a_browser_would_never_send_is_a_400_naming_it(bearer, world, 
         content_type="application/json",
     )
     assert twice.json()["allowed_origins"] == ["https://a.example: listed twice"]
+    beside = api.patch(  # a loopback origin beside a bad one: the bad one is named, and it alone
+        f"/api/admin/clients/{cid}/",
+        {"allowed_origins": ["http://127.0.0.1:5173", "ftp://x.example"]},
+        content_type="application/json",
+    )
+    assert beside.json()["allowed_origins"] == [
+        "ftp://x.example: not a web origin; write https://host or https://host:port"
+    ]
 
 
 def test_a_change_made_with_a_users_token_names_the_app_that_held_it(bearer, admin_app, admin_user, world):
