@@ -11,6 +11,9 @@ undone at the connection level. Serve with ``--http config.protocol:AuditedHttpT
   gets a plain-text 431 (unless an answer is under way on the connection: then the close alone), is
   recorded as ``http.head_too_large``, and the connection closes once what the client still sends for a
   second has been read and dropped (closed at once, the socket's reset could discard the 431).
+- **Transfer codings.** A request whose ``Transfer-Encoding`` names a coding other than ``chunked``
+  (``gzip, chunked``, which llhttp frames as chunked and whose body went on still compressed) is refused
+  as the broken framings are: uvicorn's 400, recorded as ``http.malformed``.
 - **Slow headers.** uvicorn sets no deadline on a request's headers: a connection that sends nothing, or
   trickles a header a byte at a time, is held for ever (slowloris), and a few thousand of them take every
   file descriptor. Here a request's headers must be whole within ``HEADER_READ_TIMEOUT_S`` (the
@@ -86,6 +89,10 @@ def _timeouts_s() -> tuple[float, float]:
 HEAD_MAX_BYTES = 64 * 1024  # a request line and headers, together (the answer's own cap is the same)
 REQUEST_HEAD_TOO_LARGE = b"Request line and headers too large."
 DISCARD_S = 1.0  # after a 431, what the client still sends is read and dropped this long before the close
+
+
+class UnsupportedTransferCoding(Exception):
+    """A request's Transfer-Encoding names a coding besides chunked (the parser then answers 400)."""
 
 
 class AuditedHttpToolsProtocol(HttpToolsProtocol):
@@ -178,6 +185,11 @@ class AuditedHttpToolsProtocol(HttpToolsProtocol):
         DEADLINES.remove(self)
         self._phase, self._begun = "", False
         self._head_open, self._boundary = False, True
+        for name, value in self.headers:
+            if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                # "gzip, chunked": llhttp frames it as chunked and the body went on still compressed, read
+                # as it came. No coding but chunked is taken: refused as the other framings are (a 400)
+                raise UnsupportedTransferCoding()
         super().on_headers_complete()
         self._disconnect = None
         path = self.scope.get("path", "")

@@ -41,7 +41,8 @@ SCOPE_FOR = {
 }
 # Headers a request may carry once: with two, a proxy that reads the first and the gateway (whose header
 # dict keeps the last) would judge different requests.
-SINGLE_HEADERS = (b"authorization", b"content-type")
+# sent twice, the last one alone was read: "gzip" then "identity" passed a compressed body as plain
+SINGLE_HEADERS = (b"authorization", b"content-type", b"content-encoding")
 # CORS (the Fetch standard): what a page's script may read of an answer besides the CORS-safelisted headers,
 # and how long a browser may keep a preflight's answer (600 s is Chromium's cap; Firefox keeps a day)
 CORS_EXPOSED = b", ".join(

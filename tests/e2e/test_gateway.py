@@ -1128,6 +1128,9 @@ MALFORMED = {
         b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
     ),
     "a header line without a colon": b"GET /v1/models HTTP/1.1\r\nhost g\r\n\r\n",
+    "a transfer coding besides chunked": (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: g\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
+    ),
     "TLS to the plain-text port": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32,
 }
 
@@ -1365,3 +1368,22 @@ def test_pipelined_requests_of_a_client_that_leaves_get_no_500_on_the_closed_con
     said = log.read_text()[logged:]
     assert "without starting response" not in said  # uvicorn's 500 for a request it thought still there
     assert "Traceback" not in said
+
+
+def test_a_content_encoding_sent_twice_is_refused_and_nothing_reaches_the_upstream(stack):
+    # only the last was read: "gzip" then "identity" passed a compressed body as a plain one
+    stack.fake.reset()
+    answer = httpx.post(
+        f"{stack.server.base}/v1/chat/completions",
+        content=gzip.compress(json.dumps(CHAT).encode()),
+        headers=[
+            ("authorization", f"Bearer {stack.token()}"),
+            ("content-type", "application/json"),
+            ("content-encoding", "gzip"),
+            ("content-encoding", "identity"),
+        ],
+        timeout=10,
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "content-encoding"
+    assert stack.fake.state()["requests_total"] == 0
