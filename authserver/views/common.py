@@ -75,12 +75,21 @@ FORM_ERRORS = (BadRequest, SuspiciousOperation, MultiPartParserError)  # what re
 BASIC_NOT_ASCII = "The Basic credentials are not ASCII base64 (RFC 7617)"
 
 
+# An authorization request's URL goes, encoded once more (up to three times as long), into the sign-in
+# page's ``next``; Django refuses to redirect past 16,384 characters (a bare 400 page, and an error logged)
+QUERY_MAX = 4096
+
+
 def query_refusal(request: HttpRequest) -> str | None:
     """Why the query string is one oauthlib cannot read, or None. oauthlib decodes it itself, more strictly
     than Django (only x-www-form-urlencoded characters, every "%" followed by two hex digits): it raised
-    a ValueError, a 500 whose logged message quoted the whole query string, and any secret in it."""
+    a ValueError, a 500 whose logged message quoted the whole query string, and any secret in it. One
+    longer than QUERY_MAX is refused too."""
+    query = request.META.get("QUERY_STRING", "")
+    if len(query) > QUERY_MAX:
+        return f"The query string is longer than {QUERY_MAX} characters"
     try:
-        urldecode(request.META.get("QUERY_STRING", ""))
+        urldecode(query)
     except ValueError:
         return "The query string is not x-www-form-urlencoded"
     return None

@@ -9,7 +9,8 @@ from typing import Any
 from django.core.cache import cache
 from django.core.exceptions import MultipleObjectsReturned, ValidationError
 from django.db.models import Q
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase
+from django.shortcuts import redirect
 from oauth2_provider import views as dot_views
 from oauth2_provider.models import get_device_grant_model
 from oauth2_provider.settings import oauth2_settings
@@ -24,6 +25,7 @@ from authserver.selectors import client_by_client_id
 from authserver.services import consent_grant
 from authserver.views.common import (
     FORM,
+    QUERY_MAX,
     FormEndpoint,
     basic_client_id,
     client_id_of,
@@ -74,6 +76,13 @@ class DeviceUserCodeView(dot_views.DeviceUserCodeView):
     to guess; a pending code found by guessing lets its finder approve someone's device as themselves)."""
 
     form_class = DeviceUserCodeForm
+
+    def dispatch(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponseBase:
+        if len(request.META.get("QUERY_STRING", "")) > QUERY_MAX:
+            # no code is that long; its sign-in redirect would be refused (a 400 page, an error logged)
+            return redirect(request.path)
+        response: HttpResponseBase = super().dispatch(request, *args, **kwargs)
+        return response
 
     def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if self._wrong_count() >= USER_CODE_WRONG_MAX:
@@ -251,9 +260,9 @@ class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
 
 def device_entry(request: HttpRequest) -> HttpResponse:
     """The short verification URI (RFC 8628 §3.3) forwards to the device page, keeping ``user_code``."""
-    from django.shortcuts import redirect
     from django.urls import reverse
 
     target = reverse("oauth2_provider:device")
     query = request.GET.urlencode()
-    return redirect(f"{target}?{query}" if query else target)
+    # a query no code needs (Django refused a redirect past 16,384 characters: a 400 page, an error logged)
+    return redirect(f"{target}?{query}" if query and len(query) <= QUERY_MAX else target)

@@ -544,3 +544,15 @@ def test_a_form_post_refused_by_the_csrf_check_is_audited(alice):
     assert event.data["method"] == "POST"
     assert "CSRF" in event.data["reason"]
     assert not AuditEvent.objects.filter(kind="login.failed").exists()  # refused before the password
+
+
+@pytest.mark.parametrize("path", ["/device/", "/oauth/device/"])
+def test_a_device_page_link_with_a_query_no_code_needs_goes_to_the_bare_page(client, path, caplog):
+    # its sign-in redirect (or the short URI's forward) was refused by Django past 16,384 characters: a
+    # bare 400 page, and an error logged for each such link
+    response = client.get(path, {"user_code": "A" * 20_000})
+    assert response.status_code == 302
+    assert response["Location"] == "/oauth/device/"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    short = client.get("/device/", {"user_code": "WDJB-MJHT"})  # a code's own link keeps its code
+    assert short["Location"] == "/oauth/device/?user_code=WDJB-MJHT"
