@@ -89,16 +89,20 @@ def private_signing_key_for(kid: str, encrypted: bytes) -> Any:
     return private_jwk_for(kid, encrypted).get_op_key("sign")
 
 
+def _client_table_where(db: Any) -> str:
+    """``table WHERE client_id = %s``, quoted for this connection: a client looked up by its client id."""
+    quote = db.ops.quote_name
+    return f"{quote(Client._meta.db_table)} WHERE {quote(Client._meta.get_field('client_id').column)} = %s"
+
+
 @lru_cache(maxsize=64)
 def _client_select(db: Any) -> tuple[str, list[str], list[tuple[int, Any, list[Any]]]]:
     """The SQL, attribute names and value converters of ``client_by_client_id``, built once per connection
     object (the converters belong to it); each thread keeps its own for the life of the process."""
     meta = Client._meta
     fields = meta.concrete_fields
-    quote = db.ops.quote_name
-    columns = ", ".join(quote(f.column) for f in fields)
-    table, key = quote(meta.db_table), quote(meta.get_field("client_id").column)
-    sql = f"SELECT {columns} FROM {table} WHERE {key} = %s"  # noqa: S608 (names from the model, quoted)
+    columns = ", ".join(db.ops.quote_name(f.column) for f in fields)
+    sql = f"SELECT {columns} FROM {_client_table_where(db)}"  # noqa: S608 (names from the model, quoted)
     converters = []
     for index, field in enumerate(fields):
         column = field.get_col(meta.db_table)
@@ -122,11 +126,8 @@ def client_lock_shared(client_id: str | None) -> None:
     db = connections[router.db_for_write(Client)]
     if db.vendor != "postgresql":
         return
-    meta = Client._meta
-    quote = db.ops.quote_name
-    table, key = quote(meta.db_table), quote(meta.get_field("client_id").column)
     with db.cursor() as cursor:
-        cursor.execute(f"SELECT 1 FROM {table} WHERE {key} = %s FOR SHARE", [client_id])  # noqa: S608
+        cursor.execute(f"SELECT 1 FROM {_client_table_where(db)} FOR SHARE", [client_id])  # noqa: S608
 
 
 def client_by_client_id(client_id: str | None) -> Client | None:

@@ -27,10 +27,10 @@ from authserver.views.common import (
     FORM,
     QUERY_MAX,
     FormEndpoint,
-    basic_client_id,
     client_id_of,
     client_refused,
     error_code_of,
+    named_client_id,
     oauth_error,
 )
 
@@ -247,7 +247,7 @@ class DeviceAuthorizationView(FormEndpoint, dot_views.DeviceAuthorizationView):
         """An unknown or disabled client, a client registered without the device grant (DOT made it a device
         code all the same), or scopes it may not ask for. Which client: the one its Basic credentials name,
         else its client_id (``FormEndpoint`` has refused the two disagreeing)."""
-        client = client_by_client_id(basic_client_id(request) or str(request.POST.get("client_id", "")))
+        client = client_by_client_id(named_client_id(request))
         if client is None or client.disabled:
             return client_refused()  # RFC 8628 §3.2, RFC 6749 §5.2 (oauthlib: 400 invalid_request)
         if not client.allows_grant_type(GRANT_DEVICE_CODE):

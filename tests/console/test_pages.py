@@ -773,15 +773,20 @@ def test_an_export_page_after_the_first_starts_where_the_occurred_at_index_can()
     assert '"occurred_at" <= ' in sql, sql
 
 
-def test_a_clients_allowed_origins_are_edited_one_per_line_and_checked(as_admin, world):
-    client = world.app.client
+def _edit_form(client):
+    """The console's edit page of a code-flow client, and the fields its form needs besides the one tried."""
     fields = {
         "name": client.name,
         "grant_types": ["authorization-code"],
         "scopes": ["models.read"],
         "redirect_uris": client.redirect_uris,
     }
-    url = f"/console/clients/{client.client_id}/edit/"
+    return f"/console/clients/{client.client_id}/edit/", fields
+
+
+def test_a_clients_allowed_origins_are_edited_one_per_line_and_checked(as_admin, world):
+    client = world.app.client
+    url, fields = _edit_form(client)
     refused = as_admin.post(url, {**fields, "allowed_origins": "https://app.example/\r\nhttp://x.example"})
     assert refused.status_code == 200
     assert refused.context["form"].errors["allowed_origins"] == [
@@ -802,13 +807,7 @@ def test_a_clients_allowed_origins_are_edited_one_per_line_and_checked(as_admin,
 
 def test_a_clients_post_logout_redirect_uris_are_edited_one_per_line(as_admin, world):
     client = world.app.client
-    fields = {
-        "name": client.name,
-        "grant_types": ["authorization-code"],
-        "scopes": ["models.read"],
-        "redirect_uris": client.redirect_uris,
-    }
-    url = f"/console/clients/{client.client_id}/edit/"
+    url, fields = _edit_form(client)
     refused = as_admin.post(url, {**fields, "post_logout_redirect_uris": "http://acme.example.com/bye"})
     assert refused.status_code == 200
     assert "post_logout_redirect_uris" in refused.context["form"].errors
